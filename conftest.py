@@ -1,0 +1,439 @@
+"""Fixtures for zkcelery's tests: a real ZooKeeper ensemble, apps and real workers.
+
+Nothing here is a fake.  The ensemble is the one ``./zk-test.sh`` starts (three
+servers on loopback); when it does not answer, every test that needs it fails
+with the message to start it.  Workers are real ``celery worker`` processes
+(prefork unless a test asks otherwise) on kombu's filesystem transport, so
+that they need no broker server; ``CELERY_BROKER_URL`` swaps in another broker.
+
+Each test gets its own ``ZOOKEEPER_ROOT`` and its own broker folder, so tests
+may run in any order and in parallel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from celery import Celery
+from kazoo.client import KazooClient
+
+import zkcelery
+
+HERE = Path(__file__).resolve().parent
+ZK_TEST = HERE / "zk-test.sh"
+#: Sessions in the tests are short, so that faults play out in seconds.
+SESSION_TIMEOUT = 2.0
+CONNECT_TIMEOUT = 2.0
+START_HINT = "no ZooKeeper ensemble answers at {hosts}: run ./zk-test.sh to start one"
+
+
+def ensemble_hosts() -> str:
+    """The connection string ``zk-test.sh`` left behind (or ``ZK_TEST_HOSTS``)."""
+    if os.environ.get("ZK_TEST_HOSTS"):
+        return os.environ["ZK_TEST_HOSTS"]
+    state = Path(os.environ.get("ZK_TEST_DIR", HERE / ".zk-test")) / "hosts"
+    if state.exists():
+        return state.read_text().strip()
+    return "127.0.0.1:2181,127.0.0.1:2182,127.0.0.1:2183"
+
+
+# ---------------------------------------------------------------------------
+# The ensemble
+# ---------------------------------------------------------------------------
+
+
+class Ensemble:
+    """Control of the test ensemble, through ``zk-test.sh``, for fault tests."""
+
+    def __init__(self, hosts: str) -> None:
+        self.hosts = hosts
+
+    def _run(self, *args: str, check: bool = True) -> str:
+        done = subprocess.run(
+            [str(ZK_TEST), *args], capture_output=True, text=True, timeout=120, check=False
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(f"zk-test.sh {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout.strip()
+
+    def leader(self) -> int:
+        return int(self._run("leader"))
+
+    def stop_server(self, n: int) -> None:
+        self._run("stop-server", str(n))
+
+    def kill_server(self, n: int) -> None:
+        self._run("kill-server", str(n))
+
+    def start_server(self, n: int) -> None:
+        self._run("start-server", str(n))
+
+    def wait_quorum(self) -> None:
+        self._run("wait")
+
+    def stop(self) -> None:
+        self._run("stop")
+
+    def start(self) -> None:
+        self._run()
+
+    def status(self) -> str:
+        return self._run("status", check=False)
+
+
+@pytest.fixture(scope="session")
+def zk_hosts() -> str:
+    """The ensemble's hosts; fails (never skips) when no quorum answers."""
+    hosts = ensemble_hosts()
+    client = KazooClient(hosts=hosts, timeout=SESSION_TIMEOUT)
+    try:
+        client.start(timeout=5)
+    except Exception:
+        pytest.fail(START_HINT.format(hosts=hosts), pytrace=False)
+    finally:
+        with contextlib.suppress(Exception):
+            client.stop()
+            client.close()
+    return hosts
+
+
+@pytest.fixture(scope="session")
+def ensemble(zk_hosts: str) -> Iterator[Ensemble]:
+    """Start/stop servers; after a fault test, every server is brought back."""
+    control = Ensemble(zk_hosts)
+    yield control
+    control.start()
+
+
+@pytest.fixture
+def restore_ensemble(ensemble: Ensemble) -> Iterator[Ensemble]:
+    """For tests that stop servers: bring all three back, with a quorum, afterwards."""
+    yield ensemble
+    ensemble.start()
+    ensemble.wait_quorum()
+
+
+@pytest.fixture
+def zk(zk_hosts: str) -> Iterator[KazooClient]:
+    """An independent client, for looking at znodes from outside zkcelery."""
+    client = KazooClient(hosts=zk_hosts, timeout=SESSION_TIMEOUT * 2)
+    client.start(timeout=10)
+    yield client
+    with contextlib.suppress(Exception):
+        client.stop()
+        client.close()
+
+
+@pytest.fixture
+def zk_root(request: pytest.FixtureRequest, zk: KazooClient) -> Iterator[str]:
+    """This test's own ZOOKEEPER_ROOT, removed afterwards."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:60]
+    root = f"/zkcelery-tests/{name}-{uuid.uuid4().hex[:8]}"
+    yield root
+    with contextlib.suppress(Exception):
+        zk.delete(root, recursive=True)
+
+
+def count_znodes(client: KazooClient, path: str) -> int:
+    """How many znodes are at and below ``path``."""
+    if client.exists(path) is None:
+        return 0
+    return 1 + sum(count_znodes(client, f"{path}/{c}") for c in client.get_children(path))
+
+
+# ---------------------------------------------------------------------------
+# Apps
+# ---------------------------------------------------------------------------
+
+
+def configure(app: Celery, hosts: str, root: str, **settings: Any) -> Celery:
+    defaults = {
+        "ZOOKEEPER_HOSTS": hosts,
+        "ZOOKEEPER_ROOT": root,
+        "ZOOKEEPER_SESSION_TIMEOUT": SESSION_TIMEOUT,
+        "ZOOKEEPER_CONNECT_TIMEOUT": CONNECT_TIMEOUT,
+    }
+    app.conf.update({**defaults, **settings})
+    return app
+
+
+@pytest.fixture
+def make_app(zk_hosts: str, zk_root: str) -> Iterator[Callable[..., Celery]]:
+    """Build in-process apps on this test's namespace; their sessions close afterwards."""
+    apps: list[Celery] = []
+
+    def make(**settings: Any) -> Celery:
+        app = Celery(f"test-{len(apps)}", set_as_current=False)
+        app.conf.update(
+            broker_url="memory://", result_backend="cache+memory://", task_always_eager=False
+        )
+        apps.append(configure(app, zk_hosts, zk_root, **settings))
+        return app
+
+    yield make
+    for app in apps:
+        close_sessions(app)
+
+
+def close_sessions(app: Celery) -> None:
+    """Close an app's session in this process, as worker shutdown does."""
+    conn = zkcelery._connections.pop(app, None)
+    if conn is not None:
+        conn.close()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Celery]) -> Celery:
+    return make_app()
+
+
+@pytest.fixture
+def threads_worker(app: Celery) -> Iterator[Any]:
+    """An in-process worker with the threads pool, on the ``app`` fixture."""
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False) as worker:
+        yield worker
+
+
+# ---------------------------------------------------------------------------
+# Real worker processes
+# ---------------------------------------------------------------------------
+
+
+class Record:
+    """An enter/exit record kept in files, independent of zkcelery's view."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def entries(self) -> list[dict]:
+        found = []
+        for path in self.folder.glob("*.log"):
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    found.append(json.loads(line))
+        return sorted(found, key=lambda e: e["enter"])
+
+    def max_concurrent(self, key: Any = None) -> int:
+        """The most bodies of ``key`` (or of any key) that ever ran at once."""
+        events = []
+        for e in self.entries():
+            if key is None or e["key"] == key:
+                events += [(e["enter"], 1), (e["exit"], -1)]
+        level = peak = 0
+        for _, step in sorted(events, key=lambda ev: (ev[0], ev[1])):
+            level += step
+            peak = max(peak, level)
+        return peak
+
+    def overlaps(self) -> list[tuple[dict, dict]]:
+        """Pairs of bodies of the same key that overlapped in time."""
+        last: dict[str, dict] = {}
+        found = []
+        for e in self.entries():
+            prev = last.get(e["key"])
+            if prev is not None and e["enter"] < prev["exit"]:
+                found.append((prev, e))
+            if prev is None or e["exit"] > prev["exit"]:
+                last[e["key"]] = e
+        return found
+
+
+def record_body(key: Any, hold: float = 0.0, **extra: Any) -> None:
+    """Called inside a guarded body: note (key, pid, enter, exit) in the record."""
+    folder = os.environ.get("ZKCELERY_TEST_RECORD")
+    enter = time.monotonic()  # one clock for every process on the machine
+    if hold:
+        time.sleep(hold)
+    leave = time.monotonic()
+    if folder:
+        line = json.dumps(
+            {"key": str(key), "pid": os.getpid(), "enter": enter, "exit": leave, **extra}
+        )
+        with open(Path(folder) / f"{os.getpid()}.log", "a") as f:
+            f.write(line + "\n")
+
+
+def broker_settings(folder: Path) -> dict[str, Any]:
+    """The app settings for a broker and results that work across processes."""
+    url = os.environ.get("CELERY_BROKER_URL")
+    queue = folder / "queue"
+    queue.mkdir(parents=True, exist_ok=True)
+    (folder / "results").mkdir(exist_ok=True)
+    settings: dict[str, Any] = {"result_backend": f"file://{folder / 'results'}"}
+    if url:
+        settings["broker_url"] = url
+    else:
+        settings["broker_url"] = "filesystem://"
+        settings["broker_transport_options"] = {
+            "data_folder_in": str(queue),
+            "data_folder_out": str(queue),
+            "polling_interval": 0.05,
+        }
+    return settings
+
+
+def worker_app(name: str = "zkcelery-tests") -> Celery:
+    """The app of the worker processes (and of the tests that talk to them).
+
+    Its broker, results and ZooKeeper namespace come from the environment the
+    ``workers`` fixture sets, so one module serves every test's worker.
+    """
+    app = Celery(name, set_as_current=False)
+    folder = os.environ.get("ZKCELERY_TEST_BROKER")
+    if folder:
+        app.conf.update(broker_settings(Path(folder)))
+    app.conf.update(
+        ZOOKEEPER_HOSTS=os.environ.get("ZKCELERY_TEST_HOSTS", ensemble_hosts()),
+        ZOOKEEPER_ROOT=os.environ.get("ZKCELERY_TEST_ROOT", "/zkcelery-tests/default"),
+        ZOOKEEPER_SESSION_TIMEOUT=float(os.environ.get("ZKCELERY_TEST_SESSION", SESSION_TIMEOUT)),
+        ZOOKEEPER_CONNECT_TIMEOUT=CONNECT_TIMEOUT,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        # Celery has no setting for the retry delay; annotations set it on every task.
+        task_annotations={"*": {"default_retry_delay": 0.2}},
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
+class Worker:
+    """One ``celery worker`` subprocess."""
+
+    def __init__(self, proc: subprocess.Popen, log: Path, ready: Path) -> None:
+        self.proc, self.log, self.ready = proc, log, ready
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def children(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False
+        )
+        return [int(p) for p in out.stdout.split()]
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker not ready after {timeout} s:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 20) -> None:
+        """Warm shutdown (SIGTERM); SIGKILL to the whole group if it does not end."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def tail(self, lines: int = 60) -> str:
+        if not self.log.exists():
+            return "(no log)"
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Workers:
+    """Start worker processes, and a client app that talks to them, for one test."""
+
+    def __init__(self, tmp: Path, hosts: str, root: str) -> None:
+        self.tmp, self.hosts, self.root = tmp, hosts, root
+        self.record = Record(tmp / "record")
+        self.record.folder.mkdir()
+        self.started: list[Worker] = []
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+            "ZKCELERY_TEST_BROKER": str(tmp / "broker"),
+            "ZKCELERY_TEST_HOSTS": hosts,
+            "ZKCELERY_TEST_ROOT": root,
+            "ZKCELERY_TEST_RECORD": str(self.record.folder),
+        }
+        os.environ["ZKCELERY_TEST_RECORD"] = str(self.record.folder)  # for in-process bodies
+        self.app = Celery("zkcelery-tests-client", set_as_current=False)
+        self.app.conf.update(broker_settings(tmp / "broker"))
+
+    def start(
+        self, pool: str = "prefork", concurrency: int = 2, wait: bool = True, **env: str
+    ) -> Worker:
+        n = len(self.started)
+        log, ready = self.tmp / f"worker{n}.log", self.tmp / f"worker{n}.ready"
+        argv = [
+            sys.executable, "-m", "celery", "-A", "test_zkcelery", "worker",
+            "-P", pool, "-c", str(concurrency), "-n", f"w{n}@%h", "-l", "INFO",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-f", str(log),
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            argv, cwd=HERE, env={**self.env, "ZKCELERY_TEST_READY": str(ready), **env},
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.tmp / f"worker{n}.err", "w"),  # noqa: SIM115 - the worker's to keep
+            start_new_session=True,
+        )  # fmt: skip
+        worker = Worker(proc, log, ready)
+        self.started.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    def send(self, name: str, *args: Any, **options: Any) -> Any:
+        """Send task ``name`` (as the worker module names it) with ``args``."""
+        return self.app.send_task(f"test_zkcelery.{name}", args=args, **options)
+
+    def stop(self) -> None:
+        for worker in self.started:
+            worker.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- worker {w.pid}\n{w.tail()}" for w in self.started)
+
+
+@pytest.fixture
+def workers(
+    tmp_path: Path, zk_hosts: str, zk_root: str, request: pytest.FixtureRequest
+) -> Iterator[Workers]:
+    """Real ``celery worker`` subprocesses on this test's namespace and broker."""
+    group = Workers(tmp_path, zk_hosts, zk_root)
+    yield group
+    group.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(group.logs())
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)

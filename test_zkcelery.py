@@ -1,0 +1,811 @@
+"""zkcelery's behaviour, against a real ZooKeeper ensemble and real Celery workers.
+
+This module is also the worker's app (``celery -A test_zkcelery worker``): the
+README's examples are executed into it as written, with ``do_work`` noting each
+body in an enter/exit record that does not depend on zkcelery.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+import uuid
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery, signals
+from celery.exceptions import MaxRetriesExceededError, Reject, Retry
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kazoo.client import KazooClient
+
+import zkcelery
+from conftest import (
+    Workers,
+    count_znodes,
+    record_body,
+    wait_for,
+    worker_app,
+)
+
+# ---------------------------------------------------------------------------
+# The worker's app: the README's examples, and tasks the tests need
+# ---------------------------------------------------------------------------
+
+app = worker_app()
+
+
+def do_work(data: dict) -> None:
+    record_body(**data)
+
+
+def _readme_examples() -> list[str]:
+    text = (Path(__file__).parent / "README.md").read_text()
+    return [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "@app.task" in b]
+
+
+for _example in _readme_examples():
+    exec(compile(_example, "README.md", "exec"), globals())
+
+
+@signals.worker_ready.connect
+def _announce_ready(**_: Any) -> None:
+    ready = os.environ.get("ZKCELERY_TEST_READY")
+    if ready:
+        Path(ready).touch()
+
+
+@app.task(base=zkcelery.LockTask, bind=True)
+def hold_lock(self, key, hold=0.0, blocking=False):
+    with self.lock(key, blocking=blocking) as lease:
+        if lease:
+            record_body(key, hold, token=lease.token)
+        return bool(lease)
+
+
+@app.task(base=zkcelery.LockTask, bind=True)
+def hold_semaphore(self, key, max_leases, hold=0.0):
+    with self.semaphore(key, max_leases=max_leases, blocking=True) as lease:
+        record_body(key, hold)
+        return bool(lease)
+
+
+@app.task(base=zkcelery.LockTask, bind=True)
+def retry_quickly(self, key):
+    with self.lock(key, retry=True, countdown=0.1, max_retries=2):
+        record_body(key)
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, max_retries=60, default_retry_delay=0.5)
+def patient_mutex(self, data):
+    do_work(data)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def node_path(root: str, namespace: str, task: str, *values: Any) -> str:
+    return f"{root}/{namespace}/{zkcelery._lock_name(task, values)}"
+
+
+def hold_externally(zk: KazooClient, path: str) -> None:
+    """Hold a lock as another process would: its ephemeral node, made by hand."""
+    zk.create(path, b"{}", ephemeral=True, makepath=True)
+
+
+@pytest.fixture
+def lock_task(app):
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.lock")
+    def task(self, *values, **options):
+        with self.lock(*values, **options) as lease:
+            return lease
+
+    return task
+
+
+def run_in_threads(n: int, target: Any) -> list[Any]:
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = target(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+# ===========================================================================
+# Connection handling (SPEC 2, 6)
+# ===========================================================================
+
+
+def test_connects_to_the_default_hosts_with_no_setting(make_app, zk_root):
+    app = make_app()
+    del app.conf["ZOOKEEPER_HOSTS"]
+    assert zkcelery._read_settings(app).hosts == "127.0.0.1:2181"
+
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True)
+    def task(self):
+        with self.lock() as lease:
+            return bool(lease)
+
+    assert task() is True
+
+
+def test_connects_with_explicit_hosts(lock_task, zk_hosts):
+    assert zkcelery._read_settings(lock_task.app).hosts == zk_hosts
+    assert lock_task() is not None
+
+
+@pytest.mark.parametrize(
+    ("value", "hosts", "chroot"),
+    [
+        ("[::1]:2183", "[::1]:2183", ""),
+        ("zk1:2181,zk2:2182/apps/celery", "zk1:2181,zk2:2182", "/apps/celery"),
+        (["zk1:2181", "[fe80::1]:2182"], "zk1:2181,[fe80::1]:2182", ""),
+        (" zk1 , zk2:2888 ", "zk1:2181,zk2:2888", ""),
+    ],
+)
+def test_host_forms_parse(value, hosts, chroot):
+    assert zkcelery._parse_hosts(value) == (hosts, chroot)
+
+
+def test_chroot_suffix_places_the_locks_under_it(make_app, zk, zk_root, zk_hosts):
+    app = make_app(ZOOKEEPER_HOSTS=f"{zk_hosts}{zk_root}/chroot", ZOOKEEPER_ROOT="/locks-here")
+
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.chrooted")
+    def task(self):
+        with self.lock() as lease:
+            return zk.exists(lease._path) is not None
+
+    assert task() is True
+    assert zk.exists(f"{zk_root}/chroot/locks-here/locks") is not None
+
+
+@pytest.mark.parametrize(
+    ("value", "bad"),
+    [("zk:abc", "abc"), ("", "empty"), ("zk1:2181,", "empty entry"),
+     ("127.0.0.1:99999", "99999"), ("   ", "empty")],
+)  # fmt: skip
+def test_malformed_hosts_raise_naming_the_setting_and_the_bad_part(lock_task, value, bad):
+    lock_task.app.conf.ZOOKEEPER_HOSTS = value
+    with pytest.raises(zkcelery.ConfigurationError, match="ZOOKEEPER_HOSTS") as caught:
+        lock_task()
+    assert bad in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("ZOOKEEPER_SESSION_TIMEOUT", -1), ("ZOOKEEPER_SESSION_TIMEOUT", 0),
+     ("ZOOKEEPER_CONNECT_TIMEOUT", "soon"), ("ZOOKEEPER_ROOT", "zkcelery"),
+     ("ZOOKEEPER_ROOT", "/zkcelery/"), ("ZOOKEEPER_ROOT", "/a/../b"),
+     ("ZOOKEEPER_AUTH", "secret"), ("ZOOKEEPER_SSL", {"cert": "x"})],
+)  # fmt: skip
+def test_malformed_settings_raise_naming_the_setting(lock_task, setting, value):
+    lock_task.app.conf[setting] = value
+    with pytest.raises(zkcelery.ConfigurationError, match=setting):
+        lock_task()
+
+
+def test_auth_secret_never_appears_in_the_error(lock_task):
+    lock_task.app.conf.ZOOKEEPER_AUTH = "digest-without-colon-s3cret"
+    with pytest.raises(zkcelery.ConfigurationError) as caught:
+        lock_task()
+    assert "s3cret" not in str(caught.value)
+
+
+def test_unreachable_hosts_raise_coordination_error_within_the_connect_timeout(lock_task):
+    lock_task.app.conf.update(
+        ZOOKEEPER_HOSTS="127.0.0.1:1,127.0.0.1:2", ZOOKEEPER_CONNECT_TIMEOUT=1
+    )
+    started = time.monotonic()
+    with pytest.raises(zkcelery.CoordinationError, match="did not answer"):
+        lock_task()
+    assert time.monotonic() - started < 1 + 1.5  # the timeout, plus a noisy machine's slack
+
+
+@pytest.mark.parametrize("spelling", ["ZOOKEEPER_ROOT", "zookeeper_root", "CELERY_ZOOKEEPER_ROOT"])
+def test_settings_are_found_in_every_spelling(spelling):
+    app = Celery("spelling", set_as_current=False)
+    app.conf[spelling] = "/spelled"
+    assert zkcelery._read_settings(app).root == "/spelled"
+
+
+def test_django_namespaced_settings_are_found():
+    class DjangoSettings:
+        CELERY_ZOOKEEPER_ROOT = "/django"
+        CELERY_ZOOKEEPER_SESSION_TIMEOUT = 7
+
+    app = Celery("django", set_as_current=False)
+    app.config_from_object(DjangoSettings, namespace="CELERY")
+    assert zkcelery._read_settings(app).root == "/django"
+    assert zkcelery._read_settings(app).session_timeout == 7
+
+
+def test_one_client_per_process_and_app_is_reused(make_app):
+    first, second = make_app(), make_app()
+    a = zkcelery._connection(first)
+    assert zkcelery._connection(first) is a
+    assert run_in_threads(4, lambda _: zkcelery._connection(first)) == [a] * 4
+    assert zkcelery._connection(second) is not a
+
+
+def test_forked_child_makes_its_own_session_and_the_parents_survives(lock_task, zk):
+    parent = zkcelery._connection(lock_task.app)
+    parent.wait_connected()
+    with lock_task.lock("kept") if False else _held(lock_task, "kept") as lease:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: take another lock, report its session, exit
+            status = 1
+            try:
+                child = zkcelery._connection(lock_task.app)
+                with _held(lock_task, "child") as own:
+                    os.write(write, f"{child.session} {bool(own)} {child is parent}".encode())
+                status = 0
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        session, acquired, same = os.read(read, 200).decode().split()
+        assert status == 0 and acquired == "True" and same == "False"
+        assert int(session) != parent.session
+        assert zk.exists(lease._path).ephemeralOwner == parent.session
+        assert _held_now(lock_task, "kept") is False  # still ours, still exclusive
+
+
+def _held(task, *values) -> Any:
+    return zkcelery.Lease(task, zkcelery._LOCKS, values)
+
+
+def _held_now(task, *values) -> bool:
+    with _held(task, *values) as lease:
+        return bool(lease)
+
+
+# ===========================================================================
+# Lock names (SPEC 3)
+# ===========================================================================
+
+_ZNODE_NAME = re.compile(r"[A-Za-z0-9_.~%()\[\],:=#-]+")
+_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text() | st.binary() | st.uuids() | st.dates()
+    | st.decimals(allow_nan=False, allow_infinity=False)
+)  # fmt: skip
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def _canonical(value: Any) -> Any:
+    """What the encoding must distinguish: type and value, tuples as lists."""
+    if isinstance(value, (list, tuple)):
+        return ("list", tuple(_canonical(v) for v in value))
+    if isinstance(value, dict):
+        return (
+            "dict",
+            tuple(sorted((repr(_canonical(k)), _canonical(v)) for k, v in value.items())),
+        )
+    if isinstance(value, float):
+        return ("float", repr(value))
+    if isinstance(value, Decimal):
+        return ("decimal", str(value))
+    return (type(value).__name__, value)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_values, max_size=3), st.lists(_values, max_size=3))
+def test_lock_names_are_injective(a, b):
+    same = _canonical(a) == _canonical(b)
+    assert (zkcelery._lock_name("t", a) == zkcelery._lock_name("t", b)) == same
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1), st.lists(_values | st.just("/") | st.just("..") | st.just("\0")))
+def test_lock_names_are_valid_znode_names(base, values):
+    name = zkcelery._lock_name(base, values)
+    assert _ZNODE_NAME.fullmatch(name) and name not in (".", "..")
+    assert len(name) <= zkcelery._NAME_LIMIT
+    assert zkcelery._SEP not in name
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [(("a.b", "c"), ("a", "b.c")), ((1,), (1.0,)), ((1,), (True,)), (("1",), (1,)),
+     ((b"x",), ("x",)), (("",), ()), ((None,), ("None",)), ((["a", "b"],), ("a", "b"))],
+)  # fmt: skip
+def test_values_that_differ_get_different_names(a, b):
+    assert zkcelery._lock_name("t", a) != zkcelery._lock_name("t", b)
+
+
+def test_a_tuple_and_a_list_name_the_same_lock_as_json_makes_them_one():
+    assert zkcelery._lock_name("t", ((1, 2),)) == zkcelery._lock_name("t", ([1, 2],))
+
+
+def test_names_are_stable_across_processes_and_versions():
+    # Fixed expectations: a change here would split every deployed lock in two.
+    values = ("srv/1", 2, 1.5, None, True, b"\x00", [1, {"k": "v"}],
+              uuid.UUID(int=1), Decimal("1.10"), date(2026, 1, 2),
+              datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))  # fmt: skip
+    assert zkcelery._lock_name("tasks.sync", values) == (
+        "tasks.sync(s:srv%2F1,i:2,r:1.5,n,t,b:%00,l(i:1,m(s:k=s:v)),"
+        "u:00000000-0000-0000-0000-000000000001,d:1.10,D:2026-01-02,"
+        "T:2026-01-02T03%3A04%3A05%2B00%3A00)"
+    )
+
+
+def test_a_one_megabyte_value_yields_a_bounded_name_with_a_readable_prefix():
+    name = zkcelery._lock_name("tasks.big", ("x" * 1_000_000,))
+    assert len(name) <= zkcelery._NAME_LIMIT
+    assert name.startswith("tasks.big(s:xxxx") and "#" in name
+    assert name != zkcelery._lock_name("tasks.big", ("x" * 999_999 + "y",))
+
+
+@pytest.mark.parametrize("value", [object(), {1, 2}, 1j, [object()]])
+def test_unsupported_values_raise_type_error_naming_the_type(lock_task, value):
+    with pytest.raises(
+        TypeError, match=type(value if not isinstance(value, list) else value[0]).__name__
+    ):
+        lock_task(value)
+
+
+# ===========================================================================
+# LockTask (SPEC 4)
+# ===========================================================================
+
+
+def test_a_second_holder_gets_a_falsy_lease(app, lock_task):
+    with _held(lock_task, "k") as first:
+        assert first
+        assert not _held_now(lock_task, "k")
+    assert _held_now(lock_task, "k")
+
+
+def test_different_refining_values_are_independent(lock_task):
+    with _held(lock_task, "a") as a, _held(lock_task, "b") as b:
+        assert a and b
+
+
+def test_the_same_values_under_another_task_name_are_independent(app, lock_task):
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.other")
+    def other(self, value):
+        with self.lock(value) as lease:
+            return bool(lease)
+
+    with _held(lock_task, "v"):
+        assert other("v") is True
+
+
+def test_identifier_lets_two_tasks_share_one_lock(app, lock_task):
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.first")
+    def first(self):
+        with self.lock("x", identifier="shared") as outer:
+            return bool(outer), second()
+
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.second")
+    def second(self):
+        with self.lock("x", identifier="shared") as inner:
+            return bool(inner)
+
+    assert first() == (True, False)
+
+
+def test_the_lease_is_truthy_exactly_while_held(lock_task):
+    lease = _held(lock_task, "t")
+    assert not lease
+    with lease:
+        assert lease
+    assert not lease
+
+
+def test_reentering_a_held_lock_is_refused_without_deadlock(lock_task):
+    with _held(lock_task, "r") as outer:
+        assert outer
+        started = time.monotonic()
+        assert not _held_now(lock_task, "r")
+        with lock_task.lock("r", blocking=True, timeout=0.3) as inner:
+            assert not inner
+        assert 0.25 <= time.monotonic() - started < 5
+        with pytest.raises(zkcelery.ZKCeleryError, match="not reentrant"):
+            lock_task.lock("r", blocking=True).__enter__()
+
+
+def test_blocking_waits_for_the_holders_release(lock_task, zk, zk_root):
+    path = node_path(zk_root, "locks", "t.lock", "w")
+    hold_externally(zk, path)
+    threading.Timer(0.5, zk.delete, args=(path,)).start()
+    started = time.monotonic()
+    with lock_task.lock("w", blocking=True) as lease:
+        assert lease
+        assert time.monotonic() - started >= 0.45
+
+
+def test_blocking_with_a_timeout_gives_up_with_a_falsy_lease(lock_task, zk, zk_root):
+    hold_externally(zk, node_path(zk_root, "locks", "t.lock", "w"))
+    started = time.monotonic()
+    with lock_task.lock("w", blocking=True, timeout=0.5) as lease:
+        waited = time.monotonic() - started
+        assert not lease
+    assert 0.45 <= waited < 3
+
+
+def test_blocking_forces_retry_off(lock_task, zk, zk_root):
+    hold_externally(zk, node_path(zk_root, "locks", "t.lock", "w"))
+    with lock_task.lock("w", blocking=True, timeout=0.1, retry=True) as lease:
+        assert not lease  # no Retry raised: the body runs with a falsy lease
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [({"timeout": -1, "blocking": True}, ValueError),
+     ({"timeout": "5", "blocking": True}, TypeError), ({"timeout": 5}, ValueError),
+     ({"countdown": 5}, TypeError), ({"identifier": ""}, TypeError)],
+)  # fmt: skip
+def test_bad_lock_options_raise_at_the_call(lock_task, options, error):
+    with pytest.raises(error):
+        lock_task.lock("x", **options)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(0, ValueError), (-1, ValueError), (2.5, TypeError), ("3", TypeError)]
+)
+def test_bad_max_leases_raise_at_the_call(lock_task, value, error):
+    with pytest.raises(error, match="max_leases"):
+        lock_task.semaphore("x", max_leases=value)
+
+
+def test_retry_raises_retry_from_the_with_statement_and_skips_the_body(app, zk, zk_root):
+    ran = []
+
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.retrying")
+    def retrying(self):
+        with self.lock(retry=True, countdown=7, max_retries=1):
+            ran.append(True)
+
+    hold_externally(zk, node_path(zk_root, "locks", "t.retrying"))
+    seen = {}
+
+    def fake_retry(**options):  # what reaches self.retry
+        seen.update(options)
+        return Retry("retrying")
+
+    retrying.retry = fake_retry
+    with pytest.raises(Retry):
+        retrying()
+    assert ran == [] and seen == {"countdown": 7, "max_retries": 1}
+
+
+def test_the_lock_is_released_when_the_body_raises(lock_task):
+    with pytest.raises(KeyError), _held(lock_task, "e"):
+        raise KeyError("boom")
+    assert _held_now(lock_task, "e")
+
+
+def test_the_lock_is_released_when_the_body_raises_retry(lock_task):
+    with pytest.raises(Retry), _held(lock_task, "e"):
+        raise Retry("again")
+    assert _held_now(lock_task, "e")
+
+
+def test_exclusion_holds_between_threads_of_one_process(app, workers):
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.threads")
+    def task(self, i):
+        with self.lock("shared", blocking=True):
+            record_body("shared", 0.02)
+
+    run_in_threads(8, task)
+    assert len(workers.record.entries()) == 8
+    assert workers.record.overlaps() == []
+
+
+def test_semaphore_admits_max_leases_and_refuses_one_more(lock_task):
+    leases = [lock_task.semaphore("s", max_leases=3) for _ in range(4)]
+    for lease in leases:
+        lease.__enter__()
+    try:
+        assert [bool(lease) for lease in leases] == [True, True, True, False]
+        assert len(leases[0].holders()) == 3
+    finally:
+        for lease in leases:
+            lease.__exit__(None, None, None)
+
+
+def test_semaphore_holders_that_disagree_on_max_leases_get_a_clear_error(lock_task):
+    with lock_task.semaphore("s", max_leases=2) as lease:
+        assert lease
+        with pytest.raises(
+            zkcelery.ZKCeleryError,
+            match="max_leases=3 here, but other holders use max_leases=\\[2\\]",
+        ):
+            lock_task.semaphore("s", max_leases=3).__enter__()
+
+
+def test_holder_metadata_names_the_task_host_and_pid_but_not_the_arguments(app, zk):
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.meta")
+    def task(self, tenant, secret):
+        with self.lock(tenant) as lease:
+            return lease.holders()
+
+    [meta] = task.apply(args=("acme", "hunter2"), task_id="id-1").get()
+    assert meta["task_id"] == "id-1" and meta["task"] == "t.meta"
+    assert meta["pid"] == os.getpid() and meta["key"] == "t.meta('acme')"
+    assert "hunter2" not in str(meta)
+
+
+def test_fencing_tokens_strictly_increase_with_every_grant(lock_task):
+    tokens = []
+    for _ in range(20):
+        with _held(lock_task, "f") as lease:
+            tokens.append(lease.token)
+    assert tokens == sorted(set(tokens))
+
+
+def test_locked_and_released_keys_leave_no_znodes_behind(lock_task, zk, zk_root):
+    lock_task()  # makes the namespace nodes: the baseline
+    baseline = count_znodes(zk, zk_root)
+
+    def cycle(i: int) -> None:
+        for j in range(i, 1000, 8):
+            with _held(lock_task, "key", j), lock_task.semaphore("key", j, max_leases=2):
+                pass
+
+    run_in_threads(8, cycle)
+    assert count_znodes(zk, zk_root) == baseline
+
+
+# ===========================================================================
+# MutexTask (SPEC 5), in process
+# ===========================================================================
+
+
+def test_unknown_mutex_key_raises_when_the_task_is_defined(app):
+    app.finalize()
+    with pytest.raises(TypeError, match=r"t\.bad.*'nope'"):
+
+        @app.task(shared=False, base=zkcelery.MutexTask, mutex_keys=("nope",), name="t.bad")
+        def bad(server_name):
+            pass
+
+
+def test_mutex_keys_given_as_a_string_is_an_error_with_a_hint(app):
+    app.finalize()
+    with pytest.raises(TypeError, match=r"did you mean \('server_name',\)"):
+
+        @app.task(shared=False, base=zkcelery.MutexTask, mutex_keys="server_name", name="t.str")
+        def bad(server_name):
+            pass
+
+
+def test_mutex_requeue_turns_acks_late_on_and_refuses_acks_late_false(app):
+    app.finalize()
+
+    @app.task(shared=False, base=zkcelery.MutexTask, mutex_requeue=True, name="t.requeue")
+    def requeue(data):
+        pass
+
+    assert requeue.acks_late is True
+    with pytest.raises(ValueError, match="acks_late"):
+
+        @app.task(
+            shared=False, base=zkcelery.MutexTask, mutex_requeue=True, acks_late=False, name="t.x"
+        )
+        def refused(data):
+            pass
+
+
+@pytest.fixture
+def per_server_task(app):
+    @app.task(
+        shared=False, base=zkcelery.MutexTask, bind=True, mutex_keys=("server_name",), name="t.srv"
+    )
+    def task(self, server_name="default", data=None, inner=None):
+        return inner() if inner else self.request.id
+
+    return task
+
+
+def test_a_direct_call_takes_the_mutex(per_server_task, zk, zk_root):
+    hold_externally(zk, node_path(zk_root, "mutexes", "t.srv", "a"))
+    with pytest.raises(Reject):
+        per_server_task("a")
+    assert per_server_task("b") is None
+
+
+def test_positional_keyword_and_default_values_map_to_one_mutex(per_server_task, zk, zk_root):
+    hold_externally(zk, node_path(zk_root, "mutexes", "t.srv", "default"))
+    for call in (lambda: per_server_task("default"), lambda: per_server_task(server_name="default"),
+                 lambda: per_server_task()):  # fmt: skip
+        with pytest.raises(Reject):
+            call()
+    assert per_server_task.apply().state == "REJECTED"  # eagerly, as Celery records it
+
+
+def test_the_mutex_is_released_after_the_body_raises_and_after_it_retries(per_server_task):
+    def boom():
+        raise KeyError("boom")
+
+    def retry():
+        raise Retry("again")
+
+    for inner in (boom, retry):
+        with pytest.raises((KeyError, Retry)):
+            per_server_task("a", inner=inner)
+        assert per_server_task("a") is None  # free again
+
+
+def test_an_unbound_mutex_task_works(app):
+    @app.task(shared=False, base=zkcelery.MutexTask, name="t.unbound")
+    def mutex_task(data):
+        return data * 2
+
+    assert mutex_task(21) == 42
+
+
+def test_mutex_task_retries_when_zookeeper_is_unreachable(app):
+    app.conf.update(ZOOKEEPER_HOSTS="127.0.0.1:1", ZOOKEEPER_CONNECT_TIMEOUT=0.2)
+
+    @app.task(shared=False, base=zkcelery.MutexTask, bind=True, name="t.unreachable", max_retries=1)
+    def task(self):
+        return "ran"
+
+    result = task.apply()  # eager: each retry runs again, then the error is visible
+    assert result.failed() and isinstance(result.result, zkcelery.CoordinationError)
+
+
+# ===========================================================================
+# Through real workers
+# ===========================================================================
+
+
+def _states(results: list, timeout: float = 30) -> list[str]:
+    wait_for(lambda: all(r.ready() for r in results), timeout, "tasks to finish")
+    return [r.state for r in results]
+
+
+def test_readme_locking_task_runs_one_of_two_contending_copies(workers: Workers):
+    workers.start(concurrency=2)
+    results = [workers.send("locking_task", {"key": "lt", "hold": 1.0}) for _ in range(2)]
+    assert _states(results) == ["SUCCESS", "SUCCESS"]
+    assert len(workers.record.entries()) == 1
+
+
+def test_readme_refined_lock_retries_the_copy_on_the_same_value(workers: Workers):
+    workers.start(concurrency=3)
+    results = [workers.send("refined", a, {"key": a, "hold": 0.6}) for a in ("x", "x", "y")]
+    assert _states(results) == ["SUCCESS"] * 3
+    entries = workers.record.entries()
+    assert sorted(e["key"] for e in entries) == ["x", "x", "y"]
+    assert workers.record.overlaps() == []
+    assert workers.record.max_concurrent() == 2  # x and y ran side by side
+
+
+def test_readme_retrying_task_retries_with_its_countdown(workers: Workers, zk, zk_root):
+    path = node_path(zk_root, "locks", "test_zkcelery.retrying")
+    hold_externally(zk, path)
+    workers.start(concurrency=1)
+    result = workers.send("retrying", {"key": "r"})
+    wait_for(lambda: result.state == "RETRY", 20, "the task to retry")
+    assert "retry: Retry in 10s" in workers.started[0].log.read_text()
+    assert workers.record.entries() == []
+    zk.delete(path)
+    assert result.get(timeout=30) is None  # its one retry, ten seconds later, ran
+    assert len(workers.record.entries()) == 1
+
+
+def test_retry_past_max_retries_fails_with_max_retries_exceeded(workers: Workers, zk, zk_root):
+    hold_externally(zk, node_path(zk_root, "locks", "test_zkcelery.retry_quickly", "m"))
+    workers.start(concurrency=1)
+    result = workers.send("retry_quickly", "m")
+    with pytest.raises(MaxRetriesExceededError):
+        result.get(timeout=30)
+    assert workers.record.entries() == []
+
+
+def test_readme_waiting_task_blocks_until_the_holder_is_done(workers: Workers):
+    workers.start(concurrency=2)
+    results = [workers.send("waiting", {"key": "w", "hold": 0.5}) for _ in range(4)]
+    assert _states(results) == ["SUCCESS"] * 4
+    assert len(workers.record.entries()) == 4
+    assert workers.record.overlaps() == []
+
+
+def test_readme_limited_semaphore_and_ten_processes_never_exceed_three(workers: Workers):
+    workers.start(concurrency=10)
+    # The README's non-blocking example: of ten at once, three get a lease.
+    results = [workers.send("limited", "acme", {"key": "acme", "hold": 1.5}) for _ in range(10)]
+    assert _states(results) == ["SUCCESS"] * 10
+    assert workers.record.max_concurrent("acme") <= 3
+    assert 1 <= len(workers.record.entries()) <= 3
+    # Blocking: all ten run, never more than three at once, and three when free.
+    results = [workers.send("hold_semaphore", "b", 3, 0.4) for _ in range(10)]
+    assert _states(results) == ["SUCCESS"] * 10
+    assert len([e for e in workers.record.entries() if e["key"] == "b"]) == 10
+    assert workers.record.max_concurrent("b") == 3
+
+
+def test_exclusion_holds_between_prefork_children(workers: Workers):
+    worker = workers.start(concurrency=2)
+    results = [workers.send("hold_lock", "p", 0.1, True) for _ in range(8)]
+    assert _states(results) == ["SUCCESS"] * 8
+    entries = workers.record.entries()
+    assert len(entries) == 8 and workers.record.overlaps() == []
+    assert {e["pid"] for e in entries} <= set(worker.children()) and len(
+        {e["pid"] for e in entries}
+    ) == 2
+
+
+def test_fencing_tokens_increase_over_100_grants_across_two_processes(workers: Workers):
+    workers.start(concurrency=2)
+    results = [workers.send("hold_lock", "fence", 0.0, True) for _ in range(100)]
+    assert _states(results, 60) == ["SUCCESS"] * 100
+    entries = workers.record.entries()  # in the order the bodies ran
+    assert len({e["pid"] for e in entries}) == 2
+    tokens = [e["token"] for e in entries]
+    assert tokens == sorted(tokens) and len(set(tokens)) == 100
+
+
+def test_readme_mutex_task_rejects_the_second_of_two_copies_on_two_workers(workers: Workers):
+    workers.start(concurrency=1)
+    workers.start(concurrency=1)
+    results = [workers.send("mutex_task", {"key": "m", "hold": 1.5}) for _ in range(2)]
+    assert sorted(_states(results)) == ["FAILURE", "SUCCESS"]
+    rejected = next(r for r in results if r.state == "FAILURE")
+    assert "is held by another task" in str(rejected.result)
+    assert len(workers.record.entries()) == 1
+
+
+def test_readme_requeued_copies_all_run_once_one_at_a_time(workers: Workers):
+    workers.start(concurrency=2)
+    results = [workers.send("requeued", {"key": f"q{i}", "hold": 1.0}) for i in range(5)]
+    assert _states(results, 60) == ["SUCCESS"] * 5
+    entries = workers.record.entries()
+    assert sorted(e["key"] for e in entries) == [f"q{i}" for i in range(5)]  # each exactly once
+    assert workers.record.max_concurrent() == 1
+    rejections = sum(w.log.read_text().count("rejected and requeued") for w in workers.started)
+    # Each wait ends when the holder leaves, or after 0.25 s doubling: in 5 s of
+    # holding, a waiting copy is rejected at most about once per release.
+    assert rejections <= 20, rejections
+
+
+def test_readme_per_server_mutex_runs_servers_side_by_side_but_not_one_server_twice(
+    workers: Workers,
+):
+    workers.start(concurrency=4)
+    results = [workers.send("per_server", s, {"key": s, "hold": 1.0}) for s in ("a", "a", "b", "c")]
+    states = _states(results)
+    assert states.count("SUCCESS") == 3 and states.count("FAILURE") == 1
+    assert sorted(e["key"] for e in workers.record.entries()) == ["a", "b", "c"]
+    assert workers.record.max_concurrent() == 3 and workers.record.overlaps() == []
+
+
+@pytest.mark.slow
+def test_a_mutex_task_submitted_while_the_ensemble_is_down_runs_once_it_is_back(
+    workers: Workers, restore_ensemble
+):
+    workers.start(concurrency=1)
+    restore_ensemble.stop()
+    result = workers.send("patient_mutex", {"key": "down"})
+    wait_for(lambda: result.state == "RETRY", 30, "the task to retry")
+    restore_ensemble.start()
+    assert result.get(timeout=60) is None
+    assert [e["key"] for e in workers.record.entries()] == ["down"]
