@@ -38,6 +38,10 @@ Commands:
   leader            print the number (1-3) of the current leader; exit 1 if there is none
   wait              wait until a quorum serves; exit 1 on timeout
   hosts             print the connection string
+  tls-hosts         print two lines: the TLS connection string (servers' secureClientPort,
+                    127.0.0.1:base+100+N-1), then the path of the CA file (ca.pem) that
+                    signed their certificate; exit 1 if no TLS material was made yet.
+                    Also written to DIR/tls-hosts by a start with ZK_TEST_TLS=1
   stop-server N     stop server N (SIGTERM, SIGKILL after 10 s) and wait until its port closes
   kill-server N     SIGKILL server N at once (crash tests)
   start-server N    start server N and wait until it serves
@@ -52,6 +56,14 @@ Environment:
   ZK_TEST_START_TIMEOUT  seconds to wait for servers to serve (default 60)
   ZK_TEST_FORCE_SYNC     set to "no" to skip fsync on every write (default: fsync)
   ZK_TEST_SOURCE         where ZooKeeper comes from: auto (default), path, debian, download
+  ZK_TEST_TLS            1 to add a TLS client port to every server (default 0, off): server
+                         N also listens for TLS on base+100+N-1 (2281-2283 by default), beside
+                         its plain client port. A throw-away CA and a server certificate for
+                         127.0.0.1/localhost are made once with openssl into DIR/tls (ca.pem,
+                         server.pem, server-key.pem, keystore.p12, truststore.p12; store
+                         password "zk-test-only"). Clients need no certificate. Give the same
+                         value to every command that starts servers (start, start-server);
+                         starting with a value that differs from the running servers fails
   ZOOKEEPER_PATH         an unpacked Apache ZooKeeper release, used first when set
 
 ZooKeeper comes from $ZOOKEEPER_PATH, else the Debian "zookeeper" package (installed with
@@ -91,6 +103,11 @@ START_TIMEOUT=$((10#$START_TIMEOUT))
 ((BASE_PORT >= 1024 && BASE_PORT + 20003 <= 65535)) ||
     die "ZK_TEST_PORT must be between 1024 and 45532 (server 3's election port is base+20003)"
 case $SOURCE in auto | path | debian | download) ;; *) die "ZK_TEST_SOURCE must be auto, path, debian or download" ;; esac
+case ${ZK_TEST_TLS:-0} in
+    1 | yes | true | on) TLS=1 ;;
+    0 | no | false | off) TLS=0 ;;
+    *) die "ZK_TEST_TLS must be 1 (TLS client port on) or 0 (off, the default), not '$ZK_TEST_TLS'" ;;
+esac
 
 # Each base port gets its own default state folder, so ensembles on different ports never
 # share pid files or data.
@@ -103,9 +120,14 @@ else
 fi
 [[ $STATE_DIR != / ]] || die "ZK_TEST_DIR must not be /"
 
-declare -a CPORT=() QPORT=() EPORT=() CFG=() SDIR=()
+# TLS material (ZK_TEST_TLS=1): a throw-away CA and a server certificate, made once.
+TLS_DIR=$STATE_DIR/tls
+readonly TLS_STORE_PASS=zk-test-only
+
+declare -a CPORT=() SPORT=() QPORT=() EPORT=() CFG=() SDIR=()
 for n in "${SERVERS[@]}"; do
     CPORT[n]=$((BASE_PORT + n - 1))
+    SPORT[n]=$((BASE_PORT + 100 + n - 1))
     QPORT[n]=$((BASE_PORT + 10000 + n))
     EPORT[n]=$((BASE_PORT + 20000 + n))
     SDIR[n]=$STATE_DIR/$n
@@ -117,6 +139,19 @@ hosts_string() {
     local n out=""
     for n in "${SERVERS[@]}"; do out+="${out:+,}127.0.0.1:${CPORT[n]}"; done
     echo "$out"
+}
+
+# Two lines: the TLS connection string, then the CA file that signed the servers' certificate.
+tls_hosts_string() {
+    local n out=""
+    for n in "${SERVERS[@]}"; do out+="${out:+,}127.0.0.1:${SPORT[n]}"; done
+    printf '%s\n%s\n' "$out" "$TLS_DIR/ca.pem"
+}
+
+cmd_tls_hosts() {
+    [[ -f $TLS_DIR/ca.pem ]] ||
+        die "no TLS material in $TLS_DIR: start the ensemble with ZK_TEST_TLS=1 first"
+    tls_hosts_string
 }
 
 check_server_arg() {
@@ -339,11 +374,13 @@ port_user() {
 # Fail, naming every port and its user, when a port needed by one of the given servers is
 # taken by something that is not that server. Called only for servers that are down.
 check_ports_free() {
-    local n port kind who bad=0
+    local n port kind who bad=0 kinds="client quorum election"
+    ((TLS)) && kinds+=" TLS-client"
     for n in "$@"; do
-        for kind in client quorum election; do
+        for kind in $kinds; do
             case $kind in
                 client) port=${CPORT[n]} ;;
+                TLS-client) port=${SPORT[n]} ;;
                 quorum) port=${QPORT[n]} ;;
                 election) port=${EPORT[n]} ;;
             esac
@@ -355,7 +392,8 @@ check_ports_free() {
     done
     if ((bad)); then
         die "cannot start ZooKeeper: needed ports are taken by other programs. Stop them, or" \
-            "use other ports with ZK_TEST_PORT=<base> (server N uses base+N-1, base+10000+N, base+20000+N)."
+            "use other ports with ZK_TEST_PORT=<base> (server N uses base+N-1, base+10000+N, base+20000+N," \
+            "and base+100+N-1 with ZK_TEST_TLS=1)."
     fi
 }
 
@@ -533,6 +571,124 @@ ensure_zookeeper() {
 }
 
 # ---------------------------------------------------------------------------------------
+# TLS (ZK_TEST_TLS=1)
+# ---------------------------------------------------------------------------------------
+
+# Debian's zookeeper.jar lists netty-handler, -buffer, -common, -transport and
+# -transport-native-epoll in its manifest Class-Path, but not netty-codec, which
+# NettyServerCnxnFactory (needed for secureClientPort) also uses: without it the servers
+# start and bind their ports, yet drop every connection, plain or TLS, with
+# "NoClassDefFoundError: io/netty/handler/codec/ByteToMessageDecoder" in server.log.
+# (netty-resolver and netty-transport-native-unix-common were not needed: the JNI part of
+# epoll is not packaged, so Netty uses NIO.)
+readonly DEB_NETTY_EXTRA=(netty-codec)
+
+# Add the jars above to the classpath when ZooKeeper comes from the Debian package. An Apache
+# release's lib/ already holds all of netty.
+tls_classpath() {
+    local jar path
+    [[ $ZK_FROM == Debian* ]] || return 0
+    for jar in "${DEB_NETTY_EXTRA[@]}"; do
+        path=/usr/share/java/$jar.jar
+        if [[ ! -f $path ]] && can_apt; then
+            apt_install libnetty-java || true
+        fi
+        [[ -f $path ]] || die "ZK_TEST_TLS=1 needs $path (Debian package libnetty-java)"
+        CLASSPATH_ZK+=":$path"
+    done
+}
+
+ensure_openssl() {
+    command -v openssl >/dev/null 2>&1 && return 0
+    if can_apt; then
+        apt_install openssl || die "could not install openssl (apt-get install openssl failed)"
+    else
+        die "ZK_TEST_TLS=1 needs openssl (Debian/Ubuntu: apt-get install openssl)"
+    fi
+}
+
+# keytool comes with the JRE; look beside the java in use first.
+find_keytool() {
+    local kt
+    kt=$(dirname -- "$(readlink -f -- "$JAVA")")/keytool
+    if [[ -x $kt ]]; then
+        echo "$kt"
+    else
+        command -v keytool || return 1
+    fi
+}
+
+readonly TLS_FILES=(ca.pem ca-key.pem server.pem server-key.pem keystore.p12 truststore.p12)
+
+# Make, once, in $TLS_DIR: a throw-away CA (ca.pem, ca-key.pem), a server certificate for
+# 127.0.0.1 and localhost signed by it (server.pem, server-key.pem), and for the Java side a
+# PKCS12 keystore (server key and chain) and truststore (the CA), both with the password
+# $TLS_STORE_PASS. Everything is made in a temporary folder and moved in at the end, so an
+# interrupted run never leaves half a set behind.
+ensure_tls_material() {
+    local f missing=0 tmp keytool
+    for f in "${TLS_FILES[@]}"; do [[ -s $TLS_DIR/$f ]] || missing=1; done
+    ((missing)) || return 0
+    ensure_openssl
+    keytool=$(find_keytool) || die "keytool (part of the Java runtime) not found; it makes the TLS truststore"
+    mkdir -p "$STATE_DIR"
+    tmp=$(mktemp -d "$STATE_DIR/tls.tmp.XXXXXX")
+    log "making a throw-away CA and server certificate in $TLS_DIR"
+    if ! (
+        set -e
+        cd "$tmp"
+        openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 \
+            -subj "/CN=zk-test.sh throw-away CA" \
+            -addext "basicConstraints=critical,CA:TRUE" \
+            -addext "keyUsage=critical,keyCertSign,cRLSign" \
+            -keyout ca-key.pem -out ca.pem
+        openssl req -new -newkey rsa:2048 -nodes -sha256 -subj "/CN=localhost" \
+            -keyout server-key.pem -out server.csr
+        printf '%s\n' "basicConstraints=critical,CA:FALSE" \
+            "keyUsage=critical,digitalSignature,keyEncipherment" \
+            "extendedKeyUsage=serverAuth,clientAuth" \
+            "subjectAltName=IP:127.0.0.1,DNS:localhost" >server.ext
+        openssl x509 -req -sha256 -days 3650 -in server.csr -CA ca.pem -CAkey ca-key.pem \
+            -set_serial "0x$(openssl rand -hex 16)" -extfile server.ext -out server.pem
+        openssl pkcs12 -export -name server -in server.pem -inkey server-key.pem \
+            -certfile ca.pem -out keystore.p12 -passout "pass:$TLS_STORE_PASS"
+        # keytool, not openssl: Java only trusts PKCS12 certificate entries that carry its
+        # own "trusted" attribute, which openssl 3.0 cannot write.
+        "$keytool" -importcert -noprompt -alias ca -file ca.pem -storetype PKCS12 \
+            -keystore truststore.p12 -storepass "$TLS_STORE_PASS"
+        rm -f server.csr server.ext
+        chmod 600 ca-key.pem server-key.pem
+    ) >"$tmp/make.log" 2>&1; then
+        cat "$tmp/make.log" >&2
+        rm -rf "$tmp"
+        die "could not make the TLS certificates (see the output above)"
+    fi
+    rm -f "$tmp/make.log"
+    mkdir -p "$TLS_DIR"
+    for f in "${TLS_FILES[@]}"; do mv -f "$tmp/$f" "$TLS_DIR/$f"; done
+    rm -rf "$tmp"
+}
+
+# True when the config file of server N (as last written) turns the TLS port on.
+cfg_has_tls() { [[ -f ${CFG[$1]} ]] && grep -q '^secureClientPort=' "${CFG[$1]}"; }
+
+# Reusing running servers that were started with the other ZK_TEST_TLS setting would give
+# an ensemble without the TLS port asked for, or one with TLS on some servers only.
+check_tls_mode() {
+    local n want had
+    for n in "${SERVERS[@]}"; do
+        server_pid "$n" >/dev/null || continue
+        had=0
+        cfg_has_tls "$n" && had=1
+        ((had == TLS)) && continue
+        if ((TLS)); then want="ZK_TEST_TLS=1 but"; else want="ZK_TEST_TLS is off but"; fi
+        if ((had)); then want+=" server $n was started with TLS"; else want+=" server $n was started without TLS"; fi
+        die "$want ($STATE_DIR). Use the same ZK_TEST_TLS as when it was started, or stop it" \
+            "($0 stop), or use another ZK_TEST_PORT and ZK_TEST_DIR."
+    done
+}
+
+# ---------------------------------------------------------------------------------------
 # Starting and stopping
 # ---------------------------------------------------------------------------------------
 
@@ -590,6 +746,22 @@ write_config() {
         for m in "${SERVERS[@]}"; do
             echo "server.$m=127.0.0.1:${QPORT[m]}:${EPORT[m]}"
         done
+        if ((TLS)); then
+            # TLS client port (ZK_TEST_TLS=1); the plain clientPort above stays. ZooKeeper
+            # turns the keys it does not know (serverCnxnFactory, ssl.*) into "zookeeper."
+            # system properties, which is where the Netty factory reads them.
+            echo "secureClientPort=${SPORT[n]}"
+            echo "secureClientPortAddress=127.0.0.1"
+            echo "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory"
+            echo "ssl.keyStore.location=$TLS_DIR/keystore.p12"
+            echo "ssl.keyStore.password=$TLS_STORE_PASS"
+            echo "ssl.keyStore.type=PKCS12"
+            echo "ssl.trustStore.location=$TLS_DIR/truststore.p12"
+            echo "ssl.trustStore.password=$TLS_STORE_PASS"
+            echo "ssl.trustStore.type=PKCS12"
+            # Clients need no certificate of their own (server-side TLS only)
+            echo "ssl.clientAuth=none"
+        fi
     } >"$dir/zoo.cfg.tmp"
     mv -f "$dir/zoo.cfg.tmp" "${CFG[n]}"
 }
@@ -684,6 +856,7 @@ cmd_start() {
     t0=$(now_ms)
     take_lock
     check_port_marker
+    check_tls_mode
     for n in "${SERVERS[@]}"; do
         server_pid "$n" >/dev/null || down+=("$n")
     done
@@ -692,6 +865,10 @@ cmd_start() {
         check_ports_free "${down[@]}"
         ensure_java
         ensure_zookeeper
+        if ((TLS)); then
+            ensure_tls_material
+            tls_classpath
+        fi
         jvm_flags
         init_state_dir
         for n in "${down[@]}"; do start_server "$n"; done
@@ -702,6 +879,10 @@ cmd_start() {
     fi
     wait_for all || exit 1
     hosts_string >"$STATE_DIR/hosts"
+    if ((TLS)); then
+        tls_hosts_string >"$STATE_DIR/tls-hosts"
+        log "TLS: $(tls_hosts_string | head -n 1) (CA: $TLS_DIR/ca.pem; see tls-hosts)"
+    fi
     dt=$(($(now_ms) - t0))
     log "ensemble ready in $((dt / 1000)).$(printf '%03d' $((dt % 1000)))s"
     hosts_string
@@ -754,12 +935,17 @@ cmd_start_server() {
     local n=$1
     take_lock
     check_port_marker
+    check_tls_mode
     if server_pid "$n" >/dev/null; then
         log "server $n is already running"
     else
         check_ports_free "$n"
         ensure_java
         ensure_zookeeper
+        if ((TLS)); then
+            ensure_tls_material
+            tls_classpath
+        fi
         jvm_flags
         init_state_dir
         start_server "$n"
@@ -780,6 +966,7 @@ main() {
         leader) cmd_leader ;;
         wait) wait_for quorum ;;
         hosts) hosts_string ;;
+        tls-hosts) cmd_tls_hosts ;;
         stop-server)
             check_server_arg "${1:-}"
             take_lock
