@@ -125,20 +125,23 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 import celery
+import click
 from celery import signals
 from celery.exceptions import Reject
 from kazoo.client import KazooClient
 from kazoo.exceptions import (
+    AuthFailedError,
     ConnectionClosedError,
     ConnectionLoss,
     KazooException,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
     SessionExpiredError,
 )
 from kazoo.protocol.states import KazooState, ZnodeStat
 from kazoo.retry import KazooRetry
-from kazoo.security import make_digest_acl
+from kazoo.security import make_acl, make_digest_acl
 
 __all__ = [
     "ConfigurationError",
@@ -162,6 +165,10 @@ class CoordinationError(ZKCeleryError):
 
 class ConfigurationError(ZKCeleryError, ValueError):
     """A ``ZOOKEEPER_*`` setting is malformed."""
+
+
+class _ConnectionLost(CoordinationError):
+    """The connection dropped while a request was in flight: it may or may not have applied."""
 
 
 # ---------------------------------------------------------------------------
@@ -294,6 +301,7 @@ class MutexTask(celery.Task):
 # transaction id, so it strictly increases with every grant of any lock.
 
 _LOCKS, _SEMAPHORES, _MUTEXES = "locks", "semaphores", "mutexes"
+_KIND = {_LOCKS: "lock", _SEMAPHORES: "semaphore", _MUTEXES: "mutex"}
 _SEP = "@"  # separates the parts of a semaphore node name; never in a name
 _SEQ_DIGITS = 10  # ZooKeeper appends a 10-digit counter to sequential nodes
 
@@ -340,6 +348,7 @@ class Lease:
         self._path: str | None = None
         self._session: int | None = None
         self._lost = False
+        self._broken = False  # our node was deleted from outside: never delete it again
         self._thread = 0
         self.token: int | None = None
 
@@ -354,10 +363,36 @@ class Lease:
 
     @property
     def lost(self) -> bool:
-        """True once the lock may be held by someone else (sticky)."""
+        """True once the lock may be held by someone else (sticky).
+
+        That is when the session is known to be lost, when the connection has
+        been down for about the session timeout, or when the lock's node was
+        deleted from outside (``python -m zkcelery rm``): the last costs one
+        read per look while the session is sound.
+        """
         if not self._lost and self._path is not None and self._conn is not None:
-            self._lost = self._conn.session_lost_since(self._session)
+            if self._session_lost():
+                self._mark_lost("the ZooKeeper session expired or the connection is down")
+            elif self._conn.broken(self._path, self.token):
+                self._broken = True
+                self._conn._forget(self._path, self)  # let others in this process try it
+                self._mark_lost("its znode was deleted from outside")
         return self._lost
+
+    @property
+    def _kind(self) -> str:
+        return _KIND[self._namespace]
+
+    def _mark_lost(self, why: str) -> None:
+        self._lost = True
+        logger.warning(
+            "task %s[%s]: lost %s %s: %s; another task may hold it now",
+            self._task.name, self._task_id(), self._kind, self.key, why,
+        )  # fmt: skip
+
+    def _session_lost(self) -> bool:
+        assert self._conn is not None
+        return self._conn.session_lost_since(self._session)
 
     @property
     def suspended(self) -> bool:
@@ -382,7 +417,7 @@ class Lease:
         if not self and self._retry:
             logger.info(
                 "task %s[%s]: %s %s is held; retrying",
-                self._task.name, self._task_id(), self._namespace[:-1], self.key,
+                self._task.name, self._task_id(), self._kind, self.key,
             )  # fmt: skip
             raise self._task.retry(**self._retry_options)
         return self
@@ -409,7 +444,7 @@ class Lease:
         if not held:
             logger.debug(
                 "task %s[%s]: %s %s is held elsewhere",
-                self._task.name, self._task_id(), self._namespace[:-1], self.key,
+                self._task.name, self._task_id(), self._kind, self.key,
             )  # fmt: skip
         return held
 
@@ -419,6 +454,8 @@ class Lease:
         if path is None or conn is None:
             return
         self._path = None
+        if self._broken:  # the node at ``path`` may be another holder's now
+            return
         conn.release(self, path)
 
     def wait_for_release(self, seconds: float) -> None:
@@ -556,6 +593,7 @@ class _Settings:
     session_timeout: float
     connect_timeout: float
     auth: tuple[str, str] | None = None
+    protect_reads: bool = False
     ssl: dict = field(default_factory=dict)
 
 
@@ -578,6 +616,7 @@ def _read_settings(app: celery.Celery) -> _Settings:
         session_timeout=_parse_seconds(app, "ZOOKEEPER_SESSION_TIMEOUT", 10.0),
         connect_timeout=_parse_seconds(app, "ZOOKEEPER_CONNECT_TIMEOUT", 5.0),
         auth=auth,
+        protect_reads=_parse_flag(app, "ZOOKEEPER_PROTECT_READS"),
         ssl=_parse_ssl(_setting(app, "ZOOKEEPER_SSL")),
     )
 
@@ -656,6 +695,13 @@ def _parse_auth(value: Any) -> tuple[str, str] | None:
         # Never echo the value: it holds a secret.
         raise ConfigurationError("ZOOKEEPER_AUTH must look like 'digest:user:secret'")
     return scheme, credential
+
+
+def _parse_flag(app: celery.Celery, name: str) -> bool:
+    value = _setting(app, name, False)
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True or False, not {value!r}")
+    return value
 
 
 def _parse_ssl(value: Any) -> dict:
@@ -740,6 +786,10 @@ def _requeue_delay(task_id: Any) -> float:
 # ---------------------------------------------------------------------------
 
 _RECOVERABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError)
+#: A lease is called lost this fraction of the session timeout after the
+#: connection is seen down: a little under the third that is left, at most,
+#: before ZooKeeper may expire the session (see session_lost_since).
+_LOST_AFTER_SUSPENDED = 0.25
 
 
 class _Connection:
@@ -754,6 +804,7 @@ class _Connection:
         self._timeout_error = self.handler.timeout_exception
         self._live = self.handler.event_object()
         self._suspended_at: float | None = None
+        self._lost_after = settings.session_timeout * _LOST_AFTER_SUSPENDED
         self._mutex = threading.Lock()
         self._held: dict[str, Lease] = {}  # path -> lease, for this process
         self._orphans: dict[str, int | None] = {}  # path -> session, to delete on reconnect
@@ -775,15 +826,16 @@ class _Connection:
     def session_lost_since(self, session: int | None) -> bool:
         """Whether a lease taken in ``session`` may now be held by someone else.
 
-        kazoo notices a dead connection up to 2/3 of the session timeout after
-        it broke, and reports LOST only once it reconnects; by then ZooKeeper
-        may long have deleted the node.  Counting a third of the timeout from
+        kazoo notices a silent connection up to 2/3 of the session timeout
+        after it broke (a ping every third, dropped when one goes unanswered),
+        and reports LOST only once it reconnects, when ZooKeeper may long have
+        deleted the node.  Counting _LOST_AFTER_SUSPENDED of the timeout from
         the suspension keeps "lost" within one session timeout of the break.
         """
         if self._live.is_set() and self.session != session:
             return True
         since = self._suspended_at
-        return since is not None and time.monotonic() - since >= self.settings.session_timeout / 3
+        return since is not None and time.monotonic() - since >= self._lost_after
 
     def _on_state(self, state: str) -> None:
         # Runs on kazoo's connection thread: never block here.
@@ -806,7 +858,7 @@ class _Connection:
             self.handler.spawn(self._report_lost)
 
     def _warn_when_lost(self, suspended_at: float) -> None:
-        self.handler.sleep_func(self.settings.session_timeout / 3)
+        self.handler.sleep_func(self._lost_after)
         if self._suspended_at == suspended_at:
             self._report_lost()
 
@@ -814,12 +866,18 @@ class _Connection:
         with self._mutex:
             leases = list(self._held.values())
         for lease in leases:
-            if not lease._lost and lease.lost:
-                logger.warning(
-                    "task %s[%s]: lost %s %s: the ZooKeeper session expired or the connection "
-                    "is down; another task may hold it now",
-                    lease._task.name, lease._task_id(), lease._namespace[:-1], lease.key,
-                )  # fmt: skip
+            if not lease._lost and lease._session_lost():
+                lease._mark_lost("the ZooKeeper session expired or the connection is down")
+
+    def broken(self, path: str, token: int | None) -> bool:
+        """Whether our node at ``path`` was deleted or replaced behind our back."""
+        if not self._live.is_set():
+            return False  # cannot tell; the session's fate decides
+        try:
+            stat = self.call(self.client.exists_async, path)
+        except (ZKCeleryError, KazooException, self._timeout_error):
+            return False
+        return stat is None or stat.czxid != token
 
     def wait_connected(self, deadline: float | None = None) -> None:
         limit = self.settings.connect_timeout
@@ -834,9 +892,18 @@ class _Connection:
     # -- requests ------------------------------------------------------------
 
     def call(
-        self, method: Callable, *args: Any, deadline: float | None = None, **kwargs: Any
+        self,
+        method: Callable,
+        *args: Any,
+        deadline: float | None = None,
+        abandon: Callable | None = None,
+        **kwargs: Any,
     ) -> Any:
-        """One request, waiting for a connection and an answer at most the connect timeout."""
+        """One request, waiting for a connection and an answer at most the connect timeout.
+
+        A request that times out may still be applied later: ``abandon`` is
+        then called with its result, whenever that comes.
+        """
         self.wait_connected(deadline)
         result = method(*args, **kwargs)
         limit = self.settings.connect_timeout
@@ -844,10 +911,32 @@ class _Connection:
             limit = max(0.001, min(limit, deadline - time.monotonic()))
         try:
             return result.get(timeout=limit)
-        except self._timeout_error:
-            raise CoordinationError(
-                f"ZooKeeper did not answer within {self.settings.connect_timeout:.3g} s"
+        except (NoAuthError, AuthFailedError) as exc:
+            raise ZKCeleryError(
+                f"ZooKeeper refused access ({type(exc).__name__}): the znodes under "
+                f"{self.settings.root} belong to another identity; check ZOOKEEPER_AUTH"
             ) from None
+        except _RECOVERABLE as exc:
+            raise _ConnectionLost(f"connection to ZooKeeper lost ({type(exc).__name__})") from exc
+        except self._timeout_error:
+            if abandon is not None:
+                result.rawlink(abandon)
+            raise CoordinationError(f"ZooKeeper did not answer within {limit:.3g} s") from None
+
+    def read(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
+        """A read, asked again on the next connection if the first drops (a leader change)."""
+        deadline = time.monotonic() + self.settings.connect_timeout
+        while True:
+            try:
+                return self.call(method, *args, deadline=deadline, **kwargs)
+            except _ConnectionLost:
+                if time.monotonic() >= deadline:
+                    raise
+
+    def _delete_late(self, result: Any) -> None:
+        # Runs on kazoo's callback thread: send, never wait.
+        if result.successful():
+            self.client.delete_async(result.value[0])
 
     def _ensure_namespaces(self) -> None:
         if self._ready:
@@ -861,17 +950,17 @@ class _Connection:
     def _create(self, path: str, data: bytes, sequence: bool = False) -> tuple[str, ZnodeStat]:
         self._ensure_namespaces()
         try:
-            return self.call(
-                self.client.create_async, path, data,
-                ephemeral=True, sequence=sequence, include_data=True,
-            )  # fmt: skip
+            return self._create_once(path, data, sequence)
         except NoNodeError:  # someone removed a namespace node: make it again
             self._ready = False
             self._ensure_namespaces()
-            return self.call(
-                self.client.create_async, path, data,
-                ephemeral=True, sequence=sequence, include_data=True,
-            )  # fmt: skip
+            return self._create_once(path, data, sequence)
+
+    def _create_once(self, path: str, data: bytes, sequence: bool) -> tuple[str, ZnodeStat]:
+        return self.call(
+            self.client.create_async, path, data, abandon=self._delete_late,
+            ephemeral=True, sequence=sequence, include_data=True,
+        )  # fmt: skip
 
     # -- exclusive: locks and mutexes ----------------------------------------
 
@@ -904,7 +993,7 @@ class _Connection:
         except NodeExistsError:
             self._forget(path, lease)
             return False
-        except _RECOVERABLE as exc:
+        except _ConnectionLost as exc:
             # The create may have been applied before the answer was lost.
             found = self._recover_exclusive(path, session, exc)
             if found is None:
@@ -923,8 +1012,8 @@ class _Connection:
             self.wait_connected()
             if self.session != session:
                 return None  # a new session: whatever we made is gone
-            stat = self.call(self.client.exists_async, path)
-        except (CoordinationError, *_RECOVERABLE) as again:
+            stat = self.read(self.client.exists_async, path)
+        except CoordinationError as again:
             self._orphans[path] = session
             raise CoordinationError(f"connection lost while acquiring: {again}") from exc
         if stat is not None and stat.ephemeralOwner == session:
@@ -941,7 +1030,7 @@ class _Connection:
         event = self.handler.event_object()
         try:
             stat = self.call(self.client.exists_async, path, watch=_setter(event))
-        except _RECOVERABLE:
+        except _ConnectionLost:
             return True  # the connection changed: look again
         if stat is None:
             return True
@@ -964,7 +1053,7 @@ class _Connection:
         session = self.session
         try:
             path, stat = self._create(f"{parent}/{prefix}", data, sequence=True)
-        except _RECOVERABLE as exc:
+        except _ConnectionLost as exc:
             found = self._recover_counted(parent, prefix, session, exc)
             if found is None:
                 return False
@@ -991,7 +1080,7 @@ class _Connection:
     def _rank(self, parent: str, lease: Lease, node: str, max_leases: int, watch: Any) -> int:
         siblings = [
             child
-            for child in self.call(self.client.get_children_async, parent, watch=watch)
+            for child in self.read(self.client.get_children_async, parent, watch=watch)
             if child.rsplit(_SEP, 3)[0] == lease.name
         ]
         others = {int(child.rsplit(_SEP, 3)[1]) for child in siblings} - {max_leases}
@@ -1010,12 +1099,12 @@ class _Connection:
             self.wait_connected()
             if self.session != session:
                 return None
-            for child in self.call(self.client.get_children_async, parent):
+            for child in self.read(self.client.get_children_async, parent):
                 if child.startswith(prefix):
                     path = f"{parent}/{child}"
-                    stat = self.call(self.client.exists_async, path)
+                    stat = self.read(self.client.exists_async, path)
                     return (path, stat) if stat is not None else None
-        except (CoordinationError, *_RECOVERABLE) as again:
+        except CoordinationError as again:
             self._orphans[f"{parent}/{prefix}"] = session
             raise CoordinationError(f"connection lost while acquiring: {again}") from exc
         return None
@@ -1031,7 +1120,7 @@ class _Connection:
             logger.warning(
                 "task %s[%s]: could not release %s %s (%s); ZooKeeper frees it when the "
                 "session ends, or this process deletes it when it reconnects",
-                lease._task.name, lease._task_id(), lease._namespace[:-1], lease.key, exc,
+                lease._task.name, lease._task_id(), lease._kind, lease.key, exc,
             )  # fmt: skip
 
     def _delete_own(self, path: str, token: int | None, session: int | None) -> None:
@@ -1058,9 +1147,12 @@ class _Connection:
                 return
             except NoNodeError:
                 return
-            except _RECOVERABLE:
-                continue
-            except CoordinationError:
+            except _ConnectionLost:
+                if time.monotonic() < deadline:
+                    continue  # ask again on the next connection
+                self._orphans[path] = session
+                raise
+            except CoordinationError:  # no connection in time: delete it on reconnect
                 self._orphans[path] = session
                 raise
 
@@ -1097,14 +1189,14 @@ class _Connection:
     def holders(self, namespace: str, name: str) -> list[tuple[str, dict]]:
         parent = f"{self.settings.root}/{namespace}"
         if namespace == _SEMAPHORES:
-            children = self.call(self.client.get_children_async, parent)
+            children = self.read(self.client.get_children_async, parent)
             paths = [f"{parent}/{c}" for c in children if c.rsplit(_SEP, 3)[0] == name]
         else:
             paths = [f"{parent}/{name}"]
         found = []
         for path in paths:
             try:
-                data, _ = self.call(self.client.get_async, path)
+                data, _ = self.read(self.client.get_async, path)
             except NoNodeError:
                 continue
             found.append((path, json.loads(data or b"{}")))
@@ -1134,8 +1226,13 @@ def _make_client(settings: _Settings) -> KazooClient:
         scheme, credential = settings.auth
         options["auth_data"] = [(scheme, credential)]
         if scheme == "digest":
+            # Only this identity may change or delete what zkcelery creates;
+            # others may read (list holders) unless reads are protected too.
             user, password = credential.split(":", 1)
-            options["default_acl"] = [make_digest_acl(user, password, all=True)]
+            acl = [make_digest_acl(user, password, all=True)]
+            if not settings.protect_reads:
+                acl.append(make_acl("world", "anyone", read=True))
+            options["default_acl"] = acl
     return KazooClient(
         hosts=settings.hosts,
         timeout=settings.session_timeout,
@@ -1201,3 +1298,156 @@ def _close_all(**_: Any) -> None:
 os.register_at_fork(after_in_child=_forget_inherited)
 signals.worker_process_shutdown.connect(_close_all, weak=False)
 signals.worker_shutdown.connect(_close_all, weak=False)
+
+
+# ---------------------------------------------------------------------------
+# Command line: python -m zkcelery, or celery -A proj zk
+# ---------------------------------------------------------------------------
+
+
+@click.group(name="zk", help="See and break zkcelery's locks; check the ZooKeeper ensemble.")
+@click.option(
+    "-A", "--app", "app_name", help="The Celery app whose settings to use (as celery -A)."
+)
+@click.option("--hosts", help="ZooKeeper hosts, instead of the app's ZOOKEEPER_HOSTS.")
+@click.option("--root", help="The root znode, instead of the app's ZOOKEEPER_ROOT.")
+@click.pass_context
+def zk_command(
+    ctx: click.Context, app_name: str | None, hosts: str | None, root: str | None
+) -> None:
+    app = getattr(ctx.obj, "app", None)  # given by `celery -A proj zk`
+    if app_name:
+        from celery.app.utils import find_app
+
+        app = find_app(app_name)
+    if app is None:
+        app = celery.Celery("zkcelery", set_as_current=False)
+    if hosts:
+        app.conf.ZOOKEEPER_HOSTS = hosts
+    if root:
+        app.conf.ZOOKEEPER_ROOT = root
+    ctx.obj = app
+
+
+@zk_command.command(name="ls", help="List every held lock, semaphore and mutex.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+@click.pass_obj
+def _ls_command(app: celery.Celery, as_json: bool) -> None:
+    rows = _listing(_connection(app))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no locks are held")
+        return
+    click.echo(f"{'KIND':9} {'STATE':7} {'AGE':>8}  {'HOLDER':42} {'HOST':16} {'PID':>7}  KEY")
+    for row in rows:
+        holder = f"{row['task']}[{row['task_id']}]"
+        click.echo(
+            f"{row['kind']:9} {row['state']:7} {row['age']:>7.1f}s  {holder:42.42} "
+            f"{row['host']:16.16} {row['pid']!s:>7}  {row['key']}"
+        )
+
+
+@zk_command.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
+@click.argument("key")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def _rm_command(app: celery.Celery, key: str, yes: bool) -> None:
+    conn = _connection(app)
+    rows = [row for row in _listing(conn) if key in (row["key"], row["node"])]
+    if not rows:
+        raise click.ClickException(f"no lock, semaphore or mutex has the key {key!r}")
+    for row in rows:
+        click.echo(f"{row['kind']} {row['key']}: held by {row['task']}[{row['task_id']}] "
+                   f"on {row['host']} pid {row['pid']} for {row['age']:.1f}s")  # fmt: skip
+    if not yes:
+        click.confirm("Break it? The holder, if alive, sees lease.lost", abort=True)
+    for row in rows:
+        with contextlib.suppress(NoNodeError):
+            conn.call(conn.client.delete_async, row["path"])
+        click.echo(f"broke {row['kind']} {row['key']} held by {row['task']}[{row['task_id']}]")
+
+
+@zk_command.command(
+    name="check", help="Report each server's mode and round trip; exit 1 without quorum."
+)
+@click.pass_obj
+def _check_command(app: celery.Celery) -> None:
+    settings = _read_settings(app)
+    servers = settings.hosts.split(",")
+    serving = 0
+    for server in servers:
+        mode, took = _server_mode(server, settings.connect_timeout)
+        serving += mode in ("leader", "follower", "standalone")
+        click.echo(f"{server:24} {mode:12} {took * 1000:7.1f} ms")
+    quorum = serving > len(servers) // 2
+    click.echo(
+        f"{serving} of {len(servers)} servers serving: {'quorum' if quorum else 'NO QUORUM'}"
+    )
+    if quorum:
+        conn = _connection(app)
+        started = time.monotonic()
+        conn.call(conn.client.exists_async, "/")
+        click.echo(f"session round trip {(time.monotonic() - started) * 1000:.1f} ms")
+    else:
+        sys.exit(1)
+
+
+def _listing(conn: _Connection) -> list[dict]:
+    """Every node under the root, with its holder's metadata, age and state."""
+    rows = []
+    now = time.time()
+    for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES):
+        parent = f"{conn.settings.root}/{namespace}"
+        try:
+            children = conn.call(conn.client.get_children_async, parent)
+        except NoNodeError:
+            continue
+        ranks: dict[str, list[str]] = {}
+        for child in children:
+            ranks.setdefault(child.rsplit(_SEP, 3)[0], []).append(child)
+        for child in children:
+            try:
+                data, stat = conn.call(conn.client.get_async, f"{parent}/{child}")
+            except NoNodeError:
+                continue
+            meta = json.loads(data or b"{}")
+            state = "held"
+            if namespace == _SEMAPHORES:
+                name, limit, _, _ = child.rsplit(_SEP, 3)
+                order = sorted(ranks[name], key=lambda c: c[-_SEQ_DIGITS:])
+                state = "held" if order.index(child) < int(limit) else "waiting"
+            rows.append({
+                "kind": _KIND[namespace], "state": state, "key": meta.get("key", child),
+                "node": child, "path": f"{parent}/{child}", "task": meta.get("task"),
+                "task_id": meta.get("task_id"), "host": meta.get("host"),
+                "pid": meta.get("pid"), "age": round(now - stat.ctime / 1000, 3),
+            })  # fmt: skip
+    return rows
+
+
+def _server_mode(server: str, timeout: float) -> tuple[str, float]:
+    """One server's mode (leader, follower...) from its ``srvr`` command, and the time taken."""
+    host, _, port = server.rpartition(":")
+    started = time.monotonic()
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            sock.sendall(b"srvr")
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+    except OSError as exc:
+        return f"down ({exc.strerror or exc})", time.monotonic() - started
+    took = time.monotonic() - started
+    match = re.search(rb"Mode: (\S+)", answer)
+    return (match.group(1).decode() if match else "not serving"), took
+
+
+def main() -> None:
+    """``python -m zkcelery``."""
+    zk_command(prog_name="python -m zkcelery")
+
+
+if __name__ == "__main__":
+    main()
