@@ -17,8 +17,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +30,8 @@ from typing import Any, Callable
 import pytest
 from celery import Celery
 from kazoo.client import KazooClient
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
 
 import zkcelery
 
@@ -146,6 +150,8 @@ def zk_root(request: pytest.FixtureRequest, zk: KazooClient) -> Iterator[str]:
     root = f"/zkcelery-tests/{name}-{uuid.uuid4().hex[:8]}"
     yield root
     with contextlib.suppress(Exception):
+        zk.add_auth("digest", "worker:s3cret")  # the identity the auth tests use
+    with contextlib.suppress(Exception):
         zk.delete(root, recursive=True)
 
 
@@ -154,6 +160,74 @@ def count_znodes(client: KazooClient, path: str) -> int:
     if client.exists(path) is None:
         return 0
     return 1 + sum(count_znodes(client, f"{path}/{c}") for c in client.get_children(path))
+
+
+class Partition:
+    """A TCP proxy to one ZooKeeper server whose link can be cut like a network partition.
+
+    ``cut()`` blackholes every connection (nothing is forwarded, nothing is closed,
+    new connections hang), as a dead switch would; ``heal()`` forwards again.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.closed = False
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        self.flowing.clear()
+
+    def heal(self) -> None:
+        self.flowing.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.flowing.set()
+        for sock in [self.listener, *self.sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.flowing.wait()
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while not self.closed:
+                data = source.recv(65536)
+                self.flowing.wait()  # while cut, hold what arrived: a blackhole
+                if not data or self.closed:
+                    break
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+@pytest.fixture
+def partition(zk_hosts: str) -> Iterator[Partition]:
+    """A cuttable link to the ensemble's first server."""
+    host, port = zk_hosts.split(",")[0].rsplit(":", 1)
+    proxy = Partition((host, int(port)))
+    yield proxy
+    proxy.close()
 
 
 # ---------------------------------------------------------------------------
@@ -270,6 +344,28 @@ def record_body(key: Any, hold: float = 0.0, **extra: Any) -> None:
             f.write(line + "\n")
 
 
+class _AtomicFilesystemChannel(filesystem.Channel):
+    """kombu's filesystem channel, publishing each message atomically.
+
+    kombu creates the message file and only then writes it; a consumer that
+    moves the file away in between (its lock does not stop a rename) reads it
+    empty or half-written, and the message is lost.  Seen here: a retried
+    task vanished once in a few hundred.  Writing a hidden file that consumers
+    skip, then renaming it into place, closes the window.
+    """
+
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        name = f"{int(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        hidden = os.path.join(self.data_folder_out, f".{name}.part")
+        with open(hidden, "wb") as f:
+            f.write(dumps(payload).encode())
+        os.rename(hidden, os.path.join(self.data_folder_out, name))
+
+
+class AtomicFilesystemTransport(filesystem.Transport):
+    Channel = _AtomicFilesystemChannel
+
+
 def broker_settings(folder: Path) -> dict[str, Any]:
     """The app settings for a broker and results that work across processes."""
     url = os.environ.get("CELERY_BROKER_URL")
@@ -281,9 +377,11 @@ def broker_settings(folder: Path) -> dict[str, Any]:
         settings["broker_url"] = url
     else:
         settings["broker_url"] = "filesystem://"
+        settings["broker_transport"] = "conftest:AtomicFilesystemTransport"
         settings["broker_transport_options"] = {
             "data_folder_in": str(queue),
             "data_folder_out": str(queue),
+            "control_folder": str(folder / "control"),
             "polling_interval": 0.05,
         }
     return settings

@@ -7,8 +7,12 @@ body in an enter/exit record that does not depend on zkcelery.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,6 +30,7 @@ from kazoo.client import KazooClient
 
 import zkcelery
 from conftest import (
+    CONNECT_TIMEOUT,
     Workers,
     count_znodes,
     record_body,
@@ -84,6 +89,40 @@ def retry_quickly(self, key):
 @app.task(base=zkcelery.MutexTask, bind=True, max_retries=60, default_retry_delay=0.5)
 def patient_mutex(self, data):
     do_work(data)
+
+
+# The soak: every kind of guard, retried (never dropped) while ZooKeeper is away.
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), max_retries=500)
+def soak_mutex(self, key, hold=0.003):
+    record_body(f"mutex:{key}", hold)
+
+
+@app.task(base=zkcelery.LockTask, bind=True, max_retries=500)
+def soak_lock(self, key, hold=0.003):
+    with self.lock(key, retry=True, countdown=0.05):
+        record_body(f"lock:{key}", hold)
+
+
+@app.task(base=zkcelery.LockTask, bind=True, max_retries=500)
+def soak_semaphore(self, key, hold=0.003):
+    with self.semaphore(key, max_leases=2, retry=True, countdown=0.05):
+        record_body(f"sem:{key}", hold)
+
+
+@app.task(base=zkcelery.LockTask, bind=True, acks_late=True, reject_on_worker_lost=True)
+def killable(self, key, marker):
+    with self.lock(key, blocking=True):
+        record_body(key, 0.0 if Path(marker).exists() else 60.0)
+
+
+_leaked: list = []
+
+
+@app.task(base=zkcelery.LockTask, bind=True)
+def leak_lock(self, key):
+    lease = self.lock(key).__enter__()  # never released: only the session's end frees it
+    _leaked.append(lease)
+    return bool(lease)
 
 
 # ---------------------------------------------------------------------------
@@ -809,3 +848,353 @@ def test_a_mutex_task_submitted_while_the_ensemble_is_down_runs_once_it_is_back(
     restore_ensemble.start()
     assert result.get(timeout=60) is None
     assert [e["key"] for e in workers.record.entries()] == ["down"]
+
+
+# ===========================================================================
+# Faults (SPEC 7): nothing overlaps, nothing is lost
+# ===========================================================================
+
+SOAK_KEYS = 20
+
+
+def _send_soak(workers: Workers, count: int) -> list:
+    # Runs of 15 consecutive tasks (5 of each kind) share a key, so that every
+    # key is contended; over the soak, the keys go round all SOAK_KEYS.
+    kinds = ("soak_mutex", "soak_lock", "soak_semaphore")
+    return [workers.send(kinds[i % 3], f"k{(i // 15) % SOAK_KEYS}") for i in range(count)]
+
+
+def _await_all(results: list, timeout: float) -> None:
+    pending, deadline = list(results), time.monotonic() + timeout
+    while pending:
+        pending = [r for r in pending if not r.ready()]
+        if pending and time.monotonic() > deadline:
+            states = {r.state for r in pending}
+            raise AssertionError(f"{len(pending)} tasks never finished (states {states})")
+        time.sleep(0.2)
+
+
+def _assert_soak_invariants(workers: Workers, results: list) -> dict:
+    """No overlap, at most 2 semaphore holders, every task final and run once."""
+    entries = workers.record.entries()
+    assert (
+        workers.record.overlaps() == []
+        or [pair for pair in workers.record.overlaps() if not pair[0]["key"].startswith("sem:")]
+        == []
+    )
+    for k in range(SOAK_KEYS):
+        assert workers.record.max_concurrent(f"sem:k{k}") <= 2
+    states: dict[str, int] = {}
+    for i, r in enumerate(results):
+        states[r.state] = states.get(r.state, 0) + 1
+        if r.state == "FAILURE":  # only a mutex (every third task) may end so: rejected
+            assert i % 3 == 0 and "is held" in str(r.result), (i, r.result)
+    assert set(states) <= {"SUCCESS", "FAILURE"}, states
+    ran = {kind: sum(e["key"].startswith(kind) for e in entries) for kind in ("lock", "sem")}
+    assert ran == {"lock": len(results[1::3]), "sem": len(results[2::3])}  # each exactly once
+    mutex_ok = sum(r.state == "SUCCESS" for r in results[0::3])
+    assert sum(e["key"].startswith("mutex") for e in entries) == mutex_ok
+    return {"tasks": len(results), "bodies": len(entries), **states}
+
+
+def _largest_gap(workers: Workers, start: float, end: float) -> float:
+    """The longest stretch without any body entering, within [start, end]."""
+    enters = [start] + [e["enter"] for e in workers.record.entries() if start <= e["enter"] <= end]
+    return max((b - a for a, b in zip(enters, enters[1:])), default=0.0)
+
+
+def _report(capsys: Any, line: str) -> None:
+    with capsys.disabled():
+        print(f"\n  FIGURES {line}")
+
+
+def _soak_workers(workers: Workers) -> list:
+    started = [workers.start(concurrency=2, wait=False), workers.start(concurrency=2, wait=False)]
+    started.append(workers.start(pool="threads", concurrency=4, wait=False))
+    for worker in started:
+        worker.wait_ready()
+    return started
+
+
+@pytest.mark.slow
+def test_soak_of_2000_tasks_on_three_workers_never_overlaps_and_loses_nothing(workers, capsys):
+    _soak_workers(workers)
+    started = time.monotonic()
+    results = _send_soak(workers, 2000)
+    _await_all(results, 240)
+    figures = _assert_soak_invariants(workers, results)
+    _report(capsys, f"soak: {figures}, {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.slow
+def test_the_leader_dying_mid_soak_breaks_no_invariant(workers, restore_ensemble, capsys):
+    _soak_workers(workers)
+    results = _send_soak(workers, 600)
+    wait_for(lambda: len(workers.record.entries()) > 100, 60, "the soak to get going")
+    leader = restore_ensemble.leader()
+    killed = time.monotonic()
+    restore_ensemble.kill_server(leader)
+    wait_for(lambda: _entered_since(workers, killed), 60, "a body to run after the kill")
+    resumed = time.monotonic()
+    restore_ensemble.start_server(leader)
+    _await_all(results, 180)
+    figures = _assert_soak_invariants(workers, results)
+    stall = _largest_gap(workers, killed, resumed + 1)
+    _report(capsys, f"leader killed: {figures}, longest stall {stall:.2f} s")
+
+
+def _entered_since(workers: Workers, moment: float) -> bool:
+    return any(e["enter"] > moment for e in workers.record.entries())
+
+
+@pytest.mark.slow
+def test_the_whole_ensemble_down_for_10_s_mid_soak_loses_nothing(workers, restore_ensemble, capsys):
+    started = _soak_workers(workers)
+    pids = [w.pid for w in started]
+    results = _send_soak(workers, 600)
+    wait_for(lambda: len(workers.record.entries()) > 100, 60, "the soak to get going")
+    restore_ensemble.stop()
+    down = time.monotonic()
+    time.sleep(10)  # the fault itself lasts ten seconds: this is its duration, not a wait
+    restore_ensemble.start()
+    up = time.monotonic()
+    wait_for(lambda: _entered_since(workers, up), 60, "a body to run after the ensemble is back")
+    recovered = min(e["enter"] for e in workers.record.entries() if e["enter"] > up) - up
+    _await_all(results, 240)
+    figures = _assert_soak_invariants(workers, results)
+    assert not _entered_since(workers, down + 0.5) or recovered >= 0  # nothing ran while down
+    assert [w.proc.poll() for w in started] == [None] * 3 and [w.pid for w in started] == pids
+    _report(
+        capsys, f"ensemble down 10 s: {figures}, first body {recovered:.2f} s after it was back"
+    )
+
+
+def test_a_partition_past_the_session_timeout_marks_the_lease_lost_in_time(
+    make_app, partition, caplog
+):
+    cut_off = make_app(ZOOKEEPER_HOSTS=partition.address)
+    other = make_app()
+    holder, rival = _lock_task_on(cut_off), _lock_task_on(other)
+    lease = holder.lock("p").__enter__()
+    assert lease and not lease.lost
+    partition.cut()
+    cut = time.monotonic()
+    with caplog.at_level("WARNING", logger="zkcelery"):
+        wait_for(lambda: lease.lost, 10, "the lease to be lost")
+        lost_after = time.monotonic() - cut
+        wait_for(lambda: "lost lock" in caplog.text, 5, "the warning")
+    # No later than the session timeout after the cut (a quarter second of
+    # slack for a shared machine's scheduling), and without any reconnect.
+    assert lost_after <= 2.0 + 0.25, lost_after
+    assert lease.suspended
+    with rival.lock("p", blocking=True, timeout=10) as taken:
+        assert taken  # ZooKeeper expired the session: the lock is free for another
+        started = time.monotonic()
+        lease.__exit__(None, None, None)  # the cut-off holder's release: no error, no hang
+        assert time.monotonic() - started <= CONNECT_TIMEOUT + 0.5
+        assert taken.holders()[0]["pid"] == os.getpid() and len(taken.holders()) == 1
+    partition.heal()
+
+
+def _lock_task_on(app) -> Any:
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.lock")
+    def task(self):
+        pass
+
+    return task
+
+
+def test_a_release_while_the_connection_is_cut_returns_within_the_connect_timeout(
+    make_app, partition, zk, zk_root
+):
+    holder = _lock_task_on(make_app(ZOOKEEPER_HOSTS=partition.address))
+    lease = holder.lock("r").__enter__()
+    partition.cut()
+    started = time.monotonic()
+    lease.__exit__(None, None, None)
+    assert time.monotonic() - started <= CONNECT_TIMEOUT + 0.5
+    partition.heal()
+    # Healed within the session timeout, the same session comes back and the
+    # release it could not send is done then: the lock does not stay stuck.
+    wait_for(lambda: zk.exists(lease._node_path()) is None, 10, "the orphan to be deleted")
+
+
+def test_an_acquire_cut_off_midway_leaves_no_stuck_lock(make_app, partition, zk):
+    holder = _lock_task_on(make_app(ZOOKEEPER_HOSTS=partition.address))
+    _held_now(holder, "warm")  # connected
+    partition.cut()
+    lease = holder.lock("o")
+    with pytest.raises(zkcelery.CoordinationError):
+        lease.__enter__()
+    partition.heal()
+    rival = _lock_task_on(make_app())
+    with rival.lock("o", blocking=True, timeout=10) as taken:
+        assert taken  # whatever the lost create did, it does not hold the lock
+
+
+def test_a_session_expired_while_holding_turns_the_lease_lost_and_release_is_quiet(
+    make_app, zk_hosts, caplog
+):
+    app = make_app()
+    task = _lock_task_on(app)
+    lease = task.lock("x").__enter__()
+    conn = zkcelery._connection(app)
+    session_id, password = conn.client.client_id
+    # Expire it for real: another client attaches to the session and closes it.
+    thief = KazooClient(hosts=zk_hosts, client_id=(session_id, password))
+    thief.start(timeout=10)
+    thief.stop()
+    with caplog.at_level("WARNING", logger="zkcelery"):
+        wait_for(lambda: lease.lost, 15, "the lease to be lost")
+        wait_for(lambda: "lost lock" in caplog.text, 5, "the warning")
+    rival = _lock_task_on(make_app())
+    with rival.lock("x") as taken:
+        assert taken
+        lease.__exit__(None, None, None)  # quiet, and does not delete the rival's node
+        assert len(taken.holders()) == 1
+    assert _held_now(task, "x")  # the next acquire works on the new session
+
+
+@pytest.mark.slow
+def test_a_sigkilled_prefork_child_frees_its_lock_and_the_task_runs_again(workers, zk, zk_root):
+    workers.start(concurrency=2)
+    marker = workers.tmp / "killed-once"
+    result = workers.send("killable", "kill", str(marker))
+    path = node_path(zk_root, "locks", "test_zkcelery.killable", "kill")
+    wait_for(lambda: zk.exists(path), 30, "the task to take its lock")
+    data, stat = zk.get(path)
+    marker.touch()
+    os.kill(json.loads(data)["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: _replaced_or_gone(zk, path, stat), 10, "the lock to be freed")
+    assert time.monotonic() - killed <= 2.0 + 2.0  # the session timeout, plus 2 s
+    assert result.get(timeout=30) is None  # redelivered (acks_late) and completed
+    assert [e["key"] for e in workers.record.entries()] == ["kill"]
+
+
+def _replaced_or_gone(zk: KazooClient, path: str, stat: Any) -> bool:
+    now = zk.exists(path)
+    return now is None or now.czxid != stat.czxid
+
+
+def test_graceful_worker_shutdown_frees_its_locks_at_once(workers, zk, zk_root):
+    worker = workers.start(concurrency=2, ZKCELERY_TEST_SESSION="30")
+    assert workers.send("leak_lock", "left").get(timeout=30) is True
+    path = node_path(zk_root, "locks", "test_zkcelery.leak_lock", "left")
+    assert zk.exists(path) is not None  # held, by a 30 s session
+    worker.stop()
+    exited = time.monotonic()
+    wait_for(lambda: zk.exists(path) is None, 1.0, "the node to go with the session")
+    assert time.monotonic() - exited <= 1.0
+
+
+# ===========================================================================
+# Bad input
+# ===========================================================================
+
+_ODD_VALUES = ["/", ".", "..", "\0", "a\0b", "\U0001f512", "", " ", "x" * 1_000_000,
+               [["nested"], {"k": [1, None]}], b"\xff/", None, 1.0, 1, True, -0.0, 0.0]  # fmt: skip
+
+
+def test_odd_refining_values_each_get_their_own_lock_and_none_corrupts_another(lock_task, zk):
+    leases = [lock_task.lock(v).__enter__() for v in _ODD_VALUES]
+    try:
+        assert all(leases)
+        assert len({lease._path for lease in leases}) == len(_ODD_VALUES)
+        for lease in leases:
+            assert zk.exists(lease._path) is not None
+    finally:
+        for lease in leases:
+            lease.__exit__(None, None, None)
+
+
+# ===========================================================================
+# Operations: python -m zkcelery (SPEC 9) and ZOOKEEPER_AUTH
+# ===========================================================================
+
+
+def _zk_cli(zk_hosts: str, zk_root: str, *args: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "zkcelery", "--hosts", zk_hosts, "--root", zk_root, *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_ls_lists_held_locks_semaphores_and_mutexes_with_their_holders(
+    workers: Workers, zk, zk_root, zk_hosts
+):
+    workers.start(concurrency=3)
+    for name, args in (("hold_lock", ("L", 30.0)), ("hold_semaphore", ("S", 2, 30.0)),
+                       ("patient_mutex", ({"key": "M", "hold": 30.0},))):  # fmt: skip
+        workers.send(name, *args)
+    listed = lambda: json.loads(_zk_cli(zk_hosts, zk_root, "ls", "--json").stdout or "[]")  # noqa: E731
+    rows = wait_for(lambda: len(listed()) == 3 and listed(), 30, "three holders")
+    assert sorted(row["kind"] for row in rows) == ["lock", "mutex", "semaphore"]
+    assert {row["key"] for row in rows} == {
+        "test_zkcelery.hold_lock('L')",
+        "test_zkcelery.hold_semaphore('S')",
+        "test_zkcelery.patient_mutex()",  # no mutex_keys: the task's arguments never show
+    }
+    assert all(row["task_id"] and row["host"] and row["pid"] and row["age"] >= 0 for row in rows)
+    table = _zk_cli(zk_hosts, zk_root, "ls").stdout
+    assert "test_zkcelery.hold_lock('L')" in table and "HOLDER" in table
+
+
+def test_rm_breaks_one_lock_after_confirmation_and_the_holder_sees_it_lost(
+    lock_task, zk_hosts, zk_root, caplog
+):
+    lease = lock_task.lock("srv").__enter__()
+    kept = lock_task.lock("other").__enter__()
+    refused = subprocess.run(
+        [sys.executable, "-m", "zkcelery", "--hosts", zk_hosts, "--root", zk_root,
+         "rm", "t.lock('srv')"],
+        input="n\n", capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and not lease.lost
+    done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('srv')", "--yes")
+    assert done.returncode == 0 and f"pid {os.getpid()}" in done.stdout
+    with caplog.at_level("WARNING", logger="zkcelery"):
+        assert lease.lost and not kept.lost
+    assert "deleted from outside" in caplog.text
+    rival = _lock_task_on(lock_task.app)
+    with rival.lock("srv") as taken:
+        assert taken
+        lease.__exit__(None, None, None)  # the broken holder's release spares the new holder
+        assert len(taken.holders()) == 1
+    kept.__exit__(None, None, None)
+
+
+def test_check_reports_each_servers_mode_and_fails_without_quorum(zk_hosts, zk_root):
+    report = _zk_cli(zk_hosts, zk_root, "check")
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.count("leader") == 1 and report.stdout.count("follower") == 2
+    assert "quorum" in report.stdout and "round trip" in report.stdout
+    dead = _zk_cli("127.0.0.1:1,127.0.0.1:2,127.0.0.1:3", zk_root, "check")
+    assert dead.returncode == 1 and "NO QUORUM" in dead.stdout
+
+
+def test_with_auth_only_the_holder_may_delete_or_take_over_a_lock(make_app, zk, zk_root):
+    from kazoo.exceptions import NoAuthError
+
+    app = make_app(ZOOKEEPER_AUTH="digest:worker:s3cret")
+    lease = _lock_task_on(app).lock("a").__enter__()
+    with pytest.raises(NoAuthError):
+        zk.delete(lease._path)  # a client without the credentials
+    with pytest.raises(NoAuthError):
+        zk.create(f"{zk_root}/locks/intruder", ephemeral=True)
+    assert json.loads(zk.get(lease._path)[0])["key"] == "t.lock('a')"  # reads stay open
+    assert "s3cret" not in zk.get(lease._path)[0].decode()
+    stranger = _lock_task_on(make_app(ZOOKEEPER_AUTH="digest:other:pw"))
+    with pytest.raises(zkcelery.ZKCeleryError, match="ZOOKEEPER_AUTH") as refused:
+        stranger.lock("b").__enter__()
+    assert "s3cret" not in str(refused.value) and "pw" not in str(refused.value).split("(")[0]
+    lease.__exit__(None, None, None)
+    assert zk.exists(lease._node_path()) is None  # the holder still can
+
+
+def test_with_protected_reads_others_cannot_read_holder_metadata(make_app, zk):
+    from kazoo.exceptions import NoAuthError
+
+    app = make_app(ZOOKEEPER_AUTH="digest:worker:s3cret", ZOOKEEPER_PROTECT_READS=True)
+    with _lock_task_on(app).lock("a") as lease:
+        with pytest.raises(NoAuthError):
+            zk.get(lease._path)
+        assert lease.holders()[0]["key"] == "t.lock('a')"  # the holder still can
