@@ -420,6 +420,13 @@ def test_a_second_holder_gets_a_falsy_lease(app, lock_task):
     assert _held_now(lock_task, "k")
 
 
+def test_a_first_lock_on_a_new_connection_logs_no_warning(lock_task, caplog):
+    with caplog.at_level("WARNING", logger="zkcelery"):
+        for _ in range(3):
+            assert _held_now(lock_task, "first")
+    assert caplog.records == []
+
+
 def test_different_refining_values_are_independent(lock_task):
     with _held(lock_task, "a") as a, _held(lock_task, "b") as b:
         assert a and b

@@ -866,7 +866,7 @@ class _Connection:
         with self._mutex:
             leases = list(self._held.values())
         for lease in leases:
-            if not lease._lost and lease._session_lost():
+            if lease and not lease._lost and lease._session_lost():  # granted ones only
                 lease._mark_lost("the ZooKeeper session expired or the connection is down")
 
     def broken(self, path: str, token: int | None) -> bool:
