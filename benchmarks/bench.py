@@ -1,0 +1,1324 @@
+#!/usr/bin/env python3
+"""Benchmark of zkcelery's locks against the floor, kazoo's recipes and the alternatives.
+
+Run it against a running ensemble (``./zk-test.sh``)::
+
+    python benchmarks/bench.py [--hosts H] [--quick] [--markdown] [--json PATH]
+
+What is measured, each as the time of one whole cycle on one client:
+
+1. the floor: a bare ephemeral create + delete (two quorum writes: what any ZooKeeper
+   lock must pay), and one ``exists()`` (a read round trip, for scale);
+2. zkcelery's ``with task.lock(key): pass``, uncontended, on a reused and on a fresh key;
+3. kazoo's ``Lock(...).acquire(blocking=False)`` + ``release()``, a new ``Lock`` each cycle;
+4. connect-per-call: a new ``KazooClient`` per lock (start, lock, stop, close), the design of
+   the original ZooKeeper helper for Celery (fewer cycles: each one opens a session);
+5. a failed try-lock on a lock another session holds, zkcelery and kazoo;
+6. ``task.semaphore(max_leases=2)`` and kazoo's ``Semaphore(max_leases=2)``;
+7. ``task.apply()`` of an empty task with and without ``base=zkcelery.MutexTask``;
+8. the blocking handoff: from just before the holder's release to the return of a waiter
+   blocked in another process (``time.monotonic``, one clock for the whole machine);
+9. throughput: 1, 2 and 4 processes locking distinct keys, aggregate cycles per second;
+10. a Redis ``SET NX PX`` + ``DEL`` cycle (celery-once's and celery-singleton's lock), when
+    ``redis-server`` is installed; and the peak RSS of a process using zkcelery.
+
+Why ratios: write latency is dominated by fsync on the servers' disks and drifts 2-3x
+between runs on a shared machine, so absolute times say little.  The contenders run
+round-robin (a batch of each in turn, repeated, the order rotating every round) so that
+drift hits all alike, and the targets are ratios between contenders of the same run.
+
+Why request counts: they do not depend on the machine at all.  They are read from the
+server's own counter (``srvr``'s ``Received``) around a burst of cycles, with the measured
+client alone on its server; requests act as heartbeats, so a busy client sends no pings,
+and the one packet of the ``srvr`` probe itself is calibrated away.
+
+Where the clients are: measured (timed) clients on the first server of ``--hosts``,
+holders of the "held" locks and the blocked waiters of the handoff on the second, and the
+request-counting clients, one at a time, alone on the third (in a child process); the
+throughput processes of both contenders spread over the servers alike.  Children are
+spawned, never forked from a process that has a client.  Every run uses a fresh root
+``/zkcelery-bench/<id>`` and deletes it at the end.
+
+Peak RSS is read in fresh interpreters from ``/proc/self/status`` ``VmHWM``: Linux keeps
+``ru_maxrss`` across ``execve``, so a child of this process would report this process's size.
+
+Hosts: ``--hosts``, else ``$ZK_TEST_HOSTS``, else ``.zk-test/hosts`` beside this repository's
+``zk-test.sh`` (or in ``$ZK_TEST_DIR``), else ``127.0.0.1:2181,127.0.0.1:2182,127.0.0.1:2183``.
+``--quick`` runs a few cycles of everything (CI) and asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+# The repository's zkcelery.py, not a copy installed elsewhere.
+sys.path.insert(0, str(REPO))
+
+from celery import Celery, signals  # noqa: E402
+from kazoo.client import KazooClient  # noqa: E402
+from kazoo.exceptions import KazooException, NoNodeError, NotEmptyError  # noqa: E402
+from kazoo.recipe.lock import Lock, Semaphore  # noqa: E402
+
+import zkcelery  # noqa: E402
+
+DEFAULT_HOSTS = "127.0.0.1:2181,127.0.0.1:2182,127.0.0.1:2183"
+DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
+ROOT_PARENT = "/zkcelery-bench"
+LOCKER, MUTEX, PLAIN = "bench.locker", "bench.mutex", "bench.plain"
+SPAWN = mp.get_context("spawn")
+REPLY_TIMEOUT = 60.0  # seconds a child may take to answer before the run fails
+
+Cycle = Callable[[], object]
+
+
+# ---------------------------------------------------------------------------
+# Plan and layout
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many cycles of what: the full run and ``--quick``."""
+
+    quick: bool
+    cycles: int  # timed cycles per contender
+    batch: int  # cycles per contender per round
+    connect_cycles: int  # connect-per-call is slow: fewer
+    count_cycles: int  # the burst over which requests are counted
+    handoff_cycles: int
+    handoff_batch: int
+    warmup: int
+    throughput_seconds: float  # per point and round
+    throughput_rounds: int
+
+
+FULL = Plan(False, 500, 25, 100, 200, 100, 10, 10, 0.5, 6)
+QUICK = Plan(True, 20, 5, 5, 20, 5, 1, 2, 0.3, 1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which server each kind of client uses (see the module docstring)."""
+
+    entries: tuple[str, ...]
+    chroot: str
+
+    def entry(self, index: int) -> str:
+        return self.entries[index % len(self.entries)]
+
+    def hosts(self, entry: str) -> str:
+        return entry + self.chroot
+
+    @property
+    def timing(self) -> str:
+        return self.entry(0)
+
+    @property
+    def other(self) -> str:
+        return self.entry(1)
+
+    @property
+    def count(self) -> str:
+        return self.entry(2)
+
+    @property
+    def count_alone(self) -> bool:
+        return self.count not in (self.timing, self.other)
+
+
+def parse_layout(hosts: str) -> Layout:
+    text, chroot = hosts.strip(), ""
+    if "/" in text:
+        text, chroot = text[: text.index("/")], text[text.index("/") :]
+    entries = tuple(entry.strip() for entry in text.split(",") if entry.strip())
+    if not entries:
+        raise SystemExit(f"bench: no host in {hosts!r}")
+    return Layout(entries, chroot)
+
+
+def default_hosts() -> str:
+    """``$ZK_TEST_HOSTS``, else what ``zk-test.sh`` left in ``.zk-test/hosts``, else 2181-2183."""
+    if os.environ.get("ZK_TEST_HOSTS"):
+        return os.environ["ZK_TEST_HOSTS"]
+    state = Path(os.environ.get("ZK_TEST_DIR", REPO / ".zk-test")) / "hosts"
+    if state.exists() and state.read_text().strip():
+        return state.read_text().strip()
+    return DEFAULT_HOSTS
+
+
+# ---------------------------------------------------------------------------
+# Four-letter words: the server's own counters
+# ---------------------------------------------------------------------------
+
+
+def split_entry(entry: str) -> tuple[str, int]:
+    if entry.startswith("[") and entry.endswith("]"):
+        return entry[1:-1], 2181
+    host, sep, port = entry.rpartition(":")
+    if not sep or host.endswith(":"):
+        return entry.strip("[]"), 2181
+    return host.strip("[]"), int(port)
+
+
+def four_letter(entry: str, word: str, timeout: float = 5.0) -> str:
+    with socket.create_connection(split_entry(entry), timeout=timeout) as sock:
+        sock.sendall(word.encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def field_of(text: str, name: str) -> str:
+    for line in text.splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split(":", 1)[1].strip()
+    raise ValueError(f"no {name!r} in the server's answer {text[:200]!r}")
+
+
+def received(entry: str) -> int:
+    """The number of packets the server has received from clients (``srvr``)."""
+    return int(field_of(four_letter(entry, "srvr"), "Received"))
+
+
+def total_watches(entry: str) -> int:
+    return int(field_of(four_letter(entry, "wchs"), "Total watches"))
+
+
+# ---------------------------------------------------------------------------
+# Clients, apps and the cycles measured
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """A Celery app of its own and the tasks whose locks are measured."""
+
+    app: Celery
+    locker: Any
+    mutex: Any
+    plain: Any
+
+
+def make_tasks(hosts: str, root: str, main: str = "bench") -> Tasks:
+    app = Celery(main, set_as_current=False)
+    app.conf.update(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_ROOT=root)
+
+    @app.task(base=zkcelery.LockTask, bind=True, shared=False, name=LOCKER)
+    def locker(self: Any) -> None:
+        """Never run: its lock() and semaphore() are what is measured."""
+
+    @app.task(base=zkcelery.MutexTask, bind=True, shared=False, name=MUTEX)
+    def mutex(self: Any) -> None:
+        """An empty body under MutexTask's mutex."""
+
+    @app.task(bind=True, shared=False, name=PLAIN)
+    def plain(self: Any) -> None:
+        """The same empty body without a mutex."""
+
+    return Tasks(app, locker, mutex, plain)
+
+
+def close_zkcelery_sessions() -> None:
+    """Close this process's zkcelery sessions, as a worker does when it shuts down."""
+    signals.worker_process_shutdown.send(sender=None)
+
+
+def connect(hosts: str) -> KazooClient:
+    client = KazooClient(hosts=hosts)
+    client.start(timeout=15)
+    return client
+
+
+def disconnect(client: KazooClient) -> None:
+    with contextlib.suppress(Exception):
+        client.stop()
+        client.close()
+
+
+def create_delete(client: KazooClient, path: str) -> None:
+    client.create(path, ephemeral=True)
+    client.delete(path)
+
+
+def kazoo_lock_cycle(client: KazooClient, path: str) -> None:
+    lock = Lock(client, path)
+    if not lock.acquire(blocking=False):
+        raise RuntimeError(f"kazoo Lock {path} unexpectedly held")
+    lock.release()
+
+
+def kazoo_failed_try(client: KazooClient, path: str) -> None:
+    lock = Lock(client, path)
+    if lock.acquire(blocking=False):
+        lock.release()
+        raise RuntimeError(f"kazoo Lock {path} should be held by another session")
+
+
+def kazoo_semaphore_cycle(client: KazooClient, path: str) -> None:
+    semaphore = Semaphore(client, path, max_leases=2)
+    if not semaphore.acquire(blocking=False):
+        raise RuntimeError(f"kazoo Semaphore {path} unexpectedly full")
+    semaphore.release()
+
+
+def connect_per_call(hosts: str, path: str) -> None:
+    """The original helper's design: a session per lock."""
+    client = KazooClient(hosts=hosts)
+    client.start(timeout=15)
+    try:
+        kazoo_lock_cycle(client, path)
+    finally:
+        client.stop()
+        client.close()
+
+
+def zk_lock_cycle(task: Any, *key: Any) -> None:
+    with task.lock(*key) as acquired:
+        if not acquired:
+            raise RuntimeError(f"zkcelery lock {key} unexpectedly held")
+
+
+def zk_failed_try(task: Any, *key: Any) -> None:
+    with task.lock(*key) as acquired:
+        if acquired:
+            raise RuntimeError(f"zkcelery lock {key} should be held by another session")
+
+
+def zk_semaphore_cycle(task: Any, *key: Any) -> None:
+    with task.semaphore(*key, max_leases=2) as acquired:
+        if not acquired:
+            raise RuntimeError(f"zkcelery semaphore {key} unexpectedly full")
+
+
+def apply_cycle(task: Any) -> None:
+    result = task.apply()
+    if not result.successful():
+        raise RuntimeError(f"{task.name}.apply() failed: {result.result!r}")
+
+
+def fresh_key_cycle(task: Any, tag: str) -> Cycle:
+    counter = itertools.count()
+    return lambda: zk_lock_cycle(task, "fresh", tag, next(counter))
+
+
+def kazoo_paths(root: str) -> dict[str, str]:
+    base = f"{root}/kazoo"
+    names = ("floor", "lock", "held", "semaphore", "connect", "handoff")
+    return {name: f"{base}/{name}" for name in names}
+
+
+def kazoo_cycles(client: KazooClient, root: str) -> dict[str, Cycle]:
+    paths = kazoo_paths(root)
+    return {
+        "floor": lambda: create_delete(client, paths["floor"]),
+        "exists": lambda: client.exists(root),
+        "kazoo_lock": lambda: kazoo_lock_cycle(client, paths["lock"]),
+        "kazoo_try_fail": lambda: kazoo_failed_try(client, paths["held"]),
+        "kazoo_semaphore": lambda: kazoo_semaphore_cycle(client, paths["semaphore"]),
+    }
+
+
+def zkcelery_cycles(tasks: Tasks, tag: str) -> dict[str, Cycle]:
+    return {
+        "zk_lock": lambda: zk_lock_cycle(tasks.locker, "reused"),
+        "zk_lock_fresh": fresh_key_cycle(tasks.locker, tag),
+        "zk_try_fail": lambda: zk_failed_try(tasks.locker, "held"),
+        "zk_semaphore": lambda: zk_semaphore_cycle(tasks.locker, "semaphore"),
+        "plain_apply": lambda: apply_cycle(tasks.plain),
+        "mutex_apply": lambda: apply_cycle(tasks.mutex),
+    }
+
+
+LABELS = {
+    "floor": "1  floor: ephemeral create + delete",
+    "exists": "1  exists() (one read)",
+    "zk_lock": "2  zkcelery lock(), reused key",
+    "zk_lock_fresh": "2  zkcelery lock(), fresh key",
+    "kazoo_lock": "3  kazoo Lock, new per cycle",
+    "connect": "4  connect-per-call (new KazooClient)",
+    "zk_try_fail": "5  zkcelery failed try-lock",
+    "kazoo_try_fail": "5  kazoo Lock failed try-lock",
+    "zk_semaphore": "6  zkcelery semaphore(max_leases=2)",
+    "kazoo_semaphore": "6  kazoo Semaphore(max_leases=2)",
+    "plain_apply": "7  task.apply(), plain task",
+    "mutex_apply": "7  task.apply(), MutexTask",
+    "redis": "10 Redis SET NX PX + DEL",
+}
+ORDER = list(LABELS)
+
+
+# ---------------------------------------------------------------------------
+# Children: a spawned process answering over a pipe
+# ---------------------------------------------------------------------------
+
+
+def expect(conn: Connection, timeout: float = REPLY_TIMEOUT) -> Any:
+    if not conn.poll(timeout):
+        raise TimeoutError(f"a benchmark child did not answer within {timeout:.0f} s")
+    reply = conn.recv()
+    if isinstance(reply, tuple) and reply and reply[0] == "error":
+        raise RuntimeError(f"a benchmark child failed: {reply[1]}")
+    return reply
+
+
+@dataclass
+class Child:
+    process: Any
+    conn: Connection
+
+
+def start_child(target: Callable[..., None], *args: Any) -> Child:
+    parent, child = SPAWN.Pipe()
+    process = SPAWN.Process(target=target, args=(*args, child), daemon=True)
+    process.start()
+    child.close()
+    return Child(process, parent)
+
+
+def stop_children(children: Sequence[Child]) -> None:
+    for child in children:
+        with contextlib.suppress(OSError, ValueError):
+            child.conn.send(("stop",))
+    for child in children:
+        child.process.join(10)
+        if child.process.is_alive():
+            child.process.terminate()
+            child.process.join(5)
+        child.conn.close()
+
+
+def serve(
+    conn: Connection, setup: Callable[[], tuple[Callable[..., Any], Callable[[], None]]]
+) -> None:
+    """A child's loop: set up, say ready, answer ("run", args...) until ("stop",)."""
+    try:
+        run, teardown = setup()
+    except Exception as exc:
+        conn.send(("error", repr(exc)))
+        return
+    try:
+        conn.send(("ready",))
+        while (message := conn.recv())[0] == "run":
+            try:
+                conn.send(("ok", run(*message[1:])))
+            except Exception as exc:
+                conn.send(("error", repr(exc)))
+    finally:
+        teardown()
+
+
+# ---------------------------------------------------------------------------
+# Request counts (in a child, alone on the counting server)
+# ---------------------------------------------------------------------------
+
+
+def probe_overhead(entry: str) -> int:
+    """Packets that one ``srvr`` probe adds to a count (its own connection's)."""
+    first = received(entry)
+    return received(entry) - first
+
+
+def count_burst(entry: str, cycle: Cycle, cycles: int, overhead: int) -> float:
+    cycle()
+    cycle()  # warm: namespaces made, connection busy
+    before = received(entry)
+    for _ in range(cycles):
+        cycle()
+    after = received(entry)
+    return round((after - before - overhead) / cycles, 2)
+
+
+def count_all(hosts: str, entry: str, root: str, cycles: int) -> dict[str, float]:
+    overhead = probe_overhead(entry)
+    counts: dict[str, float] = {}
+    client = connect(hosts)
+    try:
+        for name, cycle in kazoo_cycles(client, root).items():
+            counts[name] = count_burst(entry, cycle, cycles, overhead)
+    finally:
+        disconnect(client)
+    path = kazoo_paths(root)["connect"]
+    few = max(5, cycles // 10)
+    counts["connect"] = count_burst(entry, lambda: connect_per_call(hosts, path), few, overhead)
+    tasks = make_tasks(hosts, root, "count")
+    try:
+        for name, cycle in zkcelery_cycles(tasks, "count").items():
+            counts[name] = count_burst(entry, cycle, cycles, overhead)
+    finally:
+        close_zkcelery_sessions()
+    return counts
+
+
+def counting_child(hosts: str, entry: str, root: str, cycles: int, conn: Connection) -> None:
+    try:
+        conn.send(("ok", count_all(hosts, entry, root, cycles)))
+    except Exception as exc:
+        conn.send(("error", repr(exc)))
+
+
+def count_requests(layout: Layout, root: str, plan: Plan) -> dict[str, float]:
+    entry = layout.count
+    args = (layout.hosts(entry), entry, root, plan.count_cycles)
+    child = start_child(counting_child, *args)
+    try:
+        return expect(child.conn, REPLY_TIMEOUT * 3)[1]
+    finally:
+        stop_children([child])
+
+
+# ---------------------------------------------------------------------------
+# Timing, round-robin
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    cycle: Cycle
+    cycles: int
+    samples: list[float] = field(default_factory=list)
+
+
+def run_round_robin(contenders: list[Contender], plan: Plan) -> None:
+    for contender in contenders:
+        for _ in range(plan.warmup):
+            contender.cycle()
+    rounds = math.ceil(plan.cycles / plan.batch)
+    clock = time.perf_counter
+    for index in range(rounds):
+        shift = index % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
+            todo = min(
+                math.ceil(contender.cycles / rounds), contender.cycles - len(contender.samples)
+            )
+            for _ in range(todo):
+                start = clock()
+                contender.cycle()
+                contender.samples.append(clock() - start)
+            gc.collect()  # a contender's garbage is not collected on another's time
+
+
+def percentile(samples: Sequence[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+
+
+def summary(samples: Sequence[float]) -> dict[str, float]:
+    return {
+        "n": len(samples),
+        "median_ms": statistics.median(samples) * 1e3,
+        "p99_ms": percentile(samples, 0.99) * 1e3,
+        "mean_ms": statistics.fmean(samples) * 1e3,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Blocking handoff: waiters in other processes
+# ---------------------------------------------------------------------------
+
+
+def handoff_waiter_setup(
+    kind: str, hosts: str, root: str
+) -> tuple[Callable[[], float], Callable[[], None]]:
+    if kind == "zkcelery":
+        tasks = make_tasks(hosts, root, "waiter")
+
+        def wait_zk() -> float:
+            with tasks.locker.lock("handoff", blocking=True, timeout=30) as acquired:
+                acquired_at = time.monotonic()
+                if not acquired:
+                    raise TimeoutError("the handoff lock was not released within 30 s")
+            return acquired_at
+
+        return wait_zk, close_zkcelery_sessions
+    client = connect(hosts)
+    path = kazoo_paths(root)["handoff"]
+
+    def wait_kazoo() -> float:
+        lock = Lock(client, path)
+        lock.acquire(timeout=30)  # raises LockTimeout
+        acquired_at = time.monotonic()
+        lock.release()
+        return acquired_at
+
+    return wait_kazoo, lambda: disconnect(client)
+
+
+def handoff_waiter(kind: str, hosts: str, root: str, conn: Connection) -> None:
+    def setup() -> tuple[Callable[[], float], Callable[[], None]]:
+        wait, teardown = handoff_waiter_setup(kind, hosts, root)
+        wait()  # warm, uncontended
+        return wait, teardown
+
+    serve(conn, setup)
+
+
+@contextlib.contextmanager
+def kazoo_held(client: KazooClient, path: str) -> Iterator[bool]:
+    lock = Lock(client, path)
+    acquired = lock.acquire(blocking=False)
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            lock.release()
+
+
+def wait_for_watch(entry: str, baseline: int | None) -> None:
+    """Return once the waiter has set its watch (the server counts it), at most 10 s."""
+    if baseline is None:  # no wchs on this server: give the waiter time
+        time.sleep(0.05)
+        return
+    deadline = time.monotonic() + 10
+    while total_watches(entry) <= baseline:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the handoff waiter never set its watch")
+        time.sleep(0.0005)
+
+
+def watches_or_none(entry: str) -> int | None:
+    try:
+        return total_watches(entry)
+    except (OSError, ValueError):
+        return None
+
+
+def one_handoff(holder: Callable[[], Any], waiter: Child, entry: str) -> float:
+    baseline = watches_or_none(entry)
+    with holder() as acquired:
+        if not acquired:
+            raise RuntimeError("the handoff holder could not take the lock")
+        waiter.conn.send(("run",))
+        wait_for_watch(entry, baseline)
+        released_at = time.monotonic()
+    return expect(waiter.conn)[1] - released_at
+
+
+def measure_handoff(
+    layout: Layout, root: str, plan: Plan, tasks: Tasks, client: KazooClient
+) -> dict[str, list[float]]:
+    waiter_hosts = layout.hosts(layout.other)
+    path = kazoo_paths(root)["handoff"]
+    holders: dict[str, Callable[[], Any]] = {
+        "zkcelery": lambda: tasks.locker.lock("handoff"),
+        "kazoo": lambda: kazoo_held(client, path),
+    }
+    waiters = {kind: start_child(handoff_waiter, kind, waiter_hosts, root) for kind in holders}
+    try:
+        for waiter in waiters.values():
+            expect(waiter.conn)
+        samples: dict[str, list[float]] = {kind: [] for kind in holders}
+        rounds = math.ceil(plan.handoff_cycles / plan.handoff_batch)
+        for index in range(rounds):
+            kinds = list(holders) if index % 2 == 0 else list(reversed(holders))
+            for kind in kinds:
+                for _ in range(plan.handoff_batch):
+                    samples[kind].append(one_handoff(holders[kind], waiters[kind], layout.other))
+        return samples
+    finally:
+        stop_children(list(waiters.values()))
+
+
+# ---------------------------------------------------------------------------
+# Throughput: processes locking distinct keys
+# ---------------------------------------------------------------------------
+
+
+def throughput_setup(
+    kind: str, hosts: str, root: str, index: int
+) -> tuple[Callable[[float, float], int], Callable[[], None]]:
+    if kind == "zkcelery":
+        tasks = make_tasks(hosts, root, f"throughput{index}")
+
+        def cycle() -> None:
+            zk_lock_cycle(tasks.locker, "throughput", index)
+
+        teardown: Callable[[], None] = close_zkcelery_sessions
+    else:
+        client = connect(hosts)
+        path = f"{root}/kazoo/throughput-{index}"
+
+        def cycle() -> None:
+            kazoo_lock_cycle(client, path)
+
+        def teardown() -> None:
+            disconnect(client)
+
+    cycle()  # warm
+
+    def run_for(start_at: float, seconds: float) -> int:
+        time.sleep(max(0.0, start_at - time.monotonic()))
+        end, done = start_at + seconds, 0
+        while time.monotonic() < end:
+            cycle()
+            done += 1
+        return done
+
+    return run_for, teardown
+
+
+def throughput_worker(kind: str, hosts: str, root: str, index: int, conn: Connection) -> None:
+    serve(conn, lambda: throughput_setup(kind, hosts, root, index))
+
+
+@dataclass
+class Throughput:
+    """Aggregate cycles per second, and zkcelery/kazoo per round (each pair back to back)."""
+
+    rates: dict[str, dict[int, float]]
+    round_ratios: dict[int, list[float]]
+
+    def ratio(self, size: int) -> float:
+        return self.rates["zkcelery"][size] / self.rates["kazoo"][size]
+
+    def paired(self, size: int) -> float:
+        """The median of the per-round ratios: a burst of outside load spoils one round only."""
+        return statistics.median(self.round_ratios[size])
+
+
+def measure_throughput(layout: Layout, root: str, plan: Plan) -> Throughput:
+    kinds, sizes = ("zkcelery", "kazoo"), (1, 2, 4)
+    workers = {
+        kind: [
+            start_child(throughput_worker, kind, layout.hosts(layout.entry(i)), root, i)
+            for i in range(max(sizes))
+        ]
+        for kind in kinds
+    }
+    try:
+        for worker in itertools.chain.from_iterable(workers.values()):
+            expect(worker.conn, REPLY_TIMEOUT * 2)
+        totals = {(kind, size): 0 for kind in kinds for size in sizes}
+        ratios: dict[int, list[float]] = {size: [] for size in sizes}
+        points = list(totals)
+        for index in range(plan.throughput_rounds):
+            done = {}
+            for kind, size in points if index % 2 == 0 else reversed(points):
+                done[kind, size] = run_point(workers[kind][:size], plan.throughput_seconds)
+                totals[kind, size] += done[kind, size]
+            for size in sizes:
+                ratios[size].append(done["zkcelery", size] / max(1, done["kazoo", size]))
+        seconds = plan.throughput_seconds * plan.throughput_rounds
+        rates = {kind: {size: totals[kind, size] / seconds for size in sizes} for kind in kinds}
+        return Throughput(rates, ratios)
+    finally:
+        stop_children(list(itertools.chain.from_iterable(workers.values())))
+
+
+def run_point(workers: Sequence[Child], seconds: float) -> int:
+    start_at = time.monotonic() + 0.05
+    for worker in workers:
+        worker.conn.send(("run", start_at, seconds))
+    return sum(expect(worker.conn)[1] for worker in workers)
+
+
+# ---------------------------------------------------------------------------
+# Redis, for reference
+# ---------------------------------------------------------------------------
+
+
+class Resp:
+    """Just enough of RESP for SET NX PX and DEL, over a plain socket."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = self.sock.makefile("rb")
+
+    def command(self, *args: str) -> bytes:
+        parts = [f"*{len(args)}\r\n"]
+        parts += [f"${len(arg.encode())}\r\n{arg}\r\n" for arg in args]
+        self.sock.sendall("".join(parts).encode())
+        line = self.reader.readline().rstrip(b"\r\n")
+        if line.startswith(b"-") or not line:
+            raise RuntimeError(f"redis: {line!r}")
+        return line
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+@dataclass
+class Redis:
+    process: subprocess.Popen
+    client: Resp
+    version: str
+
+    def cycle(self) -> None:
+        if self.client.command("SET", "bench-lock", "1", "NX", "PX", "30000") != b"+OK":
+            raise RuntimeError("redis lock unexpectedly held")
+        self.client.command("DEL", "bench-lock")
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_redis() -> Redis | None:
+    """A private redis-server (no persistence) on a free port, or None without one."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        return None
+    port = free_port()
+    command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "no", "--dir", tempfile.gettempdir()]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            client = Resp(port)
+            client.command("PING")
+        except OSError:
+            time.sleep(0.05)
+            continue
+        version = subprocess.run(
+            [executable, "--version"], capture_output=True, text=True, check=False
+        ).stdout.split()
+        found = next((word[2:] for word in version if word.startswith("v=")), "?")
+        return Redis(process, client, found)
+    process.kill()
+    process.wait()
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Peak RSS, in fresh interpreters
+# ---------------------------------------------------------------------------
+
+# Linux keeps ru_maxrss across execve: a child started by this (large) process
+# would report this process's size, so the probes read their own image's peak,
+# VmHWM, and fall back to ru_maxrss where there is no /proc.
+PEAK_RSS = """
+import resource
+def peak_rss():
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/status") as status:
+            hwm = [line.split()[1] for line in status if line.startswith("VmHWM:")]
+    except OSError:
+        hwm = []
+    print(hwm[0] if hwm else maxrss, maxrss)
+"""
+RSS_PROBES = {
+    "zkcelery": """
+import sys
+sys.path.insert(0, {repo!r})
+from celery import Celery, signals
+import zkcelery
+app = Celery("rss", set_as_current=False)
+app.conf.update(ZOOKEEPER_HOSTS={hosts!r}, ZOOKEEPER_ROOT={root!r})
+@app.task(base=zkcelery.LockTask, bind=True, shared=False)
+def probe(self):
+    pass
+with probe.lock("rss") as acquired:
+    assert acquired
+peak_rss()
+signals.worker_process_shutdown.send(sender=None)
+""",
+    "celery_app_kazoo": """
+from celery import Celery
+from kazoo.client import KazooClient
+app = Celery("rss", set_as_current=False)
+app.conf.update(ZOOKEEPER_HOSTS={hosts!r})
+@app.task(bind=True, shared=False)
+def probe(self):
+    pass
+probe.name, app.conf.get("ZOOKEEPER_HOSTS")
+client = KazooClient(hosts={hosts!r})
+client.start(timeout=15)
+client.exists("/")
+peak_rss()
+client.stop()
+client.close()
+""",
+    "celery_kazoo": """
+import celery
+from kazoo.client import KazooClient
+client = KazooClient(hosts={hosts!r})
+client.start(timeout=15)
+client.exists("/")
+peak_rss()
+client.stop()
+client.close()
+""",
+}
+
+
+def measure_rss(hosts: str, root: str) -> dict[str, float]:
+    """Peak RSS in MiB of a child using zkcelery, of one with a bare KazooClient, and between."""
+    found = {}
+    for name, code in RSS_PROBES.items():
+        source = PEAK_RSS + code.format(repo=str(REPO), hosts=hosts, root=root)
+        done = subprocess.run(
+            [sys.executable, "-c", source], capture_output=True, text=True, timeout=120, check=True
+        )
+        peak_kib, maxrss_kib = done.stdout.split()[-2:]
+        found[name] = int(peak_kib) / 1024
+        found[f"{name}_ru_maxrss"] = int(maxrss_kib) / 1024  # inherited: for the record
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Results: ratios, targets, tables
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    measure: str
+    value: float | None
+    op: str  # "<=" or ">="
+    limit: float
+    note: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        if self.value is None:
+            return None
+        value = round(self.value, 2)
+        return value <= self.limit if self.op == "<=" else value >= self.limit
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "MISS", None: "n/a"}[self.passed]
+
+
+def median_ms(stats: dict[str, dict[str, float]], name: str) -> float:
+    return stats[name]["median_ms"]
+
+
+def ratio(stats: dict[str, dict[str, float]], top: str, bottom: str) -> float:
+    return median_ms(stats, top) / median_ms(stats, bottom)
+
+
+def build_targets(
+    stats: dict[str, dict[str, float]],
+    counts: dict[str, float],
+    handoff: dict[str, dict[str, float]],
+    throughput: Throughput,
+) -> list[Target]:
+    def over(top: str, bottom: str) -> float:
+        return ratio(stats, top, bottom)
+
+    floor = median_ms(stats, "floor")
+    mutex_ms = median_ms(stats, "mutex_apply") - median_ms(stats, "plain_apply")
+    mutex_requests = round(counts["mutex_apply"] - counts["plain_apply"], 2)
+    reads = f"read {median_ms(stats, 'exists'):.2f} ms, create+delete {floor:.2f} ms"
+    handoff_ratio = handoff["zkcelery"]["median_ms"] / handoff["kazoo"]["median_ms"]
+    write, read = floor / 2, median_ms(stats, "exists")
+    handoff_note = (
+        f"after the release: a create vs a read; 2W/(W+R) = {2 * write / (write + read):.2f}"
+    )
+    throughput_note = (
+        f"median of {len(throughput.round_ratios[4])} paired rounds; "
+        f"ratio of totals {throughput.ratio(4):.2f}"
+    )
+    return [
+        Target("requests per lock cycle, reused key", counts["zk_lock"], "<=", 2),
+        Target("requests per lock cycle, fresh key", counts["zk_lock_fresh"], "<=", 2),
+        Target("requests per failed try-lock", counts["zk_try_fail"], "<=", 1),
+        Target("requests per semaphore cycle (max_leases=2)", counts["zk_semaphore"], "<=", 3),
+        Target("requests per MutexTask run", mutex_requests, "<=", 2),
+        Target("lock / floor (2)/(1), reused key", over("zk_lock", "floor"), "<=", 1.15),
+        Target("lock / floor (2)/(1), fresh key", over("zk_lock_fresh", "floor"), "<=", 1.15),
+        Target("lock / kazoo Lock (2)/(3)", over("zk_lock", "kazoo_lock"), "<=", 0.85, reads),
+        Target("lock / connect-per-call (2)/(4)", over("zk_lock", "connect"), "<=", 0.40),
+        Target("failed try-lock / kazoo (5)", over("zk_try_fail", "kazoo_try_fail"), "<=", 0.50),
+        Target("semaphore / kazoo (6)", over("zk_semaphore", "kazoo_semaphore"), "<=", 0.40),
+        Target(
+            "MutexTask overhead / floor (7)",
+            mutex_ms / floor,
+            "<=",
+            1.15,
+            f"overhead {mutex_ms:.2f} ms",
+        ),
+        Target("handoff / kazoo (8)", handoff_ratio, "<=", 1.0, handoff_note),
+        Target(
+            "throughput at 4 processes / kazoo (9)",
+            throughput.paired(4),
+            ">=",
+            1.2,
+            throughput_note,
+        ),
+    ]
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def contender_rows(stats: dict[str, dict[str, float]], counts: dict[str, float]) -> list[list[str]]:
+    rows = []
+    for name in ORDER:
+        if name in stats:
+            row = stats[name]
+            rows.append(
+                [
+                    LABELS[name],
+                    str(int(row["n"])),
+                    fmt(row["median_ms"]),
+                    fmt(row["p99_ms"]),
+                    fmt(counts.get(name)),
+                ]
+            )
+    return rows
+
+
+def handoff_rows(handoff: dict[str, dict[str, float]]) -> list[list[str]]:
+    return [
+        [f"8  handoff, {kind}", str(int(row["n"])), fmt(row["median_ms"]), fmt(row["p99_ms"]), "-"]
+        for kind, row in handoff.items()
+    ]
+
+
+def throughput_rows(throughput: Throughput) -> list[list[str]]:
+    return [
+        [
+            str(size),
+            f"{throughput.rates['zkcelery'][size]:.0f}",
+            f"{throughput.rates['kazoo'][size]:.0f}",
+            f"{throughput.ratio(size):.2f}",
+            f"{throughput.paired(size):.2f}",
+        ]
+        for size in throughput.round_ratios
+    ]
+
+
+def target_rows(targets: Sequence[Target]) -> list[list[str]]:
+    return [[t.measure, fmt(t.value), f"{t.op} {t.limit:g}", t.verdict, t.note] for t in targets]
+
+
+def plain_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+CONTENDER_HEADER = ["contender", "cycles", "median ms", "p99 ms", "ZK requests/cycle"]
+THROUGHPUT_HEADER = [
+    "processes",
+    "zkcelery cycles/s",
+    "kazoo Lock cycles/s",
+    "ratio",
+    "median of paired rounds",
+]
+TARGET_HEADER = ["measure", "value", "target", "result", "note"]
+
+
+def render(
+    results: dict[str, Any], table: Callable[[Sequence[str], Sequence[Sequence[str]]], str]
+) -> str:
+    stats, counts = results["contenders"], results["requests"]
+    rows = contender_rows(stats, counts) + handoff_rows(results["handoff"])
+    parts = [table(CONTENDER_HEADER, rows)]
+    parts.append(table(THROUGHPUT_HEADER, throughput_rows(results["throughput"])))
+    parts.append(table(TARGET_HEADER, target_rows(results["target_objects"])))
+    return "\n\n".join(parts)
+
+
+def machine_lines(machine: dict[str, Any]) -> list[str]:
+    return [
+        f"date: {machine['date']}",
+        f"machine: {machine['nproc']} cpus, {machine['platform']}",
+        f"python {machine['python']}, kazoo {machine['kazoo']}, celery {machine['celery']}, "
+        f"ZooKeeper {machine['zookeeper']}",
+        f"zkcelery from {machine['zkcelery']}",
+        f"servers: {', '.join(f'{e} {m}' for e, m in machine['modes'].items())}",
+        f"measured clients on {machine['timing']}, holders and waiters on {machine['other']}, "
+        f"request counts on {machine['count']}",
+    ]
+
+
+def notes_lines(results: dict[str, Any], plan: Plan) -> list[str]:
+    rss, redis = results["rss"], results["redis"]
+    lines = [
+        f"connect-per-call: {plan.connect_cycles} cycles (each opens and closes a session); "
+        f"handoff: {plan.handoff_cycles} per side; throughput: "
+        f"{plan.throughput_rounds} x {plan.throughput_seconds:g} s per point",
+        f"peak RSS (VmHWM of a fresh child): zkcelery (import, app, connect, lock once) "
+        f"{rss['zkcelery']:.1f} MiB; the same without zkcelery (Celery app and task, bare "
+        f"KazooClient) {rss['celery_app_kazoo']:.1f} MiB; celery + kazoo imported, bare "
+        f"KazooClient {rss['celery_kazoo']:.1f} MiB",
+        redis or "Redis: not measured (no redis-server on this machine)",
+    ]
+    if not results["layout_alone"]:
+        lines.append("warning: fewer than 3 servers: request counts may include other pings")
+    if plan.quick:
+        lines.append("quick mode: few cycles; timings and verdicts are indicative only")
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+def redis_note(redis: Redis | None) -> str | None:
+    if redis is None:
+        return None
+    return (
+        f"Redis {redis.version}: a private redis-server without persistence "
+        "(SET NX PX + DEL: two round trips, nothing fsync'd)"
+    )
+
+
+def check_ensemble(layout: Layout) -> None:
+    for entry in layout.entries:
+        try:
+            four_letter(entry, "srvr")
+        except OSError as exc:
+            raise SystemExit(
+                f"bench: no ZooKeeper server answers at {entry} ({exc}): start the ensemble "
+                "with ./zk-test.sh, or name it with --hosts"
+            ) from None
+
+
+def zkcelery_version() -> str:
+    """Which zkcelery.py was measured: its path, content digest and git state."""
+    path = Path(zkcelery.__file__)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    try:
+        git = ["git", "-C", str(path.parent)]
+        commit = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", path.name], capture_output=True, text=True
+        ).stdout.strip()
+        state = f", git {commit}{' + uncommitted changes' if dirty else ''}"
+    except (OSError, subprocess.CalledProcessError):
+        state = ""
+    return f"{path} (sha256 {digest}{state})"
+
+
+def machine_info(layout: Layout) -> dict[str, Any]:
+    answers = {entry: four_letter(entry, "srvr") for entry in layout.entries}
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "kazoo": metadata.version("kazoo"),
+        "celery": metadata.version("celery"),
+        "zkcelery": zkcelery_version(),
+        "zookeeper": field_of(answers[layout.timing], "Zookeeper version").split("-")[0],
+        "modes": {entry: field_of(text, "Mode") for entry, text in answers.items()},
+        "timing": layout.timing,
+        "other": layout.other,
+        "count": layout.count,
+    }
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Session:
+    """Everything the parent process holds open during a run, closed in ``close()``."""
+
+    layout: Layout
+    root: str
+    client: KazooClient  # the measured kazoo client, on the timing server
+    holder: KazooClient  # holds kazoo's "held" lock, on the other server
+    tasks: Tasks  # the measured zkcelery app, on the timing server
+    holder_tasks: Tasks  # holds zkcelery's "held" lock, on the other server
+    held: list[Any] = field(default_factory=list)
+    redis: Redis | None = None
+
+    def close(self) -> None:
+        for held in reversed(self.held):
+            with contextlib.suppress(Exception):
+                held.release()
+        close_zkcelery_sessions()
+        if self.redis is not None:
+            self.redis.stop()
+        delete_root(self.client, self.root)
+        disconnect(self.holder)
+        disconnect(self.client)
+
+
+def delete_root(client: KazooClient, root: str) -> None:
+    """Delete this run's root, and the common parent when no other run uses it."""
+    try:
+        with contextlib.suppress(NoNodeError):
+            client.delete(root, recursive=True)
+        with contextlib.suppress(NoNodeError, NotEmptyError):
+            client.delete(ROOT_PARENT)
+    except KazooException as exc:
+        log(f"warning: could not delete {root}: {exc!r}")
+
+
+def open_session(layout: Layout) -> Session:
+    root = f"{ROOT_PARENT}/{uuid.uuid4().hex[:12]}"
+    client = connect(layout.hosts(layout.timing))
+    holder = connect(layout.hosts(layout.other))
+    session = Session(
+        layout,
+        root,
+        client,
+        holder,
+        make_tasks(layout.hosts(layout.timing), root),
+        make_tasks(layout.hosts(layout.other), root, "holder"),
+    )
+    try:
+        client.ensure_path(f"{root}/kazoo")
+        kazoo_lock = Lock(holder, kazoo_paths(root)["held"])
+        if not kazoo_lock.acquire(blocking=False):
+            raise RuntimeError("could not take kazoo's 'held' lock")
+        session.held.append(kazoo_lock)
+        zk_lease = session.holder_tasks.locker.lock("held")
+        if not zk_lease.acquire():
+            raise RuntimeError("could not take zkcelery's 'held' lock")
+        session.held.append(zk_lease)
+    except BaseException:
+        session.close()
+        raise
+    return session
+
+
+def timed_contenders(session: Session, plan: Plan) -> list[Contender]:
+    cycles = {
+        **kazoo_cycles(session.client, session.root),
+        **zkcelery_cycles(session.tasks, "time"),
+    }
+    hosts, path = session.layout.hosts(session.layout.timing), kazoo_paths(session.root)["connect"]
+    cycles["connect"] = lambda: connect_per_call(hosts, path)
+    if session.redis is not None:
+        cycles["redis"] = session.redis.cycle
+    return [
+        Contender(name, cycles[name], plan.connect_cycles if name == "connect" else plan.cycles)
+        for name in ORDER
+        if name in cycles
+    ]
+
+
+def run(layout: Layout, plan: Plan) -> dict[str, Any]:
+    started = time.monotonic()
+    machine = machine_info(layout)
+    session = open_session(layout)
+    try:
+        log(f"root {session.root}; counting requests on {layout.count}")
+        counts = count_requests(layout, session.root, plan)
+        session.redis = start_redis()
+        contenders = timed_contenders(session, plan)
+        log(f"timing {len(contenders)} contenders round-robin, {plan.cycles} cycles each")
+        run_round_robin(contenders, plan)
+        stats = {c.name: summary(c.samples) for c in contenders}
+        log(f"blocking handoff, {plan.handoff_cycles} per side")
+        handoff_samples = measure_handoff(layout, session.root, plan, session.tasks, session.client)
+        handoff = {kind: summary(samples) for kind, samples in handoff_samples.items()}
+        log("throughput at 1, 2 and 4 processes")
+        throughput = measure_throughput(layout, session.root, plan)
+        log("peak RSS")
+        rss = measure_rss(layout.hosts(layout.timing), session.root)
+        redis = redis_note(session.redis)
+    finally:
+        session.close()
+    targets = build_targets(stats, counts, handoff, throughput)
+    return {
+        "machine": machine,
+        "plan": asdict(plan),
+        "root": session.root,
+        "contenders": stats,
+        "requests": counts,
+        "handoff": handoff,
+        "throughput": throughput,
+        "rss": rss,
+        "redis": redis,
+        "layout_alone": layout.count_alone,
+        "target_objects": targets,
+        "targets": [{**asdict(t), "passed": t.passed} for t in targets],
+        "seconds": time.monotonic() - started,
+    }
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    data = {k: v for k, v in results.items() if k != "target_objects"}
+    data["throughput"] = asdict(results["throughput"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hosts", default=None, help="ZooKeeper hosts (default: .zk-test/hosts)")
+    parser.add_argument("--quick", action="store_true", help="few cycles; asserts nothing")
+    parser.add_argument("--markdown", action="store_true", help="also print markdown tables")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    layout = parse_layout(args.hosts or default_hosts())
+    plan = QUICK if args.quick else FULL
+    check_ensemble(layout)
+    results = run(layout, plan)
+    machine, notes = machine_lines(results["machine"]), notes_lines(results, plan)
+    print("\n".join(machine))
+    print()
+    print(render(results, plain_table))
+    print()
+    print("\n".join(notes))
+    print(f"run took {results['seconds']:.0f} s")
+    if args.markdown:
+        print()
+        print("\n".join(f"- {line}" for line in machine))
+        print()
+        print(render(results, markdown_table))
+        print()
+        print("\n".join(f"- {line}" for line in notes))
+    write_json(results, args.json)
+    print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
