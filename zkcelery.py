@@ -139,6 +139,7 @@ from kazoo.exceptions import (
     NoNodeError,
     SessionExpiredError,
 )
+from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol.states import KazooState, ZnodeStat
 from kazoo.retry import KazooRetry
 from kazoo.security import make_acl, make_digest_acl
@@ -238,7 +239,7 @@ class MutexTask(celery.Task):
         try:
             lease.acquire()
         except CoordinationError as exc:
-            logger.warning("task %s[%s]: %s; retrying", self.name, self.request.id, exc)
+            lease._log(logging.WARNING, "not acquired: %s; retrying the task", exc)
             raise self.retry(exc=exc) from exc
         if not lease:
             self._reject(lease)
@@ -258,10 +259,7 @@ class MutexTask(celery.Task):
         requeue = bool(self.mutex_requeue)
         if requeue:
             lease.wait_for_release(_requeue_delay(self.request.id))
-        logger.info(
-            "task %s[%s]: mutex %s is held; rejected%s",
-            self.name, self.request.id, lease.key, " and requeued" if requeue else "",
-        )  # fmt: skip
+        lease._log(logging.INFO, "is held; rejected%s", " and requeued" if requeue else "")
         raise Reject(f"mutex {lease.key} is held by another task", requeue=requeue)
 
 
@@ -385,9 +383,13 @@ class Lease:
 
     def _mark_lost(self, why: str) -> None:
         self._lost = True
-        logger.warning(
-            "task %s[%s]: lost %s %s: %s; another task may hold it now",
-            self._task.name, self._task_id(), self._kind, self.key, why,
+        self._log(logging.WARNING, "lost: %s; another task may hold it now", why)
+
+    def _log(self, level: int, what: str, *args: Any) -> None:
+        """Log a line naming the task, its id, and this lease's kind and key."""
+        logger.log(
+            level, f"task %s[%s]: %s %s {what}",
+            self._task.name, self._task_id(), self._kind, self.key, *args,
         )  # fmt: skip
 
     def _session_lost(self) -> bool:
@@ -411,14 +413,12 @@ class Lease:
             self.acquire()
         except CoordinationError as exc:
             if not self._retry:
+                self._log(logging.WARNING, "not acquired: %s", exc)
                 raise
-            logger.warning("task %s[%s]: %s; retrying", self._task.name, self._task_id(), exc)
+            self._log(logging.WARNING, "not acquired: %s; retrying the task", exc)
             raise self._task.retry(**{"exc": exc, **self._retry_options}) from exc
         if not self and self._retry:
-            logger.info(
-                "task %s[%s]: %s %s is held; retrying",
-                self._task.name, self._task_id(), self._kind, self.key,
-            )  # fmt: skip
+            self._log(logging.INFO, "is held; retrying the task")
             raise self._task.retry(**self._retry_options)
         return self
 
@@ -442,10 +442,7 @@ class Lease:
         else:
             held = conn.acquire_counted(self, data, self._max_leases, self._blocking, deadline)
         if not held:
-            logger.debug(
-                "task %s[%s]: %s %s is held elsewhere",
-                self._task.name, self._task_id(), self._kind, self.key,
-            )  # fmt: skip
+            self._log(logging.DEBUG, "is held elsewhere")
         return held
 
     def release(self) -> None:
@@ -1117,11 +1114,12 @@ class _Connection:
         try:
             self._delete_own(path, token, session)
         except CoordinationError as exc:
-            logger.warning(
-                "task %s[%s]: could not release %s %s (%s); ZooKeeper frees it when the "
-                "session ends, or this process deletes it when it reconnects",
-                lease._task.name, lease._task_id(), lease._kind, lease.key, exc,
-            )  # fmt: skip
+            lease._log(
+                logging.WARNING,
+                "not released (%s); ZooKeeper frees it when the session ends, or this "
+                "process deletes it when it reconnects",
+                exc,
+            )
 
     def _delete_own(self, path: str, token: int | None, session: int | None) -> None:
         """Delete our node at ``path``, never another session's, within the connect timeout.
@@ -1233,21 +1231,30 @@ def _make_client(settings: _Settings) -> KazooClient:
             if not settings.protect_reads:
                 acl.append(make_acl("world", "anyone", read=True))
             options["default_acl"] = acl
+    handler = _pick_handler()
+    # Reconnect forever in the background, quickly: a lease waits for the
+    # connection at most ZOOKEEPER_CONNECT_TIMEOUT, and ZooKeeper coming back
+    # must not need a restart.  Commands are never retried by kazoo (its
+    # default retry never gives up); _Connection bounds every call.  kazoo
+    # insists that the retry sleeps as the handler does (eventlet's differs).
+    retry = KazooRetry(
+        max_tries=-1, delay=0.05, backoff=2, max_delay=1.0, sleep_func=handler.sleep_func
+    )
     return KazooClient(
         hosts=settings.hosts,
         timeout=settings.session_timeout,
-        # Reconnect forever in the background, quickly: a lease waits for the
-        # connection at most ZOOKEEPER_CONNECT_TIMEOUT, and ZooKeeper coming
-        # back must not need a restart.  Commands are never retried by kazoo
-        # (its default retry never gives up); _Connection bounds every call.
-        connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_delay=1.0),
-        handler=_pick_handler(),
+        connection_retry=retry,
+        handler=handler,
         **options,
     )
 
 
 def _pick_handler() -> Any:
-    """kazoo's handler matching the process's monkey-patching (gevent, eventlet)."""
+    """kazoo's handler matching the process's monkey-patching (gevent, eventlet).
+
+    Only a patched process can use them, and importing them imports gevent or
+    eventlet: look at the patch state of what is already imported, lazily.
+    """
     if "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched("socket"):
         from kazoo.handlers.gevent import SequentialGeventHandler
 
@@ -1258,7 +1265,7 @@ def _pick_handler() -> Any:
         from kazoo.handlers.eventlet import SequentialEventletHandler
 
         return SequentialEventletHandler()
-    return None
+    return SequentialThreadingHandler()
 
 
 # One connection per process and app.  A child inherits the dict on fork but
