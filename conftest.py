@@ -133,6 +133,27 @@ def restore_ensemble(ensemble: Ensemble) -> Iterator[Ensemble]:
 
 
 @pytest.fixture
+def tls_ensemble(tmp_path: Path, zk_hosts: str) -> Iterator[tuple[str, str]]:
+    """A second ensemble, with a TLS client port: (its TLS hosts, the CA's path)."""
+    env = {**os.environ, "ZK_TEST_PORT": "2481", "ZK_TEST_DIR": str(tmp_path / "zk-tls"),
+           "ZK_TEST_TLS": "1"}  # fmt: skip
+
+    def run(*args: str) -> str:
+        done = subprocess.run([str(ZK_TEST), *args], env=env, capture_output=True, text=True,
+                              timeout=120, check=False)  # fmt: skip
+        if done.returncode:
+            raise RuntimeError(f"zk-test.sh {args} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    try:
+        run()
+        hosts, ca = run("tls-hosts").split()
+        yield hosts, ca
+    finally:
+        run("stop", "--clean")
+
+
+@pytest.fixture
 def zk(zk_hosts: str) -> Iterator[KazooClient]:
     """An independent client, for looking at znodes from outside zkcelery."""
     client = KazooClient(hosts=zk_hosts, timeout=SESSION_TIMEOUT * 2)

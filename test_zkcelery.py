@@ -32,6 +32,7 @@ import zkcelery
 from conftest import (
     CONNECT_TIMEOUT,
     Workers,
+    close_sessions,
     count_znodes,
     record_body,
     wait_for,
@@ -113,6 +114,11 @@ def soak_semaphore(self, key, hold=0.003):
 def killable(self, key, marker):
     with self.lock(key, blocking=True):
         record_body(key, 0.0 if Path(marker).exists() else 60.0)
+
+
+@app.task(bind=True)
+def handler_name(self):
+    return type(zkcelery._connection(self.app).handler).__name__
 
 
 _leaked: list = []
@@ -564,6 +570,26 @@ def test_exclusion_holds_between_threads_of_one_process(app, workers):
     assert workers.record.overlaps() == []
 
 
+def test_log_lines_name_the_task_id_and_key_at_the_documented_levels(app, zk, zk_root, caplog):
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.logged", max_retries=0)
+    def task(self, retry):
+        with self.lock("k", retry=retry):
+            pass
+
+    hold_externally(zk, node_path(zk_root, "locks", "t.logged", "k"))
+    with caplog.at_level("DEBUG", logger="zkcelery"):
+        task.apply(args=(False,), task_id="tid-1")
+        task.apply(args=(True,), task_id="tid-2")
+        app.conf.update(ZOOKEEPER_HOSTS="127.0.0.1:1", ZOOKEEPER_CONNECT_TIMEOUT=0.2)
+        close_sessions(app)
+        task.apply(args=(False,), task_id="tid-3")
+    lines = {(r.levelname, r.getMessage()) for r in caplog.records if r.name == "zkcelery"}
+    assert ("DEBUG", "task t.logged[tid-1]: lock t.logged('k') is held elsewhere") in lines
+    assert ("INFO", "task t.logged[tid-2]: lock t.logged('k') is held; retrying the task") in lines
+    warning = "task t.logged[tid-3]: lock t.logged('k') not acquired: ZooKeeper at 127.0.0.1:1"
+    assert any(level == "WARNING" and line.startswith(warning) for level, line in lines)
+
+
 def test_semaphore_admits_max_leases_and_refuses_one_more(lock_task):
     leases = [lock_task.semaphore("s", max_leases=3) for _ in range(4)]
     for lease in leases:
@@ -989,7 +1015,7 @@ def test_a_partition_past_the_session_timeout_marks_the_lease_lost_in_time(
     with caplog.at_level("WARNING", logger="zkcelery"):
         wait_for(lambda: lease.lost, 10, "the lease to be lost")
         lost_after = time.monotonic() - cut
-        wait_for(lambda: "lost lock" in caplog.text, 5, "the warning")
+        wait_for(lambda: "lost: " in caplog.text, 5, "the warning")
     # No later than the session timeout after the cut (a quarter second of
     # slack for a shared machine's scheduling), and without any reconnect.
     assert lost_after <= 2.0 + 0.25, lost_after
@@ -1053,7 +1079,7 @@ def test_a_session_expired_while_holding_turns_the_lease_lost_and_release_is_qui
     thief.stop()
     with caplog.at_level("WARNING", logger="zkcelery"):
         wait_for(lambda: lease.lost, 15, "the lease to be lost")
-        wait_for(lambda: "lost lock" in caplog.text, 5, "the warning")
+        wait_for(lambda: "lost: " in caplog.text, 5, "the warning")
     rival = _lock_task_on(make_app())
     with rival.lock("x") as taken:
         assert taken
@@ -1178,6 +1204,14 @@ def test_check_reports_each_servers_mode_and_fails_without_quorum(zk_hosts, zk_r
     assert dead.returncode == 1 and "NO QUORUM" in dead.stdout
 
 
+def test_the_commands_also_run_as_celery_zk_with_the_apps_settings(zk_hosts, zk_root):
+    argv = [sys.executable, "-m", "celery", "-A", "test_zkcelery", "zk", "--root", zk_root, "ls"]
+    env = {**os.environ, "ZKCELERY_TEST_HOSTS": zk_hosts, "ZKCELERY_TEST_ROOT": "/elsewhere"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "no locks are held" in done.stdout
+
+
 def test_with_auth_only_the_holder_may_delete_or_take_over_a_lock(make_app, zk, zk_root):
     from kazoo.exceptions import NoAuthError
 
@@ -1197,6 +1231,16 @@ def test_with_auth_only_the_holder_may_delete_or_take_over_a_lock(make_app, zk, 
     assert zk.exists(lease._node_path()) is None  # the holder still can
 
 
+def test_zookeeper_ssl_locks_over_tls_and_a_plain_client_cannot(make_app, tls_ensemble):
+    hosts, ca = tls_ensemble
+    secure = _lock_task_on(make_app(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_SSL={"ca": ca}))
+    with secure.lock("tls") as lease:
+        assert lease and lease.holders()[0]["key"] == "t.lock('tls')"
+    plain = _lock_task_on(make_app(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_CONNECT_TIMEOUT=1))
+    with pytest.raises(zkcelery.CoordinationError):
+        plain.lock("tls").__enter__()
+
+
 def test_with_protected_reads_others_cannot_read_holder_metadata(make_app, zk):
     from kazoo.exceptions import NoAuthError
 
@@ -1205,3 +1249,24 @@ def test_with_protected_reads_others_cannot_read_holder_metadata(make_app, zk):
         with pytest.raises(NoAuthError):
             zk.get(lease._path)
         assert lease.holders()[0]["key"] == "t.lock('a')"  # the holder still can
+
+
+# ===========================================================================
+# Green pools (SPEC 6)
+# ===========================================================================
+
+
+@pytest.mark.parametrize(
+    ("pool", "handler"),
+    [("gevent", "SequentialGeventHandler"), ("eventlet", "SequentialEventletHandler")],
+)
+def test_a_green_pool_worker_uses_the_matching_handler_and_runs_the_examples(
+    workers: Workers, pool, handler
+):
+    workers.start(pool=pool, concurrency=8)
+    assert workers.send("handler_name").get(timeout=30) == handler
+    locks = [workers.send("locking_task", {"key": "g", "hold": 1.0}) for _ in range(3)]
+    mutexes = [workers.send("mutex_task", {"key": "m", "hold": 1.0}) for _ in range(3)]
+    assert _states(locks) == ["SUCCESS"] * 3
+    assert sorted(_states(mutexes)) == ["FAILURE", "FAILURE", "SUCCESS"]
+    assert sorted(e["key"] for e in workers.record.entries()) == ["g", "m"]
