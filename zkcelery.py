@@ -82,9 +82,10 @@ task and, with ``mutex_keys``, the values of those arguments.  When the mutex
 is held elsewhere the task raises :class:`celery.exceptions.Reject` and ends
 (Celery records it as a failure).  With ``mutex_requeue=True`` the message is
 requeued instead: the task turns ``acks_late`` on (without it Celery has
-already acknowledged the message and a requeue would lose it), and a rejected
-copy first waits until the mutex is freed or a growing delay (0.25 s doubling
-up to 8 s) passes, so that requeued copies do not spin::
+already acknowledged the message and a requeue would lose it), and a copy
+that finds the mutex held first waits until it is freed (and then runs) or
+for a growing delay (0.25 s doubling up to 8 s) before it is requeued, so
+that requeued copies do not spin::
 
     @app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=('server_name',))
     def per_server(self, server_name, data):
@@ -236,17 +237,25 @@ class MutexTask(celery.Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         lease = Lease(self, _MUTEXES, self._mutex_values(args, kwargs))
-        try:
-            lease.acquire()
-        except CoordinationError as exc:
-            lease._log(logging.WARNING, "not acquired: %s; retrying the task", exc)
-            raise self.retry(exc=exc) from exc
+        self._take(lease)
+        if not lease and self.mutex_requeue:
+            # Back off before the requeue, so that copies do not spin while a
+            # long holder runs; if the holder leaves meanwhile, take it now.
+            lease.wait_for_release(_requeue_delay(self.request.id))
+            self._take(lease)
         if not lease:
             self._reject(lease)
         try:
             return super().__call__(*args, **kwargs)
         finally:
             lease.release()
+
+    def _take(self, lease: Lease) -> None:
+        try:
+            lease.acquire()
+        except CoordinationError as exc:  # never drop the task: retry it
+            lease._log(logging.WARNING, "not acquired: %s; retrying the task", exc)
+            raise self.retry(exc=exc) from exc
 
     def _mutex_values(self, args: tuple, kwargs: dict) -> tuple:
         if not self.mutex_keys or self._mutex_signature is None:
@@ -257,8 +266,6 @@ class MutexTask(celery.Task):
 
     def _reject(self, lease: Lease) -> None:
         requeue = bool(self.mutex_requeue)
-        if requeue:
-            lease.wait_for_release(_requeue_delay(self.request.id))
         lease._log(logging.INFO, "is held; rejected%s", " and requeued" if requeue else "")
         raise Reject(f"mutex {lease.key} is held by another task", requeue=requeue)
 
