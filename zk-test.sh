@@ -784,6 +784,19 @@ declare -a JVM_FLAGS=()
 # Start server N in the background, detached (setsid + nohup), so it outlives this script
 # and the shell or CI step that ran it. The small bash wrapper writes its own pid and then
 # execs java, so the pid file holds the JVM's pid even if setsid had to fork.
+# Everything a server needs before it can start: Java, ZooKeeper, TLS material when
+# asked for, the JVM's flags and the state folder.
+prepare_to_start() {
+    ensure_java
+    ensure_zookeeper
+    if ((TLS)); then
+        ensure_tls_material
+        tls_classpath
+    fi
+    jvm_flags
+    init_state_dir
+}
+
 start_server() {
     local n=$1 dir=${SDIR[$1]}
     write_config "$n"
@@ -863,14 +876,7 @@ cmd_start() {
     if ((${#down[@]})); then
         # Ports first: it is the cheapest check and the likeliest failure.
         check_ports_free "${down[@]}"
-        ensure_java
-        ensure_zookeeper
-        if ((TLS)); then
-            ensure_tls_material
-            tls_classpath
-        fi
-        jvm_flags
-        init_state_dir
+        prepare_to_start
         for n in "${down[@]}"; do start_server "$n"; done
         wait_pid_files "${down[@]}"
         log "started server(s) ${down[*]} (ZooKeeper from $ZK_FROM); waiting for them to serve"
@@ -940,14 +946,7 @@ cmd_start_server() {
         log "server $n is already running"
     else
         check_ports_free "$n"
-        ensure_java
-        ensure_zookeeper
-        if ((TLS)); then
-            ensure_tls_material
-            tls_classpath
-        fi
-        jvm_flags
-        init_state_dir
+        prepare_to_start
         start_server "$n"
         wait_pid_files "$n"
         log "started server $n; waiting for it to serve"
