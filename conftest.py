@@ -459,14 +459,20 @@ class Worker:
 
     def stop(self, timeout: float = 20) -> None:
         """Warm shutdown (SIGTERM); SIGKILL to the whole group if it does not end."""
+        self.terminate()
+        self.wait(timeout)
+
+    def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+
+    def wait(self, timeout: float = 20) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
 
     def tail(self, lines: int = 60) -> str:
         if not self.log.exists():
@@ -522,8 +528,11 @@ class Workers:
         return self.app.send_task(f"test_zkcelery.{name}", args=args, **options)
 
     def stop(self) -> None:
+        # All at once: a warm shutdown takes seconds even when idle.
         for worker in self.started:
-            worker.stop()
+            worker.terminate()
+        for worker in self.started:
+            worker.wait()
 
     def logs(self) -> str:
         return "\n".join(f"--- worker {w.pid}\n{w.tail()}" for w in self.started)

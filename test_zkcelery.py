@@ -846,7 +846,7 @@ def test_readme_mutex_task_rejects_the_second_of_two_copies_on_two_workers(worke
     assert len(workers.record.entries()) == 1
 
 
-def test_readme_requeued_copies_all_run_once_one_at_a_time(workers: Workers):
+def test_readme_requeued_copies_all_run_once_one_at_a_time(workers: Workers, capsys):
     workers.start(concurrency=2)
     results = [workers.send("requeued", {"key": f"q{i}", "hold": 1.0}) for i in range(5)]
     assert _states(results, 60) == ["SUCCESS"] * 5
@@ -857,6 +857,7 @@ def test_readme_requeued_copies_all_run_once_one_at_a_time(workers: Workers):
     # Each wait ends when the holder leaves, or after 0.25 s doubling: in 5 s of
     # holding, a waiting copy is rejected at most about once per release.
     assert rejections <= 20, rejections
+    _report(capsys, f"requeue: 5 copies holding 1 s each ran once each; {rejections} rejections")
 
 
 def test_readme_per_server_mutex_runs_servers_side_by_side_but_not_one_server_twice(
@@ -1003,7 +1004,7 @@ def test_the_whole_ensemble_down_for_10_s_mid_soak_loses_nothing(workers, restor
 
 
 def test_a_partition_past_the_session_timeout_marks_the_lease_lost_in_time(
-    make_app, partition, caplog
+    make_app, partition, caplog, capsys
 ):
     cut_off = make_app(ZOOKEEPER_HOSTS=partition.address)
     other = make_app()
@@ -1024,9 +1025,13 @@ def test_a_partition_past_the_session_timeout_marks_the_lease_lost_in_time(
         assert taken  # ZooKeeper expired the session: the lock is free for another
         started = time.monotonic()
         lease.__exit__(None, None, None)  # the cut-off holder's release: no error, no hang
-        assert time.monotonic() - started <= CONNECT_TIMEOUT + 0.5
+        released = time.monotonic() - started
+        assert released <= CONNECT_TIMEOUT + 0.5
         assert taken.holders()[0]["pid"] == os.getpid() and len(taken.holders()) == 1
     partition.heal()
+    _report(
+        capsys, f"partition: lost after {lost_after:.2f} s, release gave up in {released:.2f} s"
+    )
 
 
 def _lock_task_on(app) -> Any:
@@ -1089,7 +1094,9 @@ def test_a_session_expired_while_holding_turns_the_lease_lost_and_release_is_qui
 
 
 @pytest.mark.slow
-def test_a_sigkilled_prefork_child_frees_its_lock_and_the_task_runs_again(workers, zk, zk_root):
+def test_a_sigkilled_prefork_child_frees_its_lock_and_the_task_runs_again(
+    workers, zk, zk_root, capsys
+):
     workers.start(concurrency=2)
     marker = workers.tmp / "killed-once"
     result = workers.send("killable", "kill", str(marker))
@@ -1100,9 +1107,11 @@ def test_a_sigkilled_prefork_child_frees_its_lock_and_the_task_runs_again(worker
     os.kill(json.loads(data)["pid"], signal.SIGKILL)
     killed = time.monotonic()
     wait_for(lambda: _replaced_or_gone(zk, path, stat), 10, "the lock to be freed")
-    assert time.monotonic() - killed <= 2.0 + 2.0  # the session timeout, plus 2 s
+    freed = time.monotonic() - killed
+    assert freed <= 2.0 + 2.0  # the session timeout, plus 2 s
     assert result.get(timeout=30) is None  # redelivered (acks_late) and completed
     assert [e["key"] for e in workers.record.entries()] == ["kill"]
+    _report(capsys, f"SIGKILL: lock freed {freed:.2f} s after the kill (session 2 s)")
 
 
 def _replaced_or_gone(zk: KazooClient, path: str, stat: Any) -> bool:
@@ -1110,7 +1119,7 @@ def _replaced_or_gone(zk: KazooClient, path: str, stat: Any) -> bool:
     return now is None or now.czxid != stat.czxid
 
 
-def test_graceful_worker_shutdown_frees_its_locks_at_once(workers, zk, zk_root):
+def test_graceful_worker_shutdown_frees_its_locks_at_once(workers, zk, zk_root, capsys):
     worker = workers.start(concurrency=2, ZKCELERY_TEST_SESSION="30")
     assert workers.send("leak_lock", "left").get(timeout=30) is True
     path = node_path(zk_root, "locks", "test_zkcelery.leak_lock", "left")
@@ -1118,7 +1127,9 @@ def test_graceful_worker_shutdown_frees_its_locks_at_once(workers, zk, zk_root):
     worker.stop()
     exited = time.monotonic()
     wait_for(lambda: zk.exists(path) is None, 1.0, "the node to go with the session")
-    assert time.monotonic() - exited <= 1.0
+    gone = time.monotonic() - exited
+    assert gone <= 1.0
+    _report(capsys, f"SIGTERM: lock gone {gone:.2f} s after the worker exited (session 30 s)")
 
 
 # ===========================================================================
