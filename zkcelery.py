@@ -14,25 +14,26 @@ locks are freed at once.  The settings are read from the Celery
 configuration, in upper case, lower case, or ``CELERY_`` namespaced (Django)
 spellings:
 
-=============================  =================  ===============================
-setting                        default            meaning
-=============================  =================  ===============================
-``ZOOKEEPER_HOSTS``            ``127.0.0.1:2181``  comma-separated ``host:port``
-                                                  list (``[::1]:2183`` for IPv6,
-                                                  optional ``/chroot`` suffix),
-                                                  or a list of ``host:port``
-``ZOOKEEPER_SESSION_TIMEOUT``  ``10`` s           how long after a crash a held
-                                                  lock is freed
-``ZOOKEEPER_CONNECT_TIMEOUT``  ``5`` s            longest wait for a connection
-                                                  before ``CoordinationError``
-``ZOOKEEPER_ROOT``             ``/zkcelery``      the znode everything lives under
-``ZOOKEEPER_AUTH``             none               ``'digest:user:secret'``: only
-                                                  that identity may change or
-                                                  delete the module's znodes
-``ZOOKEEPER_SSL``              none               ``True``, or a dict of kazoo's
-                                                  ``ca``, ``certfile``,
-                                                  ``keyfile``, ``verify_certs``...
-=============================  =================  ===============================
+=============================  ==================  ===================================
+setting                        default             meaning
+=============================  ==================  ===================================
+``ZOOKEEPER_HOSTS``            ``127.0.0.1:2181``  comma-separated ``host:port`` list
+                                                   (``[::1]:2183`` for IPv6, optional
+                                                   ``/chroot`` suffix), or a list
+``ZOOKEEPER_SESSION_TIMEOUT``  ``10`` s            how long after a crash a held
+                                                   lock is freed
+``ZOOKEEPER_CONNECT_TIMEOUT``  ``5`` s             longest wait for a connection
+                                                   before ``CoordinationError``
+``ZOOKEEPER_ROOT``             ``/zkcelery``       the znode everything lives under
+``ZOOKEEPER_AUTH``             none                ``'digest:user:secret'``: only that
+                                                   identity may change or delete
+                                                   the module's znodes
+``ZOOKEEPER_PROTECT_READS``    ``False``           with ``ZOOKEEPER_AUTH``, others may
+                                                   not read holder metadata either
+``ZOOKEEPER_SSL``              none                ``True``, or a dict of kazoo's
+                                                   ``ca``, ``certfile``, ``keyfile``,
+                                                   ``verify_certs``...
+=============================  ==================  ===================================
 
 Locking
 =======
@@ -90,6 +91,14 @@ that requeued copies do not spin::
     @app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=('server_name',))
     def per_server(self, server_name, data):
         do_work(data)
+
+Operations
+==========
+
+``python -m zkcelery ls`` lists every held lock, semaphore and mutex with its
+holders; ``rm KEY`` breaks one; ``check`` reports the ensemble's health.  They
+read the app's settings with ``-A proj`` (or run as ``celery -A proj zk``), or
+take ``--hosts`` and ``--root``.
 
 Faults
 ======
