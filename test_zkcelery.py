@@ -1068,6 +1068,8 @@ def test_an_acquire_cut_off_midway_leaves_no_stuck_lock(make_app, partition, zk)
     rival = _lock_task_on(make_app())
     with rival.lock("o", blocking=True, timeout=10) as taken:
         assert taken  # whatever the lost create did, it does not hold the lock
+    with holder.lock("o", blocking=True, timeout=10) as again:
+        assert again  # nor does this process believe it still holds it
 
 
 def test_a_session_expired_while_holding_turns_the_lease_lost_and_release_is_quiet(

@@ -474,7 +474,9 @@ class Lease:
     def wait_for_release(self, seconds: float) -> None:
         """Wait until the (exclusive) lock this lease failed to take is freed, or ``seconds``."""
         if self._conn is not None:
-            self._conn.wait_deleted(self._node_path(), time.monotonic() + seconds)
+            # Only a courtesy: if ZooKeeper is away, the next acquire says so.
+            with contextlib.suppress(CoordinationError):
+                self._conn.wait_deleted(self._node_path(), time.monotonic() + seconds)
 
     # -- helpers for _Connection ---------------------------------------------
 
@@ -992,31 +994,36 @@ class _Connection:
                         f"{lease.key} is already held by this thread and locks are not "
                         "reentrant: blocking without a timeout would wait forever"
                     )
-            else:
-                granted = self._try_create(lease, path, data)
-                if granted:
-                    return True
+            elif self._try_create(lease, path, data):
+                return True
             if not blocking or not self.wait_deleted(path, deadline):
                 return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False  # the node may be gone while a local holder is still making it
 
     def _try_create(self, lease: Lease, path: str, data: bytes) -> bool:
+        """One create of the lock's node, ``lease`` being registered as this process's taker."""
         session = self.session
+        granted = False
         try:
-            created, stat = self._create(path, data)
-        except NodeExistsError:
-            self._forget(path, lease)
-            return False
-        except _ConnectionLost as exc:
-            # The create may have been applied before the answer was lost.
-            found = self._recover_exclusive(path, session, exc)
-            if found is None:
-                self._forget(path, lease)
+            try:
+                created, stat = self._create(path, data)
+            except NodeExistsError:
                 return False
-            created, stat = path, found
-        except BaseException:
-            self._forget(path, lease)
-            raise
-        return lease._granted(created, stat)
+            except _ConnectionLost as exc:
+                # The create may have been applied before the answer was lost.
+                found = self._recover_exclusive(path, session, exc)
+                if found is None:
+                    return False
+                created, stat = path, found
+            granted = lease._granted(created, stat)
+            return granted
+        finally:
+            # Whatever happened, a lease that did not get the lock must not stay
+            # registered: this process would refuse the lock to itself forever,
+            # and the reaper would spare the orphan it left in ZooKeeper.
+            if not granted:
+                self._forget(path, lease)
 
     def _recover_exclusive(
         self, path: str, session: int | None, exc: Exception
