@@ -215,7 +215,6 @@ class LockTask(celery.Task):
         **retry_options: Any,
     ) -> Lease:
         """A semaphore on this task's name refined by ``values``: ``max_leases`` holders."""
-        _check_max_leases(max_leases)
         return Lease(
             self, _SEMAPHORES, values, max_leases, blocking, timeout, retry, identifier,
             retry_options,
@@ -320,6 +319,12 @@ _SEP = "@"  # separates the parts of a semaphore node name; never in a name
 _SEQ_DIGITS = 10  # ZooKeeper appends a 10-digit counter to sequential nodes
 
 
+def _semaphore_node(child: str) -> tuple[str, int]:
+    """A semaphore node's lock name and max_leases, from ``<name>@<max>@<guid>@<seq>``."""
+    name, max_leases, _, _ = child.rsplit(_SEP, 3)
+    return name, int(max_leases)
+
+
 class Lease:
     """A claim on a lock, semaphore or mutex, yielded by ``lock()`` / ``semaphore()``.
 
@@ -342,6 +347,8 @@ class Lease:
         retry_options: dict | None = None,
     ) -> None:
         _check_wait(blocking, timeout)
+        if max_leases is not None:
+            _check_max_leases(max_leases)
         if retry_options and not retry:
             raise TypeError(
                 f"{sorted(retry_options)} are options of self.retry(): they need retry=True"
@@ -1079,31 +1086,31 @@ class _Connection:
                 return False
             path, stat = found
         node = path.rsplit("/", 1)[1]
+        granted = False
         try:
             while True:
                 event = self.handler.event_object()
                 watch = _setter(event) if blocking else None
-                rank = self._rank(parent, lease, node, max_leases, watch)
-                if rank < max_leases:
-                    lease._granted(path, stat)
+                if self._rank(parent, lease, node, max_leases, watch) < max_leases:
+                    granted = lease._granted(path, stat)
                     with self._mutex:
                         self._held[path] = lease
                     return True
                 if not blocking or not self._wait(event, deadline):
-                    break
-        except BaseException:
-            self._delete_own(path, stat.czxid, stat.ephemeralOwner)
-            raise
-        self._delete_own(path, stat.czxid, stat.ephemeralOwner)
-        return False
+                    return False
+        finally:
+            if not granted:  # a waiter that gives up, or fails, leaves no node behind
+                self._delete_own(path, stat.czxid, stat.ephemeralOwner)
 
     def _rank(self, parent: str, lease: Lease, node: str, max_leases: int, watch: Any) -> int:
-        siblings = [
-            child
-            for child in self.read(self.client.get_children_async, parent, watch=watch)
-            if child.rsplit(_SEP, 3)[0] == lease.name
-        ]
-        others = {int(child.rsplit(_SEP, 3)[1]) for child in siblings} - {max_leases}
+        """Our node's place among the nodes of the same semaphore (max_leases if it is gone)."""
+        siblings, others = [], set()
+        for child in self.read(self.client.get_children_async, parent, watch=watch):
+            name, limit = _semaphore_node(child)
+            if name == lease.name:
+                siblings.append(child)
+                if limit != max_leases:
+                    others.add(limit)
         if others:
             raise ZKCeleryError(
                 f"semaphore {lease.key}: max_leases={max_leases} here, but other holders "
@@ -1211,7 +1218,7 @@ class _Connection:
         parent = f"{self.settings.root}/{namespace}"
         if namespace == _SEMAPHORES:
             children = self.read(self.client.get_children_async, parent)
-            paths = [f"{parent}/{c}" for c in children if c.rsplit(_SEP, 3)[0] == name]
+            paths = [f"{parent}/{c}" for c in children if _semaphore_node(c)[0] == name]
         else:
             paths = [f"{parent}/{name}"]
         found = []
@@ -1434,9 +1441,9 @@ def _listing(conn: _Connection) -> list[dict]:
             children = conn.call(conn.client.get_children_async, parent)
         except NoNodeError:
             continue
-        ranks: dict[str, list[str]] = {}
-        for child in children:
-            ranks.setdefault(child.rsplit(_SEP, 3)[0], []).append(child)
+        ranks: dict[str, list[str]] = {}  # a semaphore's nodes, by its name
+        for child in children if namespace == _SEMAPHORES else ():
+            ranks.setdefault(_semaphore_node(child)[0], []).append(child)
         for child in children:
             try:
                 data, stat = conn.call(conn.client.get_async, f"{parent}/{child}")
@@ -1445,9 +1452,9 @@ def _listing(conn: _Connection) -> list[dict]:
             meta = json.loads(data or b"{}")
             state = "held"
             if namespace == _SEMAPHORES:
-                name, limit, _, _ = child.rsplit(_SEP, 3)
+                name, limit = _semaphore_node(child)
                 order = sorted(ranks[name], key=lambda c: c[-_SEQ_DIGITS:])
-                state = "held" if order.index(child) < int(limit) else "waiting"
+                state = "held" if order.index(child) < limit else "waiting"
             rows.append({
                 "kind": _KIND[namespace], "state": state, "key": meta.get("key", child),
                 "node": child, "path": f"{parent}/{child}", "task": meta.get("task"),

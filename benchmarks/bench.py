@@ -837,6 +837,15 @@ def peak_rss():
         hwm = []
     print(hwm[0] if hwm else maxrss, maxrss)
 """
+# A bare kazoo client that connects and reads once, then reports: the end of two probes.
+_BARE_CLIENT = """
+client = KazooClient(hosts={hosts!r})
+client.start(timeout=15)
+client.exists("/")
+peak_rss()
+client.stop()
+client.close()
+"""
 RSS_PROBES = {
     "zkcelery": """
 import sys
@@ -862,23 +871,13 @@ app.conf.update(ZOOKEEPER_HOSTS={hosts!r})
 def probe(self):
     pass
 probe.name, app.conf.get("ZOOKEEPER_HOSTS")
-client = KazooClient(hosts={hosts!r})
-client.start(timeout=15)
-client.exists("/")
-peak_rss()
-client.stop()
-client.close()
-""",
+"""
+    + _BARE_CLIENT,
     "celery_kazoo": """
 import celery
 from kazoo.client import KazooClient
-client = KazooClient(hosts={hosts!r})
-client.start(timeout=15)
-client.exists("/")
-peak_rss()
-client.stop()
-client.close()
-""",
+"""
+    + _BARE_CLIENT,
 }
 
 
