@@ -30,6 +30,7 @@ from typing import Any, Callable
 import pytest
 from celery import Celery
 from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
 from kombu.transport import filesystem
 from kombu.utils.json import dumps
 
@@ -177,10 +178,12 @@ def zk_root(request: pytest.FixtureRequest, zk: KazooClient) -> Iterator[str]:
 
 
 def count_znodes(client: KazooClient, path: str) -> int:
-    """How many znodes are at and below ``path``."""
-    if client.exists(path) is None:
+    """How many znodes are at and below ``path`` (a container may go while we count)."""
+    try:
+        children = client.get_children(path)
+    except NoNodeError:
         return 0
-    return 1 + sum(count_znodes(client, f"{path}/{c}") for c in client.get_children(path))
+    return 1 + sum(count_znodes(client, f"{path}/{c}") for c in children)
 
 
 class Partition:
@@ -568,3 +571,35 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+def expire_session(app_or_client: Any, hosts: str) -> None:
+    """Expire a ZooKeeper session for real, as kazoo's own harness does.
+
+    Another client attaches to the same session id and password and closes
+    it: the server ends the session, deletes its ephemeral nodes, and the
+    owner learns it only when it next talks to the server (LOST).
+    """
+    client = app_or_client
+    if isinstance(app_or_client, Celery):
+        client = zkcelery._connection(app_or_client).client
+    session_id, password = client.client_id
+    thief = KazooClient(hosts=hosts, client_id=(session_id, password))
+    thief.start(timeout=10)
+    thief.stop()
+    thief.close()
+
+
+def requests_received(hosts: str) -> int:
+    """Packets all servers of the ensemble have received from clients (``srvr``)."""
+    total = 0
+    for entry in hosts.split(","):
+        host, _, port = entry.rpartition(":")
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as sock:
+            sock.sendall(b"srvr")
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        match = re.search(rb"Received: (\d+)", answer)
+        total += int(match.group(1)) if match else 0
+    return total

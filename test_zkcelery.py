@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +35,9 @@ from conftest import (
     Workers,
     close_sessions,
     count_znodes,
+    expire_session,
     record_body,
+    requests_received,
     wait_for,
     worker_app,
 )
@@ -217,7 +220,7 @@ def test_chroot_suffix_places_the_locks_under_it(make_app, zk, zk_root, zk_hosts
     @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.chrooted")
     def task(self):
         with self.lock() as lease:
-            return zk.exists(lease._path) is not None
+            return zk.exists(lease._grant.path) is not None
 
     assert task() is True
     assert zk.exists(f"{zk_root}/chroot/locks-here/locks") is not None
@@ -302,20 +305,24 @@ def test_forked_child_makes_its_own_session_and_the_parents_survives(lock_task, 
             try:
                 child = zkcelery._connection(lock_task.app)
                 with _held(lock_task, "child") as own:
-                    os.write(write, f"{child.session} {bool(own)} {child is parent}".encode())
+                    os.write(write, f"{child.session_id} {bool(own)} {child is parent}".encode())
                 status = 0
             finally:
                 os._exit(status)
         _, status = os.waitpid(pid, 0)
         session, acquired, same = os.read(read, 200).decode().split()
         assert status == 0 and acquired == "True" and same == "False"
-        assert int(session) != parent.session
-        assert zk.exists(lease._path).ephemeralOwner == parent.session
+        assert int(session) != parent.session_id
+        assert zk.exists(lease._grant.path).ephemeralOwner == parent.session_id
         assert _held_now(lock_task, "kept") is False  # still ours, still exclusive
 
 
 def _held(task, *values) -> Any:
     return zkcelery.Lease(task, zkcelery._LOCKS, values)
+
+
+def _blocking(task, *values, timeout=None) -> Any:
+    return zkcelery.Lease(task, zkcelery._LOCKS, values, blocking=True, timeout=timeout)
 
 
 def _held_now(task, *values) -> bool:
@@ -448,18 +455,39 @@ def test_the_same_values_under_another_task_name_are_independent(app, lock_task)
         assert other("v") is True
 
 
-def test_identifier_lets_two_tasks_share_one_lock(app, lock_task):
+def test_name_lets_two_tasks_share_one_lock(app, lock_task):
     @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.first")
     def first(self):
-        with self.lock("x", identifier="shared") as outer:
+        with self.lock("x", name="shared") as outer:
             return bool(outer), second()
 
     @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.second")
     def second(self):
-        with self.lock("x", identifier="shared") as inner:
+        with self.lock("x", name="shared") as inner:
             return bool(inner)
 
     assert first() == (True, False)
+
+
+def test_identifier_labels_the_holder_and_never_changes_which_lock_it_is(app, lock_task):
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.labelled")
+    def labelled(self, label, inner=None):
+        with self.lock("x", identifier=label) as lease:
+            return bool(lease), [h["identifier"] for h in lease.holders()], inner and inner()
+
+    # Two contenders with different identifiers still exclude each other.
+    assert labelled("worker-1", lambda: labelled("worker-2")) == (
+        True, ["worker-1"], (False, ["worker-1"], None),
+    )  # fmt: skip
+
+
+def test_the_default_identifier_is_the_task_id_and_hostname(app):
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.default_id")
+    def task(self):
+        with self.lock() as lease:
+            return lease.holders()[0]["identifier"]
+
+    assert task.apply(task_id="id-7").get() == f"id-7->{socket.gethostname()}"
 
 
 def test_the_lease_is_truthy_exactly_while_held(lock_task):
@@ -642,7 +670,288 @@ def test_locked_and_released_keys_leave_no_znodes_behind(lock_task, zk, zk_root)
                 pass
 
     run_in_threads(8, cycle)
-    assert count_znodes(zk, zk_root) == baseline
+    # Semaphore containers are removed by the server's reaper (every 200 ms in
+    # the test ensemble, a minute by default).
+    wait_for(lambda: count_znodes(zk, zk_root) == baseline, 20, "the containers to be reaped")
+
+
+def test_contended_keys_leave_no_znodes_behind_once_idle(lock_task, zk, zk_root):
+    lock_task()
+    baseline = count_znodes(zk, zk_root)
+
+    def contend(i: int) -> None:
+        for j in range(30):
+            key = j % 3
+            with _blocking(lock_task, key), lock_task.semaphore(key, max_leases=2, blocking=True):
+                time.sleep(0.001)
+
+    run_in_threads(6, contend)
+    wait_for(lambda: count_znodes(zk, zk_root) == baseline, 20, "the containers to be reaped")
+
+
+# ===========================================================================
+# The lease protocol: queues, herds, recovery
+# ===========================================================================
+
+
+def _in_thread(target: Any, *args: Any) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def _probe_overhead(zk_hosts: str) -> int:
+    """Packets that reading the servers' counters itself adds to them."""
+    first = requests_received(zk_hosts)
+    return requests_received(zk_hosts) - first
+
+
+def test_holders_of_a_key_never_used_is_an_empty_list(lock_task):
+    assert lock_task.lock("unused").holders() == []
+    assert lock_task.semaphore("unused", max_leases=2).holders() == []
+    assert lock_task.lock("unused").waiters() == []
+
+
+def test_blocked_waiters_are_served_in_arrival_order_and_listed_as_waiters(lock_task):
+    served: list[int] = []
+
+    def wait(i: int) -> None:
+        with _blocking(lock_task, "fifo", timeout=30) as lease:
+            served.append(i if lease else -1)
+
+    with _held(lock_task, "fifo") as holder:
+        threads = []
+        for i in range(5):
+            threads.append(_in_thread(wait, i))
+            wait_for(lambda i=i: len(holder.waiters()) == i + 1, 10, f"waiter {i} to queue")
+        assert [h["state"] for h in holder.holders()] == ["held"]
+        assert [w["state"] for w in holder.waiters()] == ["waiting"] * 5
+    for thread in threads:
+        thread.join(30)
+    assert served == [0, 1, 2, 3, 4]
+
+
+def test_a_release_wakes_only_the_next_waiter(lock_task, zk_hosts):
+    done: list[bool] = []
+
+    def wait(i: int) -> None:
+        with _blocking(lock_task, "herd", timeout=30) as lease:
+            done.append(bool(lease))
+
+    holder = _held(lock_task, "herd").__enter__()
+    threads = [_in_thread(wait, i) for i in range(10)]
+    wait_for(lambda: len(holder.waiters()) == 10, 10, "ten waiters to queue")
+    overhead = _probe_overhead(zk_hosts)
+    before = requests_received(zk_hosts)
+    holder.release()
+    for thread in threads:
+        thread.join(30)
+    sent = requests_received(zk_hosts) - before - overhead
+    assert done == [True] * 10
+    # Each handover: the holder's delete and the next waiter's listing (a herd
+    # would have every waiter list the queue on every release: 55 listings).
+    assert sent <= 10 * 2 + 6, sent
+
+
+def _semaphore_cycle_cost(task: Any, zk_hosts: str, cycles: int = 30) -> float:
+    """Requests per uncontended cycle of semaphore B, from the servers' counters."""
+    overhead = _probe_overhead(zk_hosts)
+    before = requests_received(zk_hosts)
+    for _ in range(cycles):
+        with task.semaphore("B", max_leases=2) as lease:
+            assert lease
+    return (requests_received(zk_hosts) - before - overhead) / cycles
+
+
+def test_waiters_on_one_semaphore_cost_another_semaphore_nothing(lock_task, zk_hosts):
+    results: list[bool] = []
+
+    def wait(i: int) -> None:
+        with lock_task.semaphore("A", max_leases=1, blocking=True, timeout=30) as lease:
+            results.append(bool(lease))
+
+    alone = _semaphore_cycle_cost(lock_task, zk_hosts)
+    holder = lock_task.semaphore("A", max_leases=1).__enter__()
+    threads = [_in_thread(wait, i) for i in range(8)]
+    wait_for(lambda: len(holder.waiters()) == 8, 10, "eight waiters on A")
+    beside_waiters = _semaphore_cycle_cost(lock_task, zk_hosts)
+    holder.release()
+    for thread in threads:
+        thread.join(30)
+    assert results == [True] * 8
+    # Create, list, delete: 3 either way (other clients' pings add a little
+    # noise to both; a shared parent made it 14 with the waiters).
+    assert alone < 3.5 and beside_waiters < alone + 0.5, (alone, beside_waiters)
+
+
+def test_a_semaphore_waiter_whose_node_is_deleted_from_outside_queues_again(lock_task, zk):
+    result: list[bool] = []
+    holder = lock_task.semaphore("gone", max_leases=1).__enter__()
+    waiter = _in_thread(
+        lambda: result.append(
+            bool(lock_task.semaphore("gone", max_leases=1, blocking=True, timeout=30).acquire())
+        )
+    )
+    wait_for(lambda: len(holder.waiters()) == 1, 10, "the waiter to queue")
+    container = holder._grant.path.rsplit("/", 1)[0]
+    [waiting] = [c for c in zk.get_children(container) if c != holder._grant.path.rsplit("/")[-1]]
+    zk.delete(f"{container}/{waiting}")
+    wait_for(lambda: len(holder.waiters()) == 1, 10, "the waiter to queue again")
+    holder.release()
+    waiter.join(30)
+    assert result == [True]
+
+
+def test_a_semaphore_waiter_whose_session_expires_queues_again(make_app, zk_hosts):
+    holder_task, waiter_app = _lock_task_on(make_app()), make_app()
+    waiter_task = _lock_task_on(waiter_app)
+    result: list[bool] = []
+    holder = holder_task.semaphore("exp", max_leases=1).__enter__()
+    waiter = _in_thread(
+        lambda: result.append(
+            bool(waiter_task.semaphore("exp", max_leases=1, blocking=True, timeout=30).acquire())
+        )
+    )
+    wait_for(lambda: len(holder.waiters()) == 1, 10, "the waiter to queue")
+    first = holder.waiters()[0]["guid"]
+    expire_session(waiter_app, zk_hosts)
+    # The same contender (same guid) queues again under its new session.
+    wait_for(lambda: [w["guid"] for w in holder.waiters()] == [first], 15, "the waiter back")
+    holder.release()
+    waiter.join(30)
+    assert result == [True]
+
+
+def test_a_waiter_in_the_holders_process_is_granted_once_the_holders_session_expires(
+    app, lock_task, zk_hosts
+):
+    holder = _held(lock_task, "same").__enter__()
+    result: list[bool] = []
+    waiter = _in_thread(
+        lambda: result.append(bool(_blocking(lock_task, "same", timeout=30).acquire()))
+    )
+    wait_for(lambda: len(holder.waiters()) == 1, 10, "the waiter to queue")
+    before = requests_received(zk_hosts)
+    expire_session(app, zk_hosts)
+    waiter.join(30)
+    sent = requests_received(zk_hosts) - before
+    assert result == [True]
+    assert holder.lost
+    # Reconnect, queue again, look, and the probes: not a loop without pause.
+    assert sent <= 30, sent
+    holder.release()
+
+
+def test_a_waiter_in_the_holders_process_is_granted_when_the_lock_is_broken(lock_task, zk):
+    holder = _held(lock_task, "broken").__enter__()
+    result: list[bool] = []
+    waiter = _in_thread(
+        lambda: result.append(bool(_blocking(lock_task, "broken", timeout=30).acquire()))
+    )
+    wait_for(lambda: len(holder.waiters()) == 1, 10, "the waiter to queue")
+    zk.delete(holder._grant.path)
+    waiter.join(30)
+    assert result == [True]
+    wait_for(lambda: holder.lost, 10, "the broken holder to learn it")
+
+
+def test_a_lease_broken_from_outside_can_be_acquired_again_after_release(lock_task, zk):
+    lease = _held(lock_task, "again")
+    assert lease.acquire()
+    zk.delete(lease._grant.path)
+    wait_for(lambda: lease.lost, 10, "the lease to be lost")
+    lease.release()
+    assert lease.acquire() and not lease.lost
+    lease.release()
+
+
+def test_a_semaphores_holders_exclude_its_waiters(lock_task):
+    results: list[bool] = []
+    first = lock_task.semaphore("hw", max_leases=2).__enter__()
+    second = lock_task.semaphore("hw", max_leases=2).__enter__()
+    waiter = _in_thread(
+        lambda: results.append(
+            bool(lock_task.semaphore("hw", max_leases=2, blocking=True, timeout=30).acquire())
+        )
+    )
+    wait_for(lambda: len(first.waiters()) == 1, 10, "the waiter to queue")
+    assert [h["state"] for h in first.holders()] == ["held", "held"]
+    first.release()
+    waiter.join(30)
+    second.release()
+    assert results == [True]
+
+
+def test_reading_lost_sends_one_request_at_most_and_never_waits(lock_task, zk_hosts, partition):
+    with _held(lock_task, "poll") as lease:
+        overhead = _probe_overhead(zk_hosts)
+        before = requests_received(zk_hosts)
+        assert not any(lease.lost for _ in range(2000))
+        sent = requests_received(zk_hosts) - before - overhead
+    assert sent <= 2, sent  # the watch, and perhaps a ping
+
+
+def test_reading_lost_does_not_wait_when_the_link_is_cut(make_app, partition):
+    task = _lock_task_on(make_app(ZOOKEEPER_HOSTS=partition.address))
+    with task.lock("cut") as lease:
+        partition.cut()
+        started = time.monotonic()
+        lease.lost  # noqa: B018 - the read is what is measured
+        took = time.monotonic() - started
+        partition.heal()
+    assert took < CONNECT_TIMEOUT / 2, took
+
+
+@pytest.mark.slow
+def test_lost_counts_from_the_session_timeout_the_server_granted(make_app, partition, capsys):
+    # The test ensemble grants at most 5 s (maxSessionTimeout), as some do in production.
+    cut_off = make_app(ZOOKEEPER_HOSTS=partition.address, ZOOKEEPER_SESSION_TIMEOUT=30)
+    holder, rival = _lock_task_on(cut_off), _lock_task_on(make_app())
+    lease = holder.lock("granted").__enter__()
+    assert zkcelery._connection(cut_off).session_timeout == pytest.approx(5.0)
+    lost_at: list[float] = []
+
+    def watch_lost() -> None:
+        while not lease.lost:
+            time.sleep(0.005)
+        lost_at.append(time.monotonic())
+
+    partition.cut()
+    cut = time.monotonic()
+    watcher = _in_thread(watch_lost)
+    with rival.lock("granted", blocking=True, timeout=30) as taken:
+        taken_at = time.monotonic()
+        assert taken
+    watcher.join(30)
+    partition.heal()
+    assert lost_at and lost_at[0] < taken_at
+    _report(
+        capsys,
+        f"granted 5 s of 30 asked: lost {lost_at[0] - cut:.2f} s after the cut, "
+        f"a rival held it {taken_at - cut:.2f} s after",
+    )
+
+
+def test_rm_removes_holders_and_waiters_and_every_waiter_recovers(lock_task, zk_hosts, zk_root):
+    granted: list[bool] = []
+
+    def wait(i: int) -> None:
+        with _blocking(lock_task, "rm", timeout=30) as lease:
+            granted.append(bool(lease))
+
+    holder = _held(lock_task, "rm").__enter__()
+    threads = [_in_thread(wait, i) for i in range(3)]
+    wait_for(lambda: len(holder.waiters()) == 3, 10, "three waiters to queue")
+    done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('rm')", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("broke") == 4  # the holder and three waiters
+    for thread in threads:
+        thread.join(30)
+    # Each waiter queued again and was served (one may have been granted, and
+    # broken, while rm was still deleting: rm breaks whatever it finds).
+    assert granted == [True] * 3
+    wait_for(lambda: holder.lost, 10, "the broken holder to learn it")
+    holder.release()
 
 
 # ===========================================================================
@@ -777,7 +1086,9 @@ def test_readme_retrying_task_retries_with_its_countdown(workers: Workers, zk, z
     workers.start(concurrency=1)
     result = workers.send("retrying", {"key": "r"})
     wait_for(lambda: result.state == "RETRY", 20, "the task to retry")
-    assert "retry: Retry in 10s" in workers.started[0].log.read_text()
+    # The worker logs the retry after it stores the state: wait for the line.
+    log = workers.started[0].log
+    wait_for(lambda: "retry: Retry in 10s" in log.read_text(), 10, "the retry's log line")
     assert workers.record.entries() == []
     zk.delete(path)
     assert result.get(timeout=30) is None  # its one retry, ten seconds later, ran
@@ -1054,7 +1365,7 @@ def test_a_release_while_the_connection_is_cut_returns_within_the_connect_timeou
     partition.heal()
     # Healed within the session timeout, the same session comes back and the
     # release it could not send is done then: the lock does not stay stuck.
-    wait_for(lambda: zk.exists(lease._node_path()) is None, 10, "the orphan to be deleted")
+    wait_for(lambda: zk.exists(lease._grant.path) is None, 10, "the orphan to be deleted")
 
 
 def test_an_acquire_cut_off_midway_leaves_no_stuck_lock(make_app, partition, zk):
@@ -1146,9 +1457,9 @@ def test_odd_refining_values_each_get_their_own_lock_and_none_corrupts_another(l
     leases = [lock_task.lock(v).__enter__() for v in _ODD_VALUES]
     try:
         assert all(leases)
-        assert len({lease._path for lease in leases}) == len(_ODD_VALUES)
+        assert len({lease._grant.path for lease in leases}) == len(_ODD_VALUES)
         for lease in leases:
-            assert zk.exists(lease._path) is not None
+            assert zk.exists(lease._grant.path) is not None
     finally:
         for lease in leases:
             lease.__exit__(None, None, None)
@@ -1230,17 +1541,17 @@ def test_with_auth_only_the_holder_may_delete_or_take_over_a_lock(make_app, zk, 
     app = make_app(ZOOKEEPER_AUTH="digest:worker:s3cret")
     lease = _lock_task_on(app).lock("a").__enter__()
     with pytest.raises(NoAuthError):
-        zk.delete(lease._path)  # a client without the credentials
+        zk.delete(lease._grant.path)  # a client without the credentials
     with pytest.raises(NoAuthError):
         zk.create(f"{zk_root}/locks/intruder", ephemeral=True)
-    assert json.loads(zk.get(lease._path)[0])["key"] == "t.lock('a')"  # reads stay open
-    assert "s3cret" not in zk.get(lease._path)[0].decode()
+    assert json.loads(zk.get(lease._grant.path)[0])["key"] == "t.lock('a')"  # reads stay open
+    assert "s3cret" not in zk.get(lease._grant.path)[0].decode()
     stranger = _lock_task_on(make_app(ZOOKEEPER_AUTH="digest:other:pw"))
     with pytest.raises(zkcelery.ZKCeleryError, match="ZOOKEEPER_AUTH") as refused:
         stranger.lock("b").__enter__()
     assert "s3cret" not in str(refused.value) and "pw" not in str(refused.value).split("(")[0]
     lease.__exit__(None, None, None)
-    assert zk.exists(lease._node_path()) is None  # the holder still can
+    assert zk.exists(lease._grant.path) is None  # the holder still can
 
 
 def test_zookeeper_ssl_locks_over_tls_and_a_plain_client_cannot(make_app, tls_ensemble):
@@ -1259,7 +1570,7 @@ def test_with_protected_reads_others_cannot_read_holder_metadata(make_app, zk):
     app = make_app(ZOOKEEPER_AUTH="digest:worker:s3cret", ZOOKEEPER_PROTECT_READS=True)
     with _lock_task_on(app).lock("a") as lease:
         with pytest.raises(NoAuthError):
-            zk.get(lease._path)
+            zk.get(lease._grant.path)
         assert lease.holders()[0]["key"] == "t.lock('a')"  # the holder still can
 
 

@@ -115,6 +115,7 @@ to the storage.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -127,7 +128,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -138,7 +139,7 @@ import celery
 import click
 from celery import signals
 from celery.exceptions import Reject
-from kazoo.client import KazooClient
+from kazoo.client import KazooClient, TransactionRequest
 from kazoo.exceptions import (
     AuthFailedError,
     ConnectionClosedError,
@@ -147,19 +148,25 @@ from kazoo.exceptions import (
     NoAuthError,
     NodeExistsError,
     NoNodeError,
+    NotEmptyError,
     SessionExpiredError,
 )
 from kazoo.handlers.threading import SequentialThreadingHandler
-from kazoo.protocol.states import KazooState, ZnodeStat
+from kazoo.protocol.serialization import Create2
+from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
 from kazoo.retry import KazooRetry
-from kazoo.security import make_acl, make_digest_acl
+from kazoo.security import OPEN_ACL_UNSAFE, make_acl, make_digest_acl
 
 __all__ = [
+    "AccessDenied",
+    "AlreadyAcquired",
     "ConfigurationError",
     "CoordinationError",
     "Lease",
     "LockTask",
+    "MaxLeasesMismatch",
     "MutexTask",
+    "NotReentrant",
     "ZKCeleryError",
 ]
 
@@ -176,6 +183,22 @@ class CoordinationError(ZKCeleryError):
 
 class ConfigurationError(ZKCeleryError, ValueError):
     """A ``ZOOKEEPER_*`` setting is malformed."""
+
+
+class AccessDenied(ZKCeleryError):
+    """ZooKeeper refused a request: the znodes belong to another identity (``ZOOKEEPER_AUTH``)."""
+
+
+class AlreadyAcquired(ZKCeleryError):
+    """``acquire()`` was called on a lease that is held already."""
+
+
+class NotReentrant(ZKCeleryError):
+    """A blocking acquire without a timeout of a lock this thread holds: it would never end."""
+
+
+class MaxLeasesMismatch(ZKCeleryError, ValueError):
+    """Holders of one semaphore disagree on ``max_leases``."""
 
 
 class _ConnectionLost(CoordinationError):
@@ -197,12 +220,29 @@ class LockTask(celery.Task):
         timeout: float | None = None,
         retry: bool = False,
         identifier: str | None = None,
+        name: str | None = None,
         **retry_options: Any,
     ) -> Lease:
-        """A lock on this task's name refined by ``values``: one holder at a time."""
+        """A lock on this task's name refined by ``values``: one holder at a time.
+
+        :param values: refine the lock: only tasks locking equal values exclude
+            each other.
+        :param blocking: wait for the lock instead of giving up at once; forces
+            ``retry`` off.
+        :param timeout: with ``blocking``, give up after this many seconds.
+        :param retry: when the lock is held, retry the task (``self.retry``)
+            from the ``with`` statement; the body does not run.
+        :param identifier: a label for this contender, stored with it and shown
+            by ``holders()`` and ``ls`` (default ``'<task id>-><hostname>'``).
+        :param name: the lock's name instead of the task's, so that
+            differently named tasks can share one lock.
+        :param retry_options: with ``retry=True``, passed to ``self.retry()``
+            (``countdown``, ``max_retries``, ``exc``...).
+        """
         return Lease(
-            self, _LOCKS, values, None, blocking, timeout, retry, identifier, retry_options
-        )
+            self, _LOCKS, values, blocking=blocking, timeout=timeout, retry=retry,
+            identifier=identifier, name=name, retry_options=retry_options,
+        )  # fmt: skip
 
     def semaphore(
         self,
@@ -212,12 +252,20 @@ class LockTask(celery.Task):
         timeout: float | None = None,
         retry: bool = False,
         identifier: str | None = None,
+        name: str | None = None,
         **retry_options: Any,
     ) -> Lease:
-        """A semaphore on this task's name refined by ``values``: ``max_leases`` holders."""
+        """A semaphore on this task's name refined by ``values``: ``max_leases`` holders.
+
+        :param max_leases: how many holders it admits at once; every holder of
+            one semaphore must give the same number.
+        :param values, blocking, timeout, retry, identifier, name, retry_options:
+            as for :meth:`lock`.
+        """
         return Lease(
-            self, _SEMAPHORES, values, max_leases, blocking, timeout, retry, identifier,
-            retry_options,
+            self, _SEMAPHORES, values, max_leases=max_leases, blocking=blocking,
+            timeout=timeout, retry=retry, identifier=identifier, name=name,
+            retry_options=retry_options,
         )  # fmt: skip
 
 
@@ -282,47 +330,33 @@ class MutexTask(celery.Task):
 # Leases: the one lock primitive behind lock(), semaphore() and MutexTask
 # ---------------------------------------------------------------------------
 #
-# Znode layout, under ZOOKEEPER_ROOT (three persistent nodes, made once per
-# process; nothing else is ever persistent):
+# Znode layout under ZOOKEEPER_ROOT.  The root and the three namespace nodes
+# are persistent and made once; everything per key is ephemeral or a
+# container node (ZooKeeper 3.5.3+), which the server removes once its last
+# child is gone, so no key leaves anything behind:
 #
-#   /zkcelery/locks/<name>                  one ephemeral node: the holder
-#   /zkcelery/mutexes/<name>                likewise, for MutexTask
-#   /zkcelery/semaphores/<name>@<max>@<guid>@0000000042
-#                                           one ephemeral-sequential node per
-#                                           holder or waiter
+#   /zkcelery/locks/<name>                    ephemeral: the holder that
+#                                             found the lock free
+#   /zkcelery/locks/<name>@queue/             container: waiters, in order
+#   /zkcelery/locks/<name>@queue/1@<guid>@0000000042
+#   /zkcelery/mutexes/...                     likewise, for MutexTask
+#   /zkcelery/semaphores/<name>/              container: holders and waiters
+#   /zkcelery/semaphores/<name>/<max>@<guid>@0000000042
 #
-# <name> is the lock's name (the task name and its refining values) encoded
-# by _lock_name() into one znode name that holds none of the characters "@"
-# or "#" unless it is digested.  Every node carries its holder's metadata as
-# JSON, so "who holds it" costs no extra node.
-#
-# A lock or mutex is exclusive by path: acquiring is one create (the floor of
-# a lock: one quorum write), failing is one failed create, releasing is one
-# delete.  There is no per-key parent, so nothing is left behind however many
-# distinct keys are used (kazoo's Lock leaves one persistent node per key).
-# A waiter watches the node and tries again when it is deleted.
-#
-# A semaphore holder creates a sequential node under the shared parent, then
-# lists the parent: it holds a lease when fewer than <max> nodes of the same
-# name have a lower sequence number.  That is one write, one read and, to
-# release, one delete.  <max> travels in the node name so that holders that
-# disagree on it are found by the same read; <guid> lets a holder recognise
-# its own node after a create whose answer was lost with the connection (the
-# orphan kazoo issue #732 describes).  A waiter watches the parent's children.
-#
-# The fencing token is the holder node's creation zxid: ZooKeeper's global
-# transaction id, so it strictly increases with every grant of any lock.
+# <name> is the lock's name encoded by _lock_name(), which never holds "@".
+# Every node carries its contender's metadata as JSON (task id, host, pid,
+# identifier, key, and the lease's <guid>), so "who holds it" costs no extra
+# node.  The two protocols are explained where they are implemented:
+# _ExclusiveLock and _Semaphore, both built on _Queue.
 
 _LOCKS, _SEMAPHORES, _MUTEXES = "locks", "semaphores", "mutexes"
 _KIND = {_LOCKS: "lock", _SEMAPHORES: "semaphore", _MUTEXES: "mutex"}
-_SEP = "@"  # separates the parts of a semaphore node name; never in a name
+_SEP = "@"  # separates the parts of a contender's node name; never in a lock name
+_QUEUE = f"{_SEP}queue"  # suffix of an exclusive lock's queue container
 _SEQ_DIGITS = 10  # ZooKeeper appends a 10-digit counter to sequential nodes
-
-
-def _semaphore_node(child: str) -> tuple[str, int]:
-    """A semaphore node's lock name and max_leases, from ``<name>@<max>@<guid>@<seq>``."""
-    name, max_leases, _, _ = child.rsplit(_SEP, 3)
-    return name, int(max_leases)
+#: Turns of a waiting loop that may pass without an event before it pauses:
+#: each turn follows a change it saw, so this is a guard, not a rhythm.
+_FREE_TURNS = 20
 
 
 class Lease:
@@ -331,19 +365,36 @@ class Lease:
     Truthy while it is held.  ``token`` is a fencing token (an integer that
     strictly increases with every grant of the lock), ``lost`` turns true once
     the lock may be held by someone else, ``suspended`` while the connection
-    to ZooKeeper is down, and ``holders()`` lists who holds the lock now.
+    to ZooKeeper is down, and ``holders()`` / ``waiters()`` list who holds the
+    lock and who waits for it now.
+
+    Leases are made by :meth:`LockTask.lock`, :meth:`LockTask.semaphore` and
+    :class:`MutexTask`; the parameters are theirs:
+
+    :param task: the task whose name (and app settings) the lease uses.
+    :param namespace: ``"locks"``, ``"semaphores"`` or ``"mutexes"``.
+    :param values: the refining values that follow the name.
+    :param max_leases: how many holders a semaphore admits (None: a lock).
+    :param blocking: wait for the lease instead of giving up at once.
+    :param timeout: with ``blocking``, the longest wait in seconds.
+    :param retry: when not acquired, retry the task from ``__enter__``.
+    :param identifier: a label stored with the holder (default: task id and host).
+    :param name: the lock's base name instead of the task's name.
+    :param retry_options: keyword arguments for ``task.retry()``.
     """
 
     def __init__(
         self,
         task: celery.Task,
         namespace: str,
-        values: Sequence[Any],
+        values: Sequence[Any] = (),
+        *,
         max_leases: int | None = None,
         blocking: bool = False,
         timeout: float | None = None,
         retry: bool = False,
         identifier: str | None = None,
+        name: str | None = None,
         retry_options: dict | None = None,
     ) -> None:
         _check_wait(blocking, timeout)
@@ -353,11 +404,14 @@ class Lease:
             raise TypeError(
                 f"{sorted(retry_options)} are options of self.retry(): they need retry=True"
             )
-        base = task.name if identifier is None else identifier
+        if identifier is not None and (not isinstance(identifier, str) or not identifier):
+            raise TypeError(f"identifier must be a non-empty str, not {identifier!r}")
+        base = task.name if name is None else name
         if not isinstance(base, str) or not base:
-            raise TypeError(f"identifier must be a non-empty str, not {base!r}")
+            raise TypeError(f"name must be a non-empty str, not {base!r}")
         self.name = _lock_name(base, values)
         self.key = _readable_key(base, values)
+        self.identifier = identifier
         self._task = task
         self._namespace = namespace
         self._max_leases = max_leases
@@ -365,69 +419,51 @@ class Lease:
         self._timeout = timeout
         self._retry = bool(retry) and not blocking
         self._retry_options = retry_options or {}
-        self._conn: _Connection | None = None
-        self._path: str | None = None
-        self._session: int | None = None
-        self._lost = False
-        self._broken = False  # our node was deleted from outside: never delete it again
-        self._thread = 0
-        self.token: int | None = None
+        self._session: _Session | None = None
+        self._grant: _Grant | None = None  # the latest grant, kept after release
 
     # -- the public view ---------------------------------------------------
 
     def __bool__(self) -> bool:
-        return self._path is not None
+        return self._grant is not None and not self._grant.released
 
     def __repr__(self) -> str:
         state = "held" if self else "not held"
-        return f"<Lease {self._namespace} {self.key} {state} token={self.token}>"
+        return f"<Lease {self._namespace} {self.key} {state}>"
+
+    @property
+    def token(self) -> int | None:
+        """The fencing token of the latest grant: its node's creation zxid.
+
+        Known at once for a lease that waited; a lease taken uncontended learns
+        it with one read the first time it is asked, while it is held.
+        """
+        return None if self._grant is None else self._grant.fencing_token()
 
     @property
     def lost(self) -> bool:
-        """True once the lock may be held by someone else (sticky).
+        """True once the lease may be held by someone else (sticky until re-acquired).
 
         That is when the session is known to be lost, when the connection has
-        been down for about the session timeout, or when the lock's node was
-        deleted from outside (``python -m zkcelery rm``): the last costs one
-        read per look while the session is sound.
+        been down for a quarter of the negotiated session timeout, or when the
+        lease's node was deleted from outside (``python -m zkcelery rm``).
+        Reading it never waits: the first look sends one request, in the
+        background, that watches the node for deletion.
         """
-        if not self._lost and self._path is not None and self._conn is not None:
-            if self._session_lost():
-                self._mark_lost("the ZooKeeper session expired or the connection is down")
-            elif self._conn.broken(self._path, self.token):
-                self._broken = True
-                self._conn._forget(self._path, self)  # let others in this process try it
-                self._mark_lost("its znode was deleted from outside")
-        return self._lost
-
-    @property
-    def _kind(self) -> str:
-        return _KIND[self._namespace]
-
-    def _mark_lost(self, why: str) -> None:
-        self._lost = True
-        self._log(logging.WARNING, "lost: %s; another task may hold it now", why)
-
-    def _log(self, level: int, what: str, *args: Any) -> None:
-        """Log a line naming the task, its id, and this lease's kind and key."""
-        logger.log(
-            level, f"task %s[%s]: %s %s {what}",
-            self._task.name, self._task_id(), self._kind, self.key, *args,
-        )  # fmt: skip
-
-    def _session_lost(self) -> bool:
-        assert self._conn is not None
-        return self._conn.session_lost_since(self._session)
+        return self._grant is not None and self._grant.is_lost()
 
     @property
     def suspended(self) -> bool:
-        """True while the connection is down and the lease is in doubt."""
-        return self._path is not None and self._conn is not None and self._conn.suspended
+        """True while the lease is held and the connection to ZooKeeper is down."""
+        return bool(self) and self._session is not None and self._session.suspended
 
     def holders(self) -> list[dict]:
-        """The metadata of every current holder of this lock (task id, host, pid...)."""
-        conn = self._connect()
-        return [meta for _, meta in conn.holders(self._namespace, self.name)]
+        """The metadata of every current holder (task id, host, pid, identifier...)."""
+        return self._protocol(self._connect()).contenders()[0]
+
+    def waiters(self) -> list[dict]:
+        """The metadata of every contender waiting for the lease, first in line first."""
+        return self._protocol(self._connect()).contenders()[1]
 
     # -- context manager -----------------------------------------------------
 
@@ -451,72 +487,570 @@ class Lease:
     # -- acquire and release -----------------------------------------------
 
     def acquire(self) -> bool:
-        """Try to take the lease (waiting if blocking); return whether it is held."""
+        """Try to take the lease (waiting if blocking); return whether it is held.
+
+        :raises AlreadyAcquired: this lease is held already.
+        :raises NotReentrant: blocking without a timeout on a lock this thread holds.
+        :raises CoordinationError: ZooKeeper did not answer in time.
+        """
         if self:
-            raise ZKCeleryError(f"{self!r} is already held")
-        conn = self._connect()
-        self._thread = threading.get_ident()
+            raise AlreadyAcquired(f"{self!r} is already held: release it first")
+        session = self._connect()
         deadline = None
         if self._blocking and self._timeout is not None:
             deadline = time.monotonic() + self._timeout
-        data = self._metadata(conn)
-        if self._max_leases is None:
-            held = conn.acquire_exclusive(self, data, self._blocking, deadline)
-        else:
-            held = conn.acquire_counted(self, data, self._max_leases, self._blocking, deadline)
-        if not held:
+        protocol = self._protocol(session)
+        if self._blocking and deadline is None and self._max_leases is None:
+            session.refuse_reentry(protocol.key_path, self.key)
+        granted = protocol.acquire(self._blocking, deadline)
+        if granted is None:
             self._log(logging.DEBUG, "is held elsewhere")
-        return held
+            return False
+        path, token = granted
+        self._grant = _Grant(session, protocol, path, token, self._log)
+        session.remember(self._grant)
+        return True
 
     def release(self) -> None:
         """Give the lease back; a no-op when it is not held or its session is gone."""
-        path, conn = self._path, self._conn
-        if path is None or conn is None:
-            return
-        self._path = None
-        if self._broken:  # the node at ``path`` may be another holder's now
-            return
-        conn.release(self, path)
+        if self:
+            assert self._grant is not None
+            self._grant.release()
 
     def wait_for_release(self, seconds: float) -> None:
-        """Wait until the (exclusive) lock this lease failed to take is freed, or ``seconds``."""
-        if self._conn is not None:
+        """Wait until the lock this (exclusive) lease failed to take is freed, or ``seconds``."""
+        if self._session is not None and self._max_leases is None:
             # Only a courtesy: if ZooKeeper is away, the next acquire says so.
             with contextlib.suppress(CoordinationError):
-                self._conn.wait_deleted(self._node_path(), time.monotonic() + seconds)
+                protocol = self._protocol(self._session)
+                assert isinstance(protocol, _ExclusiveLock)
+                protocol.wait_free(time.monotonic() + seconds)
 
-    # -- helpers for _Connection ---------------------------------------------
+    # -- helpers -----------------------------------------------------------------
 
-    def _connect(self) -> _Connection:
-        if self._conn is None:
-            self._conn = _connection(self._task.app)
-        return self._conn
+    def _connect(self) -> _Session:
+        if self._session is None:
+            self._session = _connection(self._task.app)
+        return self._session
 
-    def _node_path(self) -> str:
-        assert self._conn is not None
-        return f"{self._conn.settings.root}/{self._namespace}/{self.name}"
+    def _protocol(self, session: _Session) -> _ExclusiveLock | _Semaphore:
+        guid = uuid.uuid4().hex[:16]
+        data = self._metadata(session, guid)
+        parent = f"{session.settings.root}/{self._namespace}"
+        if self._max_leases is None:
+            return _ExclusiveLock(session, parent, self.name, guid, data)
+        return _Semaphore(session, f"{parent}/{self.name}", self._max_leases, guid, data, self.key)
 
     def _task_id(self) -> str | None:
         return getattr(self._task.request, "id", None)
 
-    def _metadata(self, conn: _Connection) -> bytes:
+    def _metadata(self, session: _Session, guid: str) -> bytes:
+        task_id = self._task_id()
         meta = {
-            "task_id": self._task_id(),
+            "task_id": task_id,
             "task": self._task.name,
-            "host": conn.hostname,
+            "host": session.hostname,
             "pid": os.getpid(),
+            "identifier": self.identifier or f"{task_id}->{session.hostname}",
             "acquired": time.time(),
             "key": self.key,
+            "guid": guid,
         }
         if self._max_leases is not None:
             meta["max_leases"] = self._max_leases
         return json.dumps(meta).encode()
 
-    def _granted(self, path: str, stat: ZnodeStat) -> bool:
-        # The node's own stat says which session owns it and when it was made.
-        self._path, self._session, self.token = path, stat.ephemeralOwner, stat.czxid
-        self._lost = False
+    def _log(self, level: int, what: str, *args: Any) -> None:
+        """Log a line naming the task, its id, and this lease's kind and key."""
+        logger.log(
+            level, f"task %s[%s]: %s %s {what}",
+            self._task.name, self._task_id(), _KIND[self._namespace], self.key, *args,
+        )  # fmt: skip
+
+
+class _Grant:
+    """One granted lease: its node, its session, and whether it may be lost.
+
+    A grant is lost (for good) when its session is known to be lost, when
+    the connection has been down for a quarter of the negotiated session
+    timeout, or when its node is deleted from outside; the last is learnt from
+    a watch set at the first look, so that looking never waits.
+    """
+
+    def __init__(
+        self,
+        session: _Session,
+        protocol: _ExclusiveLock | _Semaphore,
+        path: str,
+        token: int | None,
+        log: Callable[..., None],
+    ) -> None:
+        self.session = session
+        self.protocol = protocol
+        self.path = path
+        self.key_path = protocol.key_path
+        self.guid = protocol.guid
+        self.session_id = session.session_id
+        self.thread = threading.get_ident()
+        self.token = token
+        self.released = False
+        self.why_lost: str | None = None
+        self._watching = False
+        self._log = log
+
+    def is_lost(self) -> bool:
+        if self.why_lost is None and not self.released:
+            if self.session.lost_since(self.session_id):
+                self.mark_lost("the ZooKeeper session expired or the connection is down")
+            elif not self._watching:
+                self._watching = True
+                self.session.watch_node(self.path, self._on_event, self._on_answer)
+        return self.why_lost is not None
+
+    def fencing_token(self) -> int | None:
+        if self.token is None and not self.released and self.why_lost is None:
+            try:
+                data, stat = self.session.read(self.session.client.get_async, self.path)
+            except NoNodeError:
+                data, stat = b"", None
+            if stat is not None and _guid_of(data) == self.guid:
+                self.token = stat.czxid
+            else:
+                self.mark_lost("its znode was deleted from outside")
+        return self.token
+
+    def mark_lost(self, why: str) -> None:
+        with self.session.mutex:
+            if self.why_lost is not None or self.released:
+                return
+            self.why_lost = why
+        self.session.forget(self)
+        self._log(logging.WARNING, "lost: %s; another task may hold it now", why)
+
+    def release(self) -> None:
+        self.released = True
+        self.session.forget(self)
+        if self.why_lost == _BROKEN:
+            return  # the node at our path may be another holder's now
+        try:
+            self.protocol.release(self.path, self.session_id)
+        except CoordinationError as exc:
+            self._log(
+                logging.WARNING,
+                "not released (%s); ZooKeeper frees it when the session ends, or this "
+                "process deletes it when it reconnects",
+                exc,
+            )
+
+    # Both run on kazoo's threads: never block.
+    def _on_event(self, event: WatchedEvent) -> None:
+        if event.type == EventType.DELETED:
+            self.mark_lost(_BROKEN)
+
+    def _on_answer(self, result: Any) -> None:
+        if not result.successful():
+            return  # no answer: the session's fate decides
+        stat = result.value
+        if stat is None or stat.ephemeralOwner != self.session_id:
+            self.mark_lost(_BROKEN)
+        elif self.token is None:
+            self.token = stat.czxid
+
+
+_BROKEN = "its znode was deleted from outside"
+
+
+def _guid_of(data: bytes) -> str | None:
+    try:
+        return json.loads(data or b"{}").get("guid")
+    except ValueError:
+        return None
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+class _Queue:
+    """Contenders for one key, in arrival order, under one container node.
+
+    Each contender creates one ephemeral sequential child named
+    ``<max_leases>@<guid>@<sequence>``; the order of the sequence numbers is
+    the order of arrival.  A policy (the protocol using the queue) answers,
+    for the sorted contenders, two questions: is ours granted, and which one
+    thing do we watch until it may be.  Watching one node rather than the
+    container means a change wakes the one waiter it concerns, not all of
+    them (the herd effect).
+
+    Recovery: the <guid> lets a contender find its own node again after a
+    create whose answer was lost with the connection (the orphan of kazoo
+    issue #732); a contender whose node is gone (its session expired, or an
+    operator removed it) makes a new one, at the back of the queue: the only
+    place the protocol can give it.  A container reaped between its creation
+    and our create is made again.
+    """
+
+    def __init__(
+        self, session: _Session, path: str, max_leases: int, guid: str, data: bytes
+    ) -> None:
+        self.session = session
+        self.path = path
+        self.prefix = f"{max_leases}{_SEP}{guid}{_SEP}"
+        self.data = data
+        self.node: str | None = None  # our child's name while we are in the queue
+        self.token: int | None = None
+        self.children: list[str] = []  # the last sorted listing
+
+    @property
+    def own_path(self) -> str:
+        return f"{self.path}/{self.node}"
+
+    def join(self) -> None:
+        """Create our node, or find it again if the answer to the create was lost."""
+        session = self.session
+        while self.node is None:
+            session_id = session.session_id
+            try:
+                path, stat = session.create_in_container(
+                    self.path, f"{self.path}/{self.prefix}", self.data, sequence=True
+                )
+            except _ConnectionLost as exc:
+                found = self._find_own(session_id, exc)
+                if found is None:
+                    continue  # never made, or made in a session now ended
+                path, stat = found
+            self.node, self.token = path.rsplit("/", 1)[1], stat.czxid
+
+    def _find_own(self, session_id: int | None, exc: Exception) -> tuple[str, ZnodeStat] | None:
+        session = self.session
+        try:
+            session.wait_connected()
+            if session.session_id != session_id:
+                return None
+            for child in self.listing():
+                if child.startswith(self.prefix):
+                    path = f"{self.path}/{child}"
+                    stat = session.read(session.client.exists_async, path)
+                    return (path, stat) if stat is not None else None
+        except CoordinationError as again:
+            session.add_orphan(f"{self.path}/{self.prefix}", session_id)
+            raise CoordinationError(f"connection lost while acquiring: {again}") from exc
+        return None
+
+    def listing(self, watch: Callable | None = None) -> list[str]:
+        """The contenders, sorted by arrival (empty when the container is gone)."""
+        return _contenders_in(self.session, self.path, watch)
+
+    def wait_turn(self, policy: Any, blocking: bool, deadline: float | None) -> bool:
+        """Join, and wait until ``policy`` grants our node; False if not blocking or too late."""
+        free_turns = 0
+        while True:
+            if self.node is None:
+                self.join()
+                policy.joined()
+            listed = self.session.handler.event_object()
+            self.children = self.listing(watch=_setter(listed) if policy.watch_listing else None)
+            if self.node not in self.children:  # our node is gone: join again
+                self.node = None
+                continue
+            index = self.children.index(self.node)
+            if policy.granted(self.children, index):
+                return True
+            if not blocking or _expired(deadline):
+                return False
+            woken = policy.watch(self.children, index, listed)
+            if woken is not None:
+                free_turns = 0
+                if not self.session.wait(woken, deadline):
+                    return False
+            else:  # what we meant to watch changed already: look again
+                free_turns += 1
+                if free_turns > _FREE_TURNS:
+                    self.session.handler.sleep_func(0.05)
+
+    def leave(self, session_id: int | None, container_too: bool = False) -> None:
+        """Delete our node (and the container, when asked and it is then empty)."""
+        if self.node is not None:
+            path, self.node = self.own_path, None
+            self.session.delete_own(path, session_id, self.path if container_too else None)
+
+    def contenders(self) -> list[tuple[str, dict]]:
+        """(path, metadata) of every contender, first in line first."""
+        return self.session.read_nodes(f"{self.path}/{child}" for child in self.listing())
+
+
+class _ExclusiveLock:
+    """One holder at a time: a lock or a mutex.
+
+    Uncontended, the holder creates the ephemeral node ``<name>`` and deletes
+    it to release: two requests, the floor of a lock.  The create is a
+    multi-operation that also creates and deletes ``<name>@queue``, so it
+    succeeds only when the lock is free *and* nobody queues for it: once a
+    queue exists, newcomers join it rather than barge in, and waiters are
+    served in arrival order.  A non-blocking try that fails costs that one
+    request.
+
+    A blocking contender that finds the lock taken joins the queue (see
+    _Queue).  It holds the lock when its node is first in the queue and the
+    node ``<name>`` is gone.  Because ``<name>`` cannot be created again while
+    the queue is not empty, each waiter needs to see it gone only once, and
+    does so while it still waits behind others; after that, a handover costs
+    the next waiter one listing, like kazoo's Lock.  Every waiter but the
+    first watches the waiter before it, so a release wakes exactly one.
+    The last waiter to leave deletes the queue, which reopens the fast path
+    (the server would reap the empty container anyway, but only after its
+    check interval, a minute by default).
+
+    The fencing token is the creation zxid of the node that holds the lock:
+    a queue node was created after every earlier holder's node, and a
+    ``<name>`` node only while the queue was empty, so tokens increase in
+    the order of the grants.
+    """
+
+    watch_listing = False
+
+    def __init__(self, session: _Session, parent: str, name: str, guid: str, data: bytes) -> None:
+        self.session = session
+        self.guid = guid
+        self.data = data
+        self.key_path = self.holder = f"{parent}/{name}"
+        self.queue = _Queue(session, f"{self.holder}{_QUEUE}", 1, guid, data)
+        self._holder_gone = False
+        self._head_waiting = False
+
+    # -- acquire ---------------------------------------------------------------
+
+    def acquire(self, blocking: bool, deadline: float | None) -> tuple[str, int | None] | None:
+        outcome = self._take_free()
+        if outcome == "queued" and not blocking and self._queue_abandoned():
+            outcome = self._take_free()
+        if outcome == "taken":
+            return self.holder, None
+        if not blocking:
+            return None
+        session_id = self.session.session_id
+        granted = False
+        try:
+            granted = self.queue.wait_turn(self, blocking, deadline)
+            session_id = self.session.session_id
+            return (self.queue.own_path, self.queue.token) if granted else None
+        finally:
+            if not granted:  # a waiter that gives up, or fails, leaves no node behind
+                with contextlib.suppress(CoordinationError):  # reaped on reconnect
+                    self.queue.leave(session_id, container_too=self._alone())
+
+    def _take_free(self) -> str:
+        """Create ``<name>`` if the lock is free and nobody queues: taken, held or queued."""
+        session = self.session
+        while True:
+            session_id = session.session_id
+            try:
+                results = session.multi(self._fast_ops, abandon=self._abandon_fast)
+            except _ConnectionLost as exc:
+                if self._recover_fast(session_id, exc):
+                    return "taken"
+                continue  # not applied: try again on the new connection
+            if isinstance(results[0], str):
+                return "taken"
+            if isinstance(results[0], NoNodeError):  # the namespace node is gone
+                session.ensure_namespaces(again=True)
+                continue
+            return "held" if isinstance(results[0], NodeExistsError) else "queued"
+
+    def _fast_ops(self, txn: TransactionRequest) -> None:
+        txn.create(self.holder, self.data, ephemeral=True)
+        txn.create(self.queue.path)  # ...fails if a queue exists: then it is not free
+        txn.delete(self.queue.path)
+
+    def _abandon_fast(self, result: Any) -> None:
+        # Runs on kazoo's thread: a multi that timed out but applied later.
+        if result.successful() and isinstance(result.value[0], str):
+            self.session.client.delete_async(self.holder)
+
+    def _recover_fast(self, session_id: int | None, exc: Exception) -> bool:
+        session = self.session
+        try:
+            session.wait_connected()
+            if session.session_id != session_id:
+                return False
+            data, _ = session.read(session.client.get_async, self.holder)
+        except NoNodeError:
+            return False
+        except CoordinationError as again:
+            session.add_orphan(self.holder, session_id, self.guid)
+            raise CoordinationError(f"connection lost while acquiring: {again}") from exc
+        return _guid_of(data) == self.guid
+
+    def _queue_abandoned(self) -> bool:
+        """Remove a queue that no one is in any more (its last waiter crashed): True if gone."""
+        if self.queue.listing():
+            return False
+        with contextlib.suppress(NoNodeError, NotEmptyError):
+            self.session.call(self.session.client.delete_async, self.queue.path)
         return True
+
+    def _alone(self) -> bool:
+        return len(self.queue.children) <= 1
+
+    # -- the queue's policy ------------------------------------------------------
+
+    def joined(self) -> None:
+        # Until we see <name> gone after joining, a holder that got in before
+        # the queue existed may still hold it.
+        self._holder_gone = False
+
+    def granted(self, children: list[str], index: int) -> bool:
+        return index == 0 and self._holder_gone
+
+    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
+        session = self.session
+        woken = session.handler.event_object()
+        if not self._holder_gone:
+            self._head_waiting = index == 0
+            stat = session.read(
+                session.client.exists_async, self.holder, watch=self._holder_watch(woken)
+            )
+            if stat is None:
+                self._holder_gone = True
+                return None
+            if index == 0:
+                return woken
+        ahead = f"{self.queue.path}/{children[index - 1]}"
+        if session.read(session.client.exists_async, ahead, watch=_setter(woken)) is None:
+            return None
+        return woken
+
+    def _holder_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
+        def on_event(event: WatchedEvent) -> None:
+            if event.type == EventType.DELETED:
+                self._holder_gone = True
+                if self._head_waiting:  # others wait for the waiter ahead of them
+                    woken.set()
+            else:  # the session changed: look again
+                woken.set()
+
+        return on_event
+
+    # -- release and look ------------------------------------------------------
+
+    def release(self, path: str, session_id: int | None) -> None:
+        if path == self.holder:
+            self.session.delete_own(path, session_id)
+        else:
+            self.queue.leave(session_id, container_too=self._alone())
+
+    def wait_free(self, deadline: float) -> None:
+        """Wait until ``<name>`` is gone, or the deadline."""
+        woken = self.session.handler.event_object()
+        stat = self.session.read(
+            self.session.client.exists_async, self.holder, watch=_setter(woken)
+        )
+        if stat is not None:
+            self.session.wait(woken, deadline)
+
+    def contenders(self) -> tuple[list[dict], list[dict]]:
+        """(holders, waiters): the metadata of each."""
+        holder = self.session.read_nodes([self.holder])
+        queued = self.queue.contenders()
+        if not holder and queued:
+            holder, queued = queued[:1], queued[1:]
+        return _states(holder, "held"), _states(queued, "waiting")
+
+
+class _Semaphore:
+    """Up to ``max_leases`` holders at a time.
+
+    Holders and waiters alike create one node in the semaphore's container
+    (see _Queue); the first ``max_leases`` in arrival order hold a lease.
+    Uncontended that is three requests: create, list, delete.  The number of
+    leases travels in every node's name, so holders that disagree on it are
+    found by the same listing and refused.
+
+    The first waiter (position ``max_leases``) may be granted by any holder
+    leaving, so it watches the container's children; every later waiter
+    watches the one node before it.  When that node is granted it rewrites
+    its data (a watched change) so the next waiter wakes and takes over the
+    first waiter's watch.  A release thus wakes the first waiter, and a grant
+    the next one: never all of them.  Waiters on another semaphore are under
+    another container and cost this one nothing.
+    """
+
+    watch_listing = True
+
+    def __init__(
+        self, session: _Session, path: str, max_leases: int, guid: str, data: bytes, key: str
+    ) -> None:
+        self.session = session
+        self.key_path = path
+        self.guid = guid
+        self.max_leases = max_leases
+        self.key = key
+        self.queue = _Queue(session, path, max_leases, guid, data)
+        self._waited = False
+
+    def acquire(self, blocking: bool, deadline: float | None) -> tuple[str, int | None] | None:
+        session_id = self.session.session_id
+        granted = False
+        try:
+            granted = self.queue.wait_turn(self, blocking, deadline)
+            session_id = self.session.session_id
+            if not granted:
+                return None
+            if self._waited and self.queue.node != self.queue.children[-1]:
+                self._wake_next()
+            return self.queue.own_path, self.queue.token
+        finally:
+            if not granted:  # a waiter that gives up, or fails, leaves no node behind
+                with contextlib.suppress(CoordinationError):  # reaped on reconnect
+                    self.queue.leave(session_id)
+
+    def _wake_next(self) -> None:
+        with contextlib.suppress(NoNodeError):
+            self.session.call(self.session.client.set_async, self.queue.own_path, self.queue.data)
+
+    def joined(self) -> None:
+        pass
+
+    def granted(self, children: list[str], index: int) -> bool:
+        others = {int(c.split(_SEP, 1)[0]) for c in children} - {self.max_leases}
+        if others:
+            raise MaxLeasesMismatch(
+                f"semaphore {self.key}: max_leases={self.max_leases} here, but other holders "
+                f"use max_leases={sorted(others)}; all holders of one semaphore must agree"
+            )
+        return index < self.max_leases
+
+    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
+        self._waited = True
+        if index == self.max_leases:
+            return listed  # the listing set a children watch already
+        woken = self.session.handler.event_object()
+        ahead = f"{self.queue.path}/{children[index - 1]}"
+        if self.session.read(self.session.client.exists_async, ahead, watch=_setter(woken)):
+            return woken
+        return None
+
+    def release(self, path: str, session_id: int | None) -> None:
+        self.queue.node = path.rsplit("/", 1)[1]
+        self.queue.leave(session_id)
+
+    def contenders(self) -> tuple[list[dict], list[dict]]:
+        queued = self.queue.contenders()
+        held, waiting = queued[: self.max_leases], queued[self.max_leases :]
+        return _states(held, "held"), _states(waiting, "waiting")
+
+
+def _contenders_in(session: _Session, path: str, watch: Callable | None = None) -> list[str]:
+    """The contender nodes under ``path``, sorted by arrival; none if it is gone."""
+    try:
+        children = session.read(session.client.get_children_async, path, watch=watch)
+    except NoNodeError:
+        return []
+    return sorted(children, key=lambda child: child[-_SEQ_DIGITS:])
+
+
+def _states(found: list[tuple[str, dict]], state: str) -> list[dict]:
+    return [{**meta, "state": state} for _, meta in found]
 
 
 # ---------------------------------------------------------------------------
@@ -804,18 +1338,38 @@ def _requeue_delay(task_id: Any) -> float:
 
 
 # ---------------------------------------------------------------------------
-# The connection: one kazoo client per process and app
+# The session: one kazoo client per process and app
 # ---------------------------------------------------------------------------
 
 _RECOVERABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError)
-#: A lease is called lost this fraction of the session timeout after the
-#: connection is seen down: a little under the third that is left, at most,
-#: before ZooKeeper may expire the session (see session_lost_since).
+#: A lease is called lost this fraction of the negotiated session timeout
+#: after the connection is seen down: a little under the third that is left,
+#: at most, before ZooKeeper may expire the session (see lost_since).
 _LOST_AFTER_SUSPENDED = 0.25
+#: Creates of a node whose container keeps being reaped, before giving up.
+_CONTAINER_TRIES = 10
 
 
-class _Connection:
-    """One ZooKeeper session and what this process holds in it."""
+class _CreateContainer(Create2):
+    """ZooKeeper's create of a container node (opcode 19), which kazoo lacks.
+
+    Its body is a create's with the container flag, and its answer is a
+    create2's: the path, then the new node's stat.
+    """
+
+    type = 19
+
+
+_CONTAINER_FLAG = 4
+
+
+class _Session:
+    """One ZooKeeper session: the client, its states, and what this process holds in it.
+
+    Every request goes through :meth:`call`, which waits for a connection
+    and an answer at most ``ZOOKEEPER_CONNECT_TIMEOUT``: kazoo's own retry
+    never gives up, and a lock that hangs is worse than one that fails.
+    """
 
     def __init__(self, settings: _Settings) -> None:
         self.settings = settings
@@ -823,21 +1377,24 @@ class _Connection:
         self.hostname = socket.gethostname()
         self.client = _make_client(settings)
         self.handler = self.client.handler
+        self.mutex = threading.Lock()
         self._timeout_error = self.handler.timeout_exception
         self._live = self.handler.event_object()
         self._suspended_at: float | None = None
-        self._lost_after = settings.session_timeout * _LOST_AFTER_SUSPENDED
-        self._mutex = threading.Lock()
-        self._held: dict[str, Lease] = {}  # path -> lease, for this process
-        self._orphans: dict[str, int | None] = {}  # path -> session, to delete on reconnect
-        self._ready = False  # the namespace nodes exist
+        #: What the server granted, which may be less than what we asked for.
+        self.session_timeout = settings.session_timeout
+        self._grants: set[_Grant] = set()
+        #: path (or a sequential node's prefix) -> (session id, lease guid)
+        self._orphans: dict[str, tuple[int | None, str | None]] = {}
+        self._ready = False  # the root and namespace nodes exist
+        self._record_negotiated_timeout()
         self.client.add_listener(self._on_state)
         self.client.start_async()
 
     # -- state -------------------------------------------------------------
 
     @property
-    def session(self) -> int | None:
+    def session_id(self) -> int | None:
         client_id = self.client.client_id
         return client_id[0] if client_id else None
 
@@ -845,19 +1402,35 @@ class _Connection:
     def suspended(self) -> bool:
         return self._suspended_at is not None
 
-    def session_lost_since(self, session: int | None) -> bool:
-        """Whether a lease taken in ``session`` may now be held by someone else.
+    def lost_since(self, session_id: int | None) -> bool:
+        """Whether a lease taken in ``session_id`` may now be held by someone else.
 
         kazoo notices a silent connection up to 2/3 of the session timeout
         after it broke (a ping every third, dropped when one goes unanswered),
         and reports LOST only once it reconnects, when ZooKeeper may long have
-        deleted the node.  Counting _LOST_AFTER_SUSPENDED of the timeout from
-        the suspension keeps "lost" within one session timeout of the break.
+        deleted the node.  Counting _LOST_AFTER_SUSPENDED of the negotiated
+        timeout from the suspension keeps "lost" within one session timeout of
+        the break: before the server can free the node.  No I/O.
         """
-        if self._live.is_set() and self.session != session:
+        if self._live.is_set() and self.session_id != session_id:
             return True
         since = self._suspended_at
-        return since is not None and time.monotonic() - since >= self._lost_after
+        limit = self.session_timeout * _LOST_AFTER_SUSPENDED
+        return since is not None and time.monotonic() - since >= limit
+
+    def _record_negotiated_timeout(self) -> None:
+        # kazoo reads the timeout the server granted only into a local
+        # variable, and returns 2/3 of it (ms) as its read timeout from
+        # _connect: wrap that one method of our own client's connection.
+        connection = self.client._connection
+        connect = connection._connect
+
+        def recording_connect(*args: Any, **kwargs: Any) -> Any:
+            read_timeout, connect_timeout = connect(*args, **kwargs)
+            self.session_timeout = read_timeout * 1.5 / 1000.0
+            return read_timeout, connect_timeout
+
+        connection._connect = recording_connect
 
     def _on_state(self, state: str) -> None:
         # Runs on kazoo's connection thread: never block here.
@@ -866,40 +1439,29 @@ class _Connection:
             self._live.set()
             if self._orphans:
                 self.handler.spawn(self._reap_orphans)
-            self.handler.spawn(self._report_lost)
+            if self._grants:
+                self.handler.spawn(self._report_lost)
             return
         self._live.clear()
         if state == KazooState.SUSPENDED:
             self._suspended_at = time.monotonic()
             self.handler.spawn(self._warn_when_lost, self._suspended_at)
         else:  # LOST: the session is gone, and so is every node it held
-            self._suspended_at = (
-                self._suspended_at or time.monotonic() - self.settings.session_timeout
-            )
-            self._orphans.clear()
+            self._suspended_at = self._suspended_at or time.monotonic() - self.session_timeout
+            with self.mutex:
+                self._orphans.clear()
             self.handler.spawn(self._report_lost)
 
     def _warn_when_lost(self, suspended_at: float) -> None:
-        self.handler.sleep_func(self._lost_after)
+        self.handler.sleep_func(self.session_timeout * _LOST_AFTER_SUSPENDED)
         if self._suspended_at == suspended_at:
             self._report_lost()
 
     def _report_lost(self) -> None:
-        with self._mutex:
-            leases = list(self._held.values())
-        for lease in leases:
-            if lease and not lease._lost and lease._session_lost():  # granted ones only
-                lease._mark_lost("the ZooKeeper session expired or the connection is down")
-
-    def broken(self, path: str, token: int | None) -> bool:
-        """Whether our node at ``path`` was deleted or replaced behind our back."""
-        if not self._live.is_set():
-            return False  # cannot tell; the session's fate decides
-        try:
-            stat = self.call(self.client.exists_async, path)
-        except (ZKCeleryError, KazooException, self._timeout_error):
-            return False
-        return stat is None or stat.czxid != token
+        with self.mutex:
+            grants = list(self._grants)
+        for grant in grants:
+            grant.is_lost()
 
     def wait_connected(self, deadline: float | None = None) -> None:
         limit = self.settings.connect_timeout
@@ -910,6 +1472,70 @@ class _Connection:
                 f"ZooKeeper at {self.settings.hosts} did not answer within {limit:.3g} s "
                 "(ZOOKEEPER_CONNECT_TIMEOUT)"
             )
+
+    def wait(self, event: Any, deadline: float | None) -> bool:
+        """Wait for ``event``; False if the deadline came first."""
+        if deadline is None:
+            event.wait()
+            return True
+        remaining = deadline - time.monotonic()
+        return remaining > 0 and (event.wait(remaining) or event.is_set())
+
+    # -- what this process holds -----------------------------------------------
+
+    def remember(self, grant: _Grant) -> None:
+        with self.mutex:
+            self._grants.add(grant)
+
+    def forget(self, grant: _Grant) -> None:
+        with self.mutex:
+            self._grants.discard(grant)
+
+    def refuse_reentry(self, key_path: str, key: str) -> None:
+        """Raise NotReentrant if this thread holds the lock at ``key_path``."""
+        me = threading.get_ident()
+        with self.mutex:
+            mine = [g for g in self._grants if g.key_path == key_path and g.thread == me]
+        if any(not grant.is_lost() for grant in mine):
+            raise NotReentrant(
+                f"{key} is already held by this thread and locks are not reentrant: "
+                "blocking without a timeout would wait forever"
+            )
+
+    def add_orphan(self, path: str, session_id: int | None, guid: str | None = None) -> None:
+        """Remember a node to delete on reconnect (a path, or a sequential prefix ending in @)."""
+        with self.mutex:
+            self._orphans[path] = (session_id, guid)
+
+    def _reap_orphans(self) -> None:
+        """Delete the nodes that a release or acquire had to leave behind."""
+        with self.mutex:
+            orphans, self._orphans = self._orphans, {}
+        session_id = self.session_id
+        for path, (owner, guid) in orphans.items():
+            if owner != session_id:
+                continue  # that session ended: its nodes went with it
+            try:
+                self._delete_orphan(path, owner, guid)
+            except (ZKCeleryError, KazooException, self._timeout_error) as exc:
+                logger.warning("could not delete orphan znode %s: %s", path, exc)
+                self.add_orphan(path, owner, guid)
+
+    def _delete_orphan(self, path: str, owner: int | None, guid: str | None) -> None:
+        parent, name = path.rsplit("/", 1)
+        if name.endswith(_SEP):  # a sequential node known by its prefix
+            with contextlib.suppress(NoNodeError):
+                for child in self.call(self.client.get_children_async, parent):
+                    if child.startswith(name) and not self._held(f"{parent}/{child}"):
+                        self.delete_own(f"{parent}/{child}", owner)
+        elif not self._held(path):
+            data, _ = self.call(self.client.get_async, path)
+            if guid is None or _guid_of(data) == guid:
+                self.delete_own(path, owner)
+
+    def _held(self, path: str) -> bool:
+        with self.mutex:
+            return any(grant.path == path for grant in self._grants)
 
     # -- requests ------------------------------------------------------------
 
@@ -934,7 +1560,7 @@ class _Connection:
         try:
             return result.get(timeout=limit)
         except (NoAuthError, AuthFailedError) as exc:
-            raise ZKCeleryError(
+            raise AccessDenied(
                 f"ZooKeeper refused access ({type(exc).__name__}): the znodes under "
                 f"{self.settings.root} belong to another identity; check ZOOKEEPER_AUTH"
             ) from None
@@ -955,272 +1581,15 @@ class _Connection:
                 if time.monotonic() >= deadline:
                     raise
 
-    def _delete_late(self, result: Any) -> None:
-        # Runs on kazoo's callback thread: send, never wait.
-        if result.successful():
-            self.client.delete_async(result.value[0])
+    def multi(self, build: Callable[[TransactionRequest], Any], **options: Any) -> list:
+        """One multi-operation; its list of results holds an exception for a failed one."""
+        self.ensure_namespaces()
+        txn = self.client.transaction()
+        build(txn)
+        return self.call(txn.commit_async, **options)  # type: ignore[no-any-return]
 
-    def _ensure_namespaces(self) -> None:
-        if self._ready:
-            return
-        root = self.settings.root
-        for path in (root, *(f"{root}/{ns}" for ns in (_LOCKS, _SEMAPHORES, _MUTEXES))):
-            with contextlib.suppress(NodeExistsError):
-                self.call(self.client.create_async, path, makepath=True)
-        self._ready = True
-
-    def _create(self, path: str, data: bytes, sequence: bool = False) -> tuple[str, ZnodeStat]:
-        self._ensure_namespaces()
-        try:
-            return self._create_once(path, data, sequence)
-        except NoNodeError:  # someone removed a namespace node: make it again
-            self._ready = False
-            self._ensure_namespaces()
-            return self._create_once(path, data, sequence)
-
-    def _create_once(self, path: str, data: bytes, sequence: bool) -> tuple[str, ZnodeStat]:
-        return self.call(
-            self.client.create_async, path, data, abandon=self._delete_late,
-            ephemeral=True, sequence=sequence, include_data=True,
-        )  # fmt: skip
-
-    # -- exclusive: locks and mutexes ----------------------------------------
-
-    def acquire_exclusive(
-        self, lease: Lease, data: bytes, blocking: bool, deadline: float | None
-    ) -> bool:
-        path = lease._node_path()
-        while True:
-            with self._mutex:
-                holder = self._held.get(path)
-                if holder is None:
-                    self._held[path] = lease
-            if holder is not None:  # held in this process: no request needed
-                if blocking and deadline is None and holder._thread == lease._thread:
-                    raise ZKCeleryError(
-                        f"{lease.key} is already held by this thread and locks are not "
-                        "reentrant: blocking without a timeout would wait forever"
-                    )
-            elif self._try_create(lease, path, data):
-                return True
-            if not blocking or not self.wait_deleted(path, deadline):
-                return False
-            if deadline is not None and time.monotonic() >= deadline:
-                return False  # the node may be gone while a local holder is still making it
-
-    def _try_create(self, lease: Lease, path: str, data: bytes) -> bool:
-        """One create of the lock's node, ``lease`` being registered as this process's taker."""
-        session = self.session
-        granted = False
-        try:
-            try:
-                created, stat = self._create(path, data)
-            except NodeExistsError:
-                return False
-            except _ConnectionLost as exc:
-                # The create may have been applied before the answer was lost.
-                found = self._recover_exclusive(path, session, exc)
-                if found is None:
-                    return False
-                created, stat = path, found
-            granted = lease._granted(created, stat)
-            return granted
-        finally:
-            # Whatever happened, a lease that did not get the lock must not stay
-            # registered: this process would refuse the lock to itself forever,
-            # and the reaper would spare the orphan it left in ZooKeeper.
-            if not granted:
-                self._forget(path, lease)
-
-    def _recover_exclusive(
-        self, path: str, session: int | None, exc: Exception
-    ) -> ZnodeStat | None:
-        try:
-            self.wait_connected()
-            if self.session != session:
-                return None  # a new session: whatever we made is gone
-            stat = self.read(self.client.exists_async, path)
-        except CoordinationError as again:
-            self._orphans[path] = session
-            raise CoordinationError(f"connection lost while acquiring: {again}") from exc
-        if stat is not None and stat.ephemeralOwner == session:
-            return stat
-        return None
-
-    def _forget(self, path: str, lease: Lease) -> None:
-        with self._mutex:
-            if self._held.get(path) is lease:
-                del self._held[path]
-
-    def wait_deleted(self, path: str, deadline: float | None) -> bool:
-        """Wait until ``path`` is gone (or the connection changes); False at the deadline."""
-        event = self.handler.event_object()
-        try:
-            stat = self.call(self.client.exists_async, path, watch=_setter(event))
-        except _ConnectionLost:
-            return True  # the connection changed: look again
-        if stat is None:
-            return True
-        return self._wait(event, deadline)
-
-    def _wait(self, event: Any, deadline: float | None) -> bool:
-        if deadline is None:
-            event.wait()
-            return True
-        remaining = deadline - time.monotonic()
-        return remaining > 0 and (event.wait(remaining) or event.is_set())
-
-    # -- counted: semaphores ---------------------------------------------------
-
-    def acquire_counted(
-        self, lease: Lease, data: bytes, max_leases: int, blocking: bool, deadline: float | None
-    ) -> bool:
-        parent = f"{self.settings.root}/{_SEMAPHORES}"
-        prefix = _SEP.join((lease.name, str(max_leases), uuid.uuid4().hex[:16], ""))
-        session = self.session
-        try:
-            path, stat = self._create(f"{parent}/{prefix}", data, sequence=True)
-        except _ConnectionLost as exc:
-            found = self._recover_counted(parent, prefix, session, exc)
-            if found is None:
-                return False
-            path, stat = found
-        node = path.rsplit("/", 1)[1]
-        granted = False
-        try:
-            while True:
-                event = self.handler.event_object()
-                watch = _setter(event) if blocking else None
-                if self._rank(parent, lease, node, max_leases, watch) < max_leases:
-                    granted = lease._granted(path, stat)
-                    with self._mutex:
-                        self._held[path] = lease
-                    return True
-                if not blocking or not self._wait(event, deadline):
-                    return False
-        finally:
-            if not granted:  # a waiter that gives up, or fails, leaves no node behind
-                self._delete_own(path, stat.czxid, stat.ephemeralOwner)
-
-    def _rank(self, parent: str, lease: Lease, node: str, max_leases: int, watch: Any) -> int:
-        """Our node's place among the nodes of the same semaphore (max_leases if it is gone)."""
-        siblings, others = [], set()
-        for child in self.read(self.client.get_children_async, parent, watch=watch):
-            name, limit = _semaphore_node(child)
-            if name == lease.name:
-                siblings.append(child)
-                if limit != max_leases:
-                    others.add(limit)
-        if others:
-            raise ZKCeleryError(
-                f"semaphore {lease.key}: max_leases={max_leases} here, but other holders "
-                f"use max_leases={sorted(others)}; all holders of one semaphore must agree"
-            )
-        order = sorted(siblings, key=lambda child: child[-_SEQ_DIGITS:])
-        return order.index(node) if node in order else max_leases
-
-    def _recover_counted(
-        self, parent: str, prefix: str, session: int | None, exc: Exception
-    ) -> tuple[str, ZnodeStat] | None:
-        try:
-            self.wait_connected()
-            if self.session != session:
-                return None
-            for child in self.read(self.client.get_children_async, parent):
-                if child.startswith(prefix):
-                    path = f"{parent}/{child}"
-                    stat = self.read(self.client.exists_async, path)
-                    return (path, stat) if stat is not None else None
-        except CoordinationError as again:
-            self._orphans[f"{parent}/{prefix}"] = session
-            raise CoordinationError(f"connection lost while acquiring: {again}") from exc
-        return None
-
-    # -- release ----------------------------------------------------------------
-
-    def release(self, lease: Lease, path: str) -> None:
-        self._forget(path, lease)
-        token, session = lease.token, lease._session
-        try:
-            self._delete_own(path, token, session)
-        except CoordinationError as exc:
-            lease._log(
-                logging.WARNING,
-                "not released (%s); ZooKeeper frees it when the session ends, or this "
-                "process deletes it when it reconnects",
-                exc,
-            )
-
-    def _delete_own(self, path: str, token: int | None, session: int | None) -> None:
-        """Delete our node at ``path``, never another session's, within the connect timeout.
-
-        kazoo's own retry never gives up, so a release during a partition would
-        hang until the network healed; here the whole release has one deadline.
-        """
-        deadline = time.monotonic() + self.settings.connect_timeout
-        first = True
-        while True:
-            try:
-                self.wait_connected(deadline)
-                if self.session != session:
-                    return  # the session ended: the node is gone with it
-                if not first:
-                    # The last delete may have been applied and the lock taken
-                    # again since: only delete the node we created.
-                    stat = self.call(self.client.exists_async, path, deadline=deadline)
-                    if stat is None or stat.czxid != token:
-                        return
-                first = False
-                self.call(self.client.delete_async, path, deadline=deadline)
-                return
-            except NoNodeError:
-                return
-            except _ConnectionLost:
-                if time.monotonic() < deadline:
-                    continue  # ask again on the next connection
-                self._orphans[path] = session
-                raise
-            except CoordinationError:  # no connection in time: delete it on reconnect
-                self._orphans[path] = session
-                raise
-
-    def _reap_orphans(self) -> None:
-        """Delete the nodes that a release or acquire had to leave behind."""
-        session = self.session
-        for path, owner in list(self._orphans.items()):
-            self._orphans.pop(path, None)
-            if owner != session:
-                continue
-            try:
-                parent, name = path.rsplit("/", 1)
-                if name.endswith(_SEP):  # a semaphore node known by its prefix
-                    targets = [
-                        f"{parent}/{c}"
-                        for c in self.call(self.client.get_children_async, parent)
-                        if c.startswith(name)
-                    ]
-                else:
-                    targets = [path]
-                for target in targets:
-                    with self._mutex:
-                        if target in self._held:
-                            continue
-                    stat = self.call(self.client.exists_async, target)
-                    if stat is not None and stat.ephemeralOwner == session:
-                        self.call(self.client.delete_async, target)
-            except (ZKCeleryError, KazooException, self._timeout_error) as exc:
-                logger.warning("could not delete orphan znode %s: %s", path, exc)
-                self._orphans.setdefault(path, owner)
-
-    # -- reading ---------------------------------------------------------------
-
-    def holders(self, namespace: str, name: str) -> list[tuple[str, dict]]:
-        parent = f"{self.settings.root}/{namespace}"
-        if namespace == _SEMAPHORES:
-            children = self.read(self.client.get_children_async, parent)
-            paths = [f"{parent}/{c}" for c in children if _semaphore_node(c)[0] == name]
-        else:
-            paths = [f"{parent}/{name}"]
+    def read_nodes(self, paths: Iterable[str]) -> list[tuple[str, dict]]:
+        """(path, metadata) of each node of ``paths`` that exists."""
         found = []
         for path in paths:
             try:
@@ -1230,11 +1599,107 @@ class _Connection:
             found.append((path, json.loads(data or b"{}")))
         return found
 
+    def watch_node(
+        self, path: str, on_event: Callable[[WatchedEvent], None], on_answer: Callable
+    ) -> None:
+        """Watch ``path`` for changes, without waiting for the answer."""
+        self.client.exists_async(path, watch=on_event).rawlink(on_answer)
+
+    # -- creating and deleting -----------------------------------------------
+
+    def ensure_namespaces(self, again: bool = False) -> None:
+        if self._ready and not again:
+            return
+        root = self.settings.root
+        for path in (root, *(f"{root}/{ns}" for ns in (_LOCKS, _SEMAPHORES, _MUTEXES))):
+            with contextlib.suppress(NodeExistsError):
+                self.call(self.client.create_async, path, makepath=True)
+        self._ready = True
+
+    def create_in_container(
+        self, container: str, path: str, data: bytes, sequence: bool = False
+    ) -> tuple[str, ZnodeStat]:
+        """Create an ephemeral node under ``container``, making the container if it is gone."""
+        self.ensure_namespaces()
+        for _ in range(_CONTAINER_TRIES):
+            try:
+                return self.call(  # type: ignore[no-any-return]
+                    self.client.create_async, path, data, abandon=self._delete_late,
+                    ephemeral=True, sequence=sequence, include_data=True,
+                )  # fmt: skip
+            except NoNodeError:
+                # Reaped since (or never made): make it.  It may be reaped again
+                # before our create, when its last child just left: try again.
+                self._create_container(container)
+        raise CoordinationError(f"the container {container} kept vanishing; gave up")
+
+    def _create_container(self, path: str) -> None:
+        try:
+            self.call(self._create_container_async, path)
+        except NodeExistsError:
+            pass
+        except NoNodeError:  # the namespace node is gone too
+            self.ensure_namespaces(again=True)
+
+    def _create_container_async(self, path: str) -> Any:
+        result = self.handler.async_result()
+        acl = self.client.default_acl or OPEN_ACL_UNSAFE
+        self.client._call(_CreateContainer(path, b"", acl, _CONTAINER_FLAG), result)
+        return result
+
+    def _delete_late(self, result: Any) -> None:
+        # Runs on kazoo's callback thread: send, never wait.
+        if result.successful():
+            self.client.delete_async(result.value[0])
+
+    def delete_own(self, path: str, session_id: int | None, container: str | None = None) -> None:
+        """Delete our node at ``path`` (and ``container``, if it is then empty) in bounded time.
+
+        kazoo's own retry never gives up, so a release during a partition would
+        hang until the network healed; here the whole release has one deadline.
+        After a lost answer, only a node still ours in the same session is
+        deleted: the first delete may have applied and the lock been taken again.
+        """
+        deadline = time.monotonic() + self.settings.connect_timeout
+        first = True
+        while True:
+            try:
+                self.wait_connected(deadline)
+                if self.session_id != session_id:
+                    return  # the session ended: the node is gone with it
+                if not first:
+                    stat = self.call(self.client.exists_async, path, deadline=deadline)
+                    if stat is None or stat.ephemeralOwner != session_id:
+                        return
+                first = False
+                if container is None:
+                    self.call(self.client.delete_async, path, deadline=deadline)
+                    return
+                results = self.multi(functools.partial(_delete_both, path, container))
+                if not isinstance(results[1], NotEmptyError):
+                    return
+                container, first = None, True  # someone joined since: leave it to them
+            except NoNodeError:
+                return
+            except _ConnectionLost:
+                if time.monotonic() < deadline:
+                    continue  # ask again on the next connection
+                self.add_orphan(path, session_id)
+                raise
+            except CoordinationError:  # no connection in time: delete it on reconnect
+                self.add_orphan(path, session_id)
+                raise
+
     def close(self) -> None:
         """End the session (its ephemeral nodes go at once) without hanging."""
         stopper = threading.Thread(target=_stop_quietly, args=(self.client,), daemon=True)
         stopper.start()
         stopper.join(self.settings.connect_timeout)
+
+
+def _delete_both(path: str, container: str, txn: TransactionRequest) -> None:
+    txn.delete(path)
+    txn.delete(container)
 
 
 def _setter(event: Any) -> Callable[[Any], None]:
@@ -1265,7 +1730,7 @@ def _make_client(settings: _Settings) -> KazooClient:
     # Reconnect forever in the background, quickly: a lease waits for the
     # connection at most ZOOKEEPER_CONNECT_TIMEOUT, and ZooKeeper coming back
     # must not need a restart.  Commands are never retried by kazoo (its
-    # default retry never gives up); _Connection bounds every call.  kazoo
+    # default retry never gives up); _Session bounds every call.  kazoo
     # insists that the retry sleeps as the handler does (eventlet's differs).
     retry = KazooRetry(
         max_tries=-1, delay=0.05, backoff=2, max_delay=1.0, sleep_func=handler.sleep_func
@@ -1302,18 +1767,18 @@ def _pick_handler() -> Any:
 # must never use what is in it: an inherited kazoo client has no threads, so
 # its calls hang and its stop() blocks.  The at-fork hook and the pid check
 # both drop it unused.
-_connections: weakref.WeakKeyDictionary[celery.Celery, _Connection] = weakref.WeakKeyDictionary()
+_connections: weakref.WeakKeyDictionary[celery.Celery, _Session] = weakref.WeakKeyDictionary()
 _connections_lock = threading.Lock()
 
 
-def _connection(app: celery.Celery) -> _Connection:
+def _connection(app: celery.Celery) -> _Session:
     conn = _connections.get(app)
     if conn is not None and conn.pid == os.getpid():
         return conn
     with _connections_lock:
         conn = _connections.get(app)
         if conn is None or conn.pid != os.getpid():
-            conn = _connections[app] = _Connection(_read_settings(app))
+            conn = _connections[app] = _Session(_read_settings(app))
         return conn
 
 
@@ -1396,14 +1861,17 @@ def _rm_command(app: celery.Celery, key: str, yes: bool) -> None:
     if not rows:
         raise click.ClickException(f"no lock, semaphore or mutex has the key {key!r}")
     for row in rows:
-        click.echo(f"{row['kind']} {row['key']}: held by {row['task']}[{row['task_id']}] "
-                   f"on {row['host']} pid {row['pid']} for {row['age']:.1f}s")  # fmt: skip
+        click.echo(f"{_describe(row)} on {row['host']} pid {row['pid']} for {row['age']:.1f}s")
     if not yes:
         click.confirm("Break it? The holder, if alive, sees lease.lost", abort=True)
     for row in rows:
         with contextlib.suppress(NoNodeError):
             conn.call(conn.client.delete_async, row["path"])
-        click.echo(f"broke {row['kind']} {row['key']} held by {row['task']}[{row['task_id']}]")
+        click.echo(f"broke {_describe(row)}")
+
+
+def _describe(row: dict) -> str:
+    return f"{row['kind']} {row['key']}: {row['state']} by {row['task']}[{row['task_id']}]"
 
 
 @zk_command.command(
@@ -1431,37 +1899,52 @@ def _check_command(app: celery.Celery) -> None:
         sys.exit(1)
 
 
-def _listing(conn: _Connection) -> list[dict]:
-    """Every node under the root, with its holder's metadata, age and state."""
+def _listing(session: _Session) -> list[dict]:
+    """Every holder and waiter under the root, with its metadata, age and state."""
+    root = session.settings.root
     rows = []
     now = time.time()
     for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES):
-        parent = f"{conn.settings.root}/{namespace}"
-        try:
-            children = conn.call(conn.client.get_children_async, parent)
-        except NoNodeError:
-            continue
-        ranks: dict[str, list[str]] = {}  # a semaphore's nodes, by its name
-        for child in children if namespace == _SEMAPHORES else ():
-            ranks.setdefault(_semaphore_node(child)[0], []).append(child)
-        for child in children:
+        for node, path, state in _contender_paths(session, f"{root}/{namespace}", namespace):
             try:
-                data, stat = conn.call(conn.client.get_async, f"{parent}/{child}")
+                data, stat = session.read(session.client.get_async, path)
             except NoNodeError:
                 continue
             meta = json.loads(data or b"{}")
-            state = "held"
-            if namespace == _SEMAPHORES:
-                name, limit = _semaphore_node(child)
-                order = sorted(ranks[name], key=lambda c: c[-_SEQ_DIGITS:])
-                state = "held" if order.index(child) < limit else "waiting"
             rows.append({
-                "kind": _KIND[namespace], "state": state, "key": meta.get("key", child),
-                "node": child, "path": f"{parent}/{child}", "task": meta.get("task"),
-                "task_id": meta.get("task_id"), "host": meta.get("host"),
-                "pid": meta.get("pid"), "age": round(now - stat.ctime / 1000, 3),
+                "kind": _KIND[namespace], "state": state, "key": meta.get("key", node),
+                "node": node, "path": path, "task": meta.get("task"),
+                "task_id": meta.get("task_id"), "identifier": meta.get("identifier"),
+                "host": meta.get("host"), "pid": meta.get("pid"),
+                "age": round(now - stat.ctime / 1000, 3),
             })  # fmt: skip
     return rows
+
+
+def _contender_paths(
+    session: _Session, parent: str, namespace: str
+) -> Iterator[tuple[str, str, str]]:
+    """(lock node name, contender path, held or waiting) for every contender in a namespace."""
+    try:
+        children = set(session.read(session.client.get_children_async, parent))
+    except NoNodeError:
+        return
+    if namespace == _SEMAPHORES:
+        for name in sorted(children):
+            nodes = _contenders_in(session, f"{parent}/{name}")
+            limit = int(nodes[0].split(_SEP, 1)[0]) if nodes else 0
+            for i, node in enumerate(nodes):
+                yield name, f"{parent}/{name}/{node}", "held" if i < limit else "waiting"
+        return
+    for name in sorted({c[: -len(_QUEUE)] if c.endswith(_QUEUE) else c for c in children}):
+        held = name in children
+        if held:
+            yield name, f"{parent}/{name}", "held"
+        queue = f"{parent}/{name}{_QUEUE}"
+        for i, node in enumerate(
+            _contenders_in(session, queue) if queue[len(parent) + 1 :] in children else []
+        ):
+            yield name, f"{queue}/{node}", "waiting" if held or i else "held"
 
 
 def _server_mode(server: str, timeout: float) -> tuple[str, float]:
