@@ -504,15 +504,21 @@ class Workers:
         self.app.conf.update(broker_settings(tmp / "broker"))
 
     def start(
-        self, pool: str = "prefork", concurrency: int = 2, wait: bool = True, **env: str
+        self,
+        pool: str = "prefork",
+        concurrency: int = 2,
+        wait: bool = True,
+        queues: str | None = None,
+        **env: str,
     ) -> Worker:
+        """Start a ``celery worker``; ``queues`` limits what it consumes (``-Q``)."""
         n = len(self.started)
         log, ready = self.tmp / f"worker{n}.log", self.tmp / f"worker{n}.ready"
         argv = [
             sys.executable, "-m", "celery", "-A", "test_zkcelery", "worker",
             "-P", pool, "-c", str(concurrency), "-n", f"w{n}@%h", "-l", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-f", str(log),
+            "-f", str(log), *(["-Q", queues] if queues else []),
         ]  # fmt: skip
         proc = subprocess.Popen(
             argv, cwd=HERE, env={**self.env, "ZKCELERY_TEST_READY": str(ready), **env},

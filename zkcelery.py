@@ -72,8 +72,20 @@ then the lease is falsy); it forces ``retry=False``.  A semaphore takes
             if acquired:
                 do_work(data)
 
-``identifier='name'`` replaces the task name in the lock's name, so that
-different tasks can share one lock.
+``identifier='worker-7'`` labels the contender: it is stored with the holder
+and shown by ``holders()`` and ``ls`` (default ``'<task id>-><hostname>'``),
+and never changes which lock is taken.  ``name='billing-db'`` replaces the
+task's name in the lock's name, so that different tasks share one lock::
+
+    @app.task(base=zkcelery.LockTask, bind=True)
+    def export(self, data):
+        with self.lock(name='billing-db', blocking=True):
+            do_work(data)
+
+Blocking waiters queue in arrival order, each watching only the one before
+it, so a release wakes one waiter.  ``lease.waiters()`` lists them.  Per-key
+nodes are ephemeral or container nodes (ZooKeeper 3.5.3 or later), which
+the server removes once empty: no key leaves garbage behind.
 
 Mutex
 =====
@@ -99,6 +111,17 @@ Operations
 holders; ``rm KEY`` breaks one; ``check`` reports the ensemble's health.  They
 read the app's settings with ``-A proj`` (or run as ``celery -A proj zk``), or
 take ``--hosts`` and ``--root``.
+
+Errors
+======
+
+:class:`ZKCeleryError` is the base of: :class:`CoordinationError` (ZooKeeper
+not reached in time), :class:`ConfigurationError` (a malformed setting),
+:class:`AccessDenied` (the znodes belong to another identity),
+:class:`AlreadyAcquired` (``acquire()`` on a held lease),
+:class:`NotReentrant` (a blocking wait, without a timeout, for a lock the
+same thread holds) and :class:`MaxLeasesMismatch` (holders of a semaphore
+disagree on ``max_leases``).
 
 Faults
 ======
