@@ -1554,6 +1554,124 @@ def test_with_auth_only_the_holder_may_delete_or_take_over_a_lock(make_app, zk, 
     assert zk.exists(lease._grant.path) is None  # the holder still can
 
 
+_AUTH = "digest:worker:s3cret"
+
+
+@pytest.fixture
+def auth_cli(tmp_path, zk_hosts, zk_root) -> Any:
+    """Run ``python -m zkcelery -A authapp:app ...``: an app whose settings hold the auth."""
+    (tmp_path / "authapp.py").write_text(
+        "from celery import Celery\n"
+        "app = Celery('authapp', set_as_current=False)\n"
+        f"app.conf.update(ZOOKEEPER_HOSTS={zk_hosts!r}, ZOOKEEPER_ROOT={zk_root!r},\n"
+        f"                ZOOKEEPER_AUTH={_AUTH!r})\n"
+    )
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "zkcelery", "-A", "authapp:app", *args]
+        return subprocess.run(
+            argv, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    return run
+
+
+def _open_tree(zk: KazooClient, zk_root: str) -> None:
+    """The namespace nodes as an earlier run without ZOOKEEPER_AUTH left them: open to all."""
+    for namespace in ("locks", "semaphores", "mutexes"):
+        zk.ensure_path(f"{zk_root}/{namespace}")
+
+
+def test_with_auth_an_open_tree_fails_the_first_lock_naming_the_node_and_the_fix(
+    make_app, zk, zk_root
+):
+    _open_tree(zk, zk_root)
+    task = _lock_task_on(make_app(ZOOKEEPER_AUTH=_AUTH))
+    with pytest.raises(zkcelery.ConfigurationError) as refused:
+        task.lock("a").__enter__()
+    message = str(refused.value)
+    assert zk_root in message and "world:anyone=rwcda" in message
+    assert "python -m zkcelery secure" in message and "s3cret" not in message
+    assert sorted(zk.get_children(zk_root)) == ["locks", "mutexes", "semaphores"]  # no lock
+
+
+def test_secure_gives_the_tree_to_the_identity_and_others_can_then_break_nothing(
+    make_app, zk, zk_root, auth_cli
+):
+    from kazoo.exceptions import NoAuthError
+
+    _open_tree(zk, zk_root)
+    zk.create(f"{zk_root}/semaphores/left-over")  # a per-key parent from the open days
+    done = auth_cli("secure")
+    assert done.returncode == 0, done.stderr
+    assert (
+        done.stdout.count("secured ") == 5 and "world:anyone=rwcda -> digest:worker" in done.stdout
+    )
+    app = make_app(ZOOKEEPER_AUTH=_AUTH)
+    task = _lock_task_on(app)
+    holder = task.lock("a").__enter__()
+    semaphore = task.semaphore("s", max_leases=1).__enter__()
+    waiters = [
+        _in_thread(lambda: task.lock("a", blocking=True, timeout=30).acquire()),
+        _in_thread(lambda: task.semaphore("s", max_leases=1, blocking=True, timeout=30).acquire()),
+    ]
+    wait_for(lambda: holder.waiters() and semaphore.waiters(), 10, "the waiters to queue")
+    queue = f"{holder._grant.path}@queue"
+    nodes = [
+        holder._grant.path,
+        semaphore._grant.path,
+        queue,
+        f"{queue}/{zk.get_children(queue)[0]}",
+    ]
+    for path in [*nodes, f"{zk_root}/semaphores/left-over"]:
+        with pytest.raises(NoAuthError):
+            zk.delete(path)
+    with pytest.raises(NoAuthError):
+        zk.create(f"{zk_root}/intruder")
+    holder.release()
+    semaphore.release()
+    for thread in waiters:
+        thread.join(30)
+    assert auth_cli("secure").stdout.startswith("0 node(s) changed")
+
+
+def test_a_client_without_credentials_cannot_make_a_keys_parent_under_a_protected_root(
+    make_app, zk, zk_root
+):
+    from kazoo.exceptions import NoAuthError
+
+    task = _lock_task_on(make_app(ZOOKEEPER_AUTH=_AUTH))
+    assert _held_now(task, "first")  # the authenticated app made the tree
+    name = zkcelery._lock_name("t.lock", ("k",))
+    for parent in (f"{zk_root}/semaphores/{name}", f"{zk_root}/locks/{name}@queue"):
+        with pytest.raises(NoAuthError):
+            zk.create(parent)
+
+
+def test_check_fails_on_an_open_tree_and_passes_on_a_secured_one(zk, zk_root, auth_cli):
+    _open_tree(zk, zk_root)
+    opened = auth_cli("check")
+    assert opened.returncode == 1 and "NOT PROTECTED" in opened.stdout
+    assert auth_cli("secure").returncode == 0
+    secured = auth_cli("check")
+    assert secured.returncode == 0 and "protected: only 'worker'" in secured.stdout
+
+
+def test_secure_refuses_a_tree_another_identity_owns(make_app, zk_root, tmp_path, auth_cli):
+    assert _held_now(_lock_task_on(make_app(ZOOKEEPER_AUTH="digest:other:pw")), "x")
+    refused = auth_cli("secure")
+    assert refused.returncode != 0 and "cannot change the ACL of" in refused.stderr
+
+
+def test_without_auth_a_lock_cycle_still_costs_two_requests(lock_task, zk_hosts):
+    assert _held_now(lock_task, "warm")
+    overhead = _probe_overhead(zk_hosts)
+    before = requests_received(zk_hosts)
+    for _ in range(20):
+        assert _held_now(lock_task, "cost")
+    assert (requests_received(zk_hosts) - before - overhead) / 20 <= 2.2
+
+
 def test_zookeeper_ssl_locks_over_tls_and_a_plain_client_cannot(make_app, tls_ensemble):
     hosts, ca = tls_ensemble
     secure = _lock_task_on(make_app(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_SSL={"ca": ca}))

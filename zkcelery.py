@@ -178,7 +178,15 @@ from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol.serialization import Create2
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
 from kazoo.retry import KazooRetry
-from kazoo.security import OPEN_ACL_UNSAFE, make_acl, make_digest_acl
+from kazoo.security import (
+    ACL,
+    OPEN_ACL_UNSAFE,
+    Id,
+    Permissions,
+    make_acl,
+    make_digest_acl,
+    make_digest_acl_credential,
+)
 
 __all__ = [
     "AccessDenied",
@@ -1410,6 +1418,7 @@ class _Session:
         #: path (or a sequential node's prefix) -> (session id, lease guid)
         self._orphans: dict[str, tuple[int | None, str | None]] = {}
         self._ready = False  # the root and namespace nodes exist
+        self._verified = False  # ...and, with ZOOKEEPER_AUTH, are ours alone
         self._record_negotiated_timeout()
         self.client.add_listener(self._on_state)
         self.client.start_async()
@@ -1631,13 +1640,45 @@ class _Session:
     # -- creating and deleting -----------------------------------------------
 
     def ensure_namespaces(self, again: bool = False) -> None:
+        """Make the root and namespace nodes once; with ZOOKEEPER_AUTH, check they are ours."""
         if self._ready and not again:
             return
+        self.make_tree()
+        if self.settings.auth is not None and not self._verified:
+            # Once per process: one getACL per node (four requests).
+            problems = self.unprotected()
+            if problems:
+                raise problems[0]
+            self._verified = True
+        self._ready = True
+
+    def tree(self) -> list[str]:
+        """The root and the namespace nodes: the persistent nodes zkcelery relies on."""
         root = self.settings.root
-        for path in (root, *(f"{root}/{ns}" for ns in (_LOCKS, _SEMAPHORES, _MUTEXES))):
+        return [root, *(f"{root}/{ns}" for ns in (_LOCKS, _SEMAPHORES, _MUTEXES))]
+
+    def make_tree(self) -> None:
+        for path in self.tree():
             with contextlib.suppress(NodeExistsError):
                 self.call(self.client.create_async, path, makepath=True)
-        self._ready = True
+
+    def unprotected(self, paths: Iterable[str] | None = None) -> list[ZKCeleryError]:
+        """What is wrong with the ACLs of ``paths`` (default: the tree), for ZOOKEEPER_AUTH.
+
+        In ZooKeeper the right to create or delete a node is its parent's: a
+        holder node under a parent that anyone may change is not protected.
+        """
+        identity = _identity(self.settings)
+        problems: list[ZKCeleryError] = []
+        for path in self.tree() if paths is None else paths:
+            try:
+                acls, _ = self.read(self.client.get_acls_async, path)
+            except NoNodeError:
+                continue
+            problem = _acl_problem(path, acls, identity)
+            if problem is not None:
+                problems.append(problem)
+        return problems
 
     def create_in_container(
         self, container: str, path: str, data: bytes, sequence: bool = False
@@ -1739,16 +1780,8 @@ def _stop_quietly(client: KazooClient) -> None:
 def _make_client(settings: _Settings) -> KazooClient:
     options: dict[str, Any] = dict(settings.ssl)
     if settings.auth is not None:
-        scheme, credential = settings.auth
-        options["auth_data"] = [(scheme, credential)]
-        if scheme == "digest":
-            # Only this identity may change or delete what zkcelery creates;
-            # others may read (list holders) unless reads are protected too.
-            user, password = credential.split(":", 1)
-            acl = [make_digest_acl(user, password, all=True)]
-            if not settings.protect_reads:
-                acl.append(make_acl("world", "anyone", read=True))
-            options["default_acl"] = acl
+        options["auth_data"] = [settings.auth]
+        options["default_acl"] = _default_acl(settings)
     handler = _pick_handler()
     # Reconnect forever in the background, quickly: a lease waits for the
     # connection at most ZOOKEEPER_CONNECT_TIMEOUT, and ZooKeeper coming back
@@ -1765,6 +1798,58 @@ def _make_client(settings: _Settings) -> KazooClient:
         handler=handler,
         **options,
     )
+
+
+def _default_acl(settings: _Settings) -> list[ACL] | None:
+    """The ACL of every node zkcelery creates: only this identity may change or delete.
+
+    Others may read (list holders) unless ZOOKEEPER_PROTECT_READS.  Only the
+    digest scheme names an identity an ACL can hold.
+    """
+    if settings.auth is None or settings.auth[0] != "digest":
+        return None
+    user, password = settings.auth[1].split(":", 1)
+    acl = [make_digest_acl(user, password, all=True)]
+    if not settings.protect_reads:
+        acl.append(make_acl("world", "anyone", read=True))
+    return acl
+
+
+def _identity(settings: _Settings) -> Id | None:
+    if settings.auth is None or settings.auth[0] != "digest":
+        return None
+    user, password = settings.auth[1].split(":", 1)
+    return Id("digest", make_digest_acl_credential(user, password))
+
+
+#: Rights that let their holder break locks: make or remove nodes, or change the ACL.
+_BREAKING = Permissions.CREATE | Permissions.DELETE | Permissions.ADMIN
+
+
+def _acl_problem(path: str, acls: list[ACL], identity: Id | None) -> ZKCeleryError | None:
+    """Why the ACL ``acls`` of ``path`` does not protect zkcelery's locks, or None."""
+    if identity is None:
+        return None
+    ours = [acl for acl in acls if acl.id == identity]
+    others = [acl for acl in acls if acl.id != identity and acl.perms & _BREAKING]
+    shown = _acl_text(acls)
+    user = identity.id.split(":")[0]
+    if others:
+        return ConfigurationError(
+            f"ZOOKEEPER_AUTH is set, but {path} lets others create or delete nodes (its ACL: "
+            f"{shown}), so anyone can break the locks under it. Run `python -m zkcelery "
+            f"secure` (or `celery -A proj zk secure`) to give it to {user!r} alone."
+        )
+    if not any(acl.perms & Permissions.CREATE and acl.perms & Permissions.DELETE for acl in ours):
+        return AccessDenied(
+            f"{path} belongs to another identity (its ACL: {shown}); check ZOOKEEPER_AUTH"
+        )
+    return None
+
+
+def _perms(perms: int) -> str:
+    letters = zip("rwcda", (1, 2, 4, 8, 16))
+    return "".join(letter for letter, bit in letters if perms & bit) or "-"
 
 
 def _pick_handler() -> Any:
@@ -1898,7 +1983,9 @@ def _describe(row: dict) -> str:
 
 
 @zk_command.command(
-    name="check", help="Report each server's mode and round trip; exit 1 without quorum."
+    name="check",
+    help="Report each server's mode and round trip, and whether ZOOKEEPER_AUTH protects the "
+    "tree; exit 1 without quorum or when it does not.",
 )
 @click.pass_obj
 def _check_command(app: celery.Celery) -> None:
@@ -1913,13 +2000,79 @@ def _check_command(app: celery.Celery) -> None:
     click.echo(
         f"{serving} of {len(servers)} servers serving: {'quorum' if quorum else 'NO QUORUM'}"
     )
-    if quorum:
-        conn = _connection(app)
-        started = time.monotonic()
-        conn.call(conn.client.exists_async, "/")
-        click.echo(f"session round trip {(time.monotonic() - started) * 1000:.1f} ms")
-    else:
+    if not quorum:
         sys.exit(1)
+    session = _connection(app)
+    started = time.monotonic()
+    session.call(session.client.exists_async, "/")
+    click.echo(f"session round trip {(time.monotonic() - started) * 1000:.1f} ms")
+    if settings.auth is None:
+        click.echo(
+            f"ZOOKEEPER_AUTH is not set: any client may break the locks under {settings.root}"
+        )
+        return
+    problems = session.unprotected()
+    for problem in problems:
+        click.echo(f"NOT PROTECTED: {problem}")
+    if problems:
+        sys.exit(1)
+    user = settings.auth[1].split(":")[0]
+    click.echo(f"protected: only {user!r} may create or delete under {settings.root}")
+
+
+@zk_command.command(
+    name="secure", help="Give the tree zkcelery relies on to ZOOKEEPER_AUTH's identity alone."
+)
+@click.pass_obj
+def _secure_command(app: celery.Celery) -> None:
+    settings = _read_settings(app)
+    acl = _default_acl(settings)
+    if acl is None:
+        raise click.ClickException("set ZOOKEEPER_AUTH = 'digest:user:secret' first")
+    session = _connection(app)
+    try:
+        changed = _secure(session, acl)
+    except AccessDenied as exc:
+        raise click.ClickException(
+            f"cannot change the ACL of {exc.args[1] if len(exc.args) > 1 else settings.root}: "
+            f"{exc.args[0]}. Its owner, or a ZooKeeper superuser, must run this."
+        ) from None
+    click.echo(f"{changed} node(s) changed; {settings.root} is protected")
+
+
+def _secure(session: _Session, acl: list[ACL]) -> int:
+    """Set ``acl`` on every node that guards the locks; print and count the changes."""
+    session.make_tree()
+    changed = 0
+    for path in _protecting_nodes(session):
+        try:
+            current, _ = session.read(session.client.get_acls_async, path)
+            if sorted(current) == sorted(acl):
+                continue
+            try:
+                session.call(session.client.set_acls_async, path, acl)
+            except AccessDenied as exc:
+                raise AccessDenied(str(exc), path) from None
+        except NoNodeError:
+            continue  # a container reaped meanwhile
+        changed += 1
+        click.echo(f"secured {path}: {_acl_text(current)} -> {_acl_text(acl)}")
+    return changed
+
+
+def _protecting_nodes(session: _Session) -> Iterator[str]:
+    """The root, the namespace nodes, and every per-key parent: whose ACL guards the locks."""
+    yield from session.tree()
+    root = session.settings.root
+    for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES):
+        parent = f"{root}/{namespace}"
+        for child in sorted(session.read(session.client.get_children_async, parent)):
+            if namespace == _SEMAPHORES or child.endswith(_QUEUE):
+                yield f"{parent}/{child}"
+
+
+def _acl_text(acls: list[ACL]) -> str:
+    return ", ".join(f"{a.id.scheme}:{a.id.id.split(':')[0]}={_perms(a.perms)}" for a in acls)
 
 
 def _listing(session: _Session) -> list[dict]:

@@ -1,0 +1,1192 @@
+#!/usr/bin/env python3
+"""Contention and scale: zkcelery's leases beside kazoo's recipes, in one interleaved run.
+
+Run it against a running ensemble (``./zk-test.sh``)::
+
+    python benchmarks/contention.py [--hosts H] [--quick] [--json PATH] [--markdown] [--strict]
+
+The figures of issue 12 ("Lease protocol v2"):
+
+1. one exclusive lock, N blocking contenders (N = 1, 4, 16), one process each, looping on
+   acquire (blocking) -> hold 1 ms -> release: acquisitions per second, requests per
+   acquisition, p50/p99 wait (from calling acquire to holding), the least and the most
+   acquisitions of one process, and the most holders seen at once (must be 1).  zkcelery: a
+   ``LockTask`` called directly, ``with self.lock(key, blocking=True)`` in its body; kazoo: one
+   ``Lock`` per process, ``acquire()`` / ``release()``;
+2. semaphore isolation: requests per uncontended ``semaphore("B", max_leases=2)`` cycle,
+   alone and while 8 processes block on semaphore "A" (max_leases=1) that a ninth holds;
+3. scale: time of that cycle with no other lease held and with 20,000 unrelated leases held
+   (the real layout: 20,000 semaphore keys, each a container node holding one ephemeral
+   lease node);
+4. 16 blocking waiters on a semaphore of 2 (1 ms hold): as 1, zkcelery's
+   ``semaphore(key, max_leases=2, blocking=True)`` beside kazoo's ``Semaphore(max_leases=2)``
+   (most holders at once must be 2).
+
+Interleaving: for each point of 1 and 4 the two libraries run in alternate rounds, ABBA with
+two rounds each (the first library alternating between points), so that drift of the shared
+machine hits both; 2 and 3 measure "alone" before and after the loaded condition.
+
+Processes: a pool of spawned worker processes (never forked from one with a client), worker
+``i`` talking to server ``i mod 3`` only.  A worker opens its session (a Celery app of its own
+with ``ZOOKEEPER_HOSTS`` naming its one server, or a ``KazooClient``) for a round, warms it,
+and closes it after the round, so that idle clients do not send pings during another round.
+The contenders of a round all start at one ``time.monotonic()`` instant (one clock for the
+whole machine), run for the round's time, and finish the acquisition they are in.
+
+Requests are the servers' own counters: the sum of ``srvr`` -> ``Received`` over all servers
+just before and just after a round, less the packets of the probe itself (calibrated by
+probing twice back to back at the start).  The same probe reads ``cons``, whose per-session
+``recved`` gives the measured sessions' own requests, a cross-check that no other client of
+the ensemble can disturb; the rest (idle clients' pings, other users of the ensemble) is
+printed beside it.
+
+Safety: each contender records the monotonic times just after its acquire returned and just
+before it released (an interval inside the time it really held), and the parent sweeps all
+processes' intervals for the most that overlap.  More than the lease admits is a correctness
+bug: the run then exits with status 1.  Timing targets print PASS/MISS and fail the run only
+with ``--strict``.
+
+The 20,000 unrelated leases are created by kazoo's asynchronous calls from the parent, spread
+over sessions of at most 2,000 nodes each: a session's ephemeral nodes are all deleted by one
+closeSession transaction listing their paths, and one that outgrows ``jute.maxbuffer`` (1 MB)
+breaks the servers' log (see shared/NOTES.md).  kazoo's ``Semaphore`` keeps each semaphore
+under a path of its own, so unrelated leases cannot cost it anything: 3 has no kazoo column.
+
+Hosts: ``--hosts``, else ``$ZK_TEST_HOSTS``, else ``.zk-test/hosts`` beside this repository's
+``zk-test.sh`` (or in ``$ZK_TEST_DIR``), else ``127.0.0.1:2181,127.0.0.1:2182,127.0.0.1:2183``.
+Every run uses a fresh root ``/zkcelery-bench-contention/<id>`` and deletes it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+# The repository's zkcelery.py, not a copy installed elsewhere.
+sys.path.insert(0, str(REPO))
+
+from bench import (  # noqa: E402
+    Layout,
+    connect,
+    default_hosts,
+    disconnect,
+    field_of,
+    four_letter,
+    markdown_table,
+    parse_layout,
+    percentile,
+    plain_table,
+    zkcelery_version,
+)
+from celery import Celery, signals  # noqa: E402
+from kazoo.client import KazooClient  # noqa: E402
+from kazoo.exceptions import NodeExistsError, NoNodeError, NotEmptyError  # noqa: E402
+from kazoo.protocol.serialization import Create2  # noqa: E402
+from kazoo.recipe.lock import Lock, Semaphore  # noqa: E402
+from kazoo.security import OPEN_ACL_UNSAFE  # noqa: E402
+
+import zkcelery  # noqa: E402
+
+ROOT_PARENT = "/zkcelery-bench-contention"
+TASK = "bench.contention"
+KINDS = ("zkcelery", "kazoo")
+SPAWN = mp.get_context("spawn")
+REPLY_TIMEOUT = 60.0  # seconds a worker may take to answer, beyond the work asked of it
+NODES_PER_SESSION = 2_000  # keeps each filler session's closeSession transaction small
+Times = tuple[float, float, float]  # acquire called, held, about to release
+
+
+# ---------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of what: the full run and ``--quick``."""
+
+    quick: bool
+    sizes: tuple[int, ...]  # contenders on one lock (scenario 1)
+    round_seconds: float  # one round of one library at one point
+    rounds: int  # rounds per library per point: 2 is ABBA
+    hold: float  # seconds a contender holds the lock
+    semaphore_waiters: int  # scenario 4
+    isolation_waiters: int  # scenario 2
+    cycles: int  # uncontended semaphore cycles per condition (scenarios 2 and 3)
+    leases: int  # unrelated leases held (scenario 3)
+
+    @property
+    def pool(self) -> int:
+        return max(*self.sizes, self.semaphore_waiters, self.isolation_waiters + 2)
+
+
+FULL = Plan(False, (1, 4, 16), 2.0, 2, 0.001, 16, 8, 200, 20_000)
+QUICK = Plan(True, (1, 4), 0.5, 1, 0.001, 8, 8, 20, 2_000)
+
+
+# ---------------------------------------------------------------------------
+# The servers' counters
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Packets received: by every server in all (``srvr``), and per session (``cons``)."""
+
+    received: int
+    sessions: dict[int, int]
+    nodes: int
+
+
+def cons_sessions(text: str) -> dict[int, int]:
+    found = {}
+    for line in text.splitlines():
+        if "sid=" not in line or "recved=" not in line:
+            continue
+        fields = dict(
+            part.split("=", 1) for part in line.split("(", 1)[1].split(",") if "=" in part
+        )
+        found[int(fields["sid"], 16)] = int(fields["recved"])
+    return found
+
+
+def probe(entries: Sequence[str]) -> Probe:
+    total, sessions, nodes = 0, {}, 0
+    for entry in entries:
+        text = four_letter(entry, "srvr")
+        total += int(field_of(text, "Received"))
+        nodes = max(nodes, int(field_of(text, "Node count")))
+        sessions.update(cons_sessions(four_letter(entry, "cons")))
+    return Probe(total, sessions, nodes)
+
+
+@dataclass(frozen=True)
+class Counter:
+    """Counts the requests of a window between two probes."""
+
+    entries: tuple[str, ...]
+    overhead: int  # packets one probe adds to the next one's count
+
+    @classmethod
+    def calibrate(cls, entries: Sequence[str]) -> Counter:
+        pairs = []
+        for _ in range(3):
+            first = probe(entries)
+            pairs.append(probe(entries).received - first.received)
+        return cls(tuple(entries), min(pairs))
+
+    def probe(self) -> Probe:
+        return probe(self.entries)
+
+    def window(self, before: Probe, after: Probe, ours: Sequence[int]) -> Window:
+        own, missing = 0, 0
+        for sid in ours:
+            if sid in before.sessions and sid in after.sessions:
+                own += after.sessions[sid] - before.sessions[sid]
+            else:
+                missing += 1
+        return Window(after.received - before.received - self.overhead, own, missing)
+
+
+@dataclass
+class Window:
+    requests: int = 0  # srvr: everything every server received, less the probe's own
+    own: int = 0  # cons: what the measured sessions sent
+    missing: int = 0  # measured sessions cons did not show both times (moved or closed)
+
+    def __iadd__(self, other: Window) -> Window:
+        self.requests += other.requests
+        self.own += other.own
+        self.missing += other.missing
+        return self
+
+
+# ---------------------------------------------------------------------------
+# Workers: spawned processes answering over a pipe
+# ---------------------------------------------------------------------------
+
+
+class Worker:
+    """What one worker process does; the parent calls its methods by name."""
+
+    def __init__(self, index: int, hosts: str, root: str) -> None:
+        self.index = index
+        self.hosts = hosts
+        self.root = root
+        self.app = Celery(f"contention{index}", set_as_current=False)
+        self.app.conf.ZOOKEEPER_HOSTS = hosts
+        self.app.conf.ZOOKEEPER_ROOT = root
+
+        @self.app.task(base=zkcelery.LockTask, bind=True, shared=False, name=TASK)
+        def contend(self: Any, key: str, max_leases: int | None, hold: float) -> Times:
+            """One blocking acquisition of the lock (or semaphore) ``key``, held ``hold`` s."""
+            started = time.monotonic()
+            if max_leases is None:
+                lease = self.lock(key, blocking=True)
+            else:
+                lease = self.semaphore(key, max_leases=max_leases, blocking=True)
+            with lease as held:
+                holding = time.monotonic()
+                if not held:
+                    raise RuntimeError(f"blocking acquire of {key!r} returned unheld")
+                time.sleep(hold)
+                leaving = time.monotonic()
+            return started, holding, leaving
+
+        self.task = contend
+        self.client: KazooClient | None = None
+        self.zk_open = False
+        self.op: Callable[[], Times] | None = None
+        self.held: Any = None
+
+    # -- sessions ------------------------------------------------------------------
+
+    def open_zkcelery(self) -> int:
+        with self.task.lock("warm", self.index) as held:  # connects, makes the namespaces
+            if not held:
+                raise RuntimeError("the warm-up lock is held elsewhere")
+        self.zk_open = True
+        # The session id, to find this session in the servers' "cons" (a private attribute).
+        session_id = zkcelery._connection(self.app).session_id
+        assert session_id is not None
+        return session_id
+
+    def open_kazoo(self) -> int:
+        self.client = connect(self.hosts)
+        self.client.ensure_path(f"{self.root}/kazoo")
+        return self.client.client_id[0]
+
+    def close(self) -> None:
+        self.op = None
+        if self.held is not None:
+            self.held.release()
+            self.held = None
+        if self.zk_open:
+            signals.worker_process_shutdown.send(sender=None)  # closes zkcelery's sessions
+            self.zk_open = False
+        if self.client is not None:
+            disconnect(self.client)
+            self.client = None
+
+    # -- contention (scenarios 1 and 4) -------------------------------------------
+
+    def open_contender(self, kind: str, key: str, max_leases: int | None, hold: float) -> int:
+        if kind == "zkcelery":
+            session_id = self.open_zkcelery()
+
+            def op() -> Times:
+                return self.task(key, max_leases, hold)  # type: ignore[no-any-return]
+
+        else:
+            session_id = self.open_kazoo()
+            path = f"{self.root}/kazoo/{key}"
+            recipe: Any = (
+                Lock(self.client, path)
+                if max_leases is None
+                else Semaphore(self.client, path, max_leases=max_leases)
+            )
+
+            def op() -> Times:
+                started = time.monotonic()
+                recipe.acquire(blocking=True)
+                holding = time.monotonic()
+                time.sleep(hold)
+                leaving = time.monotonic()
+                recipe.release()
+                return started, holding, leaving
+
+        op()  # warm: kazoo makes its paths; both learn the way
+        self.op = op
+        return session_id
+
+    def run(self, start_at: float, seconds: float) -> dict[str, Any]:
+        assert self.op is not None
+        time.sleep(max(0.0, start_at - time.monotonic()))
+        end, times = start_at + seconds, []
+        while time.monotonic() < end:
+            times.append(self.op())
+        return {"times": times, "finished": time.monotonic()}
+
+    # -- uncontended semaphore cycles, holders and waiters (scenarios 2 and 3) -----
+
+    def cycles(self, key: str, max_leases: int, count: int) -> list[float]:
+        durations = []
+        for _ in range(count):
+            started = time.perf_counter()
+            with self.task.semaphore(key, max_leases=max_leases) as held:
+                if not held:
+                    raise RuntimeError(f"semaphore {key!r} unexpectedly full")
+            durations.append(time.perf_counter() - started)
+        return durations
+
+    def hold(self, key: str, max_leases: int) -> None:
+        self.held = self.task.semaphore(key, max_leases=max_leases)
+        if not self.held.acquire():
+            raise RuntimeError(f"semaphore {key!r} unexpectedly full")
+
+    def waiting(self) -> int:
+        return len(self.held.waiters())
+
+    def release(self) -> None:
+        self.held.release()
+        self.held = None
+
+    def wait(self, key: str, max_leases: int) -> bool:
+        with self.task.semaphore(key, max_leases=max_leases, blocking=True) as held:
+            return bool(held)
+
+
+def worker_main(index: int, hosts: str, root: str, conn: Connection) -> None:
+    try:
+        worker = Worker(index, hosts, root)
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", None))
+    try:
+        while (message := conn.recv())[0] != "exit":
+            name, args = message
+            try:
+                conn.send(("ok", getattr(worker, name)(*args)))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+    finally:
+        with contextlib.suppress(Exception):
+            worker.close()
+
+
+@dataclass
+class Handle:
+    """The parent's end of one worker."""
+
+    index: int
+    entry: str
+    process: Any
+    conn: Connection
+
+    def send(self, name: str, *args: Any) -> None:
+        self.conn.send((name, args))
+
+    def expect(self, timeout: float = REPLY_TIMEOUT) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(
+                f"worker {self.index} (on {self.entry}) did not answer within {timeout:.0f} s: "
+                "a blocked acquire that never returns?"
+            )
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(f"worker {self.index} failed:\n{value}")
+        return value
+
+    def call(self, name: str, *args: Any, timeout: float = REPLY_TIMEOUT) -> Any:
+        self.send(name, *args)
+        return self.expect(timeout)
+
+
+def start_pool(layout: Layout, root: str, size: int) -> list[Handle]:
+    handles = []
+    for index in range(size):
+        entry = layout.entry(index)
+        parent, child = SPAWN.Pipe()
+        process = SPAWN.Process(
+            target=worker_main, args=(index, layout.hosts(entry), root, child), daemon=True
+        )
+        process.start()
+        child.close()
+        handles.append(Handle(index, entry, process, parent))
+    for handle in handles:
+        handle.expect(REPLY_TIMEOUT * 2)
+    return handles
+
+
+def stop_pool(handles: Sequence[Handle]) -> None:
+    for handle in handles:
+        with contextlib.suppress(OSError, ValueError):
+            handle.send("exit")
+    for handle in handles:
+        handle.process.join(15)
+        if handle.process.is_alive():
+            handle.process.terminate()
+            handle.process.join(5)
+        handle.conn.close()
+
+
+def call_all(handles: Sequence[Handle], name: str, *args: Any) -> list[Any]:
+    for handle in handles:
+        handle.send(name, *args)
+    return [handle.expect() for handle in handles]
+
+
+# ---------------------------------------------------------------------------
+# Scenarios 1 and 4: blocking contenders on one key
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """One library at one point, over all its rounds."""
+
+    kind: str
+    size: int
+    limit: int  # holders the lease admits
+    acquisitions: int = 0
+    seconds: float = 0.0
+    window: Window = field(default_factory=Window)
+    waits: list[float] = field(default_factory=list)
+    per_process: list[int] = field(default_factory=list)
+    max_holders: int = 0
+    excess: int = 0  # acquisitions made while the lease was already full
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_round(self, replies: Sequence[dict[str, Any]], start_at: float, window: Window) -> None:
+        times = [t for reply in replies for t in reply["times"]]
+        seconds = max(reply["finished"] for reply in replies) - start_at
+        counts = [len(reply["times"]) for reply in replies]
+        self.per_process = [a + b for a, b in zip(self.per_process, counts)] or counts
+        self.acquisitions += len(times)
+        self.seconds += seconds
+        self.window += window
+        self.waits += [holding - started for started, holding, _ in times]
+        peak, excess = overlap(
+            sorted((holding, leaving) for _, holding, leaving in times), self.limit
+        )
+        self.max_holders = max(self.max_holders, peak)
+        self.excess += excess
+        self.rounds.append(
+            {
+                "acquisitions": len(times),
+                "seconds": seconds,
+                "requests": window.requests,
+                "own_requests": window.own,
+                "per_process": counts,
+                "max_holders": peak,
+            }
+        )
+
+    @property
+    def rate(self) -> float:
+        return self.acquisitions / self.seconds
+
+    @property
+    def requests_per(self) -> float:
+        return self.window.requests / max(1, self.acquisitions)
+
+    @property
+    def own_per(self) -> float:
+        return self.window.own / max(1, self.acquisitions)
+
+    @property
+    def fairness(self) -> float:
+        return min(self.per_process) / max(1, max(self.per_process))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "contenders": self.size,
+            "acquisitions": self.acquisitions,
+            "seconds": round(self.seconds, 3),
+            "acquisitions_per_s": round(self.rate, 1),
+            "requests": self.window.requests,
+            "requests_per_acquisition": round(self.requests_per, 2),
+            "own_requests_per_acquisition": round(self.own_per, 2),
+            "sessions_not_seen_by_cons": self.window.missing,
+            "wait_p50_ms": round(percentile(self.waits, 0.5) * 1e3, 2),
+            "wait_p99_ms": round(percentile(self.waits, 0.99) * 1e3, 2),
+            "min_per_process": min(self.per_process),
+            "max_per_process": max(self.per_process),
+            "min_over_max": round(self.fairness, 3),
+            "max_holders": self.max_holders,
+            "limit": self.limit,
+            "acquisitions_over_limit": self.excess,
+            "rounds": self.rounds,
+        }
+
+
+def overlap(intervals: Sequence[tuple[float, float]], limit: int) -> tuple[int, int]:
+    """The most holding intervals that overlap, and how many began with ``limit`` others held."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    holding = peak = excess = 0
+    for _, step in events:  # at equal times a release (-1) sorts before an acquire (+1)
+        holding += step
+        peak = max(peak, holding)
+        if step == 1 and holding > limit:
+            excess += 1
+    return peak, excess
+
+
+def contention_round(
+    handles: Sequence[Handle],
+    counter: Counter,
+    tally: Tally,
+    key: str,
+    max_leases: int | None,
+    plan: Plan,
+) -> None:
+    for handle in handles:
+        handle.send("open_contender", tally.kind, key, max_leases, plan.hold)
+    sessions = [handle.expect() for handle in handles]
+    try:
+        before = counter.probe()
+        start_at = time.monotonic() + 0.1 + 0.01 * len(handles)
+        for handle in handles:
+            handle.send("run", start_at, plan.round_seconds)
+        replies = [handle.expect(REPLY_TIMEOUT + plan.round_seconds) for handle in handles]
+        after = counter.probe()
+    finally:
+        call_all(handles, "close")
+    tally.add_round(replies, start_at, counter.window(before, after, sessions))
+
+
+def round_order(point: int, rounds: int) -> list[str]:
+    """ABBA: the first library alternates from one point to the next."""
+    first = list(KINDS) if point % 2 == 0 else list(reversed(KINDS))
+    return [kind for r in range(rounds) for kind in (first if r % 2 == 0 else first[::-1])]
+
+
+def contention_point(
+    pool: Sequence[Handle],
+    counter: Counter,
+    plan: Plan,
+    point: int,
+    size: int,
+    key: str,
+    max_leases: int | None,
+) -> dict[str, Tally]:
+    limit = 1 if max_leases is None else max_leases
+    tallies = {kind: Tally(kind, size, limit) for kind in KINDS}
+    for kind in round_order(point, plan.rounds):
+        log(f"  {kind}, {size} contenders, {plan.round_seconds:g} s")
+        contention_round(pool[:size], counter, tallies[kind], key, max_leases, plan)
+    return tallies
+
+
+# ---------------------------------------------------------------------------
+# Scenarios 2 and 3: uncontended semaphore cycles beside other leases
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Cycles:
+    """Uncontended semaphore cycles of one process, under one condition."""
+
+    durations: list[float] = field(default_factory=list)
+    window: Window = field(default_factory=Window)
+    others: int = 0  # cons: what the other sessions of ours sent meanwhile
+
+    def add(self, durations: list[float], window: Window, others: int) -> None:
+        self.durations += durations
+        self.window += window
+        self.others += others
+
+    @property
+    def requests_per(self) -> float:
+        return self.window.requests / max(1, len(self.durations))
+
+    @property
+    def own_per(self) -> float:
+        return self.window.own / max(1, len(self.durations))
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.durations) * 1e3
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "cycles": len(self.durations),
+            "requests_per_cycle": round(self.requests_per, 2),
+            "own_requests_per_cycle": round(self.own_per, 2),
+            "others_requests": self.others,
+            "median_ms": round(self.median_ms, 3),
+            "p90_ms": round(percentile(self.durations, 0.9) * 1e3, 3),
+            "mean_ms": round(statistics.fmean(self.durations) * 1e3, 3),
+        }
+
+
+def count_cycles(
+    measurer: Handle,
+    counter: Counter,
+    into: Cycles,
+    key: str,
+    count: int,
+    own: int,
+    others: Sequence[int] = (),
+) -> None:
+    before = counter.probe()
+    durations = measurer.call("cycles", key, 2, count)
+    after = counter.probe()
+    window = counter.window(before, after, [own])
+    into.add(durations, window, counter.window(before, after, others).own)
+
+
+def isolation(pool: Sequence[Handle], counter: Counter, plan: Plan) -> dict[str, Cycles]:
+    """Semaphore B alone, beside 8 waiters blocked on semaphore A, and alone again."""
+    measurer, holder = pool[0], pool[1]
+    waiters = pool[2 : 2 + plan.isolation_waiters]
+    alone, beside = Cycles(), Cycles()
+    own = measurer.call("open_zkcelery")
+    try:
+        measurer.call("cycles", "B", 2, 2)  # warm
+        count_cycles(measurer, counter, alone, "B", plan.cycles // 2, own)
+        others = [holder.call("open_zkcelery")]
+        holder.call("hold", "A", 1)
+        others += call_all(waiters, "open_zkcelery")
+        for waiter in waiters:
+            waiter.send("wait", "A", 1)
+        deadline = time.monotonic() + 30
+        while holder.call("waiting") < len(waiters):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the waiters on semaphore A never all queued")
+            time.sleep(0.05)
+        count_cycles(measurer, counter, beside, "B", plan.cycles, own, others)
+        holder.call("release")
+        if not all(waiter.expect() for waiter in waiters):
+            raise RuntimeError("a waiter on semaphore A returned without it")
+        count_cycles(measurer, counter, alone, "B", plan.cycles - plan.cycles // 2, own)
+    finally:
+        call_all([measurer, holder, *waiters], "close")
+    return {"alone": alone, "beside_waiters": beside}
+
+
+class ContainerCreate(Create2):
+    """ZooKeeper's createContainer (opcode 19), which kazoo has no call for.
+
+    The body is a create2's with the container flag (4); so is the answer.
+    """
+
+    type = 19
+
+
+CONTAINER_FLAG = 4
+
+
+class Filler:
+    """``count`` unrelated semaphore leases: a container per key, one lease node in each."""
+
+    def __init__(self, layout: Layout, root: str, count: int) -> None:
+        self.layout = layout
+        self.count = count
+        self.parent = f"{root}/semaphores"
+        self.keys = [f"{self.parent}/bench.filler~{index}" for index in range(count)]
+        sessions = math.ceil(count / NODES_PER_SESSION)
+        self.clients = [connect(layout.hosts(layout.entry(i))) for i in range(sessions)]
+
+    def fill(self) -> None:
+        first = self.clients[0]
+        first.ensure_path(self.parent)
+        acl = first.default_acl or OPEN_ACL_UNSAFE
+        pending = []
+        for index, key in enumerate(self.keys):
+            client = self.clients[index % len(self.clients)]
+            result = client.handler.async_result()
+            client._call(ContainerCreate(key, b"", acl, CONTAINER_FLAG), result)
+            pending.append(result)
+        for result in pending:
+            with contextlib.suppress(NodeExistsError):
+                result.get(timeout=120)
+        pending = []
+        for index, key in enumerate(self.keys):  # session i owns keys i, i + n, ...
+            client = self.clients[index % len(self.clients)]
+            guid = uuid.uuid4().hex[:16]
+            data = json.dumps({"task": "bench.filler", "key": key, "guid": guid}).encode()
+            pending.append(
+                client.create_async(f"{key}/1@{guid}@", data, ephemeral=True, sequence=True)
+            )
+        for result in pending:
+            result.get(timeout=120)
+
+    def drain(self) -> None:
+        """Close the sessions (their lease nodes go with them), then delete the containers."""
+        for client in self.clients:
+            disconnect(client)
+        self.clients = []
+        client = connect(self.layout.hosts(self.layout.entry(0)))
+        try:
+            pending = [client.delete_async(key) for key in self.keys]
+            for result in pending:
+                with contextlib.suppress(NoNodeError):  # the server reaped it first
+                    result.get(timeout=120)
+        finally:
+            disconnect(client)
+
+
+def scale(
+    pool: Sequence[Handle], counter: Counter, plan: Plan, layout: Layout, root: str
+) -> dict[str, Any]:
+    """Semaphore cycles with no other lease held, with ``plan.leases`` held, and none again."""
+    measurer = pool[0]
+    none, held = Cycles(), Cycles()
+    own = measurer.call("open_zkcelery")
+    filler: Filler | None = None
+    try:
+        measurer.call("cycles", "scale", 2, 2)  # warm
+        count_cycles(measurer, counter, none, "scale", plan.cycles // 2, own)
+        nodes_before = counter.probe().nodes
+        started = time.monotonic()
+        filler = Filler(layout, root, plan.leases)
+        filler.fill()
+        fill_seconds = time.monotonic() - started
+        nodes_held = counter.probe().nodes
+        log(f"  {plan.leases} leases held in {fill_seconds:.1f} s; nodes {nodes_held}")
+        count_cycles(measurer, counter, held, "scale", plan.cycles, own)
+        started = time.monotonic()
+        filler.drain()
+        filler = None
+        drain_seconds = time.monotonic() - started
+        count_cycles(measurer, counter, none, "scale", plan.cycles - plan.cycles // 2, own)
+    finally:
+        if filler is not None:
+            filler.drain()
+        measurer.call("close")
+    return {
+        "none": none,
+        "held": held,
+        "leases": plan.leases,
+        "sessions": math.ceil(plan.leases / NODES_PER_SESSION),
+        "nodes_before": nodes_before,
+        "nodes_held": nodes_held,
+        "fill_seconds": round(fill_seconds, 2),
+        "drain_seconds": round(drain_seconds, 2),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Targets and tables
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    measure: str
+    value: float | None
+    op: str  # "<=" or ">="
+    limit: float
+    note: str = ""
+    safety: bool = False  # a correctness check, not a timing target
+
+    @property
+    def passed(self) -> bool | None:
+        if self.value is None:
+            return None
+        value = round(self.value, 2)
+        return value <= self.limit if self.op == "<=" else value >= self.limit
+
+    @property
+    def verdict(self) -> str:
+        if self.passed is None:
+            return "n/a"
+        return "PASS" if self.passed else ("FAIL" if self.safety else "MISS")
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def build_targets(results: dict[str, Any], plan: Plan) -> list[Target]:
+    locks: dict[int, dict[str, Tally]] = results["locks"]
+    top = max(locks)
+    zk, kz = locks[top]["zkcelery"], locks[top]["kazoo"]
+    semaphore = results["semaphore"]
+    zs, ks = semaphore["zkcelery"], semaphore["kazoo"]
+    iso = results["isolation"]
+    scaled = results["scale"]
+    at = f"{top} contenders"
+    lock_holders = max(t.max_holders for point in locks.values() for t in point.values())
+    semaphore_holders = max(zs.max_holders, ks.max_holders)
+    return [
+        Target(
+            f"lock, {at}: throughput / kazoo",
+            zk.rate / kz.rate,
+            ">=",
+            0.9,
+            f"{zk.rate:.0f} vs {kz.rate:.0f} acquisitions/s",
+        ),
+        Target(
+            f"lock, {at}: least / most served process",
+            zk.fairness,
+            ">=",
+            0.5,
+            f"{min(zk.per_process)}/{max(zk.per_process)} (kazoo "
+            f"{min(kz.per_process)}/{max(kz.per_process)})",
+        ),
+        Target(
+            f"lock, {at}: requests per acquisition / kazoo",
+            zk.requests_per / kz.requests_per,
+            "<=",
+            1.5,
+            f"{zk.requests_per:.2f} vs {kz.requests_per:.2f}",
+        ),
+        Target(
+            "semaphore B beside 8 waiters on A: requests per cycle",
+            iso["beside_waiters"].requests_per,
+            "<=",
+            3.3,
+            f"alone {iso['alone'].requests_per:.2f}; B's own session "
+            f"{iso['beside_waiters'].own_per:.2f}",
+        ),
+        Target(
+            f"semaphore cycle, {scaled['leases']:,} unrelated leases held / none",
+            scaled["held"].median_ms / scaled["none"].median_ms,
+            "<=",
+            1.3,
+            f"median {scaled['held'].median_ms:.2f} vs {scaled['none'].median_ms:.2f} ms",
+        ),
+        Target(
+            f"semaphore of 2, {zs.size} waiters: requests per acquisition / kazoo",
+            zs.requests_per / ks.requests_per,
+            "<=",
+            1.0,
+            f"{zs.requests_per:.2f} vs {ks.requests_per:.2f}",
+        ),
+        Target(
+            "most holders of one lock at once (every run, both libraries)",
+            lock_holders,
+            "<=",
+            1,
+            f"zkcelery {max(p['zkcelery'].max_holders for p in locks.values())}, "
+            f"kazoo {max(p['kazoo'].max_holders for p in locks.values())}",
+            safety=True,
+        ),
+        Target(
+            "most holders of the semaphore of 2 at once",
+            semaphore_holders,
+            "<=",
+            2,
+            f"zkcelery {zs.max_holders}, kazoo {ks.max_holders}",
+            safety=True,
+        ),
+    ]
+
+
+CONTENTION_HEADER = [
+    "contenders",
+    "acq/s zkcelery",
+    "kazoo",
+    "ratio",
+    "requests/acq zkcelery",
+    "kazoo",
+    "ratio",
+    "p50 wait ms zkcelery",
+    "kazoo",
+    "p99 wait ms zkcelery",
+    "kazoo",
+    "min/max per process zkcelery",
+    "kazoo",
+    "most holders zkcelery/kazoo",
+]
+
+
+def contention_row(label: str, point: dict[str, Tally]) -> list[str]:
+    zk, kz = point["zkcelery"], point["kazoo"]
+    return [
+        label,
+        f"{zk.rate:.0f}",
+        f"{kz.rate:.0f}",
+        f"{zk.rate / kz.rate:.2f}",
+        f"{zk.requests_per:.2f}",
+        f"{kz.requests_per:.2f}",
+        f"{zk.requests_per / kz.requests_per:.2f}",
+        f"{percentile(zk.waits, 0.5) * 1e3:.1f}",
+        f"{percentile(kz.waits, 0.5) * 1e3:.1f}",
+        f"{percentile(zk.waits, 0.99) * 1e3:.1f}",
+        f"{percentile(kz.waits, 0.99) * 1e3:.1f}",
+        f"{min(zk.per_process)}/{max(zk.per_process)} ({zk.fairness:.2f})",
+        f"{min(kz.per_process)}/{max(kz.per_process)} ({kz.fairness:.2f})",
+        f"{zk.max_holders}/{kz.max_holders}",
+    ]
+
+
+CYCLES_HEADER = [
+    "semaphore(max_leases=2) cycle, one process",
+    "cycles",
+    "requests/cycle (srvr)",
+    "its own session (cons)",
+    "median ms",
+    "p90 ms",
+]
+
+
+def cycles_row(label: str, cycles: Cycles) -> list[str]:
+    return [
+        label,
+        str(len(cycles.durations)),
+        f"{cycles.requests_per:.2f}",
+        f"{cycles.own_per:.2f}",
+        f"{cycles.median_ms:.2f}",
+        f"{percentile(cycles.durations, 0.9) * 1e3:.2f}",
+    ]
+
+
+TARGET_HEADER = ["measure", "value", "target", "result", "note"]
+
+
+def render(results: dict[str, Any], table: Callable[..., str]) -> str:
+    plan: Plan = results["plan_object"]
+    rows = [contention_row(f"lock, {size}", point) for size, point in results["locks"].items()]
+    semaphore = results["semaphore"]
+    rows.append(contention_row(f"semaphore of 2, {semaphore['zkcelery'].size}", semaphore))
+    iso, scaled = results["isolation"], results["scale"]
+    waiters = plan.isolation_waiters
+    cycle_rows = [
+        cycles_row("B, nothing else (before and after)", iso["alone"]),
+        cycles_row(f"B, {waiters} waiters blocked on A (max_leases=1)", iso["beside_waiters"]),
+        cycles_row("no unrelated lease held (before and after)", scaled["none"]),
+        cycles_row(f"{scaled['leases']:,} unrelated leases held", scaled["held"]),
+    ]
+    targets = [
+        [t.measure, fmt(t.value), f"{t.op} {t.limit:g}", t.verdict, t.note]
+        for t in results["target_objects"]
+    ]
+    return "\n\n".join(
+        [
+            table(CONTENTION_HEADER, rows),
+            table(CYCLES_HEADER, cycle_rows),
+            table(TARGET_HEADER, targets),
+        ]
+    )
+
+
+def notes_lines(results: dict[str, Any]) -> list[str]:
+    plan: Plan = results["plan_object"]
+    iso, scaled = results["isolation"], results["scale"]
+    tallies = [*(t for p in results["locks"].values() for t in p.values())]
+    tallies += [results["semaphore"][kind] for kind in KINDS]
+    per_kind = plan.round_seconds * plan.rounds
+    lines = [
+        f"contention: {plan.rounds} round(s) of {plan.round_seconds:g} s per library and point "
+        f"({per_kind:g} s each, {'ABBA' if plan.rounds == 2 else 'AB/BA'}), "
+        f"hold {plan.hold * 1e3:g} ms; worker i on server i mod {len(results['entries'])}",
+        "requests/acq: srvr Received over all servers, less the probe's "
+        f"{results['probe_overhead']} packets; the contenders' own sessions (cons): "
+        + ", ".join(f"{t.kind[:2]}{t.size} {t.own_per:.2f}" for t in tallies),
+        f"B beside waiters: the holder and waiters sent {iso['beside_waiters'].others} "
+        f"requests during its {len(iso['beside_waiters'].durations)} cycles (idle pings)",
+        f"scale: {scaled['leases']:,} leases over {scaled['sessions']} filler sessions, "
+        f"made in {scaled['fill_seconds']:g} s, removed in {scaled['drain_seconds']:g} s; "
+        f"node count {scaled['nodes_before']:,} -> {scaled['nodes_held']:,}",
+    ]
+    missing = sum(t.window.missing for t in tallies)
+    if missing:
+        lines.append(f"warning: {missing} measured sessions were not in cons both times")
+    foreign = [t for t in tallies if t.window.requests > 1.03 * t.window.own + 20]
+    if foreign:
+        lines.append(
+            "warning: the servers received more than the measured sessions sent in "
+            + ", ".join(f"{t.kind} {t.size}" for t in foreign)
+            + ": another client used the ensemble? (the cons figures are unaffected)"
+        )
+    if plan.quick:
+        lines.append(
+            f"quick mode: short rounds, targets at {max(plan.sizes)} contenders and "
+            f"{plan.semaphore_waiters} semaphore waiters; indicative only"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"contention: {message}", file=sys.stderr, flush=True)
+
+
+def check_ensemble(layout: Layout) -> None:
+    for entry in layout.entries:
+        try:
+            four_letter(entry, "srvr")
+            four_letter(entry, "cons")
+        except OSError as exc:
+            raise SystemExit(
+                f"contention: no ZooKeeper server answers at {entry} ({exc}): start the "
+                "ensemble with ./zk-test.sh, or name it with --hosts"
+            ) from None
+
+
+def machine_info(layout: Layout) -> dict[str, Any]:
+    answers = {entry: four_letter(entry, "srvr") for entry in layout.entries}
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "kazoo": metadata.version("kazoo"),
+        "celery": metadata.version("celery"),
+        "zkcelery": zkcelery_version(),
+        "zookeeper": field_of(next(iter(answers.values())), "Zookeeper version").split("-")[0],
+        "modes": {entry: field_of(text, "Mode") for entry, text in answers.items()},
+    }
+
+
+def machine_lines(machine: dict[str, Any], command: str) -> list[str]:
+    load = ", ".join(f"{x:.2f}" for x in machine["loadavg"])
+    return [
+        f"command: {command}",
+        f"date: {machine['date']}",
+        f"machine: {machine['nproc']} cpus, load average {load} at start, {machine['platform']}",
+        f"python {machine['python']}, kazoo {machine['kazoo']}, celery {machine['celery']}, "
+        f"ZooKeeper {machine['zookeeper']}",
+        f"zkcelery from {machine['zkcelery']}",
+        f"servers: {', '.join(f'{e} {m}' for e, m in machine['modes'].items())}",
+    ]
+
+
+def delete_root(layout: Layout, root: str) -> None:
+    try:
+        client = connect(layout.hosts(layout.entry(0)))
+    except Exception as exc:
+        log(f"warning: could not connect to delete {root}: {exc!r}")
+        return
+    try:
+        with contextlib.suppress(NoNodeError):
+            client.delete(root, recursive=True)
+        with contextlib.suppress(NoNodeError, NotEmptyError):
+            client.delete(ROOT_PARENT)
+    except Exception as exc:
+        log(f"warning: could not delete {root}: {exc!r}")
+    finally:
+        disconnect(client)
+
+
+def run(layout: Layout, plan: Plan) -> dict[str, Any]:
+    started = time.monotonic()
+    machine = machine_info(layout)
+    root = f"{ROOT_PARENT}/{uuid.uuid4().hex[:12]}"
+    client = connect(layout.hosts(layout.entry(0)))
+    try:
+        client.ensure_path(f"{root}/kazoo")
+    finally:
+        disconnect(client)  # an idle client would ping during the rounds
+    pool: list[Handle] = []
+    try:
+        counter = Counter.calibrate(layout.entries)
+        log(f"root {root}; probe overhead {counter.overhead} packets; {plan.pool} workers")
+        pool = start_pool(layout, root, plan.pool)
+        locks = {}
+        for point, size in enumerate(plan.sizes):
+            log(f"1. one lock, {size} blocking contenders")
+            locks[size] = contention_point(pool, counter, plan, point, size, f"lock{size}", None)
+        log(f"4. semaphore of 2, {plan.semaphore_waiters} blocking waiters")
+        semaphore = contention_point(
+            pool, counter, plan, len(plan.sizes), plan.semaphore_waiters, "semaphore2", 2
+        )
+        log(f"2. semaphore B beside {plan.isolation_waiters} waiters on A")
+        iso = isolation(pool, counter, plan)
+        log(f"3. semaphore cycles beside {plan.leases:,} unrelated leases")
+        scaled = scale(pool, counter, plan, layout, root)
+    finally:
+        stop_pool(pool)
+        delete_root(layout, root)
+    results: dict[str, Any] = {
+        "machine": machine,
+        "plan_object": plan,
+        "entries": layout.entries,
+        "root": root,
+        "probe_overhead": counter.overhead,
+        "locks": locks,
+        "semaphore": semaphore,
+        "isolation": iso,
+        "scale": scaled,
+    }
+    results["target_objects"] = build_targets(results, plan)
+    results["seconds"] = time.monotonic() - started
+    return results
+
+
+def to_json(results: dict[str, Any], command: str) -> dict[str, Any]:
+    scaled = results["scale"]
+    return {
+        "command": command,
+        "machine": results["machine"],
+        "plan": asdict(results["plan_object"]),
+        "root": results["root"],
+        "probe_overhead": results["probe_overhead"],
+        "lock": {
+            str(size): {kind: tally.summary() for kind, tally in point.items()}
+            for size, point in results["locks"].items()
+        },
+        "semaphore_of_2": {kind: t.summary() for kind, t in results["semaphore"].items()},
+        "isolation": {name: c.summary() for name, c in results["isolation"].items()},
+        "scale": {
+            key: value.summary() if isinstance(value, Cycles) else value
+            for key, value in scaled.items()
+        },
+        "targets": [
+            {**asdict(t), "passed": t.passed, "verdict": t.verdict}
+            for t in results["target_objects"]
+        ],
+        "seconds": round(results["seconds"], 1),
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--hosts", default=None, help="ZooKeeper hosts (default: .zk-test/hosts)")
+    parser.add_argument("--quick", action="store_true", help="short rounds, N in {1, 4}")
+    parser.add_argument("--markdown", action="store_true", help="also print markdown tables")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures here")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with status 1 when a timing target is missed"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = (
+        shlex.join(["python", *sys.argv])
+        if argv is None
+        else shlex.join(["python", sys.argv[0], *argv])
+    )
+    layout = parse_layout(args.hosts or default_hosts())
+    plan = QUICK if args.quick else FULL
+    check_ensemble(layout)
+    results = run(layout, plan)
+    machine, notes = machine_lines(results["machine"], command), notes_lines(results)
+    print("\n".join(machine))
+    print()
+    print(render(results, plain_table))
+    print()
+    print("\n".join(notes))
+    print(f"run took {results['seconds']:.0f} s")
+    if args.markdown:
+        print()
+        print("\n".join(f"- {line}" for line in machine))
+        print()
+        print(render(results, markdown_table))
+        print()
+        print("\n".join(f"- {line}" for line in notes))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(to_json(results, command), indent=2) + "\n")
+        print(f"results written to {args.json}")
+    targets: list[Target] = results["target_objects"]
+    unsafe = [t for t in targets if t.safety and t.passed is False]
+    for target in unsafe:
+        print(f"CORRECTNESS: {target.measure}: {target.value} ({target.note})", file=sys.stderr)
+    missed = [t for t in targets if not t.safety and t.passed is False]
+    return 1 if unsafe or (args.strict and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
