@@ -301,6 +301,15 @@ def app(make_app: Callable[..., Celery]) -> Celery:
 
 
 @pytest.fixture
+def offline_app() -> Iterator[Celery]:
+    """An app for tests that need no server: its hosts answer nothing (port 1)."""
+    app = Celery("offline", set_as_current=False)
+    app.conf.update(broker_url="memory://", ZOOKEEPER_HOSTS="127.0.0.1:1")
+    yield app
+    close_sessions(app)
+
+
+@pytest.fixture
 def threads_worker(app: Celery) -> Iterator[Any]:
     """An in-process worker with the threads pool, on the ``app`` fixture."""
     from celery.contrib.testing.worker import start_worker
@@ -609,3 +618,17 @@ def requests_received(hosts: str) -> int:
         match = re.search(rb"Received: (\d+)", answer)
         total += int(match.group(1)) if match else 0
     return total
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "zk: needs the ZooKeeper ensemble (given to every test that uses it)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test needs the ensemble exactly when it uses the zk_hosts fixture, directly
+    # or through another; `pytest -m "not zk"` runs the rest with no server at all.
+    for item in items:
+        if "zk_hosts" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.zk)

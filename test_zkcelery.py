@@ -7,6 +7,7 @@ body in an enter/exit record that does not depend on zkcelery.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -148,14 +150,24 @@ def hold_externally(zk: KazooClient, path: str) -> None:
     zk.create(path, b"{}", ephemeral=True, makepath=True)
 
 
-@pytest.fixture
-def lock_task(app):
+def _make_lock_task(app: Celery) -> Any:
     @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.lock")
     def task(self, *values, **options):
         with self.lock(*values, **options) as lease:
             return lease
 
     return task
+
+
+@pytest.fixture
+def lock_task(app):
+    return _make_lock_task(app)
+
+
+@pytest.fixture
+def offline_task(offline_app):
+    """The same task on an app whose hosts answer nothing: for errors raised before any I/O."""
+    return _make_lock_task(offline_app)
 
 
 def run_in_threads(n: int, target: Any) -> list[Any]:
@@ -231,10 +243,10 @@ def test_chroot_suffix_places_the_locks_under_it(make_app, zk, zk_root, zk_hosts
     [("zk:abc", "abc"), ("", "empty"), ("zk1:2181,", "empty entry"),
      ("127.0.0.1:99999", "99999"), ("   ", "empty")],
 )  # fmt: skip
-def test_malformed_hosts_raise_naming_the_setting_and_the_bad_part(lock_task, value, bad):
-    lock_task.app.conf.ZOOKEEPER_HOSTS = value
+def test_malformed_hosts_raise_naming_the_setting_and_the_bad_part(offline_task, value, bad):
+    offline_task.app.conf.ZOOKEEPER_HOSTS = value
     with pytest.raises(zkcelery.ConfigurationError, match="ZOOKEEPER_HOSTS") as caught:
-        lock_task()
+        offline_task()
     assert bad in str(caught.value)
 
 
@@ -245,26 +257,26 @@ def test_malformed_hosts_raise_naming_the_setting_and_the_bad_part(lock_task, va
      ("ZOOKEEPER_ROOT", "/zkcelery/"), ("ZOOKEEPER_ROOT", "/a/../b"),
      ("ZOOKEEPER_AUTH", "secret"), ("ZOOKEEPER_SSL", {"cert": "x"})],
 )  # fmt: skip
-def test_malformed_settings_raise_naming_the_setting(lock_task, setting, value):
-    lock_task.app.conf[setting] = value
+def test_malformed_settings_raise_naming_the_setting(offline_task, setting, value):
+    offline_task.app.conf[setting] = value
     with pytest.raises(zkcelery.ConfigurationError, match=setting):
-        lock_task()
+        offline_task()
 
 
-def test_auth_secret_never_appears_in_the_error(lock_task):
-    lock_task.app.conf.ZOOKEEPER_AUTH = "digest-without-colon-s3cret"
+def test_auth_secret_never_appears_in_the_error(offline_task):
+    offline_task.app.conf.ZOOKEEPER_AUTH = "digest-without-colon-s3cret"
     with pytest.raises(zkcelery.ConfigurationError) as caught:
-        lock_task()
+        offline_task()
     assert "s3cret" not in str(caught.value)
 
 
-def test_unreachable_hosts_raise_coordination_error_within_the_connect_timeout(lock_task):
-    lock_task.app.conf.update(
+def test_unreachable_hosts_raise_coordination_error_within_the_connect_timeout(offline_task):
+    offline_task.app.conf.update(
         ZOOKEEPER_HOSTS="127.0.0.1:1,127.0.0.1:2", ZOOKEEPER_CONNECT_TIMEOUT=1
     )
     started = time.monotonic()
     with pytest.raises(zkcelery.CoordinationError, match="did not answer"):
-        lock_task()
+        offline_task()
     assert time.monotonic() - started < 1 + 1.5  # the timeout, plus a noisy machine's slack
 
 
@@ -414,11 +426,11 @@ def test_a_one_megabyte_value_yields_a_bounded_name_with_a_readable_prefix():
 
 
 @pytest.mark.parametrize("value", [object(), {1, 2}, 1j, [object()]])
-def test_unsupported_values_raise_type_error_naming_the_type(lock_task, value):
+def test_unsupported_values_raise_type_error_naming_the_type(offline_task, value):
     with pytest.raises(
         TypeError, match=type(value if not isinstance(value, list) else value[0]).__name__
     ):
-        lock_task(value)
+        offline_task(value)
 
 
 # ===========================================================================
@@ -535,23 +547,54 @@ def test_blocking_forces_retry_off(lock_task, zk, zk_root):
         assert not lease  # no Retry raised: the body runs with a falsy lease
 
 
+def _docstring_examples() -> list[str]:
+    """The indented code blocks of zkcelery's module docstring that define tasks."""
+    blocks = re.findall(r"::\n\n((?:    .*\n|\n)+)", zkcelery.__doc__ or "")
+    return [textwrap.dedent(b) for b in blocks if "@app.task" in b]
+
+
+def test_the_module_docstrings_examples_run_as_written(app):
+    done: list[Any] = []
+    namespace: dict[str, Any] = {"app": app, "zkcelery": zkcelery, "do_work": done.append}
+    examples = _docstring_examples()
+    assert len(examples) >= 4
+    for example in examples:
+        before = set(namespace)
+        exec(compile(example, "zkcelery.__doc__", "exec"), namespace)
+        for name in sorted(set(namespace) - before - {"__builtins__"}):
+            task = namespace[name]
+            params = list(inspect.signature(task.run).parameters)  # bound: no self
+            assert task.apply(args=[f"{name}-{p}" for p in params]).get() is None
+    assert len(done) == sum(example.count("do_work(") for example in examples)
+
+
 @pytest.mark.parametrize(
     ("options", "error"),
     [({"timeout": -1, "blocking": True}, ValueError),
      ({"timeout": "5", "blocking": True}, TypeError), ({"timeout": 5}, ValueError),
      ({"countdown": 5}, TypeError), ({"identifier": ""}, TypeError)],
 )  # fmt: skip
-def test_bad_lock_options_raise_at_the_call(lock_task, options, error):
+def test_bad_lock_options_raise_at_the_call(offline_task, options, error):
     with pytest.raises(error):
-        lock_task.lock("x", **options)
+        offline_task.lock("x", **options)
+
+
+@pytest.mark.parametrize("retry", [False, True])
+def test_an_unknown_keyword_names_the_options_and_where_others_go(offline_task, retry):
+    with pytest.raises(TypeError, match=r"lock\(\) got unknown keyword\(s\) \['lock_path'\]: "
+                       r"its options are blocking, timeout, retry, identifier, name; other "
+                       r"keywords go to self.retry\(\)"):  # fmt: skip
+        offline_task.lock("x", retry=retry, lock_path="/locks/x")
+    with pytest.raises(TypeError, match=r"semaphore\(\) .* options are max_leases, blocking"):
+        offline_task.semaphore("x", retry=retry, lock_path="/locks/x")
 
 
 @pytest.mark.parametrize(
     ("value", "error"), [(0, ValueError), (-1, ValueError), (2.5, TypeError), ("3", TypeError)]
 )
-def test_bad_max_leases_raise_at_the_call(lock_task, value, error):
+def test_bad_max_leases_raise_at_the_call(offline_task, value, error):
     with pytest.raises(error, match="max_leases"):
-        lock_task.semaphore("x", max_leases=value)
+        offline_task.semaphore("x", max_leases=value)
 
 
 def test_retry_raises_retry_from_the_with_statement_and_skips_the_body(app, zk, zk_root):
@@ -959,35 +1002,37 @@ def test_rm_removes_holders_and_waiters_and_every_waiter_recovers(lock_task, zk_
 # ===========================================================================
 
 
-def test_unknown_mutex_key_raises_when_the_task_is_defined(app):
-    app.finalize()
+def test_unknown_mutex_key_raises_when_the_task_is_defined(offline_app):
+    offline_app.finalize()
     with pytest.raises(TypeError, match=r"t\.bad.*'nope'"):
 
-        @app.task(shared=False, base=zkcelery.MutexTask, mutex_keys=("nope",), name="t.bad")
+        @offline_app.task(shared=False, base=zkcelery.MutexTask, mutex_keys=("nope",), name="t.bad")
         def bad(server_name):
             pass
 
 
-def test_mutex_keys_given_as_a_string_is_an_error_with_a_hint(app):
-    app.finalize()
+def test_mutex_keys_given_as_a_string_is_an_error_with_a_hint(offline_app):
+    offline_app.finalize()
     with pytest.raises(TypeError, match=r"did you mean \('server_name',\)"):
 
-        @app.task(shared=False, base=zkcelery.MutexTask, mutex_keys="server_name", name="t.str")
+        @offline_app.task(
+            shared=False, base=zkcelery.MutexTask, mutex_keys="server_name", name="t.str"
+        )
         def bad(server_name):
             pass
 
 
-def test_mutex_requeue_turns_acks_late_on_and_refuses_acks_late_false(app):
-    app.finalize()
+def test_mutex_requeue_turns_acks_late_on_and_refuses_acks_late_false(offline_app):
+    offline_app.finalize()
 
-    @app.task(shared=False, base=zkcelery.MutexTask, mutex_requeue=True, name="t.requeue")
+    @offline_app.task(shared=False, base=zkcelery.MutexTask, mutex_requeue=True, name="t.requeue")
     def requeue(data):
         pass
 
     assert requeue.acks_late is True
     with pytest.raises(ValueError, match="acks_late"):
 
-        @app.task(
+        @offline_app.task(
             shared=False, base=zkcelery.MutexTask, mutex_requeue=True, acks_late=False, name="t.x"
         )
         def refused(data):
@@ -1516,6 +1561,20 @@ def test_rm_breaks_one_lock_after_confirmation_and_the_holder_sees_it_lost(
         lease.__exit__(None, None, None)  # the broken holder's release spares the new holder
         assert len(taken.holders()) == 1
     kept.__exit__(None, None, None)
+
+
+def test_options_work_after_the_subcommand_too(zk_hosts, zk_root, lock_task):
+    with _held(lock_task, "after"):
+        before = subprocess.run(
+            [sys.executable, "-m", "zkcelery", "--hosts", zk_hosts, "--root", zk_root, "ls",
+             "--json"], capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        after = subprocess.run(
+            [sys.executable, "-m", "zkcelery", "ls", "--hosts", zk_hosts, "--json", "--root",
+             zk_root], capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    assert [row["key"] for row in json.loads(after.stdout)] == ["t.lock('after')"]
+    assert json.loads(after.stdout)[0]["node"] == json.loads(before.stdout)[0]["node"]
 
 
 def test_check_reports_each_servers_mode_and_fails_without_quorum(zk_hosts, zk_root):

@@ -431,10 +431,7 @@ class Lease:
         _check_wait(blocking, timeout)
         if max_leases is not None:
             _check_max_leases(max_leases)
-        if retry_options and not retry:
-            raise TypeError(
-                f"{sorted(retry_options)} are options of self.retry(): they need retry=True"
-            )
+        _check_retry_options(namespace, retry_options or {}, retry)
         if identifier is not None and (not isinstance(identifier, str) or not identifier):
             raise TypeError(f"identifier must be a non-empty str, not {identifier!r}")
         base = task.name if name is None else name
@@ -1315,6 +1312,65 @@ def _check_wait(blocking: Any, timeout: Any) -> None:
         raise ValueError(f"timeout={timeout!r} has no effect without blocking=True")
 
 
+#: What ``self.retry()`` takes: its own parameters and ``apply_async()``'s options.
+_RETRY_KEYWORDS = frozenset(
+    [
+        "args",
+        "kwargs",
+        "exc",
+        "throw",
+        "eta",
+        "countdown",
+        "max_retries",
+        "task_id",
+        "producer",
+        "link",
+        "link_error",
+        "shadow",
+        "expires",
+        "retry",
+        "retry_policy",
+        "queue",
+        "exchange",
+        "routing_key",
+        "priority",
+        "serializer",
+        "compression",
+        "add_to_parent",
+        "publisher",
+        "headers",
+        "ignore_result",
+        "time_limit",
+        "soft_time_limit",
+        "connection",
+        "router",
+        "result_cls",
+        "reply_to",
+        "correlation_id",
+        "expiration",
+        "delivery_mode",
+        "content_type",
+        "content_encoding",
+    ]
+)
+
+
+def _check_retry_options(namespace: str, options: dict, retry: bool) -> None:
+    """Name a keyword that is neither the call's option nor ``self.retry()``'s, or needs retry."""
+    call = "semaphore()" if namespace == _SEMAPHORES else "lock()"
+    own = "blocking, timeout, retry, identifier, name"
+    if namespace == _SEMAPHORES:
+        own = f"max_leases, {own}"
+    unknown = sorted(set(options) - _RETRY_KEYWORDS)
+    if unknown:
+        raise TypeError(
+            f"{call} got unknown keyword(s) {unknown}: its options are {own}; other keywords "
+            "go to self.retry() with retry=True (countdown, max_retries, exc, eta, queue...)"
+        )
+    if options and not retry:
+        raise TypeError(f"{sorted(options)} are options of self.retry(): they need retry=True")
+
+
 def _check_max_leases(max_leases: Any) -> None:
     if isinstance(max_leases, bool) or not isinstance(max_leases, int):
         raise TypeError(f"max_leases must be an int, not {max_leases!r}")
@@ -1915,33 +1971,79 @@ signals.worker_shutdown.connect(_close_all, weak=False)
 # ---------------------------------------------------------------------------
 
 
-@click.group(name="zk", help="See and break zkcelery's locks; check the ZooKeeper ensemble.")
-@click.option(
-    "-A", "--app", "app_name", help="The Celery app whose settings to use (as celery -A)."
-)
-@click.option("--hosts", help="ZooKeeper hosts, instead of the app's ZOOKEEPER_HOSTS.")
-@click.option("--root", help="The root znode, instead of the app's ZOOKEEPER_ROOT.")
-@click.pass_context
-def zk_command(
-    ctx: click.Context, app_name: str | None, hosts: str | None, root: str | None
-) -> None:
-    app = getattr(ctx.obj, "app", None)  # given by `celery -A proj zk`
-    if app_name:
-        from celery.app.utils import find_app
+@dataclass
+class _Target:
+    """What the command line names: an app (``-A``), and settings that override its own."""
 
-        app = find_app(app_name)
-    if app is None:
-        app = celery.Celery("zkcelery", set_as_current=False)
-    if hosts:
-        app.conf.ZOOKEEPER_HOSTS = hosts
-    if root:
-        app.conf.ZOOKEEPER_ROOT = root
-    ctx.obj = app
+    app: celery.Celery | None = None
+    app_name: str | None = None
+    hosts: str | None = None
+    root: str | None = None
+
+    def resolve(self) -> celery.Celery:
+        app = self.app
+        if self.app_name:
+            from celery.app.utils import find_app
+
+            app = find_app(self.app_name)
+        if app is None:
+            app = celery.Celery("zkcelery", set_as_current=False)
+        if self.hosts:
+            app.conf.ZOOKEEPER_HOSTS = self.hosts
+        if self.root:
+            app.conf.ZOOKEEPER_ROOT = self.root
+        return app
+
+
+def _target(ctx: click.Context) -> _Target:
+    """The context's _Target, made from the app ``celery -A proj zk`` passes, if any."""
+    if not isinstance(ctx.obj, _Target):
+        ctx.obj = _Target(app=getattr(ctx.obj, "app", None))
+    return ctx.obj
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None and param.name is not None:
+        setattr(_target(ctx), param.name, value)
+
+
+def _target_options(command: Callable) -> Callable:
+    """``-A``, ``--hosts`` and ``--root``, before the subcommand or after it, as people type."""
+    options = [
+        click.option("-A", "--app", "app_name", expose_value=False, callback=_remember,
+                     help="The Celery app whose settings to use (as celery -A)."),
+        click.option("--hosts", expose_value=False, callback=_remember,
+                     help="ZooKeeper hosts, instead of the app's ZOOKEEPER_HOSTS."),
+        click.option("--root", expose_value=False, callback=_remember,
+                     help="The root znode, instead of the app's ZOOKEEPER_ROOT."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _pass_app(command: Callable) -> Callable:
+    """Call ``command`` with the app the options name, made once they are all read."""
+
+    @click.pass_context
+    @functools.wraps(command)
+    def with_app(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
+        return command(_target(ctx).resolve(), *args, **kwargs)
+
+    return with_app
+
+
+@click.group(name="zk", help="See and break zkcelery's locks; check the ZooKeeper ensemble.")
+@_target_options
+@click.pass_context
+def zk_command(ctx: click.Context) -> None:
+    _target(ctx)  # `celery -A proj zk` gives its app in ctx.obj
 
 
 @zk_command.command(name="ls", help="List every held lock, semaphore and mutex.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
-@click.pass_obj
+@_target_options
+@_pass_app
 def _ls_command(app: celery.Celery, as_json: bool) -> None:
     rows = _listing(_connection(app))
     if as_json:
@@ -1962,7 +2064,8 @@ def _ls_command(app: celery.Celery, as_json: bool) -> None:
 @zk_command.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
 @click.argument("key")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.pass_obj
+@_target_options
+@_pass_app
 def _rm_command(app: celery.Celery, key: str, yes: bool) -> None:
     conn = _connection(app)
     rows = [row for row in _listing(conn) if key in (row["key"], row["node"])]
@@ -1987,7 +2090,8 @@ def _describe(row: dict) -> str:
     help="Report each server's mode and round trip, and whether ZOOKEEPER_AUTH protects the "
     "tree; exit 1 without quorum or when it does not.",
 )
-@click.pass_obj
+@_target_options
+@_pass_app
 def _check_command(app: celery.Celery) -> None:
     settings = _read_settings(app)
     servers = settings.hosts.split(",")
@@ -2023,7 +2127,8 @@ def _check_command(app: celery.Celery) -> None:
 @zk_command.command(
     name="secure", help="Give the tree zkcelery relies on to ZOOKEEPER_AUTH's identity alone."
 )
-@click.pass_obj
+@_target_options
+@_pass_app
 def _secure_command(app: celery.Celery) -> None:
     settings = _read_settings(app)
     acl = _default_acl(settings)
