@@ -191,6 +191,7 @@ from kazoo.security import (
 __all__ = [
     "AccessDenied",
     "AlreadyAcquired",
+    "AlreadyQueued",
     "ConfigurationError",
     "CoordinationError",
     "Lease",
@@ -230,6 +231,28 @@ class NotReentrant(ZKCeleryError):
 
 class MaxLeasesMismatch(ZKCeleryError, ValueError):
     """Holders of one semaphore disagree on ``max_leases``."""
+
+
+class AlreadyQueued(ZKCeleryError, Reject):
+    """An :class:`EarlyMutexTask` send refused: a copy with the same key is queued or running.
+
+    A :class:`celery.exceptions.Reject` too, as the original zkcelery raised.
+
+    :ivar key: the mutex's readable key, e.g. ``"proj.sync('srv-1')"``.
+    :ivar task_id: the id of the queued or running copy (None if unknown).
+    """
+
+    def __init__(self, key: str, task_id: str | None, state: str = "queued") -> None:
+        super().__init__(f"{key} is already {state} (task {task_id})", False)
+        self.key = key
+        self.task_id = task_id
+        self.state = state
+
+    def __str__(self) -> str:
+        return str(self.reason)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.key, self.task_id, self.state))
 
 
 class _ConnectionLost(CoordinationError):

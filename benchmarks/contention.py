@@ -663,6 +663,7 @@ def count_cycles(
 ) -> None:
     """``count`` cycles of semaphore ``key`` (max_leases=2), timed and counted."""
     for attempt in range(RETRIES + 1):
+        measurer.call("cycles", key, 2, 1)  # warm: the key's container exists again
         before = counter.probe()
         durations = measurer.call("cycles", key, 2, count)
         after = counter.probe()
@@ -682,7 +683,6 @@ def isolation(pool: Sequence[Handle], counter: Counter, plan: Plan) -> dict[str,
     alone, beside = Cycles(), Cycles()
     own = measurer.call("open_zkcelery")
     try:
-        measurer.call("cycles", "B", 2, 2)  # warm
         count_cycles(measurer, counter, alone, "B", plan.cycles // 2, own)
         others = [holder.call("open_zkcelery")]
         holder.call("hold", "A", 1)
@@ -717,15 +717,28 @@ CONTAINER_FLAG = 4
 
 
 class Filler:
-    """``count`` unrelated semaphore leases: a container per key, one lease node in each."""
+    """``count`` unrelated semaphore leases: a container per key, one lease node in each.
+
+    Containers are made one request each (kazoo cannot read a multi's answer to one); the
+    lease nodes, and later the deletes, go in multi-operations of ``BATCH`` nodes.  Session
+    ``i`` of ``n`` owns the lease nodes of keys ``i``, ``i + n``...: at most
+    NODES_PER_SESSION each.  The leases are deleted with their containers before the
+    sessions close, so that the server's container reaper has nothing to race with.
+    """
+
+    BATCH = 100
 
     def __init__(self, layout: Layout, root: str, count: int) -> None:
         self.layout = layout
-        self.count = count
         self.parent = f"{root}/semaphores"
         self.keys = [f"{self.parent}/bench.filler~{index}" for index in range(count)]
         sessions = math.ceil(count / NODES_PER_SESSION)
         self.clients = [connect(layout.hosts(layout.entry(i))) for i in range(sessions)]
+        self.leases: list[str] = []
+
+    @property
+    def session_ids(self) -> list[int]:
+        return [client.client_id[0] for client in self.clients]
 
     def fill(self) -> None:
         first = self.clients[0]
@@ -741,29 +754,66 @@ class Filler:
             with contextlib.suppress(NodeExistsError):
                 result.get(timeout=120)
         pending = []
-        for index, key in enumerate(self.keys):  # session i owns keys i, i + n, ...
-            client = self.clients[index % len(self.clients)]
-            guid = uuid.uuid4().hex[:16]
-            data = json.dumps({"task": "bench.filler", "key": key, "guid": guid}).encode()
-            pending.append(
-                client.create_async(f"{key}/1@{guid}@", data, ephemeral=True, sequence=True)
-            )
+        for number, client in enumerate(self.clients):
+            owned = self.keys[number :: len(self.clients)]
+            for start in range(0, len(owned), self.BATCH):
+                transaction = client.transaction()
+                for key in owned[start : start + self.BATCH]:
+                    transaction.create(
+                        f"{key}/1@{uuid.uuid4().hex[:16]}@",
+                        lease_data(key),
+                        ephemeral=True,
+                        sequence=True,
+                    )
+                pending.append(transaction.commit_async())
         for result in pending:
-            result.get(timeout=120)
+            paths = result.get(timeout=120)
+            failed = [p for p in paths if not isinstance(p, str)]
+            if failed:
+                raise RuntimeError(f"a filler lease was not created: {failed[0]!r}")
+            self.leases += paths
 
     def drain(self) -> None:
-        """Close the sessions (their lease nodes go with them), then delete the containers."""
-        for client in self.clients:
-            disconnect(client)
-        self.clients = []
-        client = connect(self.layout.hosts(self.layout.entry(0)))
+        """Delete every lease and its container, then close the sessions."""
+        client = self.clients[0] if self.clients else None
         try:
-            pending = [client.delete_async(key) for key in self.keys]
-            for result in pending:
-                with contextlib.suppress(NoNodeError):  # the server reaped it first
-                    result.get(timeout=120)
+            if client is not None and self.leases:
+                pairs = [(lease, lease.rsplit("/", 1)[0]) for lease in self.leases]
+                pending = []
+                for start in range(0, len(pairs), self.BATCH // 2):
+                    batch = pairs[start : start + self.BATCH // 2]
+                    transaction = client.transaction()
+                    for lease, container in batch:
+                        transaction.delete(lease)
+                        transaction.delete(container)
+                    pending.append((batch, transaction.commit_async()))
+                for batch, result in pending:
+                    if all(r is True for r in result.get(timeout=120)):
+                        continue
+                    for path in (p for pair in batch for p in pair):  # one by one, then
+                        with contextlib.suppress(NoNodeError, NotEmptyError):
+                            client.delete(path)
+                self.leases = []
         finally:
-            disconnect(client)
+            for each in self.clients:  # a lease left behind goes with its session
+                disconnect(each)
+            self.clients = []
+
+
+def lease_data(key: str) -> bytes:
+    """Metadata the size of a real holder's."""
+    meta = {
+        "task_id": str(uuid.uuid4()),
+        "task": "bench.filler",
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "identifier": "bench.filler",
+        "acquired": time.time(),
+        "key": key.rsplit("/", 1)[1],
+        "guid": uuid.uuid4().hex[:16],
+        "max_leases": 1,
+    }
+    return json.dumps(meta).encode()
 
 
 def scale(
@@ -775,7 +825,6 @@ def scale(
     own = measurer.call("open_zkcelery")
     filler: Filler | None = None
     try:
-        measurer.call("cycles", "scale", 2, 2)  # warm
         count_cycles(measurer, counter, none, "scale", plan.cycles // 2, own)
         nodes_before = counter.probe().nodes
         started = time.monotonic()
@@ -784,8 +833,7 @@ def scale(
         fill_seconds = time.monotonic() - started
         nodes_held = counter.probe().nodes
         log(f"  {plan.leases} leases held in {fill_seconds:.1f} s; nodes {nodes_held}")
-        sessions = [client.client_id[0] for client in filler.clients]
-        count_cycles(measurer, counter, held, "scale", plan.cycles, own, sessions)
+        count_cycles(measurer, counter, held, "scale", plan.cycles, own, filler.session_ids)
         started = time.monotonic()
         filler.drain()
         filler = None
@@ -915,25 +963,29 @@ def build_targets(results: dict[str, Any], plan: Plan) -> list[Target]:
     ]
 
 
-CONTENTION_HEADER = [
-    "contenders",
+THROUGHPUT_HEADER = [
+    "blocking contenders",
     "acq/s zkcelery",
     "kazoo",
     "ratio",
     "requests/acq zkcelery",
     "kazoo",
     "ratio",
+]
+WAIT_HEADER = [
+    "blocking contenders",
     "p50 wait ms zkcelery",
     "kazoo",
     "p99 wait ms zkcelery",
     "kazoo",
-    "min/max per process zkcelery",
+    "least/most acq per process zkcelery",
     "kazoo",
-    "most holders zkcelery/kazoo",
+    "most holders at once zkcelery",
+    "kazoo",
 ]
 
 
-def contention_row(label: str, point: dict[str, Tally]) -> list[str]:
+def throughput_row(label: str, point: dict[str, Tally]) -> list[str]:
     zk, kz = point["zkcelery"], point["kazoo"]
     return [
         label,
@@ -943,13 +995,21 @@ def contention_row(label: str, point: dict[str, Tally]) -> list[str]:
         f"{zk.requests_per:.2f}",
         f"{kz.requests_per:.2f}",
         f"{zk.requests_per / kz.requests_per:.2f}",
+    ]
+
+
+def wait_row(label: str, point: dict[str, Tally]) -> list[str]:
+    zk, kz = point["zkcelery"], point["kazoo"]
+    return [
+        label,
         f"{percentile(zk.waits, 0.5) * 1e3:.1f}",
         f"{percentile(kz.waits, 0.5) * 1e3:.1f}",
         f"{percentile(zk.waits, 0.99) * 1e3:.1f}",
         f"{percentile(kz.waits, 0.99) * 1e3:.1f}",
         f"{min(zk.per_process)}/{max(zk.per_process)} ({zk.fairness:.2f})",
         f"{min(kz.per_process)}/{max(kz.per_process)} ({kz.fairness:.2f})",
-        f"{zk.max_holders}/{kz.max_holders}",
+        f"{zk.max_holders} (of {zk.limit})",
+        f"{kz.max_holders} (of {kz.limit})",
     ]
 
 
@@ -979,9 +1039,9 @@ TARGET_HEADER = ["measure", "value", "target", "result", "note"]
 
 def render(results: dict[str, Any], table: Callable[..., str]) -> str:
     plan: Plan = results["plan_object"]
-    rows = [contention_row(f"lock, {size}", point) for size, point in results["locks"].items()]
+    points = [(f"lock, {size}", point) for size, point in results["locks"].items()]
     semaphore = results["semaphore"]
-    rows.append(contention_row(f"semaphore of 2, {semaphore['zkcelery'].size}", semaphore))
+    points.append((f"semaphore of 2, {semaphore['zkcelery'].size}", semaphore))
     iso, scaled = results["isolation"], results["scale"]
     waiters = plan.isolation_waiters
     cycle_rows = [
@@ -996,7 +1056,8 @@ def render(results: dict[str, Any], table: Callable[..., str]) -> str:
     ]
     return "\n\n".join(
         [
-            table(CONTENTION_HEADER, rows),
+            table(THROUGHPUT_HEADER, [throughput_row(*point) for point in points]),
+            table(WAIT_HEADER, [wait_row(*point) for point in points]),
             table(CYCLES_HEADER, cycle_rows),
             table(TARGET_HEADER, targets),
         ]
