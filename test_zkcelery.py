@@ -24,16 +24,19 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import celery
 import pytest
 from celery import Celery, signals
 from celery.exceptions import MaxRetriesExceededError, Reject, Retry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
 
 import zkcelery
 from conftest import (
     CONNECT_TIMEOUT,
+    SESSION_TIMEOUT,
     Workers,
     close_sessions,
     count_znodes,
@@ -119,6 +122,26 @@ def soak_semaphore(self, key, hold=0.003):
 def killable(self, key, marker):
     with self.lock(key, blocking=True):
         record_body(key, 0.0 if Path(marker).exists() else 60.0)
+
+
+@app.task(base=zkcelery.EarlyMutexTask, bind=True, mutex_keys=("key",), max_retries=1)
+def early(self, key, hold=0.0, fail=False, reject=False, countdown=None):
+    record_body(f"early:{key}", hold, retries=self.request.retries)
+    if fail:
+        raise ValueError("failed as asked")
+    if reject:
+        raise Reject("rejected as asked", requeue=False)
+    if countdown is not None and not self.request.retries:
+        raise self.retry(countdown=countdown)
+
+
+if os.environ.get("ZKCELERY_TEST_BEAT"):  # a beat whose task outlasts its interval
+    app.conf.beat_schedule = {
+        "early-every-second": {
+            "task": "test_zkcelery.early", "schedule": 1.0, "args": ("beat",),
+            "kwargs": {"hold": 3.0},
+        },
+    }  # fmt: skip
 
 
 @app.task(bind=True)
@@ -1243,6 +1266,247 @@ def test_a_mutex_task_submitted_while_the_ensemble_is_down_runs_once_it_is_back(
     restore_ensemble.start()
     assert result.get(timeout=60) is None
     assert [e["key"] for e in workers.record.entries()] == ["down"]
+
+
+# ===========================================================================
+# EarlyMutexTask: refused when sent
+# ===========================================================================
+
+_SENDER = """
+import json, os, sys, time
+from pathlib import Path
+from celery import Celery
+import conftest, zkcelery
+
+app = Celery("sender", set_as_current=False)
+app.conf.update(conftest.broker_settings(Path(os.environ["ZKCELERY_TEST_BROKER"])),
+                ZOOKEEPER_HOSTS=os.environ["ZKCELERY_TEST_HOSTS"],
+                ZOOKEEPER_ROOT=os.environ["ZKCELERY_TEST_ROOT"])
+
+@app.task(base=zkcelery.EarlyMutexTask, bind=True, name="test_zkcelery.early",
+          mutex_keys=("key",))
+def early(self, key, **_):
+    pass
+
+zkcelery._connection(app).ensure_namespaces()
+start = Path(sys.argv[1])
+print("ready", flush=True)
+while not start.exists():
+    time.sleep(0.005)
+sent, refused = [], set()
+for _ in range(100):
+    try:
+        sent.append(early.delay("one").id)
+    except zkcelery.AlreadyQueued as exc:
+        refused.add(exc.task_id)
+print(json.dumps({"sent": sent, "refused": sorted(refused)}), flush=True)
+"""
+
+
+def _early_sender(workers: Workers, **options: Any) -> Any:
+    """The worker's ``early`` task as a client defines it, to send it (options: its own)."""
+    workers.app.conf.update(
+        ZOOKEEPER_HOSTS=workers.hosts, ZOOKEEPER_ROOT=workers.root,
+        ZOOKEEPER_SESSION_TIMEOUT=SESSION_TIMEOUT, ZOOKEEPER_CONNECT_TIMEOUT=CONNECT_TIMEOUT,
+    )  # fmt: skip
+
+    @workers.app.task(
+        shared=False, base=zkcelery.EarlyMutexTask, bind=True, name="test_zkcelery.early",
+        mutex_keys=("key",), **options,
+    )  # fmt: skip
+    def early(self, key, **_):
+        raise AssertionError("runs on the worker, not here")
+
+    return early
+
+
+def _queued_messages(workers: Workers) -> int:
+    return len(list((workers.tmp / "broker" / "queue").glob("*.msg")))
+
+
+def _early_state(zk: KazooClient, root: str, key: str) -> str | None:
+    try:
+        data, _ = zk.get(node_path(root, "early", "test_zkcelery.early", key))
+    except NoNodeError:
+        return None
+    return json.loads(data)["state"]
+
+
+def test_early_sends_of_one_key_from_eight_processes_publish_one_message(workers: Workers):
+    start = workers.tmp / "start"
+    senders = [
+        subprocess.Popen([sys.executable, "-c", _SENDER, str(start)], env=workers.env,
+                         stdout=subprocess.PIPE, text=True, cwd=workers.tmp)
+        for _ in range(8)
+    ]  # fmt: skip
+    for sender in senders:
+        assert sender.stdout is not None and sender.stdout.readline().strip() == "ready"
+    start.touch()
+    reports = [json.loads(sender.communicate(timeout=60)[0]) for sender in senders]
+    sent = [task_id for report in reports for task_id in report["sent"]]
+    assert len(sent) == 1 and _queued_messages(workers) == 1
+    assert all(report["refused"] == sent for report in reports if not report["sent"])
+    assert sum(len(report["sent"]) for report in reports) + 799 == 800
+
+
+def test_a_refused_send_can_return_the_queued_copys_result(workers: Workers):
+    sender = _early_sender(workers)
+    first = sender.delay("same")
+    assert sender.apply_async(("same",), mutex_return_existing=True).id == first.id
+    with pytest.raises(zkcelery.AlreadyQueued) as refused:
+        sender.delay("same")
+    assert refused.value.task_id == first.id and isinstance(refused.value, Reject)
+    assert "test_zkcelery.early('same')" in str(refused.value)
+    assert sender.delay("other").id != first.id  # another key is another mutex
+    assert _queued_messages(workers) == 2
+
+
+def test_a_send_whose_publish_fails_frees_the_key(workers: Workers, monkeypatch):
+    sender = _early_sender(workers)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("the broker is away")
+
+    monkeypatch.setattr(celery.Task, "apply_async", broken)
+    with pytest.raises(ConnectionError):
+        sender.delay("pub")
+    monkeypatch.undo()
+    assert sender.delay("pub").id
+
+
+@pytest.mark.parametrize("ending", ["success", "failure", "reject"])
+def test_the_key_is_free_as_soon_as_the_run_ends(workers: Workers, zk, ending):
+    workers.start(concurrency=1)
+    sender = _early_sender(workers)
+    result = sender.delay("end", hold=0.5, fail=ending == "failure", reject=ending == "reject")
+    wait_for(lambda: _early_state(zk, workers.root, "end") == "running", 20, "the run")
+    with pytest.raises(zkcelery.AlreadyQueued, match="running"):
+        sender.delay("end")
+    wait_for(lambda: result.state in ("SUCCESS", "FAILURE"), 30, "the run to end")
+    wait_for(lambda: _early_state(zk, workers.root, "end") is None, 5, "the key to be freed")
+    assert sender.delay("end").id  # at once
+
+
+def test_a_revoked_message_frees_the_key(workers: Workers, zk):
+    workers.start(concurrency=1)
+    sender = _early_sender(workers)
+    result = sender.apply_async(("rev",), countdown=1.5)  # held by the worker until then
+    wait_for(lambda: "received" in workers.started[0].log.read_text(), 20, "the message")
+    workers.app.control.revoke(result.id)
+    wait_for(lambda: _early_state(zk, workers.root, "rev") is None, 20, "the key to be freed")
+    assert sender.delay("rev").id
+    assert workers.record.entries() == []
+
+
+@pytest.mark.slow
+def test_a_killed_worker_frees_the_key_within_the_session_timeout(workers: Workers, zk, capsys):
+    worker = workers.start(concurrency=1)
+    sender = _early_sender(workers)
+    sender.delay("kill", hold=60)
+    wait_for(lambda: _early_state(zk, workers.root, "kill") == "running", 20, "the run")
+    os.killpg(worker.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    refused = 0
+    while True:
+        try:
+            sender.delay("kill")
+            break
+        except zkcelery.AlreadyQueued:
+            refused += 1
+            assert time.monotonic() - killed < SESSION_TIMEOUT + 2, "still refused"
+            time.sleep(0.05)
+    took = time.monotonic() - killed
+    assert refused > 0  # refused while the dead run's session lived
+    _report(capsys, f"early mutex: a send went through {took:.2f} s after SIGKILL (session 2 s)")
+
+
+def test_a_purged_message_blocks_the_key_until_mutex_timeout(workers: Workers):
+    sender = _early_sender(workers, mutex_timeout=1.5)
+    sent_at = time.monotonic()
+    sender.delay("purged")
+    workers.app.control.purge()  # no worker ever takes it
+    with pytest.raises(zkcelery.AlreadyQueued):
+        sender.delay("purged")
+    wait_for(lambda: _send_goes_through(sender, "purged"), 10, "the key to expire")
+    assert time.monotonic() - sent_at >= 1.5
+
+
+def _send_goes_through(task: Any, *args: Any) -> bool:
+    try:
+        task.delay(*args)
+    except zkcelery.AlreadyQueued:
+        return False
+    return True
+
+
+def test_a_retry_keeps_the_key_through_its_countdown(workers: Workers, zk):
+    workers.start(concurrency=1)
+    sender = _early_sender(workers)
+    result = sender.delay("retried", countdown=2)
+    wait_for(lambda: result.state == "RETRY", 20, "the first run to retry")
+    assert _early_state(zk, workers.root, "retried") == "queued"
+    with pytest.raises(zkcelery.AlreadyQueued) as refused:
+        sender.delay("retried")
+    assert refused.value.task_id == result.id
+    assert result.get(timeout=30) is None
+    assert [e["retries"] for e in workers.record.entries()] == [0, 1]
+    wait_for(lambda: _early_state(zk, workers.root, "retried") is None, 5, "the key freed")
+    assert sender.delay("retried").id
+
+
+def test_a_direct_call_holds_the_key_for_the_call(make_app, zk, zk_root):
+    app = make_app()
+
+    @app.task(shared=False, base=zkcelery.EarlyMutexTask, bind=True, name="t.direct",
+              mutex_keys=("key",))  # fmt: skip
+    def direct(self, key):
+        return _early_state_of(zk, zk_root, "t.direct", key)
+
+    assert direct("d") == "running"
+    assert _early_state_of(zk, zk_root, "t.direct", "d") is None
+
+
+def _early_state_of(zk: KazooClient, root: str, task: str, *values: Any) -> str | None:
+    try:
+        return json.loads(zk.get(node_path(root, "early", task, *values))[0])["state"]
+    except NoNodeError:
+        return None
+
+
+def test_an_early_mutex_key_missing_from_the_signature_is_an_error_at_definition(offline_app):
+    offline_app.finalize()
+    with pytest.raises(TypeError, match=r"t\.early_bad.*'nope'"):
+
+        @offline_app.task(shared=False, base=zkcelery.EarlyMutexTask, mutex_keys=("nope",),
+                          name="t.early_bad")  # fmt: skip
+        def bad(server_name):
+            pass
+
+
+@pytest.mark.slow
+def test_beat_with_the_early_mutex_scheduler_skips_ticks_and_never_stacks_runs(
+    workers: Workers, tmp_path
+):
+    workers.start(concurrency=2, ZKCELERY_TEST_BEAT="1")
+    log = tmp_path / "beat.log"
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "test_zkcelery", "beat", "-S",
+         "zkcelery.EarlyMutexScheduler", "-s", str(tmp_path / "schedule"), "-l", "INFO",
+         "--max-interval", "1", "-f", str(log)],
+        cwd=tmp_path, env={**workers.env, "ZKCELERY_TEST_BEAT": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: len(workers.record.entries()) >= 2, 30, "two runs")
+        assert beat.poll() is None  # beat keeps running
+    finally:
+        beat.terminate()
+        beat.wait(20)
+        print(log.read_text() if log.exists() else "no beat log")
+    text = log.read_text()
+    assert workers.record.overlaps() == []
+    assert "early-every-second skipped: test_zkcelery.early('beat') is already" in text
+    assert "Traceback" not in text and "Message Error" not in text
 
 
 # ===========================================================================

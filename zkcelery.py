@@ -151,6 +151,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import namedtuple
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -161,10 +162,13 @@ from urllib.parse import quote
 import celery
 import click
 from celery import signals
-from celery.exceptions import Reject
+from celery.beat import PersistentScheduler, SchedulingError
+from celery.exceptions import Ignore, Reject, Retry
 from kazoo.client import KazooClient, TransactionRequest
 from kazoo.exceptions import (
     AuthFailedError,
+    BadArgumentsError,
+    BadVersionError,
     ConnectionClosedError,
     ConnectionLoss,
     KazooException,
@@ -173,9 +177,10 @@ from kazoo.exceptions import (
     NoNodeError,
     NotEmptyError,
     SessionExpiredError,
+    UnimplementedError,
 )
 from kazoo.handlers.threading import SequentialThreadingHandler
-from kazoo.protocol.serialization import Create2
+from kazoo.protocol.serialization import Create2, long_struct
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
 from kazoo.retry import KazooRetry
 from kazoo.security import (
@@ -194,6 +199,8 @@ __all__ = [
     "AlreadyQueued",
     "ConfigurationError",
     "CoordinationError",
+    "EarlyMutexScheduler",
+    "EarlyMutexTask",
     "Lease",
     "LockTask",
     "MaxLeasesMismatch",
@@ -380,6 +387,144 @@ class MutexTask(celery.Task):
         raise Reject(f"mutex {lease.key} is held by another task", requeue=requeue)
 
 
+class EarlyMutexTask(celery.Task):
+    """Task base whose mutex is taken when the task is *sent*, and held until its run ends.
+
+    ``apply_async()`` / ``delay()`` refuse to publish a copy whose key (the
+    task's name and the values of ``mutex_keys``) is already queued or
+    running, with :class:`AlreadyQueued`.  While the message waits, the key
+    outlives the sender, for ``mutex_timeout`` seconds at most; when a worker
+    starts the run, the key passes to the worker's session, so a worker that
+    dies frees it within the session timeout.  ``self.retry()`` keeps it
+    through the countdown; success, failure, rejection and revocation free it.
+
+    Task options: ``mutex_keys`` (as for :class:`MutexTask`),
+    ``mutex_timeout`` (seconds; default the ``MUTEX_TIMEOUT`` setting, else
+    3600), and ``mutex_return_existing=True`` to get the queued or running
+    copy's ``AsyncResult`` instead of the error (also a keyword of
+    ``apply_async()``, for one call).
+    """
+
+    mutex_keys: Sequence[str] = ()
+    mutex_timeout: float | None = None
+    mutex_return_existing: bool = False
+    _mutex_signature: inspect.Signature | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        run = cls.__dict__.get("run")
+        if run is None:  # an intermediate base class, not a task
+            return
+        cls._mutex_signature = _check_mutex_options(cls, run)
+        if cls.mutex_timeout is not None:
+            _check_seconds(f"task {cls.__dict__.get('name')}: mutex_timeout", cls.mutex_timeout)
+
+    def apply_async(  # type: ignore[override]
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        *,
+        mutex_return_existing: bool | None = None,
+        **options: Any,
+    ) -> Any:
+        """Send the task unless a copy with the same key is queued or running.
+
+        :param mutex_return_existing: return that copy's ``AsyncResult``
+            instead of raising (default: the task's ``mutex_return_existing``).
+        :raises AlreadyQueued: a copy with the same key is queued or running.
+
+        The other parameters are ``celery.Task.apply_async``'s.
+        """
+        task_id = task_id or uuid.uuid4().hex
+        lease = self._early_lease(args, kwargs, task_id)
+        try:
+            lease._reserve()
+        except AlreadyQueued as refused:
+            if mutex_return_existing is None:
+                mutex_return_existing = self.mutex_return_existing
+            if mutex_return_existing and refused.task_id:
+                return self.AsyncResult(refused.task_id)
+            raise
+        try:
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+        except BaseException:
+            lease._unreserve()  # nothing was sent: the key is free again
+            raise
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        lease = self._early_lease(args, kwargs, self.request.id)
+        self._take(lease)
+        self.request.zkcelery_early = lease  # for retry(), in this request only
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            lease.release()  # a no-op once retry() handed the key to the retried copy
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """``celery.Task.retry``, keeping the key for the retried copy through its countdown."""
+        lease = getattr(self.request, "zkcelery_early", None)
+        if lease is not None and lease:
+            lease._requeue()  # before the retried copy is sent: it must find the key its own
+        try:
+            return super().retry(*args, **kwargs)
+        except Retry:
+            raise
+        except BaseException:  # past max_retries: no copy follows, free the key
+            if lease is not None:
+                lease._unreserve()
+            raise
+
+    def _take(self, lease: Lease) -> None:
+        try:
+            lease.acquire()
+            return
+        except CoordinationError as exc:  # never drop the task: retry it
+            raise self.retry(exc=exc) from exc
+        except AlreadyQueued as refused:
+            if refused.task_id != self.request.id or refused.state != "running":
+                lease._log(logging.INFO, "is %s as task %s: rejected", refused.state,
+                           refused.task_id)  # fmt: skip
+                raise
+        # This task id runs already: a second delivery of its message.  If
+        # the first one's process died, its session ends within the timeout.
+        lease.wait_for_release(_read_settings(self.app).session_timeout + 1.0)
+        with contextlib.suppress(AlreadyQueued):
+            lease.acquire()
+            return
+        lease._log(logging.INFO, "is running as this same task: second delivery dropped")
+        raise Ignore()
+
+    def _early_lease(self, args: Any, kwargs: Any, task_id: str | None) -> Lease:
+        values = _mutex_values(self, self._mutex_signature, tuple(args or ()), dict(kwargs or {}))
+        return Lease(self, _EARLY, values, task_id=task_id)
+
+
+class EarlyMutexScheduler(PersistentScheduler):
+    """``celery beat -S zkcelery.EarlyMutexScheduler``: a refused send is a skipped tick.
+
+    When an :class:`EarlyMutexTask`'s last run is still queued or running,
+    the tick is logged once at INFO with the holder's task id, not as an
+    error with a traceback, and the schedule moves on.
+    """
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
+        try:
+            return super().apply_async(entry, producer, advance, **kw)
+        except SchedulingError as exc:
+            refused = exc.__context__ or exc.__cause__
+            if not isinstance(refused, AlreadyQueued):
+                raise
+            logger.info("beat: %s skipped: %s", entry.name, refused)
+            return None
+
+
 # ---------------------------------------------------------------------------
 # Leases: the one lock primitive behind lock(), semaphore() and MutexTask
 # ---------------------------------------------------------------------------
@@ -403,8 +548,8 @@ class MutexTask(celery.Task):
 # node.  The two protocols are explained where they are implemented:
 # _ExclusiveLock and _Semaphore, both built on _Queue.
 
-_LOCKS, _SEMAPHORES, _MUTEXES = "locks", "semaphores", "mutexes"
-_KIND = {_LOCKS: "lock", _SEMAPHORES: "semaphore", _MUTEXES: "mutex"}
+_LOCKS, _SEMAPHORES, _MUTEXES, _EARLY = "locks", "semaphores", "mutexes", "early"
+_KIND = {_LOCKS: "lock", _SEMAPHORES: "semaphore", _MUTEXES: "mutex", _EARLY: "early mutex"}
 _SEP = "@"  # separates the parts of a contender's node name; never in a lock name
 _QUEUE = f"{_SEP}queue"  # suffix of an exclusive lock's queue container
 _SEQ_DIGITS = 10  # ZooKeeper appends a 10-digit counter to sequential nodes
@@ -435,6 +580,7 @@ class Lease:
     :param identifier: a label stored with the holder (default: task id and host).
     :param name: the lock's base name instead of the task's name.
     :param retry_options: keyword arguments for ``task.retry()``.
+    :param task_id: for an early mutex, the task id it is held for.
     """
 
     def __init__(
@@ -450,6 +596,7 @@ class Lease:
         identifier: str | None = None,
         name: str | None = None,
         retry_options: dict | None = None,
+        task_id: str | None = None,
     ) -> None:
         _check_wait(blocking, timeout)
         if max_leases is not None:
@@ -472,6 +619,7 @@ class Lease:
         self._retry_options = retry_options or {}
         self._session: _Session | None = None
         self._grant: _Grant | None = None  # the latest grant, kept after release
+        self._early_id = task_id  # an early mutex's task id (the request's, by default)
 
     # -- the public view ---------------------------------------------------
 
@@ -574,8 +722,29 @@ class Lease:
             # Only a courtesy: if ZooKeeper is away, the next acquire says so.
             with contextlib.suppress(CoordinationError):
                 protocol = self._protocol(self._session)
-                assert isinstance(protocol, _ExclusiveLock)
-                protocol.wait_free(time.monotonic() + seconds)
+                assert not isinstance(protocol, _Semaphore)
+                _wait_gone(self._session, protocol.holder, time.monotonic() + seconds)
+
+    # -- an early mutex's other steps (see _EarlyMutex) --------------------------
+
+    def _early(self) -> _EarlyMutex:
+        protocol = self._protocol(self._connect())
+        assert isinstance(protocol, _EarlyMutex)
+        return protocol
+
+    def _reserve(self) -> None:
+        self._early().reserve()
+
+    def _unreserve(self) -> None:
+        if self:
+            self.release()
+        self._early().unreserve()
+
+    def _requeue(self) -> None:
+        grant = self._grant
+        if grant is not None and not grant.released and not grant.is_lost():
+            self._early().requeue(grant.session_id)
+            grant.settle()
 
     # -- helpers -----------------------------------------------------------------
 
@@ -584,15 +753,20 @@ class Lease:
             self._session = _connection(self._task.app)
         return self._session
 
-    def _protocol(self, session: _Session) -> _ExclusiveLock | _Semaphore:
+    def _protocol(self, session: _Session) -> _ExclusiveLock | _Semaphore | _EarlyMutex:
         guid = uuid.uuid4().hex[:16]
         data = self._metadata(session, guid)
         parent = f"{session.settings.root}/{self._namespace}"
+        if self._namespace == _EARLY:
+            timeout = _mutex_timeout(self._task)
+            return _EarlyMutex(session, parent, self.name, guid, data, self.key, timeout)
         if self._max_leases is None:
             return _ExclusiveLock(session, parent, self.name, guid, data)
         return _Semaphore(session, f"{parent}/{self.name}", self._max_leases, guid, data, self.key)
 
     def _task_id(self) -> str | None:
+        if self._early_id is not None:
+            return self._early_id
         return getattr(self._task.request, "id", None)
 
     def _metadata(self, session: _Session, guid: str) -> bytes:
@@ -631,7 +805,7 @@ class _Grant:
     def __init__(
         self,
         session: _Session,
-        protocol: _ExclusiveLock | _Semaphore,
+        protocol: _ExclusiveLock | _Semaphore | _EarlyMutex,
         path: str,
         token: int | None,
         log: Callable[..., None],
@@ -669,6 +843,11 @@ class _Grant:
             else:
                 self.mark_lost("its znode was deleted from outside")
         return self.token
+
+    def settle(self) -> None:
+        """The node passed on to another form (an early mutex's retry): release nothing."""
+        self.released = True
+        self.session.forget(self)
 
     def mark_lost(self, why: str) -> None:
         with self.session.mutex:
@@ -990,15 +1169,6 @@ class _ExclusiveLock:
         else:
             self.queue.leave(session_id, container_too=self._alone())
 
-    def wait_free(self, deadline: float) -> None:
-        """Wait until ``<name>`` is gone, or the deadline."""
-        woken = self.session.handler.event_object()
-        stat = self.session.read(
-            self.session.client.exists_async, self.holder, watch=_setter(woken)
-        )
-        if stat is not None:
-            self.session.wait(woken, deadline)
-
     def contenders(self) -> tuple[list[dict], list[dict]]:
         """(holders, waiters): the metadata of each."""
         holder = self.session.read_nodes([self.holder])
@@ -1091,6 +1261,13 @@ class _Semaphore:
         return _states(held, "held"), _states(waiting, "waiting")
 
 
+def _wait_gone(session: _Session, path: str, deadline: float) -> None:
+    """Wait until the node at ``path`` is gone, or the deadline."""
+    woken = session.handler.event_object()
+    if session.read(session.client.exists_async, path, watch=_setter(woken)) is not None:
+        session.wait(woken, deadline)
+
+
 def _contenders_in(session: _Session, path: str, watch: Callable | None = None) -> list[str]:
     """The contender nodes under ``path``, sorted by arrival; none if it is gone."""
     try:
@@ -1098,6 +1275,157 @@ def _contenders_in(session: _Session, path: str, watch: Callable | None = None) 
     except NoNodeError:
         return []
     return sorted(children, key=lambda child: child[-_SEQ_DIGITS:])
+
+
+class _EarlyMutex:
+    """A mutex taken when a task is sent and held until its run ends (EarlyMutexTask).
+
+    The key is one node, ``early/<name>``, in one of two forms:
+
+    queued   made by the sender: a node that outlives the sender's session (a
+             TTL node where the server allows them, else a persistent one),
+             with the task id and an expiry ``mutex_timeout`` after the send
+             in its data.  A message that is never delivered blocks the key
+             only until then: whoever finds it expired deletes it (and the
+             server reaps a TTL node by itself).
+    running  an ephemeral node of the worker's session: if the worker dies,
+             the key is free once ZooKeeper expires its session.
+
+    A send creates the queued form, one request, or is refused if the node
+    exists and has not expired.  A run turns its own queued form into the
+    running form in one multi-operation (delete at the version it read,
+    create ephemeral), so the key is never free in between; a retry turns it
+    back before the retried copy is sent; the run's end deletes it.  A run
+    that finds no node (its worker died and the message came back, or the
+    task was called directly) simply creates the running form.
+    """
+
+    def __init__(
+        self,
+        session: _Session,
+        parent: str,
+        name: str,
+        guid: str,
+        data: bytes,
+        key: str,
+        timeout: float,
+    ) -> None:
+        self.session = session
+        self.key_path = self.holder = f"{parent}/{name}"
+        self.guid = guid
+        self.key = key
+        self.meta = json.loads(data)
+        self.task_id = self.meta["task_id"]
+        self.timeout = timeout
+
+    def reserve(self) -> None:
+        """At the send: make the queued form, or raise AlreadyQueued."""
+        queued = self._data("queued")
+        for _ in range(_CONTAINER_TRIES):
+            try:
+                self.session.create_expiring(self.holder, queued, self.timeout)
+                return
+            except (NodeExistsError, _ConnectionLost):
+                pass
+            holder, stat = self._read()
+            if holder is None:
+                continue
+            if holder.get("guid") == self.guid or (
+                holder.get("task_id") == self.task_id and holder.get("state") == "queued"
+            ):
+                return  # ours: made before a lost answer, or kept by a retry
+            if not self._expired(holder):
+                raise AlreadyQueued(self.key, holder.get("task_id"), holder.get("state", "queued"))
+            self._delete(stat)
+        raise CoordinationError(f"early mutex {self.key} kept changing; gave up")
+
+    def unreserve(self) -> None:
+        """Delete the queued form if this task id made it (a failed send, a revoke)."""
+        holder, stat = self._read()
+        if holder and holder.get("task_id") == self.task_id and holder.get("state") == "queued":
+            self._delete(stat)
+
+    def acquire(self, blocking: bool, deadline: float | None) -> tuple[str, int | None]:
+        """At the run's start: take the key in this session, or raise AlreadyQueued."""
+        self.session.ensure_namespaces()
+        running = self._data("running")
+        for _ in range(_CONTAINER_TRIES):
+            holder, stat = self._read()
+            try:
+                if holder is None:
+                    self.session.call(
+                        self.session.client.create_async, self.holder, running, ephemeral=True
+                    )
+                    return self.holder, None
+                if holder.get("guid") == self.guid:
+                    return self.holder, stat.czxid  # made before a lost answer
+                if holder.get("state") == "queued" and (
+                    holder.get("task_id") == self.task_id or self._expired(holder)
+                ):
+                    results = self.session.multi(
+                        functools.partial(_replace, self.holder, stat.version, running, True)
+                    )
+                    if isinstance(results[1], str):
+                        return self.holder, None
+                    continue  # it changed since we read it
+            except (NodeExistsError, _ConnectionLost):
+                continue
+            raise AlreadyQueued(self.key, holder.get("task_id"), holder.get("state", "queued"))
+        raise CoordinationError(f"early mutex {self.key} kept changing; gave up")
+
+    def requeue(self, session_id: int | None) -> None:
+        """At a retry: turn our running form back into the queued form."""
+        if self.session.session_id != session_id:
+            return  # the session ended: the key went with it, the retried copy takes it
+        results = self.session.multi(
+            functools.partial(_replace, self.holder, 0, self._data("queued"), False)
+        )
+        if not isinstance(results[1], str):
+            logger.warning("early mutex %s: could not keep it for the retry", self.key)
+
+    def release(self, path: str, session_id: int | None) -> None:
+        self.session.delete_own(path, session_id)
+
+    def contenders(self) -> tuple[list[dict], list[dict]]:
+        found = self.session.read_nodes([self.holder])
+        return _states(found, "held"), []
+
+    def _data(self, state: str) -> bytes:
+        now = time.time()
+        meta = {**self.meta, "state": state, "acquired": now}
+        if state == "queued":
+            meta["expires"] = now + self.timeout
+        return json.dumps(meta).encode()
+
+    def _read(self) -> tuple[dict | None, Any]:
+        try:
+            data, stat = self.session.read(self.session.client.get_async, self.holder)
+        except NoNodeError:
+            return None, None
+        return json.loads(data or b"{}"), stat
+
+    def _expired(self, holder: dict) -> bool:
+        return holder.get("state") == "queued" and time.time() > holder.get("expires", 0)
+
+    def _delete(self, stat: Any) -> None:
+        with contextlib.suppress(NoNodeError, BadVersionError):
+            self.session.call(self.session.client.delete_async, self.holder, stat.version)
+
+
+def _replace(
+    path: str, version: int, data: bytes, ephemeral: bool, txn: TransactionRequest
+) -> None:
+    """One form of a node for another, atomically: delete at ``version``, create anew."""
+    txn.delete(path, version)
+    txn.create(path, data, ephemeral=ephemeral)
+
+
+def _mutex_timeout(task: celery.Task) -> float:
+    timeout = getattr(task, "mutex_timeout", None)
+    if timeout is None:
+        timeout = _setting(task.app, "MUTEX_TIMEOUT", 3600.0)
+        return _check_seconds("MUTEX_TIMEOUT", timeout)
+    return float(timeout)
 
 
 def _states(found: list[tuple[str, dict]], state: str) -> list[dict]:
@@ -1282,7 +1610,11 @@ def _parse_root(value: Any, setting: str = "ZOOKEEPER_ROOT") -> str:
 
 
 def _parse_seconds(app: celery.Celery, name: str, default: float) -> float:
-    value = _setting(app, name, default)
+    return _check_seconds(name, _setting(app, name, default))
+
+
+def _check_seconds(name: str, value: Any) -> float:
+    """``value`` as a positive, finite number of seconds; ConfigurationError naming ``name``."""
     try:
         if isinstance(value, bool):
             raise ValueError
@@ -1401,15 +1733,26 @@ def _check_max_leases(max_leases: Any) -> None:
         raise ValueError(f"max_leases must be 1 or more, not {max_leases!r}")
 
 
-def _check_mutex_options(cls: type[MutexTask], run: Any) -> inspect.Signature:
+def _mutex_values(
+    task: Any, signature: inspect.Signature | None, args: tuple, kwargs: dict
+) -> tuple:
+    """The values of ``task.mutex_keys`` in a call, bound by parameter name."""
+    if not task.mutex_keys or signature is None:
+        return ()
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.arguments[key] for key in task.mutex_keys)
+
+
+def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
     task = cls.__dict__.get("name") or cls.__name__
-    keys = cls.mutex_keys
+    keys = cls.mutex_keys  # type: ignore[attr-defined]
     if isinstance(keys, str) or not all(isinstance(key, str) for key in keys):
         raise TypeError(
             f"task {task}: mutex_keys must be a tuple of parameter names, not {keys!r}"
             + (f" (did you mean ({keys!r},)?)" if isinstance(keys, str) else "")
         )
-    if cls.mutex_requeue and cls.__dict__.get("acks_late") is False:
+    if getattr(cls, "mutex_requeue", False) and cls.__dict__.get("acks_late") is False:
         raise ValueError(
             f"task {task}: mutex_requeue=True needs acks_late (Celery only requeues a "
             "rejected message it has not acknowledged yet); remove acks_late=False"
@@ -1473,6 +1816,25 @@ class _CreateContainer(Create2):
 _CONTAINER_FLAG = 4
 
 
+class _CreateTTL(namedtuple("_CreateTTL", "path data acl flags ttl")):
+    """ZooKeeper's create of a node with a time to live (opcode 21), which kazoo lacks.
+
+    Its body is a create's followed by the TTL in milliseconds; its answer is
+    a create2's (the path, then the stat).
+    """
+
+    type = 21
+
+    def serialize(self) -> bytearray:
+        body = Create2(self.path, self.data, self.acl, self.flags).serialize()
+        return body + long_struct.pack(self.ttl)
+
+    deserialize = Create2.deserialize
+
+
+_TTL_FLAG = 5  # persistent, with a time to live
+
+
 class _Session:
     """One ZooKeeper session: the client, its states, and what this process holds in it.
 
@@ -1498,6 +1860,7 @@ class _Session:
         self._orphans: dict[str, tuple[int | None, str | None]] = {}
         self._ready = False  # the root and namespace nodes exist
         self._verified = False  # ...and, with ZOOKEEPER_AUTH, are ours alone
+        self._ttl_nodes = True  # until the server says it has none
         self._record_negotiated_timeout()
         self.client.add_listener(self._on_state)
         self.client.start_async()
@@ -1734,7 +2097,7 @@ class _Session:
     def tree(self) -> list[str]:
         """The root and the namespace nodes: the persistent nodes zkcelery relies on."""
         root = self.settings.root
-        return [root, *(f"{root}/{ns}" for ns in (_LOCKS, _SEMAPHORES, _MUTEXES))]
+        return [root, *(f"{root}/{ns}" for ns in (_LOCKS, _SEMAPHORES, _MUTEXES, _EARLY))]
 
     def make_tree(self) -> None:
         for path in self.tree():
@@ -1783,6 +2146,29 @@ class _Session:
             pass
         except NoNodeError:  # the namespace node is gone too
             self.ensure_namespaces(again=True)
+
+    def create_expiring(self, path: str, data: bytes, seconds: float) -> None:
+        """Create a node that outlives the session; a TTL node of ``seconds`` where allowed.
+
+        TTL nodes need ``zookeeper.extendedTypesEnabled=true`` on the servers;
+        elsewhere the node is persistent, and whoever reads it past the expiry
+        in its data deletes it.
+        """
+        self.ensure_namespaces()
+        if self._ttl_nodes:
+            try:
+                self.call(self._create_ttl_async, path, data, int(seconds * 1000))
+                return
+            except (UnimplementedError, BadArgumentsError):
+                self._ttl_nodes = False
+                logger.info("ZooKeeper refuses TTL nodes: early mutexes use persistent nodes")
+        self.call(self.client.create_async, path, data)
+
+    def _create_ttl_async(self, path: str, data: bytes, ttl_ms: int) -> Any:
+        result = self.handler.async_result()
+        acl = self.client.default_acl or OPEN_ACL_UNSAFE
+        self.client._call(_CreateTTL(path, data, acl, _TTL_FLAG, ttl_ms), result)
+        return result
 
     def _create_container_async(self, path: str) -> Any:
         result = self.handler.async_result()
@@ -1984,7 +2370,26 @@ def _close_all(**_: Any) -> None:
         conn.close()
 
 
+def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """A revoked EarlyMutexTask message frees the key it holds while queued.
+
+    This runs in the worker's main process, which must keep no session (its
+    pool children are forked from it): a short-lived one is used and closed.
+    """
+    if not isinstance(sender, EarlyMutexTask) or request is None:
+        return
+    lease = sender._early_lease(request.args, request.kwargs, request.id)
+    lease._session = _Session(_read_settings(sender.app))
+    try:
+        lease._unreserve()
+    except ZKCeleryError as exc:
+        lease._log(logging.WARNING, "not freed after its revocation: %s", exc)
+    finally:
+        lease._session.close()
+
+
 os.register_at_fork(after_in_child=_forget_inherited)
+signals.task_revoked.connect(_free_revoked, weak=False)
 signals.worker_process_shutdown.connect(_close_all, weak=False)
 signals.worker_shutdown.connect(_close_all, weak=False)
 
@@ -2208,13 +2613,15 @@ def _listing(session: _Session) -> list[dict]:
     root = session.settings.root
     rows = []
     now = time.time()
-    for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES):
+    for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES, _EARLY):
         for node, path, state in _contender_paths(session, f"{root}/{namespace}", namespace):
             try:
                 data, stat = session.read(session.client.get_async, path)
             except NoNodeError:
                 continue
             meta = json.loads(data or b"{}")
+            if namespace == _EARLY:
+                state = meta.get("state", state)  # queued or running
             rows.append({
                 "kind": _KIND[namespace], "state": state, "key": meta.get("key", node),
                 "node": node, "path": path, "task": meta.get("task"),
@@ -2232,6 +2639,10 @@ def _contender_paths(
     try:
         children = set(session.read(session.client.get_children_async, parent))
     except NoNodeError:
+        return
+    if namespace == _EARLY:
+        for name in sorted(children):
+            yield name, f"{parent}/{name}", "held"
         return
     if namespace == _SEMAPHORES:
         for name in sorted(children):
