@@ -85,6 +85,7 @@ Environment:
                          20001), so that it shares nothing with another RabbitMQ; its node
                          name is zk-test-PORT@localhost
   ZK_TEST_REDIS_PORT     Redis's port on 127.0.0.1 (default 6379)
+  ZK_TEST_RABBITMQ_BIN   RabbitMQ's scripts folder (default /usr/lib/rabbitmq/bin, Debian's)
 
 ZooKeeper comes from $ZOOKEEPER_PATH, else the Debian "zookeeper" package (installed with
 apt-get when running as root), else Apache ZooKeeper 3.8.4 downloaded and checked into
@@ -1164,18 +1165,15 @@ broker_log() {
     esac
 }
 
-# Start those of the named brokers that are not running (without waiting for them), then
-# wait for each; print each one's URL. Launching first lets them boot while ZooKeeper does.
-declare -a LAUNCHED=()
+# Start those of the named brokers that are not running, without waiting for them (so that
+# they boot while ZooKeeper does); brokers_wait then waits for each and notes its URL.
 brokers_launch() {
     local b
-    LAUNCHED=()
     for b in "$@"; do
         if broker_pid "$b" >/dev/null; then
-            log "$b already running in $(dirname "$(broker_log "$b")"); reusing it"
+            log "$b already running on 127.0.0.1 ($(broker_url "$b")); reusing it"
         else
             "${b}_launch"
-            LAUNCHED+=("$b")
         fi
     done
 }
@@ -1189,6 +1187,7 @@ brokers_wait() {
 }
 
 cmd_start_brokers() {
+    local b
     (($#)) || set -- "${BROKERS[@]}"
     check_broker_names "$@"
     take_lock
@@ -1270,6 +1269,8 @@ cmd_stop() {
         return 0
     fi
     take_lock
+    # --clean deletes the brokers' folders too: stop them whatever ZK_TEST_BROKERS says.
+    if ((clean)); then BROKERS=(rabbitmq redis); fi
     for b in "${BROKERS[@]}"; do "${b}_stop"; done
     stop_servers TERM "${SERVERS[@]}"
     if ((clean)); then
