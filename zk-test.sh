@@ -983,7 +983,8 @@ rabbit_run() {
     env "${RABBIT_ENV[@]}" "$RABBIT_BIN/$cmd" "$@"
 }
 
-# True when PID is alive (not a zombie) and its command line holds every one of the words.
+# True when PID is alive (not a zombie) and its command line holds every one of the words:
+# in one of its arguments, or as one whole argument for a word written "=word".
 pid_runs() {
     local pid=$1 a w found
     shift
@@ -993,7 +994,10 @@ pid_runs() {
     mapfile -d '' -t args 2>/dev/null <"/proc/$pid/cmdline" || return 1
     for w in "$@"; do
         found=0
-        for a in "${args[@]}"; do [[ $a == *"$w"* ]] && found=1 && break; done
+        for a in "${args[@]}"; do
+            if [[ $w == =* ]]; then [[ $a == "${w#=}" ]] && found=1; else [[ $a == *"$w"* ]] && found=1; fi
+            ((found)) && break
+        done
         ((found)) || return 1
     done
 }
@@ -1020,10 +1024,16 @@ find_pid() {
 }
 
 # The node's Erlang VM: its command line names its home, the node's own folder.
-rabbitmq_pid() { find_pid "$RABBIT_DIR/pid" beam.smp "$RABBIT_DIR"; }
+rabbitmq_pid() { find_pid "$RABBIT_DIR/pid" beam.smp "=$RABBIT_DIR"; }
 
-# Redis shows "redis-server 127.0.0.1:PORT" as its command line.
-redis_pid() { find_pid "$REDIS_DIR/pid" redis-server "127.0.0.1:$REDIS_PORT"; }
+# Redis shows "redis-server 127.0.0.1:PORT" as its command line, and works in its --dir:
+# a Redis on that port started from another state folder is not this one.
+redis_pid() {
+    local pid
+    pid=$(find_pid "$REDIS_DIR/pid" redis-server "127.0.0.1:$REDIS_PORT") || return 1
+    [[ $(readlink "/proc/$pid/cwd" 2>/dev/null) == "$REDIS_DIR" ]] || return 1
+    echo "$pid"
+}
 
 broker_pid() { "${1}_pid"; }
 
@@ -1119,8 +1129,9 @@ rabbitmq_stop() {
         stop_pid RabbitMQ "$pid"
         log "RabbitMQ stopped (pid $pid)"
     fi
-    # The node's private epmd: it refuses to go while a node is registered with it.
-    if command -v epmd >/dev/null 2>&1 && port_user "$EPMD_PORT" >/dev/null; then
+    # The node's private epmd (when this folder has run the node): it refuses to go while
+    # a node is registered with it.
+    if [[ -d $RABBIT_DIR ]] && command -v epmd >/dev/null 2>&1 && port_user "$EPMD_PORT" >/dev/null; then
         ERL_EPMD_PORT=$EPMD_PORT epmd -kill >/dev/null 2>&1 || true
     fi
     rm -f "$RABBIT_DIR/pid"
