@@ -5,9 +5,12 @@ servers on loopback); when it does not answer, every test that needs it fails
 with the message to start it.  Workers are real ``celery worker`` processes
 (prefork unless a test asks otherwise) on kombu's filesystem transport, so
 that they need no broker server; ``CELERY_BROKER_URL`` swaps in another broker.
+The tests whose outcome depends on the broker (acknowledgement, requeue,
+redelivery) use ``broker_workers`` instead: the same workers on the RabbitMQ
+and on the Redis that ``./zk-test.sh`` also starts, once on each.
 
-Each test gets its own ``ZOOKEEPER_ROOT`` and its own broker folder, so tests
-may run in any order and in parallel.
+Each test gets its own ``ZOOKEEPER_ROOT`` and its own broker folder (or queue
+and Redis keys), so tests may run in any order and in parallel.
 """
 
 from __future__ import annotations
@@ -66,9 +69,11 @@ class Ensemble:
         self.hosts = hosts
 
     def _run(self, *args: str, check: bool = True) -> str:
+        env = {**os.environ, "ZK_TEST_BROKERS": "none"}  # the ensemble only, never the brokers
         done = subprocess.run(
-            [str(ZK_TEST), *args], capture_output=True, text=True, timeout=120, check=False
-        )
+            [str(ZK_TEST), *args], env=env, capture_output=True, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
         if check and done.returncode != 0:
             raise RuntimeError(f"zk-test.sh {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
         return done.stdout.strip()
@@ -137,7 +142,7 @@ def restore_ensemble(ensemble: Ensemble) -> Iterator[Ensemble]:
 def tls_ensemble(tmp_path: Path, zk_hosts: str) -> Iterator[tuple[str, str]]:
     """A second ensemble, with a TLS client port: (its TLS hosts, the CA's path)."""
     env = {**os.environ, "ZK_TEST_PORT": "2481", "ZK_TEST_DIR": str(tmp_path / "zk-tls"),
-           "ZK_TEST_TLS": "1"}  # fmt: skip
+           "ZK_TEST_TLS": "1", "ZK_TEST_BROKERS": "none"}  # fmt: skip
 
     def run(*args: str) -> str:
         done = subprocess.run([str(ZK_TEST), *args], env=env, capture_output=True, text=True,
@@ -399,21 +404,32 @@ class AtomicFilesystemTransport(filesystem.Transport):
     Channel = _AtomicFilesystemChannel
 
 
-def broker_settings(folder: Path) -> dict[str, Any]:
-    """The app settings for a broker and results that work across processes."""
-    url = os.environ.get("CELERY_BROKER_URL")
-    queue = folder / "queue"
-    queue.mkdir(parents=True, exist_ok=True)
+def broker_settings(
+    folder: Path, url: str | None = None, queue: str | None = None, options: dict | None = None
+) -> dict[str, Any]:
+    """The app settings for a broker and results that work across processes.
+
+    Without ``url``: kombu's filesystem transport in ``folder`` (or
+    ``CELERY_BROKER_URL``).  With it: that broker, the tasks on ``queue``, and
+    ``options`` as its transport options.
+    """
+    url = url or os.environ.get("CELERY_BROKER_URL")
+    queue_folder = folder / "queue"
+    queue_folder.mkdir(parents=True, exist_ok=True)
     (folder / "results").mkdir(exist_ok=True)
     settings: dict[str, Any] = {"result_backend": f"file://{folder / 'results'}"}
     if url:
         settings["broker_url"] = url
+        if queue:
+            settings["task_default_queue"] = queue
+        if options:
+            settings["broker_transport_options"] = options
     else:
         settings["broker_url"] = "filesystem://"
         settings["broker_transport"] = "conftest:AtomicFilesystemTransport"
         settings["broker_transport_options"] = {
-            "data_folder_in": str(queue),
-            "data_folder_out": str(queue),
+            "data_folder_in": str(queue_folder),
+            "data_folder_out": str(queue_folder),
             "control_folder": str(folder / "control"),
             "polling_interval": 0.05,
         }
@@ -429,7 +445,15 @@ def worker_app(name: str = "zkcelery-tests") -> Celery:
     app = Celery(name, set_as_current=False)
     folder = os.environ.get("ZKCELERY_TEST_BROKER")
     if folder:
-        app.conf.update(broker_settings(Path(folder)))
+        options = json.loads(os.environ.get("ZKCELERY_TEST_TRANSPORT_OPTIONS") or "{}")
+        app.conf.update(
+            broker_settings(
+                Path(folder),
+                os.environ.get("ZKCELERY_TEST_BROKER_URL"),
+                os.environ.get("ZKCELERY_TEST_QUEUE"),
+                options,
+            )
+        )
     app.conf.update(
         ZOOKEEPER_HOSTS=os.environ.get("ZKCELERY_TEST_HOSTS", ensemble_hosts()),
         ZOOKEEPER_ROOT=os.environ.get("ZKCELERY_TEST_ROOT", "/zkcelery-tests/default"),
@@ -493,13 +517,19 @@ class Worker:
 
 
 class Workers:
-    """Start worker processes, and a client app that talks to them, for one test."""
+    """Start worker processes, and a client app that talks to them, for one test.
 
-    def __init__(self, tmp: Path, hosts: str, root: str) -> None:
-        self.tmp, self.hosts, self.root = tmp, hosts, root
+    With a ``broker``, the workers and the client use it, on a queue (and, on
+    Redis, keys) of this test's own; ``configure()`` sets its transport options.
+    """
+
+    def __init__(self, tmp: Path, hosts: str, root: str, broker: Broker | None = None) -> None:
+        self.tmp, self.hosts, self.root, self.broker = tmp, hosts, root, broker
         self.record = Record(tmp / "record")
         self.record.folder.mkdir()
         self.started: list[Worker] = []
+        self.queue = f"zkt-{uuid.uuid4().hex[:12]}"
+        self.options = broker.transport_options(self.queue) if broker else {}
         self.env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
@@ -508,9 +538,18 @@ class Workers:
             "ZKCELERY_TEST_ROOT": root,
             "ZKCELERY_TEST_RECORD": str(self.record.folder),
         }
+        if broker:
+            self.env.update(ZKCELERY_TEST_BROKER_URL=broker.url, ZKCELERY_TEST_QUEUE=self.queue)
         os.environ["ZKCELERY_TEST_RECORD"] = str(self.record.folder)  # for in-process bodies
         self.app = Celery("zkcelery-tests-client", set_as_current=False)
-        self.app.conf.update(broker_settings(tmp / "broker"))
+        self.configure()
+
+    def configure(self, **transport_options: Any) -> None:
+        """Add broker transport options, for the workers started from now on and the client."""
+        self.options.update(transport_options)
+        self.env["ZKCELERY_TEST_TRANSPORT_OPTIONS"] = json.dumps(self.options)
+        url = self.broker.url if self.broker else None
+        self.app.conf.update(broker_settings(self.tmp / "broker", url, self.queue, self.options))
 
     def start(
         self,
@@ -567,6 +606,147 @@ def workers(
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         print(group.logs())
+
+
+@pytest.fixture
+def broker_workers(
+    tmp_path: Path, zk_hosts: str, zk_root: str, broker: Broker, request: pytest.FixtureRequest
+) -> Iterator[Workers]:
+    """``workers`` on a real broker: RabbitMQ, then Redis (see the ``broker`` fixture)."""
+    group = Workers(tmp_path, zk_hosts, zk_root, broker)
+    yield group
+    group.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(group.logs())
+    broker.forget(group.queue)
+
+
+# ---------------------------------------------------------------------------
+# Real brokers: the RabbitMQ and the Redis that ./zk-test.sh starts
+# ---------------------------------------------------------------------------
+
+BROKER_HINT = (
+    "no {name} answers at {url}: run ./zk-test.sh (it starts ZooKeeper, RabbitMQ and Redis),"
+    " or ./zk-test.sh start-brokers {kind}"
+)
+
+
+def broker_url(kind: str) -> str:
+    """The URL of the test broker: its port from the environment, as ``zk-test.sh`` reads it."""
+    variable, default = {"rabbitmq": ("ZK_TEST_AMQP_PORT", 5672),
+                         "redis": ("ZK_TEST_REDIS_PORT", 6379)}[kind]  # fmt: skip
+    port = int(os.environ.get(variable) or default)
+    if kind == "rabbitmq":
+        return f"amqp://guest:guest@127.0.0.1:{port}//"
+    return f"redis://127.0.0.1:{port}/0"
+
+
+class Broker:
+    """One test broker: its URL, and a look at a queue from the broker's side."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.url = broker_url(kind)
+        self.name = {"rabbitmq": "RabbitMQ", "redis": "Redis"}[kind]
+
+    def answers(self) -> bool:
+        client = self._redis() if self.kind == "redis" else None  # no client library: an error
+        try:
+            if client is not None:
+                return bool(client.ping())
+            from kombu import Connection
+
+            with Connection(self.url, connect_timeout=3) as conn:
+                conn.connect()
+            return True
+        except Exception:
+            return False
+
+    def _redis(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=3)
+
+    def transport_options(self, queue: str) -> dict[str, Any]:
+        """Options that keep a test's messages apart: on Redis, its own unacked keys."""
+        if self.kind != "redis":
+            return {}
+        return {
+            "unacked_key": f"{queue}.unacked",
+            "unacked_index_key": f"{queue}.unacked_index",
+            "unacked_mutex_key": f"{queue}.unacked_mutex",
+        }
+
+    def depths(self, queue: str) -> tuple[int, int]:
+        """(ready, unacknowledged) messages of ``queue``, as the broker counts them."""
+        if self.kind == "redis":
+            client = self._redis()
+            # kombu keeps one list per priority step: the queue's name, then suffixed.
+            lists = [k for k in client.scan_iter(match=f"{queue}*") if client.type(k) == b"list"]
+            ready = sum(client.llen(k) for k in lists)
+            return ready, client.hlen(f"{queue}.unacked")
+        out = self.rabbitmqctl("list_queues", "name", "messages_ready", "messages_unacknowledged")
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == queue:
+                return int(parts[1]), int(parts[2])
+        return 0, 0  # never declared: nothing in it
+
+    def rabbitmqctl(self, *args: str) -> str:
+        port = self.url.rsplit(":", 1)[1].strip("/")
+        env = {**os.environ, "ZK_TEST_AMQP_PORT": port}
+        done = subprocess.run(
+            [str(ZK_TEST), "rabbitmqctl", "-q", *args, "--no-table-headers"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if done.returncode:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def restore_unacked(self, options: dict[str, Any]) -> None:
+        """Redis: what every consumer does now and then (how often depends on kombu's
+        version): give messages unacknowledged for ``visibility_timeout`` to a consumer again.
+        """
+        from kombu import Connection
+
+        with Connection(self.url, transport_options=options, connect_timeout=3) as conn:
+            conn.default_channel.qos.restore_visible(num=1000, interval=1)
+
+    def forget(self, queue: str) -> None:
+        """Delete what a test left in the broker under its queue's name."""
+        with contextlib.suppress(Exception):
+            if self.kind == "redis":
+                client = self._redis()
+                keys = list(client.scan_iter(match=f"*{queue}*"))
+                if keys:
+                    client.delete(*keys)
+                for key in client.scan_iter(match="_kombu.binding.*"):
+                    for member in client.smembers(key):
+                        if queue.encode() in member:
+                            client.srem(key, member)
+            else:
+                from kombu import Connection
+
+                with Connection(self.url, connect_timeout=3) as conn:
+                    channel = conn.default_channel
+                    channel.queue_delete(queue)
+                    channel.exchange_delete(queue)
+
+
+_answering: dict[str, bool] = {}
+
+
+@pytest.fixture(params=["rabbitmq", "redis"])
+def broker(request: pytest.FixtureRequest) -> Broker:
+    """A real broker, RabbitMQ then Redis; fails (never skips) when it does not answer."""
+    found = Broker(request.param)
+    if found.kind not in _answering:
+        _answering[found.kind] = found.answers()
+    if not _answering[found.kind]:
+        pytest.fail(BROKER_HINT.format(name=found.name, url=found.url, kind=found.kind),
+                    pytrace=False)  # fmt: skip
+    return found
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

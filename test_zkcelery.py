@@ -159,6 +159,34 @@ def leak_lock(self, key):
     return bool(lease)
 
 
+# The broker tests' tasks: one mutex per key, each body noting its task id.
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
+def broker_mutex(self, key, hold):
+    record_body(key, hold, task_id=self.request.id)
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), mutex_requeue=True)
+def broker_requeued(self, key, hold):
+    record_body(key, hold, task_id=self.request.id)
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), mutex_requeue=True)
+def killable_mutex(self, key, marker):
+    # The first delivery holds until it is killed; once the marker exists, a body ends at once.
+    record_body(key, 0.0 if Path(marker).exists() else 60.0, task_id=self.request.id)
+
+
+@app.task(base=zkcelery.LockTask, bind=True, max_retries=100)
+def broker_lock_retry(self, key, hold):
+    with self.lock(key, retry=True, countdown=0.2):
+        record_body(key, hold, task_id=self.request.id)
+
+
+@app.task
+def broker_fails():
+    raise ValueError("a real error keeps its traceback")
+
+
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
@@ -1053,6 +1081,14 @@ def test_mutex_requeue_turns_acks_late_on_and_refuses_acks_late_false(offline_ap
         pass
 
     assert requeue.acks_late is True
+    assert requeue.reject_on_worker_lost is True  # a killed pool process does not lose it
+
+    @app.task(shared=False, base=zkcelery.MutexTask, mutex_requeue=True, name="t.kept",
+              reject_on_worker_lost=False)  # fmt: skip
+    def kept(data):
+        pass
+
+    assert kept.reject_on_worker_lost is False  # the task's own choice stands
     with pytest.raises(ValueError, match="acks_late"):
 
         @offline_app.task(
@@ -1119,6 +1155,61 @@ def test_mutex_task_retries_when_zookeeper_is_unreachable(app):
 
     result = task.apply()  # eager: each retry runs again, then the error is visible
     assert result.failed() and isinstance(result.result, zkcelery.CoordinationError)
+
+
+def _on_redis(make_app, visibility_timeout: float) -> Any:
+    # Only the broker's settings are read; nothing connects to it.
+    options = {"visibility_timeout": visibility_timeout}
+    return make_app(broker_url="redis://127.0.0.1:1/0", broker_transport_options=options)
+
+
+def test_on_redis_a_wait_before_requeue_stays_within_a_quarter_of_the_visibility_timeout(
+    make_app, zk, zk_root
+):
+    app = _on_redis(make_app, 2)
+
+    @app.task(shared=False, base=zkcelery.MutexTask, bind=True, mutex_requeue=True, name="t.vt")
+    def task(self):
+        pass
+
+    hold_externally(zk, node_path(zk_root, "mutexes", "t.vt"))
+    assert task.apply(task_id="warm-up").state == "REJECTED"  # imports, connects
+    # The same task rejected again and again: its wait grows (0.25 s, 0.5 s, 1 s, 2 s,
+    # 4 s...), but never past 2 s / 4, lest Redis deliver the waiting message again.
+    for _ in range(5):
+        started = time.monotonic()
+        assert task.apply(task_id="again").state == "REJECTED"
+        assert time.monotonic() - started < 0.5 + 0.3
+    other = make_app(broker_url="amqp://127.0.0.1:1//")
+    assert zkcelery._redis_visibility_timeout(other) is None  # no such limit on RabbitMQ
+
+
+def test_on_redis_settings_that_make_duplicates_certain_are_warned_about_once(
+    make_app, zk, zk_root, caplog
+):
+    app = _on_redis(make_app, 10)
+
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.slow", acks_late=True,
+              time_limit=60)  # fmt: skip
+    def slow(self):
+        pass
+
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.later", max_retries=1)
+    def later(self):
+        with self.lock(retry=True, countdown=30):
+            pass
+
+    hold_externally(zk, node_path(zk_root, "locks", "t.later"))
+    with caplog.at_level("WARNING", logger="zkcelery"):
+        for _ in range(2):
+            slow.apply()
+            later.apply()
+    lines = [r.getMessage() for r in caplog.records if r.name == "zkcelery"]
+    limits = [line for line in lines if line.startswith("task t.slow: time_limit")]
+    retries = [line for line in lines if line.startswith("task t.later: the retry countdown")]
+    assert len(limits) == 1 and len(retries) == 1, lines
+    assert "visibility_timeout (10 s" in limits[0] and "(60 s)" in limits[0]
+    assert "(30 s)" in retries[0]
 
 
 # ===========================================================================
@@ -1752,6 +1843,181 @@ def test_graceful_worker_shutdown_frees_its_locks_at_once(workers, zk, zk_root, 
     gone = time.monotonic() - exited
     assert gone <= 1.0
     _report(capsys, f"SIGTERM: lock gone {gone:.2f} s after the worker exited (session 30 s)")
+
+
+# ===========================================================================
+# Real brokers: RabbitMQ and Redis, each test once on each (issue 14)
+# ===========================================================================
+
+
+def _worker_logs(workers: Workers) -> str:
+    return "\n".join(w.log.read_text(errors="replace") for w in workers.started if w.log.exists())
+
+
+def _fast_restore(workers: Workers, broker, **options: Any) -> None:
+    """On Redis: restore a lost message within a second of its visibility timeout."""
+    if broker.kind == "redis":
+        workers.configure(unacked_restore_interval=1, unacked_restore_throttle=1, **options)
+
+
+def test_mutex_copies_without_requeue_run_one_body_and_leave_the_queue_empty(
+    broker_workers: Workers, broker, capsys
+):
+    broker_workers.start(concurrency=2)
+    results = [broker_workers.send("broker_mutex", "one", 3.0) for _ in range(10)]
+    failing = broker_workers.send("broker_fails")
+    log = lambda: _worker_logs(broker_workers)  # noqa: E731
+    wait_for(lambda: log().count("rejected and dropped") >= 9 and failing.ready(), 30,
+             "9 rejections")  # fmt: skip
+    wait_for(lambda: len(broker_workers.record.entries()) == 1, 30, "the one body to end")
+    assert len(broker_workers.record.entries()) == 1
+    text = log()
+    assert text.count("rejected and dropped") == 9
+    assert re.search(r"mutex test_zkcelery.broker_mutex\('one'\) is held by task \S+; rejected",
+                     text)  # fmt: skip
+    # One line per rejection, no traceback; a real error keeps its traceback.
+    assert text.count("Traceback") == 1 and "a real error keeps its traceback" in text
+    assert "] rejected: " not in text  # Celery's own WARNING for a Reject
+    wait_for(lambda: broker.depths(broker_workers.queue) == (0, 0), 20, "the queue to be empty")
+    wait_for(lambda: [r.state for r in results].count("SUCCESS") == 1, 10, "the body's result")
+    _report(capsys, f"{broker.kind}: 10 copies, 1 body, 9 one-line rejections; queue empty "
+                    f"(0 ready, 0 unacknowledged)")  # fmt: skip
+
+
+def test_requeued_copies_each_run_once_one_at_a_time_quickly_and_quietly(
+    broker_workers: Workers, broker, capsys
+):
+    for worker in [broker_workers.start(concurrency=2, wait=False) for _ in range(2)]:
+        worker.wait_ready()
+    started = time.monotonic()
+    results = [broker_workers.send("broker_requeued", "q", 1.0) for _ in range(10)]
+    assert _states(results, 60) == ["SUCCESS"] * 10
+    took = time.monotonic() - started
+    entries = broker_workers.record.entries()
+    assert sorted(e["task_id"] for e in entries) == sorted(r.id for r in results)  # once each
+    assert broker_workers.record.max_concurrent() == 1
+    assert took < 2 * 10 * 1.0, took
+    text = _worker_logs(broker_workers)
+    requeues = text.count("rejected and requeued")
+    assert "Traceback" not in text and "] rejected: " not in text
+    assert broker.depths(broker_workers.queue) == (0, 0)
+    _report(capsys, f"{broker.kind}: 10 requeued copies x 1 s ran once each in {took:.1f} s "
+                    f"(serial 10 s), {requeues} requeues, no traceback")  # fmt: skip
+
+
+def _kill_a_requeued_body(workers: Workers, zk, zk_root, whole_worker: bool, broker) -> dict:
+    """Run killable_mutex, SIGKILL its pool process (or its whole worker), see it run again."""
+    worker = workers.start(concurrency=2)
+    marker = workers.tmp / "killed-once"
+    result = workers.send("killable_mutex", "k", str(marker))
+    path = node_path(zk_root, "mutexes", "test_zkcelery.killable_mutex", "k")
+    wait_for(lambda: zk.exists(path), 30, "the body to take its mutex")
+    data, stat = zk.get(path)
+    holder = json.loads(data)
+    assert holder["task_id"] == result.id
+    marker.touch()
+    if whole_worker:
+        os.killpg(worker.pid, signal.SIGKILL)  # the worker and its pool processes
+    else:
+        os.kill(holder["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    last_seen = [killed]  # the last moment the dead holder was seen holding the mutex
+
+    def watch() -> None:
+        while time.monotonic() - killed < 30:
+            node = zk.exists(path)
+            if node is None or node.czxid != stat.czxid:
+                return
+            last_seen[0] = time.monotonic()
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    if whole_worker:
+        worker.wait(10)
+        if broker.kind == "redis":
+            # kombu may only look for lost messages when a worker starts: start it past the
+            # visibility timeout of the first delivery (it was taken at least this long ago).
+            time.sleep(max(0.0, 2.0 - (time.monotonic() - killed)))
+        workers.start(concurrency=2)
+    assert result.get(timeout=60) is None  # redelivered, and completed
+    watcher.join(30)
+    entries = workers.record.entries()
+    assert [e["task_id"] for e in entries] == [result.id]  # the one body that ended
+    again = entries[0]["enter"]
+    assert again > last_seen[0]  # not before the dead holder's session had ended
+    return {"rerun": again - killed, "freed": last_seen[0] - killed}
+
+
+@pytest.mark.slow
+def test_a_requeued_body_whose_pool_process_is_killed_runs_again_after_its_session_ends(
+    broker_workers: Workers, broker, zk, zk_root, capsys
+):
+    _fast_restore(broker_workers, broker)
+    figures = _kill_a_requeued_body(broker_workers, zk, zk_root, False, broker)
+    _report(capsys, f"{broker.kind}: pool process SIGKILLed: ran again "
+                    f"{figures['rerun']:.2f} s after the kill (mutex freed "
+                    f"{figures['freed']:.2f} s; session 2 s)")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_requeued_body_whose_worker_is_killed_runs_again_on_a_new_worker(
+    broker_workers: Workers, broker, zk, zk_root, capsys
+):
+    _fast_restore(broker_workers, broker, visibility_timeout=2)
+    figures = _kill_a_requeued_body(broker_workers, zk, zk_root, True, broker)
+    _report(capsys, f"{broker.kind}: whole worker SIGKILLed, new worker: ran again "
+                    f"{figures['rerun']:.2f} s after the kill (mutex freed "
+                    f"{figures['freed']:.2f} s; session 2 s)")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_redis_copies_outliving_the_visibility_timeout_run_once_per_task(
+    broker_workers: Workers, broker, capsys
+):
+    # Redis hands a message unacknowledged for 2 s to another consumer.  Each body
+    # below outlives that, so its message comes again while it runs; and copies
+    # waiting for the mutex must go back to the queue before that, or they too
+    # would come twice (issue 14: 27 bodies for 10 tasks).
+    _fast_restore(broker_workers, broker, visibility_timeout=2)
+    broker_workers.start(concurrency=4)
+    started = time.monotonic()
+    results = [broker_workers.send("broker_requeued", "v", 2.5) for _ in range(4)]
+    while not all(r.ready() for r in results):  # kombu before 5.7 sweeps every ~100 s
+        assert time.monotonic() - started < 60, "the copies did not all run"
+        broker.restore_unacked(broker_workers.options)
+        time.sleep(0.5)
+    assert [r.state for r in results] == ["SUCCESS"] * 4
+    took = time.monotonic() - started
+    # A second copy still queued or running shows in the broker: wait for none.
+    wait_for(lambda: broker.depths(broker_workers.queue) == (0, 0), 20, "the queue to be empty")
+    entries = broker_workers.record.entries()
+    assert sorted(e["task_id"] for e in entries) == sorted(r.id for r in results)  # once each
+    assert broker_workers.record.max_concurrent() == 1
+    text = _worker_logs(broker_workers)
+    dropped = text.count("a second delivery of its message; dropped")
+    assert dropped >= 1 and "Traceback" not in text
+    _report(capsys, f"redis: 4 copies x 2.5 s, visibility timeout 2 s: each ran once in "
+                    f"{took:.1f} s, {dropped} second deliveries of running bodies dropped, "
+                    f"{text.count('rejected and requeued')} requeues")  # fmt: skip
+
+
+def test_lock_retries_under_contention_go_through_the_broker_and_every_task_runs(
+    broker_workers: Workers, broker, capsys
+):
+    broker_workers.start(concurrency=2)
+    results = [broker_workers.send("broker_lock_retry", "r", 0.3) for _ in range(5)]
+    assert _states(results, 60) == ["SUCCESS"] * 5
+    entries = broker_workers.record.entries()
+    assert sorted(e["task_id"] for e in entries) == sorted(r.id for r in results)
+    assert broker_workers.record.max_concurrent() == 1
+    text = _worker_logs(broker_workers)
+    received = len(re.findall(r"Task \S+broker_lock_retry\[\S+\] received", text))
+    retries = text.count("retry: Retry in")
+    assert retries >= 1 and received == 5 + retries  # each retry came back through the broker
+    _report(capsys, f"{broker.kind}: 5 lock(retry=True) tasks under contention: all ran, "
+                    f"{retries} retries through the broker")  # fmt: skip
 
 
 # ===========================================================================

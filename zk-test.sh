@@ -26,13 +26,16 @@ usage() {
     cat <<'EOF'
 Usage: zk-test.sh [COMMAND]
 
-Runs a 3-server ZooKeeper ensemble on 127.0.0.1 for tests.
+Runs a 3-server ZooKeeper ensemble on 127.0.0.1 for tests, and beside it a RabbitMQ and a
+Redis server for the tests that need a real Celery broker.
 
 Commands:
-  (none), start     start the ensemble, or reuse the one already running; wait until every
-                    server serves; print the connection string (also written to DIR/hosts)
-  stop [--clean]    stop all servers (SIGTERM, SIGKILL after 10 s); data is kept unless
-                    --clean, which also deletes the state folder
+  (none), start     start the ensemble and the brokers (ZK_TEST_BROKERS), or reuse those
+                    already running; wait until every server serves; print the ZooKeeper
+                    connection string (also written to DIR/hosts)
+  stop [--clean]    stop the brokers (ZK_TEST_BROKERS) and all ZooKeeper servers (SIGTERM,
+                    SIGKILL after 10 s); data is kept unless --clean, which also deletes the
+                    state folder
   clean             same as stop --clean
   status            one line per server; exit 0 when a quorum serves, 1 otherwise
   leader            print the number (1-3) of the current leader; exit 1 if there is none
@@ -45,6 +48,15 @@ Commands:
   stop-server N     stop server N (SIGTERM, SIGKILL after 10 s) and wait until its port closes
   kill-server N     SIGKILL server N at once (crash tests)
   start-server N    start server N and wait until it serves
+  start-brokers [rabbitmq|redis]...
+                    start the named brokers (default: ZK_TEST_BROKERS) and wait until they
+                    serve; each prints its URL
+  stop-brokers [rabbitmq|redis]...
+                    stop them (default: ZK_TEST_BROKERS); the ensemble keeps running
+  broker-status     one line per broker: running or down, URL, log; exit 1 if one is down
+  broker-urls       print the two broker URLs (amqp://... then redis://...)
+  rabbitmqctl ARGS  run rabbitmqctl against the test RabbitMQ (its node name and cookie)
+  redis-cli ARGS    run redis-cli against the test Redis
   -h, --help        this text
 
 Environment:
@@ -65,10 +77,23 @@ Environment:
                          value to every command that starts servers (start, start-server);
                          starting with a value that differs from the running servers fails
   ZOOKEEPER_PATH         an unpacked Apache ZooKeeper release, used first when set
+  ZK_TEST_BROKERS        the brokers that start and stop handle besides the ensemble:
+                         "rabbitmq redis" (default), one of them, or "none"
+  ZK_TEST_AMQP_PORT      RabbitMQ's AMQP port on 127.0.0.1 (default 5672). Its Erlang
+                         distribution port is this plus 20000 (RabbitMQ's own rule), and it
+                         gets a private epmd on ZK_TEST_EPMD_PORT (default AMQP port plus
+                         20001), so that it shares nothing with another RabbitMQ; its node
+                         name is zk-test-PORT@localhost
+  ZK_TEST_REDIS_PORT     Redis's port on 127.0.0.1 (default 6379)
+  ZK_TEST_RABBITMQ_BIN   RabbitMQ's scripts folder (default /usr/lib/rabbitmq/bin, Debian's)
 
 ZooKeeper comes from $ZOOKEEPER_PATH, else the Debian "zookeeper" package (installed with
 apt-get when running as root), else Apache ZooKeeper 3.8.4 downloaded and checked into
 ${XDG_CACHE_HOME:-$HOME/.cache}/zkcelery.
+
+The brokers come from Debian's "rabbitmq-server" and "redis-server" packages, installed with
+apt-get when missing (without starting the system services). Each runs from its own folder
+in the state folder (DIR/rabbitmq-PORT, DIR/redis-PORT): data, configuration, log, pid.
 EOF
 }
 
@@ -134,6 +159,42 @@ for n in "${SERVERS[@]}"; do
     CFG[n]=$STATE_DIR/$n/zoo.cfg
 done
 unset n
+
+# Brokers. Each gets its own folder in the state folder, named after its port, so that two
+# of them on different ports never share data, pid files or (RabbitMQ) an Erlang cookie.
+AMQP_PORT=${ZK_TEST_AMQP_PORT:-5672}
+REDIS_PORT=${ZK_TEST_REDIS_PORT:-6379}
+is_uint "$AMQP_PORT" || die "ZK_TEST_AMQP_PORT must be a number, not '$AMQP_PORT'"
+is_uint "$REDIS_PORT" || die "ZK_TEST_REDIS_PORT must be a number, not '$REDIS_PORT'"
+AMQP_PORT=$((10#$AMQP_PORT))
+REDIS_PORT=$((10#$REDIS_PORT))
+((AMQP_PORT >= 1024 && AMQP_PORT + 20000 <= 65535)) ||
+    die "ZK_TEST_AMQP_PORT must be between 1024 and 45535 (its distribution port is AMQP port+20000)"
+((REDIS_PORT >= 1024 && REDIS_PORT <= 65535)) || die "ZK_TEST_REDIS_PORT must be between 1024 and 65535"
+RABBIT_DIST_PORT=$((AMQP_PORT + 20000))
+EPMD_PORT=${ZK_TEST_EPMD_PORT:-$((AMQP_PORT + 20001))}
+{ is_uint "$EPMD_PORT" && ((10#$EPMD_PORT >= 1024 && 10#$EPMD_PORT <= 65535)); } ||
+    die "ZK_TEST_EPMD_PORT must be a port number from 1024 to 65535, not '$EPMD_PORT'"
+EPMD_PORT=$((10#$EPMD_PORT))
+RABBIT_NODE=zk-test-$AMQP_PORT@localhost
+RABBIT_DIR=$STATE_DIR/rabbitmq-$AMQP_PORT
+RABBIT_BIN=${ZK_TEST_RABBITMQ_BIN:-/usr/lib/rabbitmq/bin}
+REDIS_DIR=$STATE_DIR/redis-$REDIS_PORT
+AMQP_URL=amqp://guest:guest@127.0.0.1:$AMQP_PORT//
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
+
+# The brokers that start/stop handle: "rabbitmq redis" by default, "none" for neither.
+declare -a BROKERS=()
+check_broker_names() {
+    local b
+    for b in "$@"; do
+        [[ $b == rabbitmq || $b == redis ]] ||
+            die "unknown broker '$b' (expected rabbitmq or redis; ZK_TEST_BROKERS=none for neither)"
+    done
+}
+read -r -a BROKERS <<<"${ZK_TEST_BROKERS-rabbitmq redis}"
+if [[ ${BROKERS[*]:-} == none || ${BROKERS[*]:-} == 0 ]]; then BROKERS=(); fi
+check_broker_names "${BROKERS[@]}"
 
 hosts_string() {
     local n out=""
@@ -862,6 +923,316 @@ stop_servers() {
 }
 
 # ---------------------------------------------------------------------------------------
+# Brokers: RabbitMQ and Redis on 127.0.0.1
+# ---------------------------------------------------------------------------------------
+
+# apt-get install for a package whose maintainer script would start a system-wide service
+# (on the default port, as another user): a policy-rc.d that says "no" for the duration, when
+# the machine has none of its own.
+apt_install_no_start() {
+    local policy=/usr/sbin/policy-rc.d made=0 status=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# zk-test.sh: no service starts while it installs packages\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        made=1
+    fi
+    apt_install "$@" || status=$?
+    ((made)) && rm -f "$policy"
+    return "$status"
+}
+
+ensure_rabbitmq() {
+    [[ -x $RABBIT_BIN/rabbitmq-server && -x $RABBIT_BIN/rabbitmqctl ]] && return 0
+    if can_apt; then
+        apt_install_no_start rabbitmq-server || die "could not install RabbitMQ (apt-get install rabbitmq-server failed)"
+    fi
+    [[ -x $RABBIT_BIN/rabbitmq-server ]] ||
+        die "RabbitMQ not found in $RABBIT_BIN (Debian/Ubuntu: apt-get install rabbitmq-server; or set ZK_TEST_RABBITMQ_BIN)"
+}
+
+ensure_redis() {
+    command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && return 0
+    if can_apt; then
+        apt_install_no_start redis-server || die "could not install Redis (apt-get install redis-server failed)"
+    fi
+    command -v redis-server >/dev/null 2>&1 || die "redis-server not found (Debian/Ubuntu: apt-get install redis-server)"
+}
+
+# The environment of every RabbitMQ command (rabbitmq-server, rabbitmqctl...) for this test
+# node: its own node name, cookie ($HOME/.erlang.cookie), folders, configuration and epmd,
+# all bound to 127.0.0.1, and none of the system's /etc/rabbitmq files.
+RABBIT_ENV=(
+    "HOME=$RABBIT_DIR"
+    "RABBITMQ_NODENAME=$RABBIT_NODE"
+    "RABBITMQ_NODE_IP_ADDRESS=127.0.0.1"
+    "RABBITMQ_NODE_PORT=$AMQP_PORT"
+    "RABBITMQ_DIST_PORT=$RABBIT_DIST_PORT"
+    "RABBITMQ_CONF_ENV_FILE=$RABBIT_DIR/rabbitmq-env.conf"
+    "RABBITMQ_CONFIG_FILE=$RABBIT_DIR/rabbitmq.conf"
+    "RABBITMQ_ADVANCED_CONFIG_FILE=$RABBIT_DIR/advanced.config"
+    "RABBITMQ_ENABLED_PLUGINS_FILE=$RABBIT_DIR/enabled_plugins"
+    "RABBITMQ_MNESIA_BASE=$RABBIT_DIR/mnesia"
+    "RABBITMQ_LOG_BASE=$RABBIT_DIR/log"
+    "RABBITMQ_PID_FILE=$RABBIT_DIR/pid"
+    "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=-kernel inet_dist_use_interface {127,0,0,1}"
+    "ERL_EPMD_PORT=$EPMD_PORT"
+    "ERL_EPMD_ADDRESS=127.0.0.1"
+)
+
+rabbit_run() {
+    local cmd=$1
+    shift
+    env "${RABBIT_ENV[@]}" "$RABBIT_BIN/$cmd" "$@"
+}
+
+# True when PID is alive (not a zombie) and its command line holds every one of the words:
+# in one of its arguments, or as one whole argument for a word written "=word".
+pid_runs() {
+    local pid=$1 a w found
+    shift
+    local -a args=()
+    is_uint "$pid" || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    mapfile -d '' -t args 2>/dev/null <"/proc/$pid/cmdline" || return 1
+    for w in "$@"; do
+        found=0
+        for a in "${args[@]}"; do
+            if [[ $w == =* ]]; then [[ $a == "${w#=}" ]] && found=1; else [[ $a == *"$w"* ]] && found=1; fi
+            ((found)) && break
+        done
+        ((found)) || return 1
+    done
+}
+
+# Print the pid of a process whose command line holds every one of the words: the one in
+# PIDFILE when it qualifies, else the first found in /proc (a broker still booting has not
+# written its pid file yet, and one whose pid file was lost must not be started twice).
+find_pid() {
+    local pidfile=$1 pid="" d
+    shift
+    [[ -r $pidfile ]] && read -r pid <"$pidfile"
+    if pid_runs "$pid" "$@"; then
+        echo "$pid"
+        return 0
+    fi
+    for d in /proc/[0-9]*; do
+        pid=${d#/proc/}
+        if pid_runs "$pid" "$@"; then
+            echo "$pid"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# The node's Erlang VM: its command line names its home, the node's own folder.
+rabbitmq_pid() { find_pid "$RABBIT_DIR/pid" beam.smp "=$RABBIT_DIR"; }
+
+# Redis shows "redis-server 127.0.0.1:PORT" as its command line, and works in its --dir:
+# a Redis on that port started from another state folder is not this one.
+redis_pid() {
+    local pid
+    pid=$(find_pid "$REDIS_DIR/pid" redis-server "127.0.0.1:$REDIS_PORT") || return 1
+    [[ $(readlink "/proc/$pid/cwd" 2>/dev/null) == "$REDIS_DIR" ]] || return 1
+    echo "$pid"
+}
+
+broker_pid() { "${1}_pid"; }
+
+# Fail, naming the user, when one of the ports is taken by another program.
+check_broker_ports() {
+    local name=$1 port who bad=0
+    shift
+    for port in "$@"; do
+        if who=$(port_user "$port"); then
+            # Our own epmd, left by an earlier run of this node, may serve again.
+            [[ $port == "$EPMD_PORT" && $who == epmd* ]] && continue
+            log "error: port $port (needed by $name) is already in use by $who"
+            bad=1
+        fi
+    done
+    ((bad == 0)) || die "cannot start $name: move it with ZK_TEST_AMQP_PORT / ZK_TEST_REDIS_PORT" \
+        "(RabbitMQ also uses AMQP port+20000 and ZK_TEST_EPMD_PORT)"
+}
+
+# Start RabbitMQ in the background (setsid + nohup, like the ZooKeeper servers); the caller
+# waits with rabbitmq_wait. Its configuration is rewritten at each start.
+rabbitmq_launch() {
+    ensure_rabbitmq
+    check_broker_ports RabbitMQ "$AMQP_PORT" "$RABBIT_DIST_PORT" "$EPMD_PORT"
+    mkdir -p "$RABBIT_DIR/log"
+    {
+        echo "# Generated by zk-test.sh; rewritten each time this node is started."
+        echo "listeners.tcp.1 = 127.0.0.1:$AMQP_PORT"
+        echo "disk_free_limit.absolute = 50MB"
+        echo "log.console = false"
+        echo "log.file = rabbit.log"
+        echo "log.file.level = warning"
+    } >"$RABBIT_DIR/rabbitmq.conf"
+    echo '[].' >"$RABBIT_DIR/enabled_plugins"
+    : >"$RABBIT_DIR/rabbitmq-env.conf"
+    rm -f "$RABBIT_DIR/pid"
+    printf '==== zk-test.sh: starting RabbitMQ %s at %s\n' "$RABBIT_NODE" "$(date '+%Y-%m-%d %H:%M:%S')" \
+        >>"$RABBIT_DIR/server.log"
+    setsid nohup env "${RABBIT_ENV[@]}" "$RABBIT_BIN/rabbitmq-server" \
+        >>"$RABBIT_DIR/server.log" 2>&1 </dev/null 9>&- &
+    log "starting RabbitMQ on 127.0.0.1:$AMQP_PORT (node $RABBIT_NODE, data in $RABBIT_DIR)"
+}
+
+rabbitmq_wait() {
+    local pid="" deadline
+    deadline=$(($(now_ms) + START_TIMEOUT * 1000))
+    # rabbitmqctl wait needs the pid file, which the node writes early in its boot.
+    until [[ -s $RABBIT_DIR/pid ]]; do
+        if (($(now_ms) >= deadline)); then
+            tail -n 20 "$RABBIT_DIR/server.log" >&2 || true
+            die "RabbitMQ wrote no pid file within ${START_TIMEOUT}s; see $RABBIT_DIR/server.log"
+        fi
+        sleep 0.1
+    done
+    if ! rabbit_run rabbitmqctl -q wait --timeout "$START_TIMEOUT" "$RABBIT_DIR/pid" >/dev/null 2>&1 ||
+        ! pid=$(rabbitmq_pid); then
+        tail -n 20 "$RABBIT_DIR/server.log" >&2 || true
+        die "RabbitMQ did not start; see $RABBIT_DIR/server.log and $RABBIT_DIR/log"
+    fi
+    log "RabbitMQ serves at $AMQP_URL (pid $pid)"
+}
+
+redis_launch() {
+    ensure_redis
+    check_broker_ports Redis "$REDIS_PORT"
+    mkdir -p "$REDIS_DIR"
+    rm -f "$REDIS_DIR/pid"
+    # No persistence: a test broker starts empty. Foreground under setsid, so that the pid
+    # file is the server's own.
+    setsid nohup redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$REDIS_DIR" \
+        --save '' --appendonly no --daemonize no --pidfile "$REDIS_DIR/pid" \
+        --logfile "$REDIS_DIR/redis.log" >>"$REDIS_DIR/server.log" 2>&1 </dev/null 9>&- &
+    log "starting Redis on 127.0.0.1:$REDIS_PORT (data in $REDIS_DIR)"
+}
+
+redis_wait() {
+    local deadline pid
+    deadline=$(($(now_ms) + START_TIMEOUT * 1000))
+    until [[ $(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]] && pid=$(redis_pid); do
+        if (($(now_ms) >= deadline)); then
+            tail -n 20 "$REDIS_DIR/redis.log" "$REDIS_DIR/server.log" >&2 2>/dev/null || true
+            die "Redis did not answer within ${START_TIMEOUT}s; see $REDIS_DIR/redis.log"
+        fi
+        sleep 0.05
+    done
+    log "Redis serves at $REDIS_URL (pid $pid)"
+}
+
+rabbitmq_stop() {
+    local pid
+    if pid=$(rabbitmq_pid); then
+        rabbit_run rabbitmqctl -q shutdown --timeout 20 >/dev/null 2>&1 || true
+        stop_pid RabbitMQ "$pid"
+        log "RabbitMQ stopped (pid $pid)"
+    fi
+    # The node's private epmd (when this folder has run the node): it refuses to go while
+    # a node is registered with it.
+    if [[ -d $RABBIT_DIR ]] && command -v epmd >/dev/null 2>&1 && port_user "$EPMD_PORT" >/dev/null; then
+        ERL_EPMD_PORT=$EPMD_PORT epmd -kill >/dev/null 2>&1 || true
+    fi
+    rm -f "$RABBIT_DIR/pid"
+}
+
+redis_stop() {
+    local pid
+    if pid=$(redis_pid); then
+        redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+        stop_pid Redis "$pid"
+        log "Redis stopped (pid $pid)"
+    fi
+    rm -f "$REDIS_DIR/pid"
+}
+
+# Wait up to 10 s for PID to exit after a polite request; then SIGTERM, then SIGKILL.
+stop_pid() {
+    local name=$1 pid=$2 deadline sig
+    for sig in none TERM KILL; do
+        [[ $sig != none ]] && kill -s "$sig" "$pid" 2>/dev/null
+        deadline=$(($(now_ms) + 10000))
+        while kill -0 "$pid" 2>/dev/null && [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]; do
+            (($(now_ms) < deadline)) || continue 2
+            sleep 0.1
+        done
+        return 0
+    done
+    die "$name (pid $pid) is still alive after SIGKILL"
+}
+
+broker_url() {
+    case $1 in
+        rabbitmq) echo "$AMQP_URL" ;;
+        redis) echo "$REDIS_URL" ;;
+    esac
+}
+
+broker_log() {
+    case $1 in
+        rabbitmq) echo "$RABBIT_DIR/log/rabbit.log" ;;
+        redis) echo "$REDIS_DIR/redis.log" ;;
+    esac
+}
+
+# Start those of the named brokers that are not running, without waiting for them (so that
+# they boot while ZooKeeper does); brokers_wait then waits for each and notes its URL.
+brokers_launch() {
+    local b
+    for b in "$@"; do
+        if broker_pid "$b" >/dev/null; then
+            log "$b already running on 127.0.0.1 ($(broker_url "$b")); reusing it"
+        else
+            "${b}_launch"
+        fi
+    done
+}
+
+brokers_wait() {
+    local b
+    for b in "$@"; do
+        "${b}_wait"
+        broker_url "$b" >"$STATE_DIR/$b-url"
+    done
+}
+
+cmd_start_brokers() {
+    local b
+    (($#)) || set -- "${BROKERS[@]}"
+    check_broker_names "$@"
+    take_lock
+    mkdir -p "$STATE_DIR"
+    brokers_launch "$@"
+    brokers_wait "$@"
+    for b in "$@"; do broker_url "$b"; done
+}
+
+cmd_stop_brokers() {
+    local b
+    (($#)) || set -- "${BROKERS[@]}"
+    check_broker_names "$@"
+    [[ -d $STATE_DIR ]] || return 0
+    take_lock
+    for b in "$@"; do "${b}_stop"; done
+}
+
+cmd_broker_status() {
+    local b pid down=0
+    for b in rabbitmq redis; do
+        if pid=$(broker_pid "$b"); then
+            printf '%-8s  running  pid %-7s  %s  log %s\n' "$b" "$pid" "$(broker_url "$b")" "$(broker_log "$b")"
+        else
+            printf '%-8s  down     %-11s  %s\n' "$b" "" "$(broker_url "$b")"
+            down=1
+        fi
+    done
+    return "$down"
+}
+
+# ---------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------
 
@@ -875,9 +1246,11 @@ cmd_start() {
     for n in "${SERVERS[@]}"; do
         server_pid "$n" >/dev/null || down+=("$n")
     done
+    # Ports first: it is the cheapest check and the likeliest failure.
+    ((${#down[@]} == 0)) || check_ports_free "${down[@]}"
+    # The brokers boot (RabbitMQ takes seconds) while the ensemble does.
+    brokers_launch "${BROKERS[@]}"
     if ((${#down[@]})); then
-        # Ports first: it is the cheapest check and the likeliest failure.
-        check_ports_free "${down[@]}"
         prepare_to_start
         for n in "${down[@]}"; do start_server "$n"; done
         wait_pid_files "${down[@]}"
@@ -886,6 +1259,7 @@ cmd_start() {
         log "ensemble already running in $STATE_DIR; reusing it"
     fi
     wait_for all || exit 1
+    brokers_wait "${BROKERS[@]}"
     hosts_string >"$STATE_DIR/hosts"
     if ((TLS)); then
         tls_hosts_string >"$STATE_DIR/tls-hosts"
@@ -897,7 +1271,7 @@ cmd_start() {
 }
 
 cmd_stop() {
-    local clean=0
+    local clean=0 b
     case ${1:-} in
         "") ;;
         --clean) clean=1 ;;
@@ -908,6 +1282,9 @@ cmd_stop() {
         return 0
     fi
     take_lock
+    # --clean deletes the brokers' folders too: stop them whatever ZK_TEST_BROKERS says.
+    if ((clean)); then BROKERS=(rabbitmq redis); fi
+    for b in "${BROKERS[@]}"; do "${b}_stop"; done
     stop_servers TERM "${SERVERS[@]}"
     if ((clean)); then
         # Only delete a folder this script made (it holds the port marker or server dirs).
@@ -982,6 +1359,12 @@ main() {
             check_server_arg "${1:-}"
             cmd_start_server "$1"
             ;;
+        start-brokers) cmd_start_brokers "$@" ;;
+        stop-brokers) cmd_stop_brokers "$@" ;;
+        broker-status) cmd_broker_status ;;
+        broker-urls) printf '%s\n%s\n' "$AMQP_URL" "$REDIS_URL" ;;
+        rabbitmqctl) rabbit_run rabbitmqctl "$@" ;;
+        redis-cli) redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@" ;;
         -h | --help | help) usage ;;
         *)
             usage >&2

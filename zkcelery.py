@@ -156,7 +156,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 from urllib.parse import quote
 
 import celery
@@ -334,7 +334,8 @@ class MutexTask(celery.Task):
     """Task base whose whole body runs under a mutex; contention raises ``Reject``.
 
     Task options: ``mutex_keys`` names the arguments whose values refine the
-    mutex; ``mutex_requeue=True`` requeues a rejected task instead of failing it.
+    mutex; ``mutex_requeue=True`` requeues a rejected task instead of failing it
+    (and turns on ``acks_late`` and, unless the task sets it, ``reject_on_worker_lost``).
     """
 
     mutex_keys: Sequence[str] = ()
@@ -351,17 +352,18 @@ class MutexTask(celery.Task):
         cls._mutex_signature = _check_mutex_options(cls, run)
         if cls.mutex_requeue:
             cls.acks_late = True
+            # Without it, Celery acknowledges the message of a pool process that
+            # dies in the body (SIGKILL, the OOM killer) and the task is lost.
+            if not any("reject_on_worker_lost" in vars(k) for k in cls.__mro__[:-1]
+                       if issubclass(k, MutexTask)):  # fmt: skip
+                cls.reject_on_worker_lost = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        lease = Lease(self, _MUTEXES, self._mutex_values(args, kwargs))
+        started = time.monotonic()
+        lease = Lease(self, _MUTEXES, _mutex_values(self, self._mutex_signature, args, kwargs))
         self._take(lease)
-        if not lease and self.mutex_requeue:
-            # Back off before the requeue, so that copies do not spin while a
-            # long holder runs; if the holder leaves meanwhile, take it now.
-            lease.wait_for_release(_requeue_delay(self.request.id))
-            self._take(lease)
         if not lease:
-            self._reject(lease)
+            self._contended(lease, started)  # returns holding the mutex, or raises
         try:
             return super().__call__(*args, **kwargs)
         finally:
@@ -371,20 +373,263 @@ class MutexTask(celery.Task):
         try:
             lease.acquire()
         except CoordinationError as exc:  # never drop the task: retry it
-            lease._log(logging.WARNING, "not acquired: %s; retrying the task", exc)
+            logger.warning(
+                "task %s[%s]: mutex not acquired: %s; retrying the task",
+                self.name, self.request.id, exc,
+            )  # fmt: skip
             raise self.retry(exc=exc) from exc
 
-    def _mutex_values(self, args: tuple, kwargs: dict) -> tuple:
-        if not self.mutex_keys or self._mutex_signature is None:
-            return ()
-        bound = self._mutex_signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return tuple(bound.arguments[key] for key in self.mutex_keys)
+    def _contended(self, lease: Lease, started: float) -> None:
+        """The mutex is held: wait and take it, or raise ``Reject`` / ``Ignore``."""
+        holder = _holder(lease)
+        if self.request.id is not None and holder.get("task_id") == self.request.id:
+            holder = self._held_by_itself(lease, holder, started)
+            if lease:
+                return
+        if self.mutex_requeue:
+            # Back off before the requeue, so that copies do not spin while a
+            # long holder runs; if the holder leaves meanwhile, take it now.
+            wanted = _requeue_delay(self.request.id)
+            lease.wait_for_release(_unacked_wait(self.app, started, wanted))
+            self._take(lease)
+            if lease:
+                return
+            holder = _holder(lease)
+        self._reject(lease, holder, requeue=bool(self.mutex_requeue))
 
-    def _reject(self, lease: Lease) -> None:
-        requeue = bool(self.mutex_requeue)
-        lease._log(logging.INFO, "is held; rejected%s", " and requeued" if requeue else "")
-        raise Reject(f"mutex {lease.key} is held by another task", requeue=requeue)
+    def _held_by_itself(self, lease: Lease, holder: dict, started: float) -> dict:
+        """This task id holds its own mutex: this message is a second delivery of it.
+
+        Either its first delivery is still running (Redis restored its message
+        after ``visibility_timeout``, or RabbitMQ redelivered it after losing the
+        worker's connection): then this copy is dropped, neither run nor
+        requeued.  Or the process that ran it died, and Celery requeued its
+        message (``reject_on_worker_lost``): its session ends within the session
+        timeout, and then this copy takes the mutex and runs.  Returns the
+        holder after waiting, unless it took the mutex or dropped the message.
+        """
+        alive = _process_alive(holder)
+        if alive:
+            self._drop(lease, holder, "its first delivery runs on")
+        # Dead, or on another host: a dead holder's node goes within the session
+        # timeout, a live one stays.  Wait that long (when the broker lets us).
+        wanted = _read_settings(self.app).session_timeout + 1.0
+        wait = _unacked_wait(self.app, started, wanted)
+        logger.info(
+            "task %s[%s]: mutex %s is held by this same task (%s %s pid %s): waiting up to "
+            "%.1f s for that session to end",
+            self.name, self.request.id, _mutex_key(lease, holder),
+            "a dead process, on" if alive is False else "on", holder.get("host"),
+            holder.get("pid"), wait,
+        )  # fmt: skip
+        lease.wait_for_release(wait)
+        self._take(lease)
+        if lease:
+            return holder
+        now = _holder(lease)
+        if now.get("task_id") != self.request.id:
+            return now  # the dead holder's session ended and another task took it
+        if wait >= wanted and alive is None:
+            # It held on for a whole session timeout: its session, and so its
+            # first delivery, is alive elsewhere.
+            self._drop(lease, now, "its first delivery still holds it, on")
+        # Its process is gone but its session has not ended yet within what the
+        # broker lets this message wait: back to the queue, to find it free later.
+        self._reject(lease, now, requeue=True)
+
+    def _drop(self, lease: Lease, holder: dict, why: str) -> NoReturn:
+        """Acknowledge this message without running the body: another delivery runs it."""
+        logger.info(
+            "task %s[%s]: mutex %s is held by this same task (%s %s pid %s): "
+            "a second delivery of its message; dropped",
+            self.name, self.request.id, _mutex_key(lease, holder), why,
+            holder.get("host"), holder.get("pid"),
+        )  # fmt: skip
+        _quiet_in_celery_log(self.request.id)
+        raise Ignore()
+
+    def _reject(self, lease: Lease, holder: dict, requeue: bool) -> NoReturn:
+        key = _mutex_key(lease, holder)
+        holder_id = holder.get("task_id")
+        logger.info(
+            "task %s[%s]: mutex %s is held by %s; rejected and %s",
+            self.name, self.request.id, key,
+            f"task {holder_id}" if holder_id else "another holder",
+            "requeued" if requeue else "dropped",
+        )  # fmt: skip
+        _quiet_in_celery_log(self.request.id)
+        raise Reject(f"mutex {key} is held by another task", requeue=requeue)
+
+
+def _holder(lease: Lease) -> dict:
+    """The metadata of the mutex's holder, or ``{}`` (released meanwhile, or unreadable)."""
+    try:
+        holders = lease.holders()
+    except ZKCeleryError:
+        return {}
+    return holders[0] if holders else {}
+
+
+def _mutex_key(lease: Lease, holder: dict) -> str:
+    return str(holder.get("key") or getattr(lease, "key", None) or "")
+
+
+def _process_alive(holder: dict) -> bool | None:
+    """Whether the holder's process is alive: None when it is not on this host.
+
+    Only a "True" is acted on at once (a copy is dropped), so it errs towards
+    False: a zombie (killed, not reaped: PID 1 in a container often never
+    reaps) and a process younger than the lease (a reused pid) are dead.
+    """
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return False
+        try:  # no /proc (macOS): ask the kernel
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3, the state, on
+    if fields[0] in (b"Z", b"X"):
+        return False
+    acquired = holder.get("acquired")
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        began = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+        if isinstance(acquired, (int, float)) and began > acquired + 1.0:
+            return False
+    return True
+
+
+#: zkcelery's own waits keep a message unacknowledged for at most this share of
+#: the Redis ``visibility_timeout``, after which Redis would deliver it again.
+_VISIBILITY_SHARE = 0.25
+_visibility: weakref.WeakKeyDictionary[celery.Celery, float | None] = weakref.WeakKeyDictionary()
+
+
+def _redis_visibility_timeout(app: celery.Celery) -> float | None:
+    """The app's Redis ``visibility_timeout`` in seconds; None when the broker is not Redis."""
+    try:
+        return _visibility[app]
+    except KeyError:
+        pass
+    seconds: float | None = None
+    with contextlib.suppress(Exception):  # an unusable broker URL is Celery's to report
+        conn = app.connection_for_read()
+        try:
+            transport = conn.get_transport_cls()
+        finally:
+            conn.release()
+        if getattr(transport, "driver_type", None) == "redis":
+            default = getattr(getattr(transport, "Channel", None), "visibility_timeout", 3600)
+            options = app.conf.broker_transport_options or {}
+            seconds = float(options.get("visibility_timeout", default))
+    _visibility[app] = seconds
+    return seconds
+
+
+def _unacked_wait(app: celery.Celery, started: float, wanted: float) -> float:
+    """How long a task that started at ``started`` may wait now, at most ``wanted``."""
+    timeout = _redis_visibility_timeout(app)
+    if timeout is None:
+        return wanted
+    left = timeout * _VISIBILITY_SHARE - (time.monotonic() - started)
+    return max(0.0, min(wanted, left))
+
+
+_quiet_ids: set = set()
+
+
+def _quiet_in_celery_log(task_id: Any) -> None:
+    """zkcelery has logged this rejection in one line: Celery need not log it again."""
+    if len(_quiet_ids) > 1000:  # Celery did not log some: forget them
+        _quiet_ids.clear()
+    _quiet_ids.add(task_id)
+
+
+class _QuietRejections(logging.Filter):
+    """Drops Celery's record (a WARNING with a traceback) of a rejection zkcelery logged.
+
+    Celery logs every ``Reject`` and ``Ignore`` from ``celery.app.trace``, with
+    the task id in the record's ``data``; only those zkcelery raised are dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        data = getattr(record, "data", None)
+        if isinstance(data, dict) and data.get("description") in ("rejected", "ignored"):
+            task_id = data.get("id")
+            if task_id in _quiet_ids:
+                _quiet_ids.discard(task_id)
+                return False
+        return True
+
+
+logging.getLogger("celery.app.trace").addFilter(_QuietRejections())
+
+_warned: set = set()
+
+
+def _warn_duplicates(task: celery.Task, setting: str, seconds: float, timeout: float) -> None:
+    """Say once per process and task that Redis will deliver its messages twice."""
+    if (task.name, setting) in _warned:
+        return
+    _warned.add((task.name, setting))
+    logger.warning(
+        "task %s: %s (%g s) is longer than the Redis visibility_timeout (%g s, in "
+        "broker_transport_options): Redis will deliver such a message again while the "
+        "first delivery still waits or runs, so duplicates are certain; raise "
+        "visibility_timeout above it",
+        task.name, setting, seconds, timeout,
+    )  # fmt: skip
+
+
+def _check_limits(sender: Any = None, **_: Any) -> None:
+    """Before a zkcelery task runs: is a setting of it sure to make duplicates on Redis?"""
+    if not isinstance(sender, (LockTask, MutexTask)) or (sender.name, "checked") in _warned:
+        return
+    _warned.add((sender.name, "checked"))
+    timeout = _redis_visibility_timeout(sender.app)
+    if timeout is None:
+        return
+    conf = sender.app.conf
+    if sender.acks_late:  # its message stays unacknowledged while the body runs
+        for option, setting in (("time_limit", "task_time_limit"),
+                                ("soft_time_limit", "task_soft_time_limit")):  # fmt: skip
+            limit = getattr(sender, option, None) or conf.get(setting)
+            if isinstance(limit, (int, float)) and limit > timeout:
+                _warn_duplicates(sender, f"{option} ({setting})", limit, timeout)
+                break
+    delay = sender.default_retry_delay
+    if isinstance(sender, MutexTask) and isinstance(delay, (int, float)) and delay > timeout:
+        _warn_duplicates(sender, "default_retry_delay (its retry countdown)", delay, timeout)
+
+
+def _check_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
+    """A zkcelery task retries: a countdown past the visibility timeout means duplicates."""
+    if not isinstance(sender, (LockTask, MutexTask)):
+        return
+    when = getattr(reason, "when", None)
+    if isinstance(when, datetime):
+        now = datetime.now(when.tzinfo) if when.tzinfo else datetime.now()
+        when = (when - now).total_seconds()
+    timeout = _redis_visibility_timeout(sender.app)
+    if timeout is not None and isinstance(when, (int, float)) and when > timeout:
+        _warn_duplicates(sender, "the retry countdown", when, timeout)
+
+
+signals.task_prerun.connect(_check_limits, weak=False)
+signals.task_retry.connect(_check_retry, weak=False)
 
 
 class EarlyMutexTask(celery.Task):

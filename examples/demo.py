@@ -166,7 +166,7 @@ class _ContentionEvents(logging.Handler):
         text = match["text"]
         if "rejected and requeued" in text:
             event = "requeued"
-        elif text.endswith("rejected"):
+        elif text.endswith("rejected and dropped"):
             event = "rejected"
         elif "is held; retrying" in text:
             event = "retrying"
