@@ -30,7 +30,7 @@ cores.
 
 Interleaving: at each point of 1 and 4 the two libraries run in alternate rounds, ABBA with
 two rounds each (the first library alternating between points), so that drift of the shared
-machine hits both; 2 and 3 measure "alone" before and after the loaded condition.  Each
+machine hits both; 2 measures B alone before and after the waiters, 3 alternates (below).  Each
 window of uncontended cycles follows one unmeasured cycle: the test ensemble reaps an empty
 container within 200 ms (the server's default is a minute), and the first use of a key whose
 container was reaped costs two more requests (create, refused; create the container; create).
