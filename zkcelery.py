@@ -1296,11 +1296,17 @@ class _ExclusiveLock:
     # -- acquire ---------------------------------------------------------------
 
     def acquire(self, blocking: bool, deadline: float | None) -> tuple[str, int | None] | None:
-        outcome = self._take_free()
+        # A key this process found contended a moment ago most likely still
+        # is: a blocking contender then joins the queue at once, sparing the
+        # fast path's failed write (every write costs the leader an fsync).
+        outcome = "queued"
+        if not (blocking and self.session.contended(self.key_path)):
+            outcome = self._take_free()
         if outcome == "queued" and not blocking and self._queue_abandoned():
             outcome = self._take_free()
         if outcome == "taken":
             return self.holder, None
+        self.session.contended(self.key_path, seen=True)
         if not blocking:
             return None
         session_id = self.session.session_id
@@ -2044,6 +2050,8 @@ _RECOVERABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError)
 #: after the connection is seen down: a little under the third that is left,
 #: at most, before ZooKeeper may expire the session (see lost_since).
 _LOST_AFTER_SUSPENDED = 0.25
+#: How long, and for how many keys, a process remembers a lock it found contended.
+_CONTENDED_FOR, _CONTENDED_KEYS = 2.0, 1000
 #: Creates of a node whose container keeps being reaped, before giving up.
 _CONTAINER_TRIES = 10
 
@@ -2101,6 +2109,7 @@ class _Session:
         #: What the server granted, which may be less than what we asked for.
         self.session_timeout = settings.session_timeout
         self._grants: set[_Grant] = set()
+        self._contended: dict[str, float] = {}  # key path -> when last seen contended
         #: path (or a sequential node's prefix) -> (session id, lease guid)
         self._orphans: dict[str, tuple[int | None, str | None]] = {}
         self._ready = False  # the root and namespace nodes exist
@@ -2220,6 +2229,18 @@ class _Session:
                 f"{key} is already held by this thread and locks are not reentrant: "
                 "blocking without a timeout would wait forever"
             )
+
+    def contended(self, key_path: str, seen: bool = False) -> bool:
+        """Whether this process found ``key_path`` contended lately (and note it, if ``seen``)."""
+        now = time.monotonic()
+        with self.mutex:
+            if seen:
+                self._contended.pop(key_path, None)
+                self._contended[key_path] = now
+                while len(self._contended) > _CONTENDED_KEYS:  # oldest first
+                    self._contended.pop(next(iter(self._contended)))
+                return True
+            return now - self._contended.get(key_path, -_CONTENDED_FOR) < _CONTENDED_FOR
 
     def add_orphan(self, path: str, session_id: int | None, guid: str | None = None) -> None:
         """Remember a node to delete on reconnect (a path, or a sequential prefix ending in @)."""
