@@ -540,7 +540,6 @@ class Workers:
         }
         if broker:
             self.env.update(ZKCELERY_TEST_BROKER_URL=broker.url, ZKCELERY_TEST_QUEUE=self.queue)
-        os.environ["ZKCELERY_TEST_RECORD"] = str(self.record.folder)  # for in-process bodies
         self.app = Celery("zkcelery-tests-client", set_as_current=False)
         self.configure()
 
@@ -595,30 +594,42 @@ class Workers:
         return "\n".join(f"--- worker {w.pid}\n{w.tail()}" for w in self.started)
 
 
-@pytest.fixture
-def workers(
-    tmp_path: Path, zk_hosts: str, zk_root: str, request: pytest.FixtureRequest
+def _running(
+    group: Workers, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Workers]:
-    """Real ``celery worker`` subprocesses on this test's namespace and broker."""
-    group = Workers(tmp_path, zk_hosts, zk_root)
+    """Yield ``group``; stop its workers afterwards and show their logs if the test failed."""
+    monkeypatch.setenv("ZKCELERY_TEST_RECORD", str(group.record.folder))  # in-process bodies
     yield group
     group.stop()
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         print(group.logs())
+
+
+@pytest.fixture
+def workers(
+    tmp_path: Path,
+    zk_hosts: str,
+    zk_root: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Workers]:
+    """Real ``celery worker`` subprocesses on this test's namespace and broker."""
+    yield from _running(Workers(tmp_path, zk_hosts, zk_root), request, monkeypatch)
 
 
 @pytest.fixture
 def broker_workers(
-    tmp_path: Path, zk_hosts: str, zk_root: str, broker: Broker, request: pytest.FixtureRequest
+    tmp_path: Path,
+    zk_hosts: str,
+    zk_root: str,
+    broker: Broker,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Workers]:
     """``workers`` on a real broker: RabbitMQ, then Redis (see the ``broker`` fixture)."""
     group = Workers(tmp_path, zk_hosts, zk_root, broker)
-    yield group
-    group.stop()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(group.logs())
+    yield from _running(group, request, monkeypatch)
     broker.forget(group.queue)
 
 
@@ -785,30 +796,34 @@ def expire_session(app_or_client: Any, hosts: str) -> None:
     thief.close()
 
 
+def four_letter(entry: str, word: str) -> str:
+    """A ZooKeeper server's answer to a four-letter command (``srvr``, ``cons``...)."""
+    host, _, port = entry.rpartition(":")
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as sock:
+        sock.sendall(word.encode())
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer.decode(errors="replace")
+
+
 def requests_received(hosts: str) -> int:
     """Packets all servers of the ensemble have received from clients (``srvr``)."""
     total = 0
     for entry in hosts.split(","):
-        host, _, port = entry.rpartition(":")
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as sock:
-            sock.sendall(b"srvr")
-            answer = b""
-            while chunk := sock.recv(4096):
-                answer += chunk
-        match = re.search(rb"Received: (\d+)", answer)
+        match = re.search(r"Received: (\d+)", four_letter(entry, "srvr"))
         total += int(match.group(1)) if match else 0
     return total
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "zk: needs the ZooKeeper ensemble (given to every test that uses it)"
-    )
+def session_requests(hosts: str, app: Celery) -> int:
+    """Packets the servers have received from ``app``'s session on its connection (``cons``).
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # A test needs the ensemble exactly when it uses the zk_hosts fixture, directly
-    # or through another; `pytest -m "not zk"` runs the rest with no server at all.
-    for item in items:
-        if "zk_hosts" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.zk)
+    Unlike ``requests_received``, other clients of the ensemble do not count.
+    """
+    sid = f"sid={zkcelery._connection(app).session_id:#x},"
+    for entry in hosts.split(","):
+        for line in four_letter(entry, "cons").splitlines():
+            if sid in line:
+                return int(re.search(r"recved=(\d+)", line).group(1))  # type: ignore[union-attr]
+    raise AssertionError(f"no server has a connection of the session {sid}")

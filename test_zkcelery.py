@@ -43,6 +43,7 @@ from conftest import (
     expire_session,
     record_body,
     requests_received,
+    session_requests,
     wait_for,
     worker_app,
 )
@@ -242,7 +243,7 @@ def run_in_threads(n: int, target: Any) -> list[Any]:
 
 
 # ===========================================================================
-# Connection handling (SPEC 2, 6)
+# Connection handling
 # ===========================================================================
 
 
@@ -394,7 +395,7 @@ def _held_now(task, *values) -> bool:
 
 
 # ===========================================================================
-# Lock names (SPEC 3)
+# Lock names
 # ===========================================================================
 
 _ZNODE_NAME = re.compile(r"[A-Za-z0-9_.~%()\[\],:=#-]+")
@@ -485,7 +486,7 @@ def test_unsupported_values_raise_type_error_naming_the_type(offline_task, value
 
 
 # ===========================================================================
-# LockTask (SPEC 4)
+# LockTask
 # ===========================================================================
 
 
@@ -794,12 +795,6 @@ def _in_thread(target: Any, *args: Any) -> threading.Thread:
     return thread
 
 
-def _probe_overhead(zk_hosts: str) -> int:
-    """Packets that reading the servers' counters itself adds to them."""
-    first = requests_received(zk_hosts)
-    return requests_received(zk_hosts) - first
-
-
 def test_holders_of_a_key_never_used_is_an_empty_list(lock_task):
     assert lock_task.lock("unused").holders() == []
     assert lock_task.semaphore("unused", max_leases=2).holders() == []
@@ -835,12 +830,11 @@ def test_a_release_wakes_only_the_next_waiter(lock_task, zk_hosts):
     holder = _held(lock_task, "herd").__enter__()
     threads = [_in_thread(wait, i) for i in range(10)]
     wait_for(lambda: len(holder.waiters()) == 10, 10, "ten waiters to queue")
-    overhead = _probe_overhead(zk_hosts)
-    before = requests_received(zk_hosts)
+    before = session_requests(zk_hosts, lock_task.app)
     holder.release()
     for thread in threads:
         thread.join(30)
-    sent = requests_received(zk_hosts) - before - overhead
+    sent = session_requests(zk_hosts, lock_task.app) - before
     assert done == [True] * 10
     # Each handover: the holder's delete and the next waiter's listing (a herd
     # would have every waiter list the queue on every release: 55 listings).
@@ -848,24 +842,26 @@ def test_a_release_wakes_only_the_next_waiter(lock_task, zk_hosts):
 
 
 def _semaphore_cycle_cost(task: Any, zk_hosts: str, cycles: int = 30) -> float:
-    """Requests per uncontended cycle of semaphore B, from the servers' counters."""
-    overhead = _probe_overhead(zk_hosts)
-    before = requests_received(zk_hosts)
+    """Requests per cycle of semaphore B, from the server's count of B's own session."""
+    with task.semaphore("B", max_leases=2):  # B's container exists now
+        pass
+    before = session_requests(zk_hosts, task.app)
     for _ in range(cycles):
         with task.semaphore("B", max_leases=2) as lease:
             assert lease
-    return (requests_received(zk_hosts) - before - overhead) / cycles
+    return (session_requests(zk_hosts, task.app) - before) / cycles
 
 
-def test_waiters_on_one_semaphore_cost_another_semaphore_nothing(lock_task, zk_hosts):
+def test_waiters_on_one_semaphore_cost_another_semaphore_nothing(lock_task, make_app, zk_hosts):
     results: list[bool] = []
 
     def wait(i: int) -> None:
-        with lock_task.semaphore("A", max_leases=1, blocking=True, timeout=30) as lease:
+        with waiter.semaphore("A", max_leases=1, blocking=True, timeout=30) as lease:
             results.append(bool(lease))
 
     alone = _semaphore_cycle_cost(lock_task, zk_hosts)
-    holder = lock_task.semaphore("A", max_leases=1).__enter__()
+    waiter = _lock_task_on(make_app())  # A's holder and waiters: another session than B's
+    holder = waiter.semaphore("A", max_leases=1).__enter__()
     threads = [_in_thread(wait, i) for i in range(8)]
     wait_for(lambda: len(holder.waiters()) == 8, 10, "eight waiters on A")
     beside_waiters = _semaphore_cycle_cost(lock_task, zk_hosts)
@@ -873,9 +869,10 @@ def test_waiters_on_one_semaphore_cost_another_semaphore_nothing(lock_task, zk_h
     for thread in threads:
         thread.join(30)
     assert results == [True] * 8
-    # Create, list, delete: 3 either way (other clients' pings add a little
-    # noise to both; a shared parent made it 14 with the waiters).
-    assert alone < 3.5 and beside_waiters < alone + 0.5, (alone, beside_waiters)
+    # Create, list, delete: 3 either way (a shared parent made it 14 beside the
+    # waiters). The test ensemble's reaper may remove B's container between two
+    # cycles (every 200 ms): making it again costs 2 more, now and then.
+    assert alone <= 3.2 and beside_waiters <= 3.2, (alone, beside_waiters)
 
 
 def test_a_semaphore_waiter_whose_node_is_deleted_from_outside_queues_again(lock_task, zk):
@@ -976,12 +973,11 @@ def test_a_semaphores_holders_exclude_its_waiters(lock_task):
     assert results == [True]
 
 
-def test_reading_lost_sends_one_request_at_most_and_never_waits(lock_task, zk_hosts, partition):
+def test_reading_lost_sends_one_request_at_most_and_never_waits(lock_task, zk_hosts):
     with _held(lock_task, "poll") as lease:
-        overhead = _probe_overhead(zk_hosts)
-        before = requests_received(zk_hosts)
+        before = session_requests(zk_hosts, lock_task.app)
         assert not any(lease.lost for _ in range(2000))
-        sent = requests_received(zk_hosts) - before - overhead
+        sent = session_requests(zk_hosts, lock_task.app) - before
     assert sent <= 2, sent  # the watch, and perhaps a ping
 
 
@@ -1049,7 +1045,7 @@ def test_rm_removes_holders_and_waiters_and_every_waiter_recovers(lock_task, zk_
 
 
 # ===========================================================================
-# MutexTask (SPEC 5), in process
+# MutexTask, in process
 # ===========================================================================
 
 
@@ -1601,7 +1597,7 @@ def test_beat_with_the_early_mutex_scheduler_skips_ticks_and_never_stacks_runs(
 
 
 # ===========================================================================
-# Faults (SPEC 7): nothing overlaps, nothing is lost
+# Faults: nothing overlaps, nothing is lost
 # ===========================================================================
 
 SOAK_KEYS = 20
@@ -1705,6 +1701,7 @@ def test_the_whole_ensemble_down_for_10_s_mid_soak_loses_nothing(workers, restor
     restore_ensemble.stop()
     down = time.monotonic()
     time.sleep(10)  # the fault itself lasts ten seconds: this is its duration, not a wait
+    restarting = time.monotonic()  # no server can serve before this
     restore_ensemble.start()
     up = time.monotonic()
     wait_for(lambda: _entered_since(workers, up), 60, "a body to run after the ensemble is back")
@@ -1712,7 +1709,7 @@ def test_the_whole_ensemble_down_for_10_s_mid_soak_loses_nothing(workers, restor
     _await_all(results, 240)
     figures = _assert_soak_invariants(workers, results)
     # No body started while the ensemble was down (half a second for requests in flight).
-    assert not [e for e in workers.record.entries() if down + 0.5 < e["enter"] < up]
+    assert not [e for e in workers.record.entries() if down + 0.5 < e["enter"] < restarting]
     assert [w.proc.poll() for w in started] == [None] * 3 and [w.pid for w in started] == pids
     _report(
         capsys, f"ensemble down 10 s: {figures}, first body {recovered:.2f} s after it was back"
@@ -2041,7 +2038,7 @@ def test_odd_refining_values_each_get_their_own_lock_and_none_corrupts_another(l
 
 
 # ===========================================================================
-# Operations: python -m zkcelery (SPEC 9) and ZOOKEEPER_AUTH
+# Operations: python -m zkcelery and ZOOKEEPER_AUTH
 # ===========================================================================
 
 
@@ -2167,7 +2164,7 @@ def auth_cli(tmp_path, zk_hosts, zk_root) -> Any:
 
 def _open_tree(zk: KazooClient, zk_root: str) -> None:
     """The namespace nodes as an earlier run without ZOOKEEPER_AUTH left them: open to all."""
-    for namespace in ("locks", "semaphores", "mutexes"):
+    for namespace in ("locks", "semaphores", "mutexes", "early"):
         zk.ensure_path(f"{zk_root}/{namespace}")
 
 
@@ -2181,7 +2178,7 @@ def test_with_auth_an_open_tree_fails_the_first_lock_naming_the_node_and_the_fix
     message = str(refused.value)
     assert zk_root in message and "world:anyone=rwcda" in message
     assert "python -m zkcelery secure" in message and "s3cret" not in message
-    assert sorted(zk.get_children(zk_root)) == ["locks", "mutexes", "semaphores"]  # no lock
+    assert sorted(zk.get_children(zk_root)) == ["early", "locks", "mutexes", "semaphores"]
 
 
 def test_secure_gives_the_tree_to_the_identity_and_others_can_then_break_nothing(
@@ -2254,11 +2251,10 @@ def test_secure_refuses_a_tree_another_identity_owns(make_app, zk_root, tmp_path
 
 def test_without_auth_a_lock_cycle_still_costs_two_requests(lock_task, zk_hosts):
     assert _held_now(lock_task, "warm")
-    overhead = _probe_overhead(zk_hosts)
-    before = requests_received(zk_hosts)
+    before = session_requests(zk_hosts, lock_task.app)
     for _ in range(20):
         assert _held_now(lock_task, "cost")
-    assert (requests_received(zk_hosts) - before - overhead) / 20 <= 2.2
+    assert (session_requests(zk_hosts, lock_task.app) - before) / 20 <= 2.1
 
 
 def test_zookeeper_ssl_locks_over_tls_and_a_plain_client_cannot(make_app, tls_ensemble):
@@ -2282,7 +2278,7 @@ def test_with_protected_reads_others_cannot_read_holder_metadata(make_app, zk):
 
 
 # ===========================================================================
-# Green pools (SPEC 6)
+# Green pools
 # ===========================================================================
 
 
