@@ -2188,10 +2188,11 @@ def test_secure_gives_the_tree_to_the_identity_and_others_can_then_break_nothing
 
     _open_tree(zk, zk_root)
     zk.create(f"{zk_root}/semaphores/left-over")  # a per-key parent from the open days
+    # secured: the root, four namespace nodes and that parent
     done = auth_cli("secure")
     assert done.returncode == 0, done.stderr
     assert (
-        done.stdout.count("secured ") == 5 and "world:anyone=rwcda -> digest:worker" in done.stdout
+        done.stdout.count("secured ") == 6 and "world:anyone=rwcda -> digest:worker" in done.stdout
     )
     app = make_app(ZOOKEEPER_AUTH=_AUTH)
     task = _lock_task_on(app)
