@@ -1238,6 +1238,8 @@ class _Queue:
                 free_turns = 0
                 if not self.session.wait(woken, deadline):
                     return False
+                if policy.granted_on_wake():
+                    return True
             else:  # what we meant to watch changed already: look again
                 free_turns += 1
                 if free_turns > _FREE_TURNS:
@@ -1378,10 +1380,16 @@ class _ExclusiveLock:
     def joined(self) -> None:
         # Until we see <name> gone after joining, a holder that got in before
         # the queue existed may still hold it.
-        self._holder_gone = False
+        self._holder_gone = self._head_waiting = False
 
     def granted(self, children: list[str], index: int) -> bool:
         return index == 0 and self._holder_gone
+
+    def granted_on_wake(self) -> bool:
+        # First in the queue, woken by <name>'s deletion: nobody can be ahead of
+        # us (later arrivals queue behind), so the lock is ours without another
+        # listing; the handover then costs the holder's delete and nothing more.
+        return self._head_waiting and self._holder_gone
 
     def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
         session = self.session
@@ -1482,6 +1490,9 @@ class _Semaphore:
 
     def joined(self) -> None:
         pass
+
+    def granted_on_wake(self) -> bool:
+        return False  # the change that woke us may have granted another: list again
 
     def granted(self, children: list[str], index: int) -> bool:
         others = {int(c.split(_SEP, 1)[0]) for c in children} - {self.max_leases}
