@@ -330,16 +330,10 @@ class LockTask(celery.Task):
         )  # fmt: skip
 
 
-class MutexTask(celery.Task):
-    """Task base whose whole body runs under a mutex; contention raises ``Reject``.
-
-    Task options: ``mutex_keys`` names the arguments whose values refine the
-    mutex; ``mutex_requeue=True`` requeues a rejected task instead of failing it
-    (and turns on ``acks_late`` and, unless the task sets it, ``reject_on_worker_lost``).
-    """
+class _KeyedTask(celery.Task):
+    """What MutexTask and EarlyMutexTask share: ``mutex_keys``, checked at definition."""
 
     mutex_keys: Sequence[str] = ()
-    mutex_requeue: bool = False
     _mutex_signature: inspect.Signature | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -350,6 +344,33 @@ class MutexTask(celery.Task):
         if run is None:  # an intermediate base class, not a task
             return
         cls._mutex_signature = _check_mutex_options(cls, run)
+        cls._check_options()
+
+    @classmethod
+    def _check_options(cls) -> None:
+        """Check (and complete) the options of a task class being defined."""
+
+    def _mutex_values(self, args: Any, kwargs: Any) -> tuple:
+        """The values of ``mutex_keys`` in a call, bound by parameter name."""
+        if not self.mutex_keys or self._mutex_signature is None:
+            return ()
+        bound = self._mutex_signature.bind(*(args or ()), **(kwargs or {}))
+        bound.apply_defaults()
+        return tuple(bound.arguments[key] for key in self.mutex_keys)
+
+
+class MutexTask(_KeyedTask):
+    """Task base whose whole body runs under a mutex; contention raises ``Reject``.
+
+    Task options: ``mutex_keys`` names the arguments whose values refine the
+    mutex; ``mutex_requeue=True`` requeues a rejected task instead of failing it
+    (and turns on ``acks_late`` and, unless the task sets it, ``reject_on_worker_lost``).
+    """
+
+    mutex_requeue: bool = False
+
+    @classmethod
+    def _check_options(cls) -> None:
         if cls.mutex_requeue:
             cls.acks_late = True
             # Without it, Celery acknowledges the message of a pool process that
@@ -360,7 +381,7 @@ class MutexTask(celery.Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
-        lease = Lease(self, _MUTEXES, _mutex_values(self, self._mutex_signature, args, kwargs))
+        lease = Lease(self, _MUTEXES, self._mutex_values(args, kwargs))
         self._take(lease)
         if not lease:
             self._contended(lease, started)  # returns holding the mutex, or raises
@@ -632,7 +653,7 @@ signals.task_prerun.connect(_check_limits, weak=False)
 signals.task_retry.connect(_check_retry, weak=False)
 
 
-class EarlyMutexTask(celery.Task):
+class EarlyMutexTask(_KeyedTask):
     """Task base whose mutex is taken when the task is *sent*, and held until its run ends.
 
     ``apply_async()`` / ``delay()`` refuse to publish a copy whose key (the
@@ -650,17 +671,11 @@ class EarlyMutexTask(celery.Task):
     ``apply_async()``, for one call).
     """
 
-    mutex_keys: Sequence[str] = ()
     mutex_timeout: float | None = None
     mutex_return_existing: bool = False
-    _mutex_signature: inspect.Signature | None = None
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        run = cls.__dict__.get("run")
-        if run is None:  # an intermediate base class, not a task
-            return
-        cls._mutex_signature = _check_mutex_options(cls, run)
+    @classmethod
+    def _check_options(cls) -> None:
         if cls.mutex_timeout is not None:
             _check_seconds(f"task {cls.__dict__.get('name')}: mutex_timeout", cls.mutex_timeout)
 
@@ -747,8 +762,7 @@ class EarlyMutexTask(celery.Task):
         raise Ignore()
 
     def _early_lease(self, args: Any, kwargs: Any, task_id: str | None) -> Lease:
-        values = _mutex_values(self, self._mutex_signature, tuple(args or ()), dict(kwargs or {}))
-        return Lease(self, _EARLY, values, task_id=task_id)
+        return Lease(self, _EARLY, self._mutex_values(args, kwargs), task_id=task_id)
 
 
 class EarlyMutexScheduler(PersistentScheduler):
@@ -1993,17 +2007,6 @@ def _check_max_leases(max_leases: Any) -> None:
         raise TypeError(f"max_leases must be an int, not {max_leases!r}")
     if max_leases < 1:
         raise ValueError(f"max_leases must be 1 or more, not {max_leases!r}")
-
-
-def _mutex_values(
-    task: Any, signature: inspect.Signature | None, args: tuple, kwargs: dict
-) -> tuple:
-    """The values of ``task.mutex_keys`` in a call, bound by parameter name."""
-    if not task.mutex_keys or signature is None:
-        return ()
-    bound = signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return tuple(bound.arguments[key] for key in task.mutex_keys)
 
 
 def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
