@@ -149,6 +149,7 @@ import socket
 import sys
 import threading
 import time
+import types
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -439,7 +440,7 @@ class Lease:
 
     def __init__(
         self,
-        task: celery.Task,
+        task: celery.Task | _AppOwner,
         namespace: str,
         values: Sequence[Any] = (),
         *,
@@ -472,6 +473,25 @@ class Lease:
         self._retry_options = retry_options or {}
         self._session: _Session | None = None
         self._grant: _Grant | None = None  # the latest grant, kept after release
+
+    @classmethod
+    def for_app(
+        cls, app: celery.Celery, namespace: str, name: str, owner: str, **options: Any
+    ) -> Lease:
+        """A lease that ``app`` holds itself, with no task: the beat's election.
+
+        ``owner`` stands where a task's name would (holder metadata, ``ls``,
+        log lines); there is no task id, and no task to retry, so ``retry``
+        is refused.  The other options are the constructor's.
+        """
+        if options.get("retry"):
+            raise TypeError(f"{owner} is not a task: a lease it holds cannot retry it")
+        return cls(_AppOwner(app, owner), namespace, name=name, **options)
+
+    @property
+    def _path(self) -> str | None:
+        """The node that holds the lease while it is held (for a fenced write)."""
+        return self._grant.path if self else None  # type: ignore[union-attr]
 
     # -- the public view ---------------------------------------------------
 
@@ -617,6 +637,18 @@ class Lease:
             level, f"task %s[%s]: %s %s {what}",
             self._task.name, self._task_id(), _KIND[self._namespace], self.key, *args,
         )  # fmt: skip
+
+
+class _AppOwner:
+    """What a lease uses of its task (name, app, request id), for a lease an app holds."""
+
+    def __init__(self, app: celery.Celery, name: str) -> None:
+        self.app = app
+        self.name = name
+        self.request = types.SimpleNamespace(id=None)
+
+    def retry(self, **_: Any) -> Exception:
+        raise TypeError(f"{self.name} is not a task: it cannot be retried")
 
 
 class _Grant:
