@@ -2031,6 +2031,28 @@ def test_a_write_the_leader_did_not_make_deposes_it_before_it_sends(schedulers, 
     assert leader.schedule["tick"].total_run_count == runs + 1
 
 
+def test_a_write_between_a_new_leaders_read_and_its_claim_makes_it_read_again(
+    schedulers, zk, caplog
+):
+    def late_write(beat_app: Celery) -> None:
+        beat_app.conf.beat_schedule = {"tick": {"task": "t.tick", "schedule": 0.2}}
+
+    leader = schedulers(late_write)
+    read = leader._read_state
+
+    def read_then_another_writes() -> tuple[bytes, int]:
+        data, version = read()
+        leader._read_state = read  # once
+        zk.set(leader._state_path, data)  # a deposed leader's write, just after our read
+        return data, version
+
+    leader._read_state = read_then_another_writes
+    with caplog.at_level("INFO", logger="zkcelery"):
+        _tick_until(leader, lambda: leader.schedule["tick"].total_run_count >= 1, "a send")
+    assert "leading the schedule" in caplog.text and "could not take over" not in caplog.text
+    assert leader._read_state is read
+
+
 def test_a_crontab_entrys_state_in_zookeeper_carries_over_to_the_next_leader(
     schedulers, zk, zk_root, caplog
 ):

@@ -2070,6 +2070,10 @@ class _NotLeading(ZKCeleryError):
     """This beat cannot confirm that it leads: another one may have been elected."""
 
 
+class _StateMoved(_NotLeading):
+    """The schedule's state is no longer at the version this beat last wrote or read."""
+
+
 class ElectedScheduler(Scheduler):
     """A ``celery beat`` scheduler to start on every host: ZooKeeper elects the one that sends.
 
@@ -2198,10 +2202,17 @@ class ElectedScheduler(Scheduler):
         self._token = lease.token
         if self._token is None:
             raise _NotLeading("its lease was lost as it was granted")
-        data, self._state_version = self._read_state()
-        self._load_state(data)
-        # The claim: from here on, a write by any earlier leader fails.
-        self._write_state({})
+        for tries_left in reversed(range(3)):
+            data, self._state_version = self._read_state()
+            self._load_state(data)
+            try:
+                # The claim: from here on, a write by any earlier leader fails.
+                self._write_state({})
+                break
+            except _StateMoved:
+                # A deposed leader wrote since our read; we hold the lease: read again.
+                if not tries_left:
+                    raise
         self._leading = True
         self._heap = None  # rebuilt from the loaded entries at the next tick
         logger.info(
@@ -2345,7 +2356,7 @@ class ElectedScheduler(Scheduler):
             if isinstance(results[0], NoNodeError):
                 raise _NotLeading("its lease's node is gone")
             if isinstance(results[1], (BadVersionError, NoNodeError)):
-                raise _NotLeading("another beat has written the schedule's state since")
+                raise _StateMoved("another beat has written the schedule's state since")
             break
         self._state_version = expected + 1
 
@@ -2363,7 +2374,7 @@ class ElectedScheduler(Scheduler):
             return False
         if stat.version == expected + 1 and stored == data:
             return True
-        raise _NotLeading("another beat has written the schedule's state since")
+        raise _StateMoved("another beat has written the schedule's state since")
 
     # -- the end -----------------------------------------------------------------
 
