@@ -7,8 +7,10 @@ body in an enter/exit record that does not depend on zkcelery.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
 import os
 import re
 import signal
@@ -18,11 +20,13 @@ import sys
 import textwrap
 import threading
 import time
+import types
 import uuid
-from datetime import date, datetime, timezone
+from collections.abc import Iterator
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import celery
 import pytest
@@ -39,6 +43,7 @@ from conftest import (
     SESSION_TIMEOUT,
     Workers,
     close_sessions,
+    configure,
     count_znodes,
     expire_session,
     record_body,
@@ -136,15 +141,6 @@ def early(self, key, hold=0.0, fail=False, reject=False, countdown=None):
         raise self.retry(countdown=countdown)
 
 
-if os.environ.get("ZKCELERY_TEST_BEAT"):  # a beat whose task outlasts its interval
-    app.conf.beat_schedule = {
-        "early-every-second": {
-            "task": "test_zkcelery.early", "schedule": 1.0, "args": ("beat",),
-            "kwargs": {"hold": 3.0},
-        },
-    }  # fmt: skip
-
-
 @app.task(bind=True)
 def handler_name(self):
     return type(zkcelery._connection(self.app).handler).__name__
@@ -186,6 +182,38 @@ def broker_lock_retry(self, key, hold):
 @app.task
 def broker_fails():
     raise ValueError("a real error keeps its traceback")
+
+
+# The beat tests run `celery -A test_zkcelery beat` with the schedule in the environment.
+if os.environ.get("ZKCELERY_TEST_BEAT"):
+    app.conf.beat_schedule = json.loads(os.environ["ZKCELERY_TEST_BEAT"])
+
+
+@app.task
+def beat_tick():
+    """What the beat tests' schedule sends; the broker's queue is the record."""
+
+
+@signals.beat_init.connect
+def _publish_beat_session(**_: Any) -> None:
+    # The session-expiry test must hand a beat process's session id and
+    # password to another client (conftest.expire_session): publish them.
+    folder = os.environ.get("ZKCELERY_TEST_SESSIONS")
+    if folder:
+        threading.Thread(target=_write_session, args=(Path(folder),), daemon=True).start()
+
+
+def _write_session(folder: Path) -> None:
+    written = None
+    while True:
+        session = zkcelery._connections.get(app)
+        client_id = session.client.client_id if session is not None else None
+        if client_id and client_id != written:
+            part = folder / f".{os.getpid()}.part"
+            part.write_text(json.dumps([client_id[0], client_id[1].hex()]))
+            part.rename(folder / f"{os.getpid()}.json")
+            written = client_id
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------
@@ -1570,17 +1598,25 @@ def test_an_early_mutex_key_missing_from_the_signature_is_an_error_at_definition
             pass
 
 
+#: A beat whose task outlasts its interval.
+_EARLY_SCHEDULE = {
+    "early-every-second": {
+        "task": "test_zkcelery.early", "schedule": 1.0, "args": ["beat"], "kwargs": {"hold": 3.0},
+    },
+}  # fmt: skip
+
+
 @pytest.mark.slow
 def test_beat_with_the_early_mutex_scheduler_skips_ticks_and_never_stacks_runs(
     workers: Workers, tmp_path
 ):
-    workers.start(concurrency=2, ZKCELERY_TEST_BEAT="1")
+    workers.start(concurrency=2)
     log = tmp_path / "beat.log"
     beat = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "test_zkcelery", "beat", "-S",
          "zkcelery.EarlyMutexScheduler", "-s", str(tmp_path / "schedule"), "-l", "INFO",
          "--max-interval", "1", "-f", str(log)],
-        cwd=tmp_path, env={**workers.env, "ZKCELERY_TEST_BEAT": "1"},
+        cwd=tmp_path, env={**workers.env, "ZKCELERY_TEST_BEAT": json.dumps(_EARLY_SCHEDULE)},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
@@ -2162,9 +2198,12 @@ def auth_cli(tmp_path, zk_hosts, zk_root) -> Any:
     return run
 
 
+_NAMESPACES = ("locks", "semaphores", "mutexes", "early", "beat")
+
+
 def _open_tree(zk: KazooClient, zk_root: str) -> None:
     """The namespace nodes as an earlier run without ZOOKEEPER_AUTH left them: open to all."""
-    for namespace in ("locks", "semaphores", "mutexes", "early"):
+    for namespace in _NAMESPACES:
         zk.ensure_path(f"{zk_root}/{namespace}")
 
 
@@ -2172,13 +2211,14 @@ def test_with_auth_an_open_tree_fails_the_first_lock_naming_the_node_and_the_fix
     make_app, zk, zk_root
 ):
     _open_tree(zk, zk_root)
-    task = _lock_task_on(make_app(ZOOKEEPER_AUTH=_AUTH))
+    app = make_app(ZOOKEEPER_AUTH=_AUTH)
+    task = _lock_task_on(app)
     with pytest.raises(zkcelery.ConfigurationError) as refused:
         task.lock("a").__enter__()
     message = str(refused.value)
     assert zk_root in message and "world:anyone=rwcda" in message
     assert "python -m zkcelery secure" in message and "s3cret" not in message
-    assert sorted(zk.get_children(zk_root)) == ["early", "locks", "mutexes", "semaphores"]
+    assert sorted(zk.get_children(zk_root)) == sorted(_NAMESPACES)  # and no lock
 
 
 def test_secure_gives_the_tree_to_the_identity_and_others_can_then_break_nothing(
@@ -2188,11 +2228,11 @@ def test_secure_gives_the_tree_to_the_identity_and_others_can_then_break_nothing
 
     _open_tree(zk, zk_root)
     zk.create(f"{zk_root}/semaphores/left-over")  # a per-key parent from the open days
-    # secured: the root, four namespace nodes and that parent
+    # secured: the root, five namespace nodes and that parent
     done = auth_cli("secure")
     assert done.returncode == 0, done.stderr
     assert (
-        done.stdout.count("secured ") == 6 and "world:anyone=rwcda -> digest:worker" in done.stdout
+        done.stdout.count("secured ") == 7 and "world:anyone=rwcda -> digest:worker" in done.stdout
     )
     app = make_app(ZOOKEEPER_AUTH=_AUTH)
     task = _lock_task_on(app)
@@ -2297,3 +2337,425 @@ def test_a_green_pool_worker_uses_the_matching_handler_and_runs_the_examples(
     assert _states(locks) == ["SUCCESS"] * 3
     assert sorted(_states(mutexes)) == ["FAILURE", "FAILURE", "SUCCESS"]
     assert sorted(e["key"] for e in workers.record.entries()) == ["g", "m"]
+
+
+# ===========================================================================
+# Beat: ElectedScheduler, one sending beat among many (issue 16)
+# ===========================================================================
+
+EVERY_SECOND = {"tick": {"task": "test_zkcelery.beat_tick", "schedule": 1.0}}
+
+
+class Beats:
+    """``celery beat -S zkcelery.ElectedScheduler`` processes on one test's namespace.
+
+    Nothing consumes their queue: the broker's folder is the record of what was
+    sent.  Each message file is named by its sender's monotonic clock (conftest's
+    atomic channel; one clock for every process on the machine), and carries the
+    leader's fencing token and the entry's run number in its headers.
+    """
+
+    def __init__(self, workers: Workers, app: Celery, schedule: dict) -> None:
+        self.tmp, self.app = workers.tmp, app
+        self.queue = workers.tmp / "broker" / "queue"
+        self.sessions = workers.tmp / "beat-sessions"
+        self.sessions.mkdir()
+        self.env = {**workers.env, "ZKCELERY_TEST_BEAT": json.dumps(schedule),
+                    "ZKCELERY_TEST_SESSIONS": str(self.sessions)}  # fmt: skip
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> subprocess.Popen:
+        n = len(self.procs)
+        argv = [
+            sys.executable, "-m", "celery", "-A", "test_zkcelery", "beat",
+            "-S", "zkcelery.ElectedScheduler", "-l", "INFO", "--max-interval", "1",
+            "-s", str(self.tmp / f"beat{n}-schedule"), "-f", str(self.log(n)),
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            argv, cwd=Path(__file__).parent, env=self.env, stdout=subprocess.DEVNULL,
+            stderr=open(self.tmp / f"beat{n}.err", "w"),  # noqa: SIM115 - the process's to keep
+            start_new_session=True,
+        )  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def log(self, n: int) -> Path:
+        return self.tmp / f"beat{n}.log"
+
+    def log_of(self, pid: int) -> str:
+        n = [p.pid for p in self.procs].index(pid)
+        return self.log(n).read_text(errors="replace") if self.log(n).exists() else ""
+
+    def sends(self) -> list[dict]:
+        """Every message the beats sent, oldest first: when, token, run, sender's pid."""
+        found = []
+        for path in self.queue.glob("*.msg"):
+            with contextlib.suppress(OSError, ValueError):
+                headers = json.loads(path.read_text())["headers"]
+                found.append({
+                    "at": int(path.name.split("_", 1)[0]) / 1000,
+                    "token": headers["zkcelery_beat_token"],
+                    "run": headers["zkcelery_beat_run"],
+                    "pid": int(headers["origin"].split("@")[0][len("gen"):]),
+                })  # fmt: skip
+        return sorted(found, key=lambda send: send["at"])
+
+    def roles(self) -> dict[int, str]:
+        """pid -> held or waiting, as ``python -m zkcelery ls`` lists the beats."""
+        rows = zkcelery._listing(zkcelery._connection(self.app))
+        return {row["pid"]: row["state"] for row in rows if row["kind"] == "beat"}
+
+    def alive(self) -> set[int]:
+        return {p.pid for p in self.procs if p.poll() is None}
+
+    def leader(self) -> int:
+        """The pid of the live process that holds the lead (a dead one may hold it a while)."""
+        return wait_for(  # type: ignore[no-any-return]
+            lambda: next((pid for pid, state in self.roles().items()
+                          if state == "held" and pid in self.alive()), None),
+            30, "a live leader",
+        )  # fmt: skip
+
+    def standing_by(self, count: int) -> None:
+        wait_for(
+            lambda: sorted(self.roles().get(pid, "") for pid in self.alive())
+            == ["held"] + ["waiting"] * count,
+            60, f"one leader and {count} standbys",
+        )  # fmt: skip
+
+    def sends_after(self, moment: float, count: int = 1) -> list[dict]:
+        """Wait for ``count`` sends after ``moment``; return them."""
+        return wait_for(  # type: ignore[no-any-return]
+            lambda: (later := [s for s in self.sends() if s["at"] > moment])[count - 1:] and later,
+            30, f"{count} send(s)",
+        )  # fmt: skip
+
+    def next_leaders_first_send(self, token: int) -> dict:
+        """Wait for a send under another fencing token than ``token``; return the first."""
+        return wait_for(  # type: ignore[no-any-return]
+            lambda: [s for s in self.sends() if s["token"] > token], 30, "the next leader"
+        )[0]
+
+    def session_of(self, pid: int) -> tuple[int, bytes]:
+        session_id, password = json.loads((self.sessions / f"{pid}.json").read_text())
+        return session_id, bytes.fromhex(password)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- beat {p.pid}\n{self.log_of(p.pid)[-6000:]}" for p in self.procs)
+
+
+@pytest.fixture
+def beats(workers: Workers, make_app, request: pytest.FixtureRequest) -> Iterator[Beats]:
+    group = Beats(workers, make_app(), EVERY_SECOND)
+    yield group
+    group.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(group.logs())
+
+
+def _assert_every_tick_once(sends: list[dict]) -> dict:
+    """Runs 1..n each sent once, fencing tokens never going back: the figures."""
+    runs = [send["run"] for send in sends]
+    duplicates = len(runs) - len(set(runs))
+    lost = max(runs) - len(set(runs))  # run numbers that were never sent
+    assert (duplicates, lost) == (0, 0), runs
+    assert sorted(runs) == runs == list(range(1, len(runs) + 1))
+    tokens = [send["token"] for send in sends]
+    assert tokens == sorted(tokens)  # a send of an earlier leader never follows a later one's
+    gap = max(b["at"] - a["at"] for a, b in zip(sends, sends[1:]))
+    return {"sends": len(sends), "duplicates": duplicates, "lost": lost, "gap": gap,
+            "leaders": len(set(tokens)), "span": sends[-1]["at"] - sends[0]["at"]}  # fmt: skip
+
+
+def _beat_app(zk_hosts: str, zk_root: str, **settings: Any) -> Celery:
+    """An in-process app for a scheduler; every one has the same name, so they compete."""
+    beat_app = Celery("beat-tests", set_as_current=False)
+    beat_app.conf.update(broker_url="memory://", result_backend="cache+memory://")
+    configure(beat_app, zk_hosts, zk_root, **settings)
+
+    @beat_app.task(name="t.tick", shared=False)
+    def tick():
+        pass
+
+    beat_app.conf.beat_schedule = {"tick": {"task": "t.tick", "schedule": 0.2}}
+    return beat_app
+
+
+def _tick_until(scheduler: Any, condition: Any, what: str, timeout: float = 20) -> None:
+    wait_for(lambda: scheduler.tick() is None or condition(), timeout, what)
+
+
+@pytest.fixture
+def schedulers(zk_hosts, zk_root) -> Iterator[Any]:
+    """Make in-process ElectedSchedulers (each on its own app); all closed afterwards."""
+    made: list[Any] = []
+
+    def make(prepare: Callable[[Celery], Any] | None = None) -> Any:
+        beat_app = _beat_app(zk_hosts, zk_root)
+        if prepare is not None:
+            prepare(beat_app)
+        scheduler = zkcelery.ElectedScheduler(app=beat_app, max_interval=0.2)
+        made.append(scheduler)
+        return scheduler
+
+    yield make
+    for scheduler in made:
+        scheduler.close()
+
+
+def test_one_scheduler_leads_the_others_stand_by_and_a_clean_stop_hands_over_at_once(
+    schedulers, capsys
+):
+    first = schedulers()
+    _tick_until(first, lambda: first.schedule["tick"].total_run_count >= 2, "two sends")
+    second = schedulers()  # started once the first leads, so that it stands by
+    rows = wait_for(
+        lambda: len(rows := zkcelery._listing(zkcelery._connection(second.app))) == 2 and rows,
+        10, "the leader and the standby listed",
+    )  # fmt: skip
+    assert sorted((row["kind"], row["state"]) for row in rows) == [
+        ("beat", "held"), ("beat", "waiting")]  # fmt: skip
+    assert {row["key"] for row in rows} == {"beat-tests()"}
+    assert second.tick() == 0.0 and second.schedule["tick"].total_run_count == 0  # stands by
+    runs = first.schedule["tick"].total_run_count
+    stopped = time.monotonic()
+    first.close()
+    _tick_until(second, lambda: second.schedule["tick"].total_run_count > runs, "the next send")
+    took = time.monotonic() - stopped
+    # The standby carries on from the state in ZooKeeper: the next run, not run 1.
+    assert second.schedule["tick"].total_run_count == runs + 1
+    assert took < 1.0, took
+    _report(capsys, f"beat clean handover: next send {took:.2f} s after the leader closed")
+
+
+def test_a_write_the_leader_did_not_make_deposes_it_before_it_sends(schedulers, zk, caplog):
+    leader = schedulers()
+    _tick_until(leader, lambda: leader.schedule["tick"].total_run_count >= 2, "two sends")
+    data, _ = zk.get(leader._state_path)
+    zk.set(leader._state_path, data)  # as a leader elected behind its back would
+    runs = leader.schedule["tick"].total_run_count
+    with caplog.at_level("INFO"):
+        _tick_until(leader, lambda: "stopped leading" in caplog.text, "the leader to step down")
+        assert leader.schedule["tick"].total_run_count == runs  # nothing was sent
+        assert "Sending due task" not in caplog.text.split("stopped leading")[-1]
+        # Alone in the election, it leads again, from the state in ZooKeeper.
+        _tick_until(leader, lambda: leader.schedule["tick"].total_run_count > runs, "a send")
+    assert "another beat has written the schedule's state" in caplog.text
+    assert leader.schedule["tick"].total_run_count == runs + 1
+
+
+def test_a_write_between_a_new_leaders_read_and_its_claim_makes_it_read_again(
+    schedulers, zk, caplog
+):
+    def late_write(beat_app: Celery) -> None:
+        beat_app.conf.beat_schedule = {"tick": {"task": "t.tick", "schedule": 0.2}}
+
+    leader = schedulers(late_write)
+    read = leader._read_state
+
+    def read_then_another_writes() -> tuple[bytes, int]:
+        data, version = read()
+        leader._read_state = read  # once
+        zk.set(leader._state_path, data)  # a deposed leader's write, just after our read
+        return data, version
+
+    leader._read_state = read_then_another_writes
+    with caplog.at_level("INFO", logger="zkcelery"):
+        _tick_until(leader, lambda: leader.schedule["tick"].total_run_count >= 1, "a send")
+    assert "leading the schedule" in caplog.text and "could not take over" not in caplog.text
+    assert leader._read_state is read
+
+
+def test_a_crontab_entrys_state_in_zookeeper_carries_over_to_the_next_leader(
+    schedulers, zk, zk_root, caplog
+):
+    from celery.schedules import crontab
+
+    # What an earlier leader left: run 7, three minutes ago (so one tick is overdue).
+    state = f"{zk_root}/beat/{zkcelery._lock_name('beat-tests', ())}@schedule"
+    before = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=3)
+    saved = {"cron": {"last_run_at": before.isoformat(), "total_run_count": 7}}
+    zk.create(state, json.dumps({"entries": saved}).encode(), makepath=True)
+
+    def every_minute(beat_app: Celery) -> None:
+        beat_app.conf.beat_schedule = {"cron": {"task": "t.tick", "schedule": crontab()}}
+
+    leader = schedulers(every_minute)
+    with caplog.at_level("INFO"):
+        _tick_until(leader, lambda: leader.schedule["cron"].total_run_count == 8, "the late tick")
+    assert "cron fell due" in caplog.text and "while no beat was leading" in caplog.text
+    assert caplog.text.count("Sending due task cron") == 1  # once, not once per missed minute
+    stored = json.loads(zk.get(state)[0])["entries"]["cron"]
+    assert stored["total_run_count"] == 8
+    assert datetime.fromisoformat(stored["last_run_at"]) > before
+
+
+def test_a_refused_send_is_one_info_line_and_the_schedule_moves_on(schedulers, caplog):
+    class Refusing(celery.Task):
+        def apply_async(self, *args: Any, **kwargs: Any) -> Any:
+            raise zkcelery.AlreadyQueued("t.sync('srv-1')", "abc-123")
+
+    def refusing(beat_app: Celery) -> None:
+        @beat_app.task(base=Refusing, name="t.sync", shared=False)
+        def sync():
+            pass
+
+        beat_app.conf.beat_schedule = {"sync": {"task": "t.sync", "schedule": 0.2}}
+
+    scheduler = schedulers(refusing)
+    with caplog.at_level("DEBUG"):
+        _tick_until(scheduler, lambda: scheduler.schedule["sync"].total_run_count >= 3, "3 ticks")
+    skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) >= 3
+    assert all(r.levelname == "INFO" and r.exc_info is None for r in skipped)
+    assert skipped[0].getMessage() == (
+        "beat: sync skipped: t.sync('srv-1') is already queued (task abc-123)"
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [({"task": "t.no_such_task", "schedule": 1.0}, "'t.no_such_task' is not registered"),
+     ({"task": "t.tick", "schedule": "every minute"}, "not 'every minute'"),
+     ({"task": "t.tick", "schedule": -5}, "not -5"),
+     ({"task": "t.tick"}, "not None"),
+     ({"schedule": 1.0}, "has no task name"),
+     ({"task": "t.tick", "schedule": 1.0, "args": "abc"}, "'args' must be a list")],
+)  # fmt: skip
+def test_a_bad_beat_schedule_entry_is_an_error_at_start_naming_it(entry, named):
+    bad = _beat_app("127.0.0.1:1", "/zkcelery")  # never reached: the error comes first
+    bad.conf.beat_schedule = {"bad": entry}
+    with pytest.raises(zkcelery.ConfigurationError) as raised:
+        zkcelery.ElectedScheduler(app=bad)
+    assert "beat_schedule entry 'bad'" in str(raised.value) and named in str(raised.value)
+    assert bad not in zkcelery._connections
+
+
+def test_celery_beat_with_an_unknown_task_exits_at_start_with_the_error(workers: Workers):
+    env = {**workers.env, "ZKCELERY_TEST_BEAT": json.dumps(
+        {"typo": {"task": "test_zkcelery.beat_tik", "schedule": 1.0}})}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "test_zkcelery", "beat",
+         "-S", "zkcelery.ElectedScheduler", "-s", str(workers.tmp / "schedule")],
+        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "beat_schedule entry 'typo': task 'test_zkcelery.beat_tik'" in done.stderr
+
+
+@pytest.mark.slow
+def test_three_beats_with_the_leader_sigkilled_three_times_send_every_tick_once(
+    beats: Beats, restore_ensemble, capsys
+):
+    for _ in range(3):
+        beats.start()
+    beats.standing_by(2)
+    beats.sends_after(0, 5)
+    takeovers = []
+    for kill in range(3):
+        leader, token = beats.leader(), beats.sends()[-1]["token"]
+        stopped = None
+        if kill == 1:  # this time with a ZooKeeper server down as well
+            stopped = next(n for n in (1, 2, 3) if n != restore_ensemble.leader())
+            restore_ensemble.stop_server(stopped)
+        killed = time.monotonic()
+        os.kill(leader, signal.SIGKILL)
+        first = beats.next_leaders_first_send(token)
+        takeovers.append(first["at"] - killed)
+        assert first["pid"] != leader and first["token"] > token
+        if stopped is not None:
+            restore_ensemble.start_server(stopped)
+        if kill < 2:
+            beats.start()  # a replacement, so that two stand by again
+            beats.standing_by(2)
+        beats.sends_after(first["at"], 5)
+    figures = _assert_every_tick_once(beats.sends())
+    assert figures["gap"] <= SESSION_TIMEOUT + 2, figures
+    _report(
+        capsys,
+        f"beat, 3 SIGKILLs of the leader (one with a ZooKeeper server down): {figures['sends']} "
+        f"sends by {figures['leaders']} leaders in {figures['span']:.0f} s, duplicates "
+        f"{figures['duplicates']}, lost ticks {figures['lost']}, largest "
+        f"gap {figures['gap']:.2f} s (limit {SESSION_TIMEOUT + 2:.0f}), next leader's first "
+        f"send {', '.join(f'{t:.2f}' for t in takeovers)} s after each kill",
+    )
+
+
+@pytest.mark.slow
+def test_a_leader_whose_session_expires_stops_before_the_next_one_sends_then_stands_by(
+    beats: Beats, zk_hosts, capsys
+):
+    beats.start(), beats.start()
+    beats.standing_by(1)
+    beats.sends_after(0, 2)
+    leader, token = beats.leader(), beats.sends()[-1]["token"]
+    client = types.SimpleNamespace(client_id=beats.session_of(leader))
+    expired = time.monotonic()
+    expire_session(client, zk_hosts)
+    first = beats.next_leaders_first_send(token)
+    wait_for(lambda: beats.roles().get(leader) == "waiting", 30, "the old leader to stand by")
+    beats.sends_after(first["at"], 3)
+    sends = beats.sends()
+    old = [s for s in sends if s["token"] == token]
+    assert {s["pid"] for s in old} == {leader} and first["pid"] != leader
+    assert first["token"] > token
+    assert old[-1]["at"] < first["at"]  # it stopped before the next leader's first send
+    assert all(s["token"] == first["token"] for s in sends if s["at"] >= first["at"])
+    assert leader in beats.alive() and "stopped leading" in beats.log_of(leader)
+    figures = _assert_every_tick_once(sends)
+    assert figures["gap"] <= SESSION_TIMEOUT + 2, figures
+    _report(
+        capsys,
+        f"beat, leader's session expired: its last send {first['at'] - old[-1]['at']:.2f} s "
+        f"before the next leader's first (tokens {token} < {first['token']}), which came "
+        f"{first['at'] - expired:.2f} s after the expiry; duplicates {figures['duplicates']}, "
+        f"lost ticks {figures['lost']}; the old leader stands by",
+    )
+
+
+@pytest.mark.slow
+def test_the_whole_ensemble_down_for_10_s_no_beat_sends_then_one_leads_and_catches_up(
+    beats: Beats, restore_ensemble, capsys
+):
+    for _ in range(3):
+        beats.start()
+    beats.standing_by(2)
+    beats.sends_after(0, 2)
+    restore_ensemble.stop()
+    down = time.monotonic()
+    time.sleep(10)  # the fault itself lasts ten seconds: this is its duration, not a wait
+    restarting = time.monotonic()  # the servers serve before start() returns
+    restore_ensemble.start()
+    up = time.monotonic()
+    first = beats.sends_after(restarting)[0]
+    beats.standing_by(2)
+    beats.sends_after(first["at"], 3)
+    sends = beats.sends()
+    assert [s for s in sends if down < s["at"] < restarting] == []
+    after = [s for s in sends if s["at"] > restarting]
+    assert len({(s["token"], s["pid"]) for s in after}) == 1  # exactly one leads
+    leader = after[0]["pid"]
+    assert "while no beat was leading; sending it now, once" in beats.log_of(leader)
+    figures = _assert_every_tick_once(sends)  # what fell due was sent once, not once per beat
+    _report(  # zk-test.sh start returns once every server serves
+        capsys,
+        f"beat, ensemble down 10 s: 0 sends during the outage; one leader of 3 sent the "
+        f"overdue tick {first['at'] - up:+.2f} s after the restarted ensemble served "
+        f"({first['at'] - restarting:.2f} s after the restart began); "
+        f"{figures['sends']} sends, duplicates {figures['duplicates']}, "
+        f"lost ticks {figures['lost']}",
+    )

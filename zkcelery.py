@@ -104,19 +104,38 @@ that requeued copies do not spin::
     def per_server(self, server_name, data):
         do_work(data)
 
+Beat
+====
+
+:class:`ElectedScheduler` lets ``celery beat`` run on every host: ZooKeeper
+elects the one that sends, the others stand by, and when the leader dies the
+first standby leads within the session timeout::
+
+    celery -A proj beat -S zkcelery.ElectedScheduler
+
+(or ``beat_scheduler = 'zkcelery.ElectedScheduler'``).  Each entry's last
+run and run count live in ZooKeeper, not in a local file, so a new leader
+neither repeats nor skips a tick; what fell due while no beat led is sent
+once, late, with a warning.  A leader checks ``lease.lost`` before every send
+and writes the tick to ZooKeeper, fenced, before sending it: one that may
+have lost its session stops before another can be elected.  Sends that an
+``EarlyMutexTask`` refuses are logged at INFO as skipped ticks.
+
 Operations
 ==========
 
-``python -m zkcelery ls`` lists every held lock, semaphore and mutex with its
-holders; ``rm KEY`` breaks one; ``check`` reports the ensemble's health.  They
-read the app's settings with ``-A proj`` (or run as ``celery -A proj zk``), or
-take ``--hosts`` and ``--root``.
+``python -m zkcelery ls`` lists every held lock, semaphore and mutex (and
+the beat's leader and standbys) with its holders; ``rm KEY`` breaks one;
+``check`` reports the ensemble's health.  They read the app's settings with
+``-A proj`` (or run as ``celery -A proj zk``), or take ``--hosts`` and
+``--root``.
 
 Errors
 ======
 
 :class:`ZKCeleryError` is the base of: :class:`CoordinationError` (ZooKeeper
-not reached in time), :class:`ConfigurationError` (a malformed setting),
+not reached in time), :class:`ConfigurationError` (a malformed setting, or
+a ``beat_schedule`` entry :class:`ElectedScheduler` could never send),
 :class:`AccessDenied` (the znodes belong to another identity),
 :class:`AlreadyAcquired` (``acquire()`` on a held lease),
 :class:`NotReentrant` (a blocking wait, without a timeout, for a lock the
@@ -149,12 +168,14 @@ import socket
 import sys
 import threading
 import time
+import traceback
+import types
 import uuid
 import weakref
 from collections import namedtuple
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Callable, NoReturn
 from urllib.parse import quote
@@ -162,7 +183,7 @@ from urllib.parse import quote
 import celery
 import click
 from celery import signals
-from celery.beat import PersistentScheduler, SchedulingError
+from celery.beat import PersistentScheduler, ScheduleEntry, Scheduler, SchedulingError
 from celery.exceptions import Ignore, Reject, Retry
 from kazoo.client import KazooClient, TransactionRequest
 from kazoo.exceptions import (
@@ -201,6 +222,7 @@ __all__ = [
     "CoordinationError",
     "EarlyMutexScheduler",
     "EarlyMutexTask",
+    "ElectedScheduler",
     "Lease",
     "LockTask",
     "MaxLeasesMismatch",
@@ -221,7 +243,7 @@ class CoordinationError(ZKCeleryError):
 
 
 class ConfigurationError(ZKCeleryError, ValueError):
-    """A ``ZOOKEEPER_*`` setting is malformed."""
+    """A ``ZOOKEEPER_*`` setting is malformed, or a ``beat_schedule`` entry could never be sent."""
 
 
 class AccessDenied(ZKCeleryError):
@@ -788,7 +810,7 @@ class EarlyMutexScheduler(PersistentScheduler):
 # Leases: the one lock primitive behind lock(), semaphore() and MutexTask
 # ---------------------------------------------------------------------------
 #
-# Znode layout under ZOOKEEPER_ROOT.  The root and the three namespace nodes
+# Znode layout under ZOOKEEPER_ROOT.  The root and the namespace nodes
 # are persistent and made once; everything per key is ephemeral or a
 # container node (ZooKeeper 3.5.3+), which the server removes once its last
 # child is gone, so no key leaves anything behind:
@@ -808,7 +830,11 @@ class EarlyMutexScheduler(PersistentScheduler):
 # _ExclusiveLock and _Semaphore, both built on _Queue.
 
 _LOCKS, _SEMAPHORES, _MUTEXES, _EARLY = "locks", "semaphores", "mutexes", "early"
-_KIND = {_LOCKS: "lock", _SEMAPHORES: "semaphore", _MUTEXES: "mutex", _EARLY: "early mutex"}
+_BEAT = "beat"  # ElectedScheduler: the election, and the schedule's state
+_KIND = {
+    _LOCKS: "lock", _SEMAPHORES: "semaphore", _MUTEXES: "mutex", _EARLY: "early mutex",
+    _BEAT: "beat",
+}  # fmt: skip
 _SEP = "@"  # separates the parts of a contender's node name; never in a lock name
 _QUEUE = f"{_SEP}queue"  # suffix of an exclusive lock's queue container
 _SEQ_DIGITS = 10  # ZooKeeper appends a 10-digit counter to sequential nodes
@@ -844,7 +870,7 @@ class Lease:
 
     def __init__(
         self,
-        task: celery.Task,
+        task: celery.Task | _AppOwner,
         namespace: str,
         values: Sequence[Any] = (),
         *,
@@ -879,6 +905,25 @@ class Lease:
         self._session: _Session | None = None
         self._grant: _Grant | None = None  # the latest grant, kept after release
         self._early_id = task_id  # an early mutex's task id (the request's, by default)
+
+    @classmethod
+    def for_app(
+        cls, app: celery.Celery, namespace: str, name: str, owner: str, **options: Any
+    ) -> Lease:
+        """A lease that ``app`` holds itself, with no task: the beat's election.
+
+        ``owner`` stands where a task's name would (holder metadata, ``ls``,
+        log lines); there is no task id, and no task to retry, so ``retry``
+        is refused.  The other options are the constructor's.
+        """
+        if options.get("retry"):
+            raise TypeError(f"{owner} is not a task: a lease it holds cannot retry it")
+        return cls(_AppOwner(app, owner), namespace, name=name, **options)
+
+    @property
+    def _path(self) -> str | None:
+        """The node that holds the lease while it is held (for a fenced write)."""
+        return self._grant.path if self else None  # type: ignore[union-attr]
 
     # -- the public view ---------------------------------------------------
 
@@ -1050,6 +1095,18 @@ class Lease:
             level, f"task %s[%s]: %s %s {what}",
             self._task.name, self._task_id(), _KIND[self._namespace], self.key, *args,
         )  # fmt: skip
+
+
+class _AppOwner:
+    """What a lease uses of its task (name, app, request id), for a lease an app holds."""
+
+    def __init__(self, app: celery.Celery, name: str) -> None:
+        self.app = app
+        self.name = name
+        self.request = types.SimpleNamespace(id=None)
+
+    def retry(self, **_: Any) -> Exception:
+        raise TypeError(f"{self.name} is not a task: it cannot be retried")
 
 
 class _Grant:
@@ -2367,7 +2424,7 @@ class _Session:
             return
         self.make_tree()
         if self.settings.auth is not None and not self._verified:
-            # Once per process: one getACL per node (four requests).
+            # Once per process: one getACL per node of the tree.
             problems = self.unprotected()
             if problems:
                 raise problems[0]
@@ -2377,7 +2434,8 @@ class _Session:
     def tree(self) -> list[str]:
         """The root and the namespace nodes: the persistent nodes zkcelery relies on."""
         root = self.settings.root
-        return [root, *(f"{root}/{ns}" for ns in (_LOCKS, _SEMAPHORES, _MUTEXES, _EARLY))]
+        namespaces = (_LOCKS, _SEMAPHORES, _MUTEXES, _EARLY, _BEAT)
+        return [root, *(f"{root}/{ns}" for ns in namespaces)]
 
     def make_tree(self) -> None:
         for path in self.tree():
@@ -2675,6 +2733,438 @@ signals.worker_shutdown.connect(_close_all, weak=False)
 
 
 # ---------------------------------------------------------------------------
+# Beat: start it on every host; ZooKeeper elects the one that sends
+# ---------------------------------------------------------------------------
+#
+#   /zkcelery/beat/<name>              ephemeral: the leader (the lock's fast path)
+#   /zkcelery/beat/<name>@queue/...    container: the standbys, in line; a
+#                                      leader that waited holds the first node
+#   /zkcelery/beat/<name>@schedule     persistent: the schedule's state, JSON
+#
+# <name> is the app's main name, encoded as a lock name.  The election is an
+# exclusive lease (_ExclusiveLock) that a thread of every beat process waits
+# for; the schedule's state is one node that only a write naming its current
+# version can change.  Every send is preceded by such a write (the tick's
+# reservation), so of two processes that both believe they lead, the later
+# write fails and its tick is not sent: two leaders cannot send one tick.
+
+_SCHEDULE = f"{_SEP}schedule"  # suffix of a beat's state node; never in a lock name
+_beat_logger = logging.getLogger("celery.beat")  # where Celery's beat logs its sends
+
+
+class _NotLeading(ZKCeleryError):
+    """This beat cannot confirm that it leads: another one may have been elected."""
+
+
+class _StateMoved(_NotLeading):
+    """The schedule's state is no longer at the version this beat last wrote or read."""
+
+
+class ElectedScheduler(Scheduler):
+    """A ``celery beat`` scheduler to start on every host: ZooKeeper elects the one that sends.
+
+    ``celery -A proj beat -S zkcelery.ElectedScheduler`` (or the
+    ``beat_scheduler`` setting).  Every process competes for one lease, named
+    after the app's main name, in the ``beat`` namespace; the holder leads and
+    sends, the others stand by in line and send nothing (``ls`` shows both).
+    When the leader dies, the first standby leads as soon as ZooKeeper ends the
+    dead session.
+
+    A leader checks ``lease.lost`` before every send, and first writes the
+    tick to the schedule's state in ZooKeeper with a version check, so that a
+    leader that was deposed without knowing it cannot send: its write fails.
+    When it loses the lease it stops, releases it, and stands by again.
+
+    The state (each entry's last run time and run count) lives in ZooKeeper:
+    a new leader neither repeats a tick nor skips one; a tick that fell due
+    while no beat led is sent once, late, with a warning.  Every message
+    carries the headers ``zkcelery_beat_token`` (the leader's fencing token)
+    and ``zkcelery_beat_run`` (the entry's run number).  A send that an
+    :class:`EarlyMutexTask` refuses (:class:`AlreadyQueued`) is logged at INFO
+    as a skipped tick.  An entry naming a task the app does not know, or a
+    malformed schedule, is an error at start.
+    """
+
+    #: Seconds the election thread pauses after it failed to reach ZooKeeper.
+    retry_interval = 1.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Set before Scheduler.__init__, which calls setup_schedule (unless lazy).
+        self._lease: Lease | None = None
+        self._session: _Session | None = None
+        self._state_path = ""
+        self._leading = False
+        self._state_version = -1
+        self._token: int | None = None
+        self._late: set[str] = set()  # entries that fell due while no beat led
+        self._compete = threading.Event()  # main -> election thread: take part again
+        self._elected = threading.Event()  # election thread -> main: the lease is ours
+        self._closed = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    # -- setup ---------------------------------------------------------------
+
+    def setup_schedule(self) -> None:
+        settings = _read_settings(self.app)  # malformed settings: an error at start
+        _check_beat_schedule(self.app, self.app.conf.beat_schedule)
+        self.merge_inplace(self.app.conf.beat_schedule)
+        self.install_default_entries(self.schedule)
+        self._lease = Lease.for_app(
+            self.app, _BEAT, self.app.main or "celery", owner="celery beat", blocking=True,
+            identifier=f"celery beat {os.getpid()}@{socket.gethostname()}",
+        )  # fmt: skip
+        self._state_path = f"{settings.root}/{_BEAT}/{self._lease.name}{_SCHEDULE}"
+        self._compete.set()
+        threading.Thread(target=self._elect, name="zkcelery-beat-election", daemon=True).start()
+
+    @property
+    def info(self) -> str:
+        settings = _read_settings(self.app)
+        return f"    . leader election -> ZooKeeper {settings.hosts} {settings.root}/{_BEAT}"
+
+    # -- the election thread ---------------------------------------------------
+
+    def _elect(self) -> None:
+        """Wait in line for the lease whenever the main thread asks; never sends."""
+        assert self._lease is not None
+        failing = False
+        while True:
+            self._compete.wait()
+            if self._closed.is_set():
+                return
+            if not failing:
+                logger.info("beat: standing by to lead the schedule of %s", self._lease.key)
+            try:
+                self._lease.acquire()  # blocks until granted
+            except Exception as exc:  # CoordinationError above all: keep trying
+                if self._closed.is_set():
+                    return
+                if not failing:
+                    logger.warning(
+                        "beat: cannot take part in the election for %s: %s; trying again",
+                        self._lease.key, exc,
+                    )  # fmt: skip
+                failing = True
+                self._closed.wait(self.retry_interval)
+                continue
+            failing = False
+            self._compete.clear()
+            self._elected.set()
+
+    # -- the main thread: lead, or wait to ----------------------------------------
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        if self._closed.is_set():
+            return float(self.max_interval)
+        if not self._leading and not self._lead_once_elected():
+            return 0.0
+        assert self._lease is not None
+        if self._lease.lost:
+            self._step_down("its ZooKeeper session was lost or is in doubt (lease.lost)")
+            return 0.0
+        try:
+            return super().tick(*args, **kwargs)  # type: ignore[no-any-return]
+        except _NotLeading as exc:
+            self._step_down(str(exc))
+            return 0.0
+
+    def _lead_once_elected(self) -> bool:
+        """Wait (at most max_interval) for the election thread's news; take over if elected."""
+        if not self._elected.wait(self.max_interval) or self._closed.is_set():
+            return False
+        self._elected.clear()
+        try:
+            self._take_over()
+        except ZKCeleryError as exc:  # _NotLeading, CoordinationError
+            self._step_down(f"could not take over: {exc}")
+            return False
+        return True
+
+    def _take_over(self) -> None:
+        """Read the schedule's state and claim it with a fenced write; then lead."""
+        lease = self._lease
+        assert lease is not None and lease._session is not None
+        self._session = lease._session
+        self._token = lease.token
+        if self._token is None:
+            raise _NotLeading("its lease was lost as it was granted")
+        for tries_left in reversed(range(3)):
+            data, self._state_version = self._read_state()
+            self._load_state(data)
+            try:
+                # The claim: from here on, a write by any earlier leader fails.
+                self._write_state({})
+                break
+            except _StateMoved:
+                # A deposed leader wrote since our read; we hold the lease: read again.
+                if not tries_left:
+                    raise
+        self._leading = True
+        self._heap = None  # rebuilt from the loaded entries at the next tick
+        logger.info(
+            "beat: leading the schedule of %s (fencing token %s); %d entries, %d due now",
+            lease.key, self._token, len(self.schedule), len(self._late),
+        )  # fmt: skip
+
+    def _step_down(self, why: str) -> None:
+        assert self._lease is not None
+        was = "stopped leading" if self._leading else "not leading"
+        logger.warning("beat: %s the schedule of %s: %s; standing by", was, self._lease.key, why)
+        self._leading = False
+        self._heap = None
+        self._late.clear()
+        self._lease.release()  # a quiet no-op when the session is gone
+        if not self._closed.is_set():
+            self._compete.set()
+
+    # -- sending ---------------------------------------------------------------
+
+    def reserve(self, entry: ScheduleEntry) -> ScheduleEntry:
+        """Advance ``entry`` in ZooKeeper, fenced, before it is sent; raise if not leading."""
+        assert self._lease is not None
+        if not self._leading or self._lease.lost:
+            raise _NotLeading("its ZooKeeper session was lost or is in doubt (lease.lost)")
+        new_entry = next(entry)
+        self._write_state({entry.name: new_entry})
+        self.schedule[entry.name] = new_entry
+        return new_entry  # type: ignore[no-any-return]
+
+    def apply_entry(self, entry: ScheduleEntry, producer: Any = None) -> None:
+        if entry.name in self._late:
+            self._late.discard(entry.name)
+            late = _lateness(entry)
+            logger.warning(
+                "beat: %s fell due %s while no beat was leading; sending it now, once",
+                entry.name, "earlier" if late is None else f"{late:.2f} s ago",
+            )  # fmt: skip
+        _beat_logger.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
+        try:
+            result = self.apply_async(self._stamped(entry), producer=producer, advance=False)
+        except Exception as exc:
+            refused = _refusal(exc)
+            if refused is not None:  # an EarlyMutexTask's last run is queued or running
+                logger.info("beat: %s skipped: %s", entry.name, refused)
+                return
+            _beat_logger.error(
+                "Message Error: %s\n%s", exc, traceback.format_stack(), exc_info=True
+            )
+            return
+        if result is not None and hasattr(result, "id"):
+            _beat_logger.debug("%s sent. id->%s", entry.task, result.id)
+
+    def _stamped(self, entry: ScheduleEntry) -> ScheduleEntry:
+        """``entry`` with the leader's fencing token and the run number in its headers."""
+        headers = {
+            **(entry.options.get("headers") or {}),
+            "zkcelery_beat_token": self._token,
+            "zkcelery_beat_run": entry.total_run_count + 1,
+        }
+        options = {**entry.options, "headers": headers}
+        return entry.__class__(**dict(entry, options=options))  # type: ignore[no-any-return]
+
+    # -- the state in ZooKeeper ------------------------------------------------
+
+    def _read_state(self) -> tuple[bytes, int]:
+        session = self._session
+        assert session is not None
+        for _ in range(3):
+            try:
+                data, stat = session.read(session.client.get_async, self._state_path)
+                return data, stat.version
+            except NoNodeError:
+                with contextlib.suppress(NodeExistsError):
+                    session.call(session.client.create_async, self._state_path, b"")
+        raise _NotLeading(f"{self._state_path} keeps vanishing")
+
+    def _load_state(self, data: bytes) -> None:
+        try:
+            saved = json.loads(data or b"{}").get("entries", {})
+        except (ValueError, AttributeError):
+            logger.warning("beat: %s holds no readable state; starting afresh", self._state_path)
+            saved = {}
+        for name, entry in self.schedule.items():
+            try:
+                last = datetime.fromisoformat(saved[name]["last_run_at"])
+                count = int(saved[name]["total_run_count"])
+            except (KeyError, TypeError, ValueError):  # new here: it counts from now
+                entry.last_run_at, entry.total_run_count = entry.default_now(), 0
+                continue
+            entry.last_run_at, entry.total_run_count = last, count
+        self._late = {name for name, entry in self.schedule.items() if _is_due(entry)}
+
+    def _state_bytes(self, changed: dict[str, ScheduleEntry]) -> bytes:
+        assert self._lease is not None and self._session is not None
+        entries = {**self.schedule, **changed}
+        state = {
+            "leader": {
+                "token": self._token,
+                "host": self._session.hostname,
+                "pid": os.getpid(),
+                "identifier": self._lease.identifier,
+            },
+            "entries": {
+                name: {
+                    "last_run_at": entry.last_run_at.isoformat(),
+                    "total_run_count": entry.total_run_count,
+                }
+                for name, entry in sorted(entries.items())
+            },
+        }
+        return json.dumps(state).encode()
+
+    def _write_state(self, changed: dict[str, ScheduleEntry]) -> None:
+        """Write the state if this beat still leads: the fence every send passes first.
+
+        One multi-operation checks that the lease's node exists and that the
+        state is at the version this leader last wrote (or read, when it took
+        over).  A leader deposed meanwhile finds either changed, and raises.
+        """
+        session, lease = self._session, self._lease
+        assert session is not None and lease is not None
+        data, expected = self._state_bytes(changed), self._state_version
+        path, leader = self._state_path, lease._path
+        if leader is None:
+            raise _NotLeading("its lease is no longer held")
+        deadline = time.monotonic() + session.settings.connect_timeout
+        while True:
+            if lease.lost:
+                raise _NotLeading("its ZooKeeper session was lost or is in doubt (lease.lost)")
+            try:
+                results = session.multi(
+                    functools.partial(_fenced_write, leader, path, data, expected)
+                )
+            except _ConnectionLost as exc:
+                if self._applied(data, expected, deadline, exc):
+                    break
+                continue  # not applied: write again, on the new connection
+            except CoordinationError as exc:
+                raise _NotLeading(f"ZooKeeper did not confirm the write: {exc}") from exc
+            if isinstance(results[0], NoNodeError):
+                raise _NotLeading("its lease's node is gone")
+            if isinstance(results[1], (BadVersionError, NoNodeError)):
+                raise _StateMoved("another beat has written the schedule's state since")
+            break
+        self._state_version = expected + 1
+
+    def _applied(self, data: bytes, expected: int, deadline: float, exc: Exception) -> bool:
+        """After a lost answer: whether our write applied (or raise if another's did)."""
+        session = self._session
+        assert session is not None
+        try:
+            if time.monotonic() >= deadline:
+                raise CoordinationError("no answer within the connect timeout")
+            stored, stat = session.read(session.client.get_async, self._state_path)
+        except (CoordinationError, NoNodeError) as again:
+            raise _NotLeading(f"ZooKeeper did not confirm the write: {again}") from exc
+        if stat.version == expected:
+            return False
+        if stat.version == expected + 1 and stored == data:
+            return True
+        raise _StateMoved("another beat has written the schedule's state since")
+
+    # -- the end -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the election at once: end this process's session for the app."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self._compete.set()  # wake the election thread, so that it ends
+            self._elected.set()
+            session = self._lease._session if self._lease is not None else None
+            if session is not None:
+                assert self._lease is not None
+                # Release first, so that closing is not reported as a lost lease.
+                # In a thread: celery beat calls close() from its SIGTERM
+                # handler, which may have interrupted this thread in the
+                # session's mutex.
+                releaser = threading.Thread(target=self._lease.release, daemon=True)
+                releaser.start()
+                releaser.join(session.settings.connect_timeout)
+                if _connections.get(self.app) is session:
+                    _connections.pop(self.app, None)
+                session.close()  # the standby's node, or a leader's unreleased one, goes too
+            if self._leading:
+                logger.info("beat: stopped leading: shutting down")
+            self._leading = False
+        super().close()
+
+
+def _fenced_write(
+    leader: str, path: str, data: bytes, version: int, txn: TransactionRequest
+) -> None:
+    txn.check(leader, -1)  # the lease's node exists (-1: any version)
+    txn.set_data(path, data, version)
+
+
+def _check_beat_schedule(app: celery.Celery, entries: Any) -> None:
+    """Raise ConfigurationError for an entry beat could never send, naming it."""
+    if not entries:
+        return
+    if not isinstance(entries, dict):
+        raise ConfigurationError(f"beat_schedule must be a dict of entries, not {entries!r}")
+    for name, entry in entries.items():
+        where = f"beat_schedule entry {name!r}"
+        if not isinstance(entry, dict):
+            raise ConfigurationError(f"{where} must be a dict with 'task' and 'schedule'")
+        task = entry.get("task")
+        if not isinstance(task, str) or not task:
+            raise ConfigurationError(f"{where} has no task name: 'task': 'proj.tasks.name'")
+        if task not in app.tasks:
+            raise ConfigurationError(
+                f"{where}: task {task!r} is not registered in the app beat runs with "
+                "(a typo, or a module missing from the app's imports or include?)"
+            )
+        _check_schedule(where, entry.get("schedule"))
+        if not isinstance(entry.get("args", ()), (list, tuple)):
+            raise ConfigurationError(f"{where}: 'args' must be a list or tuple")
+        if not isinstance(entry.get("kwargs") or {}, dict):
+            raise ConfigurationError(f"{where}: 'kwargs' must be a dict")
+
+
+def _check_schedule(where: str, schedule: Any) -> None:
+    if isinstance(schedule, timedelta):
+        schedule = schedule.total_seconds()
+    if isinstance(schedule, bool):
+        pass
+    elif isinstance(schedule, (int, float)):
+        if 0 < schedule < float("inf"):
+            return
+    elif callable(getattr(schedule, "is_due", None)):
+        return
+    raise ConfigurationError(
+        f"{where}: 'schedule' must be a positive number of seconds, a timedelta, or a "
+        f"schedule such as crontab() or solar(), not {schedule!r}"
+    )
+
+
+def _is_due(entry: ScheduleEntry) -> bool:
+    try:
+        return bool(entry.is_due()[0])
+    except Exception:  # Celery logs an entry whose next run cannot be computed
+        return False
+
+
+def _lateness(entry: ScheduleEntry) -> float | None:
+    """How many seconds ago ``entry`` fell due (None if its schedule cannot say)."""
+    try:
+        remaining = entry.schedule.remaining_estimate(entry.last_run_at)
+        return max(0.0, -remaining.total_seconds())  # type: ignore[no-any-return]
+    except Exception:
+        return None
+
+
+def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
+    """The AlreadyQueued behind ``exc`` (Celery wraps it in SchedulingError), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, AlreadyQueued):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+# ---------------------------------------------------------------------------
 # Command line: python -m zkcelery, or celery -A proj zk
 # ---------------------------------------------------------------------------
 
@@ -2762,7 +3252,7 @@ def _ls_command(app: celery.Celery, as_json: bool) -> None:
         return
     click.echo(f"{'KIND':9} {'STATE':7} {'AGE':>8}  {'HOLDER':42} {'HOST':16} {'PID':>7}  KEY")
     for row in rows:
-        holder = f"{row['task']}[{row['task_id']}]"
+        holder = row["task"] if row["task_id"] is None else f"{row['task']}[{row['task_id']}]"
         click.echo(
             f"{row['kind']:9} {row['state']:7} {row['age']:>7.1f}s  {holder:42.42} "
             f"{row['host']:16.16} {row['pid']!s:>7}  {row['key']}"
@@ -2877,10 +3367,10 @@ def _protecting_nodes(session: _Session) -> Iterator[str]:
     """The root, the namespace nodes, and every per-key parent: whose ACL guards the locks."""
     yield from session.tree()
     root = session.settings.root
-    for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES):
+    for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES, _BEAT):
         parent = f"{root}/{namespace}"
         for child in sorted(session.read(session.client.get_children_async, parent)):
-            if namespace == _SEMAPHORES or child.endswith(_QUEUE):
+            if namespace == _SEMAPHORES or child.endswith((_QUEUE, _SCHEDULE)):
                 yield f"{parent}/{child}"
 
 
@@ -2893,7 +3383,7 @@ def _listing(session: _Session) -> list[dict]:
     root = session.settings.root
     rows = []
     now = time.time()
-    for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES, _EARLY):
+    for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES, _EARLY, _BEAT):
         for node, path, state in _contender_paths(session, f"{root}/{namespace}", namespace):
             try:
                 data, stat = session.read(session.client.get_async, path)
@@ -2931,6 +3421,7 @@ def _contender_paths(
             for i, node in enumerate(nodes):
                 yield name, f"{parent}/{name}/{node}", "held" if i < limit else "waiting"
         return
+    children -= {c for c in children if c.endswith(_SCHEDULE)}  # a beat's state, not a lock
     for name in sorted({c[: -len(_QUEUE)] if c.endswith(_QUEUE) else c for c in children}):
         held = name in children
         if held:
