@@ -104,6 +104,19 @@ that requeued copies do not spin::
     def per_server(self, server_name, data):
         do_work(data)
 
+:class:`EarlyMutexTask` takes its mutex when the task is *sent*:
+``delay()`` raises :class:`AlreadyQueued` (a ``Reject``) while a copy with
+the same key is queued or running.  The key outlives the sender until a
+worker starts the run (``mutex_timeout`` seconds at most, default the
+``MUTEX_TIMEOUT`` setting or 3600), then belongs to the worker's session, so
+a dead worker frees it within the session timeout; ``retry()`` keeps it, and
+the run's end frees it.  ``celery beat -S zkcelery.EarlyMutexScheduler``
+logs a refused send as a skipped tick::
+
+    @app.task(base=zkcelery.EarlyMutexTask, bind=True, mutex_keys=('report_id',))
+    def build_report(self, report_id):
+        do_work(report_id)
+
 Beat
 ====
 
