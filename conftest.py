@@ -388,13 +388,15 @@ class _AtomicFilesystemChannel(filesystem.Channel):
     kombu creates the message file and only then writes it; a consumer that
     moves the file away in between (its lock does not stop a rename) reads it
     empty or half-written, and the message is lost.  Seen here: a retried
-    task vanished once in a few hundred.  Writing a hidden file that consumers
-    skip, then renaming it into place, closes the window.
+    task vanished once in a few hundred.  Writing a temporary file that no
+    consumer takes, then renaming it into place, closes the window.
     """
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         name = f"{int(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
-        hidden = os.path.join(self.data_folder_out, f".{name}.part")
+        # kombu < 5.7 takes any file whose name contains ".QUEUE.msg": the
+        # temporary name must hold no ".msg" at all.
+        hidden = os.path.join(self.data_folder_out, f".{uuid.uuid4().hex}.partial")
         with open(hidden, "wb") as f:
             f.write(dumps(payload).encode())
         os.rename(hidden, os.path.join(self.data_folder_out, name))

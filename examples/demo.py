@@ -73,13 +73,15 @@ class _AtomicFilesystemChannel(filesystem.Channel):
 
     kombu creates the message file, then writes it: a consumer that moves the file in
     between reads it empty and the message is lost (a retried or requeued task vanishes).
-    A hidden file that consumers skip, renamed into place, closes the window.  The name
-    starts with a nanosecond clock so that the queue (read in name order) keeps send order.
+    A temporary file that no consumer takes, renamed into place, closes the window: kombu
+    before 5.7 takes any file whose name contains ".QUEUE.msg", so the temporary name holds
+    no ".msg" at all.  The final name starts with a nanosecond clock so that the queue
+    (read in name order) keeps send order.
     """
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         name = f"{time.monotonic_ns():020d}_{uuid.uuid4().hex}.{queue}.msg"
-        hidden = os.path.join(self.data_folder_out, f".{name}.part")
+        hidden = os.path.join(self.data_folder_out, f".{uuid.uuid4().hex}.partial")
         with open(hidden, "wb") as f:
             f.write(dumps(payload).encode())
         os.rename(hidden, os.path.join(self.data_folder_out, name))
