@@ -247,17 +247,30 @@ def run_in_threads(n: int, target: Any) -> list[Any]:
 # ===========================================================================
 
 
-def test_connects_to_the_default_hosts_with_no_setting(make_app, zk_root):
-    app = make_app()
-    del app.conf["ZOOKEEPER_HOSTS"]
+def test_connects_to_the_default_hosts_with_no_setting(zk_hosts, zk_root, zk, monkeypatch):
+    # An app that never had ZOOKEEPER_HOSTS (Celery before 5.7 cannot delete a setting).
+    app = Celery("no-hosts", set_as_current=False)
+    app.conf.update(
+        broker_url="memory://",
+        ZOOKEEPER_ROOT=zk_root,
+        ZOOKEEPER_SESSION_TIMEOUT=SESSION_TIMEOUT,
+        ZOOKEEPER_CONNECT_TIMEOUT=CONNECT_TIMEOUT,
+    )
     assert zkcelery._read_settings(app).hosts == "127.0.0.1:2181"
+    # Connect only to a server the tests started: when the test ensemble was moved
+    # off the default port (ZK_TEST_PORT), the default points at it instead.
+    if zk_hosts.split(",")[0] != "127.0.0.1:2181":
+        monkeypatch.setattr(zkcelery, "_DEFAULT_HOSTS", zk_hosts)
 
     @app.task(shared=False, base=zkcelery.LockTask, bind=True)
     def task(self):
         with self.lock() as lease:
-            return bool(lease)
+            return bool(lease) and zk.exists(lease._grant.path) is not None  # on the test ensemble
 
-    assert task() is True
+    try:
+        assert task() is True
+    finally:
+        close_sessions(app)
 
 
 def test_connects_with_explicit_hosts(lock_task, zk_hosts):
