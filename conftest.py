@@ -367,6 +367,13 @@ class Record:
                     found.append(json.loads(line))
         return sorted(found, key=lambda e: e["enter"])
 
+    def failures(self) -> list[tuple[str, str]]:
+        """(task id, exception type) of every ``task_failure`` signal, as noted."""
+        found = []
+        for path in self.folder.glob("*.failures"):
+            found += [tuple(json.loads(line)) for line in path.read_text().splitlines()]
+        return sorted(found)
+
     def max_concurrent(self, key: Any = None) -> int:
         """The most bodies of ``key`` (or of any key) that ever ran at once."""
         events = []
@@ -405,6 +412,14 @@ def record_body(key: Any, hold: float = 0.0, **extra: Any) -> None:
         )
         with open(Path(folder) / f"{os.getpid()}.log", "a") as f:
             f.write(line + "\n")
+
+
+def note_failure(task_id: str, exception: BaseException) -> None:
+    """Called by a ``task_failure`` receiver: note it in the record, for ``failures()``."""
+    folder = os.environ.get("ZKCELERY_TEST_RECORD")
+    if folder:
+        with open(Path(folder) / f"{os.getpid()}.failures", "a") as f:
+            f.write(json.dumps([task_id, type(exception).__name__]) + "\n")
 
 
 class _AtomicFilesystemChannel(filesystem.Channel):
