@@ -2145,6 +2145,16 @@ def test_the_commands_also_run_as_celery_zk_with_the_apps_settings(zk_hosts, zk_
     assert "no locks are held" in done.stdout
 
 
+def test_the_installed_command_and_python_m_each_show_their_own_name():
+    script = Path(sys.executable).with_name("zkcelery")
+    assert script.exists(), f"{script}: install the package (pip install -e .) to test it"
+    run = lambda *argv: subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout  # noqa: E731
+    assert run(str(script), "--help").startswith("Usage: zkcelery [OPTIONS]")
+    assert run(sys.executable, "-m", "zkcelery", "--help").startswith(
+        "Usage: python -m zkcelery [OPTIONS]"
+    )
+
+
 def test_with_auth_only_the_holder_may_delete_or_take_over_a_lock(make_app, zk, zk_root):
     from kazoo.exceptions import NoAuthError
 

@@ -3021,10 +3021,10 @@ def _server_mode(server: str, timeout: float) -> tuple[str, float]:
     return (match.group(1).decode() if match else "not serving"), took
 
 
-def main() -> None:
-    """``python -m zkcelery``."""
-    zk_command(prog_name="python -m zkcelery")
+def main(prog_name: str = "zkcelery") -> None:
+    """The ``zkcelery`` command (and ``python -m zkcelery``)."""
+    zk_command(prog_name=prog_name)
 
 
 if __name__ == "__main__":
-    main()
+    main("python -m zkcelery")
