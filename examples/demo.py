@@ -13,8 +13,8 @@ retried, was rejected or requeued.  While two mutexes are held it also shows
 ZooKeeper root (``/zkcelery-demo/<id>``) and its temporary folder, and exits 0 when every
 task ended as expected (1 otherwise, 2 when no ZooKeeper answers).  It takes about 20 s.
 
-Hosts: ``--hosts``, else ``.zk-test/hosts`` (written by ``./zk-test.sh``), else
-``127.0.0.1:2181``.
+Hosts: ``--hosts``, else ``.zk-test/hosts`` (written by ``./zk-test.sh``; ``.zk-test-PORT``
+with ``ZK_TEST_PORT=PORT``), else ``127.0.0.1:2181``.
 
 This file is both the driver (``python examples/demo.py``) and the worker's app module
 (``celery -A demo worker``, run in ``examples/``): the broker folder, the ZooKeeper hosts
@@ -502,10 +502,12 @@ def check(scene: Scene, copies: list[Copy], events: list[dict]) -> list[str]:
 
 
 def default_hosts() -> str:
-    state = REPO / ".zk-test" / "hosts"
+    # Where ./zk-test.sh keeps its state: .zk-test, or .zk-test-PORT for ZK_TEST_PORT=PORT.
+    port = int(os.environ.get("ZK_TEST_PORT") or 2181)
+    state = REPO / (".zk-test" if port == 2181 else f".zk-test-{port}") / "hosts"
     if state.exists() and state.read_text().strip():
         return state.read_text().strip()
-    return "127.0.0.1:2181"
+    return f"127.0.0.1:{port}"
 
 
 def connect(hosts: str) -> KazooClient | None:
