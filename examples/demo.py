@@ -312,7 +312,7 @@ SCENES = [
         },
     ),
     Scene(
-        "mutex_task: MutexTask rejects the second copy (state FAILURE, a Reject)",
+        "mutex_task: MutexTask rejects the second copy (state FAILURE, zkcelery.MutexHeld)",
         "mutex",
         [(mutex_task, ()), (mutex_task, ())],
         hold=1.0,
@@ -349,7 +349,7 @@ TEXTS = {  # by event, or by (event, kind) where the kind changes the words
     ("skipped", "lease"): "no lease left (max_leases=1): body skipped",
     "waits": "asks for the lock and blocks",
     "retrying": "lock held: body not run, self.retry(countdown=1)",
-    "rejected": "mutex held: rejected, ends FAILURE (Reject)",
+    "rejected": "mutex held: rejected, ends FAILURE (MutexHeld)",
     "requeued": "mutex held: rejected and requeued",
 }
 
@@ -372,7 +372,7 @@ class Copy:
 
     def outcome(self) -> str:
         state = self.result.state
-        if state == "FAILURE" and type(self.result.result).__name__ == "Reject":
+        if state == "FAILURE" and isinstance(self.result.result, zkcelery.MutexHeld):
             return "REJECTED"
         return state
 
