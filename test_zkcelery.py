@@ -1498,6 +1498,20 @@ def test_the_key_is_free_as_soon_as_the_run_ends(workers: Workers, zk, ending):
     assert sender.delay("end").id  # at once
 
 
+def test_a_copy_sent_around_the_key_is_rejected_when_it_starts_and_ends_failed(
+    workers: Workers, zk
+):
+    workers.start(concurrency=2)
+    first = _early_sender(workers).delay("dup", hold=3.0)
+    wait_for(lambda: _early_state(zk, workers.root, "dup") == "running", 20, "the first run")
+    second = workers.send("early", "dup")  # send_task: no key taken when sent
+    with pytest.raises(zkcelery.AlreadyQueued):  # FAILURE, on every Celery
+        second.get(timeout=20)
+    assert first.get(timeout=20) is None
+    workers.stop()  # every signal has been sent and noted
+    assert workers.record.failures() == [(second.id, "AlreadyQueued")]  # sent once
+
+
 def test_a_revoked_message_frees_the_key(workers: Workers, zk):
     workers.start(concurrency=1)
     sender = _early_sender(workers)

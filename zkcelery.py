@@ -813,6 +813,7 @@ class EarlyMutexTask(_KeyedTask):
             if refused.task_id != self.request.id or refused.state != "running":
                 lease._log(logging.INFO, "is %s as task %s: rejected", refused.state,
                            refused.task_id)  # fmt: skip
+                _record_rejection(self, refused)
                 raise
         # This task id runs already: a second delivery of its message.  If
         # the first one's process died, its session ends within the timeout.
