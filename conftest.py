@@ -45,16 +45,34 @@ ZK_TEST = HERE / "zk-test.sh"
 SESSION_TIMEOUT = 2.0
 CONNECT_TIMEOUT = 2.0
 START_HINT = "no ZooKeeper ensemble answers at {hosts}: run ./zk-test.sh to start one"
+#: zk-test.sh's highest base port (server 3's election port is base + 20003).
+MAX_BASE_PORT = 65535 - 20003
+#: The TLS test ensemble's base port, from the test ensemble's.
+TLS_OFFSET = 300
+
+
+def ensemble_base_port() -> int:
+    """The test ensemble's base client port: ``ZK_TEST_PORT``, as for ``zk-test.sh``."""
+    return int(os.environ.get("ZK_TEST_PORT") or 2181)
+
+
+def ensemble_state_dir() -> Path:
+    """The state folder ``zk-test.sh`` uses for that port (``ZK_TEST_DIR`` if set)."""
+    if os.environ.get("ZK_TEST_DIR"):
+        return Path(os.environ["ZK_TEST_DIR"])
+    port = ensemble_base_port()
+    return HERE / (".zk-test" if port == 2181 else f".zk-test-{port}")
 
 
 def ensemble_hosts() -> str:
     """The connection string ``zk-test.sh`` left behind (or ``ZK_TEST_HOSTS``)."""
     if os.environ.get("ZK_TEST_HOSTS"):
         return os.environ["ZK_TEST_HOSTS"]
-    state = Path(os.environ.get("ZK_TEST_DIR", HERE / ".zk-test")) / "hosts"
+    state = ensemble_state_dir() / "hosts"
     if state.exists():
         return state.read_text().strip()
-    return "127.0.0.1:2181,127.0.0.1:2182,127.0.0.1:2183"
+    port = ensemble_base_port()
+    return ",".join(f"127.0.0.1:{port + n}" for n in range(3))
 
 
 # ---------------------------------------------------------------------------
@@ -140,8 +158,15 @@ def restore_ensemble(ensemble: Ensemble) -> Iterator[Ensemble]:
 
 @pytest.fixture
 def tls_ensemble(tmp_path: Path, zk_hosts: str) -> Iterator[tuple[str, str]]:
-    """A second ensemble, with a TLS client port: (its TLS hosts, the CA's path)."""
-    env = {**os.environ, "ZK_TEST_PORT": "2481", "ZK_TEST_DIR": str(tmp_path / "zk-tls"),
+    """A second ensemble, with a TLS client port: (its TLS hosts, the CA's path).
+
+    Its ports follow the test ensemble's: 300 above its base port (below, near the
+    top of the range), so that neither ensemble's client, TLS (+100), quorum
+    (+10000) or election (+20000) ports meet the other's.
+    """
+    base = ensemble_base_port()
+    port = base + TLS_OFFSET if base + TLS_OFFSET <= MAX_BASE_PORT else base - TLS_OFFSET
+    env = {**os.environ, "ZK_TEST_PORT": str(port), "ZK_TEST_DIR": str(tmp_path / "zk-tls"),
            "ZK_TEST_TLS": "1", "ZK_TEST_BROKERS": "none"}  # fmt: skip
 
     def run(*args: str) -> str:
@@ -342,6 +367,13 @@ class Record:
                     found.append(json.loads(line))
         return sorted(found, key=lambda e: e["enter"])
 
+    def failures(self) -> list[tuple[str, str]]:
+        """(task id, exception type) of every ``task_failure`` signal, as noted."""
+        found = []
+        for path in self.folder.glob("*.failures"):
+            found += [tuple(json.loads(line)) for line in path.read_text().splitlines()]
+        return sorted(found)
+
     def max_concurrent(self, key: Any = None) -> int:
         """The most bodies of ``key`` (or of any key) that ever ran at once."""
         events = []
@@ -382,19 +414,29 @@ def record_body(key: Any, hold: float = 0.0, **extra: Any) -> None:
             f.write(line + "\n")
 
 
+def note_failure(task_id: str, exception: BaseException) -> None:
+    """Called by a ``task_failure`` receiver: note it in the record, for ``failures()``."""
+    folder = os.environ.get("ZKCELERY_TEST_RECORD")
+    if folder:
+        with open(Path(folder) / f"{os.getpid()}.failures", "a") as f:
+            f.write(json.dumps([task_id, type(exception).__name__]) + "\n")
+
+
 class _AtomicFilesystemChannel(filesystem.Channel):
     """kombu's filesystem channel, publishing each message atomically.
 
     kombu creates the message file and only then writes it; a consumer that
     moves the file away in between (its lock does not stop a rename) reads it
     empty or half-written, and the message is lost.  Seen here: a retried
-    task vanished once in a few hundred.  Writing a hidden file that consumers
-    skip, then renaming it into place, closes the window.
+    task vanished once in a few hundred.  Writing a temporary file that no
+    consumer takes, then renaming it into place, closes the window.
     """
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         name = f"{int(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
-        hidden = os.path.join(self.data_folder_out, f".{name}.part")
+        # kombu < 5.7 takes any file whose name contains ".QUEUE.msg": the
+        # temporary name must hold no ".msg" at all.
+        hidden = os.path.join(self.data_folder_out, f".{uuid.uuid4().hex}.partial")
         with open(hidden, "wb") as f:
             f.write(dumps(payload).encode())
         os.rename(hidden, os.path.join(self.data_folder_out, name))

@@ -92,8 +92,9 @@ Mutex
 
 :class:`MutexTask` runs the whole task body under a mutex named after the
 task and, with ``mutex_keys``, the values of those arguments.  When the mutex
-is held elsewhere the task raises :class:`celery.exceptions.Reject` and ends
-(Celery records it as a failure).  With ``mutex_requeue=True`` the message is
+is held elsewhere the task raises :class:`MutexHeld` (a
+:class:`celery.exceptions.Reject`) and ends in FAILURE, with ``task_failure``
+sent, on every Celery from 5.3 on.  With ``mutex_requeue=True`` the message is
 requeued instead: the task turns ``acks_late`` on (without it Celery has
 already acknowledged the message and a requeue would lose it), and a copy
 that finds the mutex held first waits until it is freed (and then runs) or
@@ -152,8 +153,9 @@ a ``beat_schedule`` entry :class:`ElectedScheduler` could never send),
 :class:`AccessDenied` (the znodes belong to another identity),
 :class:`AlreadyAcquired` (``acquire()`` on a held lease),
 :class:`NotReentrant` (a blocking wait, without a timeout, for a lock the
-same thread holds) and :class:`MaxLeasesMismatch` (holders of a semaphore
-disagree on ``max_leases``).
+same thread holds), :class:`MaxLeasesMismatch` (holders of a semaphore
+disagree on ``max_leases``) and :class:`MutexHeld` (a :class:`MutexTask`
+copy found its mutex held; also a ``Reject``).
 
 Faults
 ======
@@ -195,6 +197,7 @@ from urllib.parse import quote
 
 import celery
 import click
+from billiard.einfo import ExceptionInfo
 from celery import signals
 from celery.beat import PersistentScheduler, ScheduleEntry, Scheduler, SchedulingError
 from celery.exceptions import Ignore, Reject, Retry
@@ -239,6 +242,7 @@ __all__ = [
     "Lease",
     "LockTask",
     "MaxLeasesMismatch",
+    "MutexHeld",
     "MutexTask",
     "NotReentrant",
     "ZKCeleryError",
@@ -295,6 +299,23 @@ class AlreadyQueued(ZKCeleryError, Reject):
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.key, self.task_id, self.state))
+
+
+class MutexHeld(ZKCeleryError, Reject):
+    """A :class:`MutexTask` copy found its mutex held by another task.
+
+    It is a :class:`celery.exceptions.Reject` (``requeue`` is the task's
+    ``mutex_requeue``), so Celery rejects the message and code that catches
+    ``Reject`` catches it.  Without requeue the task ends in ``FAILURE`` with this
+    exception as its result, and ``task_failure`` is sent once, on every Celery
+    zkcelery supports (Celery records it itself from 5.7 on, zkcelery before).
+    """
+
+    def __init__(self, reason: str | None = None, requeue: bool = False) -> None:
+        super().__init__(reason, requeue)  # Reject's: sets reason and requeue
+
+    def __str__(self) -> str:
+        return str(self.reason)
 
 
 class _ConnectionLost(CoordinationError):
@@ -395,7 +416,7 @@ class _KeyedTask(celery.Task):
 
 
 class MutexTask(_KeyedTask):
-    """Task base whose whole body runs under a mutex; contention raises ``Reject``.
+    """Task base whose whole body runs under a mutex; contention raises :class:`MutexHeld`.
 
     Task options: ``mutex_keys`` names the arguments whose values refine the
     mutex; ``mutex_requeue=True`` requeues a rejected task instead of failing it
@@ -514,7 +535,9 @@ class MutexTask(_KeyedTask):
             "requeued" if requeue else "dropped",
         )  # fmt: skip
         _quiet_in_celery_log(self.request.id)
-        raise Reject(f"mutex {key} is held by another task", requeue=requeue)
+        exc = MutexHeld(f"mutex {key} is held by another task", requeue=requeue)
+        _record_rejection(self, exc)
+        raise exc
 
 
 def _holder(lease: Lease) -> dict:
@@ -605,6 +628,45 @@ def _unacked_wait(app: celery.Celery, started: float, wanted: float) -> float:
 
 
 _quiet_ids: set = set()
+
+
+#: Whether the worker itself records a task rejected without requeue as FAILURE
+#: and sends task_failure: Celery does from 5.7 on (issue #4222), not before.
+_CELERY_RECORDS_REJECTIONS = tuple(celery.VERSION[:2]) >= (5, 7)
+
+
+def _record_rejection(task: celery.Task, exc: Reject) -> None:
+    """Record a rejection without requeue as Celery 5.7 does: FAILURE, ``task_failure``.
+
+    Called just before ``raise exc`` in a task.  Before 5.7 a worker only drops
+    a message rejected without requeue (Celery issue #4222): the task would stay
+    PENDING and ``result.get()`` would wait forever.  Only a worker's run is
+    recorded, and only where Celery will not: a direct or eager call raises.
+    """
+    request = task.request
+    if _CELERY_RECORDS_REJECTIONS or exc.requeue or request.called_directly or request.is_eager:
+        return
+    try:
+        raise exc
+    except Reject:
+        einfo = ExceptionInfo()
+    traceback = exc.__traceback__
+    exc.__traceback__ = None  # raised again by the caller
+    ignore_result = request.ignore_result
+    if ignore_result is None:
+        ignore_result = task.ignore_result
+    try:
+        task.backend.mark_as_failure(
+            request.id, exc, einfo.traceback, request=request,
+            store_result=not ignore_result or task.store_errors_even_if_ignored,
+        )  # fmt: skip
+    except Exception:  # the message is rejected all the same, as Celery would
+        logger.warning("task %s[%s]: could not store the rejection", task.name, request.id,
+                       exc_info=True)  # fmt: skip
+    signals.task_failure.send(
+        sender=task, task_id=request.id, exception=exc, args=request.args,
+        kwargs=request.kwargs, traceback=traceback, einfo=einfo,
+    )  # fmt: skip
 
 
 def _quiet_in_celery_log(task_id: Any) -> None:
@@ -786,6 +848,7 @@ class EarlyMutexTask(_KeyedTask):
             if refused.task_id != self.request.id or refused.state != "running":
                 lease._log(logging.INFO, "is %s as task %s: rejected", refused.state,
                            refused.task_id)  # fmt: skip
+                _record_rejection(self, refused)
                 raise
         # This task id runs already: a second delivery of its message.  If
         # the first one's process died, its session ends within the timeout.
@@ -816,7 +879,16 @@ class EarlyMutexScheduler(PersistentScheduler):
             if not isinstance(refused, AlreadyQueued):
                 raise
             logger.info("beat: %s skipped: %s", entry.name, refused)
-            return None
+            return _SkippedTick()
+
+
+class _SkippedTick:
+    """A skipped tick's result: Celery 5.3.0 logs ``.id`` of what ``apply_async`` returns."""
+
+    id = None
+
+    def __bool__(self) -> bool:  # newer Celery logs no id for a falsy result
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -3463,10 +3535,10 @@ def _server_mode(server: str, timeout: float) -> tuple[str, float]:
     return (match.group(1).decode() if match else "not serving"), took
 
 
-def main() -> None:
-    """``python -m zkcelery``."""
-    zk_command(prog_name="python -m zkcelery")
+def main(prog_name: str = "zkcelery") -> None:
+    """The ``zkcelery`` command (and ``python -m zkcelery``)."""
+    zk_command(prog_name=prog_name)
 
 
 if __name__ == "__main__":
-    main()
+    main("python -m zkcelery")

@@ -43,7 +43,8 @@ Peak RSS is read in fresh interpreters from ``/proc/self/status`` ``VmHWM``: Lin
 ``ru_maxrss`` across ``execve``, so a child of this process would report this process's size.
 
 Hosts: ``--hosts``, else ``$ZK_TEST_HOSTS``, else ``.zk-test/hosts`` beside this repository's
-``zk-test.sh`` (or in ``$ZK_TEST_DIR``), else ``127.0.0.1:2181,127.0.0.1:2182,127.0.0.1:2183``.
+``zk-test.sh`` (``.zk-test-PORT`` with ``ZK_TEST_PORT=PORT``, or ``$ZK_TEST_DIR``), else
+``127.0.0.1:2181,127.0.0.1:2182,127.0.0.1:2183`` (or from ``ZK_TEST_PORT``).
 ``--quick`` runs a few cycles of everything (CI) and asserts nothing about time.
 """
 
@@ -86,7 +87,6 @@ from kazoo.recipe.lock import Lock, Semaphore  # noqa: E402
 
 import zkcelery  # noqa: E402
 
-DEFAULT_HOSTS = "127.0.0.1:2181,127.0.0.1:2182,127.0.0.1:2183"
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 ROOT_PARENT = "/zkcelery-bench"
 LOCKER, MUTEX, PLAIN = "bench.locker", "bench.mutex", "bench.plain"
@@ -165,10 +165,12 @@ def default_hosts() -> str:
     """``$ZK_TEST_HOSTS``, else what ``zk-test.sh`` left in ``.zk-test/hosts``, else 2181-2183."""
     if os.environ.get("ZK_TEST_HOSTS"):
         return os.environ["ZK_TEST_HOSTS"]
-    state = Path(os.environ.get("ZK_TEST_DIR", REPO / ".zk-test")) / "hosts"
+    port = int(os.environ.get("ZK_TEST_PORT") or 2181)  # zk-test.sh's base port
+    folder = REPO / (".zk-test" if port == 2181 else f".zk-test-{port}")
+    state = Path(os.environ.get("ZK_TEST_DIR", folder)) / "hosts"
     if state.exists() and state.read_text().strip():
         return state.read_text().strip()
-    return DEFAULT_HOSTS
+    return ",".join(f"127.0.0.1:{port + n}" for n in range(3))
 
 
 # ---------------------------------------------------------------------------

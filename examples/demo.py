@@ -13,8 +13,8 @@ retried, was rejected or requeued.  While two mutexes are held it also shows
 ZooKeeper root (``/zkcelery-demo/<id>``) and its temporary folder, and exits 0 when every
 task ended as expected (1 otherwise, 2 when no ZooKeeper answers).  It takes about 20 s.
 
-Hosts: ``--hosts``, else ``.zk-test/hosts`` (written by ``./zk-test.sh``), else
-``127.0.0.1:2181``.
+Hosts: ``--hosts``, else ``.zk-test/hosts`` (written by ``./zk-test.sh``; ``.zk-test-PORT``
+with ``ZK_TEST_PORT=PORT``), else ``127.0.0.1:2181``.
 
 This file is both the driver (``python examples/demo.py``) and the worker's app module
 (``celery -A demo worker``, run in ``examples/``): the broker folder, the ZooKeeper hosts
@@ -73,13 +73,15 @@ class _AtomicFilesystemChannel(filesystem.Channel):
 
     kombu creates the message file, then writes it: a consumer that moves the file in
     between reads it empty and the message is lost (a retried or requeued task vanishes).
-    A hidden file that consumers skip, renamed into place, closes the window.  The name
-    starts with a nanosecond clock so that the queue (read in name order) keeps send order.
+    A temporary file that no consumer takes, renamed into place, closes the window: kombu
+    before 5.7 takes any file whose name contains ".QUEUE.msg", so the temporary name holds
+    no ".msg" at all.  The final name starts with a nanosecond clock so that the queue
+    (read in name order) keeps send order.
     """
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         name = f"{time.monotonic_ns():020d}_{uuid.uuid4().hex}.{queue}.msg"
-        hidden = os.path.join(self.data_folder_out, f".{name}.part")
+        hidden = os.path.join(self.data_folder_out, f".{uuid.uuid4().hex}.partial")
         with open(hidden, "wb") as f:
             f.write(dumps(payload).encode())
         os.rename(hidden, os.path.join(self.data_folder_out, name))
@@ -310,7 +312,7 @@ SCENES = [
         },
     ),
     Scene(
-        "mutex_task: MutexTask rejects the second copy (state FAILURE, a Reject)",
+        "mutex_task: MutexTask rejects the second copy (state FAILURE, zkcelery.MutexHeld)",
         "mutex",
         [(mutex_task, ()), (mutex_task, ())],
         hold=1.0,
@@ -347,7 +349,7 @@ TEXTS = {  # by event, or by (event, kind) where the kind changes the words
     ("skipped", "lease"): "no lease left (max_leases=1): body skipped",
     "waits": "asks for the lock and blocks",
     "retrying": "lock held: body not run, self.retry(countdown=1)",
-    "rejected": "mutex held: rejected, ends FAILURE (Reject)",
+    "rejected": "mutex held: rejected, ends FAILURE (MutexHeld)",
     "requeued": "mutex held: rejected and requeued",
 }
 
@@ -370,7 +372,7 @@ class Copy:
 
     def outcome(self) -> str:
         state = self.result.state
-        if state == "FAILURE" and type(self.result.result).__name__ == "Reject":
+        if state == "FAILURE" and isinstance(self.result.result, zkcelery.MutexHeld):
             return "REJECTED"
         return state
 
@@ -500,10 +502,12 @@ def check(scene: Scene, copies: list[Copy], events: list[dict]) -> list[str]:
 
 
 def default_hosts() -> str:
-    state = REPO / ".zk-test" / "hosts"
+    # Where ./zk-test.sh keeps its state: .zk-test, or .zk-test-PORT for ZK_TEST_PORT=PORT.
+    port = int(os.environ.get("ZK_TEST_PORT") or 2181)
+    state = REPO / (".zk-test" if port == 2181 else f".zk-test-{port}") / "hosts"
     if state.exists() and state.read_text().strip():
         return state.read_text().strip()
-    return "127.0.0.1:2181"
+    return f"127.0.0.1:{port}"
 
 
 def connect(hosts: str) -> KazooClient | None:
