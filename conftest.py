@@ -34,10 +34,9 @@ import pytest
 from celery import Celery
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
-from kombu.transport import filesystem
-from kombu.utils.json import dumps
 
 import zkcelery
+from testsupport import ensemble_hosts, four_letter, zk_test_port
 
 HERE = Path(__file__).resolve().parent
 ZK_TEST = HERE / "zk-test.sh"
@@ -49,30 +48,6 @@ START_HINT = "no ZooKeeper ensemble answers at {hosts}: run ./zk-test.sh to star
 MAX_BASE_PORT = 65535 - 20003
 #: The TLS test ensemble's base port, from the test ensemble's.
 TLS_OFFSET = 300
-
-
-def ensemble_base_port() -> int:
-    """The test ensemble's base client port: ``ZK_TEST_PORT``, as for ``zk-test.sh``."""
-    return int(os.environ.get("ZK_TEST_PORT") or 2181)
-
-
-def ensemble_state_dir() -> Path:
-    """The state folder ``zk-test.sh`` uses for that port (``ZK_TEST_DIR`` if set)."""
-    if os.environ.get("ZK_TEST_DIR"):
-        return Path(os.environ["ZK_TEST_DIR"])
-    port = ensemble_base_port()
-    return HERE / (".zk-test" if port == 2181 else f".zk-test-{port}")
-
-
-def ensemble_hosts() -> str:
-    """The connection string ``zk-test.sh`` left behind (or ``ZK_TEST_HOSTS``)."""
-    if os.environ.get("ZK_TEST_HOSTS"):
-        return os.environ["ZK_TEST_HOSTS"]
-    state = ensemble_state_dir() / "hosts"
-    if state.exists():
-        return state.read_text().strip()
-    port = ensemble_base_port()
-    return ",".join(f"127.0.0.1:{port + n}" for n in range(3))
 
 
 # ---------------------------------------------------------------------------
@@ -164,7 +139,7 @@ def tls_ensemble(tmp_path: Path, zk_hosts: str) -> Iterator[tuple[str, str]]:
     top of the range), so that neither ensemble's client, TLS (+100), quorum
     (+10000) or election (+20000) ports meet the other's.
     """
-    base = ensemble_base_port()
+    base = zk_test_port()
     port = base + TLS_OFFSET if base + TLS_OFFSET <= MAX_BASE_PORT else base - TLS_OFFSET
     env = {**os.environ, "ZK_TEST_PORT": str(port), "ZK_TEST_DIR": str(tmp_path / "zk-tls"),
            "ZK_TEST_TLS": "1", "ZK_TEST_BROKERS": "none"}  # fmt: skip
@@ -422,30 +397,6 @@ def note_failure(task_id: str, exception: BaseException) -> None:
             f.write(json.dumps([task_id, type(exception).__name__]) + "\n")
 
 
-class _AtomicFilesystemChannel(filesystem.Channel):
-    """kombu's filesystem channel, publishing each message atomically.
-
-    kombu creates the message file and only then writes it; a consumer that
-    moves the file away in between (its lock does not stop a rename) reads it
-    empty or half-written, and the message is lost.  Seen here: a retried
-    task vanished once in a few hundred.  Writing a temporary file that no
-    consumer takes, then renaming it into place, closes the window.
-    """
-
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
-        name = f"{int(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
-        # kombu < 5.7 takes any file whose name contains ".QUEUE.msg": the
-        # temporary name must hold no ".msg" at all.
-        hidden = os.path.join(self.data_folder_out, f".{uuid.uuid4().hex}.partial")
-        with open(hidden, "wb") as f:
-            f.write(dumps(payload).encode())
-        os.rename(hidden, os.path.join(self.data_folder_out, name))
-
-
-class AtomicFilesystemTransport(filesystem.Transport):
-    Channel = _AtomicFilesystemChannel
-
-
 def broker_settings(
     folder: Path, url: str | None = None, queue: str | None = None, options: dict | None = None
 ) -> dict[str, Any]:
@@ -468,7 +419,7 @@ def broker_settings(
             settings["broker_transport_options"] = options
     else:
         settings["broker_url"] = "filesystem://"
-        settings["broker_transport"] = "conftest:AtomicFilesystemTransport"
+        settings["broker_transport"] = "testsupport:AtomicFilesystemTransport"
         settings["broker_transport_options"] = {
             "data_folder_in": str(queue_folder),
             "data_folder_out": str(queue_folder),
@@ -836,17 +787,6 @@ def expire_session(app_or_client: Any, hosts: str) -> None:
     thief.start(timeout=10)
     thief.stop()
     thief.close()
-
-
-def four_letter(entry: str, word: str) -> str:
-    """A ZooKeeper server's answer to a four-letter command (``srvr``, ``cons``...)."""
-    host, _, port = entry.rpartition(":")
-    with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as sock:
-        sock.sendall(word.encode())
-        answer = b""
-        while chunk := sock.recv(4096):
-            answer += chunk
-    return answer.decode(errors="replace")
 
 
 def requests_received(hosts: str) -> int:

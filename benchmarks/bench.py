@@ -86,6 +86,7 @@ from kazoo.exceptions import KazooException, NoNodeError, NotEmptyError  # noqa:
 from kazoo.recipe.lock import Lock, Semaphore  # noqa: E402
 
 import zkcelery  # noqa: E402
+from testsupport import ensemble_hosts, four_letter  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 ROOT_PARENT = "/zkcelery-bench"
@@ -161,39 +162,9 @@ def parse_layout(hosts: str) -> Layout:
     return Layout(entries, chroot)
 
 
-def default_hosts() -> str:
-    """``$ZK_TEST_HOSTS``, else what ``zk-test.sh`` left in ``.zk-test/hosts``, else 2181-2183."""
-    if os.environ.get("ZK_TEST_HOSTS"):
-        return os.environ["ZK_TEST_HOSTS"]
-    port = int(os.environ.get("ZK_TEST_PORT") or 2181)  # zk-test.sh's base port
-    folder = REPO / (".zk-test" if port == 2181 else f".zk-test-{port}")
-    state = Path(os.environ.get("ZK_TEST_DIR", folder)) / "hosts"
-    if state.exists() and state.read_text().strip():
-        return state.read_text().strip()
-    return ",".join(f"127.0.0.1:{port + n}" for n in range(3))
-
-
 # ---------------------------------------------------------------------------
 # Four-letter words: the server's own counters
 # ---------------------------------------------------------------------------
-
-
-def split_entry(entry: str) -> tuple[str, int]:
-    if entry.startswith("[") and entry.endswith("]"):
-        return entry[1:-1], 2181
-    host, sep, port = entry.rpartition(":")
-    if not sep or host.endswith(":"):
-        return entry.strip("[]"), 2181
-    return host.strip("[]"), int(port)
-
-
-def four_letter(entry: str, word: str, timeout: float = 5.0) -> str:
-    with socket.create_connection(split_entry(entry), timeout=timeout) as sock:
-        sock.sendall(word.encode())
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
 
 
 def field_of(text: str, name: str) -> str:
@@ -1295,7 +1266,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    layout = parse_layout(args.hosts or default_hosts())
+    layout = parse_layout(args.hosts or ensemble_hosts())
     plan = QUICK if args.quick else FULL
     check_ensemble(layout)
     results = run(layout, plan)

@@ -102,10 +102,8 @@ sys.path.insert(0, str(REPO))
 from bench import (  # noqa: E402
     Layout,
     connect,
-    default_hosts,
     disconnect,
     field_of,
-    four_letter,
     markdown_table,
     parse_layout,
     percentile,
@@ -128,6 +126,7 @@ from kazoo.recipe.lock import Lock, Semaphore  # noqa: E402
 from kazoo.security import OPEN_ACL_UNSAFE  # noqa: E402
 
 import zkcelery  # noqa: E402
+from testsupport import ensemble_hosts, four_letter  # noqa: E402
 
 ROOT_PARENT = "/zkcelery-bench-contention"
 TASK = "bench.contention"
@@ -1404,7 +1403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv is None
         else shlex.join(["python", sys.argv[0], *argv])
     )
-    layout = parse_layout(args.hosts or default_hosts())
+    layout = parse_layout(args.hosts or ensemble_hosts())
     plan = QUICK if args.quick else FULL
     check_ensemble(layout)
     results = run(layout, plan)

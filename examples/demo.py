@@ -53,10 +53,9 @@ sys.dont_write_bytecode = True
 from celery import Celery, Task, current_task, signals  # noqa: E402
 from celery.result import AsyncResult  # noqa: E402
 from kazoo.client import KazooClient  # noqa: E402
-from kombu.transport import filesystem  # noqa: E402
-from kombu.utils.json import dumps  # noqa: E402
 
 import zkcelery  # noqa: E402
+from testsupport import AtomicFilesystemTransport, ensemble_hosts  # noqa: E402
 
 ENV_DIR, ENV_HOSTS, ENV_ROOT = "ZKCELERY_DEMO_DIR", "ZKCELERY_DEMO_HOSTS", "ZKCELERY_DEMO_ROOT"
 TIMELINE = "timeline.jsonl"
@@ -66,29 +65,6 @@ DEADLINE = 90.0  # seconds for the whole run: the demo never hangs
 # ---------------------------------------------------------------------------
 # The app, as the worker (and the driver) configure it
 # ---------------------------------------------------------------------------
-
-
-class _AtomicFilesystemChannel(filesystem.Channel):
-    """kombu's filesystem channel, publishing each message atomically.
-
-    kombu creates the message file, then writes it: a consumer that moves the file in
-    between reads it empty and the message is lost (a retried or requeued task vanishes).
-    A temporary file that no consumer takes, renamed into place, closes the window: kombu
-    before 5.7 takes any file whose name contains ".QUEUE.msg", so the temporary name holds
-    no ".msg" at all.  The final name starts with a nanosecond clock so that the queue
-    (read in name order) keeps send order.
-    """
-
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
-        name = f"{time.monotonic_ns():020d}_{uuid.uuid4().hex}.{queue}.msg"
-        hidden = os.path.join(self.data_folder_out, f".{uuid.uuid4().hex}.partial")
-        with open(hidden, "wb") as f:
-            f.write(dumps(payload).encode())
-        os.rename(hidden, os.path.join(self.data_folder_out, name))
-
-
-class AtomicFilesystemTransport(filesystem.Transport):
-    Channel = _AtomicFilesystemChannel
 
 
 def configure(app: Celery) -> None:
@@ -501,15 +477,6 @@ def check(scene: Scene, copies: list[Copy], events: list[dict]) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def default_hosts() -> str:
-    # Where ./zk-test.sh keeps its state: .zk-test, or .zk-test-PORT for ZK_TEST_PORT=PORT.
-    port = int(os.environ.get("ZK_TEST_PORT") or 2181)
-    state = REPO / (".zk-test" if port == 2181 else f".zk-test-{port}") / "hosts"
-    if state.exists() and state.read_text().strip():
-        return state.read_text().strip()
-    return f"127.0.0.1:{port}"
-
-
 def connect(hosts: str) -> KazooClient | None:
     """A client of the ensemble, or None when no quorum answers within a few seconds."""
     logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # its retries are noise here
@@ -609,7 +576,7 @@ def tail(path: Path, lines: int = 25) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hosts", help="ZooKeeper hosts (default: .zk-test/hosts)")
-    hosts = parser.parse_args(argv).hosts or default_hosts()
+    hosts = parser.parse_args(argv).hosts or ensemble_hosts()
     client = connect(hosts)
     if client is None:
         print(f"demo: no ZooKeeper answers at {hosts}: run ./zk-test.sh", file=sys.stderr)
