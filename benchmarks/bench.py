@@ -875,11 +875,14 @@ def measure_rss(hosts: str, root: str) -> dict[str, float]:
 
 @dataclass
 class Target:
+    """A measure against its target: PASS, MISS (FAIL for a correctness check) or n/a."""
+
     measure: str
     value: float | None
     op: str  # "<=" or ">="
     limit: float
     note: str = ""
+    safety: bool = False  # a correctness check, not a timing target
 
     @property
     def passed(self) -> bool | None:
@@ -890,7 +893,9 @@ class Target:
 
     @property
     def verdict(self) -> str:
-        return {True: "PASS", False: "MISS", None: "n/a"}[self.passed]
+        if self.passed is None:
+            return "n/a"
+        return "PASS" if self.passed else ("FAIL" if self.safety else "MISS")
 
 
 def median_ms(stats: dict[str, dict[str, float]], name: str) -> float:

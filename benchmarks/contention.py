@@ -101,9 +101,11 @@ sys.path.insert(0, str(REPO))
 
 from bench import (  # noqa: E402
     Layout,
+    Target,
     connect,
     disconnect,
     field_of,
+    fmt,
     markdown_table,
     parse_layout,
     percentile,
@@ -976,33 +978,6 @@ def scale(pool: Sequence[Handle], counter: Counter, plan: Plan, layout: Layout, 
 # ---------------------------------------------------------------------------
 # Targets and tables
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    measure: str
-    value: float | None
-    op: str  # "<=" or ">="
-    limit: float
-    note: str = ""
-    safety: bool = False  # a correctness check, not a timing target
-
-    @property
-    def passed(self) -> bool | None:
-        if self.value is None:
-            return None
-        value = round(self.value, 2)
-        return value <= self.limit if self.op == "<=" else value >= self.limit
-
-    @property
-    def verdict(self) -> str:
-        if self.passed is None:
-            return "n/a"
-        return "PASS" if self.passed else ("FAIL" if self.safety else "MISS")
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def build_targets(results: dict[str, Any], plan: Plan) -> list[Target]:
