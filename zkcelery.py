@@ -801,6 +801,10 @@ class EarlyMutexTask(_KeyedTask):
         lease = self._early_lease(args, kwargs, task_id)
         try:
             lease._reserve()
+        except CoordinationError:
+            with contextlib.suppress(ZKCeleryError):
+                lease._unreserve()  # best effort: else it expires after mutex_timeout
+            raise
         except AlreadyQueued as refused:
             if mutex_return_existing is None:
                 mutex_return_existing = self.mutex_return_existing
@@ -1277,6 +1281,8 @@ class _Grant:
     def _on_event(self, event: WatchedEvent) -> None:
         if event.type == EventType.DELETED:
             self.mark_lost(_BROKEN)
+        else:  # the connection dropped and kazoo fired its watches: set it again
+            self._watching = False
 
     def _on_answer(self, result: Any) -> None:
         if not result.successful():
@@ -1484,7 +1490,8 @@ class _ExclusiveLock:
         while True:
             session_id = session.session_id
             try:
-                results = session.multi(self._fast_ops, abandon=self._abandon_fast)
+                abandon = functools.partial(self._abandon_fast, session_id)
+                results = session.multi(self._fast_ops, abandon=abandon)
             except _ConnectionLost as exc:
                 if self._recover_fast(session_id, exc):
                     return "taken"
@@ -1501,9 +1508,12 @@ class _ExclusiveLock:
         txn.create(self.queue.path)  # ...fails if a queue exists: then it is not free
         txn.delete(self.queue.path)
 
-    def _abandon_fast(self, result: Any) -> None:
-        # Runs on kazoo's thread: a multi that timed out but applied later.
-        if result.successful() and isinstance(result.value[0], str):
+    def _abandon_fast(self, session_id: int | None, result: Any) -> None:
+        # Runs on kazoo's thread, for a multi we stopped waiting for: if it
+        # applied, delete <name> now; if its answer is lost, on reconnect.
+        if not result.successful():
+            self.session.add_orphan(self.holder, session_id, self.guid)
+        elif isinstance(result.value[0], str):
             self.session.client.delete_async(self.holder)
 
     def _recover_fast(self, session_id: int | None, exc: Exception) -> bool:
@@ -1580,7 +1590,7 @@ class _ExclusiveLock:
 
     def release(self, path: str, session_id: int | None) -> None:
         if path == self.holder:
-            self.session.delete_own(path, session_id)
+            self.session.delete_own(path, session_id, guid=self.guid)
         else:
             self.queue.leave(session_id, container_too=self._alone())
 
@@ -1622,7 +1632,6 @@ class _Semaphore:
         self.max_leases = max_leases
         self.key = key
         self.queue = _Queue(session, path, max_leases, guid, data)
-        self._waited = False
 
     def acquire(self, blocking: bool, deadline: float | None) -> tuple[str, int | None] | None:
         session_id = self.session.session_id
@@ -1632,8 +1641,8 @@ class _Semaphore:
             session_id = self.session.session_id
             if not granted:
                 return None
-            if self._waited and self.queue.node != self.queue.children[-1]:
-                self._wake_next()
+            if self.queue.node != self.queue.children[-1]:
+                self._wake_next()  # the waiter behind us watches our node
             return self.queue.own_path, self.queue.token
         finally:
             if not granted:  # a waiter that gives up, or fails, leaves no node behind
@@ -1641,7 +1650,8 @@ class _Semaphore:
                     self.queue.leave(session_id)
 
     def _wake_next(self) -> None:
-        with contextlib.suppress(NoNodeError):
+        # Best effort: if the connection is away, the watch fires anyway.
+        with contextlib.suppress(NoNodeError, CoordinationError):
             self.session.call(self.session.client.set_async, self.queue.own_path, self.queue.data)
 
     def joined(self) -> None:
@@ -1660,7 +1670,6 @@ class _Semaphore:
         return index < self.max_leases
 
     def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
-        self._waited = True
         if index == self.max_leases:
             return listed  # the listing set a children watch already
         woken = self.session.handler.event_object()
@@ -1770,10 +1779,12 @@ class _EarlyMutex:
         for _ in range(_CONTAINER_TRIES):
             holder, stat = self._read()
             try:
+                abandon = functools.partial(self._abandon_running, self.session.session_id)
                 if holder is None:
                     self.session.call(
-                        self.session.client.create_async, self.holder, running, ephemeral=True
-                    )
+                        self.session.client.create_async, self.holder, running, ephemeral=True,
+                        abandon=abandon,
+                    )  # fmt: skip
                     return self.holder, None
                 if holder.get("guid") == self.guid:
                     return self.holder, stat.czxid  # made before a lost answer
@@ -1781,7 +1792,8 @@ class _EarlyMutex:
                     holder.get("task_id") == self.task_id or self._expired(holder)
                 ):
                     results = self.session.multi(
-                        functools.partial(_replace, self.holder, stat.version, running, True)
+                        functools.partial(_replace, self.holder, stat.version, running, True),
+                        abandon=abandon,
                     )
                     if isinstance(results[1], str):
                         return self.holder, None
@@ -1790,6 +1802,14 @@ class _EarlyMutex:
                 continue
             raise AlreadyQueued(self.key, holder.get("task_id"), holder.get("state", "queued"))
         raise CoordinationError(f"early mutex {self.key} kept changing; gave up")
+
+    def _abandon_running(self, session_id: int | None, result: Any) -> None:
+        # Runs on kazoo's thread, for a take we stopped waiting for (the task
+        # retries): if it applied, free the key now; if unknown, on reconnect.
+        if not result.successful():
+            self.session.add_orphan(self.holder, session_id, self.guid)
+        elif isinstance(result.value, str) or isinstance(result.value[-1], str):
+            self.session.client.delete_async(self.holder)
 
     def requeue(self, session_id: int | None) -> None:
         """At a retry: turn our running form back into the queued form."""
@@ -1802,7 +1822,7 @@ class _EarlyMutex:
             logger.warning("early mutex %s: could not keep it for the retry", self.key)
 
     def release(self, path: str, session_id: int | None) -> None:
-        self.session.delete_own(path, session_id)
+        self.session.delete_own(path, session_id, guid=self.guid)
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         found = self.session.read_nodes([self.holder])
@@ -2279,8 +2299,10 @@ class _Session:
 
     @property
     def session_id(self) -> int | None:
-        client_id = self.client.client_id
-        return client_id[0] if client_id else None
+        # Not client.client_id, which is None while the connection is down:
+        # the session lives on through a suspension, and kazoo forgets its id
+        # only when it is lost.
+        return self.client._session_id  # type: ignore[no-any-return]
 
     @property
     def suspended(self) -> bool:
@@ -2425,9 +2447,11 @@ class _Session:
                     if child.startswith(name) and not self._held(f"{parent}/{child}"):
                         self.delete_own(f"{parent}/{child}", owner)
         elif not self._held(path):
-            data, _ = self.call(self.client.get_async, path)
-            if guid is None or _guid_of(data) == guid:
-                self.delete_own(path, owner)
+            # Only the node we made: the lock may have been released and taken
+            # by another since (the answer to our delete was lost, say).
+            data, stat = self.call(self.client.get_async, path)
+            if stat.ephemeralOwner == owner and (guid is None or _guid_of(data) == guid):
+                self.call(self.client.delete_async, path, stat.version)
 
     def _held(self, path: str) -> bool:
         with self.mutex:
@@ -2552,8 +2576,9 @@ class _Session:
         self.ensure_namespaces()
         for _ in range(_CONTAINER_TRIES):
             try:
+                abandon = functools.partial(self._delete_late, path, self.session_id)
                 return self.call(  # type: ignore[no-any-return]
-                    self.client.create_async, path, data, abandon=self._delete_late,
+                    self.client.create_async, path, data, abandon=abandon,
                     ephemeral=True, sequence=sequence, include_data=True,
                 )  # fmt: skip
             except NoNodeError:
@@ -2599,12 +2624,22 @@ class _Session:
         self.client._call(_CreateContainer(path, b"", acl, _CONTAINER_FLAG), result)
         return result
 
-    def _delete_late(self, result: Any) -> None:
-        # Runs on kazoo's callback thread: send, never wait.
+    def _delete_late(self, path: str, session_id: int | None, result: Any) -> None:
+        # Runs on kazoo's thread, for a create we stopped waiting for: if it
+        # applied, delete the node now; if its answer is lost, on reconnect
+        # (``path`` is a sequential node's prefix, which ends in _SEP).
         if result.successful():
             self.client.delete_async(result.value[0])
+        else:
+            self.add_orphan(path, session_id)
 
-    def delete_own(self, path: str, session_id: int | None, container: str | None = None) -> None:
+    def delete_own(
+        self,
+        path: str,
+        session_id: int | None,
+        container: str | None = None,
+        guid: str | None = None,
+    ) -> None:
         """Delete our node at ``path`` (and ``container``, if it is then empty) in bounded time.
 
         kazoo's own retry never gives up, so a release during a partition would
@@ -2620,8 +2655,8 @@ class _Session:
                 if self.session_id != session_id:
                     return  # the session ended: the node is gone with it
                 if not first:
-                    stat = self.call(self.client.exists_async, path, deadline=deadline)
-                    if stat is None or stat.ephemeralOwner != session_id:
+                    data, stat = self.call(self.client.get_async, path, deadline=deadline)
+                    if stat.ephemeralOwner != session_id or (guid and _guid_of(data) != guid):
                         return
                 first = False
                 if container is None:
@@ -2636,10 +2671,10 @@ class _Session:
             except _ConnectionLost:
                 if time.monotonic() < deadline:
                     continue  # ask again on the next connection
-                self.add_orphan(path, session_id)
+                self.add_orphan(path, session_id, guid)
                 raise
             except CoordinationError:  # no connection in time: delete it on reconnect
-                self.add_orphan(path, session_id)
+                self.add_orphan(path, session_id, guid)
                 raise
 
     def close(self) -> None:
