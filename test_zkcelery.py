@@ -53,6 +53,7 @@ from conftest import (
     wait_for,
     worker_app,
 )
+from testsupport import sent_at
 
 # ---------------------------------------------------------------------------
 # The worker's app: the README's examples, and tasks the tests need
@@ -2446,7 +2447,7 @@ class Beats:
             with contextlib.suppress(OSError, ValueError):
                 headers = json.loads(path.read_text())["headers"]
                 found.append({
-                    "at": int(path.name.split("_", 1)[0]) / 1000,
+                    "at": sent_at(path),
                     "token": headers["zkcelery_beat_token"],
                     "run": headers["zkcelery_beat_run"],
                     "pid": int(headers["origin"].split("@")[0][len("gen"):]),

@@ -81,6 +81,11 @@ class _AtomicFilesystemChannel(filesystem.Channel):
         os.rename(hidden, os.path.join(self.data_folder_out, name))
 
 
+def sent_at(message: Path) -> float:
+    """When a message file of the transport below was published, on ``time.monotonic``'s clock."""
+    return int(message.name.split("_", 1)[0]) / 1e9
+
+
 class AtomicFilesystemTransport(filesystem.Transport):
     """``broker_transport = "testsupport:AtomicFilesystemTransport"``."""
 

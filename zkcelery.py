@@ -290,6 +290,8 @@ class AlreadyQueued(ZKCeleryError, Reject):
 
     def __init__(self, key: str, task_id: str | None, state: str = "queued") -> None:
         super().__init__(f"{key} is already {state} (task {task_id})", False)
+        # A result backend rebuilds an exception from its args: make them ours.
+        self.args = (key, task_id, state)
         self.key = key
         self.task_id = task_id
         self.state = state
