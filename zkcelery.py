@@ -1458,6 +1458,7 @@ class _ExclusiveLock:
         self.queue = _Queue(session, f"{self.holder}{_QUEUE}", 1, guid, data)
         self._holder_gone = False
         self._head_waiting = False
+        self._holder_elsewhere = False
 
     # -- acquire ---------------------------------------------------------------
 
@@ -1548,7 +1549,7 @@ class _ExclusiveLock:
     def joined(self) -> None:
         # Until we see <name> gone after joining, a holder that got in before
         # the queue existed may still hold it.
-        self._holder_gone = self._head_waiting = False
+        self._holder_gone = self._head_waiting = self._holder_elsewhere = False
 
     def granted(self, children: list[str], index: int) -> bool:
         return index == 0 and self._holder_gone
@@ -1557,7 +1558,9 @@ class _ExclusiveLock:
         # First in the queue, woken by <name>'s deletion: nobody can be ahead of
         # us (later arrivals queue behind), so the lock is ours without another
         # listing; the handover then costs the holder's delete and nothing more.
-        return self._head_waiting and self._holder_gone
+        # Not when the holder is of our own session: then its node may have gone
+        # with that session, and ours with it.
+        return self._head_waiting and self._holder_gone and self._holder_elsewhere
 
     def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
         session = self.session
@@ -1570,6 +1573,7 @@ class _ExclusiveLock:
             if stat is None:
                 self._holder_gone = True
                 return None
+            self._holder_elsewhere = stat.ephemeralOwner != session.session_id
             if index == 0:
                 return woken
         ahead = f"{self.queue.path}/{children[index - 1]}"
