@@ -1025,6 +1025,29 @@ THROUGHPUT_HEADER = [
 TARGET_HEADER = ["measure", "value", "target", "result", "note"]
 
 
+def print_report(
+    results: dict[str, Any],
+    render: Callable[[dict[str, Any], Callable], str],
+    machine: list[str],
+    notes: list[str],
+    markdown: bool,
+) -> None:
+    """The tables as text; with ``markdown``, again as the README shows them."""
+    print("\n".join(machine))
+    print()
+    print(render(results, plain_table))
+    print()
+    print("\n".join(notes))
+    print(f"run took {results['seconds']:.0f} s")
+    if markdown:
+        print()
+        print("\n".join(f"- {line}" for line in machine))
+        print()
+        print(render(results, markdown_table))
+        print()
+        print("\n".join(f"- {line}" for line in notes))
+
+
 def render(
     results: dict[str, Any], table: Callable[[Sequence[str], Sequence[Sequence[str]]], str]
 ) -> str:
@@ -1276,19 +1299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_ensemble(layout)
     results = run(layout, plan)
     machine, notes = machine_lines(results["machine"]), notes_lines(results, plan)
-    print("\n".join(machine))
-    print()
-    print(render(results, plain_table))
-    print()
-    print("\n".join(notes))
-    print(f"run took {results['seconds']:.0f} s")
-    if args.markdown:
-        print()
-        print("\n".join(f"- {line}" for line in machine))
-        print()
-        print(render(results, markdown_table))
-        print()
-        print("\n".join(f"- {line}" for line in notes))
+    print_report(results, render, machine, notes, args.markdown)
     write_json(results, args.json)
     print(f"results written to {args.json}")
     return 0

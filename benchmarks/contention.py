@@ -106,10 +106,9 @@ from bench import (  # noqa: E402
     disconnect,
     field_of,
     fmt,
-    markdown_table,
     parse_layout,
     percentile,
-    plain_table,
+    print_report,
     zkcelery_version,
 )
 from celery import Celery, signals  # noqa: E402
@@ -1383,19 +1382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_ensemble(layout)
     results = run(layout, plan)
     machine, notes = machine_lines(results["machine"], command), notes_lines(results)
-    print("\n".join(machine))
-    print()
-    print(render(results, plain_table))
-    print()
-    print("\n".join(notes))
-    print(f"run took {results['seconds']:.0f} s")
-    if args.markdown:
-        print()
-        print("\n".join(f"- {line}" for line in machine))
-        print()
-        print(render(results, markdown_table))
-        print()
-        print("\n".join(f"- {line}" for line in notes))
+    print_report(results, render, machine, notes, args.markdown)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(to_json(results, command), indent=2) + "\n")
