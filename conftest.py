@@ -809,3 +809,13 @@ def session_requests(hosts: str, app: Celery) -> int:
             if sid in line:
                 return int(re.search(r"recved=(\d+)", line).group(1))  # type: ignore[union-attr]
     raise AssertionError(f"no server has a connection of the session {sid}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test needs the ensemble exactly when it uses the zk_hosts fixture, directly
+    # or through another; `pytest -m "not zk"` runs the rest with no server at all.
+    # tryfirst: before pytest's own -m selection looks at the markers.
+    for item in items:
+        if "zk_hosts" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.zk)
