@@ -873,16 +873,22 @@ def test_blocked_waiters_are_served_in_arrival_order_and_listed_as_waiters(lock_
     assert served == [0, 1, 2, 3, 4]
 
 
-def test_a_release_wakes_only_the_next_waiter(lock_task, zk_hosts):
-    done: list[bool] = []
+def _held_with_waiters(task: Any, key: str, count: int) -> tuple[Any, list, list[bool]]:
+    """A held lock and ``count`` threads blocked on it: (holder, threads, their results)."""
+    granted: list[bool] = []
 
     def wait(i: int) -> None:
-        with _blocking(lock_task, "herd", timeout=30) as lease:
-            done.append(bool(lease))
+        with _blocking(task, key, timeout=30) as lease:
+            granted.append(bool(lease))
 
-    holder = _held(lock_task, "herd").__enter__()
-    threads = [_in_thread(wait, i) for i in range(10)]
-    wait_for(lambda: len(holder.waiters()) == 10, 10, "ten waiters to queue")
+    holder = _held(task, key).__enter__()
+    threads = [_in_thread(wait, i) for i in range(count)]
+    wait_for(lambda: len(holder.waiters()) == count, 10, f"{count} waiters to queue")
+    return holder, threads, granted
+
+
+def test_a_release_wakes_only_the_next_waiter(lock_task, zk_hosts):
+    holder, threads, done = _held_with_waiters(lock_task, "herd", 10)
     before = session_requests(zk_hosts, lock_task.app)
     holder.release()
     for thread in threads:
@@ -1076,15 +1082,7 @@ def test_lost_counts_from_the_session_timeout_the_server_granted(make_app, parti
 
 
 def test_rm_removes_holders_and_waiters_and_every_waiter_recovers(lock_task, zk_hosts, zk_root):
-    granted: list[bool] = []
-
-    def wait(i: int) -> None:
-        with _blocking(lock_task, "rm", timeout=30) as lease:
-            granted.append(bool(lease))
-
-    holder = _held(lock_task, "rm").__enter__()
-    threads = [_in_thread(wait, i) for i in range(3)]
-    wait_for(lambda: len(holder.waiters()) == 3, 10, "three waiters to queue")
+    holder, threads, granted = _held_with_waiters(lock_task, "rm", 3)
     done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('rm')", "--yes")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("broke") == 4  # the holder and three waiters
