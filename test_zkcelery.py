@@ -133,6 +133,27 @@ def soak_semaphore(self, key, hold=0.003):
         record_body(f"sem:{key}", hold)
 
 
+# Copies of themselves: Celery sends a retry or a replacement with the running task's id
+# before the body returns; the first run then ends slowly, still in the mutex.
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
+def retrying_mutex(self, key, tail=1.0):
+    first = self.request.retries == 0
+    try:
+        if first:
+            raise self.retry(countdown=0)
+    finally:
+        record_body(key, tail if first else 0.0, task_id=self.request.id, copy="retry")
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
+def replacing_mutex(self, key, tail=1.0, replaced=False):
+    try:
+        if not replaced:
+            return self.replace(replacing_mutex.si(key, tail, True))
+    finally:
+        record_body(key, 0.0 if replaced else tail, task_id=self.request.id, copy="replace")
+
+
 @app.task(base=zkcelery.LockTask, bind=True, acks_late=True, reject_on_worker_lost=True)
 def killable(self, key, marker):
     with self.lock(key, blocking=True):
@@ -1081,18 +1102,256 @@ def test_lost_counts_from_the_session_timeout_the_server_granted(make_app, parti
     )
 
 
-def test_rm_removes_holders_and_waiters_and_every_waiter_recovers(lock_task, zk_hosts, zk_root):
-    holder, threads, granted = _held_with_waiters(lock_task, "rm", 3)
-    done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('rm')", "--yes")
+# ===========================================================================
+# Correctness under adversity: rm, lost, cleanup, copies of a task (issue 20)
+# ===========================================================================
+
+
+def _timed_waiter(task: Any, key: str, spans: list, hold: float) -> None:
+    """Wait for ``key``, then hold it ``hold`` s, noting (enter, exit, acquired) in ``spans``."""
+    with task.lock(key, blocking=True, timeout=30) as lease:
+        enter = time.monotonic()
+        time.sleep(hold)
+        spans.append((enter, time.monotonic(), bool(lease)))
+
+
+def test_rm_of_a_lock_with_waiters_breaks_the_holder_alone_and_serves_them_one_at_a_time(
+    make_app, zk_hosts, zk_root
+):
+    holder = _lock_task_on(make_app()).lock("rmq").__enter__()
+    spans: list = []
+    waiters = [_lock_task_on(make_app()) for _ in range(3)]  # a session each, as workers
+    threads = [_in_thread(_timed_waiter, task, "rmq", spans, 0.3) for task in waiters]
+    wait_for(lambda: len(holder.waiters()) == 3, 10, "three waiters to queue")
+    done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('rmq')", "--yes")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("broke") == 4  # the holder and three waiters
+    assert done.stdout.count("broke") == 1 and "3 waiting" in done.stdout, done.stdout
     for thread in threads:
         thread.join(30)
-    # Each waiter queued again and was served (one may have been granted, and
-    # broken, while rm was still deleting: rm breaks whatever it finds).
-    assert granted == [True] * 3
+    assert [acquired for *_, acquired in spans] == [True] * 3
+    spans.sort()
+    assert [(a, b) for a, b in zip(spans, spans[1:]) if b[0] < a[1]] == []  # never two at once
     wait_for(lambda: holder.lost, 10, "the broken holder to learn it")
     holder.release()
+
+
+@pytest.mark.parametrize("next_session", ["another", "the same"])
+def test_a_broken_holders_late_release_leaves_the_next_holder_alone(
+    make_app, zk_hosts, zk_root, next_session
+):
+    first_app = make_app()
+    task = _lock_task_on(first_app)
+    broken = task.lock("late").__enter__()
+    done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('late')", "--yes")
+    assert done.returncode == 0 and "broke" in done.stdout, done.stderr
+    following = task if next_session == "the same" else _lock_task_on(make_app())
+    second = following.lock("late").__enter__()
+    assert second
+    broken.release()  # late, and without ever reading lease.lost
+    third = _lock_task_on(make_app()).lock("late")
+    assert not third.acquire()  # the second holds it still
+    assert not second.lost
+    second.release()
+    assert third.acquire()
+    third.release()
+
+
+def test_a_released_lock_after_rm_costs_the_floor_again_once_the_epoch_is_read(
+    lock_task, zk_hosts, zk_root
+):
+    with lock_task.lock("e1"):
+        pass
+    done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('e1')", "--yes")
+    assert "no lock" in done.stderr  # nothing held: rm breaks nothing, changes nothing
+    before = session_requests(zk_hosts, lock_task.app)
+    for _ in range(10):
+        with lock_task.lock("e1") as lease:
+            assert lease
+    assert session_requests(zk_hosts, lock_task.app) - before <= 21
+
+
+def test_lost_turns_true_in_time_while_other_threads_keep_a_blackholed_session_busy(
+    make_app, partition, capsys
+):
+    cut_off = make_app(ZOOKEEPER_HOSTS=partition.address, ZOOKEEPER_SESSION_TIMEOUT=4)
+    holder, rival = _lock_task_on(cut_off), _lock_task_on(make_app())
+    lease = holder.lock("busy").__enter__()
+    session = zkcelery._connection(cut_off)
+    granted = session.session_timeout
+    stop = threading.Event()
+
+    def keep_talking() -> None:  # requests that push kazoo's heartbeat back, forever
+        while not stop.is_set():
+            session.client.exists_async("/")
+            time.sleep(0.05)
+
+    talker = _in_thread(keep_talking)
+    lost_at: list[float] = []
+
+    def watch_lost() -> None:
+        while not lease.lost:
+            time.sleep(0.005)
+        lost_at.append(time.monotonic())
+
+    partition.cut()
+    cut = time.monotonic()
+    watcher = _in_thread(watch_lost)
+    try:
+        with rival.lock("busy", blocking=True, timeout=30) as taken:
+            taken_at = time.monotonic()
+            assert taken
+        watcher.join(30)
+        suspended = lease.suspended
+    finally:
+        stop.set()
+        talker.join(5)
+        partition.heal()
+    assert lost_at and lost_at[0] < taken_at and lost_at[0] - cut < granted
+    _report(
+        capsys,
+        f"blackholed, other threads talking (granted {granted:.1f} s): lost "
+        f"{lost_at[0] - cut:.2f} s after the cut, a rival held it {taken_at - cut:.2f} s "
+        f"after; kazoo reported the connection down: {suspended}",
+    )
+
+
+_PAUSED_HOLDER = """
+import sys, time
+import celery, zkcelery
+app = celery.Celery("paused", set_as_current=False)
+app.conf.update(ZOOKEEPER_HOSTS=sys.argv[1], ZOOKEEPER_ROOT=sys.argv[2],
+                ZOOKEEPER_SESSION_TIMEOUT=2)
+@app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.lock")
+def task(self):
+    pass
+lease = task.lock("paused").__enter__()
+print("held", flush=True)
+last = time.monotonic()
+while time.monotonic() - last < 1.0:  # until a jump in the clock: it was paused
+    last = time.monotonic()
+    time.sleep(0.01)
+print("lost" if lease.lost else "not lost", flush=True)  # the first look after the pause
+"""
+
+
+def test_lost_reads_true_at_the_first_look_after_a_pause_longer_than_the_session(
+    make_app, zk_hosts, zk_root
+):
+    child = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED_HOLDER, zk_hosts, zk_root],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        os.kill(child.pid, signal.SIGSTOP)
+        with _lock_task_on(make_app()).lock("paused", blocking=True, timeout=30) as taken:
+            assert taken  # the paused holder's session expired
+            os.kill(child.pid, signal.SIGCONT)
+            assert child.stdout.readline().strip() == "lost"
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        child.kill()
+        child.wait(10)
+
+
+def test_a_semaphore_refused_on_a_session_not_yet_connected_leaves_no_node(make_app):
+    holder = _lock_task_on(make_app())
+    with holder.semaphore("ghost", max_leases=2) as held:
+        mistaken = _lock_task_on(make_app())  # its first lease: no session yet
+        with pytest.raises(zkcelery.MaxLeasesMismatch):
+            mistaken.semaphore("ghost", max_leases=3).acquire()
+        assert held.waiters() == [] and len(held.holders()) == 1
+        with _lock_task_on(make_app()).semaphore("ghost", max_leases=2) as second:
+            assert second  # not poisoned by the mistaken call
+
+
+def test_a_waiter_that_gives_up_after_queueing_again_in_a_new_session_leaves_no_node(
+    make_app, zk_hosts
+):
+    waiter_app = make_app()
+    waiter = _lock_task_on(waiter_app)
+    with _lock_task_on(make_app()).lock("ghost") as held:
+        result: list[bool] = []
+        thread = _in_thread(lambda: result.append(waiter.lock("ghost", blocking=True,
+                                                               timeout=8).acquire()))  # fmt: skip
+        wait_for(lambda: len(held.waiters()) == 1, 10, "the waiter to queue")
+        first = zkcelery._connection(waiter_app).session_id
+        expire_session(waiter_app, zk_hosts)
+        wait_for(
+            lambda: (
+                zkcelery._connection(waiter_app).session_id not in (None, first)
+                and len(held.waiters()) == 1
+            ),
+            10,
+            "the waiter to queue again in a new session",
+        )
+        thread.join(30)
+        assert result == [False]
+        assert held.waiters() == []
+
+
+def test_waiting_leaves_no_watch_on_a_node_that_is_absent(lock_task, app):
+    client = zkcelery._connection(app).client
+    for i in range(5):
+        key = f"absent{i}"
+        holder = lock_task.lock(key).__enter__()
+        spans: list = []
+        first = _in_thread(_timed_waiter, lock_task, key, spans, 0.3)
+        wait_for(lambda: len(holder.waiters()) == 1, 10, "a waiter")  # noqa: B023
+        holder.release()  # the first waiter holds it from the queue: <name> is absent
+        wait_for(lambda: spans or len(holder.holders()) == 1, 10, "the handover")  # noqa: B023
+        second = _in_thread(_timed_waiter, lock_task, key, spans, 0.0)  # finds <name> absent
+        first.join(30)
+        second.join(30)
+        assert [acquired for *_, acquired in spans] == [True, True]
+    names = [path for path, watchers in client._data_watchers.items() if watchers]
+    assert [path for path in names if "absent" in path] == []
+
+
+def test_an_orphan_already_gone_is_forgotten_without_a_warning(app, caplog):
+    session = zkcelery._connection(app)
+    session.wait_connected()
+    path = f"{session.settings.root}/locks/never-made"
+    session.add_orphan(path, session.session_id, "0123456789abcdef")
+    wait_for(lambda: not session._orphans, 10, "the orphan to be dealt with")
+    assert "could not delete orphan" not in caplog.text
+
+
+def test_an_eager_retry_and_replacement_run_under_their_first_runs_mutex(app):
+    ran: list[tuple] = []
+
+    @app.task(shared=False, base=zkcelery.MutexTask, bind=True, mutex_keys=("key",),
+              name="t.eager_copies")  # fmt: skip
+    def copies(self, key, how, replaced=False):
+        ran.append((how, self.request.retries, replaced))
+        if how == "retry" and self.request.retries == 0:
+            raise self.retry(countdown=0)
+        if how == "replace" and not replaced:
+            return self.replace(copies.si(key, how, True))
+        return "done"
+
+    assert copies.apply(("k", "retry")).get() == "done"
+    assert copies.apply(("k", "replace")).get() == "done"
+    assert ran == [("retry", 0, False), ("retry", 1, False),
+                   ("replace", 0, False), ("replace", 0, True)]  # fmt: skip
+    assert copies.apply(("k", "plain")).get() == "done"  # and the mutex is free after
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_mutex_tasks_retry_and_replacement_run_after_the_first_run_never_dropped(
+    workers: Workers, pool
+):
+    workers.start(pool=pool, concurrency=4)  # a free slot for each copy at once
+    retried = workers.send("retrying_mutex", "r", 1.5)
+    replaced = workers.send("replacing_mutex", "p", 1.5)
+    assert retried.get(timeout=60) is None and replaced.get(timeout=60) is None
+    entries = workers.record.entries()
+    for key, task_id in (("r", retried.id), ("p", replaced.id)):
+        runs = [e for e in entries if e["key"] == key]
+        assert [e["task_id"] for e in runs] == [task_id, task_id]  # the first run, then its copy
+        assert runs[1]["enter"] >= runs[0]["exit"]  # after the first run's slow end
+    assert "dropped" not in workers.logs(), workers.logs()
 
 
 # ===========================================================================

@@ -192,7 +192,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, Optional
 from urllib.parse import quote
 
 import celery
@@ -287,6 +287,9 @@ class AlreadyQueued(ZKCeleryError, Reject):
     :ivar key: the mutex's readable key, e.g. ``"proj.sync('srv-1')"``.
     :ivar task_id: the id of the queued or running copy (None if unknown).
     """
+
+    #: The metadata of the copy that holds the key, when known.
+    holder: dict | None = None
 
     def __init__(self, key: str, task_id: str | None, state: str = "queued") -> None:
         super().__init__(f"{key} is already {state} (task {task_id})", False)
@@ -440,13 +443,42 @@ class MutexTask(_KeyedTask):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
         lease = Lease(self, _MUTEXES, self._mutex_values(args, kwargs))
+        if lease.name in _handed_over():
+            # An eager retry or replacement, run synchronously inside the
+            # retry() or replace() of its own first run, which holds the
+            # mutex and waits for it: that run's mutex covers this one.
+            return super().__call__(*args, **kwargs)
         self._take(lease)
         if not lease:
             self._contended(lease, started)  # returns holding the mutex, or raises
+        self.request.zkcelery_mutex = lease  # for an eager retry() or replace()
         try:
             return super().__call__(*args, **kwargs)
         finally:
             lease.release()
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """``celery.Task.retry``; an eager retry runs under this run's mutex."""
+        with self._handing_over():
+            return super().retry(*args, **kwargs)
+
+    def on_replace(self, sig: Any) -> Any:
+        """``celery.Task.on_replace``; an eager replacement runs under this run's mutex."""
+        with self._handing_over():
+            return super().on_replace(sig)
+
+    @contextlib.contextmanager
+    def _handing_over(self) -> Iterator[None]:
+        lease = getattr(self.request, "zkcelery_mutex", None)
+        if not (self.request.is_eager and lease):
+            yield  # a worker's copy is sent: see _contended for how it runs
+            return
+        names = _handed_over()
+        names.add(lease.name)
+        try:
+            yield
+        finally:
+            names.discard(lease.name)
 
     def _take(self, lease: Lease) -> None:
         try:
@@ -462,7 +494,10 @@ class MutexTask(_KeyedTask):
         """The mutex is held: wait and take it, or raise ``Reject`` / ``Ignore``."""
         holder = _holder(lease)
         if self.request.id is not None and holder.get("task_id") == self.request.id:
-            holder = self._held_by_itself(lease, holder, started)
+            if _later_copy(self.request, holder):
+                holder = self._follow(lease, holder, started)
+            else:
+                holder = self._held_by_itself(lease, holder, started)
             if lease:
                 return
         if self.mutex_requeue:
@@ -475,6 +510,36 @@ class MutexTask(_KeyedTask):
                 return
             holder = _holder(lease)
         self._reject(lease, holder, requeue=bool(self.mutex_requeue))
+
+    def _follow(self, lease: Lease, holder: dict, started: float) -> dict:
+        """This copy is a retry or a replacement of the run that holds the mutex.
+
+        Celery gives both the running task's id and sends them before the
+        body returns, so before the mutex is released: the new copy may start
+        while the first run ends.  It is no second delivery: it waits for the
+        first run's release (or, if that process died, for its session to
+        end), then takes the mutex and runs.  Returns the holder after
+        waiting, unless it took the mutex.
+        """
+        wait = None  # as long as the first run takes: it is ending
+        if self.acks_late:  # unacknowledged meanwhile: as long as the broker lets it wait
+            wait = _unacked_wait(self.app, started, None)
+        logger.info(
+            "task %s[%s]: mutex %s is held by its previous copy (retries %s, replaced %s): "
+            "waiting for its release",
+            self.name, self.request.id, _mutex_key(lease, holder), holder.get("retries"),
+            holder.get("nesting"),
+        )  # fmt: skip
+        while True:
+            lease.wait_for_release(wait)
+            self._take(lease)
+            if lease:
+                return holder
+            now = _holder(lease)
+            if now.get("guid") != holder.get("guid"):
+                return now  # released, and another task took it: plain contention
+            if wait is not None:  # still ending, and the broker wants an answer
+                self._reject(lease, now, requeue=True)
 
     def _held_by_itself(self, lease: Lease, holder: dict, started: float) -> dict:
         """This task id holds its own mutex: this message is a second delivery of it.
@@ -490,10 +555,12 @@ class MutexTask(_KeyedTask):
         alive = _process_alive(holder)
         if alive:
             self._drop(lease, holder, "its first delivery runs on")
-        # Dead, or on another host: a dead holder's node goes within the session
-        # timeout, a live one stays.  Wait that long (when the broker lets us).
-        wanted = _read_settings(self.app).session_timeout + 1.0
+        # Dead, or on another host: a dead holder's node goes when the server
+        # expires its session, a live one stays.  Wait that long (when the
+        # broker lets us).
+        wanted = _dead_session_bound(holder, _read_settings(self.app).session_timeout)
         wait = _unacked_wait(self.app, started, wanted)
+        assert wait is not None
         logger.info(
             "task %s[%s]: mutex %s is held by this same task (%s %s pid %s): waiting up to "
             "%.1f s for that session to end",
@@ -540,6 +607,37 @@ class MutexTask(_KeyedTask):
         exc = MutexHeld(f"mutex {key} is held by another task", requeue=requeue)
         _record_rejection(self, exc)
         raise exc
+
+
+_local = threading.local()
+
+
+def _handed_over() -> set[str]:
+    """Lock names whose holder in this thread runs an eager copy of itself."""
+    names = getattr(_local, "handed_over", None)
+    if names is None:
+        names = _local.handed_over = set()
+    return names  # type: ignore[no-any-return]
+
+
+def _later_copy(request: Any, holder: dict) -> bool:
+    """Whether ``request`` is a retry or replacement of the run ``holder`` describes."""
+    mine = (request.retries or 0, getattr(request, "replaced_task_nesting", 0) or 0)
+    theirs = (holder.get("retries") or 0, holder.get("nesting") or 0)
+    return mine > theirs
+
+
+def _dead_session_bound(holder: dict, default: float) -> float:
+    """The longest a dead holder's node can outlive it: what its session was granted.
+
+    The server expires a session in buckets of its tick, so up to a tick
+    late, and the tick is at most half the shortest timeout it grants.  A
+    holder that did not say (an older zkcelery) is taken to have ours.
+    """
+    timeout = holder.get("session_timeout")
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        timeout = default
+    return timeout * 1.5 + 1.0
 
 
 def _holder(lease: Lease) -> dict:
@@ -620,13 +718,13 @@ def _redis_visibility_timeout(app: celery.Celery) -> float | None:
     return seconds
 
 
-def _unacked_wait(app: celery.Celery, started: float, wanted: float) -> float:
-    """How long a task that started at ``started`` may wait now, at most ``wanted``."""
+def _unacked_wait(app: celery.Celery, started: float, wanted: float | None) -> float | None:
+    """How long a task that started at ``started`` may wait now, at most ``wanted`` (None: ever)."""
     timeout = _redis_visibility_timeout(app)
     if timeout is None:
         return wanted
-    left = timeout * _VISIBILITY_SHARE - (time.monotonic() - started)
-    return max(0.0, min(wanted, left))
+    left = max(0.0, timeout * _VISIBILITY_SHARE - (time.monotonic() - started))
+    return left if wanted is None else min(wanted, left)
 
 
 _quiet_ids: set = set()
@@ -856,9 +954,11 @@ class EarlyMutexTask(_KeyedTask):
                            refused.task_id)  # fmt: skip
                 _record_rejection(self, refused)
                 raise
+            holder = refused.holder or {}
         # This task id runs already: a second delivery of its message.  If
-        # the first one's process died, its session ends within the timeout.
-        lease.wait_for_release(_read_settings(self.app).session_timeout + 1.0)
+        # the first one's process died, its session ends within its timeout.
+        own = _read_settings(self.app).session_timeout
+        lease.wait_for_release(_dead_session_bound(holder, own))
         with contextlib.suppress(AlreadyQueued):
             lease.acquire()
             return
@@ -1093,6 +1193,7 @@ class Lease:
         deadline = None
         if self._blocking and self._timeout is not None:
             deadline = time.monotonic() + self._timeout
+        session.wait_connected(deadline)  # the metadata holds the granted session timeout
         protocol = self._protocol(session)
         if self._blocking and deadline is None and self._max_leases is None:
             session.refuse_reentry(protocol.key_path, self.key)
@@ -1100,8 +1201,8 @@ class Lease:
         if granted is None:
             self._log(logging.DEBUG, "is held elsewhere")
             return False
-        path, token = granted
-        self._grant = _Grant(session, protocol, path, token, self._log)
+        path, token, owner = granted
+        self._grant = _Grant(session, protocol, path, token, owner, self._log)
         session.remember(self._grant)
         return True
 
@@ -1111,14 +1212,18 @@ class Lease:
             assert self._grant is not None
             self._grant.release()
 
-    def wait_for_release(self, seconds: float) -> None:
-        """Wait until the lock this (exclusive) lease failed to take is freed, or ``seconds``."""
+    def wait_for_release(self, seconds: float | None) -> None:
+        """Wait until the lock this (exclusive) lease failed to take is freed, or ``seconds``.
+
+        :param seconds: the longest wait; None waits as long as it is held.
+        """
         if self._session is not None and self._max_leases is None:
             # Only a courtesy: if ZooKeeper is away, the next acquire says so.
             with contextlib.suppress(CoordinationError):
                 protocol = self._protocol(self._session)
                 assert not isinstance(protocol, _Semaphore)
-                _wait_gone(self._session, protocol.holder, time.monotonic() + seconds)
+                deadline = None if seconds is None else time.monotonic() + seconds
+                _wait_gone(self._session, protocol.holder, deadline)
 
     # -- an early mutex's other steps (see _EarlyMutex) --------------------------
 
@@ -1138,7 +1243,8 @@ class Lease:
     def _requeue(self) -> None:
         grant = self._grant
         if grant is not None and not grant.released and not grant.is_lost():
-            self._early().requeue(grant.session_id)
+            assert isinstance(grant.protocol, _EarlyMutex)
+            grant.protocol.requeue(grant.session_id)
             grant.settle()
 
     # -- helpers -----------------------------------------------------------------
@@ -1166,6 +1272,7 @@ class Lease:
 
     def _metadata(self, session: _Session, guid: str) -> bytes:
         task_id = self._task_id()
+        request = self._task.request
         meta = {
             "task_id": task_id,
             "task": self._task.name,
@@ -1175,6 +1282,13 @@ class Lease:
             "acquired": time.time(),
             "key": self.key,
             "guid": guid,
+            # Which copy of the task this is: a retry or a replacement keeps
+            # the task id and counts up (see MutexTask._contended).
+            "retries": getattr(request, "retries", 0) or 0,
+            "nesting": getattr(request, "replaced_task_nesting", 0) or 0,
+            # How long this session outlives its process: what the server
+            # granted, which a waiter for a dead holder's node needs to know.
+            "session_timeout": session.session_timeout,
         }
         if self._max_leases is not None:
             meta["max_leases"] = self._max_leases
@@ -1186,6 +1300,11 @@ class Lease:
             level, f"task %s[%s]: %s %s {what}",
             self._task.name, self._task_id(), _KIND[self._namespace], self.key, *args,
         )  # fmt: skip
+
+
+#: What a protocol's acquire returns: the node, its fencing token if known,
+#: and the session that made the node.
+_Granted = tuple[str, Optional[int], Optional[int]]
 
 
 class _AppOwner:
@@ -1203,10 +1322,10 @@ class _AppOwner:
 class _Grant:
     """One granted lease: its node, its session, and whether it may be lost.
 
-    A grant is lost (for good) when its session is known to be lost, when
-    the connection has been down for a quarter of the negotiated session
-    timeout, or when its node is deleted from outside; the last is learnt from
-    a watch set at the first look, so that looking never waits.
+    A grant is lost (for good) when its session may have ended (see
+    _Session.lost_since), or when its node is deleted from outside; the last
+    is learnt from a watch set at the first look, so that looking never waits.
+    ``owner`` is the session the node was made in, as the server says.
     """
 
     def __init__(
@@ -1215,6 +1334,7 @@ class _Grant:
         protocol: _ExclusiveLock | _Semaphore | _EarlyMutex,
         path: str,
         token: int | None,
+        owner: int | None,
         log: Callable[..., None],
     ) -> None:
         self.session = session
@@ -1222,7 +1342,7 @@ class _Grant:
         self.path = path
         self.key_path = protocol.key_path
         self.guid = protocol.guid
-        self.session_id = session.session_id
+        self.session_id = owner
         self.thread = threading.get_ident()
         self.token = token
         self.released = False
@@ -1231,13 +1351,16 @@ class _Grant:
         self._log = log
 
     def is_lost(self) -> bool:
-        if self.why_lost is None and not self.released:
-            if self.session.lost_since(self.session_id):
-                self.mark_lost("the ZooKeeper session expired or the connection is down")
-            elif not self._watching:
-                self._watching = True
-                self.session.watch_node(self.path, self._on_event, self._on_answer)
+        self.check_session()
+        if self.why_lost is None and not self.released and not self._watching:
+            self._watching = True
+            self.session.watch_node(self.path, self._on_event, self._on_answer)
         return self.why_lost is not None
+
+    def check_session(self) -> None:
+        """Mark the grant lost if its session may have ended (no I/O)."""
+        if self.why_lost is None and not self.released and self.session.lost_since(self.session_id):
+            self.mark_lost(_SESSION_LOST)
 
     def fencing_token(self) -> int | None:
         if self.token is None and not self.released and self.why_lost is None:
@@ -1288,15 +1411,18 @@ class _Grant:
 
     def _on_answer(self, result: Any) -> None:
         if not result.successful():
+            if isinstance(result.exception, NoNodeError):
+                self.mark_lost(_BROKEN)
             return  # no answer: the session's fate decides
-        stat = result.value
-        if stat is None or stat.ephemeralOwner != self.session_id:
+        data, stat = result.value
+        if stat.ephemeralOwner != self.session_id or _guid_of(data) != self.guid:
             self.mark_lost(_BROKEN)
         elif self.token is None:
             self.token = stat.czxid
 
 
 _BROKEN = "its znode was deleted from outside"
+_SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long to be sure it lives"
 
 
 def _guid_of(data: bytes) -> str | None:
@@ -1338,6 +1464,7 @@ class _Queue:
         self.data = data
         self.node: str | None = None  # our child's name while we are in the queue
         self.token: int | None = None
+        self.owner: int | None = None  # the session our node was made in
         self.children: list[str] = []  # the last sorted listing
 
     @property
@@ -1359,6 +1486,10 @@ class _Queue:
                     continue  # never made, or made in a session now ended
                 path, stat = found
             self.node, self.token = path.rsplit("/", 1)[1], stat.czxid
+            # Cleanup goes by this, never by the session current at some
+            # other moment: the node is deleted, by its own path, whatever
+            # ends the wait (see leave).
+            self.owner = stat.ephemeralOwner
 
     def _find_own(self, session_id: int | None, exc: Exception) -> tuple[str, ZnodeStat] | None:
         session = self.session
@@ -1366,6 +1497,9 @@ class _Queue:
             session.wait_connected()
             if session.session_id != session_id:
                 return None
+            # The server we reconnected to may not have applied our create
+            # yet: catch up with the leader before looking.
+            session.read(session.client.sync_async, self.path)
             for child in self.listing():
                 if child.startswith(self.prefix):
                     path = f"{self.path}/{child}"
@@ -1392,6 +1526,7 @@ class _Queue:
             if self.node not in self.children:  # our node is gone: join again
                 self.node = None
                 continue
+            self._drop_ghosts()
             index = self.children.index(self.node)
             if policy.granted(self.children, index):
                 return True
@@ -1409,11 +1544,18 @@ class _Queue:
                 if free_turns > _FREE_TURNS:
                     self.session.handler.sleep_func(0.05)
 
-    def leave(self, session_id: int | None, container_too: bool = False) -> None:
+    def _drop_ghosts(self) -> None:
+        """Delete our nodes but the current one: creates whose answer was lost, applied late."""
+        for ghost in [c for c in self.children if c.startswith(self.prefix) and c != self.node]:
+            self.children.remove(ghost)
+            with contextlib.suppress(NoNodeError):
+                self.session.call(self.session.client.delete_async, f"{self.path}/{ghost}")
+
+    def leave(self, container_too: bool = False) -> None:
         """Delete our node (and the container, when asked and it is then empty)."""
         if self.node is not None:
             path, self.node = self.own_path, None
-            self.session.delete_own(path, session_id, self.path if container_too else None)
+            self.session.delete_own(path, self.owner, self.path if container_too else None)
 
     def contenders(self) -> list[tuple[str, dict]]:
         """(path, metadata) of every contender, first in line first."""
@@ -1454,15 +1596,18 @@ class _ExclusiveLock:
         self.session = session
         self.guid = guid
         self.data = data
+        self.parent = parent
         self.key_path = self.holder = f"{parent}/{name}"
         self.queue = _Queue(session, f"{self.holder}{_QUEUE}", 1, guid, data)
+        self.epoch: tuple[str, int] | None = None  # the namespace's, before <name> was ours
+        self._owner: int | None = None  # the session that made <name>, when ours
         self._holder_gone = False
         self._head_waiting = False
         self._holder_elsewhere = False
 
     # -- acquire ---------------------------------------------------------------
 
-    def acquire(self, blocking: bool, deadline: float | None) -> tuple[str, int | None] | None:
+    def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         # A key this process found contended a moment ago most likely still
         # is: a blocking contender then joins the queue at once, sparing the
         # fast path's failed write (every write costs the leader an fsync).
@@ -1472,24 +1617,24 @@ class _ExclusiveLock:
         if outcome == "queued" and not blocking and self._queue_abandoned():
             outcome = self._take_free()
         if outcome == "taken":
-            return self.holder, None
+            return self.holder, None, self._owner
         self.session.contended(self.key_path, seen=True)
         if not blocking:
             return None
-        session_id = self.session.session_id
         granted = False
         try:
             granted = self.queue.wait_turn(self, blocking, deadline)
-            session_id = self.session.session_id
-            return (self.queue.own_path, self.queue.token) if granted else None
+            return (self.queue.own_path, self.queue.token, self.queue.owner) if granted else None
         finally:
             if not granted:  # a waiter that gives up, or fails, leaves no node behind
-                with contextlib.suppress(CoordinationError):  # reaped on reconnect
-                    self.queue.leave(session_id, container_too=self._alone())
+                with contextlib.suppress(CoordinationError):  # else deleted when it can be
+                    self.queue.leave(container_too=self._alone())
 
     def _take_free(self) -> str:
         """Create ``<name>`` if the lock is free and nobody queues: taken, held or queued."""
         session = self.session
+        # Read before <name> can be ours: a release checks that no rm ran since.
+        self.epoch = session.epoch(self.parent)
         while True:
             session_id = session.session_id
             try:
@@ -1497,10 +1642,12 @@ class _ExclusiveLock:
                 results = session.multi(self._fast_ops, abandon=abandon)
             except _ConnectionLost as exc:
                 if self._recover_fast(session_id, exc):
+                    self._owner = session_id
                     return "taken"
                 continue  # not applied: try again on the new connection
             if isinstance(results[0], str):
-                return "taken"
+                self._owner = session.owner_of(self.holder, self.guid, session_id)
+                return "taken" if self._owner is not None else "held"
             if isinstance(results[0], NoNodeError):  # the namespace node is gone
                 session.ensure_namespaces(again=True)
                 continue
@@ -1525,6 +1672,8 @@ class _ExclusiveLock:
             session.wait_connected()
             if session.session_id != session_id:
                 return False
+            # The server we reconnected to may not have applied the multi yet.
+            session.read(session.client.sync_async, self.holder)
             data, _ = session.read(session.client.get_async, self.holder)
         except NoNodeError:
             return False
@@ -1567,9 +1716,7 @@ class _ExclusiveLock:
         woken = session.handler.event_object()
         if not self._holder_gone:
             self._head_waiting = index == 0
-            stat = session.read(
-                session.client.exists_async, self.holder, watch=self._holder_watch(woken)
-            )
+            stat = session.stat_watching(self.holder, self._holder_watch(woken))
             if stat is None:
                 self._holder_gone = True
                 return None
@@ -1577,7 +1724,7 @@ class _ExclusiveLock:
             if index == 0:
                 return woken
         ahead = f"{self.queue.path}/{children[index - 1]}"
-        if session.read(session.client.exists_async, ahead, watch=_setter(woken)) is None:
+        if session.stat_watching(ahead, _setter(woken)) is None:
             return None
         return woken
 
@@ -1596,9 +1743,9 @@ class _ExclusiveLock:
 
     def release(self, path: str, session_id: int | None) -> None:
         if path == self.holder:
-            self.session.delete_own(path, session_id, guid=self.guid)
+            self.session.delete_own(path, session_id, guid=self.guid, epoch=self.epoch)
         else:
-            self.queue.leave(session_id, container_too=self._alone())
+            self.queue.leave(container_too=self._alone())
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         """(holders, waiters): the metadata of each."""
@@ -1639,21 +1786,19 @@ class _Semaphore:
         self.key = key
         self.queue = _Queue(session, path, max_leases, guid, data)
 
-    def acquire(self, blocking: bool, deadline: float | None) -> tuple[str, int | None] | None:
-        session_id = self.session.session_id
+    def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         granted = False
         try:
             granted = self.queue.wait_turn(self, blocking, deadline)
-            session_id = self.session.session_id
             if not granted:
                 return None
             if self.queue.node != self.queue.children[-1]:
                 self._wake_next()  # the waiter behind us watches our node
-            return self.queue.own_path, self.queue.token
+            return self.queue.own_path, self.queue.token, self.queue.owner
         finally:
             if not granted:  # a waiter that gives up, or fails, leaves no node behind
-                with contextlib.suppress(CoordinationError):  # reaped on reconnect
-                    self.queue.leave(session_id)
+                with contextlib.suppress(CoordinationError):  # else deleted when it can be
+                    self.queue.leave()
 
     def _wake_next(self) -> None:
         # Best effort: if the connection is away, the watch fires anyway.
@@ -1680,13 +1825,14 @@ class _Semaphore:
             return listed  # the listing set a children watch already
         woken = self.session.handler.event_object()
         ahead = f"{self.queue.path}/{children[index - 1]}"
-        if self.session.read(self.session.client.exists_async, ahead, watch=_setter(woken)):
+        if self.session.stat_watching(ahead, _setter(woken)) is not None:
             return woken
         return None
 
     def release(self, path: str, session_id: int | None) -> None:
         self.queue.node = path.rsplit("/", 1)[1]
-        self.queue.leave(session_id)
+        self.queue.owner = session_id
+        self.queue.leave()
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         queued = self.queue.contenders()
@@ -1694,11 +1840,15 @@ class _Semaphore:
         return _states(held, "held"), _states(waiting, "waiting")
 
 
-def _wait_gone(session: _Session, path: str, deadline: float) -> None:
+def _wait_gone(session: _Session, path: str, deadline: float | None) -> None:
     """Wait until the node at ``path`` is gone, or the deadline."""
-    woken = session.handler.event_object()
-    if session.read(session.client.exists_async, path, watch=_setter(woken)) is not None:
-        session.wait(woken, deadline)
+    while True:
+        woken = session.handler.event_object()
+        if session.stat_watching(path, _setter(woken)) is None:
+            return
+        if not session.wait(woken, deadline):
+            return
+        # Changed, deleted, or the session moved: look again.
 
 
 def _contenders_in(session: _Session, path: str, watch: Callable | None = None) -> list[str]:
@@ -1744,9 +1894,11 @@ class _EarlyMutex:
         timeout: float,
     ) -> None:
         self.session = session
+        self.parent = parent
         self.key_path = self.holder = f"{parent}/{name}"
         self.guid = guid
         self.key = key
+        self.epoch: tuple[str, int] | None = None  # as for _ExclusiveLock
         self.meta = json.loads(data)
         self.task_id = self.meta["task_id"]
         self.timeout = timeout
@@ -1778,22 +1930,25 @@ class _EarlyMutex:
         if holder and holder.get("task_id") == self.task_id and holder.get("state") == "queued":
             self._delete(stat)
 
-    def acquire(self, blocking: bool, deadline: float | None) -> tuple[str, int | None]:
+    def acquire(self, blocking: bool, deadline: float | None) -> _Granted:
         """At the run's start: take the key in this session, or raise AlreadyQueued."""
         self.session.ensure_namespaces()
+        self.epoch = self.session.epoch(self.parent)
         running = self._data("running")
         for _ in range(_CONTAINER_TRIES):
             holder, stat = self._read()
+            session_id = self.session.session_id
             try:
-                abandon = functools.partial(self._abandon_running, self.session.session_id)
+                abandon = functools.partial(self._abandon_running, session_id)
                 if holder is None:
                     self.session.call(
                         self.session.client.create_async, self.holder, running, ephemeral=True,
                         abandon=abandon,
                     )  # fmt: skip
-                    return self.holder, None
+                    return self._taken(session_id)
                 if holder.get("guid") == self.guid:
-                    return self.holder, stat.czxid  # made before a lost answer
+                    # made before a lost answer
+                    return self.holder, stat.czxid, stat.ephemeralOwner or None
                 if holder.get("state") == "queued" and (
                     holder.get("task_id") == self.task_id or self._expired(holder)
                 ):
@@ -1802,12 +1957,20 @@ class _EarlyMutex:
                         abandon=abandon,
                     )
                     if isinstance(results[1], str):
-                        return self.holder, None
+                        return self._taken(session_id)
                     continue  # it changed since we read it
             except (NodeExistsError, _ConnectionLost):
                 continue
-            raise AlreadyQueued(self.key, holder.get("task_id"), holder.get("state", "queued"))
+            error = AlreadyQueued(self.key, holder.get("task_id"), holder.get("state", "queued"))
+            error.holder = holder
+            raise error
         raise CoordinationError(f"early mutex {self.key} kept changing; gave up")
+
+    def _taken(self, before: int | None) -> _Granted:
+        owner = self.session.owner_of(self.holder, self.guid, before)
+        if owner is None:
+            raise CoordinationError(f"early mutex {self.key}: taken, then lost at once")
+        return self.holder, None, owner
 
     def _abandon_running(self, session_id: int | None, result: Any) -> None:
         # Runs on kazoo's thread, for a take we stopped waiting for (the task
@@ -1822,13 +1985,15 @@ class _EarlyMutex:
         if self.session.session_id != session_id:
             return  # the session ended: the key went with it, the retried copy takes it
         results = self.session.multi(
-            functools.partial(_replace, self.holder, 0, self._data("queued"), False)
+            functools.partial(
+                _replace, self.holder, 0, self._data("queued"), False, epoch=self.epoch
+            )
         )
-        if not isinstance(results[1], str):
+        if not isinstance(results[-1], str):
             logger.warning("early mutex %s: could not keep it for the retry", self.key)
 
     def release(self, path: str, session_id: int | None) -> None:
-        self.session.delete_own(path, session_id, guid=self.guid)
+        self.session.delete_own(path, session_id, guid=self.guid, epoch=self.epoch)
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         found = self.session.read_nodes([self.holder])
@@ -1857,9 +2022,19 @@ class _EarlyMutex:
 
 
 def _replace(
-    path: str, version: int, data: bytes, ephemeral: bool, txn: TransactionRequest
+    path: str,
+    version: int,
+    data: bytes,
+    ephemeral: bool,
+    txn: TransactionRequest,
+    epoch: tuple[str, int] | None = None,
 ) -> None:
-    """One form of a node for another, atomically: delete at ``version``, create anew."""
+    """One form of a node for another, atomically: delete at ``version``, create anew.
+
+    With ``epoch``, only if no ``rm`` ran since it was read (see _Session.delete_own).
+    """
+    if epoch is not None:
+        txn.check(*epoch)
     txn.delete(path, version)
     txn.create(path, data, ephemeral=ephemeral)
 
@@ -2228,10 +2403,13 @@ def _requeue_delay(task_id: Any) -> float:
 # ---------------------------------------------------------------------------
 
 _RECOVERABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError)
-#: A lease is called lost this fraction of the negotiated session timeout
-#: after the connection is seen down: a little under the third that is left,
-#: at most, before ZooKeeper may expire the session (see lost_since).
-_LOST_AFTER_SUSPENDED = 0.25
+#: A lease is called lost once the server has answered nothing sent in the
+#: last this fraction of the granted session timeout (see lost_since).  A
+#: healthy idle session is answered a ping every third of it.
+_LOST_AFTER_SILENCE = 0.75
+#: The watchdog looks at held leases this often, as a fraction of the timeout.
+_WATCHDOG_EVERY = 0.1
+_WATCH_XID = -1  # kazoo's xid of a watch notification, which answers no request
 #: How long, and for how many keys, a process remembers a lock it found contended.
 _CONTENDED_FOR, _CONTENDED_KEYS = 2.0, 1000
 #: Creates of a node whose container keeps being reaped, before giving up.
@@ -2290,14 +2468,22 @@ class _Session:
         self._suspended_at: float | None = None
         #: What the server granted, which may be less than what we asked for.
         self.session_timeout = settings.session_timeout
+        #: When we sent the latest request the server has answered: it heard
+        #: from the session at that moment or later (see lost_since).
+        self._heard = time.monotonic()
+        self._sent: dict[int | None, float] = {}  # xid -> when sent, until answered
         self._grants: set[_Grant] = set()
+        self._watchdog = False  # a thread watches the grants for silence
+        self._reaping = False  # a thread deletes orphans while connected
+        #: namespace path -> its data version, which ``rm`` bumps (see delete_own)
+        self._epochs: dict[str, int] = {}
         self._contended: dict[str, float] = {}  # key path -> when last seen contended
         #: path (or a sequential node's prefix) -> (session id, lease guid)
         self._orphans: dict[str, tuple[int | None, str | None]] = {}
         self._ready = False  # the root and namespace nodes exist
         self._verified = False  # ...and, with ZOOKEEPER_AUTH, are ours alone
         self._ttl_nodes = True  # until the server says it has none
-        self._record_negotiated_timeout()
+        self._instrument_connection()
         self.client.add_listener(self._on_state)
         self.client.start_async()
 
@@ -2317,32 +2503,57 @@ class _Session:
     def lost_since(self, session_id: int | None) -> bool:
         """Whether a lease taken in ``session_id`` may now be held by someone else.
 
-        kazoo notices a silent connection up to 2/3 of the session timeout
-        after it broke (a ping every third, dropped when one goes unanswered),
-        and reports LOST only once it reconnects, when ZooKeeper may long have
-        deleted the node.  Counting _LOST_AFTER_SUSPENDED of the negotiated
-        timeout from the suspension keeps "lost" within one session timeout of
-        the break: before the server can free the node.  No I/O.
+        ZooKeeper expires a session the granted timeout after it last heard
+        from it, and never sooner.  A lease is called lost when the session
+        is another one now, or once nothing sent in the last
+        _LOST_AFTER_SILENCE of that timeout has been answered: before the
+        server can have expired the session.  That is judged from answers,
+        not from kazoo's states, which can lag past the expiry: kazoo pings
+        only when it has sent nothing for a while, so while other threads
+        keep sending on a dead link it reports no disconnection at all; and
+        after a pause of the whole process (SIGSTOP, a paused VM) no state
+        has changed yet when the body looks.  No I/O.
         """
-        if self._live.is_set() and self.session_id != session_id:
+        if self.session_id != session_id:
             return True
-        since = self._suspended_at
-        limit = self.session_timeout * _LOST_AFTER_SUSPENDED
-        return since is not None and time.monotonic() - since >= limit
+        silence = time.monotonic() - self._heard
+        return silence >= self.session_timeout * _LOST_AFTER_SILENCE
 
-    def _record_negotiated_timeout(self) -> None:
-        # kazoo reads the timeout the server granted only into a local
-        # variable, and returns 2/3 of it (ms) as its read timeout from
-        # _connect: wrap that one method of our own client's connection.
+    def _instrument_connection(self) -> None:
+        # kazoo keeps neither the timeout the server granted (a local variable
+        # of _connect, which returns 2/3 of it in ms as its read timeout) nor
+        # when the server last answered: wrap three methods of our own
+        # client's connection, all run on kazoo's connection thread.
         connection = self.client._connection
-        connect = connection._connect
+        connect, submit, read_header = (
+            connection._connect,
+            connection._submit,
+            connection._read_header,
+        )
 
         def recording_connect(*args: Any, **kwargs: Any) -> Any:
+            began = time.monotonic()
             read_timeout, connect_timeout = connect(*args, **kwargs)
             self.session_timeout = read_timeout * 1.5 / 1000.0
+            self._sent.clear()
+            self._heard = began  # the server took our connect request after this
             return read_timeout, connect_timeout
 
+        def recording_submit(request: Any, timeout: Any, xid: Any = None) -> Any:
+            self._sent[xid] = time.monotonic()
+            return submit(request, timeout, xid)
+
+        def recording_read_header(timeout: Any) -> Any:
+            header, buffer, offset = read_header(timeout)
+            if header.xid != _WATCH_XID:  # an answer: to a request, a ping or auth
+                sent = self._sent.pop(header.xid, None)
+                if sent is not None and sent > self._heard:
+                    self._heard = sent
+            return header, buffer, offset
+
         connection._connect = recording_connect
+        connection._submit = recording_submit
+        connection._read_header = recording_read_header
 
     def _on_state(self, state: str) -> None:
         # Runs on kazoo's connection thread: never block here.
@@ -2357,23 +2568,27 @@ class _Session:
         self._live.clear()
         if state == KazooState.SUSPENDED:
             self._suspended_at = time.monotonic()
-            self.handler.spawn(self._warn_when_lost, self._suspended_at)
         else:  # LOST: the session is gone, and so is every node it held
-            self._suspended_at = self._suspended_at or time.monotonic() - self.session_timeout
+            self._suspended_at = self._suspended_at or time.monotonic()
             with self.mutex:
                 self._orphans.clear()
             self.handler.spawn(self._report_lost)
-
-    def _warn_when_lost(self, suspended_at: float) -> None:
-        self.handler.sleep_func(self.session_timeout * _LOST_AFTER_SUSPENDED)
-        if self._suspended_at == suspended_at:
-            self._report_lost()
 
     def _report_lost(self) -> None:
         with self.mutex:
             grants = list(self._grants)
         for grant in grants:
-            grant.is_lost()
+            grant.check_session()
+
+    def _watch_grants(self) -> None:
+        """While leases are held: notice (and log) one lost to silence, a pause or expiry."""
+        while True:
+            self.handler.sleep_func(max(0.05, self.session_timeout * _WATCHDOG_EVERY))
+            with self.mutex:
+                if not self._grants:
+                    self._watchdog = False
+                    return
+            self._report_lost()
 
     def wait_connected(self, deadline: float | None = None) -> None:
         limit = self.settings.connect_timeout
@@ -2398,6 +2613,9 @@ class _Session:
     def remember(self, grant: _Grant) -> None:
         with self.mutex:
             self._grants.add(grant)
+            start, self._watchdog = not self._watchdog, True
+        if start:
+            self.handler.spawn(self._watch_grants)
 
     def forget(self, grant: _Grant) -> None:
         with self.mutex:
@@ -2427,9 +2645,29 @@ class _Session:
             return now - self._contended.get(key_path, -_CONTENDED_FOR) < _CONTENDED_FOR
 
     def add_orphan(self, path: str, session_id: int | None, guid: str | None = None) -> None:
-        """Remember a node to delete on reconnect (a path, or a sequential prefix ending in @)."""
+        """Remember a node to delete (a path, or a sequential prefix ending in @).
+
+        It is deleted as soon as a request can be answered: on reconnect, and
+        meanwhile by a thread that tries again, backing off, while connected
+        (an answer that timed out on a live connection brings no reconnect).
+        """
         with self.mutex:
             self._orphans[path] = (session_id, guid)
+            start, self._reaping = not self._reaping, True
+        if start:
+            self.handler.spawn(self._reap_while_connected)
+
+    def _reap_while_connected(self) -> None:
+        delay = 0.2
+        while True:
+            self.handler.sleep_func(delay)
+            if self._live.is_set():
+                self._reap_orphans()
+            with self.mutex:
+                if not self._orphans:
+                    self._reaping = False
+                    return
+            delay = min(delay * 2, 30.0)
 
     def _reap_orphans(self) -> None:
         """Delete the nodes that a release or acquire had to leave behind."""
@@ -2441,6 +2679,8 @@ class _Session:
                 continue  # that session ended: its nodes went with it
             try:
                 self._delete_orphan(path, owner, guid)
+            except NoNodeError:
+                pass  # gone already: nothing to do, ever
             except (ZKCeleryError, KazooException, self._timeout_error) as exc:
                 logger.warning("could not delete orphan znode %s: %s", path, exc)
                 self.add_orphan(path, owner, guid)
@@ -2528,8 +2768,35 @@ class _Session:
     def watch_node(
         self, path: str, on_event: Callable[[WatchedEvent], None], on_answer: Callable
     ) -> None:
-        """Watch ``path`` for changes, without waiting for the answer."""
-        self.client.exists_async(path, watch=on_event).rawlink(on_answer)
+        """Watch ``path`` for changes, without waiting for the answer (a get's)."""
+        self.client.get_async(path, watch=on_event).rawlink(on_answer)
+
+    def stat_watching(self, path: str, watch: Callable[[WatchedEvent], None]) -> ZnodeStat | None:
+        """The stat of ``path``, watching it for a change; None if it is absent.
+
+        A get, not an exists: an exists on an absent node leaves a watch for
+        its creation in the server and in kazoo, and a key that is never used
+        again would keep it for as long as the session lives.
+        """
+        try:
+            return self.read(self.client.get_async, path, watch=watch)[1]  # type: ignore[no-any-return]
+        except NoNodeError:
+            return None
+
+    def owner_of(self, path: str, guid: str, before: int | None) -> int | None:
+        """The session that made our node at ``path``, just created in ``before`` or later.
+
+        A request is sent on whatever session is current then: if the id is
+        the same after the answer, it is that one; otherwise ask the server.
+        None if the node is not ours.
+        """
+        if self.session_id == before:
+            return before
+        try:
+            data, stat = self.read(self.client.get_async, path)
+        except NoNodeError:
+            return None
+        return stat.ephemeralOwner if _guid_of(data) == guid else None  # type: ignore[no-any-return]
 
     # -- creating and deleting -----------------------------------------------
 
@@ -2645,13 +2912,22 @@ class _Session:
         session_id: int | None,
         container: str | None = None,
         guid: str | None = None,
+        epoch: tuple[str, int] | None = None,
     ) -> None:
         """Delete our node at ``path`` (and ``container``, if it is then empty) in bounded time.
 
         kazoo's own retry never gives up, so a release during a partition would
         hang until the network healed; here the whole release has one deadline.
-        After a lost answer, only a node still ours in the same session is
-        deleted: the first delete may have applied and the lock been taken again.
+
+        A node at a fixed path (a lock's ``<name>``) may be another holder's
+        by now: ``rm`` deleted ours and someone took the lock.  ``epoch`` is
+        the namespace node and its data version as read before our node was
+        made; ``rm`` bumps that version in the multi-operation that deletes,
+        so a delete that checks it in the same multi-operation deletes only
+        a node that no ``rm`` touched since, at the cost of a plain delete.
+        When the check fails (some ``rm`` ran), or after a lost answer, the
+        node is read first and deleted only if it is still ours: made in
+        ``session_id``, with our ``guid``.
         """
         deadline = time.monotonic() + self.settings.connect_timeout
         first = True
@@ -2660,13 +2936,20 @@ class _Session:
                 self.wait_connected(deadline)
                 if self.session_id != session_id:
                     return  # the session ended: the node is gone with it
+                version = -1
                 if not first:
                     data, stat = self.call(self.client.get_async, path, deadline=deadline)
                     if stat.ephemeralOwner != session_id or (guid and _guid_of(data) != guid):
                         return
+                    version = stat.version
+                elif epoch is not None:
+                    first = False
+                    if not self._fenced_delete(path, epoch, deadline):
+                        continue  # some rm ran since we read the epoch: look first
+                    return
                 first = False
                 if container is None:
-                    self.call(self.client.delete_async, path, deadline=deadline)
+                    self.call(self.client.delete_async, path, version, deadline=deadline)
                     return
                 results = self.multi(functools.partial(_delete_both, path, container))
                 if not isinstance(results[1], NotEmptyError):
@@ -2682,6 +2965,31 @@ class _Session:
             except CoordinationError:  # no connection in time: delete it on reconnect
                 self.add_orphan(path, session_id, guid)
                 raise
+
+    def epoch(self, namespace: str) -> tuple[str, int]:
+        """``namespace``'s node and its data version, which ``rm`` bumps (read once)."""
+        version = self._epochs.get(namespace)
+        if version is None:
+            self.ensure_namespaces()
+            stat = self.read(self.client.exists_async, namespace)
+            version = self._epochs[namespace] = stat.version if stat is not None else -1
+        return namespace, version
+
+    def _fenced_delete(self, path: str, epoch: tuple[str, int], deadline: float) -> bool:
+        """Delete ``path`` unless the namespace's epoch moved: False if it did."""
+        namespace, version = epoch
+
+        def build(txn: TransactionRequest) -> None:
+            txn.check(namespace, version)
+            txn.delete(path)
+
+        results = self.multi(build, deadline=deadline)
+        if results[0] is not True:  # BadVersionError: rm ran since
+            self._epochs.pop(namespace, None)  # read again before the next take
+            return False
+        if isinstance(results[1], NoNodeError):
+            raise NoNodeError()
+        return True
 
     def close(self) -> None:
         """End the session (its ephemeral nodes go at once) without hanging."""
@@ -3395,14 +3703,36 @@ def _rm_command(app: celery.Celery, key: str, yes: bool) -> None:
     rows = [row for row in _listing(conn) if key in (row["key"], row["node"])]
     if not rows:
         raise click.ClickException(f"no lock, semaphore or mutex has the key {key!r}")
-    for row in rows:
+    held = [row for row in rows if row["state"] != "waiting"]
+    for row in held:
         click.echo(f"{_describe(row)} on {row['host']} pid {row['pid']} for {row['age']:.1f}s")
+    if len(held) < len(rows):
+        click.echo(f"{len(rows) - len(held)} waiting: they stay in line, the first is served next")
+    if not held:
+        return
     if not yes:
         click.confirm("Break it? The holder, if alive, sees lease.lost", abort=True)
-    for row in rows:
-        with contextlib.suppress(NoNodeError):
-            conn.call(conn.client.delete_async, row["path"])
+    for row in held:
+        _break(conn, row)
         click.echo(f"broke {_describe(row)}")
+
+
+def _break(session: _Session, row: dict) -> None:
+    """Delete a holder's node, and bump its namespace's epoch in the same multi-operation.
+
+    The broken holder may run on and release late.  Its release of a node at
+    a fixed path (``<name>``, an early mutex) checks the epoch it read before
+    it took the lock, so it cannot delete the node of whoever holds the lock
+    next (see _Session.delete_own).  Waiters are not touched: the first in
+    line is granted the lock, as after any release.
+    """
+    namespace = f"{session.settings.root}/{row['namespace']}"
+
+    def build(txn: TransactionRequest) -> None:
+        txn.set_data(namespace, b"")
+        txn.delete(row["path"])
+
+    session.multi(build)  # a node gone meanwhile fails it: nothing to break then
 
 
 def _describe(row: dict) -> str:
@@ -3519,7 +3849,8 @@ def _listing(session: _Session) -> list[dict]:
             if namespace == _EARLY:
                 state = meta.get("state", state)  # queued or running
             rows.append({
-                "kind": _KIND[namespace], "state": state, "key": meta.get("key", node),
+                "kind": _KIND[namespace], "namespace": namespace, "state": state,
+                "key": meta.get("key", node),
                 "node": node, "path": path, "task": meta.get("task"),
                 "task_id": meta.get("task_id"), "identifier": meta.get("identifier"),
                 "host": meta.get("host"), "pid": meta.get("pid"),
