@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,9 +97,25 @@ class Ensemble:
         return self._run("status", check=False)
 
 
+@pytest.fixture
+def zk_hosts(request: pytest.FixtureRequest, ensemble_hosts_checked: str) -> str:
+    """The hosts of the ensemble this test runs on: the test ensemble's.
+
+    Parametrized indirectly with ``"no-ttl"``, those of the second ensemble,
+    whose servers keep ZooKeeper's default and make no TTL nodes.
+    """
+    if getattr(request, "param", "ttl") == "no-ttl":
+        return request.getfixturevalue("second_ensemble").hosts  # type: ignore[no-any-return]
+    return ensemble_hosts_checked
+
+
+#: Run a test on both ensembles: with TTL nodes, and without (ZooKeeper's default).
+both_ttl = pytest.mark.parametrize("zk_hosts", ["ttl", "no-ttl"], indirect=True)
+
+
 @pytest.fixture(scope="session")
-def zk_hosts() -> str:
-    """The ensemble's hosts; fails (never skips) when no quorum answers."""
+def ensemble_hosts_checked() -> str:
+    """The test ensemble's hosts; fails (never skips) when no quorum answers."""
     hosts = ensemble_hosts()
     client = KazooClient(hosts=hosts, timeout=SESSION_TIMEOUT)
     try:
@@ -116,9 +133,9 @@ def zk_hosts() -> str:
 
 
 @pytest.fixture(scope="session")
-def ensemble(zk_hosts: str) -> Iterator[Ensemble]:
+def ensemble(ensemble_hosts_checked: str) -> Iterator[Ensemble]:
     """Start/stop servers; after a fault test, every server is brought back."""
-    control = Ensemble(zk_hosts)
+    control = Ensemble(ensemble_hosts_checked)
     yield control
     control.start()
 
@@ -131,9 +148,20 @@ def restore_ensemble(ensemble: Ensemble) -> Iterator[Ensemble]:
     ensemble.wait_quorum()
 
 
-@pytest.fixture
-def tls_ensemble(tmp_path: Path, zk_hosts: str) -> Iterator[tuple[str, str]]:
-    """A second ensemble, with a TLS client port: (its TLS hosts, the CA's path).
+@dataclass
+class SecondEnsemble:
+    """The second ensemble's plain hosts, its TLS hosts and the CA that signed them."""
+
+    hosts: str
+    tls_hosts: str
+    ca: str
+
+
+@pytest.fixture(scope="session")
+def second_ensemble(
+    tmp_path_factory: pytest.TempPathFactory, ensemble_hosts_checked: str
+) -> Iterator[SecondEnsemble]:
+    """A second 3-server ensemble, started once when a test asks: TLS on, TTL nodes off.
 
     Its ports follow the test ensemble's: 300 above its base port (below, near the
     top of the range), so that neither ensemble's client, TLS (+100), quorum
@@ -141,8 +169,9 @@ def tls_ensemble(tmp_path: Path, zk_hosts: str) -> Iterator[tuple[str, str]]:
     """
     base = zk_test_port()
     port = base + TLS_OFFSET if base + TLS_OFFSET <= MAX_BASE_PORT else base - TLS_OFFSET
-    env = {**os.environ, "ZK_TEST_PORT": str(port), "ZK_TEST_DIR": str(tmp_path / "zk-tls"),
-           "ZK_TEST_TLS": "1", "ZK_TEST_BROKERS": "none"}  # fmt: skip
+    env = {**os.environ, "ZK_TEST_PORT": str(port),
+           "ZK_TEST_DIR": str(tmp_path_factory.mktemp("zk-second")),
+           "ZK_TEST_TLS": "1", "ZK_TEST_TTL": "0", "ZK_TEST_BROKERS": "none"}  # fmt: skip
 
     def run(*args: str) -> str:
         done = subprocess.run([str(ZK_TEST), *args], env=env, capture_output=True, text=True,
@@ -153,10 +182,16 @@ def tls_ensemble(tmp_path: Path, zk_hosts: str) -> Iterator[tuple[str, str]]:
 
     try:
         run()
-        hosts, ca = run("tls-hosts").split()
-        yield hosts, ca
+        tls_hosts, ca = run("tls-hosts").split()
+        yield SecondEnsemble(",".join(f"127.0.0.1:{port + n}" for n in range(3)), tls_hosts, ca)
     finally:
         run("stop", "--clean")
+
+
+@pytest.fixture
+def tls_ensemble(second_ensemble: SecondEnsemble) -> tuple[str, str]:
+    """The second ensemble's TLS hosts and the CA's path."""
+    return second_ensemble.tls_hosts, second_ensemble.ca
 
 
 @pytest.fixture
@@ -549,9 +584,14 @@ class Workers:
         concurrency: int = 2,
         wait: bool = True,
         queues: str | None = None,
+        host: str | None = None,
         **env: str,
     ) -> Worker:
-        """Start a ``celery worker``; ``queues`` limits what it consumes (``-Q``)."""
+        """Start a ``celery worker``; ``queues`` limits what it consumes (``-Q``).
+
+        With ``host``, the worker runs in a UTS namespace of its own under that
+        host name: to this machine's zkcelery it is a worker on another host.
+        """
         n = len(self.started)
         log, ready = self.tmp / f"worker{n}.log", self.tmp / f"worker{n}.ready"
         argv = [
@@ -560,6 +600,8 @@ class Workers:
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "-f", str(log), *(["-Q", queues] if queues else []),
         ]  # fmt: skip
+        if host is not None:
+            argv = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *argv]
         proc = subprocess.Popen(
             argv, cwd=HERE, env={**self.env, "ZKCELERY_TEST_READY": str(ready), **env},
             stdout=subprocess.DEVNULL,

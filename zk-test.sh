@@ -76,6 +76,9 @@ Environment:
                          password "zk-test-only"). Clients need no certificate. Give the same
                          value to every command that starts servers (start, start-server);
                          starting with a value that differs from the running servers fails
+  ZK_TEST_TTL            1 (default) lets the servers make TTL nodes
+                         (zookeeper.extendedTypesEnabled=true); 0 keeps ZooKeeper's own default,
+                         off, as most production servers run
   ZOOKEEPER_PATH         an unpacked Apache ZooKeeper release, used first when set
   ZK_TEST_BROKERS        the brokers that start and stop handle besides the ensemble:
                          "rabbitmq redis" (default), one of them, or "none"
@@ -833,9 +836,12 @@ jvm_flags() {
     JVM_FLAGS=(-Xmx192m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto
         # Containers (used by zkcelery's lock parents) are reaped quickly, so tests see it.
         -Dznode.container.checkIntervalMs=200 -Dznode.container.maxPerMinute=100000
-        # TTL nodes
-        -Dzookeeper.extendedTypesEnabled=true
         -Dzookeeper.admin.enableServer=false)
+    case ${ZK_TEST_TTL:-1} in  # TTL nodes: on for the test ensemble, off by ZooKeeper's default
+        1 | yes | true | on) JVM_FLAGS+=(-Dzookeeper.extendedTypesEnabled=true) ;;
+        0 | no | false | off) ;;
+        *) die "ZK_TEST_TTL must be 1 (TTL nodes allowed, the default) or 0, not '$ZK_TEST_TTL'" ;;
+    esac
     if [[ ${ZK_TEST_FORCE_SYNC:-yes} == no ]]; then
         JVM_FLAGS+=(-Dzookeeper.forceSync=no)
     fi

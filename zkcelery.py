@@ -430,6 +430,11 @@ class MutexTask(_KeyedTask):
 
     mutex_requeue: bool = False
 
+    @property
+    def mutex_lease(self) -> Lease | None:
+        """The :class:`Lease` this run holds (``token``, ``lost``); None outside a run."""
+        return getattr(self.request, "zkcelery_mutex", None)
+
     @classmethod
     def _check_options(cls) -> None:
         if cls.mutex_requeue:
