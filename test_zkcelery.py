@@ -43,6 +43,7 @@ from conftest import (
     CONNECT_TIMEOUT,
     SESSION_TIMEOUT,
     Workers,
+    both_ttl,
     close_sessions,
     configure,
     count_znodes,
@@ -1733,6 +1734,7 @@ def _early_state(zk: KazooClient, root: str, key: str) -> str | None:
     return json.loads(data)["state"]
 
 
+@both_ttl
 def test_early_sends_of_one_key_from_eight_processes_publish_one_message(workers: Workers):
     start = workers.tmp / "start"
     senders = [
@@ -1750,6 +1752,7 @@ def test_early_sends_of_one_key_from_eight_processes_publish_one_message(workers
     assert sum(len(report["sent"]) for report in reports) + 799 == 800
 
 
+@both_ttl
 def test_a_refused_send_can_return_the_queued_copys_result(workers: Workers):
     sender = _early_sender(workers)
     first = sender.delay("same")
@@ -1762,6 +1765,7 @@ def test_a_refused_send_can_return_the_queued_copys_result(workers: Workers):
     assert _queued_messages(workers) == 2
 
 
+@both_ttl
 def test_a_send_whose_publish_fails_frees_the_key(workers: Workers, monkeypatch):
     sender = _early_sender(workers)
 
@@ -1775,6 +1779,7 @@ def test_a_send_whose_publish_fails_frees_the_key(workers: Workers, monkeypatch)
     assert sender.delay("pub").id
 
 
+@both_ttl
 @pytest.mark.parametrize("ending", ["success", "failure", "reject"])
 def test_the_key_is_free_as_soon_as_the_run_ends(workers: Workers, zk, ending):
     workers.start(concurrency=1)
@@ -1790,6 +1795,7 @@ def test_the_key_is_free_as_soon_as_the_run_ends(workers: Workers, zk, ending):
     assert sender.delay("end").id  # at once
 
 
+@both_ttl
 def test_a_copy_sent_around_the_key_is_rejected_when_it_starts_and_ends_failed(
     workers: Workers, zk
 ):
@@ -1804,6 +1810,7 @@ def test_a_copy_sent_around_the_key_is_rejected_when_it_starts_and_ends_failed(
     assert workers.record.failures() == [(second.id, "AlreadyQueued")]  # sent once
 
 
+@both_ttl
 def test_a_revoked_message_frees_the_key(workers: Workers, zk):
     workers.start(concurrency=1)
     sender = _early_sender(workers)
@@ -1815,6 +1822,7 @@ def test_a_revoked_message_frees_the_key(workers: Workers, zk):
     assert workers.record.entries() == []
 
 
+@both_ttl
 @pytest.mark.slow
 def test_a_killed_worker_frees_the_key_within_the_session_timeout(workers: Workers, zk, capsys):
     worker = workers.start(concurrency=1)
@@ -1837,11 +1845,16 @@ def test_a_killed_worker_frees_the_key_within_the_session_timeout(workers: Worke
     _report(capsys, f"early mutex: a send went through {took:.2f} s after SIGKILL (session 2 s)")
 
 
-def test_a_purged_message_blocks_the_key_until_mutex_timeout(workers: Workers):
+@both_ttl
+def test_a_purged_message_blocks_the_key_until_mutex_timeout(workers: Workers, request):
     sender = _early_sender(workers, mutex_timeout=1.5)
     sent_at = time.monotonic()
     sender.delay("purged")
     workers.app.control.purge()  # no worker ever takes it
+    # A TTL node where the servers allow them, else a persistent one (clients see no
+    # difference in a node's stat: the sender's session says which it made).
+    ttl = request.node.callspec.params["zk_hosts"] == "ttl"
+    assert zkcelery._connection(workers.app)._ttl_nodes is ttl
     with pytest.raises(zkcelery.AlreadyQueued):
         sender.delay("purged")
     wait_for(lambda: _send_goes_through(sender, "purged"), 10, "the key to expire")
@@ -1856,6 +1869,7 @@ def _send_goes_through(task: Any, *args: Any) -> bool:
     return True
 
 
+@both_ttl
 def test_a_retry_keeps_the_key_through_its_countdown(workers: Workers, zk):
     workers.start(concurrency=1)
     sender = _early_sender(workers)
@@ -1871,6 +1885,7 @@ def test_a_retry_keeps_the_key_through_its_countdown(workers: Workers, zk):
     assert sender.delay("retried").id
 
 
+@both_ttl
 def test_a_direct_call_holds_the_key_for_the_call(make_app, zk, zk_root):
     app = make_app()
 
@@ -2308,6 +2323,35 @@ def test_a_requeued_body_whose_worker_is_killed_runs_again_on_a_new_worker(
     _report(capsys, f"{broker.kind}: whole worker SIGKILLed, new worker: ran again "
                     f"{figures['rerun']:.2f} s after the kill (mutex freed "
                     f"{figures['freed']:.2f} s; session 2 s)")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_redelivered_copy_waits_out_a_dead_holders_longer_session_on_another_host(
+    broker_workers: Workers, broker, zk, zk_root, capsys
+):
+    # The holder's worker, on "another host", was granted 5 s; the worker the copy
+    # comes back to has 1 s.  The copy must wait for the holder's session, not its own.
+    first = broker_workers.start(concurrency=1, host="zkt-other-host", ZKCELERY_TEST_SESSION="5")
+    marker = broker_workers.tmp / "killed-once"
+    result = broker_workers.send("killable_mutex", "k6", str(marker))
+    path = node_path(zk_root, "mutexes", "test_zkcelery.killable_mutex", "k6")
+    wait_for(lambda: zk.exists(path), 30, "the body to take its mutex")
+    holder = json.loads(zk.get(path)[0])
+    assert (holder["host"], holder["session_timeout"]) == ("zkt-other-host", 5.0)
+    broker_workers.start(concurrency=1, ZKCELERY_TEST_SESSION="1")
+    marker.touch()
+    os.killpg(first.pid, signal.SIGKILL)  # RabbitMQ gives the message back at once
+    killed = time.monotonic()
+    wait_for(lambda: not zk.exists(path), 30, "the dead holder's session to end")
+    freed = time.monotonic() - killed
+    assert result.get(timeout=30) is None  # the copy waited, and ran: not dropped
+    entries = broker_workers.record.entries()
+    assert [e["task_id"] for e in entries] == [result.id]
+    assert entries[0]["enter"] - killed >= freed - 0.1
+    _report(capsys, f"copy beside a dead holder granted 5 s (its own worker 1 s): key freed "
+                    f"{freed:.2f} s after the kill, ran {entries[0]['enter'] - killed:.2f} s "
+                    f"after")  # fmt: skip
 
 
 @pytest.mark.slow
@@ -3074,4 +3118,621 @@ def test_the_whole_ensemble_down_for_10_s_no_beat_sends_then_one_leads_and_catch
         f"({first['at'] - restarting:.2f} s after the restart began); "
         f"{figures['sends']} sends, duplicates {figures['duplicates']}, "
         f"lost ticks {figures['lost']}",
+    )
+
+
+# --- History check (issue 20) ---
+#
+# A seeded, randomized, Jepsen-style check.  Real workers run lock(), semaphore()
+# and MutexTask bodies on a few keys while a nemesis thread kills the ZooKeeper
+# leader, stops a follower, breaks held locks with `python -m zkcelery rm`,
+# SIGKILLs pool children and, once, a whole worker.  Every body notes its start
+# at once and its end (fencing token, whether it saw its lease lost) in files;
+# every worker notes each message it receives.  Plain functions then check the
+# whole history against the nemesis's own log of what it did and when.
+#
+# ZKCELERY_HISTORY_SECONDS=600 makes a run last that long; ZKCELERY_HISTORY_SEED
+# picks the seed (a failure names it).
+
+HISTORY_KEYS = ("k0", "k1", "k2")
+HISTORY_KINDS = ("lock", "semaphore", "mutex")
+HISTORY_LEASES = 2  # the semaphore's max_leases
+HISTORY_SECONDS = float(os.environ.get("ZKCELERY_HISTORY_SECONDS") or 15)  # per seed
+HISTORY_SEEDS = (
+    [int(os.environ["ZKCELERY_HISTORY_SEED"])]
+    if os.environ.get("ZKCELERY_HISTORY_SEED")
+    else [20, 2020]
+)
+HISTORY_BACKLOG = 20  # tasks sent and not yet final, at most
+HISTORY_RETRIES = 100_000  # never give up: a task ends SUCCESS, or the checker says why not
+
+
+def _history_note(**fields: Any) -> None:
+    """Append one event to this process's history file (beside the ``record_body`` files)."""
+    folder = os.environ.get("ZKCELERY_TEST_RECORD")
+    if folder:
+        with open(Path(folder) / f"{os.getpid()}.history", "a") as f:
+            f.write(json.dumps(fields) + "\n")
+
+
+def _history_body(task: Any, kind: str, key: str, hold: float, lease: Any) -> None:
+    """A guarded body: note its start at once, hold, note its end with token and lost."""
+    body = uuid.uuid4().hex
+    _history_note(
+        ev="start",
+        body=body,
+        kind=kind,
+        key=key,
+        task_id=task.request.id,
+        pid=os.getpid(),
+        t=time.monotonic(),
+        hold=hold,
+    )
+    lost_at_start = lease.lost  # the first look watches the node: a later break is seen
+    token = None
+    with contextlib.suppress(zkcelery.ZKCeleryError):  # no connection now: unknown
+        token = lease.token
+    time.sleep(hold)
+    lost = bool(lease.lost)
+    if token is None:
+        with contextlib.suppress(zkcelery.ZKCeleryError):
+            token = lease.token
+    _history_note(
+        ev="end", body=body, t=time.monotonic(), token=token, lost=lost, lost_at_start=lost_at_start
+    )
+
+
+@signals.task_received.connect
+def _history_received(request: Any = None, **_: Any) -> None:
+    # In the worker's main process: which worker had each message, for a failure's report.
+    if request is not None and str(request.name).startswith("test_zkcelery.history_"):
+        _history_note(ev="received", task_id=request.id, pid=os.getpid(), t=time.monotonic())
+
+
+@app.task(
+    base=zkcelery.LockTask,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=HISTORY_RETRIES,
+)
+def history_lock(self, key, hold):
+    try:
+        with self.lock(key, blocking=True, timeout=2.0) as lease:
+            if not lease:
+                raise self.retry(countdown=0.05)
+            _history_body(self, "lock", key, hold, lease)
+    except zkcelery.CoordinationError as exc:
+        raise self.retry(exc=exc, countdown=0.2) from exc
+
+
+@app.task(
+    base=zkcelery.LockTask,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=HISTORY_RETRIES,
+)
+def history_semaphore(self, key, hold):
+    with self.semaphore(key, max_leases=HISTORY_LEASES, retry=True, countdown=0.05) as lease:
+        _history_body(self, "semaphore", key, hold, lease)
+
+
+@app.task(
+    base=zkcelery.MutexTask,
+    bind=True,
+    mutex_keys=("key",),
+    mutex_requeue=True,
+    max_retries=HISTORY_RETRIES,
+)
+def history_mutex(self, key, hold):
+    _history_body(self, "mutex", key, hold, self.mutex_lease)
+
+
+def _history_key(kind: str, key: str) -> str:
+    """The key ``python -m zkcelery ls`` shows for a history task's lock."""
+    return f"test_zkcelery.history_{kind}({key!r})"
+
+
+def _read_history(folder: Path) -> tuple[list[dict], list[dict]]:
+    """(bodies, receipts): each body's start and end events merged (end None if it has none)."""
+    bodies: dict[str, dict] = {}
+    ends: dict[str, dict] = {}
+    receipts = []
+    for path in folder.glob("*.history"):
+        for line in path.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:  # a line being written
+                continue
+            if event["ev"] == "start":
+                bodies[event["body"]] = {
+                    **event,
+                    "start": event["t"],
+                    "end": None,
+                    "token": None,
+                    "lost": False,
+                }
+            elif event["ev"] == "end":
+                ends[event["body"]] = event
+            else:
+                receipts.append(event)
+    for body, end in ends.items():
+        if body in bodies:
+            bodies[body].update(
+                end=end["t"],
+                token=end["token"],
+                lost=end["lost"],
+                lost_at_start=end["lost_at_start"],
+            )
+    return sorted(bodies.values(), key=lambda b: b["start"]), sorted(receipts, key=lambda r: r["t"])
+
+
+class _HistoryTail:
+    """The bodies running now, read from the history files as they grow (for the nemesis)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.offsets: dict[Path, int] = {}
+        self.running: dict[str, dict] = {}
+
+    def open_bodies(self, within: float = 1.0) -> list[dict]:
+        """Bodies started less than ``within`` seconds ago that have not ended."""
+        for path in self.folder.glob("*.history"):
+            with open(path, "rb") as f:
+                f.seek(self.offsets.get(path, 0))
+                data = f.read()
+            complete = data[: data.rfind(b"\n") + 1]  # a line being written: next time
+            self.offsets[path] = self.offsets.get(path, 0) + len(complete)
+            for line in complete.splitlines():
+                event = json.loads(line)
+                if event["ev"] == "start":
+                    self.running[event["body"]] = event
+                elif event["ev"] == "end":
+                    self.running.pop(event["body"], None)
+        now = time.monotonic()
+        for body in [b for b, e in self.running.items() if now - e["t"] >= within]:
+            del self.running[body]  # long gone: its process was killed in it
+        return list(self.running.values())
+
+
+class _HistoryNemesis(threading.Thread):
+    """Injects faults from a seeded ``random.Random``, one at a time; logs each with times."""
+
+    def __init__(
+        self, workers: Workers, ensemble: Any, rng: Any, duration: float, prefork: list, t0: float
+    ) -> None:
+        super().__init__(daemon=True)
+        self.workers, self.ensemble, self.rng = workers, ensemble, rng
+        self.prefork = prefork  # the prefork workers alive
+        self.tail = _HistoryTail(workers.record.folder)
+        self.t0 = t0
+        self.events: list[dict] = []
+        self.errors: list[BaseException] = []
+        self.halt = threading.Event()
+        self.kill_worker_after = t0 + duration * rng.uniform(0.3, 0.6)
+        self.worker_killed = False
+
+    def run(self) -> None:
+        faults = ["leader", "follower", "rm", "rm", "child", "child"]
+        try:
+            self.halt.wait(self.rng.uniform(1.0, 2.0))  # let the workload get going
+            while not self.halt.is_set():
+                if not self.worker_killed and time.monotonic() > self.kill_worker_after:
+                    self.worker_killed = True
+                    self.kill_worker()
+                else:
+                    getattr(self, self.rng.choice(faults))()
+                self.halt.wait(self.rng.uniform(0.2, 1.5))
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def note(self, action: str, **fields: Any) -> None:
+        self.events.append({"action": action, **fields})
+
+    def current_leader(self) -> int:
+        for _ in range(20):  # an election may be under way
+            with contextlib.suppress(RuntimeError, ValueError):
+                return int(self.ensemble.leader())
+            time.sleep(0.5)
+        return int(self.ensemble.leader())
+
+    def leader(self) -> None:
+        n = self.current_leader()
+        t0 = time.monotonic()
+        self.ensemble.kill_server(n)
+        down = time.monotonic()
+        self.halt.wait(self.rng.uniform(0.3, 1.5))
+        self.ensemble.start_server(n)
+        self.ensemble.wait_quorum()
+        self.note("kill leader", server=n, t0=t0, t=down, t1=time.monotonic())
+
+    def follower(self) -> None:
+        n = self.rng.choice([s for s in (1, 2, 3) if s != self.current_leader()])
+        t0 = time.monotonic()
+        self.ensemble.stop_server(n)
+        down = time.monotonic()
+        self.halt.wait(self.rng.uniform(0.3, 1.5))
+        self.ensemble.start_server(n)
+        self.ensemble.wait_quorum()
+        self.note("stop follower", server=n, t0=t0, t=down, t1=time.monotonic())
+
+    def rm(self) -> None:
+        """Break a held lock, semaphore or mutex: its holders' sessions lose it, as on expiry."""
+        for _ in range(4):  # a few tries: a key may be free at the moment
+            held = sorted({(b["kind"], b["key"]) for b in self.tail.open_bodies()})
+            every = [(k, n) for k in HISTORY_KINDS for n in HISTORY_KEYS]
+            kind, key = self.rng.choice(held or every)
+            argv = [
+                sys.executable,
+                "-m",
+                "zkcelery",
+                "rm",
+                _history_key(kind, key),
+                "--yes",
+                "--hosts",
+                self.workers.hosts,
+                "--root",
+                self.workers.root,
+            ]
+            t0 = time.monotonic()
+            done = subprocess.run(
+                argv,
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            t1 = time.monotonic()
+            if done.returncode == 0:
+                pids = [int(p) for p in re.findall(r" pid (\d+) for ", done.stdout)]
+                self.note(
+                    "rm", kind=kind, key=key, t0=t0, t=t1, t1=t1, pids=pids, out=done.stdout.strip()
+                )
+                return
+            if "has the key" not in done.stderr:
+                raise RuntimeError(f"zkcelery rm failed:\n{done.stdout}{done.stderr}")
+
+    def child(self) -> None:
+        """SIGKILL a prefork pool process in the middle of a body (so holding its lock).
+
+        Only there: a pool process SIGKILLed between tasks may die holding one of
+        billiard's pipe locks, and its worker's pool then hangs for good
+        (celery/billiard#104), which is Celery's problem, not the one tested here.
+        """
+        children = {pid for w in self.prefork for pid in w.children()}
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and not self.halt.is_set():
+            now = time.monotonic()
+            busy = sorted(
+                b["pid"]
+                for b in self.tail.open_bodies()
+                if b["pid"] in children and b["t"] + b["hold"] - now > 0.015
+            )
+            if busy:
+                pid = self.rng.choice(busy)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self.note("kill child", pid=pid, t=time.monotonic())
+                return
+            time.sleep(0.005)
+
+    def kill_worker(self) -> None:
+        """SIGKILL a whole prefork worker (its process group), then start a replacement."""
+        victim = self.rng.choice(self.prefork)
+        pids = [victim.pid, *victim.children()]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(victim.pid, signal.SIGKILL)
+        self.note("kill worker", pid=victim.pid, pids=pids, t=time.monotonic())
+        victim.proc.wait(30)
+        self.prefork.remove(victim)
+        replacement = self.workers.start(concurrency=2, wait=False)
+        replacement.wait_ready(120)
+        self.prefork.append(replacement)
+        self.note("start worker", pid=replacement.pid, t=time.monotonic())
+
+
+# -- the checker: plain functions over (bodies, receipts, nemesis events) --------
+
+
+def _killed_at(body: dict, events: list[dict]) -> float | None:
+    """When the body's process was SIGKILLed, if it was, after the body started."""
+    times = [
+        e["t"]
+        for e in events
+        if e["action"] in ("kill child", "kill worker")
+        and body["pid"] in e.get("pids", [e.get("pid")])
+        and e["t"] >= body["start"]
+    ]
+    return min(times, default=None)
+
+
+def _history_annotate(bodies: list[dict], events: list[dict]) -> None:
+    """Give each body its effective end and its excuses (lost seen, broken by rm).
+
+    A body is broken by an ``rm`` of its key that ran while it did and named its
+    process among the holders and waiters it removed.
+    """
+    for b in bodies:
+        b["killed"] = _killed_at(b, events)
+        if b["end"] is not None and (b["killed"] is None or b["end"] <= b["killed"]):
+            b["until"] = b["end"]
+        else:  # killed in the body: it ran until then; never ended: until the end of time
+            b["until"] = b["killed"] if b["killed"] is not None else float("inf")
+        b["broken"] = any(
+            e["action"] == "rm"
+            and e["kind"] == b["kind"]
+            and e["key"] == b["key"]
+            and b["pid"] in e["pids"]
+            and e["t0"] <= b["until"]
+            and e["t1"] >= b["start"]
+            for e in events
+        )
+        b["gone"] = bool(b["lost"] or b["broken"])  # its lease may have been someone else's
+
+
+def _history_line(b: dict, t0: float) -> str:
+    end = "open" if b["end"] is None else f"{b['end'] - t0:8.3f}"
+    notes = [n for n, on in (("LOST", b["lost"]), ("BROKEN-BY-RM", b["broken"])) if on]
+    if b["killed"] is not None:
+        during = b["end"] is None or b["killed"] < b["end"]
+        notes.append(f"pid SIGKILLed {'in it' if during else 'later'}, at {b['killed'] - t0:.3f}")
+    return (
+        f"    {b['kind']:9} {b['key']} {b['start'] - t0:8.3f} .. {end}  token {b['token']}  "
+        f"task {b['task_id'][:8]} pid {b['pid']} body {b['body'][:8]} {' '.join(notes)}"
+    )
+
+
+def _history_context(
+    bodies: list[dict], events: list[dict], culprits: list[dict], t0: float
+) -> str:
+    """The few records around a violation: same key, nearby in time, and the faults then."""
+    kind, key = culprits[0]["kind"], culprits[0]["key"]
+    same = [b for b in bodies if b["kind"] == kind and b["key"] == key]
+    ids = {c["body"] for c in culprits}
+    at = [i for i, b in enumerate(same) if b["body"] in ids]
+    near = same[max(0, min(at) - 3) : max(at) + 4]
+    lo = min(b["start"] for b in near) - 3
+    hi = max(min(b["until"], b["start"] + 60) for b in near) + 3
+    lines = [
+        ("  > " + _history_line(b, t0)[4:]) if b["body"] in ids else _history_line(b, t0)
+        for b in near
+    ]
+    faults = [
+        f"    nemesis {e['action']} at {e['t'] - t0:.3f}"
+        + (f" (from {e['t0'] - t0:.3f} to {e['t1'] - t0:.3f})" if "t0" in e else "")
+        + f" { {k: v for k, v in e.items() if k not in ('action', 't', 't0', 't1', 'out')} }"
+        for e in events
+        if lo <= e["t"] <= hi + 5 or lo <= e.get("t0", e["t"]) <= hi
+    ]
+    return "\n".join(
+        [
+            f"  bodies of {kind} {key!r} (times in s from the start):",
+            *lines,
+            "  faults then:",
+            *(faults or ["    none"]),
+        ]
+    )
+
+
+def _check_exclusion(bodies: list[dict], events: list[dict], t0: float) -> tuple[list, int]:
+    """Lock and mutex keys: no two bodies overlap unless one's lease was gone (lost seen,
+    or broken by rm while it ran); then the one still holding carries the larger token.
+
+    A SIGKILLed body ran until the kill: anything overlapping it before then is a
+    violation (its session held the lock until it expired).  Returns (violations,
+    overlaps excused).
+    """
+    violations, excused = [], 0
+    for kind in ("lock", "mutex"):
+        for key in HISTORY_KEYS:
+            same = [b for b in bodies if b["kind"] == kind and b["key"] == key]
+            for i, a in enumerate(same):
+                for b in same[i + 1 :]:
+                    if b["start"] >= a["until"]:
+                        continue
+                    why = None
+                    if not (a["gone"] or b["gone"]):
+                        why = "two bodies of one key overlap and neither lease was lost"
+                    elif a["token"] is not None and b["token"] is not None:
+                        if a["gone"] != b["gone"]:
+                            stale, fresh = (a, b) if a["gone"] else (b, a)
+                            if not stale["token"] < fresh["token"]:
+                                why = (
+                                    "overlap excused by a lost lease, but the body that "
+                                    "still held it has the smaller fencing token"
+                                )
+                        elif a["token"] == b["token"]:
+                            why = "two overlapping bodies carry the same fencing token"
+                    if why:
+                        violations.append(f"{why}:\n{_history_context(bodies, events, [a, b], t0)}")
+                    else:
+                        excused += 1
+    return violations, excused
+
+
+def _check_semaphores(bodies: list[dict], events: list[dict], t0: float) -> tuple[list, int]:
+    """No semaphore key ever has more than HISTORY_LEASES bodies at once, leaving out
+    bodies whose lease was gone.  Returns (violations, the highest count seen)."""
+    violations, peak = [], 0
+    for key in HISTORY_KEYS:
+        live = [b for b in bodies if b["kind"] == "semaphore" and b["key"] == key and not b["gone"]]
+        points = sorted(
+            [(b["start"], 1, b) for b in live] + [(b["until"], -1, b) for b in live],
+            key=lambda p: (p[0], p[1]),
+        )  # an end before a start at the same time
+        active: dict[str, dict] = {}
+        for _, step, b in points:
+            if step > 0:
+                active[b["body"]] = b
+            else:
+                active.pop(b["body"], None)
+            peak = max(peak, len(active))
+            if len(active) > HISTORY_LEASES:
+                culprits = list(active.values())
+                violations.append(
+                    f"{len(active)} bodies of semaphore {key!r} (max_leases={HISTORY_LEASES}) "
+                    f"at once, none lost:\n{_history_context(bodies, events, culprits, t0)}"
+                )
+                break
+    return violations, peak
+
+
+def _check_tasks(
+    sent: list[tuple[str, Any]],
+    states: dict[str, tuple[str, Any]],
+    bodies: list[dict],
+    receipts: list[dict],
+    events: list[dict],
+    t0: float,
+) -> tuple[list, dict]:
+    """Every task sent ran to completion exactly once (SUCCESS), or a run before its last was
+    SIGKILLed or lost its lease. Returns (violations, figures)."""
+    violations: list[str] = []
+    figures = {"reruns": 0}
+    by_task: dict[str, list[dict]] = {}
+    for b in bodies:
+        by_task.setdefault(b["task_id"], []).append(b)
+    for kind, task_id in sent:
+        state, result = states[task_id]
+        runs = by_task.get(task_id, [])
+        problem = None
+        if state not in ("SUCCESS", "FAILURE"):
+            problem = f"never finished (state {state})"
+        elif state == "FAILURE":  # a mutex_requeue task is never rejected for good
+            problem = f"failed: {result!r}"
+        elif not runs or runs[-1]["end"] is None or runs[-1]["until"] != runs[-1]["end"]:
+            problem = "ended SUCCESS, but its last body did not run to its end"
+        else:
+            for run, after in zip(runs, runs[1:]):
+                killed = run["killed"] is not None and run["killed"] <= after["start"]
+                if not (killed or run["gone"]):
+                    problem = "ran twice, and the first run was neither killed nor lost its lease"
+            figures["reruns"] += len(runs) - 1
+        if problem:
+            where = _history_context(bodies, events, runs, t0) if runs else "  (no body ran)"
+            seen = [
+                f"{r['t'] - t0:.3f} by pid {r['pid']}" for r in receipts if r["task_id"] == task_id
+            ]
+            violations.append(f"{kind} task {task_id} {problem}; received at {seen}:\n{where}")
+    return violations, figures
+
+
+def _history_states(results: list) -> dict[str, tuple[str, Any]]:
+    return {r.id: (r.state, r.result if r.state == "FAILURE" else None) for r in results}
+
+
+def _await_history(
+    results: list,
+    receipts_of: Callable,
+    events: list[dict],
+    timeout: float,
+    seed: int,
+    t0: float,
+) -> None:
+    """Wait until every task is final (RabbitMQ gives a killed worker's messages back)."""
+    deadline = time.monotonic() + timeout
+    waiting = list(results)
+    while True:
+        waiting = [r for r in waiting if not r.ready()]
+        if not waiting:
+            return
+        receipts = receipts_of()
+        if time.monotonic() > deadline:
+            seen = [
+                f"  {r.id} {r.state}, received "
+                f"{[(round(e['t'] - t0, 3), e['pid']) for e in receipts if e['task_id'] == r.id]}"
+                for r in waiting[:10]
+            ]
+            raise AssertionError(
+                f"seed {seed}: {len(waiting)} tasks never finished; (time, worker pid) of each "
+                f"delivery:\n" + "\n".join(seen)
+            )
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(int(HISTORY_SECONDS) + 300)
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+@pytest.mark.parametrize("seed", HISTORY_SEEDS)
+def test_a_randomized_history_under_faults_keeps_exclusion_and_loses_no_task(
+    broker_workers: Workers, broker, restore_ensemble, capsys, seed: int
+):
+    workers = broker_workers  # RabbitMQ: a SIGKILLed worker's messages come back
+    import random
+
+    nemesis_rng, load_rng = random.Random(seed), random.Random(seed * 7919 + 1)
+    prefork = [workers.start(concurrency=2, wait=False), workers.start(concurrency=2, wait=False)]
+    threads = workers.start(pool="threads", concurrency=2, wait=False)
+    for worker in [*prefork, threads]:
+        worker.wait_ready()
+    folder = workers.record.folder
+    t0 = time.monotonic()
+    nemesis = _HistoryNemesis(workers, restore_ensemble, nemesis_rng, HISTORY_SECONDS, prefork, t0)
+    nemesis.start()
+    sent: list[tuple[str, Any]] = []
+    results: list = []
+    outstanding: list = []
+    try:
+        while time.monotonic() < t0 + HISTORY_SECONDS and not nemesis.errors:
+            outstanding = [r for r in outstanding if not r.ready()]
+            while len(outstanding) < HISTORY_BACKLOG:
+                kind, key = load_rng.choice(HISTORY_KINDS), load_rng.choice(HISTORY_KEYS)
+                hold = round(load_rng.uniform(0.02, 0.08), 3)
+                result = workers.send(f"history_{kind}", key, hold)
+                sent.append((kind, result.id))
+                results.append(result)
+                outstanding.append(result)
+            time.sleep(0.1)
+    finally:
+        nemesis.halt.set()
+        nemesis.join(180)
+    assert not nemesis.is_alive(), "the nemesis did not stop"
+    if nemesis.errors:
+        raise nemesis.errors[0]
+    restore_ensemble.start()  # every server serves again (each fault already ended)
+    restore_ensemble.wait_quorum()
+    ran = time.monotonic() - t0
+    _await_history(results, lambda: _read_history(folder)[1], nemesis.events, 180, seed, t0)
+    bodies, receipts = _read_history(folder)
+    events = nemesis.events
+    _history_annotate(bodies, events)
+    history = {"seed": seed, "t0": t0, "events": events, "bodies": bodies, "receipts": receipts}
+    (workers.tmp / "history.json").write_text(json.dumps(history, indent=1))  # for a look after
+    never_ended = [b for b in bodies if b["until"] == float("inf")]
+    overlaps, excused = _check_exclusion(bodies, events, t0)
+    crowds, peak = _check_semaphores(bodies, events, t0)
+    losses, figures = _check_tasks(sent, _history_states(results), bodies, receipts, events, t0)
+    violations = [
+        *(
+            f"a body never ended, and its process was not SIGKILLed:\n"
+            f"{_history_context(bodies, events, [b], t0)}"
+            for b in never_ended
+        ),
+        *overlaps,
+        *crowds,
+        *losses,
+    ]
+    if violations:
+        shown = "\n\n".join(violations[:5])
+        pytest.fail(
+            f"history check failed for seed {seed} (ZKCELERY_HISTORY_SEED={seed} reruns it): "
+            f"{len(violations)} violations; the first {min(5, len(violations))}:\n\n{shown}",
+            pytrace=False,
+        )
+    faults: dict[str, int] = {}
+    for e in (e for e in events if e["action"] != "start worker"):
+        faults[e["action"]] = faults.get(e["action"], 0) + 1
+    states: dict[str, int] = {}
+    for state, _ in _history_states(results).values():
+        states[state] = states.get(state, 0) + 1
+    _report(
+        capsys,
+        f"history seed {seed}: {ran:.0f} s under faults, {time.monotonic() - t0:.0f} s in all; "
+        f"{len(results)} tasks {states}, {len(bodies)} bodies "
+        f"({sum(b['lost'] for b in bodies)} saw their lease lost, "
+        f"{sum(b['broken'] for b in bodies)} broken by rm), {figures['reruns']} reruns after "
+        f"a kill; faults {sum(faults.values())} {faults}; {excused} overlaps excused by a "
+        f"lost lease; semaphore peak {peak}",
     )
