@@ -636,6 +636,10 @@ def _running(
     monkeypatch.setenv("ZKCELERY_TEST_RECORD", str(group.record.folder))  # in-process bodies
     yield group
     group.stop()
+    close_sessions(group.app)  # a sender's session, and one for revocations
+    session = zkcelery._revocations.pop(group.app, None)
+    if session is not None:
+        session.close()
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         print(group.logs())

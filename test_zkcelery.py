@@ -1157,18 +1157,18 @@ def test_a_broken_holders_late_release_leaves_the_next_holder_alone(
     third.release()
 
 
-def test_a_released_lock_after_rm_costs_the_floor_again_once_the_epoch_is_read(
-    lock_task, zk_hosts, zk_root
-):
-    with lock_task.lock("e1"):
-        pass
+def test_after_a_break_a_lock_cycle_costs_two_requests_again(lock_task, zk_hosts, zk_root):
+    broken = lock_task.lock("e1").__enter__()
     done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('e1')", "--yes")
-    assert "no lock" in done.stderr  # nothing held: rm breaks nothing, changes nothing
+    assert done.returncode == 0, done.stderr
+    broken.release()  # the namespace's version moved: it looks before it deletes
+    with lock_task.lock("e1") as lease:  # reads the version again, once
+        assert lease
     before = session_requests(zk_hosts, lock_task.app)
     for _ in range(10):
         with lock_task.lock("e1") as lease:
             assert lease
-    assert session_requests(zk_hosts, lock_task.app) - before <= 21
+    assert session_requests(zk_hosts, lock_task.app) - before <= 2 * 10 + 1  # and a ping
 
 
 def test_lost_turns_true_in_time_while_other_threads_keep_a_blackholed_session_busy(
@@ -1309,13 +1309,20 @@ def test_waiting_leaves_no_watch_on_a_node_that_is_absent(lock_task, app):
     assert [path for path in names if "absent" in path] == []
 
 
-def test_an_orphan_already_gone_is_forgotten_without_a_warning(app, caplog):
+def test_orphans_are_deleted_while_connected_and_one_already_gone_is_forgotten(app, caplog):
+    # An orphan: a node whose create (or delete) answer timed out on a live connection.
     session = zkcelery._connection(app)
     session.wait_connected()
-    path = f"{session.settings.root}/locks/never-made"
-    session.add_orphan(path, session.session_id, "0123456789abcdef")
-    wait_for(lambda: not session._orphans, 10, "the orphan to be dealt with")
-    assert "could not delete orphan" not in caplog.text
+    session.ensure_namespaces()
+    guid = "0123456789abcdef"
+    mine = f"{session.settings.root}/locks/orphan"
+    session.client.create(mine, json.dumps({"guid": guid}).encode(), ephemeral=True)
+    session.add_orphan(mine, session.session_id, guid)
+    session.add_orphan(f"{session.settings.root}/locks/never-made", session.session_id, guid)
+    # Deleted without waiting for a reconnect...
+    wait_for(lambda: session.client.exists(mine) is None, 10, "the orphan to be deleted")
+    wait_for(lambda: not session._orphans and not session._reaping, 10, "the reaper to end")
+    assert "could not delete orphan" not in caplog.text  # ...and the other forgotten
 
 
 def test_an_eager_retry_and_replacement_run_under_their_first_runs_mutex(app):
@@ -1883,6 +1890,51 @@ def test_a_retry_keeps_the_key_through_its_countdown(workers: Workers, zk):
     assert [e["retries"] for e in workers.record.entries()] == [0, 1]
     wait_for(lambda: _early_state(zk, workers.root, "retried") is None, 5, "the key freed")
     assert sender.delay("retried").id
+
+
+@both_ttl
+def test_a_retry_queues_the_key_again_as_the_same_kind_of_node_as_a_send(
+    make_app, zk, zk_root, request
+):
+    app = make_app()
+
+    @app.task(shared=False, base=zkcelery.EarlyMutexTask, bind=True, name="t.early_again",
+              mutex_timeout=1)  # fmt: skip
+    def again(self):
+        pass
+
+    lease = again._early_lease((), {}, "task-1")
+    lease._reserve()  # the send
+    assert lease.acquire()  # the run
+    lease._requeue()  # its retry
+    path = node_path(zk_root, "early", "t.early_again")
+    assert json.loads(zk.get(path)[0])["state"] == "queued"
+    if request.node.callspec.params["zk_hosts"] == "ttl":  # a TTL node: the server reaps it
+        wait_for(lambda: zk.exists(path) is None, 10, "the server to reap the queued key")
+    else:  # persistent: whoever reads it past its expiry deletes it (and sends)
+        wait_for(lambda: _reserved(again._early_lease((), {}, "task-2")), 10, "the expiry")
+        assert json.loads(zk.get(path)[0])["task_id"] == "task-2"
+
+
+def _reserved(lease: zkcelery.Lease) -> bool:
+    try:
+        lease._reserve()
+    except zkcelery.AlreadyQueued:
+        return False
+    return True
+
+
+def test_revocations_in_a_burst_share_one_session_in_the_main_process(workers: Workers):
+    sender = _early_sender(workers)
+    sent = [(f"revoked{i}", sender.delay(f"revoked{i}")) for i in range(3)]
+    sessions = set()
+    for key, result in sent:  # as the worker's main process is told of each revocation
+        request = types.SimpleNamespace(args=(key,), kwargs={}, id=result.id)
+        zkcelery._free_revoked(sender=sender, request=request)
+        sessions.add(id(zkcelery._revocations[sender.app]))
+    assert len(sessions) == 1
+    for i in range(3):  # each key is free again
+        assert _send_goes_through(sender, f"revoked{i}")
 
 
 @both_ttl

@@ -203,6 +203,7 @@ from celery.beat import PersistentScheduler, ScheduleEntry, Scheduler, Schedulin
 from celery.exceptions import Ignore, Reject, Retry
 from kazoo.client import KazooClient, TransactionRequest
 from kazoo.exceptions import (
+    EXCEPTIONS,
     AuthFailedError,
     BadArgumentsError,
     BadVersionError,
@@ -217,7 +218,19 @@ from kazoo.exceptions import (
     UnimplementedError,
 )
 from kazoo.handlers.threading import SequentialThreadingHandler
-from kazoo.protocol.serialization import Create2, long_struct
+from kazoo.protocol.serialization import (
+    CheckVersion,
+    Create,
+    Create2,
+    Delete,
+    MultiHeader,
+    SetData,
+    Transaction,
+    int_struct,
+    long_struct,
+    read_string,
+    stat_struct,
+)
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
 from kazoo.retry import KazooRetry
 from kazoo.security import (
@@ -1247,7 +1260,9 @@ class Lease:
 
     def _requeue(self) -> None:
         grant = self._grant
-        if grant is not None and not grant.released and not grant.is_lost():
+        if grant is not None and not grant.released:
+            grant.check_session()  # no watch: our own requeue is about to delete the node
+        if grant is not None and not grant.released and grant.why_lost is None:
             assert isinstance(grant.protocol, _EarlyMutex)
             grant.protocol.requeue(grant.session_id)
             grant.settle()
@@ -1986,14 +2001,24 @@ class _EarlyMutex:
             self.session.client.delete_async(self.holder)
 
     def requeue(self, session_id: int | None) -> None:
-        """At a retry: turn our running form back into the queued form."""
+        """At a retry: turn our running form back into the queued form a send makes.
+
+        In one multi-operation: no ``rm`` since we took it (the epoch), our
+        running form deleted, the queued form made, as a TTL node where the
+        servers allow them.
+        """
         if self.session.session_id != session_id:
             return  # the session ended: the key went with it, the retried copy takes it
-        results = self.session.multi(
-            functools.partial(
-                _replace, self.holder, 0, self._data("queued"), False, epoch=self.epoch
-            )
-        )
+        fence = [CheckVersion(*self.epoch)] if self.epoch is not None else []
+        ops = [*fence, Delete(self.holder, 0)]
+        create = self.session.expiring_create(self.holder, self._data("queued"), self.timeout)
+        try:
+            results = self.session.call(self.session.multi_async, [*ops, create])
+        except (UnimplementedError, BadArgumentsError):
+            results = [UnimplementedError()]
+        if isinstance(results[-1], (UnimplementedError, BadArgumentsError)):  # no TTL nodes
+            create = self.session.expiring_create(self.holder, self._data("queued"), None)
+            results = self.session.call(self.session.multi_async, [*ops, create])
         if not isinstance(results[-1], str):
             logger.warning("early mutex %s: could not keep it for the retry", self.key)
 
@@ -2453,6 +2478,34 @@ class _CreateTTL(namedtuple("_CreateTTL", "path data acl flags ttl")):
 _TTL_FLAG = 5  # persistent, with a time to live
 
 
+class _Multi(Transaction):
+    """A multi-operation whose answer may also hold a create2's (a TTL create's).
+
+    kazoo's own reads only the answers of its own operations; the server
+    answers a TTL create inside a multi-operation as a create2: the path,
+    then the new node's stat.
+    """
+
+    @classmethod
+    def deserialize(cls, bytes: Any, offset: int) -> list:
+        results: list = []
+        header, offset = MultiHeader.deserialize(bytes, offset)
+        while not header.done:
+            response: Any = True  # a delete's or a check's
+            if header.type in (Create.type, Create2.type):
+                response, offset = read_string(bytes, offset)
+                offset += stat_struct.size if header.type == Create2.type else 0
+            elif header.type == SetData.type:
+                response = ZnodeStat._make(stat_struct.unpack_from(bytes, offset))
+                offset += stat_struct.size
+            elif header.type == -1:
+                response = EXCEPTIONS[int_struct.unpack_from(bytes, offset)[0]]()
+                offset += int_struct.size
+            results.append(response)
+            header, offset = MultiHeader.deserialize(bytes, offset)
+        return results
+
+
 class _Session:
     """One ZooKeeper session: the client, its states, and what this process holds in it.
 
@@ -2470,6 +2523,7 @@ class _Session:
         self.mutex = threading.Lock()
         self._timeout_error = self.handler.timeout_exception
         self._live = self.handler.event_object()
+        self.last_used = time.monotonic()  # for a session closed when idle
         self._suspended_at: float | None = None
         #: What the server granted, which may be less than what we asked for.
         self.session_timeout = settings.session_timeout
@@ -2890,6 +2944,25 @@ class _Session:
                 logger.info("ZooKeeper refuses TTL nodes: early mutexes use persistent nodes")
         self.call(self.client.create_async, path, data)
 
+    def expiring_create(self, path: str, data: bytes, seconds: float | None) -> Any:
+        """The create operation of a node that outlives the session (see create_expiring).
+
+        ``seconds`` None: a persistent node, as where the servers have no TTL
+        nodes (and noted, if they said so).
+        """
+        acl = self.client.default_acl or OPEN_ACL_UNSAFE
+        if seconds is None or not self._ttl_nodes:
+            if seconds is None:
+                self._ttl_nodes = False
+            return Create(path, data, acl, 0)
+        return _CreateTTL(path, data, acl, _TTL_FLAG, int(seconds * 1000))
+
+    def multi_async(self, ops: list) -> Any:
+        """A multi-operation of request objects, some of them kazoo's own lacks."""
+        result = self.handler.async_result()
+        self.client._call(_Multi(ops), result)
+        return result
+
     def _create_ttl_async(self, path: str, data: bytes, ttl_ms: int) -> Any:
         result = self.handler.async_result()
         acl = self.client.default_acl or OPEN_ACL_UNSAFE
@@ -3156,13 +3229,39 @@ def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     if not isinstance(sender, EarlyMutexTask) or request is None:
         return
     lease = sender._early_lease(request.args, request.kwargs, request.id)
-    lease._session = _Session(_read_settings(sender.app))
+    lease._session = _revocation_session(sender.app)
     try:
         lease._unreserve()
     except ZKCeleryError as exc:
         lease._log(logging.WARNING, "not freed after its revocation: %s", exc)
-    finally:
-        lease._session.close()
+
+
+#: The main process's session for revocations, per app, until it has been idle this long.
+_REVOCATIONS_IDLE = 5.0
+_revocations: dict[celery.Celery, _Session] = {}
+
+
+def _revocation_session(app: celery.Celery) -> _Session:
+    """One session for a burst of revocations (revoking a thousand tasks opens one)."""
+    with _connections_lock:
+        session = _revocations.get(app)
+        if session is None or session.pid != os.getpid():
+            session = _revocations[app] = _Session(_read_settings(app))
+            threading.Thread(target=_close_when_idle, args=(app, session), daemon=True).start()
+        session.last_used = time.monotonic()
+        return session
+
+
+def _close_when_idle(app: celery.Celery, session: _Session) -> None:
+    while True:
+        time.sleep(_REVOCATIONS_IDLE)
+        with _connections_lock:
+            if time.monotonic() - session.last_used < _REVOCATIONS_IDLE:
+                continue
+            if _revocations.get(app) is session:
+                del _revocations[app]
+        session.close()
+        return
 
 
 os.register_at_fork(after_in_child=_forget_inherited)
