@@ -1291,6 +1291,29 @@ def test_a_waiter_that_gives_up_after_queueing_again_in_a_new_session_leaves_no_
         assert held.waiters() == []
 
 
+def test_a_waiter_never_waits_behind_a_late_copy_of_its_own_node(make_app, monkeypatch):
+    # A create whose answer was lost may still be applied: its node, with the lease's
+    # id in its name, then stands in the queue beside the one the waiter made again.
+    waiter_app = make_app()
+    waiter = _lock_task_on(waiter_app)
+    guid = uuid.UUID(int=0x5EED)
+    monkeypatch.setattr(zkcelery.uuid, "uuid4", lambda: guid)  # the waiter's lease id
+    with _lock_task_on(make_app()).lock("own") as held:
+        session = zkcelery._connection(waiter_app)
+        session.wait_connected()
+        queue = f"{held._grant.path}{zkcelery._QUEUE}"
+        ghost, _ = session.create_in_container(
+            queue, f"{queue}/1@{guid.hex[:16]}@", json.dumps({"guid": guid.hex[:16]}).encode(),
+            sequence=True,
+        )  # fmt: skip
+        result: list[bool] = []
+        thread = _in_thread(lambda: result.append(waiter.lock("own", blocking=True,
+                                                               timeout=10).acquire()))  # fmt: skip
+        wait_for(lambda: session.client.exists(ghost) is None, 10, "the copy to be deleted")
+    thread.join(30)
+    assert result == [True]  # granted once the holder left, not stuck behind itself
+
+
 def test_waiting_leaves_no_watch_on_a_node_that_is_absent(lock_task, app):
     client = zkcelery._connection(app).client
     for i in range(5):

@@ -1032,6 +1032,10 @@ class _SkippedTick:
 #   /zkcelery/semaphores/<name>/              container: holders and waiters
 #   /zkcelery/semaphores/<name>/<max>@<guid>@0000000042
 #
+# The data version of each namespace node (locks/, mutexes/, ...) counts the
+# breaks (``rm``) in it: a release of a fixed-path node checks it (see
+# _ExclusiveLock).
+#
 # <name> is the lock's name encoded by _lock_name(), which never holds "@".
 # Every node carries its contender's metadata as JSON (task id, host, pid,
 # identifier, key, and the lease's <guid>), so "who holds it" costs no extra
@@ -1156,11 +1160,14 @@ class Lease:
     def lost(self) -> bool:
         """True once the lease may be held by someone else (sticky until re-acquired).
 
-        That is when the session is known to be lost, when the connection has
-        been down for a quarter of the negotiated session timeout, or when the
-        lease's node was deleted from outside (``python -m zkcelery rm``).
-        Reading it never waits: the first look sends one request, in the
-        background, that watches the node for deletion.
+        That is when the session is known to be lost, when the server has
+        answered nothing sent in the last three quarters of the session timeout
+        it granted (a dead link, even one that other threads keep busy, or a
+        paused process), or when the lease's node was deleted from outside
+        (``python -m zkcelery rm``).  Reading it never waits: the first look
+        sends one request, in the background, that watches the node for
+        deletion.  It cannot stop a body that is paused mid-write when the
+        lease goes: hand ``token`` to the storage for that.
         """
         return self._grant is not None and self._grant.is_lost()
 
@@ -1469,10 +1476,15 @@ class _Queue:
 
     Recovery: the <guid> lets a contender find its own node again after a
     create whose answer was lost with the connection (the orphan of kazoo
-    issue #732); a contender whose node is gone (its session expired, or an
-    operator removed it) makes a new one, at the back of the queue: the only
-    place the protocol can give it.  A container reaped between its creation
-    and our create is made again.
+    issue #732), after a sync, and lets it delete a duplicate of its own that
+    such a create left (seen in a listing); a contender whose node is gone
+    (its session expired, or an operator removed it) makes a new one, at the
+    back of the queue: the only place the protocol can give it.  A container
+    reaped between its creation and our create is made again.
+
+    Cleanup: whatever ends the wait, our node is deleted by its own path, in
+    the session the server says made it (the create's stat), never the
+    session current at some other moment.
     """
 
     def __init__(
@@ -1608,6 +1620,14 @@ class _ExclusiveLock:
     a queue node was created after every earlier holder's node, and a
     ``<name>`` node only while the queue was empty, so tokens increase in
     the order of the grants.
+
+    Release deletes ``<name>`` in a multi-operation that also checks the
+    data version of the namespace node, as read before ``<name>`` was made
+    (once per process).  ``rm`` bumps that version in the multi-operation
+    that breaks a holder, so a broken holder's late release fails the check
+    instead of deleting the next holder's ``<name>``; it then reads the node
+    and deletes it only if it is still its own.  A queue node's name is
+    unique, so deleting it by its path is always safe.
     """
 
     watch_listing = False
