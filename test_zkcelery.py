@@ -116,19 +116,23 @@ def patient_mutex(self, data):
     do_work(data)
 
 
-# The soak: every kind of guard, retried (never dropped) while ZooKeeper is away.
-@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), max_retries=500)
+# The soak: every kind of guard, retried (never dropped, never given up: contention
+# before an outage can take hundreds of retries) while ZooKeeper is away.
+SOAK_RETRIES = 100_000
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), max_retries=SOAK_RETRIES)
 def soak_mutex(self, key, hold=0.003):
     record_body(f"mutex:{key}", hold)
 
 
-@app.task(base=zkcelery.LockTask, bind=True, max_retries=500)
+@app.task(base=zkcelery.LockTask, bind=True, max_retries=SOAK_RETRIES)
 def soak_lock(self, key, hold=0.003):
     with self.lock(key, retry=True, countdown=0.05):
         record_body(f"lock:{key}", hold)
 
 
-@app.task(base=zkcelery.LockTask, bind=True, max_retries=500)
+@app.task(base=zkcelery.LockTask, bind=True, max_retries=SOAK_RETRIES)
 def soak_semaphore(self, key, hold=0.003):
     with self.semaphore(key, max_leases=2, retry=True, countdown=0.05):
         record_body(f"sem:{key}", hold)
@@ -2090,6 +2094,7 @@ def _soak_workers(workers: Workers) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)  # its own waits (up to 240 s) come first
 def test_soak_of_2000_tasks_on_three_workers_never_overlaps_and_loses_nothing(workers, capsys):
     _soak_workers(workers)
     started = time.monotonic()
@@ -2100,6 +2105,7 @@ def test_soak_of_2000_tasks_on_three_workers_never_overlaps_and_loses_nothing(wo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)  # its own waits (up to 240 s) come first
 def test_the_leader_dying_mid_soak_breaks_no_invariant(workers, restore_ensemble, capsys):
     _soak_workers(workers)
     results = _send_soak(workers, 600)
@@ -2121,6 +2127,7 @@ def _entered_since(workers: Workers, moment: float) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)  # its own waits (up to 240 s) come first
 def test_the_whole_ensemble_down_for_10_s_mid_soak_loses_nothing(workers, restore_ensemble, capsys):
     started = _soak_workers(workers)
     pids = [w.pid for w in started]
@@ -2309,6 +2316,7 @@ def test_mutex_copies_without_requeue_run_one_body_and_leave_the_queue_empty(
                     f"(0 ready, 0 unacknowledged)")  # fmt: skip
 
 
+@pytest.mark.timeout(240)  # the test's own limit (180 s on kombu < 5.7) comes first
 def test_requeued_copies_each_run_once_one_at_a_time_quickly_and_quietly(
     broker_workers: Workers, broker, capsys
 ):
