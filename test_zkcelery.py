@@ -1084,6 +1084,25 @@ def test_lost_counts_from_the_session_timeout_the_server_granted(make_app, parti
     holder, rival = _lock_task_on(cut_off), _lock_task_on(make_app())
     lease = holder.lock("granted").__enter__()
     assert zkcelery._connection(cut_off).session_timeout == pytest.approx(5.0)
+    try:
+        lost, taken = _cut_until_a_rival_holds(partition, lease, rival, "granted")
+    finally:
+        partition.heal()
+    assert lost is not None and lost < taken
+    _report(
+        capsys,
+        f"granted 5 s of 30 asked: lost {lost:.2f} s after the cut, "
+        f"a rival held it {taken:.2f} s after",
+    )
+
+
+def _cut_until_a_rival_holds(
+    partition: Any, lease: zkcelery.Lease, rival: Any, key: str
+) -> tuple[float | None, float]:
+    """Cut the holder's link: (when its lease.lost turned true, when a rival held the lock).
+
+    Both in seconds after the cut; lost None if it never turned true.
+    """
     lost_at: list[float] = []
 
     def watch_lost() -> None:
@@ -1094,17 +1113,11 @@ def test_lost_counts_from_the_session_timeout_the_server_granted(make_app, parti
     partition.cut()
     cut = time.monotonic()
     watcher = _in_thread(watch_lost)
-    with rival.lock("granted", blocking=True, timeout=30) as taken:
+    with rival.lock(key, blocking=True, timeout=30) as taken:
         taken_at = time.monotonic()
         assert taken
     watcher.join(30)
-    partition.heal()
-    assert lost_at and lost_at[0] < taken_at
-    _report(
-        capsys,
-        f"granted 5 s of 30 asked: lost {lost_at[0] - cut:.2f} s after the cut, "
-        f"a rival held it {taken_at - cut:.2f} s after",
-    )
+    return (lost_at[0] - cut if lost_at else None), taken_at - cut
 
 
 # ===========================================================================
@@ -1191,32 +1204,19 @@ def test_lost_turns_true_in_time_while_other_threads_keep_a_blackholed_session_b
             time.sleep(0.05)
 
     talker = _in_thread(keep_talking)
-    lost_at: list[float] = []
-
-    def watch_lost() -> None:
-        while not lease.lost:
-            time.sleep(0.005)
-        lost_at.append(time.monotonic())
-
-    partition.cut()
-    cut = time.monotonic()
-    watcher = _in_thread(watch_lost)
     try:
-        with rival.lock("busy", blocking=True, timeout=30) as taken:
-            taken_at = time.monotonic()
-            assert taken
-        watcher.join(30)
+        lost, taken = _cut_until_a_rival_holds(partition, lease, rival, "busy")
         suspended = lease.suspended
     finally:
         stop.set()
         talker.join(5)
         partition.heal()
-    assert lost_at and lost_at[0] < taken_at and lost_at[0] - cut < granted
+    assert lost is not None and lost < taken and lost < granted
     _report(
         capsys,
-        f"blackholed, other threads talking (granted {granted:.1f} s): lost "
-        f"{lost_at[0] - cut:.2f} s after the cut, a rival held it {taken_at - cut:.2f} s "
-        f"after; kazoo reported the connection down: {suspended}",
+        f"blackholed, other threads talking (granted {granted:.1f} s): lost {lost:.2f} s "
+        f"after the cut, a rival held it {taken:.2f} s after; kazoo reported the connection "
+        f"down: {suspended}",
     )
 
 
@@ -2226,9 +2226,12 @@ def test_a_session_expired_while_holding_turns_the_lease_lost_and_release_is_qui
     app = make_app()
     task = _lock_task_on(app)
     lease = task.lock("x").__enter__()
+    session = zkcelery._connection(app)
+    first = session.session_id
     expire_session(app, zk_hosts)
     with caplog.at_level("WARNING", logger="zkcelery"):
-        wait_for(lambda: lease.lost, 15, "the lease to be lost")
+        wait_for(lambda: session.session_id != first, 15, "kazoo to learn the session ended")
+        assert lease.lost  # at once: no waiting out a fraction of the timeout
         wait_for(lambda: "lost: " in caplog.text, 5, "the warning")
     rival = _lock_task_on(make_app())
     with rival.lock("x") as taken:
@@ -3272,13 +3275,17 @@ def _history_received(request: Any = None, **_: Any) -> None:
         _history_note(ev="received", task_id=request.id, pid=os.getpid(), t=time.monotonic())
 
 
-@app.task(
+#: A history lock or semaphore task: redelivered if its process dies, never given up.
+_HISTORY_LOCK_TASK = dict(
     base=zkcelery.LockTask,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
     max_retries=HISTORY_RETRIES,
 )
+
+
+@app.task(**_HISTORY_LOCK_TASK)
 def history_lock(self, key, hold):
     try:
         with self.lock(key, blocking=True, timeout=2.0) as lease:
@@ -3289,13 +3296,7 @@ def history_lock(self, key, hold):
         raise self.retry(exc=exc, countdown=0.2) from exc
 
 
-@app.task(
-    base=zkcelery.LockTask,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=HISTORY_RETRIES,
-)
+@app.task(**_HISTORY_LOCK_TASK)
 def history_semaphore(self, key, hold):
     with self.semaphore(key, max_leases=HISTORY_LEASES, retry=True, countdown=0.05) as lease:
         _history_body(self, "semaphore", key, hold, lease)
@@ -3421,24 +3422,21 @@ class _HistoryNemesis(threading.Thread):
         return int(self.ensemble.leader())
 
     def leader(self) -> None:
-        n = self.current_leader()
-        t0 = time.monotonic()
-        self.ensemble.kill_server(n)
-        down = time.monotonic()
-        self.halt.wait(self.rng.uniform(0.3, 1.5))
-        self.ensemble.start_server(n)
-        self.ensemble.wait_quorum()
-        self.note("kill leader", server=n, t0=t0, t=down, t1=time.monotonic())
+        self._server_down("kill leader", self.current_leader(), self.ensemble.kill_server)
 
     def follower(self) -> None:
         n = self.rng.choice([s for s in (1, 2, 3) if s != self.current_leader()])
+        self._server_down("stop follower", n, self.ensemble.stop_server)
+
+    def _server_down(self, action: str, n: int, take_down: Callable[[int], None]) -> None:
+        """Take server ``n`` down for a moment, bring it back, wait for a quorum."""
         t0 = time.monotonic()
-        self.ensemble.stop_server(n)
+        take_down(n)
         down = time.monotonic()
         self.halt.wait(self.rng.uniform(0.3, 1.5))
         self.ensemble.start_server(n)
         self.ensemble.wait_quorum()
-        self.note("stop follower", server=n, t0=t0, t=down, t1=time.monotonic())
+        self.note(action, server=n, t0=t0, t=down, t1=time.monotonic())
 
     def rm(self) -> None:
         """Break a held lock, semaphore or mutex: its holders' sessions lose it, as on expiry."""
