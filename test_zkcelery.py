@@ -646,7 +646,7 @@ def test_reentering_a_held_lock_is_refused_without_deadlock(lock_task):
         with lock_task.lock("r", blocking=True, timeout=0.3) as inner:
             assert not inner
         assert 0.25 <= time.monotonic() - started < 5
-        with pytest.raises(zkcelery.ZKCeleryError, match="not reentrant"):
+        with pytest.raises(zkcelery.NotReentrant, match="not reentrant"):
             lock_task.lock("r", blocking=True).__enter__()
 
 
@@ -808,7 +808,7 @@ def test_semaphore_holders_that_disagree_on_max_leases_get_a_clear_error(lock_ta
     with lock_task.semaphore("s", max_leases=2) as lease:
         assert lease
         with pytest.raises(
-            zkcelery.ZKCeleryError,
+            zkcelery.MaxLeasesMismatch,
             match="max_leases=3 here, but other holders use max_leases=\\[2\\]",
         ):
             lock_task.semaphore("s", max_leases=3).__enter__()
@@ -1729,13 +1729,14 @@ start = Path(sys.argv[1])
 print("ready", flush=True)
 while not start.exists():
     time.sleep(0.005)
-sent, refused = [], set()
+sent, refused, refusals = [], set(), 0
 for _ in range(100):
     try:
         sent.append(early.delay("one").id)
     except zkcelery.AlreadyQueued as exc:
         refused.add(exc.task_id)
-print(json.dumps({"sent": sent, "refused": sorted(refused)}), flush=True)
+        refusals += 1
+print(json.dumps({"sent": sent, "refused": sorted(refused), "refusals": refusals}), flush=True)
 """
 
 
@@ -1783,7 +1784,7 @@ def test_early_sends_of_one_key_from_eight_processes_publish_one_message(workers
     sent = [task_id for report in reports for task_id in report["sent"]]
     assert len(sent) == 1 and _queued_messages(workers) == 1
     assert all(report["refused"] == sent for report in reports if not report["sent"])
-    assert sum(len(report["sent"]) for report in reports) + 799 == 800
+    assert sum(report["refusals"] for report in reports) == 799  # every other send refused
 
 
 @both_ttl
@@ -2549,11 +2550,12 @@ def test_rm_breaks_one_lock_after_confirmation_and_the_holder_sees_it_lost(
          "rm", "t.lock('srv')"],
         input="n\n", capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert refused.returncode != 0 and not lease.lost
+    assert refused.returncode == 1 and "Aborted" in refused.stderr and not lease.lost
     done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('srv')", "--yes")
     assert done.returncode == 0 and f"pid {os.getpid()}" in done.stdout
     with caplog.at_level("WARNING", logger="zkcelery"):
-        assert lease.lost and not kept.lost
+        wait_for(lambda: lease.lost, 10, "the holder to see its node deleted")
+        assert not kept.lost
     assert "deleted from outside" in caplog.text
     with lock_task.lock("srv") as taken:  # another taker, in this process
         assert taken
@@ -2615,9 +2617,9 @@ def test_with_auth_only_the_holder_may_delete_or_take_over_a_lock(make_app, zk, 
     assert json.loads(zk.get(lease._grant.path)[0])["key"] == "t.lock('a')"  # reads stay open
     assert "s3cret" not in zk.get(lease._grant.path)[0].decode()
     stranger = _lock_task_on(make_app(ZOOKEEPER_AUTH="digest:other:pw"))
-    with pytest.raises(zkcelery.ZKCeleryError, match="ZOOKEEPER_AUTH") as refused:
+    with pytest.raises(zkcelery.AccessDenied, match="ZOOKEEPER_AUTH") as refused:
         stranger.lock("b").__enter__()
-    assert "s3cret" not in str(refused.value) and "pw" not in str(refused.value).split("(")[0]
+    assert "s3cret" not in str(refused.value) and "other:pw" not in str(refused.value)
     lease.__exit__(None, None, None)
     assert zk.exists(lease._grant.path) is None  # the holder still can
 
@@ -2733,7 +2735,7 @@ def test_check_fails_on_an_open_tree_and_passes_on_a_secured_one(zk, zk_root, au
 def test_secure_refuses_a_tree_another_identity_owns(make_app, zk_root, tmp_path, auth_cli):
     assert _held_now(_lock_task_on(make_app(ZOOKEEPER_AUTH="digest:other:pw")), "x")
     refused = auth_cli("secure")
-    assert refused.returncode != 0 and "cannot change the ACL of" in refused.stderr
+    assert refused.returncode == 1 and "cannot change the ACL of" in refused.stderr
 
 
 def test_without_auth_a_lock_cycle_still_costs_two_requests(lock_task, zk_hosts):
