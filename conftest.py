@@ -211,10 +211,15 @@ def zk_root(request: pytest.FixtureRequest, zk: KazooClient) -> Iterator[str]:
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:60]
     root = f"/zkcelery-tests/{name}-{uuid.uuid4().hex[:8]}"
     yield root
-    with contextlib.suppress(Exception):
-        zk.add_auth("digest", "worker:s3cret")  # the identity the auth tests use
+    for identity in TEST_IDENTITIES:  # whoever made a node under it may delete it
+        with contextlib.suppress(Exception):
+            zk.add_auth("digest", identity)
     with contextlib.suppress(Exception):
         zk.delete(root, recursive=True)
+
+
+#: The digest identities the tests use in ZOOKEEPER_AUTH (user:password).
+TEST_IDENTITIES = ("worker:s3cret", "other:pw")
 
 
 def count_znodes(client: KazooClient, path: str) -> int:
