@@ -152,7 +152,10 @@ def retrying_mutex(self, key, tail=1.0):
 
 @app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
 def replacing_mutex(self, key, tail=1.0, replaced=False):
+    # Retries once, then replaces itself: the replacement's retries start at 0 again.
     try:
+        if not replaced and self.request.retries == 0:
+            raise self.retry(countdown=0)
         if not replaced:
             return self.replace(replacing_mutex.si(key, tail, True))
     finally:
@@ -1382,10 +1385,11 @@ def test_a_mutex_tasks_retry_and_replacement_run_after_the_first_run_never_dropp
     replaced = workers.send("replacing_mutex", "p", 1.5)
     assert retried.get(timeout=60) is None and replaced.get(timeout=60) is None
     entries = workers.record.entries()
-    for key, task_id in (("r", retried.id), ("p", replaced.id)):
+    for key, task_id, copies in (("r", retried.id, 1), ("p", replaced.id, 2)):
         runs = [e for e in entries if e["key"] == key]
-        assert [e["task_id"] for e in runs] == [task_id, task_id]  # the first run, then its copy
-        assert runs[1]["enter"] >= runs[0]["exit"]  # after the first run's slow end
+        assert [e["task_id"] for e in runs] == [task_id] * (1 + copies)  # each run once
+        for run, after in zip(runs, runs[1:]):
+            assert after["enter"] >= run["exit"]  # each after the previous one's slow end
     assert "dropped" not in workers.logs(), workers.logs()
 
 
@@ -1963,6 +1967,25 @@ def test_revocations_in_a_burst_share_one_session_in_the_main_process(workers: W
     assert len(sessions) == 1
     for i in range(3):  # each key is free again
         assert _send_goes_through(sender, f"revoked{i}")
+
+
+def test_a_retry_keeps_its_key_after_another_early_key_was_broken(make_app, zk, zk_hosts, zk_root):
+    app = make_app()
+
+    @app.task(shared=False, base=zkcelery.EarlyMutexTask, bind=True, name="t.early_rm",
+              mutex_keys=("key",))  # fmt: skip
+    def early(self, key):
+        pass
+
+    mine = early._early_lease(("mine",), {}, "task-1")
+    mine._reserve()
+    assert mine.acquire()  # its run: the namespace's version is read before this
+    early._early_lease(("other",), {}, "task-2")._reserve()
+    done = _zk_cli(zk_hosts, zk_root, "rm", "t.early_rm('other')", "--yes")
+    assert done.returncode == 0 and "broke" in done.stdout, done.stderr
+    mine._requeue()  # the version moved, but not for this key: it is kept for the retry
+    data = json.loads(zk.get(node_path(zk_root, "early", "t.early_rm", "mine"))[0])
+    assert (data["state"], data["task_id"]) == ("queued", "task-1")
 
 
 @both_ttl

@@ -220,6 +220,7 @@ from kazoo.exceptions import (
 from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol.serialization import (
     CheckVersion,
+    Connect,
     Create,
     Create2,
     Delete,
@@ -488,8 +489,14 @@ class MutexTask(_KeyedTask):
     @contextlib.contextmanager
     def _handing_over(self) -> Iterator[None]:
         lease = getattr(self.request, "zkcelery_mutex", None)
-        if not (self.request.is_eager and lease):
-            yield  # a worker's copy is sent: see _contended for how it runs
+        if not lease:
+            yield
+            return
+        if not self.request.is_eager:
+            # The copy is sent with this task's id: say in the node that it
+            # follows, before it can start (see _later_copy).
+            lease._hand_over()
+            yield
             return
         names = _handed_over()
         names.add(lease.name)
@@ -639,10 +646,16 @@ def _handed_over() -> set[str]:
 
 
 def _later_copy(request: Any, holder: dict) -> bool:
-    """Whether ``request`` is a retry or replacement of the run ``holder`` describes."""
-    mine = (request.retries or 0, getattr(request, "replaced_task_nesting", 0) or 0)
-    theirs = (holder.get("retries") or 0, holder.get("nesting") or 0)
-    return mine > theirs
+    """Whether ``request`` is a retry or replacement of the run ``holder`` describes.
+
+    A replacement counts up ``replaced_task_nesting`` and starts ``retries``
+    again; a retry counts up ``retries``.  Celery before 5.7 does not send the
+    nesting, so the holder also notes in its node that a copy follows
+    (``handover``) before it is sent: with equal counters, that decides.
+    """
+    mine = (getattr(request, "replaced_task_nesting", 0) or 0, request.retries or 0)
+    theirs = (holder.get("nesting") or 0, holder.get("retries") or 0)
+    return mine > theirs or (mine == theirs and bool(holder.get("handover")))
 
 
 def _dead_session_bound(holder: dict, default: float) -> float:
@@ -1222,7 +1235,8 @@ class Lease:
         protocol = self._protocol(session)
         if self._blocking and deadline is None and self._max_leases is None:
             session.refuse_reentry(protocol.key_path, self.key)
-        granted = protocol.acquire(self._blocking, deadline)
+        with session.waiting() if self._blocking else contextlib.nullcontext():
+            granted = protocol.acquire(self._blocking, deadline)
         if granted is None:
             self._log(logging.DEBUG, "is held elsewhere")
             return False
@@ -1265,14 +1279,31 @@ class Lease:
             self.release()
         self._early().unreserve()
 
+    def _hand_over(self) -> None:
+        """Note in the node that a copy of this task follows (MutexTask's retry or replace)."""
+        grant = self._grant
+        if grant is None or grant.released or not isinstance(grant.protocol, _ExclusiveLock):
+            return
+        try:
+            grant.protocol.hand_over(grant.path, grant.session_id)
+        except (ZKCeleryError, KazooException) as exc:
+            self._log(logging.WARNING, "could not note the copy that follows: %s", exc)
+
     def _requeue(self) -> None:
         grant = self._grant
         if grant is not None and not grant.released:
             grant.check_session()  # no watch: our own requeue is about to delete the node
         if grant is not None and not grant.released and grant.why_lost is None:
             assert isinstance(grant.protocol, _EarlyMutex)
-            grant.protocol.requeue(grant.session_id)
-            grant.settle()
+            try:
+                kept = grant.protocol.requeue(grant.session_id)
+            except CoordinationError as exc:
+                kept = False
+                self._log(logging.WARNING, "not kept for the retry: %s", exc)
+            if kept:
+                grant.settle()
+            # Else the run's end releases it as usual, and the retried copy,
+            # finding this task id running, waits for that.
 
     # -- helpers -----------------------------------------------------------------
 
@@ -1580,8 +1611,13 @@ class _Queue:
         """Delete our nodes but the current one: creates whose answer was lost, applied late."""
         for ghost in [c for c in self.children if c.startswith(self.prefix) and c != self.node]:
             self.children.remove(ghost)
-            with contextlib.suppress(NoNodeError):
-                self.session.call(self.session.client.delete_async, f"{self.path}/{ghost}")
+            path = f"{self.path}/{ghost}"
+            try:
+                self.session.call(self.session.client.delete_async, path)
+            except NoNodeError:
+                pass
+            except CoordinationError:
+                self.session.add_orphan(path, self.owner)
 
     def leave(self, container_too: bool = False) -> None:
         """Delete our node (and the container, when asked and it is then empty)."""
@@ -1687,7 +1723,9 @@ class _ExclusiveLock:
                 continue  # not applied: try again on the new connection
             if isinstance(results[0], str):
                 self._owner = session.owner_of(self.holder, self.guid, session_id)
-                return "taken" if self._owner is not None else "held"
+                if self._owner is None:
+                    continue  # gone with the session it was made in: try again
+                return "taken"
             if isinstance(results[0], NoNodeError):  # the namespace node is gone
                 session.ensure_namespaces(again=True)
                 continue
@@ -1786,6 +1824,14 @@ class _ExclusiveLock:
             self.session.delete_own(path, session_id, guid=self.guid, epoch=self.epoch)
         else:
             self.queue.leave(container_too=self._alone())
+
+    def hand_over(self, path: str, owner: int | None) -> None:
+        """Note ``handover`` in our holder node's data, if the node is still ours."""
+        session = self.session
+        data, stat = session.read(session.client.get_async, path)
+        if stat.ephemeralOwner == owner and _guid_of(data) == self.guid:
+            meta = {**json.loads(data), "handover": True}
+            session.call(session.client.set_async, path, json.dumps(meta).encode(), stat.version)
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         """(holders, waiters): the metadata of each."""
@@ -2020,15 +2066,33 @@ class _EarlyMutex:
         elif isinstance(result.value, str) or isinstance(result.value[-1], str):
             self.session.client.delete_async(self.holder)
 
-    def requeue(self, session_id: int | None) -> None:
+    def requeue(self, session_id: int | None) -> bool:
         """At a retry: turn our running form back into the queued form a send makes.
 
         In one multi-operation: no ``rm`` since we took it (the epoch), our
         running form deleted, the queued form made, as a TTL node where the
-        servers allow them.
+        servers allow them.  False if it is not ours to turn (broken).
         """
         if self.session.session_id != session_id:
-            return  # the session ended: the key went with it, the retried copy takes it
+            return True  # the session ended: the key went with it, the retried copy takes it
+        for _ in range(_CONTAINER_TRIES):
+            results = self._turn_queued()
+            if isinstance(results[-1], str):
+                return True
+            if self.epoch is None or results[0] is True:
+                break  # not the fence: the node is not ours any more
+            # Some rm ran in the namespace since: is our node still ours?
+            self.session._epochs.pop(self.epoch[0], None)
+            self.epoch = self.session.epoch(self.epoch[0])
+            holder, stat = self._read()
+            if holder is None or holder.get("guid") != self.guid:
+                break
+            if stat.ephemeralOwner != session_id:
+                break
+        logger.warning("early mutex %s: could not keep it for the retry", self.key)
+        return False
+
+    def _turn_queued(self) -> list:
         fence = [CheckVersion(*self.epoch)] if self.epoch is not None else []
         ops = [*fence, Delete(self.holder, 0)]
         create = self.session.expiring_create(self.holder, self._data("queued"), self.timeout)
@@ -2039,8 +2103,7 @@ class _EarlyMutex:
         if isinstance(results[-1], (UnimplementedError, BadArgumentsError)):  # no TTL nodes
             create = self.session.expiring_create(self.holder, self._data("queued"), None)
             results = self.session.call(self.session.multi_async, [*ops, create])
-        if not isinstance(results[-1], str):
-            logger.warning("early mutex %s: could not keep it for the retry", self.key)
+        return results  # type: ignore[no-any-return]
 
     def release(self, path: str, session_id: int | None) -> None:
         self.session.delete_own(path, session_id, guid=self.guid, epoch=self.epoch)
@@ -2453,13 +2516,26 @@ def _requeue_delay(task_id: Any) -> float:
 # ---------------------------------------------------------------------------
 
 _RECOVERABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError)
-#: A lease is called lost once the server has answered nothing sent in the
-#: last this fraction of the granted session timeout (see lost_since).  A
-#: healthy idle session is answered a ping every third of it.
+#: A lease is called lost once nothing sent in the last this fraction of the
+#: granted session timeout has been answered through the leader (see lost_since).
 _LOST_AFTER_SILENCE = 0.75
-#: The watchdog looks at held leases this often, as a fraction of the timeout.
-_WATCHDOG_EVERY = 0.1
-_WATCH_XID = -1  # kazoo's xid of a watch notification, which answers no request
+#: While leases are held, the watchdog looks this often (a fraction of the
+#: timeout), and sends a sync when nothing was confirmed for _SYNC_AFTER.
+_WATCHDOG_EVERY, _SYNC_AFTER = 0.1, 0.25
+#: Opcodes whose answer shows that the leader had our session alive when we
+#: sent them: writes (create, delete, setData, setACL, multi, create2,
+#: container, TTL) and sync.  A follower answers reads and pings by itself,
+#: and does so for a while even when it is cut off from the leader, which is
+#: what expires sessions.
+_CONFIRMED_BY_LEADER = frozenset({1, 2, 5, 7, 9, 14, 15, 19, 21})
+_CLOCK = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def _now() -> float:
+    """Seconds on a clock that also counts a suspended host (Linux's BOOTTIME)."""
+    return time.clock_gettime(_CLOCK) if _CLOCK is not None else time.monotonic()
+
+
 #: How long, and for how many keys, a process remembers a lock it found contended.
 _CONTENDED_FOR, _CONTENDED_KEYS = 2.0, 1000
 #: Creates of a node whose container keeps being reaped, before giving up.
@@ -2543,16 +2619,18 @@ class _Session:
         self.mutex = threading.Lock()
         self._timeout_error = self.handler.timeout_exception
         self._live = self.handler.event_object()
-        self.last_used = time.monotonic()  # for a session closed when idle
+        self.last_used, self.in_use = time.monotonic(), 0  # for a session closed when idle
         self._suspended_at: float | None = None
         #: What the server granted, which may be less than what we asked for.
         self.session_timeout = settings.session_timeout
-        #: When we sent the latest request the server has answered: it heard
-        #: from the session at that moment or later (see lost_since).
-        self._heard = time.monotonic()
-        self._sent: dict[int | None, float] = {}  # xid -> when sent, until answered
+        #: When we sent the latest request answered through the leader: the
+        #: leader heard from the session at that moment or later (see lost_since).
+        self._heard = _now()
+        self._sent: dict[int, float] = {}  # xid -> when sent, until answered
+        self._syncing = False  # the watchdog's sync is on its way
         self._grants: set[_Grant] = set()
-        self._watchdog = False  # a thread watches the grants for silence
+        self._waiting = 0  # blocking acquires under way
+        self._watchdog = False  # a thread watches the grants (and waits) for silence
         self._reaping = False  # a thread deletes orphans while connected
         #: namespace path -> its data version, which ``rm`` bumps (see delete_own)
         self._epochs: dict[str, int] = {}
@@ -2582,55 +2660,60 @@ class _Session:
     def lost_since(self, session_id: int | None) -> bool:
         """Whether a lease taken in ``session_id`` may now be held by someone else.
 
-        ZooKeeper expires a session the granted timeout after it last heard
-        from it, and never sooner.  A lease is called lost when the session
-        is another one now, or once nothing sent in the last
-        _LOST_AFTER_SILENCE of that timeout has been answered: before the
-        server can have expired the session.  That is judged from answers,
-        not from kazoo's states, which can lag past the expiry: kazoo pings
-        only when it has sent nothing for a while, so while other threads
-        keep sending on a dead link it reports no disconnection at all; and
-        after a pause of the whole process (SIGSTOP, a paused VM) no state
-        has changed yet when the body looks.  No I/O.
+        The leader expires a session the granted timeout after it last heard
+        of it, and never sooner.  A lease is called lost when the session is
+        another one now, or once nothing sent in the last _LOST_AFTER_SILENCE
+        of that timeout has been answered through the leader (a write, a
+        sync: see _CONFIRMED_BY_LEADER; the watchdog syncs while leases are
+        held): before the leader can have expired the session.  That is
+        judged from answers, not from kazoo's states, which can lag past the
+        expiry: kazoo pings only when it has sent nothing for a while, so
+        while other threads keep sending on a dead link it reports no
+        disconnection at all; after a pause of the whole process (SIGSTOP, a
+        paused VM, a suspended host) no state has changed yet when the body
+        looks; and a follower cut off from the leader answers pings until it
+        notices.  No I/O.
         """
         if self.session_id != session_id:
             return True
-        silence = time.monotonic() - self._heard
-        return silence >= self.session_timeout * _LOST_AFTER_SILENCE
+        return _now() - self._heard >= self.session_timeout * _LOST_AFTER_SILENCE
 
     def _instrument_connection(self) -> None:
-        # kazoo keeps neither the timeout the server granted (a local variable
-        # of _connect, which returns 2/3 of it in ms as its read timeout) nor
-        # when the server last answered: wrap three methods of our own
-        # client's connection, all run on kazoo's connection thread.
+        # kazoo keeps neither the timeout the server granted (it only logs the
+        # connect answer's) nor when the leader last answered: wrap three
+        # methods of our own client's connection, all run on kazoo's
+        # connection thread.  _invoke carries the connect request, and
+        # returns before kazoo reports CONNECTED.
         connection = self.client._connection
-        connect, submit, read_header = (
-            connection._connect,
+        invoke, submit, read_header = (
+            connection._invoke,
             connection._submit,
             connection._read_header,
         )
 
-        def recording_connect(*args: Any, **kwargs: Any) -> Any:
-            began = time.monotonic()
-            read_timeout, connect_timeout = connect(*args, **kwargs)
-            self.session_timeout = read_timeout * 1.5 / 1000.0
-            self._sent.clear()
-            self._heard = began  # the server took our connect request after this
-            return read_timeout, connect_timeout
+        def recording_invoke(timeout: Any, request: Any, xid: Any = None) -> Any:
+            began = _now()
+            answer = invoke(timeout, request, xid)
+            if isinstance(request, Connect) and getattr(answer[0], "time_out", 0) > 0:
+                self.session_timeout = answer[0].time_out / 1000.0
+                self._sent.clear()
+                # A reconnect is validated by the leader: it heard of us since.
+                self._heard = began
+            return answer
 
         def recording_submit(request: Any, timeout: Any, xid: Any = None) -> Any:
-            self._sent[xid] = time.monotonic()
+            if getattr(request, "type", None) in _CONFIRMED_BY_LEADER:
+                self._sent[xid] = _now()
             return submit(request, timeout, xid)
 
         def recording_read_header(timeout: Any) -> Any:
             header, buffer, offset = read_header(timeout)
-            if header.xid != _WATCH_XID:  # an answer: to a request, a ping or auth
-                sent = self._sent.pop(header.xid, None)
-                if sent is not None and sent > self._heard:
-                    self._heard = sent
+            sent = self._sent.pop(header.xid, None)
+            if sent is not None and sent > self._heard:
+                self._heard = sent
             return header, buffer, offset
 
-        connection._connect = recording_connect
+        connection._invoke = recording_invoke
         connection._submit = recording_submit
         connection._read_header = recording_read_header
 
@@ -2660,14 +2743,27 @@ class _Session:
             grant.check_session()
 
     def _watch_grants(self) -> None:
-        """While leases are held: notice (and log) one lost to silence, a pause or expiry."""
+        """While leases are held: keep the leader's word fresh, and notice a lost lease.
+
+        A holder that sends nothing would hear only from the server it is
+        connected to (pings): a sync, when nothing was confirmed through the
+        leader for a while, keeps ``lost`` from turning true on a healthy
+        session.  A lease lost to silence, a pause or expiry is logged here.
+        """
         while True:
             self.handler.sleep_func(max(0.05, self.session_timeout * _WATCHDOG_EVERY))
             with self.mutex:
-                if not self._grants:
+                if not self._grants and not self._waiting:
                     self._watchdog = False
                     return
+            quiet = _now() - self._heard >= self.session_timeout * _SYNC_AFTER
+            if quiet and not self._syncing and self._live.is_set():
+                self._syncing = True
+                self.client.sync_async(self.settings.root).rawlink(self._synced)
             self._report_lost()
+
+    def _synced(self, _: Any) -> None:
+        self._syncing = False
 
     def wait_connected(self, deadline: float | None = None) -> None:
         limit = self.settings.connect_timeout
@@ -2692,6 +2788,26 @@ class _Session:
     def remember(self, grant: _Grant) -> None:
         with self.mutex:
             self._grants.add(grant)
+        self._start_watchdog()
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A blocking acquire: the watchdog keeps the leader's word fresh meanwhile.
+
+        A waiter may be granted by a watch long after its last write; its
+        lease must not be born lost.
+        """
+        with self.mutex:
+            self._waiting += 1
+        self._start_watchdog()
+        try:
+            yield
+        finally:
+            with self.mutex:
+                self._waiting -= 1
+
+    def _start_watchdog(self) -> None:
+        with self.mutex:
             start, self._watchdog = not self._watchdog, True
         if start:
             self.handler.spawn(self._watch_grants)
@@ -2871,10 +2987,14 @@ class _Session:
         """
         if self.session_id == before:
             return before
+        after = self.session_id
         try:
             data, stat = self.read(self.client.get_async, path)
         except NoNodeError:
             return None
+        except CoordinationError:
+            self.add_orphan(path, after, guid)  # ours or none: deleted when it can be
+            raise
         return stat.ephemeralOwner if _guid_of(data) == guid else None  # type: ignore[no-any-return]
 
     # -- creating and deleting -----------------------------------------------
@@ -3036,8 +3156,15 @@ class _Session:
                     return  # the session ended: the node is gone with it
                 version = -1
                 if not first:
+                    if epoch is not None:  # the version now, read before we look
+                        self._epochs.pop(epoch[0], None)
+                        epoch = self.epoch(epoch[0])
                     data, stat = self.call(self.client.get_async, path, deadline=deadline)
                     if stat.ephemeralOwner != session_id or (guid and _guid_of(data) != guid):
+                        return
+                    if epoch is not None:
+                        if not self._fenced_delete(path, epoch, deadline):
+                            continue  # another rm meanwhile: look again
                         return
                     version = stat.version
                 elif epoch is not None:
@@ -3067,10 +3194,13 @@ class _Session:
     def epoch(self, namespace: str) -> tuple[str, int]:
         """``namespace``'s node and its data version, which ``rm`` bumps (read once)."""
         version = self._epochs.get(namespace)
-        if version is None:
+        while version is None:
             self.ensure_namespaces()
             stat = self.read(self.client.exists_async, namespace)
-            version = self._epochs[namespace] = stat.version if stat is not None else -1
+            if stat is None:  # removed by hand: make it again
+                self.ensure_namespaces(again=True)
+                continue
+            version = self._epochs[namespace] = stat.version
         return namespace, version
 
     def _fenced_delete(self, path: str, epoch: tuple[str, int], deadline: float) -> bool:
@@ -3249,11 +3379,11 @@ def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     if not isinstance(sender, EarlyMutexTask) or request is None:
         return
     lease = sender._early_lease(request.args, request.kwargs, request.id)
-    lease._session = _revocation_session(sender.app)
-    try:
-        lease._unreserve()
-    except ZKCeleryError as exc:
-        lease._log(logging.WARNING, "not freed after its revocation: %s", exc)
+    with _revocation_session(sender.app) as lease._session:
+        try:
+            lease._unreserve()
+        except ZKCeleryError as exc:
+            lease._log(logging.WARNING, "not freed after its revocation: %s", exc)
 
 
 #: The main process's session for revocations, per app, until it has been idle this long.
@@ -3261,22 +3391,28 @@ _REVOCATIONS_IDLE = 5.0
 _revocations: dict[celery.Celery, _Session] = {}
 
 
-def _revocation_session(app: celery.Celery) -> _Session:
+@contextlib.contextmanager
+def _revocation_session(app: celery.Celery) -> Iterator[_Session]:
     """One session for a burst of revocations (revoking a thousand tasks opens one)."""
     with _connections_lock:
         session = _revocations.get(app)
         if session is None or session.pid != os.getpid():
             session = _revocations[app] = _Session(_read_settings(app))
             threading.Thread(target=_close_when_idle, args=(app, session), daemon=True).start()
-        session.last_used = time.monotonic()
-        return session
+        session.in_use += 1
+    try:
+        yield session
+    finally:
+        with _connections_lock:
+            session.in_use -= 1
+            session.last_used = time.monotonic()
 
 
 def _close_when_idle(app: celery.Celery, session: _Session) -> None:
     while True:
         time.sleep(_REVOCATIONS_IDLE)
         with _connections_lock:
-            if time.monotonic() - session.last_used < _REVOCATIONS_IDLE:
+            if session.in_use or time.monotonic() - session.last_used < _REVOCATIONS_IDLE:
                 continue
             if _revocations.get(app) is session:
                 del _revocations[app]
@@ -3837,11 +3973,13 @@ def _rm_command(app: celery.Celery, key: str, yes: bool) -> None:
     if not yes:
         click.confirm("Break it? The holder, if alive, sees lease.lost", abort=True)
     for row in held:
-        _break(conn, row)
-        click.echo(f"broke {_describe(row)}")
+        if _break(conn, row):
+            click.echo(f"broke {_describe(row)}")
+        else:
+            click.echo(f"left {_describe(row)}: released or taken again since it was listed")
 
 
-def _break(session: _Session, row: dict) -> None:
+def _break(session: _Session, row: dict) -> bool:
     """Delete a holder's node, and bump its namespace's epoch in the same multi-operation.
 
     The broken holder may run on and release late.  Its release of a node at
@@ -3851,12 +3989,19 @@ def _break(session: _Session, row: dict) -> None:
     line is granted the lock, as after any release.
     """
     namespace = f"{session.settings.root}/{row['namespace']}"
+    try:  # the node listed, still: not one whose holder took the lock since
+        _, stat = session.read(session.client.get_async, row["path"])
+    except NoNodeError:
+        return False
+    if stat.czxid != row["czxid"]:
+        return False
 
     def build(txn: TransactionRequest) -> None:
         txn.set_data(namespace, b"")
-        txn.delete(row["path"])
+        txn.delete(row["path"], stat.version)
 
-    session.multi(build)  # a node gone meanwhile fails it: nothing to break then
+    results = session.multi(build)  # a node changed meanwhile fails it: nothing broken
+    return results[-1] is True
 
 
 def _describe(row: dict) -> str:
@@ -3978,7 +4123,7 @@ def _listing(session: _Session) -> list[dict]:
                 "node": node, "path": path, "task": meta.get("task"),
                 "task_id": meta.get("task_id"), "identifier": meta.get("identifier"),
                 "host": meta.get("host"), "pid": meta.get("pid"),
-                "age": round(now - stat.ctime / 1000, 3),
+                "age": round(now - stat.ctime / 1000, 3), "czxid": stat.czxid,
             })  # fmt: skip
     return rows
 
