@@ -1273,15 +1273,22 @@ def test_a_semaphore_refused_on_a_session_not_yet_connected_leaves_no_node(make_
             assert second  # not poisoned by the mistaken call
 
 
-def test_a_waiter_that_gives_up_after_queueing_again_in_a_new_session_leaves_no_node(
-    make_app, zk_hosts
+def test_a_waiter_that_fails_after_queueing_again_in_a_new_session_leaves_no_node(
+    make_app, zk, zk_hosts
 ):
     waiter_app = make_app()
     waiter = _lock_task_on(waiter_app)
-    with _lock_task_on(make_app()).lock("ghost") as held:
-        result: list[bool] = []
-        thread = _in_thread(lambda: result.append(waiter.lock("ghost", blocking=True,
-                                                               timeout=8).acquire()))  # fmt: skip
+    holders = _lock_task_on(make_app())
+    with holders.semaphore("ghost", max_leases=2) as held, holders.semaphore("ghost", max_leases=2):
+        errors: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                waiter.semaphore("ghost", max_leases=2, blocking=True, timeout=20).acquire()
+            except zkcelery.MaxLeasesMismatch as exc:
+                errors.append(exc)
+
+        thread = _in_thread(wait)
         wait_for(lambda: len(held.waiters()) == 1, 10, "the waiter to queue")
         first = zkcelery._connection(waiter_app).session_id
         expire_session(waiter_app, zk_hosts)
@@ -1293,9 +1300,13 @@ def test_a_waiter_that_gives_up_after_queueing_again_in_a_new_session_leaves_no_
             10,
             "the waiter to queue again in a new session",
         )
+        # A contender that disagrees on max_leases: the waiter's next look raises.
+        container = held._grant.path.rsplit("/", 1)[0]
+        intruder = zk.create(f"{container}/3@intruder@", b"{}", sequence=True)
         thread.join(30)
-        assert result == [False]
-        assert held.waiters() == []
+        assert [type(e) for e in errors] == [zkcelery.MaxLeasesMismatch]
+        zk.delete(intruder)
+        assert held.waiters() == []  # the waiter's node went with its failure
 
 
 def test_a_waiter_never_waits_behind_a_late_copy_of_its_own_node(make_app, monkeypatch):
