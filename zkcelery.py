@@ -648,14 +648,17 @@ def _handed_over() -> set[str]:
 def _later_copy(request: Any, holder: dict) -> bool:
     """Whether ``request`` is a retry or replacement of the run ``holder`` describes.
 
-    A replacement counts up ``replaced_task_nesting`` and starts ``retries``
-    again; a retry counts up ``retries``.  Celery before 5.7 does not send the
-    nesting, so the holder also notes in its node that a copy follows
-    (``handover``) before it is sent: with equal counters, that decides.
+    A retry counts up ``retries``; a replacement counts up
+    ``replaced_task_nesting`` and starts ``retries`` again, and Celery before
+    5.7 does not even send the nesting.  So the holder notes in its node that
+    a copy follows (``handover``) before it is sent, and that decides.  (A
+    redelivery of the holder's own message that comes in that moment is then
+    taken for its copy too: it waits, and runs after it, rather than being
+    lost.)
     """
     mine = (getattr(request, "replaced_task_nesting", 0) or 0, request.retries or 0)
     theirs = (holder.get("nesting") or 0, holder.get("retries") or 0)
-    return mine > theirs or (mine == theirs and bool(holder.get("handover")))
+    return mine > theirs or bool(holder.get("handover"))
 
 
 def _dead_session_bound(holder: dict, default: float) -> float:
