@@ -8,6 +8,7 @@ body in an enter/exit record that does not depend on zkcelery.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import logging
@@ -639,6 +640,21 @@ def test_the_lease_is_truthy_exactly_while_held(lock_task):
     with lease:
         assert lease
     assert not lease
+
+
+@pytest.mark.parametrize(
+    "module, owner, name, params", zkcelery._INTERNALS, ids=lambda v: str(v or "")
+)
+def test_the_kazoo_and_celery_internals_zkcelery_relies_on_are_there(module, owner, name, params):
+    found = importlib.import_module(module)
+    if owner:
+        found = getattr(found, owner)
+    if owner == "KazooClient" and params is None:  # set on each client it makes
+        found = KazooClient(hosts="127.0.0.1:1")
+    assert hasattr(found, name), f"{module}.{owner}.{name} is gone"
+    if params is not None:
+        signature = inspect.signature(getattr(found, name))
+        assert tuple(p for p in signature.parameters if p not in ("self", "cls")) == params
 
 
 def test_reentering_a_held_lock_is_refused_without_deadlock(lock_task):

@@ -1363,6 +1363,30 @@ class Lease:
         )  # fmt: skip
 
 
+#: The private parts of kazoo and Celery that zkcelery relies on, in one
+#: place: (module, object, attribute, its parameters or None for plain data).
+#: test_zkcelery checks each against the installed versions, so that an
+#: upgrade that moves one fails a test, not a worker.
+_INTERNALS = (
+    # the session id through a suspension, and requests kazoo has no method for
+    ("kazoo.client", "KazooClient", "_session_id", None),
+    ("kazoo.client", "KazooClient", "_connection", None),
+    ("kazoo.client", "KazooClient", "_call", ("request", "async_object")),
+    # the granted timeout and the time of the last answer (_instrument_connection)
+    ("kazoo.protocol.connection", "ConnectionHandler", "_invoke", ("timeout", "request", "xid")),
+    ("kazoo.protocol.connection", "ConnectionHandler", "_submit", ("request", "timeout", "xid")),
+    ("kazoo.protocol.connection", "ConnectionHandler", "_read_header", ("timeout",)),
+    ("kazoo.protocol.serialization", "Connect", "time_out", None),
+    ("kazoo.protocol.serialization", "MultiHeader", "deserialize", ("bytes", "offset")),
+    # MutexTask's copies of itself, and its rejections' one log line
+    ("celery.app.task", "Task", "on_replace", ("sig",)),
+    ("celery.app.task", "Context", "replaced_task_nesting", None),
+    ("celery.app.task", "Context", "retries", None),
+    ("celery.app.task", "Context", "is_eager", None),
+    ("celery.app.trace", "", "LOG_REJECTED", None),
+    ("celery.app.trace", "", "LOG_IGNORED", None),
+)
+
 #: What a protocol's acquire returns: the node, its fencing token if known,
 #: and the session that made the node.
 _Granted = tuple[str, Optional[int], Optional[int]]
