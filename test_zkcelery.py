@@ -2235,6 +2235,9 @@ def test_a_partition_past_the_session_timeout_marks_the_lease_lost_in_time(
         assert released <= CONNECT_TIMEOUT + 0.5
         assert taken.holders()[0]["pid"] == os.getpid() and len(taken.holders()) == 1
     partition.heal()
+    session = zkcelery._connection(cut_off)
+    wait_for(lambda: not session.suspended, 20, "the cut-off session to reconnect")
+    assert _held_now(holder, "p")  # a new session, and the next acquire works
     _report(
         capsys, f"partition: lost after {lost_after:.2f} s, release gave up in {released:.2f} s"
     )
