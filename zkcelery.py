@@ -2109,8 +2109,7 @@ class _EarlyMutex:
             if self.epoch is None or results[0] is True:
                 break  # not the fence: the node is not ours any more
             # Some rm ran in the namespace since: is our node still ours?
-            self.session._epochs.pop(self.epoch[0], None)
-            self.epoch = self.session.epoch(self.epoch[0])
+            self.epoch = self.session.epoch(self.epoch[0], again=True)
             holder, stat = self._read()
             if holder is None or holder.get("guid") != self.guid:
                 break
@@ -2162,19 +2161,9 @@ class _EarlyMutex:
 
 
 def _replace(
-    path: str,
-    version: int,
-    data: bytes,
-    ephemeral: bool,
-    txn: TransactionRequest,
-    epoch: tuple[str, int] | None = None,
+    path: str, version: int, data: bytes, ephemeral: bool, txn: TransactionRequest
 ) -> None:
-    """One form of a node for another, atomically: delete at ``version``, create anew.
-
-    With ``epoch``, only if no ``rm`` ran since it was read (see _Session.delete_own).
-    """
-    if epoch is not None:
-        txn.check(*epoch)
+    """One form of a node for another, atomically: delete at ``version``, create anew."""
     txn.delete(path, version)
     txn.create(path, data, ephemeral=ephemeral)
 
@@ -3175,38 +3164,32 @@ class _Session:
         ``session_id``, with our ``guid``.
         """
         deadline = time.monotonic() + self.settings.connect_timeout
-        first = True
+        look = False  # read the node before deleting it: it may not be ours any more
         while True:
             try:
                 self.wait_connected(deadline)
                 if self.session_id != session_id:
                     return  # the session ended: the node is gone with it
                 version = -1
-                if not first:
+                if look:
                     if epoch is not None:  # the version now, read before we look
-                        self._epochs.pop(epoch[0], None)
-                        epoch = self.epoch(epoch[0])
+                        epoch = self.epoch(epoch[0], again=True)
                     data, stat = self.call(self.client.get_async, path, deadline=deadline)
                     if stat.ephemeralOwner != session_id or (guid and _guid_of(data) != guid):
                         return
-                    if epoch is not None:
-                        if not self._fenced_delete(path, epoch, deadline):
-                            continue  # another rm meanwhile: look again
-                        return
                     version = stat.version
-                elif epoch is not None:
-                    first = False
-                    if not self._fenced_delete(path, epoch, deadline):
-                        continue  # some rm ran since we read the epoch: look first
-                    return
-                first = False
+                look = True  # whatever comes next (a lost answer, an rm) means looking
+                if epoch is not None:
+                    if self._fenced_delete(path, epoch, deadline):
+                        return
+                    continue  # some rm ran since the epoch was read: look first
                 if container is None:
                     self.call(self.client.delete_async, path, version, deadline=deadline)
                     return
                 results = self.multi(functools.partial(_delete_both, path, container))
                 if not isinstance(results[1], NotEmptyError):
                     return
-                container, first = None, True  # someone joined since: leave it to them
+                container, look = None, False  # someone joined since: leave it to them
             except NoNodeError:
                 return
             except _ConnectionLost:
@@ -3218,9 +3201,9 @@ class _Session:
                 self.add_orphan(path, session_id, guid)
                 raise
 
-    def epoch(self, namespace: str) -> tuple[str, int]:
-        """``namespace``'s node and its data version, which ``rm`` bumps (read once)."""
-        version = self._epochs.get(namespace)
+    def epoch(self, namespace: str, again: bool = False) -> tuple[str, int]:
+        """``namespace``'s node and its data version, which ``rm`` bumps (read once, or again)."""
+        version = None if again else self._epochs.get(namespace)
         while version is None:
             self.ensure_namespaces()
             stat = self.read(self.client.exists_async, namespace)
