@@ -38,12 +38,10 @@ from kazoo.exceptions import NoNodeError
 
 import zkcelery
 from testsupport import ensemble_hosts, four_letter, zk_test_port
+from testtasks import CONNECT_TIMEOUT, SESSION_TIMEOUT, broker_settings
 
 HERE = Path(__file__).resolve().parent
 ZK_TEST = HERE / "zk-test.sh"
-#: Sessions in the tests are short, so that faults play out in seconds.
-SESSION_TIMEOUT = 2.0
-CONNECT_TIMEOUT = 2.0
 START_HINT = "no ZooKeeper ensemble answers at {hosts}: run ./zk-test.sh to start one"
 #: zk-test.sh's highest base port (server 3's election port is base + 20003).
 MAX_BASE_PORT = 65535 - 20003
@@ -414,93 +412,6 @@ class Record:
         return found
 
 
-def record_body(key: Any, hold: float = 0.0, **extra: Any) -> None:
-    """Called inside a guarded body: note (key, pid, enter, exit) in the record."""
-    folder = os.environ.get("ZKCELERY_TEST_RECORD")
-    enter = time.monotonic()  # one clock for every process on the machine
-    if hold:
-        time.sleep(hold)
-    leave = time.monotonic()
-    if folder:
-        line = json.dumps(
-            {"key": str(key), "pid": os.getpid(), "enter": enter, "exit": leave, **extra}
-        )
-        with open(Path(folder) / f"{os.getpid()}.log", "a") as f:
-            f.write(line + "\n")
-
-
-def note_failure(task_id: str, exception: BaseException) -> None:
-    """Called by a ``task_failure`` receiver: note it in the record, for ``failures()``."""
-    folder = os.environ.get("ZKCELERY_TEST_RECORD")
-    if folder:
-        with open(Path(folder) / f"{os.getpid()}.failures", "a") as f:
-            f.write(json.dumps([task_id, type(exception).__name__]) + "\n")
-
-
-def broker_settings(
-    folder: Path, url: str | None = None, queue: str | None = None, options: dict | None = None
-) -> dict[str, Any]:
-    """The app settings for a broker and results that work across processes.
-
-    Without ``url``: kombu's filesystem transport in ``folder`` (or
-    ``CELERY_BROKER_URL``).  With it: that broker, the tasks on ``queue``, and
-    ``options`` as its transport options.
-    """
-    url = url or os.environ.get("CELERY_BROKER_URL")
-    queue_folder = folder / "queue"
-    queue_folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results").mkdir(exist_ok=True)
-    settings: dict[str, Any] = {"result_backend": f"file://{folder / 'results'}"}
-    if url:
-        settings["broker_url"] = url
-        if queue:
-            settings["task_default_queue"] = queue
-        if options:
-            settings["broker_transport_options"] = options
-    else:
-        settings["broker_url"] = "filesystem://"
-        settings["broker_transport"] = "testsupport:AtomicFilesystemTransport"
-        settings["broker_transport_options"] = {
-            "data_folder_in": str(queue_folder),
-            "data_folder_out": str(queue_folder),
-            "control_folder": str(folder / "control"),
-            "polling_interval": 0.05,
-        }
-    return settings
-
-
-def worker_app(name: str = "zkcelery-tests") -> Celery:
-    """The app of the worker processes (and of the tests that talk to them).
-
-    Its broker, results and ZooKeeper namespace come from the environment the
-    ``workers`` fixture sets, so one module serves every test's worker.
-    """
-    app = Celery(name, set_as_current=False)
-    folder = os.environ.get("ZKCELERY_TEST_BROKER")
-    if folder:
-        options = json.loads(os.environ.get("ZKCELERY_TEST_TRANSPORT_OPTIONS") or "{}")
-        app.conf.update(
-            broker_settings(
-                Path(folder),
-                os.environ.get("ZKCELERY_TEST_BROKER_URL"),
-                os.environ.get("ZKCELERY_TEST_QUEUE"),
-                options,
-            )
-        )
-    app.conf.update(
-        ZOOKEEPER_HOSTS=os.environ.get("ZKCELERY_TEST_HOSTS", ensemble_hosts()),
-        ZOOKEEPER_ROOT=os.environ.get("ZKCELERY_TEST_ROOT", "/zkcelery-tests/default"),
-        ZOOKEEPER_SESSION_TIMEOUT=float(os.environ.get("ZKCELERY_TEST_SESSION", SESSION_TIMEOUT)),
-        ZOOKEEPER_CONNECT_TIMEOUT=CONNECT_TIMEOUT,
-        worker_prefetch_multiplier=1,
-        worker_hijack_root_logger=False,
-        # Celery has no setting for the retry delay; annotations set it on every task.
-        task_annotations={"*": {"default_retry_delay": 0.2}},
-        broker_connection_retry_on_startup=True,
-    )
-    return app
-
-
 class Worker:
     """One ``celery worker`` subprocess."""
 
@@ -600,7 +511,7 @@ class Workers:
         n = len(self.started)
         log, ready = self.tmp / f"worker{n}.log", self.tmp / f"worker{n}.ready"
         argv = [
-            sys.executable, "-m", "celery", "-A", "test_zkcelery", "worker",
+            sys.executable, "-m", "celery", "-A", "testtasks", "worker",
             "-P", pool, "-c", str(concurrency), "-n", f"w{n}@%h", "-l", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "-f", str(log), *(["-Q", queues] if queues else []),
@@ -621,7 +532,7 @@ class Workers:
 
     def send(self, name: str, *args: Any, **options: Any) -> Any:
         """Send task ``name`` (as the worker module names it) with ``args``."""
-        return self.app.send_task(f"test_zkcelery.{name}", args=args, **options)
+        return self.app.send_task(f"testtasks.{name}", args=args, **options)
 
     def stop(self) -> None:
         # All at once: a warm shutdown takes seconds even when idle.
@@ -849,19 +760,10 @@ def expire_session(app_or_client: Any, hosts: str) -> None:
     thief.close()
 
 
-def requests_received(hosts: str) -> int:
-    """Packets all servers of the ensemble have received from clients (``srvr``)."""
-    total = 0
-    for entry in hosts.split(","):
-        match = re.search(r"Received: (\d+)", four_letter(entry, "srvr"))
-        total += int(match.group(1)) if match else 0
-    return total
-
-
 def session_requests(hosts: str, app: Celery) -> int:
     """Packets the servers have received from ``app``'s session on its connection (``cons``).
 
-    Unlike ``requests_received``, other clients of the ensemble do not count.
+    Other clients of the ensemble (idle pings, other tests' sessions) do not count.
     """
     sid = f"sid={zkcelery._connection(app).session_id:#x},"
     for entry in hosts.split(","):

@@ -1,8 +1,8 @@
 """zkcelery's behaviour, against a real ZooKeeper ensemble and real Celery workers.
 
-This module is also the worker's app (``celery -A test_zkcelery worker``): the
-README's examples are executed into it as written, with ``do_work`` noting each
-body in an enter/exit record that does not depend on zkcelery.
+The worker and beat processes run ``testtasks`` (the README's examples, executed
+into it as written, and the tasks the tests send); the fixtures and fault helpers
+are in ``conftest``.  One section per feature, in the README's order.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Callable
 import celery
 import kombu
 import pytest
-from celery import Celery, signals
+from celery import Celery
 from celery.exceptions import MaxRetriesExceededError, Reject, Retry
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -41,219 +41,17 @@ from kazoo.exceptions import NoNodeError
 
 import zkcelery
 from conftest import (
-    CONNECT_TIMEOUT,
-    SESSION_TIMEOUT,
     Workers,
     both_ttl,
     close_sessions,
     configure,
     count_znodes,
     expire_session,
-    note_failure,
-    record_body,
-    requests_received,
     session_requests,
     wait_for,
-    worker_app,
 )
 from testsupport import sent_at
-
-# ---------------------------------------------------------------------------
-# The worker's app: the README's examples, and tasks the tests need
-# ---------------------------------------------------------------------------
-
-app = worker_app()
-
-
-def do_work(data: dict) -> None:
-    record_body(**data)
-
-
-def _readme_examples() -> list[str]:
-    text = (Path(__file__).parent / "README.md").read_text()
-    return [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "@app.task" in b]
-
-
-for _example in _readme_examples():
-    exec(compile(_example, "README.md", "exec"), globals())
-
-
-@signals.worker_ready.connect
-def _announce_ready(**_: Any) -> None:
-    ready = os.environ.get("ZKCELERY_TEST_READY")
-    if ready:
-        Path(ready).touch()
-
-
-@signals.task_failure.connect
-def _note_failure(task_id: str, exception: BaseException, **_: Any) -> None:
-    # Whichever process sends it (Celery 5.7 does in the worker's main process).
-    note_failure(task_id, exception)
-
-
-@app.task(base=zkcelery.LockTask, bind=True)
-def hold_lock(self, key, hold=0.0, blocking=False):
-    with self.lock(key, blocking=blocking) as lease:
-        if lease:
-            record_body(key, hold, token=lease.token)
-        return bool(lease)
-
-
-@app.task(base=zkcelery.LockTask, bind=True)
-def hold_semaphore(self, key, max_leases, hold=0.0):
-    with self.semaphore(key, max_leases=max_leases, blocking=True) as lease:
-        record_body(key, hold)
-        return bool(lease)
-
-
-@app.task(base=zkcelery.LockTask, bind=True)
-def retry_quickly(self, key):
-    with self.lock(key, retry=True, countdown=0.1, max_retries=2):
-        record_body(key)
-
-
-@app.task(base=zkcelery.MutexTask, bind=True, max_retries=60, default_retry_delay=0.5)
-def patient_mutex(self, data):
-    do_work(data)
-
-
-# The soak: every kind of guard, retried (never dropped, never given up: contention
-# before an outage can take hundreds of retries) while ZooKeeper is away.
-SOAK_RETRIES = 100_000
-
-
-@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), max_retries=SOAK_RETRIES)
-def soak_mutex(self, key, hold=0.003):
-    record_body(f"mutex:{key}", hold)
-
-
-@app.task(base=zkcelery.LockTask, bind=True, max_retries=SOAK_RETRIES)
-def soak_lock(self, key, hold=0.003):
-    with self.lock(key, retry=True, countdown=0.05):
-        record_body(f"lock:{key}", hold)
-
-
-@app.task(base=zkcelery.LockTask, bind=True, max_retries=SOAK_RETRIES)
-def soak_semaphore(self, key, hold=0.003):
-    with self.semaphore(key, max_leases=2, retry=True, countdown=0.05):
-        record_body(f"sem:{key}", hold)
-
-
-# Copies of themselves: Celery sends a retry or a replacement with the running task's id
-# before the body returns; the first run then ends slowly, still in the mutex.
-@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
-def retrying_mutex(self, key, tail=1.0):
-    first = self.request.retries == 0
-    try:
-        if first:
-            raise self.retry(countdown=0)
-    finally:
-        record_body(key, tail if first else 0.0, task_id=self.request.id, copy="retry")
-
-
-@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
-def replacing_mutex(self, key, tail=1.0, replaced=False):
-    # Retries once, then replaces itself: the replacement's retries start at 0 again.
-    try:
-        if not replaced and self.request.retries == 0:
-            raise self.retry(countdown=0)
-        if not replaced:
-            return self.replace(replacing_mutex.si(key, tail, True))
-    finally:
-        record_body(key, 0.0 if replaced else tail, task_id=self.request.id, copy="replace")
-
-
-@app.task(base=zkcelery.LockTask, bind=True, acks_late=True, reject_on_worker_lost=True)
-def killable(self, key, marker):
-    with self.lock(key, blocking=True):
-        record_body(key, 0.0 if Path(marker).exists() else 60.0)
-
-
-@app.task(base=zkcelery.EarlyMutexTask, bind=True, mutex_keys=("key",), max_retries=1)
-def early(self, key, hold=0.0, fail=False, reject=False, countdown=None):
-    record_body(f"early:{key}", hold, retries=self.request.retries)
-    if fail:
-        raise ValueError("failed as asked")
-    if reject:
-        raise Reject("rejected as asked", requeue=False)
-    if countdown is not None and not self.request.retries:
-        raise self.retry(countdown=countdown)
-
-
-@app.task(bind=True)
-def handler_name(self):
-    return type(zkcelery._connection(self.app).handler).__name__
-
-
-_leaked: list = []
-
-
-@app.task(base=zkcelery.LockTask, bind=True)
-def leak_lock(self, key):
-    lease = self.lock(key).__enter__()  # never released: only the session's end frees it
-    _leaked.append(lease)
-    return bool(lease)
-
-
-# The broker tests' tasks: one mutex per key, each body noting its task id.
-@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
-def broker_mutex(self, key, hold):
-    record_body(key, hold, task_id=self.request.id)
-
-
-@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), mutex_requeue=True)
-def broker_requeued(self, key, hold):
-    record_body(key, hold, task_id=self.request.id)
-
-
-@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), mutex_requeue=True)
-def killable_mutex(self, key, marker):
-    # The first delivery holds until it is killed; once the marker exists, a body ends at once.
-    record_body(key, 0.0 if Path(marker).exists() else 60.0, task_id=self.request.id)
-
-
-@app.task(base=zkcelery.LockTask, bind=True, max_retries=100)
-def broker_lock_retry(self, key, hold):
-    with self.lock(key, retry=True, countdown=0.2):
-        record_body(key, hold, task_id=self.request.id)
-
-
-@app.task
-def broker_fails():
-    raise ValueError("a real error keeps its traceback")
-
-
-# The beat tests run `celery -A test_zkcelery beat` with the schedule in the environment.
-if os.environ.get("ZKCELERY_TEST_BEAT"):
-    app.conf.beat_schedule = json.loads(os.environ["ZKCELERY_TEST_BEAT"])
-
-
-@app.task
-def beat_tick():
-    """What the beat tests' schedule sends; the broker's queue is the record."""
-
-
-@signals.beat_init.connect
-def _publish_beat_session(**_: Any) -> None:
-    # The session-expiry test must hand a beat process's session id and
-    # password to another client (conftest.expire_session): publish them.
-    folder = os.environ.get("ZKCELERY_TEST_SESSIONS")
-    if folder:
-        threading.Thread(target=_write_session, args=(Path(folder),), daemon=True).start()
-
-
-def _write_session(folder: Path) -> None:
-    written = None
-    while True:
-        session = zkcelery._connections.get(app)
-        client_id = session.client.client_id if session is not None else None
-        if client_id and client_id != written:
-            part = folder / f".{os.getpid()}.part"
-            part.write_text(json.dumps([client_id[0], client_id[1].hex()]))
-            part.rename(folder / f"{os.getpid()}.json")
-            written = client_id
-        time.sleep(0.05)
-
+from testtasks import CONNECT_TIMEOUT, HISTORY_LEASES, SESSION_TIMEOUT, record_body
 
 # ---------------------------------------------------------------------------
 # Helpers
@@ -1026,13 +824,15 @@ def test_a_waiter_in_the_holders_process_is_granted_once_the_holders_session_exp
         lambda: result.append(bool(_blocking(lock_task, "same", timeout=30).acquire()))
     )
     wait_for(lambda: len(holder.waiters()) == 1, 10, "the waiter to queue")
-    before = requests_received(zk_hosts)
+    expired = zkcelery._connection(app).session_id
     expire_session(app, zk_hosts)
     waiter.join(30)
-    sent = requests_received(zk_hosts) - before
     assert result == [True]
     assert holder.lost
-    # Reconnect, queue again, look, and the probes: not a loop without pause.
+    # Everything the new session sent, from its connect to the grant (the servers'
+    # count for that session alone): queue again, look, the probes; not a loop.
+    assert zkcelery._connection(app).session_id != expired
+    sent = session_requests(zk_hosts, app)
     assert sent <= 30, sent
     holder.release()
 
@@ -1462,7 +1262,7 @@ def test_mutex_requeue_turns_acks_late_on_and_refuses_acks_late_false(offline_ap
     assert requeue.acks_late is True
     assert requeue.reject_on_worker_lost is True  # a killed pool process does not lose it
 
-    @app.task(shared=False, base=zkcelery.MutexTask, mutex_requeue=True, name="t.kept",
+    @offline_app.task(shared=False, base=zkcelery.MutexTask, mutex_requeue=True, name="t.kept",
               reject_on_worker_lost=False)  # fmt: skip
     def kept(data):
         pass
@@ -1619,7 +1419,7 @@ def test_readme_refined_lock_retries_the_copy_on_the_same_value(workers: Workers
 
 
 def test_readme_retrying_task_retries_with_its_countdown(workers: Workers, zk, zk_root):
-    path = node_path(zk_root, "locks", "test_zkcelery.retrying")
+    path = node_path(zk_root, "locks", "testtasks.retrying")
     hold_externally(zk, path)
     workers.start(concurrency=1)
     result = workers.send("retrying", {"key": "r"})
@@ -1634,7 +1434,7 @@ def test_readme_retrying_task_retries_with_its_countdown(workers: Workers, zk, z
 
 
 def test_retry_past_max_retries_fails_with_max_retries_exceeded(workers: Workers, zk, zk_root):
-    hold_externally(zk, node_path(zk_root, "locks", "test_zkcelery.retry_quickly", "m"))
+    hold_externally(zk, node_path(zk_root, "locks", "testtasks.retry_quickly", "m"))
     workers.start(concurrency=1)
     result = workers.send("retry_quickly", "m")
     with pytest.raises(MaxRetriesExceededError):
@@ -1750,14 +1550,14 @@ _SENDER = """
 import json, os, sys, time
 from pathlib import Path
 from celery import Celery
-import conftest, zkcelery
+import testtasks, zkcelery
 
 app = Celery("sender", set_as_current=False)
-app.conf.update(conftest.broker_settings(Path(os.environ["ZKCELERY_TEST_BROKER"])),
+app.conf.update(testtasks.broker_settings(Path(os.environ["ZKCELERY_TEST_BROKER"])),
                 ZOOKEEPER_HOSTS=os.environ["ZKCELERY_TEST_HOSTS"],
                 ZOOKEEPER_ROOT=os.environ["ZKCELERY_TEST_ROOT"])
 
-@app.task(base=zkcelery.EarlyMutexTask, bind=True, name="test_zkcelery.early",
+@app.task(base=zkcelery.EarlyMutexTask, bind=True, name="testtasks.early",
           mutex_keys=("key",))
 def early(self, key, **_):
     pass
@@ -1786,7 +1586,7 @@ def _early_sender(workers: Workers, **options: Any) -> Any:
     )  # fmt: skip
 
     @workers.app.task(
-        shared=False, base=zkcelery.EarlyMutexTask, bind=True, name="test_zkcelery.early",
+        shared=False, base=zkcelery.EarlyMutexTask, bind=True, name="testtasks.early",
         mutex_keys=("key",), **options,
     )  # fmt: skip
     def early(self, key, **_):
@@ -1801,7 +1601,7 @@ def _queued_messages(workers: Workers) -> int:
 
 def _early_state(zk: KazooClient, root: str, key: str) -> str | None:
     try:
-        data, _ = zk.get(node_path(root, "early", "test_zkcelery.early", key))
+        data, _ = zk.get(node_path(root, "early", "testtasks.early", key))
     except NoNodeError:
         return None
     return json.loads(data)["state"]
@@ -1833,7 +1633,7 @@ def test_a_refused_send_can_return_the_queued_copys_result(workers: Workers):
     with pytest.raises(zkcelery.AlreadyQueued) as refused:
         sender.delay("same")
     assert refused.value.task_id == first.id and isinstance(refused.value, Reject)
-    assert "test_zkcelery.early('same')" in str(refused.value)
+    assert "testtasks.early('same')" in str(refused.value)
     assert sender.delay("other").id != first.id  # another key is another mutex
     assert _queued_messages(workers) == 2
 
@@ -2055,7 +1855,7 @@ def test_an_early_mutex_key_missing_from_the_signature_is_an_error_at_definition
 #: A beat whose task outlasts its interval.
 _EARLY_SCHEDULE = {
     "early-every-second": {
-        "task": "test_zkcelery.early", "schedule": 1.0, "args": ["beat"], "kwargs": {"hold": 3.0},
+        "task": "testtasks.early", "schedule": 1.0, "args": ["beat"], "kwargs": {"hold": 3.0},
     },
 }  # fmt: skip
 
@@ -2067,7 +1867,7 @@ def test_beat_with_the_early_mutex_scheduler_skips_ticks_and_never_stacks_runs(
     workers.start(concurrency=2)
     log = tmp_path / "beat.log"
     beat = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "test_zkcelery", "beat", "-S",
+        [sys.executable, "-m", "celery", "-A", "testtasks", "beat", "-S",
          "zkcelery.EarlyMutexScheduler", "-s", str(tmp_path / "schedule"), "-l", "INFO",
          "--max-interval", "1", "-f", str(log)],
         cwd=tmp_path, env={**workers.env, "ZKCELERY_TEST_BEAT": json.dumps(_EARLY_SCHEDULE)},
@@ -2082,7 +1882,7 @@ def test_beat_with_the_early_mutex_scheduler_skips_ticks_and_never_stacks_runs(
         print(log.read_text() if log.exists() else "no beat log")
     text = log.read_text()
     assert workers.record.overlaps() == []
-    assert "early-every-second skipped: test_zkcelery.early('beat') is already" in text
+    assert "early-every-second skipped: testtasks.early('beat') is already" in text
     assert "Traceback" not in text and "Message Error" not in text
 
 
@@ -2309,7 +2109,7 @@ def test_a_sigkilled_prefork_child_frees_its_lock_and_the_task_runs_again(
     workers.start(concurrency=2)
     marker = workers.tmp / "killed-once"
     result = workers.send("killable", "kill", str(marker))
-    path = node_path(zk_root, "locks", "test_zkcelery.killable", "kill")
+    path = node_path(zk_root, "locks", "testtasks.killable", "kill")
     wait_for(lambda: zk.exists(path), 30, "the task to take its lock")
     data, stat = zk.get(path)
     marker.touch()
@@ -2331,7 +2131,7 @@ def _replaced_or_gone(zk: KazooClient, path: str, stat: Any) -> bool:
 def test_graceful_worker_shutdown_frees_its_locks_at_once(workers, zk, zk_root, capsys):
     worker = workers.start(concurrency=2, ZKCELERY_TEST_SESSION="30")
     assert workers.send("leak_lock", "left").get(timeout=30) is True
-    path = node_path(zk_root, "locks", "test_zkcelery.leak_lock", "left")
+    path = node_path(zk_root, "locks", "testtasks.leak_lock", "left")
     assert zk.exists(path) is not None  # held, by a 30 s session
     worker.stop()
     exited = time.monotonic()
@@ -2369,7 +2169,7 @@ def test_mutex_copies_without_requeue_run_one_body_and_leave_the_queue_empty(
     assert len(broker_workers.record.entries()) == 1
     text = log()
     assert text.count("rejected and dropped") == 9
-    assert re.search(r"mutex test_zkcelery.broker_mutex\('one'\) is held by task \S+; rejected",
+    assert re.search(r"mutex testtasks.broker_mutex\('one'\) is held by task \S+; rejected",
                      text)  # fmt: skip
     # One line per rejection, no traceback; a real error keeps its traceback.
     assert text.count("Traceback") == 1 and "a real error keeps its traceback" in text
@@ -2411,7 +2211,7 @@ def _kill_a_requeued_body(workers: Workers, zk, zk_root, whole_worker: bool, bro
     worker = workers.start(concurrency=2)
     marker = workers.tmp / "killed-once"
     result = workers.send("killable_mutex", "k", str(marker))
-    path = node_path(zk_root, "mutexes", "test_zkcelery.killable_mutex", "k")
+    path = node_path(zk_root, "mutexes", "testtasks.killable_mutex", "k")
     wait_for(lambda: zk.exists(path), 30, "the body to take its mutex")
     data, stat = zk.get(path)
     holder = json.loads(data)
@@ -2482,7 +2282,7 @@ def test_a_redelivered_copy_waits_out_a_dead_holders_longer_session_on_another_h
     first = broker_workers.start(concurrency=1, host="zkt-other-host", ZKCELERY_TEST_SESSION="5")
     marker = broker_workers.tmp / "killed-once"
     result = broker_workers.send("killable_mutex", "k6", str(marker))
-    path = node_path(zk_root, "mutexes", "test_zkcelery.killable_mutex", "k6")
+    path = node_path(zk_root, "mutexes", "testtasks.killable_mutex", "k6")
     wait_for(lambda: zk.exists(path), 30, "the body to take its mutex")
     holder = json.loads(zk.get(path)[0])
     assert (holder["host"], holder["session_timeout"]) == ("zkt-other-host", 5.0)
@@ -2591,13 +2391,13 @@ def test_ls_lists_held_locks_semaphores_and_mutexes_with_their_holders(
     rows = wait_for(lambda: len(listed()) == 3 and listed(), 30, "three holders")
     assert sorted(row["kind"] for row in rows) == ["lock", "mutex", "semaphore"]
     assert {row["key"] for row in rows} == {
-        "test_zkcelery.hold_lock('L')",
-        "test_zkcelery.hold_semaphore('S')",
-        "test_zkcelery.patient_mutex()",  # no mutex_keys: the task's arguments never show
+        "testtasks.hold_lock('L')",
+        "testtasks.hold_semaphore('S')",
+        "testtasks.patient_mutex()",  # no mutex_keys: the task's arguments never show
     }
     assert all(row["task_id"] and row["host"] and row["pid"] and row["age"] >= 0 for row in rows)
     table = _zk_cli(zk_hosts, zk_root, "ls").stdout
-    assert "test_zkcelery.hold_lock('L')" in table and "HOLDER" in table
+    assert "testtasks.hold_lock('L')" in table and "HOLDER" in table
 
 
 def test_rm_breaks_one_lock_after_confirmation_and_the_holder_sees_it_lost(
@@ -2648,7 +2448,7 @@ def test_check_reports_each_servers_mode_and_fails_without_quorum(zk_hosts, zk_r
 
 
 def test_the_commands_also_run_as_celery_zk_with_the_apps_settings(zk_hosts, zk_root):
-    argv = [sys.executable, "-m", "celery", "-A", "test_zkcelery", "zk", "--root", zk_root, "ls"]
+    argv = [sys.executable, "-m", "celery", "-A", "testtasks", "zk", "--root", zk_root, "ls"]
     env = {**os.environ, "ZKCELERY_TEST_HOSTS": zk_hosts, "ZKCELERY_TEST_ROOT": "/elsewhere"}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
     assert done.returncode == 0, done.stderr
@@ -2851,7 +2651,7 @@ def test_a_green_pool_worker_uses_the_matching_handler_and_runs_the_examples(
 # Beat: ElectedScheduler, one sending beat among many (issue 16)
 # ===========================================================================
 
-EVERY_SECOND = {"tick": {"task": "test_zkcelery.beat_tick", "schedule": 1.0}}
+EVERY_SECOND = {"tick": {"task": "testtasks.beat_tick", "schedule": 1.0}}
 
 
 class Beats:
@@ -2875,7 +2675,7 @@ class Beats:
     def start(self) -> subprocess.Popen:
         n = len(self.procs)
         argv = [
-            sys.executable, "-m", "celery", "-A", "test_zkcelery", "beat",
+            sys.executable, "-m", "celery", "-A", "testtasks", "beat",
             "-S", "zkcelery.ElectedScheduler", "-l", "INFO", "--max-interval", "1",
             "-s", str(self.tmp / f"beat{n}-schedule"), "-f", str(self.log(n)),
         ]  # fmt: skip
@@ -3154,15 +2954,15 @@ def test_a_bad_beat_schedule_entry_is_an_error_at_start_naming_it(entry, named):
 
 def test_celery_beat_with_an_unknown_task_exits_at_start_with_the_error(workers: Workers):
     env = {**workers.env, "ZKCELERY_TEST_BEAT": json.dumps(
-        {"typo": {"task": "test_zkcelery.beat_tik", "schedule": 1.0}})}  # fmt: skip
+        {"typo": {"task": "testtasks.beat_tik", "schedule": 1.0}})}  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "test_zkcelery", "beat",
+        [sys.executable, "-m", "celery", "-A", "testtasks", "beat",
          "-S", "zkcelery.ElectedScheduler", "-s", str(workers.tmp / "schedule")],
         cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=60,
         check=False,
     )  # fmt: skip
     assert done.returncode != 0
-    assert "beat_schedule entry 'typo': task 'test_zkcelery.beat_tik'" in done.stderr
+    assert "beat_schedule entry 'typo': task 'testtasks.beat_tik'" in done.stderr
 
 
 @pytest.mark.slow
@@ -3284,7 +3084,6 @@ def test_the_whole_ensemble_down_for_10_s_no_beat_sends_then_one_leads_and_catch
 
 HISTORY_KEYS = ("k0", "k1", "k2")
 HISTORY_KINDS = ("lock", "semaphore", "mutex")
-HISTORY_LEASES = 2  # the semaphore's max_leases
 HISTORY_SECONDS = float(os.environ.get("ZKCELERY_HISTORY_SECONDS") or 15)  # per seed
 HISTORY_SEEDS = (
     [int(os.environ["ZKCELERY_HISTORY_SEED"])]
@@ -3292,92 +3091,11 @@ HISTORY_SEEDS = (
     else [20, 2020]
 )
 HISTORY_BACKLOG = 20  # tasks sent and not yet final, at most
-HISTORY_RETRIES = 100_000  # never give up: a task ends SUCCESS, or the checker says why not
-
-
-def _history_note(**fields: Any) -> None:
-    """Append one event to this process's history file (beside the ``record_body`` files)."""
-    folder = os.environ.get("ZKCELERY_TEST_RECORD")
-    if folder:
-        with open(Path(folder) / f"{os.getpid()}.history", "a") as f:
-            f.write(json.dumps(fields) + "\n")
-
-
-def _history_body(task: Any, kind: str, key: str, hold: float, lease: Any) -> None:
-    """A guarded body: note its start at once, hold, note its end with token and lost."""
-    body = uuid.uuid4().hex
-    _history_note(
-        ev="start",
-        body=body,
-        kind=kind,
-        key=key,
-        task_id=task.request.id,
-        pid=os.getpid(),
-        t=time.monotonic(),
-        hold=hold,
-    )
-    lost_at_start = lease.lost  # the first look watches the node: a later break is seen
-    token = None
-    with contextlib.suppress(zkcelery.ZKCeleryError):  # no connection now: unknown
-        token = lease.token
-    time.sleep(hold)
-    lost = bool(lease.lost)
-    if token is None:
-        with contextlib.suppress(zkcelery.ZKCeleryError):
-            token = lease.token
-    _history_note(
-        ev="end", body=body, t=time.monotonic(), token=token, lost=lost, lost_at_start=lost_at_start
-    )
-
-
-@signals.task_received.connect
-def _history_received(request: Any = None, **_: Any) -> None:
-    # In the worker's main process: which worker had each message, for a failure's report.
-    if request is not None and str(request.name).startswith("test_zkcelery.history_"):
-        _history_note(ev="received", task_id=request.id, pid=os.getpid(), t=time.monotonic())
-
-
-#: A history lock or semaphore task: redelivered if its process dies, never given up.
-_HISTORY_LOCK_TASK = dict(
-    base=zkcelery.LockTask,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=HISTORY_RETRIES,
-)
-
-
-@app.task(**_HISTORY_LOCK_TASK)
-def history_lock(self, key, hold):
-    try:
-        with self.lock(key, blocking=True, timeout=2.0) as lease:
-            if not lease:
-                raise self.retry(countdown=0.05)
-            _history_body(self, "lock", key, hold, lease)
-    except zkcelery.CoordinationError as exc:
-        raise self.retry(exc=exc, countdown=0.2) from exc
-
-
-@app.task(**_HISTORY_LOCK_TASK)
-def history_semaphore(self, key, hold):
-    with self.semaphore(key, max_leases=HISTORY_LEASES, retry=True, countdown=0.05) as lease:
-        _history_body(self, "semaphore", key, hold, lease)
-
-
-@app.task(
-    base=zkcelery.MutexTask,
-    bind=True,
-    mutex_keys=("key",),
-    mutex_requeue=True,
-    max_retries=HISTORY_RETRIES,
-)
-def history_mutex(self, key, hold):
-    _history_body(self, "mutex", key, hold, self.mutex_lease)
 
 
 def _history_key(kind: str, key: str) -> str:
     """The key ``python -m zkcelery ls`` shows for a history task's lock."""
-    return f"test_zkcelery.history_{kind}({key!r})"
+    return f"testtasks.history_{kind}({key!r})"
 
 
 def _read_history(folder: Path) -> tuple[list[dict], list[dict]]:

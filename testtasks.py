@@ -1,0 +1,407 @@
+"""The code zkcelery's test workers run: ``celery -A testtasks worker`` (or ``beat``).
+
+Worker and beat processes import this module, never the test module or pytest:
+the README's examples, executed into it as written (``do_work`` notes each
+body); the tasks the tests send; and the enter/exit record the bodies keep in
+files, independent of zkcelery's own view.  The ``workers`` fixture
+(conftest.py) passes the broker, the ZooKeeper namespace and the record's folder
+in the environment, so one module serves every test's workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, signals
+from celery.exceptions import Reject
+
+import zkcelery
+from testsupport import ensemble_hosts
+
+#: Sessions in the tests are short, so that faults play out in seconds.
+SESSION_TIMEOUT = 2.0
+CONNECT_TIMEOUT = 2.0
+
+# ---------------------------------------------------------------------------
+# The record, and the app's settings
+# ---------------------------------------------------------------------------
+
+
+def record_body(key: Any, hold: float = 0.0, **extra: Any) -> None:
+    """Called inside a guarded body: note (key, pid, enter, exit) in the record."""
+    folder = os.environ.get("ZKCELERY_TEST_RECORD")
+    enter = time.monotonic()  # one clock for every process on the machine
+    if hold:
+        time.sleep(hold)
+    leave = time.monotonic()
+    if folder:
+        line = json.dumps(
+            {"key": str(key), "pid": os.getpid(), "enter": enter, "exit": leave, **extra}
+        )
+        with open(Path(folder) / f"{os.getpid()}.log", "a") as f:
+            f.write(line + "\n")
+
+
+def note_failure(task_id: str, exception: BaseException) -> None:
+    """Called by a ``task_failure`` receiver: note it in the record, for ``failures()``."""
+    folder = os.environ.get("ZKCELERY_TEST_RECORD")
+    if folder:
+        with open(Path(folder) / f"{os.getpid()}.failures", "a") as f:
+            f.write(json.dumps([task_id, type(exception).__name__]) + "\n")
+
+
+def broker_settings(
+    folder: Path, url: str | None = None, queue: str | None = None, options: dict | None = None
+) -> dict[str, Any]:
+    """The app settings for a broker and results that work across processes.
+
+    Without ``url``: kombu's filesystem transport in ``folder`` (or
+    ``CELERY_BROKER_URL``).  With it: that broker, the tasks on ``queue``, and
+    ``options`` as its transport options.
+    """
+    url = url or os.environ.get("CELERY_BROKER_URL")
+    queue_folder = folder / "queue"
+    queue_folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results").mkdir(exist_ok=True)
+    settings: dict[str, Any] = {"result_backend": f"file://{folder / 'results'}"}
+    if url:
+        settings["broker_url"] = url
+        if queue:
+            settings["task_default_queue"] = queue
+        if options:
+            settings["broker_transport_options"] = options
+    else:
+        settings["broker_url"] = "filesystem://"
+        settings["broker_transport"] = "testsupport:AtomicFilesystemTransport"
+        settings["broker_transport_options"] = {
+            "data_folder_in": str(queue_folder),
+            "data_folder_out": str(queue_folder),
+            "control_folder": str(folder / "control"),
+            "polling_interval": 0.05,
+        }
+    return settings
+
+
+def worker_app(name: str = "zkcelery-tests") -> Celery:
+    """The app of the worker processes (and of the tests that talk to them).
+
+    Its broker, results and ZooKeeper namespace come from the environment the
+    ``workers`` fixture sets, so one module serves every test's worker.
+    """
+    app = Celery(name, set_as_current=False)
+    folder = os.environ.get("ZKCELERY_TEST_BROKER")
+    if folder:
+        options = json.loads(os.environ.get("ZKCELERY_TEST_TRANSPORT_OPTIONS") or "{}")
+        app.conf.update(
+            broker_settings(
+                Path(folder),
+                os.environ.get("ZKCELERY_TEST_BROKER_URL"),
+                os.environ.get("ZKCELERY_TEST_QUEUE"),
+                options,
+            )
+        )
+    app.conf.update(
+        ZOOKEEPER_HOSTS=os.environ.get("ZKCELERY_TEST_HOSTS", ensemble_hosts()),
+        ZOOKEEPER_ROOT=os.environ.get("ZKCELERY_TEST_ROOT", "/zkcelery-tests/default"),
+        ZOOKEEPER_SESSION_TIMEOUT=float(os.environ.get("ZKCELERY_TEST_SESSION", SESSION_TIMEOUT)),
+        ZOOKEEPER_CONNECT_TIMEOUT=CONNECT_TIMEOUT,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        # Celery has no setting for the retry delay; annotations set it on every task.
+        task_annotations={"*": {"default_retry_delay": 0.2}},
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
+# ---------------------------------------------------------------------------
+# The app: the README's examples, and tasks the tests need
+# ---------------------------------------------------------------------------
+
+app = worker_app()
+
+
+def do_work(data: dict) -> None:
+    record_body(**data)
+
+
+def _readme_examples() -> list[str]:
+    text = (Path(__file__).parent / "README.md").read_text()
+    return [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "@app.task" in b]
+
+
+for _example in _readme_examples():
+    exec(compile(_example, "README.md", "exec"), globals())
+
+
+@signals.worker_ready.connect
+def _announce_ready(**_: Any) -> None:
+    ready = os.environ.get("ZKCELERY_TEST_READY")
+    if ready:
+        Path(ready).touch()
+
+
+@signals.task_failure.connect
+def _note_failure(task_id: str, exception: BaseException, **_: Any) -> None:
+    # Whichever process sends it (Celery 5.7 does in the worker's main process).
+    note_failure(task_id, exception)
+
+
+@app.task(base=zkcelery.LockTask, bind=True)
+def hold_lock(self, key, hold=0.0, blocking=False):
+    with self.lock(key, blocking=blocking) as lease:
+        if lease:
+            record_body(key, hold, token=lease.token)
+        return bool(lease)
+
+
+@app.task(base=zkcelery.LockTask, bind=True)
+def hold_semaphore(self, key, max_leases, hold=0.0):
+    with self.semaphore(key, max_leases=max_leases, blocking=True) as lease:
+        record_body(key, hold)
+        return bool(lease)
+
+
+@app.task(base=zkcelery.LockTask, bind=True)
+def retry_quickly(self, key):
+    with self.lock(key, retry=True, countdown=0.1, max_retries=2):
+        record_body(key)
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, max_retries=60, default_retry_delay=0.5)
+def patient_mutex(self, data):
+    do_work(data)
+
+
+# The soak: every kind of guard, retried (never dropped, never given up: contention
+# before an outage can take hundreds of retries) while ZooKeeper is away.
+SOAK_RETRIES = 100_000
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), max_retries=SOAK_RETRIES)
+def soak_mutex(self, key, hold=0.003):
+    record_body(f"mutex:{key}", hold)
+
+
+@app.task(base=zkcelery.LockTask, bind=True, max_retries=SOAK_RETRIES)
+def soak_lock(self, key, hold=0.003):
+    with self.lock(key, retry=True, countdown=0.05):
+        record_body(f"lock:{key}", hold)
+
+
+@app.task(base=zkcelery.LockTask, bind=True, max_retries=SOAK_RETRIES)
+def soak_semaphore(self, key, hold=0.003):
+    with self.semaphore(key, max_leases=2, retry=True, countdown=0.05):
+        record_body(f"sem:{key}", hold)
+
+
+# Copies of themselves: Celery sends a retry or a replacement with the running task's id
+# before the body returns; the first run then ends slowly, still in the mutex.
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
+def retrying_mutex(self, key, tail=1.0):
+    first = self.request.retries == 0
+    try:
+        if first:
+            raise self.retry(countdown=0)
+    finally:
+        record_body(key, tail if first else 0.0, task_id=self.request.id, copy="retry")
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
+def replacing_mutex(self, key, tail=1.0, replaced=False):
+    # Retries once, then replaces itself: the replacement's retries start at 0 again.
+    try:
+        if not replaced and self.request.retries == 0:
+            raise self.retry(countdown=0)
+        if not replaced:
+            return self.replace(replacing_mutex.si(key, tail, True))
+    finally:
+        record_body(key, 0.0 if replaced else tail, task_id=self.request.id, copy="replace")
+
+
+@app.task(base=zkcelery.LockTask, bind=True, acks_late=True, reject_on_worker_lost=True)
+def killable(self, key, marker):
+    with self.lock(key, blocking=True):
+        record_body(key, 0.0 if Path(marker).exists() else 60.0)
+
+
+@app.task(base=zkcelery.EarlyMutexTask, bind=True, mutex_keys=("key",), max_retries=1)
+def early(self, key, hold=0.0, fail=False, reject=False, countdown=None):
+    record_body(f"early:{key}", hold, retries=self.request.retries)
+    if fail:
+        raise ValueError("failed as asked")
+    if reject:
+        raise Reject("rejected as asked", requeue=False)
+    if countdown is not None and not self.request.retries:
+        raise self.retry(countdown=countdown)
+
+
+@app.task(bind=True)
+def handler_name(self):
+    return type(zkcelery._connection(self.app).handler).__name__
+
+
+_leaked: list = []
+
+
+@app.task(base=zkcelery.LockTask, bind=True)
+def leak_lock(self, key):
+    lease = self.lock(key).__enter__()  # never released: only the session's end frees it
+    _leaked.append(lease)
+    return bool(lease)
+
+
+# The broker tests' tasks: one mutex per key, each body noting its task id.
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
+def broker_mutex(self, key, hold):
+    record_body(key, hold, task_id=self.request.id)
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), mutex_requeue=True)
+def broker_requeued(self, key, hold):
+    record_body(key, hold, task_id=self.request.id)
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), mutex_requeue=True)
+def killable_mutex(self, key, marker):
+    # The first delivery holds until it is killed; once the marker exists, a body ends at once.
+    record_body(key, 0.0 if Path(marker).exists() else 60.0, task_id=self.request.id)
+
+
+@app.task(base=zkcelery.LockTask, bind=True, max_retries=100)
+def broker_lock_retry(self, key, hold):
+    with self.lock(key, retry=True, countdown=0.2):
+        record_body(key, hold, task_id=self.request.id)
+
+
+@app.task
+def broker_fails():
+    raise ValueError("a real error keeps its traceback")
+
+
+# The beat tests run `celery -A testtasks beat` with the schedule in the environment.
+if os.environ.get("ZKCELERY_TEST_BEAT"):
+    app.conf.beat_schedule = json.loads(os.environ["ZKCELERY_TEST_BEAT"])
+
+
+@app.task
+def beat_tick():
+    """What the beat tests' schedule sends; the broker's queue is the record."""
+
+
+@signals.beat_init.connect
+def _publish_beat_session(**_: Any) -> None:
+    # The session-expiry test must hand a beat process's session id and
+    # password to another client (conftest.expire_session): publish them.
+    folder = os.environ.get("ZKCELERY_TEST_SESSIONS")
+    if folder:
+        threading.Thread(target=_write_session, args=(Path(folder),), daemon=True).start()
+
+
+def _write_session(folder: Path) -> None:
+    written = None
+    while True:
+        session = zkcelery._connections.get(app)
+        client_id = session.client.client_id if session is not None else None
+        if client_id and client_id != written:
+            part = folder / f".{os.getpid()}.part"
+            part.write_text(json.dumps([client_id[0], client_id[1].hex()]))
+            part.rename(folder / f"{os.getpid()}.json")
+            written = client_id
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------
+# The history check's tasks (test_a_randomized_history_under_faults_...)
+# ---------------------------------------------------------------------------
+
+HISTORY_LEASES = 2  # the semaphore's max_leases
+HISTORY_RETRIES = 100_000  # never give up: a task ends SUCCESS, or the checker says why not
+
+
+def _history_note(**fields: Any) -> None:
+    """Append one event to this process's history file (beside the ``record_body`` files)."""
+    folder = os.environ.get("ZKCELERY_TEST_RECORD")
+    if folder:
+        with open(Path(folder) / f"{os.getpid()}.history", "a") as f:
+            f.write(json.dumps(fields) + "\n")
+
+
+def _history_body(task: Any, kind: str, key: str, hold: float, lease: Any) -> None:
+    """A guarded body: note its start at once, hold, note its end with token and lost."""
+    body = uuid.uuid4().hex
+    _history_note(
+        ev="start",
+        body=body,
+        kind=kind,
+        key=key,
+        task_id=task.request.id,
+        pid=os.getpid(),
+        t=time.monotonic(),
+        hold=hold,
+    )
+    lost_at_start = lease.lost  # the first look watches the node: a later break is seen
+    token = None
+    with contextlib.suppress(zkcelery.ZKCeleryError):  # no connection now: unknown
+        token = lease.token
+    time.sleep(hold)
+    lost = bool(lease.lost)
+    if token is None:
+        with contextlib.suppress(zkcelery.ZKCeleryError):
+            token = lease.token
+    _history_note(
+        ev="end", body=body, t=time.monotonic(), token=token, lost=lost, lost_at_start=lost_at_start
+    )
+
+
+@signals.task_received.connect
+def _history_received(request: Any = None, **_: Any) -> None:
+    # In the worker's main process: which worker had each message, for a failure's report.
+    if request is not None and str(request.name).startswith("testtasks.history_"):
+        _history_note(ev="received", task_id=request.id, pid=os.getpid(), t=time.monotonic())
+
+
+#: A history lock or semaphore task: redelivered if its process dies, never given up.
+_HISTORY_LOCK_TASK = dict(
+    base=zkcelery.LockTask,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=HISTORY_RETRIES,
+)
+
+
+@app.task(**_HISTORY_LOCK_TASK)
+def history_lock(self, key, hold):
+    try:
+        with self.lock(key, blocking=True, timeout=2.0) as lease:
+            if not lease:
+                raise self.retry(countdown=0.05)
+            _history_body(self, "lock", key, hold, lease)
+    except zkcelery.CoordinationError as exc:
+        raise self.retry(exc=exc, countdown=0.2) from exc
+
+
+@app.task(**_HISTORY_LOCK_TASK)
+def history_semaphore(self, key, hold):
+    with self.semaphore(key, max_leases=HISTORY_LEASES, retry=True, countdown=0.05) as lease:
+        _history_body(self, "semaphore", key, hold, lease)
+
+
+@app.task(
+    base=zkcelery.MutexTask,
+    bind=True,
+    mutex_keys=("key",),
+    mutex_requeue=True,
+    max_retries=HISTORY_RETRIES,
+)
+def history_mutex(self, key, hold):
+    _history_body(self, "mutex", key, hold, self.mutex_lease)
