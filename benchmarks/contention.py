@@ -76,45 +76,51 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import math
-import multiprocessing as mp
 import os
 import platform
 import shlex
 import statistics
 import sys
 import time
-import traceback
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
-from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parent.parent
-# The repository's zkcelery.py, not a copy installed elsewhere.
-sys.path.insert(0, str(REPO))
-
-from bench import (  # noqa: E402
+from _common import (
+    REPLY_TIMEOUT,
+    TARGET_HEADER,
+    Child,
     Layout,
+    Table,
     Target,
+    arguments,
+    call_all,
+    check_ensemble,
+    close_sessions,
     connect,
+    delete_root,
     disconnect,
     field_of,
     fmt,
-    parse_layout,
+    logger,
+    machine_info,
+    machine_lines,
+    make_app,
+    new_root,
     percentile,
     print_report,
-    zkcelery_version,
+    probe_overhead,
+    run_from,
+    start_together,
+    stop_children,
+    target_rows,
 )
-from celery import Celery, signals  # noqa: E402
-from kazoo.client import KazooClient  # noqa: E402
-from kazoo.exceptions import EXCEPTIONS, NoNodeError, NotEmptyError  # noqa: E402
-from kazoo.protocol.serialization import (  # noqa: E402
+from kazoo.client import KazooClient
+from kazoo.exceptions import EXCEPTIONS, NoNodeError, NotEmptyError
+from kazoo.protocol.serialization import (
     Create,
     Create2,
     MultiHeader,
@@ -123,23 +129,22 @@ from kazoo.protocol.serialization import (  # noqa: E402
     read_string,
     stat_struct,
 )
-from kazoo.recipe.lock import Lock, Semaphore  # noqa: E402
-from kazoo.security import OPEN_ACL_UNSAFE  # noqa: E402
+from kazoo.recipe.lock import Lock, Semaphore
+from kazoo.security import OPEN_ACL_UNSAFE
 
-import zkcelery  # noqa: E402
-from testsupport import ensemble_hosts, four_letter  # noqa: E402
+import zkcelery
+from testsupport import ensemble_hosts, four_letter
 
 ROOT_PARENT = "/zkcelery-bench-contention"
 TASK = "bench.contention"
 KINDS = ("zkcelery", "kazoo")
-SPAWN = mp.get_context("spawn")
-REPLY_TIMEOUT = 60.0  # seconds a worker may take to answer, beyond the work asked of it
 NODES_PER_SESSION = 2_000  # keeps each filler session's closeSession transaction small
 #: Packets from other clients a window may include and still count as measured (a ping or
 #: two of an idle client); a window with more is measured again, at most RETRIES more times.
 FOREIGN_SLACK = 2
 RETRIES = 2
 Times = tuple[float, float, float]  # acquire called, held, about to release
+log = logger("contention")
 
 
 # ---------------------------------------------------------------------------
@@ -218,11 +223,7 @@ class Counter:
 
     @classmethod
     def calibrate(cls, entries: Sequence[str]) -> Counter:
-        pairs = []
-        for _ in range(3):
-            first = probe(entries)
-            pairs.append(probe(entries).received - first.received)
-        return cls(tuple(entries), min(pairs))
+        return cls(tuple(entries), probe_overhead(lambda: probe(entries).received))
 
     def probe(self) -> Probe:
         return probe(self.entries)
@@ -299,9 +300,7 @@ class Worker:
         self.index = index
         self.hosts = hosts
         self.root = root
-        self.app = Celery(f"contention{index}", set_as_current=False)
-        self.app.conf.ZOOKEEPER_HOSTS = hosts
-        self.app.conf.ZOOKEEPER_ROOT = root
+        self.app = make_app(f"contention{index}", hosts, root)
 
         @self.app.task(base=zkcelery.LockTask, bind=True, shared=False, name=TASK)
         def contend(self: Any, key: str, max_leases: int | None, hold: float) -> Times:
@@ -348,7 +347,7 @@ class Worker:
             self.held.release()
             self.held = None
         if self.zk_open:
-            signals.worker_process_shutdown.send(sender=None)  # closes zkcelery's sessions
+            close_sessions()
             self.zk_open = False
         if self.client is not None:
             disconnect(self.client)
@@ -387,11 +386,8 @@ class Worker:
 
     def run(self, start_at: float, seconds: float) -> dict[str, Any]:
         assert self.op is not None
-        time.sleep(max(0.0, start_at - time.monotonic()))
-        end, times = start_at + seconds, []
         cpu = time.process_time()  # this process's, kazoo's threads included
-        while time.monotonic() < end:
-            times.append(self.op())
+        times = run_from(start_at, seconds, self.op)
         return {"times": times, "finished": time.monotonic(), "cpu": time.process_time() - cpu}
 
     # -- uncontended semaphore cycles, holders and waiters (scenarios 2 and 3) -----
@@ -423,85 +419,15 @@ class Worker:
             return bool(held)
 
 
-def worker_main(index: int, hosts: str, root: str, conn: Connection) -> None:
-    try:
-        worker = Worker(index, hosts, root)
-    except Exception:
-        conn.send(("error", traceback.format_exc()))
-        return
-    conn.send(("ok", None))
-    try:
-        while (message := conn.recv())[0] != "exit":
-            name, args = message
-            try:
-                conn.send(("ok", getattr(worker, name)(*args)))
-            except Exception:
-                conn.send(("error", traceback.format_exc()))
-    finally:
-        with contextlib.suppress(Exception):
-            worker.close()
-
-
-@dataclass
-class Handle:
-    """The parent's end of one worker."""
-
-    index: int
-    entry: str
-    process: Any
-    conn: Connection
-
-    def send(self, name: str, *args: Any) -> None:
-        self.conn.send((name, args))
-
-    def expect(self, timeout: float = REPLY_TIMEOUT) -> Any:
-        if not self.conn.poll(timeout):
-            raise TimeoutError(
-                f"worker {self.index} (on {self.entry}) did not answer within {timeout:.0f} s: "
-                "a blocked acquire that never returns?"
-            )
-        status, value = self.conn.recv()
-        if status == "error":
-            raise RuntimeError(f"worker {self.index} failed:\n{value}")
-        return value
-
-    def call(self, name: str, *args: Any, timeout: float = REPLY_TIMEOUT) -> Any:
-        self.send(name, *args)
-        return self.expect(timeout)
-
-
-def start_pool(layout: Layout, root: str, size: int) -> list[Handle]:
-    handles = []
+def start_pool(layout: Layout, root: str, size: int) -> list[Child]:
+    pool = []
     for index in range(size):
         entry = layout.entry(index)
-        parent, child = SPAWN.Pipe()
-        process = SPAWN.Process(
-            target=worker_main, args=(index, layout.hosts(entry), root, child), daemon=True
-        )
-        process.start()
-        child.close()
-        handles.append(Handle(index, entry, process, parent))
-    for handle in handles:
-        handle.expect(REPLY_TIMEOUT * 2)
-    return handles
-
-
-def stop_pool(handles: Sequence[Handle]) -> None:
-    for handle in handles:
-        with contextlib.suppress(OSError, ValueError):
-            handle.send("exit")
-    for handle in handles:
-        handle.process.join(15)
-        if handle.process.is_alive():
-            handle.process.terminate()
-            handle.process.join(5)
-        handle.conn.close()
-
-
-def call_all(handles: Sequence[Handle], name: str, *args: Any) -> list[Any]:
-    for handle in handles:
-        handle.send(name, *args)
-    return [handle.expect() for handle in handles]
+        label = f"worker {index} (on {entry})"
+        pool.append(Child(label, Worker, index, layout.hosts(entry), root))
+    for worker in pool:
+        worker.expect(REPLY_TIMEOUT * 2)
+    return pool
 
 
 # ---------------------------------------------------------------------------
@@ -622,7 +548,7 @@ def overlap(intervals: Sequence[tuple[float, float]], limit: int) -> tuple[int, 
 
 
 def contention_round(
-    handles: Sequence[Handle],
+    children: Sequence[Child],
     counter: Counter,
     tally: Tally,
     key: str,
@@ -631,18 +557,16 @@ def contention_round(
 ) -> None:
     """One round; measured again (at most RETRIES times) if another client disturbed it."""
     for attempt in range(RETRIES + 1):
-        for handle in handles:
-            handle.send("open_contender", tally.kind, key, max_leases, plan.hold)
-        sessions = [handle.expect() for handle in handles]
+        for child in children:
+            child.send("open_contender", tally.kind, key, max_leases, plan.hold)
+        sessions = [child.expect() for child in children]
         try:
             before = counter.probe()
-            start_at = time.monotonic() + 0.1 + 0.01 * len(handles)
-            for handle in handles:
-                handle.send("run", start_at, plan.round_seconds)
-            replies = [handle.expect(REPLY_TIMEOUT + plan.round_seconds) for handle in handles]
+            lead = 0.1 + 0.01 * len(children)
+            start_at, replies = start_together(children, "run", plan.round_seconds, lead)
             after = counter.probe()
         finally:
-            call_all(handles, "close")
+            call_all(children, "close")
         window = counter.window(before, after, sessions)
         if not window.disturbed or attempt == RETRIES:
             tally.add_round(replies, start_at, window.kept())
@@ -659,7 +583,7 @@ def round_order(point: int, rounds: int) -> list[str]:
 
 
 def contention_point(
-    pool: Sequence[Handle],
+    pool: Sequence[Child],
     counter: Counter,
     plan: Plan,
     point: int,
@@ -718,7 +642,7 @@ class Cycles:
 
 
 def count_cycles(
-    measurer: Handle,
+    measurer: Child,
     counter: Counter,
     into: Cycles,
     key: str,
@@ -741,7 +665,7 @@ def count_cycles(
         log(f"    again: {window.foreign} requests from other clients, {window.missing} missing")
 
 
-def isolation(pool: Sequence[Handle], counter: Counter, plan: Plan) -> dict[str, Cycles]:
+def isolation(pool: Sequence[Child], counter: Counter, plan: Plan) -> dict[str, Cycles]:
     """Semaphore B alone, beside 8 waiters blocked on semaphore A, and alone again."""
     measurer, holder = pool[0], pool[1]
     waiters = pool[2 : 2 + plan.isolation_waiters]
@@ -936,7 +860,7 @@ class Scale:
         }
 
 
-def scale(pool: Sequence[Handle], counter: Counter, plan: Plan, layout: Layout, root: str) -> Scale:
+def scale(pool: Sequence[Child], counter: Counter, plan: Plan, layout: Layout, root: str) -> Scale:
     """Batches of semaphore cycles, alternately without and with ``plan.leases`` held."""
     measurer = pool[0]
     own = measurer.call("open_zkcelery")
@@ -1141,10 +1065,7 @@ def cycles_row(label: str, cycles: Cycles) -> list[str]:
     ]
 
 
-TARGET_HEADER = ["measure", "value", "target", "result", "note"]
-
-
-def render(results: dict[str, Any], table: Callable[..., str]) -> str:
+def render(results: dict[str, Any], table: Table) -> str:
     plan: Plan = results["plan_object"]
     points = [(f"lock, {size}", point) for size, point in results["locks"].items()]
     semaphore = results["semaphore"]
@@ -1162,16 +1083,12 @@ def render(results: dict[str, Any], table: Callable[..., str]) -> str:
             scaled.pooled(scaled.held),
         ),
     ]
-    targets = [
-        [t.measure, fmt(t.value), f"{t.op} {t.limit:g}", t.verdict, t.note]
-        for t in results["target_objects"]
-    ]
     return "\n\n".join(
         [
             table(THROUGHPUT_HEADER, [throughput_row(*point) for point in points]),
             table(WAIT_HEADER, [wait_row(*point) for point in points]),
             table(CYCLES_HEADER, cycle_rows),
-            table(TARGET_HEADER, targets),
+            table(TARGET_HEADER, target_rows(results["target_objects"])),
         ]
     )
 
@@ -1229,78 +1146,28 @@ def notes_lines(results: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def log(message: str) -> None:
-    print(f"contention: {message}", file=sys.stderr, flush=True)
-
-
-def check_ensemble(layout: Layout) -> None:
-    for entry in layout.entries:
-        try:
-            four_letter(entry, "srvr")
-            four_letter(entry, "cons")
-        except OSError as exc:
-            raise SystemExit(
-                f"contention: no ZooKeeper server answers at {entry} ({exc}): start the "
-                "ensemble with ./zk-test.sh, or name it with --hosts"
-            ) from None
-
-
-def machine_info(layout: Layout) -> dict[str, Any]:
-    answers = {entry: four_letter(entry, "srvr") for entry in layout.entries}
-    return {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "kazoo": metadata.version("kazoo"),
-        "celery": metadata.version("celery"),
-        "zkcelery": zkcelery_version(),
-        "zookeeper": field_of(next(iter(answers.values())), "Zookeeper version").split("-")[0],
-        "modes": {entry: field_of(text, "Mode") for entry, text in answers.items()},
-    }
-
-
-def machine_lines(machine: dict[str, Any], command: str) -> list[str]:
-    load = ", ".join(f"{x:.2f}" for x in machine["loadavg"])
-    return [
-        f"command: {command}",
-        f"date: {machine['date']}",
-        f"machine: {machine['nproc']} cpus, load average {load} at start, {machine['platform']}",
-        f"python {machine['python']}, kazoo {machine['kazoo']}, celery {machine['celery']}, "
-        f"ZooKeeper {machine['zookeeper']}",
-        f"zkcelery from {machine['zkcelery']}",
-        f"servers: {', '.join(f'{e} {m}' for e, m in machine['modes'].items())}",
-    ]
-
-
-def delete_root(layout: Layout, root: str) -> None:
+def delete_run_root(layout: Layout, root: str) -> None:
     try:
         client = connect(layout.hosts(layout.entry(0)))
     except Exception as exc:
         log(f"warning: could not connect to delete {root}: {exc!r}")
         return
     try:
-        with contextlib.suppress(NoNodeError):
-            client.delete(root, recursive=True)
-        with contextlib.suppress(NoNodeError, NotEmptyError):
-            client.delete(ROOT_PARENT)
-    except Exception as exc:
-        log(f"warning: could not delete {root}: {exc!r}")
+        delete_root(client, root, log)
     finally:
         disconnect(client)
 
 
 def run(layout: Layout, plan: Plan) -> dict[str, Any]:
     started = time.monotonic()
-    machine = machine_info(layout)
-    root = f"{ROOT_PARENT}/{uuid.uuid4().hex[:12]}"
+    machine = machine_info(layout, loadavg=os.getloadavg())
+    root = new_root(ROOT_PARENT)
     client = connect(layout.hosts(layout.entry(0)))
     try:
         client.ensure_path(f"{root}/kazoo")
     finally:
         disconnect(client)  # an idle client would ping during the rounds
-    pool: list[Handle] = []
+    pool: list[Child] = []
     try:
         counter = Counter.calibrate(layout.entries)
         log(f"root {root}; probe overhead {counter.overhead} packets; {plan.pool} workers")
@@ -1318,8 +1185,8 @@ def run(layout: Layout, plan: Plan) -> dict[str, Any]:
         log(f"3. semaphore cycles beside {plan.leases:,} unrelated leases")
         scaled = scale(pool, counter, plan, layout, root)
     finally:
-        stop_pool(pool)
-        delete_root(layout, root)
+        stop_children(pool)
+        delete_run_root(layout, root)
     results: dict[str, Any] = {
         "machine": machine,
         "plan_object": plan,
@@ -1359,11 +1226,7 @@ def to_json(results: dict[str, Any], command: str) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--hosts", default=None, help="ZooKeeper hosts (default: .zk-test/hosts)")
-    parser.add_argument("--quick", action="store_true", help="short rounds, N in {1, 4}")
-    parser.add_argument("--markdown", action="store_true", help="also print markdown tables")
-    parser.add_argument("--json", type=Path, default=None, help="write all figures here")
+    parser = arguments(__doc__, "short rounds, N in {1, 4}", None, "write all figures here")
     parser.add_argument(
         "--strict", action="store_true", help="exit with status 1 when a timing target is missed"
     )
@@ -1377,11 +1240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv is None
         else shlex.join(["python", sys.argv[0], *argv])
     )
-    layout = parse_layout(args.hosts or ensemble_hosts())
+    layout = Layout.parse(args.hosts or ensemble_hosts(), "contention")
     plan = QUICK if args.quick else FULL
-    check_ensemble(layout)
+    check_ensemble(layout, "contention", ("srvr", "cons"))
     results = run(layout, plan)
-    machine, notes = machine_lines(results["machine"], command), notes_lines(results)
+    machine = [f"command: {command}", *machine_lines(results["machine"])]
+    notes = notes_lines(results)
     print_report(results, render, machine, notes, args.markdown)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
