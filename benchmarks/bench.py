@@ -19,8 +19,10 @@ What is measured, each as the time of one whole cycle on one client:
 8. the blocking handoff: from just before the holder's release to the return of a waiter
    blocked in another process (``time.monotonic``, one clock for the whole machine);
 9. throughput: 1, 2 and 4 processes locking distinct keys, aggregate cycles per second;
-10. a Redis ``SET NX PX`` + ``DEL`` cycle (celery-once's and celery-singleton's lock), when
-    ``redis-server`` is installed; and the peak RSS of a process using zkcelery.
+10. a Redis lock cycle, redis-py's ``Lock``: ``SET NX PX`` and a ``DEL`` only of its own token
+    (celery-once and celery-singleton take the same ``SET NX`` and release with a plain
+    ``DEL``: two round trips either way), on a private ``redis-server`` when one is installed
+    (redis-py comes with the ``test`` extra); and the peak RSS of a process using zkcelery.
 
 Why ratios: write latency is dominated by fsync on the servers' disks and drifts 2-3x
 between runs on a shared machine, so absolute times say little.  The contenders run
@@ -53,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import itertools
 import json
 import math
@@ -301,7 +304,7 @@ LABELS = {
     "kazoo_semaphore": "6  kazoo Semaphore(max_leases=2)",
     "plain_apply": "7  task.apply(), plain task",
     "mutex_apply": "7  task.apply(), MutexTask",
-    "redis": "10 Redis SET NX PX + DEL",
+    "redis": "10 Redis Lock (redis-py): SET NX PX + checked DEL",
 }
 ORDER = list(LABELS)
 
@@ -591,38 +594,37 @@ def run_point(workers: Sequence[Child], seconds: float) -> int:
 # ---------------------------------------------------------------------------
 
 
-class Resp:
-    """Just enough of RESP for SET NX PX and DEL, over a plain socket."""
+# The lock is redis-py's own Lock, the one its documentation gives: acquire is one
+# SET key token NX PX (token: a fresh uuid), release one EVALSHA of a script that
+# deletes the key only while it still holds that token.  That is the promise zkcelery's
+# lock keeps (a late release never frees the lock of whoever took it next), so both do
+# the same job; and it costs what celery-once's and celery-singleton's SET NX + plain
+# DEL cost, two round trips a cycle (the warm-up cycles load the script).  As for the
+# ZooKeeper clients, each cycle makes a new lock object over one connection kept open.
+REDIS_KEY = "bench-lock"
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = self.sock.makefile("rb")
 
-    def command(self, *args: str) -> bytes:
-        parts = [f"*{len(args)}\r\n"]
-        parts += [f"${len(arg.encode())}\r\n{arg}\r\n" for arg in args]
-        self.sock.sendall("".join(parts).encode())
-        line = self.reader.readline().rstrip(b"\r\n")
-        if line.startswith(b"-") or not line:
-            raise RuntimeError(f"redis: {line!r}")
-        return line
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
+def redis_missing() -> str | None:
+    """Why the Redis lock cannot be measured here, or None when it can."""
+    if shutil.which("redis-server") is None:
+        return "no redis-server on this machine"
+    if importlib.util.find_spec("redis") is None:
+        return "no redis-py (the test extra brings it)"
+    return None
 
 
 @dataclass
 class Redis:
     process: subprocess.Popen
-    client: Resp
-    version: str
+    client: Any  # a redis.Redis
+    version: str  # the server's
+    client_version: str  # redis-py's
 
     def cycle(self) -> None:
-        if self.client.command("SET", "bench-lock", "1", "NX", "PX", "30000") != b"+OK":
+        lock = self.client.lock(REDIS_KEY, timeout=30)  # PX 30000
+        if not lock.acquire(blocking=False):
             raise RuntimeError("redis lock unexpectedly held")
-        self.client.command("DEL", "bench-lock")
+        lock.release()  # LockNotOwnedError if the key no longer holds our token
 
     def stop(self) -> None:
         self.client.close()
@@ -641,27 +643,26 @@ def free_port() -> int:
 
 
 def start_redis() -> Redis | None:
-    """A private redis-server (no persistence) on a free port, or None without one."""
+    """A private redis-server (no persistence) on a free port, or None (``redis_missing``)."""
     executable = shutil.which("redis-server")
-    if executable is None:
+    if executable is None or redis_missing() is not None:
         return None
+    import redis
+
     port = free_port()
     command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     command += ["--appendonly", "no", "--dir", tempfile.gettempdir()]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            client = Resp(port)
-            client.command("PING")
-        except OSError:
+            version = client.info("server")["redis_version"]
+        except redis.ConnectionError:
             time.sleep(0.05)
             continue
-        version = subprocess.run(
-            [executable, "--version"], capture_output=True, text=True, check=False
-        ).stdout.split()
-        found = next((word[2:] for word in version if word.startswith("v=")), "?")
-        return Redis(process, client, found)
+        return Redis(process, client, version, redis.__version__)
+    client.close()
     process.kill()
     process.wait()
     return None
@@ -879,7 +880,7 @@ def notes_lines(results: dict[str, Any], plan: Plan) -> list[str]:
         f"{rss['zkcelery']:.1f} MiB; the same without zkcelery (Celery app and task, bare "
         f"KazooClient) {rss['celery_app_kazoo']:.1f} MiB; celery + kazoo imported, bare "
         f"KazooClient {rss['celery_kazoo']:.1f} MiB",
-        redis or "Redis: not measured (no redis-server on this machine)",
+        redis or f"Redis: not measured ({redis_missing() or 'redis-server did not start'})",
     ]
     if not results["layout_alone"]:
         lines.append("warning: fewer than 3 servers: request counts may include other pings")
@@ -897,8 +898,9 @@ def redis_note(redis: Redis | None) -> str | None:
     if redis is None:
         return None
     return (
-        f"Redis {redis.version}: a private redis-server without persistence "
-        "(SET NX PX + DEL: two round trips, nothing fsync'd)"
+        f"Redis {redis.version}: a private redis-server without persistence, redis-py "
+        f"{redis.client_version}'s Lock (SET NX PX + a DEL only of its own token, in a "
+        "script: two round trips, nothing fsync'd)"
     )
 
 
