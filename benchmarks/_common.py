@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -61,6 +61,9 @@ def logger(program: str) -> Callable[[str], None]:
 # ---------------------------------------------------------------------------
 
 
+L = TypeVar("L", bound="Layout")
+
+
 @dataclass(frozen=True)
 class Layout:
     """The servers of ``--hosts``, one at a time: a client is put on exactly one."""
@@ -69,7 +72,7 @@ class Layout:
     chroot: str
 
     @classmethod
-    def parse(cls, hosts: str, program: str) -> Layout:
+    def parse(cls: type[L], hosts: str, program: str) -> L:
         text, chroot = hosts.strip(), ""
         if "/" in text:
             text, chroot = text[: text.index("/")], text[text.index("/") :]
