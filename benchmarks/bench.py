@@ -19,8 +19,10 @@ What is measured, each as the time of one whole cycle on one client:
 8. the blocking handoff: from just before the holder's release to the return of a waiter
    blocked in another process (``time.monotonic``, one clock for the whole machine);
 9. throughput: 1, 2 and 4 processes locking distinct keys, aggregate cycles per second;
-10. a Redis ``SET NX PX`` + ``DEL`` cycle (celery-once's and celery-singleton's lock), when
-    ``redis-server`` is installed; and the peak RSS of a process using zkcelery.
+10. a Redis lock cycle, redis-py's ``Lock``: ``SET NX PX`` and a ``DEL`` only of its own token
+    (celery-once and celery-singleton take the same ``SET NX`` and release with a plain
+    ``DEL``: two round trips either way), on a private ``redis-server`` when one is installed
+    (redis-py comes with the ``test`` extra); and the peak RSS of a process using zkcelery.
 
 Why ratios: write latency is dominated by fsync on the servers' disks and drifts 2-3x
 between runs on a shared machine, so absolute times say little.  The contenders run
@@ -52,15 +54,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import gc
-import hashlib
+import importlib.util
 import itertools
 import json
 import math
-import multiprocessing as mp
-import os
-import platform
 import shutil
 import socket
 import statistics
@@ -68,33 +66,54 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parent.parent
-# The repository's zkcelery.py, not a copy installed elsewhere.
-sys.path.insert(0, str(REPO))
+from _common import (
+    REPLY_TIMEOUT,
+    REPO,
+    TARGET_HEADER,
+    Child,
+    Layout,
+    Table,
+    Target,
+    arguments,
+    check_ensemble,
+    close_sessions,
+    connect,
+    delete_root,
+    disconnect,
+    field_of,
+    fmt,
+    logger,
+    machine_info,
+    machine_lines,
+    make_app,
+    new_root,
+    percentile,
+    print_report,
+    probe_overhead,
+    received,
+    run_from,
+    start_together,
+    stop_children,
+    target_rows,
+)
+from celery import Celery
+from kazoo.client import KazooClient
+from kazoo.recipe.lock import Lock, Semaphore
 
-from celery import Celery, signals  # noqa: E402
-from kazoo.client import KazooClient  # noqa: E402
-from kazoo.exceptions import KazooException, NoNodeError, NotEmptyError  # noqa: E402
-from kazoo.recipe.lock import Lock, Semaphore  # noqa: E402
-
-import zkcelery  # noqa: E402
-from testsupport import ensemble_hosts, four_letter  # noqa: E402
+import zkcelery
+from testsupport import ensemble_hosts, four_letter
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 ROOT_PARENT = "/zkcelery-bench"
 LOCKER, MUTEX, PLAIN = "bench.locker", "bench.mutex", "bench.plain"
-SPAWN = mp.get_context("spawn")
-REPLY_TIMEOUT = 60.0  # seconds a child may take to answer before the run fails
 
 Cycle = Callable[[], object]
+log = logger("bench")
 
 
 # ---------------------------------------------------------------------------
@@ -122,18 +141,8 @@ FULL = Plan(False, 500, 25, 100, 200, 100, 10, 10, 0.5, 6)
 QUICK = Plan(True, 20, 5, 5, 20, 5, 1, 2, 0.3, 1)
 
 
-@dataclass(frozen=True)
-class Layout:
+class Roles(Layout):
     """Which server each kind of client uses (see the module docstring)."""
-
-    entries: tuple[str, ...]
-    chroot: str
-
-    def entry(self, index: int) -> str:
-        return self.entries[index % len(self.entries)]
-
-    def hosts(self, entry: str) -> str:
-        return entry + self.chroot
 
     @property
     def timing(self) -> str:
@@ -150,33 +159,6 @@ class Layout:
     @property
     def count_alone(self) -> bool:
         return self.count not in (self.timing, self.other)
-
-
-def parse_layout(hosts: str) -> Layout:
-    text, chroot = hosts.strip(), ""
-    if "/" in text:
-        text, chroot = text[: text.index("/")], text[text.index("/") :]
-    entries = tuple(entry.strip() for entry in text.split(",") if entry.strip())
-    if not entries:
-        raise SystemExit(f"bench: no host in {hosts!r}")
-    return Layout(entries, chroot)
-
-
-# ---------------------------------------------------------------------------
-# Four-letter words: the server's own counters
-# ---------------------------------------------------------------------------
-
-
-def field_of(text: str, name: str) -> str:
-    for line in text.splitlines():
-        if line.startswith(f"{name}:"):
-            return line.split(":", 1)[1].strip()
-    raise ValueError(f"no {name!r} in the server's answer {text[:200]!r}")
-
-
-def received(entry: str) -> int:
-    """The number of packets the server has received from clients (``srvr``)."""
-    return int(field_of(four_letter(entry, "srvr"), "Received"))
 
 
 def total_watches(entry: str) -> int:
@@ -199,8 +181,7 @@ class Tasks:
 
 
 def make_tasks(hosts: str, root: str, main: str = "bench") -> Tasks:
-    app = Celery(main, set_as_current=False)
-    app.conf.update(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_ROOT=root)
+    app = make_app(main, hosts, root)
 
     @app.task(base=zkcelery.LockTask, bind=True, shared=False, name=LOCKER)
     def locker(self: Any) -> None:
@@ -215,23 +196,6 @@ def make_tasks(hosts: str, root: str, main: str = "bench") -> Tasks:
         """The same empty body without a mutex."""
 
     return Tasks(app, locker, mutex, plain)
-
-
-def close_zkcelery_sessions() -> None:
-    """Close this process's zkcelery sessions, as a worker does when it shuts down."""
-    signals.worker_process_shutdown.send(sender=None)
-
-
-def connect(hosts: str) -> KazooClient:
-    client = KazooClient(hosts=hosts)
-    client.start(timeout=15)
-    return client
-
-
-def disconnect(client: KazooClient) -> None:
-    with contextlib.suppress(Exception):
-        client.stop()
-        client.close()
 
 
 def create_delete(client: KazooClient, path: str) -> None:
@@ -262,8 +226,7 @@ def kazoo_semaphore_cycle(client: KazooClient, path: str) -> None:
 
 def connect_per_call(hosts: str, path: str) -> None:
     """The original helper's design: a session per lock."""
-    client = KazooClient(hosts=hosts)
-    client.start(timeout=15)
+    client = connect(hosts)
     try:
         kazoo_lock_cycle(client, path)
     finally:
@@ -341,69 +304,9 @@ LABELS = {
     "kazoo_semaphore": "6  kazoo Semaphore(max_leases=2)",
     "plain_apply": "7  task.apply(), plain task",
     "mutex_apply": "7  task.apply(), MutexTask",
-    "redis": "10 Redis SET NX PX + DEL",
+    "redis": "10 Redis Lock (redis-py): SET NX PX + checked DEL",
 }
 ORDER = list(LABELS)
-
-
-# ---------------------------------------------------------------------------
-# Children: a spawned process answering over a pipe
-# ---------------------------------------------------------------------------
-
-
-def expect(conn: Connection, timeout: float = REPLY_TIMEOUT) -> Any:
-    if not conn.poll(timeout):
-        raise TimeoutError(f"a benchmark child did not answer within {timeout:.0f} s")
-    reply = conn.recv()
-    if isinstance(reply, tuple) and reply and reply[0] == "error":
-        raise RuntimeError(f"a benchmark child failed: {reply[1]}")
-    return reply
-
-
-@dataclass
-class Child:
-    process: Any
-    conn: Connection
-
-
-def start_child(target: Callable[..., None], *args: Any) -> Child:
-    parent, child = SPAWN.Pipe()
-    process = SPAWN.Process(target=target, args=(*args, child), daemon=True)
-    process.start()
-    child.close()
-    return Child(process, parent)
-
-
-def stop_children(children: Sequence[Child]) -> None:
-    for child in children:
-        with contextlib.suppress(OSError, ValueError):
-            child.conn.send(("stop",))
-    for child in children:
-        child.process.join(10)
-        if child.process.is_alive():
-            child.process.terminate()
-            child.process.join(5)
-        child.conn.close()
-
-
-def serve(
-    conn: Connection, setup: Callable[[], tuple[Callable[..., Any], Callable[[], None]]]
-) -> None:
-    """A child's loop: set up, say ready, answer ("run", args...) until ("stop",)."""
-    try:
-        run, teardown = setup()
-    except Exception as exc:
-        conn.send(("error", repr(exc)))
-        return
-    try:
-        conn.send(("ready",))
-        while (message := conn.recv())[0] == "run":
-            try:
-                conn.send(("ok", run(*message[1:])))
-            except Exception as exc:
-                conn.send(("error", repr(exc)))
-    finally:
-        teardown()
 
 
 # ---------------------------------------------------------------------------
@@ -411,56 +314,50 @@ def serve(
 # ---------------------------------------------------------------------------
 
 
-def probe_overhead(entry: str) -> int:
-    """Packets that one ``srvr`` probe adds to a count (its own connection's)."""
-    first = received(entry)
-    return received(entry) - first
-
-
 def count_burst(entry: str, cycle: Cycle, cycles: int, overhead: int) -> float:
     cycle()
     cycle()  # warm: namespaces made, connection busy
-    before = received(entry)
+    before = received([entry])
     for _ in range(cycles):
         cycle()
-    after = received(entry)
+    after = received([entry])
     return round((after - before - overhead) / cycles, 2)
 
 
-def count_all(hosts: str, entry: str, root: str, cycles: int) -> dict[str, float]:
-    overhead = probe_overhead(entry)
-    counts: dict[str, float] = {}
-    client = connect(hosts)
-    try:
-        for name, cycle in kazoo_cycles(client, root).items():
-            counts[name] = count_burst(entry, cycle, cycles, overhead)
-    finally:
-        disconnect(client)
-    path = kazoo_paths(root)["connect"]
-    few = max(5, cycles // 10)
-    counts["connect"] = count_burst(entry, lambda: connect_per_call(hosts, path), few, overhead)
-    tasks = make_tasks(hosts, root, "count")
-    try:
-        for name, cycle in zkcelery_cycles(tasks, "count").items():
-            counts[name] = count_burst(entry, cycle, cycles, overhead)
-    finally:
-        close_zkcelery_sessions()
-    return counts
+class Counter:
+    """In a child: counts each contender's requests, alone on the counting server."""
+
+    def __init__(self, hosts: str, entry: str, root: str) -> None:
+        self.hosts, self.entry, self.root = hosts, entry, root
+
+    def count(self, cycles: int) -> dict[str, float]:
+        hosts, entry, root = self.hosts, self.entry, self.root
+        overhead = probe_overhead(lambda: received([entry]))
+        counts: dict[str, float] = {}
+        client = connect(hosts)
+        try:
+            for name, cycle in kazoo_cycles(client, root).items():
+                counts[name] = count_burst(entry, cycle, cycles, overhead)
+        finally:
+            disconnect(client)
+        path = kazoo_paths(root)["connect"]
+        few = max(5, cycles // 10)
+        counts["connect"] = count_burst(entry, lambda: connect_per_call(hosts, path), few, overhead)
+        tasks = make_tasks(hosts, root, "count")
+        try:
+            for name, cycle in zkcelery_cycles(tasks, "count").items():
+                counts[name] = count_burst(entry, cycle, cycles, overhead)
+        finally:
+            close_sessions()
+        return counts
 
 
-def counting_child(hosts: str, entry: str, root: str, cycles: int, conn: Connection) -> None:
-    try:
-        conn.send(("ok", count_all(hosts, entry, root, cycles)))
-    except Exception as exc:
-        conn.send(("error", repr(exc)))
-
-
-def count_requests(layout: Layout, root: str, plan: Plan) -> dict[str, float]:
+def count_requests(layout: Roles, root: str, plan: Plan) -> dict[str, float]:
     entry = layout.count
-    args = (layout.hosts(entry), entry, root, plan.count_cycles)
-    child = start_child(counting_child, *args)
+    child = Child("the counting child", Counter, layout.hosts(entry), entry, root)
     try:
-        return expect(child.conn, REPLY_TIMEOUT * 3)[1]
+        child.expect()
+        return child.call("count", plan.count_cycles, timeout=REPLY_TIMEOUT * 3)
     finally:
         stop_children([child])
 
@@ -497,11 +394,6 @@ def run_round_robin(contenders: list[Contender], plan: Plan) -> None:
             gc.collect()  # a contender's garbage is not collected on another's time
 
 
-def percentile(samples: Sequence[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
-
-
 def summary(samples: Sequence[float]) -> dict[str, float]:
     return {
         "n": len(samples),
@@ -516,40 +408,44 @@ def summary(samples: Sequence[float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------
 
 
-def handoff_waiter_setup(
-    kind: str, hosts: str, root: str
-) -> tuple[Callable[[], float], Callable[[], None]]:
-    if kind == "zkcelery":
-        tasks = make_tasks(hosts, root, "waiter")
+class Side:
+    """In a child: one library's client, a zkcelery app's tasks or a ``KazooClient``."""
 
-        def wait_zk() -> float:
-            with tasks.locker.lock("handoff", blocking=True, timeout=30) as acquired:
+    def __init__(self, kind: str, hosts: str, root: str, main: str) -> None:
+        self.kind = kind
+        if kind == "zkcelery":
+            self.tasks = make_tasks(hosts, root, main)
+        else:
+            self.client = connect(hosts)
+
+    def close(self) -> None:
+        if self.kind == "zkcelery":
+            close_sessions()
+        else:
+            disconnect(self.client)
+
+
+class Waiter(Side):
+    """In a child: a blocked waiter of the handoff, on the lock of one library."""
+
+    def __init__(self, kind: str, hosts: str, root: str) -> None:
+        super().__init__(kind, hosts, root, "waiter")
+        self.path = kazoo_paths(root)["handoff"]
+        self.wait()  # warm, uncontended
+
+    def wait(self) -> float:
+        """Block until the lock is ours; when that was (``time.monotonic``)."""
+        if self.kind == "zkcelery":
+            with self.tasks.locker.lock("handoff", blocking=True, timeout=30) as acquired:
                 acquired_at = time.monotonic()
                 if not acquired:
                     raise TimeoutError("the handoff lock was not released within 30 s")
             return acquired_at
-
-        return wait_zk, close_zkcelery_sessions
-    client = connect(hosts)
-    path = kazoo_paths(root)["handoff"]
-
-    def wait_kazoo() -> float:
-        lock = Lock(client, path)
+        lock = Lock(self.client, self.path)
         lock.acquire(timeout=30)  # raises LockTimeout
         acquired_at = time.monotonic()
         lock.release()
         return acquired_at
-
-    return wait_kazoo, lambda: disconnect(client)
-
-
-def handoff_waiter(kind: str, hosts: str, root: str, conn: Connection) -> None:
-    def setup() -> tuple[Callable[[], float], Callable[[], None]]:
-        wait, teardown = handoff_waiter_setup(kind, hosts, root)
-        wait()  # warm, uncontended
-        return wait, teardown
-
-    serve(conn, setup)
 
 
 @contextlib.contextmanager
@@ -587,14 +483,14 @@ def one_handoff(holder: Callable[[], Any], waiter: Child, entry: str) -> float:
     with holder() as acquired:
         if not acquired:
             raise RuntimeError("the handoff holder could not take the lock")
-        waiter.conn.send(("run",))
+        waiter.send("wait")
         wait_for_watch(entry, baseline)
         released_at = time.monotonic()
-    return expect(waiter.conn)[1] - released_at
+    return waiter.expect() - released_at
 
 
 def measure_handoff(
-    layout: Layout, root: str, plan: Plan, tasks: Tasks, client: KazooClient
+    layout: Roles, root: str, plan: Plan, tasks: Tasks, client: KazooClient
 ) -> dict[str, list[float]]:
     waiter_hosts = layout.hosts(layout.other)
     path = kazoo_paths(root)["handoff"]
@@ -602,10 +498,13 @@ def measure_handoff(
         "zkcelery": lambda: tasks.locker.lock("handoff"),
         "kazoo": lambda: kazoo_held(client, path),
     }
-    waiters = {kind: start_child(handoff_waiter, kind, waiter_hosts, root) for kind in holders}
+    waiters = {
+        kind: Child(f"the {kind} handoff waiter", Waiter, kind, waiter_hosts, root)
+        for kind in holders
+    }
     try:
         for waiter in waiters.values():
-            expect(waiter.conn)
+            waiter.expect()
         samples: dict[str, list[float]] = {kind: [] for kind in holders}
         rounds = math.ceil(plan.handoff_cycles / plan.handoff_batch)
         for index in range(rounds):
@@ -623,41 +522,23 @@ def measure_handoff(
 # ---------------------------------------------------------------------------
 
 
-def throughput_setup(
-    kind: str, hosts: str, root: str, index: int
-) -> tuple[Callable[[float, float], int], Callable[[], None]]:
-    if kind == "zkcelery":
-        tasks = make_tasks(hosts, root, f"throughput{index}")
+class Locker(Side):
+    """In a child: lock cycles on a key of its own, for a given time (throughput)."""
 
-        def cycle() -> None:
-            zk_lock_cycle(tasks.locker, "throughput", index)
+    def __init__(self, kind: str, hosts: str, root: str, index: int) -> None:
+        super().__init__(kind, hosts, root, f"throughput{index}")
+        self.index = index
+        self.path = f"{root}/kazoo/throughput-{index}"
+        self.cycle()  # warm
 
-        teardown: Callable[[], None] = close_zkcelery_sessions
-    else:
-        client = connect(hosts)
-        path = f"{root}/kazoo/throughput-{index}"
+    def cycle(self) -> None:
+        if self.kind == "zkcelery":
+            zk_lock_cycle(self.tasks.locker, "throughput", self.index)
+        else:
+            kazoo_lock_cycle(self.client, self.path)
 
-        def cycle() -> None:
-            kazoo_lock_cycle(client, path)
-
-        def teardown() -> None:
-            disconnect(client)
-
-    cycle()  # warm
-
-    def run_for(start_at: float, seconds: float) -> int:
-        time.sleep(max(0.0, start_at - time.monotonic()))
-        end, done = start_at + seconds, 0
-        while time.monotonic() < end:
-            cycle()
-            done += 1
-        return done
-
-    return run_for, teardown
-
-
-def throughput_worker(kind: str, hosts: str, root: str, index: int, conn: Connection) -> None:
-    serve(conn, lambda: throughput_setup(kind, hosts, root, index))
+    def run(self, start_at: float, seconds: float) -> int:
+        return len(run_from(start_at, seconds, self.cycle))
 
 
 @dataclass
@@ -675,18 +556,18 @@ class Throughput:
         return statistics.median(self.round_ratios[size])
 
 
-def measure_throughput(layout: Layout, root: str, plan: Plan) -> Throughput:
+def measure_throughput(layout: Roles, root: str, plan: Plan) -> Throughput:
     kinds, sizes = ("zkcelery", "kazoo"), (1, 2, 4)
     workers = {
         kind: [
-            start_child(throughput_worker, kind, layout.hosts(layout.entry(i)), root, i)
+            Child(f"{kind} locker {i}", Locker, kind, layout.hosts(layout.entry(i)), root, i)
             for i in range(max(sizes))
         ]
         for kind in kinds
     }
     try:
         for worker in itertools.chain.from_iterable(workers.values()):
-            expect(worker.conn, REPLY_TIMEOUT * 2)
+            worker.expect(REPLY_TIMEOUT * 2)
         totals = {(kind, size): 0 for kind in kinds for size in sizes}
         ratios: dict[int, list[float]] = {size: [] for size in sizes}
         points = list(totals)
@@ -705,10 +586,7 @@ def measure_throughput(layout: Layout, root: str, plan: Plan) -> Throughput:
 
 
 def run_point(workers: Sequence[Child], seconds: float) -> int:
-    start_at = time.monotonic() + 0.05
-    for worker in workers:
-        worker.conn.send(("run", start_at, seconds))
-    return sum(expect(worker.conn)[1] for worker in workers)
+    return sum(start_together(workers, "run", seconds, lead=0.05)[1])
 
 
 # ---------------------------------------------------------------------------
@@ -716,38 +594,37 @@ def run_point(workers: Sequence[Child], seconds: float) -> int:
 # ---------------------------------------------------------------------------
 
 
-class Resp:
-    """Just enough of RESP for SET NX PX and DEL, over a plain socket."""
+# The lock is redis-py's own Lock, the one its documentation gives: acquire is one
+# SET key token NX PX (token: a fresh uuid), release one EVALSHA of a script that
+# deletes the key only while it still holds that token.  That is the promise zkcelery's
+# lock keeps (a late release never frees the lock of whoever took it next), so both do
+# the same job; and it costs what celery-once's and celery-singleton's SET NX + plain
+# DEL cost, two round trips a cycle (the warm-up cycles load the script).  As for the
+# ZooKeeper clients, each cycle makes a new lock object over one connection kept open.
+REDIS_KEY = "bench-lock"
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = self.sock.makefile("rb")
 
-    def command(self, *args: str) -> bytes:
-        parts = [f"*{len(args)}\r\n"]
-        parts += [f"${len(arg.encode())}\r\n{arg}\r\n" for arg in args]
-        self.sock.sendall("".join(parts).encode())
-        line = self.reader.readline().rstrip(b"\r\n")
-        if line.startswith(b"-") or not line:
-            raise RuntimeError(f"redis: {line!r}")
-        return line
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
+def redis_missing() -> str | None:
+    """Why the Redis lock cannot be measured here, or None when it can."""
+    if shutil.which("redis-server") is None:
+        return "no redis-server on this machine"
+    if importlib.util.find_spec("redis") is None:
+        return "no redis-py (the test extra brings it)"
+    return None
 
 
 @dataclass
 class Redis:
     process: subprocess.Popen
-    client: Resp
-    version: str
+    client: Any  # a redis.Redis
+    version: str  # the server's
+    client_version: str  # redis-py's
 
     def cycle(self) -> None:
-        if self.client.command("SET", "bench-lock", "1", "NX", "PX", "30000") != b"+OK":
+        lock = self.client.lock(REDIS_KEY, timeout=30)  # PX 30000
+        if not lock.acquire(blocking=False):
             raise RuntimeError("redis lock unexpectedly held")
-        self.client.command("DEL", "bench-lock")
+        lock.release()  # LockNotOwnedError if the key no longer holds our token
 
     def stop(self) -> None:
         self.client.close()
@@ -766,27 +643,26 @@ def free_port() -> int:
 
 
 def start_redis() -> Redis | None:
-    """A private redis-server (no persistence) on a free port, or None without one."""
+    """A private redis-server (no persistence) on a free port, or None (``redis_missing``)."""
     executable = shutil.which("redis-server")
-    if executable is None:
+    if executable is None or redis_missing() is not None:
         return None
+    import redis
+
     port = free_port()
     command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     command += ["--appendonly", "no", "--dir", tempfile.gettempdir()]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            client = Resp(port)
-            client.command("PING")
-        except OSError:
+            version = client.info("server")["redis_version"]
+        except redis.ConnectionError:
             time.sleep(0.05)
             continue
-        version = subprocess.run(
-            [executable, "--version"], capture_output=True, text=True, check=False
-        ).stdout.split()
-        found = next((word[2:] for word in version if word.startswith("v=")), "?")
-        return Redis(process, client, found)
+        return Redis(process, client, version, redis.__version__)
+    client.close()
     process.kill()
     process.wait()
     return None
@@ -873,31 +749,6 @@ def measure_rss(hosts: str, root: str) -> dict[str, float]:
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class Target:
-    """A measure against its target: PASS, MISS (FAIL for a correctness check) or n/a."""
-
-    measure: str
-    value: float | None
-    op: str  # "<=" or ">="
-    limit: float
-    note: str = ""
-    safety: bool = False  # a correctness check, not a timing target
-
-    @property
-    def passed(self) -> bool | None:
-        if self.value is None:
-            return None
-        value = round(self.value, 2)
-        return value <= self.limit if self.op == "<=" else value >= self.limit
-
-    @property
-    def verdict(self) -> str:
-        if self.passed is None:
-            return "n/a"
-        return "PASS" if self.passed else ("FAIL" if self.safety else "MISS")
-
-
 def median_ms(stats: dict[str, dict[str, float]], name: str) -> float:
     return stats[name]["median_ms"]
 
@@ -955,10 +806,6 @@ def build_targets(
     ]
 
 
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def contender_rows(stats: dict[str, dict[str, float]], counts: dict[str, float]) -> list[list[str]]:
     rows = []
     for name in ORDER:
@@ -996,24 +843,6 @@ def throughput_rows(throughput: Throughput) -> list[list[str]]:
     ]
 
 
-def target_rows(targets: Sequence[Target]) -> list[list[str]]:
-    return [[t.measure, fmt(t.value), f"{t.op} {t.limit:g}", t.verdict, t.note] for t in targets]
-
-
-def plain_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(header, widths))]
-    lines.append("  ".join("-" * width for width in widths))
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 CONTENDER_HEADER = ["contender", "cycles", "median ms", "p99 ms", "ZK requests/cycle"]
 THROUGHPUT_HEADER = [
     "processes",
@@ -1022,35 +851,9 @@ THROUGHPUT_HEADER = [
     "ratio",
     "median of paired rounds",
 ]
-TARGET_HEADER = ["measure", "value", "target", "result", "note"]
 
 
-def print_report(
-    results: dict[str, Any],
-    render: Callable[[dict[str, Any], Callable], str],
-    machine: list[str],
-    notes: list[str],
-    markdown: bool,
-) -> None:
-    """The tables as text; with ``markdown``, again as the README shows them."""
-    print("\n".join(machine))
-    print()
-    print(render(results, plain_table))
-    print()
-    print("\n".join(notes))
-    print(f"run took {results['seconds']:.0f} s")
-    if markdown:
-        print()
-        print("\n".join(f"- {line}" for line in machine))
-        print()
-        print(render(results, markdown_table))
-        print()
-        print("\n".join(f"- {line}" for line in notes))
-
-
-def render(
-    results: dict[str, Any], table: Callable[[Sequence[str], Sequence[Sequence[str]]], str]
-) -> str:
+def render(results: dict[str, Any], table: Table) -> str:
     stats, counts = results["contenders"], results["requests"]
     rows = contender_rows(stats, counts) + handoff_rows(results["handoff"])
     parts = [table(CONTENDER_HEADER, rows)]
@@ -1059,14 +862,9 @@ def render(
     return "\n\n".join(parts)
 
 
-def machine_lines(machine: dict[str, Any]) -> list[str]:
+def report_machine_lines(machine: dict[str, Any]) -> list[str]:
     return [
-        f"date: {machine['date']}",
-        f"machine: {machine['nproc']} cpus, {machine['platform']}",
-        f"python {machine['python']}, kazoo {machine['kazoo']}, celery {machine['celery']}, "
-        f"ZooKeeper {machine['zookeeper']}",
-        f"zkcelery from {machine['zkcelery']}",
-        f"servers: {', '.join(f'{e} {m}' for e, m in machine['modes'].items())}",
+        *machine_lines(machine),
         f"measured clients on {machine['timing']}, holders and waiters on {machine['other']}, "
         f"request counts on {machine['count']}",
     ]
@@ -1082,7 +880,7 @@ def notes_lines(results: dict[str, Any], plan: Plan) -> list[str]:
         f"{rss['zkcelery']:.1f} MiB; the same without zkcelery (Celery app and task, bare "
         f"KazooClient) {rss['celery_app_kazoo']:.1f} MiB; celery + kazoo imported, bare "
         f"KazooClient {rss['celery_kazoo']:.1f} MiB",
-        redis or "Redis: not measured (no redis-server on this machine)",
+        redis or f"Redis: not measured ({redis_missing() or 'redis-server did not start'})",
     ]
     if not results["layout_alone"]:
         lines.append("warning: fewer than 3 servers: request counts may include other pings")
@@ -1100,67 +898,17 @@ def redis_note(redis: Redis | None) -> str | None:
     if redis is None:
         return None
     return (
-        f"Redis {redis.version}: a private redis-server without persistence "
-        "(SET NX PX + DEL: two round trips, nothing fsync'd)"
+        f"Redis {redis.version}: a private redis-server without persistence, redis-py "
+        f"{redis.client_version}'s Lock (SET NX PX + a DEL only of its own token, in a "
+        "script: two round trips, nothing fsync'd)"
     )
-
-
-def check_ensemble(layout: Layout) -> None:
-    for entry in layout.entries:
-        try:
-            four_letter(entry, "srvr")
-        except OSError as exc:
-            raise SystemExit(
-                f"bench: no ZooKeeper server answers at {entry} ({exc}): start the ensemble "
-                "with ./zk-test.sh, or name it with --hosts"
-            ) from None
-
-
-def zkcelery_version() -> str:
-    """Which zkcelery.py was measured: its path, content digest and git state."""
-    path = Path(zkcelery.__file__)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    try:
-        git = ["git", "-C", str(path.parent)]
-        commit = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", path.name], capture_output=True, text=True
-        ).stdout.strip()
-        state = f", git {commit}{' + uncommitted changes' if dirty else ''}"
-    except (OSError, subprocess.CalledProcessError):
-        state = ""
-    return f"{path} (sha256 {digest}{state})"
-
-
-def machine_info(layout: Layout) -> dict[str, Any]:
-    answers = {entry: four_letter(entry, "srvr") for entry in layout.entries}
-    return {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "kazoo": metadata.version("kazoo"),
-        "celery": metadata.version("celery"),
-        "zkcelery": zkcelery_version(),
-        "zookeeper": field_of(answers[layout.timing], "Zookeeper version").split("-")[0],
-        "modes": {entry: field_of(text, "Mode") for entry, text in answers.items()},
-        "timing": layout.timing,
-        "other": layout.other,
-        "count": layout.count,
-    }
-
-
-def log(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
 class Session:
     """Everything the parent process holds open during a run, closed in ``close()``."""
 
-    layout: Layout
+    layout: Roles
     root: str
     client: KazooClient  # the measured kazoo client, on the timing server
     holder: KazooClient  # holds kazoo's "held" lock, on the other server
@@ -1173,27 +921,16 @@ class Session:
         for held in reversed(self.held):
             with contextlib.suppress(Exception):
                 held.release()
-        close_zkcelery_sessions()
+        close_sessions()
         if self.redis is not None:
             self.redis.stop()
-        delete_root(self.client, self.root)
+        delete_root(self.client, self.root, log)
         disconnect(self.holder)
         disconnect(self.client)
 
 
-def delete_root(client: KazooClient, root: str) -> None:
-    """Delete this run's root, and the common parent when no other run uses it."""
-    try:
-        with contextlib.suppress(NoNodeError):
-            client.delete(root, recursive=True)
-        with contextlib.suppress(NoNodeError, NotEmptyError):
-            client.delete(ROOT_PARENT)
-    except KazooException as exc:
-        log(f"warning: could not delete {root}: {exc!r}")
-
-
-def open_session(layout: Layout) -> Session:
-    root = f"{ROOT_PARENT}/{uuid.uuid4().hex[:12]}"
+def open_session(layout: Roles) -> Session:
+    root = new_root(ROOT_PARENT)
     client = connect(layout.hosts(layout.timing))
     holder = connect(layout.hosts(layout.other))
     session = Session(
@@ -1236,9 +973,9 @@ def timed_contenders(session: Session, plan: Plan) -> list[Contender]:
     ]
 
 
-def run(layout: Layout, plan: Plan) -> dict[str, Any]:
+def run(layout: Roles, plan: Plan) -> dict[str, Any]:
     started = time.monotonic()
-    machine = machine_info(layout)
+    machine = machine_info(layout, timing=layout.timing, other=layout.other, count=layout.count)
     session = open_session(layout)
     try:
         log(f"root {session.root}; counting requests on {layout.count}")
@@ -1284,21 +1021,18 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hosts", default=None, help="ZooKeeper hosts (default: .zk-test/hosts)")
-    parser.add_argument("--quick", action="store_true", help="few cycles; asserts nothing")
-    parser.add_argument("--markdown", action="store_true", help="also print markdown tables")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
+    quick = "few cycles; asserts nothing"
+    parser = arguments(__doc__, quick, DEFAULT_JSON, "where to write results")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    layout = parse_layout(args.hosts or ensemble_hosts())
+    layout = Roles.parse(args.hosts or ensemble_hosts(), "bench")
     plan = QUICK if args.quick else FULL
-    check_ensemble(layout)
+    check_ensemble(layout, "bench")
     results = run(layout, plan)
-    machine, notes = machine_lines(results["machine"]), notes_lines(results, plan)
+    machine, notes = report_machine_lines(results["machine"]), notes_lines(results, plan)
     print_report(results, render, machine, notes, args.markdown)
     write_json(results, args.json)
     print(f"results written to {args.json}")

@@ -45,10 +45,12 @@ whole machine), run for the round's time, and finish the acquisition they are in
 Requests are the servers' own counters: the sum of ``srvr`` -> ``Received`` over all servers
 just before and just after a round, less the packets of the probe itself (calibrated by
 probing twice back to back at the start).  The same probe reads ``cons``, whose per-session
-``recved`` tells what each of our sessions sent.  Whatever the servers received beyond that
-came from another client of the ensemble: a round or window with more than two such packets
-(or 0.2%) is measured again, up to twice; if every attempt was disturbed, its requests are
-counted from our sessions' own counters (``cons``) instead, and marked with ``*``.
+``recved`` tells what each of our sessions sent (a worker finds its zkcelery session there
+from outside, by its socket's local address: zkcelery keeps its client to itself).
+Whatever the servers received beyond that came from another client of the ensemble: a
+round or window with more than two such packets (or 0.2%) is measured again, up to twice;
+if every attempt was disturbed, its requests are counted from our sessions' own counters
+(``cons``) instead, and marked with ``*``.
 
 Safety: each contender records the monotonic times just after its acquire returned and just
 before it released (an interval inside the time it really held), and the parent sweeps all
@@ -56,14 +58,18 @@ processes' intervals for the most that overlap.  More than the lease admits is a
 bug: the run then exits with status 1.  Timing targets print PASS/MISS and fail the run only
 with ``--strict``.
 
-The 20,000 unrelated leases are made from the parent, a container and its lease node per key
-in multi-operations of 50 keys (kazoo cannot read a container's answer in a multi: a small
-reader of our own does), in sessions of at most 2,000 lease nodes each: a session's
-ephemeral nodes are deleted by one closeSession transaction that lists their paths, and one
-that outgrows ``jute.maxbuffer`` (1 MB) breaks the servers' log (shared/NOTES.md).  They are
-deleted with their containers before those sessions close.  Making them takes a second or
-two, so the run alternates (full: none, held, none, held, none, held, none) and the target
-is the median of each held batch over the mean of the batches just before and after it.
+The 20,000 unrelated leases are zkcelery's own: every worker but the measuring one holds its
+share as ``semaphore(generation, i, max_leases=1)`` leases of a task of its own (8 threads
+each), so zkcelery makes the real layout itself, a container per key holding one lease
+node.  Each worker holds them in a session of its own, of at most 2,000 lease nodes: a
+session's ephemeral nodes are deleted by one closeSession transaction that lists their
+paths, and one that outgrows ``jute.maxbuffer`` (1 MB) breaks the servers' log
+(shared/NOTES.md).  They are released the same way, leaving the empty containers to the
+servers' reaper as any release does, and the run goes on once the servers' node count
+(``srvr``) is back to what it was before them.  Making and removing them takes seconds
+(a few requests per key, every one through the API), so the run alternates (full: none,
+held, none, held, none, held, none) and the target is the median of each held batch over
+the mean of the batches just before and after it.
 kazoo's ``Semaphore`` keeps each semaphore under a path of its own, so unrelated leases
 cannot cost it anything: 3 has no kazoo column.
 
@@ -75,71 +81,69 @@ Every run uses a fresh root ``/zkcelery-bench-contention/<id>`` and deletes it a
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
+import ipaddress
 import json
 import math
-import multiprocessing as mp
 import os
-import platform
 import shlex
+import socket
+import stat
 import statistics
 import sys
 import time
-import traceback
-import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
-from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parent.parent
-# The repository's zkcelery.py, not a copy installed elsewhere.
-sys.path.insert(0, str(REPO))
-
-from bench import (  # noqa: E402
+from _common import (
+    REPLY_TIMEOUT,
+    TARGET_HEADER,
+    Child,
     Layout,
+    Table,
     Target,
+    arguments,
+    call_all,
+    check_ensemble,
+    close_sessions,
     connect,
+    delete_root,
     disconnect,
     field_of,
     fmt,
-    parse_layout,
+    logger,
+    machine_info,
+    machine_lines,
+    make_app,
+    new_root,
     percentile,
     print_report,
-    zkcelery_version,
+    probe_overhead,
+    run_from,
+    start_together,
+    stop_children,
+    target_rows,
 )
-from celery import Celery, signals  # noqa: E402
-from kazoo.client import KazooClient  # noqa: E402
-from kazoo.exceptions import EXCEPTIONS, NoNodeError, NotEmptyError  # noqa: E402
-from kazoo.protocol.serialization import (  # noqa: E402
-    Create,
-    Create2,
-    MultiHeader,
-    Transaction,
-    int_struct,
-    read_string,
-    stat_struct,
-)
-from kazoo.recipe.lock import Lock, Semaphore  # noqa: E402
-from kazoo.security import OPEN_ACL_UNSAFE  # noqa: E402
+from kazoo.client import KazooClient
+from kazoo.recipe.lock import Lock, Semaphore
 
-import zkcelery  # noqa: E402
-from testsupport import ensemble_hosts, four_letter  # noqa: E402
+import zkcelery
+from testsupport import ensemble_hosts, four_letter
 
 ROOT_PARENT = "/zkcelery-bench-contention"
 TASK = "bench.contention"
 KINDS = ("zkcelery", "kazoo")
-SPAWN = mp.get_context("spawn")
-REPLY_TIMEOUT = 60.0  # seconds a worker may take to answer, beyond the work asked of it
 NODES_PER_SESSION = 2_000  # keeps each filler session's closeSession transaction small
+FILLER = "bench.filler"  # the task whose semaphores are the unrelated leases
+FILL_THREADS = 8  # per filler worker: leases are taken and released this many at a time
+FILL_TIMEOUT = 300.0  # seconds a filler worker may take to take or release its leases
 #: Packets from other clients a window may include and still count as measured (a ping or
 #: two of an idle client); a window with more is measured again, at most RETRIES more times.
 FOREIGN_SLACK = 2
 RETRIES = 2
 Times = tuple[float, float, float]  # acquire called, held, about to release
+log = logger("contention")
 
 
 # ---------------------------------------------------------------------------
@@ -186,16 +190,76 @@ class Probe:
     zxid: int  # the highest last-applied transaction id: one more per write
 
 
-def cons_sessions(text: str) -> dict[int, int]:
-    found = {}
+Address = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
+
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as sockets and ZooKeeper's ``cons`` spell it (``[::1]``, ``fe80::1%2``)."""
+    found = ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
+    mapped = getattr(found, "ipv4_mapped", None)
+    return mapped or found
+
+
+def cons_connections(text: str) -> Iterator[tuple[Address, int, int]]:
+    """(client address, session id, packets received) of each session in a ``cons`` answer.
+
+    A line: `` /127.0.0.1:40730[1](queued=0,recved=7,sent=7,sid=0x1000...,lop=...)``.
+    """
     for line in text.splitlines():
         if "sid=" not in line or "recved=" not in line:
             continue
-        fields = dict(
-            part.split("=", 1) for part in line.split("(", 1)[1].split(",") if "=" in part
-        )
-        found[int(fields["sid"], 16)] = int(fields["recved"])
+        head, body = line.split("(", 1)
+        host, _, port = head.strip().rsplit("[", 1)[0].rsplit("/", 1)[-1].rpartition(":")
+        fields = dict(part.split("=", 1) for part in body.split(",") if "=" in part)
+        yield (ip(host), int(port)), int(fields["sid"], 16), int(fields["recved"])
+
+
+def cons_sessions(text: str) -> dict[int, int]:
+    return {sid: recved for _, sid, recved in cons_connections(text)}
+
+
+def local_ends(entry: str) -> set[Address]:
+    """The local addresses of this process's TCP connections to the server at ``entry``."""
+    host, _, port = entry.rpartition(":")
+    infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    server = {(ip(str(info[4][0])), int(port)) for info in infos}
+    found = set()
+    folder = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    for name in os.listdir(folder):
+        try:
+            if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                continue
+            with socket.socket(fileno=os.dup(int(name))) as sock:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                peer, local = sock.getpeername(), sock.getsockname()
+        except OSError:  # closed meanwhile (the listing's own), or not connected
+            continue
+        if (ip(peer[0]), peer[1]) in server:
+            found.add((ip(local[0]), local[1]))
     return found
+
+
+def own_sessions(entry: str) -> set[int]:
+    """The sessions of this process's connections to the server at ``entry`` (its ``cons``)."""
+    ends = local_ends(entry)
+    cons = four_letter(entry, "cons")
+    return {sid for address, sid, _ in cons_connections(cons) if address in ends and sid}
+
+
+def session_opened_by(entry: str, opening: Callable[[], object]) -> int:
+    """The id of the one session ``opening()`` opens in this process, on the server at ``entry``.
+
+    zkcelery keeps its client to itself, so the session is found from outside: the server's
+    ``cons`` lists each connection's client address with its session, and the connection
+    is this process's one new socket to that server.
+    """
+    before = own_sessions(entry)
+    opening()
+    new = own_sessions(entry) - before
+    if len(new) != 1:
+        raise RuntimeError(f"{len(new)} new sessions of this process in {entry}'s cons, not 1")
+    return new.pop()
 
 
 def probe(entries: Sequence[str]) -> Probe:
@@ -218,11 +282,7 @@ class Counter:
 
     @classmethod
     def calibrate(cls, entries: Sequence[str]) -> Counter:
-        pairs = []
-        for _ in range(3):
-            first = probe(entries)
-            pairs.append(probe(entries).received - first.received)
-        return cls(tuple(entries), min(pairs))
+        return cls(tuple(entries), probe_overhead(lambda: probe(entries).received))
 
     def probe(self) -> Probe:
         return probe(self.entries)
@@ -295,13 +355,12 @@ class Window:
 class Worker:
     """What one worker process does; the parent calls its methods by name."""
 
-    def __init__(self, index: int, hosts: str, root: str) -> None:
+    def __init__(self, index: int, entry: str, hosts: str, root: str) -> None:
         self.index = index
+        self.entry = entry  # the one server of hosts
         self.hosts = hosts
         self.root = root
-        self.app = Celery(f"contention{index}", set_as_current=False)
-        self.app.conf.ZOOKEEPER_HOSTS = hosts
-        self.app.conf.ZOOKEEPER_ROOT = root
+        self.app = make_app(f"contention{index}", hosts, root)
 
         @self.app.task(base=zkcelery.LockTask, bind=True, shared=False, name=TASK)
         def contend(self: Any, key: str, max_leases: int | None, hold: float) -> Times:
@@ -321,21 +380,26 @@ class Worker:
 
         self.task = contend
         self.client: KazooClient | None = None
-        self.zk_open = False
+        self.zk_session: int | None = None
         self.op: Callable[[], Times] | None = None
         self.held: Any = None
+        self.filler: Any = None  # a task of another app: unrelated leases (scenario 3)
+        self.filler_session: int | None = None
+        self.leases: list[Any] = []
 
     # -- sessions ------------------------------------------------------------------
 
     def open_zkcelery(self) -> int:
-        with self.task.lock("warm", self.index) as held:  # connects, makes the namespaces
-            if not held:
-                raise RuntimeError("the warm-up lock is held elsewhere")
-        self.zk_open = True
-        # The session id, to find this session in the servers' "cons" (a private attribute).
-        session_id = zkcelery._connection(self.app).session_id
-        assert session_id is not None
-        return session_id
+        def warm() -> None:
+            with self.task.lock("warm", self.index) as held:  # connects, makes the namespaces
+                if not held:
+                    raise RuntimeError("the warm-up lock is held elsewhere")
+
+        if self.zk_session is None:
+            self.zk_session = session_opened_by(self.entry, warm)
+        else:
+            warm()
+        return self.zk_session
 
     def open_kazoo(self) -> int:
         self.client = connect(self.hosts)
@@ -347,9 +411,10 @@ class Worker:
         if self.held is not None:
             self.held.release()
             self.held = None
-        if self.zk_open:
-            signals.worker_process_shutdown.send(sender=None)  # closes zkcelery's sessions
-            self.zk_open = False
+        if self.zk_session is not None or self.filler_session is not None:
+            close_sessions()  # the filler's too: its leases go with it
+            self.zk_session = self.filler_session = None
+            self.leases = []
         if self.client is not None:
             disconnect(self.client)
             self.client = None
@@ -387,11 +452,8 @@ class Worker:
 
     def run(self, start_at: float, seconds: float) -> dict[str, Any]:
         assert self.op is not None
-        time.sleep(max(0.0, start_at - time.monotonic()))
-        end, times = start_at + seconds, []
         cpu = time.process_time()  # this process's, kazoo's threads included
-        while time.monotonic() < end:
-            times.append(self.op())
+        times = run_from(start_at, seconds, self.op)
         return {"times": times, "finished": time.monotonic(), "cpu": time.process_time() - cpu}
 
     # -- uncontended semaphore cycles, holders and waiters (scenarios 2 and 3) -----
@@ -422,86 +484,52 @@ class Worker:
         with self.task.semaphore(key, max_leases=max_leases, blocking=True) as held:
             return bool(held)
 
+    # -- unrelated leases (scenario 3) ----------------------------------------------
 
-def worker_main(index: int, hosts: str, root: str, conn: Connection) -> None:
-    try:
-        worker = Worker(index, hosts, root)
-    except Exception:
-        conn.send(("error", traceback.format_exc()))
-        return
-    conn.send(("ok", None))
-    try:
-        while (message := conn.recv())[0] != "exit":
-            name, args = message
-            try:
-                conn.send(("ok", getattr(worker, name)(*args)))
-            except Exception:
-                conn.send(("error", traceback.format_exc()))
-    finally:
-        with contextlib.suppress(Exception):
-            worker.close()
+    def open_filler(self) -> int:
+        """A Celery app of its own, so a session of its own, for unrelated leases; its id."""
+        app = make_app(f"filler{self.index}", self.hosts, self.root)
 
+        @app.task(base=zkcelery.LockTask, bind=True, shared=False, name=FILLER)
+        def filler(self: Any) -> None:
+            """Never run: its semaphore() holds the unrelated leases."""
 
-@dataclass
-class Handle:
-    """The parent's end of one worker."""
+        def warm() -> None:
+            with filler.semaphore("warm", self.index, max_leases=1) as held:
+                if not held:
+                    raise RuntimeError("the filler's warm-up semaphore is held elsewhere")
 
-    index: int
-    entry: str
-    process: Any
-    conn: Connection
+        self.filler = filler
+        self.filler_session = session_opened_by(self.entry, warm)
+        return self.filler_session
 
-    def send(self, name: str, *args: Any) -> None:
-        self.conn.send((name, args))
+    def fill(self, generation: int, keys: Sequence[int]) -> None:
+        """Hold one lease (max_leases=1) of each semaphore ``(generation, key)``."""
 
-    def expect(self, timeout: float = REPLY_TIMEOUT) -> Any:
-        if not self.conn.poll(timeout):
-            raise TimeoutError(
-                f"worker {self.index} (on {self.entry}) did not answer within {timeout:.0f} s: "
-                "a blocked acquire that never returns?"
-            )
-        status, value = self.conn.recv()
-        if status == "error":
-            raise RuntimeError(f"worker {self.index} failed:\n{value}")
-        return value
+        def take(key: int) -> Any:
+            lease = self.filler.semaphore(generation, key, max_leases=1)
+            if not lease.acquire():
+                raise RuntimeError(f"filler semaphore {key} unexpectedly full")
+            return lease
 
-    def call(self, name: str, *args: Any, timeout: float = REPLY_TIMEOUT) -> Any:
-        self.send(name, *args)
-        return self.expect(timeout)
+        with ThreadPoolExecutor(FILL_THREADS) as threads:
+            self.leases += threads.map(take, keys)
+
+    def drain(self) -> None:
+        with ThreadPoolExecutor(FILL_THREADS) as threads:
+            list(threads.map(lambda lease: lease.release(), self.leases))
+        self.leases = []
 
 
-def start_pool(layout: Layout, root: str, size: int) -> list[Handle]:
-    handles = []
+def start_pool(layout: Layout, root: str, size: int) -> list[Child]:
+    pool = []
     for index in range(size):
         entry = layout.entry(index)
-        parent, child = SPAWN.Pipe()
-        process = SPAWN.Process(
-            target=worker_main, args=(index, layout.hosts(entry), root, child), daemon=True
-        )
-        process.start()
-        child.close()
-        handles.append(Handle(index, entry, process, parent))
-    for handle in handles:
-        handle.expect(REPLY_TIMEOUT * 2)
-    return handles
-
-
-def stop_pool(handles: Sequence[Handle]) -> None:
-    for handle in handles:
-        with contextlib.suppress(OSError, ValueError):
-            handle.send("exit")
-    for handle in handles:
-        handle.process.join(15)
-        if handle.process.is_alive():
-            handle.process.terminate()
-            handle.process.join(5)
-        handle.conn.close()
-
-
-def call_all(handles: Sequence[Handle], name: str, *args: Any) -> list[Any]:
-    for handle in handles:
-        handle.send(name, *args)
-    return [handle.expect() for handle in handles]
+        label = f"worker {index} (on {entry})"
+        pool.append(Child(label, Worker, index, entry, layout.hosts(entry), root))
+    for worker in pool:
+        worker.expect(REPLY_TIMEOUT * 2)
+    return pool
 
 
 # ---------------------------------------------------------------------------
@@ -622,7 +650,7 @@ def overlap(intervals: Sequence[tuple[float, float]], limit: int) -> tuple[int, 
 
 
 def contention_round(
-    handles: Sequence[Handle],
+    children: Sequence[Child],
     counter: Counter,
     tally: Tally,
     key: str,
@@ -631,18 +659,16 @@ def contention_round(
 ) -> None:
     """One round; measured again (at most RETRIES times) if another client disturbed it."""
     for attempt in range(RETRIES + 1):
-        for handle in handles:
-            handle.send("open_contender", tally.kind, key, max_leases, plan.hold)
-        sessions = [handle.expect() for handle in handles]
+        for child in children:
+            child.send("open_contender", tally.kind, key, max_leases, plan.hold)
+        sessions = [child.expect() for child in children]
         try:
             before = counter.probe()
-            start_at = time.monotonic() + 0.1 + 0.01 * len(handles)
-            for handle in handles:
-                handle.send("run", start_at, plan.round_seconds)
-            replies = [handle.expect(REPLY_TIMEOUT + plan.round_seconds) for handle in handles]
+            lead = 0.1 + 0.01 * len(children)
+            start_at, replies = start_together(children, "run", plan.round_seconds, lead)
             after = counter.probe()
         finally:
-            call_all(handles, "close")
+            call_all(children, "close")
         window = counter.window(before, after, sessions)
         if not window.disturbed or attempt == RETRIES:
             tally.add_round(replies, start_at, window.kept())
@@ -659,7 +685,7 @@ def round_order(point: int, rounds: int) -> list[str]:
 
 
 def contention_point(
-    pool: Sequence[Handle],
+    pool: Sequence[Child],
     counter: Counter,
     plan: Plan,
     point: int,
@@ -718,7 +744,7 @@ class Cycles:
 
 
 def count_cycles(
-    measurer: Handle,
+    measurer: Child,
     counter: Counter,
     into: Cycles,
     key: str,
@@ -741,7 +767,7 @@ def count_cycles(
         log(f"    again: {window.foreign} requests from other clients, {window.missing} missing")
 
 
-def isolation(pool: Sequence[Handle], counter: Counter, plan: Plan) -> dict[str, Cycles]:
+def isolation(pool: Sequence[Child], counter: Counter, plan: Plan) -> dict[str, Cycles]:
     """Semaphore B alone, beside 8 waiters blocked on semaphore A, and alone again."""
     measurer, holder = pool[0], pool[1]
     waiters = pool[2 : 2 + plan.isolation_waiters]
@@ -769,128 +795,55 @@ def isolation(pool: Sequence[Handle], counter: Counter, plan: Plan) -> dict[str,
     return {"alone": alone, "beside_waiters": beside}
 
 
-class ContainerCreate(Create2):
-    """ZooKeeper's createContainer (opcode 19), which kazoo has no call for.
-
-    The body is a create2's with the container flag (4).
-    """
-
-    type = 19
-
-
-CONTAINER_FLAG = 4
-EPHEMERAL_SEQUENTIAL = 3  # create flags
-
-
-class CreateMulti(Transaction):
-    """A multi of creates, containers among them: kazoo reads only plain creates' answers.
-
-    In a multi's answer a container's create comes back as a create2: its path, then a stat.
-    """
-
-    @classmethod
-    def deserialize(cls, bytes: bytes, offset: int) -> list[Any]:
-        results: list[Any] = []
-        header, offset = MultiHeader.deserialize(bytes, offset)
-        while not header.done:
-            if header.type in (Create.type, Create2.type):
-                path, offset = read_string(bytes, offset)
-                offset += stat_struct.size if header.type == Create2.type else 0
-                results.append(path)
-            elif header.type == -1:
-                results.append(EXCEPTIONS[int_struct.unpack_from(bytes, offset)[0]]())
-                offset += int_struct.size
-            else:
-                raise ValueError(f"unexpected answer of type {header.type} in a multi")
-            header, offset = MultiHeader.deserialize(bytes, offset)
-        return results
-
-
 class Filler:
-    """Unrelated semaphore leases: a container per key, one lease node in each.
+    """Unrelated semaphore leases, held through zkcelery by pool workers.
 
-    Each multi-operation creates ``BATCH`` keys (container, then lease), or deletes them
-    (lease, then container).  Session ``i`` of ``n`` owns the lease nodes of keys ``i``,
-    ``i + n``...: at most NODES_PER_SESSION each.  The leases are deleted with their
-    containers, leaving the server's container reaper nothing to race with, and whatever a
-    failure leaves goes with the sessions when they close.
+    Each worker holds its share of the keys in a session of its own (a Celery app of its
+    own), at most NODES_PER_SESSION leases each: ``semaphore(generation, i, max_leases=1)``
+    of a task named FILLER, so that zkcelery makes the real layout itself (a container per
+    key, holding one lease node).  Released the same way, the containers are left to the
+    servers' container reaper, as after any release: ``drain`` waits until the servers'
+    node count is back to what it was before the leases (``srvr``).
     """
 
-    BATCH = 50
-
-    def __init__(self, layout: Layout, root: str, count: int) -> None:
-        self.parent = f"{root}/semaphores"
+    def __init__(self, workers: Sequence[Child], count: int) -> None:
+        if math.ceil(count / len(workers)) > NODES_PER_SESSION:
+            raise ValueError(f"{count} leases need more than {len(workers)} filler workers")
+        self.workers = workers
         self.count = count
-        sessions = math.ceil(count / NODES_PER_SESSION)
-        self.clients = [connect(layout.hosts(layout.entry(i))) for i in range(sessions)]
-        self.session_ids = [client.client_id[0] for client in self.clients]
-        self.leases: list[str] = []
         self.generation = 0
-        self.clients[0].ensure_path(self.parent)
+        self.nodes = 0  # the servers' node count before the leases
+        self.session_ids: list[int] = call_all(workers, "open_filler")
 
-    def fill(self) -> None:
+    def fill(self, entries: Sequence[str]) -> None:
+        self.nodes = node_count(entries)
         self.generation += 1
-        keys = [f"{self.parent}/bench.filler~{self.generation}~{i}" for i in range(self.count)]
-        pending = []
-        for number, client in enumerate(self.clients):
-            acl = client.default_acl or OPEN_ACL_UNSAFE
-            owned = keys[number :: len(self.clients)]
-            for start in range(0, len(owned), self.BATCH):
-                ops: list[Any] = []
-                for key in owned[start : start + self.BATCH]:
-                    path = client.chroot + key  # raw requests: kazoo adds no chroot
-                    ops.append(ContainerCreate(path, b"", acl, CONTAINER_FLAG))
-                    lease = f"{path}/1@{uuid.uuid4().hex[:16]}@"
-                    ops.append(Create(lease, lease_data(key), acl, EPHEMERAL_SEQUENTIAL))
-                result = client.handler.async_result()
-                client._call(CreateMulti(ops), result)
-                pending.append(result)
-        for result in pending:
-            paths = result.get(timeout=120)
-            failed = [p for p in paths if not isinstance(p, str)]
-            if failed:
-                raise RuntimeError(f"filler keys not created: {failed[0]!r}")
-            self.leases += paths[1::2]
+        keys = list(range(self.count))
+        for number, worker in enumerate(self.workers):
+            worker.send("fill", self.generation, keys[number :: len(self.workers)])
+        for worker in self.workers:
+            worker.expect(FILL_TIMEOUT)
 
-    def drain(self) -> None:
-        """Delete every lease and its container."""
-        client, pending = self.clients[0], []
-        pairs = [(lease, lease.rsplit("/", 1)[0]) for lease in self.leases]
-        for start in range(0, len(pairs), self.BATCH):
-            batch = pairs[start : start + self.BATCH]
-            transaction = client.transaction()
-            for lease, container in batch:
-                transaction.delete(lease)
-                transaction.delete(container)
-            pending.append((batch, transaction.commit_async()))
-        for batch, result in pending:
-            if all(r is True for r in result.get(timeout=120)):
-                continue
-            for path in (p for pair in batch for p in pair):  # one by one, then
-                with contextlib.suppress(NoNodeError, NotEmptyError):
-                    client.delete(path)
-        self.leases = []
+    def drain(self, entries: Sequence[str]) -> None:
+        for worker in self.workers:
+            worker.send("drain")
+        for worker in self.workers:
+            worker.expect(FILL_TIMEOUT)
+        slack = max(50, self.count // 100)  # other clients of the ensemble make nodes too
+        deadline = time.monotonic() + FILL_TIMEOUT
+        while (nodes := node_count(entries)) > self.nodes + slack:
+            if time.monotonic() > deadline:
+                log(f"  warning: {nodes - self.nodes:,} nodes more than before the leases")
+                return
+            time.sleep(0.05)
 
     def close(self) -> None:
-        for client in self.clients:
-            disconnect(client)
-        self.clients = []
+        call_all(self.workers, "close")
 
 
-def lease_data(key: str) -> bytes:
-    """Metadata the size of a real holder's."""
-    meta = {
-        "task_id": str(uuid.uuid4()),
-        "task": "bench.filler",
-        "host": platform.node(),
-        "pid": os.getpid(),
-        "identifier": "bench.filler",
-        "acquired": time.time(),
-        "key": key.rsplit("/", 1)[1],
-        "guid": uuid.uuid4().hex[:16],
-        "max_leases": 1,
-    }
-    return json.dumps(meta).encode()
+def node_count(entries: Sequence[str]) -> int:
+    """The most nodes a server has: the last to apply a change counts it last (``srvr``)."""
+    return max(int(field_of(four_letter(entry, "srvr"), "Node count")) for entry in entries)
 
 
 @dataclass
@@ -936,12 +889,12 @@ class Scale:
         }
 
 
-def scale(pool: Sequence[Handle], counter: Counter, plan: Plan, layout: Layout, root: str) -> Scale:
+def scale(pool: Sequence[Child], counter: Counter, plan: Plan, layout: Layout, root: str) -> Scale:
     """Batches of semaphore cycles, alternately without and with ``plan.leases`` held."""
     measurer = pool[0]
     own = measurer.call("open_zkcelery")
-    filler = Filler(layout, root, plan.leases)
-    found = Scale(plan.leases, len(filler.clients))
+    filler = Filler(pool[1:], plan.leases)
+    found = Scale(plan.leases, len(filler.workers))
     per_none = math.ceil(plan.cycles / (plan.scale_rounds + 1))
     per_held = math.ceil(plan.cycles / plan.scale_rounds)
     try:
@@ -952,7 +905,7 @@ def scale(pool: Sequence[Handle], counter: Counter, plan: Plan, layout: Layout, 
             )
             found.nodes.append(counter.probe().nodes)
             started = time.monotonic()
-            filler.fill()
+            filler.fill(counter.entries)
             found.fill_seconds.append(round(time.monotonic() - started, 2))
             found.nodes.append(counter.probe().nodes)
             log(
@@ -964,7 +917,7 @@ def scale(pool: Sequence[Handle], counter: Counter, plan: Plan, layout: Layout, 
                 measurer, counter, found.held[-1], "scale", per_held, own, filler.session_ids
             )
             started = time.monotonic()
-            filler.drain()
+            filler.drain(counter.entries)
             found.drain_seconds.append(round(time.monotonic() - started, 2))
         found.none.append(Cycles())
         count_cycles(measurer, counter, found.none[-1], "scale", per_none, own, filler.session_ids)
@@ -1141,10 +1094,7 @@ def cycles_row(label: str, cycles: Cycles) -> list[str]:
     ]
 
 
-TARGET_HEADER = ["measure", "value", "target", "result", "note"]
-
-
-def render(results: dict[str, Any], table: Callable[..., str]) -> str:
+def render(results: dict[str, Any], table: Table) -> str:
     plan: Plan = results["plan_object"]
     points = [(f"lock, {size}", point) for size, point in results["locks"].items()]
     semaphore = results["semaphore"]
@@ -1162,16 +1112,12 @@ def render(results: dict[str, Any], table: Callable[..., str]) -> str:
             scaled.pooled(scaled.held),
         ),
     ]
-    targets = [
-        [t.measure, fmt(t.value), f"{t.op} {t.limit:g}", t.verdict, t.note]
-        for t in results["target_objects"]
-    ]
     return "\n\n".join(
         [
             table(THROUGHPUT_HEADER, [throughput_row(*point) for point in points]),
             table(WAIT_HEADER, [wait_row(*point) for point in points]),
             table(CYCLES_HEADER, cycle_rows),
-            table(TARGET_HEADER, targets),
+            table(TARGET_HEADER, target_rows(results["target_objects"])),
         ]
     )
 
@@ -1229,78 +1175,28 @@ def notes_lines(results: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def log(message: str) -> None:
-    print(f"contention: {message}", file=sys.stderr, flush=True)
-
-
-def check_ensemble(layout: Layout) -> None:
-    for entry in layout.entries:
-        try:
-            four_letter(entry, "srvr")
-            four_letter(entry, "cons")
-        except OSError as exc:
-            raise SystemExit(
-                f"contention: no ZooKeeper server answers at {entry} ({exc}): start the "
-                "ensemble with ./zk-test.sh, or name it with --hosts"
-            ) from None
-
-
-def machine_info(layout: Layout) -> dict[str, Any]:
-    answers = {entry: four_letter(entry, "srvr") for entry in layout.entries}
-    return {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "kazoo": metadata.version("kazoo"),
-        "celery": metadata.version("celery"),
-        "zkcelery": zkcelery_version(),
-        "zookeeper": field_of(next(iter(answers.values())), "Zookeeper version").split("-")[0],
-        "modes": {entry: field_of(text, "Mode") for entry, text in answers.items()},
-    }
-
-
-def machine_lines(machine: dict[str, Any], command: str) -> list[str]:
-    load = ", ".join(f"{x:.2f}" for x in machine["loadavg"])
-    return [
-        f"command: {command}",
-        f"date: {machine['date']}",
-        f"machine: {machine['nproc']} cpus, load average {load} at start, {machine['platform']}",
-        f"python {machine['python']}, kazoo {machine['kazoo']}, celery {machine['celery']}, "
-        f"ZooKeeper {machine['zookeeper']}",
-        f"zkcelery from {machine['zkcelery']}",
-        f"servers: {', '.join(f'{e} {m}' for e, m in machine['modes'].items())}",
-    ]
-
-
-def delete_root(layout: Layout, root: str) -> None:
+def delete_run_root(layout: Layout, root: str) -> None:
     try:
         client = connect(layout.hosts(layout.entry(0)))
     except Exception as exc:
         log(f"warning: could not connect to delete {root}: {exc!r}")
         return
     try:
-        with contextlib.suppress(NoNodeError):
-            client.delete(root, recursive=True)
-        with contextlib.suppress(NoNodeError, NotEmptyError):
-            client.delete(ROOT_PARENT)
-    except Exception as exc:
-        log(f"warning: could not delete {root}: {exc!r}")
+        delete_root(client, root, log)
     finally:
         disconnect(client)
 
 
 def run(layout: Layout, plan: Plan) -> dict[str, Any]:
     started = time.monotonic()
-    machine = machine_info(layout)
-    root = f"{ROOT_PARENT}/{uuid.uuid4().hex[:12]}"
+    machine = machine_info(layout, loadavg=os.getloadavg())
+    root = new_root(ROOT_PARENT)
     client = connect(layout.hosts(layout.entry(0)))
     try:
         client.ensure_path(f"{root}/kazoo")
     finally:
         disconnect(client)  # an idle client would ping during the rounds
-    pool: list[Handle] = []
+    pool: list[Child] = []
     try:
         counter = Counter.calibrate(layout.entries)
         log(f"root {root}; probe overhead {counter.overhead} packets; {plan.pool} workers")
@@ -1318,8 +1214,8 @@ def run(layout: Layout, plan: Plan) -> dict[str, Any]:
         log(f"3. semaphore cycles beside {plan.leases:,} unrelated leases")
         scaled = scale(pool, counter, plan, layout, root)
     finally:
-        stop_pool(pool)
-        delete_root(layout, root)
+        stop_children(pool)
+        delete_run_root(layout, root)
     results: dict[str, Any] = {
         "machine": machine,
         "plan_object": plan,
@@ -1359,11 +1255,7 @@ def to_json(results: dict[str, Any], command: str) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--hosts", default=None, help="ZooKeeper hosts (default: .zk-test/hosts)")
-    parser.add_argument("--quick", action="store_true", help="short rounds, N in {1, 4}")
-    parser.add_argument("--markdown", action="store_true", help="also print markdown tables")
-    parser.add_argument("--json", type=Path, default=None, help="write all figures here")
+    parser = arguments(__doc__, "short rounds, N in {1, 4}", None, "write all figures here")
     parser.add_argument(
         "--strict", action="store_true", help="exit with status 1 when a timing target is missed"
     )
@@ -1377,11 +1269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv is None
         else shlex.join(["python", sys.argv[0], *argv])
     )
-    layout = parse_layout(args.hosts or ensemble_hosts())
+    layout = Layout.parse(args.hosts or ensemble_hosts(), "contention")
     plan = QUICK if args.quick else FULL
-    check_ensemble(layout)
+    check_ensemble(layout, "contention", ("srvr", "cons"))
     results = run(layout, plan)
-    machine, notes = machine_lines(results["machine"], command), notes_lines(results)
+    machine = [f"command: {command}", *machine_lines(results["machine"])]
+    notes = notes_lines(results)
     print_report(results, render, machine, notes, args.markdown)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
