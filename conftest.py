@@ -4,7 +4,7 @@ Nothing here is a fake.  The ensemble is the one ``./zk-test.sh`` starts (three
 servers on loopback); when it does not answer, every test that needs it fails
 with the message to start it.  Workers are real ``celery worker`` processes
 (prefork unless a test asks otherwise) on kombu's filesystem transport, so
-that they need no broker server; ``CELERY_BROKER_URL`` swaps in another broker.
+that they need no broker server.
 The tests whose outcome depends on the broker (acknowledgement, requeue,
 redelivery) use ``broker_workers`` instead: the same workers on the RabbitMQ
 and on the Redis that ``./zk-test.sh`` also starts, once on each.

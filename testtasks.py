@@ -63,11 +63,10 @@ def broker_settings(
 ) -> dict[str, Any]:
     """The app settings for a broker and results that work across processes.
 
-    Without ``url``: kombu's filesystem transport in ``folder`` (or
-    ``CELERY_BROKER_URL``).  With it: that broker, the tasks on ``queue``, and
-    ``options`` as its transport options.
+    Without ``url``: kombu's filesystem transport in ``folder``, every folder it
+    uses (its control folder too) inside it.  With it: that broker, the tasks on
+    ``queue``, and ``options`` as its transport options.
     """
-    url = url or os.environ.get("CELERY_BROKER_URL")
     queue_folder = folder / "queue"
     queue_folder.mkdir(parents=True, exist_ok=True)
     (folder / "results").mkdir(exist_ok=True)
