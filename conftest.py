@@ -132,8 +132,20 @@ def ensemble_hosts_checked() -> str:
 
 @pytest.fixture(scope="session")
 def ensemble(ensemble_hosts_checked: str) -> Iterator[Ensemble]:
-    """Start/stop servers; after a fault test, every server is brought back."""
+    """Start/stop servers; after a fault test, every server is brought back.
+
+    Only the ensemble ``zk-test.sh`` runs: a fault test pointed elsewhere
+    (``ZK_TEST_HOSTS``) fails rather than stop servers it was not given.
+    """
     control = Ensemble(ensemble_hosts_checked)
+    managed = control._run("hosts", check=False)
+    if managed != ensemble_hosts_checked:
+        pytest.fail(
+            f"fault tests stop and start servers through zk-test.sh, which runs {managed!r};"
+            f" the tests were given {ensemble_hosts_checked!r} (ZK_TEST_HOSTS): run them on"
+            " the ensemble ./zk-test.sh started, or deselect them with -m 'not slow'",
+            pytrace=False,
+        )
     yield control
     control.start()
 
@@ -602,7 +614,8 @@ def broker_workers(
 # ---------------------------------------------------------------------------
 
 BROKER_HINT = (
-    "no {name} answers at {url}: run ./zk-test.sh (it starts ZooKeeper, RabbitMQ and Redis),"
+    "no {name} that zk-test.sh started answers at {url}: run ./zk-test.sh (it starts"
+    " ZooKeeper, RabbitMQ and Redis),"
     " or ./zk-test.sh start-brokers {kind}"
 )
 
@@ -624,6 +637,19 @@ class Broker:
         self.kind = kind
         self.url = broker_url(kind)
         self.name = {"rabbitmq": "RabbitMQ", "redis": "Redis"}[kind]
+
+    def ours(self) -> bool:
+        """Whether zk-test.sh runs this broker (never a system one that happens to answer)."""
+        port = self.url.rsplit(":", 1)[1].split("/")[0]
+        variable = {"rabbitmq": "ZK_TEST_AMQP_PORT", "redis": "ZK_TEST_REDIS_PORT"}[self.kind]
+        done = subprocess.run(
+            [str(ZK_TEST), "broker-status"], env={**os.environ, variable: port},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        return any(
+            line.split()[:2] == [self.kind, "running"] and self.url in line
+            for line in done.stdout.splitlines()
+        )
 
     def answers(self) -> bool:
         client = self._redis() if self.kind == "redis" else None  # no client library: an error
@@ -717,7 +743,7 @@ def broker(request: pytest.FixtureRequest) -> Broker:
     """A real broker, RabbitMQ then Redis; fails (never skips) when it does not answer."""
     found = Broker(request.param)
     if found.kind not in _answering:
-        _answering[found.kind] = found.answers()
+        _answering[found.kind] = found.ours() and found.answers()
     if not _answering[found.kind]:
         pytest.fail(BROKER_HINT.format(name=found.name, url=found.url, kind=found.kind),
                     pytrace=False)  # fmt: skip
