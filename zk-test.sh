@@ -537,6 +537,8 @@ tls_hosts_string() {
 #   some production ensembles cap them: the tests show that zkcelery times a lost lease from
 #   the timeout the server granted, not the one it asked for;
 # - a static ensemble: no reconfig, which would also make ZooKeeper rewrite this file;
+# - autopurge keeps the newest 3 snapshots (and the logs they need) and purges at start,
+#   then every hour, so that the data folders do not grow from run to run;
 # - with ZK_TEST_TLS=1, a TLS client port beside the plain one, with server-side TLS only
 #   (clients need no certificate). ZooKeeper turns the keys it does not know
 #   (serverCnxnFactory, ssl.*) into "zookeeper." system properties, which is where the Netty
@@ -559,7 +561,8 @@ admin.enableServer=false
 4lw.commands.whitelist=*
 reconfigEnabled=false
 standaloneEnabled=false
-autopurge.purgeInterval=0
+autopurge.snapRetainCount=3
+autopurge.purgeInterval=1
 EOF
         for m in "${SERVERS[@]}"; do echo "server.$m=127.0.0.1:${QPORT[m]}:${EPORT[m]}"; done
         ((TLS == 0)) || cat <<EOF
