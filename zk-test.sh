@@ -820,11 +820,12 @@ target_reached() {
 # =========================================================================================
 
 # RabbitMQ's Erlang distribution port is the AMQP port plus 20000 (RabbitMQ's own rule),
-# and it gets an epmd of its own on the AMQP port plus 20001, not the system's on 4369, so
-# that it shares nothing with another RabbitMQ.
+# and it gets an epmd of its own on the AMQP port plus 10000, not the system's on 4369, so
+# that it shares nothing with another RabbitMQ. (Plus 10000, not plus 20001: that is the
+# distribution port of a RabbitMQ on the next AMQP port.)
 uint_setting AMQP_PORT ZK_TEST_AMQP_PORT 5672 1024 45535 "its distribution port is AMQP port+20000"
 uint_setting REDIS_PORT ZK_TEST_REDIS_PORT 6379 1024 65535
-uint_setting EPMD_PORT ZK_TEST_EPMD_PORT $((AMQP_PORT + 20001)) 1024 65535
+uint_setting EPMD_PORT ZK_TEST_EPMD_PORT $((AMQP_PORT + 10000)) 1024 65535
 readonly RABBIT_DIST_PORT=$((AMQP_PORT + 20000))
 readonly RABBIT_NODE=zk-test-$AMQP_PORT@localhost
 readonly RABBIT_DIR=$STATE_DIR/rabbitmq-$AMQP_PORT
@@ -848,8 +849,9 @@ if [[ ${BROKERS[*]:-} == none || ${BROKERS[*]:-} == 0 ]]; then BROKERS=(); fi
 check_broker_names "${BROKERS[@]}"
 
 # The environment of every RabbitMQ command (rabbitmq-server, rabbitmqctl...) for this test
-# node: its own node name, cookie ($HOME/.erlang.cookie), folders, configuration and epmd,
-# all bound to 127.0.0.1, and none of the system's /etc/rabbitmq files.
+# node: its own node name, cookie ($HOME/.erlang.cookie), folders and configuration, all
+# bound to 127.0.0.1, and none of the system's /etc/rabbitmq files; its epmd port is added
+# by rabbit_run and rabbitmq_launch.
 readonly RABBIT_ENV=(
     "HOME=$RABBIT_DIR"
     "RABBITMQ_NODENAME=$RABBIT_NODE"
@@ -864,14 +866,25 @@ readonly RABBIT_ENV=(
     "RABBITMQ_LOG_BASE=$RABBIT_DIR/log"
     "RABBITMQ_PID_FILE=$RABBIT_DIR/pid"
     "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=-kernel inet_dist_use_interface {127,0,0,1}"
-    "ERL_EPMD_PORT=$EPMD_PORT"
     "ERL_EPMD_ADDRESS=127.0.0.1"
 )
 
+# Run a RabbitMQ command against the node through the epmd that it registered with.
 rabbit_run() {
     local cmd=$1
     shift
-    env "${RABBIT_ENV[@]}" "$RABBIT_BIN/$cmd" "$@"
+    env "${RABBIT_ENV[@]}" "ERL_EPMD_PORT=$(rabbit_epmd_port)" "$RABBIT_BIN/$cmd" "$@"
+}
+
+# The running node's epmd port, read from its environment, else EPMD_PORT: a node started
+# with another ZK_TEST_EPMD_PORT, or by a zk-test.sh from before the default moved from AMQP
+# port+20001 to +10000, is still reached and stopped.
+rabbit_epmd_port() {
+    local pid port=""
+    if pid=$(rabbitmq_pid); then
+        port=$(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | sed -n 's/^ERL_EPMD_PORT=//p')
+    fi
+    echo "${port:-$EPMD_PORT}"
 }
 
 broker_url() {
@@ -973,7 +986,7 @@ EOF
     rm -f "$RABBIT_DIR/pid"
     printf '==== zk-test.sh: starting RabbitMQ %s at %s\n' "$RABBIT_NODE" "$(date '+%Y-%m-%d %H:%M:%S')" \
         >>"$RABBIT_DIR/server.log"
-    launch "$RABBIT_DIR/server.log" env "${RABBIT_ENV[@]}" "$RABBIT_BIN/rabbitmq-server"
+    launch "$RABBIT_DIR/server.log" env "${RABBIT_ENV[@]}" "ERL_EPMD_PORT=$EPMD_PORT" "$RABBIT_BIN/rabbitmq-server"
     log "starting RabbitMQ on 127.0.0.1:$AMQP_PORT (node $RABBIT_NODE, data in $RABBIT_DIR)"
 }
 
@@ -994,14 +1007,15 @@ rabbitmq_wait() {
 
 # Stop the node, then its epmd, which refuses to go while a node is registered with it.
 rabbitmq_stop() {
-    local pid
+    local pid epmd_port
+    epmd_port=$(rabbit_epmd_port)
     if pid=$(rabbitmq_pid); then
         rabbit_run rabbitmqctl -q shutdown --timeout 20 >/dev/null 2>&1 || true
         stop_pid RabbitMQ "$pid" - TERM KILL
         log "RabbitMQ stopped (pid $pid)"
     fi
-    if [[ -d $RABBIT_DIR ]] && have epmd && ! port_free "$EPMD_PORT"; then
-        ERL_EPMD_PORT=$EPMD_PORT epmd -kill >/dev/null 2>&1 || true
+    if [[ -d $RABBIT_DIR ]] && have epmd && ! port_free "$epmd_port"; then
+        ERL_EPMD_PORT=$epmd_port epmd -kill >/dev/null 2>&1 || true
     fi
     rm -f "$RABBIT_DIR/pid"
 }
@@ -1109,7 +1123,7 @@ Environment:
   ZK_TEST_AMQP_PORT      RabbitMQ's AMQP port on 127.0.0.1 (default 5672). Its Erlang
                          distribution port is this plus 20000 (RabbitMQ's own rule); its node
                          name is zk-test-PORT@localhost
-  ZK_TEST_EPMD_PORT      the port of RabbitMQ's own epmd (default: AMQP port plus 20001), so
+  ZK_TEST_EPMD_PORT      the port of RabbitMQ's own epmd (default: AMQP port plus 10000), so
                          that it shares nothing with another RabbitMQ
   ZK_TEST_REDIS_PORT     Redis's port on 127.0.0.1 (default 6379)
   ZK_TEST_RABBITMQ_BIN   RabbitMQ's scripts folder (default /usr/lib/rabbitmq/bin, Debian's)
