@@ -679,31 +679,34 @@ class Broker:
             "unacked_mutex_key": f"{queue}.unacked_mutex",
         }
 
-    def depths(self, queue: str) -> tuple[int, int]:
-        """(ready, unacknowledged) messages of ``queue``, as the broker counts them."""
+    def left(self, queue: str) -> int:
+        """Messages of ``queue`` still in the broker, ready or unacknowledged, once no
+        consumer is attached (call it after ``Workers.kill``).
+
+        RabbitMQ requeues what a consumer held when its connection closes, so with
+        the consumers gone a passive declare counts both; Redis keeps unacknowledged
+        messages in a hash until a sweep restores them, so both are counted there.
+        No ``rabbitmqctl``: each call of it starts an Erlang VM.
+        """
         if self.kind == "redis":
             client = self._redis()
             # kombu keeps one list per priority step: the queue's name, then suffixed.
             lists = [k for k in client.scan_iter(match=f"{queue}*") if client.type(k) == b"list"]
-            ready = sum(client.llen(k) for k in lists)
-            return ready, client.hlen(f"{queue}.unacked")
-        out = self.rabbitmqctl("list_queues", "name", "messages_ready", "messages_unacknowledged")
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[0] == queue:
-                return int(parts[1]), int(parts[2])
-        return 0, 0  # never declared: nothing in it
+            return int(sum(client.llen(k) for k in lists) + client.hlen(f"{queue}.unacked"))
+        from kombu import Connection
 
-    def rabbitmqctl(self, *args: str) -> str:
-        port = self.url.rsplit(":", 1)[1].strip("/")
-        env = {**os.environ, "ZK_TEST_AMQP_PORT": port}
-        done = subprocess.run(
-            [str(ZK_TEST), "rabbitmqctl", "-q", *args, "--no-table-headers"],
-            env=env, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        if done.returncode:
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
-        return done.stdout
+        with Connection(self.url, connect_timeout=3) as conn:
+            channel = conn.default_channel
+
+            def drained() -> tuple[int] | bool:
+                try:
+                    ok = channel.queue_declare(queue, passive=True)
+                except conn.channel_errors:
+                    return (0,)  # never declared: nothing in it
+                return ok.consumer_count == 0 and (ok.message_count,)
+
+            (count,) = wait_for(drained, 20, "the queue's consumers to be gone")
+            return int(count)
 
     def restore_unacked(self, options: dict[str, Any]) -> None:
         """Redis: what every consumer does now and then (how often depends on kombu's

@@ -2176,10 +2176,11 @@ def test_mutex_copies_without_requeue_run_one_body_and_leave_the_queue_empty(
     # One line per rejection, no traceback; a real error keeps its traceback.
     assert text.count("Traceback") == 1 and "a real error keeps its traceback" in text
     assert "] rejected: " not in text  # Celery's own WARNING for a Reject
-    wait_for(lambda: broker.depths(broker_workers.queue) == (0, 0), 20, "the queue to be empty")
     wait_for(lambda: [r.state for r in results].count("SUCCESS") == 1, 10, "the body's result")
-    _report(capsys, f"{broker.kind}: 10 copies, 1 body, 9 one-line rejections; queue empty "
-                    f"(0 ready, 0 unacknowledged)")  # fmt: skip
+    broker_workers.kill()
+    assert broker.left(broker_workers.queue) == 0  # neither ready nor held by a consumer
+    _report(capsys, f"{broker.kind}: 10 copies, 1 body, 9 one-line rejections; nothing left "
+                    f"in the queue")  # fmt: skip
 
 
 @pytest.mark.timeout(240)  # the test's own limit (180 s on kombu < 5.7) comes first
@@ -2199,11 +2200,14 @@ def test_requeued_copies_each_run_once_one_at_a_time_quickly_and_quietly(
     entries = broker_workers.record.entries()
     assert sorted(e["task_id"] for e in entries) == sorted(r.id for r in results)  # once each
     assert broker_workers.record.max_concurrent() == 1
-    assert slow_sweep or took < 2 * 10 * 1.0, took
+    # Quickly: the key is rarely idle between copies (the serial work is 10 s); the
+    # margin is for a loaded 2-core machine, and the figure is reported.
+    assert slow_sweep or took < 3 * 10 * 1.0, took
     text = _worker_logs(broker_workers)
     requeues = text.count("rejected and requeued")
     assert "Traceback" not in text and "] rejected: " not in text
-    assert broker.depths(broker_workers.queue) == (0, 0)
+    broker_workers.kill()
+    assert broker.left(broker_workers.queue) == 0
     _report(capsys, f"{broker.kind}: 10 requeued copies x 1 s ran once each in {took:.1f} s "
                     f"(serial 10 s), {requeues} requeues, no traceback")  # fmt: skip
 
@@ -2323,7 +2327,7 @@ def test_redis_copies_outliving_the_visibility_timeout_run_once_per_task(
     assert [r.state for r in results] == ["SUCCESS"] * 4
     took = time.monotonic() - started
     # A second copy still queued or running shows in the broker: wait for none.
-    wait_for(lambda: broker.depths(broker_workers.queue) == (0, 0), 20, "the queue to be empty")
+    wait_for(lambda: broker.left(broker_workers.queue) == 0, 20, "the queue to be empty")
     entries = broker_workers.record.entries()
     assert sorted(e["task_id"] for e in entries) == sorted(r.id for r in results)  # once each
     assert broker_workers.record.max_concurrent() == 1
