@@ -113,6 +113,10 @@ def worker_app(name: str = "zkcelery-tests") -> Celery:
         ZOOKEEPER_SESSION_TIMEOUT=float(os.environ.get("ZKCELERY_TEST_SESSION", SESSION_TIMEOUT)),
         ZOOKEEPER_CONNECT_TIMEOUT=CONNECT_TIMEOUT,
         worker_prefetch_multiplier=1,
+        # How long the worker waits for a killed pool process's result before it
+        # raises WorkerLostError (and, with reject_on_worker_lost, requeues): 10 s by
+        # default, of nothing but waiting in every test that kills a pool process.
+        worker_lost_wait=1.0,
         worker_hijack_root_logger=False,
         # Celery has no setting for the retry delay; annotations set it on every task.
         task_annotations={"*": {"default_retry_delay": 0.2}},
