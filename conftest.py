@@ -33,12 +33,18 @@ from typing import Any, Callable
 
 import pytest
 from celery import Celery
+from hypothesis import settings as hypothesis_settings
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
 import zkcelery
 from testsupport import ensemble_hosts, four_letter, zk_test_port
 from testtasks import CONNECT_TIMEOUT, SESSION_TIMEOUT, broker_settings
+
+# No example database: a run leaves no .hypothesis folder in the checkout (a
+# failure prints its falsifying example, and how to reproduce it, instead).
+hypothesis_settings.register_profile("zkcelery", database=None)
+hypothesis_settings.load_profile("zkcelery")
 
 HERE = Path(__file__).resolve().parent
 ZK_TEST = HERE / "zk-test.sh"
