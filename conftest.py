@@ -687,7 +687,8 @@ class Broker:
 
     def left(self, queue: str) -> int:
         """Messages of ``queue`` still in the broker, ready or unacknowledged, once no
-        consumer is attached (call it after ``Workers.kill``).
+        consumer is attached (after ``Workers.stop``: a worker acknowledges a late-acked
+        message after storing its result, so a kill can leave the last one unacked).
 
         RabbitMQ requeues what a consumer held when its connection closes, so with
         the consumers gone a passive declare counts both; Redis keeps unacknowledged
