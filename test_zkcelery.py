@@ -2616,6 +2616,25 @@ def test_zookeeper_ssl_locks_over_tls_and_a_plain_client_cannot(make_app, tls_en
         plain.lock("tls").__enter__()
 
 
+def test_the_auth_secret_is_in_no_log_line_at_debug_kazoos_included(make_app, zk_hosts, caplog):
+    for name in (None, "kazoo", "celery", "zkcelery"):  # every logger, at DEBUG
+        caplog.set_level(logging.DEBUG, logger=name)
+    app = make_app(ZOOKEEPER_AUTH=_AUTH)
+    task, rival = _lock_task_on(app), _lock_task_on(make_app(ZOOKEEPER_AUTH=_AUTH))
+    with task.lock("a") as held:
+        assert held and not _held_now(rival, "a")  # contention, at DEBUG
+    first = zkcelery._connection(app).session_id
+    expire_session(app, zk_hosts)  # kazoo authenticates again on the new session
+    wait_for(lambda: zkcelery._connection(app).session_id not in (None, first), 15, "a new session")
+    assert _held_now(task, "a")
+    stranger = _lock_task_on(make_app(ZOOKEEPER_AUTH="digest:other:pw"))
+    with pytest.raises(zkcelery.AccessDenied):
+        stranger.lock("b").__enter__()
+    lines = caplog.text.splitlines()  # every record, formatted, with its traceback if any
+    assert any(r.name.startswith("kazoo") and r.levelno == logging.DEBUG for r in caplog.records)
+    assert [line for line in lines if "s3cret" in line or "other:pw" in line] == []
+
+
 def test_with_protected_reads_others_cannot_read_holder_metadata(make_app, zk):
     from kazoo.exceptions import NoAuthError
 
