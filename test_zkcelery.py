@@ -38,6 +38,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
+from kazoo.protocol.states import Callback
 
 import zkcelery
 from conftest import (
@@ -716,6 +717,27 @@ def test_blocked_waiters_are_served_in_arrival_order_and_listed_as_waiters(lock_
     assert served == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("kind", ["lock", "semaphore"])
+def test_waiters_lists_the_contenders_first_in_line_first(lock_task, kind):
+    def lease(label: str, blocking: bool = False) -> zkcelery.Lease:
+        wait = {"blocking": True, "timeout": 30} if blocking else {}
+        if kind == "lock":
+            return lock_task.lock("line", identifier=label, **wait)
+        return lock_task.semaphore("line", max_leases=1, identifier=label, **wait)
+
+    holder = lease("holder").__enter__()
+    threads = []
+    for i in range(4):  # each queues before the next one starts
+        waiter = lease(f"w{i}", blocking=True)
+        threads.append(_in_thread(lambda w=waiter: (w.acquire(), w.release())))
+        wait_for(lambda i=i: len(holder.waiters()) == i + 1, 10, f"waiter {i} to queue")
+    listed = [w["identifier"] for w in holder.waiters()]
+    holder.release()
+    for thread in threads:
+        thread.join(30)
+    assert listed == ["w0", "w1", "w2", "w3"]
+
+
 def _held_with_waiters(task: Any, key: str, count: int) -> tuple[Any, list, list[bool]]:
     """A held lock and ``count`` threads blocked on it: (holder, threads, their results)."""
     granted: list[bool] = []
@@ -741,6 +763,46 @@ def test_a_release_wakes_only_the_next_waiter(lock_task, zk_hosts):
     # Each handover: the holder's delete and the next waiter's listing (a herd
     # would have every waiter list the queue on every release: 55 listings).
     assert sent <= 10 * 2 + 6, sent
+
+
+def test_a_failed_try_costs_one_request(lock_task, zk, zk_root, zk_hosts):
+    assert _held_now(lock_task, "warm")  # connected; the namespace's version read once
+    hold_externally(zk, node_path(zk_root, "locks", "t.lock", "busy"))  # held, nobody queued
+    before = session_requests(zk_hosts, lock_task.app)
+    for _ in range(20):
+        assert not _held_now(lock_task, "busy")
+    sent = session_requests(zk_hosts, lock_task.app) - before
+    assert sent <= 20 + 1, sent  # one failed create each, and perhaps a ping
+
+
+def test_after_a_release_a_newcomers_try_fails_while_the_queued_waiter_is_served(
+    make_app, zk, zk_root
+):
+    waiter_app = make_app()
+    holder_task, waiter_task = _lock_task_on(make_app()), _lock_task_on(waiter_app)
+    newcomer = _lock_task_on(make_app())
+    holder = holder_task.lock("fair").__enter__()
+    waiter = waiter_task.lock("fair", blocking=True, timeout=30)
+    granted: list[bool] = []
+    thread = _in_thread(lambda: granted.append(waiter.acquire()))
+    # The waiter has queued and watches the holder's node: it learns of the release
+    # only through that watch, on its session's callback thread.
+    client = zkcelery._connection(waiter_app).client
+    wait_for(lambda: client._data_watchers.get(holder._grant.path), 10, "the waiter to watch")
+    gate = threading.Event()  # holds the callback thread: the waiter is not told yet
+    client.handler.dispatch_callback(Callback("watch", gate.wait, (30,)))
+    try:
+        holder.release()
+        assert zk.exists(holder._grant.path) is None  # the lock's node is gone...
+        assert not newcomer.lock("fair").acquire()  # ...yet the newcomer does not get in
+        assert granted == []  # while the waiter, first in line, has not even been told
+    finally:
+        gate.set()
+    thread.join(30)
+    assert granted == [True]
+    assert not newcomer.lock("fair").acquire()  # nor while the waiter holds it
+    waiter.release()
+    assert _held_now(newcomer, "fair")
 
 
 def _semaphore_cycle_cost(task: Any, zk_hosts: str, cycles: int = 30) -> float:
