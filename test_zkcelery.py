@@ -877,6 +877,42 @@ def test_a_semaphore_waiter_whose_session_expires_queues_again(make_app, zk_host
     assert result == [True]
 
 
+def _queue_of(zk: KazooClient, holder_path: str) -> list[tuple[str, int]]:
+    """(lease id, owning session) of each node in a lock's queue, first in line first."""
+    queue, found = f"{holder_path}{zkcelery._QUEUE}", []
+    with contextlib.suppress(NoNodeError):
+        for child in sorted(zk.get_children(queue), key=lambda c: c[-10:]):
+            with contextlib.suppress(NoNodeError):
+                data, stat = zk.get(f"{queue}/{child}")
+                found.append((json.loads(data)["guid"], stat.ephemeralOwner))
+    return found
+
+
+def test_a_lock_waiter_in_a_worker_whose_session_expires_queues_again_and_is_granted(
+    workers: Workers, make_app, zk, zk_hosts
+):
+    sessions = workers.tmp / "sessions"  # each pool process publishes its session there
+    sessions.mkdir()
+    workers.start(concurrency=1, ZKCELERY_TEST_SESSIONS=str(sessions))
+    holder = _lock_task_on(make_app()).lock("exp", name="testtasks.hold_lock").__enter__()
+    result = workers.send("hold_lock", "exp", 0.0, True)  # blocking
+    [waiter] = wait_for(lambda: holder.waiters(), 30, "the worker's task to queue")
+    published = sessions / f"{waiter['pid']}.json"
+    wait_for(published.exists, 10, "the pool process's session")
+    session_id, password = json.loads(published.read_text())
+    assert _queue_of(zk, holder._grant.path) == [(waiter["guid"], session_id)]
+    expire_session(types.SimpleNamespace(client_id=(session_id, bytes.fromhex(password))), zk_hosts)
+    again = wait_for(
+        lambda: [(guid, owner) for guid, owner in _queue_of(zk, holder._grant.path)
+                 if owner != session_id],
+        15, "the waiter to queue again in a new session",
+    )  # fmt: skip
+    assert [guid for guid, _ in again] == [waiter["guid"]]  # the same lease, once
+    holder.release()
+    assert result.get(timeout=30) is True
+    assert [e["key"] for e in workers.record.entries()] == ["exp"]
+
+
 def test_a_waiter_in_the_holders_process_is_granted_once_the_holders_session_expires(
     app, lock_task, zk_hosts
 ):
