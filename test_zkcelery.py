@@ -1339,6 +1339,20 @@ def test_unknown_mutex_key_raises_when_the_task_is_defined(offline_app):
             pass
 
 
+@pytest.mark.parametrize("base", [zkcelery.MutexTask, zkcelery.EarlyMutexTask])
+def test_an_unknown_mutex_key_on_an_app_not_yet_finalized_raises_when_it_finalizes(
+    offline_app, base
+):
+    assert not offline_app.finalized
+
+    @offline_app.task(shared=False, base=base, mutex_keys=("nope",), name="t.lazy_bad")
+    def bad(server_name):  # Celery creates the task when the app finalizes...
+        pass
+
+    with pytest.raises(TypeError, match=r"t\.lazy_bad.*'nope'"):
+        offline_app.finalize()  # ...as a worker does before it takes any message
+
+
 def test_mutex_keys_given_as_a_string_is_an_error_with_a_hint(offline_app):
     offline_app.finalize()
     with pytest.raises(TypeError, match=r"did you mean \('server_name',\)"):
@@ -1413,6 +1427,15 @@ def test_the_mutex_is_released_after_the_body_raises_and_after_it_retries(per_se
         with pytest.raises((KeyError, Retry)):
             per_server_task("a", inner=inner)
         assert per_server_task("a") is None  # free again
+
+
+def test_a_mutex_task_run_costs_two_requests(per_server_task, zk_hosts):
+    assert per_server_task.apply(("warm",)).successful()  # connected, the version read
+    before = session_requests(zk_hosts, per_server_task.app)
+    for _ in range(20):
+        assert per_server_task.apply(("cost",)).successful()
+    sent = session_requests(zk_hosts, per_server_task.app) - before
+    assert sent <= 2 * 20 + 1, sent  # a create and a delete each, and perhaps a ping
 
 
 def test_an_unbound_mutex_task_works(app):
