@@ -1512,6 +1512,61 @@ def test_on_redis_settings_that_make_duplicates_certain_are_warned_about_once(
     assert "(30 s)" in retries[0]
 
 
+def _duplicate_warnings(caplog: Any, *tasks: Any) -> list[str]:
+    """Run each task eagerly twice; return the warnings zkcelery logged."""
+    with caplog.at_level("WARNING", logger="zkcelery"):
+        for _ in range(2):
+            for task in tasks:
+                task.apply()
+    return [r.getMessage() for r in caplog.records if r.name == "zkcelery"]
+
+
+def test_on_redis_a_task_time_limit_setting_longer_than_the_visibility_timeout_is_warned_once(
+    make_app, caplog
+):
+    app = _on_redis(make_app, 10)
+    app.conf.task_time_limit = 60  # the setting, not a task option
+
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.app_limit", acks_late=True)
+    def slow(self):
+        pass
+
+    [line] = _duplicate_warnings(caplog, slow)
+    assert line.startswith(
+        "task t.app_limit: time_limit (task_time_limit) (60 s) is longer than the Redis "
+        "visibility_timeout (10 s"
+    ), line
+
+
+def test_on_redis_a_default_retry_delay_longer_than_the_visibility_timeout_is_warned_once(
+    make_app, zk, zk_root, caplog
+):
+    app = _on_redis(make_app, 10)
+
+    @app.task(shared=False, base=zkcelery.MutexTask, bind=True, name="t.delayed_mutex",
+              default_retry_delay=30)  # fmt: skip
+    def mutex(self):  # it never retries here: warned at its first run
+        pass
+
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.delayed_lock",
+              default_retry_delay=30, max_retries=1)  # fmt: skip
+    def locked(self):
+        with self.lock(retry=True):  # no countdown: the default delay
+            pass
+
+    hold_externally(zk, node_path(zk_root, "locks", "t.delayed_lock"))
+    assert sorted(_duplicate_warnings(caplog, mutex, locked)) == [
+        "task t.delayed_lock: the retry countdown (30 s) is longer than the Redis "
+        "visibility_timeout (10 s, in broker_transport_options): Redis will deliver such a "
+        "message again while the first delivery still waits or runs, so duplicates are "
+        "certain; raise visibility_timeout above it",
+        "task t.delayed_mutex: default_retry_delay (its retry countdown) (30 s) is longer than "
+        "the Redis visibility_timeout (10 s, in broker_transport_options): Redis will deliver "
+        "such a message again while the first delivery still waits or runs, so duplicates are "
+        "certain; raise visibility_timeout above it",
+    ]
+
+
 # ===========================================================================
 # Through real workers
 # ===========================================================================
