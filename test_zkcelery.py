@@ -1910,6 +1910,29 @@ def test_a_purged_message_blocks_the_key_until_mutex_timeout(workers: Workers, r
     assert time.monotonic() - sent_at >= 1.5
 
 
+def test_the_mutex_timeout_setting_frees_an_undelivered_messages_key(workers: Workers):
+    sender = _early_sender(workers)  # no mutex_timeout option: the setting counts
+    workers.app.conf.MUTEX_TIMEOUT = 1.5
+    sent = time.monotonic()
+    sender.delay("undelivered")
+    workers.app.control.purge()  # no worker ever takes it
+    with pytest.raises(zkcelery.AlreadyQueued):
+        sender.delay("undelivered")
+    wait_for(lambda: _send_goes_through(sender, "undelivered"), 10, "the key to expire")
+    assert time.monotonic() - sent >= 1.5
+
+
+def test_mutex_return_existing_as_a_task_option_returns_the_queued_copys_result(
+    workers: Workers,
+):
+    sender = _early_sender(workers, mutex_return_existing=True)
+    first = sender.delay("same")
+    assert sender.delay("same").id == first.id
+    with pytest.raises(zkcelery.AlreadyQueued):  # one call may still ask for the error
+        sender.apply_async(("same",), mutex_return_existing=False)
+    assert _queued_messages(workers) == 1
+
+
 def _send_goes_through(task: Any, *args: Any) -> bool:
     try:
         task.delay(*args)
@@ -2009,6 +2032,24 @@ def test_a_direct_call_holds_the_key_for_the_call(make_app, zk, zk_root):
 
     assert direct("d") == "running"
     assert _early_state_of(zk, zk_root, "t.direct", "d") is None
+
+
+@pytest.mark.parametrize("how", ["apply", "task_always_eager"])
+def test_an_eager_call_holds_the_key_while_it_runs(make_app, zk, zk_root, how):
+    app = make_app(task_always_eager=how == "task_always_eager")
+
+    @app.task(shared=False, base=zkcelery.EarlyMutexTask, bind=True, name="t.eager_early",
+              mutex_keys=("key",))  # fmt: skip
+    def eager(self, key):
+        try:
+            eager.delay(key)  # another send of the key, from inside the run
+        except zkcelery.AlreadyQueued as refused:
+            return [_early_state_of(zk, zk_root, "t.eager_early", key), refused.state]
+        return [_early_state_of(zk, zk_root, "t.eager_early", key), None]
+
+    result = eager.apply(("e",)) if how == "apply" else eager.delay("e")
+    assert result.get() == ["running", "running"]
+    assert _early_state_of(zk, zk_root, "t.eager_early", "e") is None  # freed when it ends
 
 
 def _early_state_of(zk: KazooClient, root: str, task: str, *values: Any) -> str | None:
