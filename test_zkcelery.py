@@ -2617,6 +2617,69 @@ def test_ls_lists_held_locks_semaphores_and_mutexes_with_their_holders(
     assert "testtasks.hold_lock('L')" in table and "HOLDER" in table
 
 
+def _ls_rows(zk_hosts: str, zk_root: str) -> list[dict]:
+    done = _zk_cli(zk_hosts, zk_root, "ls", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_ls_lists_waiters_as_waiting_first_in_line_first_with_their_identifiers(
+    lock_task, zk_hosts, zk_root
+):
+    leases = {"L": lambda label, **wait: lock_task.lock("L", identifier=label, **wait),
+              "S": lambda label, **wait: lock_task.semaphore("S", max_leases=1,
+                                                             identifier=label, **wait)}  # fmt: skip
+    holders, threads = [], []
+    for key, lease in leases.items():
+        holder = lease("h").__enter__()
+        holders.append(holder)
+        for i in range(2):  # each queues before the next one starts
+            waiter = lease(f"w{i}", blocking=True, timeout=30)
+            threads.append(_in_thread(lambda w=waiter: (w.acquire(), w.release())))
+            wait_for(lambda i=i, h=holder: len(h.waiters()) == i + 1, 10, f"{key} waiter {i}")
+    try:
+        rows = _ls_rows(zk_hosts, zk_root)
+        table = _zk_cli(zk_hosts, zk_root, "ls").stdout.splitlines()
+    finally:
+        for holder in holders:
+            holder.release()
+        for thread in threads:
+            thread.join(30)
+    expected = [("held", "h"), ("waiting", "w0"), ("waiting", "w1")]
+    for kind, key in (("lock", "t.lock('L')"), ("semaphore", "t.lock('S')")):
+        listed = [(row["state"], row["identifier"]) for row in rows if row["key"] == key]
+        assert listed == expected and {r["kind"] for r in rows if r["key"] == key} == {kind}
+        states = [line.split()[1] for line in table if line.endswith(f"  {key}")]
+        assert states == ["held", "waiting", "waiting"], table
+
+
+def test_ls_shows_early_mutexes_as_queued_or_running(make_app, zk_hosts, zk_root):
+    app = make_app()
+    started, finish = threading.Event(), threading.Event()
+
+    @app.task(shared=False, base=zkcelery.EarlyMutexTask, bind=True, name="t.early_ls",
+              mutex_keys=("key",))  # fmt: skip
+    def early(self, key):
+        started.set()
+        finish.wait(30)
+
+    early.delay("q")  # sent; nothing consumes the in-memory queue
+    runner = _in_thread(early, "r")  # a direct call: running
+    try:
+        wait_for(started.is_set, 10, "the run to start")
+        rows = _ls_rows(zk_hosts, zk_root)
+        table = _zk_cli(zk_hosts, zk_root, "ls").stdout
+    finally:
+        finish.set()
+        runner.join(30)
+    assert sorted((row["kind"], row["state"], row["key"]) for row in rows) == [
+        ("early mutex", "queued", "t.early_ls('q')"),
+        ("early mutex", "running", "t.early_ls('r')"),
+    ]
+    assert re.search(r"queued .*t\.early_ls\('q'\)", table), table
+    assert re.search(r"running .*t\.early_ls\('r'\)", table), table
+
+
 def test_rm_breaks_one_lock_after_confirmation_and_the_holder_sees_it_lost(
     lock_task, zk_hosts, zk_root, caplog
 ):
