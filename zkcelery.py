@@ -73,7 +73,7 @@ then the lease is falsy); it forces ``retry=False``.  A semaphore takes
                 do_work(data)
 
 ``identifier='worker-7'`` labels the contender: it is stored with the holder
-and shown by ``holders()`` and ``ls`` (default ``'<task id>-><hostname>'``),
+and shown by ``holders()`` and ``ls --json`` (default ``'<task id>-><hostname>'``),
 and never changes which lock is taken.  ``name='billing-db'`` replaces the
 task's name in the lock's name, so that different tasks share one lock::
 
@@ -370,7 +370,7 @@ class LockTask(celery.Task):
         :param retry: when the lock is held, retry the task (``self.retry``)
             from the ``with`` statement; the body does not run.
         :param identifier: a label for this contender, stored with it and shown
-            by ``holders()`` and ``ls`` (default ``'<task id>-><hostname>'``).
+            by ``holders()`` and ``ls --json`` (default ``'<task id>-><hostname>'``).
         :param name: the lock's name instead of the task's, so that
             differently named tasks can share one lock.
         :param retry_options: with ``retry=True``, passed to ``self.retry()``
