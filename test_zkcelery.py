@@ -2926,8 +2926,25 @@ def test_with_protected_reads_others_cannot_read_holder_metadata(make_app, zk):
 
 
 # ===========================================================================
-# Green pools
+# Worker pools
 # ===========================================================================
+
+
+def test_a_solo_pool_worker_runs_lock_and_mutex_tasks_in_its_own_process(
+    workers: Workers, zk, zk_root
+):
+    worker = workers.start(pool="solo")
+    assert workers.send("hold_lock", "solo").get(timeout=30) is True
+    assert workers.send("mutex_task", {"key": "m"}).get(timeout=30) is None
+    hold_externally(zk, node_path(zk_root, "locks", "testtasks.hold_lock", "busy"))
+    hold_externally(zk, node_path(zk_root, "mutexes", "testtasks.mutex_task"))
+    assert workers.send("hold_lock", "busy").get(timeout=30) is False
+    with pytest.raises(zkcelery.MutexHeld):
+        workers.send("mutex_task", {"key": "held"}).get(timeout=30)
+    entries = workers.record.entries()
+    assert [e["key"] for e in entries] == ["solo", "m"]  # neither contended body ran
+    assert {e["pid"] for e in entries} == {worker.pid}  # solo: in the worker's own process
+    assert entries[0]["token"] > 0  # a real grant
 
 
 @pytest.mark.parametrize(
