@@ -2886,7 +2886,9 @@ def test_without_auth_a_lock_cycle_still_costs_two_requests(lock_task, zk_hosts)
     assert (session_requests(zk_hosts, lock_task.app) - before) / 20 <= 2.1
 
 
-def test_zookeeper_ssl_locks_over_tls_and_a_plain_client_cannot(make_app, tls_ensemble):
+def test_zookeeper_ssl_locks_over_tls_verified_by_its_ca_or_the_systems_not_in_plain(
+    make_app, tls_ensemble, monkeypatch
+):
     hosts, ca = tls_ensemble
     secure = _lock_task_on(make_app(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_SSL={"ca": ca}))
     with secure.lock("tls") as lease:
@@ -2894,6 +2896,15 @@ def test_zookeeper_ssl_locks_over_tls_and_a_plain_client_cannot(make_app, tls_en
     plain = _lock_task_on(make_app(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_CONNECT_TIMEOUT=1))
     with pytest.raises(zkcelery.CoordinationError):
         plain.lock("tls").__enter__()
+    # True: TLS, verified by the system's CAs, which do not hold the test CA...
+    system = make_app(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_SSL=True, ZOOKEEPER_CONNECT_TIMEOUT=1)
+    with pytest.raises(zkcelery.CoordinationError):
+        _lock_task_on(system).lock("tls").__enter__()
+    # ...until it is one of them (OpenSSL reads the system's bundle from SSL_CERT_FILE).
+    monkeypatch.setenv("SSL_CERT_FILE", ca)
+    trusting = _lock_task_on(make_app(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_SSL=True))
+    with trusting.lock("tls") as lease:
+        assert lease and lease.holders()[0]["key"] == "t.lock('tls')"
 
 
 def test_the_auth_secret_is_in_no_log_line_at_debug_kazoos_included(make_app, zk_hosts, caplog):
