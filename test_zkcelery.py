@@ -38,6 +38,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
+from kazoo.protocol.states import Callback
 
 import zkcelery
 from conftest import (
@@ -716,6 +717,27 @@ def test_blocked_waiters_are_served_in_arrival_order_and_listed_as_waiters(lock_
     assert served == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("kind", ["lock", "semaphore"])
+def test_waiters_lists_the_contenders_first_in_line_first(lock_task, kind):
+    def lease(label: str, blocking: bool = False) -> zkcelery.Lease:
+        wait = {"blocking": True, "timeout": 30} if blocking else {}
+        if kind == "lock":
+            return lock_task.lock("line", identifier=label, **wait)
+        return lock_task.semaphore("line", max_leases=1, identifier=label, **wait)
+
+    holder = lease("holder").__enter__()
+    threads = []
+    for i in range(4):  # each queues before the next one starts
+        waiter = lease(f"w{i}", blocking=True)
+        threads.append(_in_thread(lambda w=waiter: (w.acquire(), w.release())))
+        wait_for(lambda i=i: len(holder.waiters()) == i + 1, 10, f"waiter {i} to queue")
+    listed = [w["identifier"] for w in holder.waiters()]
+    holder.release()
+    for thread in threads:
+        thread.join(30)
+    assert listed == ["w0", "w1", "w2", "w3"]
+
+
 def _held_with_waiters(task: Any, key: str, count: int) -> tuple[Any, list, list[bool]]:
     """A held lock and ``count`` threads blocked on it: (holder, threads, their results)."""
     granted: list[bool] = []
@@ -741,6 +763,46 @@ def test_a_release_wakes_only_the_next_waiter(lock_task, zk_hosts):
     # Each handover: the holder's delete and the next waiter's listing (a herd
     # would have every waiter list the queue on every release: 55 listings).
     assert sent <= 10 * 2 + 6, sent
+
+
+def test_a_failed_try_costs_one_request(lock_task, zk, zk_root, zk_hosts):
+    assert _held_now(lock_task, "warm")  # connected; the namespace's version read once
+    hold_externally(zk, node_path(zk_root, "locks", "t.lock", "busy"))  # held, nobody queued
+    before = session_requests(zk_hosts, lock_task.app)
+    for _ in range(20):
+        assert not _held_now(lock_task, "busy")
+    sent = session_requests(zk_hosts, lock_task.app) - before
+    assert sent <= 20 + 1, sent  # one failed create each, and perhaps a ping
+
+
+def test_after_a_release_a_newcomers_try_fails_while_the_queued_waiter_is_served(
+    make_app, zk, zk_root
+):
+    waiter_app = make_app()
+    holder_task, waiter_task = _lock_task_on(make_app()), _lock_task_on(waiter_app)
+    newcomer = _lock_task_on(make_app())
+    holder = holder_task.lock("fair").__enter__()
+    waiter = waiter_task.lock("fair", blocking=True, timeout=30)
+    granted: list[bool] = []
+    thread = _in_thread(lambda: granted.append(waiter.acquire()))
+    # The waiter has queued and watches the holder's node: it learns of the release
+    # only through that watch, on its session's callback thread.
+    client = zkcelery._connection(waiter_app).client
+    wait_for(lambda: client._data_watchers.get(holder._grant.path), 10, "the waiter to watch")
+    gate = threading.Event()  # holds the callback thread: the waiter is not told yet
+    client.handler.dispatch_callback(Callback("watch", gate.wait, (30,)))
+    try:
+        holder.release()
+        assert zk.exists(holder._grant.path) is None  # the lock's node is gone...
+        assert not newcomer.lock("fair").acquire()  # ...yet the newcomer does not get in
+        assert granted == []  # while the waiter, first in line, has not even been told
+    finally:
+        gate.set()
+    thread.join(30)
+    assert granted == [True]
+    assert not newcomer.lock("fair").acquire()  # nor while the waiter holds it
+    waiter.release()
+    assert _held_now(newcomer, "fair")
 
 
 def _semaphore_cycle_cost(task: Any, zk_hosts: str, cycles: int = 30) -> float:
@@ -813,6 +875,42 @@ def test_a_semaphore_waiter_whose_session_expires_queues_again(make_app, zk_host
     holder.release()
     waiter.join(30)
     assert result == [True]
+
+
+def _queue_of(zk: KazooClient, holder_path: str) -> list[tuple[str, int]]:
+    """(lease id, owning session) of each node in a lock's queue, first in line first."""
+    queue, found = f"{holder_path}{zkcelery._QUEUE}", []
+    with contextlib.suppress(NoNodeError):
+        for child in sorted(zk.get_children(queue), key=lambda c: c[-10:]):
+            with contextlib.suppress(NoNodeError):
+                data, stat = zk.get(f"{queue}/{child}")
+                found.append((json.loads(data)["guid"], stat.ephemeralOwner))
+    return found
+
+
+def test_a_lock_waiter_in_a_worker_whose_session_expires_queues_again_and_is_granted(
+    workers: Workers, make_app, zk, zk_hosts
+):
+    sessions = workers.tmp / "sessions"  # each pool process publishes its session there
+    sessions.mkdir()
+    workers.start(concurrency=1, ZKCELERY_TEST_SESSIONS=str(sessions))
+    holder = _lock_task_on(make_app()).lock("exp", name="testtasks.hold_lock").__enter__()
+    result = workers.send("hold_lock", "exp", 0.0, True)  # blocking
+    [waiter] = wait_for(lambda: holder.waiters(), 30, "the worker's task to queue")
+    published = sessions / f"{waiter['pid']}.json"
+    wait_for(published.exists, 10, "the pool process's session")
+    session_id, password = json.loads(published.read_text())
+    assert _queue_of(zk, holder._grant.path) == [(waiter["guid"], session_id)]
+    expire_session(types.SimpleNamespace(client_id=(session_id, bytes.fromhex(password))), zk_hosts)
+    again = wait_for(
+        lambda: [(guid, owner) for guid, owner in _queue_of(zk, holder._grant.path)
+                 if owner != session_id],
+        15, "the waiter to queue again in a new session",
+    )  # fmt: skip
+    assert [guid for guid, _ in again] == [waiter["guid"]]  # the same lease, once
+    holder.release()
+    assert result.get(timeout=30) is True
+    assert [e["key"] for e in workers.record.entries()] == ["exp"]
 
 
 def test_a_waiter_in_the_holders_process_is_granted_once_the_holders_session_expires(
@@ -1241,6 +1339,20 @@ def test_unknown_mutex_key_raises_when_the_task_is_defined(offline_app):
             pass
 
 
+@pytest.mark.parametrize("base", [zkcelery.MutexTask, zkcelery.EarlyMutexTask])
+def test_an_unknown_mutex_key_on_an_app_not_yet_finalized_raises_when_it_finalizes(
+    offline_app, base
+):
+    assert not offline_app.finalized
+
+    @offline_app.task(shared=False, base=base, mutex_keys=("nope",), name="t.lazy_bad")
+    def bad(server_name):  # Celery creates the task when the app finalizes...
+        pass
+
+    with pytest.raises(TypeError, match=r"t\.lazy_bad.*'nope'"):
+        offline_app.finalize()  # ...as a worker does before it takes any message
+
+
 def test_mutex_keys_given_as_a_string_is_an_error_with_a_hint(offline_app):
     offline_app.finalize()
     with pytest.raises(TypeError, match=r"did you mean \('server_name',\)"):
@@ -1317,6 +1429,15 @@ def test_the_mutex_is_released_after_the_body_raises_and_after_it_retries(per_se
         assert per_server_task("a") is None  # free again
 
 
+def test_a_mutex_task_run_costs_two_requests(per_server_task, zk_hosts):
+    assert per_server_task.apply(("warm",)).successful()  # connected, the version read
+    before = session_requests(zk_hosts, per_server_task.app)
+    for _ in range(20):
+        assert per_server_task.apply(("cost",)).successful()
+    sent = session_requests(zk_hosts, per_server_task.app) - before
+    assert sent <= 2 * 20 + 1, sent  # a create and a delete each, and perhaps a ping
+
+
 def test_an_unbound_mutex_task_works(app):
     @app.task(shared=False, base=zkcelery.MutexTask, name="t.unbound")
     def mutex_task(data):
@@ -1389,6 +1510,61 @@ def test_on_redis_settings_that_make_duplicates_certain_are_warned_about_once(
     assert len(limits) == 1 and len(retries) == 1, lines
     assert "visibility_timeout (10 s" in limits[0] and "(60 s)" in limits[0]
     assert "(30 s)" in retries[0]
+
+
+def _duplicate_warnings(caplog: Any, *tasks: Any) -> list[str]:
+    """Run each task eagerly twice; return the warnings zkcelery logged."""
+    with caplog.at_level("WARNING", logger="zkcelery"):
+        for _ in range(2):
+            for task in tasks:
+                task.apply()
+    return [r.getMessage() for r in caplog.records if r.name == "zkcelery"]
+
+
+def test_on_redis_a_task_time_limit_setting_longer_than_the_visibility_timeout_is_warned_once(
+    make_app, caplog
+):
+    app = _on_redis(make_app, 10)
+    app.conf.task_time_limit = 60  # the setting, not a task option
+
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.app_limit", acks_late=True)
+    def slow(self):
+        pass
+
+    [line] = _duplicate_warnings(caplog, slow)
+    assert line.startswith(
+        "task t.app_limit: time_limit (task_time_limit) (60 s) is longer than the Redis "
+        "visibility_timeout (10 s"
+    ), line
+
+
+def test_on_redis_a_default_retry_delay_longer_than_the_visibility_timeout_is_warned_once(
+    make_app, zk, zk_root, caplog
+):
+    app = _on_redis(make_app, 10)
+
+    @app.task(shared=False, base=zkcelery.MutexTask, bind=True, name="t.delayed_mutex",
+              default_retry_delay=30)  # fmt: skip
+    def mutex(self):  # it never retries here: warned at its first run
+        pass
+
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.delayed_lock",
+              default_retry_delay=30, max_retries=1)  # fmt: skip
+    def locked(self):
+        with self.lock(retry=True):  # no countdown: the default delay
+            pass
+
+    hold_externally(zk, node_path(zk_root, "locks", "t.delayed_lock"))
+    assert sorted(_duplicate_warnings(caplog, mutex, locked)) == [
+        "task t.delayed_lock: the retry countdown (30 s) is longer than the Redis "
+        "visibility_timeout (10 s, in broker_transport_options): Redis will deliver such a "
+        "message again while the first delivery still waits or runs, so duplicates are "
+        "certain; raise visibility_timeout above it",
+        "task t.delayed_mutex: default_retry_delay (its retry countdown) (30 s) is longer than "
+        "the Redis visibility_timeout (10 s, in broker_transport_options): Redis will deliver "
+        "such a message again while the first delivery still waits or runs, so duplicates are "
+        "certain; raise visibility_timeout above it",
+    ]
 
 
 # ===========================================================================
@@ -1736,6 +1912,29 @@ def test_a_purged_message_blocks_the_key_until_mutex_timeout(workers: Workers, r
     assert time.monotonic() - sent_at >= 1.5
 
 
+def test_the_mutex_timeout_setting_frees_an_undelivered_messages_key(workers: Workers):
+    sender = _early_sender(workers)  # no mutex_timeout option: the setting counts
+    workers.app.conf.MUTEX_TIMEOUT = 1.5
+    sent = time.monotonic()
+    sender.delay("undelivered")
+    workers.app.control.purge()  # no worker ever takes it
+    with pytest.raises(zkcelery.AlreadyQueued):
+        sender.delay("undelivered")
+    wait_for(lambda: _send_goes_through(sender, "undelivered"), 10, "the key to expire")
+    assert time.monotonic() - sent >= 1.5
+
+
+def test_mutex_return_existing_as_a_task_option_returns_the_queued_copys_result(
+    workers: Workers,
+):
+    sender = _early_sender(workers, mutex_return_existing=True)
+    first = sender.delay("same")
+    assert sender.delay("same").id == first.id
+    with pytest.raises(zkcelery.AlreadyQueued):  # one call may still ask for the error
+        sender.apply_async(("same",), mutex_return_existing=False)
+    assert _queued_messages(workers) == 1
+
+
 def _send_goes_through(task: Any, *args: Any) -> bool:
     try:
         task.delay(*args)
@@ -1835,6 +2034,24 @@ def test_a_direct_call_holds_the_key_for_the_call(make_app, zk, zk_root):
 
     assert direct("d") == "running"
     assert _early_state_of(zk, zk_root, "t.direct", "d") is None
+
+
+@pytest.mark.parametrize("how", ["apply", "task_always_eager"])
+def test_an_eager_call_holds_the_key_while_it_runs(make_app, zk, zk_root, how):
+    app = make_app(task_always_eager=how == "task_always_eager")
+
+    @app.task(shared=False, base=zkcelery.EarlyMutexTask, bind=True, name="t.eager_early",
+              mutex_keys=("key",))  # fmt: skip
+    def eager(self, key):
+        try:
+            eager.delay(key)  # another send of the key, from inside the run
+        except zkcelery.AlreadyQueued as refused:
+            return [_early_state_of(zk, zk_root, "t.eager_early", key), refused.state]
+        return [_early_state_of(zk, zk_root, "t.eager_early", key), None]
+
+    result = eager.apply(("e",)) if how == "apply" else eager.delay("e")
+    assert result.get() == ["running", "running"]
+    assert _early_state_of(zk, zk_root, "t.eager_early", "e") is None  # freed when it ends
 
 
 def _early_state_of(zk: KazooClient, root: str, task: str, *values: Any) -> str | None:
@@ -2413,6 +2630,69 @@ def test_ls_lists_held_locks_semaphores_and_mutexes_with_their_holders(
     assert "testtasks.hold_lock('L')" in table and "HOLDER" in table
 
 
+def _ls_rows(zk_hosts: str, zk_root: str) -> list[dict]:
+    done = _zk_cli(zk_hosts, zk_root, "ls", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_ls_lists_waiters_as_waiting_first_in_line_first_with_their_identifiers(
+    lock_task, zk_hosts, zk_root
+):
+    leases = {"L": lambda label, **wait: lock_task.lock("L", identifier=label, **wait),
+              "S": lambda label, **wait: lock_task.semaphore("S", max_leases=1,
+                                                             identifier=label, **wait)}  # fmt: skip
+    holders, threads = [], []
+    for key, lease in leases.items():
+        holder = lease("h").__enter__()
+        holders.append(holder)
+        for i in range(2):  # each queues before the next one starts
+            waiter = lease(f"w{i}", blocking=True, timeout=30)
+            threads.append(_in_thread(lambda w=waiter: (w.acquire(), w.release())))
+            wait_for(lambda i=i, h=holder: len(h.waiters()) == i + 1, 10, f"{key} waiter {i}")
+    try:
+        rows = _ls_rows(zk_hosts, zk_root)
+        table = _zk_cli(zk_hosts, zk_root, "ls").stdout.splitlines()
+    finally:
+        for holder in holders:
+            holder.release()
+        for thread in threads:
+            thread.join(30)
+    expected = [("held", "h"), ("waiting", "w0"), ("waiting", "w1")]
+    for kind, key in (("lock", "t.lock('L')"), ("semaphore", "t.lock('S')")):
+        listed = [(row["state"], row["identifier"]) for row in rows if row["key"] == key]
+        assert listed == expected and {r["kind"] for r in rows if r["key"] == key} == {kind}
+        states = [line.split()[1] for line in table if line.endswith(f"  {key}")]
+        assert states == ["held", "waiting", "waiting"], table
+
+
+def test_ls_shows_early_mutexes_as_queued_or_running(make_app, zk_hosts, zk_root):
+    app = make_app()
+    started, finish = threading.Event(), threading.Event()
+
+    @app.task(shared=False, base=zkcelery.EarlyMutexTask, bind=True, name="t.early_ls",
+              mutex_keys=("key",))  # fmt: skip
+    def early(self, key):
+        started.set()
+        finish.wait(30)
+
+    early.delay("q")  # sent; nothing consumes the in-memory queue
+    runner = _in_thread(early, "r")  # a direct call: running
+    try:
+        wait_for(started.is_set, 10, "the run to start")
+        rows = _ls_rows(zk_hosts, zk_root)
+        table = _zk_cli(zk_hosts, zk_root, "ls").stdout
+    finally:
+        finish.set()
+        runner.join(30)
+    assert sorted((row["kind"], row["state"], row["key"]) for row in rows) == [
+        ("early mutex", "queued", "t.early_ls('q')"),
+        ("early mutex", "running", "t.early_ls('r')"),
+    ]
+    assert re.search(r"queued .*t\.early_ls\('q'\)", table), table
+    assert re.search(r"running .*t\.early_ls\('r'\)", table), table
+
+
 def test_rm_breaks_one_lock_after_confirmation_and_the_holder_sees_it_lost(
     lock_task, zk_hosts, zk_root, caplog
 ):
@@ -2619,7 +2899,9 @@ def test_without_auth_a_lock_cycle_still_costs_two_requests(lock_task, zk_hosts)
     assert (session_requests(zk_hosts, lock_task.app) - before) / 20 <= 2.1
 
 
-def test_zookeeper_ssl_locks_over_tls_and_a_plain_client_cannot(make_app, tls_ensemble):
+def test_zookeeper_ssl_locks_over_tls_verified_by_its_ca_or_the_systems_not_in_plain(
+    make_app, tls_ensemble, monkeypatch
+):
     hosts, ca = tls_ensemble
     secure = _lock_task_on(make_app(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_SSL={"ca": ca}))
     with secure.lock("tls") as lease:
@@ -2627,6 +2909,34 @@ def test_zookeeper_ssl_locks_over_tls_and_a_plain_client_cannot(make_app, tls_en
     plain = _lock_task_on(make_app(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_CONNECT_TIMEOUT=1))
     with pytest.raises(zkcelery.CoordinationError):
         plain.lock("tls").__enter__()
+    # True: TLS, verified by the system's CAs, which do not hold the test CA...
+    system = make_app(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_SSL=True, ZOOKEEPER_CONNECT_TIMEOUT=1)
+    with pytest.raises(zkcelery.CoordinationError):
+        _lock_task_on(system).lock("tls").__enter__()
+    # ...until it is one of them (OpenSSL reads the system's bundle from SSL_CERT_FILE).
+    monkeypatch.setenv("SSL_CERT_FILE", ca)
+    trusting = _lock_task_on(make_app(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_SSL=True))
+    with trusting.lock("tls") as lease:
+        assert lease and lease.holders()[0]["key"] == "t.lock('tls')"
+
+
+def test_the_auth_secret_is_in_no_log_line_at_debug_kazoos_included(make_app, zk_hosts, caplog):
+    for name in (None, "kazoo", "celery", "zkcelery"):  # every logger, at DEBUG
+        caplog.set_level(logging.DEBUG, logger=name)
+    app = make_app(ZOOKEEPER_AUTH=_AUTH)
+    task, rival = _lock_task_on(app), _lock_task_on(make_app(ZOOKEEPER_AUTH=_AUTH))
+    with task.lock("a") as held:
+        assert held and not _held_now(rival, "a")  # contention, at DEBUG
+    first = zkcelery._connection(app).session_id
+    expire_session(app, zk_hosts)  # kazoo authenticates again on the new session
+    wait_for(lambda: zkcelery._connection(app).session_id not in (None, first), 15, "a new session")
+    assert _held_now(task, "a")
+    stranger = _lock_task_on(make_app(ZOOKEEPER_AUTH="digest:other:pw"))
+    with pytest.raises(zkcelery.AccessDenied):
+        stranger.lock("b").__enter__()
+    lines = caplog.text.splitlines()  # every record, formatted, with its traceback if any
+    assert any(r.name.startswith("kazoo") and r.levelno == logging.DEBUG for r in caplog.records)
+    assert [line for line in lines if "s3cret" in line or "other:pw" in line] == []
 
 
 def test_with_protected_reads_others_cannot_read_holder_metadata(make_app, zk):
@@ -2640,8 +2950,25 @@ def test_with_protected_reads_others_cannot_read_holder_metadata(make_app, zk):
 
 
 # ===========================================================================
-# Green pools
+# Worker pools
 # ===========================================================================
+
+
+def test_a_solo_pool_worker_runs_lock_and_mutex_tasks_in_its_own_process(
+    workers: Workers, zk, zk_root
+):
+    worker = workers.start(pool="solo")
+    assert workers.send("hold_lock", "solo").get(timeout=30) is True
+    assert workers.send("mutex_task", {"key": "m"}).get(timeout=30) is None
+    hold_externally(zk, node_path(zk_root, "locks", "testtasks.hold_lock", "busy"))
+    hold_externally(zk, node_path(zk_root, "mutexes", "testtasks.mutex_task"))
+    assert workers.send("hold_lock", "busy").get(timeout=30) is False
+    with pytest.raises(zkcelery.MutexHeld):
+        workers.send("mutex_task", {"key": "held"}).get(timeout=30)
+    entries = workers.record.entries()
+    assert [e["key"] for e in entries] == ["solo", "m"]  # neither contended body ran
+    assert {e["pid"] for e in entries} == {worker.pid}  # solo: in the worker's own process
+    assert entries[0]["token"] > 0  # a real grant
 
 
 @pytest.mark.parametrize(

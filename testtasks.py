@@ -301,9 +301,10 @@ def beat_tick():
 
 
 @signals.beat_init.connect
-def _publish_beat_session(**_: Any) -> None:
-    # The session-expiry test must hand a beat process's session id and
-    # password to another client (conftest.expire_session): publish them.
+@signals.worker_process_init.connect
+def _publish_session(**_: Any) -> None:
+    # The session-expiry tests must hand a beat's or a pool process's session id
+    # and password to another client (conftest.expire_session): publish them.
     folder = os.environ.get("ZKCELERY_TEST_SESSIONS")
     if folder:
         threading.Thread(target=_write_session, args=(Path(folder),), daemon=True).start()

@@ -73,7 +73,7 @@ then the lease is falsy); it forces ``retry=False``.  A semaphore takes
                 do_work(data)
 
 ``identifier='worker-7'`` labels the contender: it is stored with the holder
-and shown by ``holders()`` and ``ls`` (default ``'<task id>-><hostname>'``),
+and shown by ``holders()`` and ``ls --json`` (default ``'<task id>-><hostname>'``),
 and never changes which lock is taken.  ``name='billing-db'`` replaces the
 task's name in the lock's name, so that different tasks share one lock::
 
@@ -219,6 +219,7 @@ from kazoo.exceptions import (
 )
 from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol.serialization import (
+    Auth,
     CheckVersion,
     Connect,
     Create,
@@ -369,7 +370,7 @@ class LockTask(celery.Task):
         :param retry: when the lock is held, retry the task (``self.retry``)
             from the ``with`` statement; the body does not run.
         :param identifier: a label for this contender, stored with it and shown
-            by ``holders()`` and ``ls`` (default ``'<task id>-><hostname>'``).
+            by ``holders()`` and ``ls --json`` (default ``'<task id>-><hostname>'``).
         :param name: the lock's name instead of the task's, so that
             differently named tasks can share one lock.
         :param retry_options: with ``retry=True``, passed to ``self.retry()``
@@ -3252,6 +3253,28 @@ def _stop_quietly(client: KazooClient) -> None:
         client.close()
 
 
+class _HiddenAuth(logging.Filter):
+    """Hides the credentials of ``ZOOKEEPER_AUTH`` in kazoo's log lines.
+
+    kazoo logs every request it sends at DEBUG, the authentication packet
+    too, with its ``user:secret`` in clear.  On the logger itself, so that
+    the record is changed before any handler, here or above, formats it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(arg, Auth) for arg in args):
+            record.args = tuple(
+                arg._replace(auth="<hidden>") if isinstance(arg, Auth) else arg for arg in args
+            )
+        return True
+
+
+#: The logger zkcelery's clients log through: kazoo's default, without the secret.
+_kazoo_logger = logging.getLogger("kazoo.client")
+_kazoo_logger.addFilter(_HiddenAuth())
+
+
 def _make_client(settings: _Settings) -> KazooClient:
     options: dict[str, Any] = dict(settings.ssl)
     if settings.auth is not None:
@@ -3271,6 +3294,7 @@ def _make_client(settings: _Settings) -> KazooClient:
         timeout=settings.session_timeout,
         connection_retry=retry,
         handler=handler,
+        logger=_kazoo_logger,
         **options,
     )
 
