@@ -2939,6 +2939,17 @@ def test_the_auth_secret_is_in_no_log_line_at_debug_kazoos_included(make_app, zk
     assert [line for line in lines if "s3cret" in line or "other:pw" in line] == []
 
 
+def test_a_sessions_password_is_in_no_log_line_of_kazoos_connect_request(caplog):
+    # kazoo logs the connect request of a session it resumes (after a lost
+    # connection) with the session's password: whoever reads it can take it over.
+    from kazoo.protocol.serialization import Connect
+
+    caplog.set_level(logging.DEBUG, logger="kazoo")
+    request = Connect(0, 0x12345, 30000, 0x1ABC, b"resumable-session-pw", False)
+    logging.getLogger("kazoo.client").debug("Sending request(xid=%s): %s", None, request)
+    assert "Connect(" in caplog.text and "resumable-session-pw" not in caplog.text
+
+
 def test_with_protected_reads_others_cannot_read_holder_metadata(make_app, zk):
     from kazoo.exceptions import NoAuthError
 

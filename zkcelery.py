@@ -3254,20 +3254,29 @@ def _stop_quietly(client: KazooClient) -> None:
 
 
 class _HiddenAuth(logging.Filter):
-    """Hides the credentials of ``ZOOKEEPER_AUTH`` in kazoo's log lines.
+    """Hides the credentials of ``ZOOKEEPER_AUTH``, and the session's password, in
+    kazoo's log lines.
 
     kazoo logs every request it sends at DEBUG, the authentication packet
-    too, with its ``user:secret`` in clear.  On the logger itself, so that
-    the record is changed before any handler, here or above, formats it.
+    too, with its ``user:secret`` in clear, and the connect request with the
+    session's password (whoever reads it can take the session over).  On the
+    logger itself, so that the record is changed before any handler, here or
+    above, formats it.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if isinstance(args, tuple) and any(isinstance(arg, Auth) for arg in args):
-            record.args = tuple(
-                arg._replace(auth="<hidden>") if isinstance(arg, Auth) else arg for arg in args
-            )
+        if isinstance(args, tuple) and any(isinstance(arg, (Auth, Connect)) for arg in args):
+            record.args = tuple(_hidden(arg) for arg in args)
         return True
+
+
+def _hidden(arg: Any) -> Any:
+    if isinstance(arg, Auth):
+        return arg._replace(auth="<hidden>")
+    if isinstance(arg, Connect):
+        return arg._replace(passwd=b"<hidden>")
+    return arg
 
 
 #: The logger zkcelery's clients log through: kazoo's default, without the secret.
