@@ -510,9 +510,12 @@ class Workers:
         """
         n = len(self.started)
         log, ready = self.tmp / f"worker{n}.log", self.tmp / f"worker{n}.ready"
+        # A node name of this test's own: RabbitMQ lets one connection at a time hold a
+        # node's control queue (<name>.celery.pidbox), so tests beside each other on one
+        # broker must not share names.
         argv = [
             sys.executable, "-m", "celery", "-A", "testtasks", "worker",
-            "-P", pool, "-c", str(concurrency), "-n", f"w{n}@%h", "-l", "INFO",
+            "-P", pool, "-c", str(concurrency), "-n", f"w{n}-{self.queue}@%h", "-l", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "-f", str(log), *(["-Q", queues] if queues else []),
         ]  # fmt: skip
