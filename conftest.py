@@ -234,6 +234,8 @@ class Partition:
 
     ``cut()`` blackholes every connection (nothing is forwarded, nothing is closed,
     new connections hang), as a dead switch would; ``heal()`` forwards again.
+    ``close()`` ends every connection, so that both peers see it closed at once, and
+    takes no more: a link lost for good.
     """
 
     def __init__(self, target: tuple[str, int]) -> None:
@@ -256,6 +258,8 @@ class Partition:
         self.closed = True
         self.flowing.set()
         for sock in [self.listener, *self.sockets]:
+            with contextlib.suppress(OSError):  # wakes a thread blocked on it; sends FIN
+                sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
 
