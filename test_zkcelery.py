@@ -2672,15 +2672,20 @@ class Beats:
                     "ZKCELERY_TEST_SESSIONS": str(self.sessions)}  # fmt: skip
         self.procs: list[subprocess.Popen] = []
 
-    def start(self) -> subprocess.Popen:
+    def start(self, setting: bool = False, **env: str) -> subprocess.Popen:
+        """Start a beat: ``-S zkcelery.ElectedScheduler``, or with ``setting``, no ``-S`` and
+        ``beat_scheduler`` in the app's configuration; ``env`` adds to its environment."""
         n = len(self.procs)
+        scheduler = [] if setting else ["-S", "zkcelery.ElectedScheduler"]
+        if setting:
+            env = {**env, "ZKCELERY_TEST_BEAT_SCHEDULER": "zkcelery.ElectedScheduler"}
         argv = [
             sys.executable, "-m", "celery", "-A", "testtasks", "beat",
-            "-S", "zkcelery.ElectedScheduler", "-l", "INFO", "--max-interval", "1",
+            *scheduler, "-l", "INFO", "--max-interval", "1",
             "-s", str(self.tmp / f"beat{n}-schedule"), "-f", str(self.log(n)),
         ]  # fmt: skip
         proc = subprocess.Popen(
-            argv, cwd=Path(__file__).parent, env=self.env, stdout=subprocess.DEVNULL,
+            argv, cwd=Path(__file__).parent, env={**self.env, **env}, stdout=subprocess.DEVNULL,
             stderr=open(self.tmp / f"beat{n}.err", "w"),  # noqa: SIM115 - the process's to keep
             start_new_session=True,
         )  # fmt: skip
@@ -2702,8 +2707,8 @@ class Beats:
                 headers = json.loads(path.read_text())["headers"]
                 found.append({
                     "at": sent_at(path),
-                    "token": headers["zkcelery_beat_token"],
-                    "run": headers["zkcelery_beat_run"],
+                    "token": headers.get("zkcelery_beat_token"),  # None: not ElectedScheduler's
+                    "run": headers.get("zkcelery_beat_run"),
                     "pid": int(headers["origin"].split("@")[0][len("gen"):]),
                 })  # fmt: skip
         return sorted(found, key=lambda send: send["at"])
@@ -2963,6 +2968,14 @@ def test_celery_beat_with_an_unknown_task_exits_at_start_with_the_error(workers:
     )  # fmt: skip
     assert done.returncode != 0
     assert "beat_schedule entry 'typo': task 'testtasks.beat_tik'" in done.stderr
+
+
+def test_beat_scheduler_given_as_a_setting_selects_the_elected_scheduler(beats: Beats):
+    beat = beats.start(setting=True)  # no -S: beat_scheduler in the app's configuration
+    first = beats.sends_after(0)[0]
+    assert first["pid"] == beat.pid
+    assert first["token"] is not None and first["run"] == 1  # stamped by ElectedScheduler
+    assert beats.roles() == {beat.pid: "held"}  # it leads through ZooKeeper
 
 
 @pytest.mark.slow

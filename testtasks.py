@@ -290,6 +290,9 @@ def broker_fails():
 # The beat tests run `celery -A testtasks beat` with the schedule in the environment.
 if os.environ.get("ZKCELERY_TEST_BEAT"):
     app.conf.beat_schedule = json.loads(os.environ["ZKCELERY_TEST_BEAT"])
+# The scheduler as a setting, as the README allows beside `beat -S`.
+if os.environ.get("ZKCELERY_TEST_BEAT_SCHEDULER"):
+    app.conf.beat_scheduler = os.environ["ZKCELERY_TEST_BEAT_SCHEDULER"]
 
 
 @app.task
