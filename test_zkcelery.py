@@ -34,6 +34,7 @@ import kombu
 import pytest
 from celery import Celery
 from celery.exceptions import MaxRetriesExceededError, Reject, Retry
+from celery.signals import before_task_publish
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kazoo.client import KazooClient
@@ -2828,6 +2829,23 @@ def schedulers(zk_hosts, zk_root) -> Iterator[Any]:
         scheduler.close()
 
 
+@contextlib.contextmanager
+def _beat_sends() -> Iterator[list[dict]]:
+    """What in-process schedulers send, as it goes to the broker: when, fencing token, run."""
+    sent: list[dict] = []
+
+    def note(headers: dict | None = None, **_: Any) -> None:
+        if headers and "zkcelery_beat_token" in headers:
+            sent.append({"at": time.monotonic(), "token": headers["zkcelery_beat_token"],
+                         "run": headers["zkcelery_beat_run"]})  # fmt: skip
+
+    before_task_publish.connect(note, weak=False)
+    try:
+        yield sent
+    finally:
+        before_task_publish.disconnect(note)
+
+
 def test_one_scheduler_leads_the_others_stand_by_and_a_clean_stop_hands_over_at_once(
     schedulers, capsys
 ):
@@ -2913,6 +2931,62 @@ def test_a_crontab_entrys_state_in_zookeeper_carries_over_to_the_next_leader(
     stored = json.loads(zk.get(state)[0])["entries"]["cron"]
     assert stored["total_run_count"] == 8
     assert datetime.fromisoformat(stored["last_run_at"]) > before
+
+
+def test_a_timedelta_entry_is_sent_once_per_interval_and_the_next_leader_carries_on(schedulers):
+    def every_half_second(beat_app: Celery) -> None:
+        beat_app.conf.beat_schedule = {
+            "td": {"task": "t.tick", "schedule": timedelta(seconds=0.5)}}  # fmt: skip
+
+    due: dict[int, datetime] = {}  # run -> when it fell due (the entry's last_run_at)
+
+    def runs(scheduler: Any) -> int:
+        entry = scheduler.schedule["td"]
+        if entry.total_run_count:
+            due.setdefault(entry.total_run_count, entry.last_run_at)
+        return len(due)
+
+    with _beat_sends() as sends:
+        first = schedulers(every_half_second)
+        _tick_until(first, lambda: runs(first) >= 3, "three sends")
+        first.close()
+        second = schedulers(every_half_second)
+        _tick_until(second, lambda: runs(second) >= 4, "the next leader's send")
+    assert [s["run"] for s in sends] == sorted(due) == [1, 2, 3, 4]  # once each, none again
+    assert sends[3]["token"] > sends[2]["token"] == sends[0]["token"]  # the last by the next
+    times = [due[run] for run in sorted(due)]
+    assert all(b - a >= timedelta(seconds=0.5) for a, b in zip(times, times[1:])), times
+
+
+def test_a_solar_entry_that_fell_due_is_sent_once_and_the_next_leader_keeps_its_state(
+    schedulers, zk, zk_root, caplog
+):
+    from celery.schedules import solar
+
+    # What an earlier leader left: run 4, three days ago (three sunrises were missed).
+    state = f"{zk_root}/beat/{zkcelery._lock_name('beat-tests', ())}@schedule"
+    before = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=3)
+    saved = {"sun": {"last_run_at": before.isoformat(), "total_run_count": 4}}
+    zk.create(state, json.dumps({"entries": saved}).encode(), makepath=True)
+
+    def at_sunrise(beat_app: Celery) -> None:
+        beat_app.conf.beat_schedule = {
+            "sun": {"task": "t.tick", "schedule": solar("sunrise", 0.0, 0.0)}}  # fmt: skip
+
+    leader = schedulers(at_sunrise)
+    with caplog.at_level("INFO"):
+        _tick_until(leader, lambda: leader.schedule["sun"].total_run_count == 5, "the late send")
+        leader.close()
+        second = schedulers(at_sunrise)
+        _tick_until(second, lambda: caplog.text.count("beat: leading the schedule") == 2,
+                    "the next leader")  # fmt: skip
+        second.tick()  # the next sunrise is hours away: nothing is due
+    assert "sun fell due" in caplog.text and "while no beat was leading" in caplog.text
+    assert caplog.text.count("Sending due task sun") == 1  # once, not once per missed sunrise
+    assert second.schedule["sun"].total_run_count == 5  # the state carried over
+    stored = json.loads(zk.get(state)[0])["entries"]["sun"]
+    assert stored["total_run_count"] == 5
+    assert datetime.fromisoformat(stored["last_run_at"]) > before + timedelta(days=2)
 
 
 def test_a_refused_send_is_one_info_line_and_the_schedule_moves_on(schedulers, caplog):
