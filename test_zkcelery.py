@@ -2846,6 +2846,36 @@ def _beat_sends() -> Iterator[list[dict]]:
         before_task_publish.disconnect(note)
 
 
+@contextlib.contextmanager
+def _beat_loop(scheduler: Any) -> Iterator[None]:
+    """Tick ``scheduler`` in a thread of its own, as ``celery beat``'s loop does, meanwhile."""
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            while not stop.is_set():
+                stop.wait(scheduler.tick())
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="beat-loop", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+    if failed:
+        raise failed[0]
+
+
+def _beat_rows(scheduler: Any) -> list[str]:
+    """The states of the beats' nodes, as ``ls`` lists them, seen from ``scheduler``'s session."""
+    rows = zkcelery._listing(zkcelery._connection(scheduler.app))
+    return sorted(row["state"] for row in rows if row["kind"] == "beat")
+
+
 def test_one_scheduler_leads_the_others_stand_by_and_a_clean_stop_hands_over_at_once(
     schedulers, capsys
 ):
@@ -3119,6 +3149,50 @@ def test_a_leader_whose_session_expires_stops_before_the_next_one_sends_then_sta
         f"before the next leader's first (tokens {token} < {first['token']}), which came "
         f"{first['at'] - expired:.2f} s after the expiry; duplicates {figures['duplicates']}, "
         f"lost ticks {figures['lost']}; the old leader stands by",
+    )
+
+
+def test_a_partitioned_beat_leader_stops_sending_before_another_leads_and_stands_by_once_healed(
+    partition, schedulers, capsys
+):
+    def through_the_partition(beat_app: Celery) -> None:
+        beat_app.conf.update(ZOOKEEPER_HOSTS=partition.address)
+
+    with _beat_sends() as sends:
+        cut_off = schedulers(through_the_partition)
+        with _beat_loop(cut_off):
+            wait_for(lambda: len(sends) >= 2, 20, "two sends by the first leader")
+            other = schedulers()
+            with _beat_loop(other):
+                wait_for(lambda: _beat_rows(other) == ["held", "waiting"], 20, "a standby")
+                token = sends[-1]["token"]
+                partition.cut()
+                cut = time.monotonic()
+                first = wait_for(lambda: [s for s in sends if s["token"] > token], 30,
+                                 "another leader's send")[0]  # fmt: skip
+                partition.heal()
+                healed = time.monotonic()
+                # The other leads; the healed one is back in line behind it, sending nothing.
+                wait_for(lambda: _beat_rows(other) == ["held", "waiting"], 30,
+                         "the healed beat to stand by")  # fmt: skip
+                stood_by = time.monotonic()
+                wait_for(lambda: sends[-1]["at"] > stood_by, 10, "a send while it stands by")
+            other.close()
+            closed = time.monotonic()
+            last = wait_for(lambda: [s for s in sends if s["token"] > first["token"]], 20,
+                            "the healed beat to lead once the other stopped")[0]  # fmt: skip
+    old = [s for s in sends if s["token"] == token]
+    assert old[-1]["at"] < first["at"]  # the cut-off leader had stopped before another sent
+    tokens = [s["token"] for s in sends]
+    assert tokens == sorted(tokens)  # never two leaders sending in one window
+    assert last["at"] > closed  # standing by, it sent nothing until the lead came to it
+    runs = [s["run"] for s in sends]
+    assert runs == sorted(runs) and len(runs) == len(set(runs))  # no tick sent twice
+    _report(
+        capsys,
+        f"beat leader partitioned: its last send {old[-1]['at'] - cut:+.2f} s from the cut, "
+        f"the next leader's first {first['at'] - cut:.2f} s after it (session 2 s); healed, "
+        f"it stood by {stood_by - healed:.2f} s later; {len(runs)} sends, 0 duplicates",
     )
 
 
