@@ -3082,6 +3082,26 @@ def test_beat_scheduler_given_as_a_setting_selects_the_elected_scheduler(beats: 
     assert beats.roles() == {beat.pid: "held"}  # it leads through ZooKeeper
 
 
+def test_rm_of_the_beat_leader_forces_a_reelection_and_the_old_leader_stands_by(
+    beats: Beats, zk_hosts, zk_root
+):
+    beats.start(), beats.start()
+    beats.standing_by(1)
+    beats.sends_after(0)
+    leader, token = beats.leader(), beats.sends()[-1]["token"]
+    done = _zk_cli(zk_hosts, zk_root, "rm", "zkcelery-tests()", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "broke beat zkcelery-tests()" in done.stdout and "1 waiting" in done.stdout
+    first = beats.next_leaders_first_send(token)
+    wait_for(lambda: beats.roles().get(leader) == "waiting", 30, "the old leader to stand by")
+    beats.sends_after(first["at"])
+    sends = beats.sends()
+    assert first["pid"] != leader
+    assert [s for s in sends if s["token"] == token][-1]["at"] < first["at"]
+    assert leader in beats.alive() and "stopped leading" in beats.log_of(leader)
+    _assert_every_tick_once(sends)  # and the tokens never went back: one sender at a time
+
+
 @pytest.mark.slow
 def test_three_beats_with_the_leader_sigkilled_three_times_send_every_tick_once(
     beats: Beats, restore_ensemble, capsys
