@@ -3082,6 +3082,35 @@ def test_beat_scheduler_given_as_a_setting_selects_the_elected_scheduler(beats: 
     assert beats.roles() == {beat.pid: "held"}  # it leads through ZooKeeper
 
 
+def test_a_celery_beat_stopped_with_sigterm_hands_the_lead_over_within_a_tick(beats: Beats, capsys):
+    # Sessions of 5 s (the test ensemble's most): a lead that passed only once the stopped
+    # leader's session had expired would come seconds after a tick (1 s) would.
+    for _ in range(2):
+        beats.start(ZKCELERY_TEST_SESSION="5")
+    beats.standing_by(1)
+    beats.sends_after(0, 2)
+    leader = beats.leader()
+    token = beats.sends()[-1]["token"]
+    proc = next(p for p in beats.procs if p.pid == leader)
+    stopped = time.monotonic()
+    proc.terminate()  # SIGTERM
+    proc.wait(20)
+    exited = time.monotonic()
+    # It removed its node as it exited: not left to the end of its session.
+    wait_for(lambda: leader not in beats.roles(), 1.0, "the stopped leader's node to be gone")
+    first = beats.next_leaders_first_send(token)
+    took = first["at"] - stopped
+    assert first["pid"] != leader and first["token"] > token
+    figures = _assert_every_tick_once(beats.sends())
+    assert took < 3.0, took  # a tick and a margin; the session alone would take 4-5 s
+    _report(
+        capsys,
+        f"beat stopped with SIGTERM: exited {exited - stopped:.2f} s after the signal; the "
+        f"standby's first send {took:.2f} s after it (tick 1 s, session 5 s); duplicates "
+        f"{figures['duplicates']}, lost ticks {figures['lost']}",
+    )
+
+
 def test_rm_of_the_beat_leader_forces_a_reelection_and_the_old_leader_stands_by(
     beats: Beats, zk_hosts, zk_root
 ):
