@@ -2334,6 +2334,26 @@ def test_redis_copies_outliving_the_visibility_timeout_run_once_per_task(
                     f"{text.count('rejected and requeued')} requeues")  # fmt: skip
 
 
+def test_a_requeued_copy_goes_back_at_the_head_of_the_queue_on_rabbitmq_and_the_tail_on_redis(
+    broker_workers: Workers, broker, zk, zk_root
+):
+    path = node_path(zk_root, "mutexes", "testtasks.broker_requeued", "h")
+    hold_externally(zk, path)
+    copy = broker_workers.send("broker_requeued", "h", 0.0)
+    behind = [broker_workers.send("broker_mutex", f"b{n}", 0.0) for n in range(3)]
+    worker = broker_workers.start(concurrency=1)  # one message at a time (prefetch 1)
+    log = lambda: worker.log.read_text(errors="replace")  # noqa: E731
+    wait_for(lambda: "rejected and requeued" in log(), 30, "the copy's first requeue")
+    zk.delete(path)  # from now on the copy runs at its next delivery
+    assert _states([copy, *behind], 30) == ["SUCCESS"] * 4
+    order = [e["task_id"] for e in broker_workers.record.entries()]
+    others = [r.id for r in behind]
+    if broker.kind == "rabbitmq":  # at the head: delivered again before the others
+        assert order == [copy.id, *others], (order, copy.id)
+    else:  # at the tail: the others first
+        assert order == [*others, copy.id], (order, copy.id)
+
+
 def test_lock_retries_under_contention_go_through_the_broker_and_every_task_runs(
     broker_workers: Workers, broker, capsys
 ):
