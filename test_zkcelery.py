@@ -42,6 +42,7 @@ from kazoo.exceptions import NoNodeError
 
 import zkcelery
 from conftest import (
+    Partition,
     Workers,
     both_ttl,
     close_sessions,
@@ -2352,6 +2353,54 @@ def test_a_requeued_copy_goes_back_at_the_head_of_the_queue_on_rabbitmq_and_the_
         assert order == [copy.id, *others], (order, copy.id)
     else:  # at the tail: the others first
         assert order == [*others, copy.id], (order, copy.id)
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_on_rabbitmq_a_redelivery_while_the_first_run_lives_is_dropped_neither_run_nor_requeued(
+    broker_workers: Workers, broker, zk, zk_root
+):
+    # The first worker reaches RabbitMQ through a proxy: closing it loses that worker's
+    # connection, and RabbitMQ delivers its unacknowledged message again, to the second
+    # worker, while the first run still holds the mutex in its pool process.
+    host, port = broker.url.split("@", 1)[1].strip("/").rsplit(":", 1)
+    link = Partition((host, int(port)))
+    try:
+        broker_workers.start(
+            concurrency=1, ZKCELERY_TEST_BROKER_URL=f"amqp://guest:guest@{link.address}//"
+        )
+        marker = broker_workers.tmp / "first-run-ends"
+        result = broker_workers.send("mutex_until", "d", str(marker))
+        path = node_path(zk_root, "mutexes", "testtasks.mutex_until", "d")
+        wait_for(lambda: zk.exists(path), 30, "the first run to take its mutex")
+        holder = json.loads(zk.get(path)[0])
+        assert holder["task_id"] == result.id
+        second = broker_workers.start(concurrency=1)
+        link.close()
+        log = lambda: second.log.read_text(errors="replace")  # noqa: E731
+        wait_for(lambda: "a second delivery of its message; dropped" in log(), 30,
+                 "the second delivery to be dropped")  # fmt: skip
+        assert f"mutex_until[{result.id}]" in log() and f"pid {holder['pid']})" in log()
+        # Whatever the second worker still holds goes back to the queue when it dies.
+        os.killpg(second.pid, signal.SIGKILL)
+        second.proc.wait(10)
+        wait_for(lambda: _rabbitmq_queue(broker, broker_workers.queue)[1] == 0, 20,
+                 "RabbitMQ to see no consumer")  # fmt: skip
+        assert _rabbitmq_queue(broker, broker_workers.queue)[0] == 0  # acknowledged: none left
+        assert json.loads(zk.get(path)[0])["pid"] == holder["pid"]  # the first run lives on
+        marker.touch()
+        assert result.get(timeout=30) is None
+        entries = broker_workers.record.entries()
+        assert [(e["task_id"], e["pid"]) for e in entries] == [(result.id, holder["pid"])]
+        assert "rejected and requeued" not in log()
+    finally:
+        link.close()
+
+
+def _rabbitmq_queue(broker, queue: str) -> tuple[int, int]:
+    """(ready messages, consumers) of a RabbitMQ queue: a passive declare, over AMQP."""
+    with kombu.Connection(broker.url, connect_timeout=5) as conn:
+        _, ready, consumers = conn.default_channel.queue_declare(queue, passive=True)
+    return ready, consumers
 
 
 def test_lock_retries_under_contention_go_through_the_broker_and_every_task_runs(
