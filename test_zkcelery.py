@@ -3288,6 +3288,10 @@ def test_a_partitioned_beat_leader_stops_sending_before_another_leads_and_stands
                 cut = time.monotonic()
                 first = wait_for(lambda: [s for s in sends if s["token"] > token], 30,
                                  "another leader's send")[0]  # fmt: skip
+                wait_for(lambda: sum(s["token"] == first["token"] for s in sends) >= 3, 10,
+                         "the next leader's next sends")  # fmt: skip
+                old = [s for s in sends if s["token"] == token]
+                assert old[-1]["at"] < first["at"]  # the cut-off one had stopped before
                 partition.heal()
                 healed = time.monotonic()
                 # The other leads; the healed one is back in line behind it, sending nothing.
@@ -3299,8 +3303,6 @@ def test_a_partitioned_beat_leader_stops_sending_before_another_leads_and_stands
             closed = time.monotonic()
             last = wait_for(lambda: [s for s in sends if s["token"] > first["token"]], 20,
                             "the healed beat to lead once the other stopped")[0]  # fmt: skip
-    old = [s for s in sends if s["token"] == token]
-    assert old[-1]["at"] < first["at"]  # the cut-off leader had stopped before another sent
     tokens = [s["token"] for s in sends]
     assert tokens == sorted(tokens)  # never two leaders sending in one window
     assert last["at"] > closed  # standing by, it sent nothing until the lead came to it
