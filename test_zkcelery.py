@@ -3191,13 +3191,12 @@ def test_rm_of_the_beat_leader_forces_a_reelection_and_the_old_leader_stands_by(
     assert done.returncode == 0, done.stderr
     assert "broke beat zkcelery-tests()" in done.stdout and "1 waiting" in done.stdout
     first = beats.next_leaders_first_send(token)
-    wait_for(lambda: beats.roles().get(leader) == "waiting", 30, "the old leader to stand by")
     beats.sends_after(first["at"])
-    sends = beats.sends()
     assert first["pid"] != leader
-    assert [s for s in sends if s["token"] == token][-1]["at"] < first["at"]
+    assert [s for s in beats.sends() if s["token"] == token][-1]["at"] < first["at"]
+    wait_for(lambda: beats.roles().get(leader) == "waiting", 30, "the old leader to stand by")
     assert leader in beats.alive() and "stopped leading" in beats.log_of(leader)
-    _assert_every_tick_once(sends)  # and the tokens never went back: one sender at a time
+    _assert_every_tick_once(beats.sends())  # and the tokens never went back: one at a time
 
 
 @pytest.mark.slow
