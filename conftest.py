@@ -252,6 +252,8 @@ class Partition:
 
     ``cut()`` blackholes every connection (nothing is forwarded, nothing is closed,
     new connections hang), as a dead switch would; ``heal()`` forwards again.
+    ``close()`` ends every connection, so that both peers see it closed at once, and
+    takes no more: a link lost for good.
     """
 
     def __init__(self, target: tuple[str, int]) -> None:
@@ -274,6 +276,8 @@ class Partition:
         self.closed = True
         self.flowing.set()
         for sock in [self.listener, *self.sockets]:
+            with contextlib.suppress(OSError):  # wakes a thread blocked on it; sends FIN
+                sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
 
@@ -528,9 +532,12 @@ class Workers:
         """
         n = len(self.started)
         log, ready = self.tmp / f"worker{n}.log", self.tmp / f"worker{n}.ready"
+        # A node name of this test's own: RabbitMQ lets one connection at a time hold a
+        # node's control queue (<name>.celery.pidbox), so tests beside each other on one
+        # broker must not share names.
         argv = [
             sys.executable, "-m", "celery", "-A", "testtasks", "worker",
-            "-P", pool, "-c", str(concurrency), "-n", f"w{n}@%h", "-l", "INFO",
+            "-P", pool, "-c", str(concurrency), "-n", f"w{n}-{self.queue}@%h", "-l", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "-f", str(log), *(["-Q", queues] if queues else []),
         ]  # fmt: skip

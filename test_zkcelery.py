@@ -34,6 +34,7 @@ import kombu
 import pytest
 from celery import Celery
 from celery.exceptions import MaxRetriesExceededError, Reject, Retry
+from celery.signals import before_task_publish
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kazoo.client import KazooClient
@@ -42,6 +43,7 @@ from kazoo.protocol.states import Callback
 
 import zkcelery
 from conftest import (
+    Partition,
     Workers,
     both_ttl,
     close_sessions,
@@ -2564,6 +2566,78 @@ def test_redis_copies_outliving_the_visibility_timeout_run_once_per_task(
                     f"{text.count('rejected and requeued')} requeues")  # fmt: skip
 
 
+def test_a_requeued_copy_goes_back_at_the_head_of_the_queue_on_rabbitmq_and_the_tail_on_redis(
+    broker_workers: Workers, broker, zk, zk_root
+):
+    path = node_path(zk_root, "mutexes", "testtasks.broker_requeued", "h")
+    hold_externally(zk, path)
+    copy = broker_workers.send("broker_requeued", "h", 0.0)
+    behind = [broker_workers.send("broker_mutex", f"b{n}", 0.0) for n in range(3)]
+    worker = broker_workers.start(concurrency=1)  # one message at a time (prefetch 1)
+    log = lambda: worker.log.read_text(errors="replace")  # noqa: E731
+    wait_for(lambda: "rejected and requeued" in log(), 30, "the copy's first requeue")
+    zk.delete(path)  # from now on the copy runs at its next delivery
+    assert _states([copy, *behind], 30) == ["SUCCESS"] * 4
+    order = [e["task_id"] for e in broker_workers.record.entries()]
+    others = [r.id for r in behind]
+    if broker.kind == "rabbitmq":  # at the head: delivered again before the others
+        assert order == [copy.id, *others], (order, copy.id)
+    else:  # at the tail: the others first
+        assert order == [*others, copy.id], (order, copy.id)
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_on_rabbitmq_a_redelivery_while_the_first_run_lives_is_dropped_neither_run_nor_requeued(
+    broker_workers: Workers, broker, zk, zk_root
+):
+    # The first worker reaches RabbitMQ through a proxy: closing it loses that worker's
+    # connection, and RabbitMQ delivers its unacknowledged message again, to the second
+    # worker, while the first run still holds the mutex in its pool process.
+    host, port = broker.url.split("@", 1)[1].strip("/").rsplit(":", 1)
+    link = Partition((host, int(port)))
+    try:
+        broker_workers.start(
+            concurrency=1, ZKCELERY_TEST_BROKER_URL=f"amqp://guest:guest@{link.address}//"
+        )
+        marker = broker_workers.tmp / "first-run-ends"
+        result = broker_workers.send("mutex_until", "d", str(marker))
+        path = node_path(zk_root, "mutexes", "testtasks.mutex_until", "d")
+        wait_for(lambda: zk.exists(path), 30, "the first run to take its mutex")
+        holder = json.loads(zk.get(path)[0])
+        assert holder["task_id"] == result.id
+        second = broker_workers.start(concurrency=1)
+        link.close()
+        log = lambda: second.log.read_text(errors="replace")  # noqa: E731
+        wait_for(lambda: "a second delivery of its message; dropped" in log(), 30,
+                 "the second delivery to be dropped")  # fmt: skip
+        assert f"mutex_until[{result.id}]" in log() and f"pid {holder['pid']})" in log()
+        # The second worker takes one message at a time: once it has run the next one, it
+        # has let go of that copy (acknowledged it, or sent it back to the queue).
+        probe = broker_workers.send("broker_mutex", "probe", 0.0)
+        assert probe.get(timeout=30) is None
+        # Sent back, it would be in the queue once no consumer can hold it: none may be.
+        os.killpg(second.pid, signal.SIGKILL)
+        second.proc.wait(10)
+        wait_for(lambda: _rabbitmq_queue(broker, broker_workers.queue)[1] == 0, 20,
+                 "RabbitMQ to see no consumer")  # fmt: skip
+        assert _rabbitmq_queue(broker, broker_workers.queue)[0] == 0  # acknowledged: none left
+        assert json.loads(zk.get(path)[0])["pid"] == holder["pid"]  # the first run lives on
+        marker.touch()
+        assert result.get(timeout=30) is None
+        entries = [e for e in broker_workers.record.entries() if e["key"] == "d"]
+        assert [(e["task_id"], e["pid"]) for e in entries] == [(result.id, holder["pid"])]
+        assert "rejected and requeued" not in log()
+    finally:
+        link.close()
+
+
+def _rabbitmq_queue(broker, queue: str) -> tuple[int, int]:
+    """(ready messages, consumers) of a RabbitMQ queue: a passive declare, over AMQP."""
+    with kombu.Connection(broker.url, connect_timeout=5) as conn:
+        _, ready, consumers = conn.default_channel.queue_declare(queue, passive=True)
+    return ready, consumers
+
+
 def test_lock_retries_under_contention_go_through_the_broker_and_every_task_runs(
     broker_workers: Workers, broker, capsys
 ):
@@ -3024,15 +3098,20 @@ class Beats:
                     "ZKCELERY_TEST_SESSIONS": str(self.sessions)}  # fmt: skip
         self.procs: list[subprocess.Popen] = []
 
-    def start(self) -> subprocess.Popen:
+    def start(self, setting: bool = False, **env: str) -> subprocess.Popen:
+        """Start a beat: ``-S zkcelery.ElectedScheduler``, or with ``setting``, no ``-S`` and
+        ``beat_scheduler`` in the app's configuration; ``env`` adds to its environment."""
         n = len(self.procs)
+        scheduler = [] if setting else ["-S", "zkcelery.ElectedScheduler"]
+        if setting:
+            env = {**env, "ZKCELERY_TEST_BEAT_SCHEDULER": "zkcelery.ElectedScheduler"}
         argv = [
             sys.executable, "-m", "celery", "-A", "testtasks", "beat",
-            "-S", "zkcelery.ElectedScheduler", "-l", "INFO", "--max-interval", "1",
+            *scheduler, "-l", "INFO", "--max-interval", "1",
             "-s", str(self.tmp / f"beat{n}-schedule"), "-f", str(self.log(n)),
         ]  # fmt: skip
         proc = subprocess.Popen(
-            argv, cwd=Path(__file__).parent, env=self.env, stdout=subprocess.DEVNULL,
+            argv, cwd=Path(__file__).parent, env={**self.env, **env}, stdout=subprocess.DEVNULL,
             stderr=open(self.tmp / f"beat{n}.err", "w"),  # noqa: SIM115 - the process's to keep
             start_new_session=True,
         )  # fmt: skip
@@ -3054,8 +3133,8 @@ class Beats:
                 headers = json.loads(path.read_text())["headers"]
                 found.append({
                     "at": sent_at(path),
-                    "token": headers["zkcelery_beat_token"],
-                    "run": headers["zkcelery_beat_run"],
+                    "token": headers.get("zkcelery_beat_token"),  # None: not ElectedScheduler's
+                    "run": headers.get("zkcelery_beat_run"),
                     "pid": int(headers["origin"].split("@")[0][len("gen"):]),
                 })  # fmt: skip
         return sorted(found, key=lambda send: send["at"])
@@ -3183,6 +3262,53 @@ def schedulers(zk_hosts, zk_root) -> Iterator[Any]:
         scheduler.close()
 
 
+@contextlib.contextmanager
+def _beat_sends() -> Iterator[list[dict]]:
+    """What in-process schedulers send, as it goes to the broker: when, fencing token, run."""
+    sent: list[dict] = []
+
+    def note(headers: dict | None = None, **_: Any) -> None:
+        if headers and "zkcelery_beat_token" in headers:
+            sent.append({"at": time.monotonic(), "token": headers["zkcelery_beat_token"],
+                         "run": headers["zkcelery_beat_run"]})  # fmt: skip
+
+    before_task_publish.connect(note, weak=False)
+    try:
+        yield sent
+    finally:
+        before_task_publish.disconnect(note)
+
+
+@contextlib.contextmanager
+def _beat_loop(scheduler: Any) -> Iterator[None]:
+    """Tick ``scheduler`` in a thread of its own, as ``celery beat``'s loop does, meanwhile."""
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            while not stop.is_set():
+                stop.wait(scheduler.tick())
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="beat-loop", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+    if failed:
+        raise failed[0]
+
+
+def _beat_rows(scheduler: Any) -> list[str]:
+    """The states of the beats' nodes, as ``ls`` lists them, seen from ``scheduler``'s session."""
+    rows = zkcelery._listing(zkcelery._connection(scheduler.app))
+    return sorted(row["state"] for row in rows if row["kind"] == "beat")
+
+
 def test_one_scheduler_leads_the_others_stand_by_and_a_clean_stop_hands_over_at_once(
     schedulers, capsys
 ):
@@ -3270,6 +3396,62 @@ def test_a_crontab_entrys_state_in_zookeeper_carries_over_to_the_next_leader(
     assert datetime.fromisoformat(stored["last_run_at"]) > before
 
 
+def test_a_timedelta_entry_is_sent_once_per_interval_and_the_next_leader_carries_on(schedulers):
+    def every_half_second(beat_app: Celery) -> None:
+        beat_app.conf.beat_schedule = {
+            "td": {"task": "t.tick", "schedule": timedelta(seconds=0.5)}}  # fmt: skip
+
+    due: dict[int, datetime] = {}  # run -> when it fell due (the entry's last_run_at)
+
+    def runs(scheduler: Any) -> int:
+        entry = scheduler.schedule["td"]
+        if entry.total_run_count:
+            due.setdefault(entry.total_run_count, entry.last_run_at)
+        return len(due)
+
+    with _beat_sends() as sends:
+        first = schedulers(every_half_second)
+        _tick_until(first, lambda: runs(first) >= 3, "three sends")
+        first.close()
+        second = schedulers(every_half_second)
+        _tick_until(second, lambda: runs(second) >= 4, "the next leader's send")
+    assert [s["run"] for s in sends] == sorted(due) == [1, 2, 3, 4]  # once each, none again
+    assert sends[3]["token"] > sends[2]["token"] == sends[0]["token"]  # the last by the next
+    times = [due[run] for run in sorted(due)]
+    assert all(b - a >= timedelta(seconds=0.5) for a, b in zip(times, times[1:])), times
+
+
+def test_a_solar_entry_that_fell_due_is_sent_once_and_the_next_leader_keeps_its_state(
+    schedulers, zk, zk_root, caplog
+):
+    from celery.schedules import solar
+
+    # What an earlier leader left: run 4, three days ago (three sunrises were missed).
+    state = f"{zk_root}/beat/{zkcelery._lock_name('beat-tests', ())}@schedule"
+    before = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=3)
+    saved = {"sun": {"last_run_at": before.isoformat(), "total_run_count": 4}}
+    zk.create(state, json.dumps({"entries": saved}).encode(), makepath=True)
+
+    def at_sunrise(beat_app: Celery) -> None:
+        beat_app.conf.beat_schedule = {
+            "sun": {"task": "t.tick", "schedule": solar("sunrise", 0.0, 0.0)}}  # fmt: skip
+
+    leader = schedulers(at_sunrise)
+    with caplog.at_level("INFO"):
+        _tick_until(leader, lambda: leader.schedule["sun"].total_run_count == 5, "the late send")
+        leader.close()
+        second = schedulers(at_sunrise)
+        _tick_until(second, lambda: caplog.text.count("beat: leading the schedule") == 2,
+                    "the next leader")  # fmt: skip
+        second.tick()  # the next sunrise is hours away: nothing is due
+    assert "sun fell due" in caplog.text and "while no beat was leading" in caplog.text
+    assert caplog.text.count("Sending due task sun") == 1  # once, not once per missed sunrise
+    assert second.schedule["sun"].total_run_count == 5  # the state carried over
+    stored = json.loads(zk.get(state)[0])["entries"]["sun"]
+    assert stored["total_run_count"] == 5
+    assert datetime.fromisoformat(stored["last_run_at"]) > before + timedelta(days=2)
+
+
 def test_a_refused_send_is_one_info_line_and_the_schedule_moves_on(schedulers, caplog):
     class Refusing(celery.Task):
         def apply_async(self, *args: Any, **kwargs: Any) -> Any:
@@ -3323,6 +3505,62 @@ def test_celery_beat_with_an_unknown_task_exits_at_start_with_the_error(workers:
     )  # fmt: skip
     assert done.returncode != 0
     assert "beat_schedule entry 'typo': task 'testtasks.beat_tik'" in done.stderr
+
+
+def test_beat_scheduler_given_as_a_setting_selects_the_elected_scheduler(beats: Beats):
+    beat = beats.start(setting=True)  # no -S: beat_scheduler in the app's configuration
+    first = beats.sends_after(0)[0]
+    assert first["pid"] == beat.pid
+    assert first["token"] is not None and first["run"] == 1  # stamped by ElectedScheduler
+    assert beats.roles() == {beat.pid: "held"}  # it leads through ZooKeeper
+
+
+def test_a_celery_beat_stopped_with_sigterm_hands_the_lead_over_within_a_tick(beats: Beats, capsys):
+    # Sessions of 5 s (the test ensemble's most): a lead that passed only once the stopped
+    # leader's session had expired would come seconds after a tick (1 s) would.
+    for _ in range(2):
+        beats.start(ZKCELERY_TEST_SESSION="5")
+    beats.standing_by(1)
+    beats.sends_after(0, 2)
+    leader = beats.leader()
+    token = beats.sends()[-1]["token"]
+    proc = next(p for p in beats.procs if p.pid == leader)
+    stopped = time.monotonic()
+    proc.terminate()  # SIGTERM
+    proc.wait(20)
+    exited = time.monotonic()
+    # It removed its node as it exited: not left to the end of its session.
+    wait_for(lambda: leader not in beats.roles(), 1.0, "the stopped leader's node to be gone")
+    first = beats.next_leaders_first_send(token)
+    took = first["at"] - stopped
+    assert first["pid"] != leader and first["token"] > token
+    figures = _assert_every_tick_once(beats.sends())
+    assert took < 3.0, took  # a tick and a margin; the session alone would take 4-5 s
+    _report(
+        capsys,
+        f"beat stopped with SIGTERM: exited {exited - stopped:.2f} s after the signal; the "
+        f"standby's first send {took:.2f} s after it (tick 1 s, session 5 s); duplicates "
+        f"{figures['duplicates']}, lost ticks {figures['lost']}",
+    )
+
+
+def test_rm_of_the_beat_leader_forces_a_reelection_and_the_old_leader_stands_by(
+    beats: Beats, zk_hosts, zk_root
+):
+    beats.start(), beats.start()
+    beats.standing_by(1)
+    beats.sends_after(0)
+    leader, token = beats.leader(), beats.sends()[-1]["token"]
+    done = _zk_cli(zk_hosts, zk_root, "rm", "zkcelery-tests()", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert "broke beat zkcelery-tests()" in done.stdout and "1 waiting" in done.stdout
+    first = beats.next_leaders_first_send(token)
+    beats.sends_after(first["at"])
+    assert first["pid"] != leader
+    assert [s for s in beats.sends() if s["token"] == token][-1]["at"] < first["at"]
+    wait_for(lambda: beats.roles().get(leader) == "waiting", 30, "the old leader to stand by")
+    assert leader in beats.alive() and "stopped leading" in beats.log_of(leader)
+    _assert_every_tick_once(beats.sends())  # and the tokens never went back: one at a time
 
 
 @pytest.mark.slow
@@ -3389,6 +3627,52 @@ def test_a_leader_whose_session_expires_stops_before_the_next_one_sends_then_sta
         f"before the next leader's first (tokens {token} < {first['token']}), which came "
         f"{first['at'] - expired:.2f} s after the expiry; duplicates {figures['duplicates']}, "
         f"lost ticks {figures['lost']}; the old leader stands by",
+    )
+
+
+def test_a_partitioned_beat_leader_stops_sending_before_another_leads_and_stands_by_once_healed(
+    partition, schedulers, capsys
+):
+    def through_the_partition(beat_app: Celery) -> None:
+        beat_app.conf.update(ZOOKEEPER_HOSTS=partition.address)
+
+    with _beat_sends() as sends:
+        cut_off = schedulers(through_the_partition)
+        with _beat_loop(cut_off):
+            wait_for(lambda: len(sends) >= 2, 20, "two sends by the first leader")
+            other = schedulers()
+            with _beat_loop(other):
+                wait_for(lambda: _beat_rows(other) == ["held", "waiting"], 20, "a standby")
+                token = sends[-1]["token"]
+                partition.cut()
+                cut = time.monotonic()
+                first = wait_for(lambda: [s for s in sends if s["token"] > token], 30,
+                                 "another leader's send")[0]  # fmt: skip
+                wait_for(lambda: sum(s["token"] == first["token"] for s in sends) >= 3, 10,
+                         "the next leader's next sends")  # fmt: skip
+                old = [s for s in sends if s["token"] == token]
+                assert old[-1]["at"] < first["at"]  # the cut-off one had stopped before
+                partition.heal()
+                healed = time.monotonic()
+                # The other leads; the healed one is back in line behind it, sending nothing.
+                wait_for(lambda: _beat_rows(other) == ["held", "waiting"], 30,
+                         "the healed beat to stand by")  # fmt: skip
+                stood_by = time.monotonic()
+                wait_for(lambda: sends[-1]["at"] > stood_by, 10, "a send while it stands by")
+            other.close()
+            closed = time.monotonic()
+            last = wait_for(lambda: [s for s in sends if s["token"] > first["token"]], 20,
+                            "the healed beat to lead once the other stopped")[0]  # fmt: skip
+    tokens = [s["token"] for s in sends]
+    assert tokens == sorted(tokens)  # never two leaders sending in one window
+    assert last["at"] > closed  # standing by, it sent nothing until the lead came to it
+    runs = [s["run"] for s in sends]
+    assert runs == sorted(runs) and len(runs) == len(set(runs))  # no tick sent twice
+    _report(
+        capsys,
+        f"beat leader partitioned: its last send {old[-1]['at'] - cut:+.2f} s from the cut, "
+        f"the next leader's first {first['at'] - cut:.2f} s after it (session 2 s); healed, "
+        f"it stood by {stood_by - healed:.2f} s later; {len(runs)} sends, 0 duplicates",
     )
 
 

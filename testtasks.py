@@ -290,9 +290,21 @@ def broker_fails():
     raise ValueError("a real error keeps its traceback")
 
 
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), mutex_requeue=True)
+def mutex_until(self, key, marker):
+    # Holds its mutex until the test creates the marker (a minute at most).
+    deadline = time.monotonic() + 60.0
+    while not Path(marker).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    record_body(key, task_id=self.request.id)
+
+
 # The beat tests run `celery -A testtasks beat` with the schedule in the environment.
 if os.environ.get("ZKCELERY_TEST_BEAT"):
     app.conf.beat_schedule = json.loads(os.environ["ZKCELERY_TEST_BEAT"])
+# The scheduler as a setting, as the README allows beside `beat -S`.
+if os.environ.get("ZKCELERY_TEST_BEAT_SCHEDULER"):
+    app.conf.beat_scheduler = os.environ["ZKCELERY_TEST_BEAT_SCHEDULER"]
 
 
 @app.task
