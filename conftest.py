@@ -16,6 +16,7 @@ and Redis keys), so tests may run in any order and in parallel.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -53,6 +55,50 @@ START_HINT = "no ZooKeeper ensemble answers at {hosts}: run ./zk-test.sh to star
 MAX_BASE_PORT = 65535 - 20003
 #: The TLS test ensemble's base port, from the test ensemble's.
 TLS_OFFSET = 300
+
+
+# ---------------------------------------------------------------------------
+# Two tests at once (pytest-xdist), a fault alone
+# ---------------------------------------------------------------------------
+#
+# pyproject.toml runs the suite in two pytest-xdist processes.  Most tests wait on
+# sessions, workers and timers far more than they compute, so two at a time halve
+# their wall time on two cores.  A test marked ``slow`` (one that stops or kills
+# ZooKeeper servers, soaks, or measures how fast a fault plays out) runs alone: it
+# takes the gate below exclusively, every other test takes it shared.  A turnstile
+# in front of the gate stops new shared takers while an exclusive one waits, so a
+# fault test waits for the test running beside it, never for the rest of the suite.
+
+
+def _gate_folder() -> Path:
+    """Where the two processes of one run meet: per test ensemble, outside the checkout."""
+    folder = Path(tempfile.gettempdir()) / f"zkcelery-tests-{zk_test_port()}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def _gate(exclusive: bool) -> Iterator[None]:
+    folder = _gate_folder()
+    with open(folder / "turnstile", "a") as turnstile, open(folder / "gate", "a") as gate:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(gate, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _alone_if_slow(request: pytest.FixtureRequest) -> Iterator[None]:
+    """First set up and last torn down (autouse): the whole test is inside the gate."""
+    with _gate(exclusive=request.node.get_closest_marker("slow") is not None):
+        yield
 
 
 # ---------------------------------------------------------------------------
@@ -174,34 +220,47 @@ class SecondEnsemble:
 
 
 @pytest.fixture(scope="session")
-def second_ensemble(
-    tmp_path_factory: pytest.TempPathFactory, ensemble_hosts_checked: str
-) -> Iterator[SecondEnsemble]:
+def second_ensemble(ensemble_hosts_checked: str) -> Iterator[SecondEnsemble]:
     """A second 3-server ensemble, started once when a test asks: TLS on, TTL nodes off.
 
     Its ports follow the test ensemble's: 300 above its base port (below, near the
     top of the range), so that neither ensemble's client, TLS (+100), quorum
     (+10000) or election (+20000) ports meet the other's.
     """
+    port = _second_port()
+    _second_ensemble_run()  # zk-test.sh's own lock: the run's other process reuses it
+    tls_hosts, ca = _second_ensemble_run("tls-hosts").split()
+    yield SecondEnsemble(",".join(f"127.0.0.1:{port + n}" for n in range(3)), tls_hosts, ca)
+
+
+def _second_port() -> int:
     base = zk_test_port()
-    port = base + TLS_OFFSET if base + TLS_OFFSET <= MAX_BASE_PORT else base - TLS_OFFSET
-    env = {**os.environ, "ZK_TEST_PORT": str(port),
-           "ZK_TEST_DIR": str(tmp_path_factory.mktemp("zk-second")),
+    return base + TLS_OFFSET if base + TLS_OFFSET <= MAX_BASE_PORT else base - TLS_OFFSET
+
+
+def _second_ensemble_run(*args: str) -> str:
+    env = {**os.environ, "ZK_TEST_PORT": str(_second_port()),
+           "ZK_TEST_DIR": str(_gate_folder() / "second-ensemble"),
            "ZK_TEST_TLS": "1", "ZK_TEST_TTL": "0", "ZK_TEST_BROKERS": "none"}  # fmt: skip
+    done = subprocess.run([str(ZK_TEST), *args], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"zk-test.sh {args} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout
 
-    def run(*args: str) -> str:
-        done = subprocess.run([str(ZK_TEST), *args], env=env, capture_output=True, text=True,
-                              timeout=120, check=False)  # fmt: skip
-        if done.returncode:
-            raise RuntimeError(f"zk-test.sh {args} failed:\n{done.stdout}{done.stderr}")
-        return done.stdout
 
-    try:
-        run()
-        tls_hosts, ca = run("tls-hosts").split()
-        yield SecondEnsemble(",".join(f"127.0.0.1:{port + n}" for n in range(3)), tls_hosts, ca)
-    finally:
-        run("stop", "--clean")
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Once, in the process that ran or dispatched every test (never an xdist worker):
+    # the second ensemble, if a test started it, and the run's meeting folder.
+    if hasattr(session.config, "workerinput"):
+        return
+    folder = Path(tempfile.gettempdir()) / f"zkcelery-tests-{zk_test_port()}"
+    if (folder / "second-ensemble").exists():
+        _second_ensemble_run("stop", "--clean")
+    with contextlib.suppress(OSError):
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
 
 
 @pytest.fixture
@@ -765,6 +824,23 @@ def broker(request: pytest.FixtureRequest) -> Broker:
         pytest.fail(BROKER_HINT.format(name=found.name, url=found.url, kind=found.kind),
                     pytrace=False)  # fmt: skip
     return found
+
+
+_figures: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Where the reports of every test arrive (xdist sends its workers' here too).
+    if report.when == "teardown":
+        _figures.extend(f"{report.nodeid.split('::')[-1]}: {value}"
+                        for name, value in report.user_properties if name == "figures")  # fmt: skip
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _figures:
+        terminalreporter.section("figures measured by the tests")
+        for line in _figures:
+            terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
