@@ -265,6 +265,36 @@ __all__ = [
 logger = logging.getLogger("zkcelery")
 
 
+#: The private parts of kazoo and Celery that zkcelery relies on, in one
+#: place: (module, object, attribute, its parameters or None for plain data).
+#: test_zkcelery checks each against the installed versions, so that an
+#: upgrade that moves one fails a test, not a worker.
+_INTERNALS = (
+    # the session id through a suspension, and requests kazoo has no method for
+    ("kazoo.client", "KazooClient", "_session_id", None),
+    ("kazoo.client", "KazooClient", "_connection", None),
+    ("kazoo.client", "KazooClient", "_call", ("request", "async_object")),
+    # the granted timeout and the time of the last answer (_instrument_connection)
+    ("kazoo.protocol.connection", "ConnectionHandler", "_invoke", ("timeout", "request", "xid")),
+    ("kazoo.protocol.connection", "ConnectionHandler", "_submit", ("request", "timeout", "xid")),
+    ("kazoo.protocol.connection", "ConnectionHandler", "_read_header", ("timeout",)),
+    ("kazoo.protocol.serialization", "Connect", "time_out", None),
+    ("kazoo.protocol.serialization", "MultiHeader", "deserialize", ("bytes", "offset")),
+    # MutexTask's copies of itself, and its rejections' one log line
+    ("celery.app.task", "Task", "on_replace", ("sig",)),
+    ("celery.app.task", "Context", "replaced_task_nesting", None),
+    ("celery.app.task", "Context", "retries", None),
+    ("celery.app.task", "Context", "is_eager", None),
+    ("celery.app.trace", "", "LOG_REJECTED", None),
+    ("celery.app.trace", "", "LOG_IGNORED", None),
+)
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
 class ZKCeleryError(Exception):
     """Base of the errors raised by zkcelery."""
 
@@ -341,8 +371,16 @@ class _ConnectionLost(CoordinationError):
     """The connection dropped while a request was in flight: it may or may not have applied."""
 
 
+class _NotLeading(ZKCeleryError):
+    """This beat cannot confirm that it leads: another one may have been elected."""
+
+
+class _StateMoved(_NotLeading):
+    """The schedule's state is no longer at the version this beat last wrote or read."""
+
+
 # ---------------------------------------------------------------------------
-# Tasks
+# Tasks: LockTask, MutexTask and EarlyMutexTask
 # ---------------------------------------------------------------------------
 
 
@@ -725,9 +763,24 @@ def _process_alive(holder: dict) -> bool | None:
     return True
 
 
+_rejections: dict[Any, int] = {}
+
+
+def _requeue_delay(task_id: Any) -> float:
+    # Process-local and bounded: a requeued copy may land on another process,
+    # which only makes it start again from the shortest delay.
+    count = _rejections.pop(task_id, 0)
+    if len(_rejections) > 1000:
+        _rejections.pop(next(iter(_rejections)))
+    _rejections[task_id] = count + 1
+    return min(8.0, 0.25 * 2**count)
+
+
 #: zkcelery's own waits keep a message unacknowledged for at most this share of
 #: the Redis ``visibility_timeout``, after which Redis would deliver it again.
 _VISIBILITY_SHARE = 0.25
+
+
 _visibility: weakref.WeakKeyDictionary[celery.Celery, float | None] = weakref.WeakKeyDictionary()
 
 
@@ -827,8 +880,6 @@ class _QuietRejections(logging.Filter):
         return True
 
 
-logging.getLogger("celery.app.trace").addFilter(_QuietRejections())
-
 _warned: set = set()
 
 
@@ -878,10 +929,6 @@ def _check_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
     timeout = _redis_visibility_timeout(sender.app)
     if timeout is not None and isinstance(when, (int, float)) and when > timeout:
         _warn_duplicates(sender, "the retry countdown", when, timeout)
-
-
-signals.task_prerun.connect(_check_limits, weak=False)
-signals.task_retry.connect(_check_retry, weak=False)
 
 
 class EarlyMutexTask(_KeyedTask):
@@ -1003,73 +1050,25 @@ class EarlyMutexTask(_KeyedTask):
         return Lease(self, _EARLY, self._mutex_values(args, kwargs), task_id=task_id)
 
 
-class EarlyMutexScheduler(PersistentScheduler):
-    """``celery beat -S zkcelery.EarlyMutexScheduler``: a refused send is a skipped tick.
+def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """A revoked EarlyMutexTask message frees the key it holds while queued.
 
-    When an :class:`EarlyMutexTask`'s last run is still queued or running,
-    the tick is logged once at INFO with the holder's task id, not as an
-    error with a traceback, and the schedule moves on.
+    This runs in the worker's main process, which must keep no session (its
+    pool children are forked from it): a short-lived one is used and closed.
     """
-
-    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
+    if not isinstance(sender, EarlyMutexTask) or request is None:
+        return
+    lease = sender._early_lease(request.args, request.kwargs, request.id)
+    with _revocation_session(sender.app) as lease._session:
         try:
-            return super().apply_async(entry, producer, advance, **kw)
-        except SchedulingError as exc:
-            refused = exc.__context__ or exc.__cause__
-            if not isinstance(refused, AlreadyQueued):
-                raise
-            logger.info("beat: %s skipped: %s", entry.name, refused)
-            return _SkippedTick()
-
-
-class _SkippedTick:
-    """A skipped tick's result: Celery 5.3.0 logs ``.id`` of what ``apply_async`` returns."""
-
-    id = None
-
-    def __bool__(self) -> bool:  # newer Celery logs no id for a falsy result
-        return False
+            lease._unreserve()
+        except ZKCeleryError as exc:
+            lease._log(logging.WARNING, "not freed after its revocation: %s", exc)
 
 
 # ---------------------------------------------------------------------------
-# Leases: the one lock primitive behind lock(), semaphore() and MutexTask
+# Leases: the one lock primitive behind lock(), semaphore() and the mutexes
 # ---------------------------------------------------------------------------
-#
-# Znode layout under ZOOKEEPER_ROOT.  The root and the namespace nodes
-# are persistent and made once; everything per key is ephemeral or a
-# container node (ZooKeeper 3.5.3+), which the server removes once its last
-# child is gone, so no key leaves anything behind:
-#
-#   /zkcelery/locks/<name>                    ephemeral: the holder that
-#                                             found the lock free
-#   /zkcelery/locks/<name>@queue/             container: waiters, in order
-#   /zkcelery/locks/<name>@queue/1@<guid>@0000000042
-#   /zkcelery/mutexes/...                     likewise, for MutexTask
-#   /zkcelery/semaphores/<name>/              container: holders and waiters
-#   /zkcelery/semaphores/<name>/<max>@<guid>@0000000042
-#
-# The data version of each namespace node (locks/, mutexes/, ...) counts the
-# breaks (``rm``) in it: a release of a fixed-path node checks it (see
-# _ExclusiveLock).
-#
-# <name> is the lock's name encoded by _lock_name(), which never holds "@".
-# Every node carries its contender's metadata as JSON (task id, host, pid,
-# identifier, key, and the lease's <guid>), so "who holds it" costs no extra
-# node.  The two protocols are explained where they are implemented:
-# _ExclusiveLock and _Semaphore, both built on _Queue.
-
-_LOCKS, _SEMAPHORES, _MUTEXES, _EARLY = "locks", "semaphores", "mutexes", "early"
-_BEAT = "beat"  # ElectedScheduler: the election, and the schedule's state
-_KIND = {
-    _LOCKS: "lock", _SEMAPHORES: "semaphore", _MUTEXES: "mutex", _EARLY: "early mutex",
-    _BEAT: "beat",
-}  # fmt: skip
-_SEP = "@"  # separates the parts of a contender's node name; never in a lock name
-_QUEUE = f"{_SEP}queue"  # suffix of an exclusive lock's queue container
-_SEQ_DIGITS = 10  # ZooKeeper appends a 10-digit counter to sequential nodes
-#: Turns of a waiting loop that may pass without an event before it pauses:
-#: each turn follows a change it saw, so this is a guard, not a rhythm.
-_FREE_TURNS = 20
 
 
 class Lease:
@@ -1363,35 +1362,6 @@ class Lease:
         )  # fmt: skip
 
 
-#: The private parts of kazoo and Celery that zkcelery relies on, in one
-#: place: (module, object, attribute, its parameters or None for plain data).
-#: test_zkcelery checks each against the installed versions, so that an
-#: upgrade that moves one fails a test, not a worker.
-_INTERNALS = (
-    # the session id through a suspension, and requests kazoo has no method for
-    ("kazoo.client", "KazooClient", "_session_id", None),
-    ("kazoo.client", "KazooClient", "_connection", None),
-    ("kazoo.client", "KazooClient", "_call", ("request", "async_object")),
-    # the granted timeout and the time of the last answer (_instrument_connection)
-    ("kazoo.protocol.connection", "ConnectionHandler", "_invoke", ("timeout", "request", "xid")),
-    ("kazoo.protocol.connection", "ConnectionHandler", "_submit", ("request", "timeout", "xid")),
-    ("kazoo.protocol.connection", "ConnectionHandler", "_read_header", ("timeout",)),
-    ("kazoo.protocol.serialization", "Connect", "time_out", None),
-    ("kazoo.protocol.serialization", "MultiHeader", "deserialize", ("bytes", "offset")),
-    # MutexTask's copies of itself, and its rejections' one log line
-    ("celery.app.task", "Task", "on_replace", ("sig",)),
-    ("celery.app.task", "Context", "replaced_task_nesting", None),
-    ("celery.app.task", "Context", "retries", None),
-    ("celery.app.task", "Context", "is_eager", None),
-    ("celery.app.trace", "", "LOG_REJECTED", None),
-    ("celery.app.trace", "", "LOG_IGNORED", None),
-)
-
-#: What a protocol's acquire returns: the node, its fencing token if known,
-#: and the session that made the node.
-_Granted = tuple[str, Optional[int], Optional[int]]
-
-
 class _AppOwner:
     """What a lease uses of its task (name, app, request id), for a lease an app holds."""
 
@@ -1507,7 +1477,47 @@ class _Grant:
 
 
 _BROKEN = "its znode was deleted from outside"
+
+
 _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long to be sure it lives"
+
+
+# ---------------------------------------------------------------------------
+# Protocols: how contenders for one key use their znodes
+# ---------------------------------------------------------------------------
+#
+# Znode layout under ZOOKEEPER_ROOT.  The root and the namespace nodes
+# are persistent and made once; everything per key is ephemeral or a
+# container node (ZooKeeper 3.5.3+), which the server removes once its last
+# child is gone, so no key leaves anything behind:
+#
+#   /zkcelery/locks/<name>                    ephemeral: the holder that
+#                                             found the lock free
+#   /zkcelery/locks/<name>@queue/             container: waiters, in order
+#   /zkcelery/locks/<name>@queue/1@<guid>@0000000042
+#   /zkcelery/mutexes/...                     likewise, for MutexTask
+#   /zkcelery/semaphores/<name>/              container: holders and waiters
+#   /zkcelery/semaphores/<name>/<max>@<guid>@0000000042
+#
+# The data version of each namespace node (locks/, mutexes/, ...) counts the
+# breaks (``rm``) in it: a release of a fixed-path node checks it (see
+# _ExclusiveLock).
+#
+# <name> is the lock's name encoded by _lock_name(), which never holds "@".
+# Every node carries its contender's metadata as JSON (task id, host, pid,
+# identifier, key, and the lease's <guid>), so "who holds it" costs no extra
+# node.  The two protocols are explained where they are implemented:
+# _ExclusiveLock and _Semaphore, both built on _Queue.
+
+
+#: What a protocol's acquire returns: the node, its fencing token if known,
+#: and the session that made the node.
+_Granted = tuple[str, Optional[int], Optional[int]]
+
+
+#: Turns of a waiting loop that may pass without an event before it pauses:
+#: each turn follows a change it saw, so this is a guard, not a rhythm.
+_FREE_TURNS = 20
 
 
 def _guid_of(data: bytes) -> str | None:
@@ -1961,6 +1971,7 @@ def _wait_gone(session: _Session, path: str, deadline: float | None) -> None:
             return
         if not session.wait(woken, deadline):
             return
+
         # Changed, deleted, or the session moved: look again.
 
 
@@ -2168,23 +2179,42 @@ def _replace(
     txn.create(path, data, ephemeral=ephemeral)
 
 
-def _mutex_timeout(task: celery.Task) -> float:
-    timeout = getattr(task, "mutex_timeout", None)
-    if timeout is None:
-        timeout = _setting(task.app, "MUTEX_TIMEOUT", 3600.0)
-        return _check_seconds("MUTEX_TIMEOUT", timeout)
-    return float(timeout)
-
-
 def _states(found: list[tuple[str, dict]], state: str) -> list[dict]:
     return [{**meta, "state": state} for _, meta in found]
 
 
 # ---------------------------------------------------------------------------
-# Lock names
+# Names: namespaces, node names, and lock names
 # ---------------------------------------------------------------------------
 
+
+_LOCKS, _SEMAPHORES, _MUTEXES, _EARLY = "locks", "semaphores", "mutexes", "early"
+
+
+_BEAT = "beat"  # ElectedScheduler: the election, and the schedule's state
+
+
+_KIND = {
+    _LOCKS: "lock", _SEMAPHORES: "semaphore", _MUTEXES: "mutex", _EARLY: "early mutex",
+    _BEAT: "beat",
+}  # fmt: skip
+
+
+_SEP = "@"  # separates the parts of a contender's node name; never in a lock name
+
+
+_QUEUE = f"{_SEP}queue"  # suffix of an exclusive lock's queue container
+
+
+_SCHEDULE = f"{_SEP}schedule"  # suffix of a beat's state node; never in a lock name
+
+
+_SEQ_DIGITS = 10  # ZooKeeper appends a 10-digit counter to sequential nodes
+
+
 _NAME_LIMIT = 240  # longer names keep a readable prefix and end in a digest
+
+
 _PREFIX_KEPT = 160
 
 
@@ -2258,14 +2288,19 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Settings
+# Settings, and the checks of task and call options
 # ---------------------------------------------------------------------------
 
+
 _DEFAULT_HOSTS = "127.0.0.1:2181"
+
+
 _HOST_RE = re.compile(
     r"\[(?P<ip6>[0-9A-Za-z:.%]+)\](?::(?P<p6>[^:]*))?"  # [::1]:2181
     r"|(?P<host>[^:\s\[\]]+)(?::(?P<port>.*))?"  # host:2181
 )
+
+
 _SSL_OPTIONS = {"ca", "certfile", "keyfile", "keyfile_password", "verify_certs", "check_hostname"}
 
 
@@ -2514,36 +2549,40 @@ def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
     return signature
 
 
-_rejections: dict[Any, int] = {}
-
-
-def _requeue_delay(task_id: Any) -> float:
-    # Process-local and bounded: a requeued copy may land on another process,
-    # which only makes it start again from the shortest delay.
-    count = _rejections.pop(task_id, 0)
-    if len(_rejections) > 1000:
-        _rejections.pop(next(iter(_rejections)))
-    _rejections[task_id] = count + 1
-    return min(8.0, 0.25 * 2**count)
+def _mutex_timeout(task: celery.Task) -> float:
+    timeout = getattr(task, "mutex_timeout", None)
+    if timeout is None:
+        timeout = _setting(task.app, "MUTEX_TIMEOUT", 3600.0)
+        return _check_seconds("MUTEX_TIMEOUT", timeout)
+    return float(timeout)
 
 
 # ---------------------------------------------------------------------------
 # The session: one kazoo client per process and app
 # ---------------------------------------------------------------------------
 
+
 _RECOVERABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError)
+
+
 #: A lease is called lost once nothing sent in the last this fraction of the
 #: granted session timeout has been answered through the leader (see lost_since).
 _LOST_AFTER_SILENCE = 0.75
+
+
 #: While leases are held, the watchdog looks this often (a fraction of the
 #: timeout), and sends a sync when nothing was confirmed for _SYNC_AFTER.
 _WATCHDOG_EVERY, _SYNC_AFTER = 0.1, 0.25
+
+
 #: Opcodes whose answer shows that the leader had our session alive when we
 #: sent them: writes (create, delete, setData, setACL, multi, create2,
 #: container, TTL) and sync.  A follower answers reads and pings by itself,
 #: and does so for a while even when it is cut off from the leader, which is
 #: what expires sessions.
 _CONFIRMED_BY_LEADER = frozenset({1, 2, 5, 7, 9, 14, 15, 19, 21})
+
+
 _CLOCK = getattr(time, "CLOCK_BOOTTIME", None)
 
 
@@ -2554,6 +2593,8 @@ def _now() -> float:
 
 #: How long, and for how many keys, a process remembers a lock it found contended.
 _CONTENDED_FOR, _CONTENDED_KEYS = 2.0, 1000
+
+
 #: Creates of a node whose container keeps being reaped, before giving up.
 _CONTAINER_TRIES = 10
 
@@ -3275,6 +3316,102 @@ def _make_client(settings: _Settings) -> KazooClient:
     )
 
 
+def _pick_handler() -> Any:
+    """kazoo's handler matching the process's monkey-patching (gevent, eventlet).
+
+    Only a patched process can use them, and importing them imports gevent or
+    eventlet: look at the patch state of what is already imported, lazily.
+    """
+    if "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched("socket"):
+        from kazoo.handlers.gevent import SequentialGeventHandler
+
+        return SequentialGeventHandler()
+    if "eventlet.patcher" in sys.modules and sys.modules["eventlet.patcher"].is_monkey_patched(
+        "socket"
+    ):
+        from kazoo.handlers.eventlet import SequentialEventletHandler
+
+        return SequentialEventletHandler()
+    return SequentialThreadingHandler()
+
+
+# One connection per process and app.  A child inherits the dict on fork but
+# must never use what is in it: an inherited kazoo client has no threads, so
+# its calls hang and its stop() blocks.  The at-fork hook and the pid check
+# both drop it unused.
+_connections: weakref.WeakKeyDictionary[celery.Celery, _Session] = weakref.WeakKeyDictionary()
+
+
+_connections_lock = threading.Lock()
+
+
+def _connection(app: celery.Celery) -> _Session:
+    conn = _connections.get(app)
+    if conn is not None and conn.pid == os.getpid():
+        return conn
+    with _connections_lock:
+        conn = _connections.get(app)
+        if conn is None or conn.pid != os.getpid():
+            conn = _connections[app] = _Session(_read_settings(app))
+        return conn
+
+
+def _forget_inherited() -> None:
+    global _connections_lock
+    _connections_lock = threading.Lock()
+    _connections.clear()
+
+
+def _close_all(**_: Any) -> None:
+    """Close this process's sessions, so that the locks they hold are freed at once."""
+    with _connections_lock:
+        conns = [c for c in _connections.values() if c.pid == os.getpid()]
+        _connections.clear()
+    for conn in conns:
+        conn.close()
+
+
+#: The main process's session for revocations, per app, until it has been idle this long.
+_REVOCATIONS_IDLE = 5.0
+
+
+_revocations: dict[celery.Celery, _Session] = {}
+
+
+@contextlib.contextmanager
+def _revocation_session(app: celery.Celery) -> Iterator[_Session]:
+    """One session for a burst of revocations (revoking a thousand tasks opens one)."""
+    with _connections_lock:
+        session = _revocations.get(app)
+        if session is None or session.pid != os.getpid():
+            session = _revocations[app] = _Session(_read_settings(app))
+            threading.Thread(target=_close_when_idle, args=(app, session), daemon=True).start()
+        session.in_use += 1
+    try:
+        yield session
+    finally:
+        with _connections_lock:
+            session.in_use -= 1
+            session.last_used = time.monotonic()
+
+
+def _close_when_idle(app: celery.Celery, session: _Session) -> None:
+    while True:
+        time.sleep(_REVOCATIONS_IDLE)
+        with _connections_lock:
+            if session.in_use or time.monotonic() - session.last_used < _REVOCATIONS_IDLE:
+                continue
+            if _revocations.get(app) is session:
+                del _revocations[app]
+        session.close()
+        return
+
+
+# ---------------------------------------------------------------------------
+# Security: ACLs and identities (ZOOKEEPER_AUTH)
+# ---------------------------------------------------------------------------
+
+
 def _default_acl(settings: _Settings) -> list[ACL] | None:
     """The ACL of every node zkcelery creates: only this identity may change or delete.
 
@@ -3327,117 +3464,12 @@ def _perms(perms: int) -> str:
     return "".join(letter for letter, bit in letters if perms & bit) or "-"
 
 
-def _pick_handler() -> Any:
-    """kazoo's handler matching the process's monkey-patching (gevent, eventlet).
-
-    Only a patched process can use them, and importing them imports gevent or
-    eventlet: look at the patch state of what is already imported, lazily.
-    """
-    if "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched("socket"):
-        from kazoo.handlers.gevent import SequentialGeventHandler
-
-        return SequentialGeventHandler()
-    if "eventlet.patcher" in sys.modules and sys.modules["eventlet.patcher"].is_monkey_patched(
-        "socket"
-    ):
-        from kazoo.handlers.eventlet import SequentialEventletHandler
-
-        return SequentialEventletHandler()
-    return SequentialThreadingHandler()
-
-
-# One connection per process and app.  A child inherits the dict on fork but
-# must never use what is in it: an inherited kazoo client has no threads, so
-# its calls hang and its stop() blocks.  The at-fork hook and the pid check
-# both drop it unused.
-_connections: weakref.WeakKeyDictionary[celery.Celery, _Session] = weakref.WeakKeyDictionary()
-_connections_lock = threading.Lock()
-
-
-def _connection(app: celery.Celery) -> _Session:
-    conn = _connections.get(app)
-    if conn is not None and conn.pid == os.getpid():
-        return conn
-    with _connections_lock:
-        conn = _connections.get(app)
-        if conn is None or conn.pid != os.getpid():
-            conn = _connections[app] = _Session(_read_settings(app))
-        return conn
-
-
-def _forget_inherited() -> None:
-    global _connections_lock
-    _connections_lock = threading.Lock()
-    _connections.clear()
-
-
-def _close_all(**_: Any) -> None:
-    """Close this process's sessions, so that the locks they hold are freed at once."""
-    with _connections_lock:
-        conns = [c for c in _connections.values() if c.pid == os.getpid()]
-        _connections.clear()
-    for conn in conns:
-        conn.close()
-
-
-def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
-    """A revoked EarlyMutexTask message frees the key it holds while queued.
-
-    This runs in the worker's main process, which must keep no session (its
-    pool children are forked from it): a short-lived one is used and closed.
-    """
-    if not isinstance(sender, EarlyMutexTask) or request is None:
-        return
-    lease = sender._early_lease(request.args, request.kwargs, request.id)
-    with _revocation_session(sender.app) as lease._session:
-        try:
-            lease._unreserve()
-        except ZKCeleryError as exc:
-            lease._log(logging.WARNING, "not freed after its revocation: %s", exc)
-
-
-#: The main process's session for revocations, per app, until it has been idle this long.
-_REVOCATIONS_IDLE = 5.0
-_revocations: dict[celery.Celery, _Session] = {}
-
-
-@contextlib.contextmanager
-def _revocation_session(app: celery.Celery) -> Iterator[_Session]:
-    """One session for a burst of revocations (revoking a thousand tasks opens one)."""
-    with _connections_lock:
-        session = _revocations.get(app)
-        if session is None or session.pid != os.getpid():
-            session = _revocations[app] = _Session(_read_settings(app))
-            threading.Thread(target=_close_when_idle, args=(app, session), daemon=True).start()
-        session.in_use += 1
-    try:
-        yield session
-    finally:
-        with _connections_lock:
-            session.in_use -= 1
-            session.last_used = time.monotonic()
-
-
-def _close_when_idle(app: celery.Celery, session: _Session) -> None:
-    while True:
-        time.sleep(_REVOCATIONS_IDLE)
-        with _connections_lock:
-            if session.in_use or time.monotonic() - session.last_used < _REVOCATIONS_IDLE:
-                continue
-            if _revocations.get(app) is session:
-                del _revocations[app]
-        session.close()
-        return
-
-
-os.register_at_fork(after_in_child=_forget_inherited)
-signals.task_revoked.connect(_free_revoked, weak=False)
-signals.worker_process_shutdown.connect(_close_all, weak=False)
-signals.worker_shutdown.connect(_close_all, weak=False)
+def _acl_text(acls: list[ACL]) -> str:
+    return ", ".join(f"{a.id.scheme}:{a.id.id.split(':')[0]}={_perms(a.perms)}" for a in acls)
 
 
 # ---------------------------------------------------------------------------
-# Beat: start it on every host; ZooKeeper elects the one that sends
+# Schedulers: EarlyMutexScheduler, and ElectedScheduler (beat on every host)
 # ---------------------------------------------------------------------------
 #
 #   /zkcelery/beat/<name>              ephemeral: the leader (the lock's fast path)
@@ -3452,16 +3484,47 @@ signals.worker_shutdown.connect(_close_all, weak=False)
 # reservation), so of two processes that both believe they lead, the later
 # write fails and its tick is not sent: two leaders cannot send one tick.
 
-_SCHEDULE = f"{_SEP}schedule"  # suffix of a beat's state node; never in a lock name
+
 _beat_logger = logging.getLogger("celery.beat")  # where Celery's beat logs its sends
 
 
-class _NotLeading(ZKCeleryError):
-    """This beat cannot confirm that it leads: another one may have been elected."""
+class EarlyMutexScheduler(PersistentScheduler):
+    """``celery beat -S zkcelery.EarlyMutexScheduler``: a refused send is a skipped tick.
+
+    When an :class:`EarlyMutexTask`'s last run is still queued or running,
+    the tick is logged once at INFO with the holder's task id, not as an
+    error with a traceback, and the schedule moves on.
+    """
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
+        try:
+            return super().apply_async(entry, producer, advance, **kw)
+        except SchedulingError as exc:
+            refused = exc.__context__ or exc.__cause__
+            if not isinstance(refused, AlreadyQueued):
+                raise
+            logger.info("beat: %s skipped: %s", entry.name, refused)
+            return _SkippedTick()
 
 
-class _StateMoved(_NotLeading):
-    """The schedule's state is no longer at the version this beat last wrote or read."""
+class _SkippedTick:
+    """A skipped tick's result: Celery 5.3.0 logs ``.id`` of what ``apply_async`` returns."""
+
+    id = None
+
+    def __bool__(self) -> bool:  # newer Celery logs no id for a falsy result
+        return False
+
+
+def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
+    """The AlreadyQueued behind ``exc`` (Celery wraps it in SchedulingError), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, AlreadyQueued):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class ElectedScheduler(Scheduler):
@@ -3857,17 +3920,6 @@ def _lateness(entry: ScheduleEntry) -> float | None:
         return None
 
 
-def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
-    """The AlreadyQueued behind ``exc`` (Celery wraps it in SchedulingError), if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, AlreadyQueued):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 # ---------------------------------------------------------------------------
 # Command line: python -m zkcelery, or celery -A proj zk
 # ---------------------------------------------------------------------------
@@ -4109,10 +4161,6 @@ def _protecting_nodes(session: _Session) -> Iterator[str]:
                 yield f"{parent}/{child}"
 
 
-def _acl_text(acls: list[ACL]) -> str:
-    return ", ".join(f"{a.id.scheme}:{a.id.id.split(':')[0]}={_perms(a.perms)}" for a in acls)
-
-
 def _listing(session: _Session) -> list[dict]:
     """Every holder and waiter under the root, with its metadata, age and state."""
     root = session.settings.root
@@ -4190,6 +4238,26 @@ def main(prog_name: str = "zkcelery") -> None:
     """The ``zkcelery`` command (and ``python -m zkcelery``)."""
     zk_command(prog_name=prog_name)
 
+
+# ---------------------------------------------------------------------------
+# Celery hooks and import-time side effects: all of them, here
+# ---------------------------------------------------------------------------
+#
+# Importing zkcelery changes nothing else: every signal it listens to, the one
+# logging filter it installs, and the at-fork hook are connected here, once.
+
+# MutexTask's rejections are logged in one line: drop Celery's own record of them.
+logging.getLogger("celery.app.trace").addFilter(_QuietRejections())
+# A setting sure to make duplicates on a Redis broker is named before it does.
+signals.task_prerun.connect(_check_limits, weak=False)
+signals.task_retry.connect(_check_retry, weak=False)
+# A revoked EarlyMutexTask message frees the key it holds while queued.
+signals.task_revoked.connect(_free_revoked, weak=False)
+# A forked child never uses its parent's sessions; a worker that shuts down
+# closes its own, so that the locks they hold are freed at once.
+os.register_at_fork(after_in_child=_forget_inherited)
+signals.worker_process_shutdown.connect(_close_all, weak=False)
+signals.worker_shutdown.connect(_close_all, weak=False)
 
 if __name__ == "__main__":
     main("python -m zkcelery")
