@@ -1358,7 +1358,7 @@ class Lease:
         """Log a line naming the task, its id, and this lease's kind and key."""
         logger.log(
             level, f"task %s[%s]: %s %s {what}",
-            self._task.name, self._task_id(), _KIND[self._namespace], self.key, *args,
+            self._task.name, self._task_id(), _NAMESPACES[self._namespace].kind, self.key, *args,
         )  # fmt: skip
 
 
@@ -1486,28 +1486,50 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 # Protocols: how contenders for one key use their znodes
 # ---------------------------------------------------------------------------
 #
-# Znode layout under ZOOKEEPER_ROOT.  The root and the namespace nodes
-# are persistent and made once; everything per key is ephemeral or a
-# container node (ZooKeeper 3.5.3+), which the server removes once its last
-# child is gone, so no key leaves anything behind:
+# The protocol map: every znode zkcelery makes, under ZOOKEEPER_ROOT
+# (/zkcelery by default), and the class that owns it.  Each protocol is
+# explained in its class.
 #
-#   /zkcelery/locks/<name>                    ephemeral: the holder that
-#                                             found the lock free
-#   /zkcelery/locks/<name>@queue/             container: waiters, in order
-#   /zkcelery/locks/<name>@queue/1@<guid>@0000000042
-#   /zkcelery/mutexes/...                     likewise, for MutexTask
-#   /zkcelery/semaphores/<name>/              container: holders and waiters
-#   /zkcelery/semaphores/<name>/<max>@<guid>@0000000042
+#   node                                  kind                  owner: what
+#   /zkcelery                             persistent            _Session: the root, made once
+#   /zkcelery/<namespace>                 persistent            _Session: one per entry of
+#                                                               _NAMESPACES, made once; its data
+#                                                               version counts the breaks in it
+#                                                               (break_node, for rm), and the
+#                                                               release of a node at a fixed
+#                                                               path checks it (delete_own)
+#   locks/<name>                          ephemeral             _ExclusiveLock: the holder that
+#                                                               found the lock free
+#   locks/<name>@queue/                   container             _Queue (of _ExclusiveLock):
+#                                                               the waiters, in arrival order
+#   locks/<name>@queue/1@<guid>@<seq>     ephemeral sequential  _Queue: a waiter (the first in
+#                                                               line holds once <name> is gone)
+#   mutexes/<name>, <name>@queue/...      as locks/             MutexTask's mutexes
+#   semaphores/<name>/                    container             _Queue (of _Semaphore): the
+#                                                               holders and waiters, in order
+#   semaphores/<name>/<max>@<guid>@<seq>  ephemeral sequential  _Queue: a holder or a waiter
+#   early/<name>                          TTL, else persistent  _EarlyMutex: queued, from the
+#                                                               send to the run's start
+#                                         ephemeral             _EarlyMutex: running
+#   beat/<app>, <app>@queue/...           as locks/             the beat's election: its leader
+#                                                               and standbys (ElectedScheduler)
+#   beat/<app>@schedule                   persistent            ElectedScheduler: the schedule's
+#                                                               state, the fence of every send
 #
-# The data version of each namespace node (locks/, mutexes/, ...) counts the
-# breaks (``rm``) in it: a release of a fixed-path node checks it (see
-# _ExclusiveLock).
+# <name> is a key's lock name (_lock_name: the task's name, or the name given,
+# with the refining values), which never holds "@"; <app> is the beat app's
+# main name, as a lock name (``proj()``).  <guid> is one lease's random id, by
+# which a contender finds its own node again after a lost answer; <max> is a
+# semaphore's max_leases, so that holders that disagree see it in one listing;
+# <seq> is the 10-digit counter ZooKeeper appends, which orders the line.
+# Every contender's node holds its metadata as JSON (task id, host, pid,
+# identifier, key, guid...), so "who holds it" costs no extra node.
 #
-# <name> is the lock's name encoded by _lock_name(), which never holds "@".
-# Every node carries its contender's metadata as JSON (task id, host, pid,
-# identifier, key, and the lease's <guid>), so "who holds it" costs no extra
-# node.  The two protocols are explained where they are implemented:
-# _ExclusiveLock and _Semaphore, both built on _Queue.
+# No key leaves anything behind: ephemeral nodes go with their session, and the
+# server removes a container once its last child is gone.  Only a queued early
+# mutex outlives its sender, until its expiry (a TTL node expires by itself; a
+# persistent one is deleted by whoever finds it expired), and the beat's state
+# is one node per app.
 
 
 #: What a protocol's acquire returns: the node, its fencing token if known,
@@ -1878,6 +1900,30 @@ class _ExclusiveLock:
             holder, queued = queued[:1], queued[1:]
         return _states(holder, "held"), _states(queued, "waiting")
 
+    # -- a namespace of exclusive locks, as ls and secure walk it ---------------
+
+    @staticmethod
+    def listed(session: _Session, parent: str) -> Iterator[tuple[str, str, str]]:
+        """(key node, contender path, held or waiting) of every contender under ``parent``."""
+        children = _keys_in(session, parent)
+        children -= {c for c in children if c.endswith(_SCHEDULE)}  # a beat's state, not a lock
+        for name in sorted({c[: -len(_QUEUE)] if c.endswith(_QUEUE) else c for c in children}):
+            held = name in children
+            if held:
+                yield name, f"{parent}/{name}", "held"
+            queue = f"{parent}/{name}{_QUEUE}"
+            for i, node in enumerate(
+                _contenders_in(session, queue) if queue[len(parent) + 1 :] in children else []
+            ):
+                yield name, f"{queue}/{node}", "waiting" if held or i else "held"
+
+    @staticmethod
+    def guarding(session: _Session, parent: str) -> Iterator[str]:
+        """The per-key nodes under ``parent`` whose ACL guards contenders: queues, beat states."""
+        for child in sorted(session.read(session.client.get_children_async, parent)):
+            if child.endswith((_QUEUE, _SCHEDULE)):
+                yield f"{parent}/{child}"
+
 
 class _Semaphore:
     """Up to ``max_leases`` holders at a time.
@@ -1962,6 +2008,23 @@ class _Semaphore:
         held, waiting = queued[: self.max_leases], queued[self.max_leases :]
         return _states(held, "held"), _states(waiting, "waiting")
 
+    # -- a namespace of semaphores, as ls and secure walk it --------------------
+
+    @staticmethod
+    def listed(session: _Session, parent: str) -> Iterator[tuple[str, str, str]]:
+        """(key node, contender path, held or waiting) of every contender under ``parent``."""
+        for name in sorted(_keys_in(session, parent)):
+            nodes = _contenders_in(session, f"{parent}/{name}")
+            limit = int(nodes[0].split(_SEP, 1)[0]) if nodes else 0
+            for i, node in enumerate(nodes):
+                yield name, f"{parent}/{name}/{node}", "held" if i < limit else "waiting"
+
+    @staticmethod
+    def guarding(session: _Session, parent: str) -> Iterator[str]:
+        """The per-key nodes under ``parent`` whose ACL guards contenders: every container."""
+        for child in sorted(session.read(session.client.get_children_async, parent)):
+            yield f"{parent}/{child}"
+
 
 def _wait_gone(session: _Session, path: str, deadline: float | None) -> None:
     """Wait until the node at ``path`` is gone, or the deadline."""
@@ -1982,6 +2045,14 @@ def _contenders_in(session: _Session, path: str, watch: Callable | None = None) 
     except NoNodeError:
         return []
     return sorted(children, key=lambda child: child[-_SEQ_DIGITS:])
+
+
+def _keys_in(session: _Session, parent: str) -> set[str]:
+    """The children of the namespace node ``parent``: its keys' nodes (none if it is gone)."""
+    try:
+        return set(session.read(session.client.get_children_async, parent))
+    except NoNodeError:
+        return set()
 
 
 class _EarlyMutex:
@@ -2149,6 +2220,19 @@ class _EarlyMutex:
         found = self.session.read_nodes([self.holder])
         return _states(found, "held"), []
 
+    # -- the namespace of early mutexes, as ls and secure walk it ---------------
+
+    @staticmethod
+    def listed(session: _Session, parent: str) -> Iterator[tuple[str, str, str]]:
+        """(key node, its path, held) of every key under ``parent``; its data says its state."""
+        for name in sorted(_keys_in(session, parent)):
+            yield name, f"{parent}/{name}", "held"
+
+    @staticmethod
+    def guarding(session: _Session, parent: str) -> Iterator[str]:
+        """None: every key is one node right under ``parent``, whose ACL guards it (no request)."""
+        return iter(())
+
     def _data(self, state: str) -> bytes:
         now = time.time()
         meta = {**self.meta, "state": state, "acquired": now}
@@ -2188,27 +2272,41 @@ def _states(found: list[tuple[str, dict]], state: str) -> list[dict]:
 # ---------------------------------------------------------------------------
 
 
-_LOCKS, _SEMAPHORES, _MUTEXES, _EARLY = "locks", "semaphores", "mutexes", "early"
-
-
+# The namespaces: one persistent node each under ZOOKEEPER_ROOT.
+_LOCKS, _MUTEXES, _SEMAPHORES = "locks", "mutexes", "semaphores"
+_EARLY = "early"  # EarlyMutexTask
 _BEAT = "beat"  # ElectedScheduler: the election, and the schedule's state
 
 
-_KIND = {
-    _LOCKS: "lock", _SEMAPHORES: "semaphore", _MUTEXES: "mutex", _EARLY: "early mutex",
-    _BEAT: "beat",
-}  # fmt: skip
+@dataclass(frozen=True)
+class _Namespace:
+    """A namespace node: what ``ls`` and log lines call its keys, and whose nodes it holds."""
+
+    name: str
+    kind: str
+    #: The protocol whose nodes it holds, which also tells ``ls`` and ``secure``
+    #: how to walk them (see the protocol map).
+    protocol: type[_ExclusiveLock] | type[_Semaphore] | type[_EarlyMutex]
 
 
-_SEP = "@"  # separates the parts of a contender's node name; never in a lock name
+#: Every namespace, the one list of them: the tree made once per process, and
+#: ``ls``, ``rm`` and ``secure`` walk them in this order.
+_NAMESPACES: dict[str, _Namespace] = {
+    namespace.name: namespace
+    for namespace in (
+        _Namespace(_LOCKS, "lock", _ExclusiveLock),
+        _Namespace(_MUTEXES, "mutex", _ExclusiveLock),
+        _Namespace(_SEMAPHORES, "semaphore", _Semaphore),
+        _Namespace(_EARLY, "early mutex", _EarlyMutex),
+        _Namespace(_BEAT, "beat", _ExclusiveLock),
+    )
+}
 
-
+# Parts of node names.  A lock name never holds _SEP, so none of these suffixes
+# can be mistaken for a key.
+_SEP = "@"  # separates the parts of a contender's node name
 _QUEUE = f"{_SEP}queue"  # suffix of an exclusive lock's queue container
-
-
-_SCHEDULE = f"{_SEP}schedule"  # suffix of a beat's state node; never in a lock name
-
-
+_SCHEDULE = f"{_SEP}schedule"  # suffix of a beat's state node
 _SEQ_DIGITS = 10  # ZooKeeper appends a 10-digit counter to sequential nodes
 
 
@@ -3072,8 +3170,7 @@ class _Session:
     def tree(self) -> list[str]:
         """The root and the namespace nodes: the persistent nodes zkcelery relies on."""
         root = self.settings.root
-        namespaces = (_LOCKS, _SEMAPHORES, _MUTEXES, _EARLY, _BEAT)
-        return [root, *(f"{root}/{ns}" for ns in namespaces)]
+        return [root, *(f"{root}/{namespace}" for namespace in _NAMESPACES)]
 
     def make_tree(self) -> None:
         for path in self.tree():
@@ -3269,6 +3366,29 @@ class _Session:
         if isinstance(results[1], NoNodeError):
             raise NoNodeError()
         return True
+
+    def break_node(self, namespace: str, path: str, czxid: int) -> bool:
+        """Delete a holder's node, and bump ``namespace``'s epoch in the same multi-operation.
+
+        What ``rm`` does.  The broken holder may run on and release late.  Its
+        release of a node at a fixed path (``<name>``, an early mutex) checks the
+        epoch it read before it took the lock, so it cannot delete the node of
+        whoever holds the lock next (see delete_own).  Only the node created at
+        ``czxid`` is deleted, not one its holder made since: False if it is gone.
+        """
+        try:
+            _, stat = self.read(self.client.get_async, path)
+        except NoNodeError:
+            return False
+        if stat.czxid != czxid:
+            return False
+
+        def build(txn: TransactionRequest) -> None:
+            txn.set_data(namespace, b"")
+            txn.delete(path, stat.version)
+
+        results = self.multi(build)  # a node changed meanwhile fails it: nothing broken
+        return results[-1] is True
 
     def close(self) -> None:
         """End the session (its ephemeral nodes go at once) without hanging."""
@@ -3472,12 +3592,7 @@ def _acl_text(acls: list[ACL]) -> str:
 # Schedulers: EarlyMutexScheduler, and ElectedScheduler (beat on every host)
 # ---------------------------------------------------------------------------
 #
-#   /zkcelery/beat/<name>              ephemeral: the leader (the lock's fast path)
-#   /zkcelery/beat/<name>@queue/...    container: the standbys, in line; a
-#                                      leader that waited holds the first node
-#   /zkcelery/beat/<name>@schedule     persistent: the schedule's state, JSON
-#
-# <name> is the app's main name, encoded as a lock name.  The election is an
+# The beat's nodes are in the protocol map (beat/).  The election is an
 # exclusive lease (_ExclusiveLock) that a thread of every beat process waits
 # for; the schedule's state is one node that only a write naming its current
 # version can change.  Every send is preceded by such a write (the tick's
@@ -4042,28 +4157,13 @@ def _rm_command(app: celery.Celery, key: str, yes: bool) -> None:
 
 
 def _break(session: _Session, row: dict) -> bool:
-    """Delete a holder's node, and bump its namespace's epoch in the same multi-operation.
+    """Break the holder ``row`` (as ``_listing`` made it): False if it changed since.
 
-    The broken holder may run on and release late.  Its release of a node at
-    a fixed path (``<name>``, an early mutex) checks the epoch it read before
-    it took the lock, so it cannot delete the node of whoever holds the lock
-    next (see _Session.delete_own).  Waiters are not touched: the first in
-    line is granted the lock, as after any release.
+    Waiters are not touched: the first in line is granted the lock, as after
+    any release.
     """
     namespace = f"{session.settings.root}/{row['namespace']}"
-    try:  # the node listed, still: not one whose holder took the lock since
-        _, stat = session.read(session.client.get_async, row["path"])
-    except NoNodeError:
-        return False
-    if stat.czxid != row["czxid"]:
-        return False
-
-    def build(txn: TransactionRequest) -> None:
-        txn.set_data(namespace, b"")
-        txn.delete(row["path"], stat.version)
-
-    results = session.multi(build)  # a node changed meanwhile fails it: nothing broken
-    return results[-1] is True
+    return session.break_node(namespace, row["path"], row["czxid"])
 
 
 def _describe(row: dict) -> str:
@@ -4154,11 +4254,8 @@ def _protecting_nodes(session: _Session) -> Iterator[str]:
     """The root, the namespace nodes, and every per-key parent: whose ACL guards the locks."""
     yield from session.tree()
     root = session.settings.root
-    for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES, _BEAT):
-        parent = f"{root}/{namespace}"
-        for child in sorted(session.read(session.client.get_children_async, parent)):
-            if namespace == _SEMAPHORES or child.endswith((_QUEUE, _SCHEDULE)):
-                yield f"{parent}/{child}"
+    for namespace in _NAMESPACES.values():
+        yield from namespace.protocol.guarding(session, f"{root}/{namespace.name}")
 
 
 def _listing(session: _Session) -> list[dict]:
@@ -4166,17 +4263,18 @@ def _listing(session: _Session) -> list[dict]:
     root = session.settings.root
     rows = []
     now = time.time()
-    for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES, _EARLY, _BEAT):
-        for node, path, state in _contender_paths(session, f"{root}/{namespace}", namespace):
+    for namespace in _NAMESPACES.values():
+        parent = f"{root}/{namespace.name}"
+        for node, path, state in namespace.protocol.listed(session, parent):
             try:
                 data, stat = session.read(session.client.get_async, path)
             except NoNodeError:
                 continue
             meta = json.loads(data or b"{}")
-            if namespace == _EARLY:
+            if namespace.name == _EARLY:
                 state = meta.get("state", state)  # queued or running
             rows.append({
-                "kind": _KIND[namespace], "namespace": namespace, "state": state,
+                "kind": namespace.kind, "namespace": namespace.name, "state": state,
                 "key": meta.get("key", node),
                 "node": node, "path": path, "task": meta.get("task"),
                 "task_id": meta.get("task_id"), "identifier": meta.get("identifier"),
@@ -4184,37 +4282,6 @@ def _listing(session: _Session) -> list[dict]:
                 "age": round(now - stat.ctime / 1000, 3), "czxid": stat.czxid,
             })  # fmt: skip
     return rows
-
-
-def _contender_paths(
-    session: _Session, parent: str, namespace: str
-) -> Iterator[tuple[str, str, str]]:
-    """(lock node name, contender path, held or waiting) for every contender in a namespace."""
-    try:
-        children = set(session.read(session.client.get_children_async, parent))
-    except NoNodeError:
-        return
-    if namespace == _EARLY:
-        for name in sorted(children):
-            yield name, f"{parent}/{name}", "held"
-        return
-    if namespace == _SEMAPHORES:
-        for name in sorted(children):
-            nodes = _contenders_in(session, f"{parent}/{name}")
-            limit = int(nodes[0].split(_SEP, 1)[0]) if nodes else 0
-            for i, node in enumerate(nodes):
-                yield name, f"{parent}/{name}/{node}", "held" if i < limit else "waiting"
-        return
-    children -= {c for c in children if c.endswith(_SCHEDULE)}  # a beat's state, not a lock
-    for name in sorted({c[: -len(_QUEUE)] if c.endswith(_QUEUE) else c for c in children}):
-        held = name in children
-        if held:
-            yield name, f"{parent}/{name}", "held"
-        queue = f"{parent}/{name}{_QUEUE}"
-        for i, node in enumerate(
-            _contenders_in(session, queue) if queue[len(parent) + 1 :] in children else []
-        ):
-            yield name, f"{queue}/{node}", "waiting" if held or i else "held"
 
 
 def _server_mode(server: str, timeout: float) -> tuple[str, float]:
