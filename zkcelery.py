@@ -192,7 +192,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional, Protocol
 from urllib.parse import quote
 
 import celery
@@ -1553,6 +1553,33 @@ def _expired(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
 
 
+class _QueuePolicy(Protocol):
+    """What a kind of queue decides in _Queue.wait_turn: when our node holds, and what it watches.
+
+    The exclusive lock (_ExclusivePolicy) and the semaphore (_SemaphorePolicy)
+    share _Queue and differ only in these answers.
+    """
+
+    #: Whether the listing of the queue sets a children watch (``listed`` in watch).
+    watch_listing: bool
+
+    def joined(self) -> None:
+        """Our node was just made (again): forget what was learnt about those ahead of it."""
+
+    def granted(self, children: list[str], index: int) -> bool:
+        """Whether our node, at ``index`` in the sorted ``children``, holds now."""
+
+    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
+        """Watch the one node whose change may grant ours: the event it sets.
+
+        None when that node changed already (look again at once); ``listed`` is
+        the event the listing's children watch sets, when watch_listing.
+        """
+
+    def granted_on_wake(self) -> bool:
+        """Whether what woke us granted our node, so that no other listing is needed."""
+
+
 class _Queue:
     """Contenders for one key, in arrival order, under one container node.
 
@@ -1636,7 +1663,7 @@ class _Queue:
         """The contenders, sorted by arrival (empty when the container is gone)."""
         return _contenders_in(self.session, self.path, watch)
 
-    def wait_turn(self, policy: Any, blocking: bool, deadline: float | None) -> bool:
+    def wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
         """Join, and wait until ``policy`` grants our node; False if not blocking or too late."""
         free_turns = 0
         while True:
@@ -1736,9 +1763,7 @@ class _ExclusiveLock:
         self.queue = _Queue(session, f"{self.holder}{_QUEUE}", 1, guid, data)
         self.epoch: tuple[str, int] | None = None  # the namespace's, before <name> was ours
         self._owner: int | None = None  # the session that made <name>, when ours
-        self._holder_gone = False
-        self._head_waiting = False
-        self._holder_elsewhere = False
+        self._policy = _ExclusivePolicy(session, self.holder, self.queue.path)
 
     # -- acquire ---------------------------------------------------------------
 
@@ -1758,7 +1783,7 @@ class _ExclusiveLock:
             return None
         granted = False
         try:
-            granted = self.queue.wait_turn(self, blocking, deadline)
+            granted = self.queue.wait_turn(self._policy, blocking, deadline)
             return (self.queue.own_path, self.queue.token, self.queue.owner) if granted else None
         finally:
             if not granted:  # a waiter that gives up, or fails, leaves no node behind
@@ -1830,52 +1855,6 @@ class _ExclusiveLock:
     def _alone(self) -> bool:
         return len(self.queue.children) <= 1
 
-    # -- the queue's policy ------------------------------------------------------
-
-    def joined(self) -> None:
-        # Until we see <name> gone after joining, a holder that got in before
-        # the queue existed may still hold it.
-        self._holder_gone = self._head_waiting = self._holder_elsewhere = False
-
-    def granted(self, children: list[str], index: int) -> bool:
-        return index == 0 and self._holder_gone
-
-    def granted_on_wake(self) -> bool:
-        # First in the queue, woken by <name>'s deletion: nobody can be ahead of
-        # us (later arrivals queue behind), so the lock is ours without another
-        # listing; the handover then costs the holder's delete and nothing more.
-        # Not when the holder is of our own session: then its node may have gone
-        # with that session, and ours with it.
-        return self._head_waiting and self._holder_gone and self._holder_elsewhere
-
-    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
-        session = self.session
-        woken = session.handler.event_object()
-        if not self._holder_gone:
-            self._head_waiting = index == 0
-            stat = session.stat_watching(self.holder, self._holder_watch(woken))
-            if stat is None:
-                self._holder_gone = True
-                return None
-            self._holder_elsewhere = stat.ephemeralOwner != session.session_id
-            if index == 0:
-                return woken
-        ahead = f"{self.queue.path}/{children[index - 1]}"
-        if session.stat_watching(ahead, _setter(woken)) is None:
-            return None
-        return woken
-
-    def _holder_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
-        def on_event(event: WatchedEvent) -> None:
-            if event.type == EventType.DELETED:
-                self._holder_gone = True
-                if self._head_waiting:  # others wait for the waiter ahead of them
-                    woken.set()
-            else:  # the session changed: look again
-                woken.set()
-
-        return on_event
-
     # -- release and look ------------------------------------------------------
 
     def release(self, path: str, session_id: int | None) -> None:
@@ -1925,6 +1904,69 @@ class _ExclusiveLock:
                 yield f"{parent}/{child}"
 
 
+class _ExclusivePolicy:
+    """_ExclusiveLock's queue: our node holds when it is first in line and ``<name>`` is gone.
+
+    Until it has seen ``<name>`` gone once since joining, a waiter watches it
+    (the first in line alone wakes on its deletion); after that, every waiter
+    but the first watches the one before it.
+    """
+
+    watch_listing = False
+
+    def __init__(self, session: _Session, holder: str, queue_path: str) -> None:
+        self.session = session
+        self.holder = holder
+        self.queue_path = queue_path
+        self._holder_gone = False
+        self._head_waiting = False
+        self._holder_elsewhere = False
+
+    def joined(self) -> None:
+        # Until we see <name> gone after joining, a holder that got in before
+        # the queue existed may still hold it.
+        self._holder_gone = self._head_waiting = self._holder_elsewhere = False
+
+    def granted(self, children: list[str], index: int) -> bool:
+        return index == 0 and self._holder_gone
+
+    def granted_on_wake(self) -> bool:
+        # First in the queue, woken by <name>'s deletion: nobody can be ahead of
+        # us (later arrivals queue behind), so the lock is ours without another
+        # listing; the handover then costs the holder's delete and nothing more.
+        # Not when the holder is of our own session: then its node may have gone
+        # with that session, and ours with it.
+        return self._head_waiting and self._holder_gone and self._holder_elsewhere
+
+    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
+        session = self.session
+        woken = session.handler.event_object()
+        if not self._holder_gone:
+            self._head_waiting = index == 0
+            stat = session.stat_watching(self.holder, self._holder_watch(woken))
+            if stat is None:
+                self._holder_gone = True
+                return None
+            self._holder_elsewhere = stat.ephemeralOwner != session.session_id
+            if index == 0:
+                return woken
+        ahead = f"{self.queue_path}/{children[index - 1]}"
+        if session.stat_watching(ahead, _setter(woken)) is None:
+            return None
+        return woken
+
+    def _holder_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
+        def on_event(event: WatchedEvent) -> None:
+            if event.type == EventType.DELETED:
+                self._holder_gone = True
+                if self._head_waiting:  # others wait for the waiter ahead of them
+                    woken.set()
+            else:  # the session changed: look again
+                woken.set()
+
+        return on_event
+
+
 class _Semaphore:
     """Up to ``max_leases`` holders at a time.
 
@@ -1952,13 +1994,13 @@ class _Semaphore:
         self.key_path = path
         self.guid = guid
         self.max_leases = max_leases
-        self.key = key
         self.queue = _Queue(session, path, max_leases, guid, data)
+        self._policy = _SemaphorePolicy(session, path, max_leases, key)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         granted = False
         try:
-            granted = self.queue.wait_turn(self, blocking, deadline)
+            granted = self.queue.wait_turn(self._policy, blocking, deadline)
             if not granted:
                 return None
             if self.queue.node != self.queue.children[-1]:
@@ -1973,30 +2015,6 @@ class _Semaphore:
         # Best effort: if the connection is away, the watch fires anyway.
         with contextlib.suppress(NoNodeError, CoordinationError):
             self.session.call(self.session.client.set_async, self.queue.own_path, self.queue.data)
-
-    def joined(self) -> None:
-        pass
-
-    def granted_on_wake(self) -> bool:
-        return False  # the change that woke us may have granted another: list again
-
-    def granted(self, children: list[str], index: int) -> bool:
-        others = {int(c.split(_SEP, 1)[0]) for c in children} - {self.max_leases}
-        if others:
-            raise MaxLeasesMismatch(
-                f"semaphore {self.key}: max_leases={self.max_leases} here, but other holders "
-                f"use max_leases={sorted(others)}; all holders of one semaphore must agree"
-            )
-        return index < self.max_leases
-
-    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
-        if index == self.max_leases:
-            return listed  # the listing set a children watch already
-        woken = self.session.handler.event_object()
-        ahead = f"{self.queue.path}/{children[index - 1]}"
-        if self.session.stat_watching(ahead, _setter(woken)) is not None:
-            return woken
-        return None
 
     def release(self, path: str, session_id: int | None) -> None:
         self.queue.node = path.rsplit("/", 1)[1]
@@ -2024,6 +2042,42 @@ class _Semaphore:
         """The per-key nodes under ``parent`` whose ACL guards contenders: every container."""
         for child in sorted(session.read(session.client.get_children_async, parent)):
             yield f"{parent}/{child}"
+
+
+class _SemaphorePolicy:
+    """_Semaphore's queue: the first ``max_leases`` nodes in line hold (see _Semaphore)."""
+
+    watch_listing = True
+
+    def __init__(self, session: _Session, queue_path: str, max_leases: int, key: str) -> None:
+        self.session = session
+        self.queue_path = queue_path
+        self.max_leases = max_leases
+        self.key = key
+
+    def joined(self) -> None:
+        pass
+
+    def granted(self, children: list[str], index: int) -> bool:
+        others = {int(c.split(_SEP, 1)[0]) for c in children} - {self.max_leases}
+        if others:
+            raise MaxLeasesMismatch(
+                f"semaphore {self.key}: max_leases={self.max_leases} here, but other holders "
+                f"use max_leases={sorted(others)}; all holders of one semaphore must agree"
+            )
+        return index < self.max_leases
+
+    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
+        if index == self.max_leases:
+            return listed  # the listing set a children watch already
+        woken = self.session.handler.event_object()
+        ahead = f"{self.queue_path}/{children[index - 1]}"
+        if self.session.stat_watching(ahead, _setter(woken)) is not None:
+            return woken
+        return None
+
+    def granted_on_wake(self) -> bool:
+        return False  # the change that woke us may have granted another: list again
 
 
 def _wait_gone(session: _Session, path: str, deadline: float | None) -> None:
