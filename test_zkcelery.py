@@ -1970,9 +1970,9 @@ def test_a_retry_queues_the_key_again_as_the_same_kind_of_node_as_a_send(
         pass
 
     lease = again._early_lease((), {}, "task-1")
-    lease._reserve()  # the send
+    lease.reserve()  # the send
     assert lease.acquire()  # the run
-    lease._requeue()  # its retry
+    lease.requeue()  # its retry
     path = node_path(zk_root, "early", "t.early_again")
     assert json.loads(zk.get(path)[0])["state"] == "queued"
     if request.node.callspec.params["zk_hosts"] == "ttl":  # a TTL node: the server reaps it
@@ -1984,7 +1984,7 @@ def test_a_retry_queues_the_key_again_as_the_same_kind_of_node_as_a_send(
 
 def _reserved(lease: zkcelery.Lease) -> bool:
     try:
-        lease._reserve()
+        lease.reserve()
     except zkcelery.AlreadyQueued:
         return False
     return True
@@ -2012,12 +2012,12 @@ def test_a_retry_keeps_its_key_after_another_early_key_was_broken(make_app, zk, 
         pass
 
     mine = early._early_lease(("mine",), {}, "task-1")
-    mine._reserve()
+    mine.reserve()
     assert mine.acquire()  # its run: the namespace's version is read before this
-    early._early_lease(("other",), {}, "task-2")._reserve()
+    early._early_lease(("other",), {}, "task-2").reserve()
     done = _zk_cli(zk_hosts, zk_root, "rm", "t.early_rm('other')", "--yes")
     assert done.returncode == 0 and "broke" in done.stdout, done.stderr
-    mine._requeue()  # the version moved, but not for this key: it is kept for the retry
+    mine.requeue()  # the version moved, but not for this key: it is kept for the retry
     data = json.loads(zk.get(node_path(zk_root, "early", "t.early_rm", "mine"))[0])
     assert (data["state"], data["task_id"]) == ("queued", "task-1")
 

@@ -192,7 +192,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Callable, NoReturn, Optional, Protocol
+from typing import Any, Callable, NoReturn, Optional, Protocol, TypeVar
 from urllib.parse import quote
 
 import celery
@@ -499,7 +499,7 @@ class MutexTask(_KeyedTask):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
-        lease = Lease(self, _MUTEXES, self._mutex_values(args, kwargs))
+        lease = _MutexLease(self, _MUTEXES, self._mutex_values(args, kwargs))
         if lease.name in _handed_over():
             # An eager retry or replacement, run synchronously inside the
             # retry() or replace() of its own first run, which holds the
@@ -533,7 +533,7 @@ class MutexTask(_KeyedTask):
         if not self.request.is_eager:
             # The copy is sent with this task's id: say in the node that it
             # follows, before it can start (see _later_copy).
-            lease._hand_over()
+            lease.hand_over()
             yield
             return
         names = _handed_over()
@@ -981,10 +981,10 @@ class EarlyMutexTask(_KeyedTask):
         task_id = task_id or uuid.uuid4().hex
         lease = self._early_lease(args, kwargs, task_id)
         try:
-            lease._reserve()
+            lease.reserve()
         except CoordinationError:
             with contextlib.suppress(ZKCeleryError):
-                lease._unreserve()  # best effort: else it expires after mutex_timeout
+                lease.unreserve()  # best effort: else it expires after mutex_timeout
             raise
         except AlreadyQueued as refused:
             if mutex_return_existing is None:
@@ -997,7 +997,7 @@ class EarlyMutexTask(_KeyedTask):
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
         except BaseException:
-            lease._unreserve()  # nothing was sent: the key is free again
+            lease.unreserve()  # nothing was sent: the key is free again
             raise
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -1013,17 +1013,17 @@ class EarlyMutexTask(_KeyedTask):
         """``celery.Task.retry``, keeping the key for the retried copy through its countdown."""
         lease = getattr(self.request, "zkcelery_early", None)
         if lease is not None and lease:
-            lease._requeue()  # before the retried copy is sent: it must find the key its own
+            lease.requeue()  # before the retried copy is sent: it must find the key its own
         try:
             return super().retry(*args, **kwargs)
         except Retry:
             raise
         except BaseException:  # past max_retries: no copy follows, free the key
             if lease is not None:
-                lease._unreserve()
+                lease.unreserve()
             raise
 
-    def _take(self, lease: Lease) -> None:
+    def _take(self, lease: _EarlyLease) -> None:
         try:
             lease.acquire()
             return
@@ -1031,7 +1031,7 @@ class EarlyMutexTask(_KeyedTask):
             raise self.retry(exc=exc) from exc
         except AlreadyQueued as refused:
             if refused.task_id != self.request.id or refused.state != "running":
-                lease._log(logging.INFO, "is %s as task %s: rejected", refused.state,
+                lease.log(logging.INFO, "is %s as task %s: rejected", refused.state,
                            refused.task_id)  # fmt: skip
                 _record_rejection(self, refused)
                 raise
@@ -1043,11 +1043,11 @@ class EarlyMutexTask(_KeyedTask):
         with contextlib.suppress(AlreadyQueued):
             lease.acquire()
             return
-        lease._log(logging.INFO, "is running as this same task: second delivery dropped")
+        lease.log(logging.INFO, "is running as this same task: second delivery dropped")
         raise Ignore()
 
-    def _early_lease(self, args: Any, kwargs: Any, task_id: str | None) -> Lease:
-        return Lease(self, _EARLY, self._mutex_values(args, kwargs), task_id=task_id)
+    def _early_lease(self, args: Any, kwargs: Any, task_id: str | None) -> _EarlyLease:
+        return _EarlyLease(self, _EARLY, self._mutex_values(args, kwargs), task_id=task_id)
 
 
 def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
@@ -1059,11 +1059,8 @@ def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     if not isinstance(sender, EarlyMutexTask) or request is None:
         return
     lease = sender._early_lease(request.args, request.kwargs, request.id)
-    with _revocation_session(sender.app) as lease._session:
-        try:
-            lease._unreserve()
-        except ZKCeleryError as exc:
-            lease._log(logging.WARNING, "not freed after its revocation: %s", exc)
+    with _revocation_session(sender.app) as session:
+        lease.free_revoked(session)
 
 
 # ---------------------------------------------------------------------------
@@ -1136,8 +1133,13 @@ class Lease:
 
     @classmethod
     def for_app(
-        cls, app: celery.Celery, namespace: str, name: str, owner: str, **options: Any
-    ) -> Lease:
+        cls: type[_LeaseT],
+        app: celery.Celery,
+        namespace: str,
+        name: str,
+        owner: str,
+        **options: Any,
+    ) -> _LeaseT:
         """A lease that ``app`` holds itself, with no task: the beat's election.
 
         ``owner`` stands where a task's name would (holder metadata, ``ls``,
@@ -1147,11 +1149,6 @@ class Lease:
         if options.get("retry"):
             raise TypeError(f"{owner} is not a task: a lease it holds cannot retry it")
         return cls(_AppOwner(app, owner), namespace, name=name, **options)
-
-    @property
-    def _path(self) -> str | None:
-        """The node that holds the lease while it is held (for a fenced write)."""
-        return self._grant.path if self else None  # type: ignore[union-attr]
 
     # -- the public view ---------------------------------------------------
 
@@ -1266,47 +1263,6 @@ class Lease:
                 deadline = None if seconds is None else time.monotonic() + seconds
                 _wait_gone(self._session, protocol.holder, deadline)
 
-    # -- an early mutex's other steps (see _EarlyMutex) --------------------------
-
-    def _early(self) -> _EarlyMutex:
-        protocol = self._protocol(self._connect())
-        assert isinstance(protocol, _EarlyMutex)
-        return protocol
-
-    def _reserve(self) -> None:
-        self._early().reserve()
-
-    def _unreserve(self) -> None:
-        if self:
-            self.release()
-        self._early().unreserve()
-
-    def _hand_over(self) -> None:
-        """Note in the node that a copy of this task follows (MutexTask's retry or replace)."""
-        grant = self._grant
-        if grant is None or grant.released or not isinstance(grant.protocol, _ExclusiveLock):
-            return
-        try:
-            grant.protocol.hand_over(grant.path, grant.session_id)
-        except (ZKCeleryError, KazooException) as exc:
-            self._log(logging.WARNING, "could not note the copy that follows: %s", exc)
-
-    def _requeue(self) -> None:
-        grant = self._grant
-        if grant is not None and not grant.released:
-            grant.check_session()  # no watch: our own requeue is about to delete the node
-        if grant is not None and not grant.released and grant.why_lost is None:
-            assert isinstance(grant.protocol, _EarlyMutex)
-            try:
-                kept = grant.protocol.requeue(grant.session_id)
-            except CoordinationError as exc:
-                kept = False
-                self._log(logging.WARNING, "not kept for the retry: %s", exc)
-            if kept:
-                grant.settle()
-            # Else the run's end releases it as usual, and the retried copy,
-            # finding this task id running, waits for that.
-
     # -- helpers -----------------------------------------------------------------
 
     def _connect(self) -> _Session:
@@ -1360,6 +1316,103 @@ class Lease:
             level, f"task %s[%s]: %s %s {what}",
             self._task.name, self._task_id(), _NAMESPACES[self._namespace].kind, self.key, *args,
         )  # fmt: skip
+
+
+_LeaseT = TypeVar("_LeaseT", bound=Lease)
+
+
+class _MutexLease(Lease):
+    """MutexTask's lease, which can note in its node that a copy of the task follows."""
+
+    def hand_over(self) -> None:
+        """Note in the node that a copy of this task follows (a retry or a replacement).
+
+        The copy is sent with this run's task id before the run ends, so before
+        the mutex is released: the note tells it from a second delivery of the
+        same message (see _later_copy).
+        """
+        grant = self._grant
+        if grant is None or grant.released or not isinstance(grant.protocol, _ExclusiveLock):
+            return
+        try:
+            grant.protocol.hand_over(grant.path, grant.session_id)
+        except (ZKCeleryError, KazooException) as exc:
+            self._log(logging.WARNING, "could not note the copy that follows: %s", exc)
+
+
+class _EarlyLease(Lease):
+    """EarlyMutexTask's lease, with the steps of the key's life besides the run (see _EarlyMutex).
+
+    ``reserve`` at the send, ``requeue`` at a retry, ``unreserve`` when nothing
+    was sent after all, or the message was revoked, or no retry follows.
+    """
+
+    def reserve(self) -> None:
+        """At the send: make the key's queued form, or raise AlreadyQueued."""
+        self._early().reserve()
+
+    def unreserve(self) -> None:
+        """Free the key if this task id holds it (queued; or running, by this lease)."""
+        if self:
+            self.release()
+        self._early().unreserve()
+
+    def requeue(self) -> None:
+        """At a retry: turn the running form back into the queued form, for the retried copy."""
+        grant = self._grant
+        if grant is not None and not grant.released:
+            grant.check_session()  # no watch: our own requeue is about to delete the node
+        if grant is not None and not grant.released and grant.why_lost is None:
+            assert isinstance(grant.protocol, _EarlyMutex)
+            try:
+                kept = grant.protocol.requeue(grant.session_id)
+            except CoordinationError as exc:
+                kept = False
+                self._log(logging.WARNING, "not kept for the retry: %s", exc)
+            if kept:
+                grant.settle()
+            # Else the run's end releases it as usual, and the retried copy,
+            # finding this task id running, waits for that.
+
+    def free_revoked(self, session: _Session) -> None:
+        """Free the key of a revoked message, in ``session``; a failure is logged.
+
+        The worker's main process learns of revocations and must keep no
+        session of its own (its pool children are forked from it): ``session``
+        is a short-lived one (see _revocation_session).
+        """
+        self._session = session
+        try:
+            self.unreserve()
+        except ZKCeleryError as exc:
+            self._log(logging.WARNING, "not freed after its revocation: %s", exc)
+
+    def log(self, level: int, what: str, *args: Any) -> None:
+        """Log a line naming the task, its id, and this key (as the lease's own lines do)."""
+        self._log(level, what, *args)
+
+    def _early(self) -> _EarlyMutex:
+        protocol = self._protocol(self._connect())
+        assert isinstance(protocol, _EarlyMutex)
+        return protocol
+
+
+class _ElectionLease(Lease):
+    """The beat's election: a lease the app holds itself (see Lease.for_app, ElectedScheduler).
+
+    The leader writes the schedule's state in the lease's session, fenced by
+    the lease's node.
+    """
+
+    @property
+    def session(self) -> _Session | None:
+        """The session the lease is taken in; None before its first use."""
+        return self._session
+
+    @property
+    def path(self) -> str | None:
+        """The node that holds the lease while it is held (the fence of a write)."""
+        return self._grant.path if self else None  # type: ignore[union-attr]
 
 
 class _AppOwner:
@@ -3726,7 +3779,7 @@ class ElectedScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Set before Scheduler.__init__, which calls setup_schedule (unless lazy).
-        self._lease: Lease | None = None
+        self._lease: _ElectionLease | None = None
         self._session: _Session | None = None
         self._state_path = ""
         self._leading = False
@@ -3745,7 +3798,7 @@ class ElectedScheduler(Scheduler):
         _check_beat_schedule(self.app, self.app.conf.beat_schedule)
         self.merge_inplace(self.app.conf.beat_schedule)
         self.install_default_entries(self.schedule)
-        self._lease = Lease.for_app(
+        self._lease = _ElectionLease.for_app(
             self.app, _BEAT, self.app.main or "celery", owner="celery beat", blocking=True,
             identifier=f"celery beat {os.getpid()}@{socket.gethostname()}",
         )  # fmt: skip
@@ -3819,8 +3872,8 @@ class ElectedScheduler(Scheduler):
     def _take_over(self) -> None:
         """Read the schedule's state and claim it with a fenced write; then lead."""
         lease = self._lease
-        assert lease is not None and lease._session is not None
-        self._session = lease._session
+        assert lease is not None and lease.session is not None
+        self._session = lease.session
         self._token = lease.token
         if self._token is None:
             raise _NotLeading("its lease was lost as it was granted")
@@ -3958,7 +4011,7 @@ class ElectedScheduler(Scheduler):
         session, lease = self._session, self._lease
         assert session is not None and lease is not None
         data, expected = self._state_bytes(changed), self._state_version
-        path, leader = self._state_path, lease._path
+        path, leader = self._state_path, lease.path
         if leader is None:
             raise _NotLeading("its lease is no longer held")
         deadline = time.monotonic() + session.settings.connect_timeout
@@ -4006,7 +4059,7 @@ class ElectedScheduler(Scheduler):
             self._closed.set()
             self._compete.set()  # wake the election thread, so that it ends
             self._elected.set()
-            session = self._lease._session if self._lease is not None else None
+            session = self._lease.session if self._lease is not None else None
             if session is not None:
                 assert self._lease is not None
                 # Release first, so that closing is not reported as a lost lease.
