@@ -1566,7 +1566,7 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 #                                         ephemeral             _EarlyMutex: running
 #   beat/<app>, <app>@queue/...           as locks/             the beat's election: its leader
 #                                                               and standbys (ElectedScheduler)
-#   beat/<app>@schedule                   persistent            ElectedScheduler: the schedule's
+#   beat/<app>@schedule                   persistent            _BeatState: the schedule's
 #                                                               state, the fence of every send
 #
 # <name> is a key's lock name (_lock_name: the task's name, or the name given,
@@ -3583,6 +3583,13 @@ def _connection(app: celery.Celery) -> _Session:
         return conn
 
 
+def _close_connection(app: celery.Celery, session: _Session) -> None:
+    """Close ``session``, and forget it if it is this process's connection for ``app``."""
+    if _connections.get(app) is session:
+        _connections.pop(app, None)
+    session.close()
+
+
 def _forget_inherited() -> None:
     global _connections_lock
     _connections_lock = threading.Lock()
@@ -3700,11 +3707,9 @@ def _acl_text(acls: list[ACL]) -> str:
 # ---------------------------------------------------------------------------
 #
 # The beat's nodes are in the protocol map (beat/).  The election is an
-# exclusive lease (_ExclusiveLock) that a thread of every beat process waits
-# for; the schedule's state is one node that only a write naming its current
-# version can change.  Every send is preceded by such a write (the tick's
-# reservation), so of two processes that both believe they lead, the later
-# write fails and its tick is not sent: two leaders cannot send one tick.
+# exclusive lease (_ElectionLease) that a thread of every beat process waits
+# for; the leader keeps the schedule's state in one node (_BeatState), whose
+# version-checked writes fence every send.
 
 
 _beat_logger = logging.getLogger("celery.beat")  # where Celery's beat logs its sends
@@ -3780,10 +3785,8 @@ class ElectedScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Set before Scheduler.__init__, which calls setup_schedule (unless lazy).
         self._lease: _ElectionLease | None = None
-        self._session: _Session | None = None
-        self._state_path = ""
+        self._state: _BeatState | None = None
         self._leading = False
-        self._state_version = -1
         self._token: int | None = None
         self._late: set[str] = set()  # entries that fell due while no beat led
         self._compete = threading.Event()  # main -> election thread: take part again
@@ -3802,7 +3805,9 @@ class ElectedScheduler(Scheduler):
             self.app, _BEAT, self.app.main or "celery", owner="celery beat", blocking=True,
             identifier=f"celery beat {os.getpid()}@{socket.gethostname()}",
         )  # fmt: skip
-        self._state_path = f"{settings.root}/{_BEAT}/{self._lease.name}{_SCHEDULE}"
+        self._state = _BeatState(
+            self._lease, f"{settings.root}/{_BEAT}/{self._lease.name}{_SCHEDULE}"
+        )
         self._compete.set()
         threading.Thread(target=self._elect, name="zkcelery-beat-election", daemon=True).start()
 
@@ -3871,15 +3876,14 @@ class ElectedScheduler(Scheduler):
 
     def _take_over(self) -> None:
         """Read the schedule's state and claim it with a fenced write; then lead."""
-        lease = self._lease
-        assert lease is not None and lease.session is not None
-        self._session = lease.session
+        lease, state = self._lease, self._state
+        assert lease is not None and state is not None
         self._token = lease.token
         if self._token is None:
             raise _NotLeading("its lease was lost as it was granted")
         for tries_left in reversed(range(3)):
-            data, self._state_version = self._read_state()
-            self._load_state(data)
+            state.load(state.read(), self.schedule)
+            self._late = {name for name, entry in self.schedule.items() if _is_due(entry)}
             try:
                 # The claim: from here on, a write by any earlier leader fails.
                 self._write_state({})
@@ -3953,25 +3957,76 @@ class ElectedScheduler(Scheduler):
 
     # -- the state in ZooKeeper ------------------------------------------------
 
-    def _read_state(self) -> tuple[bytes, int]:
-        session = self._session
-        assert session is not None
+    def _write_state(self, changed: dict[str, ScheduleEntry]) -> None:
+        """Write the state, ``changed`` included, if this beat still leads (see _BeatState)."""
+        assert self._state is not None
+        self._state.write(self._state.encode(self._token, {**self.schedule, **changed}))
+
+    # -- the end -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the election at once: end this process's session for the app."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self._compete.set()  # wake the election thread, so that it ends
+            self._elected.set()
+            session = self._lease.session if self._lease is not None else None
+            if session is not None:
+                assert self._lease is not None
+                # Release first, so that closing is not reported as a lost lease.
+                # In a thread: celery beat calls close() from its SIGTERM
+                # handler, which may have interrupted this thread in the
+                # session's mutex.
+                releaser = threading.Thread(target=self._lease.release, daemon=True)
+                releaser.start()
+                releaser.join(session.settings.connect_timeout)
+                # The standby's node, or a leader's unreleased one, goes too.
+                _close_connection(self.app, session)
+            if self._leading:
+                logger.info("beat: stopped leading: shutting down")
+            self._leading = False
+        super().close()
+
+
+class _BeatState:
+    """The schedule's state node, ``beat/<app>@schedule``: its content, and its version.
+
+    The content is JSON: who leads (fencing token, host, pid, identifier) and
+    each entry's last run time and run count.  Only a write naming the
+    version this beat last read or wrote changes it, in one multi-operation
+    that also checks that the leader's lease node exists.  A leader writes
+    once when it takes over (its claim) and before every send (the tick's
+    reservation), so of two processes that both believe they lead, the later
+    write fails and its tick is not sent: two leaders cannot send one tick.
+    """
+
+    def __init__(self, lease: _ElectionLease, path: str) -> None:
+        self.lease = lease
+        self.path = path
+        #: The version this beat last read or wrote: what its next write names.
+        self.version = -1
+
+    def read(self) -> bytes:
+        """The node's data, and its version noted; the node is made (empty) if it is missing."""
+        session = self._session()
         for _ in range(3):
             try:
-                data, stat = session.read(session.client.get_async, self._state_path)
-                return data, stat.version
+                data, stat = session.read(session.client.get_async, self.path)
+                self.version = stat.version
+                return data  # type: ignore[no-any-return]
             except NoNodeError:
                 with contextlib.suppress(NodeExistsError):
-                    session.call(session.client.create_async, self._state_path, b"")
-        raise _NotLeading(f"{self._state_path} keeps vanishing")
+                    session.call(session.client.create_async, self.path, b"")
+        raise _NotLeading(f"{self.path} keeps vanishing")
 
-    def _load_state(self, data: bytes) -> None:
+    def load(self, data: bytes, schedule: dict[str, ScheduleEntry]) -> None:
+        """Set each entry's last run and run count from ``data``: one new here counts from now."""
         try:
             saved = json.loads(data or b"{}").get("entries", {})
         except (ValueError, AttributeError):
-            logger.warning("beat: %s holds no readable state; starting afresh", self._state_path)
+            logger.warning("beat: %s holds no readable state; starting afresh", self.path)
             saved = {}
-        for name, entry in self.schedule.items():
+        for name, entry in schedule.items():
             try:
                 last = datetime.fromisoformat(saved[name]["last_run_at"])
                 count = int(saved[name]["total_run_count"])
@@ -3979,17 +4034,15 @@ class ElectedScheduler(Scheduler):
                 entry.last_run_at, entry.total_run_count = entry.default_now(), 0
                 continue
             entry.last_run_at, entry.total_run_count = last, count
-        self._late = {name for name, entry in self.schedule.items() if _is_due(entry)}
 
-    def _state_bytes(self, changed: dict[str, ScheduleEntry]) -> bytes:
-        assert self._lease is not None and self._session is not None
-        entries = {**self.schedule, **changed}
+    def encode(self, token: int | None, entries: dict[str, ScheduleEntry]) -> bytes:
+        """The content for ``entries``, led by the holder of the fencing token ``token``."""
         state = {
             "leader": {
-                "token": self._token,
-                "host": self._session.hostname,
+                "token": token,
+                "host": self._session().hostname,
                 "pid": os.getpid(),
-                "identifier": self._lease.identifier,
+                "identifier": self.lease.identifier,
             },
             "entries": {
                 name: {
@@ -4001,17 +4054,16 @@ class ElectedScheduler(Scheduler):
         }
         return json.dumps(state).encode()
 
-    def _write_state(self, changed: dict[str, ScheduleEntry]) -> None:
-        """Write the state if this beat still leads: the fence every send passes first.
+    def write(self, data: bytes) -> None:
+        """Write ``data`` if this beat still leads: the fence every send passes first.
 
         One multi-operation checks that the lease's node exists and that the
         state is at the version this leader last wrote (or read, when it took
         over).  A leader deposed meanwhile finds either changed, and raises.
         """
-        session, lease = self._session, self._lease
-        assert session is not None and lease is not None
-        data, expected = self._state_bytes(changed), self._state_version
-        path, leader = self._state_path, lease.path
+        session, lease = self._session(), self.lease
+        expected = self.version
+        path, leader = self.path, lease.path
         if leader is None:
             raise _NotLeading("its lease is no longer held")
         deadline = time.monotonic() + session.settings.connect_timeout
@@ -4033,16 +4085,15 @@ class ElectedScheduler(Scheduler):
             if isinstance(results[1], (BadVersionError, NoNodeError)):
                 raise _StateMoved("another beat has written the schedule's state since")
             break
-        self._state_version = expected + 1
+        self.version = expected + 1
 
     def _applied(self, data: bytes, expected: int, deadline: float, exc: Exception) -> bool:
         """After a lost answer: whether our write applied (or raise if another's did)."""
-        session = self._session
-        assert session is not None
+        session = self._session()
         try:
             if time.monotonic() >= deadline:
                 raise CoordinationError("no answer within the connect timeout")
-            stored, stat = session.read(session.client.get_async, self._state_path)
+            stored, stat = session.read(session.client.get_async, self.path)
         except (CoordinationError, NoNodeError) as again:
             raise _NotLeading(f"ZooKeeper did not confirm the write: {again}") from exc
         if stat.version == expected:
@@ -4051,31 +4102,11 @@ class ElectedScheduler(Scheduler):
             return True
         raise _StateMoved("another beat has written the schedule's state since")
 
-    # -- the end -----------------------------------------------------------------
-
-    def close(self) -> None:
-        """Leave the election at once: end this process's session for the app."""
-        if not self._closed.is_set():
-            self._closed.set()
-            self._compete.set()  # wake the election thread, so that it ends
-            self._elected.set()
-            session = self._lease.session if self._lease is not None else None
-            if session is not None:
-                assert self._lease is not None
-                # Release first, so that closing is not reported as a lost lease.
-                # In a thread: celery beat calls close() from its SIGTERM
-                # handler, which may have interrupted this thread in the
-                # session's mutex.
-                releaser = threading.Thread(target=self._lease.release, daemon=True)
-                releaser.start()
-                releaser.join(session.settings.connect_timeout)
-                if _connections.get(self.app) is session:
-                    _connections.pop(self.app, None)
-                session.close()  # the standby's node, or a leader's unreleased one, goes too
-            if self._leading:
-                logger.info("beat: stopped leading: shutting down")
-            self._leading = False
-        super().close()
+    def _session(self) -> _Session:
+        # Only ever used once the lease was granted, so once it has a session.
+        session = self.lease.session
+        assert session is not None
+        return session
 
 
 def _fenced_write(
