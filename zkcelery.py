@@ -532,7 +532,7 @@ class MutexTask(_KeyedTask):
             return
         if not self.request.is_eager:
             # The copy is sent with this task's id: say in the node that it
-            # follows, before it can start (see _later_copy).
+            # follows, before it can start (see _OwnHolder.followed_by).
             lease.hand_over()
             yield
             return
@@ -557,10 +557,11 @@ class MutexTask(_KeyedTask):
         """The mutex is held: wait and take it, or raise ``Reject`` / ``Ignore``."""
         holder = _holder(lease)
         if self.request.id is not None and holder.get("task_id") == self.request.id:
-            if _later_copy(self.request, holder):
+            own = _OwnHolder(holder, self.app)
+            if own.followed_by(self.request):
                 holder = self._follow(lease, holder, started)
             else:
-                holder = self._held_by_itself(lease, holder, started)
+                holder = self._held_by_itself(lease, own, started)
             if lease:
                 return
         if self.mutex_requeue:
@@ -604,7 +605,7 @@ class MutexTask(_KeyedTask):
             if wait is not None:  # still ending, and the broker wants an answer
                 self._reject(lease, now, requeue=True)
 
-    def _held_by_itself(self, lease: Lease, holder: dict, started: float) -> dict:
+    def _held_by_itself(self, lease: Lease, own: _OwnHolder, started: float) -> dict:
         """This task id holds its own mutex: this message is a second delivery of it.
 
         Either its first delivery is still running (Redis restored its message
@@ -615,14 +616,14 @@ class MutexTask(_KeyedTask):
         timeout, and then this copy takes the mutex and runs.  Returns the
         holder after waiting, unless it took the mutex or dropped the message.
         """
-        alive = _process_alive(holder)
+        holder = own.meta
+        alive = own.alive_here()
         if alive:
             self._drop(lease, holder, "its first delivery runs on")
         # Dead, or on another host: a dead holder's node goes when the server
         # expires its session, a live one stays.  Wait that long (when the
         # broker lets us).
-        wanted = _dead_session_bound(holder, _read_settings(self.app).session_timeout)
-        wait = _unacked_wait(self.app, started, wanted)
+        wait = _unacked_wait(self.app, started, own.dead_for)
         assert wait is not None
         logger.info(
             "task %s[%s]: mutex %s is held by this same task (%s %s pid %s): waiting up to "
@@ -638,7 +639,7 @@ class MutexTask(_KeyedTask):
         now = _holder(lease)
         if now.get("task_id") != self.request.id:
             return now  # the dead holder's session ended and another task took it
-        if wait >= wanted and alive is None:
+        if own.outlived(wait) and alive is None:
             # It held on for a whole session timeout: its session, and so its
             # first delivery, is alive elsewhere.
             self._drop(lease, now, "its first delivery still holds it, on")
@@ -683,33 +684,93 @@ def _handed_over() -> set[str]:
     return names  # type: ignore[no-any-return]
 
 
-def _later_copy(request: Any, holder: dict) -> bool:
-    """Whether ``request`` is a retry or replacement of the run ``holder`` describes.
+class _OwnHolder:
+    """A key held under this message's own task id: the rule both mutex tasks follow.
 
-    A retry counts up ``retries``; a replacement counts up
-    ``replaced_task_nesting`` and starts ``retries`` again, and Celery before
-    5.7 does not even send the nesting.  So the holder notes in its node that
-    a copy follows (``handover``) before it is sent, and that decides.  (A
-    redelivery of the holder's own message that comes in that moment is then
-    taken for its copy too: it waits, and runs after it, rather than being
-    lost.)
+    The holder is an earlier run of the same task id, and one of three:
+
+    - the run this copy follows (a retry or a replacement: ``followed_by``).
+      Celery sends those before the run ends, so before the key is free;
+    - the first delivery of this same message, alive: Redis restored the
+      message after ``visibility_timeout``, or RabbitMQ redelivered it after
+      losing the worker's connection.  This copy must not run;
+    - the first delivery, dead: its process was killed and the message came
+      back.  Its session ends within ``dead_for`` seconds, and then this copy
+      takes the key and runs.
+
+    So a second delivery waits at most ``dead_for`` for the holder's node to
+    go: a node still there by then is a live session's (``outlived``), and the
+    copy is dropped.  MutexTask also drops it at once when the holder is a
+    live process on this host (``alive_here``), and waits no longer than the
+    broker lets an unacknowledged message wait.
     """
-    mine = (getattr(request, "replaced_task_nesting", 0) or 0, request.retries or 0)
-    theirs = (holder.get("nesting") or 0, holder.get("retries") or 0)
-    return mine > theirs or bool(holder.get("handover"))
 
+    def __init__(self, holder: dict, app: celery.Celery) -> None:
+        self.meta = holder
+        #: The longest a dead holder's node can outlive it: what its session was
+        #: granted, which the server expires in buckets of its tick, so up to a
+        #: tick late (at most half the shortest timeout it grants), and a second.
+        #: A holder that did not say (an older zkcelery) is taken to have ours.
+        timeout = holder.get("session_timeout")
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            timeout = _read_settings(app).session_timeout
+        self.dead_for: float = timeout * 1.5 + 1.0
 
-def _dead_session_bound(holder: dict, default: float) -> float:
-    """The longest a dead holder's node can outlive it: what its session was granted.
+    def followed_by(self, request: Any) -> bool:
+        """Whether ``request`` is a retry or replacement of the holder's run.
 
-    The server expires a session in buckets of its tick, so up to a tick
-    late, and the tick is at most half the shortest timeout it grants.  A
-    holder that did not say (an older zkcelery) is taken to have ours.
-    """
-    timeout = holder.get("session_timeout")
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
-        timeout = default
-    return timeout * 1.5 + 1.0
+        A retry counts up ``retries``; a replacement counts up
+        ``replaced_task_nesting`` and starts ``retries`` again, and Celery before
+        5.7 does not even send the nesting.  So the holder notes in its node that
+        a copy follows (``handover``) before it is sent, and that decides.  (A
+        redelivery of the holder's own message that comes in that moment is then
+        taken for its copy too: it waits, and runs after it, rather than being
+        lost.)
+        """
+        mine = (getattr(request, "replaced_task_nesting", 0) or 0, request.retries or 0)
+        theirs = (self.meta.get("nesting") or 0, self.meta.get("retries") or 0)
+        return mine > theirs or bool(self.meta.get("handover"))
+
+    def alive_here(self) -> bool | None:
+        """Whether the holder's process is alive: None when it is not on this host.
+
+        Only a "True" is acted on at once (a copy is dropped), so it errs towards
+        False: a zombie (killed, not reaped: PID 1 in a container often never
+        reaps) and a process younger than the lease (a reused pid) are dead.
+        """
+        pid = self.meta.get("pid")
+        if self.meta.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+            return None
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            if os.path.isdir("/proc/self"):
+                return False
+            try:  # no /proc (macOS): ask the kernel
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except OSError:
+                pass
+            return True
+        except OSError:
+            return None
+        fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3, the state, on
+        if fields[0] in (b"Z", b"X"):
+            return False
+        acquired = self.meta.get("acquired")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open("/proc/stat", "rb") as f:
+                boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+            began = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+            if isinstance(acquired, (int, float)) and began > acquired + 1.0:
+                return False
+        return True
+
+    def outlived(self, waited: float) -> bool:
+        """Whether a holder still there after ``waited`` seconds lives: none dead lasts so long."""
+        return waited >= self.dead_for
 
 
 def _holder(lease: Lease) -> dict:
@@ -723,44 +784,6 @@ def _holder(lease: Lease) -> dict:
 
 def _mutex_key(lease: Lease, holder: dict) -> str:
     return str(holder.get("key") or getattr(lease, "key", None) or "")
-
-
-def _process_alive(holder: dict) -> bool | None:
-    """Whether the holder's process is alive: None when it is not on this host.
-
-    Only a "True" is acted on at once (a copy is dropped), so it errs towards
-    False: a zombie (killed, not reaped: PID 1 in a container often never
-    reaps) and a process younger than the lease (a reused pid) are dead.
-    """
-    pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        if os.path.isdir("/proc/self"):
-            return False
-        try:  # no /proc (macOS): ask the kernel
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except OSError:
-            pass
-        return True
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3, the state, on
-    if fields[0] in (b"Z", b"X"):
-        return False
-    acquired = holder.get("acquired")
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/stat", "rb") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-        began = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
-        if isinstance(acquired, (int, float)) and began > acquired + 1.0:
-            return False
-    return True
 
 
 _rejections: dict[Any, int] = {}
@@ -1036,13 +1059,14 @@ class EarlyMutexTask(_KeyedTask):
                 _record_rejection(self, refused)
                 raise
             holder = refused.holder or {}
-        # This task id runs already: a second delivery of its message.  If
-        # the first one's process died, its session ends within its timeout.
-        own = _read_settings(self.app).session_timeout
-        lease.wait_for_release(_dead_session_bound(holder, own))
+        # This task id runs already: a second delivery of its message (see
+        # _OwnHolder).  If the first one's process died, its node goes in time.
+        own = _OwnHolder(holder, self.app)
+        lease.wait_for_release(own.dead_for)
         with contextlib.suppress(AlreadyQueued):
             lease.acquire()
             return
+        # Held on past own.dead_for: its first delivery lives.
         lease.log(logging.INFO, "is running as this same task: second delivery dropped")
         raise Ignore()
 
@@ -1329,7 +1353,7 @@ class _MutexLease(Lease):
 
         The copy is sent with this run's task id before the run ends, so before
         the mutex is released: the note tells it from a second delivery of the
-        same message (see _later_copy).
+        same message (see _OwnHolder).
         """
         grant = self._grant
         if grant is None or grant.released or not isinstance(grant.protocol, _ExclusiveLock):
@@ -3727,10 +3751,8 @@ class EarlyMutexScheduler(PersistentScheduler):
         try:
             return super().apply_async(entry, producer, advance, **kw)
         except SchedulingError as exc:
-            refused = exc.__context__ or exc.__cause__
-            if not isinstance(refused, AlreadyQueued):
+            if not _skipped(entry, exc):
                 raise
-            logger.info("beat: %s skipped: %s", entry.name, refused)
             return _SkippedTick()
 
 
@@ -3752,6 +3774,19 @@ def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _skipped(entry: ScheduleEntry, exc: BaseException) -> bool:
+    """Whether a failed send was an EarlyMutexTask's refusal: then it is logged as a skipped tick.
+
+    Its last run is queued or running: one INFO line, no traceback, and the
+    schedule moves on.
+    """
+    refused = _refusal(exc)
+    if refused is None:
+        return False
+    logger.info("beat: %s skipped: %s", entry.name, refused)
+    return True
 
 
 class ElectedScheduler(Scheduler):
@@ -3934,9 +3969,7 @@ class ElectedScheduler(Scheduler):
         try:
             result = self.apply_async(self._stamped(entry), producer=producer, advance=False)
         except Exception as exc:
-            refused = _refusal(exc)
-            if refused is not None:  # an EarlyMutexTask's last run is queued or running
-                logger.info("beat: %s skipped: %s", entry.name, refused)
+            if _skipped(entry, exc):
                 return
             _beat_logger.error(
                 "Message Error: %s\n%s", exc, traceback.format_stack(), exc_info=True
