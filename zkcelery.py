@@ -279,6 +279,10 @@ _INTERNALS = (
     ("kazoo.protocol.connection", "ConnectionHandler", "_submit", ("request", "timeout", "xid")),
     ("kazoo.protocol.connection", "ConnectionHandler", "_read_header", ("timeout",)),
     ("kazoo.protocol.serialization", "Connect", "time_out", None),
+    # the requests kazoo lacks (_CreateContainer, _CreateTTL, _Multi), built from its own
+    ("kazoo.protocol.serialization", "Create2", "serialize", ()),
+    ("kazoo.protocol.serialization", "Create2", "deserialize", ("bytes", "offset")),
+    ("kazoo.protocol.serialization", "Transaction", "serialize", ()),
     ("kazoo.protocol.serialization", "MultiHeader", "deserialize", ("bytes", "offset")),
     # MutexTask's copies of itself, and its rejections' one log line
     ("celery.app.task", "Task", "on_replace", ("sig",)),
@@ -287,6 +291,8 @@ _INTERNALS = (
     ("celery.app.task", "Context", "is_eager", None),
     ("celery.app.trace", "", "LOG_REJECTED", None),
     ("celery.app.trace", "", "LOG_IGNORED", None),
+    # ElectedScheduler has beat rebuild its heap of due entries when it takes over
+    ("celery.beat", "Scheduler", "_heap", None),
 )
 
 
