@@ -4286,7 +4286,7 @@ def zk_command(ctx: click.Context) -> None:
     _target(ctx)  # `celery -A proj zk` gives its app in ctx.obj
 
 
-@zk_command.command(name="ls", help="List every held lock, semaphore and mutex.")
+@click.command(name="ls", help="List every held lock, semaphore and mutex.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
 @_target_options
 @_pass_app
@@ -4307,7 +4307,7 @@ def _ls_command(app: celery.Celery, as_json: bool) -> None:
         )
 
 
-@zk_command.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
+@click.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
 @click.argument("key")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_target_options
@@ -4347,7 +4347,7 @@ def _describe(row: dict) -> str:
     return f"{row['kind']} {row['key']}: {row['state']} by {row['task']}[{row['task_id']}]"
 
 
-@zk_command.command(
+@click.command(
     name="check",
     help="Report each server's mode and round trip, and whether ZOOKEEPER_AUTH protects the "
     "tree; exit 1 without quorum or when it does not.",
@@ -4386,7 +4386,7 @@ def _check_command(app: celery.Celery) -> None:
     click.echo(f"protected: only {user!r} may create or delete under {settings.root}")
 
 
-@zk_command.command(
+@click.command(
     name="secure", help="Give the tree zkcelery relies on to ZOOKEEPER_AUTH's identity alone."
 )
 @_target_options
@@ -4488,7 +4488,8 @@ def main(prog_name: str = "zkcelery") -> None:
 # ---------------------------------------------------------------------------
 #
 # Importing zkcelery changes nothing else: every signal it listens to, the one
-# logging filter it installs, and the at-fork hook are connected here, once.
+# logging filter it installs, the at-fork hook and the command line's
+# subcommands are connected here, once.
 
 # MutexTask's rejections are logged in one line: drop Celery's own record of them.
 logging.getLogger("celery.app.trace").addFilter(_QuietRejections())
@@ -4502,6 +4503,13 @@ signals.task_revoked.connect(_free_revoked, weak=False)
 os.register_at_fork(after_in_child=_forget_inherited)
 signals.worker_process_shutdown.connect(_close_all, weak=False)
 signals.worker_shutdown.connect(_close_all, weak=False)
+
+# The subcommands of `zkcelery` and `celery zk` (Celery finds the group through
+# the celery.commands entry point).
+zk_command.add_command(_ls_command)
+zk_command.add_command(_rm_command)
+zk_command.add_command(_check_command)
+zk_command.add_command(_secure_command)
 
 if __name__ == "__main__":
     main("python -m zkcelery")
