@@ -2,46 +2,14 @@
 
 A guarded section never runs twice at once, and a lock whose holder dies is
 freed by ZooKeeper when the holder's session expires: no lock outlives a
-crashed worker, and no lock is ever held by two tasks.
+crashed worker, and no lock is ever held by two tasks.  README.md is the
+manual: the settings (``ZOOKEEPER_HOSTS``... in the Celery configuration),
+every option, what each fault does, the costs, and the command line
+(``python -m zkcelery ls|rm|check|secure``, or ``celery -A proj zk``).
 
-Connection handling
-===================
-
-Every process keeps one ZooKeeper session per Celery app, opened at first use
-and shared by all tasks (and threads) of that process.  A forked child never
-uses its parent's session; worker shutdown closes the session so that its
-locks are freed at once.  The settings are read from the Celery
-configuration, in upper case, lower case, or ``CELERY_`` namespaced (Django)
-spellings:
-
-=============================  ==================  ===================================
-setting                        default             meaning
-=============================  ==================  ===================================
-``ZOOKEEPER_HOSTS``            ``127.0.0.1:2181``  comma-separated ``host:port`` list
-                                                   (``[::1]:2183`` for IPv6, optional
-                                                   ``/chroot`` suffix), or a list
-``ZOOKEEPER_SESSION_TIMEOUT``  ``10`` s            how long after a crash a held
-                                                   lock is freed
-``ZOOKEEPER_CONNECT_TIMEOUT``  ``5`` s             longest wait for a connection
-                                                   before ``CoordinationError``
-``ZOOKEEPER_ROOT``             ``/zkcelery``       the znode everything lives under
-``ZOOKEEPER_AUTH``             none                ``'digest:user:secret'``: only that
-                                                   identity may change or delete
-                                                   the module's znodes
-``ZOOKEEPER_PROTECT_READS``    ``False``           with ``ZOOKEEPER_AUTH``, others may
-                                                   not read holder metadata either
-``ZOOKEEPER_SSL``              none                ``True``, or a dict of kazoo's
-                                                   ``ca``, ``certfile``, ``keyfile``,
-                                                   ``verify_certs``...
-=============================  ==================  ===================================
-
-Locking
-=======
-
-:class:`LockTask` gives a bound task the context managers ``self.lock()`` and
-``self.semaphore()``.  A lock admits one holder; a semaphore admits
-``max_leases``.  Both are non-blocking by default and yield a :class:`Lease`
-that is truthy when it was acquired; the body runs either way::
+A lock in a task: :class:`LockTask` gives a bound task ``self.lock()``, one
+holder at a time.  It does not wait by default; the body runs either way, and
+the :class:`Lease` it yields is truthy when it holds::
 
     import zkcelery
 
@@ -51,20 +19,8 @@ that is truthy when it was acquired; the body runs either way::
             if lock_acquired:
                 do_work(data)
 
-The lock's name is the task's name; positional values refine it, so that
-``self.lock(a)`` only excludes tasks locking the same ``a``.  With
-``retry=True`` a lock that is not acquired retries the task (``self.retry``)
-from the ``with`` statement itself, and the body does not run; any other
-keyword goes to ``self.retry``::
-
-    @app.task(base=zkcelery.LockTask, bind=True)
-    def refined(self, a, data):
-        with self.lock(a, retry=True, countdown=10, max_retries=1):
-            do_work(data)
-
-``blocking=True`` waits for the lock instead (``timeout=`` seconds at most,
-then the lease is falsy); it forces ``retry=False``.  A semaphore takes
-``max_leases``::
+A semaphore admits ``max_leases`` holders at once; positional values refine
+the name, so that only tasks with the same ``tenant`` share one::
 
     @app.task(base=zkcelery.LockTask, bind=True)
     def limited(self, tenant, data):
@@ -72,101 +28,23 @@ then the lease is falsy); it forces ``retry=False``.  A semaphore takes
             if acquired:
                 do_work(data)
 
-``identifier='worker-7'`` labels the contender: it is stored with the holder
-and shown by ``holders()`` and ``ls`` (default ``'<task id>-><hostname>'``),
-and never changes which lock is taken.  ``name='billing-db'`` replaces the
-task's name in the lock's name, so that different tasks share one lock::
+A :class:`MutexTask` runs its whole body under a mutex; a copy that finds it
+held raises :class:`MutexHeld` (a ``Reject``), or with ``mutex_requeue=True``
+goes back to the queue::
 
-    @app.task(base=zkcelery.LockTask, bind=True)
-    def export(self, data):
-        with self.lock(name='billing-db', blocking=True):
-            do_work(data)
-
-Blocking waiters queue in arrival order, each watching only the one before
-it, so a release wakes one waiter.  ``lease.waiters()`` lists them.  Per-key
-nodes are ephemeral or container nodes (ZooKeeper 3.5.3 or later), which
-the server removes once empty: no key leaves garbage behind.
-
-Mutex
-=====
-
-:class:`MutexTask` runs the whole task body under a mutex named after the
-task and, with ``mutex_keys``, the values of those arguments.  When the mutex
-is held elsewhere the task raises :class:`MutexHeld` (a
-:class:`celery.exceptions.Reject`) and ends in FAILURE, with ``task_failure``
-sent, on every Celery from 5.3 on.  With ``mutex_requeue=True`` the message is
-requeued instead: the task turns ``acks_late`` on (without it Celery has
-already acknowledged the message and a requeue would lose it), and a copy
-that finds the mutex held first waits until it is freed (and then runs) or
-for a growing delay (0.25 s doubling up to 8 s) before it is requeued, so
-that requeued copies do not spin::
-
-    @app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=('server_name',))
-    def per_server(self, server_name, data):
+    @app.task(base=zkcelery.MutexTask, bind=True)
+    def mutex_task(self, data):
         do_work(data)
 
-:class:`EarlyMutexTask` takes its mutex when the task is *sent*:
-``delay()`` raises :class:`AlreadyQueued` (a ``Reject``) while a copy with
-the same key is queued or running.  The key outlives the sender until a
-worker starts the run (``mutex_timeout`` seconds at most, default the
-``MUTEX_TIMEOUT`` setting or 3600), then belongs to the worker's session, so
-a dead worker frees it within the session timeout; ``retry()`` keeps it, and
-the run's end frees it.  ``celery beat -S zkcelery.EarlyMutexScheduler``
-logs a refused send as a skipped tick::
+Also here: :class:`EarlyMutexTask`, whose mutex is taken when the task is
+sent, :class:`EarlyMutexScheduler`, and :class:`ElectedScheduler`, which
+runs ``celery beat`` on every host with ZooKeeper electing the one that
+sends.
 
-    @app.task(base=zkcelery.EarlyMutexTask, bind=True, mutex_keys=('report_id',))
-    def build_report(self, report_id):
-        do_work(report_id)
-
-Beat
-====
-
-:class:`ElectedScheduler` lets ``celery beat`` run on every host: ZooKeeper
-elects the one that sends, the others stand by, and when the leader dies the
-first standby leads within the session timeout::
-
-    celery -A proj beat -S zkcelery.ElectedScheduler
-
-(or ``beat_scheduler = 'zkcelery.ElectedScheduler'``).  Each entry's last
-run and run count live in ZooKeeper, not in a local file, so a new leader
-neither repeats nor skips a tick; what fell due while no beat led is sent
-once, late, with a warning.  A leader checks ``lease.lost`` before every send
-and writes the tick to ZooKeeper, fenced, before sending it: one that may
-have lost its session stops before another can be elected.  Sends that an
-``EarlyMutexTask`` refuses are logged at INFO as skipped ticks.
-
-Operations
-==========
-
-``python -m zkcelery ls`` lists every held lock, semaphore and mutex (and
-the beat's leader and standbys) with its holders; ``rm KEY`` breaks one;
-``check`` reports the ensemble's health.  They read the app's settings with
-``-A proj`` (or run as ``celery -A proj zk``), or take ``--hosts`` and
-``--root``.
-
-Errors
-======
-
-:class:`ZKCeleryError` is the base of: :class:`CoordinationError` (ZooKeeper
-not reached in time), :class:`ConfigurationError` (a malformed setting, or
-a ``beat_schedule`` entry :class:`ElectedScheduler` could never send),
-:class:`AccessDenied` (the znodes belong to another identity),
-:class:`AlreadyAcquired` (``acquire()`` on a held lease),
-:class:`NotReentrant` (a blocking wait, without a timeout, for a lock the
-same thread holds), :class:`MaxLeasesMismatch` (holders of a semaphore
-disagree on ``max_leases``) and :class:`MutexHeld` (a :class:`MutexTask`
-copy found its mutex held; also a ``Reject``).
-
-Faults
-======
-
-If ZooKeeper cannot be reached within ``ZOOKEEPER_CONNECT_TIMEOUT``,
-``lock()`` and ``semaphore()`` raise :class:`CoordinationError` (or retry the
-task with ``retry=True``) and ``MutexTask`` retries the task.  If the session
-is lost while a lease is held, ``lease.lost`` turns true and a warning is
-logged; the body is not interrupted.  Long-running bodies that write to shared
-storage should check ``lease.lost`` or pass ``lease.token`` (a fencing token)
-to the storage.
+The module reads top to bottom: errors, tasks, leases, the znode protocols
+(the protocol map lists every node), names, settings, the session, security,
+schedulers, the command line, and last every Celery hook and import-time
+side effect.
 """
 
 from __future__ import annotations
@@ -244,27 +122,6 @@ from kazoo.security import (
     make_digest_acl_credential,
 )
 
-__all__ = [
-    "AccessDenied",
-    "AlreadyAcquired",
-    "AlreadyQueued",
-    "ConfigurationError",
-    "CoordinationError",
-    "EarlyMutexScheduler",
-    "EarlyMutexTask",
-    "ElectedScheduler",
-    "Lease",
-    "LockTask",
-    "MaxLeasesMismatch",
-    "MutexHeld",
-    "MutexTask",
-    "NotReentrant",
-    "ZKCeleryError",
-]
-
-logger = logging.getLogger("zkcelery")
-
-
 #: The private parts of kazoo and Celery that zkcelery relies on, in one
 #: place: (module, object, attribute, its parameters or None for plain data).
 #: test_zkcelery checks each against the installed versions, so that an
@@ -294,6 +151,27 @@ _INTERNALS = (
     # ElectedScheduler has beat rebuild its heap of due entries when it takes over
     ("celery.beat", "Scheduler", "_heap", None),
 )
+
+
+__all__ = [
+    "AccessDenied",
+    "AlreadyAcquired",
+    "AlreadyQueued",
+    "ConfigurationError",
+    "CoordinationError",
+    "EarlyMutexScheduler",
+    "EarlyMutexTask",
+    "ElectedScheduler",
+    "Lease",
+    "LockTask",
+    "MaxLeasesMismatch",
+    "MutexHeld",
+    "MutexTask",
+    "NotReentrant",
+    "ZKCeleryError",
+]
+
+logger = logging.getLogger("zkcelery")
 
 
 # ---------------------------------------------------------------------------
