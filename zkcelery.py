@@ -3176,7 +3176,7 @@ class _Session:
         self.make_tree()
         if self.settings.auth is not None and not self._verified:
             # Once per process: one getACL per node of the tree.
-            problems = self.unprotected()
+            problems = _unprotected(self)
             if problems:
                 raise problems[0]
             self._verified = True
@@ -3191,24 +3191,6 @@ class _Session:
         for path in self.tree():
             with contextlib.suppress(NodeExistsError):
                 self.call(self.client.create_async, path, makepath=True)
-
-    def unprotected(self, paths: Iterable[str] | None = None) -> list[ZKCeleryError]:
-        """What is wrong with the ACLs of ``paths`` (default: the tree), for ZOOKEEPER_AUTH.
-
-        In ZooKeeper the right to create or delete a node is its parent's: a
-        holder node under a parent that anyone may change is not protected.
-        """
-        identity = _identity(self.settings)
-        problems: list[ZKCeleryError] = []
-        for path in self.tree() if paths is None else paths:
-            try:
-                acls, _ = self.read(self.client.get_acls_async, path)
-            except NoNodeError:
-                continue
-            problem = _acl_problem(path, acls, identity)
-            if problem is not None:
-                problems.append(problem)
-        return problems
 
     def create_in_container(
         self, container: str, path: str, data: bytes, sequence: bool = False
@@ -3599,6 +3581,33 @@ def _acl_problem(path: str, acls: list[ACL], identity: Id | None) -> ZKCeleryErr
             f"{path} belongs to another identity (its ACL: {shown}); check ZOOKEEPER_AUTH"
         )
     return None
+
+
+def _unprotected(session: _Session) -> list[ZKCeleryError]:
+    """What is wrong with the ACLs of the tree (the root and namespaces), for ZOOKEEPER_AUTH.
+
+    In ZooKeeper the right to create or delete a node is its parent's: a
+    holder node under a parent that anyone may change is not protected.
+    """
+    identity = _identity(session.settings)
+    problems: list[ZKCeleryError] = []
+    for path in session.tree():
+        try:
+            acls, _ = session.read(session.client.get_acls_async, path)
+        except NoNodeError:
+            continue
+        problem = _acl_problem(path, acls, identity)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def _protecting_nodes(session: _Session) -> Iterator[str]:
+    """The root, the namespace nodes, and every per-key parent: whose ACL guards the locks."""
+    yield from session.tree()
+    root = session.settings.root
+    for namespace in _NAMESPACES.values():
+        yield from namespace.protocol.guarding(session, f"{root}/{namespace.name}")
 
 
 def _perms(perms: int) -> str:
@@ -4234,6 +4243,18 @@ def _describe(row: dict) -> str:
 @_pass_app
 def _check_command(app: celery.Celery) -> None:
     settings = _read_settings(app)
+    if not _quorum_serves(settings):
+        sys.exit(1)
+    session = _connection(app)
+    started = time.monotonic()
+    session.call(session.client.exists_async, "/")
+    click.echo(f"session round trip {(time.monotonic() - started) * 1000:.1f} ms")
+    if not _protection_holds(session, settings):
+        sys.exit(1)
+
+
+def _quorum_serves(settings: _Settings) -> bool:
+    """Print each server's mode and round trip; whether a quorum of them serves."""
     servers = settings.hosts.split(",")
     serving = 0
     for server in servers:
@@ -4244,24 +4265,24 @@ def _check_command(app: celery.Celery) -> None:
     click.echo(
         f"{serving} of {len(servers)} servers serving: {'quorum' if quorum else 'NO QUORUM'}"
     )
-    if not quorum:
-        sys.exit(1)
-    session = _connection(app)
-    started = time.monotonic()
-    session.call(session.client.exists_async, "/")
-    click.echo(f"session round trip {(time.monotonic() - started) * 1000:.1f} ms")
+    return quorum
+
+
+def _protection_holds(session: _Session, settings: _Settings) -> bool:
+    """Print whether ZOOKEEPER_AUTH protects the tree: False when it is set and does not."""
     if settings.auth is None:
         click.echo(
             f"ZOOKEEPER_AUTH is not set: any client may break the locks under {settings.root}"
         )
-        return
-    problems = session.unprotected()
+        return True
+    problems = _unprotected(session)
     for problem in problems:
         click.echo(f"NOT PROTECTED: {problem}")
     if problems:
-        sys.exit(1)
+        return False
     user = settings.auth[1].split(":")[0]
     click.echo(f"protected: only {user!r} may create or delete under {settings.root}")
+    return True
 
 
 @click.command(
@@ -4303,14 +4324,6 @@ def _secure(session: _Session, acl: list[ACL]) -> int:
         changed += 1
         click.echo(f"secured {path}: {_acl_text(current)} -> {_acl_text(acl)}")
     return changed
-
-
-def _protecting_nodes(session: _Session) -> Iterator[str]:
-    """The root, the namespace nodes, and every per-key parent: whose ACL guards the locks."""
-    yield from session.tree()
-    root = session.settings.root
-    for namespace in _NAMESPACES.values():
-        yield from namespace.protocol.guarding(session, f"{root}/{namespace.name}")
 
 
 def _listing(session: _Session) -> list[dict]:
