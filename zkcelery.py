@@ -939,7 +939,7 @@ class EarlyMutexTask(_KeyedTask):
         except AlreadyQueued as refused:
             if refused.task_id != self.request.id or refused.state != "running":
                 lease.log(logging.INFO, "is %s as task %s: rejected", refused.state,
-                           refused.task_id)  # fmt: skip
+                          refused.task_id)  # fmt: skip
                 _record_rejection(self, refused)
                 raise
             holder = refused.holder or {}
