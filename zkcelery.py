@@ -2,46 +2,14 @@
 
 A guarded section never runs twice at once, and a lock whose holder dies is
 freed by ZooKeeper when the holder's session expires: no lock outlives a
-crashed worker, and no lock is ever held by two tasks.
+crashed worker, and no lock is ever held by two tasks.  README.md is the
+manual: the settings (``ZOOKEEPER_HOSTS``... in the Celery configuration),
+every option, what each fault does, the costs, and the command line
+(``python -m zkcelery ls|rm|check|secure``, or ``celery -A proj zk``).
 
-Connection handling
-===================
-
-Every process keeps one ZooKeeper session per Celery app, opened at first use
-and shared by all tasks (and threads) of that process.  A forked child never
-uses its parent's session; worker shutdown closes the session so that its
-locks are freed at once.  The settings are read from the Celery
-configuration, in upper case, lower case, or ``CELERY_`` namespaced (Django)
-spellings:
-
-=============================  ==================  ===================================
-setting                        default             meaning
-=============================  ==================  ===================================
-``ZOOKEEPER_HOSTS``            ``127.0.0.1:2181``  comma-separated ``host:port`` list
-                                                   (``[::1]:2183`` for IPv6, optional
-                                                   ``/chroot`` suffix), or a list
-``ZOOKEEPER_SESSION_TIMEOUT``  ``10`` s            how long after a crash a held
-                                                   lock is freed
-``ZOOKEEPER_CONNECT_TIMEOUT``  ``5`` s             longest wait for a connection
-                                                   before ``CoordinationError``
-``ZOOKEEPER_ROOT``             ``/zkcelery``       the znode everything lives under
-``ZOOKEEPER_AUTH``             none                ``'digest:user:secret'``: only that
-                                                   identity may change or delete
-                                                   the module's znodes
-``ZOOKEEPER_PROTECT_READS``    ``False``           with ``ZOOKEEPER_AUTH``, others may
-                                                   not read holder metadata either
-``ZOOKEEPER_SSL``              none                ``True``, or a dict of kazoo's
-                                                   ``ca``, ``certfile``, ``keyfile``,
-                                                   ``verify_certs``...
-=============================  ==================  ===================================
-
-Locking
-=======
-
-:class:`LockTask` gives a bound task the context managers ``self.lock()`` and
-``self.semaphore()``.  A lock admits one holder; a semaphore admits
-``max_leases``.  Both are non-blocking by default and yield a :class:`Lease`
-that is truthy when it was acquired; the body runs either way::
+A lock in a task: :class:`LockTask` gives a bound task ``self.lock()``, one
+holder at a time.  It does not wait by default; the body runs either way, and
+the :class:`Lease` it yields is truthy when it holds::
 
     import zkcelery
 
@@ -51,20 +19,8 @@ that is truthy when it was acquired; the body runs either way::
             if lock_acquired:
                 do_work(data)
 
-The lock's name is the task's name; positional values refine it, so that
-``self.lock(a)`` only excludes tasks locking the same ``a``.  With
-``retry=True`` a lock that is not acquired retries the task (``self.retry``)
-from the ``with`` statement itself, and the body does not run; any other
-keyword goes to ``self.retry``::
-
-    @app.task(base=zkcelery.LockTask, bind=True)
-    def refined(self, a, data):
-        with self.lock(a, retry=True, countdown=10, max_retries=1):
-            do_work(data)
-
-``blocking=True`` waits for the lock instead (``timeout=`` seconds at most,
-then the lease is falsy); it forces ``retry=False``.  A semaphore takes
-``max_leases``::
+A semaphore admits ``max_leases`` holders at once; positional values refine
+the name, so that only tasks with the same ``tenant`` share one::
 
     @app.task(base=zkcelery.LockTask, bind=True)
     def limited(self, tenant, data):
@@ -72,101 +28,23 @@ then the lease is falsy); it forces ``retry=False``.  A semaphore takes
             if acquired:
                 do_work(data)
 
-``identifier='worker-7'`` labels the contender: it is stored with the holder
-and shown by ``holders()`` and ``ls --json`` (default ``'<task id>-><hostname>'``),
-and never changes which lock is taken.  ``name='billing-db'`` replaces the
-task's name in the lock's name, so that different tasks share one lock::
+A :class:`MutexTask` runs its whole body under a mutex; a copy that finds it
+held raises :class:`MutexHeld` (a ``Reject``), or with ``mutex_requeue=True``
+goes back to the queue::
 
-    @app.task(base=zkcelery.LockTask, bind=True)
-    def export(self, data):
-        with self.lock(name='billing-db', blocking=True):
-            do_work(data)
-
-Blocking waiters queue in arrival order, each watching only the one before
-it, so a release wakes one waiter.  ``lease.waiters()`` lists them.  Per-key
-nodes are ephemeral or container nodes (ZooKeeper 3.5.3 or later), which
-the server removes once empty: no key leaves garbage behind.
-
-Mutex
-=====
-
-:class:`MutexTask` runs the whole task body under a mutex named after the
-task and, with ``mutex_keys``, the values of those arguments.  When the mutex
-is held elsewhere the task raises :class:`MutexHeld` (a
-:class:`celery.exceptions.Reject`) and ends in FAILURE, with ``task_failure``
-sent, on every Celery from 5.3 on.  With ``mutex_requeue=True`` the message is
-requeued instead: the task turns ``acks_late`` on (without it Celery has
-already acknowledged the message and a requeue would lose it), and a copy
-that finds the mutex held first waits until it is freed (and then runs) or
-for a growing delay (0.25 s doubling up to 8 s) before it is requeued, so
-that requeued copies do not spin::
-
-    @app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=('server_name',))
-    def per_server(self, server_name, data):
+    @app.task(base=zkcelery.MutexTask, bind=True)
+    def mutex_task(self, data):
         do_work(data)
 
-:class:`EarlyMutexTask` takes its mutex when the task is *sent*:
-``delay()`` raises :class:`AlreadyQueued` (a ``Reject``) while a copy with
-the same key is queued or running.  The key outlives the sender until a
-worker starts the run (``mutex_timeout`` seconds at most, default the
-``MUTEX_TIMEOUT`` setting or 3600), then belongs to the worker's session, so
-a dead worker frees it within the session timeout; ``retry()`` keeps it, and
-the run's end frees it.  ``celery beat -S zkcelery.EarlyMutexScheduler``
-logs a refused send as a skipped tick::
+Also here: :class:`EarlyMutexTask`, whose mutex is taken when the task is
+sent, :class:`EarlyMutexScheduler`, and :class:`ElectedScheduler`, which
+runs ``celery beat`` on every host with ZooKeeper electing the one that
+sends.
 
-    @app.task(base=zkcelery.EarlyMutexTask, bind=True, mutex_keys=('report_id',))
-    def build_report(self, report_id):
-        do_work(report_id)
-
-Beat
-====
-
-:class:`ElectedScheduler` lets ``celery beat`` run on every host: ZooKeeper
-elects the one that sends, the others stand by, and when the leader dies the
-first standby leads within the session timeout::
-
-    celery -A proj beat -S zkcelery.ElectedScheduler
-
-(or ``beat_scheduler = 'zkcelery.ElectedScheduler'``).  Each entry's last
-run and run count live in ZooKeeper, not in a local file, so a new leader
-neither repeats nor skips a tick; what fell due while no beat led is sent
-once, late, with a warning.  A leader checks ``lease.lost`` before every send
-and writes the tick to ZooKeeper, fenced, before sending it: one that may
-have lost its session stops before another can be elected.  Sends that an
-``EarlyMutexTask`` refuses are logged at INFO as skipped ticks.
-
-Operations
-==========
-
-``python -m zkcelery ls`` lists every held lock, semaphore and mutex (and
-the beat's leader and standbys) with its holders; ``rm KEY`` breaks one;
-``check`` reports the ensemble's health.  They read the app's settings with
-``-A proj`` (or run as ``celery -A proj zk``), or take ``--hosts`` and
-``--root``.
-
-Errors
-======
-
-:class:`ZKCeleryError` is the base of: :class:`CoordinationError` (ZooKeeper
-not reached in time), :class:`ConfigurationError` (a malformed setting, or
-a ``beat_schedule`` entry :class:`ElectedScheduler` could never send),
-:class:`AccessDenied` (the znodes belong to another identity),
-:class:`AlreadyAcquired` (``acquire()`` on a held lease),
-:class:`NotReentrant` (a blocking wait, without a timeout, for a lock the
-same thread holds), :class:`MaxLeasesMismatch` (holders of a semaphore
-disagree on ``max_leases``) and :class:`MutexHeld` (a :class:`MutexTask`
-copy found its mutex held; also a ``Reject``).
-
-Faults
-======
-
-If ZooKeeper cannot be reached within ``ZOOKEEPER_CONNECT_TIMEOUT``,
-``lock()`` and ``semaphore()`` raise :class:`CoordinationError` (or retry the
-task with ``retry=True``) and ``MutexTask`` retries the task.  If the session
-is lost while a lease is held, ``lease.lost`` turns true and a warning is
-logged; the body is not interrupted.  Long-running bodies that write to shared
-storage should check ``lease.lost`` or pass ``lease.token`` (a fencing token)
-to the storage.
+The module reads top to bottom: errors, tasks, leases, the znode protocols
+(the protocol map lists every node), names, settings, the session, security,
+schedulers, the command line, and last every Celery hook and import-time
+side effect.
 """
 
 from __future__ import annotations
@@ -192,7 +70,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional, Protocol, TypeVar
 from urllib.parse import quote
 
 import celery
@@ -245,6 +123,37 @@ from kazoo.security import (
     make_digest_acl_credential,
 )
 
+#: The private parts of kazoo and Celery that zkcelery relies on, in one
+#: place: (module, object, attribute, its parameters or None for plain data).
+#: test_zkcelery checks each against the installed versions, so that an
+#: upgrade that moves one fails a test, not a worker.
+_INTERNALS = (
+    # the session id through a suspension, and requests kazoo has no method for
+    ("kazoo.client", "KazooClient", "_session_id", None),
+    ("kazoo.client", "KazooClient", "_connection", None),
+    ("kazoo.client", "KazooClient", "_call", ("request", "async_object")),
+    # the granted timeout and the time of the last answer (_instrument_connection)
+    ("kazoo.protocol.connection", "ConnectionHandler", "_invoke", ("timeout", "request", "xid")),
+    ("kazoo.protocol.connection", "ConnectionHandler", "_submit", ("request", "timeout", "xid")),
+    ("kazoo.protocol.connection", "ConnectionHandler", "_read_header", ("timeout",)),
+    ("kazoo.protocol.serialization", "Connect", "time_out", None),
+    # the requests kazoo lacks (_CreateContainer, _CreateTTL, _Multi), built from its own
+    ("kazoo.protocol.serialization", "Create2", "serialize", ()),
+    ("kazoo.protocol.serialization", "Create2", "deserialize", ("bytes", "offset")),
+    ("kazoo.protocol.serialization", "Transaction", "serialize", ()),
+    ("kazoo.protocol.serialization", "MultiHeader", "deserialize", ("bytes", "offset")),
+    # MutexTask's copies of itself, and its rejections' one log line
+    ("celery.app.task", "Task", "on_replace", ("sig",)),
+    ("celery.app.task", "Context", "replaced_task_nesting", None),
+    ("celery.app.task", "Context", "retries", None),
+    ("celery.app.task", "Context", "is_eager", None),
+    ("celery.app.trace", "", "LOG_REJECTED", None),
+    ("celery.app.trace", "", "LOG_IGNORED", None),
+    # ElectedScheduler has beat rebuild its heap of due entries when it takes over
+    ("celery.beat", "Scheduler", "_heap", None),
+)
+
+
 __all__ = [
     "AccessDenied",
     "AlreadyAcquired",
@@ -264,6 +173,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger("zkcelery")
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
 
 
 class ZKCeleryError(Exception):
@@ -342,8 +256,16 @@ class _ConnectionLost(CoordinationError):
     """The connection dropped while a request was in flight: it may or may not have applied."""
 
 
+class _NotLeading(ZKCeleryError):
+    """This beat cannot confirm that it leads: another one may have been elected."""
+
+
+class _StateMoved(_NotLeading):
+    """The schedule's state is no longer at the version this beat last wrote or read."""
+
+
 # ---------------------------------------------------------------------------
-# Tasks
+# Tasks: LockTask, MutexTask and EarlyMutexTask
 # ---------------------------------------------------------------------------
 
 
@@ -462,7 +384,7 @@ class MutexTask(_KeyedTask):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
-        lease = Lease(self, _MUTEXES, self._mutex_values(args, kwargs))
+        lease = _MutexLease(self, _MUTEXES, self._mutex_values(args, kwargs))
         if lease.name in _handed_over():
             # An eager retry or replacement, run synchronously inside the
             # retry() or replace() of its own first run, which holds the
@@ -495,8 +417,8 @@ class MutexTask(_KeyedTask):
             return
         if not self.request.is_eager:
             # The copy is sent with this task's id: say in the node that it
-            # follows, before it can start (see _later_copy).
-            lease._hand_over()
+            # follows, before it can start (see _OwnHolder.followed_by).
+            lease.hand_over()
             yield
             return
         names = _handed_over()
@@ -520,10 +442,11 @@ class MutexTask(_KeyedTask):
         """The mutex is held: wait and take it, or raise ``Reject`` / ``Ignore``."""
         holder = _holder(lease)
         if self.request.id is not None and holder.get("task_id") == self.request.id:
-            if _later_copy(self.request, holder):
+            own = _OwnHolder(holder, self.app)
+            if own.followed_by(self.request):
                 holder = self._follow(lease, holder, started)
             else:
-                holder = self._held_by_itself(lease, holder, started)
+                holder = self._held_by_itself(lease, own, started)
             if lease:
                 return
         if self.mutex_requeue:
@@ -567,7 +490,7 @@ class MutexTask(_KeyedTask):
             if wait is not None:  # still ending, and the broker wants an answer
                 self._reject(lease, now, requeue=True)
 
-    def _held_by_itself(self, lease: Lease, holder: dict, started: float) -> dict:
+    def _held_by_itself(self, lease: Lease, own: _OwnHolder, started: float) -> dict:
         """This task id holds its own mutex: this message is a second delivery of it.
 
         Either its first delivery is still running (Redis restored its message
@@ -578,14 +501,14 @@ class MutexTask(_KeyedTask):
         timeout, and then this copy takes the mutex and runs.  Returns the
         holder after waiting, unless it took the mutex or dropped the message.
         """
-        alive = _process_alive(holder)
+        holder = own.meta
+        alive = own.alive_here()
         if alive:
             self._drop(lease, holder, "its first delivery runs on")
         # Dead, or on another host: a dead holder's node goes when the server
         # expires its session, a live one stays.  Wait that long (when the
         # broker lets us).
-        wanted = _dead_session_bound(holder, _read_settings(self.app).session_timeout)
-        wait = _unacked_wait(self.app, started, wanted)
+        wait = _unacked_wait(self.app, started, own.dead_for)
         assert wait is not None
         logger.info(
             "task %s[%s]: mutex %s is held by this same task (%s %s pid %s): waiting up to "
@@ -601,7 +524,7 @@ class MutexTask(_KeyedTask):
         now = _holder(lease)
         if now.get("task_id") != self.request.id:
             return now  # the dead holder's session ended and another task took it
-        if wait >= wanted and alive is None:
+        if own.outlived(wait) and alive is None:
             # It held on for a whole session timeout: its session, and so its
             # first delivery, is alive elsewhere.
             self._drop(lease, now, "its first delivery still holds it, on")
@@ -646,33 +569,93 @@ def _handed_over() -> set[str]:
     return names  # type: ignore[no-any-return]
 
 
-def _later_copy(request: Any, holder: dict) -> bool:
-    """Whether ``request`` is a retry or replacement of the run ``holder`` describes.
+class _OwnHolder:
+    """A key held under this message's own task id: the rule both mutex tasks follow.
 
-    A retry counts up ``retries``; a replacement counts up
-    ``replaced_task_nesting`` and starts ``retries`` again, and Celery before
-    5.7 does not even send the nesting.  So the holder notes in its node that
-    a copy follows (``handover``) before it is sent, and that decides.  (A
-    redelivery of the holder's own message that comes in that moment is then
-    taken for its copy too: it waits, and runs after it, rather than being
-    lost.)
+    The holder is an earlier run of the same task id, and one of three:
+
+    - the run this copy follows (a retry or a replacement: ``followed_by``).
+      Celery sends those before the run ends, so before the key is free;
+    - the first delivery of this same message, alive: Redis restored the
+      message after ``visibility_timeout``, or RabbitMQ redelivered it after
+      losing the worker's connection.  This copy must not run;
+    - the first delivery, dead: its process was killed and the message came
+      back.  Its session ends within ``dead_for`` seconds, and then this copy
+      takes the key and runs.
+
+    So a second delivery waits at most ``dead_for`` for the holder's node to
+    go: a node still there by then is a live session's (``outlived``), and the
+    copy is dropped.  MutexTask also drops it at once when the holder is a
+    live process on this host (``alive_here``), and waits no longer than the
+    broker lets an unacknowledged message wait.
     """
-    mine = (getattr(request, "replaced_task_nesting", 0) or 0, request.retries or 0)
-    theirs = (holder.get("nesting") or 0, holder.get("retries") or 0)
-    return mine > theirs or bool(holder.get("handover"))
 
+    def __init__(self, holder: dict, app: celery.Celery) -> None:
+        self.meta = holder
+        #: The longest a dead holder's node can outlive it: what its session was
+        #: granted, which the server expires in buckets of its tick, so up to a
+        #: tick late (at most half the shortest timeout it grants), and a second.
+        #: A holder that did not say (an older zkcelery) is taken to have ours.
+        timeout = holder.get("session_timeout")
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            timeout = _read_settings(app).session_timeout
+        self.dead_for: float = timeout * 1.5 + 1.0
 
-def _dead_session_bound(holder: dict, default: float) -> float:
-    """The longest a dead holder's node can outlive it: what its session was granted.
+    def followed_by(self, request: Any) -> bool:
+        """Whether ``request`` is a retry or replacement of the holder's run.
 
-    The server expires a session in buckets of its tick, so up to a tick
-    late, and the tick is at most half the shortest timeout it grants.  A
-    holder that did not say (an older zkcelery) is taken to have ours.
-    """
-    timeout = holder.get("session_timeout")
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
-        timeout = default
-    return timeout * 1.5 + 1.0
+        A retry counts up ``retries``; a replacement counts up
+        ``replaced_task_nesting`` and starts ``retries`` again, and Celery before
+        5.7 does not even send the nesting.  So the holder notes in its node that
+        a copy follows (``handover``) before it is sent, and that decides.  (A
+        redelivery of the holder's own message that comes in that moment is then
+        taken for its copy too: it waits, and runs after it, rather than being
+        lost.)
+        """
+        mine = (getattr(request, "replaced_task_nesting", 0) or 0, request.retries or 0)
+        theirs = (self.meta.get("nesting") or 0, self.meta.get("retries") or 0)
+        return mine > theirs or bool(self.meta.get("handover"))
+
+    def alive_here(self) -> bool | None:
+        """Whether the holder's process is alive: None when it is not on this host.
+
+        Only a "True" is acted on at once (a copy is dropped), so it errs towards
+        False: a zombie (killed, not reaped: PID 1 in a container often never
+        reaps) and a process younger than the lease (a reused pid) are dead.
+        """
+        pid = self.meta.get("pid")
+        if self.meta.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+            return None
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            if os.path.isdir("/proc/self"):
+                return False
+            try:  # no /proc (macOS): ask the kernel
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except OSError:
+                pass
+            return True
+        except OSError:
+            return None
+        fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3, the state, on
+        if fields[0] in (b"Z", b"X"):
+            return False
+        acquired = self.meta.get("acquired")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open("/proc/stat", "rb") as f:
+                boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+            began = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+            if isinstance(acquired, (int, float)) and began > acquired + 1.0:
+                return False
+        return True
+
+    def outlived(self, waited: float) -> bool:
+        """Whether a holder still there after ``waited`` seconds lives: none dead lasts so long."""
+        return waited >= self.dead_for
 
 
 def _holder(lease: Lease) -> dict:
@@ -688,47 +671,24 @@ def _mutex_key(lease: Lease, holder: dict) -> str:
     return str(holder.get("key") or getattr(lease, "key", None) or "")
 
 
-def _process_alive(holder: dict) -> bool | None:
-    """Whether the holder's process is alive: None when it is not on this host.
+_rejections: dict[Any, int] = {}
 
-    Only a "True" is acted on at once (a copy is dropped), so it errs towards
-    False: a zombie (killed, not reaped: PID 1 in a container often never
-    reaps) and a process younger than the lease (a reused pid) are dead.
-    """
-    pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        if os.path.isdir("/proc/self"):
-            return False
-        try:  # no /proc (macOS): ask the kernel
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except OSError:
-            pass
-        return True
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3, the state, on
-    if fields[0] in (b"Z", b"X"):
-        return False
-    acquired = holder.get("acquired")
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/stat", "rb") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-        began = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
-        if isinstance(acquired, (int, float)) and began > acquired + 1.0:
-            return False
-    return True
+
+def _requeue_delay(task_id: Any) -> float:
+    # Process-local and bounded: a requeued copy may land on another process,
+    # which only makes it start again from the shortest delay.
+    count = _rejections.pop(task_id, 0)
+    if len(_rejections) > 1000:
+        _rejections.pop(next(iter(_rejections)))
+    _rejections[task_id] = count + 1
+    return min(8.0, 0.25 * 2**count)
 
 
 #: zkcelery's own waits keep a message unacknowledged for at most this share of
 #: the Redis ``visibility_timeout``, after which Redis would deliver it again.
 _VISIBILITY_SHARE = 0.25
+
+
 _visibility: weakref.WeakKeyDictionary[celery.Celery, float | None] = weakref.WeakKeyDictionary()
 
 
@@ -828,8 +788,6 @@ class _QuietRejections(logging.Filter):
         return True
 
 
-logging.getLogger("celery.app.trace").addFilter(_QuietRejections())
-
 _warned: set = set()
 
 
@@ -879,10 +837,6 @@ def _check_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
     timeout = _redis_visibility_timeout(sender.app)
     if timeout is not None and isinstance(when, (int, float)) and when > timeout:
         _warn_duplicates(sender, "the retry countdown", when, timeout)
-
-
-signals.task_prerun.connect(_check_limits, weak=False)
-signals.task_retry.connect(_check_retry, weak=False)
 
 
 class EarlyMutexTask(_KeyedTask):
@@ -935,10 +889,10 @@ class EarlyMutexTask(_KeyedTask):
         task_id = task_id or uuid.uuid4().hex
         lease = self._early_lease(args, kwargs, task_id)
         try:
-            lease._reserve()
+            lease.reserve()
         except CoordinationError:
             with contextlib.suppress(ZKCeleryError):
-                lease._unreserve()  # best effort: else it expires after mutex_timeout
+                lease.unreserve()  # best effort: else it expires after mutex_timeout
             raise
         except AlreadyQueued as refused:
             if mutex_return_existing is None:
@@ -951,7 +905,7 @@ class EarlyMutexTask(_KeyedTask):
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
         except BaseException:
-            lease._unreserve()  # nothing was sent: the key is free again
+            lease.unreserve()  # nothing was sent: the key is free again
             raise
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -967,17 +921,17 @@ class EarlyMutexTask(_KeyedTask):
         """``celery.Task.retry``, keeping the key for the retried copy through its countdown."""
         lease = getattr(self.request, "zkcelery_early", None)
         if lease is not None and lease:
-            lease._requeue()  # before the retried copy is sent: it must find the key its own
+            lease.requeue()  # before the retried copy is sent: it must find the key its own
         try:
             return super().retry(*args, **kwargs)
         except Retry:
             raise
         except BaseException:  # past max_retries: no copy follows, free the key
             if lease is not None:
-                lease._unreserve()
+                lease.unreserve()
             raise
 
-    def _take(self, lease: Lease) -> None:
+    def _take(self, lease: _EarlyLease) -> None:
         try:
             lease.acquire()
             return
@@ -985,92 +939,42 @@ class EarlyMutexTask(_KeyedTask):
             raise self.retry(exc=exc) from exc
         except AlreadyQueued as refused:
             if refused.task_id != self.request.id or refused.state != "running":
-                lease._log(logging.INFO, "is %s as task %s: rejected", refused.state,
-                           refused.task_id)  # fmt: skip
+                lease.log(logging.INFO, "is %s as task %s: rejected", refused.state,
+                          refused.task_id)  # fmt: skip
                 _record_rejection(self, refused)
                 raise
             holder = refused.holder or {}
-        # This task id runs already: a second delivery of its message.  If
-        # the first one's process died, its session ends within its timeout.
-        own = _read_settings(self.app).session_timeout
-        lease.wait_for_release(_dead_session_bound(holder, own))
+        # This task id runs already: a second delivery of its message (see
+        # _OwnHolder).  If the first one's process died, its node goes in time.
+        own = _OwnHolder(holder, self.app)
+        lease.wait_for_release(own.dead_for)
         with contextlib.suppress(AlreadyQueued):
             lease.acquire()
             return
-        lease._log(logging.INFO, "is running as this same task: second delivery dropped")
+        # Held on past own.dead_for: its first delivery lives.
+        lease.log(logging.INFO, "is running as this same task: second delivery dropped")
         raise Ignore()
 
-    def _early_lease(self, args: Any, kwargs: Any, task_id: str | None) -> Lease:
-        return Lease(self, _EARLY, self._mutex_values(args, kwargs), task_id=task_id)
+    def _early_lease(self, args: Any, kwargs: Any, task_id: str | None) -> _EarlyLease:
+        return _EarlyLease(self, _EARLY, self._mutex_values(args, kwargs), task_id=task_id)
 
 
-class EarlyMutexScheduler(PersistentScheduler):
-    """``celery beat -S zkcelery.EarlyMutexScheduler``: a refused send is a skipped tick.
+def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """A revoked EarlyMutexTask message frees the key it holds while queued.
 
-    When an :class:`EarlyMutexTask`'s last run is still queued or running,
-    the tick is logged once at INFO with the holder's task id, not as an
-    error with a traceback, and the schedule moves on.
+    This runs in the worker's main process, which must keep no session (its
+    pool children are forked from it): a short-lived one is used and closed.
     """
-
-    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
-        try:
-            return super().apply_async(entry, producer, advance, **kw)
-        except SchedulingError as exc:
-            refused = exc.__context__ or exc.__cause__
-            if not isinstance(refused, AlreadyQueued):
-                raise
-            logger.info("beat: %s skipped: %s", entry.name, refused)
-            return _SkippedTick()
-
-
-class _SkippedTick:
-    """A skipped tick's result: Celery 5.3.0 logs ``.id`` of what ``apply_async`` returns."""
-
-    id = None
-
-    def __bool__(self) -> bool:  # newer Celery logs no id for a falsy result
-        return False
+    if not isinstance(sender, EarlyMutexTask) or request is None:
+        return
+    lease = sender._early_lease(request.args, request.kwargs, request.id)
+    with _revocation_session(sender.app) as session:
+        lease.free_revoked(session)
 
 
 # ---------------------------------------------------------------------------
-# Leases: the one lock primitive behind lock(), semaphore() and MutexTask
+# Leases: the one lock primitive behind lock(), semaphore() and the mutexes
 # ---------------------------------------------------------------------------
-#
-# Znode layout under ZOOKEEPER_ROOT.  The root and the namespace nodes
-# are persistent and made once; everything per key is ephemeral or a
-# container node (ZooKeeper 3.5.3+), which the server removes once its last
-# child is gone, so no key leaves anything behind:
-#
-#   /zkcelery/locks/<name>                    ephemeral: the holder that
-#                                             found the lock free
-#   /zkcelery/locks/<name>@queue/             container: waiters, in order
-#   /zkcelery/locks/<name>@queue/1@<guid>@0000000042
-#   /zkcelery/mutexes/...                     likewise, for MutexTask
-#   /zkcelery/semaphores/<name>/              container: holders and waiters
-#   /zkcelery/semaphores/<name>/<max>@<guid>@0000000042
-#
-# The data version of each namespace node (locks/, mutexes/, ...) counts the
-# breaks (``rm``) in it: a release of a fixed-path node checks it (see
-# _ExclusiveLock).
-#
-# <name> is the lock's name encoded by _lock_name(), which never holds "@".
-# Every node carries its contender's metadata as JSON (task id, host, pid,
-# identifier, key, and the lease's <guid>), so "who holds it" costs no extra
-# node.  The two protocols are explained where they are implemented:
-# _ExclusiveLock and _Semaphore, both built on _Queue.
-
-_LOCKS, _SEMAPHORES, _MUTEXES, _EARLY = "locks", "semaphores", "mutexes", "early"
-_BEAT = "beat"  # ElectedScheduler: the election, and the schedule's state
-_KIND = {
-    _LOCKS: "lock", _SEMAPHORES: "semaphore", _MUTEXES: "mutex", _EARLY: "early mutex",
-    _BEAT: "beat",
-}  # fmt: skip
-_SEP = "@"  # separates the parts of a contender's node name; never in a lock name
-_QUEUE = f"{_SEP}queue"  # suffix of an exclusive lock's queue container
-_SEQ_DIGITS = 10  # ZooKeeper appends a 10-digit counter to sequential nodes
-#: Turns of a waiting loop that may pass without an event before it pauses:
-#: each turn follows a change it saw, so this is a guard, not a rhythm.
-_FREE_TURNS = 20
 
 
 class Lease:
@@ -1138,8 +1042,13 @@ class Lease:
 
     @classmethod
     def for_app(
-        cls, app: celery.Celery, namespace: str, name: str, owner: str, **options: Any
-    ) -> Lease:
+        cls: type[_LeaseT],
+        app: celery.Celery,
+        namespace: str,
+        name: str,
+        owner: str,
+        **options: Any,
+    ) -> _LeaseT:
         """A lease that ``app`` holds itself, with no task: the beat's election.
 
         ``owner`` stands where a task's name would (holder metadata, ``ls``,
@@ -1149,11 +1058,6 @@ class Lease:
         if options.get("retry"):
             raise TypeError(f"{owner} is not a task: a lease it holds cannot retry it")
         return cls(_AppOwner(app, owner), namespace, name=name, **options)
-
-    @property
-    def _path(self) -> str | None:
-        """The node that holds the lease while it is held (for a fenced write)."""
-        return self._grant.path if self else None  # type: ignore[union-attr]
 
     # -- the public view ---------------------------------------------------
 
@@ -1268,47 +1172,6 @@ class Lease:
                 deadline = None if seconds is None else time.monotonic() + seconds
                 _wait_gone(self._session, protocol.holder, deadline)
 
-    # -- an early mutex's other steps (see _EarlyMutex) --------------------------
-
-    def _early(self) -> _EarlyMutex:
-        protocol = self._protocol(self._connect())
-        assert isinstance(protocol, _EarlyMutex)
-        return protocol
-
-    def _reserve(self) -> None:
-        self._early().reserve()
-
-    def _unreserve(self) -> None:
-        if self:
-            self.release()
-        self._early().unreserve()
-
-    def _hand_over(self) -> None:
-        """Note in the node that a copy of this task follows (MutexTask's retry or replace)."""
-        grant = self._grant
-        if grant is None or grant.released or not isinstance(grant.protocol, _ExclusiveLock):
-            return
-        try:
-            grant.protocol.hand_over(grant.path, grant.session_id)
-        except (ZKCeleryError, KazooException) as exc:
-            self._log(logging.WARNING, "could not note the copy that follows: %s", exc)
-
-    def _requeue(self) -> None:
-        grant = self._grant
-        if grant is not None and not grant.released:
-            grant.check_session()  # no watch: our own requeue is about to delete the node
-        if grant is not None and not grant.released and grant.why_lost is None:
-            assert isinstance(grant.protocol, _EarlyMutex)
-            try:
-                kept = grant.protocol.requeue(grant.session_id)
-            except CoordinationError as exc:
-                kept = False
-                self._log(logging.WARNING, "not kept for the retry: %s", exc)
-            if kept:
-                grant.settle()
-            # Else the run's end releases it as usual, and the retried copy,
-            # finding this task id running, waits for that.
-
     # -- helpers -----------------------------------------------------------------
 
     def _connect(self) -> _Session:
@@ -1360,37 +1223,105 @@ class Lease:
         """Log a line naming the task, its id, and this lease's kind and key."""
         logger.log(
             level, f"task %s[%s]: %s %s {what}",
-            self._task.name, self._task_id(), _KIND[self._namespace], self.key, *args,
+            self._task.name, self._task_id(), _NAMESPACES[self._namespace].kind, self.key, *args,
         )  # fmt: skip
 
 
-#: The private parts of kazoo and Celery that zkcelery relies on, in one
-#: place: (module, object, attribute, its parameters or None for plain data).
-#: test_zkcelery checks each against the installed versions, so that an
-#: upgrade that moves one fails a test, not a worker.
-_INTERNALS = (
-    # the session id through a suspension, and requests kazoo has no method for
-    ("kazoo.client", "KazooClient", "_session_id", None),
-    ("kazoo.client", "KazooClient", "_connection", None),
-    ("kazoo.client", "KazooClient", "_call", ("request", "async_object")),
-    # the granted timeout and the time of the last answer (_instrument_connection)
-    ("kazoo.protocol.connection", "ConnectionHandler", "_invoke", ("timeout", "request", "xid")),
-    ("kazoo.protocol.connection", "ConnectionHandler", "_submit", ("request", "timeout", "xid")),
-    ("kazoo.protocol.connection", "ConnectionHandler", "_read_header", ("timeout",)),
-    ("kazoo.protocol.serialization", "Connect", "time_out", None),
-    ("kazoo.protocol.serialization", "MultiHeader", "deserialize", ("bytes", "offset")),
-    # MutexTask's copies of itself, and its rejections' one log line
-    ("celery.app.task", "Task", "on_replace", ("sig",)),
-    ("celery.app.task", "Context", "replaced_task_nesting", None),
-    ("celery.app.task", "Context", "retries", None),
-    ("celery.app.task", "Context", "is_eager", None),
-    ("celery.app.trace", "", "LOG_REJECTED", None),
-    ("celery.app.trace", "", "LOG_IGNORED", None),
-)
+_LeaseT = TypeVar("_LeaseT", bound=Lease)
 
-#: What a protocol's acquire returns: the node, its fencing token if known,
-#: and the session that made the node.
-_Granted = tuple[str, Optional[int], Optional[int]]
+
+class _MutexLease(Lease):
+    """MutexTask's lease, which can note in its node that a copy of the task follows."""
+
+    def hand_over(self) -> None:
+        """Note in the node that a copy of this task follows (a retry or a replacement).
+
+        The copy is sent with this run's task id before the run ends, so before
+        the mutex is released: the note tells it from a second delivery of the
+        same message (see _OwnHolder).
+        """
+        grant = self._grant
+        if grant is None or grant.released or not isinstance(grant.protocol, _ExclusiveLock):
+            return
+        try:
+            grant.protocol.hand_over(grant.path, grant.session_id)
+        except (ZKCeleryError, KazooException) as exc:
+            self._log(logging.WARNING, "could not note the copy that follows: %s", exc)
+
+
+class _EarlyLease(Lease):
+    """EarlyMutexTask's lease, with the steps of the key's life besides the run (see _EarlyMutex).
+
+    ``reserve`` at the send, ``requeue`` at a retry, ``unreserve`` when nothing
+    was sent after all, or the message was revoked, or no retry follows.
+    """
+
+    def reserve(self) -> None:
+        """At the send: make the key's queued form, or raise AlreadyQueued."""
+        self._early().reserve()
+
+    def unreserve(self) -> None:
+        """Free the key if this task id holds it (queued; or running, by this lease)."""
+        if self:
+            self.release()
+        self._early().unreserve()
+
+    def requeue(self) -> None:
+        """At a retry: turn the running form back into the queued form, for the retried copy."""
+        grant = self._grant
+        if grant is not None and not grant.released:
+            grant.check_session()  # no watch: our own requeue is about to delete the node
+        if grant is not None and not grant.released and grant.why_lost is None:
+            assert isinstance(grant.protocol, _EarlyMutex)
+            try:
+                kept = grant.protocol.requeue(grant.session_id)
+            except CoordinationError as exc:
+                kept = False
+                self._log(logging.WARNING, "not kept for the retry: %s", exc)
+            if kept:
+                grant.settle()
+            # Else the run's end releases it as usual, and the retried copy,
+            # finding this task id running, waits for that.
+
+    def free_revoked(self, session: _Session) -> None:
+        """Free the key of a revoked message, in ``session``; a failure is logged.
+
+        The worker's main process learns of revocations and must keep no
+        session of its own (its pool children are forked from it): ``session``
+        is a short-lived one (see _revocation_session).
+        """
+        self._session = session
+        try:
+            self.unreserve()
+        except ZKCeleryError as exc:
+            self._log(logging.WARNING, "not freed after its revocation: %s", exc)
+
+    def log(self, level: int, what: str, *args: Any) -> None:
+        """Log a line naming the task, its id, and this key (as the lease's own lines do)."""
+        self._log(level, what, *args)
+
+    def _early(self) -> _EarlyMutex:
+        protocol = self._protocol(self._connect())
+        assert isinstance(protocol, _EarlyMutex)
+        return protocol
+
+
+class _ElectionLease(Lease):
+    """The beat's election: a lease the app holds itself (see Lease.for_app, ElectedScheduler).
+
+    The leader writes the schedule's state in the lease's session, fenced by
+    the lease's node.
+    """
+
+    @property
+    def session(self) -> _Session | None:
+        """The session the lease is taken in; None before its first use."""
+        return self._session
+
+    @property
+    def path(self) -> str | None:
+        """The node that holds the lease while it is held (the fence of a write)."""
+        return self._grant.path if self else None  # type: ignore[union-attr]
 
 
 class _AppOwner:
@@ -1508,7 +1439,69 @@ class _Grant:
 
 
 _BROKEN = "its znode was deleted from outside"
+
+
 _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long to be sure it lives"
+
+
+# ---------------------------------------------------------------------------
+# Protocols: how contenders for one key use their znodes
+# ---------------------------------------------------------------------------
+#
+# The protocol map: every znode zkcelery makes, under ZOOKEEPER_ROOT
+# (/zkcelery by default), and the class that owns it.  Each protocol is
+# explained in its class.
+#
+#   node                                  kind                  owner: what
+#   /zkcelery                             persistent            _Session: the root, made once
+#   /zkcelery/<namespace>                 persistent            _Session: one per entry of
+#                                                               _NAMESPACES, made once; its data
+#                                                               version counts the breaks in it
+#                                                               (break_node, for rm), and the
+#                                                               release of a node at a fixed
+#                                                               path checks it (delete_own)
+#   locks/<name>                          ephemeral             _ExclusiveLock: the holder that
+#                                                               found the lock free
+#   locks/<name>@queue/                   container             _Queue (of _ExclusiveLock):
+#                                                               the waiters, in arrival order
+#   locks/<name>@queue/1@<guid>@<seq>     ephemeral sequential  _Queue: a waiter (the first in
+#                                                               line holds once <name> is gone)
+#   mutexes/<name>, <name>@queue/...      as locks/             MutexTask's mutexes
+#   semaphores/<name>/                    container             _Queue (of _Semaphore): the
+#                                                               holders and waiters, in order
+#   semaphores/<name>/<max>@<guid>@<seq>  ephemeral sequential  _Queue: a holder or a waiter
+#   early/<name>                          TTL, else persistent  _EarlyMutex: queued, from the
+#                                                               send to the run's start
+#                                         ephemeral             _EarlyMutex: running
+#   beat/<app>, <app>@queue/...           as locks/             the beat's election: its leader
+#                                                               and standbys (ElectedScheduler)
+#   beat/<app>@schedule                   persistent            _BeatState: the schedule's
+#                                                               state, the fence of every send
+#
+# <name> is a key's lock name (_lock_name: the task's name, or the name given,
+# with the refining values), which never holds "@"; <app> is the beat app's
+# main name, as a lock name (``proj()``).  <guid> is one lease's random id, by
+# which a contender finds its own node again after a lost answer; <max> is a
+# semaphore's max_leases, so that holders that disagree see it in one listing;
+# <seq> is the 10-digit counter ZooKeeper appends, which orders the line.
+# Every contender's node holds its metadata as JSON (task id, host, pid,
+# identifier, key, guid...), so "who holds it" costs no extra node.
+#
+# No key leaves anything behind: ephemeral nodes go with their session, and the
+# server removes a container once its last child is gone.  Only a queued early
+# mutex outlives its sender, until its expiry (a TTL node expires by itself; a
+# persistent one is deleted by whoever finds it expired), and the beat's state
+# is one node per app.
+
+
+#: What a protocol's acquire returns: the node, its fencing token if known,
+#: and the session that made the node.
+_Granted = tuple[str, Optional[int], Optional[int]]
+
+
+#: Turns of a waiting loop that may pass without an event before it pauses:
+#: each turn follows a change it saw, so this is a guard, not a rhythm.
+_FREE_TURNS = 20
 
 
 def _guid_of(data: bytes) -> str | None:
@@ -1520,6 +1513,33 @@ def _guid_of(data: bytes) -> str | None:
 
 def _expired(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
+
+
+class _QueuePolicy(Protocol):
+    """What a kind of queue decides in _Queue.wait_turn: when our node holds, and what it watches.
+
+    The exclusive lock (_ExclusivePolicy) and the semaphore (_SemaphorePolicy)
+    share _Queue and differ only in these answers.
+    """
+
+    #: Whether the listing of the queue sets a children watch (``listed`` in watch).
+    watch_listing: bool
+
+    def joined(self) -> None:
+        """Our node was just made (again): forget what was learnt about those ahead of it."""
+
+    def granted(self, children: list[str], index: int) -> bool:
+        """Whether our node, at ``index`` in the sorted ``children``, holds now."""
+
+    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
+        """Watch the one node whose change may grant ours: the event it sets.
+
+        None when that node changed already (look again at once); ``listed`` is
+        the event the listing's children watch sets, when watch_listing.
+        """
+
+    def granted_on_wake(self) -> bool:
+        """Whether what woke us granted our node, so that no other listing is needed."""
 
 
 class _Queue:
@@ -1605,7 +1625,7 @@ class _Queue:
         """The contenders, sorted by arrival (empty when the container is gone)."""
         return _contenders_in(self.session, self.path, watch)
 
-    def wait_turn(self, policy: Any, blocking: bool, deadline: float | None) -> bool:
+    def wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
         """Join, and wait until ``policy`` grants our node; False if not blocking or too late."""
         free_turns = 0
         while True:
@@ -1705,9 +1725,7 @@ class _ExclusiveLock:
         self.queue = _Queue(session, f"{self.holder}{_QUEUE}", 1, guid, data)
         self.epoch: tuple[str, int] | None = None  # the namespace's, before <name> was ours
         self._owner: int | None = None  # the session that made <name>, when ours
-        self._holder_gone = False
-        self._head_waiting = False
-        self._holder_elsewhere = False
+        self._policy = _ExclusivePolicy(session, self.holder, self.queue.path)
 
     # -- acquire ---------------------------------------------------------------
 
@@ -1727,7 +1745,7 @@ class _ExclusiveLock:
             return None
         granted = False
         try:
-            granted = self.queue.wait_turn(self, blocking, deadline)
+            granted = self.queue.wait_turn(self._policy, blocking, deadline)
             return (self.queue.own_path, self.queue.token, self.queue.owner) if granted else None
         finally:
             if not granted:  # a waiter that gives up, or fails, leaves no node behind
@@ -1799,7 +1817,72 @@ class _ExclusiveLock:
     def _alone(self) -> bool:
         return len(self.queue.children) <= 1
 
-    # -- the queue's policy ------------------------------------------------------
+    # -- release and look ------------------------------------------------------
+
+    def release(self, path: str, session_id: int | None) -> None:
+        if path == self.holder:
+            self.session.delete_own(path, session_id, guid=self.guid, epoch=self.epoch)
+        else:
+            self.queue.leave(container_too=self._alone())
+
+    def hand_over(self, path: str, owner: int | None) -> None:
+        """Note ``handover`` in our holder node's data, if the node is still ours."""
+        session = self.session
+        data, stat = session.read(session.client.get_async, path)
+        if stat.ephemeralOwner == owner and _guid_of(data) == self.guid:
+            meta = {**json.loads(data), "handover": True}
+            session.call(session.client.set_async, path, json.dumps(meta).encode(), stat.version)
+
+    def contenders(self) -> tuple[list[dict], list[dict]]:
+        """(holders, waiters): the metadata of each."""
+        holder = self.session.read_nodes([self.holder])
+        queued = self.queue.contenders()
+        if not holder and queued:
+            holder, queued = queued[:1], queued[1:]
+        return _states(holder, "held"), _states(queued, "waiting")
+
+    # -- a namespace of exclusive locks, as ls and secure walk it ---------------
+
+    @staticmethod
+    def listed(session: _Session, parent: str) -> Iterator[tuple[str, str, str]]:
+        """(key node, contender path, held or waiting) of every contender under ``parent``."""
+        children = _keys_in(session, parent)
+        children -= {c for c in children if c.endswith(_SCHEDULE)}  # a beat's state, not a lock
+        for name in sorted({c[: -len(_QUEUE)] if c.endswith(_QUEUE) else c for c in children}):
+            held = name in children
+            if held:
+                yield name, f"{parent}/{name}", "held"
+            queue = f"{parent}/{name}{_QUEUE}"
+            for i, node in enumerate(
+                _contenders_in(session, queue) if queue[len(parent) + 1 :] in children else []
+            ):
+                yield name, f"{queue}/{node}", "waiting" if held or i else "held"
+
+    @staticmethod
+    def guarding(session: _Session, parent: str) -> Iterator[str]:
+        """The per-key nodes under ``parent`` whose ACL guards contenders: queues, beat states."""
+        for child in sorted(session.read(session.client.get_children_async, parent)):
+            if child.endswith((_QUEUE, _SCHEDULE)):
+                yield f"{parent}/{child}"
+
+
+class _ExclusivePolicy:
+    """_ExclusiveLock's queue: our node holds when it is first in line and ``<name>`` is gone.
+
+    Until it has seen ``<name>`` gone once since joining, a waiter watches it
+    (the first in line alone wakes on its deletion); after that, every waiter
+    but the first watches the one before it.
+    """
+
+    watch_listing = False
+
+    def __init__(self, session: _Session, holder: str, queue_path: str) -> None:
+        self.session = session
+        self.holder = holder
+        self.queue_path = queue_path
+        self._holder_gone = False
+        self._head_waiting = False
+        self._holder_elsewhere = False
 
     def joined(self) -> None:
         # Until we see <name> gone after joining, a holder that got in before
@@ -1829,7 +1912,7 @@ class _ExclusiveLock:
             self._holder_elsewhere = stat.ephemeralOwner != session.session_id
             if index == 0:
                 return woken
-        ahead = f"{self.queue.path}/{children[index - 1]}"
+        ahead = f"{self.queue_path}/{children[index - 1]}"
         if session.stat_watching(ahead, _setter(woken)) is None:
             return None
         return woken
@@ -1844,30 +1927,6 @@ class _ExclusiveLock:
                 woken.set()
 
         return on_event
-
-    # -- release and look ------------------------------------------------------
-
-    def release(self, path: str, session_id: int | None) -> None:
-        if path == self.holder:
-            self.session.delete_own(path, session_id, guid=self.guid, epoch=self.epoch)
-        else:
-            self.queue.leave(container_too=self._alone())
-
-    def hand_over(self, path: str, owner: int | None) -> None:
-        """Note ``handover`` in our holder node's data, if the node is still ours."""
-        session = self.session
-        data, stat = session.read(session.client.get_async, path)
-        if stat.ephemeralOwner == owner and _guid_of(data) == self.guid:
-            meta = {**json.loads(data), "handover": True}
-            session.call(session.client.set_async, path, json.dumps(meta).encode(), stat.version)
-
-    def contenders(self) -> tuple[list[dict], list[dict]]:
-        """(holders, waiters): the metadata of each."""
-        holder = self.session.read_nodes([self.holder])
-        queued = self.queue.contenders()
-        if not holder and queued:
-            holder, queued = queued[:1], queued[1:]
-        return _states(holder, "held"), _states(queued, "waiting")
 
 
 class _Semaphore:
@@ -1897,13 +1956,13 @@ class _Semaphore:
         self.key_path = path
         self.guid = guid
         self.max_leases = max_leases
-        self.key = key
         self.queue = _Queue(session, path, max_leases, guid, data)
+        self._policy = _SemaphorePolicy(session, path, max_leases, key)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         granted = False
         try:
-            granted = self.queue.wait_turn(self, blocking, deadline)
+            granted = self.queue.wait_turn(self._policy, blocking, deadline)
             if not granted:
                 return None
             if self.queue.node != self.queue.children[-1]:
@@ -1919,11 +1978,47 @@ class _Semaphore:
         with contextlib.suppress(NoNodeError, CoordinationError):
             self.session.call(self.session.client.set_async, self.queue.own_path, self.queue.data)
 
+    def release(self, path: str, session_id: int | None) -> None:
+        self.queue.node = path.rsplit("/", 1)[1]
+        self.queue.owner = session_id
+        self.queue.leave()
+
+    def contenders(self) -> tuple[list[dict], list[dict]]:
+        queued = self.queue.contenders()
+        held, waiting = queued[: self.max_leases], queued[self.max_leases :]
+        return _states(held, "held"), _states(waiting, "waiting")
+
+    # -- a namespace of semaphores, as ls and secure walk it --------------------
+
+    @staticmethod
+    def listed(session: _Session, parent: str) -> Iterator[tuple[str, str, str]]:
+        """(key node, contender path, held or waiting) of every contender under ``parent``."""
+        for name in sorted(_keys_in(session, parent)):
+            nodes = _contenders_in(session, f"{parent}/{name}")
+            limit = int(nodes[0].split(_SEP, 1)[0]) if nodes else 0
+            for i, node in enumerate(nodes):
+                yield name, f"{parent}/{name}/{node}", "held" if i < limit else "waiting"
+
+    @staticmethod
+    def guarding(session: _Session, parent: str) -> Iterator[str]:
+        """The per-key nodes under ``parent`` whose ACL guards contenders: every container."""
+        for child in sorted(session.read(session.client.get_children_async, parent)):
+            yield f"{parent}/{child}"
+
+
+class _SemaphorePolicy:
+    """_Semaphore's queue: the first ``max_leases`` nodes in line hold (see _Semaphore)."""
+
+    watch_listing = True
+
+    def __init__(self, session: _Session, queue_path: str, max_leases: int, key: str) -> None:
+        self.session = session
+        self.queue_path = queue_path
+        self.max_leases = max_leases
+        self.key = key
+
     def joined(self) -> None:
         pass
-
-    def granted_on_wake(self) -> bool:
-        return False  # the change that woke us may have granted another: list again
 
     def granted(self, children: list[str], index: int) -> bool:
         others = {int(c.split(_SEP, 1)[0]) for c in children} - {self.max_leases}
@@ -1938,20 +2033,13 @@ class _Semaphore:
         if index == self.max_leases:
             return listed  # the listing set a children watch already
         woken = self.session.handler.event_object()
-        ahead = f"{self.queue.path}/{children[index - 1]}"
+        ahead = f"{self.queue_path}/{children[index - 1]}"
         if self.session.stat_watching(ahead, _setter(woken)) is not None:
             return woken
         return None
 
-    def release(self, path: str, session_id: int | None) -> None:
-        self.queue.node = path.rsplit("/", 1)[1]
-        self.queue.owner = session_id
-        self.queue.leave()
-
-    def contenders(self) -> tuple[list[dict], list[dict]]:
-        queued = self.queue.contenders()
-        held, waiting = queued[: self.max_leases], queued[self.max_leases :]
-        return _states(held, "held"), _states(waiting, "waiting")
+    def granted_on_wake(self) -> bool:
+        return False  # the change that woke us may have granted another: list again
 
 
 def _wait_gone(session: _Session, path: str, deadline: float | None) -> None:
@@ -1962,6 +2050,7 @@ def _wait_gone(session: _Session, path: str, deadline: float | None) -> None:
             return
         if not session.wait(woken, deadline):
             return
+
         # Changed, deleted, or the session moved: look again.
 
 
@@ -1972,6 +2061,14 @@ def _contenders_in(session: _Session, path: str, watch: Callable | None = None) 
     except NoNodeError:
         return []
     return sorted(children, key=lambda child: child[-_SEQ_DIGITS:])
+
+
+def _keys_in(session: _Session, parent: str) -> set[str]:
+    """The children of the namespace node ``parent``: its keys' nodes (none if it is gone)."""
+    try:
+        return set(session.read(session.client.get_children_async, parent))
+    except NoNodeError:
+        return set()
 
 
 class _EarlyMutex:
@@ -2139,6 +2236,19 @@ class _EarlyMutex:
         found = self.session.read_nodes([self.holder])
         return _states(found, "held"), []
 
+    # -- the namespace of early mutexes, as ls and secure walk it ---------------
+
+    @staticmethod
+    def listed(session: _Session, parent: str) -> Iterator[tuple[str, str, str]]:
+        """(key node, its path, held) of every key under ``parent``; its data says its state."""
+        for name in sorted(_keys_in(session, parent)):
+            yield name, f"{parent}/{name}", "held"
+
+    @staticmethod
+    def guarding(session: _Session, parent: str) -> Iterator[str]:
+        """None: every key is one node right under ``parent``, whose ACL guards it (no request)."""
+        return iter(())
+
     def _data(self, state: str) -> bytes:
         now = time.time()
         meta = {**self.meta, "state": state, "acquired": now}
@@ -2169,23 +2279,56 @@ def _replace(
     txn.create(path, data, ephemeral=ephemeral)
 
 
-def _mutex_timeout(task: celery.Task) -> float:
-    timeout = getattr(task, "mutex_timeout", None)
-    if timeout is None:
-        timeout = _setting(task.app, "MUTEX_TIMEOUT", 3600.0)
-        return _check_seconds("MUTEX_TIMEOUT", timeout)
-    return float(timeout)
-
-
 def _states(found: list[tuple[str, dict]], state: str) -> list[dict]:
     return [{**meta, "state": state} for _, meta in found]
 
 
 # ---------------------------------------------------------------------------
-# Lock names
+# Names: namespaces, node names, and lock names
 # ---------------------------------------------------------------------------
 
+
+# The namespaces: one persistent node each under ZOOKEEPER_ROOT.
+_LOCKS, _MUTEXES, _SEMAPHORES = "locks", "mutexes", "semaphores"
+_EARLY = "early"  # EarlyMutexTask
+_BEAT = "beat"  # ElectedScheduler: the election, and the schedule's state
+
+
+@dataclass(frozen=True)
+class _Namespace:
+    """A namespace node: what ``ls`` and log lines call its keys, and whose nodes it holds."""
+
+    name: str
+    kind: str
+    #: The protocol whose nodes it holds, which also tells ``ls`` and ``secure``
+    #: how to walk them (see the protocol map).
+    protocol: type[_ExclusiveLock] | type[_Semaphore] | type[_EarlyMutex]
+
+
+#: Every namespace, the one list of them: the tree made once per process, and
+#: ``ls``, ``rm`` and ``secure`` walk them in this order.
+_NAMESPACES: dict[str, _Namespace] = {
+    namespace.name: namespace
+    for namespace in (
+        _Namespace(_LOCKS, "lock", _ExclusiveLock),
+        _Namespace(_MUTEXES, "mutex", _ExclusiveLock),
+        _Namespace(_SEMAPHORES, "semaphore", _Semaphore),
+        _Namespace(_EARLY, "early mutex", _EarlyMutex),
+        _Namespace(_BEAT, "beat", _ExclusiveLock),
+    )
+}
+
+# Parts of node names.  A lock name never holds _SEP, so none of these suffixes
+# can be mistaken for a key.
+_SEP = "@"  # separates the parts of a contender's node name
+_QUEUE = f"{_SEP}queue"  # suffix of an exclusive lock's queue container
+_SCHEDULE = f"{_SEP}schedule"  # suffix of a beat's state node
+_SEQ_DIGITS = 10  # ZooKeeper appends a 10-digit counter to sequential nodes
+
+
 _NAME_LIMIT = 240  # longer names keep a readable prefix and end in a digest
+
+
 _PREFIX_KEPT = 160
 
 
@@ -2259,14 +2402,19 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Settings
+# Settings, and the checks of task and call options
 # ---------------------------------------------------------------------------
 
+
 _DEFAULT_HOSTS = "127.0.0.1:2181"
+
+
 _HOST_RE = re.compile(
     r"\[(?P<ip6>[0-9A-Za-z:.%]+)\](?::(?P<p6>[^:]*))?"  # [::1]:2181
     r"|(?P<host>[^:\s\[\]]+)(?::(?P<port>.*))?"  # host:2181
 )
+
+
 _SSL_OPTIONS = {"ca", "certfile", "keyfile", "keyfile_password", "verify_certs", "check_hostname"}
 
 
@@ -2515,36 +2663,40 @@ def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
     return signature
 
 
-_rejections: dict[Any, int] = {}
-
-
-def _requeue_delay(task_id: Any) -> float:
-    # Process-local and bounded: a requeued copy may land on another process,
-    # which only makes it start again from the shortest delay.
-    count = _rejections.pop(task_id, 0)
-    if len(_rejections) > 1000:
-        _rejections.pop(next(iter(_rejections)))
-    _rejections[task_id] = count + 1
-    return min(8.0, 0.25 * 2**count)
+def _mutex_timeout(task: celery.Task) -> float:
+    timeout = getattr(task, "mutex_timeout", None)
+    if timeout is None:
+        timeout = _setting(task.app, "MUTEX_TIMEOUT", 3600.0)
+        return _check_seconds("MUTEX_TIMEOUT", timeout)
+    return float(timeout)
 
 
 # ---------------------------------------------------------------------------
 # The session: one kazoo client per process and app
 # ---------------------------------------------------------------------------
 
+
 _RECOVERABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError)
+
+
 #: A lease is called lost once nothing sent in the last this fraction of the
 #: granted session timeout has been answered through the leader (see lost_since).
 _LOST_AFTER_SILENCE = 0.75
+
+
 #: While leases are held, the watchdog looks this often (a fraction of the
 #: timeout), and sends a sync when nothing was confirmed for _SYNC_AFTER.
 _WATCHDOG_EVERY, _SYNC_AFTER = 0.1, 0.25
+
+
 #: Opcodes whose answer shows that the leader had our session alive when we
 #: sent them: writes (create, delete, setData, setACL, multi, create2,
 #: container, TTL) and sync.  A follower answers reads and pings by itself,
 #: and does so for a while even when it is cut off from the leader, which is
 #: what expires sessions.
 _CONFIRMED_BY_LEADER = frozenset({1, 2, 5, 7, 9, 14, 15, 19, 21})
+
+
 _CLOCK = getattr(time, "CLOCK_BOOTTIME", None)
 
 
@@ -2555,6 +2707,8 @@ def _now() -> float:
 
 #: How long, and for how many keys, a process remembers a lock it found contended.
 _CONTENDED_FOR, _CONTENDED_KEYS = 2.0, 1000
+
+
 #: Creates of a node whose container keeps being reaped, before giving up.
 _CONTAINER_TRIES = 10
 
@@ -3023,7 +3177,7 @@ class _Session:
         self.make_tree()
         if self.settings.auth is not None and not self._verified:
             # Once per process: one getACL per node of the tree.
-            problems = self.unprotected()
+            problems = _unprotected(self)
             if problems:
                 raise problems[0]
             self._verified = True
@@ -3032,31 +3186,12 @@ class _Session:
     def tree(self) -> list[str]:
         """The root and the namespace nodes: the persistent nodes zkcelery relies on."""
         root = self.settings.root
-        namespaces = (_LOCKS, _SEMAPHORES, _MUTEXES, _EARLY, _BEAT)
-        return [root, *(f"{root}/{ns}" for ns in namespaces)]
+        return [root, *(f"{root}/{namespace}" for namespace in _NAMESPACES)]
 
     def make_tree(self) -> None:
         for path in self.tree():
             with contextlib.suppress(NodeExistsError):
                 self.call(self.client.create_async, path, makepath=True)
-
-    def unprotected(self, paths: Iterable[str] | None = None) -> list[ZKCeleryError]:
-        """What is wrong with the ACLs of ``paths`` (default: the tree), for ZOOKEEPER_AUTH.
-
-        In ZooKeeper the right to create or delete a node is its parent's: a
-        holder node under a parent that anyone may change is not protected.
-        """
-        identity = _identity(self.settings)
-        problems: list[ZKCeleryError] = []
-        for path in self.tree() if paths is None else paths:
-            try:
-                acls, _ = self.read(self.client.get_acls_async, path)
-            except NoNodeError:
-                continue
-            problem = _acl_problem(path, acls, identity)
-            if problem is not None:
-                problems.append(problem)
-        return problems
 
     def create_in_container(
         self, container: str, path: str, data: bytes, sequence: bool = False
@@ -3230,6 +3365,29 @@ class _Session:
             raise NoNodeError()
         return True
 
+    def break_node(self, namespace: str, path: str, czxid: int) -> bool:
+        """Delete a holder's node, and bump ``namespace``'s epoch in the same multi-operation.
+
+        What ``rm`` does.  The broken holder may run on and release late.  Its
+        release of a node at a fixed path (``<name>``, an early mutex) checks the
+        epoch it read before it took the lock, so it cannot delete the node of
+        whoever holds the lock next (see delete_own).  Only the node created at
+        ``czxid`` is deleted, not one its holder made since: False if it is gone.
+        """
+        try:
+            _, stat = self.read(self.client.get_async, path)
+        except NoNodeError:
+            return False
+        if stat.czxid != czxid:
+            return False
+
+        def build(txn: TransactionRequest) -> None:
+            txn.set_data(namespace, b"")
+            txn.delete(path, stat.version)
+
+        results = self.multi(build)  # a node changed meanwhile fails it: nothing broken
+        return results[-1] is True
+
     def close(self) -> None:
         """End the session (its ephemeral nodes go at once) without hanging."""
         stopper = threading.Thread(target=_stop_quietly, args=(self.client,), daemon=True)
@@ -3279,9 +3437,9 @@ def _hidden(arg: Any) -> Any:
     return arg
 
 
-#: The logger zkcelery's clients log through: kazoo's default, without the secret.
+#: The logger zkcelery's clients log through: kazoo's default, without the secrets
+#: (the filter is installed with the other import-time hooks, at the end).
 _kazoo_logger = logging.getLogger("kazoo.client")
-_kazoo_logger.addFilter(_HiddenAuth())
 
 
 def _make_client(settings: _Settings) -> KazooClient:
@@ -3306,6 +3464,109 @@ def _make_client(settings: _Settings) -> KazooClient:
         logger=_kazoo_logger,
         **options,
     )
+
+
+def _pick_handler() -> Any:
+    """kazoo's handler matching the process's monkey-patching (gevent, eventlet).
+
+    Only a patched process can use them, and importing them imports gevent or
+    eventlet: look at the patch state of what is already imported, lazily.
+    """
+    if "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched("socket"):
+        from kazoo.handlers.gevent import SequentialGeventHandler
+
+        return SequentialGeventHandler()
+    if "eventlet.patcher" in sys.modules and sys.modules["eventlet.patcher"].is_monkey_patched(
+        "socket"
+    ):
+        from kazoo.handlers.eventlet import SequentialEventletHandler
+
+        return SequentialEventletHandler()
+    return SequentialThreadingHandler()
+
+
+# One connection per process and app.  A child inherits the dict on fork but
+# must never use what is in it: an inherited kazoo client has no threads, so
+# its calls hang and its stop() blocks.  The at-fork hook and the pid check
+# both drop it unused.
+_connections: weakref.WeakKeyDictionary[celery.Celery, _Session] = weakref.WeakKeyDictionary()
+
+
+_connections_lock = threading.Lock()
+
+
+def _connection(app: celery.Celery) -> _Session:
+    conn = _connections.get(app)
+    if conn is not None and conn.pid == os.getpid():
+        return conn
+    with _connections_lock:
+        conn = _connections.get(app)
+        if conn is None or conn.pid != os.getpid():
+            conn = _connections[app] = _Session(_read_settings(app))
+        return conn
+
+
+def _close_connection(app: celery.Celery, session: _Session) -> None:
+    """Close ``session``, and forget it if it is this process's connection for ``app``."""
+    if _connections.get(app) is session:
+        _connections.pop(app, None)
+    session.close()
+
+
+def _forget_inherited() -> None:
+    global _connections_lock
+    _connections_lock = threading.Lock()
+    _connections.clear()
+
+
+def _close_all(**_: Any) -> None:
+    """Close this process's sessions, so that the locks they hold are freed at once."""
+    with _connections_lock:
+        conns = [c for c in _connections.values() if c.pid == os.getpid()]
+        _connections.clear()
+    for conn in conns:
+        conn.close()
+
+
+#: The main process's session for revocations, per app, until it has been idle this long.
+_REVOCATIONS_IDLE = 5.0
+
+
+_revocations: dict[celery.Celery, _Session] = {}
+
+
+@contextlib.contextmanager
+def _revocation_session(app: celery.Celery) -> Iterator[_Session]:
+    """One session for a burst of revocations (revoking a thousand tasks opens one)."""
+    with _connections_lock:
+        session = _revocations.get(app)
+        if session is None or session.pid != os.getpid():
+            session = _revocations[app] = _Session(_read_settings(app))
+            threading.Thread(target=_close_when_idle, args=(app, session), daemon=True).start()
+        session.in_use += 1
+    try:
+        yield session
+    finally:
+        with _connections_lock:
+            session.in_use -= 1
+            session.last_used = time.monotonic()
+
+
+def _close_when_idle(app: celery.Celery, session: _Session) -> None:
+    while True:
+        time.sleep(_REVOCATIONS_IDLE)
+        with _connections_lock:
+            if session.in_use or time.monotonic() - session.last_used < _REVOCATIONS_IDLE:
+                continue
+            if _revocations.get(app) is session:
+                del _revocations[app]
+        session.close()
+        return
+
+
+# ---------------------------------------------------------------------------
+# Security: ACLs and identities (ZOOKEEPER_AUTH)
+# ---------------------------------------------------------------------------
 
 
 def _default_acl(settings: _Settings) -> list[ACL] | None:
@@ -3355,146 +3616,103 @@ def _acl_problem(path: str, acls: list[ACL], identity: Id | None) -> ZKCeleryErr
     return None
 
 
+def _unprotected(session: _Session) -> list[ZKCeleryError]:
+    """What is wrong with the ACLs of the tree (the root and namespaces), for ZOOKEEPER_AUTH.
+
+    In ZooKeeper the right to create or delete a node is its parent's: a
+    holder node under a parent that anyone may change is not protected.
+    """
+    identity = _identity(session.settings)
+    problems: list[ZKCeleryError] = []
+    for path in session.tree():
+        try:
+            acls, _ = session.read(session.client.get_acls_async, path)
+        except NoNodeError:
+            continue
+        problem = _acl_problem(path, acls, identity)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def _protecting_nodes(session: _Session) -> Iterator[str]:
+    """The root, the namespace nodes, and every per-key parent: whose ACL guards the locks."""
+    yield from session.tree()
+    root = session.settings.root
+    for namespace in _NAMESPACES.values():
+        yield from namespace.protocol.guarding(session, f"{root}/{namespace.name}")
+
+
 def _perms(perms: int) -> str:
     letters = zip("rwcda", (1, 2, 4, 8, 16))
     return "".join(letter for letter, bit in letters if perms & bit) or "-"
 
 
-def _pick_handler() -> Any:
-    """kazoo's handler matching the process's monkey-patching (gevent, eventlet).
-
-    Only a patched process can use them, and importing them imports gevent or
-    eventlet: look at the patch state of what is already imported, lazily.
-    """
-    if "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched("socket"):
-        from kazoo.handlers.gevent import SequentialGeventHandler
-
-        return SequentialGeventHandler()
-    if "eventlet.patcher" in sys.modules and sys.modules["eventlet.patcher"].is_monkey_patched(
-        "socket"
-    ):
-        from kazoo.handlers.eventlet import SequentialEventletHandler
-
-        return SequentialEventletHandler()
-    return SequentialThreadingHandler()
-
-
-# One connection per process and app.  A child inherits the dict on fork but
-# must never use what is in it: an inherited kazoo client has no threads, so
-# its calls hang and its stop() blocks.  The at-fork hook and the pid check
-# both drop it unused.
-_connections: weakref.WeakKeyDictionary[celery.Celery, _Session] = weakref.WeakKeyDictionary()
-_connections_lock = threading.Lock()
-
-
-def _connection(app: celery.Celery) -> _Session:
-    conn = _connections.get(app)
-    if conn is not None and conn.pid == os.getpid():
-        return conn
-    with _connections_lock:
-        conn = _connections.get(app)
-        if conn is None or conn.pid != os.getpid():
-            conn = _connections[app] = _Session(_read_settings(app))
-        return conn
-
-
-def _forget_inherited() -> None:
-    global _connections_lock
-    _connections_lock = threading.Lock()
-    _connections.clear()
-
-
-def _close_all(**_: Any) -> None:
-    """Close this process's sessions, so that the locks they hold are freed at once."""
-    with _connections_lock:
-        conns = [c for c in _connections.values() if c.pid == os.getpid()]
-        _connections.clear()
-    for conn in conns:
-        conn.close()
-
-
-def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
-    """A revoked EarlyMutexTask message frees the key it holds while queued.
-
-    This runs in the worker's main process, which must keep no session (its
-    pool children are forked from it): a short-lived one is used and closed.
-    """
-    if not isinstance(sender, EarlyMutexTask) or request is None:
-        return
-    lease = sender._early_lease(request.args, request.kwargs, request.id)
-    with _revocation_session(sender.app) as lease._session:
-        try:
-            lease._unreserve()
-        except ZKCeleryError as exc:
-            lease._log(logging.WARNING, "not freed after its revocation: %s", exc)
-
-
-#: The main process's session for revocations, per app, until it has been idle this long.
-_REVOCATIONS_IDLE = 5.0
-_revocations: dict[celery.Celery, _Session] = {}
-
-
-@contextlib.contextmanager
-def _revocation_session(app: celery.Celery) -> Iterator[_Session]:
-    """One session for a burst of revocations (revoking a thousand tasks opens one)."""
-    with _connections_lock:
-        session = _revocations.get(app)
-        if session is None or session.pid != os.getpid():
-            session = _revocations[app] = _Session(_read_settings(app))
-            threading.Thread(target=_close_when_idle, args=(app, session), daemon=True).start()
-        session.in_use += 1
-    try:
-        yield session
-    finally:
-        with _connections_lock:
-            session.in_use -= 1
-            session.last_used = time.monotonic()
-
-
-def _close_when_idle(app: celery.Celery, session: _Session) -> None:
-    while True:
-        time.sleep(_REVOCATIONS_IDLE)
-        with _connections_lock:
-            if session.in_use or time.monotonic() - session.last_used < _REVOCATIONS_IDLE:
-                continue
-            if _revocations.get(app) is session:
-                del _revocations[app]
-        session.close()
-        return
-
-
-os.register_at_fork(after_in_child=_forget_inherited)
-signals.task_revoked.connect(_free_revoked, weak=False)
-signals.worker_process_shutdown.connect(_close_all, weak=False)
-signals.worker_shutdown.connect(_close_all, weak=False)
+def _acl_text(acls: list[ACL]) -> str:
+    return ", ".join(f"{a.id.scheme}:{a.id.id.split(':')[0]}={_perms(a.perms)}" for a in acls)
 
 
 # ---------------------------------------------------------------------------
-# Beat: start it on every host; ZooKeeper elects the one that sends
+# Schedulers: EarlyMutexScheduler, and ElectedScheduler (beat on every host)
 # ---------------------------------------------------------------------------
 #
-#   /zkcelery/beat/<name>              ephemeral: the leader (the lock's fast path)
-#   /zkcelery/beat/<name>@queue/...    container: the standbys, in line; a
-#                                      leader that waited holds the first node
-#   /zkcelery/beat/<name>@schedule     persistent: the schedule's state, JSON
-#
-# <name> is the app's main name, encoded as a lock name.  The election is an
-# exclusive lease (_ExclusiveLock) that a thread of every beat process waits
-# for; the schedule's state is one node that only a write naming its current
-# version can change.  Every send is preceded by such a write (the tick's
-# reservation), so of two processes that both believe they lead, the later
-# write fails and its tick is not sent: two leaders cannot send one tick.
+# The beat's nodes are in the protocol map (beat/).  The election is an
+# exclusive lease (_ElectionLease) that a thread of every beat process waits
+# for; the leader keeps the schedule's state in one node (_BeatState), whose
+# version-checked writes fence every send.
 
-_SCHEDULE = f"{_SEP}schedule"  # suffix of a beat's state node; never in a lock name
+
 _beat_logger = logging.getLogger("celery.beat")  # where Celery's beat logs its sends
 
 
-class _NotLeading(ZKCeleryError):
-    """This beat cannot confirm that it leads: another one may have been elected."""
+class EarlyMutexScheduler(PersistentScheduler):
+    """``celery beat -S zkcelery.EarlyMutexScheduler``: a refused send is a skipped tick.
+
+    When an :class:`EarlyMutexTask`'s last run is still queued or running,
+    the tick is logged once at INFO with the holder's task id, not as an
+    error with a traceback, and the schedule moves on.
+    """
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
+        try:
+            return super().apply_async(entry, producer, advance, **kw)
+        except SchedulingError as exc:
+            if not _skipped(entry, exc):
+                raise
+            return _SkippedTick()
 
 
-class _StateMoved(_NotLeading):
-    """The schedule's state is no longer at the version this beat last wrote or read."""
+class _SkippedTick:
+    """A skipped tick's result: Celery 5.3.0 logs ``.id`` of what ``apply_async`` returns."""
+
+    id = None
+
+    def __bool__(self) -> bool:  # newer Celery logs no id for a falsy result
+        return False
+
+
+def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
+    """The AlreadyQueued behind ``exc`` (Celery wraps it in SchedulingError), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, AlreadyQueued):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _skipped(entry: ScheduleEntry, exc: BaseException) -> bool:
+    """Whether a failed send was an EarlyMutexTask's refusal: then it is logged as a skipped tick.
+
+    Its last run is queued or running: one INFO line, no traceback, and the
+    schedule moves on.
+    """
+    refused = _refusal(exc)
+    if refused is None:
+        return False
+    logger.info("beat: %s skipped: %s", entry.name, refused)
+    return True
 
 
 class ElectedScheduler(Scheduler):
@@ -3527,11 +3745,9 @@ class ElectedScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Set before Scheduler.__init__, which calls setup_schedule (unless lazy).
-        self._lease: Lease | None = None
-        self._session: _Session | None = None
-        self._state_path = ""
+        self._lease: _ElectionLease | None = None
+        self._state: _BeatState | None = None
         self._leading = False
-        self._state_version = -1
         self._token: int | None = None
         self._late: set[str] = set()  # entries that fell due while no beat led
         self._compete = threading.Event()  # main -> election thread: take part again
@@ -3546,11 +3762,13 @@ class ElectedScheduler(Scheduler):
         _check_beat_schedule(self.app, self.app.conf.beat_schedule)
         self.merge_inplace(self.app.conf.beat_schedule)
         self.install_default_entries(self.schedule)
-        self._lease = Lease.for_app(
+        self._lease = _ElectionLease.for_app(
             self.app, _BEAT, self.app.main or "celery", owner="celery beat", blocking=True,
             identifier=f"celery beat {os.getpid()}@{socket.gethostname()}",
         )  # fmt: skip
-        self._state_path = f"{settings.root}/{_BEAT}/{self._lease.name}{_SCHEDULE}"
+        self._state = _BeatState(
+            self._lease, f"{settings.root}/{_BEAT}/{self._lease.name}{_SCHEDULE}"
+        )
         self._compete.set()
         threading.Thread(target=self._elect, name="zkcelery-beat-election", daemon=True).start()
 
@@ -3619,15 +3837,14 @@ class ElectedScheduler(Scheduler):
 
     def _take_over(self) -> None:
         """Read the schedule's state and claim it with a fenced write; then lead."""
-        lease = self._lease
-        assert lease is not None and lease._session is not None
-        self._session = lease._session
+        lease, state = self._lease, self._state
+        assert lease is not None and state is not None
         self._token = lease.token
         if self._token is None:
             raise _NotLeading("its lease was lost as it was granted")
         for tries_left in reversed(range(3)):
-            data, self._state_version = self._read_state()
-            self._load_state(data)
+            state.load(state.read(), self.schedule)
+            self._late = {name for name, entry in self.schedule.items() if _is_due(entry)}
             try:
                 # The claim: from here on, a write by any earlier leader fails.
                 self._write_state({})
@@ -3678,9 +3895,7 @@ class ElectedScheduler(Scheduler):
         try:
             result = self.apply_async(self._stamped(entry), producer=producer, advance=False)
         except Exception as exc:
-            refused = _refusal(exc)
-            if refused is not None:  # an EarlyMutexTask's last run is queued or running
-                logger.info("beat: %s skipped: %s", entry.name, refused)
+            if _skipped(entry, exc):
                 return
             _beat_logger.error(
                 "Message Error: %s\n%s", exc, traceback.format_stack(), exc_info=True
@@ -3701,25 +3916,76 @@ class ElectedScheduler(Scheduler):
 
     # -- the state in ZooKeeper ------------------------------------------------
 
-    def _read_state(self) -> tuple[bytes, int]:
-        session = self._session
-        assert session is not None
+    def _write_state(self, changed: dict[str, ScheduleEntry]) -> None:
+        """Write the state, ``changed`` included, if this beat still leads (see _BeatState)."""
+        assert self._state is not None
+        self._state.write(self._state.encode(self._token, {**self.schedule, **changed}))
+
+    # -- the end -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the election at once: end this process's session for the app."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self._compete.set()  # wake the election thread, so that it ends
+            self._elected.set()
+            session = self._lease.session if self._lease is not None else None
+            if session is not None:
+                assert self._lease is not None
+                # Release first, so that closing is not reported as a lost lease.
+                # In a thread: celery beat calls close() from its SIGTERM
+                # handler, which may have interrupted this thread in the
+                # session's mutex.
+                releaser = threading.Thread(target=self._lease.release, daemon=True)
+                releaser.start()
+                releaser.join(session.settings.connect_timeout)
+                # The standby's node, or a leader's unreleased one, goes too.
+                _close_connection(self.app, session)
+            if self._leading:
+                logger.info("beat: stopped leading: shutting down")
+            self._leading = False
+        super().close()
+
+
+class _BeatState:
+    """The schedule's state node, ``beat/<app>@schedule``: its content, and its version.
+
+    The content is JSON: who leads (fencing token, host, pid, identifier) and
+    each entry's last run time and run count.  Only a write naming the
+    version this beat last read or wrote changes it, in one multi-operation
+    that also checks that the leader's lease node exists.  A leader writes
+    once when it takes over (its claim) and before every send (the tick's
+    reservation), so of two processes that both believe they lead, the later
+    write fails and its tick is not sent: two leaders cannot send one tick.
+    """
+
+    def __init__(self, lease: _ElectionLease, path: str) -> None:
+        self.lease = lease
+        self.path = path
+        #: The version this beat last read or wrote: what its next write names.
+        self.version = -1
+
+    def read(self) -> bytes:
+        """The node's data, and its version noted; the node is made (empty) if it is missing."""
+        session = self._session()
         for _ in range(3):
             try:
-                data, stat = session.read(session.client.get_async, self._state_path)
-                return data, stat.version
+                data, stat = session.read(session.client.get_async, self.path)
+                self.version = stat.version
+                return data  # type: ignore[no-any-return]
             except NoNodeError:
                 with contextlib.suppress(NodeExistsError):
-                    session.call(session.client.create_async, self._state_path, b"")
-        raise _NotLeading(f"{self._state_path} keeps vanishing")
+                    session.call(session.client.create_async, self.path, b"")
+        raise _NotLeading(f"{self.path} keeps vanishing")
 
-    def _load_state(self, data: bytes) -> None:
+    def load(self, data: bytes, schedule: dict[str, ScheduleEntry]) -> None:
+        """Set each entry's last run and run count from ``data``: one new here counts from now."""
         try:
             saved = json.loads(data or b"{}").get("entries", {})
         except (ValueError, AttributeError):
-            logger.warning("beat: %s holds no readable state; starting afresh", self._state_path)
+            logger.warning("beat: %s holds no readable state; starting afresh", self.path)
             saved = {}
-        for name, entry in self.schedule.items():
+        for name, entry in schedule.items():
             try:
                 last = datetime.fromisoformat(saved[name]["last_run_at"])
                 count = int(saved[name]["total_run_count"])
@@ -3727,17 +3993,15 @@ class ElectedScheduler(Scheduler):
                 entry.last_run_at, entry.total_run_count = entry.default_now(), 0
                 continue
             entry.last_run_at, entry.total_run_count = last, count
-        self._late = {name for name, entry in self.schedule.items() if _is_due(entry)}
 
-    def _state_bytes(self, changed: dict[str, ScheduleEntry]) -> bytes:
-        assert self._lease is not None and self._session is not None
-        entries = {**self.schedule, **changed}
+    def encode(self, token: int | None, entries: dict[str, ScheduleEntry]) -> bytes:
+        """The content for ``entries``, led by the holder of the fencing token ``token``."""
         state = {
             "leader": {
-                "token": self._token,
-                "host": self._session.hostname,
+                "token": token,
+                "host": self._session().hostname,
                 "pid": os.getpid(),
-                "identifier": self._lease.identifier,
+                "identifier": self.lease.identifier,
             },
             "entries": {
                 name: {
@@ -3749,17 +4013,16 @@ class ElectedScheduler(Scheduler):
         }
         return json.dumps(state).encode()
 
-    def _write_state(self, changed: dict[str, ScheduleEntry]) -> None:
-        """Write the state if this beat still leads: the fence every send passes first.
+    def write(self, data: bytes) -> None:
+        """Write ``data`` if this beat still leads: the fence every send passes first.
 
         One multi-operation checks that the lease's node exists and that the
         state is at the version this leader last wrote (or read, when it took
         over).  A leader deposed meanwhile finds either changed, and raises.
         """
-        session, lease = self._session, self._lease
-        assert session is not None and lease is not None
-        data, expected = self._state_bytes(changed), self._state_version
-        path, leader = self._state_path, lease._path
+        session, lease = self._session(), self.lease
+        expected = self.version
+        path, leader = self.path, lease.path
         if leader is None:
             raise _NotLeading("its lease is no longer held")
         deadline = time.monotonic() + session.settings.connect_timeout
@@ -3781,16 +4044,15 @@ class ElectedScheduler(Scheduler):
             if isinstance(results[1], (BadVersionError, NoNodeError)):
                 raise _StateMoved("another beat has written the schedule's state since")
             break
-        self._state_version = expected + 1
+        self.version = expected + 1
 
     def _applied(self, data: bytes, expected: int, deadline: float, exc: Exception) -> bool:
         """After a lost answer: whether our write applied (or raise if another's did)."""
-        session = self._session
-        assert session is not None
+        session = self._session()
         try:
             if time.monotonic() >= deadline:
                 raise CoordinationError("no answer within the connect timeout")
-            stored, stat = session.read(session.client.get_async, self._state_path)
+            stored, stat = session.read(session.client.get_async, self.path)
         except (CoordinationError, NoNodeError) as again:
             raise _NotLeading(f"ZooKeeper did not confirm the write: {again}") from exc
         if stat.version == expected:
@@ -3799,31 +4061,11 @@ class ElectedScheduler(Scheduler):
             return True
         raise _StateMoved("another beat has written the schedule's state since")
 
-    # -- the end -----------------------------------------------------------------
-
-    def close(self) -> None:
-        """Leave the election at once: end this process's session for the app."""
-        if not self._closed.is_set():
-            self._closed.set()
-            self._compete.set()  # wake the election thread, so that it ends
-            self._elected.set()
-            session = self._lease._session if self._lease is not None else None
-            if session is not None:
-                assert self._lease is not None
-                # Release first, so that closing is not reported as a lost lease.
-                # In a thread: celery beat calls close() from its SIGTERM
-                # handler, which may have interrupted this thread in the
-                # session's mutex.
-                releaser = threading.Thread(target=self._lease.release, daemon=True)
-                releaser.start()
-                releaser.join(session.settings.connect_timeout)
-                if _connections.get(self.app) is session:
-                    _connections.pop(self.app, None)
-                session.close()  # the standby's node, or a leader's unreleased one, goes too
-            if self._leading:
-                logger.info("beat: stopped leading: shutting down")
-            self._leading = False
-        super().close()
+    def _session(self) -> _Session:
+        # Only ever used once the lease was granted, so once it has a session.
+        session = self.lease.session
+        assert session is not None
+        return session
 
 
 def _fenced_write(
@@ -3888,17 +4130,6 @@ def _lateness(entry: ScheduleEntry) -> float | None:
         return max(0.0, -remaining.total_seconds())  # type: ignore[no-any-return]
     except Exception:
         return None
-
-
-def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
-    """The AlreadyQueued behind ``exc`` (Celery wraps it in SchedulingError), if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, AlreadyQueued):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -3975,7 +4206,7 @@ def zk_command(ctx: click.Context) -> None:
     _target(ctx)  # `celery -A proj zk` gives its app in ctx.obj
 
 
-@zk_command.command(name="ls", help="List every held lock, semaphore and mutex.")
+@click.command(name="ls", help="List every held lock, semaphore and mutex.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
 @_target_options
 @_pass_app
@@ -3996,7 +4227,7 @@ def _ls_command(app: celery.Celery, as_json: bool) -> None:
         )
 
 
-@zk_command.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
+@click.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
 @click.argument("key")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_target_options
@@ -4023,35 +4254,20 @@ def _rm_command(app: celery.Celery, key: str, yes: bool) -> None:
 
 
 def _break(session: _Session, row: dict) -> bool:
-    """Delete a holder's node, and bump its namespace's epoch in the same multi-operation.
+    """Break the holder ``row`` (as ``_listing`` made it): False if it changed since.
 
-    The broken holder may run on and release late.  Its release of a node at
-    a fixed path (``<name>``, an early mutex) checks the epoch it read before
-    it took the lock, so it cannot delete the node of whoever holds the lock
-    next (see _Session.delete_own).  Waiters are not touched: the first in
-    line is granted the lock, as after any release.
+    Waiters are not touched: the first in line is granted the lock, as after
+    any release.
     """
     namespace = f"{session.settings.root}/{row['namespace']}"
-    try:  # the node listed, still: not one whose holder took the lock since
-        _, stat = session.read(session.client.get_async, row["path"])
-    except NoNodeError:
-        return False
-    if stat.czxid != row["czxid"]:
-        return False
-
-    def build(txn: TransactionRequest) -> None:
-        txn.set_data(namespace, b"")
-        txn.delete(row["path"], stat.version)
-
-    results = session.multi(build)  # a node changed meanwhile fails it: nothing broken
-    return results[-1] is True
+    return session.break_node(namespace, row["path"], row["czxid"])
 
 
 def _describe(row: dict) -> str:
     return f"{row['kind']} {row['key']}: {row['state']} by {row['task']}[{row['task_id']}]"
 
 
-@zk_command.command(
+@click.command(
     name="check",
     help="Report each server's mode and round trip, and whether ZOOKEEPER_AUTH protects the "
     "tree; exit 1 without quorum or when it does not.",
@@ -4060,6 +4276,18 @@ def _describe(row: dict) -> str:
 @_pass_app
 def _check_command(app: celery.Celery) -> None:
     settings = _read_settings(app)
+    if not _quorum_serves(settings):
+        sys.exit(1)
+    session = _connection(app)
+    started = time.monotonic()
+    session.call(session.client.exists_async, "/")
+    click.echo(f"session round trip {(time.monotonic() - started) * 1000:.1f} ms")
+    if not _protection_holds(session, settings):
+        sys.exit(1)
+
+
+def _quorum_serves(settings: _Settings) -> bool:
+    """Print each server's mode and round trip; whether a quorum of them serves."""
     servers = settings.hosts.split(",")
     serving = 0
     for server in servers:
@@ -4070,27 +4298,27 @@ def _check_command(app: celery.Celery) -> None:
     click.echo(
         f"{serving} of {len(servers)} servers serving: {'quorum' if quorum else 'NO QUORUM'}"
     )
-    if not quorum:
-        sys.exit(1)
-    session = _connection(app)
-    started = time.monotonic()
-    session.call(session.client.exists_async, "/")
-    click.echo(f"session round trip {(time.monotonic() - started) * 1000:.1f} ms")
+    return quorum
+
+
+def _protection_holds(session: _Session, settings: _Settings) -> bool:
+    """Print whether ZOOKEEPER_AUTH protects the tree: False when it is set and does not."""
     if settings.auth is None:
         click.echo(
             f"ZOOKEEPER_AUTH is not set: any client may break the locks under {settings.root}"
         )
-        return
-    problems = session.unprotected()
+        return True
+    problems = _unprotected(session)
     for problem in problems:
         click.echo(f"NOT PROTECTED: {problem}")
     if problems:
-        sys.exit(1)
+        return False
     user = settings.auth[1].split(":")[0]
     click.echo(f"protected: only {user!r} may create or delete under {settings.root}")
+    return True
 
 
-@zk_command.command(
+@click.command(
     name="secure", help="Give the tree zkcelery relies on to ZOOKEEPER_AUTH's identity alone."
 )
 @_target_options
@@ -4131,37 +4359,23 @@ def _secure(session: _Session, acl: list[ACL]) -> int:
     return changed
 
 
-def _protecting_nodes(session: _Session) -> Iterator[str]:
-    """The root, the namespace nodes, and every per-key parent: whose ACL guards the locks."""
-    yield from session.tree()
-    root = session.settings.root
-    for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES, _BEAT):
-        parent = f"{root}/{namespace}"
-        for child in sorted(session.read(session.client.get_children_async, parent)):
-            if namespace == _SEMAPHORES or child.endswith((_QUEUE, _SCHEDULE)):
-                yield f"{parent}/{child}"
-
-
-def _acl_text(acls: list[ACL]) -> str:
-    return ", ".join(f"{a.id.scheme}:{a.id.id.split(':')[0]}={_perms(a.perms)}" for a in acls)
-
-
 def _listing(session: _Session) -> list[dict]:
     """Every holder and waiter under the root, with its metadata, age and state."""
     root = session.settings.root
     rows = []
     now = time.time()
-    for namespace in (_LOCKS, _MUTEXES, _SEMAPHORES, _EARLY, _BEAT):
-        for node, path, state in _contender_paths(session, f"{root}/{namespace}", namespace):
+    for namespace in _NAMESPACES.values():
+        parent = f"{root}/{namespace.name}"
+        for node, path, state in namespace.protocol.listed(session, parent):
             try:
                 data, stat = session.read(session.client.get_async, path)
             except NoNodeError:
                 continue
             meta = json.loads(data or b"{}")
-            if namespace == _EARLY:
+            if namespace.name == _EARLY:
                 state = meta.get("state", state)  # queued or running
             rows.append({
-                "kind": _KIND[namespace], "namespace": namespace, "state": state,
+                "kind": namespace.kind, "namespace": namespace.name, "state": state,
                 "key": meta.get("key", node),
                 "node": node, "path": path, "task": meta.get("task"),
                 "task_id": meta.get("task_id"), "identifier": meta.get("identifier"),
@@ -4169,37 +4383,6 @@ def _listing(session: _Session) -> list[dict]:
                 "age": round(now - stat.ctime / 1000, 3), "czxid": stat.czxid,
             })  # fmt: skip
     return rows
-
-
-def _contender_paths(
-    session: _Session, parent: str, namespace: str
-) -> Iterator[tuple[str, str, str]]:
-    """(lock node name, contender path, held or waiting) for every contender in a namespace."""
-    try:
-        children = set(session.read(session.client.get_children_async, parent))
-    except NoNodeError:
-        return
-    if namespace == _EARLY:
-        for name in sorted(children):
-            yield name, f"{parent}/{name}", "held"
-        return
-    if namespace == _SEMAPHORES:
-        for name in sorted(children):
-            nodes = _contenders_in(session, f"{parent}/{name}")
-            limit = int(nodes[0].split(_SEP, 1)[0]) if nodes else 0
-            for i, node in enumerate(nodes):
-                yield name, f"{parent}/{name}/{node}", "held" if i < limit else "waiting"
-        return
-    children -= {c for c in children if c.endswith(_SCHEDULE)}  # a beat's state, not a lock
-    for name in sorted({c[: -len(_QUEUE)] if c.endswith(_QUEUE) else c for c in children}):
-        held = name in children
-        if held:
-            yield name, f"{parent}/{name}", "held"
-        queue = f"{parent}/{name}{_QUEUE}"
-        for i, node in enumerate(
-            _contenders_in(session, queue) if queue[len(parent) + 1 :] in children else []
-        ):
-            yield name, f"{queue}/{node}", "waiting" if held or i else "held"
 
 
 def _server_mode(server: str, timeout: float) -> tuple[str, float]:
@@ -4223,6 +4406,36 @@ def main(prog_name: str = "zkcelery") -> None:
     """The ``zkcelery`` command (and ``python -m zkcelery``)."""
     zk_command(prog_name=prog_name)
 
+
+# ---------------------------------------------------------------------------
+# Celery hooks and import-time side effects: all of them, here
+# ---------------------------------------------------------------------------
+#
+# Importing zkcelery changes nothing else: every signal it listens to, the two
+# logging filters it installs, the at-fork hook and the command line's
+# subcommands are connected here, once.
+
+# MutexTask's rejections are logged in one line: drop Celery's own record of them.
+logging.getLogger("celery.app.trace").addFilter(_QuietRejections())
+# kazoo logs its requests at DEBUG, the credentials and a session's password too.
+_kazoo_logger.addFilter(_HiddenAuth())
+# A setting sure to make duplicates on a Redis broker is named before it does.
+signals.task_prerun.connect(_check_limits, weak=False)
+signals.task_retry.connect(_check_retry, weak=False)
+# A revoked EarlyMutexTask message frees the key it holds while queued.
+signals.task_revoked.connect(_free_revoked, weak=False)
+# A forked child never uses its parent's sessions; a worker that shuts down
+# closes its own, so that the locks they hold are freed at once.
+os.register_at_fork(after_in_child=_forget_inherited)
+signals.worker_process_shutdown.connect(_close_all, weak=False)
+signals.worker_shutdown.connect(_close_all, weak=False)
+
+# The subcommands of `zkcelery` and `celery zk` (Celery finds the group through
+# the celery.commands entry point).
+zk_command.add_command(_ls_command)
+zk_command.add_command(_rm_command)
+zk_command.add_command(_check_command)
+zk_command.add_command(_secure_command)
 
 if __name__ == "__main__":
     main("python -m zkcelery")
