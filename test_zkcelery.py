@@ -3415,8 +3415,11 @@ def _check_tasks(
     events: list[dict],
     t0: float,
 ) -> tuple[list, dict]:
-    """Every task sent ran to completion exactly once (SUCCESS), or a run before its last was
-    SIGKILLed or lost its lease. Returns (violations, figures)."""
+    """Every task sent ran to completion exactly once (SUCCESS), or again only after a kill
+    or a lost lease: a run before its last was SIGKILLed or lost its lease, or a worker
+    that had received the task's message was SIGKILLed before the later run (a message
+    that was not acknowledged comes again, beside the retry its run may already have
+    sent: Celery delivers at least once). Returns (violations, figures)."""
     violations: list[str] = []
     figures = {"reruns": 0}
     by_task: dict[str, list[dict]] = {}
@@ -3435,7 +3438,8 @@ def _check_tasks(
         else:
             for run, after in zip(runs, runs[1:]):
                 killed = run["killed"] is not None and run["killed"] <= after["start"]
-                if not (killed or run["gone"]):
+                redelivered = _held_by_a_killed_worker(task_id, receipts, events, after["start"])
+                if not (killed or run["gone"] or redelivered):
                     problem = "ran twice, and the first run was neither killed nor lost its lease"
             figures["reruns"] += len(runs) - 1
         if problem:
@@ -3445,6 +3449,18 @@ def _check_tasks(
             ]
             violations.append(f"{kind} task {task_id} {problem}; received at {seen}:\n{where}")
     return violations, figures
+
+
+def _held_by_a_killed_worker(
+    task_id: str, receipts: list[dict], events: list[dict], before: float
+) -> bool:
+    """Whether a worker SIGKILLed before ``before`` had received ``task_id``'s message."""
+    return any(
+        e["action"] == "kill worker" and r["pid"] in e["pids"] and r["t"] <= e["t"] <= before
+        for e in events
+        for r in receipts
+        if r["task_id"] == task_id
+    )
 
 
 def _history_states(results: list) -> dict[str, tuple[str, Any]]:
