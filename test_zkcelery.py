@@ -2444,16 +2444,26 @@ def test_a_write_between_a_new_leaders_read_and_its_claim_makes_it_read_again(
     assert leader._state.read is read
 
 
+def _an_earlier_leaders_state(
+    zk: KazooClient, zk_root: str, entry: str, ago: timedelta, runs: int
+) -> tuple[str, datetime]:
+    """Store what an earlier leader left: ``entry`` run ``runs`` times, the last ``ago``.
+
+    Returns the state node's path and when that last run was."""
+    state = f"{zk_root}/beat/{zkcelery._lock_name('beat-tests', ())}@schedule"
+    before = datetime.now(timezone.utc).replace(microsecond=0) - ago
+    saved = {entry: {"last_run_at": before.isoformat(), "total_run_count": runs}}
+    zk.create(state, json.dumps({"entries": saved}).encode(), makepath=True)
+    return state, before
+
+
 def test_a_crontab_entrys_state_in_zookeeper_carries_over_to_the_next_leader(
     schedulers, zk, zk_root, caplog
 ):
     from celery.schedules import crontab
 
-    # What an earlier leader left: run 7, three minutes ago (so one tick is overdue).
-    state = f"{zk_root}/beat/{zkcelery._lock_name('beat-tests', ())}@schedule"
-    before = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=3)
-    saved = {"cron": {"last_run_at": before.isoformat(), "total_run_count": 7}}
-    zk.create(state, json.dumps({"entries": saved}).encode(), makepath=True)
+    # Run 7, three minutes ago (so one tick is overdue).
+    state, before = _an_earlier_leaders_state(zk, zk_root, "cron", timedelta(minutes=3), 7)
 
     def every_minute(beat_app: Celery) -> None:
         beat_app.conf.beat_schedule = {"cron": {"task": "t.tick", "schedule": crontab()}}
@@ -2498,11 +2508,8 @@ def test_a_solar_entry_that_fell_due_is_sent_once_and_the_next_leader_keeps_its_
 ):
     from celery.schedules import solar
 
-    # What an earlier leader left: run 4, three days ago (three sunrises were missed).
-    state = f"{zk_root}/beat/{zkcelery._lock_name('beat-tests', ())}@schedule"
-    before = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=3)
-    saved = {"sun": {"last_run_at": before.isoformat(), "total_run_count": 4}}
-    zk.create(state, json.dumps({"entries": saved}).encode(), makepath=True)
+    # Run 4, three days ago (three sunrises were missed).
+    state, before = _an_earlier_leaders_state(zk, zk_root, "sun", timedelta(days=3), 4)
 
     def at_sunrise(beat_app: Celery) -> None:
         beat_app.conf.beat_schedule = {
