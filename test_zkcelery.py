@@ -1050,6 +1050,39 @@ def test_a_lock_waiter_in_a_worker_whose_session_expires_queues_again_and_is_gra
     assert [e["key"] for e in workers.record.entries()] == ["exp"]
 
 
+def test_a_waiter_whose_session_ends_while_it_sets_its_watch_queues_again_at_once(
+    app, lock_task, make_app, zk, zk_hosts, monkeypatch
+):
+    # The session that made the waiter's node ends after the waiter listed the queue
+    # and before it set its watch: kazoo fired the old session's watches already, so
+    # the new watch (on the holder's node, which stays) would be its only wake-up.
+    holder = _lock_task_on(make_app()).lock("w", name="t.lock").__enter__()
+    set_watch, ended = zkcelery._ExclusivePolicy.watch, threading.Event()
+
+    def watch_in_a_new_session(policy: Any, children: list, index: int, listed: Any) -> Any:
+        if not ended.is_set():
+            old = zkcelery._connection(app).session_id
+            expire_session(app, zk_hosts)
+            wait_for(lambda: zkcelery._connection(app).session_id not in (None, old), 15,
+                     "a new session")  # fmt: skip
+            ended.set()
+        return set_watch(policy, children, index, listed)
+
+    monkeypatch.setattr(zkcelery._ExclusivePolicy, "watch", watch_in_a_new_session)
+    result: list[bool] = []
+    waiter = _in_thread(
+        lambda: result.append(bool(_blocking(lock_task, "w", timeout=30).acquire()))
+    )
+    wait_for(ended.is_set, 20, "the session to end under the waiter")
+    now = zkcelery._connection(app).session_id
+    queued = wait_for(lambda: [o for _, o in _queue_of(zk, holder._grant.path) if o == now], 10,
+                      "the waiter to queue again while the lock is still held")  # fmt: skip
+    assert queued == [now]
+    holder.release()
+    waiter.join(30)
+    assert result == [True]
+
+
 def test_a_waiter_in_the_holders_process_is_granted_once_the_holders_session_expires(
     app, lock_task, zk_hosts
 ):

@@ -1644,6 +1644,11 @@ class _Queue:
             if not blocking or _expired(deadline):
                 return False
             woken = policy.watch(self.children, index, listed)
+            if woken is not None and self.session.session_id != self.owner:
+                # The session that made our node ended before the watch was set: kazoo
+                # fired its watches then, not this one (set in the new session, on a
+                # node that may stay for long), and our node went with it: join again.
+                continue
             if woken is not None:
                 free_turns = 0
                 if not self.session.wait(woken, deadline):
