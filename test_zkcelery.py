@@ -2615,7 +2615,7 @@ def test_celery_beat_with_an_unknown_task_exits_at_start_with_the_error(workers:
         cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=60,
         check=False,
     )  # fmt: skip
-    assert done.returncode != 0
+    assert done.returncode > 0  # it exits with an error (a signal would read negative)
     assert "beat_schedule entry 'typo': task 'testtasks.beat_tik'" in done.stderr
 
 
