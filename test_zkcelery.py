@@ -863,16 +863,17 @@ def test_waiters_lists_the_contenders_first_in_line_first(lock_task, kind):
         return lock_task.semaphore("line", max_leases=1, identifier=label, **wait)
 
     holder = lease("holder").__enter__()
-    threads = []
+    threads, granted = [], []
     for i in range(4):  # each queues before the next one starts
         waiter = lease(f"w{i}", blocking=True)
-        threads.append(_in_thread(lambda w=waiter: (w.acquire(), w.release())))
+        threads.append(_in_thread(lambda w=waiter: (granted.append(w.acquire()), w.release())))
         wait_for(lambda i=i: len(holder.waiters()) == i + 1, 10, f"waiter {i} to queue")
     listed = [w["identifier"] for w in holder.waiters()]
     holder.release()
     for thread in threads:
         thread.join(30)
     assert listed == ["w0", "w1", "w2", "w3"]
+    assert granted == [True] * 4  # each was served once the holder let go
 
 
 def _held_with_waiters(task: Any, key: str, count: int) -> tuple[Any, list, list[bool]]:
