@@ -36,6 +36,7 @@ from typing import Any, Callable
 import pytest
 from celery import Celery
 from hypothesis import settings as hypothesis_settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
@@ -43,10 +44,12 @@ import zkcelery
 from testsupport import ensemble_hosts, four_letter, zk_test_port
 from testtasks import CONNECT_TIMEOUT, SESSION_TIMEOUT, broker_settings
 
-# No example database: a run leaves no .hypothesis folder in the checkout (a
-# failure prints its falsifying example, and how to reproduce it, instead).
+# No example database, and hypothesis's caches in a temporary folder: a run leaves no
+# .hypothesis folder in the checkout (a failure prints its falsifying example, and how
+# to reproduce it, instead).
 hypothesis_settings.register_profile("zkcelery", database=None)
 hypothesis_settings.load_profile("zkcelery")
+set_hypothesis_home_dir(str(Path(tempfile.gettempdir()) / "zkcelery-hypothesis"))  # one, reused
 
 HERE = Path(__file__).resolve().parent
 ZK_TEST = HERE / "zk-test.sh"
@@ -63,11 +66,13 @@ TLS_OFFSET = 300
 #
 # pyproject.toml runs the suite in two pytest-xdist processes.  Most tests wait on
 # sessions, workers and timers far more than they compute, so two at a time halve
-# their wall time on two cores.  A test marked ``slow`` (one that stops or kills
-# ZooKeeper servers, soaks, or measures how fast a fault plays out) runs alone: it
-# takes the gate below exclusively, every other test takes it shared.  A turnstile
-# in front of the gate stops new shared takers while an exclusive one waits, so a
-# fault test waits for the test running beside it, never for the rest of the suite.
+# their wall time on two cores.  A test marked ``alone`` runs with no other beside
+# it: every test that stops or kills ZooKeeper servers (it uses the ``ensemble``
+# fixture, and is marked so at collection), and the soaks, which load the machine.
+# It takes the gate below exclusively, every other test takes it shared.  A
+# turnstile in front of the gate stops new shared takers while an exclusive one
+# waits, so such a test waits for the test running beside it, never for the rest
+# of the suite.
 
 
 def _gate_folder() -> Path:
@@ -95,9 +100,9 @@ def _gate(exclusive: bool) -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _alone_if_slow(request: pytest.FixtureRequest) -> Iterator[None]:
+def _alone_if_marked(request: pytest.FixtureRequest) -> Iterator[None]:
     """First set up and last torn down (autouse): the whole test is inside the gate."""
-    with _gate(exclusive=request.node.get_closest_marker("slow") is not None):
+    with _gate(exclusive=request.node.get_closest_marker("alone") is not None):
         yield
 
 
@@ -904,3 +909,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "zk_hosts" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.zk)
+        if "ensemble" in getattr(item, "fixturenames", ()):  # it stops or kills servers
+            item.add_marker(pytest.mark.alone)

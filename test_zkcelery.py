@@ -2893,6 +2893,7 @@ def _soak_workers(workers: Workers) -> list:
 @pytest.mark.slow
 @pytest.mark.timeout(360)  # its own waits (up to 240 s) come first
 @_ON_RABBITMQ
+@pytest.mark.alone  # 2,000 tasks on three workers: the machine is theirs
 def test_soak_of_2000_tasks_on_three_workers_never_overlaps_and_loses_nothing(
     broker_workers, capsys
 ):
@@ -3064,7 +3065,7 @@ def test_a_sigkilled_prefork_child_frees_its_lock_and_the_task_runs_again(
     killed = time.monotonic()
     wait_for(lambda: _replaced_or_gone(zk, path, stat), 10, "the lock to be freed")
     freed = time.monotonic() - killed
-    assert freed <= 2.0 + 2.0  # the session timeout, plus 2 s
+    assert freed <= 1.5 * SESSION_TIMEOUT + 4  # the session's end, and a loaded machine's margin
     assert result.get(timeout=30) is None  # redelivered (acks_late) and completed
     assert [e["key"] for e in workers.record.entries()] == ["kill"]
     _report(capsys, f"SIGKILL: lock freed {freed:.2f} s after the kill (session 2 s)")
@@ -3839,9 +3840,12 @@ def test_a_requeued_copy_goes_back_at_the_head_of_the_queue_on_rabbitmq_and_the_
 ):
     path = node_path(zk_root, "mutexes", "testtasks.broker_requeued", "h")
     hold_externally(zk, path)
+    # Started first: a worker that starts consuming before it has set its prefetch
+    # limit may be handed several waiting messages at once, and would run them from
+    # its own buffer whatever the broker did with the requeued copy.
+    worker = broker_workers.start(concurrency=1)  # one message at a time (prefetch 1)
     copy = broker_workers.send("broker_requeued", "h", 0.0)
     behind = [broker_workers.send("broker_mutex", f"b{n}", 0.0) for n in range(3)]
-    worker = broker_workers.start(concurrency=1)  # one message at a time (prefetch 1)
     log = lambda: worker.log.read_text(errors="replace")  # noqa: E731
     wait_for(lambda: "rejected and requeued" in log(), 30, "the copy's first requeue")
     zk.delete(path)  # from now on the copy runs at its next delivery
