@@ -274,10 +274,31 @@ def tls_ensemble(second_ensemble: SecondEnsemble) -> tuple[str, str]:
     return second_ensemble.tls_hosts, second_ensemble.ca
 
 
+class CaughtUpClient(KazooClient):
+    """A client whose reads first catch up with the leader (``sync``).
+
+    The server it reads from may be a follower that has not yet applied what
+    another session wrote a moment ago (a waiter's node, a holder's data): a
+    test that saw a change through zkcelery must see it here too.
+    """
+
+    def get(self, path: str, watch: Any = None) -> Any:
+        self.sync(path)
+        return super().get(path, watch)
+
+    def get_children(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        self.sync(path)
+        return super().get_children(path, *args, **kwargs)
+
+    def exists(self, path: str, watch: Any = None) -> Any:
+        self.sync(path)
+        return super().exists(path, watch)
+
+
 @pytest.fixture
 def zk(zk_hosts: str) -> Iterator[KazooClient]:
     """An independent client, for looking at znodes from outside zkcelery."""
-    client = KazooClient(hosts=zk_hosts, timeout=SESSION_TIMEOUT * 2)
+    client = CaughtUpClient(hosts=zk_hosts, timeout=SESSION_TIMEOUT * 2)
     client.start(timeout=10)
     yield client
     with contextlib.suppress(Exception):
