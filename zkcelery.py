@@ -4138,6 +4138,23 @@ def _lateness(entry: ScheduleEntry) -> float | None:
 
 
 # ---------------------------------------------------------------------------
+# Observability: metrics from the signals, and a cached view of the tree
+# ---------------------------------------------------------------------------
+
+
+def _prometheus() -> types.ModuleType:
+    """prometheus_client, or a clear error naming the extra that installs it."""
+    try:
+        import prometheus_client
+    except ImportError as exc:
+        raise ConfigurationError(
+            "zkcelery's metrics need prometheus_client, which is not installed: "
+            "pip install 'zkcelery[metrics]'"
+        ) from exc
+    return prometheus_client
+
+
+# ---------------------------------------------------------------------------
 # Command line: python -m zkcelery, or celery -A proj zk
 # ---------------------------------------------------------------------------
 
