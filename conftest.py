@@ -494,6 +494,15 @@ class Record:
             found += [tuple(json.loads(line)) for line in path.read_text().splitlines()]
         return sorted(found)
 
+    def notes(self, suffix: str) -> list[dict]:
+        """The JSON lines the workers' processes noted in ``*.<suffix>`` files (signals...)."""
+        found = []
+        for path in self.folder.glob(f"*.{suffix}"):
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    found.append(json.loads(line))
+        return found
+
     def max_concurrent(self, key: Any = None) -> int:
         """The most bodies of ``key`` (or of any key) that ever ran at once."""
         events = []

@@ -22,6 +22,7 @@ import textwrap
 import threading
 import time
 import types
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta, timezone
@@ -4333,3 +4334,311 @@ def test_a_green_pool_worker_uses_the_matching_handler_and_runs_the_examples(
     assert _states(locks) == ["SUCCESS"] * 3
     assert sorted(_states(mutexes)) == ["FAILURE", "FAILURE", "SUCCESS"]
     assert sorted(e["key"] for e in workers.record.entries()) == ["g", "m"]
+
+
+# ===========================================================================
+# Observability: signals, metrics, task events, log records
+# ===========================================================================
+
+
+def _noted(workers: Workers, signal_name: str, **facts: Any) -> list[dict]:
+    """The signals named ``signal_name`` the workers' processes noted, with ``facts``."""
+    return [
+        note for note in workers.record.notes("signals")
+        if note["signal"] == signal_name and all(note.get(k) == v for k, v in facts.items())
+    ]  # fmt: skip
+
+
+def _ls_states(zk_hosts: str, zk_root: str, key: str) -> list[str]:
+    """The states of ``key``'s rows in ``python -m zkcelery ls --json``, sorted."""
+    rows = json.loads(_zk_cli(zk_hosts, zk_root, "ls", "--json").stdout)
+    return sorted(row["state"] for row in rows if row["key"] == key)
+
+
+def _await_signal(workers: Workers, signal_name: str, **facts: Any) -> dict:
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: _noted(workers, signal_name, **facts), 30, f"{signal_name} {facts}"
+    )[0]
+
+
+def test_a_pool_process_sends_each_lease_signal_for_the_leases_it_holds(
+    workers: Workers, zk_hosts, zk_root, tmp_path
+):
+    worker = workers.start(concurrency=3, ZKCELERY_TEST_SIGNALS="1")
+    marker = tmp_path / "release"
+    key = "testtasks.lock_until('L')"
+    first = workers.send("lock_until", "L", str(marker))
+    held = _await_signal(workers, "lease_acquired", key=key)
+    assert workers.send("lock_until", "L", str(marker), False).get(timeout=30) is False
+    waiter = workers.send("lock_until", "L", str(marker))
+    wait_for(lambda: _ls_states(zk_hosts, zk_root, key) == ["held", "waiting"], 30, "a waiter")
+    broken = _zk_cli(zk_hosts, zk_root, "rm", key, "--yes")  # the first holder's node
+    assert broken.returncode == 0, broken.stderr
+    lost = _await_signal(workers, "lease_lost", key=key)
+    granted = wait_for(lambda: _noted(workers, "lease_acquired", key=key)[1:], 30, "the waiter")[0]
+    marker.touch()
+    assert first.get(timeout=30) is True and waiter.get(timeout=30) is True
+    released = wait_for(
+        lambda: (found := _noted(workers, "lease_released", key=key))[1:] and found, 30, "releases"
+    )
+    (refused,) = _noted(workers, "lease_not_acquired", key=key)
+    assert (refused["reason"], lost["reason"]) == ("held", "deleted")
+    assert granted["waited"] > 0.0 and held["kind"] == "lock"
+    bodies = {e["pid"] for e in workers.record.entries()}
+    # Sent in the pool process that held (or tried for) the lease, never the main one.
+    assert {lost["pid"], granted["pid"]} | {r["pid"] for r in released} == bodies
+    assert worker.pid not in {note["pid"] for note in workers.record.notes("signals")}
+    assert {r["held"] > 0.0 for r in released} == {True}
+    assert held["sender"] == refused["sender"] == "testtasks.lock_until"
+
+
+def test_a_pool_process_sends_a_signal_for_each_mutex_copy_rejected_requeued_or_dropped(
+    workers: Workers, tmp_path
+):
+    workers.start(concurrency=3, ZKCELERY_TEST_SIGNALS="1")
+    marker = tmp_path / "release"
+    holding = workers.send("mutex_until", "R", str(marker))
+    _await_signal(workers, "lease_acquired", key="testtasks.mutex_until('R')")
+    requeued = workers.send("mutex_until", "R", str(marker))
+    copy = workers.send("mutex_until", "R", str(marker), task_id=holding.id)  # a second delivery
+    _await_signal(workers, "mutex_requeued", task_id=requeued.id)
+    dropped = _await_signal(workers, "mutex_dropped", task_id=holding.id)
+    marker.touch()
+    assert holding.get(timeout=30) is None and requeued.get(timeout=30) is None
+    one = workers.send("metered_mutex", "M", 2.0)
+    _await_signal(workers, "lease_acquired", key="testtasks.metered_mutex('M')")
+    with pytest.raises(zkcelery.MutexHeld):
+        workers.send("metered_mutex", "M", 0.0).get(timeout=30)
+    rejected = _await_signal(workers, "mutex_rejected", key="testtasks.metered_mutex('M')")
+    assert one.get(timeout=30) is None
+    assert (rejected["kind"], dropped["key"]) == ("mutex", "testtasks.mutex_until('R')")
+    assert copy.id == holding.id  # the same id twice: the second delivery was dropped
+
+
+def test_an_elected_beat_sends_its_election_deposition_and_skipped_tick_signals(
+    workers: Workers, make_app, zk_hosts, zk_root
+):
+    # Nothing consumes the queue: the first run stays queued, and every later tick is
+    # refused by its early mutex.
+    schedule = {"early": {"task": "testtasks.early", "schedule": 1.0, "args": ["beat"]}}
+    beats = Beats(workers, make_app(), schedule)
+    try:
+        beat = beats.start(ZKCELERY_TEST_SIGNALS="1")
+        elected = _await_signal(workers, "beat_elected")
+        skipped = _await_signal(workers, "beat_tick_skipped", entry="early")
+        refused = _await_signal(workers, "early_refused", task_id=skipped["task_id"])
+        broken = _zk_cli(zk_hosts, zk_root, "rm", "zkcelery-tests()", "--yes")
+        assert broken.returncode == 0, broken.stderr
+        deposed = _await_signal(workers, "beat_deposed")
+        again = wait_for(lambda: _noted(workers, "beat_elected")[1:], 30, "a second election")[0]
+    finally:
+        beats.stop()
+    lost = _noted(workers, "lease_lost", kind="beat")
+    assert [lost[0]["reason"]] == [n["reason"] for n in lost] == ["deleted"]
+    assert "lost" in deposed["reason"] and again["token"] > elected["token"]
+    assert (refused["key"], refused["state"]) == ("testtasks.early('beat')", "queued")
+    assert {n["pid"] for n in workers.record.notes("signals")} == {beat.pid}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[tuple, float]:
+    """Every sample served on ``port``'s /metrics: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _sample(samples: dict[tuple, float], metric: str, **labels: str) -> float:
+    return samples.get((metric, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_and_requeues_it_ran(
+    workers: Workers, tmp_path, capsys
+):
+    port = _free_port()
+    # TMPDIR: the folder the worker makes for its pool's metrics is this test's to remove.
+    workers.start(concurrency=4, ZKCELERY_TEST_METRICS_PORT=str(port), TMPDIR=str(tmp_path))
+    lock = {"kind": "lock", "name": "testtasks.metered_lock"}
+    mutex = {"kind": "mutex", "name": "testtasks.metered_mutex"}
+    requeued = {"kind": "mutex", "name": "testtasks.metered_requeued"}
+
+    def holding(labels: dict) -> Callable[[], bool]:
+        return lambda: _sample(_scrape(port), "zkcelery_lease_acquired_total", **labels) == 1
+
+    wait_for(lambda: _scrape(port) is not None, 30, "the worker's metrics")
+    first = workers.send("metered_mutex", "M", 1.5)
+    wait_for(holding(mutex), 30, "the first mutex copy to hold")
+    copies = [workers.send("metered_mutex", "M", 0.0) for _ in range(2)]
+    held = workers.send("metered_requeued", "R", 1.5)
+    wait_for(holding(requeued), 30, "the requeued task's first copy to hold")
+    bounced = workers.send("metered_requeued", "R", 0.0)
+    locks = [workers.send("metered_lock", "L", 0.2) for _ in range(4)]
+    for result in (first, held, bounced, *locks):
+        result.get(timeout=60)
+    for copy in copies:
+        with pytest.raises(zkcelery.MutexHeld):
+            copy.get(timeout=30)
+    samples = _scrape(port)
+    bodies = workers.record.entries()
+    deliveries = [d["task"] for d in workers.record.notes("deliveries")]
+    timed = [e for e in bodies if e["key"] == "L"]
+    assert len(timed) == 4
+    waits = _sample(samples, "zkcelery_lease_wait_seconds_sum", outcome="acquired", **lock)
+    holds = _sample(samples, "zkcelery_lease_hold_seconds_sum", **lock)
+    assert _sample(samples, "zkcelery_lease_wait_seconds_count", outcome="acquired", **lock) == 4
+    assert _sample(samples, "zkcelery_lease_hold_seconds_count", **lock) == 4
+    assert waits == pytest.approx(sum(e["waited"] for e in timed), abs=0.05 * 4)
+    assert holds == pytest.approx(sum(e["held"] for e in timed), abs=0.05 * 4)
+    assert sum(e["waited"] for e in timed) > 0.2  # they did contend
+    # Rejections and requeues: Celery's count of deliveries, less the bodies that ran.
+    assert (
+        _sample(samples, "zkcelery_mutex_rejected_total", **mutex)
+        == 2
+        == (
+            deliveries.count("testtasks.metered_mutex")
+            - len([e for e in bodies if e["key"] == "M"])
+        )
+    )
+    requeues = deliveries.count("testtasks.metered_requeued") - 2
+    assert _sample(samples, "zkcelery_mutex_requeued_total", **requeued) == requeues >= 1
+    assert _sample(samples, "zkcelery_lease_acquired_total", **requeued) == 2
+    assert [p.name[:17] for p in tmp_path.glob("zkcelery-metrics-*")] == ["zkcelery-metrics-"]
+    _report(
+        capsys,
+        f"prefork worker's metrics: 4 lock waits {waits:.3f} s (bodies' own clocks "
+        f"{sum(e['waited'] for e in timed):.3f} s), holds {holds:.3f} s "
+        f"({sum(e['held'] for e in timed):.3f} s), 2 rejections, {requeues} requeues",
+    )
+
+
+class _Events:
+    """Celery's task events on the broker, captured in a thread as Flower receives them."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app, self.seen, self.ready = app, [], threading.Event()
+        self.state = app.events.State()
+        self._receiver: Any = None
+        self._thread = threading.Thread(target=self._capture, daemon=True)
+
+    def __enter__(self) -> _Events:
+        self._thread.start()
+        assert self.ready.wait(30), "the event receiver did not start"
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._receiver.should_stop = True
+        self._thread.join(10)
+
+    def _capture(self) -> None:
+        with self.app.connection_for_read() as conn:
+            self._receiver = self.app.events.Receiver(conn, handlers={"*": self._note})
+            self._receiver.on_consume_ready = lambda *_, **__: self.ready.set()
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def _note(self, event: dict) -> None:
+        self.seen.append(event)
+        self.state.event(event)
+
+    def await_event(self, kind: str, **fields: Any) -> dict:
+        return wait_for(  # type: ignore[no-any-return]
+            lambda: [e for e in self.seen if e["type"] == kind
+                     and all(e.get(k) == v for k, v in fields.items())],
+            30, f"a {kind} event with {fields}",
+        )[0]  # fmt: skip
+
+
+@_ON_RABBITMQ
+def test_rejections_requeues_and_refusals_are_task_events_where_flower_looks(
+    broker_workers: Workers,
+):
+    workers = broker_workers
+    workers.start(concurrency=3, ZKCELERY_TEST_EVENTS="1")
+    with _Events(workers.app) as events:
+        holder = workers.send("metered_mutex", "M", 1.5)
+        events.await_event("task-started", uuid=holder.id)
+        rejected = workers.send("metered_mutex", "M", 0.0)
+        failed = events.await_event("task-failed", uuid=rejected.id)  # as Celery 5.7 sends
+        first = workers.send("metered_requeued", "R", 1.5)
+        events.await_event("task-started", uuid=first.id)
+        requeued = workers.send("metered_requeued", "R", 0.0)
+        events.await_event("task-rejected", uuid=requeued.id, requeue=True)
+        queued, holder_id = workers.send("send_early_twice", "E", 1.0).get(timeout=30)
+        refusal = events.await_event("task-rejected", holder=queued)
+        requeued.get(timeout=30)
+    assert holder_id == queued and refusal["name"] == "testtasks.early"
+    assert "mutex testtasks.metered_mutex('M') is held" in failed["exception"]
+    # What Flower shows: its state, built from the same events.
+    tasks = events.state.tasks
+    assert (tasks[rejected.id].state, tasks[requeued.id].name) == (
+        "FAILURE",
+        "testtasks.metered_requeued",
+    )
+    assert (tasks[refusal["uuid"]].state, tasks[refusal["uuid"]].name) == (
+        "REJECTED",
+        "testtasks.early",
+    )
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads", "gevent"])
+def test_a_worker_with_another_pool_serves_the_metrics_of_its_leases(workers: Workers, pool):
+    port = _free_port()
+    workers.start(pool=pool, concurrency=2, ZKCELERY_TEST_METRICS_PORT=str(port))
+    for _ in range(2):
+        workers.send("metered_lock", "L", 0.0).get(timeout=30)
+    samples = _scrape(port)
+    lock = {"kind": "lock", "name": "testtasks.metered_lock"}
+    assert _sample(samples, "zkcelery_lease_acquired_total", **lock) == 2
+    assert _sample(samples, "zkcelery_lease_hold_seconds_count", **lock) == 2
+
+
+def test_without_prometheus_client_zkcelery_works_and_asking_for_metrics_names_the_extra(
+    zk_hosts, zk_root
+):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["prometheus_client"] = None  # as if it were not installed
+        import celery, zkcelery
+        app = celery.Celery("bare", set_as_current=False)
+        app.conf.update(ZOOKEEPER_HOSTS={zk_hosts!r}, ZOOKEEPER_ROOT={zk_root!r})
+        lease = zkcelery.Lease.for_app(app, "locks", "k", owner="bare")
+        print(lease.acquire(), lease.token > 0)
+        lease.release()
+        try:
+            zkcelery.start_metrics_server(9)
+        except zkcelery.ConfigurationError as exc:
+            print(exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    works, error = done.stdout.splitlines()
+    assert works == "True True"
+    assert "prometheus_client" in error and "pip install 'zkcelery[metrics]'" in error
+
+
+def test_log_records_carry_the_task_kind_key_and_outcome_as_attributes(app, zk, zk_root, caplog):
+    first = zkcelery.Lease.for_app(app, "locks", "k", owner="t.owner")
+    second = zkcelery.Lease.for_app(app, "locks", "k", owner="t.owner")
+    with caplog.at_level(logging.DEBUG, logger="zkcelery"):
+        assert first.acquire() and not first.lost  # the first look watches its node
+        assert not second.acquire()
+        zk.delete(node_path(zk_root, "locks", "k"))
+        wait_for(lambda: first.lost, 10, "the lease to be lost")
+    first.release()
+    records = {r.outcome: r for r in caplog.records if r.name == "zkcelery"}
+    refused, lost = records["not_acquired"], records["lost"]
+    assert (refused.levelno, lost.levelno) == (logging.DEBUG, logging.WARNING)
+    for record in (refused, lost):
+        assert (record.kind, record.key, record.task_name) == ("lock", "k()", "t.owner")
+    assert lost.reason == "deleted"

@@ -336,6 +336,104 @@ def _write_session(folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Observability: zkcelery's signals and metrics, seen from the worker's side
+# ---------------------------------------------------------------------------
+
+#: Every signal zkcelery sends, by its short name.
+SIGNALS = {
+    name: getattr(zkcelery, name)
+    for name in zkcelery.__all__
+    if type(getattr(zkcelery, name)).__name__ == "Signal"
+}
+
+
+def _note_signal(signal: Any = None, sender: Any = None, **facts: Any) -> None:
+    """Note a zkcelery signal in the record: which, where, and its facts (leases by kind/key)."""
+    folder = os.environ.get("ZKCELERY_TEST_RECORD")
+    lease = facts.pop("lease", None)
+    if lease is not None:
+        facts.update(kind=lease.kind, key=lease.key, name=lease.task_name)
+    facts.pop("holder", None)
+    line = {"signal": signal.name.split(".")[-1], "sender": getattr(sender, "name", None),
+            "pid": os.getpid(), "t": time.monotonic(), **facts}  # fmt: skip
+    if folder:
+        with open(Path(folder) / f"{os.getpid()}.signals", "a") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+
+
+if os.environ.get("ZKCELERY_TEST_SIGNALS"):
+    for _signal in SIGNALS.values():
+        _signal.connect(_note_signal, weak=False)
+
+if os.environ.get("ZKCELERY_TEST_EVENTS"):  # as a worker run with -E, for Flower
+    app.conf.worker_send_task_events = True
+    app.conf.task_send_sent_event = True
+
+if os.environ.get("ZKCELERY_TEST_METRICS_PORT"):
+    app.conf.ZOOKEEPER_METRICS_PORT = int(os.environ["ZKCELERY_TEST_METRICS_PORT"])
+    app.conf.ZOOKEEPER_METRICS_ADDR = "127.0.0.1"
+
+
+@signals.task_prerun.connect
+def _note_delivery(task: Any = None, task_id: str | None = None, **_: Any) -> None:
+    # Celery's own count of deliveries (a requeued copy runs its prerun again), for the
+    # metrics test: independent of zkcelery's signals.
+    folder = os.environ.get("ZKCELERY_TEST_RECORD")
+    if folder and task is not None and task.name.startswith("testtasks.metered_"):
+        with open(Path(folder) / f"{os.getpid()}.deliveries", "a") as f:
+            f.write(json.dumps({"task": task.name, "task_id": task_id}) + "\n")
+
+
+@app.task(base=zkcelery.LockTask, bind=True)
+def lock_until(self, key, marker, blocking=True):
+    """Hold a lock until the marker exists, having looked at ``lease.lost`` once."""
+    with self.lock(key, blocking=blocking) as lease:
+        if not lease:
+            return False
+        lease.lost  # noqa: B018 - the first look watches the node for a deletion
+        _wait_for_marker(marker)
+        record_body(key, lost=lease.lost)
+        return True
+
+
+def _wait_for_marker(marker: str, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while not Path(marker).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@app.task(base=zkcelery.LockTask, bind=True)
+def metered_lock(self, key, hold):
+    """A blocking lock: the body notes how long it waited and held, by its own clock."""
+    asked = time.monotonic()
+    with self.lock(key, blocking=True):
+        granted = time.monotonic()
+        time.sleep(hold)
+    record_body(key, waited=granted - asked, held=time.monotonic() - granted)
+
+
+@app.task
+def send_early_twice(key, hold):
+    """Send an early mutex task twice: the second send is refused; return both ids."""
+    first = early.delay(key, hold=hold)
+    try:
+        early.delay(key)
+    except zkcelery.AlreadyQueued as refused:
+        return [first.id, refused.task_id]
+    return [first.id, None]
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
+def metered_mutex(self, key, hold):
+    record_body(key, hold, task_id=self.request.id)
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), mutex_requeue=True)
+def metered_requeued(self, key, hold):
+    record_body(key, hold, task_id=self.request.id)
+
+
+# ---------------------------------------------------------------------------
 # The history check's tasks (test_a_randomized_history_under_faults_...)
 # ---------------------------------------------------------------------------
 

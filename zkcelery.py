@@ -57,8 +57,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -79,6 +81,8 @@ from billiard.einfo import ExceptionInfo
 from celery import signals
 from celery.beat import PersistentScheduler, ScheduleEntry, Scheduler, SchedulingError
 from celery.exceptions import Ignore, Reject, Retry
+from celery.utils.dispatch import Signal
+from celery.utils.saferepr import saferepr as safe_repr
 from kazoo.client import KazooClient, TransactionRequest
 from kazoo.exceptions import (
     EXCEPTIONS,
@@ -170,9 +174,35 @@ __all__ = [
     "MutexTask",
     "NotReentrant",
     "ZKCeleryError",
+    "beat_deposed",
+    "beat_elected",
+    "beat_tick_skipped",
+    "early_refused",
+    "lease_acquired",
+    "lease_lost",
+    "lease_not_acquired",
+    "lease_released",
+    "mutex_dropped",
+    "mutex_rejected",
+    "mutex_requeued",
+    "start_metrics_server",
 ]
 
 logger = logging.getLogger("zkcelery")
+
+
+def _log(level: int, msg: str, *args: Any, **facts: Any) -> None:
+    """Log ``msg`` through zkcelery's logger, with ``facts`` as the record's attributes.
+
+    So that tools read facts rather than match text, a record carries those it
+    knows of: ``task_id``, ``task_name``, ``kind`` (lock, semaphore, mutex,
+    early mutex, beat), ``key``, ``holder`` (the holder's task id),
+    ``outcome`` (what happened: acquired, not_acquired, waiting, rejected,
+    requeued, dropped, lost, elected, deposed, skipped...), ``wait``
+    (seconds) and ``reason``.
+    """
+    if logger.isEnabledFor(level):
+        logger.log(level, msg, *args, extra=facts)
 
 
 # ---------------------------------------------------------------------------
@@ -262,6 +292,54 @@ class _NotLeading(ZKCeleryError):
 
 class _StateMoved(_NotLeading):
     """The schedule's state is no longer at the version this beat last wrote or read."""
+
+
+# ---------------------------------------------------------------------------
+# Signals: what happens to leases, mutex copies and the beat, in Celery's style
+# ---------------------------------------------------------------------------
+#
+# Each is sent in the process where it happens (the pool child that holds the
+# lease, the sender of an early mutex, the beat), synchronously; with no
+# receiver connected a send costs one check.  Every signal's keyword arguments
+# are listed with it; ``lease`` is the Lease (``lease.key``, ``lease.kind``,
+# ``lease.task_name``...).  Celery's Signal logs and swallows a receiver's
+# exception: a failing receiver never changes what a lock does.  lease_lost
+# may be sent from one of kazoo's threads: a receiver must not block.
+
+#: A lease was granted.  ``sender``: the task (the app, for the beat's
+#: election); ``lease``; ``waited``: seconds since the lease's first try.
+lease_acquired = Signal(name="zkcelery.lease_acquired")
+#: A lease was given back.  ``sender``, ``lease``; ``held``: seconds held.
+lease_released = Signal(name="zkcelery.lease_released")
+#: A try ended without the lease.  ``sender``, ``lease``, ``waited``;
+#: ``reason``: "held" (a try that does not wait), "timeout" (a blocking try
+#: whose timeout passed) or "unavailable" (ZooKeeper did not answer in time).
+lease_not_acquired = Signal(name="zkcelery.lease_not_acquired")
+#: A held lease may now be someone else's.  ``sender``, ``lease``, ``held``;
+#: ``reason``: "session" (its session expired or went unanswered too long) or
+#: "deleted" (its node was deleted from outside, as by ``zkcelery rm``).
+lease_lost = Signal(name="zkcelery.lease_lost")
+#: A MutexTask or EarlyMutexTask copy found its mutex held and was rejected
+#: without running.  ``sender``: the task; ``lease``; ``task_id``: this copy's;
+#: ``holder``: the holder's metadata (task id, host, pid...), {} if unknown.
+mutex_rejected = Signal(name="zkcelery.mutex_rejected")
+#: As mutex_rejected, for a copy sent back to the queue (``mutex_requeue``).
+mutex_requeued = Signal(name="zkcelery.mutex_requeued")
+#: A second delivery of a message whose first delivery still runs was
+#: acknowledged without running.  ``sender``, ``lease``, ``task_id``, ``holder``.
+mutex_dropped = Signal(name="zkcelery.mutex_dropped")
+#: ``EarlyMutexTask.apply_async()`` refused to send: the key is queued or
+#: running.  ``sender``: the task; ``key``; ``task_id``: the copy that has it;
+#: ``state``: "queued" or "running".
+early_refused = Signal(name="zkcelery.early_refused")
+#: This beat was elected and leads.  ``sender``: the ElectedScheduler;
+#: ``token``: its fencing token.
+beat_elected = Signal(name="zkcelery.beat_elected")
+#: This beat stopped leading, or gave up taking over.  ``sender``; ``reason``.
+beat_deposed = Signal(name="zkcelery.beat_deposed")
+#: The leading beat skipped a tick of an EarlyMutexTask entry whose last run
+#: is queued or running.  ``sender``; ``entry``: the entry's name; ``task_id``.
+beat_tick_skipped = Signal(name="zkcelery.beat_tick_skipped")
 
 
 # ---------------------------------------------------------------------------
@@ -432,10 +510,8 @@ class MutexTask(_KeyedTask):
         try:
             lease.acquire()
         except CoordinationError as exc:  # never drop the task: retry it
-            logger.warning(
-                "task %s[%s]: mutex not acquired: %s; retrying the task",
-                self.name, self.request.id, exc,
-            )  # fmt: skip
+            lease._log(logging.WARNING, "not acquired: %s; retrying the task", exc,
+                       outcome="retried")  # fmt: skip
             raise self.retry(exc=exc) from exc
 
     def _contended(self, lease: Lease, started: float) -> None:
@@ -473,11 +549,11 @@ class MutexTask(_KeyedTask):
         wait = None  # as long as the first run takes: it is ending
         if self.acks_late:  # unacknowledged meanwhile: as long as the broker lets it wait
             wait = _unacked_wait(self.app, started, None)
-        logger.info(
-            "task %s[%s]: mutex %s is held by its previous copy (retries %s, replaced %s): "
-            "waiting for its release",
-            self.name, self.request.id, _mutex_key(lease, holder), holder.get("retries"),
-            holder.get("nesting"),
+        lease._log(
+            logging.INFO,
+            "is held by its previous copy (retries %s, replaced %s): waiting for its release",
+            holder.get("retries"), holder.get("nesting"), holder=holder.get("task_id"),
+            outcome="waiting", wait=wait,
         )  # fmt: skip
         while True:
             lease.wait_for_release(wait)
@@ -510,12 +586,12 @@ class MutexTask(_KeyedTask):
         # broker lets us).
         wait = _unacked_wait(self.app, started, own.dead_for)
         assert wait is not None
-        logger.info(
-            "task %s[%s]: mutex %s is held by this same task (%s %s pid %s): waiting up to "
-            "%.1f s for that session to end",
-            self.name, self.request.id, _mutex_key(lease, holder),
+        lease._log(
+            logging.INFO,
+            "is held by this same task (%s %s pid %s): waiting up to %.1f s for that "
+            "session to end",
             "a dead process, on" if alive is False else "on", holder.get("host"),
-            holder.get("pid"), wait,
+            holder.get("pid"), wait, holder=holder.get("task_id"), outcome="waiting", wait=wait,
         )  # fmt: skip
         lease.wait_for_release(wait)
         self._take(lease)
@@ -534,27 +610,30 @@ class MutexTask(_KeyedTask):
 
     def _drop(self, lease: Lease, holder: dict, why: str) -> NoReturn:
         """Acknowledge this message without running the body: another delivery runs it."""
-        logger.info(
-            "task %s[%s]: mutex %s is held by this same task (%s %s pid %s): "
-            "a second delivery of its message; dropped",
-            self.name, self.request.id, _mutex_key(lease, holder), why,
-            holder.get("host"), holder.get("pid"),
+        lease._log(
+            logging.INFO,
+            "is held by this same task (%s %s pid %s): a second delivery of its message; dropped",
+            why, holder.get("host"), holder.get("pid"), holder=holder.get("task_id"),
+            outcome="dropped",
         )  # fmt: skip
         _quiet_in_celery_log(self.request.id)
+        lease._signal(mutex_dropped, task_id=self.request.id, holder=holder)
         raise Ignore()
 
     def _reject(self, lease: Lease, holder: dict, requeue: bool) -> NoReturn:
-        key = _mutex_key(lease, holder)
         holder_id = holder.get("task_id")
-        logger.info(
-            "task %s[%s]: mutex %s is held by %s; rejected and %s",
-            self.name, self.request.id, key,
+        lease._log(
+            logging.INFO, "is held by %s; rejected and %s",
             f"task {holder_id}" if holder_id else "another holder",
-            "requeued" if requeue else "dropped",
+            "requeued" if requeue else "dropped", holder=holder_id,
+            outcome="requeued" if requeue else "rejected", wait=lease._waited(),
         )  # fmt: skip
         _quiet_in_celery_log(self.request.id)
-        exc = MutexHeld(f"mutex {key} is held by another task", requeue=requeue)
+        exc = MutexHeld(f"mutex {_mutex_key(lease, holder)} is held by another task",
+                        requeue=requeue)  # fmt: skip
         _record_rejection(self, exc)
+        signal = mutex_requeued if requeue else mutex_rejected
+        lease._signal(signal, task_id=self.request.id, holder=holder)
         raise exc
 
 
@@ -737,6 +816,8 @@ def _record_rejection(task: celery.Task, exc: Reject) -> None:
     a message rejected without requeue (Celery issue #4222): the task would stay
     PENDING and ``result.get()`` would wait forever.  Only a worker's run is
     recorded, and only where Celery will not: a direct or eager call raises.
+    Where the worker sends task events, the ``task-failed`` event 5.7 sends is
+    sent too, so that Flower and celery-exporter see the rejection.
     """
     request = task.request
     if _CELERY_RECORDS_REJECTIONS or exc.requeue or request.called_directly or request.is_eager:
@@ -756,12 +837,31 @@ def _record_rejection(task: celery.Task, exc: Reject) -> None:
             store_result=not ignore_result or task.store_errors_even_if_ignored,
         )  # fmt: skip
     except Exception:  # the message is rejected all the same, as Celery would
-        logger.warning("task %s[%s]: could not store the rejection", task.name, request.id,
-                       exc_info=True)  # fmt: skip
+        _log(logging.WARNING, "task %s[%s]: could not store the rejection", task.name,
+             request.id, exc_info=True, task_id=request.id, task_name=task.name,
+             outcome="not_stored")  # fmt: skip
     signals.task_failure.send(
         sender=task, task_id=request.id, exception=exc, args=request.args,
         kwargs=request.kwargs, traceback=traceback, einfo=einfo,
     )  # fmt: skip
+    if _worker.sends_events and task.send_events:
+        try:
+            task.send_event("task-failed", exception=safe_repr(exc), traceback=einfo.traceback)
+        except Exception as error:  # a monitor's event must not change the rejection
+            _log(logging.WARNING, "task %s[%s]: rejection not sent as a task event: %s",
+                 task.name, request.id, error, task_id=request.id, task_name=task.name,
+                 outcome="not_sent")  # fmt: skip
+
+
+@dataclass
+class _WorkerFacts:
+    """What a worker's main process knew at its start, inherited by its pool's processes."""
+
+    #: It sends task events (``-E``, or ``worker_send_task_events``).
+    sends_events: bool = False
+
+
+_worker = _WorkerFacts()
 
 
 def _quiet_in_celery_log(task_id: Any) -> None:
@@ -796,12 +896,13 @@ def _warn_duplicates(task: celery.Task, setting: str, seconds: float, timeout: f
     if (task.name, setting) in _warned:
         return
     _warned.add((task.name, setting))
-    logger.warning(
+    _log(
+        logging.WARNING,
         "task %s: %s (%g s) is longer than the Redis visibility_timeout (%g s, in "
         "broker_transport_options): Redis will deliver such a message again while the "
         "first delivery still waits or runs, so duplicates are certain; raise "
         "visibility_timeout above it",
-        task.name, setting, seconds, timeout,
+        task.name, setting, seconds, timeout, task_name=task.name, outcome="duplicates_certain",
     )  # fmt: skip
 
 
@@ -895,6 +996,7 @@ class EarlyMutexTask(_KeyedTask):
                 lease.unreserve()  # best effort: else it expires after mutex_timeout
             raise
         except AlreadyQueued as refused:
+            _refused(self, lease, refused)
             if mutex_return_existing is None:
                 mutex_return_existing = self.mutex_return_existing
             if mutex_return_existing and refused.task_id:
@@ -938,12 +1040,14 @@ class EarlyMutexTask(_KeyedTask):
         except CoordinationError as exc:  # never drop the task: retry it
             raise self.retry(exc=exc) from exc
         except AlreadyQueued as refused:
-            if refused.task_id != self.request.id or refused.state != "running":
-                lease.log(logging.INFO, "is %s as task %s: rejected", refused.state,
-                          refused.task_id)  # fmt: skip
-                _record_rejection(self, refused)
-                raise
             holder = refused.holder or {}
+            if refused.task_id != self.request.id or refused.state != "running":
+                lease._log(logging.INFO, "is %s as task %s: rejected", refused.state,
+                           refused.task_id, holder=refused.task_id,
+                           outcome="rejected")  # fmt: skip
+                _record_rejection(self, refused)
+                lease._signal(mutex_rejected, task_id=self.request.id, holder=holder)
+                raise
         # This task id runs already: a second delivery of its message (see
         # _OwnHolder).  If the first one's process died, its node goes in time.
         own = _OwnHolder(holder, self.app)
@@ -952,7 +1056,9 @@ class EarlyMutexTask(_KeyedTask):
             lease.acquire()
             return
         # Held on past own.dead_for: its first delivery lives.
-        lease.log(logging.INFO, "is running as this same task: second delivery dropped")
+        lease._log(logging.INFO, "is running as this same task: second delivery dropped",
+                   holder=self.request.id, outcome="dropped")  # fmt: skip
+        lease._signal(mutex_dropped, task_id=self.request.id, holder=holder)
         raise Ignore()
 
     def _early_lease(self, args: Any, kwargs: Any, task_id: str | None) -> _EarlyLease:
@@ -970,6 +1076,28 @@ def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     lease = sender._early_lease(request.args, request.kwargs, request.id)
     with _revocation_session(sender.app) as session:
         lease.free_revoked(session)
+
+
+def _refused(task: EarlyMutexTask, lease: _EarlyLease, refused: AlreadyQueued) -> None:
+    """A send was refused: tell receivers, and monitors that read task events.
+
+    Where the app sends task events already (``task_send_sent_event``, which
+    Flower and celery-exporter use to see tasks sent), the refused copy is
+    announced as a ``task-rejected`` event under the id it would have had.
+    """
+    if early_refused.receivers:
+        early_refused.send(sender=task, key=lease.key, task_id=refused.task_id,
+                           state=refused.state)  # fmt: skip
+    if not task.app.conf.task_send_sent_event:
+        return
+    try:
+        with task.app.events.default_dispatcher() as dispatcher:
+            dispatcher.send(
+                "task-rejected", uuid=lease._task_id(), name=task.name, requeue=False,
+                reason=str(refused), holder=refused.task_id,
+            )  # fmt: skip
+    except Exception as exc:  # a monitor's event must not change what the send does
+        lease._log(logging.WARNING, "refusal not sent as a task event: %s", exc)
 
 
 # ---------------------------------------------------------------------------
@@ -1038,6 +1166,7 @@ class Lease:
         self._retry_options = retry_options or {}
         self._session: _Session | None = None
         self._grant: _Grant | None = None  # the latest grant, kept after release
+        self._first_try: float | None = None  # since when it is wanted (for ``waited``)
         self._early_id = task_id  # an early mutex's task id (the request's, by default)
 
     @classmethod
@@ -1067,6 +1196,16 @@ class Lease:
     def __repr__(self) -> str:
         state = "held" if self else "not held"
         return f"<Lease {self._namespace} {self.key} {state}>"
+
+    @property
+    def kind(self) -> str:
+        """What it is a lease of, as ``ls`` says: lock, semaphore, mutex, early mutex or beat."""
+        return _NAMESPACES[self._namespace].kind
+
+    @property
+    def task_name(self) -> str:
+        """The name of the task that takes it (for the beat's election, its owner's)."""
+        return str(self._task.name)
 
     @property
     def token(self) -> int | None:
@@ -1112,12 +1251,13 @@ class Lease:
             self.acquire()
         except CoordinationError as exc:
             if not self._retry:
-                self._log(logging.WARNING, "not acquired: %s", exc)
+                self._log(logging.WARNING, "not acquired: %s", exc, outcome="not_acquired")
                 raise
-            self._log(logging.WARNING, "not acquired: %s; retrying the task", exc)
+            self._log(logging.WARNING, "not acquired: %s; retrying the task", exc,
+                      outcome="retrying")  # fmt: skip
             raise self._task.retry(**{"exc": exc, **self._retry_options}) from exc
         if not self and self._retry:
-            self._log(logging.INFO, "is held; retrying the task")
+            self._log(logging.INFO, "is held; retrying the task", outcome="retrying")
             raise self._task.retry(**self._retry_options)
         return self
 
@@ -1135,22 +1275,32 @@ class Lease:
         """
         if self:
             raise AlreadyAcquired(f"{self!r} is already held: release it first")
+        if self._first_try is None:
+            self._first_try = time.monotonic()
         session = self._connect()
         deadline = None
         if self._blocking and self._timeout is not None:
             deadline = time.monotonic() + self._timeout
-        session.wait_connected(deadline)  # the metadata holds the granted session timeout
-        protocol = self._protocol(session)
-        if self._blocking and deadline is None and self._max_leases is None:
-            session.refuse_reentry(protocol.key_path, self.key)
-        with session.waiting() if self._blocking else contextlib.nullcontext():
-            granted = protocol.acquire(self._blocking, deadline)
+        try:
+            session.wait_connected(deadline)  # the metadata holds the granted session timeout
+            protocol = self._protocol(session)
+            if self._blocking and deadline is None and self._max_leases is None:
+                session.refuse_reentry(protocol.key_path, self.key)
+            with session.waiting() if self._blocking else contextlib.nullcontext():
+                granted = protocol.acquire(self._blocking, deadline)
+        except CoordinationError:
+            self._signal(lease_not_acquired, waited=self._waited(), reason="unavailable")
+            raise
         if granted is None:
-            self._log(logging.DEBUG, "is held elsewhere")
+            self._log(logging.DEBUG, "is held elsewhere", outcome="not_acquired")
+            reason = "timeout" if self._blocking else "held"
+            self._signal(lease_not_acquired, waited=self._waited(), reason=reason)
             return False
         path, token, owner = granted
-        self._grant = _Grant(session, protocol, path, token, owner, self._log)
+        waited, self._first_try = self._waited(), None
+        self._grant = _Grant(session, protocol, path, token, owner, self)
         session.remember(self._grant)
+        self._signal(lease_acquired, waited=waited)
         return True
 
     def release(self) -> None:
@@ -1219,11 +1369,26 @@ class Lease:
             meta["max_leases"] = self._max_leases
         return json.dumps(meta).encode()
 
-    def _log(self, level: int, what: str, *args: Any) -> None:
-        """Log a line naming the task, its id, and this lease's kind and key."""
-        logger.log(
-            level, f"task %s[%s]: %s %s {what}",
-            self._task.name, self._task_id(), _NAMESPACES[self._namespace].kind, self.key, *args,
+    def _waited(self) -> float:
+        return 0.0 if self._first_try is None else time.monotonic() - self._first_try
+
+    def _signal(self, signal: Signal, **facts: Any) -> None:
+        """Send ``signal`` about this lease, if anyone listens (see the Signals section)."""
+        if signal.receivers:
+            task = self._task
+            sender = task if isinstance(task, celery.Task) else task.app
+            signal.send(sender=sender, lease=self, **facts)
+
+    def _log(self, level: int, what: str, *args: Any, **facts: Any) -> None:
+        """Log a line naming the task, its id, and this lease's kind and key.
+
+        The record carries them as attributes too (see _log), with ``facts``.
+        """
+        task_id = self._task_id()
+        _log(
+            level, f"task %s[%s]: %s %s {what}", self._task.name, task_id, self.kind, self.key,
+            *args, task_id=task_id, task_name=self._task.name, kind=self.kind, key=self.key,
+            **facts,
         )  # fmt: skip
 
 
@@ -1296,10 +1461,6 @@ class _EarlyLease(Lease):
         except ZKCeleryError as exc:
             self._log(logging.WARNING, "not freed after its revocation: %s", exc)
 
-    def log(self, level: int, what: str, *args: Any) -> None:
-        """Log a line naming the task, its id, and this key (as the lease's own lines do)."""
-        self._log(level, what, *args)
-
     def _early(self) -> _EarlyMutex:
         protocol = self._protocol(self._connect())
         assert isinstance(protocol, _EarlyMutex)
@@ -1352,7 +1513,7 @@ class _Grant:
         path: str,
         token: int | None,
         owner: int | None,
-        log: Callable[..., None],
+        lease: Lease,
     ) -> None:
         self.session = session
         self.protocol = protocol
@@ -1364,8 +1525,10 @@ class _Grant:
         self.token = token
         self.released = False
         self.why_lost: str | None = None
+        self.granted_at = time.monotonic()
         self._watching = False
-        self._log = log
+        self._lease = lease
+        self._log = lease._log
 
     def is_lost(self) -> bool:
         self.check_session()
@@ -1395,6 +1558,10 @@ class _Grant:
         """The node passed on to another form (an early mutex's retry): release nothing."""
         self.released = True
         self.session.forget(self)
+        self._lease._signal(lease_released, held=self.held())
+
+    def held(self) -> float:
+        return time.monotonic() - self.granted_at
 
     def mark_lost(self, why: str) -> None:
         with self.session.mutex:
@@ -1402,22 +1569,28 @@ class _Grant:
                 return
             self.why_lost = why
         self.session.forget(self)
-        self._log(logging.WARNING, "lost: %s; another task may hold it now", why)
+        reason = "deleted" if why == _BROKEN else "session"
+        self._log(logging.WARNING, "lost: %s; another task may hold it now", why,
+                  outcome="lost", reason=reason)  # fmt: skip
+        self._lease._signal(lease_lost, held=self.held(), reason=reason)
 
     def release(self) -> None:
         self.released = True
         self.session.forget(self)
-        if self.why_lost == _BROKEN:
-            return  # the node at our path may be another holder's now
+        held = self.held()
         try:
-            self.protocol.release(self.path, self.session_id)
+            if self.why_lost != _BROKEN:  # else the node at our path may be another's now
+                self.protocol.release(self.path, self.session_id)
         except CoordinationError as exc:
             self._log(
                 logging.WARNING,
                 "not released (%s); ZooKeeper frees it when the session ends, or this "
                 "process deletes it when it reconnects",
                 exc,
+                outcome="not_released",
             )
+        finally:
+            self._lease._signal(lease_released, held=held)
 
     # Both run on kazoo's threads: never block.
     def _on_event(self, event: WatchedEvent) -> None:
@@ -2218,7 +2391,8 @@ class _EarlyMutex:
                 break
             if stat.ephemeralOwner != session_id:
                 break
-        logger.warning("early mutex %s: could not keep it for the retry", self.key)
+        _log(logging.WARNING, "early mutex %s: could not keep it for the retry", self.key,
+             kind="early mutex", key=self.key, outcome="not_kept")  # fmt: skip
         return False
 
     def _turn_queued(self) -> list:
@@ -3053,7 +3227,8 @@ class _Session:
             except NoNodeError:
                 pass  # gone already: nothing to do, ever
             except (ZKCeleryError, KazooException, self._timeout_error) as exc:
-                logger.warning("could not delete orphan znode %s: %s", path, exc)
+                _log(logging.WARNING, "could not delete orphan znode %s: %s", path, exc,
+                     outcome="orphan_kept")  # fmt: skip
                 self.add_orphan(path, owner, guid)
 
     def _delete_orphan(self, path: str, owner: int | None, guid: str | None) -> None:
@@ -3238,7 +3413,12 @@ class _Session:
                 return
             except (UnimplementedError, BadArgumentsError):
                 self._ttl_nodes = False
-                logger.info("ZooKeeper refuses TTL nodes: early mutexes use persistent nodes")
+                _log(
+                    logging.INFO,
+                    "ZooKeeper refuses TTL nodes: early mutexes use persistent nodes",
+                    kind="early mutex",
+                    outcome="no_ttl",
+                )
         self.call(self.client.create_async, path, data)
 
     def expiring_create(self, path: str, data: bytes, seconds: float | None) -> Any:
@@ -3682,7 +3862,7 @@ class EarlyMutexScheduler(PersistentScheduler):
         try:
             return super().apply_async(entry, producer, advance, **kw)
         except SchedulingError as exc:
-            if not _skipped(entry, exc):
+            if not _skipped(self, entry, exc):
                 raise
             return _SkippedTick()
 
@@ -3707,7 +3887,7 @@ def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
     return None
 
 
-def _skipped(entry: ScheduleEntry, exc: BaseException) -> bool:
+def _skipped(scheduler: Scheduler, entry: ScheduleEntry, exc: BaseException) -> bool:
     """Whether a failed send was an EarlyMutexTask's refusal: then it is logged as a skipped tick.
 
     Its last run is queued or running: one INFO line, no traceback, and the
@@ -3716,7 +3896,11 @@ def _skipped(entry: ScheduleEntry, exc: BaseException) -> bool:
     refused = _refusal(exc)
     if refused is None:
         return False
-    logger.info("beat: %s skipped: %s", entry.name, refused)
+    _log(logging.INFO, "beat: %s skipped: %s", entry.name, refused, task_name=entry.task,
+         kind="early mutex", key=refused.key, holder=refused.task_id,
+         outcome="skipped")  # fmt: skip
+    if beat_tick_skipped.receivers:
+        beat_tick_skipped.send(sender=scheduler, entry=entry.name, task_id=refused.task_id)
     return True
 
 
@@ -3793,16 +3977,20 @@ class ElectedScheduler(Scheduler):
             if self._closed.is_set():
                 return
             if not failing:
-                logger.info("beat: standing by to lead the schedule of %s", self._lease.key)
+                _log(logging.INFO, "beat: standing by to lead the schedule of %s",
+                     self._lease.key, kind="beat", key=self._lease.key,
+                     outcome="standing_by")  # fmt: skip
             try:
                 self._lease.acquire()  # blocks until granted
             except Exception as exc:  # CoordinationError above all: keep trying
                 if self._closed.is_set():
                     return
                 if not failing:
-                    logger.warning(
+                    _log(
+                        logging.WARNING,
                         "beat: cannot take part in the election for %s: %s; trying again",
-                        self._lease.key, exc,
+                        self._lease.key, exc, kind="beat", key=self._lease.key,
+                        outcome="not_acquired", reason=str(exc),
                     )  # fmt: skip
                 failing = True
                 self._closed.wait(self.retry_interval)
@@ -3860,15 +4048,23 @@ class ElectedScheduler(Scheduler):
                     raise
         self._leading = True
         self._heap = None  # rebuilt from the loaded entries at the next tick
-        logger.info(
+        _log(
+            logging.INFO,
             "beat: leading the schedule of %s (fencing token %s); %d entries, %d due now",
-            lease.key, self._token, len(self.schedule), len(self._late),
+            lease.key, self._token, len(self.schedule), len(self._late), kind=lease.kind,
+            key=lease.key, outcome="elected",
         )  # fmt: skip
+        if beat_elected.receivers:
+            beat_elected.send(sender=self, token=self._token)
 
     def _step_down(self, why: str) -> None:
         assert self._lease is not None
         was = "stopped leading" if self._leading else "not leading"
-        logger.warning("beat: %s the schedule of %s: %s; standing by", was, self._lease.key, why)
+        _log(logging.WARNING, "beat: %s the schedule of %s: %s; standing by", was,
+             self._lease.key, why, kind=self._lease.kind, key=self._lease.key, outcome="deposed",
+             reason=why)  # fmt: skip
+        if beat_deposed.receivers:
+            beat_deposed.send(sender=self, reason=why)
         self._leading = False
         self._heap = None
         self._late.clear()
@@ -3892,15 +4088,17 @@ class ElectedScheduler(Scheduler):
         if entry.name in self._late:
             self._late.discard(entry.name)
             late = _lateness(entry)
-            logger.warning(
+            _log(
+                logging.WARNING,
                 "beat: %s fell due %s while no beat was leading; sending it now, once",
                 entry.name, "earlier" if late is None else f"{late:.2f} s ago",
+                task_name=entry.task, kind="beat", outcome="late", wait=late,
             )  # fmt: skip
         _beat_logger.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
         try:
             result = self.apply_async(self._stamped(entry), producer=producer, advance=False)
         except Exception as exc:
-            if _skipped(entry, exc):
+            if _skipped(self, entry, exc):
                 return
             _beat_logger.error(
                 "Message Error: %s\n%s", exc, traceback.format_stack(), exc_info=True
@@ -3947,7 +4145,10 @@ class ElectedScheduler(Scheduler):
                 # The standby's node, or a leader's unreleased one, goes too.
                 _close_connection(self.app, session)
             if self._leading:
-                logger.info("beat: stopped leading: shutting down")
+                _log(logging.INFO, "beat: stopped leading: shutting down", kind="beat",
+                     outcome="stopped")  # fmt: skip
+                if beat_deposed.receivers:
+                    beat_deposed.send(sender=self, reason="shutting down")
             self._leading = False
         super().close()
 
@@ -3988,7 +4189,8 @@ class _BeatState:
         try:
             saved = json.loads(data or b"{}").get("entries", {})
         except (ValueError, AttributeError):
-            logger.warning("beat: %s holds no readable state; starting afresh", self.path)
+            _log(logging.WARNING, "beat: %s holds no readable state; starting afresh",
+                 self.path, kind="beat", outcome="state_unreadable")  # fmt: skip
             saved = {}
         for name, entry in schedule.items():
             try:
@@ -4152,6 +4354,217 @@ def _prometheus() -> types.ModuleType:
             "pip install 'zkcelery[metrics]'"
         ) from exc
     return prometheus_client
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
+    """Count zkcelery's signals as Prometheus metrics, and serve them over HTTP on ``port``.
+
+    A worker whose ``ZOOKEEPER_METRICS_PORT`` is set calls this itself, as
+    does a beat with ``ZOOKEEPER_BEAT_METRICS_PORT``; call it in any other
+    process whose leases, refusals or elections you want counted (a web
+    process that sends EarlyMutexTasks).  Where ``PROMETHEUS_MULTIPROC_DIR`` is
+    set (a prefork worker sets it for its pool), it serves what every process
+    writing there counted (prometheus_client's multiprocess mode).
+
+    :param port: the TCP port to listen on.
+    :param addr: the address to listen on.
+    :raises ConfigurationError: prometheus_client is not installed (the
+        ``zkcelery[metrics]`` extra), or ``port`` is not a port number.
+    """
+    port = _check_port("port", port)
+    prom = _prometheus()
+    _metrics()
+    registry = prom.REGISTRY
+    if os.environ.get(_MULTIPROC_DIR):
+        from prometheus_client import multiprocess
+
+        registry = prom.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    prom.start_http_server(port, addr=addr, registry=registry)
+    _log(logging.INFO, "metrics served on %s:%s", addr, port, outcome="metrics_served")
+
+
+_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
+_HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 14400, 86400)
+
+
+class _Metrics:
+    """zkcelery's Prometheus metrics in this process, kept by receivers of its signals.
+
+    Labels are the lease's ``kind`` and ``name``, the task's name (as
+    celery-exporter's ``name``, so that the two join), never a key: key
+    values are unbounded.  Made once per process (_metrics), in the
+    multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` was set before
+    prometheus_client was imported.
+    """
+
+    def __init__(self, prom: types.ModuleType) -> None:
+        counter, lease = prom.Counter, ["kind", "name"]
+        self.wait = prom.Histogram(
+            "zkcelery_lease_wait_seconds",
+            "Seconds from a lease's first try to its grant, or to a try that ended without it.",
+            [*lease, "outcome"], buckets=_WAIT_BUCKETS,
+        )  # fmt: skip
+        self.hold = prom.Histogram(
+            "zkcelery_lease_hold_seconds", "Seconds a lease was held, from grant to release.",
+            lease, buckets=_HOLD_BUCKETS,
+        )  # fmt: skip
+        self.acquired = counter("zkcelery_lease_acquired", "Leases granted.", lease)
+        self.not_acquired = counter(
+            "zkcelery_lease_not_acquired", "Tries that ended without the lease.", [*lease, "reason"]
+        )
+        self.lost = counter(
+            "zkcelery_lease_lost", "Held leases that may have become another's.", [*lease, "reason"]
+        )
+        self.rejected = counter(
+            "zkcelery_mutex_rejected", "Mutex task copies rejected without running.", lease
+        )
+        self.requeued = counter(
+            "zkcelery_mutex_requeued", "Mutex task copies sent back to the queue.", lease
+        )
+        self.dropped = counter(
+            "zkcelery_mutex_dropped", "Second deliveries dropped while the first ran.", lease
+        )
+        self.refused = counter("zkcelery_early_refused", "EarlyMutexTask sends refused.", ["name"])
+        self.elected = counter("zkcelery_beat_elections", "Times this beat was elected.", ["name"])
+        self.deposed = counter("zkcelery_beat_depositions", "Times this beat stopped leading.",
+                               ["name"])  # fmt: skip
+        self.skipped = counter(
+            "zkcelery_beat_ticks_skipped",
+            "Ticks skipped: the task's last run was queued.",
+            ["name"],
+        )
+        self.leading = prom.Gauge(
+            "zkcelery_beat_leading", "1 while this beat leads.", ["name"],
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+
+    def connect(self) -> None:
+        for signal, receiver in (
+            (lease_acquired, self.on_acquired), (lease_not_acquired, self.on_not_acquired),
+            (lease_released, self.on_released), (lease_lost, self.on_lost),
+            (mutex_rejected, self.on_rejected), (mutex_requeued, self.on_requeued),
+            (mutex_dropped, self.on_dropped), (early_refused, self.on_refused),
+            (beat_elected, self.on_elected), (beat_deposed, self.on_deposed),
+            (beat_tick_skipped, self.on_skipped),
+        ):  # fmt: skip
+            signal.connect(receiver, weak=False)
+
+    # The receivers: each runs where its signal is sent, and does not block.
+    def on_acquired(self, lease: Lease, waited: float, **_: Any) -> None:
+        self.wait.labels(lease.kind, lease.task_name, "acquired").observe(waited)
+        self.acquired.labels(lease.kind, lease.task_name).inc()
+
+    def on_not_acquired(self, lease: Lease, waited: float, reason: str, **_: Any) -> None:
+        self.wait.labels(lease.kind, lease.task_name, "not_acquired").observe(waited)
+        self.not_acquired.labels(lease.kind, lease.task_name, reason).inc()
+
+    def on_released(self, lease: Lease, held: float, **_: Any) -> None:
+        self.hold.labels(lease.kind, lease.task_name).observe(held)
+
+    def on_lost(self, lease: Lease, reason: str, **_: Any) -> None:
+        self.lost.labels(lease.kind, lease.task_name, reason).inc()
+
+    def on_rejected(self, lease: Lease, **_: Any) -> None:
+        self.rejected.labels(lease.kind, lease.task_name).inc()
+
+    def on_requeued(self, lease: Lease, **_: Any) -> None:
+        self.requeued.labels(lease.kind, lease.task_name).inc()
+
+    def on_dropped(self, lease: Lease, **_: Any) -> None:
+        self.dropped.labels(lease.kind, lease.task_name).inc()
+
+    def on_refused(self, sender: Any, **_: Any) -> None:
+        self.refused.labels(sender.name).inc()
+
+    def on_elected(self, sender: Any, **_: Any) -> None:
+        self.elected.labels(_beat_name(sender)).inc()
+        self.leading.labels(_beat_name(sender)).set(1)
+
+    def on_deposed(self, sender: Any, **_: Any) -> None:
+        self.deposed.labels(_beat_name(sender)).inc()
+        self.leading.labels(_beat_name(sender)).set(0)
+
+    def on_skipped(self, sender: Any, **_: Any) -> None:
+        self.skipped.labels(_beat_name(sender)).inc()
+
+
+def _beat_name(scheduler: Any) -> str:
+    return str(scheduler.app.main or "celery")
+
+
+_metrics_lock = threading.Lock()
+_the_metrics: list[_Metrics] = []
+
+
+def _metrics() -> _Metrics:
+    """This process's _Metrics, made and connected to the signals the first time."""
+    with _metrics_lock:
+        if not _the_metrics:
+            metrics = _Metrics(_prometheus())
+            metrics.connect()
+            _the_metrics.append(metrics)
+        return _the_metrics[0]
+
+
+def _check_port(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ConfigurationError(f"{name} must be a TCP port number (1-65535), not {value!r}")
+    return value
+
+
+def _metrics_port(app: celery.Celery, name: str) -> int | None:
+    """The port setting ``name`` asks metrics to be served on; None when unset."""
+    value = _setting(app, name)
+    return None if value is None else _check_port(name, value)
+
+
+_made_dirs: list[str] = []
+
+
+def _worker_starts(sender: Any = None, **_: Any) -> None:
+    """At a worker's start, before its pool forks: note what the pool processes must know,
+    and serve metrics if ZOOKEEPER_METRICS_PORT is set.
+
+    A prefork pool's children take the leases: they count in files that the
+    main process serves (prometheus_client's multiprocess mode, which must be
+    chosen before prometheus_client is first imported).
+    """
+    _worker.sends_events = bool(getattr(sender, "task_events", False))
+    port = _metrics_port(sender.app, "ZOOKEEPER_METRICS_PORT")
+    if port is None:
+        return
+    if "prefork" in str(getattr(sender.pool_cls, "__module__", sender.pool_cls)):
+        _use_multiprocess_mode()
+    start_metrics_server(port, _setting(sender.app, "ZOOKEEPER_METRICS_ADDR", "0.0.0.0"))
+
+
+def _use_multiprocess_mode() -> None:
+    if os.environ.get(_MULTIPROC_DIR):
+        return  # the user's folder
+    if "prometheus_client" in sys.modules:
+        raise ConfigurationError(
+            "prometheus_client was imported before the worker started, without "
+            f"{_MULTIPROC_DIR}: the pool's processes could not report metrics; set "
+            f"{_MULTIPROC_DIR} to an empty folder for the worker"
+        )
+    folder = tempfile.mkdtemp(prefix="zkcelery-metrics-")
+    _made_dirs.append(folder)
+    os.environ[_MULTIPROC_DIR] = folder
+
+
+def _serve_beat_metrics(sender: Any = None, **_: Any) -> None:
+    """At a beat's start: serve metrics if ZOOKEEPER_BEAT_METRICS_PORT is set."""
+    port = _metrics_port(sender.app, "ZOOKEEPER_BEAT_METRICS_PORT")
+    if port is not None:
+        start_metrics_server(port, _setting(sender.app, "ZOOKEEPER_METRICS_ADDR", "0.0.0.0"))
+
+
+def _remove_metrics_dirs(**_: Any) -> None:
+    """The multiprocess folder a worker made goes with the worker."""
+    while _made_dirs:
+        shutil.rmtree(_made_dirs.pop(), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
@@ -4451,6 +4864,10 @@ signals.task_revoked.connect(_free_revoked, weak=False)
 os.register_at_fork(after_in_child=_forget_inherited)
 signals.worker_process_shutdown.connect(_close_all, weak=False)
 signals.worker_shutdown.connect(_close_all, weak=False)
+# Metrics, where the settings ask for them (prometheus_client is imported then).
+signals.worker_init.connect(_worker_starts, weak=False)
+signals.beat_init.connect(_serve_beat_metrics, weak=False)
+signals.worker_shutdown.connect(_remove_metrics_dirs, weak=False)
 
 # The subcommands of `zkcelery` and `celery zk` (Celery finds the group through
 # the celery.commands entry point).

@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -129,28 +128,22 @@ def do_work(data: dict) -> None:
 
 
 class _ContentionEvents(logging.Handler):
-    """Turns zkcelery's log lines about retries and rejections into timeline events.
+    """Turns zkcelery's log records about retries and rejections into timeline events.
 
-    A retry or a rejection happens inside zkcelery, before the body runs; its log line
-    ("task T[id]: lock K is held; retrying the task", "... rejected and requeued") says which.
+    A retry or a rejection happens inside zkcelery, before the body runs; its record
+    says which in its attributes (``outcome``, ``task_id``, ``task_name``), not only in
+    its text.
     """
 
-    LINE = re.compile(r"task (?P<task>\S+)\[(?P<id>[^\]]*)\]: (?P<text>.*)", re.S)
+    EVENTS = {"requeued": "requeued", "rejected": "rejected", "retrying": "retrying"}
 
     def emit(self, record: logging.LogRecord) -> None:
-        match = self.LINE.match(record.getMessage())
-        if match is None:
+        task_id = getattr(record, "task_id", None)
+        if task_id is None:
             return
-        text = match["text"]
-        if "rejected and requeued" in text:
-            event = "requeued"
-        elif text.endswith("rejected and dropped"):
-            event = "rejected"
-        elif "is held; retrying" in text:
-            event = "retrying"
-        else:  # a warning, e.g. ZooKeeper out of reach: show it as it is
-            event = f"log: {text}"
-        note(event, match["id"], match["task"])
+        # Anything else about a task, e.g. ZooKeeper out of reach: show it as it is.
+        event = self.EVENTS.get(getattr(record, "outcome", None), f"log: {record.getMessage()}")
+        note(event, task_id, record.task_name)
 
 
 @signals.worker_process_init.connect
