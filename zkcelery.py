@@ -4439,6 +4439,15 @@ class _Metrics:
             "zkcelery_beat_leading", "1 while this beat leads.", ["name"],
             multiprocess_mode="livesum",
         )  # fmt: skip
+        self._bound: dict[tuple, Any] = {}
+
+    def bound(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept: the hot path skips prometheus_client's lookup."""
+        key = (id(metric), labels)
+        child = self._bound.get(key)
+        if child is None:
+            child = self._bound[key] = metric.labels(*labels)
+        return child
 
     def connect(self) -> None:
         for signal, receiver in (
@@ -4453,41 +4462,41 @@ class _Metrics:
 
     # The receivers: each runs where its signal is sent, and does not block.
     def on_acquired(self, lease: Lease, waited: float, **_: Any) -> None:
-        self.wait.labels(lease.kind, lease.task_name, "acquired").observe(waited)
-        self.acquired.labels(lease.kind, lease.task_name).inc()
+        self.bound(self.wait, lease.kind, lease.task_name, "acquired").observe(waited)
+        self.bound(self.acquired, lease.kind, lease.task_name).inc()
 
     def on_not_acquired(self, lease: Lease, waited: float, reason: str, **_: Any) -> None:
-        self.wait.labels(lease.kind, lease.task_name, "not_acquired").observe(waited)
-        self.not_acquired.labels(lease.kind, lease.task_name, reason).inc()
+        self.bound(self.wait, lease.kind, lease.task_name, "not_acquired").observe(waited)
+        self.bound(self.not_acquired, lease.kind, lease.task_name, reason).inc()
 
     def on_released(self, lease: Lease, held: float, **_: Any) -> None:
-        self.hold.labels(lease.kind, lease.task_name).observe(held)
+        self.bound(self.hold, lease.kind, lease.task_name).observe(held)
 
     def on_lost(self, lease: Lease, reason: str, **_: Any) -> None:
-        self.lost.labels(lease.kind, lease.task_name, reason).inc()
+        self.bound(self.lost, lease.kind, lease.task_name, reason).inc()
 
     def on_rejected(self, lease: Lease, **_: Any) -> None:
-        self.rejected.labels(lease.kind, lease.task_name).inc()
+        self.bound(self.rejected, lease.kind, lease.task_name).inc()
 
     def on_requeued(self, lease: Lease, **_: Any) -> None:
-        self.requeued.labels(lease.kind, lease.task_name).inc()
+        self.bound(self.requeued, lease.kind, lease.task_name).inc()
 
     def on_dropped(self, lease: Lease, **_: Any) -> None:
-        self.dropped.labels(lease.kind, lease.task_name).inc()
+        self.bound(self.dropped, lease.kind, lease.task_name).inc()
 
     def on_refused(self, sender: Any, **_: Any) -> None:
-        self.refused.labels(sender.name).inc()
+        self.bound(self.refused, sender.name).inc()
 
     def on_elected(self, sender: Any, **_: Any) -> None:
-        self.elected.labels(_beat_name(sender)).inc()
-        self.leading.labels(_beat_name(sender)).set(1)
+        self.bound(self.elected, _beat_name(sender)).inc()
+        self.bound(self.leading, _beat_name(sender)).set(1)
 
     def on_deposed(self, sender: Any, **_: Any) -> None:
-        self.deposed.labels(_beat_name(sender)).inc()
-        self.leading.labels(_beat_name(sender)).set(0)
+        self.bound(self.deposed, _beat_name(sender)).inc()
+        self.bound(self.leading, _beat_name(sender)).set(0)
 
     def on_skipped(self, sender: Any, **_: Any) -> None:
-        self.skipped.labels(_beat_name(sender)).inc()
+        self.bound(self.skipped, _beat_name(sender)).inc()
 
 
 def _beat_name(scheduler: Any) -> str:

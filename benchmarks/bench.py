@@ -22,7 +22,11 @@ What is measured, each as the time of one whole cycle on one client:
 10. a Redis lock cycle, redis-py's ``Lock``: ``SET NX PX`` and a ``DEL`` only of its own token
     (celery-once and celery-singleton take the same ``SET NX`` and release with a plain
     ``DEL``: two round trips either way), on a private ``redis-server`` when one is installed
-    (redis-py comes with the ``test`` extra); and the peak RSS of a process using zkcelery.
+    (redis-py comes with the ``test`` extra); and the peak RSS of a process using zkcelery;
+11. the hot path with Prometheus metrics kept (``zkcelery.start_metrics_server``, its
+    receivers on every lease signal) against the same lock cycle without: two child
+    processes on one server, their batches alternating, wall time and the client's CPU
+    time per cycle, and the requests of each (metrics add none).
 
 Why ratios: write latency is dominated by fsync on the servers' disks and drifts 2-3x
 between runs on a shared machine, so absolute times say little.  The contenders run
@@ -590,6 +594,65 @@ def run_point(workers: Sequence[Child], seconds: float) -> int:
 
 
 # ---------------------------------------------------------------------------
+# Metrics: the cost of keeping them, on the hot path
+# ---------------------------------------------------------------------------
+
+
+class Metered(Side):
+    """In a child: zkcelery lock cycles, with Prometheus metrics kept, or without."""
+
+    def __init__(self, hosts: str, root: str, metered: bool) -> None:
+        super().__init__("zkcelery", hosts, root, "metered" if metered else "unmetered")
+        if metered:
+            zkcelery.start_metrics_server(free_port(), "127.0.0.1")
+        self.key = "metered" if metered else "unmetered"
+        self.cycle()  # warm
+
+    def cycle(self) -> None:
+        zk_lock_cycle(self.tasks.locker, self.key)
+
+    def batch(self, cycles: int) -> tuple[list[float], float]:
+        """Time ``cycles`` cycles: each one's wall time, and the CPU time of all."""
+        samples, clock, cpu = [], time.perf_counter, time.process_time()
+        for _ in range(cycles):
+            start = clock()
+            self.cycle()
+            samples.append(clock() - start)
+        return samples, time.process_time() - cpu
+
+    def count(self, entry: str, cycles: int) -> float:
+        return count_burst(entry, self.cycle, cycles, probe_overhead(lambda: received([entry])))
+
+
+def measure_metrics(layout: Roles, root: str, plan: Plan) -> dict[str, dict[str, float]]:
+    """Lock cycles with metrics and without, alternating batches in two children."""
+    hosts = layout.hosts(layout.count)
+    sides = {
+        name: Child(f"{name} locker", Metered, hosts, root, name == "metered")
+        for name in ("plain", "metered")
+    }
+    try:
+        for child in sides.values():
+            child.expect(REPLY_TIMEOUT * 2)
+        requests = {n: c.call("count", layout.count, plan.count_cycles) for n, c in sides.items()}
+        samples: dict[str, list[float]] = {name: [] for name in sides}
+        cpu = dict.fromkeys(sides, 0.0)
+        order = list(sides)
+        for index in range(math.ceil(plan.cycles / plan.batch)):
+            for name in order if index % 2 == 0 else reversed(order):
+                batch, seconds = sides[name].call("batch", plan.batch)
+                samples[name] += batch
+                cpu[name] += seconds
+        return {
+            name: {**summary(samples[name]), "cpu_us": cpu[name] / len(samples[name]) * 1e6,
+                   "requests": requests[name]}
+            for name in sides
+        }  # fmt: skip
+    finally:
+        stop_children(list(sides.values()))
+
+
+# ---------------------------------------------------------------------------
 # Redis, for reference
 # ---------------------------------------------------------------------------
 
@@ -762,6 +825,7 @@ def build_targets(
     counts: dict[str, float],
     handoff: dict[str, dict[str, float]],
     throughput: Throughput,
+    metrics: dict[str, dict[str, float]],
 ) -> list[Target]:
     def over(top: str, bottom: str) -> float:
         return ratio(stats, top, bottom)
@@ -797,6 +861,17 @@ def build_targets(
         ),
         Target("handoff / kazoo (8)", handoff_ratio, "<=", 1.0, handoff_note),
         Target(
+            "requests per lock cycle with metrics (11)", metrics["metered"]["requests"], "<=", 2
+        ),
+        Target(
+            "lock cycle with metrics / without (11)",
+            metrics["metered"]["median_ms"] / metrics["plain"]["median_ms"],
+            "<=",
+            1.05,
+            f"client CPU {metrics['metered']['cpu_us']:.0f} us a cycle with metrics, "
+            f"{metrics['plain']['cpu_us']:.0f} us without",
+        ),
+        Target(
             "throughput at 4 processes / kazoo (9)",
             throughput.paired(4),
             ">=",
@@ -821,6 +896,15 @@ def contender_rows(stats: dict[str, dict[str, float]], counts: dict[str, float])
                 ]
             )
     return rows
+
+
+def metrics_rows(metrics: dict[str, dict[str, float]]) -> list[list[str]]:
+    labels = {"plain": "11 lock(), metrics not kept", "metered": "11 lock(), metrics kept"}
+    return [
+        [labels[name], str(int(row["n"])), fmt(row["median_ms"]), fmt(row["p99_ms"]),
+         fmt(row["requests"])]
+        for name, row in metrics.items()
+    ]  # fmt: skip
 
 
 def handoff_rows(handoff: dict[str, dict[str, float]]) -> list[list[str]]:
@@ -855,7 +939,11 @@ THROUGHPUT_HEADER = [
 
 def render(results: dict[str, Any], table: Table) -> str:
     stats, counts = results["contenders"], results["requests"]
-    rows = contender_rows(stats, counts) + handoff_rows(results["handoff"])
+    rows = (
+        contender_rows(stats, counts)
+        + handoff_rows(results["handoff"])
+        + metrics_rows(results["metrics"])
+    )
     parts = [table(CONTENDER_HEADER, rows)]
     parts.append(table(THROUGHPUT_HEADER, throughput_rows(results["throughput"])))
     parts.append(table(TARGET_HEADER, target_rows(results["target_objects"])))
@@ -990,12 +1078,14 @@ def run(layout: Roles, plan: Plan) -> dict[str, Any]:
         handoff = {kind: summary(samples) for kind, samples in handoff_samples.items()}
         log("throughput at 1, 2 and 4 processes")
         throughput = measure_throughput(layout, session.root, plan)
+        log("lock cycles with metrics kept and without")
+        metrics = measure_metrics(layout, session.root, plan)
         log("peak RSS")
         rss = measure_rss(layout.hosts(layout.timing), session.root)
         redis = redis_note(session.redis)
     finally:
         session.close()
-    targets = build_targets(stats, counts, handoff, throughput)
+    targets = build_targets(stats, counts, handoff, throughput, metrics)
     return {
         "machine": machine,
         "plan": asdict(plan),
@@ -1004,6 +1094,7 @@ def run(layout: Roles, plan: Plan) -> dict[str, Any]:
         "requests": counts,
         "handoff": handoff,
         "throughput": throughput,
+        "metrics": metrics,
         "rss": rss,
         "redis": redis,
         "layout_alone": layout.count_alone,
