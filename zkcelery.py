@@ -66,7 +66,7 @@ import types
 import uuid
 import weakref
 from collections import namedtuple
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -1499,6 +1499,12 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 _Granted = tuple[str, Optional[int], Optional[int]]
 
 
+#: How a protocol's ``listed`` walk sees the tree: the names of a node's
+#: children, none if it is gone.  ``ls`` reads them through the session (one
+#: request each); the exporter and ``ls --watch`` from a cache (none).
+_Children = Callable[[str], Collection[str]]
+
+
 #: Turns of a waiting loop that may pass without an event before it pauses:
 #: each turn follows a change it saw, so this is a guard, not a rhythm.
 _FREE_TURNS = 20
@@ -1849,18 +1855,16 @@ class _ExclusiveLock:
     # -- a namespace of exclusive locks, as ls and secure walk it ---------------
 
     @staticmethod
-    def listed(session: _Session, parent: str) -> Iterator[tuple[str, str, str]]:
+    def listed(parent: str, children: _Children) -> Iterator[tuple[str, str, str]]:
         """(key node, contender path, held or waiting) of every contender under ``parent``."""
-        children = _keys_in(session, parent)
-        children -= {c for c in children if c.endswith(_SCHEDULE)}  # a beat's state, not a lock
-        for name in sorted({c[: -len(_QUEUE)] if c.endswith(_QUEUE) else c for c in children}):
-            held = name in children
+        keys = set(children(parent))
+        keys -= {c for c in keys if c.endswith(_SCHEDULE)}  # a beat's state, not a lock
+        for name in sorted({c[: -len(_QUEUE)] if c.endswith(_QUEUE) else c for c in keys}):
+            held = name in keys
             if held:
                 yield name, f"{parent}/{name}", "held"
             queue = f"{parent}/{name}{_QUEUE}"
-            for i, node in enumerate(
-                _contenders_in(session, queue) if queue[len(parent) + 1 :] in children else []
-            ):
+            for i, node in enumerate(_by_arrival(children(queue)) if name + _QUEUE in keys else []):
                 yield name, f"{queue}/{node}", "waiting" if held or i else "held"
 
     @staticmethod
@@ -1996,10 +2000,10 @@ class _Semaphore:
     # -- a namespace of semaphores, as ls and secure walk it --------------------
 
     @staticmethod
-    def listed(session: _Session, parent: str) -> Iterator[tuple[str, str, str]]:
+    def listed(parent: str, children: _Children) -> Iterator[tuple[str, str, str]]:
         """(key node, contender path, held or waiting) of every contender under ``parent``."""
-        for name in sorted(_keys_in(session, parent)):
-            nodes = _contenders_in(session, f"{parent}/{name}")
+        for name in sorted(children(parent)):
+            nodes = _by_arrival(children(f"{parent}/{name}"))
             limit = int(nodes[0].split(_SEP, 1)[0]) if nodes else 0
             for i, node in enumerate(nodes):
                 yield name, f"{parent}/{name}/{node}", "held" if i < limit else "waiting"
@@ -2065,15 +2069,24 @@ def _contenders_in(session: _Session, path: str, watch: Callable | None = None) 
         children = session.read(session.client.get_children_async, path, watch=watch)
     except NoNodeError:
         return []
+    return _by_arrival(children)
+
+
+def _by_arrival(children: Iterable[str]) -> list[str]:
+    """Sequential nodes in line: by the counter ZooKeeper appended, whatever their prefix."""
     return sorted(children, key=lambda child: child[-_SEQ_DIGITS:])
 
 
-def _keys_in(session: _Session, parent: str) -> set[str]:
-    """The children of the namespace node ``parent``: its keys' nodes (none if it is gone)."""
-    try:
-        return set(session.read(session.client.get_children_async, parent))
-    except NoNodeError:
-        return set()
+def _read_children(session: _Session) -> _Children:
+    """The walk's view of the tree through ``session``: one getChildren per node asked."""
+
+    def children(path: str) -> Collection[str]:
+        try:
+            return session.read(session.client.get_children_async, path)  # type: ignore[no-any-return]
+        except NoNodeError:
+            return ()
+
+    return children
 
 
 class _EarlyMutex:
@@ -2244,9 +2257,9 @@ class _EarlyMutex:
     # -- the namespace of early mutexes, as ls and secure walk it ---------------
 
     @staticmethod
-    def listed(session: _Session, parent: str) -> Iterator[tuple[str, str, str]]:
+    def listed(parent: str, children: _Children) -> Iterator[tuple[str, str, str]]:
         """(key node, its path, held) of every key under ``parent``; its data says its state."""
-        for name in sorted(_keys_in(session, parent)):
+        for name in sorted(children(parent)):
             yield name, f"{parent}/{name}", "held"
 
     @staticmethod
@@ -4382,24 +4395,42 @@ def _secure(session: _Session, acl: list[ACL]) -> int:
 
 
 def _listing(session: _Session) -> list[dict]:
-    """Every holder and waiter under the root, with its metadata, age and state."""
-    root = session.settings.root
+    """Every holder and waiter under the root, read through ``session`` (see _rows)."""
+
+    def node(path: str) -> tuple[bytes, ZnodeStat] | None:
+        try:
+            return session.read(session.client.get_async, path)  # type: ignore[no-any-return]
+        except NoNodeError:
+            return None
+
+    return _rows(session.settings.root, _read_children(session), node)
+
+
+def _rows(
+    root: str, children: _Children, node: Callable[[str], tuple[bytes, ZnodeStat] | None]
+) -> list[dict]:
+    """Every holder and waiter under ``root``, with its metadata, age and state: ls's rows.
+
+    The tree is seen through ``children`` and ``node`` (a node's data and stat,
+    None if it is gone): from the session for ``ls`` and ``rm``, from the
+    cache for the exporter and ``ls --watch``, which thus show the same rows.
+    """
     rows = []
     now = time.time()
     for namespace in _NAMESPACES.values():
         parent = f"{root}/{namespace.name}"
-        for node, path, state in namespace.protocol.listed(session, parent):
-            try:
-                data, stat = session.read(session.client.get_async, path)
-            except NoNodeError:
-                continue
+        for key_node, path, state in namespace.protocol.listed(parent, children):
+            found = node(path)
+            if found is None:
+                continue  # released since the walk saw it
+            data, stat = found
             meta = json.loads(data or b"{}")
             if namespace.name == _EARLY:
                 state = meta.get("state", state)  # queued or running
             rows.append({
                 "kind": namespace.kind, "namespace": namespace.name, "state": state,
-                "key": meta.get("key", node),
-                "node": node, "path": path, "task": meta.get("task"),
+                "key": meta.get("key", key_node),
+                "node": key_node, "path": path, "task": meta.get("task"),
                 "task_id": meta.get("task_id"), "identifier": meta.get("identifier"),
                 "host": meta.get("host"), "pid": meta.get("pid"),
                 "age": round(now - stat.ctime / 1000, 3), "czxid": stat.czxid,
