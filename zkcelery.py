@@ -4514,7 +4514,8 @@ def _print_table(rows: list[dict]) -> None:
     help="Serve Prometheus metrics of the locks at http://ADDR:PORT/metrics: holders, "
     "waiters and the oldest hold's age by kind and task name, early mutex keys by state, "
     "the beat leader, and whether the exporter is in sync with ZooKeeper. A scrape sends "
-    "no request to ZooKeeper: it reads a cache that watches keep up to date. Needs "
+    "no request to ZooKeeper: it reads a cache that watches keep up to date; while that "
+    "cache is not in sync, only zkcelery_exporter_connected 0 is served. Needs "
     "zkcelery[metrics]; runs until Ctrl-C or SIGTERM.",
 )
 @click.option(
