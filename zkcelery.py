@@ -58,7 +58,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
+import socketserver
 import sys
 import tempfile
 import threading
@@ -67,8 +69,9 @@ import traceback
 import types
 import uuid
 import weakref
+import wsgiref.simple_server
 from collections import namedtuple
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -116,6 +119,7 @@ from kazoo.protocol.serialization import (
     stat_struct,
 )
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
+from kazoo.recipe.cache import TreeCache, TreeEvent
 from kazoo.retry import KazooRetry
 from kazoo.security import (
     ACL,
@@ -632,8 +636,8 @@ class MutexTask(_KeyedTask):
         exc = MutexHeld(f"mutex {_mutex_key(lease, holder)} is held by another task",
                         requeue=requeue)  # fmt: skip
         _record_rejection(self, exc)
-        signal = mutex_requeued if requeue else mutex_rejected
-        lease._signal(signal, task_id=self.request.id, holder=holder)
+        which = mutex_requeued if requeue else mutex_rejected
+        lease._signal(which, task_id=self.request.id, holder=holder)
         raise exc
 
 
@@ -1372,12 +1376,12 @@ class Lease:
     def _waited(self) -> float:
         return 0.0 if self._first_try is None else time.monotonic() - self._first_try
 
-    def _signal(self, signal: Signal, **facts: Any) -> None:
-        """Send ``signal`` about this lease, if anyone listens (see the Signals section)."""
-        if signal.receivers:
+    def _signal(self, which: Signal, **facts: Any) -> None:
+        """Send ``which`` about this lease, if anyone listens (see the Signals section)."""
+        if which.receivers:
             task = self._task
             sender = task if isinstance(task, celery.Task) else task.app
-            signal.send(sender=sender, lease=self, **facts)
+            which.send(sender=sender, lease=self, **facts)
 
     def _log(self, level: int, what: str, *args: Any, **facts: Any) -> None:
         """Log a line naming the task, its id, and this lease's kind and key.
@@ -1670,6 +1674,12 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 #: What a protocol's acquire returns: the node, its fencing token if known,
 #: and the session that made the node.
 _Granted = tuple[str, Optional[int], Optional[int]]
+
+
+#: How a protocol's ``listed`` walk sees the tree: the names of a node's
+#: children, none if it is gone.  ``ls`` reads them through the session (one
+#: request each); the exporter and ``ls --watch`` from a cache (none).
+_Children = Callable[[str], Collection[str]]
 
 
 #: Turns of a waiting loop that may pass without an event before it pauses:
@@ -2022,18 +2032,16 @@ class _ExclusiveLock:
     # -- a namespace of exclusive locks, as ls and secure walk it ---------------
 
     @staticmethod
-    def listed(session: _Session, parent: str) -> Iterator[tuple[str, str, str]]:
+    def listed(parent: str, children: _Children) -> Iterator[tuple[str, str, str]]:
         """(key node, contender path, held or waiting) of every contender under ``parent``."""
-        children = _keys_in(session, parent)
-        children -= {c for c in children if c.endswith(_SCHEDULE)}  # a beat's state, not a lock
-        for name in sorted({c[: -len(_QUEUE)] if c.endswith(_QUEUE) else c for c in children}):
-            held = name in children
+        keys = set(children(parent))
+        keys -= {c for c in keys if c.endswith(_SCHEDULE)}  # a beat's state, not a lock
+        for name in sorted({c[: -len(_QUEUE)] if c.endswith(_QUEUE) else c for c in keys}):
+            held = name in keys
             if held:
                 yield name, f"{parent}/{name}", "held"
             queue = f"{parent}/{name}{_QUEUE}"
-            for i, node in enumerate(
-                _contenders_in(session, queue) if queue[len(parent) + 1 :] in children else []
-            ):
+            for i, node in enumerate(_by_arrival(children(queue)) if name + _QUEUE in keys else []):
                 yield name, f"{queue}/{node}", "waiting" if held or i else "held"
 
     @staticmethod
@@ -2169,10 +2177,10 @@ class _Semaphore:
     # -- a namespace of semaphores, as ls and secure walk it --------------------
 
     @staticmethod
-    def listed(session: _Session, parent: str) -> Iterator[tuple[str, str, str]]:
+    def listed(parent: str, children: _Children) -> Iterator[tuple[str, str, str]]:
         """(key node, contender path, held or waiting) of every contender under ``parent``."""
-        for name in sorted(_keys_in(session, parent)):
-            nodes = _contenders_in(session, f"{parent}/{name}")
+        for name in sorted(children(parent)):
+            nodes = _by_arrival(children(f"{parent}/{name}"))
             limit = int(nodes[0].split(_SEP, 1)[0]) if nodes else 0
             for i, node in enumerate(nodes):
                 yield name, f"{parent}/{name}/{node}", "held" if i < limit else "waiting"
@@ -2238,15 +2246,24 @@ def _contenders_in(session: _Session, path: str, watch: Callable | None = None) 
         children = session.read(session.client.get_children_async, path, watch=watch)
     except NoNodeError:
         return []
+    return _by_arrival(children)
+
+
+def _by_arrival(children: Iterable[str]) -> list[str]:
+    """Sequential nodes in line: by the counter ZooKeeper appended, whatever their prefix."""
     return sorted(children, key=lambda child: child[-_SEQ_DIGITS:])
 
 
-def _keys_in(session: _Session, parent: str) -> set[str]:
-    """The children of the namespace node ``parent``: its keys' nodes (none if it is gone)."""
-    try:
-        return set(session.read(session.client.get_children_async, parent))
-    except NoNodeError:
-        return set()
+def _read_children(session: _Session) -> _Children:
+    """The walk's view of the tree through ``session``: one getChildren per node asked."""
+
+    def children(path: str) -> Collection[str]:
+        try:
+            return session.read(session.client.get_children_async, path)  # type: ignore[no-any-return]
+        except NoNodeError:
+            return ()
+
+    return children
 
 
 class _EarlyMutex:
@@ -2418,9 +2435,9 @@ class _EarlyMutex:
     # -- the namespace of early mutexes, as ls and secure walk it ---------------
 
     @staticmethod
-    def listed(session: _Session, parent: str) -> Iterator[tuple[str, str, str]]:
+    def listed(parent: str, children: _Children) -> Iterator[tuple[str, str, str]]:
         """(key node, its path, held) of every key under ``parent``; its data says its state."""
-        for name in sorted(_keys_in(session, parent)):
+        for name in sorted(children(parent)):
             yield name, f"{parent}/{name}", "held"
 
     @staticmethod
@@ -4450,7 +4467,7 @@ class _Metrics:
         return child
 
     def connect(self) -> None:
-        for signal, receiver in (
+        for sent, receiver in (
             (lease_acquired, self.on_acquired), (lease_not_acquired, self.on_not_acquired),
             (lease_released, self.on_released), (lease_lost, self.on_lost),
             (mutex_rejected, self.on_rejected), (mutex_requeued, self.on_requeued),
@@ -4458,7 +4475,7 @@ class _Metrics:
             (beat_elected, self.on_elected), (beat_deposed, self.on_deposed),
             (beat_tick_skipped, self.on_skipped),
         ):  # fmt: skip
-            signal.connect(receiver, weak=False)
+            sent.connect(receiver, weak=False)
 
     # The receivers: each runs where its signal is sent, and does not block.
     def on_acquired(self, lease: Lease, waited: float, **_: Any) -> None:
@@ -4576,6 +4593,192 @@ def _remove_metrics_dirs(**_: Any) -> None:
         shutil.rmtree(_made_dirs.pop(), ignore_errors=True)
 
 
+class _TreeView:
+    """A live copy of the tree under ZOOKEEPER_ROOT, for the exporter and ``ls --watch``.
+
+    kazoo's TreeCache keeps a data and a children watch on every node under the
+    root and feeds this copy.  Loading it reads each node twice (its data, its
+    children); afterwards a change costs only the reads its watches trigger: a
+    new contender one listing of its parent and two reads of its own node, a
+    release one listing of the parent, a node's new data one read.  A
+    namespace's listing names every key held in it, so on a large tree a new
+    key costs a large answer, not more requests.  :meth:`snapshot` sends
+    nothing: it builds ``ls``'s rows from the copy with ``ls``'s own walk
+    (_rows), so both always agree.
+
+    While the connection is down (suspended) the copy is the last known and not
+    in sync.  On a reconnect in the same session, the server fires the watches
+    whose nodes changed meanwhile, and TreeCache reads every node again (two
+    requests per node).  A lost session takes its watches with it: until
+    TreeCache has read the whole tree in the next session, nothing is known and
+    the rows are empty.
+    """
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.root = session.settings.root
+        #: Counts the changes seen: the copy's, and the connection's.
+        self.version = 0
+        self._changed = threading.Condition()
+        self._nodes: dict[str, tuple[bytes, ZnodeStat]] = {}
+        self._children: dict[str, set[str]] = {}
+        self._loaded = False  # the whole tree read since the session began
+        self._cache = TreeCache(session.client, self.root)
+        self._cache.listen(self._on_event)
+        self._cache.listen_fault(self._on_fault)
+
+    def start(self) -> None:
+        """Connect, and start loading the copy (see :meth:`wait_loaded`)."""
+        self.session.wait_connected()
+        self._cache.start()
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def snapshot(self) -> tuple[bool, list[dict]]:
+        """(in sync, ``ls``'s rows), from the copy, without a request (see the class)."""
+        with self._changed:
+            rows = _rows(self.root, self._listed, self._node) if self._loaded else []
+            return self._loaded and self.session.client.state == KazooState.CONNECTED, rows
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Wait until the whole tree is in the copy; False at ``timeout``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._loaded, timeout)
+
+    def wait_change(self, seen: int, timeout: float | None = None) -> int:
+        """The change count once it is no longer ``seen`` (or at ``timeout``)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.version != seen, timeout)
+            return self.version
+
+    def _listed(self, path: str) -> Collection[str]:
+        return self._children.get(path, ())
+
+    def _node(self, path: str) -> tuple[bytes, ZnodeStat] | None:
+        return self._nodes.get(path)
+
+    def _on_event(self, event: TreeEvent) -> None:
+        # On TreeCache's own thread, in the order of its changes.
+        kind, node = event.event_type, event.event_data
+        with self._changed:
+            if kind in (TreeEvent.NODE_ADDED, TreeEvent.NODE_UPDATED):
+                self._nodes[node.path] = node.data, node.stat
+                parent, name = node.path.rsplit("/", 1)
+                self._children.setdefault(parent, set()).add(name)
+            elif kind == TreeEvent.NODE_REMOVED:
+                self._nodes.pop(node.path, None)
+                self._children.pop(node.path, None)  # its children were removed before it
+                parent, name = node.path.rsplit("/", 1)
+                self._children.get(parent, set()).discard(name)
+            elif kind == TreeEvent.CONNECTION_LOST:
+                self._loaded = False
+            elif kind == TreeEvent.INITIALIZED:
+                self._loaded = True
+            self.version += 1
+            self._changed.notify_all()
+
+    def _on_fault(self, exc: Exception) -> None:
+        logger.warning("the cached view of %s: %s", self.root, exc)
+
+
+class _LeaseCollector:
+    """The exporter's gauges, from a _TreeView at each scrape: no ZooKeeper request.
+
+    ``name`` is the holder metadata's task name (the beat's owner for an
+    election), never the key: keys are unbounded, task names are not.  Held
+    means every contender ``ls`` does not show as waiting (an early mutex,
+    queued or running, holds its key).  While the view is not in sync, only
+    ``zkcelery_exporter_connected 0`` is served: a stale holder is no holder.
+    """
+
+    def __init__(self, view: _TreeView) -> None:
+        self.view = view
+
+    def collect(self) -> Iterator[Any]:
+        gauge = _prometheus().metrics_core.GaugeMetricFamily
+        in_sync, rows = self.view.snapshot()
+        yield gauge(
+            "zkcelery_exporter_connected",
+            "1 while the exporter's cached view is in sync with a live ZooKeeper session.",
+            value=int(in_sync),
+        )
+        if in_sync:
+            yield from _lease_gauges(gauge, rows)
+
+
+def _lease_gauges(gauge: Any, rows: list[dict]) -> Iterator[Any]:
+    """The gauges of ``rows`` (``ls``'s), by kind and task name."""
+    held = gauge("zkcelery_leases_held", "Holders now.", labels=["kind", "name"])
+    waiting = gauge("zkcelery_lease_waiters", "Waiters now.", labels=["kind", "name"])
+    oldest = gauge(
+        "zkcelery_lease_oldest_hold_seconds",
+        "Age of the oldest current hold, in seconds.",
+        labels=["kind", "name"],
+    )
+    early = gauge(
+        "zkcelery_early_keys", "Early mutex keys, queued or running.", labels=["name", "state"]
+    )
+    leader = gauge(
+        "zkcelery_beat_leader", "1 for each beat that leads.", labels=["name", "host", "pid"]
+    )
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["kind"], _label(row["task"])), []).append(row)
+    for labels, group in sorted(groups.items()):
+        holds = [row["age"] for row in group if row["state"] != "waiting"]
+        held.add_metric(labels, len(holds))
+        waiting.add_metric(labels, len(group) - len(holds))
+        if holds:
+            oldest.add_metric(labels, max(holds))
+    for (name, state), count in sorted(_count_early(rows).items()):
+        early.add_metric([name, state], count)
+    for row in rows:
+        if row["namespace"] == _BEAT and row["state"] == "held":
+            leader.add_metric([_label(row["task"]), _label(row["host"]), _label(row["pid"])], 1)
+    yield from (held, waiting, oldest, early, leader)
+
+
+def _count_early(rows: list[dict]) -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = {}
+    for row in rows:
+        if row["namespace"] == _EARLY:
+            labels = (_label(row["task"]), str(row["state"]))
+            counts[labels] = counts.get(labels, 0) + 1
+    return counts
+
+
+def _label(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _metrics_server(registry: Any, addr: str, port: int) -> wsgiref.simple_server.WSGIServer:
+    """An HTTP server of ``registry`` (prometheus_client's WSGI app), one thread per scrape.
+
+    Not prometheus_client's start_http_server: before 0.17 it does not say
+    which port it bound, and ``--port 0`` asks for any free one.
+    """
+    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+        address_family = family
+        daemon_threads = True
+
+    class QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass  # a line per scrape is noise
+
+    app = _prometheus().make_wsgi_app(registry)
+    return wsgiref.simple_server.make_server(addr, port, app, Server, QuietHandler)
+
+
+def _interrupted_by_sigterm() -> None:
+    """Make SIGTERM stop a long-running command as Ctrl-C does (KeyboardInterrupt)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 # ---------------------------------------------------------------------------
 # Command line: python -m zkcelery, or celery -A proj zk
 # ---------------------------------------------------------------------------
@@ -4650,15 +4853,72 @@ def zk_command(ctx: click.Context) -> None:
     _target(ctx)  # `celery -A proj zk` gives its app in ctx.obj
 
 
-@click.command(name="ls", help="List every held lock, semaphore and mutex.")
+@click.command(
+    name="ls",
+    help="List every held lock, semaphore and mutex, and who waits for it. With --watch, "
+    "list them again at each change (at most every 0.2 s) until Ctrl-C: from a cache fed "
+    "by ZooKeeper watches, so that an update costs no listing of the whole tree. On a "
+    "terminal the screen is cleared before each; otherwise each comes after a blank line "
+    "and a timestamp (with --json, one JSON document per line, and none while the view is "
+    "not in sync with ZooKeeper).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+@click.option("--watch", is_flag=True, help="List again at each change, until Ctrl-C.")
 @_target_options
 @_pass_app
-def _ls_command(app: celery.Celery, as_json: bool) -> None:
-    rows = _listing(_connection(app))
+def _ls_command(app: celery.Celery, as_json: bool, watch: bool) -> None:
+    if watch:
+        _watch(app, as_json)
+    elif as_json:
+        click.echo(json.dumps(_listing(_connection(app)), indent=2))
+    else:
+        _print_table(_listing(_connection(app)))
+
+
+#: How long ``ls --watch`` lets changes gather before it lists them.
+_WATCH_SETTLE = 0.2
+
+
+def _watch(app: celery.Celery, as_json: bool) -> None:
+    """``ls --watch``: list again after each change of the holders or waiters, until Ctrl-C."""
+    _interrupted_by_sigterm()
+    session = _connection(app)
+    view = _TreeView(session)
+    try:
+        view.start()
+        view.wait_loaded()
+        shown, seen = None, -1
+        while True:
+            seen = view.wait_change(seen)
+            time.sleep(_WATCH_SETTLE)  # a burst of changes (a queue forming) makes one update
+            seen = view.version
+            in_sync, rows = view.snapshot()
+            current = (in_sync, [{k: v for k, v in row.items() if k != "age"} for row in rows])
+            if current != shown:  # not a beat's schedule written, say
+                _print_update(in_sync, rows, as_json, first=shown is None)
+                shown = current
+    except KeyboardInterrupt:
+        pass
+    finally:
+        view.close()
+        _close_connection(app, session)
+
+
+def _print_update(in_sync: bool, rows: list[dict], as_json: bool, first: bool) -> None:
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        if in_sync:
+            click.echo(json.dumps(rows))
         return
+    stamp = datetime.now().astimezone().isoformat(sep=" ", timespec="seconds")
+    if sys.stdout.isatty():
+        click.clear()
+    elif not first:
+        click.echo()
+    click.echo(stamp if in_sync else f"{stamp}  NOT IN SYNC with ZooKeeper: the last known")
+    _print_table(rows)
+
+
+def _print_table(rows: list[dict]) -> None:
     if not rows:
         click.echo("no locks are held")
         return
@@ -4669,6 +4929,50 @@ def _ls_command(app: celery.Celery, as_json: bool) -> None:
             f"{row['kind']:9} {row['state']:7} {row['age']:>7.1f}s  {holder:42.42} "
             f"{row['host']:16.16} {row['pid']!s:>7}  {row['key']}"
         )
+
+
+@click.command(
+    name="exporter",
+    help="Serve Prometheus metrics of the locks at http://ADDR:PORT/metrics: holders, "
+    "waiters and the oldest hold's age by kind and task name, early mutex keys by state, "
+    "the beat leader, and whether the exporter is in sync with ZooKeeper. A scrape sends "
+    "no request to ZooKeeper: it reads a cache that watches keep up to date; while that "
+    "cache is not in sync, only zkcelery_exporter_connected 0 is served. Needs "
+    "zkcelery[metrics]; runs until Ctrl-C or SIGTERM.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    required=True,
+    help="The port to serve on (0: any free one, printed at start).",
+)
+@click.option("--addr", default="0.0.0.0", show_default=True, help="The address to bind.")
+@_target_options
+@_pass_app
+def _exporter_command(app: celery.Celery, port: int, addr: str) -> None:
+    try:
+        prometheus = _prometheus()
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    _interrupted_by_sigterm()
+    session = _connection(app)
+    view = _TreeView(session)
+    registry = prometheus.CollectorRegistry()
+    registry.register(_LeaseCollector(view))
+    server = _metrics_server(registry, addr, port)
+    try:
+        view.start()
+        host = f"[{addr}]" if ":" in addr else addr
+        root, sid = session.settings.root, session.session_id
+        click.echo(f"serving http://{host}:{server.server_port}/metrics for {root} "
+                   f"(ZooKeeper session {sid:#x})")  # fmt: skip
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        view.close()
+        _close_connection(app, session)
 
 
 @click.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
@@ -4804,24 +5108,42 @@ def _secure(session: _Session, acl: list[ACL]) -> int:
 
 
 def _listing(session: _Session) -> list[dict]:
-    """Every holder and waiter under the root, with its metadata, age and state."""
-    root = session.settings.root
+    """Every holder and waiter under the root, read through ``session`` (see _rows)."""
+
+    def node(path: str) -> tuple[bytes, ZnodeStat] | None:
+        try:
+            return session.read(session.client.get_async, path)  # type: ignore[no-any-return]
+        except NoNodeError:
+            return None
+
+    return _rows(session.settings.root, _read_children(session), node)
+
+
+def _rows(
+    root: str, children: _Children, node: Callable[[str], tuple[bytes, ZnodeStat] | None]
+) -> list[dict]:
+    """Every holder and waiter under ``root``, with its metadata, age and state: ls's rows.
+
+    The tree is seen through ``children`` and ``node`` (a node's data and stat,
+    None if it is gone): from the session for ``ls`` and ``rm``, from the
+    cache for the exporter and ``ls --watch``, which thus show the same rows.
+    """
     rows = []
     now = time.time()
     for namespace in _NAMESPACES.values():
         parent = f"{root}/{namespace.name}"
-        for node, path, state in namespace.protocol.listed(session, parent):
-            try:
-                data, stat = session.read(session.client.get_async, path)
-            except NoNodeError:
-                continue
+        for key_node, path, state in namespace.protocol.listed(parent, children):
+            found = node(path)
+            if found is None:
+                continue  # released since the walk saw it
+            data, stat = found
             meta = json.loads(data or b"{}")
             if namespace.name == _EARLY:
                 state = meta.get("state", state)  # queued or running
             rows.append({
                 "kind": namespace.kind, "namespace": namespace.name, "state": state,
-                "key": meta.get("key", node),
-                "node": node, "path": path, "task": meta.get("task"),
+                "key": meta.get("key", key_node),
+                "node": key_node, "path": path, "task": meta.get("task"),
                 "task_id": meta.get("task_id"), "identifier": meta.get("identifier"),
                 "host": meta.get("host"), "pid": meta.get("pid"),
                 "age": round(now - stat.ctime / 1000, 3), "czxid": stat.czxid,
@@ -4881,6 +5203,7 @@ signals.worker_shutdown.connect(_remove_metrics_dirs, weak=False)
 # The subcommands of `zkcelery` and `celery zk` (Celery finds the group through
 # the celery.commands entry point).
 zk_command.add_command(_ls_command)
+zk_command.add_command(_exporter_command)
 zk_command.add_command(_rm_command)
 zk_command.add_command(_check_command)
 zk_command.add_command(_secure_command)
