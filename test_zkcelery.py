@@ -4031,226 +4031,6 @@ def test_ls_shows_early_mutexes_as_queued_or_running(make_app, zk_hosts, zk_root
     assert re.search(r"running .*t\.early_ls\('r'\)", table), table
 
 
-# -- the exporter and ls --watch: a cached view of the tree ---------------------
-
-
-class _Exporter:
-    """``python -m zkcelery exporter`` on a free port of loopback, and its startup line."""
-
-    def __init__(self, zk_hosts: str, zk_root: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zkcelery", "--hosts", zk_hosts, "--root", zk_root,
-             "exporter", "--port", "0", "--addr", "127.0.0.1"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        line = self.proc.stdout.readline()  # type: ignore[union-attr]
-        match = re.search(r"(http://\S+/metrics) .*session (0x[0-9a-f]+)", line)
-        assert match, f"no startup line: {line!r} {self.stop()[1]}"
-        self.url, self.sid = match.group(1), match.group(2)
-
-    def scrape(self) -> dict[tuple[str, tuple], float]:
-        """The gauges served now: (name, sorted labels) -> value."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(self.url, timeout=10) as answer:
-            text = answer.read().decode()
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
-
-    def stop(self) -> tuple[int, str]:
-        """SIGTERM it: (exit code, stderr)."""
-        self.proc.send_signal(signal.SIGTERM)
-        _, stderr = self.proc.communicate(timeout=30)
-        return self.proc.returncode, stderr
-
-
-@pytest.fixture
-def exporter(zk_hosts, zk_root) -> Iterator[Callable[[], _Exporter]]:
-    started: list[_Exporter] = []
-
-    def start() -> _Exporter:
-        started.append(_Exporter(zk_hosts, zk_root))
-        return started[-1]
-
-    yield start
-    for running in started:
-        if running.proc.poll() is None:
-            code, stderr = running.stop()
-            assert code == 0 and "Traceback" not in stderr, stderr
-
-
-def _gauge(scrape: dict, metric: str, /, **labels: str) -> float | None:
-    return scrape.get((metric, tuple(sorted(labels.items()))))
-
-
-def _expected_gauges(rows: list[dict]) -> dict[tuple[str, tuple], float]:
-    """What the exporter should serve for ``ls --json``'s rows (its ages aside)."""
-    expected: dict[tuple[str, tuple], float] = {}
-    for row in rows:
-        labels = (("kind", row["kind"]), ("name", row["task"]))
-        gauge = "zkcelery_lease_waiters" if row["state"] == "waiting" else "zkcelery_leases_held"
-        for name in ("zkcelery_leases_held", "zkcelery_lease_waiters"):
-            expected.setdefault((name, labels), 0)
-        expected[(gauge, labels)] += 1
-        if row["kind"] == "early mutex":
-            key = ("zkcelery_early_keys", (("name", row["task"]), ("state", row["state"])))
-            expected[key] = expected.get(key, 0) + 1
-        if row["kind"] == "beat" and row["state"] == "held":
-            labels = (("host", row["host"]), ("name", row["task"]), ("pid", str(row["pid"])))
-            expected[("zkcelery_beat_leader", labels)] = 1
-    return expected
-
-
-def _oldest_holds(rows: list[dict]) -> dict[tuple, float]:
-    oldest: dict[tuple, float] = {}
-    for row in rows:
-        if row["state"] != "waiting":
-            labels = (("kind", row["kind"]), ("name", row["task"]))
-            oldest[labels] = max(oldest.get(labels, 0.0), row["age"])
-    return oldest
-
-
-@contextlib.contextmanager
-def _every_kind_held(lock_task) -> Iterator[types.SimpleNamespace]:
-    """Three locks, a mutex, a semaphore of 1 with a holder and two waiters, a queued early
-    mutex and an elected beat, all in this process; ``add_waiter()`` queues one more."""
-    app = lock_task.app
-
-    @app.task(shared=False, base=zkcelery.EarlyMutexTask, bind=True, name="t.early_exporter",
-              mutex_keys=("key",))  # fmt: skip
-    def early(self, key):
-        pass
-
-    locks = [_held(lock_task, key).__enter__() for key in ("a", "b", "c")]
-    semaphore = lock_task.semaphore("S", max_leases=1).__enter__()
-    others = [zkcelery.Lease(lock_task, zkcelery._MUTEXES, ("m",)).__enter__(), semaphore,
-              zkcelery.Lease.for_app(app, zkcelery._BEAT, "proj", owner="celery beat")]  # fmt: skip
-    others[-1].acquire()
-    early.delay("q")  # sent; nothing consumes the in-memory queue: queued
-    threads: list[threading.Thread] = []
-
-    def add_waiter() -> None:
-        waiter = lock_task.semaphore("S", max_leases=1, blocking=True, timeout=30)
-        threads.append(_in_thread(lambda: (waiter.acquire(), waiter.release())))
-        wait_for(lambda: len(semaphore.waiters()) == len(threads), 10, "the waiter queued")
-
-    try:
-        add_waiter()
-        add_waiter()
-        assert all(locks) and all(others)
-        yield types.SimpleNamespace(locks=locks, add_waiter=add_waiter)
-    finally:
-        for lease in [*locks, *others]:
-            lease.release()
-        for thread in threads:
-            thread.join(30)
-
-
-#: The gauges that count (their ages aside), as _expected_gauges makes them from ls.
-_COUNTS = ("zkcelery_leases_held", "zkcelery_lease_waiters", "zkcelery_early_keys",
-           "zkcelery_beat_leader")  # fmt: skip
-
-
-def _counts(scrape: dict) -> dict:
-    return {key: value for key, value in scrape.items() if key[0] in _COUNTS}
-
-
-def test_exporter_serves_what_ls_lists_and_follows_a_change_within_a_scrape_interval(
-    lock_task, exporter, zk_hosts, zk_root
-):
-    with _every_kind_held(lock_task) as held:
-        served = exporter()
-        queued = dict(name="t.early_exporter", state="queued")
-        wait_for(lambda: _gauge(served.scrape(), "zkcelery_early_keys", **queued), 10,
-                 "a complete scrape")  # fmt: skip
-        before = served.scrape()
-        rows = _ls_rows(zk_hosts, zk_root)
-        after = served.scrape()
-        assert _counts(before) == _counts(after) == _expected_gauges(rows)
-        me = dict(host=socket.gethostname(), name="celery beat", pid=str(os.getpid()))
-        assert _gauge(after, "zkcelery_beat_leader", **me) == 1
-        assert _gauge(after, "zkcelery_leases_held", kind="lock", name="t.lock") == 3
-        assert _gauge(after, "zkcelery_lease_waiters", kind="semaphore", name="t.lock") == 2
-        assert _gauge(after, "zkcelery_exporter_connected") == 1
-        for labels, age in _oldest_holds(rows).items():  # ls ran between the two scrapes
-            gauge = ("zkcelery_lease_oldest_hold_seconds", labels)
-            assert before[gauge] - 0.002 <= age <= after[gauge] + 0.002, (labels, age)
-        held.locks[0].release()
-        held.add_waiter()
-        changed = lambda: (s := served.scrape()) and (  # noqa: E731
-            _gauge(s, "zkcelery_leases_held", kind="lock", name="t.lock"),
-            _gauge(s, "zkcelery_lease_waiters", kind="semaphore", name="t.lock"))  # fmt: skip
-        wait_for(lambda: changed() == (2, 3), 5, "the release and the new waiter scraped")
-
-
-def _last_request(zk_hosts: str, sid: str) -> int:
-    """The xid of the last request the session ``sid`` sent (``cons``'s lcxid): pings,
-    which every idle session sends, have none, so that it moves with requests alone."""
-    for entry in zk_hosts.split(","):
-        for line in four_letter(entry, "cons").splitlines():
-            if f"sid={sid}," in line:
-                return int(re.search(r"lcxid=(0x[0-9a-f]+)", line).group(1), 16)  # type: ignore[union-attr]
-    raise AssertionError(f"no server has a connection of the session {sid}")
-
-
-def test_exporter_sends_no_request_to_zookeeper_per_scrape(lock_task, exporter, zk_hosts, zk_root):
-    first, second = _held(lock_task, "one").__enter__(), _held(lock_task, "two").__enter__()
-    served = exporter()
-    held = lambda: _gauge(served.scrape(), "zkcelery_leases_held", kind="lock", name="t.lock")  # noqa: E731
-    wait_for(lambda: held() == 2, 10, "a complete scrape")
-    last = _last_request(zk_hosts, served.sid)
-    assert [held() for _ in range(5)] == [2] * 5
-    assert _last_request(zk_hosts, served.sid) == last  # five scrapes, no request
-    first.release()
-    wait_for(lambda: held() == 1, 5, "the release scraped")
-    assert _last_request(zk_hosts, served.sid) > last  # the watch's read shows in the counter
-    second.release()
-
-
-def test_ls_watch_shows_a_lock_appear_and_go_and_exits_0_on_ctrl_c(lock_task, zk_hosts, zk_root):
-    watch = subprocess.Popen(
-        [sys.executable, "-m", "zkcelery", "--hosts", zk_hosts, "--root", zk_root, "ls",
-         "--watch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    lines: list[str] = []
-
-    def read() -> None:
-        for line in watch.stdout:  # type: ignore[union-attr]
-            lines.append(line)
-
-    reader = _in_thread(read)
-    try:
-        wait_for(lambda: "no locks are held\n" in lines, 20, "the first listing")
-        lease = _held(lock_task, "watched").__enter__()
-        wait_for(lambda: any(line.endswith("t.lock('watched')\n") for line in lines), 5,
-                 "the lock listed")  # fmt: skip
-        shown = len(lines)
-        lease.release()
-        wait_for(lambda: "no locks are held\n" in lines[shown:], 5, "the lock gone")
-    finally:
-        watch.send_signal(signal.SIGINT)
-        _, stderr = watch.communicate(timeout=30)
-        reader.join(10)
-    assert watch.returncode == 0 and "Traceback" not in stderr, stderr
-
-
-def test_exporter_without_prometheus_client_fails_naming_the_extra():
-    script = textwrap.dedent("""
-        import sys
-        sys.modules["prometheus_client"] = None  # an import of it fails
-        import zkcelery
-        sys.argv = ["zkcelery", "--hosts", "127.0.0.1:1", "exporter", "--port", "0"]
-        zkcelery.main()
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60, check=False)  # fmt: skip
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "pip install 'zkcelery[metrics]'" in done.stderr
-
-
 def test_rm_breaks_one_lock_after_confirmation_and_the_holder_sees_it_lost(
     lock_task, zk_hosts, zk_root, caplog
 ):
@@ -4666,11 +4446,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _scrape(port: int) -> dict[tuple, float]:
-    """Every sample served on ``port``'s /metrics: (name, sorted labels) -> value."""
+def _scrape(url: str) -> dict[tuple, float]:
+    """Every sample served at ``url``: (name, sorted labels) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+    with urllib.request.urlopen(url, timeout=10) as answer:
         text = answer.read().decode()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -4679,8 +4459,12 @@ def _scrape(port: int) -> dict[tuple, float]:
     }
 
 
-def _sample(samples: dict[tuple, float], metric: str, **labels: str) -> float:
-    return samples.get((metric, tuple(sorted(labels.items()))), 0.0)
+def _gauge(scrape: dict, metric: str, /, **labels: str) -> float | None:
+    return scrape.get((metric, tuple(sorted(labels.items()))))
+
+
+def _metrics_of(port: int) -> dict[tuple, float]:
+    return _scrape(f"http://127.0.0.1:{port}/metrics")
 
 
 def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_and_requeues_it_ran(
@@ -4694,9 +4478,9 @@ def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_and_requeues_
     requeued = {"kind": "mutex", "name": "testtasks.metered_requeued"}
 
     def holding(labels: dict) -> Callable[[], bool]:
-        return lambda: _sample(_scrape(port), "zkcelery_lease_acquired_total", **labels) == 1
+        return lambda: _gauge(_metrics_of(port), "zkcelery_lease_acquired_total", **labels) == 1
 
-    wait_for(lambda: _scrape(port) is not None, 30, "the worker's metrics")
+    wait_for(lambda: _metrics_of(port) is not None, 30, "the worker's metrics")
     first = workers.send("metered_mutex", "M", 1.5)
     wait_for(holding(mutex), 30, "the first mutex copy to hold")
     copies = [workers.send("metered_mutex", "M", 0.0) for _ in range(2)]
@@ -4709,21 +4493,21 @@ def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_and_requeues_
     for copy in copies:
         with pytest.raises(zkcelery.MutexHeld):
             copy.get(timeout=30)
-    samples = _scrape(port)
+    samples = _metrics_of(port)
     bodies = workers.record.entries()
     deliveries = [d["task"] for d in workers.record.notes("deliveries")]
     timed = [e for e in bodies if e["key"] == "L"]
     assert len(timed) == 4
-    waits = _sample(samples, "zkcelery_lease_wait_seconds_sum", outcome="acquired", **lock)
-    holds = _sample(samples, "zkcelery_lease_hold_seconds_sum", **lock)
-    assert _sample(samples, "zkcelery_lease_wait_seconds_count", outcome="acquired", **lock) == 4
-    assert _sample(samples, "zkcelery_lease_hold_seconds_count", **lock) == 4
+    waits = _gauge(samples, "zkcelery_lease_wait_seconds_sum", outcome="acquired", **lock)
+    holds = _gauge(samples, "zkcelery_lease_hold_seconds_sum", **lock)
+    assert _gauge(samples, "zkcelery_lease_wait_seconds_count", outcome="acquired", **lock) == 4
+    assert _gauge(samples, "zkcelery_lease_hold_seconds_count", **lock) == 4
     assert waits == pytest.approx(sum(e["waited"] for e in timed), abs=0.05 * 4)
     assert holds == pytest.approx(sum(e["held"] for e in timed), abs=0.05 * 4)
     assert sum(e["waited"] for e in timed) > 0.2  # they did contend
     # Rejections and requeues: Celery's count of deliveries, less the bodies that ran.
     assert (
-        _sample(samples, "zkcelery_mutex_rejected_total", **mutex)
+        _gauge(samples, "zkcelery_mutex_rejected_total", **mutex)
         == 2
         == (
             deliveries.count("testtasks.metered_mutex")
@@ -4731,8 +4515,8 @@ def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_and_requeues_
         )
     )
     requeues = deliveries.count("testtasks.metered_requeued") - 2
-    assert _sample(samples, "zkcelery_mutex_requeued_total", **requeued) == requeues >= 1
-    assert _sample(samples, "zkcelery_lease_acquired_total", **requeued) == 2
+    assert _gauge(samples, "zkcelery_mutex_requeued_total", **requeued) == requeues >= 1
+    assert _gauge(samples, "zkcelery_lease_acquired_total", **requeued) == 2
     assert [p.name[:17] for p in tmp_path.glob("zkcelery-metrics-*")] == ["zkcelery-metrics-"]
     _report(
         capsys,
@@ -4816,10 +4600,10 @@ def test_a_worker_with_another_pool_serves_the_metrics_of_its_leases(workers: Wo
     workers.start(pool=pool, concurrency=2, ZKCELERY_TEST_METRICS_PORT=str(port))
     for _ in range(2):
         workers.send("metered_lock", "L", 0.0).get(timeout=30)
-    samples = _scrape(port)
+    samples = _metrics_of(port)
     lock = {"kind": "lock", "name": "testtasks.metered_lock"}
-    assert _sample(samples, "zkcelery_lease_acquired_total", **lock) == 2
-    assert _sample(samples, "zkcelery_lease_hold_seconds_count", **lock) == 2
+    assert _gauge(samples, "zkcelery_lease_acquired_total", **lock) == 2
+    assert _gauge(samples, "zkcelery_lease_hold_seconds_count", **lock) == 2
 
 
 def test_without_prometheus_client_zkcelery_works_and_asking_for_metrics_names_the_extra(
@@ -4862,3 +4646,210 @@ def test_log_records_carry_the_task_kind_key_and_outcome_as_attributes(app, zk, 
     for record in (refused, lost):
         assert (record.kind, record.key, record.task_name) == ("lock", "k()", "t.owner")
     assert lost.reason == "deleted"
+
+
+# -- the exporter and ls --watch: a cached view of the tree ---------------------
+
+
+class _Exporter:
+    """``python -m zkcelery exporter`` on a free port of loopback, and its startup line."""
+
+    def __init__(self, zk_hosts: str, zk_root: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zkcelery", "--hosts", zk_hosts, "--root", zk_root,
+             "exporter", "--port", "0", "--addr", "127.0.0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        match = re.search(r"(http://\S+/metrics) .*session (0x[0-9a-f]+)", line)
+        assert match, f"no startup line: {line!r} {self.stop()[1]}"
+        self.url, self.sid = match.group(1), match.group(2)
+
+    def scrape(self) -> dict[tuple[str, tuple], float]:
+        return _scrape(self.url)
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM it: (exit code, stderr)."""
+        self.proc.send_signal(signal.SIGTERM)
+        _, stderr = self.proc.communicate(timeout=30)
+        return self.proc.returncode, stderr
+
+
+@pytest.fixture
+def exporter(zk_hosts, zk_root) -> Iterator[Callable[[], _Exporter]]:
+    started: list[_Exporter] = []
+
+    def start() -> _Exporter:
+        started.append(_Exporter(zk_hosts, zk_root))
+        return started[-1]
+
+    yield start
+    for running in started:
+        if running.proc.poll() is None:
+            code, stderr = running.stop()
+            assert code == 0 and "Traceback" not in stderr, stderr
+
+
+def _expected_gauges(rows: list[dict]) -> dict[tuple[str, tuple], float]:
+    """What the exporter should serve for ``ls --json``'s rows (its ages aside)."""
+    expected: dict[tuple[str, tuple], float] = {}
+    for row in rows:
+        labels = (("kind", row["kind"]), ("name", row["task"]))
+        gauge = "zkcelery_lease_waiters" if row["state"] == "waiting" else "zkcelery_leases_held"
+        for name in ("zkcelery_leases_held", "zkcelery_lease_waiters"):
+            expected.setdefault((name, labels), 0)
+        expected[(gauge, labels)] += 1
+        if row["kind"] == "early mutex":
+            key = ("zkcelery_early_keys", (("name", row["task"]), ("state", row["state"])))
+            expected[key] = expected.get(key, 0) + 1
+        if row["kind"] == "beat" and row["state"] == "held":
+            labels = (("host", row["host"]), ("name", row["task"]), ("pid", str(row["pid"])))
+            expected[("zkcelery_beat_leader", labels)] = 1
+    return expected
+
+
+def _oldest_holds(rows: list[dict]) -> dict[tuple, float]:
+    oldest: dict[tuple, float] = {}
+    for row in rows:
+        if row["state"] != "waiting":
+            labels = (("kind", row["kind"]), ("name", row["task"]))
+            oldest[labels] = max(oldest.get(labels, 0.0), row["age"])
+    return oldest
+
+
+@contextlib.contextmanager
+def _every_kind_held(lock_task) -> Iterator[types.SimpleNamespace]:
+    """Three locks, a mutex, a semaphore of 1 with a holder and two waiters, a queued early
+    mutex and an elected beat, all in this process; ``add_waiter()`` queues one more."""
+    app = lock_task.app
+
+    @app.task(shared=False, base=zkcelery.EarlyMutexTask, bind=True, name="t.early_exporter",
+              mutex_keys=("key",))  # fmt: skip
+    def early(self, key):
+        pass
+
+    locks = [_held(lock_task, key).__enter__() for key in ("a", "b", "c")]
+    semaphore = lock_task.semaphore("S", max_leases=1).__enter__()
+    others = [zkcelery.Lease(lock_task, zkcelery._MUTEXES, ("m",)).__enter__(), semaphore,
+              zkcelery.Lease.for_app(app, zkcelery._BEAT, "proj", owner="celery beat")]  # fmt: skip
+    others[-1].acquire()
+    early.delay("q")  # sent; nothing consumes the in-memory queue: queued
+    threads: list[threading.Thread] = []
+
+    def add_waiter() -> None:
+        waiter = lock_task.semaphore("S", max_leases=1, blocking=True, timeout=30)
+        threads.append(_in_thread(lambda: (waiter.acquire(), waiter.release())))
+        wait_for(lambda: len(semaphore.waiters()) == len(threads), 10, "the waiter queued")
+
+    try:
+        add_waiter()
+        add_waiter()
+        assert all(locks) and all(others)
+        yield types.SimpleNamespace(locks=locks, add_waiter=add_waiter)
+    finally:
+        for lease in [*locks, *others]:
+            lease.release()
+        for thread in threads:
+            thread.join(30)
+
+
+#: The gauges that count (their ages aside), as _expected_gauges makes them from ls.
+_COUNTS = ("zkcelery_leases_held", "zkcelery_lease_waiters", "zkcelery_early_keys",
+           "zkcelery_beat_leader")  # fmt: skip
+
+
+def _counts(scrape: dict) -> dict:
+    return {key: value for key, value in scrape.items() if key[0] in _COUNTS}
+
+
+def test_exporter_serves_what_ls_lists_and_follows_a_change_within_a_scrape_interval(
+    lock_task, exporter, zk_hosts, zk_root
+):
+    with _every_kind_held(lock_task) as held:
+        served = exporter()
+        queued = dict(name="t.early_exporter", state="queued")
+        wait_for(lambda: _gauge(served.scrape(), "zkcelery_early_keys", **queued), 10,
+                 "a complete scrape")  # fmt: skip
+        before = served.scrape()
+        rows = _ls_rows(zk_hosts, zk_root)
+        after = served.scrape()
+        assert _counts(before) == _counts(after) == _expected_gauges(rows)
+        me = dict(host=socket.gethostname(), name="celery beat", pid=str(os.getpid()))
+        assert _gauge(after, "zkcelery_beat_leader", **me) == 1
+        assert _gauge(after, "zkcelery_leases_held", kind="lock", name="t.lock") == 3
+        assert _gauge(after, "zkcelery_lease_waiters", kind="semaphore", name="t.lock") == 2
+        assert _gauge(after, "zkcelery_exporter_connected") == 1
+        for labels, age in _oldest_holds(rows).items():  # ls ran between the two scrapes
+            gauge = ("zkcelery_lease_oldest_hold_seconds", labels)
+            assert before[gauge] - 0.002 <= age <= after[gauge] + 0.002, (labels, age)
+        held.locks[0].release()
+        held.add_waiter()
+        changed = lambda: (s := served.scrape()) and (  # noqa: E731
+            _gauge(s, "zkcelery_leases_held", kind="lock", name="t.lock"),
+            _gauge(s, "zkcelery_lease_waiters", kind="semaphore", name="t.lock"))  # fmt: skip
+        wait_for(lambda: changed() == (2, 3), 5, "the release and the new waiter scraped")
+
+
+def _last_request(zk_hosts: str, sid: str) -> int:
+    """The xid of the last request the session ``sid`` sent (``cons``'s lcxid): pings,
+    which every idle session sends, have none, so that it moves with requests alone."""
+    for entry in zk_hosts.split(","):
+        for line in four_letter(entry, "cons").splitlines():
+            if f"sid={sid}," in line:
+                return int(re.search(r"lcxid=(0x[0-9a-f]+)", line).group(1), 16)  # type: ignore[union-attr]
+    raise AssertionError(f"no server has a connection of the session {sid}")
+
+
+def test_exporter_sends_no_request_to_zookeeper_per_scrape(lock_task, exporter, zk_hosts, zk_root):
+    first, second = _held(lock_task, "one").__enter__(), _held(lock_task, "two").__enter__()
+    served = exporter()
+    held = lambda: _gauge(served.scrape(), "zkcelery_leases_held", kind="lock", name="t.lock")  # noqa: E731
+    wait_for(lambda: held() == 2, 10, "a complete scrape")
+    last = _last_request(zk_hosts, served.sid)
+    assert [held() for _ in range(5)] == [2] * 5
+    assert _last_request(zk_hosts, served.sid) == last  # five scrapes, no request
+    first.release()
+    wait_for(lambda: held() == 1, 5, "the release scraped")
+    assert _last_request(zk_hosts, served.sid) > last  # the watch's read shows in the counter
+    second.release()
+
+
+def test_ls_watch_shows_a_lock_appear_and_go_and_exits_0_on_ctrl_c(lock_task, zk_hosts, zk_root):
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "zkcelery", "--hosts", zk_hosts, "--root", zk_root, "ls",
+         "--watch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in watch.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+
+    reader = _in_thread(read)
+    try:
+        wait_for(lambda: "no locks are held\n" in lines, 20, "the first listing")
+        lease = _held(lock_task, "watched").__enter__()
+        wait_for(lambda: any(line.endswith("t.lock('watched')\n") for line in lines), 5,
+                 "the lock listed")  # fmt: skip
+        shown = len(lines)
+        lease.release()
+        wait_for(lambda: "no locks are held\n" in lines[shown:], 5, "the lock gone")
+    finally:
+        watch.send_signal(signal.SIGINT)
+        _, stderr = watch.communicate(timeout=30)
+        reader.join(10)
+    assert watch.returncode == 0 and "Traceback" not in stderr, stderr
+
+
+def test_exporter_without_prometheus_client_fails_naming_the_extra():
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["prometheus_client"] = None  # an import of it fails
+        import zkcelery
+        sys.argv = ["zkcelery", "--hosts", "127.0.0.1:1", "exporter", "--port", "0"]
+        zkcelery.main()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "pip install 'zkcelery[metrics]'" in done.stderr
