@@ -4373,7 +4373,7 @@ def _prometheus() -> types.ModuleType:
     return prometheus_client
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:
     """Count zkcelery's signals as Prometheus metrics, and serve them over HTTP on ``port``.
 
     A worker whose ``ZOOKEEPER_METRICS_PORT`` is set calls this itself, as
@@ -4383,12 +4383,13 @@ def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
     set (a prefork worker sets it for its pool), it serves what every process
     writing there counted (prometheus_client's multiprocess mode).
 
-    :param port: the TCP port to listen on.
+    :param port: the TCP port to listen on; 0 for any free one.
     :param addr: the address to listen on.
+    :returns: the port it listens on.
     :raises ConfigurationError: prometheus_client is not installed (the
         ``zkcelery[metrics]`` extra), or ``port`` is not a port number.
     """
-    port = _check_port("port", port)
+    port = _check_port("port", port, free=True)
     prom = _prometheus()
     _metrics()
     registry = prom.REGISTRY
@@ -4397,8 +4398,11 @@ def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
 
         registry = prom.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    prom.start_http_server(port, addr=addr, registry=registry)
-    _log(logging.INFO, "metrics served on %s:%s", addr, port, outcome="metrics_served")
+    server = _metrics_server(registry, addr, port)
+    threading.Thread(target=server.serve_forever, name="zkcelery-metrics", daemon=True).start()
+    _log(logging.INFO, "metrics served on %s:%s", addr, server.server_port,
+         outcome="metrics_served")  # fmt: skip
+    return int(server.server_port)
 
 
 _MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -4534,9 +4538,13 @@ def _metrics() -> _Metrics:
         return _the_metrics[0]
 
 
-def _check_port(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise ConfigurationError(f"{name} must be a TCP port number (1-65535), not {value!r}")
+def _check_port(name: str, value: Any, free: bool = False) -> int:
+    """``value`` as a TCP port (0, any free one, only where ``free``); else ConfigurationError."""
+    lowest = 0 if free else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value < 65536:
+        raise ConfigurationError(
+            f"{name} must be a TCP port number ({lowest}-65535), not {value!r}"
+        )
     return value
 
 
@@ -4679,7 +4687,7 @@ class _TreeView:
             self._changed.notify_all()
 
     def _on_fault(self, exc: Exception) -> None:
-        logger.warning("the cached view of %s: %s", self.root, exc)
+        _log(logging.WARNING, "the cached view of %s: %s", self.root, exc, outcome="view_fault")
 
 
 class _LeaseCollector:

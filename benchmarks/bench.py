@@ -604,7 +604,7 @@ class Metered(Side):
     def __init__(self, hosts: str, root: str, metered: bool) -> None:
         super().__init__("zkcelery", hosts, root, "metered" if metered else "unmetered")
         if metered:
-            zkcelery.start_metrics_server(free_port(), "127.0.0.1")
+            zkcelery.start_metrics_server(0, "127.0.0.1")
         self.key = "metered" if metered else "unmetered"
         self.cycle()  # warm
 
