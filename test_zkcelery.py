@@ -4631,6 +4631,33 @@ def test_without_prometheus_client_zkcelery_works_and_asking_for_metrics_names_t
     assert "prometheus_client" in error and "pip install 'zkcelery[metrics]'" in error
 
 
+@contextlib.contextmanager
+def _receiving(*names: str) -> Iterator[list[tuple[str, dict]]]:
+    """Note the zkcelery signals ``names`` sent in this process meanwhile: (name, arguments)."""
+    noted: list[tuple[str, dict]] = []
+
+    def note(signal: Any = None, **arguments: Any) -> None:
+        noted.append((signal.name.split(".")[-1], arguments))
+
+    for name in names:
+        getattr(zkcelery, name).connect(note, weak=False)
+    try:
+        yield noted
+    finally:
+        for name in names:
+            getattr(zkcelery, name).disconnect(note)
+
+
+def test_a_session_closed_while_holding_a_lease_releases_it_and_reports_no_loss(app, caplog):
+    lease = zkcelery.Lease.for_app(app, "locks", "closing", owner="t.owner")
+    with _receiving("lease_released", "lease_lost") as noted, caplog.at_level(logging.DEBUG):
+        assert lease.acquire()
+        close_sessions(app)  # as a worker that shuts down
+    assert [(name, args["lease"]) for name, args in noted] == [("lease_released", lease)]
+    assert not lease and not lease.lost
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
 def test_log_records_carry_the_task_kind_key_and_outcome_as_attributes(app, zk, zk_root, caplog):
     first = zkcelery.Lease.for_app(app, "locks", "k", owner="t.owner")
     second = zkcelery.Lease.for_app(app, "locks", "k", owner="t.owner")
@@ -4839,6 +4866,14 @@ def test_ls_watch_shows_a_lock_appear_and_go_and_exits_0_on_ctrl_c(lock_task, zk
         _, stderr = watch.communicate(timeout=30)
         reader.join(10)
     assert watch.returncode == 0 and "Traceback" not in stderr, stderr
+
+
+def test_a_command_without_a_quorum_says_so_in_one_line_and_exits_1():
+    done = _zk_cli("127.0.0.1:1", "/zkcelery", "ls")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "Error: ZooKeeper at 127.0.0.1:1 did not answer within 5 s (ZOOKEEPER_CONNECT_TIMEOUT)"
+    ]
 
 
 def test_exporter_without_prometheus_client_fails_naming_the_extra():

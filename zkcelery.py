@@ -1567,6 +1567,13 @@ class _Grant:
     def held(self) -> float:
         return time.monotonic() - self.granted_at
 
+    def end_with_session(self) -> None:
+        """Its session is being closed on purpose, and its node goes with it: a release."""
+        if not self.released and self.why_lost is None:
+            self.released = True
+            self.session.forget(self)
+            self._lease._signal(lease_released, held=self.held())
+
     def mark_lost(self, why: str) -> None:
         with self.session.mutex:
             if self.why_lost is not None or self.released:
@@ -3591,7 +3598,15 @@ class _Session:
         return results[-1] is True
 
     def close(self) -> None:
-        """End the session (its ephemeral nodes go at once) without hanging."""
+        """End the session (its ephemeral nodes go at once) without hanging.
+
+        The leases it holds end with it: released, not lost (a worker that
+        shuts down, a script's end).
+        """
+        with self.mutex:
+            grants = list(self._grants)
+        for grant in grants:
+            grant.end_with_session()
         stopper = threading.Thread(target=_stop_quietly, args=(self.client,), daemon=True)
         stopper.start()
         stopper.join(self.settings.connect_timeout)
@@ -4849,7 +4864,10 @@ def _pass_app(command: Callable) -> Callable:
     @click.pass_context
     @functools.wraps(command)
     def with_app(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
-        return command(_target(ctx).resolve(), *args, **kwargs)
+        try:
+            return command(_target(ctx).resolve(), *args, **kwargs)
+        except ZKCeleryError as exc:  # no quorum, a bad setting: one line, exit 1
+            raise click.ClickException(str(exc)) from None
 
     return with_app
 
@@ -4859,6 +4877,9 @@ def _pass_app(command: Callable) -> Callable:
 @click.pass_context
 def zk_command(ctx: click.Context) -> None:
     _target(ctx)  # `celery -A proj zk` gives its app in ctx.obj
+    if _kazoo_logger.level == logging.NOTSET:
+        # kazoo warns at every failed connection attempt; a command says it once, as an error.
+        _kazoo_logger.setLevel(logging.ERROR)
 
 
 @click.command(
