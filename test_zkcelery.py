@@ -4658,6 +4658,22 @@ def test_a_session_closed_while_holding_a_lease_releases_it_and_reports_no_loss(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
+def test_readme_receiver_is_connected_and_warns_of_a_lease_that_waited_long(app, caplog):
+    text = (Path(__file__).parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    (block,) = [b for b in blocks if "lease_acquired.connect" in b]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    lease = zkcelery.Lease.for_app(app, "locks", "k", owner="t.slow")
+    try:
+        with caplog.at_level(logging.WARNING, logger="proj.locks"):
+            zkcelery.lease_acquired.send(sender=app, lease=lease, waited=1.0)
+            zkcelery.lease_acquired.send(sender=app, lease=lease, waited=6.0)
+    finally:
+        zkcelery.lease_acquired.disconnect(namespace["slow_lock"])
+    assert [r.getMessage() for r in caplog.records] == ["t.slow waited 6.0 s for k()"]
+
+
 def test_log_records_carry_the_task_kind_key_and_outcome_as_attributes(app, zk, zk_root, caplog):
     first = zkcelery.Lease.for_app(app, "locks", "k", owner="t.owner")
     second = zkcelery.Lease.for_app(app, "locks", "k", owner="t.owner")

@@ -4,8 +4,10 @@ A guarded section never runs twice at once, and a lock whose holder dies is
 freed by ZooKeeper when the holder's session expires: no lock outlives a
 crashed worker, and no lock is ever held by two tasks.  README.md is the
 manual: the settings (``ZOOKEEPER_HOSTS``... in the Celery configuration),
-every option, what each fault does, the costs, and the command line
-(``python -m zkcelery ls|rm|check|secure``, or ``celery -A proj zk``).
+every option, what each fault does, the costs, what can be observed (signals
+such as :data:`lease_acquired`, Prometheus metrics, task events), and the
+command line (``python -m zkcelery ls|rm|check|secure|exporter``, or
+``celery -A proj zk``).
 
 A lock in a task: :class:`LockTask` gives a bound task ``self.lock()``, one
 holder at a time.  It does not wait by default; the body runs either way, and
@@ -41,10 +43,10 @@ sent, :class:`EarlyMutexScheduler`, and :class:`ElectedScheduler`, which
 runs ``celery beat`` on every host with ZooKeeper electing the one that
 sends.
 
-The module reads top to bottom: errors, tasks, leases, the znode protocols
-(the protocol map lists every node), names, settings, the session, security,
-schedulers, the command line, and last every Celery hook and import-time
-side effect.
+The module reads top to bottom: errors, signals, tasks, leases, the znode
+protocols (the protocol map lists every node), names, settings, the session,
+security, schedulers, observability (metrics, the cached view of the tree),
+the command line, and last every Celery hook and import-time side effect.
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ import re
 import shutil
 import signal
 import socket
-import socketserver
 import sys
 import tempfile
 import threading
@@ -69,13 +70,12 @@ import traceback
 import types
 import uuid
 import weakref
-import wsgiref.simple_server
 from collections import namedtuple
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Callable, NoReturn, Optional, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Protocol, TypeVar
 from urllib.parse import quote
 
 import celery
@@ -130,6 +130,9 @@ from kazoo.security import (
     make_digest_acl,
     make_digest_acl_credential,
 )
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 #: The private parts of kazoo and Celery that zkcelery relies on, in one
 #: place: (module, object, attribute, its parameters or None for plain data).
@@ -4775,12 +4778,15 @@ def _label(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _metrics_server(registry: Any, addr: str, port: int) -> wsgiref.simple_server.WSGIServer:
+def _metrics_server(registry: Any, addr: str, port: int) -> WSGIServer:
     """An HTTP server of ``registry`` (prometheus_client's WSGI app), one thread per scrape.
 
     Not prometheus_client's start_http_server: before 0.17 it does not say
     which port it bound, and ``--port 0`` asks for any free one.
     """
+    import socketserver  # here: only a process that serves metrics pays for http.server
+    import wsgiref.simple_server
+
     family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
 
     class Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
