@@ -198,7 +198,7 @@ __all__ = [
 logger = logging.getLogger("zkcelery")
 
 
-def _log(level: int, msg: str, *args: Any, **facts: Any) -> None:
+def _log(level: int, msg: str, *args: Any, exc_info: Any = None, **facts: Any) -> None:
     """Log ``msg`` through zkcelery's logger, with ``facts`` as the record's attributes.
 
     So that tools read facts rather than match text, a record carries those it
@@ -209,7 +209,7 @@ def _log(level: int, msg: str, *args: Any, **facts: Any) -> None:
     (seconds) and ``reason``.
     """
     if logger.isEnabledFor(level):
-        logger.log(level, msg, *args, extra=facts)
+        logger.log(level, msg, *args, exc_info=exc_info, extra=facts)
 
 
 # ---------------------------------------------------------------------------
@@ -1298,6 +1298,9 @@ class Lease:
         except CoordinationError:
             self._signal(lease_not_acquired, waited=self._waited(), reason="unavailable")
             raise
+        except AlreadyQueued:  # an early mutex's key is queued or running
+            self._signal(lease_not_acquired, waited=self._waited(), reason="held")
+            raise
         if granted is None:
             self._log(logging.DEBUG, "is held elsewhere", outcome="not_acquired")
             reason = "timeout" if self._blocking else "held"
@@ -1563,18 +1566,27 @@ class _Grant:
 
     def settle(self) -> None:
         """The node passed on to another form (an early mutex's retry): release nothing."""
-        self.released = True
-        self.session.forget(self)
-        self._lease._signal(lease_released, held=self.held())
+        self._end()
 
     def held(self) -> float:
         return time.monotonic() - self.granted_at
 
     def end_with_session(self) -> None:
         """Its session is being closed on purpose, and its node goes with it: a release."""
-        if not self.released and self.why_lost is None:
+        if not self.released:
+            self._end()
+
+    def _end(self) -> None:
+        """Mark it released; tell receivers, unless it was lost: a grant ends once.
+
+        Under the session's mutex, as mark_lost decides: a loss and a release
+        racing on two threads send one signal, never both.
+        """
+        with self.session.mutex:
+            ended = not self.released and self.why_lost is None
             self.released = True
-            self.session.forget(self)
+        self.session.forget(self)
+        if ended:
             self._lease._signal(lease_released, held=self.held())
 
     def mark_lost(self, why: str) -> None:
@@ -1589,7 +1601,11 @@ class _Grant:
         self._lease._signal(lease_lost, held=self.held(), reason=reason)
 
     def release(self) -> None:
-        self.released = True
+        # The signal waits for the delete (a receiver's work is not the lock's),
+        # the mark does not (a loss seen meanwhile is not this release's).
+        with self.session.mutex:
+            ended = not self.released and self.why_lost is None
+            self.released = True
         self.session.forget(self)
         held = self.held()
         try:
@@ -1604,7 +1620,8 @@ class _Grant:
                 outcome="not_released",
             )
         finally:
-            self._lease._signal(lease_released, held=held)
+            if ended:
+                self._lease._signal(lease_released, held=held)
 
     # Both run on kazoo's threads: never block.
     def _on_event(self, event: WatchedEvent) -> None:
@@ -3604,15 +3621,19 @@ class _Session:
         """End the session (its ephemeral nodes go at once) without hanging.
 
         The leases it holds end with it: released, not lost (a worker that
-        shuts down, a script's end).
+        shuts down, a script's end).  All in a thread: celery beat closes from
+        its SIGTERM handler, which may have interrupted a thread in the mutex.
         """
+        stopper = threading.Thread(target=self._end, daemon=True)
+        stopper.start()
+        stopper.join(self.settings.connect_timeout)
+
+    def _end(self) -> None:
         with self.mutex:
             grants = list(self._grants)
         for grant in grants:
             grant.end_with_session()
-        stopper = threading.Thread(target=_stop_quietly, args=(self.client,), daemon=True)
-        stopper.start()
-        stopper.join(self.settings.connect_timeout)
+        _stop_quietly(self.client)
 
 
 def _delete_both(path: str, container: str, txn: TransactionRequest) -> None:
@@ -4575,21 +4596,33 @@ def _metrics_port(app: celery.Celery, name: str) -> int | None:
 _made_dirs: list[str] = []
 
 
-def _worker_starts(sender: Any = None, **_: Any) -> None:
-    """At a worker's start, before its pool forks: note what the pool processes must know,
-    and serve metrics if ZOOKEEPER_METRICS_PORT is set.
+def _worker_starts(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """``celery worker``, set up (its logging too) and before its pool forks: note what the
+    pool processes must know, and serve metrics if ZOOKEEPER_METRICS_PORT is set.
 
     A prefork pool's children take the leases: they count in files that the
     main process serves (prometheus_client's multiprocess mode, which must be
     chosen before prometheus_client is first imported).
     """
-    _worker.sends_events = bool(getattr(sender, "task_events", False))
-    port = _metrics_port(sender.app, "ZOOKEEPER_METRICS_PORT")
-    if port is None:
-        return
-    if "prefork" in str(getattr(sender.pool_cls, "__module__", sender.pool_cls)):
-        _use_multiprocess_mode()
-    start_metrics_server(port, _setting(sender.app, "ZOOKEEPER_METRICS_ADDR", "0.0.0.0"))
+    _worker.sends_events = bool(getattr(instance, "task_events", False))
+    try:
+        port = _metrics_port(instance.app, "ZOOKEEPER_METRICS_PORT")
+        if port is None:
+            return
+        if _is_prefork(instance.pool_cls):
+            _use_multiprocess_mode()
+        start_metrics_server(port, _setting(instance.app, "ZOOKEEPER_METRICS_ADDR", "0.0.0.0"))
+    except (ZKCeleryError, OSError) as exc:  # the worker runs on, and says why in one line
+        _log(logging.ERROR, "metrics not served: %s", exc, outcome="metrics_not_served")
+
+
+def _is_prefork(pool: Any) -> bool:
+    """Whether the worker's pool (a class, or a name as ``-P`` takes it) is a prefork pool."""
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool
+
+    found = get_implementation(pool) if isinstance(pool, str) else pool
+    return isinstance(found, type) and issubclass(found, TaskPool)
 
 
 def _use_multiprocess_mode() -> None:
@@ -4720,10 +4753,14 @@ class _LeaseCollector:
 
     def __init__(self, view: _TreeView) -> None:
         self.view = view
+        self._lock = threading.Lock()  # scrapes may come two at a time
+        self._waiting: set[int] = set()  # the czxids of the waiters at the last scrape
+        self._granted: dict[int, float] = {}  # of those granted since: when it was seen
 
     def collect(self) -> Iterator[Any]:
         gauge = _prometheus().metrics_core.GaugeMetricFamily
         in_sync, rows = self.view.snapshot()
+        rows = self._hold_ages(rows)
         yield gauge(
             "zkcelery_exporter_connected",
             "1 while the exporter's cached view is in sync with a live ZooKeeper session.",
@@ -4731,6 +4768,28 @@ class _LeaseCollector:
         )
         if in_sync:
             yield from _lease_gauges(gauge, rows)
+
+    def _hold_ages(self, rows: list[dict]) -> list[dict]:
+        """``rows`` with each holder's ``age`` counted from its grant, not its node's birth.
+
+        A holder that waited in line holds through the node it queued with:
+        its node's age counts the wait too.  One this exporter saw waiting is
+        counted from the first scrape that saw it hold (to within a scrape
+        interval); any other from its node's creation, which is its grant for
+        a lock taken free, and the closest known otherwise.
+        """
+        now = time.monotonic()
+        with self._lock:
+            held = {row["czxid"] for row in rows if row["state"] != "waiting"}
+            granted = {czxid: self._granted.get(czxid, now) for czxid in held & (
+                self._waiting | set(self._granted))}  # fmt: skip
+            self._granted = granted
+            self._waiting = {row["czxid"] for row in rows if row["state"] == "waiting"}
+        return [
+            {**row, "age": round(now - granted[row["czxid"]], 3)}
+            if row["czxid"] in granted else row
+            for row in rows
+        ]  # fmt: skip
 
 
 def _lease_gauges(gauge: Any, rows: list[dict]) -> Iterator[Any]:
@@ -4872,8 +4931,9 @@ def _pass_app(command: Callable) -> Callable:
     def with_app(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
         try:
             return command(_target(ctx).resolve(), *args, **kwargs)
-        except ZKCeleryError as exc:  # no quorum, a bad setting: one line, exit 1
-            raise click.ClickException(str(exc)) from None
+        except (ZKCeleryError, KazooException, OSError) as exc:
+            # No quorum, a bad setting, a port in use: one line, exit 1.
+            raise click.ClickException(str(exc) or type(exc).__name__) from None
 
     return with_app
 
@@ -5231,7 +5291,7 @@ os.register_at_fork(after_in_child=_forget_inherited)
 signals.worker_process_shutdown.connect(_close_all, weak=False)
 signals.worker_shutdown.connect(_close_all, weak=False)
 # Metrics, where the settings ask for them (prometheus_client is imported then).
-signals.worker_init.connect(_worker_starts, weak=False)
+signals.celeryd_after_setup.connect(_worker_starts, weak=False)
 signals.beat_init.connect(_serve_beat_metrics, weak=False)
 signals.worker_shutdown.connect(_remove_metrics_dirs, weak=False)
 
