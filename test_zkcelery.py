@@ -7,6 +7,7 @@ are in ``conftest``.  One section per feature, in the README's order.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import inspect
@@ -4686,6 +4687,22 @@ def test_readme_receiver_is_connected_and_warns_of_a_lease_that_waited_long(app,
     finally:
         zkcelery.lease_acquired.disconnect(namespace["slow_lock"])
     assert [r.getMessage() for r in caplog.records] == ["t.slow waited 6.0 s for k()"]
+
+
+def test_no_fact_a_log_line_carries_overwrites_an_attribute_of_the_log_record():
+    # logging raises KeyError for an ``extra`` key that a LogRecord has already.
+    reserved = {*vars(logging.LogRecord("n", 0, "p", 0, "m", (), None)), "message", "asctime"}
+    tree = ast.parse(Path(zkcelery.__file__).read_text())
+    facts = {
+        keyword.arg
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", ""))
+        == "_log"
+        for keyword in node.keywords
+        if keyword.arg is not None
+    }  # fmt: skip
+    assert {"task_id", "kind", "key", "outcome"} <= facts
+    assert facts & reserved <= {"exc_info"}  # passed to the record as itself, by _log
 
 
 def test_log_records_carry_the_task_kind_key_and_outcome_as_attributes(app, zk, zk_root, caplog):
