@@ -5017,11 +5017,11 @@ def _print_table(rows: list[dict]) -> None:
     if not rows:
         click.echo("no locks are held")
         return
-    click.echo(f"{'KIND':9} {'STATE':7} {'AGE':>8}  {'HOLDER':42} {'HOST':16} {'PID':>7}  KEY")
+    click.echo(f"{'KIND':11} {'STATE':7} {'AGE':>8}  {'HOLDER':42} {'HOST':16} {'PID':>7}  KEY")
     for row in rows:
         holder = row["task"] if row["task_id"] is None else f"{row['task']}[{row['task_id']}]"
         click.echo(
-            f"{row['kind']:9} {row['state']:7} {row['age']:>7.1f}s  {holder:42.42} "
+            f"{row['kind']:11} {row['state']:7} {row['age']:>7.1f}s  {holder:42.42} "
             f"{row['host']:16.16} {row['pid']!s:>7}  {row['key']}"
         )
 
@@ -5045,10 +5045,7 @@ def _print_table(rows: list[dict]) -> None:
 @_target_options
 @_pass_app
 def _exporter_command(app: celery.Celery, port: int, addr: str) -> None:
-    try:
-        prometheus = _prometheus()
-    except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from None
+    prometheus = _prometheus()  # without it: _pass_app's one-line error
     _interrupted_by_sigterm()
     session = _connection(app)
     view = _TreeView(session)
