@@ -1316,10 +1316,16 @@ def task(self):
     pass
 lease = task.lock("paused").__enter__()
 print("held", flush=True)
+# Until a jump in the clock: it was paused.  Each reading is compared with the one before,
+# so that a stop anywhere in the loop shows (a reading taken after the stop and compared
+# with itself would hide it, and the loop would go on for ever).
 last = time.monotonic()
-while time.monotonic() - last < 1.0:  # until a jump in the clock: it was paused
-    last = time.monotonic()
+while True:
     time.sleep(0.01)
+    now = time.monotonic()
+    if now - last >= 1.0:
+        break
+    last = now
 print("lost" if lease.lost else "not lost", flush=True)  # the first look after the pause
 """
 
