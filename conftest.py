@@ -75,9 +75,13 @@ TLS_OFFSET = 300
 # of the suite.
 
 
-def _gate_folder() -> Path:
+def _meeting_path() -> Path:
     """Where the two processes of one run meet: per test ensemble, outside the checkout."""
-    folder = Path(tempfile.gettempdir()) / f"zkcelery-tests-{zk_test_port()}"
+    return Path(tempfile.gettempdir()) / f"zkcelery-tests-{zk_test_port()}"
+
+
+def _gate_folder() -> Path:
+    folder = _meeting_path()
     folder.mkdir(exist_ok=True)
     return folder
 
@@ -259,7 +263,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     # the second ensemble, if a test started it, and the run's meeting folder.
     if hasattr(session.config, "workerinput"):
         return
-    folder = Path(tempfile.gettempdir()) / f"zkcelery-tests-{zk_test_port()}"
+    folder = _meeting_path()
     if (folder / "second-ensemble").exists():
         _second_ensemble_run("stop", "--clean")
     with contextlib.suppress(OSError):

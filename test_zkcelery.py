@@ -1925,6 +1925,22 @@ def test_the_key_is_free_as_soon_as_the_run_ends(workers: Workers, zk, ending):
     assert sender.delay("end").id  # at once
 
 
+def test_a_second_delivery_of_an_early_mutex_task_beside_its_live_first_run_is_dropped_at_once(
+    workers: Workers,
+):
+    workers.start(concurrency=3)
+    task_id = workers.send("send_early_and_a_copy", "twice", 3.0).get(timeout=30)
+    result = workers.app.AsyncResult(task_id)
+    assert result.get(timeout=30) is None
+    log = workers.started[0].log
+    wait_for(lambda: "second delivery dropped" in log.read_text(), 10, "the copy's drop")
+    assert [e["key"] for e in workers.record.entries()] == ["early:twice"]  # one run
+    # At once, beside the live first run: not after waiting for its session to end.
+    assert "is running as this same task in a live process here: second delivery dropped" in (
+        log.read_text()
+    )
+
+
 @both_ttl
 def test_a_copy_sent_around_the_key_is_rejected_when_it_starts_and_ends_failed(
     workers: Workers, zk

@@ -423,6 +423,14 @@ def send_early_twice(key, hold):
     return [first.id, None]
 
 
+@app.task
+def send_early_and_a_copy(key, hold):
+    """Send an early mutex task, and its message again with the same id: a second delivery."""
+    first = early.delay(key, hold=hold)
+    app.send_task("testtasks.early", args=(key,), kwargs={"hold": hold}, task_id=first.id)
+    return first.id
+
+
 @app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
 def metered_mutex(self, key, hold):
     record_body(key, hold, task_id=self.request.id)

@@ -1056,15 +1056,20 @@ class EarlyMutexTask(_KeyedTask):
                 lease._signal(mutex_rejected, task_id=self.request.id, holder=holder)
                 raise
         # This task id runs already: a second delivery of its message (see
-        # _OwnHolder).  If the first one's process died, its node goes in time.
+        # _OwnHolder), dropped at once while its first delivery runs in a live
+        # process here, as MutexTask's.  If that process died, or is on another
+        # host, its node goes with its session: wait that long, then take it.
         own = _OwnHolder(holder, self.app)
-        lease.wait_for_release(own.dead_for)
-        with contextlib.suppress(AlreadyQueued):
-            lease.acquire()
-            return
-        # Held on past own.dead_for: its first delivery lives.
-        lease._log(logging.INFO, "is running as this same task: second delivery dropped",
-                   holder=self.request.id, outcome="dropped")  # fmt: skip
+        if own.alive_here():
+            where = "in a live process here"
+        else:
+            lease.wait_for_release(own.dead_for)
+            with contextlib.suppress(AlreadyQueued):
+                lease.acquire()
+                return
+            where = "past its session's end"  # held on past own.dead_for: it lives
+        lease._log(logging.INFO, "is running as this same task %s: second delivery dropped",
+                   where, holder=self.request.id, outcome="dropped")  # fmt: skip
         lease._signal(mutex_dropped, task_id=self.request.id, holder=holder)
         raise Ignore()
 
@@ -2305,7 +2310,9 @@ class _EarlyMutex:
              only until then: whoever finds it expired deletes it (and the
              server reaps a TTL node by itself).
     running  an ephemeral node of the worker's session: if the worker dies,
-             the key is free once ZooKeeper expires its session.
+             the key is free once ZooKeeper expires its session.  It is made at
+             data version 1 (see _RUNNING_VERSION), the queued form at 0: the
+             version a delete checks tells the two forms apart.
 
     A send creates the queued form, one request, or is refused if the node
     exists and has not expired.  A run turns its own queued form into the
@@ -2374,11 +2381,12 @@ class _EarlyMutex:
             try:
                 abandon = functools.partial(self._abandon_running, session_id)
                 if holder is None:
-                    self.session.call(
-                        self.session.client.create_async, self.holder, running, ephemeral=True,
-                        abandon=abandon,
-                    )  # fmt: skip
-                    return self._taken(session_id)
+                    made = self.session.multi(
+                        functools.partial(_make_running, self.holder, running), abandon=abandon
+                    )
+                    if isinstance(made[0], str):
+                        return self._taken(session_id)
+                    continue  # made meanwhile
                 if holder.get("guid") == self.guid:
                     # made before a lost answer
                     return self.holder, stat.czxid, stat.ephemeralOwner or None
@@ -2386,7 +2394,7 @@ class _EarlyMutex:
                     holder.get("task_id") == self.task_id or self._expired(holder)
                 ):
                     results = self.session.multi(
-                        functools.partial(_replace, self.holder, stat.version, running, True),
+                        functools.partial(_to_running, self.holder, stat.version, running),
                         abandon=abandon,
                     )
                     if isinstance(results[1], str):
@@ -2410,8 +2418,8 @@ class _EarlyMutex:
         # retries): if it applied, free the key now; if unknown, on reconnect.
         if not result.successful():
             self.session.add_orphan(self.holder, session_id, self.guid)
-        elif isinstance(result.value, str) or isinstance(result.value[-1], str):
-            self.session.client.delete_async(self.holder)
+        elif isinstance(result.value, str) or any(isinstance(v, str) for v in result.value):
+            self.session.client.delete_async(self.holder)  # the multi made the running form
 
     def requeue(self, session_id: int | None) -> bool:
         """At a retry: turn our running form back into the queued form a send makes.
@@ -2441,7 +2449,7 @@ class _EarlyMutex:
 
     def _turn_queued(self) -> list:
         fence = [CheckVersion(*self.epoch)] if self.epoch is not None else []
-        ops = [*fence, Delete(self.holder, 0)]
+        ops = [*fence, Delete(self.holder, _RUNNING_VERSION)]
         create = self.session.expiring_create(self.holder, self._data("queued"), self.timeout)
         try:
             results = self.session.call(self.session.multi_async, [*ops, create])
@@ -2494,12 +2502,25 @@ class _EarlyMutex:
             self.session.call(self.session.client.delete_async, self.holder, stat.version)
 
 
-def _replace(
-    path: str, version: int, data: bytes, ephemeral: bool, txn: TransactionRequest
-) -> None:
-    """One form of a node for another, atomically: delete at ``version``, create anew."""
+#: The data version of an early mutex's running form: it is created, then set once.
+#: A node made anew starts at version 0 again, so a version alone cannot tell a queued
+#: form from the running form that replaced it: a run that read the queued form (0)
+#: and came second would delete the first run's running form at "its" version and
+#: run beside it (two deliveries of one message at once).  Made at 1, the running
+#: form never matches a read of the queued form.
+_RUNNING_VERSION = 1
+
+
+def _make_running(path: str, data: bytes, txn: TransactionRequest) -> None:
+    """The running form where there was none: an ephemeral node at _RUNNING_VERSION."""
+    txn.create(path, data, ephemeral=True)
+    txn.set_data(path, data)
+
+
+def _to_running(path: str, version: int, data: bytes, txn: TransactionRequest) -> None:
+    """The queued form read at ``version`` turned into the running form, atomically."""
     txn.delete(path, version)
-    txn.create(path, data, ephemeral=ephemeral)
+    _make_running(path, data, txn)
 
 
 def _states(found: list[tuple[str, dict]], state: str) -> list[dict]:
