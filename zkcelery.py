@@ -2312,7 +2312,11 @@ class _EarlyMutex:
     running  an ephemeral node of the worker's session: if the worker dies,
              the key is free once ZooKeeper expires its session.  It is made at
              data version 1 (see _RUNNING_VERSION), the queued form at 0: the
-             version a delete checks tells the two forms apart.
+             version a delete checks tells the two forms apart.  Two queued
+             forms it cannot tell apart: a sweep or a take of an *expired*
+             queued form deletes at version 0, and a new send's queued form
+             made in the round trip between its read and its delete would go
+             instead (only past ``mutex_timeout``, and only in that window).
 
     A send creates the queued form, one request, or is refused if the node
     exists and has not expired.  A run turns its own queued form into the
