@@ -3889,8 +3889,14 @@ def test_a_requeued_copy_goes_back_at_the_head_of_the_queue_on_rabbitmq_and_the_
     assert _states([copy, *behind], 30) == ["SUCCESS"] * 4
     order = [e["task_id"] for e in broker_workers.record.entries()]
     others = [r.id for r in behind]
-    if broker.kind == "rabbitmq":  # at the head: delivered again before the others
-        assert order == [copy.id, *others], (order, copy.id)
+    assert sorted(order) == sorted([copy.id, *others]), order  # each ran once
+    if broker.kind == "rabbitmq":
+        # At the head: delivered again before the others, but for the one message that
+        # RabbitMQ may hand out in the instant the rejection frees the prefetch slot
+        # (seen about one run in five with Celery and kombu 5.3; at the tail it would
+        # come last).
+        assert order.index(copy.id) <= 1 and order.count(copy.id) == 1, (order, copy.id)
+        assert [i for i in order if i != copy.id] == others, order
     else:  # at the tail: the others first
         assert order == [*others, copy.id], (order, copy.id)
 
