@@ -1454,6 +1454,20 @@ def test_orphans_are_deleted_while_connected_and_one_already_gone_is_forgotten(a
     assert "could not delete orphan" not in caplog.text  # ...and the other forgotten
 
 
+def test_two_leases_of_one_key_left_in_doubt_in_one_session_are_each_reaped(app):
+    # A release whose answer was lost, then a take of the same key whose answer was lost
+    # too (the soak with the whole ensemble down, CI): the node left is the first one's.
+    # Remembered by path alone, the second would have hidden the first, kept for ever.
+    session = zkcelery._connection(app)
+    session.wait_connected()
+    session.ensure_namespaces()
+    path = f"{session.settings.root}/locks/doubt"
+    session.client.create(path, json.dumps({"guid": "first-lease-guid"}).encode(), ephemeral=True)
+    session.add_orphan(path, session.session_id, "first-lease-guid")  # its release in doubt
+    session.add_orphan(path, session.session_id, "second-lease-guid")  # its take in doubt
+    wait_for(lambda: session.client.exists(path) is None, 10, "the first lease's node reaped")
+
+
 # ===========================================================================
 # MutexTask
 # ===========================================================================
@@ -3722,9 +3736,12 @@ def test_requeued_copies_each_run_once_one_at_a_time_quickly_and_quietly(
         worker.wait_ready()
     started = time.monotonic()
     copies = 6  # each holds the mutex 1 s: 6 s of serial work
+    # Where a lost message is expected now and then, the wait for it is short: a copy
+    # restored from the unacknowledged hash is back within the visibility timeout.
+    limit = 20 if slow_sweep else 90
     results = [broker_workers.send("broker_requeued", "q", 1.0) for _ in range(copies)]
     while not all(r.ready() for r in results):
-        assert time.monotonic() - started < 90, "the copies did not all run"
+        assert time.monotonic() - started < limit, "the copies did not all run"
         if slow_sweep:
             broker.restore_unacked(broker_workers.options)
         time.sleep(0.5)

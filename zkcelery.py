@@ -3055,7 +3055,9 @@ class _Session:
         self._epochs: dict[str, int] = {}
         self._contended: dict[str, float] = {}  # key path -> when last seen contended
         #: path (or a sequential node's prefix) -> (session id, lease guid)
-        self._orphans: dict[str, tuple[int | None, str | None]] = {}
+        # (path, guid) -> the session that made it: two leases of one key may each
+        # leave a node in doubt (a release, then a take), and each is reaped by its own.
+        self._orphans: dict[tuple[str, str | None], int | None] = {}
         self._ready = False  # the root and namespace nodes exist
         self._verified = False  # ...and, with ZOOKEEPER_AUTH, are ours alone
         self._ttl_nodes = True  # until the server says it has none
@@ -3266,7 +3268,7 @@ class _Session:
         (an answer that timed out on a live connection brings no reconnect).
         """
         with self.mutex:
-            self._orphans[path] = (session_id, guid)
+            self._orphans[path, guid] = session_id
             start, self._reaping = not self._reaping, True
         if start:
             self.handler.spawn(self._reap_while_connected)
@@ -3288,7 +3290,7 @@ class _Session:
         with self.mutex:
             orphans, self._orphans = self._orphans, {}
         session_id = self.session_id
-        for path, (owner, guid) in orphans.items():
+        for (path, guid), owner in orphans.items():
             if owner != session_id:
                 continue  # that session ended: its nodes went with it
             try:
