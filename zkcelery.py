@@ -4614,10 +4614,25 @@ def _check_port(name: str, value: Any, free: bool = False) -> int:
     return value
 
 
-def _metrics_port(app: celery.Celery, name: str) -> int | None:
-    """The port setting ``name`` asks metrics to be served on; None when unset."""
-    value = _setting(app, name)
-    return None if value is None else _check_port(name, value)
+def _serve_metrics_as_set(
+    app: celery.Celery, setting: str, prepare: Callable[[], None] | None = None
+) -> None:
+    """Serve metrics on the port ``setting`` names (ZOOKEEPER_METRICS_ADDR: the address).
+
+    ``prepare`` runs first, once the port is known.  Unset: nothing.  A failure
+    (a bad setting, a port in use, no prometheus_client) is one ERROR line, and
+    the process runs on without metrics.
+    """
+    try:
+        value = _setting(app, setting)
+        if value is None:
+            return
+        port = _check_port(setting, value)
+        if prepare is not None:
+            prepare()
+        start_metrics_server(port, _setting(app, "ZOOKEEPER_METRICS_ADDR", "0.0.0.0"))
+    except (ZKCeleryError, OSError) as exc:
+        _log(logging.ERROR, "metrics not served: %s", exc, outcome="metrics_not_served")
 
 
 _made_dirs: list[str] = []
@@ -4632,15 +4647,13 @@ def _worker_starts(sender: Any = None, instance: Any = None, **_: Any) -> None:
     chosen before prometheus_client is first imported).
     """
     _worker.sends_events = bool(getattr(instance, "task_events", False))
-    try:
-        port = _metrics_port(instance.app, "ZOOKEEPER_METRICS_PORT")
-        if port is None:
-            return
-        if _is_prefork(instance.pool_cls):
-            _use_multiprocess_mode()
-        start_metrics_server(port, _setting(instance.app, "ZOOKEEPER_METRICS_ADDR", "0.0.0.0"))
-    except (ZKCeleryError, OSError) as exc:  # the worker runs on, and says why in one line
-        _log(logging.ERROR, "metrics not served: %s", exc, outcome="metrics_not_served")
+    prepare = functools.partial(_prepare_pool, instance.pool_cls)
+    _serve_metrics_as_set(instance.app, "ZOOKEEPER_METRICS_PORT", prepare)
+
+
+def _prepare_pool(pool: Any) -> None:
+    if _is_prefork(pool):
+        _use_multiprocess_mode()
 
 
 def _is_prefork(pool: Any) -> bool:
@@ -4668,9 +4681,7 @@ def _use_multiprocess_mode() -> None:
 
 def _serve_beat_metrics(sender: Any = None, **_: Any) -> None:
     """At a beat's start: serve metrics if ZOOKEEPER_BEAT_METRICS_PORT is set."""
-    port = _metrics_port(sender.app, "ZOOKEEPER_BEAT_METRICS_PORT")
-    if port is not None:
-        start_metrics_server(port, _setting(sender.app, "ZOOKEEPER_METRICS_ADDR", "0.0.0.0"))
+    _serve_metrics_as_set(sender.app, "ZOOKEEPER_BEAT_METRICS_PORT")
 
 
 def _remove_metrics_dirs(**_: Any) -> None:
