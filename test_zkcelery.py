@@ -4445,19 +4445,18 @@ def test_a_pool_process_sends_a_signal_for_each_mutex_copy_rejected_requeued_or_
     holding = workers.send("mutex_until", "R", str(marker))
     _await_signal(workers, "lease_acquired", key="testtasks.mutex_until('R')")
     requeued = workers.send("mutex_until", "R", str(marker))
-    copy = workers.send("mutex_until", "R", str(marker), task_id=holding.id)  # a second delivery
+    workers.send("mutex_until", "R", str(marker), task_id=holding.id)  # a second delivery
     _await_signal(workers, "mutex_requeued", task_id=requeued.id)
     dropped = _await_signal(workers, "mutex_dropped", task_id=holding.id)
     marker.touch()
     assert holding.get(timeout=30) is None and requeued.get(timeout=30) is None
-    one = workers.send("metered_mutex", "M", 2.0)
-    _await_signal(workers, "lease_acquired", key="testtasks.metered_mutex('M')")
+    one = workers.send("broker_mutex", "M", 2.0)
+    _await_signal(workers, "lease_acquired", key="testtasks.broker_mutex('M')")
     with pytest.raises(zkcelery.MutexHeld):
-        workers.send("metered_mutex", "M", 0.0).get(timeout=30)
-    rejected = _await_signal(workers, "mutex_rejected", key="testtasks.metered_mutex('M')")
+        workers.send("broker_mutex", "M", 0.0).get(timeout=30)
+    rejected = _await_signal(workers, "mutex_rejected", key="testtasks.broker_mutex('M')")
     assert one.get(timeout=30) is None
     assert (rejected["kind"], dropped["key"]) == ("mutex", "testtasks.mutex_until('R')")
-    assert copy.id == holding.id  # the same id twice: the second delivery was dropped
 
 
 def test_an_elected_beat_sends_its_election_deposition_and_skipped_tick_signals(
@@ -4519,19 +4518,19 @@ def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_and_requeues_
     # TMPDIR: the folder the worker makes for its pool's metrics is this test's to remove.
     workers.start(concurrency=4, ZKCELERY_TEST_METRICS_PORT=str(port), TMPDIR=str(tmp_path))
     lock = {"kind": "lock", "name": "testtasks.metered_lock"}
-    mutex = {"kind": "mutex", "name": "testtasks.metered_mutex"}
-    requeued = {"kind": "mutex", "name": "testtasks.metered_requeued"}
+    mutex = {"kind": "mutex", "name": "testtasks.broker_mutex"}
+    requeued = {"kind": "mutex", "name": "testtasks.broker_requeued"}
 
     def holding(labels: dict) -> Callable[[], bool]:
         return lambda: _gauge(_metrics_of(port), "zkcelery_lease_acquired_total", **labels) == 1
 
     wait_for(lambda: _metrics_of(port) is not None, 30, "the worker's metrics")
-    first = workers.send("metered_mutex", "M", 1.5)
+    first = workers.send("broker_mutex", "M", 1.5)
     wait_for(holding(mutex), 30, "the first mutex copy to hold")
-    copies = [workers.send("metered_mutex", "M", 0.0) for _ in range(2)]
-    held = workers.send("metered_requeued", "R", 1.5)
+    copies = [workers.send("broker_mutex", "M", 0.0) for _ in range(2)]
+    held = workers.send("broker_requeued", "R", 1.5)
     wait_for(holding(requeued), 30, "the requeued task's first copy to hold")
-    bounced = workers.send("metered_requeued", "R", 0.0)
+    bounced = workers.send("broker_requeued", "R", 0.0)
     locks = [workers.send("metered_lock", "L", 0.2) for _ in range(4)]
     for result in (first, held, bounced, *locks):
         result.get(timeout=60)
@@ -4555,11 +4554,10 @@ def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_and_requeues_
         _gauge(samples, "zkcelery_mutex_rejected_total", **mutex)
         == 2
         == (
-            deliveries.count("testtasks.metered_mutex")
-            - len([e for e in bodies if e["key"] == "M"])
+            deliveries.count("testtasks.broker_mutex") - len([e for e in bodies if e["key"] == "M"])
         )
     )
-    requeues = deliveries.count("testtasks.metered_requeued") - 2
+    requeues = deliveries.count("testtasks.broker_requeued") - 2
     assert _gauge(samples, "zkcelery_mutex_requeued_total", **requeued) == requeues >= 1
     assert _gauge(samples, "zkcelery_lease_acquired_total", **requeued) == 2
     assert [p.name[:17] for p in tmp_path.glob("zkcelery-metrics-*")] == ["zkcelery-metrics-"]
@@ -4614,24 +4612,24 @@ def test_rejections_requeues_and_refusals_are_task_events_where_flower_looks(
     workers = broker_workers
     workers.start(concurrency=3, ZKCELERY_TEST_EVENTS="1")
     with _Events(workers.app) as events:
-        holder = workers.send("metered_mutex", "M", 1.5)
+        holder = workers.send("broker_mutex", "M", 1.5)
         events.await_event("task-started", uuid=holder.id)
-        rejected = workers.send("metered_mutex", "M", 0.0)
+        rejected = workers.send("broker_mutex", "M", 0.0)
         failed = events.await_event("task-failed", uuid=rejected.id)  # as Celery 5.7 sends
-        first = workers.send("metered_requeued", "R", 1.5)
+        first = workers.send("broker_requeued", "R", 1.5)
         events.await_event("task-started", uuid=first.id)
-        requeued = workers.send("metered_requeued", "R", 0.0)
+        requeued = workers.send("broker_requeued", "R", 0.0)
         events.await_event("task-rejected", uuid=requeued.id, requeue=True)
         queued, holder_id = workers.send("send_early_twice", "E", 1.0).get(timeout=30)
         refusal = events.await_event("task-rejected", holder=queued)
         requeued.get(timeout=30)
     assert holder_id == queued and refusal["name"] == "testtasks.early"
-    assert "mutex testtasks.metered_mutex('M') is held" in failed["exception"]
+    assert "mutex testtasks.broker_mutex('M') is held" in failed["exception"]
     # What Flower shows: its state, built from the same events.
     tasks = events.state.tasks
     assert (tasks[rejected.id].state, tasks[requeued.id].name) == (
         "FAILURE",
-        "testtasks.metered_requeued",
+        "testtasks.broker_requeued",
     )
     assert (tasks[refusal["uuid"]].state, tasks[refusal["uuid"]].name) == (
         "REJECTED",

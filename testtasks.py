@@ -374,12 +374,16 @@ if os.environ.get("ZKCELERY_TEST_METRICS_PORT"):
     app.conf.ZOOKEEPER_METRICS_ADDR = "127.0.0.1"
 
 
+#: The tasks whose deliveries _note_delivery counts.
+_COUNTED = {"testtasks.metered_lock", "testtasks.broker_mutex", "testtasks.broker_requeued"}
+
+
 @signals.task_prerun.connect
 def _note_delivery(task: Any = None, task_id: str | None = None, **_: Any) -> None:
     # Celery's own count of deliveries (a requeued copy runs its prerun again), for the
     # metrics test: independent of zkcelery's signals.
     folder = os.environ.get("ZKCELERY_TEST_RECORD")
-    if folder and task is not None and task.name.startswith("testtasks.metered_"):
+    if folder and task is not None and task.name in _COUNTED:
         with open(Path(folder) / f"{os.getpid()}.deliveries", "a") as f:
             f.write(json.dumps({"task": task.name, "task_id": task_id}) + "\n")
 
@@ -429,16 +433,6 @@ def send_early_and_a_copy(key, hold):
     first = early.delay(key, hold=hold)
     app.send_task("testtasks.early", args=(key,), kwargs={"hold": hold}, task_id=first.id)
     return first.id
-
-
-@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",))
-def metered_mutex(self, key, hold):
-    record_body(key, hold, task_id=self.request.id)
-
-
-@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), mutex_requeue=True)
-def metered_requeued(self, key, hold):
-    record_body(key, hold, task_id=self.request.id)
 
 
 # ---------------------------------------------------------------------------
