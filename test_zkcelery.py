@@ -4918,7 +4918,9 @@ def test_exporter_counts_a_hold_from_its_grant_not_from_when_its_holder_queued(
     wait_for(lambda: _gauge(served.scrape(), "zkcelery_lease_waiters", **labels) == 1, 10,
              "the waiter scraped")  # fmt: skip
     # Its node ages while it waits in line.
-    wait_for(lambda: max(r["age"] for r in _ls_rows(zk_hosts, zk_root)) > 1.5, 10, "1.5 s")
+    # The waiter's own row: the holder's is older and would end the wait too soon.
+    waiting = lambda: [r["age"] for r in _ls_rows(zk_hosts, zk_root) if r["state"] == "waiting"]  # noqa: E731
+    wait_for(lambda: waiting() and waiting()[0] > 1.6, 10, "the waiter's node 1.6 s old")
     first.release()
     thread.join(30)
     try:
