@@ -5014,3 +5014,169 @@ def test_exporter_without_prometheus_client_fails_naming_the_extra():
                           timeout=60, check=False)  # fmt: skip
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "pip install 'zkcelery[metrics]'" in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# Limited mutexes: MutexTask with mutex_max_leases
+# ---------------------------------------------------------------------------
+
+
+def _limited_task(app: Celery, limit: int = 2, name: str = "t.limited") -> Any:
+    @app.task(shared=False, base=zkcelery.MutexTask, bind=True, mutex_keys=("tenant",),
+              mutex_max_leases=limit, name=name)  # fmt: skip
+    def task(self, tenant, gate=None):
+        if gate is not None:
+            gate()
+        return self.request.id
+
+    return task
+
+
+@pytest.fixture
+def limited_task(app):
+    return _limited_task(app)
+
+
+def _holding(task: Any, *args: Any, **options: Any) -> tuple[threading.Event, Any]:
+    """Run ``task`` eagerly in a thread until the returned event is set: (release, result box)."""
+    entered, release, box = threading.Event(), threading.Event(), {}
+
+    def gate() -> None:
+        entered.set()
+        release.wait(30)
+
+    def run() -> None:
+        box["result"] = task.apply(args, {"gate": gate}, **options)
+
+    thread = _in_thread(run)
+    assert entered.wait(10), "the body did not start"
+    box["thread"] = thread
+    return release, box
+
+
+def test_a_limited_mutex_admits_n_copies_per_key_and_rejects_the_next(limited_task):
+    holding = [_holding(limited_task, "a") for _ in range(2)]  # both bodies run at once
+    with pytest.raises(zkcelery.MutexHeld, match=r"t\.limited"):
+        limited_task("a")
+    assert limited_task("b") is None  # another key has places of its own
+    release, box = holding[0]
+    release.set()
+    box["thread"].join(10)
+    assert box["result"].successful()
+    assert limited_task("a") is None  # a place is free again
+    holding[1][0].set()
+
+
+def test_a_limited_mutex_copy_with_a_running_holders_task_id_is_dropped_not_run_beside_it(
+    limited_task,
+):
+    release, box = _holding(limited_task, "a", task_id="same-id")
+    ran = []
+    result = limited_task.apply(("a",), {"gate": lambda: ran.append(1)}, task_id="same-id")
+    assert result.state == "IGNORED" and ran == []  # a free place, but its first run lives
+    release.set()
+    box["thread"].join(10)
+    assert box["result"].successful()
+
+
+def test_copies_that_disagree_on_mutex_max_leases_are_refused_both_ways(make_app):
+    limited, plain = _limited_task(make_app(), 2), _limited_task(make_app(), 1)
+    release, box = _holding(limited, "k")
+    with pytest.raises(zkcelery.MaxLeasesMismatch, match="mutex_max_leases"):
+        plain("k")
+    release.set()
+    box["thread"].join(10)
+    # Its empty container stays until the server reaps it (a minute): a plain copy is
+    # neither refused for it nor rejected as if it were held.
+    assert plain("k") is None
+    release, _ = _holding(plain, "k2")
+    with pytest.raises(zkcelery.MaxLeasesMismatch, match="mutex_max_leases=2 here"):
+        limited("k2")
+    release.set()
+    other = _limited_task(make_app(), 3)
+    release, _ = _holding(limited, "k3")
+    with pytest.raises(zkcelery.MaxLeasesMismatch, match=r"mutex_max_leases=\[2\]"):
+        other("k3")
+    release.set()
+
+
+def test_mutex_max_leases_is_checked_when_the_task_is_defined(offline_app):
+    offline_app.finalize()
+    for bad, error in ((0, ValueError), ("2", TypeError), (True, TypeError)):
+        with pytest.raises(error, match=r"t\.bad: mutex_max_leases"):
+            _limited_task(offline_app, bad, name="t.bad")
+    with pytest.raises(TypeError, match="MutexTask"):
+
+        @offline_app.task(shared=False, base=zkcelery.EarlyMutexTask, mutex_max_leases=2,
+                          name="t.early")  # fmt: skip
+        def early(data):
+            pass
+
+
+def test_a_limited_mutex_task_run_costs_three_requests(make_app, zk_hosts):
+    # One place held all along, from another app: the test ensemble reaps an empty
+    # container within 200 ms, and making it again is not a run's cost.
+    release, _ = _holding(_limited_task(make_app()), "warm")
+    limited_task = _limited_task(make_app())
+    assert limited_task.apply(("warm",)).successful()  # connected
+    before = session_requests(zk_hosts, limited_task.app)
+    for _ in range(20):
+        assert limited_task.apply(("warm",)).successful()
+    sent = session_requests(zk_hosts, limited_task.app) - before
+    release.set()
+    assert sent <= 3 * 20 + 1, sent  # a create, a listing and a delete each, perhaps a ping
+
+
+def test_ls_lists_a_limited_mutexs_holders(limited_task, zk_hosts, zk_root):
+    holding = [_holding(limited_task, "a", task_id=f"id-{i}") for i in range(2)]
+    try:
+        rows = _ls_rows(zk_hosts, zk_root)
+    finally:
+        for release, _ in holding:
+            release.set()
+    assert sorted((r["kind"], r["state"], r["task_id"]) for r in rows) == [
+        ("mutex", "held", "id-0"), ("mutex", "held", "id-1")]  # fmt: skip
+    assert {r["key"] for r in rows} == {"t.limited('a')"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_limited_mutex_task_runs_n_per_key_never_more_and_loses_none_when_a_worker_dies(
+    broker_workers: Workers, capsys
+):
+    victim = broker_workers.start(concurrency=3)
+    broker_workers.start(concurrency=3)
+    keys = ("k0", "k1", "k2")
+    results = [broker_workers.send("limited_mutex", keys[i % 3], 0.4) for i in range(18)]
+    starts = lambda: broker_workers.record.notes("starts")  # noqa: E731
+    wait_for(lambda: len(starts()) >= 4, 30, "bodies to start")
+    os.killpg(victim.pid, signal.SIGKILL)  # RabbitMQ gives its messages back at once
+    killed = time.monotonic()
+    _await_all(results, 90)
+    assert [r.state for r in results] == ["SUCCESS"] * 18  # none lost
+    ended = {e["task_id"]: e for e in broker_workers.record.entries()}
+    assert sorted(ended) == sorted(r.id for r in results)  # each body ended once
+    # Every body that started, from its start to its end; a task's earlier starts were
+    # killed, and lasted until the kill at most.
+    spans, last = [], {}
+    for tid, key, at in sorted(starts(), key=lambda s: s[2]):
+        last[tid] = len(spans)
+        spans.append((key, at, killed))
+    for tid, index in last.items():
+        key, at, _ = spans[index]
+        spans[index] = (key, at, ended[tid]["exit"])
+    most = {key: _most_at_once([(a, b) for k, a, b in spans if k == key]) for key in keys}
+    assert max(most.values()) == 2 and set(most.values()) <= {1, 2}, most  # never three
+    rerun = len(starts()) - len(results)
+    assert rerun >= 1  # the killed bodies ran again
+    _report(capsys, f"limited mutex, 18 tasks on 3 keys x 2 places, a worker SIGKILLed: "
+                    f"most at once {most}, {rerun} bodies ran again")  # fmt: skip
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most

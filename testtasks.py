@@ -279,6 +279,17 @@ def killable_mutex(self, key, marker):
     record_body(key, 0.0 if Path(marker).exists() else 60.0, task_id=self.request.id)
 
 
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), mutex_requeue=True,
+          mutex_max_leases=2)  # fmt: skip
+def limited_mutex(self, key, hold):
+    # A body killed mid-run writes no record line: note its start first.
+    folder = os.environ.get("ZKCELERY_TEST_RECORD")
+    if folder:
+        with open(Path(folder) / f"{os.getpid()}.starts", "a") as f:
+            f.write(json.dumps([self.request.id, key, time.monotonic()]) + "\n")
+    record_body(key, hold, task_id=self.request.id)
+
+
 @app.task(base=zkcelery.LockTask, bind=True, max_retries=100)
 def broker_lock_retry(self, key, hold):
     with self.lock(key, retry=True, countdown=0.2):

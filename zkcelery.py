@@ -96,6 +96,7 @@ from kazoo.exceptions import (
     ConnectionLoss,
     KazooException,
     NoAuthError,
+    NoChildrenForEphemeralsError,
     NodeExistsError,
     NoNodeError,
     NotEmptyError,
@@ -446,11 +447,14 @@ class MutexTask(_KeyedTask):
     """Task base whose whole body runs under a mutex; contention raises :class:`MutexHeld`.
 
     Task options: ``mutex_keys`` names the arguments whose values refine the
-    mutex; ``mutex_requeue=True`` requeues a rejected task instead of failing it
-    (and turns on ``acks_late`` and, unless the task sets it, ``reject_on_worker_lost``).
+    mutex; ``mutex_max_leases=N`` admits up to N copies per key at once instead
+    of one (a copy beyond N is handled as a copy that finds the mutex held);
+    ``mutex_requeue=True`` requeues a rejected task instead of failing it (and
+    turns on ``acks_late`` and, unless the task sets it, ``reject_on_worker_lost``).
     """
 
     mutex_requeue: bool = False
+    mutex_max_leases: int = 1
 
     @property
     def mutex_lease(self) -> Lease | None:
@@ -459,6 +463,11 @@ class MutexTask(_KeyedTask):
 
     @classmethod
     def _check_options(cls) -> None:
+        try:
+            _check_max_leases(cls.mutex_max_leases)
+        except (TypeError, ValueError) as exc:
+            name = cls.__dict__.get("name") or cls.__name__
+            raise type(exc)(f"task {name}: mutex_{exc}") from None
         if cls.mutex_requeue:
             cls.acks_late = True
             # Without it, Celery acknowledges the message of a pool process that
@@ -469,7 +478,8 @@ class MutexTask(_KeyedTask):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
-        lease = _MutexLease(self, _MUTEXES, self._mutex_values(args, kwargs))
+        limit = self.mutex_max_leases if self.mutex_max_leases > 1 else None
+        lease = _MutexLease(self, _MUTEXES, self._mutex_values(args, kwargs), max_leases=limit)
         if lease.name in _handed_over():
             # An eager retry or replacement, run synchronously inside the
             # retry() or replace() of its own first run, which holds the
@@ -513,17 +523,28 @@ class MutexTask(_KeyedTask):
         finally:
             names.discard(lease.name)
 
-    def _take(self, lease: Lease) -> None:
+    def _take(self, lease: _MutexLease, within: float | None = None) -> None:
+        """Try the mutex once, or wait in line for it up to ``within`` seconds."""
         try:
-            lease.acquire()
+            lease.acquire() if within is None else lease.acquire_within(within)
         except CoordinationError as exc:  # never drop the task: retry it
             lease._log(logging.WARNING, "not acquired: %s; retrying the task", exc,
                        outcome="retried")  # fmt: skip
             raise self.retry(exc=exc) from exc
+        if lease and lease.beside_itself():
+            # A limited mutex admitted this copy beside a holder with this same
+            # task id: that is its first delivery or the run it follows, which
+            # must end first (see _contended).  Give the place back.
+            lease.release()
 
-    def _contended(self, lease: Lease, started: float) -> None:
+    def _contended(self, lease: _MutexLease, started: float) -> None:
         """The mutex is held: wait and take it, or raise ``Reject`` / ``Ignore``."""
-        holder = _holder(lease)
+        holder = _holder(lease, self.request.id)
+        if not holder:  # released since the try: try again
+            self._take(lease)
+            if lease:
+                return
+            holder = _holder(lease, self.request.id)
         if self.request.id is not None and holder.get("task_id") == self.request.id:
             own = _OwnHolder(holder, self.app)
             if own.followed_by(self.request):
@@ -536,14 +557,18 @@ class MutexTask(_KeyedTask):
             # Back off before the requeue, so that copies do not spin while a
             # long holder runs; if the holder leaves meanwhile, take it now.
             wanted = _requeue_delay(self.request.id)
-            lease.wait_for_release(_unacked_wait(self.app, started, wanted))
-            self._take(lease)
+            wait = _unacked_wait(self.app, started, wanted)
+            if lease.limited:  # wait in line: a place may free up meanwhile
+                self._take(lease, within=wanted if wait is None else wait)
+            else:
+                lease.wait_for_release(wait)
+                self._take(lease)
             if lease:
                 return
             holder = _holder(lease)
         self._reject(lease, holder, requeue=bool(self.mutex_requeue))
 
-    def _follow(self, lease: Lease, holder: dict, started: float) -> dict:
+    def _follow(self, lease: _MutexLease, holder: dict, started: float) -> dict:
         """This copy is a retry or a replacement of the run that holds the mutex.
 
         Celery gives both the running task's id and sends them before the
@@ -563,17 +588,17 @@ class MutexTask(_KeyedTask):
             outcome="waiting", wait=wait,
         )  # fmt: skip
         while True:
-            lease.wait_for_release(wait)
+            lease.wait_for_holder(holder, wait)
             self._take(lease)
             if lease:
                 return holder
-            now = _holder(lease)
+            now = _holder(lease, self.request.id)
             if now.get("guid") != holder.get("guid"):
                 return now  # released, and another task took it: plain contention
             if wait is not None:  # still ending, and the broker wants an answer
                 self._reject(lease, now, requeue=True)
 
-    def _held_by_itself(self, lease: Lease, own: _OwnHolder, started: float) -> dict:
+    def _held_by_itself(self, lease: _MutexLease, own: _OwnHolder, started: float) -> dict:
         """This task id holds its own mutex: this message is a second delivery of it.
 
         Either its first delivery is still running (Redis restored its message
@@ -600,11 +625,11 @@ class MutexTask(_KeyedTask):
             "a dead process, on" if alive is False else "on", holder.get("host"),
             holder.get("pid"), wait, holder=holder.get("task_id"), outcome="waiting", wait=wait,
         )  # fmt: skip
-        lease.wait_for_release(wait)
+        lease.wait_for_holder(holder, wait)
         self._take(lease)
         if lease:
             return holder
-        now = _holder(lease)
+        now = _holder(lease, self.request.id)
         if now.get("task_id") != self.request.id:
             return now  # the dead holder's session ended and another task took it
         if own.outlived(wait) and alive is None:
@@ -744,13 +769,19 @@ class _OwnHolder:
         return waited >= self.dead_for
 
 
-def _holder(lease: Lease) -> dict:
-    """The metadata of the mutex's holder, or ``{}`` (released meanwhile, or unreadable)."""
+def _holder(lease: Lease, task_id: str | None = None) -> dict:
+    """The metadata of the mutex's holder, or ``{}`` (released meanwhile, or unreadable).
+
+    Of a limited mutex's holders, the one with ``task_id`` if there is one, else the first.
+    """
     try:
         holders = lease.holders()
+    except MaxLeasesMismatch:
+        raise
     except ZKCeleryError:
         return {}
-    return holders[0] if holders else {}
+    own = [h for h in holders if task_id is not None and h.get("task_id") == task_id]
+    return (own or holders or [{}])[0]
 
 
 def _mutex_key(lease: Lease, holder: dict) -> str:
@@ -970,6 +1001,11 @@ class EarlyMutexTask(_KeyedTask):
 
     @classmethod
     def _check_options(cls) -> None:
+        if getattr(cls, "mutex_max_leases", None) is not None:
+            raise TypeError(
+                f"task {cls.__dict__.get('name')}: an early mutex admits one copy per key; "
+                "mutex_max_leases is an option of MutexTask"
+            )
         if cls.mutex_timeout is not None:
             _check_seconds(f"task {cls.__dict__.get('name')}: mutex_timeout", cls.mutex_timeout)
 
@@ -1345,7 +1381,7 @@ class Lease:
         return self._session
 
     def _protocol(self, session: _Session) -> _ExclusiveLock | _Semaphore | _EarlyMutex:
-        guid = uuid.uuid4().hex[:16]
+        guid = self._new_guid()
         data = self._metadata(session, guid)
         parent = f"{session.settings.root}/{self._namespace}"
         if self._namespace == _EARLY:
@@ -1353,7 +1389,15 @@ class Lease:
             return _EarlyMutex(session, parent, self.name, guid, data, self.key, timeout)
         if self._max_leases is None:
             return _ExclusiveLock(session, parent, self.name, guid, data)
-        return _Semaphore(session, f"{parent}/{self.name}", self._max_leases, guid, data, self.key)
+        option = "mutex_max_leases" if self._namespace == _MUTEXES else "max_leases"
+        return _Semaphore(
+            session, f"{parent}/{self.name}", self._max_leases, guid, data,
+            f"{self.kind} {self.key}", option,
+        )  # fmt: skip
+
+    def _new_guid(self) -> str:
+        """A random id for the node of one try (see _Queue: how a node is found again)."""
+        return uuid.uuid4().hex[:16]
 
     def _task_id(self) -> str | None:
         if self._early_id is not None:
@@ -1411,7 +1455,46 @@ _LeaseT = TypeVar("_LeaseT", bound=Lease)
 
 
 class _MutexLease(Lease):
-    """MutexTask's lease, which can note in its node that a copy of the task follows."""
+    """MutexTask's lease: one holder (an exclusive lock), or ``mutex_max_leases`` (a semaphore).
+
+    It can note in its node that a copy of the task follows, and tell a holder
+    with its own task id from other holders: a limited mutex puts a mark of the
+    task id at the head of each node's guid, so that the listing that grants a
+    place shows a holder of the same task id without reading any node.
+    """
+
+    @property
+    def limited(self) -> bool:
+        """Whether it admits more than one holder (``mutex_max_leases``)."""
+        return self._max_leases is not None
+
+    def acquire_within(self, seconds: float) -> bool:
+        """Wait in line for the mutex up to ``seconds``; return whether it is held."""
+        self._blocking, self._timeout = True, seconds
+        try:
+            return self.acquire()
+        finally:
+            self._blocking, self._timeout = False, None
+
+    def beside_itself(self) -> bool:
+        """Whether a limited mutex granted this lease beside a holder with the same task id."""
+        grant = self._grant
+        if not self.limited or grant is None or not isinstance(grant.protocol, _Semaphore):
+            return False
+        mark = _task_mark(self._task_id())
+        return mark is not None and grant.protocol.holds_marked(mark)
+
+    def wait_for_holder(self, holder: dict, seconds: float | None) -> None:
+        """Wait until ``holder`` (metadata read from its node) has released, or ``seconds``."""
+        if not self.limited:
+            self.wait_for_release(seconds)
+            return
+        if self._session is not None and isinstance(holder.get("guid"), str):
+            with contextlib.suppress(CoordinationError):  # as wait_for_release
+                protocol = self._protocol(self._session)
+                assert isinstance(protocol, _Semaphore)
+                deadline = None if seconds is None else time.monotonic() + seconds
+                protocol.wait_released(holder["guid"], deadline)
 
     def hand_over(self) -> None:
         """Note in the node that a copy of this task follows (a retry or a replacement).
@@ -1421,12 +1504,31 @@ class _MutexLease(Lease):
         same message (see _OwnHolder).
         """
         grant = self._grant
-        if grant is None or grant.released or not isinstance(grant.protocol, _ExclusiveLock):
+        if grant is None or grant.released:
             return
         try:
-            grant.protocol.hand_over(grant.path, grant.session_id)
+            _note_handover(grant.session, grant.path, grant.session_id, grant.protocol.guid)
         except (ZKCeleryError, KazooException) as exc:
             self._log(logging.WARNING, "could not note the copy that follows: %s", exc)
+
+    def _new_guid(self) -> str:
+        mark = _task_mark(self._task_id()) if self.limited else None
+        return (mark or "") + uuid.uuid4().hex[:16]
+
+
+def _task_mark(task_id: str | None) -> str | None:
+    """A limited mutex node's guid starts with this, for the task id it runs (see _MutexLease)."""
+    if task_id is None:
+        return None
+    return hashlib.blake2b(str(task_id).encode(), digest_size=4).hexdigest()
+
+
+def _note_handover(session: _Session, path: str, owner: int | None, guid: str) -> None:
+    """Note ``handover`` in the data of our node at ``path``, if it is still ours."""
+    data, stat = session.read(session.client.get_async, path)
+    if stat.ephemeralOwner == owner and _guid_of(data) == guid:
+        meta = {**json.loads(data), "handover": True}
+        session.call(session.client.set_async, path, json.dumps(meta).encode(), stat.version)
 
 
 class _EarlyLease(Lease):
@@ -1676,6 +1778,9 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 #   locks/<name>@queue/1@<guid>@<seq>     ephemeral sequential  _Queue: a waiter (the first in
 #                                                               line holds once <name> is gone)
 #   mutexes/<name>, <name>@queue/...      as locks/             MutexTask's mutexes
+#   mutexes/<name>/<max>@<guid>@<seq>     as semaphores/        a MutexTask with mutex_max_leases
+#                                                               (its guid starts with a mark of
+#                                                               its task id: _MutexLease)
 #   semaphores/<name>/                    container             _Queue (of _Semaphore): the
 #                                                               holders and waiters, in order
 #   semaphores/<name>/<max>@<guid>@<seq>  ephemeral sequential  _Queue: a holder or a waiter
@@ -2037,6 +2142,39 @@ class _ExclusiveLock:
     def _alone(self) -> bool:
         return len(self.queue.children) <= 1
 
+    def _holder_node(self) -> list[tuple[str, dict]]:
+        """(path, metadata) of ``<name>`` if a holder's node is there."""
+        session = self.session
+        try:
+            data, stat = session.read(session.client.get_async, self.holder)
+        except NoNodeError:
+            return []
+        if stat.ephemeralOwner:
+            return [(self.holder, json.loads(data or b"{}"))]
+        if self._clear_limited():  # not a holder's: a limited mutex's container
+            return []
+        raise MaxLeasesMismatch(
+            f"{self.holder} holds a limited mutex (mutex_max_leases above 1), but this copy "
+            "has mutex_max_leases=1; all holders of one key must agree"
+        )
+
+    def _clear_limited(self) -> bool:
+        """Delete ``<name>`` if it is a limited mutex's container that no holder is in.
+
+        Its last holder leaves it for the server to reap (within a minute),
+        and until then it would stand in a plain mutex's way.  The probe makes
+        the delete safe in one multi-operation: it fails if ``<name>`` is now
+        a holder's node (which cannot have children) or still has holders.
+        """
+        probe = f"{self.holder}/{_SEP}probe"
+
+        def ops(txn: TransactionRequest) -> None:
+            txn.create(probe, ephemeral=True)
+            txn.delete(probe)
+            txn.delete(self.holder)
+
+        return isinstance(self.session.multi(ops)[0], str)
+
     # -- release and look ------------------------------------------------------
 
     def release(self, path: str, session_id: int | None) -> None:
@@ -2045,17 +2183,9 @@ class _ExclusiveLock:
         else:
             self.queue.leave(container_too=self._alone())
 
-    def hand_over(self, path: str, owner: int | None) -> None:
-        """Note ``handover`` in our holder node's data, if the node is still ours."""
-        session = self.session
-        data, stat = session.read(session.client.get_async, path)
-        if stat.ephemeralOwner == owner and _guid_of(data) == self.guid:
-            meta = {**json.loads(data), "handover": True}
-            session.call(session.client.set_async, path, json.dumps(meta).encode(), stat.version)
-
     def contenders(self) -> tuple[list[dict], list[dict]]:
         """(holders, waiters): the metadata of each."""
-        holder = self.session.read_nodes([self.holder])
+        holder = self._holder_node()
         queued = self.queue.contenders()
         if not holder and queued:
             holder, queued = queued[:1], queued[1:]
@@ -2070,7 +2200,10 @@ class _ExclusiveLock:
         keys -= {c for c in keys if c.endswith(_SCHEDULE)}  # a beat's state, not a lock
         for name in sorted({c[: -len(_QUEUE)] if c.endswith(_QUEUE) else c for c in keys}):
             held = name in keys
-            if held:
+            if held and children(f"{parent}/{name}"):  # a limited mutex's container
+                yield from _Semaphore.listed_key(name, f"{parent}/{name}", children)
+                continue
+            if held:  # its node, or an empty container (ls skips: no ephemeral owner)
                 yield name, f"{parent}/{name}", "held"
             queue = f"{parent}/{name}{_QUEUE}"
             for i, node in enumerate(_by_arrival(children(queue)) if name + _QUEUE in keys else []):
@@ -2078,10 +2211,19 @@ class _ExclusiveLock:
 
     @staticmethod
     def guarding(session: _Session, parent: str) -> Iterator[str]:
-        """The per-key nodes under ``parent`` whose ACL guards contenders: queues, beat states."""
+        """The per-key nodes under ``parent`` whose ACL guards contenders.
+
+        Queues, beat states, and limited mutexes' containers (a holder's node
+        is ephemeral; a container is not).
+        """
         for child in sorted(session.read(session.client.get_children_async, parent)):
+            path = f"{parent}/{child}"
             if child.endswith((_QUEUE, _SCHEDULE)):
-                yield f"{parent}/{child}"
+                yield path
+                continue
+            with contextlib.suppress(NoNodeError):
+                if not session.read(session.client.get_async, path)[1].ephemeralOwner:
+                    yield path
 
 
 class _ExclusivePolicy:
@@ -2163,24 +2305,40 @@ class _Semaphore:
     first waiter's watch.  A release thus wakes the first waiter, and a grant
     the next one: never all of them.  Waiters on another semaphore are under
     another container and cost this one nothing.
+
+    A limited MutexTask (``mutex_max_leases``) is such a semaphore, its
+    container at ``mutexes/<name>``, where a plain mutex's holder node would be:
+    copies that disagree on the limit, one (a node that cannot have children)
+    and more (a container), thus find each other's node in the way and exclude
+    each other, and are refused with MaxLeasesMismatch, never admitted together.
     """
 
     watch_listing = True
 
     def __init__(
-        self, session: _Session, path: str, max_leases: int, guid: str, data: bytes, key: str
+        self,
+        session: _Session,
+        path: str,
+        max_leases: int,
+        guid: str,
+        data: bytes,
+        label: str,
+        option: str = "max_leases",
     ) -> None:
         self.session = session
         self.key_path = path
         self.guid = guid
         self.max_leases = max_leases
         self.queue = _Queue(session, path, max_leases, guid, data)
-        self._policy = _SemaphorePolicy(session, path, max_leases, key)
+        self._policy = _SemaphorePolicy(session, path, max_leases, label, option)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         granted = False
         try:
-            granted = self.queue.wait_turn(self._policy, blocking, deadline)
+            try:
+                granted = self.queue.wait_turn(self._policy, blocking, deadline)
+            except NoChildrenForEphemeralsError:
+                raise self._policy.mismatch([1]) from None
             if not granted:
                 return None
             if self.queue.node != self.queue.children[-1]:
@@ -2206,16 +2364,35 @@ class _Semaphore:
         held, waiting = queued[: self.max_leases], queued[self.max_leases :]
         return _states(held, "held"), _states(waiting, "waiting")
 
+    def holds_marked(self, mark: str) -> bool:
+        """Whether another holder in the listing that granted ours has a guid starting ``mark``."""
+        holders = self.queue.children[: self.max_leases]
+        return any(
+            child != self.queue.node and child.split(_SEP)[1].startswith(mark) for child in holders
+        )
+
+    def wait_released(self, guid: str, deadline: float | None) -> None:
+        """Wait until the contender with ``guid`` has left, or the deadline."""
+        for child in self.queue.listing():
+            if child.split(_SEP)[1] == guid:
+                _wait_gone(self.session, f"{self.key_path}/{child}", deadline)
+                return
+
     # -- a namespace of semaphores, as ls and secure walk it --------------------
 
     @staticmethod
     def listed(parent: str, children: _Children) -> Iterator[tuple[str, str, str]]:
         """(key node, contender path, held or waiting) of every contender under ``parent``."""
         for name in sorted(children(parent)):
-            nodes = _by_arrival(children(f"{parent}/{name}"))
-            limit = int(nodes[0].split(_SEP, 1)[0]) if nodes else 0
-            for i, node in enumerate(nodes):
-                yield name, f"{parent}/{name}/{node}", "held" if i < limit else "waiting"
+            yield from _Semaphore.listed_key(name, f"{parent}/{name}", children)
+
+    @staticmethod
+    def listed_key(name: str, path: str, children: _Children) -> Iterator[tuple[str, str, str]]:
+        """As ``listed``, for the one container at ``path``."""
+        nodes = _by_arrival(children(path))
+        limit = int(nodes[0].split(_SEP, 1)[0]) if nodes else 0
+        for i, node in enumerate(nodes):
+            yield name, f"{path}/{node}", "held" if i < limit else "waiting"
 
     @staticmethod
     def guarding(session: _Session, parent: str) -> Iterator[str]:
@@ -2229,11 +2406,14 @@ class _SemaphorePolicy:
 
     watch_listing = True
 
-    def __init__(self, session: _Session, queue_path: str, max_leases: int, key: str) -> None:
+    def __init__(
+        self, session: _Session, queue_path: str, max_leases: int, label: str, option: str
+    ) -> None:
         self.session = session
         self.queue_path = queue_path
         self.max_leases = max_leases
-        self.key = key
+        self.label = label  # "semaphore <key>", "mutex <key>"
+        self.option = option
 
     def joined(self) -> None:
         pass
@@ -2241,11 +2421,15 @@ class _SemaphorePolicy:
     def granted(self, children: list[str], index: int) -> bool:
         others = {int(c.split(_SEP, 1)[0]) for c in children} - {self.max_leases}
         if others:
-            raise MaxLeasesMismatch(
-                f"semaphore {self.key}: max_leases={self.max_leases} here, but other holders "
-                f"use max_leases={sorted(others)}; all holders of one semaphore must agree"
-            )
+            raise self.mismatch(sorted(others))
         return index < self.max_leases
+
+    def mismatch(self, others: list[int]) -> MaxLeasesMismatch:
+        """The error for holders of one key that disagree on how many it admits."""
+        return MaxLeasesMismatch(
+            f"{self.label}: {self.option}={self.max_leases} here, but other holders use "
+            f"{self.option}={others}; all holders of one key must agree"
+        )
 
     def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
         if index == self.max_leases:
@@ -5267,6 +5451,8 @@ def _rows(
             if found is None:
                 continue  # released since the walk saw it
             data, stat = found
+            if not stat.ephemeralOwner and namespace.name != _EARLY:
+                continue  # a limited mutex's container that its last holder left
             meta = json.loads(data or b"{}")
             if namespace.name == _EARLY:
                 state = meta.get("state", state)  # queued or running
