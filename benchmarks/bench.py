@@ -115,7 +115,7 @@ from testsupport import ensemble_hosts, four_letter
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 ROOT_PARENT = "/zkcelery-bench"
-LOCKER, MUTEX, PLAIN = "bench.locker", "bench.mutex", "bench.plain"
+LOCKER, MUTEX, PLAIN, LIMITED = "bench.locker", "bench.mutex", "bench.plain", "bench.limited"
 
 Cycle = Callable[[], object]
 log = logger("bench")
@@ -183,6 +183,7 @@ class Tasks:
     locker: Any
     mutex: Any
     plain: Any
+    limited: Any
 
 
 def make_tasks(hosts: str, root: str, main: str = "bench") -> Tasks:
@@ -196,11 +197,15 @@ def make_tasks(hosts: str, root: str, main: str = "bench") -> Tasks:
     def mutex(self: Any) -> None:
         """An empty body under MutexTask's mutex."""
 
+    @app.task(base=zkcelery.MutexTask, bind=True, shared=False, name=LIMITED, mutex_max_leases=2)
+    def limited(self: Any) -> None:
+        """An empty body under a MutexTask admitting two copies at once."""
+
     @app.task(bind=True, shared=False, name=PLAIN)
     def plain(self: Any) -> None:
         """The same empty body without a mutex."""
 
-    return Tasks(app, locker, mutex, plain)
+    return Tasks(app, locker, mutex, plain, limited)
 
 
 def create_delete(client: KazooClient, path: str) -> None:
@@ -293,6 +298,7 @@ def zkcelery_cycles(tasks: Tasks, tag: str) -> dict[str, Cycle]:
         "zk_semaphore": lambda: zk_semaphore_cycle(tasks.locker, "semaphore"),
         "plain_apply": lambda: apply_cycle(tasks.plain),
         "mutex_apply": lambda: apply_cycle(tasks.mutex),
+        "limited_apply": lambda: apply_cycle(tasks.limited),
     }
 
 
@@ -309,6 +315,7 @@ LABELS = {
     "kazoo_semaphore": "6  kazoo Semaphore(max_leases=2)",
     "plain_apply": "7  task.apply(), plain task",
     "mutex_apply": "7  task.apply(), MutexTask",
+    "limited_apply": "7  task.apply(), MutexTask(mutex_max_leases=2)",
     "redis": "10 Redis Lock (redis-py): SET NX PX + checked DEL",
 }
 ORDER = list(LABELS)
@@ -853,6 +860,7 @@ def build_targets(
     floor = median_ms(stats, "floor")
     mutex_ms = median_ms(stats, "mutex_apply") - median_ms(stats, "plain_apply")
     mutex_requests = round(counts["mutex_apply"] - counts["plain_apply"], 2)
+    limited_requests = round(counts["limited_apply"] - counts["plain_apply"], 2)
     reads = f"read {median_ms(stats, 'exists'):.2f} ms, create+delete {floor:.2f} ms"
     handoff_ratio = handoff["zkcelery"]["median_ms"] / handoff["kazoo"]["median_ms"]
     handoff_note = "after the release: nothing for zkcelery's first waiter, a listing for kazoo's"
@@ -866,6 +874,7 @@ def build_targets(
         Target("requests per failed try-lock", counts["zk_try_fail"], "<=", 1),
         Target("requests per semaphore cycle (max_leases=2)", counts["zk_semaphore"], "<=", 3),
         Target("requests per MutexTask run", mutex_requests, "<=", 2),
+        Target("requests per limited MutexTask run (max 2)", limited_requests, "<=", 3),
         Target("lock / floor (2)/(1), reused key", over("zk_lock", "floor"), "<=", 1.15),
         Target("lock / floor (2)/(1), fresh key", over("zk_lock_fresh", "floor"), "<=", 1.15),
         Target("lock / kazoo Lock (2)/(3)", over("zk_lock", "kazoo_lock"), "<=", 0.85, reads),
