@@ -477,6 +477,16 @@ def threads_worker(app: Celery) -> Iterator[Any]:
 # ---------------------------------------------------------------------------
 
 
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most of the (start, end) spans that ever overlap (one ending as one starts: not)."""
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
 class Record:
     """An enter/exit record kept in files, independent of zkcelery's view."""
 
@@ -509,15 +519,9 @@ class Record:
 
     def max_concurrent(self, key: Any = None) -> int:
         """The most bodies of ``key`` (or of any key) that ever ran at once."""
-        events = []
-        for e in self.entries():
-            if key is None or e["key"] == key:
-                events += [(e["enter"], 1), (e["exit"], -1)]
-        level = peak = 0
-        for _, step in sorted(events, key=lambda ev: (ev[0], ev[1])):
-            level += step
-            peak = max(peak, level)
-        return peak
+        return most_at_once(
+            [(e["enter"], e["exit"]) for e in self.entries() if key is None or e["key"] == key]
+        )
 
     def overlaps(self) -> list[tuple[dict, dict]]:
         """Pairs of bodies of the same key that overlapped in time."""

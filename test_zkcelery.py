@@ -52,6 +52,7 @@ from conftest import (
     configure,
     count_znodes,
     expire_session,
+    most_at_once,
     session_requests,
     wait_for,
 )
@@ -5139,6 +5140,16 @@ def test_ls_lists_a_limited_mutexs_holders(limited_task, zk_hosts, zk_root):
     assert {r["key"] for r in rows} == {"t.limited('a')"}
 
 
+def test_readme_export_runs_at_most_three_per_customer_and_every_copy_once(workers: Workers):
+    workers.start(concurrency=4)
+    results = [workers.send("export", "c1", {"key": "c1", "hold": 0.8, "n": i}) for i in range(5)]
+    results.append(workers.send("export", "c2", {"key": "c2", "hold": 0.8}))
+    assert _states(results, 60) == ["SUCCESS"] * 6  # the surplus waited or was requeued
+    entries = workers.record.entries()
+    assert sorted(e.get("n", -1) for e in entries if e["key"] == "c1") == [0, 1, 2, 3, 4]
+    assert workers.record.max_concurrent("c1") == 3  # never four
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
 def test_a_limited_mutex_task_runs_n_per_key_never_more_and_loses_none_when_a_worker_dies(
@@ -5165,18 +5176,9 @@ def test_a_limited_mutex_task_runs_n_per_key_never_more_and_loses_none_when_a_wo
     for tid, index in last.items():
         key, at, _ = spans[index]
         spans[index] = (key, at, ended[tid]["exit"])
-    most = {key: _most_at_once([(a, b) for k, a, b in spans if k == key]) for key in keys}
+    most = {key: most_at_once([(a, b) for k, a, b in spans if k == key]) for key in keys}
     assert max(most.values()) == 2 and set(most.values()) <= {1, 2}, most  # never three
     rerun = len(starts()) - len(results)
     assert rerun >= 1  # the killed bodies ran again
     _report(capsys, f"limited mutex, 18 tasks on 3 keys x 2 places, a worker SIGKILLed: "
                     f"most at once {most}, {rerun} bodies ran again")  # fmt: skip
-
-
-def _most_at_once(spans: list[tuple[float, float]]) -> int:
-    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
-    most = now = 0
-    for _, step in events:
-        now += step
-        most = max(most, now)
-    return most
