@@ -356,7 +356,8 @@ beat_tick_skipped = Signal(name="zkcelery.beat_tick_skipped")
 
 
 class LockTask(celery.Task):
-    """Task base offering ``self.lock()`` and ``self.semaphore()``; use with ``bind=True``."""
+    """Task base offering ``self.lock()``, ``self.semaphore()``, ``self.read_lock()`` and
+    ``self.write_lock()``; use with ``bind=True``."""
 
     def lock(
         self,
@@ -411,6 +412,57 @@ class LockTask(celery.Task):
             self, _SEMAPHORES, values, max_leases=max_leases, blocking=blocking,
             timeout=timeout, retry=retry, identifier=identifier, name=name,
             retry_options=retry_options,
+        )  # fmt: skip
+
+    def read_lock(
+        self,
+        *values: Any,
+        blocking: bool = False,
+        timeout: float | None = None,
+        retry: bool = False,
+        identifier: str | None = None,
+        name: str | None = None,
+        **retry_options: Any,
+    ) -> Lease:
+        """A read lock on this task's name refined by ``values``: shared by readers.
+
+        Any number of readers hold it at once, never beside a writer
+        (:meth:`write_lock` on the same name and values).  Contenders are
+        served in arrival order: a reader waits for the writers that came
+        before it, never for one that came after.
+
+        :param values, blocking, timeout, retry, identifier, name, retry_options:
+            as for :meth:`lock`; tasks of other names that read and write the
+            same thing share the lock by giving the same ``name``.
+        """
+        return Lease(
+            self, _RWLOCKS, values, mode=_READ, blocking=blocking, timeout=timeout,
+            retry=retry, identifier=identifier, name=name, retry_options=retry_options,
+        )  # fmt: skip
+
+    def write_lock(
+        self,
+        *values: Any,
+        blocking: bool = False,
+        timeout: float | None = None,
+        retry: bool = False,
+        identifier: str | None = None,
+        name: str | None = None,
+        **retry_options: Any,
+    ) -> Lease:
+        """A write lock on this task's name refined by ``values``: one writer, no reader.
+
+        It excludes every reader (:meth:`read_lock` on the same name and
+        values) and every other writer.  Contenders are served in arrival
+        order: a writer waits for the readers that came before it, and
+        readers that come after it wait for it.
+
+        :param values, blocking, timeout, retry, identifier, name, retry_options:
+            as for :meth:`read_lock`.
+        """
+        return Lease(
+            self, _RWLOCKS, values, mode=_WRITE, blocking=blocking, timeout=timeout,
+            retry=retry, identifier=identifier, name=name, retry_options=retry_options,
         )  # fmt: skip
 
 
@@ -1162,13 +1214,15 @@ class Lease:
     to ZooKeeper is down, and ``holders()`` / ``waiters()`` list who holds the
     lock and who waits for it now.
 
-    Leases are made by :meth:`LockTask.lock`, :meth:`LockTask.semaphore` and
+    Leases are made by :meth:`LockTask.lock`, :meth:`LockTask.semaphore`,
+    :meth:`LockTask.read_lock`, :meth:`LockTask.write_lock` and
     :class:`MutexTask`; the parameters are theirs:
 
     :param task: the task whose name (and app settings) the lease uses.
-    :param namespace: ``"locks"``, ``"semaphores"`` or ``"mutexes"``.
+    :param namespace: ``"locks"``, ``"semaphores"``, ``"rwlocks"`` or ``"mutexes"``.
     :param values: the refining values that follow the name.
     :param max_leases: how many holders a semaphore admits (None: a lock).
+    :param mode: of a read/write lock, ``"read"`` or ``"write"``.
     :param blocking: wait for the lease instead of giving up at once.
     :param timeout: with ``blocking``, the longest wait in seconds.
     :param retry: when not acquired, retry the task from ``__enter__``.
@@ -1185,6 +1239,7 @@ class Lease:
         values: Sequence[Any] = (),
         *,
         max_leases: int | None = None,
+        mode: str | None = None,
         blocking: bool = False,
         timeout: float | None = None,
         retry: bool = False,
@@ -1208,6 +1263,7 @@ class Lease:
         self._task = task
         self._namespace = namespace
         self._max_leases = max_leases
+        self._mode = mode
         self._blocking = bool(blocking)
         self._timeout = timeout
         self._retry = bool(retry) and not blocking
@@ -1247,7 +1303,10 @@ class Lease:
 
     @property
     def kind(self) -> str:
-        """What it is a lease of, as ``ls`` says: lock, semaphore, mutex, early mutex or beat."""
+        """What it is a lease of, as ``ls`` says: lock, semaphore, read lock, write lock,
+        mutex, early mutex or beat."""
+        if self._mode is not None:
+            return f"{self._mode} lock"
         return _NAMESPACES[self._namespace].kind
 
     @property
@@ -1369,7 +1428,7 @@ class Lease:
             # Only a courtesy: if ZooKeeper is away, the next acquire says so.
             with contextlib.suppress(CoordinationError):
                 protocol = self._protocol(self._session)
-                assert not isinstance(protocol, _Semaphore)
+                assert isinstance(protocol, (_ExclusiveLock, _EarlyMutex))
                 deadline = None if seconds is None else time.monotonic() + seconds
                 _wait_gone(self._session, protocol.holder, deadline)
 
@@ -1380,10 +1439,14 @@ class Lease:
             self._session = _connection(self._task.app)
         return self._session
 
-    def _protocol(self, session: _Session) -> _ExclusiveLock | _Semaphore | _EarlyMutex:
+    def _protocol(
+        self, session: _Session
+    ) -> _ExclusiveLock | _Semaphore | _ReadWriteLock | _EarlyMutex:
         guid = self._new_guid()
         data = self._metadata(session, guid)
         parent = f"{session.settings.root}/{self._namespace}"
+        if self._mode is not None:
+            return _ReadWriteLock(session, f"{parent}/{self.name}", self._mode, guid, data)
         if self._namespace == _EARLY:
             timeout = _mutex_timeout(self._task)
             return _EarlyMutex(session, parent, self.name, guid, data, self.key, timeout)
@@ -1426,6 +1489,8 @@ class Lease:
         }
         if self._max_leases is not None:
             meta["max_leases"] = self._max_leases
+        if self._mode is not None:
+            meta["mode"] = self._mode
         return json.dumps(meta).encode()
 
     def _waited(self) -> float:
@@ -1626,7 +1691,7 @@ class _Grant:
     def __init__(
         self,
         session: _Session,
-        protocol: _ExclusiveLock | _Semaphore | _EarlyMutex,
+        protocol: _ExclusiveLock | _Semaphore | _ReadWriteLock | _EarlyMutex,
         path: str,
         token: int | None,
         owner: int | None,
@@ -1784,6 +1849,10 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 #   semaphores/<name>/                    container             _Queue (of _Semaphore): the
 #                                                               holders and waiters, in order
 #   semaphores/<name>/<max>@<guid>@<seq>  ephemeral sequential  _Queue: a holder or a waiter
+#   rwlocks/<name>/                       container             _Queue (of _ReadWriteLock):
+#                                                               readers and writers, in order
+#   rwlocks/<name>/<mode>@<guid>@<seq>    ephemeral sequential  _Queue: a reader (read) or a
+#                                                               writer (write), held or waiting
 #   early/<name>                          TTL, else persistent  _EarlyMutex: queued, from the
 #                                                               send to the run's start
 #                                         ephemeral             _EarlyMutex: running
@@ -1797,7 +1866,8 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 # main name, as a lock name (``proj()``).  <guid> is one lease's random id, by
 # which a contender finds its own node again after a lost answer; <max> is a
 # semaphore's max_leases, so that holders that disagree see it in one listing;
-# <seq> is the 10-digit counter ZooKeeper appends, which orders the line.
+# <mode> is read or write, so that one listing tells who holds a read/write
+# lock; <seq> is the 10-digit counter ZooKeeper appends, which orders the line.
 # Every contender's node holds its metadata as JSON (task id, host, pid,
 # identifier, key, guid...), so "who holds it" costs no extra node.
 #
@@ -1838,8 +1908,9 @@ def _expired(deadline: float | None) -> bool:
 class _QueuePolicy(Protocol):
     """What a kind of queue decides in _Queue.wait_turn: when our node holds, and what it watches.
 
-    The exclusive lock (_ExclusivePolicy) and the semaphore (_SemaphorePolicy)
-    share _Queue and differ only in these answers.
+    The exclusive lock (_ExclusivePolicy), the semaphore (_SemaphorePolicy)
+    and the read/write lock (_ReadWritePolicy) share _Queue and differ only in
+    these answers.
     """
 
     #: Whether the listing of the queue sets a children watch (``listed`` in watch).
@@ -1866,8 +1937,10 @@ class _Queue:
     """Contenders for one key, in arrival order, under one container node.
 
     Each contender creates one ephemeral sequential child named
-    ``<max_leases>@<guid>@<sequence>``; the order of the sequence numbers is
-    the order of arrival.  A policy (the protocol using the queue) answers,
+    ``<tag>@<guid>@<sequence>``; the order of the sequence numbers is the
+    order of arrival.  The tag is what the protocol needs every contender to
+    see in one listing: a semaphore's max_leases, a reader's or a writer's
+    mode.  A policy (the protocol using the queue) answers,
     for the sorted contenders, two questions: is ours granted, and which one
     thing do we watch until it may be.  Watching one node rather than the
     container means a change wakes the one waiter it concerns, not all of
@@ -1887,11 +1960,11 @@ class _Queue:
     """
 
     def __init__(
-        self, session: _Session, path: str, max_leases: int, guid: str, data: bytes
+        self, session: _Session, path: str, tag: int | str, guid: str, data: bytes
     ) -> None:
         self.session = session
         self.path = path
-        self.prefix = f"{max_leases}{_SEP}{guid}{_SEP}"
+        self.prefix = f"{tag}{_SEP}{guid}{_SEP}"
         self.data = data
         self.node: str | None = None  # our child's name while we are in the queue
         self.token: int | None = None
@@ -2444,6 +2517,155 @@ class _SemaphorePolicy:
         return False  # the change that woke us may have granted another: list again
 
 
+#: The modes of a read/write lock: the tag of its nodes (see _ReadWriteLock).
+_READ, _WRITE = "read", "write"
+
+
+class _ReadWriteLock:
+    """Readers share it, a writer holds it alone: ``read_lock()`` and ``write_lock()``.
+
+    Readers and writers of one key make one node each in the key's container
+    (see _Queue), tagged ``read`` or ``write``: a single line, in arrival
+    order.  The front of the line holds: the first node if it is a writer's,
+    else every reader ahead of the first writer (_front).  A reader never
+    overtakes a writer that came before it, nor a writer readers that came
+    before it, so neither starves.  A contender looks only at the nodes ahead
+    of it: a writer behind a reader never holds the reader up (the deadlock
+    of kazoo issue #649, where a reader also waited for a later writer).
+
+    Each waiter watches one node, for its deletion: a reader the last writer
+    ahead of it, a writer the node just ahead of it.  A writer's release thus
+    wakes the readers it kept waiting, each of them granted, or the one
+    writer behind it; a reader's release wakes at most the writer right
+    behind it.  Never a herd; a writer behind n readers wakes at most n times,
+    once per release.
+
+    Uncontended, a read or a write lock costs three requests: create, list,
+    delete; a failed try the same, its node deleted at once.  A waiter woken
+    by the deletion of the only node that kept it waiting, made in another
+    session, holds without listing the line again: after the release, the
+    grant costs no request.  Any other wake costs a listing and the get that
+    sets the next watch.
+
+    The fencing token is the node's creation zxid, one order for readers and
+    writers: conflicting grants follow the line, which is the order of
+    creation, so a writer's token exceeds every token granted before it, and
+    a reader's every writer's before it.  Readers that overlap are in no
+    order among themselves, as a semaphore's holders.
+    """
+
+    def __init__(self, session: _Session, path: str, mode: str, guid: str, data: bytes) -> None:
+        self.session = session
+        self.key_path = path
+        self.guid = guid
+        self.queue = _Queue(session, path, mode, guid, data)
+        self._policy = _ReadWritePolicy(session, path, mode)
+
+    def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
+        granted = False
+        try:
+            granted = self.queue.wait_turn(self._policy, blocking, deadline)
+            return (self.queue.own_path, self.queue.token, self.queue.owner) if granted else None
+        finally:
+            if not granted:  # a waiter that gives up, or fails, leaves no node behind
+                with contextlib.suppress(CoordinationError):  # else deleted when it can be
+                    self.queue.leave()
+
+    def release(self, path: str, session_id: int | None) -> None:
+        self.queue.node = path.rsplit("/", 1)[1]
+        self.queue.owner = session_id
+        self.queue.leave()
+
+    def contenders(self) -> tuple[list[dict], list[dict]]:
+        queued = self.queue.contenders()
+        front = _front([path.rsplit("/", 1)[1] for path, _ in queued])
+        return _states(queued[:front], "held"), _states(queued[front:], "waiting")
+
+    # -- a namespace of read/write locks, as ls and secure walk it --------------
+
+    @staticmethod
+    def kind_of(path: str) -> str:
+        """``read lock`` or ``write lock``: what the contender at ``path`` takes."""
+        return f"{path.rsplit('/', 1)[1].split(_SEP, 1)[0]} lock"
+
+    @staticmethod
+    def listed(parent: str, children: _Children) -> Iterator[tuple[str, str, str]]:
+        """(key node, contender path, held or waiting) of every contender under ``parent``."""
+        for name in sorted(children(parent)):
+            nodes = _by_arrival(children(f"{parent}/{name}"))
+            front = _front(nodes)
+            for i, node in enumerate(nodes):
+                yield name, f"{parent}/{name}/{node}", "held" if i < front else "waiting"
+
+    @staticmethod
+    def guarding(session: _Session, parent: str) -> Iterator[str]:
+        """The per-key nodes under ``parent`` whose ACL guards contenders: every container."""
+        return _Semaphore.guarding(session, parent)
+
+
+class _ReadWritePolicy:
+    """_ReadWriteLock's queue: the front of the line holds; a waiter watches what blocks it."""
+
+    watch_listing = False
+
+    def __init__(self, session: _Session, queue_path: str, mode: str) -> None:
+        self.session = session
+        self.queue_path = queue_path
+        self.mode = mode
+        self._woken: Any = None  # the event of the latest watch
+        self._sole = False  # that watch is on the only node keeping ours waiting...
+        self._deleted = False  # ...and that node's deletion set the event
+
+    def joined(self) -> None:
+        pass
+
+    def granted(self, children: list[str], index: int) -> bool:
+        return index < _front(children)
+
+    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
+        ahead = self._blocker(children, index)
+        woken = self._woken = self.session.handler.event_object()
+        self._deleted = False
+        watch = self._deletion_watch(woken)
+        stat = self.session.stat_watching(f"{self.queue_path}/{children[ahead]}", watch)
+        if stat is None:
+            return None
+        # Not a node of our own session: its deletion may be that session's
+        # end, and ours gone with it.
+        rest = children[:ahead] + children[ahead + 1 :]
+        self._sole = stat.ephemeralOwner != self.session.session_id and self.granted(
+            rest, index - 1
+        )
+        return woken
+
+    def granted_on_wake(self) -> bool:
+        # Nodes join only at the back: with the one node ahead that kept us
+        # waiting gone, nothing else can be ahead of us.
+        return self._sole and self._deleted
+
+    def _blocker(self, children: list[str], index: int) -> int:
+        """The index of the node ours waits for: the last writer ahead, or the node ahead."""
+        if self.mode == _READ:
+            return max(i for i in range(index) if children[i].startswith(_WRITE + _SEP))
+        return index - 1
+
+    def _deletion_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
+        def on_event(event: WatchedEvent) -> None:
+            if woken is self._woken:  # not the watch of an earlier turn, still set
+                self._deleted = event.type == EventType.DELETED
+            woken.set()
+
+        return on_event
+
+
+def _front(children: list[str]) -> int:
+    """How many at the front of a read/write line hold: a writer alone, or the readers."""
+    for i, child in enumerate(children):
+        if child.startswith(_WRITE + _SEP):
+            return i or 1
+    return len(children)
+
+
 def _wait_gone(session: _Session, path: str, deadline: float | None) -> None:
     """Wait until the node at ``path`` is gone, or the deadline."""
     while True:
@@ -2722,6 +2944,7 @@ def _states(found: list[tuple[str, dict]], state: str) -> list[dict]:
 
 # The namespaces: one persistent node each under ZOOKEEPER_ROOT.
 _LOCKS, _MUTEXES, _SEMAPHORES = "locks", "mutexes", "semaphores"
+_RWLOCKS = "rwlocks"  # read_lock() and write_lock()
 _EARLY = "early"  # EarlyMutexTask
 _BEAT = "beat"  # ElectedScheduler: the election, and the schedule's state
 
@@ -2734,7 +2957,7 @@ class _Namespace:
     kind: str
     #: The protocol whose nodes it holds, which also tells ``ls`` and ``secure``
     #: how to walk them (see the protocol map).
-    protocol: type[_ExclusiveLock] | type[_Semaphore] | type[_EarlyMutex]
+    protocol: type[_ExclusiveLock] | type[_Semaphore] | type[_ReadWriteLock] | type[_EarlyMutex]
 
 
 #: Every namespace, the one list of them: the tree made once per process, and
@@ -2745,6 +2968,7 @@ _NAMESPACES: dict[str, _Namespace] = {
         _Namespace(_LOCKS, "lock", _ExclusiveLock),
         _Namespace(_MUTEXES, "mutex", _ExclusiveLock),
         _Namespace(_SEMAPHORES, "semaphore", _Semaphore),
+        _Namespace(_RWLOCKS, "rwlock", _ReadWriteLock),  # each row: read lock or write lock
         _Namespace(_EARLY, "early mutex", _EarlyMutex),
         _Namespace(_BEAT, "beat", _ExclusiveLock),
     )
@@ -3041,7 +3265,9 @@ _RETRY_KEYWORDS = frozenset(
 
 def _check_retry_options(namespace: str, options: dict, retry: bool) -> None:
     """Name a keyword that is neither the call's option nor ``self.retry()``'s, or needs retry."""
-    call = "semaphore()" if namespace == _SEMAPHORES else "lock()"
+    call = {_SEMAPHORES: "semaphore()", _RWLOCKS: "read_lock() / write_lock()"}.get(
+        namespace, "lock()"
+    )
     own = "blocking, timeout, retry, identifier, name"
     if namespace == _SEMAPHORES:
         own = f"max_leases, {own}"
@@ -5456,8 +5682,11 @@ def _rows(
             meta = json.loads(data or b"{}")
             if namespace.name == _EARLY:
                 state = meta.get("state", state)  # queued or running
+            kind = namespace.kind
+            if namespace.name == _RWLOCKS:
+                kind = _ReadWriteLock.kind_of(path)  # its node's name says which
             rows.append({
-                "kind": namespace.kind, "namespace": namespace.name, "state": state,
+                "kind": kind, "namespace": namespace.name, "state": state,
                 "key": meta.get("key", key_node),
                 "node": key_node, "path": path, "task": meta.get("task"),
                 "task_id": meta.get("task_id"), "identifier": meta.get("identifier"),
