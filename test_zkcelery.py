@@ -4184,7 +4184,7 @@ def auth_cli(tmp_path, zk_hosts, zk_root) -> Any:
     return run
 
 
-_NAMESPACES = ("locks", "semaphores", "mutexes", "early", "beat")
+_NAMESPACES = ("locks", "semaphores", "rwlocks", "mutexes", "early", "beat")
 
 
 def _open_tree(zk: KazooClient, zk_root: str) -> None:
@@ -4214,11 +4214,11 @@ def test_secure_gives_the_tree_to_the_identity_and_others_can_then_break_nothing
 
     _open_tree(zk, zk_root)
     zk.create(f"{zk_root}/semaphores/left-over")  # a per-key parent from the open days
-    # secured: the root, five namespace nodes and that parent
+    # secured: the root, six namespace nodes and that parent
     done = auth_cli("secure")
     assert done.returncode == 0, done.stderr
     assert (
-        done.stdout.count("secured ") == 7 and "world:anyone=rwcda -> digest:worker" in done.stdout
+        done.stdout.count("secured ") == 8 and "world:anyone=rwcda -> digest:worker" in done.stdout
     )
     app = make_app(ZOOKEEPER_AUTH=_AUTH)
     task = _lock_task_on(app)
@@ -5182,3 +5182,299 @@ def test_a_limited_mutex_task_runs_n_per_key_never_more_and_loses_none_when_a_wo
     assert rerun >= 1  # the killed bodies ran again
     _report(capsys, f"limited mutex, 18 tasks on 3 keys x 2 places, a worker SIGKILLed: "
                     f"most at once {most}, {rerun} bodies ran again")  # fmt: skip
+
+
+# ===========================================================================
+# Read/write locks
+# ===========================================================================
+#
+# Every test here takes its holds in threads of this process: one session per
+# app, several apps where sessions matter.  A span is (mode, entered, left,
+# token) as the body saw it: inside the hold, so spans that overlap mean holds
+# that did.
+
+
+def _span(lease: zkcelery.Lease, mode: str, hold: float = 0.0) -> tuple[str, float, float, int]:
+    """Note a held lease's body: hold it ``hold`` seconds; (mode, entered, left, token)."""
+    assert lease, f"the {mode} lock was not granted"
+    entered = time.monotonic()
+    time.sleep(hold)
+    return mode, entered, time.monotonic(), lease.token
+
+
+def _writer_overlaps(spans: list[tuple]) -> list[tuple]:
+    """Pairs of spans that overlap where one is a writer's: what a read/write lock forbids."""
+    return [
+        (a, b)
+        for i, a in enumerate(spans)
+        for b in spans[i + 1 :]
+        if "write" in (a[0], b[0]) and a[1] < b[2] and b[1] < a[2]
+    ]
+
+
+def _queued(holder: zkcelery.Lease, count: int) -> None:
+    wait_for(lambda: len(holder.waiters()) == count, 10, f"{count} waiter(s) to queue")
+
+
+def test_several_readers_hold_a_read_lock_at_once(make_app):
+    tasks = [_lock_task_on(make_app()) for _ in range(3)]
+    together = threading.Barrier(3, timeout=10)  # broken unless all three hold at once
+    spans = []
+
+    def read(i: int) -> None:
+        with tasks[i].read_lock("doc", blocking=True, timeout=10) as lease:
+            entered = time.monotonic()
+            together.wait()
+            spans.append(("read", entered, time.monotonic(), lease.token))
+
+    run_in_threads(3, read)
+    assert len(spans) == 3
+    assert max(entered for _, entered, _, _ in spans) < min(left for _, _, left, _ in spans)
+
+
+def test_a_writer_holds_alone_among_many_readers_and_writers_in_three_sessions(make_app):
+    tasks = [_lock_task_on(make_app()) for _ in range(3)]
+    spans: list[tuple] = []
+
+    def contend(i: int) -> None:
+        task = tasks[i % 3]
+        for j in range(12):
+            mode = "write" if (i + j) % 3 == 0 else "read"
+            with getattr(task, f"{mode}_lock")("many", blocking=True, timeout=30) as lease:
+                spans.append(_span(lease, mode, 0.002))
+
+    run_in_threads(6, contend)
+    assert len(spans) == 72 and sum(s[0] == "write" for s in spans) == 24
+    assert _writer_overlaps(spans) == []
+
+
+def test_a_writer_queued_behind_readers_goes_before_a_reader_that_came_after_it(lock_task):
+    first = lock_task.read_lock("order").__enter__()
+    served: list[str] = []
+
+    def take(mode: str) -> None:
+        with getattr(lock_task, f"{mode}_lock")("order", blocking=True, timeout=30) as lease:
+            served.append(mode if lease else f"no {mode}")
+
+    threads = [_in_thread(take, "write")]
+    _queued(first, 1)
+    threads.append(_in_thread(take, "read"))
+    _queued(first, 2)
+    assert not lock_task.read_lock("order").acquire()  # a newcomer does not pass the writer
+    first.release()
+    for thread in threads:
+        thread.join(30)
+    assert served == ["write", "read"]
+
+
+def test_readers_queued_behind_a_writer_hold_together_before_a_writer_that_came_after_them(
+    lock_task,
+):
+    writer = lock_task.write_lock("starve").__enter__()
+    together = threading.Barrier(2, timeout=10)  # both readers hold at once
+    served: list[str] = []
+
+    def read() -> None:
+        with lock_task.read_lock("starve", blocking=True, timeout=30) as lease:
+            served.append("read" if lease else "no read")
+            together.wait()
+
+    def write() -> None:
+        with lock_task.write_lock("starve", blocking=True, timeout=30) as lease:
+            served.append("write" if lease else "no write")
+
+    threads = [_in_thread(read), _in_thread(read)]
+    _queued(writer, 2)
+    threads.append(_in_thread(write))
+    _queued(writer, 3)
+    writer.release()
+    for thread in threads:
+        thread.join(30)
+    assert served == ["read", "read", "write"]
+
+
+def test_kazoo_649_a_reader_between_two_writers_is_granted_when_the_first_leaves(make_app):
+    # kazoo's ReadLock also waited for a writer queued after it, which waited
+    # for the reader: after the first writer left, both waited for good.
+    first, reader_task, second = (_lock_task_on(make_app()) for _ in range(3))
+    holder = first.write_lock("649").__enter__()
+    reading, done_reading = threading.Event(), threading.Event()
+    reader = reader_task.read_lock("649", blocking=True, timeout=20)
+    writer = second.write_lock("649", blocking=True, timeout=20)
+    written: list[bool] = []
+
+    def read() -> None:
+        if reader.acquire():
+            reading.set()
+            done_reading.wait(20)
+            reader.release()
+
+    threads = [_in_thread(read)]
+    _queued(holder, 1)
+    threads.append(_in_thread(lambda: (written.append(writer.acquire()), writer.release())))
+    _queued(holder, 2)
+    holder.release()
+    try:
+        assert reading.wait(10), "the reader between two writers was never granted"
+        assert [h["mode"] for h in holder.holders()] == ["read"] and written == []
+    finally:
+        done_reading.set()
+    for thread in threads:
+        thread.join(30)
+    assert written == [True]
+
+
+def test_readers_whose_session_expires_while_they_wait_queue_again_behind_the_writer(
+    make_app, zk_hosts
+):
+    holder = _lock_task_on(make_app()).write_lock("exp").__enter__()
+    readers_app = make_app()
+    readers, writer = _lock_task_on(readers_app), _lock_task_on(make_app())
+    spans: list[tuple] = []
+
+    def take(task: Any, mode: str) -> None:
+        with getattr(task, f"{mode}_lock")("exp", blocking=True, timeout=30) as lease:
+            spans.append(_span(lease, mode, 0.05))
+
+    threads = [_in_thread(take, readers, "read"), _in_thread(take, readers, "read")]
+    _queued(holder, 2)
+    threads.append(_in_thread(take, writer, "write"))
+    _queued(holder, 3)
+    guids = sorted(w["guid"] for w in holder.waiters() if w["mode"] == "read")
+    expire_session(readers_app, zk_hosts)
+    # The same two readers (same guids) queue again, in their new session,
+    # behind the writer that had come after them.
+    back = lambda: [(w["mode"], w["guid"]) for w in holder.waiters()]  # noqa: E731
+    wait_for(lambda: [m for m, _ in back()] == ["write", "read", "read"], 15, "the readers back")
+    assert sorted(g for m, g in back() if m == "read") == guids
+    holder.release()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(s[0] for s in spans) == ["read", "read", "write"]
+    assert _writer_overlaps(spans) == []
+    assert min(s for s in spans if s[0] == "read")[1] > spans[0][2] and spans[0][0] == "write"
+
+
+def test_a_failed_try_or_timed_out_wait_for_a_read_or_write_lock_leaves_no_node(lock_task, zk):
+    for holding, other in (("write", "read"), ("read", "write")):
+        with getattr(lock_task, f"{holding}_lock")("busy") as held:
+            container, own = held._grant.path.rsplit("/", 1)
+            assert not getattr(lock_task, f"{other}_lock")("busy").acquire()
+            assert not lock_task.write_lock("busy").acquire()
+            assert not lock_task.write_lock("busy", blocking=True, timeout=0.2).acquire()
+            zk.sync(container)  # this other session's server has applied our deletes
+            assert zk.get_children(container) == [own]
+
+
+def test_tokens_of_readers_and_writers_increase_with_every_conflicting_grant(lock_task):
+    first = lock_task.write_lock("fence").__enter__()
+    entered = time.monotonic()
+    spans: list[tuple] = []
+
+    def take(mode: str) -> None:
+        with getattr(lock_task, f"{mode}_lock")("fence", blocking=True, timeout=30) as lease:
+            spans.append(_span(lease, mode, 0.02))
+
+    threads = []
+    for i, mode in enumerate(("read", "read", "write", "read", "write")):
+        threads.append(_in_thread(take, mode))
+        _queued(first, i + 1)
+    spans.append(("write", entered, time.monotonic(), first.token))
+    first.release()
+    for thread in threads:
+        thread.join(30)
+    assert len(spans) == 6 and _writer_overlaps(spans) == []
+    # Every two holds that conflict (of 15 pairs, all but the three of readers)
+    # came one after the other, and the later has the larger token.
+    later = [(a, b) for a in spans for b in spans if "write" in (a[0], b[0]) and a[2] <= b[1]]
+    assert len(later) == 12 and all(a[3] < b[3] for a, b in later), spans
+
+
+def test_a_read_or_write_lock_is_not_reentrant(lock_task):
+    with lock_task.read_lock("re") as lease:
+        assert lease
+        with pytest.raises(zkcelery.NotReentrant):
+            lock_task.write_lock("re", blocking=True).__enter__()
+
+
+def test_ls_lists_readers_at_the_front_as_held_and_rm_breaks_them(lock_task, zk_hosts, zk_root):
+    readers = [lock_task.read_lock("L", identifier=f"r{i}").__enter__() for i in range(2)]
+    threads = []
+    for i, mode in enumerate(("write", "read")):  # each queues before the next one starts
+        lease = getattr(lock_task, f"{mode}_lock")("L", identifier=f"{mode}-w", blocking=True,
+                                                   timeout=30)  # fmt: skip
+        threads.append(_in_thread(lambda w=lease: (w.acquire(), w.release())))
+        _queued(readers[0], i + 1)
+    try:
+        rows = _ls_rows(zk_hosts, zk_root)
+        listed = [(r["kind"], r["state"], r["identifier"]) for r in rows]
+        assert listed == [("read lock", "held", "r0"), ("read lock", "held", "r1"),
+                          ("write lock", "waiting", "write-w"),
+                          ("read lock", "waiting", "read-w")]  # fmt: skip
+        assert {r["key"] for r in rows} == {"t.lock('L')"} and {r["namespace"] for r in rows} == {
+            "rwlocks"
+        }
+        session = zkcelery._connection(lock_task.app)
+        assert all(zkcelery._break(session, row) for row in rows if row["state"] == "held")
+        wait_for(lambda: all(r.lost for r in readers), 10, "the broken readers to see it")
+        wait_for(lambda: not any(t.is_alive() for t in threads), 10, "the waiters served")
+    finally:
+        for lease in readers:
+            lease.release()
+        for thread in threads:
+            thread.join(30)
+
+
+def test_the_exporter_counts_read_and_write_lock_holders_and_waiters(lock_task):
+    reader = lock_task.read_lock("E").__enter__()
+    waiter = lock_task.write_lock("E", blocking=True, timeout=30)
+    thread = _in_thread(lambda: (waiter.acquire(), waiter.release()))
+    _queued(reader, 1)
+    view = zkcelery._TreeView(zkcelery._connection(lock_task.app))
+    view.start()
+    collector = zkcelery._LeaseCollector(view)
+
+    def gauges() -> dict[tuple, float]:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in collector.collect()
+            for sample in family.samples
+        }
+
+    try:
+        wanted = {("zkcelery_leases_held", "read lock"): 1.0,
+                  ("zkcelery_lease_waiters", "write lock"): 1.0}  # fmt: skip
+        seen = lambda: {  # noqa: E731
+            (name, dict(labels)["kind"]): value
+            for (name, labels), value in gauges().items()
+            if name in ("zkcelery_leases_held", "zkcelery_lease_waiters") and value
+        }
+        wait_for(lambda: seen() == wanted, 10, "the exporter's view of the read/write lock")
+    finally:
+        view.close()
+        reader.release()
+        thread.join(30)
+
+
+def test_readme_read_and_write_lock_examples_share_one_lock(app, lock_task):
+    text = (Path(__file__).parent / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "_lock(" in b
+              and ("read_lock" in b or "write_lock" in b)]  # fmt: skip
+    seen: list[tuple[bool, ...]] = []
+
+    def could_take(lease: zkcelery.Lease) -> bool:
+        taken = lease.acquire()
+        lease.release()
+        return taken
+
+    def do_work(data: Any) -> None:  # whether another reader, or a writer, may hold it now
+        others = (lock_task.read_lock("acme", name="accounts"),
+                  lock_task.write_lock("acme", name="accounts"))  # fmt: skip
+        seen.append(tuple(could_take(lease) for lease in others))
+
+    namespace: dict[str, Any] = {"app": app, "zkcelery": zkcelery, "do_work": do_work}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    namespace["read_balance"].apply(args=("acme", {})).get()
+    namespace["post_payment"].apply(args=("acme", {})).get()
+    assert seen == [(True, False), (False, False)]
