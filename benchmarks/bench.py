@@ -26,7 +26,9 @@ What is measured, each as the time of one whole cycle on one client:
 11. the hot path with Prometheus metrics kept (``zkcelery.start_metrics_server``, its
     receivers on every lease signal) against the same lock cycle without: two child
     processes on one server, their batches alternating, wall time and the client's CPU
-    time per cycle, and the requests of each (metrics add none).
+    time per cycle, and the requests of each (metrics add none);
+12. ``task.read_lock()`` and ``task.write_lock()``, uncontended, and kazoo's ``ReadLock`` and
+    ``WriteLock`` (``acquire(blocking=False)`` + ``release()``, a new one each cycle).
 
 Why ratios: write latency is dominated by fsync on the servers' disks and drifts 2-3x
 between runs on a shared machine, so absolute times say little.  The contenders run
@@ -108,7 +110,7 @@ from _common import (
 )
 from celery import Celery
 from kazoo.client import KazooClient
-from kazoo.recipe.lock import Lock, Semaphore
+from kazoo.recipe.lock import Lock, ReadLock, Semaphore, WriteLock
 
 import zkcelery
 from testsupport import ensemble_hosts, four_letter
@@ -234,6 +236,13 @@ def kazoo_semaphore_cycle(client: KazooClient, path: str) -> None:
     semaphore.release()
 
 
+def kazoo_rw_cycle(client: KazooClient, path: str, recipe: type[Lock]) -> None:
+    lock = recipe(client, path)
+    if not lock.acquire(blocking=False):
+        raise RuntimeError(f"kazoo {recipe.__name__} {path} unexpectedly held")
+    lock.release()
+
+
 def connect_per_call(hosts: str, path: str) -> None:
     """The original helper's design: a session per lock."""
     client = connect(hosts)
@@ -262,6 +271,12 @@ def zk_semaphore_cycle(task: Any, *key: Any) -> None:
             raise RuntimeError(f"zkcelery semaphore {key} unexpectedly full")
 
 
+def zk_rw_cycle(task: Any, mode: str, *key: Any) -> None:
+    with getattr(task, f"{mode}_lock")(*key) as acquired:
+        if not acquired:
+            raise RuntimeError(f"zkcelery {mode} lock {key} unexpectedly held")
+
+
 def apply_cycle(task: Any) -> None:
     result = task.apply()
     if not result.successful():
@@ -275,7 +290,7 @@ def fresh_key_cycle(task: Any, tag: str) -> Cycle:
 
 def kazoo_paths(root: str) -> dict[str, str]:
     base = f"{root}/kazoo"
-    names = ("floor", "lock", "held", "semaphore", "connect", "handoff")
+    names = ("floor", "lock", "held", "semaphore", "connect", "handoff", "rwlock")
     return {name: f"{base}/{name}" for name in names}
 
 
@@ -287,6 +302,8 @@ def kazoo_cycles(client: KazooClient, root: str) -> dict[str, Cycle]:
         "kazoo_lock": lambda: kazoo_lock_cycle(client, paths["lock"]),
         "kazoo_try_fail": lambda: kazoo_failed_try(client, paths["held"]),
         "kazoo_semaphore": lambda: kazoo_semaphore_cycle(client, paths["semaphore"]),
+        "kazoo_read": lambda: kazoo_rw_cycle(client, paths["rwlock"], ReadLock),
+        "kazoo_write": lambda: kazoo_rw_cycle(client, paths["rwlock"], WriteLock),
     }
 
 
@@ -296,6 +313,8 @@ def zkcelery_cycles(tasks: Tasks, tag: str) -> dict[str, Cycle]:
         "zk_lock_fresh": fresh_key_cycle(tasks.locker, tag),
         "zk_try_fail": lambda: zk_failed_try(tasks.locker, "held"),
         "zk_semaphore": lambda: zk_semaphore_cycle(tasks.locker, "semaphore"),
+        "zk_read": lambda: zk_rw_cycle(tasks.locker, "read", "rwlock"),
+        "zk_write": lambda: zk_rw_cycle(tasks.locker, "write", "rwlock"),
         "plain_apply": lambda: apply_cycle(tasks.plain),
         "mutex_apply": lambda: apply_cycle(tasks.mutex),
         "limited_apply": lambda: apply_cycle(tasks.limited),
@@ -313,6 +332,10 @@ LABELS = {
     "kazoo_try_fail": "5  kazoo Lock failed try-lock",
     "zk_semaphore": "6  zkcelery semaphore(max_leases=2)",
     "kazoo_semaphore": "6  kazoo Semaphore(max_leases=2)",
+    "zk_read": "12 zkcelery read_lock()",
+    "kazoo_read": "12 kazoo ReadLock, new per cycle",
+    "zk_write": "12 zkcelery write_lock()",
+    "kazoo_write": "12 kazoo WriteLock, new per cycle",
     "plain_apply": "7  task.apply(), plain task",
     "mutex_apply": "7  task.apply(), MutexTask",
     "limited_apply": "7  task.apply(), MutexTask(mutex_max_leases=2)",
@@ -873,6 +896,8 @@ def build_targets(
         Target("requests per lock cycle, fresh key", counts["zk_lock_fresh"], "<=", 2),
         Target("requests per failed try-lock", counts["zk_try_fail"], "<=", 1),
         Target("requests per semaphore cycle (max_leases=2)", counts["zk_semaphore"], "<=", 3),
+        Target("requests per read-lock cycle (12)", counts["zk_read"], "<=", 3),
+        Target("requests per write-lock cycle (12)", counts["zk_write"], "<=", 3),
         Target("requests per MutexTask run", mutex_requests, "<=", 2),
         Target("requests per limited MutexTask run (max 2)", limited_requests, "<=", 3),
         Target("lock / floor (2)/(1), reused key", over("zk_lock", "floor"), "<=", 1.15),
