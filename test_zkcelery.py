@@ -5390,6 +5390,12 @@ def test_tokens_of_readers_and_writers_increase_with_every_conflicting_grant(loc
     assert len(later) == 12 and all(a[3] < b[3] for a, b in later), spans
 
 
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_an_unknown_keyword_of_a_read_or_write_lock_names_its_call(offline_task, mode):
+    with pytest.raises(TypeError, match=r"read_lock\(\) / write_lock\(\) got unknown keyword"):
+        getattr(offline_task, f"{mode}_lock")("x", max_leases=2)
+
+
 def test_a_read_or_write_lock_is_not_reentrant(lock_task):
     with lock_task.read_lock("re") as lease:
         assert lease

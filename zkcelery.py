@@ -356,8 +356,10 @@ beat_tick_skipped = Signal(name="zkcelery.beat_tick_skipped")
 
 
 class LockTask(celery.Task):
-    """Task base offering ``self.lock()``, ``self.semaphore()``, ``self.read_lock()`` and
-    ``self.write_lock()``; use with ``bind=True``."""
+    """Task base offering locks as context managers; use with ``bind=True``.
+
+    ``self.lock()``, ``self.semaphore()``, ``self.read_lock()`` and ``self.write_lock()``.
+    """
 
     def lock(
         self,
