@@ -5324,35 +5324,40 @@ def test_kazoo_649_a_reader_between_two_writers_is_granted_when_the_first_leaves
     assert written == [True]
 
 
-def test_readers_whose_session_expires_while_they_wait_queue_again_behind_the_writer(
+def test_contenders_whose_session_expires_while_they_wait_queue_again_and_exclusion_holds(
     make_app, zk_hosts
 ):
     holder = _lock_task_on(make_app()).write_lock("exp").__enter__()
-    readers_app = make_app()
-    readers, writer = _lock_task_on(readers_app), _lock_task_on(make_app())
+    expiring_app = make_app()
+    expiring, staying = _lock_task_on(expiring_app), _lock_task_on(make_app())
     spans: list[tuple] = []
 
-    def take(task: Any, mode: str) -> None:
-        with getattr(task, f"{mode}_lock")("exp", blocking=True, timeout=30) as lease:
-            spans.append(_span(lease, mode, 0.05))
+    def take(task: Any, mode: str, label: str) -> None:
+        lease = getattr(task, f"{mode}_lock")("exp", blocking=True, timeout=30, identifier=label)
+        with lease:
+            spans.append((*_span(lease, mode, 0.03), label))
 
-    threads = [_in_thread(take, readers, "read"), _in_thread(take, readers, "read")]
-    _queued(holder, 2)
-    threads.append(_in_thread(take, writer, "write"))
-    _queued(holder, 3)
-    guids = sorted(w["guid"] for w in holder.waiters() if w["mode"] == "read")
-    expire_session(readers_app, zk_hosts)
-    # The same two readers (same guids) queue again, in their new session,
-    # behind the writer that had come after them.
-    back = lambda: [(w["mode"], w["guid"]) for w in holder.waiters()]  # noqa: E731
-    wait_for(lambda: [m for m, _ in back()] == ["write", "read", "read"], 15, "the readers back")
-    assert sorted(g for m, g in back() if m == "read") == guids
+    line = [(expiring, "read", "a1"), (staying, "write", "b1"), (expiring, "write", "a2"),
+            (staying, "read", "b2"), (expiring, "read", "a3")]  # fmt: skip
+    threads = []
+    for i, (task, mode, label) in enumerate(line):  # each queues before the next one starts
+        threads.append(_in_thread(take, task, mode, label))
+        _queued(holder, i + 1)
+    guids = {w["identifier"]: w["guid"] for w in holder.waiters()}
+    expire_session(expiring_app, zk_hosts)
+    # The same contenders of the expired session (same guids) queue again, in
+    # its next session, behind those that had come after them.
+    back = lambda: [w["identifier"] for w in holder.waiters()]  # noqa: E731
+    wait_for(lambda: back()[:2] == ["b1", "b2"] and len(back()) == 5, 15, "the line again")
+    assert {w["identifier"]: w["guid"] for w in holder.waiters()} == guids
     holder.release()
     for thread in threads:
         thread.join(30)
-    assert sorted(s[0] for s in spans) == ["read", "read", "write"]
+    assert sorted(s[4] for s in spans) == ["a1", "a2", "a3", "b1", "b2"]
     assert _writer_overlaps(spans) == []
-    assert min(s for s in spans if s[0] == "read")[1] > spans[0][2] and spans[0][0] == "write"
+    # b1, first in the new line, held before any of the contenders that came back.
+    by_label = {s[4]: s for s in spans}
+    assert by_label["b1"][2] < min(by_label[a][1] for a in ("a1", "a2", "a3")), spans
 
 
 def test_a_failed_try_or_timed_out_wait_for_a_read_or_write_lock_leaves_no_node(lock_task, zk):
