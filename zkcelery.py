@@ -99,6 +99,7 @@ from kazoo.exceptions import (
     NodeExistsError,
     NoNodeError,
     NotEmptyError,
+    RolledBackError,
     SessionExpiredError,
     UnimplementedError,
 )
@@ -175,6 +176,7 @@ __all__ = [
     "EarlyMutexTask",
     "ElectedScheduler",
     "Lease",
+    "LockKey",
     "LockTask",
     "MaxLeasesMismatch",
     "MutexHeld",
@@ -411,6 +413,71 @@ class LockTask(celery.Task):
             timeout=timeout, retry=retry, identifier=identifier, name=name,
             retry_options=retry_options,
         )  # fmt: skip
+
+    def multi_lock(
+        self,
+        *keys: Any,
+        blocking: bool = False,
+        timeout: float | None = None,
+        retry: bool = False,
+        identifier: str | None = None,
+        name: str | None = None,
+        **retry_options: Any,
+    ) -> Lease:
+        """One lease over several locks, taken all or none, and released together.
+
+        Each key is one lock, the very lock ``lock()`` takes: a plain value
+        refines this task's name (or ``name``), a tuple counts as several
+        refining values, and a :class:`LockKey` names a lock of another name.
+        Equal keys count once.  The keys are taken in one order that does
+        not depend on the order given, so contenders asking for overlapping
+        sets never wait for each other in a cycle; a try that fails, or
+        raises, part-way keeps none of them.
+
+        :param keys: the locks, at least one.
+        :param blocking, timeout, retry, identifier, name, retry_options: as for
+            :meth:`lock`; ``timeout`` bounds the whole wait, for all keys.
+
+        The lease is truthy while it holds every key; ``lost`` is true once
+        any key may be another's, and ``token`` is a fencing token valid for
+        each of its keys (see :class:`_MultiLease`).
+        """
+        return _MultiLease(
+            self, _LOCKS, [_values_of(key) for key in keys], blocking=blocking, timeout=timeout,
+            retry=retry, identifier=identifier, name=name, retry_options=retry_options,
+        )  # fmt: skip
+
+
+class LockKey:
+    """A key of :meth:`LockTask.multi_lock` on a lock of another name.
+
+    ``LockKey("account", 7)`` is the lock that ``self.lock(7, name="account")``
+    takes, in any task: the base name, then its refining values.
+    """
+
+    __slots__ = ("name", "values")
+
+    def __init__(self, name: str, *values: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"LockKey's name must be a non-empty str, not {name!r}")
+        self.name = name
+        self.values = values
+
+    def __repr__(self) -> str:
+        return f"LockKey({', '.join(map(repr, (self.name, *self.values)))})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LockKey) and (self.name, self.values) == (other.name, other.values)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.values))
+
+
+def _values_of(key: Any) -> tuple[str | None, tuple]:
+    """A multi-lock key as (base name or None for the lease's own, refining values)."""
+    if isinstance(key, LockKey):
+        return key.name, key.values
+    return None, key if isinstance(key, tuple) else (key,)
 
 
 class _KeyedTask(celery.Task):
@@ -1500,6 +1567,273 @@ class _ElectionLease(Lease):
         return self._grant.path if self else None  # type: ignore[union-attr]
 
 
+class _MultiLease(Lease):
+    """One lease over several exclusive locks (``multi_lock``, ``mutex_each_key``).
+
+    It is made of one part per key, each an ordinary exclusive lease of that
+    key with its own grant; the parts are kept sorted by lock name, the one
+    order every contender takes keys in.  _ExclusiveSet says how the nodes
+    are used and what it costs.
+
+    Truthy while every part is held.  ``lost`` is true once any part may be
+    another's.  ``token`` is the largest of the parts' tokens: a later
+    holder of any one key was granted it after this lease released it, so
+    after every part of this lease was made, and its token is larger.  It is
+    thus a fencing token for each key, comparable with the tokens of
+    ``lock()`` on the same key.  ``holders()`` and ``waiters()`` list those
+    of every key (each entry's ``key`` says which), those of the key a
+    failed try found held first.  The signals are sent once for the whole
+    lease, never per part: acquired when all are held, released or lost
+    once.
+    """
+
+    def __init__(
+        self,
+        task: celery.Task,
+        namespace: str,
+        keys: Sequence[tuple[str | None, tuple]],
+        **options: Any,
+    ) -> None:
+        super().__init__(task, namespace, **options)
+        if not keys:
+            raise TypeError("a multi-lock needs at least one key")
+        part_class = _MutexPart if namespace == _MUTEXES else _LockPart
+        parts: dict[str, _Part] = {}
+        for name, values in keys:
+            part = part_class(
+                task, namespace, values, blocking=self._blocking, timeout=self._timeout,
+                identifier=self.identifier, name=options.get("name") if name is None else name,
+            )  # fmt: skip
+            part.multi = self
+            parts.setdefault(part.name, part)  # equal keys count once
+        self.parts: list[_Part] = [parts[name] for name in sorted(parts)]
+        self.name = "&".join(part.name for part in self.parts)  # "&" is never in a lock name
+        self.key = " + ".join(part.key for part in self.parts)
+        self._holding = False  # from the grant of all parts to the start of their release
+        self._ended = True  # the grant has been reported released or lost (or there is none)
+        self._granted_at = 0.0
+        self._together: _ExclusiveSet | None = None  # the parts were taken in one request
+        self._blocked: _Part | None = None  # the part the last failed try found held
+        self._mutex = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return self._holding and all(self.parts)
+
+    @property
+    def token(self) -> int | None:
+        """The largest fencing token of the parts (see the class); None if never held."""
+        if self._together is not None and self:
+            # Made in one transaction: every part's node has one creation zxid.
+            first = self.parts[0].token
+            for part in self.parts[1:]:
+                if part._grant is not None and part._grant.token is None:
+                    part._grant.token = first
+        tokens = [part.token for part in self.parts]
+        return None if None in tokens else max(tokens)  # type: ignore[type-var]
+
+    @property
+    def lost(self) -> bool:
+        """True once any key may be held by someone else (see :attr:`Lease.lost`)."""
+        return any(part.lost for part in self.parts)
+
+    def holders(self) -> list[dict]:
+        """The holders of every key, those of the key the last failed try found held first."""
+        return [h for part in self._blocked_first() for h in part.holders()]
+
+    def waiters(self) -> list[dict]:
+        """The waiters of every key, those of the key the last failed try found held first."""
+        return [w for part in self._blocked_first() for w in part.waiters()]
+
+    def wait_for_release(self, seconds: float | None) -> None:
+        """Wait until the key the last failed try found held is freed, or ``seconds``."""
+        if self._blocked is not None:
+            self._blocked.wait_for_release(seconds)
+
+    def hand_over(self) -> None:
+        """A mutex's: note in every part's node that a copy of the task follows."""
+        for part in self.parts:
+            if isinstance(part, _MutexLease):
+                part.hand_over()
+
+    # -- acquire and release -------------------------------------------------
+
+    def acquire(self) -> bool:
+        """Take every key, or none (waiting if blocking); return whether they are held.
+
+        :raises AlreadyAcquired: this lease is held already.
+        :raises NotReentrant: blocking without a timeout on a key this thread holds.
+        :raises CoordinationError: ZooKeeper did not answer in time; nothing is held.
+        """
+        if self:
+            raise AlreadyAcquired(f"{self!r} is already held: release it first")
+        if self._first_try is None:
+            self._first_try = time.monotonic()
+        session = self._connect()
+        for part in self.parts:
+            part._session = session
+        deadline = None
+        if self._blocking and self._timeout is not None:
+            deadline = time.monotonic() + self._timeout
+        try:
+            session.wait_connected(deadline)
+            if self._blocking and deadline is None:  # refused before anything is taken
+                parent = f"{session.settings.root}/{self._namespace}"
+                for part in self.parts:
+                    session.refuse_reentry(f"{parent}/{part.name}", part.key)
+            with session.waiting() if self._blocking else contextlib.nullcontext():
+                granted = self._take(session, deadline)
+        except CoordinationError:
+            self._signal(lease_not_acquired, waited=self._waited(), reason="unavailable")
+            raise
+        if not granted:
+            self._log(logging.DEBUG, "is held elsewhere", outcome="not_acquired")
+            reason = "timeout" if self._blocking else "held"
+            self._signal(lease_not_acquired, waited=self._waited(), reason=reason)
+            return False
+        waited, self._first_try = self._waited(), None
+        with self._mutex:
+            self._holding, self._ended, self._granted_at = True, False, time.monotonic()
+        self._signal(lease_acquired, waited=waited)
+        return True
+
+    def release(self) -> None:
+        """Give every key back, the last taken first; a no-op for keys not held."""
+        with self._mutex:
+            ended = not self._ended
+            self._holding, self._ended = False, True
+        together, self._together = self._together, None
+        held = [part for part in self.parts if part]
+        try:
+            if together is None or len(held) < len(self.parts) or not self._release_all(together):
+                for part in reversed(held):
+                    part.release()
+        finally:
+            if ended:
+                self._signal(lease_released, held=time.monotonic() - self._granted_at)
+
+    def _release_all(self, together: _ExclusiveSet) -> bool:
+        """Release the parts taken together in one request; False if one is lost (one by one)."""
+        grants = [part._grant for part in self.parts if part._grant is not None]
+        if any(grant.why_lost for grant in grants):
+            return False
+        for grant in grants:  # marked first: our own deletes are no break (see _Grant.release)
+            grant.settle()
+        try:
+            if together.release(grants):
+                return True
+        except CoordinationError as exc:
+            self._log(
+                logging.WARNING,
+                "not released (%s); ZooKeeper frees it when the session ends, or this "
+                "process deletes it when it reconnects",
+                exc,
+                outcome="not_released",
+            )
+            return True
+        for part, grant in reversed(list(zip(self.parts, grants))):  # one by one after all
+            try:
+                grant.protocol.release(grant.path, grant.session_id)
+            except CoordinationError as exc:
+                part._log(logging.WARNING, "not released (%s)", exc, outcome="not_released")
+        return True
+
+    def _take(self, session: _Session, deadline: float | None) -> bool:
+        """Take every part, or none: True once all are held."""
+        while True:
+            self._blocked = None
+            outcome = self._take_together(session)
+            if outcome == "held" and not self._blocking:
+                return False
+            if outcome != "taken" and not self._take_in_order(deadline):
+                return False
+            for part in self.parts:  # a part taken first may have gone while a later one waited
+                assert part._grant is not None
+                part._grant.check_session()
+            if not any(part._grant.why_lost for part in self.parts):  # type: ignore[union-attr]
+                return True
+            self._together = None
+            for part in reversed(self.parts):
+                part.release()
+            if not self._blocking or _expired(deadline):
+                raise CoordinationError("the session was lost while taking the keys")
+
+    def _take_together(self, session: _Session) -> str:
+        """Try to take every free key in one request (see _ExclusiveSet).
+
+        "taken"; "held" or "queued" (a key is, and it is ``_blocked``); or
+        "contended": a key was found contended lately, so a blocking try
+        goes straight to the queues.
+        """
+        parent = f"{session.settings.root}/{self._namespace}"
+        if self._blocking and any(session.contended(f"{parent}/{p.name}") for p in self.parts):
+            return "contended"
+        locks = []
+        for part in self.parts:
+            lock = part._protocol(session)
+            assert isinstance(lock, _ExclusiveLock)
+            locks.append(lock)
+        together = _ExclusiveSet(session, locks)
+        outcome, index = together.take_free()
+        if outcome != "taken":
+            self._blocked = self.parts[index]
+            session.contended(locks[index].key_path, seen=True)
+            return outcome
+        for part, lock in zip(self.parts, locks):
+            part._grant = _Grant(session, lock, lock.holder, None, lock._owner, part)
+            session.remember(part._grant)
+        self._together = together
+        return outcome
+
+    def _take_in_order(self, deadline: float | None) -> bool:
+        """Take the parts one at a time, in order; a failure or an error releases those taken."""
+        taken: list[_Part] = []
+        try:
+            for part in self.parts:
+                if deadline is not None:  # the parts share the lease's one deadline
+                    part._timeout = max(0.0, deadline - time.monotonic())
+                if not part.acquire():
+                    self._blocked = part
+                    return False
+                taken.append(part)
+            taken = []
+            return True
+        finally:
+            for part in reversed(taken):
+                part.release()
+
+    def _blocked_first(self) -> list[_Part]:
+        blocked = self._blocked
+        if blocked is None:
+            return self.parts
+        return [blocked, *(part for part in self.parts if part is not blocked)]
+
+    def _part_ended(self, which: Signal, **facts: Any) -> None:
+        """A part's grant ended outside ``release()`` (lost, or closed): so did the lease's."""
+        with self._mutex:
+            ended, self._ended = not self._ended, True
+        if ended:
+            held = time.monotonic() - self._granted_at
+            self._signal(which, **{**facts, "held": held})
+
+
+class _Part(Lease):
+    """One key of a _MultiLease: its signals are the multi-lease's, sent once for all parts."""
+
+    multi: _MultiLease
+
+    def _signal(self, which: Signal, **facts: Any) -> None:
+        if which is lease_lost or which is lease_released:  # both come from its grant
+            self.multi._part_ended(which, **facts)
+
+
+class _LockPart(_Part):
+    """A lock's part of a multi-lock."""
+
+
+class _MutexPart(_Part, _MutexLease):
+    """A mutex's part of a multi-lock (``mutex_each_key``), which can hand over."""
+
+
 class _AppOwner:
     """What a lease uses of its task (name, app, request id), for a lease an app holds."""
 
@@ -2145,6 +2479,138 @@ class _ExclusivePolicy:
                 woken.set()
 
         return on_event
+
+
+class _ExclusiveSet:
+    """Several exclusive locks held together: a multi-lock (_MultiLease).
+
+    Nodes: none of its own.  Each key is an _ExclusiveLock with its usual
+    nodes, ``<name>`` and ``<name>@queue/...``, so a key held through a
+    multi-lock excludes ``lock()`` (or a MutexTask) of that key and the other
+    way round, and ``ls``, ``rm`` and the exporter see each key as the lock it
+    is.  All keys are in one namespace.
+
+    Uncontended, one multi-operation makes every key's ``<name>`` with that
+    key's queue check (_ExclusiveLock._fast_ops): every key free and nobody
+    queued on any, or nothing at all; and one multi-operation deletes them,
+    fenced by the namespace's epoch as a single release is.  2 requests a
+    cycle whatever the number of keys k (a single lock's 2 for k = 1), and
+    a try that fails costs that one request.  The nodes are made in one
+    transaction, so they share a creation zxid: one read learns the token.
+
+    Otherwise (a key is held and the try blocks, a key has waiters, or a
+    key was found contended lately) the keys are taken one at a time, each
+    through its own lock and queue, in one global order: sorted by lock
+    name.  A waiter then holds only keys that sort before the one it waits
+    for, so no set of multi-locks can wait for each other in a cycle,
+    whatever the order their keys were given in, and nothing is held while
+    waiting by a try that takes all at once.  A waiter watches what a
+    single lock's waiter watches: ``<name>`` until it has seen it gone, then
+    the waiter before it; a release wakes one waiter per key.  A grant then
+    costs each key its own cycle, 2k requests and the waits, plus the one
+    failed multi-operation if it was tried first.  A try that fails, or
+    raises, part-way releases the keys it took, the last first; a key taken
+    early whose session ended while a later one waited is taken again.
+
+    Recovery: a lost answer to the multi-operation is recovered as one
+    lock's (_ExclusiveLock._recover_fast, on the first key: the transaction
+    made all or none); a multi-operation we stopped waiting for deletes
+    what it made, when it comes, or on reconnect.  A release whose answer is
+    lost leaves each node to be deleted, if still ours, when ZooKeeper
+    answers (_Session.add_orphan); one that finds the epoch moved (an ``rm``
+    ran) or a node gone releases each key on its own, as one lock does.
+    """
+
+    def __init__(self, session: _Session, locks: list[_ExclusiveLock]) -> None:
+        self.session = session
+        self.locks = locks  # sorted by name, one per key, all in one namespace
+
+    def take_free(self) -> tuple[str, int]:
+        """Make every ``<name>`` if all are free: ("taken", 0), or ("held"/"queued", its index)."""
+        session, first = self.session, self.locks[0]
+        epoch = session.epoch(first.parent)  # before the nodes can be ours, as _take_free
+        for lock in self.locks:
+            lock.epoch = epoch
+        while True:
+            session_id = session.session_id
+            try:
+                abandon = functools.partial(self._abandon, session_id)
+                results = session.multi(self._ops, abandon=abandon)
+            except _ConnectionLost as exc:
+                if self._recover(session_id, exc):
+                    self._owned_by(session_id)
+                    return "taken", 0
+                continue  # not applied: try again on the new connection
+            if isinstance(results[0], str):
+                try:
+                    owner = session.owner_of(first.holder, first.guid, session_id)
+                except CoordinationError:
+                    self._orphan(session.session_id)
+                    raise
+                if owner is None:
+                    continue  # gone with the session they were made in: try again
+                self._owned_by(owner)
+                return "taken", 0
+            # The first operation that failed; those before it say "rolled back".
+            failed = next(i for i, r in enumerate(results) if not isinstance(r, RolledBackError))
+            index, op = divmod(failed, _FAST_OPS)
+            if op == 0 and isinstance(results[failed], NoNodeError):  # the namespace is gone
+                session.ensure_namespaces(again=True)
+                continue
+            held = op == 0 and isinstance(results[failed], NodeExistsError)
+            return "held" if held else "queued", index
+
+    def release(self, grants: list[_Grant]) -> bool:
+        """Delete every ``<name>`` in one request; False: release each on its own instead.
+
+        :raises CoordinationError: no answer in time; each node is deleted, if
+            still ours, when ZooKeeper answers.
+        """
+        session, owner = self.session, grants[0].session_id
+        namespace, version = self.locks[0].epoch  # type: ignore[misc]
+
+        def build(txn: TransactionRequest) -> None:
+            txn.check(namespace, version)
+            for grant in grants:
+                txn.delete(grant.path)
+
+        try:
+            session.wait_connected()
+            if session.session_id != owner:
+                return True  # the session ended: the nodes went with it
+            results = session.multi(build)
+        except CoordinationError:
+            self._orphan(owner)
+            raise
+        # Not all deleted: an rm ran since the epoch was read, or a node is gone.
+        return all(result is True for result in results)
+
+    def _ops(self, txn: TransactionRequest) -> None:
+        for lock in self.locks:
+            lock._fast_ops(txn)
+
+    def _abandon(self, session_id: int | None, result: Any) -> None:
+        for lock in self.locks:  # each deletes its own node if the multi-operation applied
+            lock._abandon_fast(session_id, result)
+
+    def _recover(self, session_id: int | None, exc: Exception) -> bool:
+        try:
+            return self.locks[0]._recover_fast(session_id, exc)
+        except CoordinationError:  # the first key's node is an orphan already; so are the rest
+            self._orphan(session_id, self.locks[1:])
+            raise
+
+    def _owned_by(self, owner: int | None) -> None:
+        for lock in self.locks:
+            lock._owner = owner
+
+    def _orphan(self, session_id: int | None, locks: list[_ExclusiveLock] | None = None) -> None:
+        for lock in self.locks if locks is None else locks:
+            self.session.add_orphan(lock.holder, session_id, lock.guid)
+
+
+#: Operations _ExclusiveLock._fast_ops adds to a multi-operation, per key.
+_FAST_OPS = 3
 
 
 class _Semaphore:
