@@ -5209,3 +5209,46 @@ def test_a_blocking_multi_lock_on_a_key_this_thread_holds_is_refused_taking_noth
         with pytest.raises(zkcelery.NotReentrant):
             lock_task.multi_lock("a", "b", blocking=True).acquire()
         assert _lock_children(zk, zk_root) == [zkcelery._lock_name("t.lock", ("b",))]
+
+
+def test_mutex_each_key_with_fewer_than_two_keys_is_an_error_at_definition(offline_app):
+    with pytest.raises(ValueError, match=r"mutex_each_key=True .* needs two or more"):
+
+        @offline_app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("user",),
+                          mutex_each_key=True, shared=False, name="t.each")  # fmt: skip
+        def each(self, user):
+            pass
+
+        each.name  # noqa: B018 - the app may be lazy: finalize it
+
+
+def test_a_mutex_each_key_task_excludes_any_shared_value_but_not_other_values(
+    workers: Workers, zk, zk_root, tmp_path
+):
+    workers.start(concurrency=3)
+    marker = tmp_path / "go"
+    first = workers.send("each_key_mutex", 1, 2, str(marker))
+    path = node_path(zk_root, "mutexes", "testtasks.each_key_mutex", "account", 2)
+    wait_for(lambda: zk.exists(path), 30, "the first copy to hold")
+    same_user, same_account, other = (workers.send("each_key_mutex", user, account)
+                                      for user, account in ((1, 5), (6, 2), (3, 4)))  # fmt: skip
+    assert _states([same_user, same_account, other]) == ["FAILURE", "FAILURE", "SUCCESS"]
+    with pytest.raises(zkcelery.MutexHeld, match=r"each_key_mutex\('user', 1\) is held"):
+        same_user.get(timeout=10)
+    with pytest.raises(zkcelery.MutexHeld, match=r"each_key_mutex\('account', 2\) is held"):
+        same_account.get(timeout=10)
+    marker.touch()
+    assert first.get(timeout=30) is None
+    bodies = {e["key"]: e for e in workers.record.entries()}
+    assert sorted(bodies) == ["1/2", "3/4"]
+    assert bodies["1/2"]["started"] < bodies["3/4"]["enter"] < bodies["1/2"]["exit"]
+
+
+def test_a_mutex_each_key_tasks_retry_runs_after_its_first_run_never_dropped(workers: Workers):
+    workers.start(concurrency=2)  # a free slot for the copy while the first run ends
+    result = workers.send("each_key_retrying", 1, 2, 0.5)
+    assert result.get(timeout=30) is None
+    runs = workers.record.entries()
+    assert [e["task_id"] for e in runs] == [result.id] * 2  # each run once
+    assert runs[1]["enter"] >= runs[0]["exit"]  # the copy waited for the first run's end
+    assert "dropped" not in workers.logs(), workers.logs()

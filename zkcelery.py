@@ -514,10 +514,14 @@ class MutexTask(_KeyedTask):
 
     Task options: ``mutex_keys`` names the arguments whose values refine the
     mutex; ``mutex_requeue=True`` requeues a rejected task instead of failing it
-    (and turns on ``acks_late`` and, unless the task sets it, ``reject_on_worker_lost``).
+    (and turns on ``acks_late`` and, unless the task sets it, ``reject_on_worker_lost``);
+    ``mutex_each_key=True`` takes one mutex per argument named in ``mutex_keys``
+    instead of one over all of them, so that a copy is refused when any of its
+    values is in use (see ``_each_key_lease``).
     """
 
     mutex_requeue: bool = False
+    mutex_each_key: bool = False
 
     @property
     def mutex_lease(self) -> Lease | None:
@@ -536,7 +540,10 @@ class MutexTask(_KeyedTask):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
-        lease = _MutexLease(self, _MUTEXES, self._mutex_values(args, kwargs))
+        if self.mutex_each_key:
+            lease: Lease = self._each_key_lease(args, kwargs)
+        else:
+            lease = _MutexLease(self, _MUTEXES, self._mutex_values(args, kwargs))
         if lease.name in _handed_over():
             # An eager retry or replacement, run synchronously inside the
             # retry() or replace() of its own first run, which holds the
@@ -579,6 +586,18 @@ class MutexTask(_KeyedTask):
             yield
         finally:
             names.discard(lease.name)
+
+    def _each_key_lease(self, args: Any, kwargs: Any) -> _MultiLease:
+        """``mutex_each_key``: a multi-lock of one mutex per argument in ``mutex_keys``.
+
+        Each mutex is the task's name refined by the argument's name and value
+        (``user=1`` and ``account=1`` are two mutexes).  It is taken as a whole,
+        without waiting: a copy that finds any of them held goes where a copy of
+        a plain MutexTask would, told the holder of the one it found held.
+        """
+        values = self._mutex_values(args, kwargs)
+        keys = [(None, (key, value)) for key, value in zip(self.mutex_keys, values)]
+        return _MultiLease(self, _MUTEXES, keys)
 
     def _take(self, lease: Lease) -> None:
         try:
@@ -3374,7 +3393,27 @@ def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
                 f"task {task}: mutex_keys names {key!r}, which is not a parameter of the "
                 f"task (its parameters: {', '.join(sorted(named)) or 'none'})"
             )
+    _check_each_key(cls, task, keys)
     return signature
+
+
+def _check_each_key(cls: type[celery.Task], task: str, keys: Sequence[str]) -> None:
+    """``mutex_each_key``: a MutexTask's, with two or more ``mutex_keys``, one mutex each."""
+    each = getattr(cls, "mutex_each_key", False)
+    if not isinstance(each, bool):
+        raise TypeError(f"task {task}: mutex_each_key must be True or False, not {each!r}")
+    if not each:
+        return
+    if not issubclass(cls, MutexTask):
+        raise TypeError(f"task {task}: mutex_each_key is an option of MutexTask only")
+    if len(set(keys)) < 2:
+        raise ValueError(
+            f"task {task}: mutex_each_key=True takes one mutex per argument of mutex_keys, "
+            f"and needs two or more of them (mutex_keys={tuple(keys)!r}); with one, leave "
+            "mutex_each_key out"
+        )
+    if getattr(cls, "mutex_max_leases", None) not in (None, 1):
+        raise ValueError(f"task {task}: mutex_each_key=True does not combine with mutex_max_leases")
 
 
 def _mutex_timeout(task: celery.Task) -> float:
