@@ -5252,3 +5252,13 @@ def test_a_mutex_each_key_tasks_retry_runs_after_its_first_run_never_dropped(wor
     assert [e["task_id"] for e in runs] == [result.id] * 2  # each run once
     assert runs[1]["enter"] >= runs[0]["exit"]  # the copy waited for the first run's end
     assert "dropped" not in workers.logs(), workers.logs()
+
+
+def test_readme_transfer_runs_transfers_sharing_an_account_one_at_a_time(workers: Workers):
+    workers.start(concurrency=3)
+    pairs = ((1, 2), (2, 1), (2, 3))  # every two share an account, given in either order
+    results = [workers.send("transfer", a, b, {"key": f"{a}-{b}", "hold": 0.3}) for a, b in pairs]
+    assert _states(results) == ["SUCCESS"] * 3
+    spans = sorted((e["enter"], e["exit"]) for e in workers.record.entries())
+    assert len(spans) == 3
+    assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:])), spans
