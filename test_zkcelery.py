@@ -5140,7 +5140,13 @@ def test_a_multi_lock_token_is_a_fencing_token_for_each_of_its_keys(
         assert single.token > first.token
     other = _lock_task_on(make_app()).lock("b")
     assert other.acquire()
-    threading.Timer(0.3, other.release).start()
+    queue = _lock_node(zk_root, "b") + "@queue"
+
+    def release_once_queued() -> None:
+        wait_for(lambda: zk.exists(queue) and zk.get_children(queue), 10, "the multi-lock to queue")
+        other.release()
+
+    _in_thread(release_once_queued)
     with lock_task.multi_lock("b", "a", blocking=True, timeout=10) as third:
         parts = [part.token for part in third.parts]  # taken one at a time: two tokens
         assert len(set(parts)) == 2 and third.token == max(parts) > single.token
