@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -5489,3 +5490,256 @@ def test_readme_read_and_write_lock_examples_share_one_lock(app, lock_task):
     namespace["read_balance"].apply(args=("acme", {})).get()
     namespace["post_payment"].apply(args=("acme", {})).get()
     assert seen == [(True, False), (False, False)]
+
+
+# ===========================================================================
+# Multi-locks
+# ===========================================================================
+
+
+def _lock_children(zk: KazooClient, zk_root: str) -> list[str]:
+    """The nodes under the locks namespace: holders' ``<name>`` and queues."""
+    return sorted(zk.get_children(f"{zk_root}/locks"))
+
+
+def _lock_node(zk_root: str, *values: Any) -> str:
+    return node_path(zk_root, "locks", "t.lock", *values)
+
+
+def test_a_multi_lock_holds_each_of_its_keys_as_lock_would(lock_task, make_app):
+    other = _lock_task_on(make_app())  # another session
+    with lock_task.multi_lock("a", ("b", 2), zkcelery.LockKey("account", 7)) as lease:
+        assert lease
+        assert not other.lock("a").acquire()
+        assert not other.lock("b", 2).acquire()  # a tuple: several refining values
+        assert not other.lock(7, name="account").acquire()  # another lock's name
+        assert other.lock("b").acquire() and other.lock(2).acquire()  # not keys of it
+        assert not other.multi_lock("z", "a").acquire()
+    assert not lease
+    with other.multi_lock("a", ("b", 2), zkcelery.LockKey("account", 7)) as again:
+        assert again
+
+
+def test_blocking_multi_locks_on_random_overlapping_keys_never_deadlock_nor_overlap(
+    make_app, capsys
+):
+    tasks = [_lock_task_on(make_app()) for _ in range(4)]  # four sessions, two threads each
+    keys, rounds, threads = "abcde", 12, 8
+    intervals: dict[str, list[tuple[float, float]]] = {key: [] for key in keys}
+    finished: list[int] = []
+
+    def run(i: int) -> None:
+        chooser = random.Random(i)
+        for _ in range(rounds):
+            chosen = chooser.sample(keys, chooser.randint(2, 4))  # in a random order
+            with tasks[i % 4].multi_lock(*chosen, blocking=True) as lease:
+                assert lease
+                enter = time.monotonic()
+                time.sleep(0.002)
+                leave = time.monotonic()
+            for key in chosen:
+                intervals[key].append((enter, leave))
+        finished.append(i)
+
+    started = time.monotonic()
+    running = [_in_thread(run, i) for i in range(threads)]
+    for thread in running:
+        thread.join(max(0.0, started + 40 - time.monotonic()))
+    elapsed = time.monotonic() - started
+    assert sorted(finished) == list(range(threads)), f"stuck after {elapsed:.1f} s: a deadlock"
+    for key, spans in intervals.items():
+        spans.sort()
+        assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:])), f"two held {key} at once"
+    assert sum(len(spans) for spans in intervals.values()) >= threads * rounds * 2
+    _report(capsys, f"multi-lock: {threads * rounds} blocking grants of 2-4 of 5 keys "
+                    f"in {elapsed:.2f} s, no overlap")  # fmt: skip
+
+
+def test_a_non_blocking_multi_lock_that_fails_part_way_leaves_no_node(
+    lock_task, make_app, zk, zk_root
+):
+    assert _lock_task_on(make_app()).lock("c").acquire()  # another session holds "c"
+    # An empty queue on "a" sends the try one key at a time: it takes "a" and "b",
+    # then finds "c" held.
+    zk.create(_lock_node(zk_root, "a") + "@queue")
+    lease = lock_task.multi_lock("d", "c", "b", "a")
+    assert not lease.acquire()
+    assert not lease  # and the abandoned queue on "a" went as the try took "a" alone:
+    assert _lock_children(zk, zk_root) == [zkcelery._lock_name("t.lock", ("c",))]
+    assert [h["key"] for h in lease.holders()][:1] == ["t.lock('c')"]  # the one found held
+
+
+def test_a_coordination_error_part_way_through_a_multi_lock_leaves_nothing_held(
+    lock_task, make_app, zk, zk_root, monkeypatch
+):
+    holder = _lock_task_on(make_app()).lock("c")
+    assert holder.acquire()
+    real = zkcelery._ExclusiveLock.acquire
+
+    def no_answer_for_b(self, blocking, deadline):
+        if self.key_path.endswith(zkcelery._lock_name("t.lock", ("b",))):
+            raise zkcelery.CoordinationError("ZooKeeper did not answer within 2 s")
+        return real(self, blocking, deadline)
+
+    monkeypatch.setattr(zkcelery._ExclusiveLock, "acquire", no_answer_for_b)
+    lease = lock_task.multi_lock("a", "b", "c", blocking=True, timeout=10)
+    with pytest.raises(zkcelery.CoordinationError):
+        lease.acquire()  # "a" was taken one at a time (the try at once found "c" held)
+    assert not lease
+    assert _lock_children(zk, zk_root) == [zkcelery._lock_name("t.lock", ("c",))]
+    assert _lock_task_on(make_app()).lock("a").acquire()  # free for another session
+
+
+def test_a_multi_lock_timing_out_part_way_gives_up_every_key_at_its_one_deadline(
+    lock_task, make_app, zk, zk_root
+):
+    holder = _lock_task_on(make_app()).lock("b")
+    assert holder.acquire()
+    started = time.monotonic()
+    with lock_task.multi_lock("a", "b", "c", blocking=True, timeout=0.6) as lease:
+        waited = time.monotonic() - started
+        assert not lease
+    assert 0.55 <= waited < 3
+    assert _lock_children(zk, zk_root) == [zkcelery._lock_name("t.lock", ("b",))]  # no queue
+    holder.release()
+    assert _lock_task_on(make_app()).multi_lock("a", "b", "c").acquire()
+
+
+def test_a_multi_lock_token_is_a_fencing_token_for_each_of_its_keys(
+    lock_task, make_app, zk, zk_root
+):
+    with lock_task.multi_lock("a", "b") as first:
+        made = {zk.exists(_lock_node(zk_root, key)).czxid for key in "ab"}
+        assert made == {first.token}  # made in one transaction: one zxid
+    with lock_task.lock("b") as single:
+        assert single.token > first.token
+    other = _lock_task_on(make_app()).lock("b")
+    assert other.acquire()
+    queue = _lock_node(zk_root, "b") + "@queue"
+
+    def release_once_queued() -> None:
+        wait_for(lambda: zk.exists(queue) and zk.get_children(queue), 10, "the multi-lock to queue")
+        other.release()
+
+    _in_thread(release_once_queued)
+    with lock_task.multi_lock("b", "a", blocking=True, timeout=10) as third:
+        parts = [part.token for part in third.parts]  # taken one at a time: two tokens
+        assert len(set(parts)) == 2 and third.token == max(parts) > single.token
+    assert min(parts) > single.token
+
+
+def test_a_multi_lock_sends_each_signal_once_for_the_whole_lease(lock_task, zk, zk_root):
+    sent: list[tuple[str, Any]] = []
+
+    def note(signal: Any = None, lease: Any = None, **facts: Any) -> None:
+        sent.append((signal.name.split(".")[-1], lease, facts.get("reason")))
+
+    signals = (zkcelery.lease_acquired, zkcelery.lease_released, zkcelery.lease_not_acquired,
+               zkcelery.lease_lost)  # fmt: skip
+    for each in signals:
+        each.connect(note, weak=False)
+    try:
+        with lock_task.multi_lock("a", "b", "c") as lease:
+            hold_externally(zk, _lock_node(zk_root, "d"))
+            assert not lock_task.multi_lock("c", "d").acquire()
+            lease.lost  # noqa: B018 - the first look watches each part's node
+            zk.delete(_lock_node(zk_root, "b"))  # broken from outside
+            wait_for(lambda: lease.lost, 10, "the loss to be seen")
+        assert [(name, held.key, reason) for name, held, reason in sent] == [
+            ("lease_acquired", "t.lock('a') + t.lock('b') + t.lock('c')", None),
+            ("lease_not_acquired", "t.lock('c') + t.lock('d')", "held"),
+            ("lease_lost", "t.lock('a') + t.lock('b') + t.lock('c')", "deleted"),
+        ]  # the lost lease's end is its loss, not also a release; nothing per part
+        del sent[:]
+        with lock_task.multi_lock("a", "b"):
+            pass
+        assert [name for name, _, _ in sent] == ["lease_acquired", "lease_released"]
+    finally:
+        for each in signals:
+            each.disconnect(note)
+    assert _lock_children(zk, zk_root) == [zkcelery._lock_name("t.lock", ("d",))]
+
+
+@pytest.mark.parametrize("keys", [2, 4])
+def test_an_uncontended_multi_lock_costs_two_requests_whatever_its_keys(lock_task, zk_hosts, keys):
+    names = [f"k{i}" for i in range(keys)]
+    with lock_task.multi_lock(*names) as warm:  # connected, the namespace's version read
+        assert warm
+    before = session_requests(zk_hosts, lock_task.app)
+    for _ in range(20):
+        with lock_task.multi_lock(*names) as lease:
+            assert lease
+    sent = session_requests(zk_hosts, lock_task.app) - before
+    assert sent <= 2 * 20 + 1, sent  # one multi-operation to take, one to release
+
+
+def test_a_failed_multi_lock_try_costs_one_request(lock_task, zk, zk_root, zk_hosts):
+    assert _held_now(lock_task, "warm")
+    hold_externally(zk, _lock_node(zk_root, "k2"))
+    before = session_requests(zk_hosts, lock_task.app)
+    for _ in range(20):
+        assert not lock_task.multi_lock("k1", "k2", "k3").acquire()
+    sent = session_requests(zk_hosts, lock_task.app) - before
+    assert sent <= 20 + 1, sent
+
+
+def test_a_blocking_multi_lock_on_a_key_this_thread_holds_is_refused_taking_nothing(
+    lock_task, zk, zk_root
+):
+    with lock_task.lock("b"):
+        with pytest.raises(zkcelery.NotReentrant):
+            lock_task.multi_lock("a", "b", blocking=True).acquire()
+        assert _lock_children(zk, zk_root) == [zkcelery._lock_name("t.lock", ("b",))]
+
+
+def test_mutex_each_key_with_fewer_than_two_keys_is_an_error_at_definition(offline_app):
+    with pytest.raises(ValueError, match=r"mutex_each_key=True .* needs two or more"):
+
+        @offline_app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("user",),
+                          mutex_each_key=True, shared=False, name="t.each")  # fmt: skip
+        def each(self, user):
+            pass
+
+        each.name  # noqa: B018 - the app may be lazy: finalize it
+
+
+def test_a_mutex_each_key_task_excludes_any_shared_value_but_not_other_values(
+    workers: Workers, zk, zk_root, tmp_path
+):
+    workers.start(concurrency=3)
+    marker = tmp_path / "go"
+    first = workers.send("each_key_mutex", 1, 2, str(marker))
+    path = node_path(zk_root, "mutexes", "testtasks.each_key_mutex", "account", 2)
+    wait_for(lambda: zk.exists(path), 30, "the first copy to hold")
+    same_user, same_account, other = (workers.send("each_key_mutex", user, account)
+                                      for user, account in ((1, 5), (6, 2), (3, 4)))  # fmt: skip
+    assert _states([same_user, same_account, other]) == ["FAILURE", "FAILURE", "SUCCESS"]
+    with pytest.raises(zkcelery.MutexHeld, match=r"each_key_mutex\('user', 1\) is held"):
+        same_user.get(timeout=10)
+    with pytest.raises(zkcelery.MutexHeld, match=r"each_key_mutex\('account', 2\) is held"):
+        same_account.get(timeout=10)
+    marker.touch()
+    assert first.get(timeout=30) is None
+    bodies = {e["key"]: e for e in workers.record.entries()}
+    assert sorted(bodies) == ["1/2", "3/4"]
+    assert bodies["1/2"]["started"] < bodies["3/4"]["enter"] < bodies["1/2"]["exit"]
+
+
+def test_a_mutex_each_key_tasks_retry_runs_after_its_first_run_never_dropped(workers: Workers):
+    workers.start(concurrency=2)  # a free slot for the copy while the first run ends
+    result = workers.send("each_key_retrying", 1, 2, 0.5)
+    assert result.get(timeout=30) is None
+    runs = workers.record.entries()
+    assert [e["task_id"] for e in runs] == [result.id] * 2  # each run once
+    assert runs[1]["enter"] >= runs[0]["exit"]  # the copy waited for the first run's end
+    assert "dropped" not in workers.logs(), workers.logs()
+
+
+def test_readme_transfer_runs_transfers_sharing_an_account_one_at_a_time(workers: Workers):
+    workers.start(concurrency=3)
+    pairs = ((1, 2), (2, 1), (2, 3))  # every two share an account, given in either order
+    results = [workers.send("transfer", a, b, {"key": f"{a}-{b}", "hold": 0.3}) for a, b in pairs]
+    assert _states(results) == ["SUCCESS"] * 3
+    spans = sorted((e["enter"], e["exit"]) for e in workers.record.entries())
+    assert len(spans) == 3
+    assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:])), spans

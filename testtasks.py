@@ -532,3 +532,28 @@ def history_semaphore(self, key, hold):
 )
 def history_mutex(self, key, hold):
     _history_body(self, "mutex", key, hold, self.mutex_lease)
+
+
+# ---------------------------------------------------------------------------
+# Multi-locks
+# ---------------------------------------------------------------------------
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("user", "account"), mutex_each_key=True)
+def each_key_mutex(self, user, account, marker=""):
+    """One mutex per argument; holds until ``marker`` exists, when given."""
+    started = time.monotonic()
+    if marker:
+        _wait_for_marker(marker)
+    record_body(f"{user}/{account}", task_id=self.request.id, started=started)
+
+
+@app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("user", "account"), mutex_each_key=True)
+def each_key_retrying(self, user, account, tail=0.5):
+    """Retries once; the first run then ends slowly, still holding both mutexes."""
+    first = self.request.retries == 0
+    try:
+        if first:
+            raise self.retry(countdown=0)
+    finally:
+        record_body(f"{user}/{account}", tail if first else 0.0, task_id=self.request.id)

@@ -100,6 +100,7 @@ from kazoo.exceptions import (
     NodeExistsError,
     NoNodeError,
     NotEmptyError,
+    RolledBackError,
     SessionExpiredError,
     UnimplementedError,
 )
@@ -176,6 +177,7 @@ __all__ = [
     "EarlyMutexTask",
     "ElectedScheduler",
     "Lease",
+    "LockKey",
     "LockTask",
     "MaxLeasesMismatch",
     "MutexHeld",
@@ -467,6 +469,71 @@ class LockTask(celery.Task):
             retry=retry, identifier=identifier, name=name, retry_options=retry_options,
         )  # fmt: skip
 
+    def multi_lock(
+        self,
+        *keys: Any,
+        blocking: bool = False,
+        timeout: float | None = None,
+        retry: bool = False,
+        identifier: str | None = None,
+        name: str | None = None,
+        **retry_options: Any,
+    ) -> Lease:
+        """One lease over several locks, taken all or none, and released together.
+
+        Each key is one lock, the very lock ``lock()`` takes: a plain value
+        refines this task's name (or ``name``), a tuple counts as several
+        refining values, and a :class:`LockKey` names a lock of another name.
+        Equal keys count once.  The keys are taken in one order that does
+        not depend on the order given, so contenders asking for overlapping
+        sets never wait for each other in a cycle; a try that fails, or
+        raises, part-way keeps none of them.
+
+        :param keys: the locks, at least one.
+        :param blocking, timeout, retry, identifier, name, retry_options: as for
+            :meth:`lock`; ``timeout`` bounds the whole wait, for all keys.
+
+        The lease is truthy while it holds every key; ``lost`` is true once
+        any key may be another's, and ``token`` is a fencing token valid for
+        each of its keys (see :class:`_MultiLease`).
+        """
+        return _MultiLease(
+            self, _LOCKS, [_values_of(key) for key in keys], blocking=blocking, timeout=timeout,
+            retry=retry, identifier=identifier, name=name, retry_options=retry_options,
+        )  # fmt: skip
+
+
+class LockKey:
+    """A key of :meth:`LockTask.multi_lock` on a lock of another name.
+
+    ``LockKey("account", 7)`` is the lock that ``self.lock(7, name="account")``
+    takes, in any task: the base name, then its refining values.
+    """
+
+    __slots__ = ("name", "values")
+
+    def __init__(self, name: str, *values: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"LockKey's name must be a non-empty str, not {name!r}")
+        self.name = name
+        self.values = values
+
+    def __repr__(self) -> str:
+        return f"LockKey({', '.join(map(repr, (self.name, *self.values)))})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LockKey) and (self.name, self.values) == (other.name, other.values)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.values))
+
+
+def _values_of(key: Any) -> tuple[str | None, tuple]:
+    """A multi-lock key as (base name or None for the lease's own, refining values)."""
+    if isinstance(key, LockKey):
+        return key.name, key.values
+    return None, key if isinstance(key, tuple) else (key,)
+
 
 class _KeyedTask(celery.Task):
     """What MutexTask and EarlyMutexTask share: ``mutex_keys``, checked at definition."""
@@ -504,11 +571,15 @@ class MutexTask(_KeyedTask):
     mutex; ``mutex_max_leases=N`` admits up to N copies per key at once instead
     of one (a copy beyond N is handled as a copy that finds the mutex held);
     ``mutex_requeue=True`` requeues a rejected task instead of failing it (and
-    turns on ``acks_late`` and, unless the task sets it, ``reject_on_worker_lost``).
+    turns on ``acks_late`` and, unless the task sets it, ``reject_on_worker_lost``);
+    ``mutex_each_key=True`` takes one mutex per argument named in ``mutex_keys``
+    instead of one over all of them, so that a copy is refused when any of its
+    values is in use (see ``_each_key_lease``).
     """
 
     mutex_requeue: bool = False
     mutex_max_leases: int = 1
+    mutex_each_key: bool = False
 
     @property
     def mutex_lease(self) -> Lease | None:
@@ -532,8 +603,12 @@ class MutexTask(_KeyedTask):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
-        limit = self.mutex_max_leases if self.mutex_max_leases > 1 else None
-        lease = _MutexLease(self, _MUTEXES, self._mutex_values(args, kwargs), max_leases=limit)
+        lease: _MutexLease | _MultiLease
+        if self.mutex_each_key:
+            lease = self._each_key_lease(args, kwargs)
+        else:
+            limit = self.mutex_max_leases if self.mutex_max_leases > 1 else None
+            lease = _MutexLease(self, _MUTEXES, self._mutex_values(args, kwargs), max_leases=limit)
         if lease.name in _handed_over():
             # An eager retry or replacement, run synchronously inside the
             # retry() or replace() of its own first run, which holds the
@@ -577,7 +652,19 @@ class MutexTask(_KeyedTask):
         finally:
             names.discard(lease.name)
 
-    def _take(self, lease: _MutexLease, within: float | None = None) -> None:
+    def _each_key_lease(self, args: Any, kwargs: Any) -> _MultiLease:
+        """``mutex_each_key``: a multi-lock of one mutex per argument in ``mutex_keys``.
+
+        Each mutex is the task's name refined by the argument's name and value
+        (``user=1`` and ``account=1`` are two mutexes).  It is taken as a whole,
+        without waiting: a copy that finds any of them held goes where a copy of
+        a plain MutexTask would, told the holder of the one it found held.
+        """
+        values = self._mutex_values(args, kwargs)
+        keys = [(None, (key, value)) for key, value in zip(self.mutex_keys, values)]
+        return _MultiLease(self, _MUTEXES, keys)
+
+    def _take(self, lease: _MutexLease | _MultiLease, within: float | None = None) -> None:
         """Try the mutex once, or wait in line for it up to ``within`` seconds."""
         try:
             lease.acquire() if within is None else lease.acquire_within(within)
@@ -591,7 +678,7 @@ class MutexTask(_KeyedTask):
             # must end first (see _contended).  Give the place back.
             lease.release()
 
-    def _contended(self, lease: _MutexLease, started: float) -> None:
+    def _contended(self, lease: _MutexLease | _MultiLease, started: float) -> None:
         """The mutex is held: wait and take it, or raise ``Reject`` / ``Ignore``."""
         holder = _holder(lease, self.request.id)
         if not holder:  # released since the try: try again
@@ -622,7 +709,7 @@ class MutexTask(_KeyedTask):
             holder = _holder(lease)
         self._reject(lease, holder, requeue=bool(self.mutex_requeue))
 
-    def _follow(self, lease: _MutexLease, holder: dict, started: float) -> dict:
+    def _follow(self, lease: _MutexLease | _MultiLease, holder: dict, started: float) -> dict:
         """This copy is a retry or a replacement of the run that holds the mutex.
 
         Celery gives both the running task's id and sends them before the
@@ -652,7 +739,9 @@ class MutexTask(_KeyedTask):
             if wait is not None:  # still ending, and the broker wants an answer
                 self._reject(lease, now, requeue=True)
 
-    def _held_by_itself(self, lease: _MutexLease, own: _OwnHolder, started: float) -> dict:
+    def _held_by_itself(
+        self, lease: _MutexLease | _MultiLease, own: _OwnHolder, started: float
+    ) -> dict:
         """This task id holds its own mutex: this message is a second delivery of it.
 
         Either its first delivery is still running (Redis restored its message
@@ -1415,6 +1504,18 @@ class Lease:
         self._signal(lease_acquired, waited=waited)
         return True
 
+    def acquire_within(self, seconds: float) -> bool:
+        """As :meth:`acquire` of a lease made with ``blocking=True, timeout=seconds``.
+
+        :param seconds: the longest wait, in line, for the lease.
+        """
+        options = self._blocking, self._timeout
+        self._blocking, self._timeout = True, seconds
+        try:
+            return self.acquire()
+        finally:
+            self._blocking, self._timeout = options
+
     def release(self) -> None:
         """Give the lease back; a no-op when it is not held or its session is gone."""
         if self:
@@ -1534,14 +1635,6 @@ class _MutexLease(Lease):
     def limited(self) -> bool:
         """Whether it admits more than one holder (``mutex_max_leases``)."""
         return self._max_leases is not None
-
-    def acquire_within(self, seconds: float) -> bool:
-        """Wait in line for the mutex up to ``seconds``; return whether it is held."""
-        self._blocking, self._timeout = True, seconds
-        try:
-            return self.acquire()
-        finally:
-            self._blocking, self._timeout = False, None
 
     def beside_itself(self) -> bool:
         """Whether a limited mutex granted this lease beside a holder with the same task id."""
@@ -1667,6 +1760,283 @@ class _ElectionLease(Lease):
     def path(self) -> str | None:
         """The node that holds the lease while it is held (the fence of a write)."""
         return self._grant.path if self else None  # type: ignore[union-attr]
+
+
+class _MultiLease(Lease):
+    """One lease over several exclusive locks (``multi_lock``, ``mutex_each_key``).
+
+    It is made of one part per key, each an ordinary exclusive lease of that
+    key with its own grant; the parts are kept sorted by lock name, the one
+    order every contender takes keys in.  _ExclusiveSet says how the nodes
+    are used and what it costs.
+
+    Truthy while every part is held.  ``lost`` is true once any part may be
+    another's.  ``token`` is the largest of the parts' tokens: a later
+    holder of any one key was granted it after this lease released it, so
+    after every part of this lease was made, and its token is larger.  It is
+    thus a fencing token for each key, comparable with the tokens of
+    ``lock()`` on the same key.  ``holders()`` and ``waiters()`` list those
+    of every key (each entry's ``key`` says which), those of the key a
+    failed try found held first.  The signals are sent once for the whole
+    lease, never per part: acquired when all are held, released or lost
+    once.
+    """
+
+    def __init__(
+        self,
+        task: celery.Task,
+        namespace: str,
+        keys: Sequence[tuple[str | None, tuple]],
+        **options: Any,
+    ) -> None:
+        super().__init__(task, namespace, **options)
+        if not keys:
+            raise TypeError("a multi-lock needs at least one key")
+        part_class = _MutexPart if namespace == _MUTEXES else _LockPart
+        parts: dict[str, _Part] = {}
+        for name, values in keys:
+            part = part_class(
+                task, namespace, values, blocking=self._blocking, timeout=self._timeout,
+                identifier=self.identifier, name=options.get("name") if name is None else name,
+            )  # fmt: skip
+            part.multi = self
+            parts.setdefault(part.name, part)  # equal keys count once
+        self.parts: list[_Part] = [parts[name] for name in sorted(parts)]
+        self.name = "&".join(part.name for part in self.parts)  # "&" is never in a lock name
+        self.key = " + ".join(part.key for part in self.parts)
+        self._holding = False  # from the grant of all parts to the start of their release
+        self._ended = True  # the grant has been reported released or lost (or there is none)
+        self._granted_at = 0.0
+        self._together: _ExclusiveSet | None = None  # the parts were taken in one request
+        self._blocked: _Part | None = None  # the part the last failed try found held
+        self._mutex = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return self._holding and all(self.parts)
+
+    @property
+    def token(self) -> int | None:
+        """The largest fencing token of the parts (see the class); None if never held."""
+        if self._together is not None and self:
+            # Made in one transaction: every part's node has one creation zxid.
+            first = self.parts[0].token
+            for part in self.parts[1:]:
+                if part._grant is not None and part._grant.token is None:
+                    part._grant.token = first
+        tokens = [part.token for part in self.parts]
+        return None if None in tokens else max(tokens)  # type: ignore[type-var]
+
+    @property
+    def lost(self) -> bool:
+        """True once any key may be held by someone else (see :attr:`Lease.lost`)."""
+        return any(part.lost for part in self.parts)
+
+    def holders(self) -> list[dict]:
+        """The holders of every key, those of the key the last failed try found held first."""
+        return [h for part in self._blocked_first() for h in part.holders()]
+
+    def waiters(self) -> list[dict]:
+        """The waiters of every key, those of the key the last failed try found held first."""
+        return [w for part in self._blocked_first() for w in part.waiters()]
+
+    def wait_for_release(self, seconds: float | None) -> None:
+        """Wait until the key the last failed try found held is freed, or ``seconds``."""
+        if self._blocked is not None:
+            self._blocked.wait_for_release(seconds)
+
+    # -- as MutexTask uses it (see _MutexLease): one place per key ----------
+
+    limited = False
+
+    def beside_itself(self) -> bool:
+        return False
+
+    def wait_for_holder(self, holder: dict, seconds: float | None) -> None:
+        self.wait_for_release(seconds)
+
+    def hand_over(self) -> None:
+        """A mutex's: note in every part's node that a copy of the task follows."""
+        for part in self.parts:
+            if isinstance(part, _MutexLease):
+                part.hand_over()
+
+    # -- acquire and release -------------------------------------------------
+
+    def acquire(self) -> bool:
+        """Take every key, or none (waiting if blocking); return whether they are held.
+
+        :raises AlreadyAcquired: this lease is held already.
+        :raises NotReentrant: blocking without a timeout on a key this thread holds.
+        :raises CoordinationError: ZooKeeper did not answer in time; nothing is held.
+        """
+        if self:
+            raise AlreadyAcquired(f"{self!r} is already held: release it first")
+        if self._first_try is None:
+            self._first_try = time.monotonic()
+        session = self._connect()
+        for part in self.parts:
+            part._session = session
+        deadline = None
+        if self._blocking and self._timeout is not None:
+            deadline = time.monotonic() + self._timeout
+        try:
+            session.wait_connected(deadline)
+            if self._blocking and deadline is None:  # refused before anything is taken
+                parent = f"{session.settings.root}/{self._namespace}"
+                for part in self.parts:
+                    session.refuse_reentry(f"{parent}/{part.name}", part.key)
+            with session.waiting() if self._blocking else contextlib.nullcontext():
+                granted = self._take(session, deadline)
+        except CoordinationError:
+            self._signal(lease_not_acquired, waited=self._waited(), reason="unavailable")
+            raise
+        if not granted:
+            self._log(logging.DEBUG, "is held elsewhere", outcome="not_acquired")
+            reason = "timeout" if self._blocking else "held"
+            self._signal(lease_not_acquired, waited=self._waited(), reason=reason)
+            return False
+        waited, self._first_try = self._waited(), None
+        with self._mutex:
+            self._holding, self._ended, self._granted_at = True, False, time.monotonic()
+        self._signal(lease_acquired, waited=waited)
+        return True
+
+    def release(self) -> None:
+        """Give every key back, the last taken first; a no-op for keys not held."""
+        with self._mutex:
+            ended = not self._ended
+            self._holding, self._ended = False, True
+        together, self._together = self._together, None
+        held = [part for part in self.parts if part]
+        try:
+            if together is None or len(held) < len(self.parts) or not self._release_all(together):
+                for part in reversed(held):
+                    part.release()
+        finally:
+            if ended:
+                self._signal(lease_released, held=time.monotonic() - self._granted_at)
+
+    def _release_all(self, together: _ExclusiveSet) -> bool:
+        """Release the parts taken together in one request; False if one is lost (one by one)."""
+        grants = [part._grant for part in self.parts if part._grant is not None]
+        if any(grant.why_lost for grant in grants):
+            return False
+        for grant in grants:  # marked first: our own deletes are no break (see _Grant.release)
+            grant.settle()
+        try:
+            if together.release(grants):
+                return True
+        except CoordinationError as exc:
+            self._log(
+                logging.WARNING,
+                "not released (%s); ZooKeeper frees it when the session ends, or this "
+                "process deletes it when it reconnects",
+                exc,
+                outcome="not_released",
+            )
+            return True
+        for part, grant in reversed(list(zip(self.parts, grants))):  # one by one after all
+            try:
+                grant.protocol.release(grant.path, grant.session_id)
+            except CoordinationError as exc:
+                part._log(logging.WARNING, "not released (%s)", exc, outcome="not_released")
+        return True
+
+    def _take(self, session: _Session, deadline: float | None) -> bool:
+        """Take every part, or none: True once all are held."""
+        while True:
+            self._blocked = None
+            outcome = self._take_together(session)
+            if outcome == "held" and not self._blocking:
+                return False
+            if outcome != "taken" and not self._take_in_order(deadline):
+                return False
+            for part in self.parts:  # a part taken first may have gone while a later one waited
+                assert part._grant is not None
+                part._grant.check_session()
+            if not any(part._grant.why_lost for part in self.parts):  # type: ignore[union-attr]
+                return True
+            self._together = None
+            for part in reversed(self.parts):
+                part.release()
+            if not self._blocking or _expired(deadline):
+                raise CoordinationError("the session was lost while taking the keys")
+
+    def _take_together(self, session: _Session) -> str:
+        """Try to take every free key in one request (see _ExclusiveSet).
+
+        "taken"; "held" or "queued" (a key is, and it is ``_blocked``); or
+        "contended": a key was found contended lately, so a blocking try
+        goes straight to the queues.
+        """
+        parent = f"{session.settings.root}/{self._namespace}"
+        if self._blocking and any(session.contended(f"{parent}/{p.name}") for p in self.parts):
+            return "contended"
+        locks = []
+        for part in self.parts:
+            lock = part._protocol(session)
+            assert isinstance(lock, _ExclusiveLock)
+            locks.append(lock)
+        together = _ExclusiveSet(session, locks)
+        outcome, index = together.take_free()
+        if outcome != "taken":
+            self._blocked = self.parts[index]
+            session.contended(locks[index].key_path, seen=True)
+            return outcome
+        for part, lock in zip(self.parts, locks):
+            part._grant = _Grant(session, lock, lock.holder, None, lock._owner, part)
+            session.remember(part._grant)
+        self._together = together
+        return outcome
+
+    def _take_in_order(self, deadline: float | None) -> bool:
+        """Take the parts one at a time, in order; a failure or an error releases those taken."""
+        taken: list[_Part] = []
+        try:
+            for part in self.parts:
+                if deadline is not None:  # the parts share the lease's one deadline
+                    part._timeout = max(0.0, deadline - time.monotonic())
+                if not part.acquire():
+                    self._blocked = part
+                    return False
+                taken.append(part)
+            taken = []
+            return True
+        finally:
+            for part in reversed(taken):
+                part.release()
+
+    def _blocked_first(self) -> list[_Part]:
+        blocked = self._blocked
+        if blocked is None:
+            return self.parts
+        return [blocked, *(part for part in self.parts if part is not blocked)]
+
+    def _part_ended(self, which: Signal, **facts: Any) -> None:
+        """A part's grant ended outside ``release()`` (lost, or closed): so did the lease's."""
+        with self._mutex:
+            ended, self._ended = not self._ended, True
+        if ended:
+            held = time.monotonic() - self._granted_at
+            self._signal(which, **{**facts, "held": held})
+
+
+class _Part(Lease):
+    """One key of a _MultiLease: its signals are the multi-lease's, sent once for all parts."""
+
+    multi: _MultiLease
+
+    def _signal(self, which: Signal, **facts: Any) -> None:
+        if which is lease_lost or which is lease_released:  # both come from its grant
+            self.multi._part_ended(which, **facts)
+
+
+class _LockPart(_Part):
+    """A lock's part of a multi-lock."""
+
+
+class _MutexPart(_Part, _MutexLease):
+    """A mutex's part of a multi-lock (``mutex_each_key``), which can hand over."""
 
 
 class _AppOwner:
@@ -2362,6 +2732,138 @@ class _ExclusivePolicy:
                 woken.set()
 
         return on_event
+
+
+class _ExclusiveSet:
+    """Several exclusive locks held together: a multi-lock (_MultiLease).
+
+    Nodes: none of its own.  Each key is an _ExclusiveLock with its usual
+    nodes, ``<name>`` and ``<name>@queue/...``, so a key held through a
+    multi-lock excludes ``lock()`` (or a MutexTask) of that key and the other
+    way round, and ``ls``, ``rm`` and the exporter see each key as the lock it
+    is.  All keys are in one namespace.
+
+    Uncontended, one multi-operation makes every key's ``<name>`` with that
+    key's queue check (_ExclusiveLock._fast_ops): every key free and nobody
+    queued on any, or nothing at all; and one multi-operation deletes them,
+    fenced by the namespace's epoch as a single release is.  2 requests a
+    cycle whatever the number of keys k (a single lock's 2 for k = 1), and
+    a try that fails costs that one request.  The nodes are made in one
+    transaction, so they share a creation zxid: one read learns the token.
+
+    Otherwise (a key is held and the try blocks, a key has waiters, or a
+    key was found contended lately) the keys are taken one at a time, each
+    through its own lock and queue, in one global order: sorted by lock
+    name.  A waiter then holds only keys that sort before the one it waits
+    for, so no set of multi-locks can wait for each other in a cycle,
+    whatever the order their keys were given in, and nothing is held while
+    waiting by a try that takes all at once.  A waiter watches what a
+    single lock's waiter watches: ``<name>`` until it has seen it gone, then
+    the waiter before it; a release wakes one waiter per key.  A grant then
+    costs each key its own cycle, 2k requests and the waits, plus the one
+    failed multi-operation if it was tried first.  A try that fails, or
+    raises, part-way releases the keys it took, the last first; a key taken
+    early whose session ended while a later one waited is taken again.
+
+    Recovery: a lost answer to the multi-operation is recovered as one
+    lock's (_ExclusiveLock._recover_fast, on the first key: the transaction
+    made all or none); a multi-operation we stopped waiting for deletes
+    what it made, when it comes, or on reconnect.  A release whose answer is
+    lost leaves each node to be deleted, if still ours, when ZooKeeper
+    answers (_Session.add_orphan); one that finds the epoch moved (an ``rm``
+    ran) or a node gone releases each key on its own, as one lock does.
+    """
+
+    def __init__(self, session: _Session, locks: list[_ExclusiveLock]) -> None:
+        self.session = session
+        self.locks = locks  # sorted by name, one per key, all in one namespace
+
+    def take_free(self) -> tuple[str, int]:
+        """Make every ``<name>`` if all are free: ("taken", 0), or ("held"/"queued", its index)."""
+        session, first = self.session, self.locks[0]
+        epoch = session.epoch(first.parent)  # before the nodes can be ours, as _take_free
+        for lock in self.locks:
+            lock.epoch = epoch
+        while True:
+            session_id = session.session_id
+            try:
+                abandon = functools.partial(self._abandon, session_id)
+                results = session.multi(self._ops, abandon=abandon)
+            except _ConnectionLost as exc:
+                if self._recover(session_id, exc):
+                    self._owned_by(session_id)
+                    return "taken", 0
+                continue  # not applied: try again on the new connection
+            if isinstance(results[0], str):
+                try:
+                    owner = session.owner_of(first.holder, first.guid, session_id)
+                except CoordinationError:
+                    self._orphan(session.session_id)
+                    raise
+                if owner is None:
+                    continue  # gone with the session they were made in: try again
+                self._owned_by(owner)
+                return "taken", 0
+            # The first operation that failed; those before it say "rolled back".
+            failed = next(i for i, r in enumerate(results) if not isinstance(r, RolledBackError))
+            index, op = divmod(failed, _FAST_OPS)
+            if op == 0 and isinstance(results[failed], NoNodeError):  # the namespace is gone
+                session.ensure_namespaces(again=True)
+                continue
+            held = op == 0 and isinstance(results[failed], NodeExistsError)
+            return "held" if held else "queued", index
+
+    def release(self, grants: list[_Grant]) -> bool:
+        """Delete every ``<name>`` in one request; False: release each on its own instead.
+
+        :raises CoordinationError: no answer in time; each node is deleted, if
+            still ours, when ZooKeeper answers.
+        """
+        session, owner = self.session, grants[0].session_id
+        namespace, version = self.locks[0].epoch  # type: ignore[misc]
+
+        def build(txn: TransactionRequest) -> None:
+            txn.check(namespace, version)
+            for grant in grants:
+                txn.delete(grant.path)
+
+        try:
+            session.wait_connected()
+            if session.session_id != owner:
+                return True  # the session ended: the nodes went with it
+            results = session.multi(build)
+        except CoordinationError:
+            self._orphan(owner)
+            raise
+        # Not all deleted: an rm ran since the epoch was read, or a node is gone.
+        return all(result is True for result in results)
+
+    def _ops(self, txn: TransactionRequest) -> None:
+        for lock in self.locks:
+            lock._fast_ops(txn)
+
+    def _abandon(self, session_id: int | None, result: Any) -> None:
+        for lock in self.locks:  # each deletes its own node if the multi-operation applied
+            lock._abandon_fast(session_id, result)
+
+    def _recover(self, session_id: int | None, exc: Exception) -> bool:
+        try:
+            return self.locks[0]._recover_fast(session_id, exc)
+        except CoordinationError:  # the first key's node is an orphan already; so are the rest
+            self._orphan(session_id, self.locks[1:])
+            raise
+
+    def _owned_by(self, owner: int | None) -> None:
+        for lock in self.locks:
+            lock._owner = owner
+
+    def _orphan(self, session_id: int | None, locks: list[_ExclusiveLock] | None = None) -> None:
+        for lock in self.locks if locks is None else locks:
+            self.session.add_orphan(lock.holder, session_id, lock.guid)
+
+
+#: Operations _ExclusiveLock._fast_ops adds to a multi-operation, per key.
+_FAST_OPS = 3
 
 
 class _Semaphore:
@@ -3320,7 +3822,27 @@ def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
                 f"task {task}: mutex_keys names {key!r}, which is not a parameter of the "
                 f"task (its parameters: {', '.join(sorted(named)) or 'none'})"
             )
+    _check_each_key(cls, task, keys)
     return signature
+
+
+def _check_each_key(cls: type[celery.Task], task: str, keys: Sequence[str]) -> None:
+    """``mutex_each_key``: a MutexTask's, with two or more ``mutex_keys``, one mutex each."""
+    each = getattr(cls, "mutex_each_key", False)
+    if not isinstance(each, bool):
+        raise TypeError(f"task {task}: mutex_each_key must be True or False, not {each!r}")
+    if not each:
+        return
+    if not issubclass(cls, MutexTask):
+        raise TypeError(f"task {task}: mutex_each_key is an option of MutexTask only")
+    if len(set(keys)) < 2:
+        raise ValueError(
+            f"task {task}: mutex_each_key=True takes one mutex per argument of mutex_keys, "
+            f"and needs two or more of them (mutex_keys={tuple(keys)!r}); with one, leave "
+            "mutex_each_key out"
+        )
+    if getattr(cls, "mutex_max_leases", None) not in (None, 1):
+        raise ValueError(f"task {task}: mutex_each_key=True does not combine with mutex_max_leases")
 
 
 def _mutex_timeout(task: celery.Task) -> float:

@@ -29,6 +29,8 @@ What is measured, each as the time of one whole cycle on one client:
     time per cycle, and the requests of each (metrics add none);
 12. ``task.read_lock()`` and ``task.write_lock()``, uncontended, and kazoo's ``ReadLock`` and
     ``WriteLock`` (``acquire(blocking=False)`` + ``release()``, a new one each cycle).
+13. ``with task.multi_lock(*keys): pass``, uncontended, over 2 and over 4 keys (one
+    multi-operation takes every key and one releases them: the same 2 requests as one lock).
 
 Why ratios: write latency is dominated by fsync on the servers' disks and drifts 2-3x
 between runs on a shared machine, so absolute times say little.  The contenders run
@@ -265,6 +267,12 @@ def zk_failed_try(task: Any, *key: Any) -> None:
             raise RuntimeError(f"zkcelery lock {key} should be held by another session")
 
 
+def zk_multi_lock_cycle(task: Any, *keys: Any) -> None:
+    with task.multi_lock(*keys) as acquired:
+        if not acquired:
+            raise RuntimeError(f"zkcelery multi-lock {keys} unexpectedly held")
+
+
 def zk_semaphore_cycle(task: Any, *key: Any) -> None:
     with task.semaphore(*key, max_leases=2) as acquired:
         if not acquired:
@@ -318,6 +326,8 @@ def zkcelery_cycles(tasks: Tasks, tag: str) -> dict[str, Cycle]:
         "plain_apply": lambda: apply_cycle(tasks.plain),
         "mutex_apply": lambda: apply_cycle(tasks.mutex),
         "limited_apply": lambda: apply_cycle(tasks.limited),
+        "zk_multi2": lambda: zk_multi_lock_cycle(tasks.locker, "m1", "m2"),
+        "zk_multi4": lambda: zk_multi_lock_cycle(tasks.locker, "m1", "m2", "m3", "m4"),
     }
 
 
@@ -339,6 +349,8 @@ LABELS = {
     "plain_apply": "7  task.apply(), plain task",
     "mutex_apply": "7  task.apply(), MutexTask",
     "limited_apply": "7  task.apply(), MutexTask(mutex_max_leases=2)",
+    "zk_multi2": "13 zkcelery multi_lock(), 2 keys",
+    "zk_multi4": "13 zkcelery multi_lock(), 4 keys",
     "redis": "10 Redis Lock (redis-py): SET NX PX + checked DEL",
 }
 ORDER = list(LABELS)
@@ -900,6 +912,8 @@ def build_targets(
         Target("requests per write-lock cycle (12)", counts["zk_write"], "<=", 3),
         Target("requests per MutexTask run", mutex_requests, "<=", 2),
         Target("requests per limited MutexTask run (max 2)", limited_requests, "<=", 3),
+        Target("requests per multi-lock cycle, 2 keys (13)", counts["zk_multi2"], "<=", 2),
+        Target("requests per multi-lock cycle, 4 keys (13)", counts["zk_multi4"], "<=", 2),
         Target("lock / floor (2)/(1), reused key", over("zk_lock", "floor"), "<=", 1.15),
         Target("lock / floor (2)/(1), fresh key", over("zk_lock_fresh", "floor"), "<=", 1.15),
         Target("lock / kazoo Lock (2)/(3)", over("zk_lock", "kazoo_lock"), "<=", 0.85, reads),
