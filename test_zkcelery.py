@@ -5569,25 +5569,28 @@ def test_a_non_blocking_multi_lock_that_fails_part_way_leaves_no_node(
     assert [h["key"] for h in lease.holders()][:1] == ["t.lock('c')"]  # the one found held
 
 
-def test_a_coordination_error_part_way_through_a_multi_lock_leaves_nothing_held(
-    lock_task, make_app, zk, zk_root, monkeypatch
+def test_a_multi_lock_whose_session_expires_part_way_takes_every_key_again_in_the_new_one(
+    lock_task, make_app, zk, zk_root, zk_hosts
 ):
     holder = _lock_task_on(make_app()).lock("c")
     assert holder.acquire()
-    real = zkcelery._ExclusiveLock.acquire
-
-    def no_answer_for_b(self, blocking, deadline):
-        if self.key_path.endswith(zkcelery._lock_name("t.lock", ("b",))):
-            raise zkcelery.CoordinationError("ZooKeeper did not answer within 2 s")
-        return real(self, blocking, deadline)
-
-    monkeypatch.setattr(zkcelery._ExclusiveLock, "acquire", no_answer_for_b)
-    lease = lock_task.multi_lock("a", "b", "c", blocking=True, timeout=10)
-    with pytest.raises(zkcelery.CoordinationError):
-        lease.acquire()  # "a" was taken one at a time (the try at once found "c" held)
-    assert not lease
-    assert _lock_children(zk, zk_root) == [zkcelery._lock_name("t.lock", ("c",))]
-    assert _lock_task_on(make_app()).lock("a").acquire()  # free for another session
+    lease = lock_task.multi_lock("a", "b", "c", blocking=True, timeout=30)
+    thread = _in_thread(lease.acquire)
+    # "a" and "b" are taken one at a time (the try at once found "c" held); then it waits.
+    wait_for(lambda: len(_lock_children(zk, zk_root)) == 4, 10, "a, b held and c queued")
+    dead = zk.exists(_lock_node(zk_root, "a")).ephemeralOwner
+    expire_session(lock_task.app, zk_hosts)  # its nodes for a and b go with the session
+    wait_for(lambda: zk.exists(_lock_node(zk_root, "a")) is None, 10, "the expiry")
+    holder.release()
+    thread.join(30)
+    assert lease and not lease.lost
+    nodes = [f"{zk_root}/locks/{c}" for c in _lock_children(zk, zk_root)]
+    nodes = [f"{n}/{c}" for n in nodes if n.endswith("@queue") for c in zk.get_children(n)] + [
+        n for n in nodes if not n.endswith("@queue")]  # fmt: skip
+    owners = [zk.exists(node).ephemeralOwner for node in nodes]
+    assert len(owners) == 3 and len(set(owners)) == 1 and dead not in owners  # all anew
+    lease.release()
+    assert _lock_children(zk, zk_root) == []
 
 
 def test_a_multi_lock_timing_out_part_way_gives_up_every_key_at_its_one_deadline(
