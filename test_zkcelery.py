@@ -1317,12 +1317,13 @@ app.conf.update(ZOOKEEPER_HOSTS=sys.argv[1], ZOOKEEPER_ROOT=sys.argv[2],
 def task(self):
     pass
 lease = task.lock("paused").__enter__()
-print("held", flush=True)
 # Until a jump in the clock: it was paused.  Each reading is compared with the one before,
-# so that a stop anywhere in the loop shows (a reading taken after the stop and compared
-# with itself would hide it, and the loop would go on for ever).
-last = time.monotonic()
-while True:
+# the first one taken before "held" is printed: the test stops this process once it reads
+# "held", so a stop anywhere after that shows (a first reading taken after the stop would
+# hide it, and the loop would go on for ever: CI, twice).
+last = start = time.monotonic()
+print("held", flush=True)
+while last - start < 60:
     time.sleep(0.01)
     now = time.monotonic()
     if now - last >= 1.0:
@@ -4609,17 +4610,19 @@ class _Events:
 
 @_ON_RABBITMQ
 def test_rejections_requeues_and_refusals_are_task_events_where_flower_looks(
-    broker_workers: Workers,
+    broker_workers: Workers, zk, zk_root
 ):
     workers = broker_workers
     workers.start(concurrency=3, ZKCELERY_TEST_EVENTS="1")
+    # A task starts (task-started) before its body takes the mutex: wait for its node.
+    held = lambda task, key: zk.exists(node_path(zk_root, "mutexes", f"testtasks.{task}", key))  # noqa: E731
     with _Events(workers.app) as events:
-        holder = workers.send("broker_mutex", "M", 1.5)
-        events.await_event("task-started", uuid=holder.id)
+        workers.send("broker_mutex", "M", 1.5)
+        wait_for(lambda: held("broker_mutex", "M"), 30, "the holder to take its mutex")
         rejected = workers.send("broker_mutex", "M", 0.0)
         failed = events.await_event("task-failed", uuid=rejected.id)  # as Celery 5.7 sends
-        first = workers.send("broker_requeued", "R", 1.5)
-        events.await_event("task-started", uuid=first.id)
+        workers.send("broker_requeued", "R", 1.5)
+        wait_for(lambda: held("broker_requeued", "R"), 30, "the first to take its mutex")
         requeued = workers.send("broker_requeued", "R", 0.0)
         events.await_event("task-rejected", uuid=requeued.id, requeue=True)
         queued, holder_id = workers.send("send_early_twice", "E", 1.0).get(timeout=30)
@@ -5141,10 +5144,14 @@ def test_ls_lists_a_limited_mutexs_holders(limited_task, zk_hosts, zk_root):
     assert {r["key"] for r in rows} == {"t.limited('a')"}
 
 
-def test_readme_export_runs_at_most_three_per_customer_and_every_copy_once(workers: Workers):
+def test_readme_customer_export_runs_at_most_three_per_customer_and_every_copy_once(
+    workers: Workers,
+):
     workers.start(concurrency=4)
-    results = [workers.send("export", "c1", {"key": "c1", "hold": 0.8, "n": i}) for i in range(5)]
-    results.append(workers.send("export", "c2", {"key": "c2", "hold": 0.8}))
+    hold = 0.8
+    results = [workers.send("customer_export", "c1", {"key": "c1", "hold": hold, "n": i})
+               for i in range(5)]  # fmt: skip
+    results.append(workers.send("customer_export", "c2", {"key": "c2", "hold": hold}))
     assert _states(results, 60) == ["SUCCESS"] * 6  # the surplus waited or was requeued
     entries = workers.record.entries()
     assert sorted(e.get("n", -1) for e in entries if e["key"] == "c1") == [0, 1, 2, 3, 4]
