@@ -2739,7 +2739,7 @@ def test_three_beats_with_the_leader_sigkilled_three_times_send_every_tick_once(
         assert first["pid"] != leader and first["token"] > token
         if stopped is not None:
             restore_ensemble.start_server(stopped)
-        beats.sends_after(first["at"], 3)
+        beats.sends_after(first["at"], 2)
     figures = _assert_every_tick_once(beats.sends())
     assert figures["gap"] <= BEAT_GAP_LIMIT, figures
     _report(
