@@ -30,9 +30,21 @@ the name, so that only tasks with the same ``tenant`` share one::
             if acquired:
                 do_work(data)
 
+``self.read_lock()`` and ``self.write_lock()`` share one lock between many
+readers or one writer, served in arrival order; ``self.multi_lock(*keys)``
+holds several locks as one lease, taken all or none without deadlock::
+
+    @app.task(base=zkcelery.LockTask, bind=True)
+    def transfer(self, source, target, data):
+        accounts = zkcelery.LockKey("account", source), zkcelery.LockKey("account", target)
+        with self.multi_lock(*accounts, blocking=True):
+            do_work(data)
+
 A :class:`MutexTask` runs its whole body under a mutex; a copy that finds it
 held raises :class:`MutexHeld` (a ``Reject``), or with ``mutex_requeue=True``
-goes back to the queue::
+goes back to the queue.  ``mutex_max_leases=N`` admits N copies per key at
+once, and ``mutex_each_key=True`` makes each argument of ``mutex_keys`` a
+mutex of its own::
 
     @app.task(base=zkcelery.MutexTask, bind=True)
     def mutex_task(self, data):
