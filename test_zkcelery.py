@@ -1089,6 +1089,72 @@ def test_a_waiter_whose_session_ends_while_it_sets_its_watch_queues_again_at_onc
     assert result == [True]
 
 
+def _held_from_the_queue(make_app, zk, zk_root, key: str) -> Any:
+    """A lock held by a queue node: taken while a fast-path holder held it, then handed on."""
+    first = _lock_task_on(make_app()).lock(key).__enter__()
+    queued = _blocking(_lock_task_on(make_app()), key, timeout=30)
+    thread = _in_thread(queued.acquire)
+    path = node_path(zk_root, "locks", "t.lock", key)
+    wait_for(lambda: _queue_of(zk, path), 10, "the second to queue")
+    first.release()
+    thread.join(30)
+    assert queued and queued._grant.path != path  # held by its queue node
+    return queued
+
+
+def _requests_reach(zk_hosts: str, app: Celery, count: int) -> None:
+    wait_for(lambda: session_requests(zk_hosts, app) >= count, 10, f"{count} requests")
+
+
+def test_a_waiter_behind_another_costs_four_requests_join_listing_watch_and_release(
+    app, lock_task, make_app, zk, zk_hosts, zk_root
+):
+    holder = _held_from_the_queue(make_app, zk, zk_root, "f")
+    assert not _held(lock_task, "f").acquire()  # seen contended: the next try queues at once
+    before = session_requests(zk_hosts, app)
+    waiter = _blocking(lock_task, "f", timeout=30)
+    thread = _in_thread(waiter.acquire)
+    _requests_reach(zk_hosts, app, before + 3)  # its node, a listing, a watch on the holder's
+    holder.release()  # the hand-off: the waiter holds without listing again
+    thread.join(30)
+    assert waiter
+    waiter.release()
+    sent = session_requests(zk_hosts, app) - before
+    assert sent <= 4 + 1, sent  # perhaps a ping
+
+
+@pytest.mark.parametrize("end", ["gives up", "session expires"])
+def test_a_waiter_whose_predecessor_leaves_without_holding_waits_for_the_holder(
+    app, lock_task, make_app, zk, zk_hosts, zk_root, end
+):
+    holder = _held_from_the_queue(make_app, zk, zk_root, "g")
+    before_app = make_app()
+    before = _blocking(_lock_task_on(before_app), "g", timeout=60 if end != "gives up" else 1.5)
+    gone = _in_thread(before.acquire)
+    path = node_path(zk_root, "locks", "t.lock", "g")
+    wait_for(lambda: len(_queue_of(zk, path)) == 2, 10, "the waiter before to queue")
+    assert not _held(lock_task, "g").acquire()  # seen contended: the next try queues at once
+    waiter, granted = _blocking(lock_task, "g", timeout=30), threading.Event()
+    mark = session_requests(zk_hosts, app)
+    thread = _in_thread(lambda: waiter.acquire() and granted.set())
+    _requests_reach(zk_hosts, app, mark + 3)  # its node, a listing, a watch on the one before
+    if end == "session expires":
+        expire_session(before_app, zk_hosts)
+    else:
+        gone.join(30)
+    # Woken by a plain deletion, the waiter lists again and watches the holder.
+    _requests_reach(zk_hosts, app, mark + 5)
+    assert not granted.is_set(), "granted while the lock was held"
+    assert holder and not holder.lost
+    holder.release()
+    assert granted.wait(30)
+    thread.join(30)
+    waiter.release()
+    gone.join(30)  # after an expiry it queued again, behind: held now
+    assert bool(before) == (end == "session expires")
+    before.release()
+
+
 def test_a_waiter_in_the_holders_process_is_granted_once_the_holders_session_expires(
     app, lock_task, zk_hosts
 ):

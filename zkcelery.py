@@ -69,8 +69,10 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -2300,8 +2302,11 @@ class _QueuePolicy(Protocol):
     #: Whether the listing of the queue sets a children watch (``listed`` in watch).
     watch_listing: bool
 
-    def joined(self) -> None:
-        """Our node was just made (again): forget what was learnt about those ahead of it."""
+    #: A node that must not exist when ours is made (checked in the same request), or None.
+    absent: str | None
+
+    def joined(self, absent: bool) -> None:
+        """Our node was just made (again), with ``absent`` seen absent or not: forget the rest."""
 
     def granted(self, children: list[str], index: int) -> bool:
         """Whether our node, at ``index`` in the sorted ``children``, holds now."""
@@ -2348,6 +2353,7 @@ class _Queue:
     ) -> None:
         self.session = session
         self.path = path
+        self.guid = guid
         self.prefix = f"{tag}{_SEP}{guid}{_SEP}"
         self.data = data
         self.node: str | None = None  # our child's name while we are in the queue
@@ -2359,25 +2365,44 @@ class _Queue:
     def own_path(self) -> str:
         return f"{self.path}/{self.node}"
 
-    def join(self) -> None:
-        """Create our node, or find it again if the answer to the create was lost."""
+    def join(self, absent: str | None = None) -> bool:
+        """Create our node, or find it again if the answer to the create was lost.
+
+        With ``absent``, the node is made in one request that also checks that
+        ``absent`` does not exist then (see _ExclusivePolicy); True if it was
+        made so, False if ``absent`` existed and the node was made on its own.
+        """
         session = self.session
         while self.node is None:
             session_id = session.session_id
+            prefix = f"{self.path}/{self.prefix}"
+            stat: ZnodeStat | None = None
             try:
-                path, stat = session.create_in_container(
-                    self.path, f"{self.path}/{self.prefix}", self.data, sequence=True
-                )
+                made = None
+                if absent is not None:
+                    made = session.create_in_container_unless(self.path, prefix, self.data, absent)
+                    absent = absent if made is not None else None
+                if made is None:
+                    made, stat = session.create_in_container(
+                        self.path, prefix, self.data, sequence=True
+                    )
             except _ConnectionLost as exc:
                 found = self._find_own(session_id, exc)
                 if found is None:
                     continue  # never made, or made in a session now ended
-                path, stat = found
-            self.node, self.token = path.rsplit("/", 1)[1], stat.czxid
-            # Cleanup goes by this, never by the session current at some
+                made, stat = found
+            # Cleanup goes by the owner, never by the session current at some
             # other moment: the node is deleted, by its own path, whatever
-            # ends the wait (see leave).
-            self.owner = stat.ephemeralOwner
+            # ends the wait (see leave).  Without a stat (a multi-operation's
+            # answer), the token is read when it is asked for (_Grant).
+            if stat is not None:
+                self.token, self.owner = stat.czxid, stat.ephemeralOwner
+            else:
+                self.token, self.owner = None, session.owner_of(made, self.guid, session_id)
+                if self.owner is None:
+                    continue  # gone with the session it was made in: join again
+            self.node = made.rsplit("/", 1)[1]
+        return absent is not None
 
     def _find_own(self, session_id: int | None, exc: Exception) -> tuple[str, ZnodeStat] | None:
         session = self.session
@@ -2407,8 +2432,7 @@ class _Queue:
         free_turns = 0
         while True:
             if self.node is None:
-                self.join()
-                policy.joined()
+                policy.joined(self.join(policy.absent))
             listed = self.session.handler.event_object()
             self.children = self.listing(watch=_setter(listed) if policy.watch_listing else None)
             if self.node not in self.children:  # our node is gone: join again
@@ -2449,11 +2473,18 @@ class _Queue:
             except CoordinationError:
                 self.session.add_orphan(path, self.owner)
 
-    def leave(self, container_too: bool = False) -> None:
-        """Delete our node (and the container, when asked and it is then empty)."""
+    def leave(self, container_too: bool = False, handoff: bool = False) -> None:
+        """Delete our node (and the container, when asked and it is then empty).
+
+        :param handoff: rewrite the node's data in the request that deletes
+            it, so that the waiter watching it is told the node held (see
+            _ExclusivePolicy).
+        """
         if self.node is not None:
             path, self.node = self.own_path, None
-            self.session.delete_own(path, self.owner, self.path if container_too else None)
+            container = self.path if container_too else None
+            mark = self.data if handoff else None
+            self.session.delete_own(path, self.owner, container, handoff=mark)
 
     def contenders(self) -> list[tuple[str, dict]]:
         """(path, metadata) of every contender, first in line first."""
@@ -2474,13 +2505,31 @@ class _ExclusiveLock:
     A blocking contender that finds the lock taken joins the queue (see
     _Queue).  It holds the lock when its node is first in the queue and the
     node ``<name>`` is gone.  Because ``<name>`` cannot be created again while
-    the queue is not empty, each waiter needs to see it gone only once, and
-    does so while it still waits behind others; after that, a handover costs
-    the next waiter one listing, like kazoo's Lock.  Every waiter but the
-    first watches the waiter before it, so a release wakes exactly one.
-    The last waiter to leave deletes the queue, which reopens the fast path
-    (the server would reap the empty container anyway, but only after its
-    check interval, a minute by default).
+    the queue is not empty, each waiter needs to see it gone only once: its
+    node is made in a multi-operation that also creates and deletes
+    ``<name>``, which succeeds only while ``<name>`` is absent, so the join
+    itself says so (when ``<name>`` is held, the node is made on its own and
+    the waiter watches ``<name>`` until it goes).  Every waiter but the first
+    watches the waiter before it, so a release wakes exactly one.  The last
+    waiter to leave deletes the queue, which reopens the fast path (the
+    server would reap the empty container anyway, but only after its check
+    interval, a minute by default).
+
+    What a contended acquisition costs, and why no less.  A waiter behind
+    others: the join (one write: a FIFO needs a sequence number), a listing
+    (it cannot know which node is before it without one: sequence numbers
+    have gaps, and guids are random), a read that sets the watch on that
+    node, a listing when that node is deleted, and the release: five.  The
+    second listing cannot go: the deletion does not say whether that node
+    held and released (so none is left ahead) or gave up or died while
+    waiting (its session expired), and a waiter that took itself for first
+    after such a death would hold beside the real holder.  A waiter first in
+    line at its join is granted by the first listing: three.  One behind a
+    holder of ``<name>`` (the fast path's, whose failed try said so): the
+    try, the join on its own, a listing, a read that watches ``<name>``, and
+    the release: five, its deletion granting without another listing.  A
+    process that found the key contended lately skips the try.  kazoo's
+    Lock pays the same five behind others, and more when woken for nothing.
 
     The fencing token is the creation zxid of the node that holds the lock:
     a queue node was created after every earlier holder's node, and a
@@ -2522,6 +2571,8 @@ class _ExclusiveLock:
             outcome = self._take_free()
         if outcome == "taken":
             return self.holder, None, self._owner
+        # The try says <name> is held: a join checking it absent would fail.
+        self._policy.absent = None if outcome == "held" else self.holder
         self.session.contended(self.key_path, seen=True)
         if not blocking:
             return None
@@ -2637,8 +2688,8 @@ class _ExclusiveLock:
     def release(self, path: str, session_id: int | None) -> None:
         if path == self.holder:
             self.session.delete_own(path, session_id, guid=self.guid, epoch=self.epoch)
-        else:
-            self.queue.leave(container_too=self._alone())
+        else:  # a holder's queue node: the waiter behind is told it held
+            self.queue.leave(container_too=self._alone(), handoff=True)
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         """(holders, waiters): the metadata of each."""
@@ -2686,9 +2737,21 @@ class _ExclusiveLock:
 class _ExclusivePolicy:
     """_ExclusiveLock's queue: our node holds when it is first in line and ``<name>`` is gone.
 
-    Until it has seen ``<name>`` gone once since joining, a waiter watches it
-    (the first in line alone wakes on its deletion); after that, every waiter
-    but the first watches the one before it.
+    A waiter's node is made in the request that checks ``<name>`` absent (a
+    create and a delete of it, which fail if it exists): ``<name>`` cannot be
+    made again while the queue holds a node, so the waiter knows it gone from
+    the start.  If ``<name>`` is held, the node is made on its own, and until
+    the waiter has seen ``<name>`` gone it watches it (the first in line alone
+    wakes on its deletion).  Every waiter but the first watches the one before
+    it.
+
+    A holder's queue node is released by a multi-operation that rewrites its
+    data and deletes it (_Queue.leave's hand-off), so the waiter behind it is
+    told "changed", never "deleted", and nothing else changes a queue node's
+    data.  Since only the first in line ever holds, that node was first: the
+    waiter is first now, and holds without listing again.  A node deleted
+    plainly (its waiter gave up, its session ended, or ``rm``) says nothing
+    of those before it: the waiter lists again.
     """
 
     watch_listing = False
@@ -2696,15 +2759,22 @@ class _ExclusivePolicy:
     def __init__(self, session: _Session, holder: str, queue_path: str) -> None:
         self.session = session
         self.holder = holder
+        self.absent: str | None = holder
         self.queue_path = queue_path
         self._holder_gone = False
         self._head_waiting = False
         self._holder_elsewhere = False
+        self._granted_now = False
+        self._woken: Any = None  # the event of this turn's watch
+        self._handed_over = False  # ...set by a hand-off of the node ahead
 
-    def joined(self) -> None:
-        # Until we see <name> gone after joining, a holder that got in before
-        # the queue existed may still hold it.
-        self._holder_gone = self._head_waiting = self._holder_elsewhere = False
+    def joined(self, absent: bool) -> None:
+        # <name> seen absent when our node was made cannot come back while it
+        # queues; else, until we see it gone, a holder that got in before the
+        # queue existed may still hold it.
+        self._holder_gone = absent
+        self._head_waiting = self._holder_elsewhere = self._granted_now = False
+        self.absent = self.holder  # a join again (a new session) checks it
 
     def granted(self, children: list[str], index: int) -> bool:
         return index == 0 and self._holder_gone
@@ -2715,24 +2785,49 @@ class _ExclusivePolicy:
         # listing; the handover then costs the holder's delete and nothing more.
         # Not when the holder is of our own session: then its node may have gone
         # with that session, and ours with it.
+        if self._granted_now:
+            self._granted_now = False
+            return True
+        if self._handed_over:
+            self._handed_over = False
+            return self._holder_gone
         return self._head_waiting and self._holder_gone and self._holder_elsewhere
 
     def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
         session = self.session
-        woken = session.handler.event_object()
+        woken = self._woken = session.handler.event_object()
+        self._handed_over = False
         if not self._holder_gone:
             self._head_waiting = index == 0
             stat = session.stat_watching(self.holder, self._holder_watch(woken))
-            if stat is None:
+            if stat is not None:
+                self._holder_elsewhere = stat.ephemeralOwner != session.session_id
+                if index == 0:
+                    return woken
+            else:
+                # Gone, and it cannot come back while our node queues: the
+                # listing just read still stands, and no second one is needed.
+                # First in it, we hold (wait_turn still checks that the session
+                # that made our node lives); else we watch the one ahead.
                 self._holder_gone = True
-                return None
-            self._holder_elsewhere = stat.ephemeralOwner != session.session_id
-            if index == 0:
-                return woken
+                if index == 0:
+                    self._granted_now = True
+                    woken.set()
+                    return woken
         ahead = f"{self.queue_path}/{children[index - 1]}"
-        if session.stat_watching(ahead, _setter(woken)) is None:
+        if session.stat_watching(ahead, self._ahead_watch(woken)) is None:
             return None
         return woken
+
+    def _ahead_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
+        def on_event(event: WatchedEvent) -> None:
+            # It held, and released (see the class); a watch of an earlier turn
+            # (set before our session changed) says nothing of this one.
+            if event.type == EventType.CHANGED and woken is self._woken:
+                self._handed_over = True
+            woken.set()
+
+        return on_event
 
     def _holder_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
         def on_event(event: WatchedEvent) -> None:
@@ -3004,7 +3099,9 @@ class _SemaphorePolicy:
         self.label = label  # "semaphore <key>", "mutex <key>"
         self.option = option
 
-    def joined(self) -> None:
+    absent: str | None = None
+
+    def joined(self, absent: bool) -> None:
         pass
 
     def granted(self, children: list[str], index: int) -> bool:
@@ -3132,7 +3229,9 @@ class _ReadWritePolicy:
         self._sole = False  # that watch is on the only node keeping ours waiting...
         self._deleted = False  # ...and that node's deletion set the event
 
-    def joined(self) -> None:
+    absent: str | None = None
+
+    def joined(self, absent: bool) -> None:
         pass
 
     def granted(self, children: list[str], index: int) -> bool:
@@ -3937,6 +4036,7 @@ class _CreateTTL(namedtuple("_CreateTTL", "path data acl flags ttl")):
 
 
 _TTL_FLAG = 5  # persistent, with a time to live
+_EPHEMERAL_SEQUENTIAL = 3
 
 
 class _Multi(Transaction):
@@ -4133,6 +4233,8 @@ class _Session:
         self._syncing = False
 
     def wait_connected(self, deadline: float | None = None) -> None:
+        if self._live.is_set():  # the common case, without Event.wait's lock
+            return
         limit = self.settings.connect_timeout
         if deadline is not None:
             limit = max(0.0, min(limit, deadline - time.monotonic()))
@@ -4408,6 +4510,42 @@ class _Session:
                 self._create_container(container)
         raise CoordinationError(f"the container {container} kept vanishing; gave up")
 
+    def create_in_container_unless(
+        self, container: str, path: str, data: bytes, absent: str
+    ) -> str | None:
+        """As :meth:`create_in_container` (sequential), only while ``absent`` does not exist.
+
+        One multi-operation: the create, and a create and delete of ``absent``,
+        which fails if it exists.  The node's path (a multi-operation answers
+        no stat), or None (nothing made) if ``absent`` exists.
+        """
+        self.ensure_namespaces()
+        acl = self.client.default_acl or OPEN_ACL_UNSAFE
+        ops = [Create(path, data, acl, _EPHEMERAL_SEQUENTIAL), Create(absent, b"", acl, 1),
+               Delete(absent, -1)]  # fmt: skip
+        for _ in range(_CONTAINER_TRIES):
+            abandon = functools.partial(self._delete_late_made, path, self.session_id)
+            results = self.call(self.multi_async, ops, abandon=abandon)
+            if isinstance(results[0], str):
+                return results[0]
+            failed = next(r for r in results if not isinstance(r, RolledBackError))
+            if failed is results[0] and isinstance(failed, NoNodeError):
+                self._create_container(container)  # reaped since, or never made
+            elif isinstance(failed, NodeExistsError):
+                return None
+            elif isinstance(failed, NoNodeError):  # the namespace node is gone
+                self.ensure_namespaces(again=True)
+            else:
+                raise failed
+        raise CoordinationError(f"the container {container} kept vanishing; gave up")
+
+    def _delete_late_made(self, path: str, session_id: int | None, result: Any) -> None:
+        # As _delete_late, for create_in_container_unless's multi-operation.
+        if not result.successful():
+            self.add_orphan(path, session_id)
+        elif isinstance(result.value[0], str):
+            self.client.delete_async(result.value[0])
+
     def _create_container(self, path: str) -> None:
         try:
             self.call(self._create_container_async, path)
@@ -4485,8 +4623,12 @@ class _Session:
         container: str | None = None,
         guid: str | None = None,
         epoch: tuple[str, int] | None = None,
+        handoff: bytes | None = None,
     ) -> None:
         """Delete our node at ``path`` (and ``container``, if it is then empty) in bounded time.
+
+        With ``handoff``, the same multi-operation first sets the node's data
+        to it: a watcher of the node sees a change, not a deletion.
 
         kazoo's own retry never gives up, so a release during a partition would
         hang until the network healed; here the whole release has one deadline.
@@ -4521,12 +4663,12 @@ class _Session:
                     if self._fenced_delete(path, epoch, deadline):
                         return
                     continue  # some rm ran since the epoch was read: look first
-                if container is None:
+                if container is None and handoff is None:
                     self.call(self.client.delete_async, path, version, deadline=deadline)
                     return
-                results = self.multi(functools.partial(_delete_both, path, container))
-                if not isinstance(results[1], NotEmptyError):
-                    return
+                build = functools.partial(_delete_node, path, version, container, handoff)
+                if not isinstance(self.multi(build)[-1], NotEmptyError):
+                    return  # deleted, or gone already
                 container, look = None, False  # someone joined since: leave it to them
             except NoNodeError:
                 return
@@ -4609,9 +4751,20 @@ class _Session:
         _stop_quietly(self.client)
 
 
-def _delete_both(path: str, container: str, txn: TransactionRequest) -> None:
-    txn.delete(path)
-    txn.delete(container)
+def _delete_node(
+    path: str,
+    version: int,
+    container: str | None,
+    handoff: bytes | None,
+    txn: TransactionRequest,
+) -> None:
+    """delete_own's multi-operation: the hand-off mark, the node, the container."""
+    if handoff is not None:
+        txn.set_data(path, handoff, version)
+        version = -1  # the set moved it
+    txn.delete(path, version)
+    if container is not None:
+        txn.delete(container)
 
 
 def _setter(event: Any) -> Callable[[Any], None]:
@@ -4696,7 +4849,74 @@ def _pick_handler() -> Any:
         from kazoo.handlers.eventlet import SequentialEventletHandler
 
         return SequentialEventletHandler()
-    return SequentialThreadingHandler()
+    return _PollingHandler() if hasattr(select, "poll") else SequentialThreadingHandler()
+
+
+class _PollingHandler(SequentialThreadingHandler):
+    """kazoo's threading handler, waiting for its sockets with one ``poll()``.
+
+    kazoo's own select() builds an epoll selector for every call (create it,
+    register each descriptor, wait, close it: five system calls and as many
+    Python objects), and its connection thread calls it before every read
+    and every write, several times a request: a third of a contended
+    acquisition's CPU.  poll() is one system call, with no limit on
+    descriptor numbers (select's 1024), and answers as select() does.  The
+    connection thread asks about the same few sockets again and again: each
+    thread keeps a poll object per set of sockets (a new connection's socket
+    makes new ones; the oldest are dropped).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pollers = threading.local()
+
+    def select(self, rlist: Any, wlist: Any, xlist: Any, timeout: float | None = None) -> Any:
+        cache = getattr(self._pollers, "cache", None)
+        if cache is None:
+            cache = self._pollers.cache = {}
+        key = (tuple(rlist), tuple(wlist), tuple(xlist))
+        found = cache.get(key)
+        if found is None:
+            if len(cache) >= _POLLERS_KEPT:
+                cache.clear()
+            found = cache[key] = _poller(*key)
+        poller, objects = found
+        # Whole milliseconds, rounded up: a shorter wait would spin.
+        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        ready: tuple[list, list, list] = ([], [], [])
+        for fd, events in poller.poll(ms):
+            for group, obj, mask in objects[fd]:
+                if events & mask:
+                    ready[group].append(obj)
+        return ready
+
+
+#: Poll objects a thread keeps, one per set of sockets asked about (_PollingHandler).
+_POLLERS_KEPT = 8
+
+
+def _poller(*groups: tuple) -> tuple[Any, dict[int, list[tuple[int, Any, int]]]]:
+    """A poll object for select()'s three lists, and what each descriptor's events answer.
+
+    An error or a hang-up makes a descriptor readable (and writable), as select() says.
+    """
+    answers = (
+        select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL,
+        select.POLLOUT | select.POLLERR | select.POLLHUP,
+        select.POLLPRI,
+    )
+    asks = (select.POLLIN, select.POLLOUT, select.POLLPRI)
+    poller = select.poll()
+    wanted: dict[int, int] = {}
+    objects: dict[int, list[tuple[int, Any, int]]] = {}
+    for group, members in enumerate(groups):
+        for obj in members:
+            fd = obj if isinstance(obj, int) else obj.fileno()
+            wanted[fd] = wanted.get(fd, 0) | asks[group]
+            objects.setdefault(fd, []).append((group, obj, answers[group]))
+    for fd, mask in wanted.items():
+        poller.register(fd, mask)
+    return poller, objects
 
 
 # One connection per process and app.  A child inherits the dict on fork but
