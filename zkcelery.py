@@ -1423,8 +1423,9 @@ class Lease:
     def token(self) -> int | None:
         """The fencing token of the latest grant: its node's creation zxid.
 
-        Known at once for a lease that waited; a lease taken uncontended learns
-        it with one read the first time it is asked, while it is held.
+        Known at once for a semaphore's lease; a lock's lease learns it with one
+        read the first time it is asked, while it is held (the requests that take
+        a lock answer no stat, to keep them few).
         """
         return None if self._grant is None else self._grant.fencing_token()
 
