@@ -5199,15 +5199,29 @@ def test_a_limited_mutex_task_run_costs_three_requests(make_app, zk_hosts):
     assert sent <= 3 * 20 + 1, sent  # a create, a listing and a delete each, perhaps a ping
 
 
-def test_ls_lists_a_limited_mutexs_holders(limited_task, zk_hosts, zk_root):
+def _rows_once(zk_hosts: str, zk_root: str, count: int) -> list[dict] | None:
+    """ls's rows, once there are ``count`` of them."""
+    rows = _ls_rows(zk_hosts, zk_root)
+    return rows if len(rows) == count else None
+
+
+def test_ls_lists_a_limited_mutexs_holders_and_a_copy_waiting_in_line(
+    limited_task, zk_hosts, zk_root
+):
     holding = [_holding(limited_task, "a", task_id=f"id-{i}") for i in range(2)]
+    # A requeued copy waits in line for a place during its back-off (MutexTask._contended).
+    copy = zkcelery._MutexLease(limited_task, zkcelery._MUTEXES, ("a",), max_leases=2)
+    waiting = _in_thread(copy.acquire_within, 30)
     try:
-        rows = _ls_rows(zk_hosts, zk_root)
+        rows = wait_for(lambda: _rows_once(zk_hosts, zk_root, 3), 10, "the copy to wait in line")
     finally:
         for release, _ in holding:
             release.set()
-    assert sorted((r["kind"], r["state"], r["task_id"]) for r in rows) == [
-        ("mutex", "held", "id-0"), ("mutex", "held", "id-1")]  # fmt: skip
+        waiting.join(30)
+        copy.release()
+    assert [(r["state"], r["task_id"]) for r in rows] == [
+        ("held", "id-0"), ("held", "id-1"), ("waiting", None)]  # fmt: skip
+    assert {r["kind"] for r in rows} == {"mutex"}
     assert {r["key"] for r in rows} == {"t.limited('a')"}
 
 
