@@ -1106,7 +1106,7 @@ def _requests_reach(zk_hosts: str, app: Celery, count: int) -> None:
     wait_for(lambda: session_requests(zk_hosts, app) >= count, 10, f"{count} requests")
 
 
-def test_a_waiter_behind_another_costs_four_requests_join_listing_watch_and_release(
+def test_a_waiter_behind_another_costs_five_requests_and_holds_on_the_hand_off(
     app, lock_task, make_app, zk, zk_hosts, zk_root
 ):
     holder = _held_from_the_queue(make_app, zk, zk_root, "f")
@@ -1114,13 +1114,14 @@ def test_a_waiter_behind_another_costs_four_requests_join_listing_watch_and_rele
     before = session_requests(zk_hosts, app)
     waiter = _blocking(lock_task, "f", timeout=30)
     thread = _in_thread(waiter.acquire)
-    _requests_reach(zk_hosts, app, before + 3)  # its node, a listing, a watch on the holder's
+    # Its node, a listing, a watch on its own node and one on the holder's.
+    _requests_reach(zk_hosts, app, before + 4)
     holder.release()  # the hand-off: the waiter holds without listing again
     thread.join(30)
     assert waiter
     waiter.release()
     sent = session_requests(zk_hosts, app) - before
-    assert sent <= 4 + 1, sent  # perhaps a ping
+    assert 5 <= sent <= 5 + 1, sent  # perhaps a ping
 
 
 @pytest.mark.parametrize("end", ["gives up", "session expires"])
@@ -1137,13 +1138,15 @@ def test_a_waiter_whose_predecessor_leaves_without_holding_waits_for_the_holder(
     waiter, granted = _blocking(lock_task, "g", timeout=30), threading.Event()
     mark = session_requests(zk_hosts, app)
     thread = _in_thread(lambda: waiter.acquire() and granted.set())
-    _requests_reach(zk_hosts, app, mark + 3)  # its node, a listing, a watch on the one before
+    _requests_reach(
+        zk_hosts, app, mark + 4
+    )  # its node, a listing, watches on its own and the one before
     if end == "session expires":
         expire_session(before_app, zk_hosts)
     else:
         gone.join(30)
     # Woken by a plain deletion, the waiter lists again and watches the holder.
-    _requests_reach(zk_hosts, app, mark + 5)
+    _requests_reach(zk_hosts, app, mark + 6)
     assert not granted.is_set(), "granted while the lock was held"
     assert holder and not holder.lost
     holder.release()
@@ -1153,6 +1156,41 @@ def test_a_waiter_whose_predecessor_leaves_without_holding_waits_for_the_holder(
     gone.join(30)  # after an expiry it queued again, behind: held now
     assert bool(before) == (end == "session expires")
     before.release()
+
+
+def _waiting_behind(task: Any, key: str, app: Celery, zk_hosts: str, sends: int) -> tuple:
+    """A blocking waiter for ``key`` in a thread, once its ``sends`` requests are sent."""
+    assert not _held(task, key).acquire()  # seen contended: the next try queues at once
+    lease, granted = _blocking(task, key, timeout=30), threading.Event()
+    mark = session_requests(zk_hosts, app)
+    thread = _in_thread(lambda: lease.acquire() and granted.set())
+    _requests_reach(zk_hosts, app, mark + sends)
+    return lease, (granted, thread, mark)
+
+
+def test_a_waiter_whose_node_is_deleted_by_hand_is_not_granted_by_the_hand_off(
+    app, lock_task, make_app, zk, zk_hosts, zk_root
+):
+    holder = _held_from_the_queue(make_app, zk, zk_root, "h")
+    other = make_app()
+    # Each: its node, a listing, a watch on its own node and one on the node before.
+    first, (first_granted, first_thread, _) = _waiting_behind(
+        _lock_task_on(other), "h", other, zk_hosts, 4
+    )
+    second, (second_granted, second_thread, mark) = _waiting_behind(
+        lock_task, "h", app, zk_hosts, 4
+    )
+    queue = f"{node_path(zk_root, 'locks', 't.lock', 'h')}{zkcelery._QUEUE}"
+    nodes = sorted(zk.get_children(queue), key=lambda c: c[-10:])
+    zk.delete(f"{queue}/{nodes[1]}")  # the first waiter's, by hand
+    _requests_reach(zk_hosts, app, mark + 4 + 2)  # the second lists again, watches the holder
+    holder.release()  # a hand-off: both waiters watched the holder's node
+    assert second_granted.wait(30)
+    assert not first_granted.is_set(), "a waiter out of line was granted beside the holder"
+    second.release()  # the first joined again, behind the second
+    assert first_granted.wait(30)
+    first.release()
+    first_thread.join(30), second_thread.join(30)
 
 
 def test_a_waiter_in_the_holders_process_is_granted_once_the_holders_session_expires(

@@ -1699,7 +1699,14 @@ def _task_mark(task_id: str | None) -> str | None:
 
 
 def _note_handover(session: _Session, path: str, owner: int | None, guid: str) -> None:
-    """Note ``handover`` in the data of our node at ``path``, if it is still ours."""
+    """Note ``handover`` in the data of our node at ``path``, if it is still ours.
+
+    Never in a lock's queue node: a change of its data tells the waiter behind
+    that it holds now (see _ExclusivePolicy).  A mutex's lease is taken
+    without waiting, so it never holds through the queue.
+    """
+    if f"{_QUEUE}/" in path:
+        raise CoordinationError(f"{path} holds through its lock's queue: no note is written there")
     data, stat = session.read(session.client.get_async, path)
     if stat.ephemeralOwner == owner and _guid_of(data) == guid:
         meta = {**json.loads(data), "handover": True}
@@ -2392,6 +2399,9 @@ class _Queue:
                 if found is None:
                     continue  # never made, or made in a session now ended
                 made, stat = found
+                # The node found may be a late copy of a plain create: it proves
+                # nothing of ``absent``, which the policy then checks itself.
+                absent = None
             # Cleanup goes by the owner, never by the session current at some
             # other moment: the node is deleted, by its own path, whatever
             # ends the wait (see leave).  Without a stat (a multi-operation's
@@ -2519,18 +2529,23 @@ class _ExclusiveLock:
     What a contended acquisition costs, and why no less.  A waiter behind
     others: the join (one write: a FIFO needs a sequence number), a listing
     (it cannot know which node is before it without one: sequence numbers
-    have gaps, and guids are random), a read that sets the watch on that
-    node, a listing when that node is deleted, and the release: five.  The
-    second listing cannot go: the deletion does not say whether that node
-    held and released (so none is left ahead) or gave up or died while
-    waiting (its session expired), and a waiter that took itself for first
-    after such a death would hold beside the real holder.  A waiter first in
-    line at its join is granted by the first listing: three.  One behind a
-    holder of ``<name>`` (the fast path's, whose failed try said so): the
+    have gaps, and guids are random), a read that watches that node, a read
+    that watches its own node, and the release: five.  The node before
+    tells, by how it goes, whether it held (a hand-off: changed, then gone)
+    or not (deleted: it gave up, its session ended, or ``rm`` broke it); only
+    the second needs a listing again, since it says nothing of those before
+    it.  The watch on its own node is what lets a hand-off be believed: a
+    waiter whose node was deleted from outside (by hand, in ZooKeeper) is no
+    longer in line, and the waiter behind it may already be watching the
+    same holder; the session's events come in order, so the deletion is
+    known before the hand-off.  Both reads come before the wait, so a
+    hand-off costs the waiter nothing on the way to holding.  A waiter first
+    in line at its join is granted by the first listing: three.  One behind
+    a holder of ``<name>`` (the fast path's, whose failed try said so): the
     try, the join on its own, a listing, a read that watches ``<name>``, and
     the release: five, its deletion granting without another listing.  A
     process that found the key contended lately skips the try.  kazoo's
-    Lock pays the same five behind others, and more when woken for nothing.
+    Lock pays six behind others: it lists again on every wake.
 
     The fencing token is the creation zxid of the node that holds the lock:
     a queue node was created after every earlier holder's node, and a
@@ -2762,12 +2777,7 @@ class _ExclusivePolicy:
         self.holder = holder
         self.absent: str | None = holder
         self.queue_path = queue_path
-        self._holder_gone = False
-        self._head_waiting = False
-        self._holder_elsewhere = False
-        self._granted_now = False
-        self._woken: Any = None  # the event of this turn's watch
-        self._handed_over = False  # ...set by a hand-off of the node ahead
+        self.joined(False)
 
     def joined(self, absent: bool) -> None:
         # <name> seen absent when our node was made cannot come back while it
@@ -2776,6 +2786,12 @@ class _ExclusivePolicy:
         self._holder_gone = absent
         self._head_waiting = self._holder_elsewhere = self._granted_now = False
         self.absent = self.holder  # a join again (a new session) checks it
+        # Watches of an earlier join (before our session changed, say) may
+        # still fire: their callbacks compare this, and say nothing of ours.
+        self._join = object()
+        self._woken: Any = None  # the event of this turn's watch of the node ahead
+        self._handed_over: Any = None  # that event, when a hand-off set it
+        self._own_watched = self._own_gone = False
 
     def granted(self, children: list[str], index: int) -> bool:
         return index == 0 and self._holder_gone
@@ -2789,15 +2805,16 @@ class _ExclusivePolicy:
         if self._granted_now:
             self._granted_now = False
             return True
-        if self._handed_over:
-            self._handed_over = False
-            return self._holder_gone
+        if self._handed_over is not None and self._handed_over is self._woken:
+            # Handed over, unless our own node was deleted from outside first:
+            # its watch fired before this one (a session's events come in order).
+            self._handed_over = None
+            return self._holder_gone and not self._own_gone
         return self._head_waiting and self._holder_gone and self._holder_elsewhere
 
     def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
         session = self.session
         woken = self._woken = session.handler.event_object()
-        self._handed_over = False
         if not self._holder_gone:
             self._head_waiting = index == 0
             stat = session.stat_watching(self.holder, self._holder_watch(woken))
@@ -2815,6 +2832,11 @@ class _ExclusivePolicy:
                     self._granted_now = True
                     woken.set()
                     return woken
+        if not self._own_watched:  # once a join, before a hand-off can grant us
+            self._own_watched = True
+            own = f"{self.queue_path}/{children[index]}"
+            if session.stat_watching(own, self._own_watch()) is None:
+                return None  # deleted already: the listing shows it, and we join again
         ahead = f"{self.queue_path}/{children[index - 1]}"
         if session.stat_watching(ahead, self._ahead_watch(woken)) is None:
             return None
@@ -2822,18 +2844,31 @@ class _ExclusivePolicy:
 
     def _ahead_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
         def on_event(event: WatchedEvent) -> None:
-            # It held, and released (see the class); a watch of an earlier turn
-            # (set before our session changed) says nothing of this one.
-            if event.type == EventType.CHANGED and woken is self._woken:
-                self._handed_over = True
+            if event.type == EventType.CHANGED:  # it held, and released: see the class
+                self._handed_over = woken
             woken.set()
 
         return on_event
 
+    def _own_watch(self) -> Callable[[WatchedEvent], None]:
+        join = self._join
+
+        def on_event(event: WatchedEvent) -> None:
+            # Deleted from outside (or with our session): no hand-off grants us.
+            # Our own release comes after any grant, and our own give-up ends
+            # the join.
+            if join is self._join and event.type != EventType.CHANGED:
+                self._own_gone = True
+
+        return on_event
+
     def _holder_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
+        join = self._join
+
         def on_event(event: WatchedEvent) -> None:
             if event.type == EventType.DELETED:
-                self._holder_gone = True
+                if join is self._join:
+                    self._holder_gone = True
                 if self._head_waiting:  # others wait for the waiter ahead of them
                     woken.set()
             else:  # the session changed: look again
