@@ -4560,7 +4560,7 @@ class _Session:
         ops = [Create(path, data, acl, _EPHEMERAL_SEQUENTIAL), Create(absent, b"", acl, 1),
                Delete(absent, -1)]  # fmt: skip
         for _ in range(_CONTAINER_TRIES):
-            abandon = functools.partial(self._delete_late_made, path, self.session_id)
+            abandon = functools.partial(self._delete_late, path, self.session_id)
             results = self.call(self.multi_async, ops, abandon=abandon)
             if isinstance(results[0], str):
                 return results[0]
@@ -4574,13 +4574,6 @@ class _Session:
             else:
                 raise failed
         raise CoordinationError(f"the container {container} kept vanishing; gave up")
-
-    def _delete_late_made(self, path: str, session_id: int | None, result: Any) -> None:
-        # As _delete_late, for create_in_container_unless's multi-operation.
-        if not result.successful():
-            self.add_orphan(path, session_id)
-        elif isinstance(result.value[0], str):
-            self.client.delete_async(result.value[0])
 
     def _create_container(self, path: str) -> None:
         try:
@@ -4646,11 +4639,13 @@ class _Session:
     def _delete_late(self, path: str, session_id: int | None, result: Any) -> None:
         # Runs on kazoo's thread, for a create we stopped waiting for: if it
         # applied, delete the node now; if its answer is lost, on reconnect
-        # (``path`` is a sequential node's prefix, which ends in _SEP).
-        if result.successful():
-            self.client.delete_async(result.value[0])
-        else:
+        # (``path`` is a sequential node's prefix, which ends in _SEP).  The
+        # answer is a create2's (path, stat), or a multi-operation's list whose
+        # first result is the path, or an error if it was not applied.
+        if not result.successful():
             self.add_orphan(path, session_id)
+        elif isinstance(result.value[0], str):
+            self.client.delete_async(result.value[0])
 
     def delete_own(
         self,
