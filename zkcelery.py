@@ -76,6 +76,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -107,6 +108,7 @@ from kazoo.exceptions import (
     BadArgumentsError,
     BadVersionError,
     ConnectionClosedError,
+    ConnectionDropped,
     ConnectionLoss,
     KazooException,
     NoAuthError,
@@ -4219,6 +4221,8 @@ class _Session:
         connection._invoke = recording_invoke
         connection._submit = recording_submit
         connection._read_header = recording_read_header
+        if isinstance(self.handler, _PollingHandler):
+            self.handler.adopt(connection)
 
     def _on_state(self, state: str) -> None:
         # Runs on kazoo's connection thread: never block here.
@@ -4900,6 +4904,63 @@ class _PollingHandler(SequentialThreadingHandler):
     def __init__(self) -> None:
         super().__init__()
         self._pollers = threading.local()
+
+    def adopt(self, connection: Any) -> None:
+        """Make ``connection`` read and write before it asks whether it can.
+
+        kazoo's connection thread waits for its socket (select) before every
+        read and every write, though its main loop has just said the socket
+        is readable and a socket's send buffer is nearly always free: two
+        reads (length, then body) and a write a request, each one system
+        call more and a Python call stack deep.  Its socket does not block:
+        trying first and waiting only when the socket says it would block
+        answers the same, as soon.  A TLS socket keeps kazoo's own way (its
+        framing has its own rules for when to wait).
+        """
+        read, write = connection._read, connection._write
+
+        def _read(length: int, timeout: float) -> bytes:
+            sock = connection._socket
+            if isinstance(sock, ssl.SSLSocket):
+                return read(length, timeout)  # type: ignore[no-any-return]
+            parts = []
+            try:
+                while length > 0:
+                    try:
+                        chunk = sock.recv(length)
+                    except BlockingIOError:
+                        if not self.select([sock], [], [], timeout)[0]:
+                            raise self.timeout_exception("socket time-out during read") from None
+                        continue
+                    if not chunk:
+                        raise ConnectionDropped("socket connection broken")
+                    parts.append(chunk)
+                    length -= len(chunk)
+            except OSError as exc:
+                raise ConnectionDropped(f"socket connection error: {exc.strerror or exc}") from exc
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+        def _write(msg: bytes, timeout: float) -> None:
+            sock = connection._socket
+            if isinstance(sock, ssl.SSLSocket):
+                write(msg, timeout)
+                return
+            view, sent = memoryview(msg), 0
+            try:
+                while sent < len(msg):
+                    try:
+                        done = sock.send(view[sent:])
+                    except BlockingIOError:
+                        if not self.select([], [sock], [], timeout)[1]:
+                            raise self.timeout_exception("socket time-out during write") from None
+                        continue
+                    if not done:
+                        raise ConnectionDropped("socket connection broken")
+                    sent += done
+            except OSError as exc:
+                raise ConnectionDropped(f"socket connection error: {exc.strerror or exc}") from exc
+
+        connection._read, connection._write = _read, _write
 
     def select(self, rlist: Any, wlist: Any, xlist: Any, timeout: float | None = None) -> Any:
         cache = getattr(self._pollers, "cache", None)
