@@ -2834,13 +2834,12 @@ class _ExclusivePolicy:
                     self._granted_now = True
                     woken.set()
                     return woken
+        watches = [(f"{self.queue_path}/{children[index - 1]}", self._ahead_watch(woken))]
         if not self._own_watched:  # once a join, before a hand-off can grant us
             self._own_watched = True
-            own = f"{self.queue_path}/{children[index]}"
-            if session.stat_watching(own, self._own_watch()) is None:
-                return None  # deleted already: the listing shows it, and we join again
-        ahead = f"{self.queue_path}/{children[index - 1]}"
-        if session.stat_watching(ahead, self._ahead_watch(woken)) is None:
+            watches.insert(0, (f"{self.queue_path}/{children[index]}", self._own_watch()))
+        # Our own node gone already: the next listing shows it, and we join again.
+        if None in session.stats_watching(watches):
             return None
         return woken
 
@@ -4424,7 +4423,10 @@ class _Session:
         then called with its result, whenever that comes.
         """
         self.wait_connected(deadline)
-        result = method(*args, **kwargs)
+        return self._answer(method(*args, **kwargs), deadline, abandon)
+
+    def _answer(self, result: Any, deadline: float | None, abandon: Callable | None = None) -> Any:
+        """The value of a request's ``result`` (see call)."""
         limit = self.settings.connect_timeout
         if deadline is not None:
             limit = max(0.001, min(limit, deadline - time.monotonic()))
@@ -4483,8 +4485,29 @@ class _Session:
         its creation in the server and in kazoo, and a key that is never used
         again would keep it for as long as the session lives.
         """
+        return self.stats_watching([(path, watch)])[0]
+
+    def stats_watching(
+        self, watches: Sequence[tuple[str, Callable[[WatchedEvent], None]]]
+    ) -> list[ZnodeStat | None]:
+        """stat_watching of each (path, watch), in order: sent together, one wait for all.
+
+        The server answers a session's requests in the order sent, so each
+        watch is set before the next request is read, as if asked in turn.
+        """
+        deadline = time.monotonic() + self.settings.connect_timeout
+        while True:
+            try:
+                self.wait_connected(deadline)
+                asked = [self.client.get_async(path, watch=watch) for path, watch in watches]
+                return [self._stat_or_none(result, deadline) for result in asked]
+            except _ConnectionLost:
+                if time.monotonic() >= deadline:
+                    raise
+
+    def _stat_or_none(self, result: Any, deadline: float) -> ZnodeStat | None:
         try:
-            return self.read(self.client.get_async, path, watch=watch)[1]  # type: ignore[no-any-return]
+            return self._answer(result, deadline)[1]  # type: ignore[no-any-return]
         except NoNodeError:
             return None
 
