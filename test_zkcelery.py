@@ -291,6 +291,33 @@ def test_one_client_per_process_and_app_is_reused(make_app):
     assert zkcelery._connection(second) is not a
 
 
+def test_a_request_and_an_answer_too_large_for_one_socket_call_go_through_whole(app):
+    # The connection sends and receives before it waits for its socket (_PollingHandler):
+    # 900 kB takes several send() and recv() calls, with waits between them.
+    session = zkcelery._connection(app)
+    session.wait_connected()
+    session.ensure_namespaces()
+    waits: list[tuple] = []
+    select = session.handler.select
+
+    def counting(rlist, wlist, xlist, timeout=None):
+        if len(rlist) + len(wlist) == 1:  # a wait of a read or a write, not the loop's
+            waits.append((len(rlist), len(wlist)))
+        return select(rlist, wlist, xlist, timeout)
+
+    session.handler.select = counting
+    # A small send buffer, as on a slow link: loopback's would take it all at once.
+    session.client._connection._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    data = os.urandom(900_000)
+    path = f"{session.settings.root}/locks/large"
+    try:
+        session.call(session.client.create_async, path, data, ephemeral=True)
+        assert session.read(session.client.get_async, path)[0] == data
+    finally:
+        del session.handler.select
+    assert (0, 1) in waits and (1, 0) in waits
+
+
 def test_forked_child_makes_its_own_session_and_the_parents_survives(lock_task, zk):
     parent = zkcelery._connection(lock_task.app)
     parent.wait_connected()
