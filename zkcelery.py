@@ -2370,19 +2370,28 @@ class _Queue:
         self.token: int | None = None
         self.owner: int | None = None  # the session our node was made in
         self.children: list[str] = []  # the last sorted listing
+        self._listing: Any = None  # the answer to come of a listing sent with the join
 
     @property
     def own_path(self) -> str:
         return f"{self.path}/{self.node}"
 
-    def join(self, absent: str | None = None) -> bool:
+    def join(self, absent: str | None = None, watch: Callable | None = None) -> bool:
         """Create our node, or find it again if the answer to the create was lost.
 
         With ``absent``, the node is made in one request that also checks that
         ``absent`` does not exist then (see _ExclusivePolicy); True if it was
         made so, False if ``absent`` existed and the node was made on its own.
+
+        The listing that follows every join (with ``watch``) is sent right
+        after the create, with no wait between them: the server answers a
+        session's requests in order, so it lists our node (see listed).
         """
         session = self.session
+
+        def list_next() -> None:
+            self._listing = session.client.get_children_async(self.path, watch=watch)
+
         while self.node is None:
             session_id = session.session_id
             prefix = f"{self.path}/{self.prefix}"
@@ -2390,13 +2399,16 @@ class _Queue:
             try:
                 made = None
                 if absent is not None:
-                    made = session.create_in_container_unless(self.path, prefix, self.data, absent)
+                    made = session.create_in_container_unless(
+                        self.path, prefix, self.data, absent, then=list_next
+                    )
                     absent = absent if made is not None else None
                 if made is None:
                     made, stat = session.create_in_container(
-                        self.path, prefix, self.data, sequence=True
+                        self.path, prefix, self.data, sequence=True, then=list_next
                     )
             except _ConnectionLost as exc:
+                self._listing = None  # it may not follow the create that made our node
                 found = self._find_own(session_id, exc)
                 if found is None:
                     continue  # never made, or made in a session now ended
@@ -2440,14 +2452,26 @@ class _Queue:
         """The contenders, sorted by arrival (empty when the container is gone)."""
         return _contenders_in(self.session, self.path, watch)
 
+    def listed(self, watch: Callable | None = None) -> list[str]:
+        """The listing sent with the last join, if there is one (else as :meth:`listing`)."""
+        sent, self._listing = self._listing, None
+        if sent is not None:
+            with contextlib.suppress(_ConnectionLost):
+                try:
+                    return _by_arrival(self.session.answer(sent, None))
+                except NoNodeError:
+                    return []
+        return self.listing(watch)
+
     def wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
         """Join, and wait until ``policy`` grants our node; False if not blocking or too late."""
         free_turns = 0
         while True:
-            if self.node is None:
-                policy.joined(self.join(policy.absent))
             listed = self.session.handler.event_object()
-            self.children = self.listing(watch=_setter(listed) if policy.watch_listing else None)
+            watch = _setter(listed) if policy.watch_listing else None
+            if self.node is None:
+                policy.joined(self.join(policy.absent, watch))
+            self.children = self.listed(watch)
             if self.node not in self.children:  # our node is gone: join again
                 self.node = None
                 continue
@@ -4415,17 +4439,23 @@ class _Session:
         *args: Any,
         deadline: float | None = None,
         abandon: Callable | None = None,
+        then: Callable[[], Any] | None = None,
         **kwargs: Any,
     ) -> Any:
         """One request, waiting for a connection and an answer at most the connect timeout.
 
         A request that times out may still be applied later: ``abandon`` is
-        then called with its result, whenever that comes.
+        then called with its result, whenever that comes.  ``then`` is called
+        once the request is on its way, before its answer is awaited: to send
+        the next request with no wait between them.
         """
         self.wait_connected(deadline)
-        return self._answer(method(*args, **kwargs), deadline, abandon)
+        result = method(*args, **kwargs)
+        if then is not None:
+            then()
+        return self.answer(result, deadline, abandon)
 
-    def _answer(self, result: Any, deadline: float | None, abandon: Callable | None = None) -> Any:
+    def answer(self, result: Any, deadline: float | None, abandon: Callable | None = None) -> Any:
         """The value of a request's ``result`` (see call)."""
         limit = self.settings.connect_timeout
         if deadline is not None:
@@ -4507,7 +4537,7 @@ class _Session:
 
     def _stat_or_none(self, result: Any, deadline: float) -> ZnodeStat | None:
         try:
-            return self._answer(result, deadline)[1]  # type: ignore[no-any-return]
+            return self.answer(result, deadline)[1]  # type: ignore[no-any-return]
         except NoNodeError:
             return None
 
@@ -4556,15 +4586,23 @@ class _Session:
                 self.call(self.client.create_async, path, makepath=True)
 
     def create_in_container(
-        self, container: str, path: str, data: bytes, sequence: bool = False
+        self,
+        container: str,
+        path: str,
+        data: bytes,
+        sequence: bool = False,
+        then: Callable[[], Any] | None = None,
     ) -> tuple[str, ZnodeStat]:
-        """Create an ephemeral node under ``container``, making the container if it is gone."""
+        """Create an ephemeral node under ``container``, making the container if it is gone.
+
+        ``then`` follows each create sent (see :meth:`call`).
+        """
         self.ensure_namespaces()
         for _ in range(_CONTAINER_TRIES):
             try:
                 abandon = functools.partial(self._delete_late, path, self.session_id)
                 return self.call(  # type: ignore[no-any-return]
-                    self.client.create_async, path, data, abandon=abandon,
+                    self.client.create_async, path, data, abandon=abandon, then=then,
                     ephemeral=True, sequence=sequence, include_data=True,
                 )  # fmt: skip
             except NoNodeError:
@@ -4574,7 +4612,12 @@ class _Session:
         raise CoordinationError(f"the container {container} kept vanishing; gave up")
 
     def create_in_container_unless(
-        self, container: str, path: str, data: bytes, absent: str
+        self,
+        container: str,
+        path: str,
+        data: bytes,
+        absent: str,
+        then: Callable[[], Any] | None = None,
     ) -> str | None:
         """As :meth:`create_in_container` (sequential), only while ``absent`` does not exist.
 
@@ -4588,7 +4631,7 @@ class _Session:
                Delete(absent, -1)]  # fmt: skip
         for _ in range(_CONTAINER_TRIES):
             abandon = functools.partial(self._delete_late, path, self.session_id)
-            results = self.call(self.multi_async, ops, abandon=abandon)
+            results = self.call(self.multi_async, ops, abandon=abandon, then=then)
             if isinstance(results[0], str):
                 return results[0]
             failed = next(r for r in results if not isinstance(r, RolledBackError))
