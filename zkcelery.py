@@ -2565,7 +2565,10 @@ class _ExclusiveLock:
     longer in line, and the waiter behind it may already be watching the
     same holder; the session's events come in order, so the deletion is
     known before the hand-off.  Both reads come before the wait, so a
-    hand-off costs the waiter nothing on the way to holding.  A waiter first
+    hand-off costs the waiter nothing on the way to holding.  Requests that
+    need no answer in between go together (the join with the listing, the
+    two reads): the server answers a session's requests in the order sent,
+    so the waiter waits for answers twice, not four times.  A waiter first
     in line at its join is granted by the first listing: three.  One behind
     a holder of ``<name>`` (the fast path's, whose failed try said so): the
     try, the join on its own, a listing, a read that watches ``<name>``, and
