@@ -128,6 +128,8 @@ from kazoo.protocol.serialization import (
     Create,
     Create2,
     Delete,
+    GetChildren,
+    GetData,
     MultiHeader,
     SetData,
     Transaction,
@@ -2390,7 +2392,7 @@ class _Queue:
         session = self.session
 
         def list_next() -> None:
-            self._listing = session.client.get_children_async(self.path, watch=watch)
+            self._listing = session.get_children_async(self.path, watch)
 
         while self.node is None:
             session_id = session.session_id
@@ -3360,7 +3362,7 @@ def _wait_gone(session: _Session, path: str, deadline: float | None) -> None:
 def _contenders_in(session: _Session, path: str, watch: Callable | None = None) -> list[str]:
     """The contender nodes under ``path``, sorted by arrival; none if it is gone."""
     try:
-        children = session.read(session.client.get_children_async, path, watch=watch)
+        children = session.read(session.get_children_async, path, watch)
     except NoNodeError:
         return []
     return _by_arrival(children)
@@ -4532,7 +4534,7 @@ class _Session:
         while True:
             try:
                 self.wait_connected(deadline)
-                asked = [self.client.get_async(path, watch=watch) for path, watch in watches]
+                asked = [self.get_async(path, watch) for path, watch in watches]
                 return [self._stat_or_none(result, deadline) for result in asked]
             except _ConnectionLost:
                 if time.monotonic() >= deadline:
@@ -4691,23 +4693,37 @@ class _Session:
             return Create(path, data, acl, 0)
         return _CreateTTL(path, data, acl, _TTL_FLAG, int(seconds * 1000))
 
+    def send(self, request: Any) -> Any:
+        """Send a request object as it is; its async result.
+
+        For the requests kazoo's client has no method for, and for the reads
+        of a contended acquisition: kazoo's methods check their arguments and
+        prefix each path with its chroot, which the settings' root already
+        holds (kazoo's is empty), several times a request.
+        """
+        result = self.handler.async_result()
+        self.client._call(request, result)
+        return result
+
+    def get_async(self, path: str, watch: Callable | None = None) -> Any:
+        """kazoo's get_async, sent as it is (see send)."""
+        return self.send(GetData(path, watch))
+
+    def get_children_async(self, path: str, watch: Callable | None = None) -> Any:
+        """kazoo's get_children_async, sent as it is (see send)."""
+        return self.send(GetChildren(path, watch))
+
     def multi_async(self, ops: list) -> Any:
         """A multi-operation of request objects, some of them kazoo's own lacks."""
-        result = self.handler.async_result()
-        self.client._call(_Multi(ops), result)
-        return result
+        return self.send(_Multi(ops))
 
     def _create_ttl_async(self, path: str, data: bytes, ttl_ms: int) -> Any:
-        result = self.handler.async_result()
         acl = self.client.default_acl or OPEN_ACL_UNSAFE
-        self.client._call(_CreateTTL(path, data, acl, _TTL_FLAG, ttl_ms), result)
-        return result
+        return self.send(_CreateTTL(path, data, acl, _TTL_FLAG, ttl_ms))
 
     def _create_container_async(self, path: str) -> Any:
-        result = self.handler.async_result()
         acl = self.client.default_acl or OPEN_ACL_UNSAFE
-        self.client._call(_CreateContainer(path, b"", acl, _CONTAINER_FLAG), result)
-        return result
+        return self.send(_CreateContainer(path, b"", acl, _CONTAINER_FLAG))
 
     def _delete_late(self, path: str, session_id: int | None, result: Any) -> None:
         # Runs on kazoo's thread, for a create we stopped waiting for: if it
@@ -4770,8 +4786,9 @@ class _Session:
                 if container is None and handoff is None:
                     self.call(self.client.delete_async, path, version, deadline=deadline)
                     return
-                build = functools.partial(_delete_node, path, version, container, handoff)
-                if not isinstance(self.multi(build)[-1], NotEmptyError):
+                ops = _delete_ops(path, version, container, handoff)
+                results = self.call(self.multi_async, ops, deadline=deadline)
+                if not isinstance(results[-1], NotEmptyError):
                     return  # deleted, or gone already
                 container, look = None, False  # someone joined since: leave it to them
             except NoNodeError:
@@ -4855,20 +4872,16 @@ class _Session:
         _stop_quietly(self.client)
 
 
-def _delete_node(
-    path: str,
-    version: int,
-    container: str | None,
-    handoff: bytes | None,
-    txn: TransactionRequest,
-) -> None:
+def _delete_ops(path: str, version: int, container: str | None, handoff: bytes | None) -> list[Any]:
     """delete_own's multi-operation: the hand-off mark, the node, the container."""
+    ops: list[Any] = []
     if handoff is not None:
-        txn.set_data(path, handoff, version)
+        ops.append(SetData(path, handoff, version))
         version = -1  # the set moved it
-    txn.delete(path, version)
+    ops.append(Delete(path, version))
     if container is not None:
-        txn.delete(container)
+        ops.append(Delete(container, -1))
+    return ops
 
 
 def _setter(event: Any) -> Callable[[Any], None]:
