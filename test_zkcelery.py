@@ -4842,20 +4842,75 @@ def test_readme_receiver_is_connected_and_warns_of_a_lease_that_waited_long(app,
     assert [r.getMessage() for r in caplog.records] == ["t.slow waited 6.0 s for k()"]
 
 
-def test_no_fact_a_log_line_carries_overwrites_an_attribute_of_the_log_record():
-    # logging raises KeyError for an ``extra`` key that a LogRecord has already.
-    reserved = {*vars(logging.LogRecord("n", 0, "p", 0, "m", (), None)), "message", "asctime"}
-    tree = ast.parse(Path(zkcelery.__file__).read_text())
-    facts = {
-        keyword.arg
+def _log_calls(within: ast.AST | None = None) -> list[ast.Call]:
+    """Every call of ``_log`` (the module's or a lease's) in zkcelery.py, or ``within`` a node."""
+    tree = within or ast.parse(Path(zkcelery.__file__).read_text())
+    return [
+        node
         for node in ast.walk(tree)
         if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", ""))
         == "_log"
-        for keyword in node.keywords
-        if keyword.arg is not None
-    }  # fmt: skip
+    ]  # fmt: skip
+
+
+def test_no_fact_a_log_line_carries_overwrites_an_attribute_of_the_log_record():
+    # logging raises KeyError for an ``extra`` key that a LogRecord has already.
+    reserved = {*vars(logging.LogRecord("n", 0, "p", 0, "m", (), None)), "message", "asctime"}
+    facts = {keyword.arg for call in _log_calls() for keyword in call.keywords if keyword.arg}
     assert {"task_id", "kind", "key", "outcome"} <= facts
     assert facts & reserved <= {"exc_info"}  # passed to the record as itself, by _log
+
+
+def test_every_log_line_names_its_outcome():
+    # A lease's _log passes its caller's facts on (**facts): its callers are checked.
+    calls = [c for c in _log_calls() if all(k.arg is not None for k in c.keywords)]
+    assert len(calls) > 30
+    assert [c.lineno for c in calls if "outcome" not in {k.arg for k in c.keywords}] == []
+
+
+def test_the_readme_lists_every_outcome_a_log_line_carries_and_no_other():
+    outcomes = {
+        node.value
+        for call in _log_calls()
+        for keyword in call.keywords
+        if keyword.arg == "outcome"
+        for node in ast.walk(keyword.value)  # a constant, or either of a choice's
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+    text = (Path(__file__).parent / "README.md").read_text()
+    section = text.split("\n### Logging\n", 1)[1].split("\n## ", 1)[0]
+    listed = "\n".join(line for line in section.splitlines() if line.startswith(("- ", "  ")))
+    named = set(re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", listed)))
+    assert len(outcomes) > 20
+    assert named == outcomes
+
+
+def test_a_log_line_that_tells_an_error_carries_its_text_as_the_error_attribute():
+    tree = ast.parse(Path(zkcelery.__file__).read_text())
+    # Where an error is at hand: an ``except ... as`` clause, or a parameter typed as one.
+    scopes = [(node, node.name) for node in ast.walk(tree)
+              if isinstance(node, ast.ExceptHandler) and node.name]  # fmt: skip
+    scopes += [
+        (node, arg.arg)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef)
+        for arg in node.args.args
+        if arg.annotation is not None and "Exception" in ast.unparse(arg.annotation)
+    ]
+
+    def names(node: ast.AST, name: str) -> bool:
+        return any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(node))
+
+    # A line tells the error when its message formats the error itself (not its fields).
+    telling = [(call, name) for scope, name in scopes for call in _log_calls(scope)
+               if any(isinstance(a, ast.Name) and a.id == name for a in call.args)]  # fmt: skip
+    assert len(telling) > 10
+    lacking = [
+        call.lineno
+        for call, name in telling
+        if not any(k.arg == "error" and names(k.value, name) for k in call.keywords)
+    ]
+    assert lacking == []
 
 
 def test_log_records_carry_the_task_kind_key_and_outcome_as_attributes(app, zk, zk_root, caplog):
