@@ -4525,6 +4525,7 @@ def test_a_pool_process_sends_each_lease_signal_for_the_leases_it_holds(
     first = workers.send("lock_until", "L", str(marker))
     held = _await_signal(workers, "lease_acquired", key=key)
     assert workers.send("lock_until", "L", str(marker), False).get(timeout=30) is False
+    assert workers.send("lock_until", "L", str(marker), True, 0.2).get(timeout=30) is False
     waiter = workers.send("lock_until", "L", str(marker))
     wait_for(lambda: _ls_states(zk_hosts, zk_root, key) == ["held", "waiting"], 30, "a waiter")
     broken = _zk_cli(zk_hosts, zk_root, "rm", key, "--yes")  # the first holder's node
@@ -4534,8 +4535,9 @@ def test_a_pool_process_sends_each_lease_signal_for_the_leases_it_holds(
     marker.touch()
     assert first.get(timeout=30) is True and waiter.get(timeout=30) is True
     (released,) = wait_for(lambda: _noted(workers, "lease_released", key=key), 30, "a release")
-    (refused,) = _noted(workers, "lease_not_acquired", key=key)
-    assert (refused["reason"], lost["reason"]) == ("held", "deleted")
+    refused, timed_out = _noted(workers, "lease_not_acquired", key=key)
+    assert [n["reason"] for n in (refused, timed_out, lost)] == ["held", "timeout", "deleted"]
+    assert timed_out["waited"] >= 0.2  # its timeout
     assert granted["waited"] > 0.0 and released["held"] > 0.0 and held["kind"] == "lock"
     # Sent in the pool process that held (or tried for) the lease, never the main one;
     # the lost lease's end is its loss, not also a release.
@@ -4543,6 +4545,47 @@ def test_a_pool_process_sends_each_lease_signal_for_the_leases_it_holds(
     assert {lost["pid"], granted["pid"]} == bodies and released["pid"] == granted["pid"]
     assert worker.pid not in {note["pid"] for note in workers.record.notes("signals")}
     assert held["sender"] == refused["sender"] == "testtasks.lock_until"
+
+
+@pytest.mark.slow
+def test_a_pool_process_signals_a_lease_its_expired_session_lost_and_a_try_left_unanswered(
+    workers: Workers, partition, zk, zk_hosts, zk_root, tmp_path
+):
+    # Two pool processes, their link to ZooKeeper through a proxy the test can cut.
+    sessions = tmp_path / "sessions"  # where the pool processes publish their sessions
+    sessions.mkdir()
+    worker = workers.start(
+        concurrency=2, ZKCELERY_TEST_SIGNALS="1", ZKCELERY_TEST_SESSIONS=str(sessions),
+        ZKCELERY_TEST_HOSTS=partition.address,
+    )  # fmt: skip
+    marker, key = tmp_path / "release", "testtasks.lock_until('S')"
+    holding = workers.send("lock_until", "S", str(marker))
+    held = _await_signal(workers, "lease_acquired", key=key)
+    published = sessions / f"{held['pid']}.json"
+    wait_for(published.exists, 10, "the holder's session")
+    session_id, password = json.loads(published.read_text())
+    # Cut first: the holder then cannot hear of its own node's deletion (which it would
+    # take for an ``rm``), only that its session went silent, and expired.
+    partition.cut()
+    try:
+        expire_session(
+            types.SimpleNamespace(client_id=(session_id, bytes.fromhex(password))), zk_hosts
+        )
+        assert zk.exists(node_path(zk_root, "locks", "testtasks.lock_until", "S")) is None
+        unanswered = workers.send("lock_until", "U", str(marker))  # the other pool process
+        lost = _await_signal(workers, "lease_lost", key=key)
+        with pytest.raises(zkcelery.CoordinationError):
+            unanswered.get(timeout=30)
+    finally:
+        partition.heal()
+    marker.touch()
+    assert holding.get(timeout=30) is True
+    (refused,) = _noted(workers, "lease_not_acquired", key="testtasks.lock_until('U')")
+    assert (lost["reason"], refused["reason"]) == ("session", "unavailable")
+    assert lost["held"] > 0.0 and refused["waited"] > 0.0
+    assert not _noted(workers, "lease_released", key=key)  # the lost lease's end is its loss
+    bodies = {e["pid"] for e in workers.record.entries()}  # only the holder's body ran
+    assert bodies == {lost["pid"]} and refused["pid"] not in bodies | {worker.pid}
 
 
 def test_a_pool_process_sends_a_signal_for_each_mutex_copy_rejected_requeued_or_dropped(

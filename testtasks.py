@@ -400,9 +400,9 @@ def _note_delivery(task: Any = None, task_id: str | None = None, **_: Any) -> No
 
 
 @app.task(base=zkcelery.LockTask, bind=True)
-def lock_until(self, key, marker, blocking=True):
+def lock_until(self, key, marker, blocking=True, timeout=None):
     """Hold a lock until the marker exists, having looked at ``lease.lost`` once."""
-    with self.lock(key, blocking=blocking) as lease:
+    with self.lock(key, blocking=blocking, timeout=timeout) as lease:
         if not lease:
             return False
         lease.lost  # noqa: B018 - the first look watches the node for a deletion
