@@ -4662,7 +4662,7 @@ def _metrics_of(port: int) -> dict[tuple, float]:
     return _scrape(f"http://127.0.0.1:{port}/metrics")
 
 
-def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_and_requeues_it_ran(
+def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_drops_and_requeues_it_ran(
     workers: Workers, tmp_path, capsys
 ):
     port = _free_port()
@@ -4678,6 +4678,7 @@ def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_and_requeues_
     wait_for(lambda: _metrics_of(port) is not None, 30, "the worker's metrics")
     first = workers.send("broker_mutex", "M", 1.5)
     wait_for(holding(mutex), 30, "the first mutex copy to hold")
+    workers.send("broker_mutex", "M", 1.5, task_id=first.id)  # a second delivery of it
     copies = [workers.send("broker_mutex", "M", 0.0) for _ in range(2)]
     held = workers.send("broker_requeued", "R", 1.5)
     wait_for(holding(requeued), 30, "the requeued task's first copy to hold")
@@ -4690,7 +4691,8 @@ def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_and_requeues_
             copy.get(timeout=30)
     samples = _metrics_of(port)
     bodies = workers.record.entries()
-    deliveries = [d["task"] for d in workers.record.notes("deliveries")]
+    noted = workers.record.notes("deliveries")
+    deliveries = [d["task"] for d in noted]
     timed = [e for e in bodies if e["key"] == "L"]
     assert len(timed) == 4
     waits = _gauge(samples, "zkcelery_lease_wait_seconds_sum", outcome="acquired", **lock)
@@ -4700,13 +4702,22 @@ def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_and_requeues_
     assert waits == pytest.approx(sum(e["waited"] for e in timed), abs=0.05 * 4)
     assert holds == pytest.approx(sum(e["held"] for e in timed), abs=0.05 * 4)
     assert sum(e["waited"] for e in timed) > 0.2  # they did contend
-    # Rejections and requeues: Celery's count of deliveries, less the bodies that ran.
+    # Rejections, second deliveries and requeues: Celery's count of deliveries, less the
+    # bodies that ran. A copy whose task id never ran was rejected; one more delivery of
+    # the id that ran, a second delivery, dropped; each failed its one try.
+    ran = [e["task_id"] for e in bodies if e["key"] == "M"]
+    tried = [d["task_id"] for d in noted if d["task"] == "testtasks.broker_mutex"]
+    rejected = [task_id for task_id in tried if task_id not in ran]
+    assert _gauge(samples, "zkcelery_mutex_rejected_total", **mutex) == len(rejected) == 2
+    assert _gauge(samples, "zkcelery_mutex_dropped_total", **mutex) == tried.count(first.id) - 1
+    assert ran == [first.id] and tried.count(first.id) == 2
+    failed_tries = len(tried) - len(ran)
+    assert _gauge(samples, "zkcelery_lease_not_acquired_total", reason="held", **mutex) == (
+        failed_tries
+    )
     assert (
-        _gauge(samples, "zkcelery_mutex_rejected_total", **mutex)
-        == 2
-        == (
-            deliveries.count("testtasks.broker_mutex") - len([e for e in bodies if e["key"] == "M"])
-        )
+        _gauge(samples, "zkcelery_lease_wait_seconds_count", outcome="not_acquired", **mutex)
+        == failed_tries
     )
     requeues = deliveries.count("testtasks.broker_requeued") - 2
     assert _gauge(samples, "zkcelery_mutex_requeued_total", **requeued) == requeues >= 1
@@ -4716,7 +4727,8 @@ def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_and_requeues_
         capsys,
         f"prefork worker's metrics: 4 lock waits {waits:.3f} s (bodies' own clocks "
         f"{sum(e['waited'] for e in timed):.3f} s), holds {holds:.3f} s "
-        f"({sum(e['held'] for e in timed):.3f} s), 2 rejections, {requeues} requeues",
+        f"({sum(e['held'] for e in timed):.3f} s), 2 rejections, 1 second delivery dropped, "
+        f"{requeues} requeues",
     )
 
 
