@@ -4610,15 +4610,16 @@ def test_a_pool_process_sends_a_signal_for_each_mutex_copy_rejected_requeued_or_
     assert (rejected["kind"], dropped["key"]) == ("mutex", "testtasks.mutex_until('R')")
 
 
-def test_an_elected_beat_sends_its_election_deposition_and_skipped_tick_signals(
+def test_an_elected_beat_signals_and_counts_its_elections_depositions_and_skipped_ticks(
     workers: Workers, make_app, zk_hosts, zk_root
 ):
     # Nothing consumes the queue: the first run stays queued, and every later tick is
     # refused by its early mutex.
     schedule = {"early": {"task": "testtasks.early", "schedule": 1.0, "args": ["beat"]}}
     beats = Beats(workers, make_app(), schedule)
+    port = _free_port()
     try:
-        beat = beats.start(ZKCELERY_TEST_SIGNALS="1")
+        beat = beats.start(ZKCELERY_TEST_SIGNALS="1", ZKCELERY_TEST_BEAT_METRICS_PORT=str(port))
         elected = _await_signal(workers, "beat_elected")
         skipped = _await_signal(workers, "beat_tick_skipped", entry="early")
         refused = _await_signal(workers, "early_refused", task_id=skipped["task_id"])
@@ -4626,6 +4627,10 @@ def test_an_elected_beat_sends_its_election_deposition_and_skipped_tick_signals(
         assert broken.returncode == 0, broken.stderr
         deposed = _await_signal(workers, "beat_deposed")
         again = wait_for(lambda: _noted(workers, "beat_elected")[1:], 30, "a second election")[0]
+        scraped_at = time.monotonic()
+        samples = _metrics_of(port)
+        noted = {name: _noted(workers, name) for name in ("beat_elected", "beat_deposed")}
+        skips = [note["t"] for note in _noted(workers, "beat_tick_skipped")]
     finally:
         beats.stop()
     lost = _noted(workers, "lease_lost", kind="beat")
@@ -4633,6 +4638,16 @@ def test_an_elected_beat_sends_its_election_deposition_and_skipped_tick_signals(
     assert "lost" in deposed["reason"] and again["token"] > elected["token"]
     assert (refused["key"], refused["state"]) == ("testtasks.early('beat')", "queued")
     assert {n["pid"] for n in workers.record.notes("signals")} == {beat.pid}
+    # Its metrics (ZOOKEEPER_BEAT_METRICS_PORT) count what its signals told, by the app's name.
+    app = {"name": "zkcelery-tests"}
+    assert _gauge(samples, "zkcelery_beat_leading", **app) == 1
+    assert _gauge(samples, "zkcelery_beat_elections_total", **app) == len(noted["beat_elected"])
+    assert _gauge(samples, "zkcelery_beat_depositions_total", **app) == len(noted["beat_deposed"])
+    lost_by_rm = {"kind": "beat", "name": "celery beat", "reason": "deleted"}
+    assert _gauge(samples, "zkcelery_lease_lost_total", **lost_by_rm) == 1
+    # A tick is noted, then counted: every one noted well before the scrape was counted.
+    counted = _gauge(samples, "zkcelery_beat_ticks_skipped_total", **app)
+    assert 1 <= len([t for t in skips if t < scraped_at - 0.1]) <= counted <= len(skips)
 
 
 def _free_port() -> int:

@@ -384,6 +384,10 @@ if os.environ.get("ZKCELERY_TEST_METRICS_PORT"):
     app.conf.ZOOKEEPER_METRICS_PORT = int(os.environ["ZKCELERY_TEST_METRICS_PORT"])
     app.conf.ZOOKEEPER_METRICS_ADDR = "127.0.0.1"
 
+if os.environ.get("ZKCELERY_TEST_BEAT_METRICS_PORT"):
+    app.conf.ZOOKEEPER_BEAT_METRICS_PORT = int(os.environ["ZKCELERY_TEST_BEAT_METRICS_PORT"])
+    app.conf.ZOOKEEPER_METRICS_ADDR = "127.0.0.1"
+
 
 #: The tasks whose deliveries _note_delivery counts.
 _COUNTED = {"testtasks.metered_lock", "testtasks.broker_mutex", "testtasks.broker_requeued"}
