@@ -26,7 +26,7 @@ import time
 import types
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -4232,12 +4232,25 @@ def test_check_reports_each_servers_mode_and_fails_without_quorum(zk_hosts, zk_r
     assert dead.returncode == 1 and "NO QUORUM" in dead.stdout
 
 
-def test_the_commands_also_run_as_celery_zk_with_the_apps_settings(zk_hosts, zk_root):
-    argv = [sys.executable, "-m", "celery", "-A", "testtasks", "zk", "--root", zk_root, "ls"]
+def test_the_commands_also_run_as_celery_zk_with_the_apps_settings(lock_task, zk_hosts, zk_root):
+    # The app's hosts; --root over its ZOOKEEPER_ROOT, which is elsewhere.
+    command = [sys.executable, "-m", "celery", "-A", "testtasks", "zk", "--root", zk_root]
     env = {**os.environ, "ZKCELERY_TEST_HOSTS": zk_hosts, "ZKCELERY_TEST_ROOT": "/elsewhere"}
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
-    assert done.returncode == 0, done.stderr
-    assert "no locks are held" in done.stdout
+    lock = {"kind": "lock", "name": "t.lock"}
+    with lock_task.lock("shown"):
+        listing = subprocess.Popen([*command, "ls"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        exporter = _Exporter(zk_hosts, zk_root, command, env)  # while ls runs
+        try:
+            held = wait_for(
+                lambda: _gauge(exporter.scrape(), "zkcelery_leases_held", **lock), 30, "the lock"
+            )
+        finally:
+            code, stderr = exporter.stop()
+        listed, errors = listing.communicate(timeout=60)
+    assert held == 1 and code == 0, stderr
+    assert listing.returncode == 0, errors
+    assert "t.lock('shown')" in listed
 
 
 def test_the_installed_command_and_python_m_each_show_their_own_name():
@@ -5004,13 +5017,19 @@ def test_log_records_carry_the_task_kind_key_and_outcome_as_attributes(app, zk, 
 
 
 class _Exporter:
-    """``python -m zkcelery exporter`` on a free port of loopback, and its startup line."""
+    """``python -m zkcelery exporter`` on a free port of loopback, and its startup line.
 
-    def __init__(self, zk_hosts: str, zk_root: str) -> None:
+    ``command``: what runs ``exporter`` instead (``celery -A app zk``), in ``env``.
+    """
+
+    def __init__(
+        self, zk_hosts: str, zk_root: str, command: Sequence[str] = (), env: Any = None
+    ) -> None:
+        command = command or [sys.executable, "-m", "zkcelery", "--hosts", zk_hosts,
+                              "--root", zk_root]  # fmt: skip
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zkcelery", "--hosts", zk_hosts, "--root", zk_root,
-             "exporter", "--port", "0", "--addr", "127.0.0.1"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [*command, "exporter", "--port", "0", "--addr", "127.0.0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         match = re.search(r"(http://\S+/metrics) .*session (0x[0-9a-f]+)", line)
