@@ -384,6 +384,10 @@ if os.environ.get("ZKCELERY_TEST_METRICS_PORT"):
     app.conf.ZOOKEEPER_METRICS_PORT = int(os.environ["ZKCELERY_TEST_METRICS_PORT"])
     app.conf.ZOOKEEPER_METRICS_ADDR = "127.0.0.1"
 
+if os.environ.get("ZKCELERY_TEST_BEAT_METRICS_PORT"):
+    app.conf.ZOOKEEPER_BEAT_METRICS_PORT = int(os.environ["ZKCELERY_TEST_BEAT_METRICS_PORT"])
+    app.conf.ZOOKEEPER_METRICS_ADDR = "127.0.0.1"
+
 
 #: The tasks whose deliveries _note_delivery counts.
 _COUNTED = {"testtasks.metered_lock", "testtasks.broker_mutex", "testtasks.broker_requeued"}
@@ -400,9 +404,9 @@ def _note_delivery(task: Any = None, task_id: str | None = None, **_: Any) -> No
 
 
 @app.task(base=zkcelery.LockTask, bind=True)
-def lock_until(self, key, marker, blocking=True):
+def lock_until(self, key, marker, blocking=True, timeout=None):
     """Hold a lock until the marker exists, having looked at ``lease.lost`` once."""
-    with self.lock(key, blocking=blocking) as lease:
+    with self.lock(key, blocking=blocking, timeout=timeout) as lease:
         if not lease:
             return False
         lease.lost  # noqa: B018 - the first look watches the node for a deletion

@@ -225,9 +225,10 @@ def _log(level: int, msg: str, *args: Any, exc_info: Any = None, **facts: Any) -
     So that tools read facts rather than match text, a record carries those it
     knows of: ``task_id``, ``task_name``, ``kind`` (lock, semaphore, mutex,
     early mutex, beat), ``key``, ``holder`` (the holder's task id),
-    ``outcome`` (what happened: acquired, not_acquired, waiting, rejected,
-    requeued, dropped, lost, elected, deposed, skipped...), ``wait``
-    (seconds) and ``reason``.
+    ``outcome`` (what happened, one word: not_acquired, waiting, rejected,
+    requeued, dropped, lost, elected, deposed, skipped...; every line has
+    one, and the README lists them all), ``wait`` (seconds), ``reason`` and
+    ``error`` (the text of the error the line reports).
     """
     if logger.isEnabledFor(level):
         logger.log(level, msg, *args, exc_info=exc_info, extra=facts)
@@ -688,7 +689,7 @@ class MutexTask(_KeyedTask):
             lease.acquire() if within is None else lease.acquire_within(within)
         except CoordinationError as exc:  # never drop the task: retry it
             lease._log(logging.WARNING, "not acquired: %s; retrying the task", exc,
-                       outcome="retried")  # fmt: skip
+                       outcome="retrying", error=str(exc))  # fmt: skip
             raise self.retry(exc=exc) from exc
         if lease and lease.beside_itself():
             # A limited mutex admitted this copy beside a holder with this same
@@ -1049,7 +1050,7 @@ def _record_rejection(task: celery.Task, exc: Reject) -> None:
         except Exception as error:  # a monitor's event must not change the rejection
             _log(logging.WARNING, "task %s[%s]: rejection not sent as a task event: %s",
                  task.name, request.id, error, task_id=request.id, task_name=task.name,
-                 outcome="not_sent")  # fmt: skip
+                 outcome="not_sent", error=str(error))  # fmt: skip
 
 
 @dataclass
@@ -1306,7 +1307,8 @@ def _refused(task: EarlyMutexTask, lease: _EarlyLease, refused: AlreadyQueued) -
                 reason=str(refused), holder=refused.task_id,
             )  # fmt: skip
     except Exception as exc:  # a monitor's event must not change what the send does
-        lease._log(logging.WARNING, "refusal not sent as a task event: %s", exc)
+        lease._log(logging.WARNING, "refusal not sent as a task event: %s", exc,
+                   outcome="not_sent", error=str(exc))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -1468,10 +1470,11 @@ class Lease:
             self.acquire()
         except CoordinationError as exc:
             if not self._retry:
-                self._log(logging.WARNING, "not acquired: %s", exc, outcome="not_acquired")
+                self._log(logging.WARNING, "not acquired: %s", exc, outcome="not_acquired",
+                          error=str(exc))  # fmt: skip
                 raise
             self._log(logging.WARNING, "not acquired: %s; retrying the task", exc,
-                      outcome="retrying")  # fmt: skip
+                      outcome="retrying", error=str(exc))  # fmt: skip
             raise self._task.retry(**{"exc": exc, **self._retry_options}) from exc
         if not self and self._retry:
             self._log(logging.INFO, "is held; retrying the task", outcome="retrying")
@@ -1688,7 +1691,8 @@ class _MutexLease(Lease):
         try:
             _note_handover(grant.session, grant.path, grant.session_id, grant.protocol.guid)
         except (ZKCeleryError, KazooException) as exc:
-            self._log(logging.WARNING, "could not note the copy that follows: %s", exc)
+            self._log(logging.WARNING, "could not note the copy that follows: %s", exc,
+                      outcome="not_noted", error=str(exc))  # fmt: skip
 
     def _new_guid(self) -> str:
         mark = _task_mark(self._task_id()) if self.limited else None
@@ -1745,7 +1749,8 @@ class _EarlyLease(Lease):
                 kept = grant.protocol.requeue(grant.session_id)
             except CoordinationError as exc:
                 kept = False
-                self._log(logging.WARNING, "not kept for the retry: %s", exc)
+                self._log(logging.WARNING, "not kept for the retry: %s", exc,
+                          outcome="not_kept", error=str(exc))  # fmt: skip
             if kept:
                 grant.settle()
             # Else the run's end releases it as usual, and the retried copy,
@@ -1762,7 +1767,8 @@ class _EarlyLease(Lease):
         try:
             self.unreserve()
         except ZKCeleryError as exc:
-            self._log(logging.WARNING, "not freed after its revocation: %s", exc)
+            self._log(logging.WARNING, "not freed after its revocation: %s", exc,
+                      outcome="not_freed", error=str(exc))  # fmt: skip
 
     def _early(self) -> _EarlyMutex:
         protocol = self._protocol(self._connect())
@@ -1959,13 +1965,15 @@ class _MultiLease(Lease):
                 "process deletes it when it reconnects",
                 exc,
                 outcome="not_released",
+                error=str(exc),
             )
             return True
         for part, grant in reversed(list(zip(self.parts, grants))):  # one by one after all
             try:
                 grant.protocol.release(grant.path, grant.session_id)
             except CoordinationError as exc:
-                part._log(logging.WARNING, "not released (%s)", exc, outcome="not_released")
+                part._log(logging.WARNING, "not released (%s)", exc, outcome="not_released",
+                          error=str(exc))  # fmt: skip
         return True
 
     def _take(self, session: _Session, deadline: float | None) -> bool:
@@ -2188,6 +2196,7 @@ class _Grant:
                 "process deletes it when it reconnects",
                 exc,
                 outcome="not_released",
+                error=str(exc),
             )
         finally:
             if ended:
@@ -4415,7 +4424,7 @@ class _Session:
                 pass  # gone already: nothing to do, ever
             except (ZKCeleryError, KazooException, self._timeout_error) as exc:
                 _log(logging.WARNING, "could not delete orphan znode %s: %s", path, exc,
-                     outcome="orphan_kept")  # fmt: skip
+                     outcome="orphan_kept", error=str(exc))  # fmt: skip
                 self.add_orphan(path, owner, guid)
 
     def _delete_orphan(self, path: str, owner: int | None, guid: str | None) -> None:
@@ -5413,7 +5422,7 @@ class ElectedScheduler(Scheduler):
                         logging.WARNING,
                         "beat: cannot take part in the election for %s: %s; trying again",
                         self._lease.key, exc, kind="beat", key=self._lease.key,
-                        outcome="not_acquired", reason=str(exc),
+                        outcome="not_acquired", error=str(exc),
                     )  # fmt: skip
                 failing = True
                 self._closed.wait(self.retry_interval)
@@ -5972,7 +5981,8 @@ def _serve_metrics_as_set(
             prepare()
         start_metrics_server(port, _setting(app, "ZOOKEEPER_METRICS_ADDR", "0.0.0.0"))
     except (ZKCeleryError, OSError) as exc:
-        _log(logging.ERROR, "metrics not served: %s", exc, outcome="metrics_not_served")
+        _log(logging.ERROR, "metrics not served: %s", exc, outcome="metrics_not_served",
+             error=str(exc))  # fmt: skip
 
 
 _made_dirs: list[str] = []
@@ -6116,7 +6126,8 @@ class _TreeView:
             self._changed.notify_all()
 
     def _on_fault(self, exc: Exception) -> None:
-        _log(logging.WARNING, "the cached view of %s: %s", self.root, exc, outcome="view_fault")
+        _log(logging.WARNING, "the cached view of %s: %s", self.root, exc, outcome="view_fault",
+             error=str(exc))  # fmt: skip
 
 
 class _LeaseCollector:

@@ -141,8 +141,10 @@ class _ContentionEvents(logging.Handler):
         task_id = getattr(record, "task_id", None)
         if task_id is None:
             return
-        # Anything else about a task, e.g. ZooKeeper out of reach: show it as it is.
-        event = self.EVENTS.get(getattr(record, "outcome", None), f"log: {record.getMessage()}")
+        # Anything else about a task, and a line that tells an error (ZooKeeper out of
+        # reach, say, even when the task retries): show it as it is.
+        outcome = None if hasattr(record, "error") else getattr(record, "outcome", None)
+        event = self.EVENTS.get(outcome, f"log: {record.getMessage()}")
         note(event, task_id, record.task_name)
 
 
