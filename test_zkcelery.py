@@ -318,6 +318,26 @@ def test_a_request_and_an_answer_too_large_for_one_socket_call_go_through_whole(
     assert (0, 1) in waits and (1, 0) in waits
 
 
+def test_a_watch_callback_run_on_the_connection_thread_that_raises_is_logged_and_harmless(
+    lock_task, caplog
+):
+    session = zkcelery._connection(lock_task.app)
+    session.wait_connected()
+    ran: list[str] = []
+
+    @zkcelery._at_once
+    def broken(event):
+        ran.append(threading.current_thread().name)
+        raise RuntimeError("a bug in a callback")
+
+    with caplog.at_level(logging.ERROR, logger="zkcelery"):
+        session.handler.dispatch_callback(Callback("watch", broken, (None,)))
+    assert ran == [threading.current_thread().name]  # run at once, where it was dispatched
+    (record,) = [r for r in caplog.records if getattr(r, "outcome", None) == "callback_failed"]
+    assert record.error == "a bug in a callback" and record.exc_info is not None
+    assert _held_now(lock_task, "after")  # the session goes on
+
+
 def test_forked_child_makes_its_own_session_and_the_parents_survives(lock_task, zk):
     parent = zkcelery._connection(lock_task.app)
     parent.wait_connected()
@@ -945,33 +965,54 @@ def test_a_failed_try_costs_one_request(lock_task, zk, zk_root, zk_hosts):
     assert sent <= 20 + 1, sent  # one failed create each, and perhaps a ping
 
 
+_QUEUED_WAITER = """
+import sys
+import celery, zkcelery
+app = celery.Celery("waiter", set_as_current=False)
+app.conf.update(ZOOKEEPER_HOSTS=sys.argv[1], ZOOKEEPER_ROOT=sys.argv[2],
+                ZOOKEEPER_SESSION_TIMEOUT=5)
+@app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.lock")
+def task(self):
+    pass
+with task.lock("fair", blocking=True, timeout=30) as held:
+    print("granted" if held else "not granted", flush=True)
+    sys.stdin.readline()  # holds it until told to release
+"""
+
+
 def test_after_a_release_a_newcomers_try_fails_while_the_queued_waiter_is_served(
-    make_app, zk, zk_root
+    make_app, zk, zk_hosts, zk_root
 ):
-    waiter_app = make_app()
-    holder_task, waiter_task = _lock_task_on(make_app()), _lock_task_on(waiter_app)
+    holder = _lock_task_on(make_app()).lock("fair").__enter__()
     newcomer = _lock_task_on(make_app())
-    holder = holder_task.lock("fair").__enter__()
-    waiter = waiter_task.lock("fair", blocking=True, timeout=30)
-    granted: list[bool] = []
-    thread = _in_thread(lambda: granted.append(waiter.acquire()))
-    # The waiter has queued and watches the holder's node: it learns of the release
-    # only through that watch, on its session's callback thread.
-    client = zkcelery._connection(waiter_app).client
-    wait_for(lambda: client._data_watchers.get(holder._grant.path), 10, "the waiter to watch")
-    gate = threading.Event()  # holds the callback thread: the waiter is not told yet
-    client.handler.dispatch_callback(Callback("watch", gate.wait, (30,)))
+    waiter = subprocess.Popen(
+        [sys.executable, "-c", _QUEUED_WAITER, zk_hosts, zk_root],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent,
+    )  # fmt: skip
+    assert waiter.stdin is not None and waiter.stdout is not None
     try:
-        holder.release()
-        assert zk.exists(holder._grant.path) is None  # the lock's node is gone...
-        assert not newcomer.lock("fair").acquire()  # ...yet the newcomer does not get in
-        assert granted == []  # while the waiter, first in line, has not even been told
+        wait_for(lambda: len(holder.waiters()) == 1, 30, "the waiter to queue")
+        # Stopped, the waiter cannot be told of the release (its session outlives the
+        # stop): the lock's node is gone, and the waiter is not served yet.
+        os.kill(waiter.pid, signal.SIGSTOP)
+        try:
+            holder.release()
+            assert zk.exists(holder._grant.path) is None
+            assert not newcomer.lock("fair").acquire()  # yet the newcomer does not get in
+            # The lock is the waiter's, first in line, though it has not been told yet.
+            assert [h["pid"] for h in holder.holders()] == [waiter.pid]
+        finally:
+            os.kill(waiter.pid, signal.SIGCONT)
+        assert waiter.stdout.readline().strip() == "granted"
+        assert not newcomer.lock("fair").acquire()  # nor while the waiter holds it
+        waiter.stdin.write("release\n")
+        waiter.stdin.flush()
+        assert waiter.wait(30) == 0
     finally:
-        gate.set()
-    thread.join(30)
-    assert granted == [True]
-    assert not newcomer.lock("fair").acquire()  # nor while the waiter holds it
-    waiter.release()
+        if waiter.poll() is None:
+            os.kill(waiter.pid, signal.SIGCONT)
+            waiter.kill()
+            waiter.wait(10)
     assert _held_now(newcomer, "fair")
 
 

@@ -2882,6 +2882,7 @@ class _ExclusivePolicy:
         return woken
 
     def _ahead_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
+        @_at_once
         def on_event(event: WatchedEvent) -> None:
             if event.type == EventType.CHANGED:  # it held, and released: see the class
                 self._handed_over = woken
@@ -2892,6 +2893,7 @@ class _ExclusivePolicy:
     def _own_watch(self) -> Callable[[WatchedEvent], None]:
         join = self._join
 
+        @_at_once
         def on_event(event: WatchedEvent) -> None:
             # Deleted from outside (or with our session): no hand-off grants us.
             # Our own release comes after any grant, and our own give-up ends
@@ -2904,6 +2906,7 @@ class _ExclusivePolicy:
     def _holder_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
         join = self._join
 
+        @_at_once
         def on_event(event: WatchedEvent) -> None:
             if event.type == EventType.DELETED:
                 if join is self._join:
@@ -4893,6 +4896,18 @@ def _delete_ops(path: str, version: int, container: str | None, handoff: bytes |
     return ops
 
 
+_CallbackT = TypeVar("_CallbackT", bound=Callable[..., None])
+
+
+def _at_once(callback: _CallbackT) -> _CallbackT:
+    """Mark a watch callback that may run on kazoo's connection thread (_PollingHandler).
+
+    It must only set flags and events: never block, never call ZooKeeper.
+    """
+    callback._at_once = True  # type: ignore[attr-defined]
+    return callback
+
+
 def _setter(event: Any) -> Callable[[Any], None]:
     """A watch callback that sets ``event`` (whatever the watch reports)."""
     return lambda _: event.set()
@@ -4995,6 +5010,26 @@ class _PollingHandler(SequentialThreadingHandler):
     def __init__(self) -> None:
         super().__init__()
         self._pollers = threading.local()
+
+    def dispatch_callback(self, callback: Any) -> None:
+        """Run a watch callback marked by _at_once here, on the connection thread.
+
+        kazoo hands every watch event to its callback thread: a thread
+        wake-up per event, and a waiter woken one thread later.  A callback
+        that only sets flags and events need not wait for its turn there.
+        Those run here keep their order among themselves (the connection
+        thread reads a session's events in order), as the others do in
+        kazoo's queue; a policy marks all of its watches or none, so that
+        the order it relies on holds.
+        """
+        if not getattr(callback.func, "_at_once", False):
+            super().dispatch_callback(callback)
+            return
+        try:
+            callback.func(*callback.args)
+        except Exception as exc:  # never let a callback break the connection
+            _log(logging.ERROR, "a watch callback failed: %s", exc, outcome="callback_failed",
+                 error=str(exc), exc_info=True)  # fmt: skip
 
     def adopt(self, connection: Any) -> None:
         """Make ``connection`` read and write before it asks whether it can.
