@@ -61,18 +61,18 @@ TLS_OFFSET = 300
 
 
 # ---------------------------------------------------------------------------
-# Two tests at once (pytest-xdist), a fault alone
+# Three tests at once (pytest-xdist), a fault alone
 # ---------------------------------------------------------------------------
 #
-# pyproject.toml runs the suite in two pytest-xdist processes.  Most tests wait on
-# sessions, workers and timers far more than they compute, so two at a time halve
-# their wall time on two cores.  A test marked ``alone`` runs with no other beside
-# it: every test that stops or kills ZooKeeper servers (it uses the ``ensemble``
-# fixture, and is marked so at collection), and the soaks, which load the machine.
-# It takes the gate below exclusively, every other test takes it shared.  A
-# turnstile in front of the gate stops new shared takers while an exclusive one
-# waits, so such a test waits for the test running beside it, never for the rest
-# of the suite.
+# pyproject.toml runs the suite in three pytest-xdist processes.  Most tests wait on
+# sessions, workers and timers far more than they compute, so three at a time cut
+# their wall time even on two cores.  A test marked ``alone`` runs with no other
+# beside it: every test that stops or kills ZooKeeper servers (it uses the
+# ``ensemble`` fixture, and is marked so at collection), and the soaks, which load
+# the machine.  It takes the gate below exclusively, every other test takes it
+# shared.  A turnstile in front of the gate stops new shared takers while an
+# exclusive one waits, so such a test waits for the tests running beside it, never
+# for the rest of the suite.
 
 
 def _meeting_path() -> Path:
