@@ -226,7 +226,8 @@ def test_chroot_suffix_places_the_locks_under_it(make_app, zk, zk_root, zk_hosts
 @pytest.mark.parametrize(
     ("value", "bad"),
     [("zk:abc", "abc"), ("", "empty"), ("zk1:2181,", "empty entry"),
-     ("127.0.0.1:99999", "99999"), ("   ", "empty")],
+     ("127.0.0.1:99999", "99999"), ("   ", "empty"),
+     (["zk1", "zk2/app"], "'zk2/app' has a chroot")],
 )  # fmt: skip
 def test_malformed_hosts_raise_naming_the_setting_and_the_bad_part(offline_task, value, bad):
     offline_task.app.conf.ZOOKEEPER_HOSTS = value

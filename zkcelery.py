@@ -2884,7 +2884,9 @@ class _ExclusivePolicy:
     def _ahead_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
         @_at_once
         def on_event(event: WatchedEvent) -> None:
-            if event.type == EventType.CHANGED:  # it held, and released: see the class
+            # it held, and released (see the class); a watch of an earlier turn on
+            # the same node (our node was deleted and made again since) says nothing
+            if event.type == EventType.CHANGED and woken is self._woken:
                 self._handed_over = woken
             woken.set()
 
@@ -3828,6 +3830,13 @@ def _parse_host(entry: str, whole: Any) -> str:
     entry = entry.strip()
     if not entry:
         raise ConfigurationError(f"ZOOKEEPER_HOSTS {whole!r} has an empty entry")
+    if "/" in entry:
+        # kazoo would take it as a chroot that only its own methods apply; zkcelery
+        # sends some requests as they are, with its root holding the chroot.
+        raise ConfigurationError(
+            f"ZOOKEEPER_HOSTS: {entry!r} has a chroot; a list of hosts takes none (give "
+            "the hosts as one string, 'host:port,host:port/chroot', or use ZOOKEEPER_ROOT)"
+        )
     match = _HOST_RE.fullmatch(entry)
     if match is None:
         raise ConfigurationError(f"ZOOKEEPER_HOSTS: {entry!r} is not host:port")
