@@ -188,6 +188,8 @@ def ensemble_hosts_checked() -> str:
             client.close()
     if not answered:
         pytest.fail(START_HINT.format(hosts=hosts), pytrace=False)
+    with open(_gate_folder() / "runs", "a") as runs:
+        runs.write(f"{_run_id()}\n")  # this run cleans up at its end (pytest_sessionfinish)
     return hosts
 
 
@@ -237,7 +239,7 @@ def second_ensemble(ensemble_hosts_checked: str) -> Iterator[SecondEnsemble]:
     (+10000) or election (+20000) ports meet the other's.
     """
     port = _second_port()
-    _second_ensemble_run()  # zk-test.sh's own lock: the run's other process reuses it
+    _second_ensemble_run()  # zk-test.sh's own lock: the run's other processes reuse it
     tls_hosts, ca = _second_ensemble_run("tls-hosts").split()
     yield SecondEnsemble(",".join(f"127.0.0.1:{port + n}" for n in range(3)), tls_hosts, ca)
 
@@ -258,12 +260,28 @@ def _second_ensemble_run(*args: str) -> str:
     return done.stdout
 
 
+def _run_id() -> str:
+    """This run's id: set by the first process (before xdist starts its workers), inherited."""
+    return os.environ.setdefault("ZKCELERY_TEST_RUN", uuid.uuid4().hex)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _run_id()
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    # Once, in the process that ran or dispatched every test (never an xdist worker):
-    # the second ensemble, if a test started it, and the run's meeting folder.
+    # Once, in the process that ran or dispatched every test (never an xdist worker), if
+    # a test of this run used the ensemble (a run that did not, `pytest -m "not zk"`
+    # beside a whole run, say, must not stop anything under that run's tests): the second
+    # ensemble, if a test started it, and the run's meeting folder.
     if hasattr(session.config, "workerinput"):
         return
     folder = _meeting_path()
+    try:
+        if _run_id() not in (folder / "runs").read_text().split():
+            return
+    except OSError:
+        return
     if (folder / "second-ensemble").exists():
         _second_ensemble_run("stop", "--clean")
     with contextlib.suppress(OSError):
