@@ -1692,11 +1692,15 @@ def test_a_mutex_tasks_retry_and_replacement_run_after_the_first_run_never_dropp
     replaced = workers.send("replacing_mutex", "p", 1.5)
     assert retried.get(timeout=60) is None and replaced.get(timeout=60) is None
     entries = workers.record.entries()
+    stored = {n["task_id"]: n["t"] for n in workers.record.notes("retries")}
     for key, task_id, copies in (("r", retried.id, 1), ("p", replaced.id, 2)):
         runs = [e for e in entries if e["key"] == key]
         assert [e["task_id"] for e in runs] == [task_id] * (1 + copies)  # each run once
         for run, after in zip(runs, runs[1:]):
             assert after["enter"] >= run["exit"]  # each after the previous one's slow end
+        # The retry's copy starts once the first run's RETRY state is stored: its
+        # SUCCESS comes later, and is the task's state (as get() above waited for).
+        assert runs[1]["enter"] >= stored[task_id]
     assert "dropped" not in workers.logs(), workers.logs()
 
 

@@ -403,6 +403,16 @@ def _note_delivery(task: Any = None, task_id: str | None = None, **_: Any) -> No
             f.write(json.dumps({"task": task.name, "task_id": task_id}) + "\n")
 
 
+@signals.task_retry.connect
+def _note_retry(request: Any = None, **_: Any) -> None:
+    # Sent once Celery has stored the RETRY state of a run: a copy that follows it must
+    # not end before that, or its SUCCESS is overwritten.
+    folder = os.environ.get("ZKCELERY_TEST_RECORD")
+    if folder and request is not None:
+        with open(Path(folder) / f"{os.getpid()}.retries", "a") as f:
+            f.write(json.dumps({"task_id": request.id, "t": time.monotonic()}) + "\n")
+
+
 @app.task(base=zkcelery.LockTask, bind=True)
 def lock_until(self, key, marker, blocking=True, timeout=None):
     """Hold a lock until the marker exists, having looked at ``lease.lost`` once."""

@@ -637,10 +637,21 @@ class MutexTask(_KeyedTask):
         if not lease:
             self._contended(lease, started)  # returns holding the mutex, or raises
         self.request.zkcelery_mutex = lease  # for an eager retry() or replace()
+        retrying = False
         try:
             return super().__call__(*args, **kwargs)
+        except Retry:
+            # The copy that follows (same task id) waits for this release, and
+            # Celery stores this run's RETRY state after the body: released
+            # now, the copy could store its SUCCESS first and have it
+            # overwritten.  A worker's run releases once the state is stored
+            # (_release_after_run); a direct call has no such step.
+            request = self.request
+            retrying = not (request.is_eager or request.called_directly)
+            raise
         finally:
-            lease.release()
+            if not retrying:
+                lease.release()
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """``celery.Task.retry``; an eager retry runs under this run's mutex."""
@@ -1125,6 +1136,13 @@ def _check_limits(sender: Any = None, **_: Any) -> None:
     delay = sender.default_retry_delay
     if isinstance(sender, MutexTask) and isinstance(delay, (int, float)) and delay > timeout:
         _warn_duplicates(sender, "default_retry_delay (its retry countdown)", delay, timeout)
+
+
+def _release_after_run(task: Any = None, **_: Any) -> None:
+    """A MutexTask run that retried keeps its mutex until Celery stored its state: free it."""
+    lease = getattr(getattr(task, "request", None), "zkcelery_mutex", None)
+    if lease:
+        lease.release()
 
 
 def _check_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
@@ -6718,6 +6736,8 @@ _kazoo_logger.addFilter(_HiddenAuth())
 # A setting sure to make duplicates on a Redis broker is named before it does.
 signals.task_prerun.connect(_check_limits, weak=False)
 signals.task_retry.connect(_check_retry, weak=False)
+# A MutexTask run that retried frees its mutex once its RETRY state is stored.
+signals.task_postrun.connect(_release_after_run, weak=False)
 # A revoked EarlyMutexTask message frees the key it holds while queued.
 signals.task_revoked.connect(_free_revoked, weak=False)
 # A forked child never uses its parent's sessions; a worker that shuts down
