@@ -2485,11 +2485,12 @@ class _Queue:
         """The listing sent with the last join, if there is one (else as :meth:`listing`)."""
         sent, self._listing = self._listing, None
         if sent is not None:
-            with contextlib.suppress(_ConnectionLost):
-                try:
-                    return _by_arrival(self.session.answer(sent, None))
-                except NoNodeError:
-                    return []
+            try:
+                return _by_arrival(self.session.answer(sent, None))
+            except NoNodeError:
+                return []
+            except _ConnectionLost:
+                pass  # list again, on the next connection
         return self.listing(watch)
 
     def wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
