@@ -972,19 +972,29 @@ def test_a_failed_try_costs_one_request(lock_task, zk, zk_root, zk_hosts):
     assert sent <= 20 + 1, sent  # one failed create each, and perhaps a ping
 
 
-_QUEUED_WAITER = """
-import sys
+def _child_with_lock_task(session_timeout: float, body: str) -> str:
+    """A script for ``python -c HOSTS ROOT``: ``task``, a LockTask "t.lock" (as
+    _lock_task_on's) in a session of ``session_timeout`` seconds, then ``body``."""
+    return f"""
+import sys, time
 import celery, zkcelery
-app = celery.Celery("waiter", set_as_current=False)
+app = celery.Celery("child", set_as_current=False)
 app.conf.update(ZOOKEEPER_HOSTS=sys.argv[1], ZOOKEEPER_ROOT=sys.argv[2],
-                ZOOKEEPER_SESSION_TIMEOUT=5)
+                ZOOKEEPER_SESSION_TIMEOUT={session_timeout})
 @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.lock")
 def task(self):
     pass
+{body}"""
+
+
+_QUEUED_WAITER = _child_with_lock_task(
+    5,
+    """
 with task.lock("fair", blocking=True, timeout=30) as held:
     print("granted" if held else "not granted", flush=True)
     sys.stdin.readline()  # holds it until told to release
-"""
+""",
+)
 
 
 def test_after_a_release_a_newcomers_try_fails_while_the_queued_waiter_is_served(
@@ -1487,15 +1497,9 @@ def test_lost_turns_true_in_time_while_other_threads_keep_a_blackholed_session_b
     )
 
 
-_PAUSED_HOLDER = """
-import sys, time
-import celery, zkcelery
-app = celery.Celery("paused", set_as_current=False)
-app.conf.update(ZOOKEEPER_HOSTS=sys.argv[1], ZOOKEEPER_ROOT=sys.argv[2],
-                ZOOKEEPER_SESSION_TIMEOUT=2)
-@app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.lock")
-def task(self):
-    pass
+_PAUSED_HOLDER = _child_with_lock_task(
+    2,
+    """
 lease = task.lock("paused").__enter__()
 # Until a jump in the clock: it was paused.  Each reading is compared with the one before,
 # the first one taken before "held" is printed: the test stops this process once it reads
@@ -1510,7 +1514,8 @@ while last - start < 60:
         break
     last = now
 print("lost" if lease.lost else "not lost", flush=True)  # the first look after the pause
-"""
+""",
+)
 
 
 def test_lost_reads_true_at_the_first_look_after_a_pause_longer_than_the_session(
