@@ -565,6 +565,8 @@ def test_the_kazoo_and_celery_internals_zkcelery_relies_on_are_there(module, own
         found = getattr(found, owner)
     if owner == "KazooClient" and params is None:  # set on each client it makes
         found = KazooClient(hosts="127.0.0.1:1")
+    if owner == "ConnectionHandler" and params is None:  # set on each client's connection
+        found = KazooClient(hosts="127.0.0.1:1")._connection
     if owner == "Scheduler" and params is None:  # set on each scheduler
         found = found(Celery(set_as_current=False), lazy=True)
     assert hasattr(found, name), f"{module}.{owner}.{name} is gone"
