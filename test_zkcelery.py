@@ -8,6 +8,7 @@ are in ``conftest``.  One section per feature, in the README's order.
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import importlib
 import inspect
@@ -573,6 +574,141 @@ def test_the_kazoo_and_celery_internals_zkcelery_relies_on_are_there(module, own
     if params is not None:
         signature = inspect.signature(getattr(found, name))
         assert tuple(p for p in signature.parameters if p not in ("self", "cls")) == params
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _defined_by(tree: ast.AST) -> set[str]:
+    """The private names the classes in ``tree`` define: methods, class attributes,
+    and attributes their methods assign on ``self`` or ``cls``."""
+    names: set[str] = set()
+    for cls in (node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)):
+        for node in cls.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        for node in ast.walk(cls):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(
+                    n.attr for t in targets for n in ast.walk(t)
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                    and n.value.id in ("self", "cls")
+                )  # fmt: skip
+    return {name for name in names if _private(name)}
+
+
+def _loaded_private_names() -> set[str]:
+    """What the classes of the kazoo and Celery modules that importing zkcelery loads
+    define (_defined_by): those whose objects zkcelery can reach."""
+    script = (
+        "import sys, zkcelery\n"
+        "for m in list(sys.modules.values()):\n"
+        "    if m.__name__.split('.')[0] in ('kazoo', 'celery') and getattr(m, '__file__', None):\n"
+        "        print(m.__file__)\n"
+    )
+    files = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(zkcelery.__file__).parent,
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    names: set[str] = set()
+    for file in files:
+        names |= _defined_by(ast.parse(Path(file).read_text(encoding="utf-8")))
+    return names
+
+
+def _inherited_private_names(cls: ast.ClassDef) -> set[str]:
+    """What the kazoo, Celery or standard library classes above ``cls`` define."""
+    names: set[str] = set()
+    for base in cls.bases:
+        try:
+            found = eval(compile(ast.Expression(base), "<base>", "eval"), dict(vars(zkcelery)))
+        except Exception:
+            continue
+        for above in getattr(found, "__mro__", ()):
+            if above.__module__ == zkcelery.__name__:
+                continue
+            names.update(name for name in vars(above) if _private(name))
+            with contextlib.suppress(OSError, TypeError, SyntaxError):
+                names |= _defined_by(ast.parse(textwrap.dedent(inspect.getsource(above))))
+    return names
+
+
+def _foreign_private_attributes(source: str) -> dict[str, int]:
+    """The private attributes of kazoo's and Celery's objects that ``source`` uses: name ->
+    first line.  See test_internals_lists_every_private_attribute_zkcelery_reaches."""
+    tree = ast.parse(source)
+    theirs = _loaded_private_names()
+    assigned = {
+        n.attr for node in ast.walk(tree)
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+        for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        for n in ast.walk(t) if isinstance(n, ast.Attribute)
+    }  # fmt: skip
+    ours = (_defined_by(tree) | assigned) - theirs
+    namedtuple_api = {name for name in dir(collections.namedtuple("T", "a")) if _private(name)}
+    found: dict[str, int] = {}
+
+    def check(name: str, line: int, mine: bool) -> None:
+        if _private(name) and not mine and name not in namedtuple_api:
+            found.setdefault(name, line)
+
+    def visit(node: ast.AST, inherited: set[str] | None) -> None:
+        if isinstance(node, ast.ClassDef):
+            inherited = _inherited_private_names(node)
+            for member in _defined_by(node):  # an override of theirs, or their attribute
+                check(member, node.lineno, member not in inherited)
+        elif isinstance(node, ast.Attribute):
+            on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if on_self and inherited is not None:
+                check(node.attr, node.lineno, node.attr not in inherited)
+            else:
+                check(node.attr, node.lineno, node.attr in ours)
+        elif (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr", "setattr", "delattr")
+            and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+        ):  # fmt: skip
+            check(node.args[1].value, node.lineno, node.args[1].value in ours)
+        for child in ast.iter_child_nodes(node):
+            visit(child, inherited)
+
+    visit(tree, None)
+    return found
+
+
+def test_internals_lists_every_private_attribute_zkcelery_reaches():
+    """Every private attribute (``_name``, not a dunder) that zkcelery.py uses on an
+    object that is not its own is in ``_INTERNALS``, and every private name listed
+    there is still used.  Read from zkcelery.py's syntax tree, by name:
+
+    - on ``self``/``cls`` inside a class (and a member a class defines): foreign if
+      a kazoo, Celery or standard library class above it defines that name (its
+      methods, class attributes, and what its methods assign on ``self``, read from
+      its source): ``self._heap`` in a beat Scheduler, an override of a handler's
+      private method;
+    - on any other object (``client._session_id``, ``connection._read``, a
+      ``getattr`` with a literal name): zkcelery's own if one of its classes
+      defines the name or zkcelery assigns it on some object (``callback._at_once``),
+      and no class of kazoo or Celery defines it (in the modules of both that
+      importing zkcelery loads); else foreign.  A name both define
+      (``client._live`` beside ``_Session._live``) is counted as theirs: list it,
+      or rename ours.
+
+    namedtuple's own API (``_replace``, ``_make``...) is public, not private.  The
+    object an attribute is taken from is not typed: a name is listed once, whatever
+    its owner.
+    """
+    found = _foreign_private_attributes(Path(zkcelery.__file__).read_text())
+    listed = {name for _, _, name, _ in zkcelery._INTERNALS if _private(name)}
+    unlisted = {name: f"zkcelery.py:{line}" for name, line in found.items() if name not in listed}
+    assert not unlisted, f"used, not in _INTERNALS: {unlisted}"
+    assert not listed - set(found), f"in _INTERNALS, no longer used: {sorted(listed - set(found))}"
 
 
 def test_reentering_a_held_lock_is_refused_without_deadlock(lock_task):
