@@ -1568,15 +1568,25 @@ def test_rm_of_a_lock_with_waiters_breaks_the_holder_alone_and_serves_them_one_a
     holder.release()
 
 
+def _break_late(how: str, zk: KazooClient, zk_hosts: str, zk_root: str) -> None:
+    """Break the lock ``t.lock('late')``: with ``rm``, or by hand as the README says to."""
+    if how == "rm":
+        done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('late')", "--yes")
+        assert done.returncode == 0 and "broke" in done.stdout, done.stderr
+    else:  # zkCli: set <root>/locks "", then delete <root>/locks/t.lock('late')
+        zk.set(f"{zk_root}/locks", b"")
+        zk.delete(node_path(zk_root, "locks", "t.lock", "late"))
+
+
+@pytest.mark.parametrize("how", ["rm", "by hand, the namespace set first"])
 @pytest.mark.parametrize("next_session", ["another", "the same"])
 def test_a_broken_holders_late_release_leaves_the_next_holder_alone(
-    make_app, zk_hosts, zk_root, next_session
+    make_app, zk, zk_hosts, zk_root, next_session, how
 ):
     first_app = make_app()
     task = _lock_task_on(first_app)
     broken = task.lock("late").__enter__()
-    done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('late')", "--yes")
-    assert done.returncode == 0 and "broke" in done.stdout, done.stderr
+    _break_late(how, zk, zk_hosts, zk_root)
     following = task if next_session == "the same" else _lock_task_on(make_app())
     second = following.lock("late").__enter__()
     assert second
@@ -1587,6 +1597,26 @@ def test_a_broken_holders_late_release_leaves_the_next_holder_alone(
     second.release()
     assert third.acquire()
     third.release()
+
+
+def test_a_lock_deleted_by_hand_alone_is_freed_by_the_broken_holders_late_release(
+    make_app, zk, zk_root
+):
+    # What the README warns of (See and break locks): a plain delete leaves the
+    # namespace node's version as it was, and the next <name> starts at data
+    # version 0 as the broken one did, so the broken holder's release (that
+    # version checked, <name> deleted by its path, 2 requests a cycle) deletes the
+    # next holder's node.  If this ever fails, the README's warning can go.
+    broken = _lock_task_on(make_app()).lock("bare").__enter__()
+    zk.delete(node_path(zk_root, "locks", "t.lock", "bare"))
+    second = _lock_task_on(make_app()).lock("bare").__enter__()
+    assert second
+    broken.release()  # late, and without ever reading lease.lost
+    third = _lock_task_on(make_app()).lock("bare")
+    assert third.acquire()  # beside the second
+    wait_for(lambda: second.lost, 10, "the second holder to learn it")
+    third.release()
+    second.release()
 
 
 def test_after_a_break_a_lock_cycle_costs_two_requests_again(lock_task, zk_hosts, zk_root):
