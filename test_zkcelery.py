@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import pydoc
 import random
 import re
 import signal
@@ -627,9 +628,10 @@ def _inherited_private_names(cls: ast.ClassDef) -> set[str]:
     for base in cls.bases:
         try:
             found = eval(compile(ast.Expression(base), "<base>", "eval"), dict(vars(zkcelery)))
-        except Exception:
-            continue
-        for above in getattr(found, "__mro__", ()):
+        except NameError:  # imported where the class is made: a module path
+            found = pydoc.locate(ast.unparse(base))
+        assert isinstance(found, type), f"{cls.name}: which class is {ast.unparse(base)}?"
+        for above in found.__mro__:
             if above.__module__ == zkcelery.__name__:
                 continue
             names.update(name for name in vars(above) if _private(name))
