@@ -8,6 +8,7 @@ are in ``conftest``.  One section per feature, in the README's order.
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import ctypes
 import importlib
@@ -15,6 +16,7 @@ import inspect
 import json
 import logging
 import os
+import pydoc
 import random
 import re
 import signal
@@ -567,12 +569,150 @@ def test_the_kazoo_and_celery_internals_zkcelery_relies_on_are_there(module, own
         found = getattr(found, owner)
     if owner == "KazooClient" and params is None:  # set on each client it makes
         found = KazooClient(hosts="127.0.0.1:1")
+    if owner == "ConnectionHandler" and params is None:  # set on each client's connection
+        found = KazooClient(hosts="127.0.0.1:1")._connection
     if owner == "Scheduler" and params is None:  # set on each scheduler
         found = found(Celery(set_as_current=False), lazy=True)
     assert hasattr(found, name), f"{module}.{owner}.{name} is gone"
     if params is not None:
         signature = inspect.signature(getattr(found, name))
         assert tuple(p for p in signature.parameters if p not in ("self", "cls")) == params
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _defined_by(tree: ast.AST) -> set[str]:
+    """The private names the classes in ``tree`` define: methods, class attributes,
+    and attributes their methods assign on ``self`` or ``cls``."""
+    names: set[str] = set()
+    for cls in (node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)):
+        for node in cls.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        for node in ast.walk(cls):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(
+                    n.attr for t in targets for n in ast.walk(t)
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                    and n.value.id in ("self", "cls")
+                )  # fmt: skip
+    return {name for name in names if _private(name)}
+
+
+def _loaded_private_names() -> set[str]:
+    """What the classes of the kazoo and Celery modules that importing zkcelery loads
+    define (_defined_by): those whose objects zkcelery can reach."""
+    script = (
+        "import sys, zkcelery\n"
+        "for m in list(sys.modules.values()):\n"
+        "    if m.__name__.split('.')[0] in ('kazoo', 'celery') and getattr(m, '__file__', None):\n"
+        "        print(m.__file__)\n"
+    )
+    files = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(zkcelery.__file__).parent,
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    names: set[str] = set()
+    for file in files:
+        names |= _defined_by(ast.parse(Path(file).read_text(encoding="utf-8")))
+    return names
+
+
+def _inherited_private_names(cls: ast.ClassDef) -> set[str]:
+    """What the kazoo, Celery or standard library classes above ``cls`` define."""
+    names: set[str] = set()
+    for base in cls.bases:
+        try:
+            found = eval(compile(ast.Expression(base), "<base>", "eval"), dict(vars(zkcelery)))
+        except NameError:  # imported where the class is made: a module path
+            found = pydoc.locate(ast.unparse(base))
+        assert isinstance(found, type), f"{cls.name}: which class is {ast.unparse(base)}?"
+        for above in found.__mro__:
+            if above.__module__ == zkcelery.__name__:
+                continue
+            names.update(name for name in vars(above) if _private(name))
+            with contextlib.suppress(OSError, TypeError, SyntaxError):
+                names |= _defined_by(ast.parse(textwrap.dedent(inspect.getsource(above))))
+    return names
+
+
+def _foreign_private_attributes(source: str) -> dict[str, int]:
+    """The private attributes of kazoo's and Celery's objects that ``source`` uses: name ->
+    first line.  See test_internals_lists_every_private_attribute_zkcelery_reaches."""
+    tree = ast.parse(source)
+    theirs = _loaded_private_names()
+    assigned = {
+        n.attr for node in ast.walk(tree)
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+        for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        for n in ast.walk(t) if isinstance(n, ast.Attribute)
+    }  # fmt: skip
+    ours = (_defined_by(tree) | assigned) - theirs
+    namedtuple_api = {name for name in dir(collections.namedtuple("T", "a")) if _private(name)}
+    found: dict[str, int] = {}
+
+    def check(name: str, line: int, mine: bool) -> None:
+        if _private(name) and not mine and name not in namedtuple_api:
+            found.setdefault(name, line)
+
+    def visit(node: ast.AST, inherited: set[str] | None) -> None:
+        if isinstance(node, ast.ClassDef):
+            inherited = _inherited_private_names(node)
+            for member in _defined_by(node):  # an override of theirs, or their attribute
+                check(member, node.lineno, member not in inherited)
+        elif isinstance(node, ast.Attribute):
+            on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if on_self and inherited is not None:
+                check(node.attr, node.lineno, node.attr not in inherited)
+            else:
+                check(node.attr, node.lineno, node.attr in ours)
+        elif (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr", "setattr", "delattr")
+            and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+        ):  # fmt: skip
+            check(node.args[1].value, node.lineno, node.args[1].value in ours)
+        for child in ast.iter_child_nodes(node):
+            visit(child, inherited)
+
+    visit(tree, None)
+    return found
+
+
+def test_internals_lists_every_private_attribute_zkcelery_reaches():
+    """Every private attribute (``_name``, not a dunder) that zkcelery.py uses on an
+    object that is not its own is in ``_INTERNALS``, and every private name listed
+    there is still used.  Read from zkcelery.py's syntax tree, by name:
+
+    - on ``self``/``cls`` inside a class (and a member a class defines): foreign if
+      a kazoo, Celery or standard library class above it defines that name (its
+      methods, class attributes, and what its methods assign on ``self``, read from
+      its source): ``self._heap`` in a beat Scheduler, an override of a handler's
+      private method;
+    - on any other object (``client._session_id``, ``connection._read``, a
+      ``getattr`` with a literal name): zkcelery's own if one of its classes
+      defines the name or zkcelery assigns it on some object (``callback._at_once``),
+      and no class of kazoo or Celery defines it (in the modules of both that
+      importing zkcelery loads); else foreign.  A name both define
+      (``client._live`` beside ``_Session._live``) is counted as theirs: list it,
+      or rename ours.
+
+    namedtuple's own API (``_replace``, ``_make``...) is public, not private.  The
+    object an attribute is taken from is not typed: a name is listed once, whatever
+    its owner.
+    """
+    found = _foreign_private_attributes(Path(zkcelery.__file__).read_text())
+    listed = {name for _, _, name, _ in zkcelery._INTERNALS if _private(name)}
+    unlisted = {name: f"zkcelery.py:{line}" for name, line in found.items() if name not in listed}
+    assert not unlisted, f"used, not in _INTERNALS: {unlisted}"
+    assert not listed - set(found), f"in _INTERNALS, no longer used: {sorted(listed - set(found))}"
 
 
 def test_reentering_a_held_lock_is_refused_without_deadlock(lock_task):
@@ -1488,15 +1628,25 @@ def test_rm_of_a_lock_with_waiters_breaks_the_holder_alone_and_serves_them_one_a
     holder.release()
 
 
+def _break_late(how: str, zk: KazooClient, zk_hosts: str, zk_root: str) -> None:
+    """Break the lock ``t.lock('late')``: with ``rm``, or by hand as the README says to."""
+    if how == "rm":
+        done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('late')", "--yes")
+        assert done.returncode == 0 and "broke" in done.stdout, done.stderr
+    else:  # zkCli: set <root>/locks "", then delete <root>/locks/t.lock('late')
+        zk.set(f"{zk_root}/locks", b"")
+        zk.delete(node_path(zk_root, "locks", "t.lock", "late"))
+
+
+@pytest.mark.parametrize("how", ["rm", "by hand, the namespace set first"])
 @pytest.mark.parametrize("next_session", ["another", "the same"])
 def test_a_broken_holders_late_release_leaves_the_next_holder_alone(
-    make_app, zk_hosts, zk_root, next_session
+    make_app, zk, zk_hosts, zk_root, next_session, how
 ):
     first_app = make_app()
     task = _lock_task_on(first_app)
     broken = task.lock("late").__enter__()
-    done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('late')", "--yes")
-    assert done.returncode == 0 and "broke" in done.stdout, done.stderr
+    _break_late(how, zk, zk_hosts, zk_root)
     following = task if next_session == "the same" else _lock_task_on(make_app())
     second = following.lock("late").__enter__()
     assert second
@@ -1507,6 +1657,26 @@ def test_a_broken_holders_late_release_leaves_the_next_holder_alone(
     second.release()
     assert third.acquire()
     third.release()
+
+
+def test_a_lock_deleted_by_hand_alone_is_freed_by_the_broken_holders_late_release(
+    make_app, zk, zk_root
+):
+    # What the README warns of (See and break locks): a plain delete leaves the
+    # namespace node's version as it was, and the next <name> starts at data
+    # version 0 as the broken one did, so the broken holder's release (that
+    # version checked, <name> deleted by its path, 2 requests a cycle) deletes the
+    # next holder's node.  If this ever fails, the README's warning can go.
+    broken = _lock_task_on(make_app()).lock("bare").__enter__()
+    zk.delete(node_path(zk_root, "locks", "t.lock", "bare"))
+    second = _lock_task_on(make_app()).lock("bare").__enter__()
+    assert second
+    broken.release()  # late, and without ever reading lease.lost
+    third = _lock_task_on(make_app()).lock("bare")
+    assert third.acquire()  # beside the second
+    wait_for(lambda: second.lost, 10, "the second holder to learn it")
+    third.release()
+    second.release()
 
 
 def test_after_a_break_a_lock_cycle_costs_two_requests_again(lock_task, zk_hosts, zk_root):

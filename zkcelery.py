@@ -157,7 +157,8 @@ if TYPE_CHECKING:
 #: The private parts of kazoo and Celery that zkcelery relies on, in one
 #: place: (module, object, attribute, its parameters or None for plain data).
 #: test_zkcelery checks each against the installed versions, so that an
-#: upgrade that moves one fails a test, not a worker.
+#: upgrade that moves one fails a test, not a worker, and fails if zkcelery
+#: uses a private attribute of theirs (``_name``) that is not listed here.
 _INTERNALS = (
     # the session id through a suspension, and requests kazoo has no method for
     ("kazoo.client", "KazooClient", "_session_id", None),
@@ -168,6 +169,16 @@ _INTERNALS = (
     ("kazoo.protocol.connection", "ConnectionHandler", "_submit", ("request", "timeout", "xid")),
     ("kazoo.protocol.connection", "ConnectionHandler", "_read_header", ("timeout",)),
     ("kazoo.protocol.serialization", "Connect", "time_out", None),
+    # _PollingHandler.adopt: the connection's socket reads and writes, replaced
+    ("kazoo.protocol.connection", "ConnectionHandler", "_read", ("length", "timeout")),
+    ("kazoo.protocol.connection", "ConnectionHandler", "_write", ("msg", "timeout")),
+    ("kazoo.protocol.connection", "ConnectionHandler", "_socket", None),
+    # _PollingHandler overrides these two handler methods, and runs the callbacks
+    # marked by _at_once from the Callback kazoo hands to dispatch_callback
+    ("kazoo.handlers.threading", "SequentialThreadingHandler", "select", ("args", "kwargs")),
+    ("kazoo.handlers.threading", "SequentialThreadingHandler", "dispatch_callback", ("callback",)),
+    ("kazoo.protocol.states", "Callback", "func", None),
+    ("kazoo.protocol.states", "Callback", "args", None),
     # the requests kazoo lacks (_CreateContainer, _CreateTTL, _Multi), built from its own
     ("kazoo.protocol.serialization", "Create2", "serialize", ()),
     ("kazoo.protocol.serialization", "Create2", "deserialize", ("bytes", "offset")),
