@@ -1917,7 +1917,7 @@ class _MultiLease(Lease):
         grants = [part._grant for part in self.parts]
         if self and any(grant.token is None for grant in grants):  # type: ignore[union-attr]
             nodes = [(g.path, g.guid, g.session_id) for g in grants]  # type: ignore[union-attr]
-            token = self.parts[0]._connect().zxid_holding(nodes)
+            token = self._connect().zxid_holding(nodes)
             for grant in grants:
                 if token is None:
                     grant.fencing_token()  # type: ignore[union-attr]  # marks the lost one
