@@ -1456,11 +1456,14 @@ class Lease:
 
     @property
     def token(self) -> int | None:
-        """The fencing token of the latest grant: its node's creation zxid.
+        """The fencing token of the latest grant.
 
-        Known at once for a semaphore's lease; a lock's lease learns it with one
-        read the first time it is asked, while it is held (the requests that take
-        a lock answer no stat, to keep them few).
+        A semaphore's or a read/write lock's is its node's creation zxid, known
+        at once: those nodes hold in the order they were made.  An exclusive
+        lease's (lock, mutex, beat) is a zxid at which its node was its own,
+        learnt with one read the first time it is asked while it is held
+        (_Session.zxid_holding): a queue node is made when its waiter joins,
+        not when it holds.
         """
         return None if self._grant is None else self._grant.fencing_token()
 
@@ -2763,10 +2766,9 @@ class _ExclusiveLock:
     process that found the key contended lately skips the try.  kazoo's
     Lock pays six behind others: it lists again on every wake.
 
-    The fencing token is the creation zxid of the node that holds the lock:
-    a queue node was created after every earlier holder's node, and a
-    ``<name>`` node only while the queue was empty, so tokens increase in
-    the order of the grants.
+    The fencing token is not a node's creation zxid, which orders joins,
+    not grants (a multi-lock holds a key it joined early while it takes the
+    next one): it is read when asked (_Session.zxid_holding).
 
     Release deletes ``<name>`` in a multi-operation that also checks the
     data version of the namespace node, as read before ``<name>`` was made
@@ -3101,8 +3103,7 @@ class _ExclusiveSet:
     queued on any, or nothing at all; and one multi-operation deletes them,
     fenced by the namespace's epoch as a single release is.  2 requests a
     cycle whatever the number of keys k (a single lock's 2 for k = 1), and
-    a try that fails costs that one request.  The nodes are made in one
-    transaction, so they share a creation zxid: one read learns the token.
+    a try that fails costs that one request.
 
     Otherwise (a key is held and the try blocks, a key has waiters, or a
     key was found contended lately) the keys are taken one at a time, each
