@@ -1427,8 +1427,11 @@ def _arrival(node: str) -> str:
 
 
 def _nodes_of(zk: KazooClient, container: str) -> list[str]:
-    """The contenders' nodes under ``container``, first in line first."""
-    return sorted(zk.get_children(container), key=_arrival)
+    """The contenders' nodes under ``container``, first in line first (none if it is gone)."""
+    try:
+        return sorted(zk.get_children(container), key=_arrival)
+    except NoNodeError:
+        return []
 
 
 class _Waiter:
@@ -1474,6 +1477,50 @@ def test_a_first_waiter_whose_node_is_deleted_by_hand_is_not_granted_when_the_ho
     second.lease.release()
     assert first.granted.wait(30)
     first.lease.release()
+
+
+#: Of one key of each exclusive kind: a holder's lease, a waiter's (blocking), and
+#: the container its contenders' nodes are in (the queue, for a lock).
+_EXCLUSIVE_KINDS: dict[str, tuple[Callable, Callable, Callable[[str], str]]] = {
+    "lock": (
+        lambda t: t.lock("n"),
+        lambda t: t.lock("n", blocking=True, timeout=30),
+        lambda root: node_path(root, "locks", "t.lock", "n") + zkcelery._QUEUE,
+    ),
+    "semaphore of 1": (
+        lambda t: t.semaphore("n", max_leases=1),
+        lambda t: t.semaphore("n", max_leases=1, blocking=True, timeout=30),
+        lambda root: node_path(root, "semaphores", "t.lock", "n"),
+    ),
+    "write lock": (
+        lambda t: t.write_lock("n"),
+        lambda t: t.write_lock("n", blocking=True, timeout=30),
+        lambda root: node_path(root, "rwlocks", "t.lock", "n"),
+    ),
+}
+
+
+@pytest.mark.parametrize("position", [0, 1])
+@pytest.mark.parametrize("kind", list(_EXCLUSIVE_KINDS))
+def test_every_kinds_waiter_deleted_by_hand_queues_again_and_is_never_granted_out_of_line(
+    make_app, zk, zk_root, kind, position
+):
+    hold, wait, container = _EXCLUSIVE_KINDS[kind]
+    holder = hold(_lock_task_on(make_app())).__enter__()
+    path, held = container(zk_root), int(kind != "lock")  # a lock's holder is not in its queue
+    waiters = []
+    for i in range(3):
+        waiters.append(_Waiter(wait(_lock_task_on(make_app()))))
+        wait_for(lambda: len(_nodes_of(zk, path)) == held + i + 1, 10, "the waiter to queue")  # noqa: B023
+    zk.delete(f"{path}/{_nodes_of(zk, path)[held + position]}")  # by hand
+    gone = waiters.pop(position)  # it queues again, behind the others, when it learns
+    holder.release()
+    for waiter in waiters:  # in line, each alone
+        assert waiter.granted.wait(30)
+        assert not gone.granted.is_set(), f"a {kind} waiter out of line was granted"
+        waiter.lease.release()
+    assert gone.granted.wait(30)
+    gone.lease.release()
 
 
 def test_a_waiter_in_the_holders_process_is_granted_once_the_holders_session_expires(
@@ -5903,17 +5950,20 @@ def _queued(holder: zkcelery.Lease, count: int) -> None:
 def test_a_reader_whose_node_is_deleted_by_hand_is_not_granted_beside_a_later_writer(
     make_app, zk, zk_hosts, zk_root
 ):
-    # A writer holds; a reader waits for it alone; an operator deletes the reader's
-    # node; a second writer queues, first behind the holder.  The holder's release
-    # may grant the second writer alone: the reader is out of line.
+    # A writer holds; a reader waits for it alone; a second writer queues behind the
+    # reader.  An operator deletes the reader's node: the second writer now waits for
+    # the holder alone.  The holder's release may grant the second writer alone: the
+    # reader is out of line.
     holder = _lock_task_on(make_app()).write_lock("d2").__enter__()
     key = node_path(zk_root, "rwlocks", "t.lock", "d2")
     held_node = f"{key}/{_nodes_of(zk, key)[0]}"
     apps = [make_app(), make_app()]
     reader = _Waiter(_lock_task_on(apps[0]).read_lock("d2", blocking=True, timeout=30))
     wait_for(lambda: watching(zk_hosts, apps[0], held_node), 10, "the reader to watch the writer")
-    zk.delete(f"{key}/{_nodes_of(zk, key)[1]}")  # the reader's, by hand
+    reader_node = f"{key}/{_nodes_of(zk, key)[1]}"
     writer = _Waiter(_lock_task_on(apps[1]).write_lock("d2", blocking=True, timeout=30))
+    wait_for(lambda: watching(zk_hosts, apps[1], reader_node), 10, "the writer to watch the reader")
+    zk.delete(reader_node)  # by hand
     wait_for(lambda: watching(zk_hosts, apps[1], held_node), 10, "the writer to watch the holder")
     holder.release()
     assert writer.granted.wait(30)

@@ -2499,6 +2499,7 @@ class _Queue:
         self._join: object = None  # this join's mark: watches of an earlier one say nothing
         self._own_watched = False  # this join's own-node watch is set
         self._own_gone = False  # ...and our node has been deleted since
+        self._woken: Any = None  # what wakes the current turn (its own-node watch sets it too)
 
     @property
     def own_path(self) -> str:
@@ -2629,7 +2630,9 @@ class _Queue:
                 return True
             if not blocking or _expired(deadline):
                 return False
-            woken = policy.watch(self.children, index, listed, self._watch_nodes(policy))
+            woken = self._woken = policy.watch(
+                self.children, index, listed, self._watch_nodes(policy)
+            )
             if woken is None or self._own_gone:  # changed already, or our node is gone: look
                 free_turns += 1
                 if free_turns > _FREE_TURNS:
@@ -2671,9 +2674,13 @@ class _Queue:
         @_at_once
         def on_event(event: WatchedEvent) -> None:
             # Deleted from outside (or with our session): nothing grants this
-            # join any more.  Only our own release changes our node, after a grant.
+            # join any more, and the sooner we join again, the nearer the front.
+            # Only our own release changes our node, after a grant.
             if join is self._join and event.type != EventType.CHANGED:
                 self._own_gone = True
+                woken = self._woken
+                if woken is not None:
+                    woken.set()
 
         return on_event
 
