@@ -4423,6 +4423,108 @@ def test_a_redelivered_copy_waits_out_a_dead_holders_longer_session_on_another_h
                     f"after")  # fmt: skip
 
 
+def _hold_as_a_first_delivery_elsewhere(
+    hosts: str, path: str, task_id: str, **meta: Any
+) -> KazooClient:
+    """The node of ``task_id``'s first delivery on another host, in a session of its own.
+
+    The node says that session was granted 1 s, so a copy waits 2.5 s for it at most
+    (1.5 x 1 s + 1 s); the session lives on until the test closes it, as a dead holder's
+    does when a leader election gives every session a new full timeout.
+    """
+    client = KazooClient(hosts=hosts, timeout=SESSION_TIMEOUT * 2)
+    client.start(timeout=10)
+    meta = {
+        "task_id": task_id, "host": "zkt-other-host", "pid": 4_000_000, "session_timeout": 1.0,
+        "guid": uuid.uuid4().hex[:16], "acquired": time.time(), "retries": 0, "nesting": 0,
+        **meta,
+    }  # fmt: skip
+    client.create(path, json.dumps(meta).encode(), ephemeral=True, makepath=True)
+    return client
+
+
+def _close(client: KazooClient) -> float:
+    """End ``client``'s session (its nodes go, deleted plainly); when it began to close."""
+    closing = time.monotonic()
+    client.stop()
+    client.close()
+    return closing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+@pytest.mark.parametrize("kind", ["mutex", "early"])
+def test_a_redelivered_copy_whose_holder_outlives_its_wait_is_requeued_never_dropped(
+    broker_workers: Workers, broker, zk_hosts, zk_root, kind, capsys
+):
+    # Issue 30 (5): a leader election restarts every session's timeout, so a dead holder's
+    # node can outlive the copy's bounded wait.  The copy was then dropped as if its first
+    # delivery lived on elsewhere: a lost task.  Past its wait it must go back to the queue,
+    # look again, and run once the holder's session has ended.
+    task_id = uuid.uuid4().hex
+    if kind == "mutex":
+        name, args, meta = "broker_requeued", ("e", 0.0), {}
+        path = node_path(zk_root, "mutexes", "testtasks.broker_requeued", "e")
+        requeued, dropped = "rejected and requeued", "a second delivery of its message; dropped"
+    else:  # an EarlyMutexTask's running form
+        name, args, meta = "early_late", ("e",), {"state": "running"}
+        path = node_path(zk_root, "early", "testtasks.early_late", "e")
+        requeued, dropped = "past its session's end: requeued", "second delivery dropped"
+    holder = _hold_as_a_first_delivery_elsewhere(zk_hosts, path, task_id, **meta)
+    try:
+        worker = broker_workers.start(concurrency=1)
+        result = broker_workers.send(name, *args, task_id=task_id)
+        log = lambda: worker.log.read_text(errors="replace")  # noqa: E731
+        wait_for(lambda: log().count(requeued) >= 2 or dropped in log(), 30,
+                 "two requeues past the copy's wait")  # fmt: skip
+        assert dropped not in log(), "a copy dropped on a time bound: the task is lost"
+    finally:
+        closing = _close(holder)  # its node goes with its session, deleted plainly
+    assert result.get(timeout=30) is None
+    entries = broker_workers.record.entries()
+    assert [e["task_id"] for e in entries] == [task_id]  # it ran once, after the holder
+    assert entries[0]["enter"] > closing
+    assert dropped not in log()
+    _report(capsys, f"{kind}: a copy beside a holder that outlived its 2.5 s wait: "
+                    f"{log().count(requeued)} requeues, then ran once "
+                    f"{entries[0]['enter'] - closing:.2f} s after the holder's session "
+                    f"closed")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_redelivered_copy_that_sees_its_first_run_release_is_dropped_not_run_twice(
+    broker_workers: Workers, broker, zk, zk_root, capsys
+):
+    # The first delivery runs on "another host" (its pid cannot be looked at), granted 5 s;
+    # its message comes again (same task id) to a worker here, and the copy waits for the
+    # node.  The first run's release marks the node in the request that deletes it: the
+    # copy sees it change, then go, knows the task ran, and is dropped.  A bare deletion
+    # (the session's end) would have let it run.
+    broker_workers.start(concurrency=1, host="zkt-other-host", ZKCELERY_TEST_SESSION="5")
+    marker = broker_workers.tmp / "first-run-ends"
+    result = broker_workers.send("mutex_until", "m", str(marker))
+    path = node_path(zk_root, "mutexes", "testtasks.mutex_until", "m")
+    wait_for(lambda: zk.exists(path), 30, "the first run to take its mutex")
+    holder = json.loads(zk.get(path)[0])
+    assert holder["task_id"] == result.id and holder["host"] == "zkt-other-host"
+    second = broker_workers.start(concurrency=1)
+    broker_workers.send("mutex_until", "m", str(marker), task_id=result.id)  # its message again
+    log = lambda: second.log.read_text(errors="replace")  # noqa: E731
+    wait_for(lambda: "is held by this same task" in log(), 30, "the copy to wait")
+    time.sleep(0.3)  # the line is logged just before the copy watches the node
+    marker.touch()
+    assert result.get(timeout=30) is None  # the first run ended
+    entries = lambda: [e for e in broker_workers.record.entries() if e["key"] == "m"]  # noqa: E731
+    dropped = "a second delivery of its message; dropped"
+    wait_for(lambda: dropped in log() or len(entries()) > 1, 30, "the copy to end")
+    assert [(e["task_id"], e["pid"]) for e in entries()] == [(result.id, holder["pid"])]
+    assert "(its first delivery ran to its end, on zkt-other-host" in log()
+    assert "rejected and requeued" not in log()
+    _report(capsys, "a copy waiting for its first run on another host saw its release: "
+                    "dropped, the task ran once")  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("broker", ["redis"], indirect=True)
 def test_redis_copies_outliving_the_visibility_timeout_run_once_per_task(
@@ -4486,14 +4588,16 @@ def test_a_requeued_copy_goes_back_at_the_head_of_the_queue_on_rabbitmq_and_the_
 
 @pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
 @pytest.mark.parametrize("first_host", [None, "zkt-other-host"], ids=["this-host", "another-host"])
-def test_on_rabbitmq_a_redelivery_while_the_first_run_lives_is_dropped_neither_run_nor_requeued(
+def test_on_rabbitmq_a_redelivery_while_the_first_run_lives_is_dropped_not_run(
     broker_workers: Workers, broker, zk, zk_root, first_host, capsys
 ):
     # The first worker reaches RabbitMQ through a proxy: closing it loses that worker's
     # connection, and RabbitMQ delivers its unacknowledged message again, to the second
-    # worker, while the first run still holds the mutex in its pool process.  On another
-    # host its pid cannot be looked at: the copy waits out the longest the holder's
-    # session could outlive it, then drops itself beside a holder still there.
+    # worker, while the first run still holds the mutex in its pool process.  On this host
+    # the copy is dropped at once.  On another host its pid cannot be looked at: the copy
+    # waits out the longest the holder's session could outlive it, goes back to the queue
+    # (never dropped on a time bound alone), waits again, and is dropped once it sees the
+    # first run's release.
     host, port = broker.url.split("@", 1)[1].strip("/").rsplit(":", 1)
     link = Partition((host, int(port)))
     try:
@@ -4511,13 +4615,23 @@ def test_on_rabbitmq_a_redelivery_while_the_first_run_lives_is_dropped_neither_r
         link.close()
         cut = time.monotonic()
         log = lambda: second.log.read_text(errors="replace")  # noqa: E731
-        wait_for(lambda: "a second delivery of its message; dropped" in log(), 30,
-                 "the second delivery to be dropped")  # fmt: skip
-        waited = time.monotonic() - cut
-        assert f"mutex_until[{result.id}]" in log() and f"pid {holder['pid']})" in log()
-        if first_host is not None:  # not before the holder's session could have ended
-            assert holder["host"] == first_host
+        dropped = "a second delivery of its message; dropped"
+        if first_host is None:
+            wait_for(lambda: dropped in log(), 30, "the second delivery to be dropped")
+            waited = time.monotonic() - cut
+        else:
+            wait_for(lambda: "rejected and requeued" in log(), 30, "the copy's requeue")
+            waited = time.monotonic() - cut
+            # not before the holder's session could have ended, and not dropped
+            assert holder["host"] == first_host and dropped not in log()
             assert waited >= 1.5 * holder["session_timeout"] + 1, waited
+            rounds = log().count("waiting up to")
+            wait_for(lambda: log().count("waiting up to") > rounds, 30, "the copy's next wait")
+            time.sleep(0.3)  # the line is logged just before the copy watches the node
+            marker.touch()
+            wait_for(lambda: dropped in log(), 30, "the copy to see the first run's release")
+            assert "(its first delivery ran to its end, on " in log()
+        assert f"mutex_until[{result.id}]" in log() and f"pid {holder['pid']})" in log()
         # The second worker takes one message at a time: once it has run the next one, it
         # has let go of that copy (acknowledged it, or sent it back to the queue).
         probe = broker_workers.send("broker_mutex", "probe", 0.0)
@@ -4526,14 +4640,16 @@ def test_on_rabbitmq_a_redelivery_while_the_first_run_lives_is_dropped_neither_r
         os.killpg(second.pid, signal.SIGKILL)
         second.proc.wait(10)
         assert broker.left(broker_workers.queue) == 0  # acknowledged: none left
-        assert json.loads(zk.get(path)[0])["pid"] == holder["pid"]  # the first run lives on
-        marker.touch()
+        if first_host is None:
+            assert json.loads(zk.get(path)[0])["pid"] == holder["pid"]  # it lives on
+            assert "rejected and requeued" not in log()
+            marker.touch()
         assert result.get(timeout=30) is None
         entries = [e for e in broker_workers.record.entries() if e["key"] == "d"]
         assert [(e["task_id"], e["pid"]) for e in entries] == [(result.id, holder["pid"])]
-        assert "rejected and requeued" not in log()
+        how = "dropped" if first_host is None else "requeued, then dropped at the run's end,"
         _report(capsys, f"redelivery beside a live holder on {first_host or 'this host'}: "
-                        f"dropped {waited:.2f} s after the first link was cut")  # fmt: skip
+                        f"{how} {waited:.2f} s after the first link was cut")  # fmt: skip
     finally:
         link.close()
 

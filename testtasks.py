@@ -247,6 +247,12 @@ def early(self, key, hold=0.0, fail=False, reject=False, countdown=None):
         raise self.retry(countdown=countdown)
 
 
+@app.task(base=zkcelery.EarlyMutexTask, bind=True, mutex_keys=("key",), acks_late=True)
+def early_late(self, key):
+    # Acknowledged after the run: a copy sent back to the queue comes again.
+    record_body(f"early:{key}", task_id=self.request.id)
+
+
 @app.task(bind=True)
 def handler_name(self):
     return type(zkcelery._connection(self.app).handler).__name__

@@ -788,10 +788,18 @@ class MutexTask(_KeyedTask):
         Either its first delivery is still running (Redis restored its message
         after ``visibility_timeout``, or RabbitMQ redelivered it after losing the
         worker's connection): then this copy is dropped, neither run nor
-        requeued.  Or the process that ran it died, and Celery requeued its
-        message (``reject_on_worker_lost``): its session ends within the session
-        timeout, and then this copy takes the mutex and runs.  Returns the
-        holder after waiting, unless it took the mutex or dropped the message.
+        requeued, once that run is seen to end.  Or the process that ran it
+        died, and Celery requeued its message (``reject_on_worker_lost``): its
+        session ends within the session timeout, and then this copy takes the
+        mutex and runs.  Returns the holder after waiting, unless it took the
+        mutex or dropped the message.
+
+        The holder's node tells which, by how it goes: a release marks it in
+        the request that deletes it (a change, then gone: the run ended), the
+        end of a session deletes it plainly.  A node still there past the wait
+        says nothing: its first delivery may live elsewhere, or a ZooKeeper
+        leader election gave every session a new full timeout.  No copy is
+        dropped on a time bound alone: it goes back to the queue.
         """
         holder = own.meta
         alive = own.alive_here()
@@ -809,19 +817,17 @@ class MutexTask(_KeyedTask):
             "a dead process, on" if alive is False else "on", holder.get("host"),
             holder.get("pid"), wait, holder=holder.get("task_id"), outcome="waiting", wait=wait,
         )  # fmt: skip
-        lease.wait_for_holder(holder, wait)
+        if lease.wait_for_holder(holder, wait) == "released":
+            self._drop(lease, holder, "its first delivery ran to its end, on")
         self._take(lease)
         if lease:
             return holder
         now = _holder(lease, self.request.id)
         if now.get("task_id") != self.request.id:
             return now  # the dead holder's session ended and another task took it
-        if own.outlived(wait) and alive is None:
-            # It held on for a whole session timeout: its session, and so its
-            # first delivery, is alive elsewhere.
-            self._drop(lease, now, "its first delivery still holds it, on")
-        # Its process is gone but its session has not ended yet within what the
-        # broker lets this message wait: back to the queue, to find it free later.
+        # Still held, by a first delivery alive elsewhere or by a dead one whose
+        # session has not ended yet (a leader election restarts its timeout):
+        # back to the queue, to look again later.
         self._reject(lease, now, requeue=True)
 
     def _drop(self, lease: Lease, holder: dict, why: str) -> NoReturn:
@@ -878,11 +884,16 @@ class _OwnHolder:
       back.  Its session ends within ``dead_for`` seconds, and then this copy
       takes the key and runs.
 
-    So a second delivery waits at most ``dead_for`` for the holder's node to
-    go: a node still there by then is a live session's (``outlived``), and the
-    copy is dropped.  MutexTask also drops it at once when the holder is a
-    live process on this host (``alive_here``), and waits no longer than the
-    broker lets an unacknowledged message wait.
+    So a second delivery waits for the holder's node to go, and its going
+    tells which: a release marks the node in the request that deletes it (the
+    run ended: the copy is dropped), a session's end deletes it plainly (the
+    copy takes the key and runs).  It waits ``dead_for`` at most, after which
+    a dead holder's node is normally gone; one still there (a live holder, or
+    a dead one whose session a leader election restarted) sends the copy
+    back to the queue, never dropped on a time bound alone.  MutexTask also
+    drops it at once when the holder is a live process on this host
+    (``alive_here``), and waits no longer than the broker lets an
+    unacknowledged message wait.
     """
 
     def __init__(self, holder: dict, app: celery.Celery) -> None:
@@ -947,10 +958,6 @@ class _OwnHolder:
             if isinstance(acquired, (int, float)) and began > acquired + 1.0:
                 return False
         return True
-
-    def outlived(self, waited: float) -> bool:
-        """Whether a holder still there after ``waited`` seconds lives: none dead lasts so long."""
-        return waited >= self.dead_for
 
 
 def _holder(lease: Lease, task_id: str | None = None) -> dict:
@@ -1285,16 +1292,25 @@ class EarlyMutexTask(_KeyedTask):
         # This task id runs already: a second delivery of its message (see
         # _OwnHolder), dropped at once while its first delivery runs in a live
         # process here, as MutexTask's.  If that process died, or is on another
-        # host, its node goes with its session: wait that long, then take it.
+        # host, its node goes with its session: wait that long, then take it;
+        # dropped if the node went by the run's release (its mark), sent back
+        # to the queue if it is still there (never dropped on a time bound).
         own = _OwnHolder(holder, self.app)
         if own.alive_here():
             where = "in a live process here"
         else:
-            lease.wait_for_release(own.dead_for)
-            with contextlib.suppress(AlreadyQueued):
-                lease.acquire()
-                return
-            where = "past its session's end"  # held on past own.dead_for: it lives
+            if lease.wait_for_holder(holder, own.dead_for) != "released":
+                with contextlib.suppress(AlreadyQueued):
+                    lease.acquire()
+                    return
+                lease._log(logging.INFO, "is running as this same task past its session's "
+                           "end: requeued", holder=self.request.id,
+                           outcome="requeued")  # fmt: skip
+                _quiet_in_celery_log(self.request.id)
+                lease._signal(mutex_requeued, task_id=self.request.id, holder=holder)
+                raise MutexHeld(f"early mutex {lease.key} is running as this same task",
+                                requeue=True)  # fmt: skip
+            where = "whose first delivery ran to its end"
         lease._log(logging.INFO, "is running as this same task %s: second delivery dropped",
                    where, holder=self.request.id, outcome="dropped")  # fmt: skip
         lease._signal(mutex_dropped, task_id=self.request.id, holder=holder)
@@ -1607,18 +1623,31 @@ class Lease:
             assert self._grant is not None
             self._grant.release()
 
-    def wait_for_release(self, seconds: float | None) -> None:
+    def wait_for_release(self, seconds: float | None) -> str | None:
         """Wait until the lock this (exclusive) lease failed to take is freed, or ``seconds``.
 
         :param seconds: the longest wait; None waits as long as it is held.
+        :returns: how it went (see _wait_gone); None if it could not be watched.
         """
+        return self.wait_for_holder({}, seconds)
+
+    def wait_for_holder(self, holder: dict, seconds: float | None) -> str | None:
+        """Wait until ``holder`` (metadata read from its node) has released, or ``seconds``.
+
+        :returns: ``"released"`` if its release was seen, ``"gone"`` if its node
+            went otherwise (or before the first look), ``"held"`` if it is there
+            at the end; None if it could not be watched (see _wait_gone).
+        """
+        guid = holder.get("guid")
         if self._session is not None and self._max_leases is None:
             # Only a courtesy: if ZooKeeper is away, the next acquire says so.
             with contextlib.suppress(CoordinationError):
                 protocol = self._protocol(self._session)
                 assert isinstance(protocol, (_ExclusiveLock, _EarlyMutex))
                 deadline = None if seconds is None else time.monotonic() + seconds
-                _wait_gone(self._session, protocol.holder, deadline)
+                mine = guid if isinstance(guid, str) else None
+                return _wait_gone(self._session, protocol.holder, deadline, mine)
+        return None
 
     # -- helpers -----------------------------------------------------------------
 
@@ -1727,17 +1756,17 @@ class _MutexLease(Lease):
         mark = _task_mark(self._task_id())
         return mark is not None and grant.protocol.holds_marked(mark)
 
-    def wait_for_holder(self, holder: dict, seconds: float | None) -> None:
-        """Wait until ``holder`` (metadata read from its node) has released, or ``seconds``."""
+    def wait_for_holder(self, holder: dict, seconds: float | None) -> str | None:
+        """As :meth:`Lease.wait_for_holder`, for a holder of a limited mutex too."""
         if not self.limited:
-            self.wait_for_release(seconds)
-            return
+            return super().wait_for_holder(holder, seconds)
         if self._session is not None and isinstance(holder.get("guid"), str):
             with contextlib.suppress(CoordinationError):  # as wait_for_release
                 protocol = self._protocol(self._session)
                 assert isinstance(protocol, _Semaphore)
                 deadline = None if seconds is None else time.monotonic() + seconds
-                protocol.wait_released(holder["guid"], deadline)
+                return protocol.wait_released(holder["guid"], deadline)
+        return None
 
     def hand_over(self) -> None:
         """Note in the node that a copy of this task follows (a retry or a replacement).
@@ -2930,7 +2959,10 @@ class _ExclusiveLock:
 
     def release(self, path: str, session_id: int | None) -> None:
         if path == self.holder:
-            self.session.delete_own(path, session_id, guid=self.guid, epoch=self.epoch)
+            mark = self.data if _marks_release(self.holder) else None
+            self.session.delete_own(
+                path, session_id, guid=self.guid, epoch=self.epoch, handoff=mark
+            )
         else:  # a holder's queue node: the waiter behind is told it held
             self.queue.leave(container_too=self._alone(), handoff=True)
 
@@ -3289,7 +3321,9 @@ class _Semaphore:
     def release(self, path: str, session_id: int | None) -> None:
         self.queue.node = path.rsplit("/", 1)[1]
         self.queue.owner = session_id
-        self.queue.leave()
+        # A waiter behind lists again whether the node changed or went: the
+        # mark costs it nothing, and a limited mutex's copy sees the run ended.
+        self.queue.leave(handoff=_marks_release(self.key_path))
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         queued = self.queue.contenders()
@@ -3303,12 +3337,12 @@ class _Semaphore:
             child != self.queue.node and child.split(_SEP)[1].startswith(mark) for child in holders
         )
 
-    def wait_released(self, guid: str, deadline: float | None) -> None:
-        """Wait until the contender with ``guid`` has left, or the deadline."""
+    def wait_released(self, guid: str, deadline: float | None) -> str:
+        """Wait until the contender with ``guid`` has left, or the deadline (see _wait_gone)."""
         for child in self.queue.listing():
             if child.split(_SEP)[1] == guid:
-                _wait_gone(self.session, f"{self.key_path}/{child}", deadline)
-                return
+                return _wait_gone(self.session, f"{self.key_path}/{child}", deadline, guid)
+        return "gone"
 
     # -- a namespace of semaphores, as ls and secure walk it --------------------
 
@@ -3532,16 +3566,39 @@ def _front(children: list[str]) -> int:
     return len(children)
 
 
-def _wait_gone(session: _Session, path: str, deadline: float | None) -> None:
-    """Wait until the node at ``path`` is gone, or the deadline."""
+def _wait_gone(
+    session: _Session, path: str, deadline: float | None, guid: str | None = None
+) -> str:
+    """Wait until the node at ``path`` is gone, or the deadline: say how it went.
+
+    ``"released"``: its holder released it, which marks the node in the
+    request that deletes it (a mutex's: see _marks_release): a change, then
+    gone.  ``"gone"``: deleted otherwise (its session ended, ``rm``), or gone
+    before the first look, which cannot tell.  ``"held"``: there at the
+    deadline.  With ``guid``, only that holder's node counts: the next
+    holder of a fixed path is not it.
+    """
+    changed = False
     while True:
         woken = session.handler.event_object()
-        if session.stat_watching(path, _setter(woken)) is None:
-            return
-        if not session.wait(woken, deadline):
-            return
+        seen: list[Any] = []
 
-        # Changed, deleted, or the session moved: look again.
+        @_at_once
+        def on_event(event: WatchedEvent, seen: list[Any] = seen, woken: Any = woken) -> None:
+            seen.append(event.type)
+            woken.set()
+
+        try:
+            data, _ = session.read(session.get_async, path, on_event)
+        except NoNodeError:
+            data = None
+        if data is None or (guid is not None and _guid_of(data) != guid):
+            return "released" if changed else "gone"
+        if not session.wait(woken, deadline):
+            return "held"
+        # Changed (a hand-over note, or the release's mark: then it is gone
+        # now), deleted, or the session moved: look again.
+        changed = seen[:1] == [EventType.CHANGED]
 
 
 def _contenders_in(session: _Session, path: str, watch: Callable | None = None) -> list[str]:
@@ -3737,7 +3794,8 @@ class _EarlyMutex:
         return results  # type: ignore[no-any-return]
 
     def release(self, path: str, session_id: int | None) -> None:
-        self.session.delete_own(path, session_id, guid=self.guid, epoch=self.epoch)
+        mark = self._data("ended")  # a second delivery waiting for it sees the run ended
+        self.session.delete_own(path, session_id, guid=self.guid, epoch=self.epoch, handoff=mark)
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         found = self.session.read_nodes([self.holder])
@@ -4988,7 +5046,8 @@ class _Session:
         """Delete our node at ``path`` (and ``container``, if it is then empty) in bounded time.
 
         With ``handoff``, the same multi-operation first sets the node's data
-        to it: a watcher of the node sees a change, not a deletion.
+        to it: a watcher of the node sees a change, not a deletion (a queue
+        node's hand-off; a mutex's release, see _marks_release).
 
         kazoo's own retry never gives up, so a release during a partition would
         hang until the network healed; here the whole release has one deadline.
@@ -5020,7 +5079,7 @@ class _Session:
                     version = stat.version
                 look = True  # whatever comes next (a lost answer, an rm) means looking
                 if epoch is not None:
-                    if self._fenced_delete(path, epoch, deadline):
+                    if self._fenced_delete(path, epoch, deadline, handoff):
                         return
                     continue  # some rm ran since the epoch was read: look first
                 if container is None and handoff is None:
@@ -5054,12 +5113,19 @@ class _Session:
             version = self._epochs[namespace] = stat.version
         return namespace, version
 
-    def _fenced_delete(self, path: str, epoch: tuple[str, int], deadline: float) -> bool:
-        """Delete ``path`` unless the namespace's epoch moved: False if it did."""
+    def _fenced_delete(
+        self, path: str, epoch: tuple[str, int], deadline: float, mark: bytes | None = None
+    ) -> bool:
+        """Delete ``path`` unless the namespace's epoch moved: False if it did.
+
+        With ``mark``, the node's data is set to it first, in the same request.
+        """
         namespace, version = epoch
 
         def build(txn: TransactionRequest) -> None:
             txn.check(namespace, version)
+            if mark is not None:
+                txn.set_data(path, mark)
             txn.delete(path)
 
         results = self.multi(build, deadline=deadline)
@@ -5110,6 +5176,19 @@ class _Session:
         for grant in grants:
             grant.end_with_session()
         _stop_quietly(self.client)
+
+
+def _marks_release(key_path: str) -> bool:
+    """Whether a holder of the key at ``key_path`` marks its node as it releases it.
+
+    A mutex's does (MutexTask's, in ``mutexes``): its data is set in the
+    request that deletes it, so a second delivery of the holder's task that
+    waits for the node sees it change, then go, and knows that the run ended
+    rather than its session (see MutexTask._held_by_itself).  A lock's
+    ``<name>`` is deleted plainly: its first waiter must see a deletion
+    (_ExclusivePolicy).  An early mutex's running form always marks (_EarlyMutex).
+    """
+    return key_path.rsplit("/", 2)[-2] == _MUTEXES
 
 
 def _delete_ops(path: str, version: int, container: str | None, handoff: bytes | None) -> list[Any]:
