@@ -6532,6 +6532,31 @@ def test_a_multi_lock_token_is_smaller_than_the_next_holders_of_a_key_it_took_fi
     plain.lease.release()
 
 
+def test_tokens_of_one_key_grow_with_its_grants_however_each_was_taken(make_app, zk, zk_root):
+    # The fast path, a waiter behind <name>, a multi-lock from the queue (its other
+    # key by the fast path), a waiter behind a multi-lock, a multi-lock in one request.
+    tokens = []
+    first = _lock_task_on(make_app()).lock("k").__enter__()
+    tokens.append(first.token)
+    queue = _lock_node(zk_root, "k") + zkcelery._QUEUE
+    waiters = []
+    for i, make in enumerate([
+        lambda t: t.lock("k", blocking=True, timeout=30),
+        lambda t: t.multi_lock("z", "k", blocking=True, timeout=30),
+        lambda t: t.lock("k", blocking=True, timeout=30),
+    ]):  # fmt: skip
+        waiters.append(_Waiter(make(_lock_task_on(make_app()))))
+        wait_for(lambda: len(_nodes_of(zk, queue)) == i + 1, 10, "the waiter to queue")  # noqa: B023
+    first.release()
+    for waiter in waiters:  # in line
+        assert waiter.granted.wait(30)
+        tokens.append(waiter.lease.token)
+        waiter.lease.release()
+    with _lock_task_on(make_app()).multi_lock("k", "z") as last:
+        tokens.append(last.token)
+    assert None not in tokens and tokens == sorted(set(tokens)), tokens
+
+
 def test_a_multi_lock_acquire_within_waits_for_a_held_key(lock_task, make_app):
     holder = _lock_task_on(make_app()).lock("b").__enter__()
     threading.Timer(1.0, holder.release).start()
