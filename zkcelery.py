@@ -4484,6 +4484,7 @@ class _Session:
             if isinstance(request, Connect) and getattr(answer[0], "time_out", 0) > 0:
                 self.session_timeout = answer[0].time_out / 1000.0
                 self._sent.clear()
+                self._zxid_coming.clear()  # asked on the last connection: never answered
                 # A reconnect is validated by the leader: it heard of us since.
                 self._heard = began
             return answer
