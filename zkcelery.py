@@ -1946,15 +1946,14 @@ class _MultiLease(Lease):
         time it is asked while held (_Session.zxid_holding): a zxid at which
         every key was ours.
         """
-        grants = [part._grant for part in self.parts]
-        if self and any(grant.token is None for grant in grants):  # type: ignore[union-attr]
-            nodes = [(g.path, g.guid, g.session_id) for g in grants]  # type: ignore[union-attr]
-            token = self._connect().zxid_holding(nodes)
+        grants = [part._grant for part in self.parts if part._grant is not None]
+        if self and any(grant.token is None for grant in grants):
+            token = self._connect().zxid_holding([(g.path, g.guid, g.session_id) for g in grants])
             for grant in grants:
                 if token is None:
-                    grant.fencing_token()  # type: ignore[union-attr]  # marks the lost one
-                elif grant.token is None:  # type: ignore[union-attr]
-                    grant.token = token  # type: ignore[union-attr]
+                    grant.fencing_token()  # marks the one that is lost
+                elif grant.token is None:
+                    grant.token = token
         tokens = [part.token for part in self.parts]
         return None if None in tokens else max(tokens)  # type: ignore[type-var]
 
