@@ -4394,6 +4394,44 @@ def test_a_requeued_body_whose_worker_is_killed_runs_again_on_a_new_worker(
                     f"{figures['freed']:.2f} s; session 2 s)")  # fmt: skip
 
 
+_BIG_CHILD = """
+import mmap, sys, time
+memory = mmap.mmap(-1, 1 << 30)
+for page in range(0, 1 << 30, 4096):
+    memory[page] = 1
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_holder_process_sigkilled_and_still_exiting_is_not_alive(offline_app):
+    # A worker SIGKILLed with its pool: the broker gives the message back as the
+    # main process's connection closes, while the pool child that held the mutex
+    # may still be tearing down its memory, in state R, for a good part of a
+    # second.  A second delivery that took it for alive would drop the message:
+    # the task would be lost.
+    child = subprocess.Popen([sys.executable, "-c", _BIG_CHILD], stdout=subprocess.PIPE)
+    acquired = time.time()  # the lease the child holds: taken after it started
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        meta = {"pid": child.pid, "host": socket.gethostname(), "acquired": acquired}
+        holder = zkcelery._OwnHolder(meta, offline_app)
+        assert holder.alive_here() is True
+        os.kill(child.pid, signal.SIGKILL)
+        seen = []
+        while True:
+            stat = Path(f"/proc/{child.pid}/stat").read_bytes()
+            state = stat[stat.rindex(b")") + 2 :].split()[0]
+            if state in (b"Z", b"X"):
+                break
+            seen.append((state, holder.alive_here()))
+        assert seen, "it died at once: nothing was checked while it was dying"
+        assert all(alive is False for _, alive in seen), seen[:5]
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
 def test_a_redelivered_copy_waits_out_a_dead_holders_longer_session_on_another_host(

@@ -948,8 +948,8 @@ class _OwnHolder:
         except OSError:
             return None
         fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3, the state, on
-        if fields[0] in (b"Z", b"X"):
-            return False
+        if fields[0] in (b"Z", b"X") or int(fields[6]) & _PF_EXITING or _killed(pid):
+            return False  # dead, or dying: a SIGKILLed worker's child lives on for a moment
         acquired = self.meta.get("acquired")
         with contextlib.suppress(OSError, ValueError, IndexError):
             with open("/proc/stat", "rb") as f:
@@ -958,6 +958,24 @@ class _OwnHolder:
             if isinstance(acquired, (int, float)) and began > acquired + 1.0:
                 return False
         return True
+
+
+#: The kernel's flag of a process that has begun to exit (/proc/<pid>/stat, field 9).
+_PF_EXITING = 0x4
+
+
+def _killed(pid: int) -> bool:
+    """Whether a SIGKILL waits for the process ``pid``: it is as good as dead.
+
+    A worker SIGKILLed with its pool, the broker gives its messages back as
+    soon as the main process's connection closes; the pool child that ran the
+    message may not have been scheduled to die yet, and looks alive.
+    """
+    kill = 1 << (signal.SIGKILL - 1)
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status", "rb") as f:
+        masks = [line.split()[1] for line in f if line.startswith((b"SigPnd:", b"ShdPnd:"))]
+        return any(int(mask, 16) & kill for mask in masks)
+    return False
 
 
 def _holder(lease: Lease, task_id: str | None = None) -> dict:
