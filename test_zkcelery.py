@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import celery
 import kombu
@@ -42,6 +42,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NoNodeError
+from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import Callback
 
 import zkcelery
@@ -3458,63 +3459,86 @@ def _by_sequence(children: Sequence[str]) -> list[str]:
     return sorted(children, key=lambda child: child.rsplit("@", 1)[-1])
 
 
-def _waiters_in(zk: KazooClient, root: str) -> list[tuple[str, list[str]]]:
-    """Every queue node that waits now, with the nodes whose existence proves it waits.
+_NEMESIS_ERRORS = (KazooException, KazooTimeoutError)
 
-    (node, witnesses): deleted in one transaction that checks each witness exists,
-    the node is a waiter at the moment of its deletion, never a holder.  An exclusive
-    lock's waiter: a node ahead of it in ``<name>@queue``, or ``<name>`` for the first
-    (the first holds once ``<name>`` is gone).  A semaphore's or a limited mutex's: N
-    nodes ahead of it.  A reader's: a writer ahead; a writer's: any node ahead.
+
+#: The nemesis's own requests give up after this long: one sent to a server just
+#: killed would wait for kazoo's read timeout, and the nemesis would stall.
+_NEMESIS_WAIT = 2.0
+
+
+def _nemesis_read(zk: KazooClient, call: str, path: str) -> Any:
+    """One read of the nemesis's client (``get``, ``get_children``); None if the node is gone."""
+    try:
+        return getattr(zk, f"{call}_async")(path).get(timeout=_NEMESIS_WAIT)
+    except NoNodeError:
+        return None
+
+
+def _history_queues(zk: KazooClient, root: str) -> list[dict]:
+    """Every key's line of contenders under ``root`` (but early mutexes', which have none).
+
+    Each: ``res`` (the key as ``rm`` takes it), ``path`` (the container of the line),
+    ``nodes`` (in arrival order), ``holders`` (how many at the front hold), and
+    ``waiters``: (node path, the nodes whose existence proves it waits) for each
+    waiter.  Deleted in one transaction that checks every such node exists, a node
+    is a waiter at the moment of its deletion, never a holder.  An exclusive lock's
+    waiter: a node ahead of it in ``<name>@queue``, or ``<name>`` for the first (the
+    first holds once ``<name>`` is gone).  A semaphore's or a limited mutex's: N nodes
+    ahead of it (N: its tag).  A reader's: a writer ahead; a writer's: any node ahead.
     """
+    found = []
 
-    def children(path: str) -> list[str]:
-        try:
-            return zk.get_children(path)
-        except NoNodeError:
-            return []
+    def line(namespace: str, name: str, path: str, nodes: list[str], holders: int, waiters):
+        match = re.fullmatch(r"(testtasks\.history_\w+)\(s:(\w+)\)", name)
+        if match and nodes:
+            res = f"{match[1]}({match[2]!r})"
+            found.append(dict(res=res, path=path, nodes=nodes, holders=holders, waiters=waiters))
 
-    found: list[tuple[str, list[str]]] = []
-    for namespace in ("locks", "mutexes"):
+    for namespace in ("locks", "mutexes", "semaphores", "rwlocks"):
         parent = f"{root}/{namespace}"
-        names = set(children(parent))
+        names = set(_nemesis_read(zk, "get_children", parent) or [])
         for name in sorted(names):
             path = f"{parent}/{name}"
-            if name.endswith("@queue"):  # an exclusive lock's waiters
-                nodes = _by_sequence(children(path))
-                holder = name[: -len("@queue")]
+            nodes = _by_sequence(_nemesis_read(zk, "get_children", path) or [])
+            waiters = []
+            if name.endswith("@queue"):  # an exclusive lock's line
+                key = name[: -len("@queue")]
+                held = key in names
                 for i, node in enumerate(nodes):
-                    if i or holder in names:
-                        witness = f"{path}/{nodes[i - 1]}" if i else f"{parent}/{holder}"
-                        found.append((f"{path}/{node}", [witness]))
-            elif namespace == "mutexes":  # a limited mutex's container (else no children)
-                found.extend(_semaphore_waiters(path, children(path)))
-    parent = f"{root}/semaphores"
-    for name in children(parent):
-        found.extend(_semaphore_waiters(f"{parent}/{name}", children(f"{parent}/{name}")))
-    parent = f"{root}/rwlocks"
-    for name in children(parent):
-        path = f"{parent}/{name}"
-        nodes = _by_sequence(children(path))
-        for i, node in enumerate(nodes):
-            ahead = nodes[:i] if node.startswith("write@") else [
-                n for n in nodes[:i] if n.startswith("write@")
-            ]  # fmt: skip
-            if ahead:
-                found.append((f"{path}/{node}", [f"{path}/{ahead[-1]}"]))
+                    if i or held:
+                        witness = f"{path}/{nodes[i - 1]}" if i else f"{parent}/{key}"
+                        waiters.append((f"{path}/{node}", [witness]))
+                line(namespace, key, path, [key, *nodes] if held else nodes, 1, waiters)
+            elif namespace == "rwlocks":
+                front = next((i or 1 for i, n in enumerate(nodes) if n.startswith("write@")), None)
+                for i, node in enumerate(nodes):
+                    ahead = nodes[:i] if node.startswith("write@") else [
+                        n for n in nodes[:i] if n.startswith("write@")
+                    ]  # fmt: skip
+                    if ahead:
+                        waiters.append((f"{path}/{node}", [f"{path}/{ahead[-1]}"]))
+                line(namespace, name, path, nodes, len(nodes) if front is None else front, waiters)
+            elif nodes:  # a semaphore's line, or a limited mutex's (a plain one has no children)
+                leases = len(nodes)
+                for i, node in enumerate(nodes):
+                    tag = node.split("@", 1)[0]
+                    if tag.isdigit() and i >= int(tag):
+                        leases = min(leases, int(tag))
+                        witnesses = [f"{path}/{n}" for n in nodes[i - int(tag) : i]]
+                        waiters.append((f"{path}/{node}", witnesses))
+                line(namespace, name, path, nodes, leases, waiters)
+            elif namespace in ("locks", "mutexes") and f"{name}@queue" not in names:
+                line(namespace, name, path, [name], 1, [])  # held by the fast path, no line
     return found
 
 
-def _semaphore_waiters(path: str, children: list[str]) -> list[tuple[str, list[str]]]:
-    """A semaphore's (or a limited mutex's) waiters: those with N nodes ahead (N: their tag)."""
-    nodes = _by_sequence(children)
-    found = []
-    for i, node in enumerate(nodes):
-        tag = node.split("@", 1)[0]
-        if tag.isdigit() and i >= int(tag):
-            leases = int(tag)
-            found.append((f"{path}/{node}", [f"{path}/{n}" for n in nodes[i - leases : i]]))
-    return found
+def _waiter_kind(path: str, witnesses: list[str]) -> str:
+    """What kind of waiter a node is (see _history_queues): the nemesis picks a kind first."""
+    namespace = path.rsplit("/", 3)[1]
+    if "@queue/" in path:  # behind <name> (the first in line), or behind another waiter
+        return f"{namespace} first" if "@queue" not in witnesses[0] else f"{namespace} behind"
+    return f"{namespace} {path.rsplit('/', 1)[1].split('@', 1)[0]}"  # read, write, or N
 
 
 class _HistoryNemesis(threading.Thread):
@@ -3534,12 +3558,12 @@ class _HistoryNemesis(threading.Thread):
         self.kill_worker_after = t0 + duration * rng.uniform(0.3, 0.6)
         self.worker_killed = False
         # Its own session, long enough to outlive every server fault it makes.
-        self.zk = KazooClient(hosts=workers.hosts, timeout=15)
+        self.zk = KazooClient(hosts=workers.hosts, timeout=6)
 
     def run(self) -> None:
         faults = [
-            "leader", "follower", "rm", "rm", "rm_multi", "child", "child",
-            "waiter", "waiter", "waiter",
+            "leader", "follower", "rm", "rm_multi", "child", "child",
+            "waiter", "waiter", "waiter", "waiter",
         ]  # fmt: skip
         try:
             self.zk.start(30)
@@ -3586,54 +3610,46 @@ class _HistoryNemesis(threading.Thread):
         self.note(action, server=n, t0=t0, t=down, t1=time.monotonic())
 
     def rm(self, multi: bool = False) -> None:
-        """Break a held key: its holders' sessions lose it, as on expiry.
+        """Break a held key with ``python -m zkcelery rm``: its holders lose it, as on expiry.
 
         Any kind's but an early mutex's (whose queued form ``rm`` would free for a
-        second copy); with ``multi``, a key a multi-lock holds (history_lock's).
+        second copy); with ``multi``, a key a multi-lock holds (one of history_lock's).
+        A key with waiters is chosen first: it is still held once the command runs,
+        seconds later on a loaded machine.
         """
-        for _ in range(4):  # a few tries: a key may be free at the moment
-            held = sorted(
-                {
-                    part["res"]
-                    for b in self.tail.open_bodies()
-                    if b["kind"] != "early" and (b["kind"] == "multi" or not multi)
-                    for part in b["parts"]
-                }
-            )
-            kinds = ["multi"] if multi else [k for k in HISTORY_KINDS if k != "early"]
-            every = sorted({_history_key(k, n) for k in kinds for n in HISTORY_KEYS})
-            res = self.rng.choice(held or every)
-            argv = [
-                sys.executable,
-                "-m",
-                "zkcelery",
-                "rm",
-                res,
-                "--yes",
-                "--hosts",
-                self.workers.hosts,
-                "--root",
-                self.workers.root,
-            ]
-            t0 = time.monotonic()
-            done = subprocess.run(
-                argv,
-                cwd=Path(__file__).parent,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
-            t1 = time.monotonic()
-            if done.returncode == 0:
-                pids = [int(p) for p in re.findall(r" pid (\d+) for ", done.stdout)]
-                self.note(
-                    "rm", res=res, multi=multi, t0=t0, t=t1, t1=t1, pids=pids,
-                    out=done.stdout.strip(),
-                )  # fmt: skip
-                return
-            if "has the key" not in done.stderr:
-                raise RuntimeError(f"zkcelery rm failed:\n{done.stdout}{done.stderr}")
+        try:
+            lines = _history_queues(self.zk, self.workers.root)
+        except _NEMESIS_ERRORS:
+            lines = []
+        if multi:
+            lines = [q for q in lines if q["res"].startswith("testtasks.history_lock(")]
+            held = {p["res"] for b in self.tail.open_bodies() if b["kind"] == "multi"
+                    for p in b["parts"]}  # fmt: skip
+            lines = [q for q in lines if q["res"] in held] or lines
+        lines = [q for q in lines if q["waiters"]] or lines
+        if not lines:
+            return
+        res = self.rng.choice(sorted(q["res"] for q in lines))
+        argv = [
+            sys.executable, "-m", "zkcelery", "rm", res, "--yes",
+            "--hosts", self.workers.hosts, "--root", self.workers.root,
+        ]  # fmt: skip
+        t0 = time.monotonic()
+        done = subprocess.run(
+            argv, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+        t1 = time.monotonic()
+        if done.returncode == 0:
+            pids = [int(p) for p in re.findall(r" pid (\d+) for ", done.stdout)]
+            self.note(
+                "rm", res=res, multi=multi, t0=t0, t=t1, t1=t1, pids=pids,
+                out=done.stdout.strip(),
+            )  # fmt: skip
+        elif "has the key" in done.stderr:  # free again by the time the command looked
+            self.note("rm found the key free", res=res, multi=multi, t0=t0, t=t1, t1=t1)
+        else:
+            raise RuntimeError(f"zkcelery rm failed:\n{done.stdout}{done.stderr}")
 
     def rm_multi(self) -> None:
         self.rm(multi=True)
@@ -3642,34 +3658,39 @@ class _HistoryNemesis(threading.Thread):
         """Delete a random waiter's queue node by hand, as an operator would in zkCli.
 
         One transaction checks that the nodes which keep it waiting exist and deletes
-        it (see _waiters_in): it waited at that moment, so its owner must never be
+        it (see _history_queues): it waited at that moment, so its owner must never be
         granted on it, and joins again.  A transaction whose answer was lost is logged
         as unknown, and the checker makes nothing of it.
         """
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and not self.halt.is_set():
             try:
-                waiters = _waiters_in(self.zk, self.workers.root)
-            except KazooException:
-                waiters = []
-            if not waiters:
-                time.sleep(0.005)
+                lines = _history_queues(self.zk, self.workers.root)
+                waiters = [w for q in lines for w in q["waiters"]]
+                if not waiters:
+                    time.sleep(0.005)
+                    continue
+                # One kind of waiter, then one of them: rare kinds are not drowned out.
+                kinds: dict[str, list] = {}
+                for waiter in waiters:
+                    kinds.setdefault(_waiter_kind(*waiter), []).append(waiter)
+                path, witnesses = self.rng.choice(kinds[self.rng.choice(sorted(kinds))])
+                found = _nemesis_read(self.zk, "get", path)
+            except _NEMESIS_ERRORS:
+                time.sleep(0.05)
                 continue
-            path, witnesses = self.rng.choice(waiters)
-            try:
-                data, _ = self.zk.get(path)
-            except KazooException:  # gone already (granted and released, or gave up)
+            if found is None:  # gone already (granted and released, or it gave up)
                 continue
-            meta = json.loads(data or b"{}")
+            meta = json.loads(found[0] or b"{}")
             txn = self.zk.transaction()
             for witness in witnesses:
                 txn.check(witness, -1)
             txn.delete(path)
             t0 = time.monotonic()
             try:
-                results = txn.commit()
+                results = txn.commit_async().get(timeout=_NEMESIS_WAIT)
                 applied: bool | None = results[-1] is True
-            except KazooException:
+            except _NEMESIS_ERRORS:
                 applied = None
             t1 = time.monotonic()
             if applied is False:
@@ -3833,6 +3854,17 @@ def _history_context(
     )
 
 
+#: A violation: what is wrong, the bodies it is about, and the key (None: their first).
+_Violation = tuple[str, list[dict], Optional[str]]
+
+
+def _history_render(v: _Violation, bodies: list[dict], events: list[dict], t0: float) -> str:
+    """A violation, and the records around it (see _history_context)."""
+    what, culprits, res = v
+    where = _history_context(bodies, events, culprits, t0, res) if culprits else "  (no body ran)"
+    return f"{what}:\n{where}"
+
+
 def _conflict(rule: str, a: dict, b: dict) -> bool:
     """Whether two holds of one key exclude each other (``rule`` from _history_rule)."""
     if rule == "exclusive":
@@ -3840,7 +3872,7 @@ def _conflict(rule: str, a: dict, b: dict) -> bool:
     return rule == "rw" and "read" not in (a["kind"], b["kind"])
 
 
-def _check_exclusion(bodies: list[dict], events: list[dict], t0: float) -> tuple[list, int]:
+def _check_exclusion(bodies: list[dict]) -> tuple[list[_Violation], list[_Violation], int]:
     """Per key, over the holds that conflict (any two of a lock's, a mutex's or an early
     mutex's, a multi-lock's counting on each of its keys; a reader and a writer, or two
     writers, of a read/write lock):
@@ -3855,7 +3887,9 @@ def _check_exclusion(bodies: list[dict], events: list[dict], t0: float) -> tuple
     violation (its session held the lock until it expired).  Returns (overlaps,
     tokens out of order, overlaps excused).
     """
-    violations, disorders, excused = [], [], 0
+    violations: list[_Violation] = []
+    disorders: list[_Violation] = []
+    excused = 0
     for res, holds in _holds(bodies).items():
         rule = _history_rule(res)[0]
         if rule == "shared":
@@ -3881,9 +3915,12 @@ def _check_exclusion(bodies: list[dict], events: list[dict], t0: float) -> tuple
                 a = prior[0]
                 if not a["token"] < b["token"]:
                     disorders.append(
-                        f"{res}: a hold that started after another ended has the smaller (or "
-                        f"the same) fencing token ({b['token']} after {a['token']}):\n"
-                        f"{_history_context(bodies, events, [a, b], t0, res)}"
+                        (
+                            f"{res}: a hold that started after another ended has the smaller "
+                            f"(or the same) fencing token ({b['token']} after {a['token']})",
+                            [a, b],
+                            res,
+                        )
                     )
             for a, ap in active:
                 if not _conflict(rule, a, b):
@@ -3902,19 +3939,18 @@ def _check_exclusion(bodies: list[dict], events: list[dict], t0: float) -> tuple
                     elif a["token"] == b["token"]:
                         why = "two overlapping holds carry the same fencing token"
                 if why:
-                    violations.append(
-                        f"{res}: {why}:\n{_history_context(bodies, events, [a, b], t0, res)}"
-                    )
+                    violations.append((f"{res}: {why}", [a, b], res))
                 else:
                     excused += 1
             active.append((b, bp))
     return violations, disorders, excused
 
 
-def _check_capacity(bodies: list[dict], events: list[dict], t0: float) -> tuple[list, dict]:
+def _check_capacity(bodies: list[dict]) -> tuple[list[_Violation], dict]:
     """No semaphore's or limited mutex's key ever has more than N holds at once, leaving
     out holds whose key was gone.  Returns (violations, the highest count seen by kind)."""
-    violations, peaks = [], {}
+    violations: list[_Violation] = []
+    peaks: dict[str, int] = {}
     for res, holds in _holds(bodies).items():
         rule, most = _history_rule(res)
         if rule != "shared":
@@ -3934,21 +3970,22 @@ def _check_capacity(bodies: list[dict], events: list[dict], t0: float) -> tuple[
             peaks[kind] = max(peaks.get(kind, 0), len(active))
             if len(active) > most:
                 culprits = list(active.values())
-                violations.append(
-                    f"{len(active)} holds of {res} (at most {most}) at once, none lost:\n"
-                    f"{_history_context(bodies, events, culprits, t0, res)}"
-                )
+                what = f"{len(active)} holds of {res} (at most {most}) at once, none lost"
+                violations.append((what, culprits, res))
                 break
     return violations, peaks
 
 
-def _check_deleted_waiters(bodies: list[dict], events: list[dict], t0: float) -> list[str]:
+def _check_deleted_waiters(bodies: list[dict]) -> list[_Violation]:
     """No body ran on a node the nemesis deleted while it waited (a waiter is granted only
     while its own node exists: one deleted by hand queues again, with a new node)."""
     return [
-        f"{part['res']}: granted on a queue node deleted by hand while it waited, "
-        f"{b['start'] - part['deleted']:.3f} s before the body started:\n"
-        f"{_history_context(bodies, events, [b], t0, part['res'])}"
+        (
+            f"{part['res']}: granted on a queue node deleted by hand while it waited, "
+            f"{b['start'] - part['deleted']:.3f} s before the body started",
+            [b],
+            part["res"],
+        )
         for b in bodies
         for part in b["parts"]
         if part["deleted"] is not None
@@ -3962,14 +3999,14 @@ def _check_tasks(
     receipts: list[dict],
     events: list[dict],
     t0: float,
-) -> tuple[list, dict]:
+) -> tuple[list[_Violation], dict]:
     """Every task sent ran to completion exactly once (SUCCESS), or again only after a kill
     or a lost lease: a run before its last was SIGKILLed or lost its lease, or a worker
     that had received the task's message was SIGKILLed before the later run (a message
     that was not acknowledged comes again, beside the retry its run may already have
     sent: Celery delivers at least once). An early mutex refused at the send was never
     sent, and is not in ``sent``. Returns (violations, figures)."""
-    violations: list[str] = []
+    violations: list[_Violation] = []
     figures = {"reruns": 0}
     by_task: dict[str, list[dict]] = {}
     for b in bodies:
@@ -3992,11 +4029,10 @@ def _check_tasks(
                     problem = "ran twice, and the first run was neither killed nor lost its lease"
             figures["reruns"] += len(runs) - 1
         if problem:
-            where = _history_context(bodies, events, runs, t0) if runs else "  (no body ran)"
             seen = [
                 f"{r['t'] - t0:.3f} by pid {r['pid']}" for r in receipts if r["task_id"] == task_id
             ]
-            violations.append(f"{kind} task {task_id} {problem}; received at {seen}:\n{where}")
+            violations.append((f"{kind} task {task_id} {problem}; received at {seen}", runs, None))
     return violations, figures
 
 
@@ -4089,6 +4125,8 @@ class _HistoryLoad:
                 except zkcelery.CoordinationError:  # not sent either (an outage)
                     self.unsent += 1
                     continue
+            elif kind == "semaphore":  # waiting in line, or retrying
+                result = self.workers.send("history_semaphore", key, hold, self.rng.random() < 0.5)
             else:
                 result = self.workers.send(f"history_{kind}", key, hold)
             self.sent.append((kind, result.id))
@@ -4132,21 +4170,18 @@ def test_a_randomized_history_under_faults_keeps_exclusion_and_loses_no_task(
     bodies, receipts = _read_history(folder)
     events = nemesis.events
     _history_annotate(bodies, events)
-    history = {"seed": seed, "t0": t0, "events": events, "bodies": bodies, "receipts": receipts}
-    (workers.tmp / "history.json").write_text(json.dumps(history, indent=1))  # for a look after
     never_ended = [b for b in bodies if b["until"] == float("inf")]
-    overlaps, disorders, excused = _check_exclusion(bodies, events, t0)
-    crowds, peaks = _check_capacity(bodies, events, t0)
+    overlaps, disorders, excused = _check_exclusion(bodies)
+    crowds, peaks = _check_capacity(bodies)
     losses, figures = _check_tasks(
         load.sent, _history_states(results), bodies, receipts, events, t0
     )
-    checks = {
+    checks: dict[str, list[_Violation]] = {
         "bodies that never ended": [
-            f"a body never ended, and its process was not SIGKILLed:\n"
-            f"{_history_context(bodies, events, [b], t0)}"
+            ("a body never ended, and its process was not SIGKILLed", [b], None)
             for b in never_ended
         ],
-        "grants on a node deleted while it waited": _check_deleted_waiters(bodies, events, t0),
+        "grants on a node deleted while it waited": _check_deleted_waiters(bodies),
         "conflicting holds overlapping": overlaps,
         "tokens out of grant order": disorders,
         "more holders than N": crowds,
@@ -4169,9 +4204,21 @@ def test_a_randomized_history_under_faults_keeps_exclusion_and_loses_no_task(
         f"{figures['reruns']} reruns after a kill; faults {sum(faults.values())} {faults}; "
         f"{excused} overlaps excused by a lost lease; peaks {peaks}"
     )
+    history = {
+        "seed": seed, "t0": t0, "summary": summary, "events": events, "bodies": bodies,
+        "receipts": receipts,
+        "violations": {
+            check: [{"what": what, "bodies": [b["body"] for b in culprits]}
+                    for what, culprits, _ in found]
+            for check, found in checks.items()
+        },
+    }  # fmt: skip
+    (workers.tmp / "history.json").write_text(json.dumps(history, indent=1))  # for a look after
     if any(checks.values()):
         counts = ", ".join(f"{len(found)} {what}" for what, found in checks.items() if found)
-        shown = "\n\n".join(v for found in checks.values() for v in found[:2])
+        shown = "\n\n".join(
+            _history_render(v, bodies, events, t0) for found in checks.values() for v in found[:2]
+        )
         pytest.fail(
             f"history check failed for seed {seed} (ZKCELERY_HISTORY_SEED={seed} reruns it): "
             f"{counts}; the first two of each:\n\n{shown}\n\n{summary}",

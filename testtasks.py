@@ -561,7 +561,12 @@ def history_lock(self, key, hold):
 
 
 @app.task(**_HISTORY_LOCK_TASK)
-def history_semaphore(self, key, hold):
+def history_semaphore(self, key, hold, blocking=False):
+    # Blocking, it waits in line (a waiter the nemesis may delete); else it retries.
+    if blocking:
+        take = functools.partial(self.semaphore, key, max_leases=HISTORY_LEASES)
+        _history_blocking(self, "semaphore", key, hold, take)
+        return
     with self.semaphore(key, max_leases=HISTORY_LEASES, retry=True, countdown=0.05) as lease:
         _history_body(self, "semaphore", key, hold, lease)
 
