@@ -957,6 +957,30 @@ def session_requests(hosts: str, app: Celery) -> int:
     raise AssertionError(f"no server has a connection of the session {sid}")
 
 
+def watching(hosts: str, app: Celery, path: str) -> bool:
+    """Whether ``app``'s session has a watch set on ``path`` (the servers' ``wchp``).
+
+    The servers' own word that a waiter is in place: it has sent and had
+    answered the request that watches what it waits for.
+    """
+    session_id = zkcelery._connection(app).session_id
+    if session_id is None:  # not connected yet
+        return False
+    sid = f"{session_id:#x}"
+    for entry in hosts.split(","):
+        try:
+            answer = four_letter(entry, "wchp")
+        except OSError:  # a server down (another test's fault) holds no watch of ours
+            continue
+        watched = None
+        for line in answer.splitlines():
+            if line.startswith("/"):
+                watched = line.strip()
+            elif watched == path and line.strip() == sid:
+                return True
+    return False
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # A test needs the ensemble exactly when it uses the zk_hosts fixture, directly

@@ -8,12 +8,15 @@ are in ``conftest``.  One section per feature, in the README's order.
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
+import ctypes
 import importlib
 import inspect
 import json
 import logging
 import os
+import pydoc
 import random
 import re
 import signal
@@ -57,6 +60,7 @@ from conftest import (
     most_at_once,
     session_requests,
     wait_for,
+    watching,
 )
 from testsupport import four_letter, sent_at
 from testtasks import (
@@ -573,12 +577,150 @@ def test_the_kazoo_and_celery_internals_zkcelery_relies_on_are_there(module, own
         found = getattr(found, owner)
     if owner == "KazooClient" and params is None:  # set on each client it makes
         found = KazooClient(hosts="127.0.0.1:1")
+    if owner == "ConnectionHandler" and params is None:  # set on each client's connection
+        found = KazooClient(hosts="127.0.0.1:1")._connection
     if owner == "Scheduler" and params is None:  # set on each scheduler
         found = found(Celery(set_as_current=False), lazy=True)
     assert hasattr(found, name), f"{module}.{owner}.{name} is gone"
     if params is not None:
         signature = inspect.signature(getattr(found, name))
         assert tuple(p for p in signature.parameters if p not in ("self", "cls")) == params
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _defined_by(tree: ast.AST) -> set[str]:
+    """The private names the classes in ``tree`` define: methods, class attributes,
+    and attributes their methods assign on ``self`` or ``cls``."""
+    names: set[str] = set()
+    for cls in (node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)):
+        for node in cls.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        for node in ast.walk(cls):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(
+                    n.attr for t in targets for n in ast.walk(t)
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                    and n.value.id in ("self", "cls")
+                )  # fmt: skip
+    return {name for name in names if _private(name)}
+
+
+def _loaded_private_names() -> set[str]:
+    """What the classes of the kazoo and Celery modules that importing zkcelery loads
+    define (_defined_by): those whose objects zkcelery can reach."""
+    script = (
+        "import sys, zkcelery\n"
+        "for m in list(sys.modules.values()):\n"
+        "    if m.__name__.split('.')[0] in ('kazoo', 'celery') and getattr(m, '__file__', None):\n"
+        "        print(m.__file__)\n"
+    )
+    files = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(zkcelery.__file__).parent,
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    names: set[str] = set()
+    for file in files:
+        names |= _defined_by(ast.parse(Path(file).read_text(encoding="utf-8")))
+    return names
+
+
+def _inherited_private_names(cls: ast.ClassDef) -> set[str]:
+    """What the kazoo, Celery or standard library classes above ``cls`` define."""
+    names: set[str] = set()
+    for base in cls.bases:
+        try:
+            found = eval(compile(ast.Expression(base), "<base>", "eval"), dict(vars(zkcelery)))
+        except NameError:  # imported where the class is made: a module path
+            found = pydoc.locate(ast.unparse(base))
+        assert isinstance(found, type), f"{cls.name}: which class is {ast.unparse(base)}?"
+        for above in found.__mro__:
+            if above.__module__ == zkcelery.__name__:
+                continue
+            names.update(name for name in vars(above) if _private(name))
+            with contextlib.suppress(OSError, TypeError, SyntaxError):
+                names |= _defined_by(ast.parse(textwrap.dedent(inspect.getsource(above))))
+    return names
+
+
+def _foreign_private_attributes(source: str) -> dict[str, int]:
+    """The private attributes of kazoo's and Celery's objects that ``source`` uses: name ->
+    first line.  See test_internals_lists_every_private_attribute_zkcelery_reaches."""
+    tree = ast.parse(source)
+    theirs = _loaded_private_names()
+    assigned = {
+        n.attr for node in ast.walk(tree)
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+        for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        for n in ast.walk(t) if isinstance(n, ast.Attribute)
+    }  # fmt: skip
+    ours = (_defined_by(tree) | assigned) - theirs
+    namedtuple_api = {name for name in dir(collections.namedtuple("T", "a")) if _private(name)}
+    found: dict[str, int] = {}
+
+    def check(name: str, line: int, mine: bool) -> None:
+        if _private(name) and not mine and name not in namedtuple_api:
+            found.setdefault(name, line)
+
+    def visit(node: ast.AST, inherited: set[str] | None) -> None:
+        if isinstance(node, ast.ClassDef):
+            inherited = _inherited_private_names(node)
+            for member in _defined_by(node):  # an override of theirs, or their attribute
+                check(member, node.lineno, member not in inherited)
+        elif isinstance(node, ast.Attribute):
+            on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if on_self and inherited is not None:
+                check(node.attr, node.lineno, node.attr not in inherited)
+            else:
+                check(node.attr, node.lineno, node.attr in ours)
+        elif (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr", "setattr", "delattr")
+            and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+        ):  # fmt: skip
+            check(node.args[1].value, node.lineno, node.args[1].value in ours)
+        for child in ast.iter_child_nodes(node):
+            visit(child, inherited)
+
+    visit(tree, None)
+    return found
+
+
+def test_internals_lists_every_private_attribute_zkcelery_reaches():
+    """Every private attribute (``_name``, not a dunder) that zkcelery.py uses on an
+    object that is not its own is in ``_INTERNALS``, and every private name listed
+    there is still used.  Read from zkcelery.py's syntax tree, by name:
+
+    - on ``self``/``cls`` inside a class (and a member a class defines): foreign if
+      a kazoo, Celery or standard library class above it defines that name (its
+      methods, class attributes, and what its methods assign on ``self``, read from
+      its source): ``self._heap`` in a beat Scheduler, an override of a handler's
+      private method;
+    - on any other object (``client._session_id``, ``connection._read``, a
+      ``getattr`` with a literal name): zkcelery's own if one of its classes
+      defines the name or zkcelery assigns it on some object (``callback._at_once``),
+      and no class of kazoo or Celery defines it (in the modules of both that
+      importing zkcelery loads); else foreign.  A name both define
+      (``client._live`` beside ``_Session._live``) is counted as theirs: list it,
+      or rename ours.
+
+    namedtuple's own API (``_replace``, ``_make``...) is public, not private.  The
+    object an attribute is taken from is not typed: a name is listed once, whatever
+    its owner.
+    """
+    found = _foreign_private_attributes(Path(zkcelery.__file__).read_text())
+    listed = {name for _, _, name, _ in zkcelery._INTERNALS if _private(name)}
+    unlisted = {name: f"zkcelery.py:{line}" for name, line in found.items() if name not in listed}
+    assert not unlisted, f"used, not in _INTERNALS: {unlisted}"
+    assert not listed - set(found), f"in _INTERNALS, no longer used: {sorted(listed - set(found))}"
 
 
 def test_reentering_a_held_lock_is_refused_without_deadlock(lock_task):
@@ -1158,14 +1300,16 @@ def test_a_waiter_whose_session_ends_while_it_sets_its_watch_queues_again_at_onc
     holder = _lock_task_on(make_app()).lock("w", name="t.lock").__enter__()
     set_watch, ended = zkcelery._ExclusivePolicy.watch, threading.Event()
 
-    def watch_in_a_new_session(policy: Any, children: list, index: int, listed: Any) -> Any:
+    def watch_in_a_new_session(
+        policy: Any, children: list, index: int, listed: Any, watch_nodes: Any
+    ) -> Any:
         if not ended.is_set():
             old = zkcelery._connection(app).session_id
             expire_session(app, zk_hosts)
             wait_for(lambda: zkcelery._connection(app).session_id not in (None, old), 15,
                      "a new session")  # fmt: skip
             ended.set()
-        return set_watch(policy, children, index, listed)
+        return set_watch(policy, children, index, listed, watch_nodes)
 
     monkeypatch.setattr(zkcelery._ExclusivePolicy, "watch", watch_in_a_new_session)
     result: list[bool] = []
@@ -1284,6 +1428,60 @@ def test_a_waiter_whose_node_is_deleted_by_hand_is_not_granted_by_the_hand_off(
     assert first_granted.wait(30)
     first.release()
     first_thread.join(30), second_thread.join(30)
+
+
+def _arrival(node: str) -> str:
+    return node[-10:]
+
+
+def _nodes_of(zk: KazooClient, container: str) -> list[str]:
+    """The contenders' nodes under ``container``, first in line first."""
+    return sorted(zk.get_children(container), key=_arrival)
+
+
+class _Waiter:
+    """A blocking acquire in a thread of its own: granted, or not (yet)."""
+
+    def __init__(self, lease: Any) -> None:
+        self.lease, self.granted, self.done = lease, threading.Event(), threading.Event()
+        self.thread = _in_thread(self._run)
+
+    def _run(self) -> None:
+        try:
+            if self.lease.acquire():
+                self.granted.set()
+        finally:
+            self.done.set()
+
+
+def test_a_first_waiter_whose_node_is_deleted_by_hand_is_not_granted_when_the_holder_releases(
+    make_app, zk, zk_hosts, zk_root
+):
+    # H holds <name> (the fast path); W1 waits first in line, W2 behind it.  An
+    # operator deletes W1's node: W2 lists again, is first, and watches <name>,
+    # as W1 still does.  <name>'s deletion may grant W2 alone: W1 is out of line.
+    holder = _lock_task_on(make_app()).lock("d1").__enter__()
+    path = _lock_node(zk_root, "d1")
+    apps = [make_app(), make_app()]
+    first = _Waiter(_blocking(_lock_task_on(apps[0]), "d1", timeout=30))
+    wait_for(lambda: watching(zk_hosts, apps[0], path), 10, "the first waiter to watch <name>")
+    second = _Waiter(_blocking(_lock_task_on(apps[1]), "d1", timeout=30))
+    queue = path + zkcelery._QUEUE
+    wait_for(lambda: len(zk.get_children(queue)) == 2, 10, "the second waiter to queue")
+    first_node = _nodes_of(zk, queue)[0]
+    wait_for(lambda: watching(zk_hosts, apps[1], f"{queue}/{first_node}"), 10,
+             "the second waiter to watch the first")  # fmt: skip
+    zk.delete(f"{queue}/{first_node}")  # by hand
+    wait_for(lambda: watching(zk_hosts, apps[1], path), 10, "the second to watch <name>")
+    holder.release()
+    assert second.granted.wait(30)
+    # Wrongly granted at once, or queued again behind the holder: the first to come.
+    wait_for(lambda: first.granted.is_set() or len(_queue_of(zk, path)) == 2, 10,
+             "the first waiter to queue again")  # fmt: skip
+    assert not first.granted.is_set(), "a waiter out of line was granted beside the holder"
+    second.lease.release()
+    assert first.granted.wait(30)
+    first.lease.release()
 
 
 def test_a_waiter_in_the_holders_process_is_granted_once_the_holders_session_expires(
@@ -1438,15 +1636,25 @@ def test_rm_of_a_lock_with_waiters_breaks_the_holder_alone_and_serves_them_one_a
     holder.release()
 
 
+def _break_late(how: str, zk: KazooClient, zk_hosts: str, zk_root: str) -> None:
+    """Break the lock ``t.lock('late')``: with ``rm``, or by hand as the README says to."""
+    if how == "rm":
+        done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('late')", "--yes")
+        assert done.returncode == 0 and "broke" in done.stdout, done.stderr
+    else:  # zkCli: set <root>/locks "", then delete <root>/locks/t.lock('late')
+        zk.set(f"{zk_root}/locks", b"")
+        zk.delete(node_path(zk_root, "locks", "t.lock", "late"))
+
+
+@pytest.mark.parametrize("how", ["rm", "by hand, the namespace set first"])
 @pytest.mark.parametrize("next_session", ["another", "the same"])
 def test_a_broken_holders_late_release_leaves_the_next_holder_alone(
-    make_app, zk_hosts, zk_root, next_session
+    make_app, zk, zk_hosts, zk_root, next_session, how
 ):
     first_app = make_app()
     task = _lock_task_on(first_app)
     broken = task.lock("late").__enter__()
-    done = _zk_cli(zk_hosts, zk_root, "rm", "t.lock('late')", "--yes")
-    assert done.returncode == 0 and "broke" in done.stdout, done.stderr
+    _break_late(how, zk, zk_hosts, zk_root)
     following = task if next_session == "the same" else _lock_task_on(make_app())
     second = following.lock("late").__enter__()
     assert second
@@ -1457,6 +1665,26 @@ def test_a_broken_holders_late_release_leaves_the_next_holder_alone(
     second.release()
     assert third.acquire()
     third.release()
+
+
+def test_a_lock_deleted_by_hand_alone_is_freed_by_the_broken_holders_late_release(
+    make_app, zk, zk_root
+):
+    # What the README warns of (See and break locks): a plain delete leaves the
+    # namespace node's version as it was, and the next <name> starts at data
+    # version 0 as the broken one did, so the broken holder's release (that
+    # version checked, <name> deleted by its path, 2 requests a cycle) deletes the
+    # next holder's node.  If this ever fails, the README's warning can go.
+    broken = _lock_task_on(make_app()).lock("bare").__enter__()
+    zk.delete(node_path(zk_root, "locks", "t.lock", "bare"))
+    second = _lock_task_on(make_app()).lock("bare").__enter__()
+    assert second
+    broken.release()  # late, and without ever reading lease.lost
+    third = _lock_task_on(make_app()).lock("bare")
+    assert third.acquire()  # beside the second
+    wait_for(lambda: second.lost, 10, "the second holder to learn it")
+    third.release()
+    second.release()
 
 
 def test_after_a_break_a_lock_cycle_costs_two_requests_again(lock_task, zk_hosts, zk_root):
@@ -1614,6 +1842,101 @@ def test_a_waiter_never_waits_behind_a_late_copy_of_its_own_node(make_app, monke
         wait_for(lambda: session.client.exists(ghost) is None, 10, "the copy to be deleted")
     thread.join(30)
     assert result == [True]  # granted once the holder left, not stuck behind itself
+
+
+class _Interrupted(BaseException):
+    """An exception from outside, as a soft time limit's handler or a signal's raises."""
+
+
+def _interrupt_after(thread: threading.Thread, seconds: float) -> None:
+    """Raise _Interrupted in ``thread`` after ``seconds``, wherever it is then."""
+    time.sleep(seconds)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread.ident or 0), ctypes.py_object(_Interrupted)
+    )
+
+
+def _take_until_interrupted(
+    lease: Callable[[], Any], ready: threading.Event, settled: threading.Event, outcome: list
+) -> None:
+    """Take and release ``lease()`` once; note whether _Interrupted cut it short."""
+    try:
+        try:
+            ready.set()
+            with lease():
+                pass
+            outcome.append("done")
+        except _Interrupted:
+            outcome.append("interrupted")
+        settled.wait(10)  # an interrupt that comes after the lease ends lands here
+    except _Interrupted:
+        pass
+
+
+def _owned_by(zk: KazooClient, root: str, session_id: int) -> list[str]:
+    """Every node under ``root`` that ``session_id`` made (its ephemeral nodes)."""
+    found, paths = [], [root]
+    while paths:
+        path = paths.pop()
+        with contextlib.suppress(NoNodeError):
+            children = zk.get_children(path)
+            paths += [f"{path}/{child}" for child in children]
+            stat = zk.exists(path)
+            if stat is not None and stat.ephemeralOwner == session_id:
+                found.append(path)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["lock", "queued lock", "semaphore", "read lock", "multi-lock"])
+def test_an_exception_from_outside_at_any_moment_of_an_acquire_leaves_no_node(
+    make_app, zk, zk_root, kind
+):
+    # A soft time limit or a signal handler raises wherever the thread is: in the
+    # create's wait, between the answer and the grant's record, in the release.
+    # Whatever it interrupts, every node the lease made goes, now or by the reaper.
+    other = _lock_task_on(make_app())
+    app = make_app()
+    task = _lock_task_on(app)
+    leases = {
+        "lock": lambda: task.lock("x"),
+        "queued lock": lambda: task.lock("x", blocking=True, timeout=0.1),
+        "semaphore": lambda: task.semaphore("x", max_leases=1, blocking=True, timeout=0.1),
+        "read lock": lambda: task.read_lock("x", blocking=True, timeout=0.1),
+        "multi-lock": lambda: task.multi_lock("w", "x", blocking=True, timeout=0.1),
+    }
+    held = {
+        "queued lock": lambda: other.lock("x"),
+        "semaphore": lambda: other.semaphore("x", max_leases=1),
+        "read lock": lambda: other.write_lock("x"),
+    }
+    blocker = held[kind]().__enter__() if kind in held else None
+    cycles = []
+    for _ in range(3):  # connected by the first
+        started = time.monotonic()
+        with leases[kind]():
+            pass
+        cycles.append(time.monotonic() - started)
+    took = min(cycles)  # one whole try: the interrupts fall within it
+    rng = random.Random(kind)
+    interrupted = 0
+    for _ in range(20):
+        outcome: list[str] = []
+        ready, settled = threading.Event(), threading.Event()
+        thread = _in_thread(_take_until_interrupted, leases[kind], ready, settled, outcome)
+        ready.wait(10)
+        _interrupt_after(thread, rng.uniform(0, took))
+        settled.set()
+        thread.join(10)
+        assert not thread.is_alive()
+        interrupted += outcome == ["interrupted"]
+    assert interrupted >= 5, interrupted  # it did interrupt, at many moments
+    session_id = zkcelery._connection(app).session_id
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not _owned_by(zk, zk_root, session_id), 10, "the nodes to go")
+    assert _owned_by(zk, zk_root, session_id) == []
+    if blocker is not None:
+        blocker.release()
+    assert task.lock("x").acquire()  # nothing stands in the way
 
 
 def test_waiting_leaves_no_watch_on_a_node_that_is_absent(lock_task, app):
@@ -5931,6 +6254,32 @@ def _queued(holder: zkcelery.Lease, count: int) -> None:
     wait_for(lambda: len(holder.waiters()) == count, 10, f"{count} waiter(s) to queue")
 
 
+def test_a_reader_whose_node_is_deleted_by_hand_is_not_granted_beside_a_later_writer(
+    make_app, zk, zk_hosts, zk_root
+):
+    # A writer holds; a reader waits for it alone; an operator deletes the reader's
+    # node; a second writer queues, first behind the holder.  The holder's release
+    # may grant the second writer alone: the reader is out of line.
+    holder = _lock_task_on(make_app()).write_lock("d2").__enter__()
+    key = node_path(zk_root, "rwlocks", "t.lock", "d2")
+    held_node = f"{key}/{_nodes_of(zk, key)[0]}"
+    apps = [make_app(), make_app()]
+    reader = _Waiter(_lock_task_on(apps[0]).read_lock("d2", blocking=True, timeout=30))
+    wait_for(lambda: watching(zk_hosts, apps[0], held_node), 10, "the reader to watch the writer")
+    zk.delete(f"{key}/{_nodes_of(zk, key)[1]}")  # the reader's, by hand
+    writer = _Waiter(_lock_task_on(apps[1]).write_lock("d2", blocking=True, timeout=30))
+    wait_for(lambda: watching(zk_hosts, apps[1], held_node), 10, "the writer to watch the holder")
+    holder.release()
+    assert writer.granted.wait(30)
+    # Wrongly granted at once, or queued again behind the writer: the first to come.
+    wait_for(lambda: reader.granted.is_set() or len(_nodes_of(zk, key)) == 2, 10,
+             "the reader to queue again")  # fmt: skip
+    assert not reader.granted.is_set(), "a reader out of line was granted beside a writer"
+    writer.lease.release()
+    assert reader.granted.wait(30)
+    reader.lease.release()
+
+
 def test_several_readers_hold_a_read_lock_at_once(make_app):
     tasks = [_lock_task_on(make_app()) for _ in range(3)]
     together = threading.Barrier(3, timeout=10)  # broken unless all three hold at once
@@ -6327,7 +6676,7 @@ def test_a_multi_lock_token_is_a_fencing_token_for_each_of_its_keys(
 ):
     with lock_task.multi_lock("a", "b") as first:
         made = {zk.exists(_lock_node(zk_root, key)).czxid for key in "ab"}
-        assert made == {first.token}  # made in one transaction: one zxid
+        assert len(made) == 1 and first.token >= made.pop()  # one transaction, then a read
     with lock_task.lock("b") as single:
         assert single.token > first.token
     other = _lock_task_on(make_app()).lock("b")
@@ -6340,9 +6689,45 @@ def test_a_multi_lock_token_is_a_fencing_token_for_each_of_its_keys(
 
     _in_thread(release_once_queued)
     with lock_task.multi_lock("b", "a", blocking=True, timeout=10) as third:
-        parts = [part.token for part in third.parts]  # taken one at a time: two tokens
-        assert len(set(parts)) == 2 and third.token == max(parts) > single.token
-    assert min(parts) > single.token
+        assert third.token > single.token
+        assert {part.token for part in third.parts} == {third.token}  # one for every key
+
+
+def test_a_multi_lock_token_is_smaller_than_the_next_holders_of_a_key_it_took_first(
+    make_app, zk, zk_hosts, zk_root
+):
+    # A holds a.  The multi-lock (a, b) queues for a; a plain lock(a) queues behind
+    # it.  A releases: the multi-lock holds a, then takes b by the fast path, a node
+    # made after the plain waiter's.  The plain waiter, next to hold a, must carry
+    # the larger token all the same.
+    holder = _lock_task_on(make_app()).lock("a").__enter__()
+    apps = [make_app(), make_app()]
+    multi = _Waiter(_lock_task_on(apps[0]).multi_lock("a", "b", blocking=True, timeout=30))
+    path = _lock_node(zk_root, "a")
+    wait_for(lambda: watching(zk_hosts, apps[0], path), 10, "the multi-lock to wait for a")
+    plain = _Waiter(_blocking(_lock_task_on(apps[1]), "a", timeout=30))
+    queue = path + zkcelery._QUEUE
+    wait_for(lambda: len(zk.get_children(queue)) == 2, 10, "the plain lock to queue")
+    ahead = f"{queue}/{_nodes_of(zk, queue)[0]}"
+    wait_for(lambda: watching(zk_hosts, apps[1], ahead), 10, "the plain lock to wait")
+    holder.release()
+    assert multi.granted.wait(30)
+    multi_token = multi.lease.token
+    assert not plain.granted.is_set()
+    multi.lease.release()
+    assert plain.granted.wait(30)
+    assert plain.lease.token > multi_token, "a later holder of a has the smaller token"
+    plain.lease.release()
+
+
+def test_a_multi_lock_acquire_within_waits_for_a_held_key(lock_task, make_app):
+    holder = _lock_task_on(make_app()).lock("b").__enter__()
+    threading.Timer(1.0, holder.release).start()
+    lease = lock_task.multi_lock("a", "b")  # made without blocking, as lock() is
+    started = time.monotonic()
+    assert lease.acquire_within(10)
+    assert time.monotonic() - started >= 0.9  # it waited for the release
+    lease.release()
 
 
 def test_a_multi_lock_sends_each_signal_once_for_the_whole_lease(lock_task, zk, zk_root):

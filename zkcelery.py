@@ -90,7 +90,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Protocol, TypeVar, Union
 from urllib.parse import quote
 
 import celery
@@ -157,7 +157,8 @@ if TYPE_CHECKING:
 #: The private parts of kazoo and Celery that zkcelery relies on, in one
 #: place: (module, object, attribute, its parameters or None for plain data).
 #: test_zkcelery checks each against the installed versions, so that an
-#: upgrade that moves one fails a test, not a worker.
+#: upgrade that moves one fails a test, not a worker, and fails if zkcelery
+#: uses a private attribute of theirs (``_name``) that is not listed here.
 _INTERNALS = (
     # the session id through a suspension, and requests kazoo has no method for
     ("kazoo.client", "KazooClient", "_session_id", None),
@@ -168,6 +169,16 @@ _INTERNALS = (
     ("kazoo.protocol.connection", "ConnectionHandler", "_submit", ("request", "timeout", "xid")),
     ("kazoo.protocol.connection", "ConnectionHandler", "_read_header", ("timeout",)),
     ("kazoo.protocol.serialization", "Connect", "time_out", None),
+    # _PollingHandler.adopt: the connection's socket reads and writes, replaced
+    ("kazoo.protocol.connection", "ConnectionHandler", "_read", ("length", "timeout")),
+    ("kazoo.protocol.connection", "ConnectionHandler", "_write", ("msg", "timeout")),
+    ("kazoo.protocol.connection", "ConnectionHandler", "_socket", None),
+    # _PollingHandler overrides these two handler methods, and runs the callbacks
+    # marked by _at_once from the Callback kazoo hands to dispatch_callback
+    ("kazoo.handlers.threading", "SequentialThreadingHandler", "select", ("args", "kwargs")),
+    ("kazoo.handlers.threading", "SequentialThreadingHandler", "dispatch_callback", ("callback",)),
+    ("kazoo.protocol.states", "Callback", "func", None),
+    ("kazoo.protocol.states", "Callback", "args", None),
     # the requests kazoo lacks (_CreateContainer, _CreateTTL, _Multi), built from its own
     ("kazoo.protocol.serialization", "Create2", "serialize", ()),
     ("kazoo.protocol.serialization", "Create2", "deserialize", ("bytes", "offset")),
@@ -1445,11 +1456,14 @@ class Lease:
 
     @property
     def token(self) -> int | None:
-        """The fencing token of the latest grant: its node's creation zxid.
+        """The fencing token of the latest grant.
 
-        Known at once for a semaphore's lease; a lock's lease learns it with one
-        read the first time it is asked, while it is held (the requests that take
-        a lock answer no stat, to keep them few).
+        A semaphore's or a read/write lock's is its node's creation zxid, known
+        at once: those nodes hold in the order they were made.  An exclusive
+        lease's (lock, mutex, beat) is a zxid at which its node was its own,
+        learnt with one read the first time it is asked while it is held
+        (_Session.zxid_holding): a queue node is made when its waiter joins,
+        not when it holds.
         """
         return None if self._grant is None else self._grant.fencing_token()
 
@@ -1484,6 +1498,7 @@ class Lease:
     # -- context manager -----------------------------------------------------
 
     def __enter__(self) -> Lease:
+        held = bool(self)
         try:
             self.acquire()
         except CoordinationError as exc:
@@ -1494,6 +1509,10 @@ class Lease:
             self._log(logging.WARNING, "not acquired: %s; retrying the task", exc,
                       outcome="retrying", error=str(exc))  # fmt: skip
             raise self._task.retry(**{"exc": exc, **self._retry_options}) from exc
+        except BaseException:
+            if not held:  # granted, then an exception from outside: ``with`` will not release
+                self.release()
+            raise
         if not self and self._retry:
             self._log(logging.INFO, "is held; retrying the task", outcome="retrying")
             raise self._task.retry(**self._retry_options)
@@ -1519,6 +1538,7 @@ class Lease:
         deadline = None
         if self._blocking and self._timeout is not None:
             deadline = time.monotonic() + self._timeout
+        granted: _Granted | None = None
         try:
             session.wait_connected(deadline)  # the metadata holds the granted session timeout
             protocol = self._protocol(session)
@@ -1526,23 +1546,48 @@ class Lease:
                 session.refuse_reentry(protocol.key_path, self.key)
             with session.waiting() if self._blocking else contextlib.nullcontext():
                 granted = protocol.acquire(self._blocking, deadline)
+            if granted is not None:
+                self._hold(session, protocol, granted)
         except CoordinationError:
             self._signal(lease_not_acquired, waited=self._waited(), reason="unavailable")
             raise
         except AlreadyQueued:  # an early mutex's key is queued or running
             self._signal(lease_not_acquired, waited=self._waited(), reason="held")
             raise
+        except BaseException:
+            # An exception from outside (a soft time limit, a signal handler's)
+            # between the grant and its record: give the node back, since the
+            # caller will not (``with`` calls no __exit__ when __enter__ raised).
+            if granted is not None:
+                self._give_back(protocol, granted)
+            raise
         if granted is None:
             self._log(logging.DEBUG, "is held elsewhere", outcome="not_acquired")
             reason = "timeout" if self._blocking else "held"
             self._signal(lease_not_acquired, waited=self._waited(), reason=reason)
             return False
-        path, token, owner = granted
         waited, self._first_try = self._waited(), None
-        self._grant = _Grant(session, protocol, path, token, owner, self)
-        session.remember(self._grant)
         self._signal(lease_acquired, waited=waited)
         return True
+
+    def _hold(self, session: _Session, protocol: _Protocol, granted: _Granted) -> None:
+        """Record a grant: from now on a release gives its node back."""
+        path, token, owner = granted
+        self._grant = _Grant(session, protocol, path, token, owner, self)
+        session.remember(self._grant)
+
+    def _give_back(self, protocol: _Protocol, granted: _Granted) -> None:
+        """Release a grant that an exception kept from its holder; its node, if not now, later."""
+        grant, self._grant = self._grant, None
+        path, _, owner = granted
+        try:
+            if grant is not None and grant.path == path:
+                grant.release()
+            else:
+                protocol.release(path, owner)
+        except BaseException:
+            protocol.session.add_orphan(path, owner, protocol.guid)
+            raise
 
     def acquire_within(self, seconds: float) -> bool:
         """As :meth:`acquire` of a lease made with ``blocking=True, timeout=seconds``.
@@ -1582,9 +1627,7 @@ class Lease:
             self._session = _connection(self._task.app)
         return self._session
 
-    def _protocol(
-        self, session: _Session
-    ) -> _ExclusiveLock | _Semaphore | _ReadWriteLock | _EarlyMutex:
+    def _protocol(self, session: _Session) -> _Protocol:
         guid = self._new_guid()
         data = self._metadata(session, guid)
         parent = f"{session.settings.root}/{self._namespace}"
@@ -1821,11 +1864,13 @@ class _MultiLease(Lease):
     are used and what it costs.
 
     Truthy while every part is held.  ``lost`` is true once any part may be
-    another's.  ``token`` is the largest of the parts' tokens: a later
-    holder of any one key was granted it after this lease released it, so
-    after every part of this lease was made, and its token is larger.  It is
-    thus a fencing token for each key, comparable with the tokens of
-    ``lock()`` on the same key.  ``holders()`` and ``waiters()`` list those
+    another's.  ``token`` is one zxid at which every key was this lease's
+    (_Session.zxid_holding): larger than the token of every earlier holder
+    of any of its keys, smaller than every later one's, so a fencing token
+    for each key, comparable with the tokens of ``lock()`` on the same key.
+    (A node's creation zxid would not be: a key taken last, by the fast
+    path, is made after a plain waiter joined the queue of a key taken
+    first, and that waiter holds next.)  ``holders()`` and ``waiters()`` list those
     of every key (each entry's ``key`` says which), those of the key a
     failed try found held first.  The signals are sent once for the whole
     lease, never per part: acquired when all are held, released or lost
@@ -1866,13 +1911,21 @@ class _MultiLease(Lease):
 
     @property
     def token(self) -> int | None:
-        """The largest fencing token of the parts (see the class); None if never held."""
-        if self._together is not None and self:
-            # Made in one transaction: every part's node has one creation zxid.
-            first = self.parts[0].token
-            for part in self.parts[1:]:
-                if part._grant is not None and part._grant.token is None:
-                    part._grant.token = first
+        """The fencing token of the grant of every key (see the class); None if never held.
+
+        Learnt with one read of every key's node, sent together, the first
+        time it is asked while held (_Session.zxid_holding): a zxid at which
+        every key was ours.
+        """
+        grants = [part._grant for part in self.parts]
+        if self and any(grant.token is None for grant in grants):  # type: ignore[union-attr]
+            nodes = [(g.path, g.guid, g.session_id) for g in grants]  # type: ignore[union-attr]
+            token = self._connect().zxid_holding(nodes)
+            for grant in grants:
+                if token is None:
+                    grant.fencing_token()  # type: ignore[union-attr]  # marks the lost one
+                elif grant.token is None:  # type: ignore[union-attr]
+                    grant.token = token  # type: ignore[union-attr]
         tokens = [part.token for part in self.parts]
         return None if None in tokens else max(tokens)  # type: ignore[type-var]
 
@@ -2030,14 +2083,21 @@ class _MultiLease(Lease):
             assert isinstance(lock, _ExclusiveLock)
             locks.append(lock)
         together = _ExclusiveSet(session, locks)
-        outcome, index = together.take_free()
-        if outcome != "taken":
-            self._blocked = self.parts[index]
-            session.contended(locks[index].key_path, seen=True)
-            return outcome
-        for part, lock in zip(self.parts, locks):
-            part._grant = _Grant(session, lock, lock.holder, None, lock._owner, part)
-            session.remember(part._grant)
+        session_id = session.session_id
+        try:
+            outcome, index = together.take_free()
+            if outcome != "taken":
+                self._blocked = self.parts[index]
+                session.contended(locks[index].key_path, seen=True)
+                return outcome
+            for part, lock in zip(self.parts, locks):
+                part._grant = _Grant(session, lock, lock.holder, None, lock._owner, part)
+                session.remember(part._grant)
+        except BaseException:  # from outside: what the multi-operation made, to the reaper
+            together.orphan(session_id)
+            for part in self.parts:
+                part._grant = None
+            raise
         self._together = together
         return outcome
 
@@ -2046,8 +2106,10 @@ class _MultiLease(Lease):
         taken: list[_Part] = []
         try:
             for part in self.parts:
-                if deadline is not None:  # the parts share the lease's one deadline
-                    part._timeout = max(0.0, deadline - time.monotonic())
+                # As this try waits (acquire_within sets it for the one call), and
+                # within the lease's one deadline.
+                part._blocking = self._blocking
+                part._timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not part.acquire():
                     self._blocked = part
                     return False
@@ -2115,7 +2177,7 @@ class _Grant:
     def __init__(
         self,
         session: _Session,
-        protocol: _ExclusiveLock | _Semaphore | _ReadWriteLock | _EarlyMutex,
+        protocol: _Protocol,
         path: str,
         token: int | None,
         owner: int | None,
@@ -2150,14 +2212,9 @@ class _Grant:
 
     def fencing_token(self) -> int | None:
         if self.token is None and not self.released and self.why_lost is None:
-            try:
-                data, stat = self.session.read(self.session.client.get_async, self.path)
-            except NoNodeError:
-                data, stat = b"", None
-            if stat is not None and _guid_of(data) == self.guid:
-                self.token = stat.czxid
-            else:
-                self.mark_lost("its znode was deleted from outside")
+            self.token = self.session.zxid_holding([(self.path, self.guid, self.session_id)])
+            if self.token is None:
+                self.mark_lost(_BROKEN)
         return self.token
 
     def settle(self) -> None:
@@ -2216,6 +2273,10 @@ class _Grant:
                 outcome="not_released",
                 error=str(exc),
             )
+        except BaseException:  # from outside, mid-release: the node, if still ours, later
+            if self.why_lost != _BROKEN:
+                self.session.add_orphan(self.path, self.session_id, self.guid)
+            raise
         finally:
             if ended:
                 self._lease._signal(lease_released, held=held)
@@ -2235,8 +2296,6 @@ class _Grant:
         data, stat = result.value
         if stat.ephemeralOwner != self.session_id or _guid_of(data) != self.guid:
             self.mark_lost(_BROKEN)
-        elif self.token is None:
-            self.token = stat.czxid
 
 
 _BROKEN = "its znode was deleted from outside"
@@ -2308,6 +2367,10 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 _Granted = tuple[str, Optional[int], Optional[int]]
 
 
+#: The protocols a lease is a front door to (each explained in its class).
+_Protocol = Union["_ExclusiveLock", "_Semaphore", "_ReadWriteLock", "_EarlyMutex"]
+
+
 #: How a protocol's ``listed`` walk sees the tree: the names of a node's
 #: children, none if it is gone.  ``ls`` reads them through the session (one
 #: request each); the exporter and ``ls --watch`` from a cache (none).
@@ -2335,14 +2398,23 @@ class _QueuePolicy(Protocol):
 
     The exclusive lock (_ExclusivePolicy), the semaphore (_SemaphorePolicy)
     and the read/write lock (_ReadWritePolicy) share _Queue and differ only in
-    these answers.
+    these answers.  The rules every waiter obeys whatever its kind are the
+    engine's (see _Queue), never a policy's.
     """
 
     #: Whether the listing of the queue sets a children watch (``listed`` in watch).
     watch_listing: bool
 
+    #: Whether a wake may grant without another listing (granted_on_wake can say
+    #: True): then the engine watches our own node too (see _Queue).
+    grants_on_wake: bool
+
     #: A node that must not exist when ours is made (checked in the same request), or None.
     absent: str | None
+
+    #: Whether the last waiter to leave deletes the queue's container (else the server
+    #: reaps it): the exclusive lock's fast path is open only once it is gone.
+    leaves_container: bool
 
     def joined(self, absent: bool) -> None:
         """Our node was just made (again), with ``absent`` seen absent or not: forget the rest."""
@@ -2350,15 +2422,24 @@ class _QueuePolicy(Protocol):
     def granted(self, children: list[str], index: int) -> bool:
         """Whether our node, at ``index`` in the sorted ``children``, holds now."""
 
-    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
-        """Watch the one node whose change may grant ours: the event it sets.
+    def watch(self, children: list[str], index: int, listed: Any, watch_nodes: _WatchNodes) -> Any:
+        """Watch the nodes whose change may grant ours: the event that wakes us.
 
-        None when that node changed already (look again at once); ``listed`` is
-        the event the listing's children watch sets, when watch_listing.
+        The watches are set through ``watch_nodes`` (the engine's, which adds
+        its own); None when what we meant to watch changed already (look again
+        at once).  ``listed`` is the event the listing's children watch sets,
+        when watch_listing.
         """
 
     def granted_on_wake(self) -> bool:
         """Whether what woke us granted our node, so that no other listing is needed."""
+
+
+#: How a policy sets its watches (_Queue.watch_nodes): the stat of each node
+#: watched, None for one that is absent; None in all if our own node is gone.
+_WatchNodes = Callable[
+    [Sequence[tuple[str, Callable[[WatchedEvent], None]]]], Optional[list[Optional[ZnodeStat]]]
+]
 
 
 class _Queue:
@@ -2384,7 +2465,22 @@ class _Queue:
 
     Cleanup: whatever ends the wait, our node is deleted by its own path, in
     the session the server says made it (the create's stat), never the
-    session current at some other moment.
+    session current at some other moment; an exception that comes while the
+    answer to our create is on its way (a soft time limit) leaves the node to
+    the session's reaper by its prefix (abandon), which the guid makes ours.
+
+    The rules every waiter obeys, whatever its policy, are kept here:
+
+    - a waiter is granted only while its own node exists, whatever woke it.
+      A listing shows it; a wake that grants without one (granted_on_wake)
+      is believed only if our node was not deleted first: for a policy that
+      may grant so, the engine watches our own node, once a join, in the
+      same batch as the policy's first watch (watch_nodes).  A session's
+      events come in the order of the changes, so a deletion of our node by
+      hand (or ``rm``) is known before the change that would grant us.
+    - a wake from an earlier join says nothing of this one: a new join
+      starts new watches, and the session that made our node must still be
+      ours when a watch is set.
     """
 
     def __init__(
@@ -2400,6 +2496,9 @@ class _Queue:
         self.owner: int | None = None  # the session our node was made in
         self.children: list[str] = []  # the last sorted listing
         self._listing: Any = None  # the answer to come of a listing sent with the join
+        self._join: object = None  # this join's mark: watches of an earlier one say nothing
+        self._own_watched = False  # this join's own-node watch is set
+        self._own_gone = False  # ...and our node has been deleted since
 
     @property
     def own_path(self) -> str:
@@ -2494,12 +2593,31 @@ class _Queue:
         return self.listing(watch)
 
     def wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
-        """Join, and wait until ``policy`` grants our node; False if not blocking or too late."""
+        """Join, and wait until ``policy`` grants our node; False if not blocking or too late.
+
+        A wait that ends without a grant, however it ends, leaves no node
+        behind: deleted now by its path, or, if that cannot be done now (no
+        answer, or an exception on its way), by the session's reaper.
+        """
+        granted, session_id = False, self.session.session_id
+        try:
+            granted = self._wait_turn(policy, blocking, deadline)
+        except BaseException:
+            self.abandon(session_id)  # first, with no I/O: whatever comes next
+            raise
+        finally:
+            if not granted:  # a waiter that gives up, or fails, leaves no node behind
+                with contextlib.suppress(CoordinationError):  # else the reaper deletes it
+                    self.leave(container_too=policy.leaves_container and len(self.children) <= 1)
+        return granted
+
+    def _wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
         free_turns = 0
         while True:
             listed = self.session.handler.event_object()
             watch = _setter(listed) if policy.watch_listing else None
             if self.node is None:
+                self._join, self._own_watched, self._own_gone = object(), False, False
                 policy.joined(self.join(policy.absent, watch))
             self.children = self.listed(watch)
             if self.node not in self.children:  # our node is gone: join again
@@ -2511,22 +2629,64 @@ class _Queue:
                 return True
             if not blocking or _expired(deadline):
                 return False
-            woken = policy.watch(self.children, index, listed)
-            if woken is not None and self.session.session_id != self.owner:
+            woken = policy.watch(self.children, index, listed, self._watch_nodes(policy))
+            if woken is None or self._own_gone:  # changed already, or our node is gone: look
+                free_turns += 1
+                if free_turns > _FREE_TURNS:
+                    self.session.handler.sleep_func(0.05)
+                continue
+            if self.session.session_id != self.owner:
                 # The session that made our node ended before the watch was set: kazoo
                 # fired its watches then, not this one (set in the new session, on a
                 # node that may stay for long), and our node went with it: join again.
                 continue
-            if woken is not None:
-                free_turns = 0
-                if not self.session.wait(woken, deadline):
-                    return False
-                if policy.granted_on_wake():
-                    return True
-            else:  # what we meant to watch changed already: look again
-                free_turns += 1
-                if free_turns > _FREE_TURNS:
-                    self.session.handler.sleep_func(0.05)
+            free_turns = 0
+            if not self.session.wait(woken, deadline):
+                return False
+            # Only while our node exists, whatever woke us: its deletion (by hand,
+            # by rm) reached us before the change that woke us.
+            if policy.granted_on_wake() and not self._own_gone:
+                return True
+
+    def _watch_nodes(self, policy: _QueuePolicy) -> _WatchNodes:
+        """How ``policy`` sets this turn's watches: with ours on our own node, if it needs one."""
+
+        def watch_nodes(
+            watches: Sequence[tuple[str, Callable[[WatchedEvent], None]]],
+        ) -> list[ZnodeStat | None] | None:
+            own = policy.grants_on_wake and not self._own_watched
+            ahead = [(self.own_path, self._own_watch())] if own else []
+            stats = self.session.stats_watching([*ahead, *watches])
+            if own:
+                self._own_watched = True
+                if stats.pop(0) is None:
+                    self._own_gone = True
+            return None if self._own_gone else stats
+
+        return watch_nodes
+
+    def _own_watch(self) -> Callable[[WatchedEvent], None]:
+        join = self._join
+
+        @_at_once
+        def on_event(event: WatchedEvent) -> None:
+            # Deleted from outside (or with our session): nothing grants this
+            # join any more.  Only our own release changes our node, after a grant.
+            if join is self._join and event.type != EventType.CHANGED:
+                self._own_gone = True
+
+        return on_event
+
+    def abandon(self, session_id: int | None) -> None:
+        """Leave our node, known or not, to the session's reaper (an exception came mid-wait).
+
+        No I/O: it may run while an asynchronous exception unwinds.  The node
+        is found by its prefix, which holds our guid; a node a grant holds is
+        never reaped.  One made in a later session is reaped as well: the
+        prefix is remembered for the session of the try, and for ours now.
+        """
+        for session in {session_id, self.owner} - {None}:
+            self.session.add_orphan(f"{self.path}/{self.prefix}", session)
 
     def _drop_ghosts(self) -> None:
         """Delete our nodes but the current one: creates whose answer was lost, applied late."""
@@ -2606,10 +2766,9 @@ class _ExclusiveLock:
     process that found the key contended lately skips the try.  kazoo's
     Lock pays six behind others: it lists again on every wake.
 
-    The fencing token is the creation zxid of the node that holds the lock:
-    a queue node was created after every earlier holder's node, and a
-    ``<name>`` node only while the queue was empty, so tokens increase in
-    the order of the grants.
+    The fencing token is not a node's creation zxid, which orders joins,
+    not grants (a multi-lock holds a key it joined early while it takes the
+    next one): it is read when asked (_Session.zxid_holding).
 
     Release deletes ``<name>`` in a multi-operation that also checks the
     data version of the namespace node, as read before ``<name>`` was made
@@ -2640,10 +2799,15 @@ class _ExclusiveLock:
         # is: a blocking contender then joins the queue at once, sparing the
         # fast path's failed write (every write costs the leader an fsync).
         outcome = "queued"
-        if not (blocking and self.session.contended(self.key_path)):
-            outcome = self._take_free()
-        if outcome == "queued" and not blocking and self._queue_abandoned():
-            outcome = self._take_free()
+        session_id = self.session.session_id
+        try:
+            if not (blocking and self.session.contended(self.key_path)):
+                outcome = self._take_free()
+            if outcome == "queued" and not blocking and self._queue_abandoned():
+                outcome = self._take_free()
+        except BaseException:  # the fast path's node, if it was made, to the reaper
+            self.session.add_orphan(self.holder, session_id, self.guid)
+            raise
         if outcome == "taken":
             return self.holder, None, self._owner
         # The try says <name> is held: a join checking it absent would fail.
@@ -2651,14 +2815,11 @@ class _ExclusiveLock:
         self.session.contended(self.key_path, seen=True)
         if not blocking:
             return None
-        granted = False
-        try:
-            granted = self.queue.wait_turn(self._policy, blocking, deadline)
-            return (self.queue.own_path, self.queue.token, self.queue.owner) if granted else None
-        finally:
-            if not granted:  # a waiter that gives up, or fails, leaves no node behind
-                with contextlib.suppress(CoordinationError):  # else deleted when it can be
-                    self.queue.leave(container_too=self._alone())
+        if not self.queue.wait_turn(self._policy, blocking, deadline):
+            return None
+        # The token is learnt when asked, at the grant (see _Session.zxid_holding):
+        # a queue node's creation zxid is when it joined, not when it held.
+        return self.queue.own_path, None, self.queue.owner
 
     def _take_free(self) -> str:
         """Create ``<name>`` if the lock is free and nobody queues: taken, held or queued."""
@@ -2826,10 +2987,14 @@ class _ExclusivePolicy:
     data.  Since only the first in line ever holds, that node was first: the
     waiter is first now, and holds without listing again.  A node deleted
     plainly (its waiter gave up, its session ended, or ``rm``) says nothing
-    of those before it: the waiter lists again.
+    of those before it: the waiter lists again.  Either grant without a
+    listing stands only while our own node exists, which the engine checks
+    (_Queue: grants_on_wake).
     """
 
     watch_listing = False
+    grants_on_wake = True
+    leaves_container = True
 
     def __init__(self, session: _Session, holder: str, queue_path: str) -> None:
         self.session = session
@@ -2850,7 +3015,6 @@ class _ExclusivePolicy:
         self._join = object()
         self._woken: Any = None  # the event of this turn's watch of the node ahead
         self._handed_over: Any = None  # that event, when a hand-off set it
-        self._own_watched = self._own_gone = False
 
     def granted(self, children: list[str], index: int) -> bool:
         return index == 0 and self._holder_gone
@@ -2865,39 +3029,37 @@ class _ExclusivePolicy:
             self._granted_now = False
             return True
         if self._handed_over is not None and self._handed_over is self._woken:
-            # Handed over, unless our own node was deleted from outside first:
-            # its watch fired before this one (a session's events come in order).
             self._handed_over = None
-            return self._holder_gone and not self._own_gone
+            return self._holder_gone  # handed over by the node ahead, in this turn
         return self._head_waiting and self._holder_gone and self._holder_elsewhere
 
-    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
-        session = self.session
-        woken = self._woken = session.handler.event_object()
-        if not self._holder_gone:
+    def watch(self, children: list[str], index: int, listed: Any, watch_nodes: _WatchNodes) -> Any:
+        woken = self._woken = self.session.handler.event_object()
+        watches = []
+        holder_watched = not self._holder_gone
+        if holder_watched:
             self._head_waiting = index == 0
-            stat = session.stat_watching(self.holder, self._holder_watch(woken))
-            if stat is not None:
-                self._holder_elsewhere = stat.ephemeralOwner != session.session_id
-                if index == 0:
-                    return woken
+            watches.append((self.holder, self._holder_watch(woken)))
+        if index > 0:
+            watches.append((f"{self.queue_path}/{children[index - 1]}", self._ahead_watch(woken)))
+        stats = watch_nodes(watches)  # one batch, with the engine's watch on our own node
+        if stats is None:
+            return None  # our own node is gone: the next listing shows it
+        if holder_watched:
+            holder = stats.pop(0)
+            if holder is not None:
+                self._holder_elsewhere = holder.ephemeralOwner != self.session.session_id
             else:
                 # Gone, and it cannot come back while our node queues: the
                 # listing just read still stands, and no second one is needed.
                 # First in it, we hold (wait_turn still checks that the session
-                # that made our node lives); else we watch the one ahead.
+                # that made our node lives, and that our node does).
                 self._holder_gone = True
                 if index == 0:
                     self._granted_now = True
                     woken.set()
-                    return woken
-        watches = [(f"{self.queue_path}/{children[index - 1]}", self._ahead_watch(woken))]
-        if not self._own_watched:  # once a join, before a hand-off can grant us
-            self._own_watched = True
-            watches.insert(0, (f"{self.queue_path}/{children[index]}", self._own_watch()))
-        # Our own node gone already: the next listing shows it, and we join again.
-        if None in session.stats_watching(watches):
-            return None
+        if index > 0 and stats[0] is None:
+            return None  # the node ahead went already: look again
         return woken
 
     def _ahead_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
@@ -2908,19 +3070,6 @@ class _ExclusivePolicy:
             if event.type == EventType.CHANGED and woken is self._woken:
                 self._handed_over = woken
             woken.set()
-
-        return on_event
-
-    def _own_watch(self) -> Callable[[WatchedEvent], None]:
-        join = self._join
-
-        @_at_once
-        def on_event(event: WatchedEvent) -> None:
-            # Deleted from outside (or with our session): no hand-off grants us.
-            # Our own release comes after any grant, and our own give-up ends
-            # the join.
-            if join is self._join and event.type != EventType.CHANGED:
-                self._own_gone = True
 
         return on_event
 
@@ -2954,8 +3103,7 @@ class _ExclusiveSet:
     queued on any, or nothing at all; and one multi-operation deletes them,
     fenced by the namespace's epoch as a single release is.  2 requests a
     cycle whatever the number of keys k (a single lock's 2 for k = 1), and
-    a try that fails costs that one request.  The nodes are made in one
-    transaction, so they share a creation zxid: one read learns the token.
+    a try that fails costs that one request.
 
     Otherwise (a key is held and the try blocks, a key has waiters, or a
     key was found contended lately) the keys are taken one at a time, each
@@ -3004,7 +3152,7 @@ class _ExclusiveSet:
                 try:
                     owner = session.owner_of(first.holder, first.guid, session_id)
                 except CoordinationError:
-                    self._orphan(session.session_id)
+                    self.orphan(session.session_id)
                     raise
                 if owner is None:
                     continue  # gone with the session they were made in: try again
@@ -3038,8 +3186,8 @@ class _ExclusiveSet:
             if session.session_id != owner:
                 return True  # the session ended: the nodes went with it
             results = session.multi(build)
-        except CoordinationError:
-            self._orphan(owner)
+        except BaseException:  # no answer in time, or an exception from outside
+            self.orphan(owner)
             raise
         # Not all deleted: an rm ran since the epoch was read, or a node is gone.
         return all(result is True for result in results)
@@ -3056,14 +3204,15 @@ class _ExclusiveSet:
         try:
             return self.locks[0]._recover_fast(session_id, exc)
         except CoordinationError:  # the first key's node is an orphan already; so are the rest
-            self._orphan(session_id, self.locks[1:])
+            self.orphan(session_id, self.locks[1:])
             raise
 
     def _owned_by(self, owner: int | None) -> None:
         for lock in self.locks:
             lock._owner = owner
 
-    def _orphan(self, session_id: int | None, locks: list[_ExclusiveLock] | None = None) -> None:
+    def orphan(self, session_id: int | None, locks: list[_ExclusiveLock] | None = None) -> None:
+        """Leave each key's ``<name>``, if it is ours, to the session's reaper (no I/O)."""
         for lock in self.locks if locks is None else locks:
             self.session.add_orphan(lock.holder, session_id, lock.guid)
 
@@ -3116,21 +3265,14 @@ class _Semaphore:
         self._policy = _SemaphorePolicy(session, path, max_leases, label, option)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
-        granted = False
         try:
-            try:
-                granted = self.queue.wait_turn(self._policy, blocking, deadline)
-            except NoChildrenForEphemeralsError:
-                raise self._policy.mismatch([1]) from None
-            if not granted:
+            if not self.queue.wait_turn(self._policy, blocking, deadline):
                 return None
-            if self.queue.node != self.queue.children[-1]:
-                self._wake_next()  # the waiter behind us watches our node
-            return self.queue.own_path, self.queue.token, self.queue.owner
-        finally:
-            if not granted:  # a waiter that gives up, or fails, leaves no node behind
-                with contextlib.suppress(CoordinationError):  # else deleted when it can be
-                    self.queue.leave()
+        except NoChildrenForEphemeralsError:
+            raise self._policy.mismatch([1]) from None
+        if self.queue.node != self.queue.children[-1]:
+            self._wake_next()  # the waiter behind us watches our node
+        return self.queue.own_path, self.queue.token, self.queue.owner
 
     def _wake_next(self) -> None:
         # Best effort: if the connection is away, the watch fires anyway.
@@ -3188,6 +3330,8 @@ class _SemaphorePolicy:
     """_Semaphore's queue: the first ``max_leases`` nodes in line hold (see _Semaphore)."""
 
     watch_listing = True
+    grants_on_wake = False  # every wake lists again, and the listing shows our node
+    leaves_container = False
 
     def __init__(
         self, session: _Session, queue_path: str, max_leases: int, label: str, option: str
@@ -3216,14 +3360,12 @@ class _SemaphorePolicy:
             f"{self.option}={others}; all holders of one key must agree"
         )
 
-    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
+    def watch(self, children: list[str], index: int, listed: Any, watch_nodes: _WatchNodes) -> Any:
         if index == self.max_leases:
             return listed  # the listing set a children watch already
         woken = self.session.handler.event_object()
-        ahead = f"{self.queue_path}/{children[index - 1]}"
-        if self.session.stat_watching(ahead, _setter(woken)) is not None:
-            return woken
-        return None
+        stats = watch_nodes([(f"{self.queue_path}/{children[index - 1]}", _setter(woken))])
+        return None if stats is None or stats[0] is None else woken
 
     def granted_on_wake(self) -> bool:
         return False  # the change that woke us may have granted another: list again
@@ -3274,14 +3416,9 @@ class _ReadWriteLock:
         self._policy = _ReadWritePolicy(session, path, mode)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
-        granted = False
-        try:
-            granted = self.queue.wait_turn(self._policy, blocking, deadline)
-            return (self.queue.own_path, self.queue.token, self.queue.owner) if granted else None
-        finally:
-            if not granted:  # a waiter that gives up, or fails, leaves no node behind
-                with contextlib.suppress(CoordinationError):  # else deleted when it can be
-                    self.queue.leave()
+        if not self.queue.wait_turn(self._policy, blocking, deadline):
+            return None
+        return self.queue.own_path, self.queue.token, self.queue.owner
 
     def release(self, path: str, session_id: int | None) -> None:
         self.queue.node = path.rsplit("/", 1)[1]
@@ -3316,9 +3453,16 @@ class _ReadWriteLock:
 
 
 class _ReadWritePolicy:
-    """_ReadWriteLock's queue: the front of the line holds; a waiter watches what blocks it."""
+    """_ReadWriteLock's queue: the front of the line holds; a waiter watches what blocks it.
+
+    A waiter woken by the deletion of the one node that kept it waiting holds
+    without listing again, and only while its own node exists (the engine's
+    rule: _Queue).
+    """
 
     watch_listing = False
+    grants_on_wake = True
+    leaves_container = False
 
     def __init__(self, session: _Session, queue_path: str, mode: str) -> None:
         self.session = session
@@ -3336,14 +3480,15 @@ class _ReadWritePolicy:
     def granted(self, children: list[str], index: int) -> bool:
         return index < _front(children)
 
-    def watch(self, children: list[str], index: int, listed: Any) -> Any | None:
+    def watch(self, children: list[str], index: int, listed: Any, watch_nodes: _WatchNodes) -> Any:
         ahead = self._blocker(children, index)
         woken = self._woken = self.session.handler.event_object()
         self._deleted = False
         watch = self._deletion_watch(woken)
-        stat = self.session.stat_watching(f"{self.queue_path}/{children[ahead]}", watch)
-        if stat is None:
+        stats = watch_nodes([(f"{self.queue_path}/{children[ahead]}", watch)])
+        if stats is None or stats[0] is None:
             return None
+        stat = stats[0]
         # Not a node of our own session: its deletion may be that session's
         # end, and ours gone with it.
         rest = children[:ahead] + children[ahead + 1 :]
@@ -4198,6 +4343,10 @@ class _Session:
         #: leader heard from the session at that moment or later (see lost_since).
         self._heard = _now()
         self._sent: dict[int, float] = {}  # xid -> when sent, until answered
+        #: Requests whose answer's zxid is wanted (zxid_holding): id(request) ->
+        #: where it goes, then xid -> where it goes once the request is sent.
+        self._zxid_wanted: dict[int, list[int]] = {}
+        self._zxid_coming: dict[int, list[int]] = {}
         self._syncing = False  # the watchdog's sync is on its way
         self._grants: set[_Grant] = set()
         self._waiting = 0  # blocking acquires under way
@@ -4277,6 +4426,9 @@ class _Session:
         def recording_submit(request: Any, timeout: Any, xid: Any = None) -> Any:
             if getattr(request, "type", None) in _CONFIRMED_BY_LEADER:
                 self._sent[xid] = _now()
+            box = self._zxid_wanted.pop(id(request), None)
+            if box is not None:
+                self._zxid_coming[xid] = box
             return submit(request, timeout, xid)
 
         def recording_read_header(timeout: Any) -> Any:
@@ -4284,6 +4436,9 @@ class _Session:
             sent = self._sent.pop(header.xid, None)
             if sent is not None and sent > self._heard:
                 self._heard = sent
+            box = self._zxid_coming.pop(header.xid, None)
+            if box is not None:
+                box.append(header.zxid)
             return header, buffer, offset
 
         connection._invoke = recording_invoke
@@ -4604,6 +4759,44 @@ class _Session:
             self.add_orphan(path, after, guid)  # ours or none: deleted when it can be
             raise
         return stat.ephemeralOwner if _guid_of(data) == guid else None  # type: ignore[no-any-return]
+
+    def zxid_holding(self, nodes: Sequence[tuple[str, str, int | None]]) -> int | None:
+        """A zxid at which each of ``nodes`` (path, guid, owner) was ours: a fencing token.
+
+        A grant's token must order it among the grants it conflicts with,
+        which a node's creation zxid does not do: a queue node is made when
+        its waiter joins, not when it holds, and a multi-lock takes its keys
+        one at a time.  The zxid in the header of an answer is the last
+        transaction the answering server had applied.  The nodes are read
+        together; each answer says its node is still ours, so every node was
+        ours, held since its grant, when the first was read: the token is the
+        zxid of that first answer.  It is larger than that of every earlier
+        grant of any of these keys (taken before that holder's release, which
+        came before our grant, which our server had applied before it
+        answered), and smaller than every later one's (which comes after our
+        release).  None if a node is not ours any more.  One read per node,
+        sent together: one wait.
+        """
+        deadline = time.monotonic() + self.settings.connect_timeout
+        while True:
+            box: list[int] = []
+            first = GetData(nodes[0][0], None)
+            self._zxid_wanted[id(first)] = box
+            try:
+                self.wait_connected(deadline)
+                asked = [self.send(first)] + [self.get_async(path) for path, _, _ in nodes[1:]]
+                for (_, guid, owner), result in zip(nodes, asked):
+                    data, stat = self.answer(result, deadline)
+                    if stat.ephemeralOwner != owner or _guid_of(data) != guid:
+                        return None
+                return box[0]
+            except NoNodeError:
+                return None
+            except _ConnectionLost:
+                if time.monotonic() >= deadline:
+                    raise
+            finally:
+                self._zxid_wanted.pop(id(first), None)
 
     # -- creating and deleting -----------------------------------------------
 
