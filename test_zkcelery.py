@@ -3717,6 +3717,7 @@ def _read_history(folder: Path) -> tuple[list[dict], list[dict]]:
     """(bodies, receipts): each body's start and end events merged (end None if it has none)."""
     bodies: dict[str, dict] = {}
     ends: dict[str, dict] = {}
+    nodes: dict[str, list] = {}
     receipts = []
     for path in folder.glob("*.history"):
         for line in path.read_text().splitlines():
@@ -3735,8 +3736,14 @@ def _read_history(folder: Path) -> tuple[list[dict], list[dict]]:
                 }
             elif event["ev"] == "end":
                 ends[event["body"]] = event
+            elif event["ev"] == "nodes":
+                nodes[event["body"]] = event["czxids"]
             else:
                 receipts.append(event)
+    for body, czxids in nodes.items():
+        if body in bodies:
+            for part, czxid in zip(bodies[body]["parts"], czxids):
+                part["czxid"] = czxid
     for body, end in ends.items():
         if body in bodies:
             bodies[body].update(
@@ -4004,7 +4011,7 @@ class _HistoryNemesis(threading.Thread):
                 continue
             if found is None:  # gone already (granted and released, or it gave up)
                 continue
-            meta = json.loads(found[0] or b"{}")
+            meta, czxid = json.loads(found[0] or b"{}"), found[1].czxid
             txn = self.zk.transaction()
             for witness in witnesses:
                 txn.check(witness, -1)
@@ -4020,7 +4027,7 @@ class _HistoryNemesis(threading.Thread):
                 continue  # it moved up since the listing: another one
             self.note(
                 "delete waiter" if applied else "delete waiter, outcome unknown",
-                path=path, witnesses=witnesses, pids=[meta.get("pid")],
+                path=path, czxid=czxid, witnesses=witnesses, pids=[meta.get("pid")],
                 task_id=meta.get("task_id"), t0=t0, t=t1, t1=t1,
             )  # fmt: skip
             return
@@ -4090,7 +4097,7 @@ def _history_annotate(bodies: list[dict], events: list[dict]) -> None:
     was broken or the body saw it lost.  ``deleted`` is the time the nemesis deleted
     the node granted for it while that node waited, if it did.
     """
-    deleted = {e["path"]: e["t"] for e in events if e["action"] == "delete waiter"}
+    deleted = {e["path"]: e for e in events if e["action"] == "delete waiter"}
     for b in bodies:
         b["killed"] = _killed_at(b, events)
         if b["end"] is not None and (b["killed"] is None or b["end"] <= b["killed"]):
@@ -4108,7 +4115,14 @@ def _history_annotate(bodies: list[dict], events: list[dict]) -> None:
                 for e in events
             )
             part["gone"] = part["lost"] or part["broken"]
-            part["deleted"] = deleted.get(part["path"])
+            part["deleted"] = None
+            cut = deleted.get(part["path"])
+            # The same path made again later (a new queue numbers from 0 again, and a
+            # lease keeps its guid) is another node; one found gone is the deleted one,
+            # unless rm broke it since.  Unknown (killed before it looked): not counted.
+            same = cut is not None and "czxid" in part and part["czxid"] == cut["czxid"]
+            if same or (cut is not None and part.get("czxid", 0) is None and not part["broken"]):
+                part["deleted"] = cut["t"]
         b["broken"] = any(part["broken"] for part in b["parts"])
         b["gone"] = bool(b["lost"] or b["broken"])  # one of its keys may have been another's
 

@@ -484,6 +484,18 @@ def _history_parts(lease: Any) -> list[Any]:
     return list(getattr(lease, "parts", None) or [lease])
 
 
+def _history_czxid(part: Any) -> int | None:
+    """The creation zxid of the node granted for a single lease, None if it is gone now."""
+    grant = part._grant
+    if grant is None:
+        return None
+    try:
+        stat = grant.session.client.exists_async(grant.path).get(timeout=1.0)
+    except Exception:  # no answer in time (a fault): unknown, as gone
+        return None
+    return None if stat is None else stat.czxid
+
+
 def _history_body(task: Any, kind: str, key: Any, hold: float, lease: Any) -> None:
     """A guarded body: note its start at once, hold, note its end with token and lost.
 
@@ -507,6 +519,9 @@ def _history_body(task: Any, kind: str, key: Any, hold: float, lease: Any) -> No
             for part in parts
         ],
     )
+    # Which node each key holds through: a path a deleted waiter had may be made again
+    # (a queue emptied and made anew numbers from 0, and a lease keeps its guid).
+    _history_note(ev="nodes", body=body, czxids=[_history_czxid(part) for part in parts])
     lost_at_start = lease.lost  # the first look watches the node: a later break is seen
     token = None
     with contextlib.suppress(zkcelery.ZKCeleryError):  # no connection now: unknown
