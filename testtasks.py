@@ -11,6 +11,7 @@ in the environment, so one module serves every test's workers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -471,7 +472,9 @@ def send_early_and_a_copy(key, hold):
 # ---------------------------------------------------------------------------
 
 HISTORY_LEASES = 2  # the semaphore's max_leases
+HISTORY_MUTEX_LEASES = 2  # the limited mutex's mutex_max_leases
 HISTORY_RETRIES = 100_000  # never give up: a task ends SUCCESS, or the checker says why not
+HISTORY_EARLY_TIMEOUT = 60.0  # an early key's life while queued: past any wait in the check
 
 
 def _history_note(**fields: Any) -> None:
@@ -482,9 +485,32 @@ def _history_note(**fields: Any) -> None:
             f.write(json.dumps(fields) + "\n")
 
 
-def _history_body(task: Any, kind: str, key: str, hold: float, lease: Any) -> None:
-    """A guarded body: note its start at once, hold, note its end with token and lost."""
+def _history_parts(lease: Any) -> list[Any]:
+    """The single leases a lease is made of: a multi-lock's parts (one per key), else itself."""
+    return list(getattr(lease, "parts", None) or [lease])
+
+
+def _history_czxid(part: Any) -> int | None:
+    """The creation zxid of the node granted for a single lease, None if it is gone now."""
+    grant = part._grant
+    if grant is None:
+        return None
+    try:
+        stat = grant.session.client.exists_async(grant.path).get(timeout=1.0)
+    except Exception:  # no answer in time (a fault): unknown, as gone
+        return None
+    return None if stat is None else stat.czxid
+
+
+def _history_body(task: Any, kind: str, key: Any, hold: float, lease: Any) -> None:
+    """A guarded body: note its start at once, hold, note its end with token and lost.
+
+    The start names each key the lease holds (as ``ls`` and ``rm`` show it) and the
+    node that was granted for it, by which the checker tells a grant on a node the
+    nemesis deleted while it waited; the end says which of them saw their lease lost.
+    """
     body = uuid.uuid4().hex
+    parts = _history_parts(lease)
     _history_note(
         ev="start",
         body=body,
@@ -494,7 +520,14 @@ def _history_body(task: Any, kind: str, key: str, hold: float, lease: Any) -> No
         pid=os.getpid(),
         t=time.monotonic(),
         hold=hold,
+        parts=[
+            {"res": part.key, "path": None if part._grant is None else part._grant.path}
+            for part in parts
+        ],
     )
+    # Which node each key holds through: a path a deleted waiter had may be made again
+    # (a queue emptied and made anew numbers from 0, and a lease keeps its guid).
+    _history_note(ev="nodes", body=body, czxids=[_history_czxid(part) for part in parts])
     lost_at_start = lease.lost  # the first look watches the node: a later break is seen
     token = None
     with contextlib.suppress(zkcelery.ZKCeleryError):  # no connection now: unknown
@@ -505,7 +538,13 @@ def _history_body(task: Any, kind: str, key: str, hold: float, lease: Any) -> No
         with contextlib.suppress(zkcelery.ZKCeleryError):
             token = lease.token
     _history_note(
-        ev="end", body=body, t=time.monotonic(), token=token, lost=lost, lost_at_start=lost_at_start
+        ev="end",
+        body=body,
+        t=time.monotonic(),
+        token=token,
+        lost=lost,
+        lost_at_start=lost_at_start,
+        parts_lost=[bool(part.lost) for part in parts],
     )
 
 
@@ -526,21 +565,57 @@ _HISTORY_LOCK_TASK = dict(
 )
 
 
+def _history_blocking(task: Any, kind: str, key: Any, hold: float, take: Any) -> None:
+    """Wait up to 2 s in line for ``take(blocking=True, timeout=2.0)``, run the body; else retry."""
+    try:
+        with take(blocking=True, timeout=2.0) as lease:
+            if not lease:
+                raise task.retry(countdown=0.05)
+            _history_body(task, kind, key, hold, lease)
+    except zkcelery.CoordinationError as exc:
+        raise task.retry(exc=exc, countdown=0.2) from exc
+
+
 @app.task(**_HISTORY_LOCK_TASK)
 def history_lock(self, key, hold):
-    try:
-        with self.lock(key, blocking=True, timeout=2.0) as lease:
-            if not lease:
-                raise self.retry(countdown=0.05)
-            _history_body(self, "lock", key, hold, lease)
-    except zkcelery.CoordinationError as exc:
-        raise self.retry(exc=exc, countdown=0.2) from exc
+    _history_blocking(self, "lock", key, hold, functools.partial(self.lock, key))
 
 
 @app.task(**_HISTORY_LOCK_TASK)
-def history_semaphore(self, key, hold):
+def history_semaphore(self, key, hold, blocking=False):
+    # Blocking, it waits in line (a waiter the nemesis may delete); else it retries.
+    if blocking:
+        take = functools.partial(self.semaphore, key, max_leases=HISTORY_LEASES)
+        _history_blocking(self, "semaphore", key, hold, take)
+        return
     with self.semaphore(key, max_leases=HISTORY_LEASES, retry=True, countdown=0.05) as lease:
         _history_body(self, "semaphore", key, hold, lease)
+
+
+#: The one lock name of the history's readers and writers (two tasks, one lock per key).
+HISTORY_RW = "testtasks.history_rw"
+
+
+@app.task(**_HISTORY_LOCK_TASK)
+def history_read(self, key, hold):
+    take = functools.partial(self.read_lock, key, name=HISTORY_RW)
+    _history_blocking(self, "read", key, hold, take)
+
+
+@app.task(**_HISTORY_LOCK_TASK)
+def history_write(self, key, hold):
+    take = functools.partial(self.write_lock, key, name=HISTORY_RW)
+    _history_blocking(self, "write", key, hold, take)
+
+
+@app.task(**_HISTORY_LOCK_TASK)
+def history_multi(self, keys, hold):
+    # The very locks history_lock takes, in the order given: a multi-lock of k0 and k2
+    # excludes history_lock("k0"), history_lock("k2"), and every multi-lock on either.
+    take = functools.partial(
+        self.multi_lock, *(zkcelery.LockKey("testtasks.history_lock", key) for key in keys)
+    )
+    _history_blocking(self, "multi", keys, hold, take)
 
 
 @app.task(
@@ -552,6 +627,36 @@ def history_semaphore(self, key, hold):
 )
 def history_mutex(self, key, hold):
     _history_body(self, "mutex", key, hold, self.mutex_lease)
+
+
+@app.task(
+    base=zkcelery.MutexTask,
+    bind=True,
+    mutex_keys=("key",),
+    mutex_requeue=True,
+    mutex_max_leases=HISTORY_MUTEX_LEASES,
+    max_retries=HISTORY_RETRIES,
+)
+def history_lmutex(self, key, hold):
+    _history_body(self, "lmutex", key, hold, self.mutex_lease)
+
+
+#: The history's early mutex, as the worker runs it and as the test sends it.
+HISTORY_EARLY = dict(
+    base=zkcelery.EarlyMutexTask,
+    bind=True,
+    name="testtasks.history_early",
+    mutex_keys=("key",),
+    mutex_timeout=HISTORY_EARLY_TIMEOUT,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=HISTORY_RETRIES,
+)
+
+
+@app.task(**HISTORY_EARLY)
+def history_early(self, key, hold):
+    _history_body(self, "early", key, hold, self.request.zkcelery_early)
 
 
 # ---------------------------------------------------------------------------
