@@ -360,7 +360,8 @@ class Partition:
     ``cut()`` blackholes every connection (nothing is forwarded, nothing is closed,
     new connections hang), as a dead switch would; ``heal()`` forwards again.
     ``close()`` ends every connection, so that both peers see it closed at once, and
-    takes no more: a link lost for good.
+    takes no more: a link lost for good.  ``drop()`` ends every connection and takes
+    new ones: the client reconnects at once, in the same session.
     """
 
     def __init__(self, target: tuple[str, int]) -> None:
@@ -382,7 +383,15 @@ class Partition:
     def close(self) -> None:
         self.closed = True
         self.flowing.set()
-        for sock in [self.listener, *self.sockets]:
+        self._end([self.listener, *self.sockets])
+
+    def drop(self) -> None:
+        sockets, self.sockets = self.sockets, []
+        self._end(sockets)
+
+    @staticmethod
+    def _end(sockets: list[socket.socket]) -> None:
+        for sock in sockets:
             with contextlib.suppress(OSError):  # wakes a thread blocked on it; sends FIN
                 sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):

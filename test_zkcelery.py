@@ -1531,6 +1531,41 @@ def test_every_kinds_waiter_deleted_by_hand_queues_again_and_is_never_granted_ou
     gone.lease.release()
 
 
+@pytest.mark.parametrize("kind", ["lock", "write lock"])
+def test_a_waiter_whose_connection_drops_waits_on_in_its_session_without_spinning(
+    make_app, partition, zk, zk_hosts, zk_root, kind
+):
+    # kazoo fires every watch when the connection drops and keeps none: the waiter
+    # sets its watches again, its own node's among them, and sleeps until a change.
+    hold, wait, container = _EXCLUSIVE_KINDS[kind]
+    holder = hold(_lock_task_on(make_app())).__enter__()
+    app = make_app(ZOOKEEPER_HOSTS=partition.address)
+    waiter = _Waiter(wait(_lock_task_on(app)))
+    path = container(zk_root)
+    wait_for(lambda: len(_nodes_of(zk, path)) == 1 + (kind != "lock"), 10, "the waiter to queue")
+    own = f"{path}/{_nodes_of(zk, path)[-1]}"
+    wait_for(lambda: watching(zk_hosts, app, own), 10, "the waiter to watch its node")
+    session = zkcelery._connection(app)
+    before = session.session_id
+    partition.drop()
+    wait_for(lambda: not session.client.connected, 10, "the drop to be seen")
+    wait_for(lambda: watching(zk_hosts, app, own), 10, "the watches set again")
+    assert session.session_id == before  # the same session, its node still queued
+
+    def sent() -> list[int]:  # [requests] once the servers list the new connection
+        with contextlib.suppress(AssertionError):
+            return [session_requests(zk_hosts, app)]
+        return []
+
+    [mark] = wait_for(sent, 10, "the new connection")
+    time.sleep(1.0)  # a second of waiting: no turn without a change
+    assert wait_for(sent, 10, "the new connection")[0] - mark <= 4  # pings, a sync: no spin
+    assert not waiter.granted.is_set()
+    holder.release()
+    assert waiter.granted.wait(30)
+    waiter.lease.release()
+
+
 def test_a_waiter_in_the_holders_process_is_granted_once_the_holders_session_expires(
     app, lock_task, zk_hosts
 ):

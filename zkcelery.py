@@ -1573,8 +1573,11 @@ class Lease:
         if self._blocking and self._timeout is not None:
             deadline = time.monotonic() + self._timeout
         granted: _Granted | None = None
+        protocol: _Protocol | None = None
+        session_id = session.session_id
         try:
             session.wait_connected(deadline)  # the metadata holds the granted session timeout
+            session_id = session.session_id
             protocol = self._protocol(session)
             if self._blocking and deadline is None and self._max_leases is None:
                 session.refuse_reentry(protocol.key_path, self.key)
@@ -1589,11 +1592,15 @@ class Lease:
             self._signal(lease_not_acquired, waited=self._waited(), reason="held")
             raise
         except BaseException:
-            # An exception from outside (a soft time limit, a signal handler's)
-            # between the grant and its record: give the node back, since the
-            # caller will not (``with`` calls no __exit__ when __enter__ raised).
-            if granted is not None:
+            # An exception from outside (a soft time limit, a signal handler's):
+            # give back what the try made, since the caller will not (``with``
+            # calls no __exit__ when __enter__ raised).  A node granted but not
+            # yet returned (a semaphore's wake of the next waiter) is the
+            # reaper's, as one still waiting is.
+            if protocol is not None and granted is not None:
                 self._give_back(protocol, granted)
+            elif protocol is not None:
+                protocol.abandon(session_id)
             raise
         if granted is None:
             self._log(logging.DEBUG, "is held elsewhere", outcome="not_acquired")
@@ -2704,12 +2711,13 @@ class _Queue:
             watches: Sequence[tuple[str, Callable[[WatchedEvent], None]]],
         ) -> list[ZnodeStat | None] | None:
             own = policy.grants_on_wake and not self._own_watched
+            # Marked before it is sent: a drop of the connection meanwhile (its
+            # callback unmarks it) has the next turn set it again.
+            self._own_watched = self._own_watched or own
             ahead = [(self.own_path, self._own_watch())] if own else []
             stats = self.session.stats_watching([*ahead, *watches])
-            if own:
-                self._own_watched = True
-                if stats.pop(0) is None:
-                    self._own_gone = True
+            if own and stats.pop(0) is None:
+                self._own_gone = True
             return None if self._own_gone else stats
 
         return watch_nodes
@@ -2719,14 +2727,20 @@ class _Queue:
 
         @_at_once
         def on_event(event: WatchedEvent) -> None:
-            # Deleted from outside (or with our session): nothing grants this
-            # join any more, and the sooner we join again, the nearer the front.
             # Only our own release changes our node, after a grant.
-            if join is self._join and event.type != EventType.CHANGED:
+            if join is not self._join or event.type == EventType.CHANGED:
+                return
+            if event.type == EventType.DELETED:
+                # Deleted from outside (or with our session): nothing grants this
+                # join any more, and the sooner we join again, the nearer the front.
                 self._own_gone = True
-                woken = self._woken
-                if woken is not None:
-                    woken.set()
+            else:
+                # The connection dropped: kazoo fired every watch and keeps none,
+                # so set this one again (its get then shows a deletion meanwhile).
+                self._own_watched = False
+            woken = self._woken
+            if woken is not None:
+                woken.set()
 
         return on_event
 
@@ -2973,6 +2987,11 @@ class _ExclusiveLock:
         return isinstance(self.session.multi(ops)[0], str)
 
     # -- release and look ------------------------------------------------------
+
+    def abandon(self, session_id: int | None) -> None:
+        """Leave whatever this try made, ``<name>`` or a queue node, to the reaper (no I/O)."""
+        self.session.add_orphan(self.holder, session_id, self.guid)
+        self.queue.abandon(session_id)
 
     def release(self, path: str, session_id: int | None) -> None:
         if path == self.holder:
@@ -3335,6 +3354,10 @@ class _Semaphore:
         with contextlib.suppress(NoNodeError, CoordinationError):
             self.session.call(self.session.client.set_async, self.queue.own_path, self.queue.data)
 
+    def abandon(self, session_id: int | None) -> None:
+        """Leave this try's node, waiting or granted, to the reaper (no I/O)."""
+        self.queue.abandon(session_id)
+
     def release(self, path: str, session_id: int | None) -> None:
         self.queue.node = path.rsplit("/", 1)[1]
         self.queue.owner = session_id
@@ -3477,6 +3500,10 @@ class _ReadWriteLock:
         if not self.queue.wait_turn(self._policy, blocking, deadline):
             return None
         return self.queue.own_path, self.queue.token, self.queue.owner
+
+    def abandon(self, session_id: int | None) -> None:
+        """Leave this try's node, waiting or granted, to the reaper (no I/O)."""
+        self.queue.abandon(session_id)
 
     def release(self, path: str, session_id: int | None) -> None:
         self.queue.node = path.rsplit("/", 1)[1]
@@ -3809,6 +3836,10 @@ class _EarlyMutex:
             create = self.session.expiring_create(self.holder, self._data("queued"), None)
             results = self.session.call(self.session.multi_async, [*ops, create])
         return results  # type: ignore[no-any-return]
+
+    def abandon(self, session_id: int | None) -> None:
+        """Leave the running form this try may have made to the reaper (no I/O)."""
+        self.session.add_orphan(self.holder, session_id, self.guid)
 
     def release(self, path: str, session_id: int | None) -> None:
         mark = self._data("ended")  # a second delivery waiting for it sees the run ended
@@ -4850,15 +4881,18 @@ class _Session:
         which a node's creation zxid does not do: a queue node is made when
         its waiter joins, not when it holds, and a multi-lock takes its keys
         one at a time.  The zxid in the header of an answer is the last
-        transaction the answering server had applied.  The nodes are read
-        together; each answer says its node is still ours, so every node was
-        ours, held since its grant, when the first was read: the token is the
-        zxid of that first answer.  It is larger than that of every earlier
-        grant of any of these keys (taken before that holder's release, which
-        came before our grant, which our server had applied before it
-        answered), and smaller than every later one's (which comes after our
-        release).  None if a node is not ours any more.  One read per node,
-        sent together: one wait.
+        transaction the answering server had applied.  A sync, then the nodes
+        read, all sent together: the sync has our server catch up with the
+        leader first (a grant learnt from a watch event brings no answer, and
+        the session may have moved since to a follower that has not applied
+        the release that granted it).  Each answer says its node is still
+        ours, so every node was ours, held since its grant, when the first was
+        read: the token is the zxid of that first answer.  It is larger than
+        that of every earlier grant of any of these keys (taken before that
+        holder's release, which came before our grant, which the leader had
+        applied before our sync), and smaller than every later one's (which
+        comes after our release).  None if a node is not ours any more.  A
+        sync and one read per node: one wait.
         """
         deadline = time.monotonic() + self.settings.connect_timeout
         while True:
@@ -4867,7 +4901,9 @@ class _Session:
             self._zxid_wanted[id(first)] = box
             try:
                 self.wait_connected(deadline)
+                synced = self.client.sync_async(nodes[0][0])
                 asked = [self.send(first)] + [self.get_async(path) for path, _, _ in nodes[1:]]
+                self.answer(synced, deadline)
                 for (_, guid, owner), result in zip(nodes, asked):
                     data, stat = self.answer(result, deadline)
                     if stat.ephemeralOwner != owner or _guid_of(data) != guid:
