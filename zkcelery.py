@@ -1495,7 +1495,7 @@ class Lease:
         A semaphore's or a read/write lock's is its node's creation zxid, known
         at once: those nodes hold in the order they were made.  An exclusive
         lease's (lock, mutex, beat) is a zxid at which its node was its own,
-        learnt with one read the first time it is asked while it is held
+        learnt with a sync and one read the first time it is asked while it is held
         (_Session.zxid_holding): a queue node is made when its waiter joins,
         not when it holds.
         """
@@ -1967,7 +1967,7 @@ class _MultiLease(Lease):
     def token(self) -> int | None:
         """The fencing token of the grant of every key (see the class); None if never held.
 
-        Learnt with one read of every key's node, sent together, the first
+        Learnt with a sync and one read of every key's node, sent together, the first
         time it is asked while held (_Session.zxid_holding): a zxid at which
         every key was ours.
         """
