@@ -949,17 +949,21 @@ def expire_session(app_or_client: Any, hosts: str) -> None:
     thief.close()
 
 
+def _each_server(hosts: str, word: str) -> Iterator[str]:
+    """Each server's answer to a four-letter ``word``; none from a server that is down
+    (another test's fault), which holds no connection or watch of ours."""
+    for entry in hosts.split(","):
+        with contextlib.suppress(OSError):
+            yield four_letter(entry, word)
+
+
 def session_requests(hosts: str, app: Celery) -> int:
     """Packets the servers have received from ``app``'s session on its connection (``cons``).
 
     Other clients of the ensemble (idle pings, other tests' sessions) do not count.
     """
     sid = f"sid={zkcelery._connection(app).session_id:#x},"
-    for entry in hosts.split(","):
-        try:
-            answer = four_letter(entry, "cons")
-        except OSError:  # a server down (another test's fault) holds no connection of ours
-            continue
+    for answer in _each_server(hosts, "cons"):
         for line in answer.splitlines():
             if sid in line:
                 return int(re.search(r"recved=(\d+)", line).group(1))  # type: ignore[union-attr]
@@ -976,11 +980,7 @@ def watching(hosts: str, app: Celery, path: str) -> bool:
     if session_id is None:  # not connected yet
         return False
     sid = f"{session_id:#x}"
-    for entry in hosts.split(","):
-        try:
-            answer = four_letter(entry, "wchp")
-        except OSError:  # a server down (another test's fault) holds no watch of ours
-            continue
+    for answer in _each_server(hosts, "wchp"):
         watched = None
         for line in answer.splitlines():
             if line.startswith("/"):

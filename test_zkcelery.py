@@ -1457,6 +1457,17 @@ class _Waiter:
             self.done.set()
 
 
+def _served_in_line(now: _Waiter, gone: _Waiter, queued_again: Callable, what: str) -> None:
+    """``now`` is granted; ``gone``, whose node was deleted, only once ``now`` releases."""
+    assert now.granted.wait(30)
+    # Wrongly granted at once, or queued again behind ``now``: the first to come.
+    wait_for(lambda: gone.granted.is_set() or queued_again(), 10, f"the {what} to queue again")
+    assert not gone.granted.is_set(), f"a {what} out of line was granted beside the holder"
+    now.lease.release()
+    assert gone.granted.wait(30)
+    gone.lease.release()
+
+
 def test_a_first_waiter_whose_node_is_deleted_by_hand_is_not_granted_when_the_holder_releases(
     make_app, zk, zk_hosts, zk_root
 ):
@@ -1477,14 +1488,7 @@ def test_a_first_waiter_whose_node_is_deleted_by_hand_is_not_granted_when_the_ho
     zk.delete(f"{queue}/{first_node}")  # by hand
     wait_for(lambda: watching(zk_hosts, apps[1], path), 10, "the second to watch <name>")
     holder.release()
-    assert second.granted.wait(30)
-    # Wrongly granted at once, or queued again behind the holder: the first to come.
-    wait_for(lambda: first.granted.is_set() or len(_queue_of(zk, path)) == 2, 10,
-             "the first waiter to queue again")  # fmt: skip
-    assert not first.granted.is_set(), "a waiter out of line was granted beside the holder"
-    second.lease.release()
-    assert first.granted.wait(30)
-    first.lease.release()
+    _served_in_line(second, first, lambda: len(_queue_of(zk, path)) == 2, "first waiter")
 
 
 #: Of one key of each exclusive kind: a holder's lease, a waiter's (blocking), and
@@ -2001,7 +2005,7 @@ def test_an_exception_from_outside_at_any_moment_of_an_acquire_leaves_no_node(
     took = min(cycles)  # one whole try: the interrupts fall within it
     rng = random.Random(kind)
     interrupted = 0
-    for _ in range(20):
+    for _ in range(14):
         outcome: list[str] = []
         ready, settled = threading.Event(), threading.Event()
         thread = _in_thread(_take_until_interrupted, leases[kind], ready, settled, outcome)
@@ -2011,7 +2015,7 @@ def test_an_exception_from_outside_at_any_moment_of_an_acquire_leaves_no_node(
         thread.join(10)
         assert not thread.is_alive()
         interrupted += outcome == ["interrupted"]
-    assert interrupted >= 5, interrupted  # it did interrupt, at many moments
+    assert interrupted >= 4, interrupted  # it did interrupt, at many moments
     session_id = zkcelery._connection(app).session_id
     with contextlib.suppress(AssertionError):
         wait_for(lambda: not _owned_by(zk, zk_root, session_id), 10, "the nodes to go")
@@ -4803,8 +4807,8 @@ def test_a_requeued_body_whose_worker_is_killed_runs_again_on_a_new_worker(
 
 _BIG_CHILD = """
 import mmap, sys, time
-memory = mmap.mmap(-1, 1 << 30)
-for page in range(0, 1 << 30, 4096):
+memory = mmap.mmap(-1, 1 << 28)
+for page in range(0, 1 << 28, 4096):
     memory[page] = 1
 print("ready", flush=True)
 time.sleep(60)
@@ -6527,14 +6531,7 @@ def test_a_reader_whose_node_is_deleted_by_hand_is_not_granted_beside_a_later_wr
     zk.delete(reader_node)  # by hand
     wait_for(lambda: watching(zk_hosts, apps[1], held_node), 10, "the writer to watch the holder")
     holder.release()
-    assert writer.granted.wait(30)
-    # Wrongly granted at once, or queued again behind the writer: the first to come.
-    wait_for(lambda: reader.granted.is_set() or len(_nodes_of(zk, key)) == 2, 10,
-             "the reader to queue again")  # fmt: skip
-    assert not reader.granted.is_set(), "a reader out of line was granted beside a writer"
-    writer.lease.release()
-    assert reader.granted.wait(30)
-    reader.lease.release()
+    _served_in_line(writer, reader, lambda: len(_nodes_of(zk, key)) == 2, "reader")
 
 
 def test_several_readers_hold_a_read_lock_at_once(make_app):

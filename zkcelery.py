@@ -2062,6 +2062,11 @@ class _MultiLease(Lease):
         with self._mutex:
             ended = not self._ended
             self._holding, self._ended = False, True
+            # A part already lost ends the lease as lost, as one lease's grant does,
+            # though the part's own signal may still be on its way (then swallowed).
+            lost = next(
+                (p._grant.why_lost for p in self.parts if p._grant and p._grant.why_lost), None
+            )
         together, self._together = self._together, None
         held = [part for part in self.parts if part]
         try:
@@ -2069,8 +2074,13 @@ class _MultiLease(Lease):
                 for part in reversed(held):
                     part.release()
         finally:
-            if ended:
-                self._signal(lease_released, held=time.monotonic() - self._granted_at)
+            if ended and lost is not None:
+                self._signal(lease_lost, held=self._held(), reason=_loss_reason(lost))
+            elif ended:
+                self._signal(lease_released, held=self._held())
+
+    def _held(self) -> float:
+        return time.monotonic() - self._granted_at
 
     def _release_all(self, together: _ExclusiveSet) -> bool:
         """Release the parts taken together in one request; False if one is lost (one by one)."""
@@ -2184,8 +2194,7 @@ class _MultiLease(Lease):
         with self._mutex:
             ended, self._ended = not self._ended, True
         if ended:
-            held = time.monotonic() - self._granted_at
-            self._signal(which, **{**facts, "held": held})
+            self._signal(which, **{**facts, "held": self._held()})
 
 
 class _Part(Lease):
@@ -2301,7 +2310,7 @@ class _Grant:
                 return
             self.why_lost = why
         self.session.forget(self)
-        reason = "deleted" if why == _BROKEN else "session"
+        reason = _loss_reason(why)
         self._log(logging.WARNING, "lost: %s; another task may hold it now", why,
                   outcome="lost", reason=reason)  # fmt: skip
         self._lease._signal(lease_lost, held=self.held(), reason=reason)
@@ -2352,6 +2361,11 @@ class _Grant:
 
 
 _BROKEN = "its znode was deleted from outside"
+
+
+def _loss_reason(why: str) -> str:
+    """A lost lease's ``reason`` in its signal and log line: "deleted" or "session"."""
+    return "deleted" if why == _BROKEN else "session"
 
 
 _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long to be sure it lives"
