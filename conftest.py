@@ -1000,3 +1000,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.zk)
         if "ensemble" in getattr(item, "fixturenames", ()):  # it stops or kills servers
             item.add_marker(pytest.mark.alone)
+    # The tests that run alone first, one after the other: each one waits until the
+    # tests beside it have finished, and the others wait for it, so that spread out
+    # among the rest they would leave the other processes idle once each, not once.
+    items.sort(key=lambda item: item.get_closest_marker("alone") is None)
