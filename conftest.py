@@ -61,11 +61,11 @@ TLS_OFFSET = 300
 
 
 # ---------------------------------------------------------------------------
-# Three tests at once (pytest-xdist), a fault alone
+# Four tests at once (pytest-xdist), a fault alone
 # ---------------------------------------------------------------------------
 #
-# pyproject.toml runs the suite in three pytest-xdist processes.  Most tests wait on
-# sessions, workers and timers far more than they compute, so three at a time cut
+# pyproject.toml runs the suite in four pytest-xdist processes.  Most tests wait on
+# sessions, workers and timers far more than they compute, so four at a time cut
 # their wall time even on two cores.  A test marked ``alone`` runs with no other
 # beside it: every test that stops or kills ZooKeeper servers (it uses the
 # ``ensemble`` fixture, and is marked so at collection), and the soaks, which load
