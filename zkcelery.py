@@ -4836,22 +4836,17 @@ class _Session:
         """Watch ``path`` for changes, without waiting for the answer (a get's)."""
         self.client.get_async(path, watch=on_event).rawlink(on_answer)
 
-    def stat_watching(self, path: str, watch: Callable[[WatchedEvent], None]) -> ZnodeStat | None:
-        """The stat of ``path``, watching it for a change; None if it is absent.
-
-        A get, not an exists: an exists on an absent node leaves a watch for
-        its creation in the server and in kazoo, and a key that is never used
-        again would keep it for as long as the session lives.
-        """
-        return self.stats_watching([(path, watch)])[0]
-
     def stats_watching(
         self, watches: Sequence[tuple[str, Callable[[WatchedEvent], None]]]
     ) -> list[ZnodeStat | None]:
-        """stat_watching of each (path, watch), in order: sent together, one wait for all.
+        """The stat of each path, watching it for a change (None if it is absent).
 
-        The server answers a session's requests in the order sent, so each
-        watch is set before the next request is read, as if asked in turn.
+        Sent together, one wait for all: the server answers a session's
+        requests in the order sent, so each watch is set before the next
+        request is read, as if asked in turn.  Gets, not exists: an exists on
+        an absent node leaves a watch for its creation in the server and in
+        kazoo, and a key that is never used again would keep it for as long
+        as the session lives.
         """
         deadline = time.monotonic() + self.settings.connect_timeout
         while True:
