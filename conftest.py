@@ -16,7 +16,6 @@ and Redis keys), so tests may run in any order and in parallel.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -41,8 +40,12 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
 import zkcelery
+from testalone import meeting_folder
 from testsupport import ensemble_hosts, four_letter, zk_test_port
 from testtasks import CONNECT_TIMEOUT, SESSION_TIMEOUT, broker_settings
+
+# The tests marked alone run with no other beside them (testalone.py).
+pytest_plugins = ["testalone"]
 
 # No example database, and hypothesis's caches in a temporary folder: a run leaves no
 # .hypothesis folder in the checkout (a failure prints its falsifying example, and how
@@ -58,56 +61,6 @@ START_HINT = "no ZooKeeper ensemble answers at {hosts}: run ./zk-test.sh to star
 MAX_BASE_PORT = 65535 - 20003
 #: The TLS test ensemble's base port, from the test ensemble's.
 TLS_OFFSET = 300
-
-
-# ---------------------------------------------------------------------------
-# Four tests at once (pytest-xdist), a fault alone
-# ---------------------------------------------------------------------------
-#
-# pyproject.toml runs the suite in four pytest-xdist processes.  Most tests wait on
-# sessions, workers and timers far more than they compute, so four at a time cut
-# their wall time even on two cores.  A test marked ``alone`` runs with no other
-# beside it: every test that stops or kills ZooKeeper servers (it uses the
-# ``ensemble`` fixture, and is marked so at collection), and the soaks, which load
-# the machine.  It takes the gate below exclusively, every other test takes it
-# shared.  A turnstile in front of the gate stops new shared takers while an
-# exclusive one waits, so such a test waits for the tests running beside it, never
-# for the rest of the suite.
-
-
-def _meeting_path() -> Path:
-    """Where the two processes of one run meet: per test ensemble, outside the checkout."""
-    return Path(tempfile.gettempdir()) / f"zkcelery-tests-{zk_test_port()}"
-
-
-def _gate_folder() -> Path:
-    folder = _meeting_path()
-    folder.mkdir(exist_ok=True)
-    return folder
-
-
-@contextlib.contextmanager
-def _gate(exclusive: bool) -> Iterator[None]:
-    folder = _gate_folder()
-    with open(folder / "turnstile", "a") as turnstile, open(folder / "gate", "a") as gate:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        try:
-            fcntl.flock(gate, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        finally:
-            if not exclusive:
-                fcntl.flock(turnstile, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(gate, fcntl.LOCK_UN)
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
-
-
-@pytest.fixture(autouse=True)
-def _alone_if_marked(request: pytest.FixtureRequest) -> Iterator[None]:
-    """First set up and last torn down (autouse): the whole test is inside the gate."""
-    with _gate(exclusive=request.node.get_closest_marker("alone") is not None):
-        yield
 
 
 # ---------------------------------------------------------------------------
@@ -188,7 +141,7 @@ def ensemble_hosts_checked() -> str:
             client.close()
     if not answered:
         pytest.fail(START_HINT.format(hosts=hosts), pytrace=False)
-    with open(_gate_folder() / "runs", "a") as runs:
+    with open(meeting_folder() / "runs", "a") as runs:
         runs.write(f"{_run_id()}\n")  # this run cleans up at its end (pytest_sessionfinish)
     return hosts
 
@@ -251,7 +204,7 @@ def _second_port() -> int:
 
 def _second_ensemble_run(*args: str) -> str:
     env = {**os.environ, "ZK_TEST_PORT": str(_second_port()),
-           "ZK_TEST_DIR": str(_gate_folder() / "second-ensemble"),
+           "ZK_TEST_DIR": str(meeting_folder() / "second-ensemble"),
            "ZK_TEST_TLS": "1", "ZK_TEST_TTL": "0", "ZK_TEST_BROKERS": "none"}  # fmt: skip
     done = subprocess.run([str(ZK_TEST), *args], env=env, capture_output=True, text=True,
                           timeout=120, check=False)  # fmt: skip
@@ -276,7 +229,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     # ensemble, if a test started it, and the run's meeting folder.
     if hasattr(session.config, "workerinput"):
         return
-    folder = _meeting_path()
+    folder = meeting_folder(make=False)
     try:
         if _run_id() not in (folder / "runs").read_text().split():
             return
@@ -998,9 +951,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "zk_hosts" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.zk)
-        if "ensemble" in getattr(item, "fixturenames", ()):  # it stops or kills servers
-            item.add_marker(pytest.mark.alone)
-    # The tests that run alone first, one after the other: each one waits until the
-    # tests beside it have finished, and the others wait for it, so that spread out
-    # among the rest they would leave the other processes idle once each, not once.
-    items.sort(key=lambda item: item.get_closest_marker("alone") is None)
