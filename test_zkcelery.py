@@ -69,6 +69,7 @@ from testtasks import (
     HISTORY_LEASES,
     HISTORY_MUTEX_LEASES,
     SESSION_TIMEOUT,
+    child_argv,
     record_body,
 )
 
@@ -1122,38 +1123,13 @@ def test_a_failed_try_costs_one_request(lock_task, zk, zk_root, zk_hosts):
     assert sent <= 20 + 1, sent  # one failed create each, and perhaps a ping
 
 
-def _child_with_lock_task(session_timeout: float, body: str) -> str:
-    """A script for ``python -c HOSTS ROOT``: ``task``, a LockTask "t.lock" (as
-    _lock_task_on's) in a session of ``session_timeout`` seconds, then ``body``."""
-    return f"""
-import sys, time
-import celery, zkcelery
-app = celery.Celery("child", set_as_current=False)
-app.conf.update(ZOOKEEPER_HOSTS=sys.argv[1], ZOOKEEPER_ROOT=sys.argv[2],
-                ZOOKEEPER_SESSION_TIMEOUT={session_timeout})
-@app.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.lock")
-def task(self):
-    pass
-{body}"""
-
-
-_QUEUED_WAITER = _child_with_lock_task(
-    5,
-    """
-with task.lock("fair", blocking=True, timeout=30) as held:
-    print("granted" if held else "not granted", flush=True)
-    sys.stdin.readline()  # holds it until told to release
-""",
-)
-
-
 def test_after_a_release_a_newcomers_try_fails_while_the_queued_waiter_is_served(
     make_app, zk, zk_hosts, zk_root
 ):
     holder = _lock_task_on(make_app()).lock("fair").__enter__()
     newcomer = _lock_task_on(make_app())
     waiter = subprocess.Popen(
-        [sys.executable, "-c", _QUEUED_WAITER, zk_hosts, zk_root],
+        child_argv("queued_waiter", zk_hosts, zk_root),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent,
     )  # fmt: skip
     assert waiter.stdin is not None and waiter.stdout is not None
@@ -1819,32 +1795,11 @@ def test_lost_turns_true_in_time_while_other_threads_keep_a_blackholed_session_b
     )
 
 
-_PAUSED_HOLDER = _child_with_lock_task(
-    2,
-    """
-lease = task.lock("paused").__enter__()
-# Until a jump in the clock: it was paused.  Each reading is compared with the one before,
-# the first one taken before "held" is printed: the test stops this process once it reads
-# "held", so a stop anywhere after that shows (a first reading taken after the stop would
-# hide it, and the loop would go on for ever: CI, twice).
-last = start = time.monotonic()
-print("held", flush=True)
-while last - start < 60:
-    time.sleep(0.01)
-    now = time.monotonic()
-    if now - last >= 1.0:
-        break
-    last = now
-print("lost" if lease.lost else "not lost", flush=True)  # the first look after the pause
-""",
-)
-
-
 def test_lost_reads_true_at_the_first_look_after_a_pause_longer_than_the_session(
     make_app, zk_hosts, zk_root
 ):
     child = subprocess.Popen(
-        [sys.executable, "-c", _PAUSED_HOLDER, zk_hosts, zk_root],
+        child_argv("paused_holder", zk_hosts, zk_root),
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent,
     )  # fmt: skip
     try:
@@ -2430,38 +2385,6 @@ def test_a_mutex_task_submitted_while_the_ensemble_is_down_runs_once_it_is_back(
 # ===========================================================================
 
 
-_SENDER = """
-import json, os, sys, time
-from pathlib import Path
-from celery import Celery
-import testtasks, zkcelery
-
-app = Celery("sender", set_as_current=False)
-app.conf.update(testtasks.broker_settings(Path(os.environ["ZKCELERY_TEST_BROKER"])),
-                ZOOKEEPER_HOSTS=os.environ["ZKCELERY_TEST_HOSTS"],
-                ZOOKEEPER_ROOT=os.environ["ZKCELERY_TEST_ROOT"])
-
-@app.task(base=zkcelery.EarlyMutexTask, bind=True, name="testtasks.early",
-          mutex_keys=("key",))
-def early(self, key, **_):
-    pass
-
-zkcelery._connection(app).ensure_namespaces()
-start = Path(sys.argv[1])
-print("ready", flush=True)
-while not start.exists():
-    time.sleep(0.005)
-sent, refused, refusals = [], set(), 0
-for _ in range(100):
-    try:
-        sent.append(early.delay("one").id)
-    except zkcelery.AlreadyQueued as exc:
-        refused.add(exc.task_id)
-        refusals += 1
-print(json.dumps({"sent": sent, "refused": sorted(refused), "refusals": refusals}), flush=True)
-"""
-
-
 def _early_sender(workers: Workers, **options: Any) -> Any:
     """The worker's ``early`` task as a client defines it, to send it (options: its own)."""
     workers.app.conf.update(
@@ -2495,7 +2418,7 @@ def _early_state(zk: KazooClient, root: str, key: str) -> str | None:
 def test_early_sends_of_one_key_from_eight_processes_publish_one_message(workers: Workers):
     start = workers.tmp / "start"
     senders = [
-        subprocess.Popen([sys.executable, "-c", _SENDER, str(start)], env=workers.env,
+        subprocess.Popen(child_argv("early_sender", str(start)), env=workers.env,
                          stdout=subprocess.PIPE, text=True, cwd=workers.tmp)
         for _ in range(8)
     ]  # fmt: skip
@@ -4805,23 +4728,14 @@ def test_a_requeued_body_whose_worker_is_killed_runs_again_on_a_new_worker(
                     f"{figures['freed']:.2f} s; session 2 s)")  # fmt: skip
 
 
-_BIG_CHILD = """
-import mmap, sys, time
-memory = mmap.mmap(-1, 1 << 28)
-for page in range(0, 1 << 28, 4096):
-    memory[page] = 1
-print("ready", flush=True)
-time.sleep(60)
-"""
-
-
 def test_a_holder_process_sigkilled_and_still_exiting_is_not_alive(offline_app):
     # A worker SIGKILLed with its pool: the broker gives the message back as the
     # main process's connection closes, while the pool child that held the mutex
     # may still be tearing down its memory, in state R, for a good part of a
     # second.  A second delivery that took it for alive would drop the message:
     # the task would be lost.
-    child = subprocess.Popen([sys.executable, "-c", _BIG_CHILD], stdout=subprocess.PIPE)
+    child = subprocess.Popen(child_argv("big_sleeper"), stdout=subprocess.PIPE,
+                             cwd=Path(__file__).parent)  # fmt: skip
     acquired = time.time()  # the lease the child holds: taken after it started
     try:
         assert child.stdout is not None and child.stdout.readline() == b"ready\n"

@@ -73,7 +73,7 @@ class _AtomicFilesystemChannel(filesystem.Channel):
     in name order) keeps the order of sending.
     """
 
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         name = f"{time.monotonic_ns():020d}_{uuid.uuid4().hex}.{queue}.msg"
         hidden = os.path.join(self.data_folder_out, f".{uuid.uuid4().hex}.partial")
         with open(hidden, "wb") as f:

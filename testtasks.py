@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import mmap
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -682,3 +684,103 @@ def each_key_retrying(self, user, account, tail=0.5):
             raise self.retry(countdown=0)
     finally:
         record_body(f"{user}/{account}", tail if first else 0.0, task_id=self.request.id)
+
+
+# ---------------------------------------------------------------------------
+# Child processes the tests start: python -m testtasks NAME ARGS...
+# ---------------------------------------------------------------------------
+#
+# Each is a function here, not a script in a string, so that ruff and mypy see it.
+# A test starts one with ``child_argv(name, *args)`` and reads what it prints.
+
+
+def child_argv(name: str, *args: str) -> list[str]:
+    """The command that runs the child ``name`` (a function below) with ``args``."""
+    return [sys.executable, "-m", "testtasks", name, *args]
+
+
+def _child_lock_task(hosts: str, root: str, session_timeout: float) -> Any:
+    """A LockTask "t.lock" in its own app (as the tests' _lock_task_on makes)."""
+    child = Celery("child", set_as_current=False)
+    child.conf.update(
+        ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_ROOT=root, ZOOKEEPER_SESSION_TIMEOUT=session_timeout
+    )
+
+    @child.task(shared=False, base=zkcelery.LockTask, bind=True, name="t.lock")
+    def task(self: Any) -> None:
+        pass
+
+    return task
+
+
+def queued_waiter(hosts: str, root: str) -> None:
+    """Wait for the lock "fair", say whether granted, hold it until a line comes on stdin."""
+    task = _child_lock_task(hosts, root, 5)
+    with task.lock("fair", blocking=True, timeout=30) as held:
+        print("granted" if held else "not granted", flush=True)
+        sys.stdin.readline()
+
+
+def paused_holder(hosts: str, root: str) -> None:
+    """Hold the lock "paused" in a 2 s session; after a pause, say whether it reads lost."""
+    lease = _child_lock_task(hosts, root, 2).lock("paused").__enter__()
+    # Until a jump in the clock: it was paused.  Each reading is compared with the one
+    # before, the first one taken before "held" is printed: the test stops this process
+    # once it reads "held", so a stop anywhere after that shows (a first reading taken
+    # after the stop would hide it, and the loop would go on for ever: CI, twice).
+    last = start = time.monotonic()
+    print("held", flush=True)
+    while last - start < 60:
+        time.sleep(0.01)
+        now = time.monotonic()
+        if now - last >= 1.0:
+            break
+        last = now
+    print("lost" if lease.lost else "not lost", flush=True)  # the first look after the pause
+
+
+def early_sender(start: str) -> None:
+    """Send ``early("one")`` 100 times from the moment ``start`` exists; print a JSON report."""
+    sender = Celery("sender", set_as_current=False)
+    sender.conf.update(
+        broker_settings(Path(os.environ["ZKCELERY_TEST_BROKER"])),
+        ZOOKEEPER_HOSTS=os.environ["ZKCELERY_TEST_HOSTS"],
+        ZOOKEEPER_ROOT=os.environ["ZKCELERY_TEST_ROOT"],
+    )
+
+    @sender.task(
+        base=zkcelery.EarlyMutexTask, bind=True, name="testtasks.early", mutex_keys=("key",)
+    )
+    def early(self: Any, key: Any, **_: Any) -> None:
+        pass
+
+    zkcelery._connection(sender).ensure_namespaces()
+    print("ready", flush=True)
+    while not Path(start).exists():
+        time.sleep(0.005)
+    sent: list[str] = []
+    refused: set[str] = set()
+    refusals = 0
+    for _ in range(100):
+        try:
+            sent.append(early.delay("one").id)
+        except zkcelery.AlreadyQueued as exc:
+            refused.add(str(exc.task_id))
+            refusals += 1
+    report = {"sent": sent, "refused": sorted(refused), "refusals": refusals}
+    print(json.dumps(report), flush=True)
+
+
+def big_sleeper() -> None:
+    """Touch 256 MiB, say "ready" and sleep: a process slow to tear down when killed."""
+    memory = mmap.mmap(-1, 1 << 28)
+    for page in range(0, 1 << 28, 4096):
+        memory[page] = 1
+    print("ready", flush=True)
+    time.sleep(60)
+
+
+CHILDREN = {f.__name__: f for f in (queued_waiter, paused_holder, early_sender, big_sleeper)}
+
+if __name__ == "__main__":
+    CHILDREN[sys.argv[1]](*sys.argv[2:])
