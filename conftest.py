@@ -533,13 +533,12 @@ class Worker:
         return [int(p) for p in out.stdout.split()]
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.ready.exists():
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready after {timeout} s:\n{self.tail()}")
-            time.sleep(0.05)
+            return self.ready.exists()
+
+        wait_for(ready, timeout, lambda: f"for the worker to be ready:\n{self.tail()}", 0.05)
 
     def stop(self, timeout: float = 20) -> None:
         """Warm shutdown (SIGTERM); SIGKILL to the whole group if it does not end."""
@@ -873,16 +872,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     return report
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds."""
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 20,
+    what: str | Callable[[], str] = "condition",
+    interval: float = 0.02,
+) -> Any:
+    """Poll ``predicate`` every ``interval`` seconds until it is truthy, and return its value.
+
+    After ``timeout`` seconds, fail naming ``what`` (a callable is asked then, for a
+    message that shows the state at that moment).  Every wait of the tests comes here.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+            said = what() if callable(what) else f"waiting for {what}"
+            raise AssertionError(f"timed out after {timeout} s {said}")
+        time.sleep(interval)
 
 
 def expire_session(app_or_client: Any, hosts: str) -> None:

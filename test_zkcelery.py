@@ -1637,8 +1637,7 @@ def _cut_until_a_rival_holds(
     lost_at: list[float] = []
 
     def watch_lost() -> None:
-        while not lease.lost:
-            time.sleep(0.005)
+        wait_for(lambda: lease.lost, 60, "lost", interval=0.005)
         lost_at.append(time.monotonic())
 
     partition.cut()
@@ -2527,19 +2526,13 @@ def test_a_killed_worker_frees_the_key_within_the_session_timeout(workers: Worke
     wait_for(lambda: _early_state(zk, workers.root, "kill") == "running", 20, "the run")
     os.killpg(worker.pid, signal.SIGKILL)
     killed = time.monotonic()
-    refused = 0
-    while True:
-        try:
-            sender.delay("kill")
-            break
-        except zkcelery.AlreadyQueued:
-            refused += 1
-            # The servers end the session within 1.5 timeouts (their tick's rounding);
-            # the rest is margin for a loaded machine.  The figure is reported.
-            assert time.monotonic() - killed < 1.5 * SESSION_TIMEOUT + 4, "still refused"
-            time.sleep(0.05)
+    tries = []
+    # The servers end the session within 1.5 timeouts (their tick's rounding); the rest
+    # is margin for a loaded machine.  The figure is reported.
+    wait_for(lambda: tries.append(1) or _send_goes_through(sender, "kill"),
+             1.5 * SESSION_TIMEOUT + 4, "a send to go through", interval=0.05)  # fmt: skip
     took = time.monotonic() - killed
-    assert refused > 0  # refused while the dead run's session lived
+    assert len(tries) > 1  # refused while the dead run's session lived
     _report(capsys, f"early mutex: a send went through {took:.2f} s after SIGKILL (session 2 s)")
 
 
@@ -3414,13 +3407,11 @@ def _send_soak(workers: Workers, count: int) -> list:
 
 
 def _await_all(results: list, timeout: float) -> None:
-    pending, deadline = list(results), time.monotonic() + timeout
-    while pending:
-        pending = [r for r in pending if not r.ready()]
-        if pending and time.monotonic() > deadline:
-            states = {r.state for r in pending}
-            raise AssertionError(f"{len(pending)} tasks never finished (states {states})")
-        time.sleep(0.2)
+    def unfinished() -> str:
+        pending = [r for r in results if not r.ready()]
+        return f"{len(pending)} tasks never finished (states { ({r.state for r in pending}) })"
+
+    wait_for(lambda: all(r.ready() for r in results), timeout, unfinished, interval=0.2)
 
 
 def _assert_soak_invariants(workers: Workers, results: list) -> dict:
@@ -4411,24 +4402,20 @@ def _await_history(
     t0: float,
 ) -> None:
     """Wait until every task is final (RabbitMQ gives a killed worker's messages back)."""
-    deadline = time.monotonic() + timeout
-    waiting = list(results)
-    while True:
-        waiting = [r for r in waiting if not r.ready()]
-        if not waiting:
-            return
-        receipts = receipts_of()
-        if time.monotonic() > deadline:
-            seen = [
-                f"  {r.id} {r.state}, received "
-                f"{[(round(e['t'] - t0, 3), e['pid']) for e in receipts if e['task_id'] == r.id]}"
-                for r in waiting[:10]
-            ]
-            raise AssertionError(
-                f"seed {seed}: {len(waiting)} tasks never finished; (time, worker pid) of each "
-                f"delivery:\n" + "\n".join(seen)
-            )
-        time.sleep(0.5)
+
+    def unfinished() -> str:
+        waiting, receipts = [r for r in results if not r.ready()], receipts_of()
+        seen = [
+            f"  {r.id} {r.state}, received "
+            f"{[(round(e['t'] - t0, 3), e['pid']) for e in receipts if e['task_id'] == r.id]}"
+            for r in waiting[:10]
+        ]
+        return (
+            f"seed {seed}: {len(waiting)} tasks never finished; (time, worker pid) of each "
+            f"delivery:\n" + "\n".join(seen)
+        )
+
+    wait_for(lambda: all(r.ready() for r in results), timeout, unfinished, interval=0.5)
 
 
 def _history_early_sender(workers: Workers) -> Any:
@@ -4640,11 +4627,13 @@ def test_requeued_copies_each_run_once_one_at_a_time_quickly_and_quietly(
     # restored from the unacknowledged hash is back within the visibility timeout.
     limit = 20 if slow_sweep else 90
     results = [broker_workers.send("broker_requeued", "q", 1.0) for _ in range(copies)]
-    while not all(r.ready() for r in results):
-        assert time.monotonic() - started < limit, "the copies did not all run"
+
+    def all_ran() -> bool:
         if slow_sweep:
             broker.restore_unacked(broker_workers.options)
-        time.sleep(0.5)
+        return all(r.ready() for r in results)
+
+    wait_for(all_ran, limit, "the copies to run", interval=0.5)
     assert [r.state for r in results] == ["SUCCESS"] * copies
     took = time.monotonic() - started
     entries = broker_workers.record.entries()
@@ -4680,13 +4669,15 @@ def _kill_a_requeued_body(workers: Workers, zk, zk_root, whole_worker: bool, bro
     killed = time.monotonic()
     last_seen = [killed]  # the last moment the dead holder was seen holding the mutex
 
+    def gone() -> bool:
+        node = zk.exists(path)
+        if node is None or node.czxid != stat.czxid:
+            return True
+        last_seen[0] = time.monotonic()
+        return False
+
     def watch() -> None:
-        while time.monotonic() - killed < 30:
-            node = zk.exists(path)
-            if node is None or node.czxid != stat.czxid:
-                return
-            last_seen[0] = time.monotonic()
-            time.sleep(0.005)
+        wait_for(gone, 30, "the dead holder's node to go", interval=0.005)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -4901,10 +4892,12 @@ def test_redis_copies_outliving_the_visibility_timeout_run_once_per_task(
     broker_workers.start(concurrency=4)
     started = time.monotonic()
     results = [broker_workers.send("broker_requeued", "v", 2.5) for _ in range(4)]
-    while not all(r.ready() for r in results):  # kombu before 5.7 sweeps every ~100 s
-        assert time.monotonic() - started < 60, "the copies did not all run"
+
+    def all_ran() -> bool:  # kombu before 5.7 sweeps every ~100 s: this restores at once
         broker.restore_unacked(broker_workers.options)
-        time.sleep(0.5)
+        return all(r.ready() for r in results)
+
+    wait_for(all_ran, 60, "the copies to run", interval=0.5)
     assert [r.state for r in results] == ["SUCCESS"] * 4
     took = time.monotonic() - started
     # A second copy still queued or running shows in the broker: wait for none.
