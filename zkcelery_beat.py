@@ -89,10 +89,7 @@ class ElectedScheduler(Scheduler):
     # -- setup ---------------------------------------------------------------
 
     def setup_schedule(self) -> None:
-        self._election = zkcelery.Election(  # malformed settings: an error at start
-            self.app, self.app.main or "celery", owner="celery beat",
-            identifier=f"celery beat {os.getpid()}@{socket.gethostname()}",
-        )  # fmt: skip
+        self._election = self._new_election()  # malformed settings: an error at start
         self._state = _BeatState(self._election)
         _check_beat_schedule(self.app, self.app.conf.beat_schedule)
         self.merge_inplace(self.app.conf.beat_schedule)
@@ -100,11 +97,18 @@ class ElectedScheduler(Scheduler):
         self._compete.set()
         threading.Thread(target=self._elect, name="zkcelery-beat-election", daemon=True).start()
 
+    def _new_election(self) -> zkcelery.Election:
+        return zkcelery.Election(
+            self.app, self.app.main or "celery", owner="celery beat",
+            identifier=f"celery beat {os.getpid()}@{socket.gethostname()}",
+        )  # fmt: skip
+
     @property
     def info(self) -> str:
-        assert self._election is not None
-        namespace = self._election.path.rsplit("/", 1)[0]
-        return f"    . leader election -> ZooKeeper {self._election.hosts} {namespace}"
+        # celery beat's banner asks a scheduler made without setup_schedule (lazy).
+        election = self._election or self._new_election()
+        namespace = election.path.rsplit("/", 1)[0]
+        return f"    . leader election -> ZooKeeper {election.hosts} {namespace}"
 
     @property
     def _lease(self) -> zkcelery.Lease:
