@@ -2415,7 +2415,7 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 #                                         ephemeral             _EarlyMutex: running
 #   beat/<app>, <app>@queue/...           as locks/             the beat's election: its leader
 #                                                               and standbys (ElectedScheduler)
-#   beat/<app>@schedule                   persistent            _BeatState: the schedule's
+#   beat/<app>@schedule                   persistent            Election: the schedule's
 #                                                               state, the fence of every send
 #
 # <name> is a key's lock name (_lock_name: the task's name, or the name given,
@@ -6125,8 +6125,11 @@ def _target_options(command: Callable) -> Callable:
     return command
 
 
-def _pass_app(command: Callable) -> Callable:
-    """Call ``command`` with the app the options name, made once they are all read."""
+def app_command(command: Callable) -> Callable:
+    """Make the click command ``command`` one of ``zkcelery``'s (``celery -A proj zk``): it
+    takes ``-A``, ``--hosts`` and ``--root``, is called with the Celery app they name (made
+    once all are read) as its first argument, and a zkcelery, kazoo or OS error ends it in
+    one line, exit 1.  Every subcommand is made with it, the companions' (``exporter``) too."""
 
     @click.pass_context
     @functools.wraps(command)
@@ -6137,15 +6140,7 @@ def _pass_app(command: Callable) -> Callable:
             # No quorum, a bad setting, a port in use: one line, exit 1.
             raise click.ClickException(str(exc) or type(exc).__name__) from None
 
-    return with_app
-
-
-def app_command(command: Callable) -> Callable:
-    """Make the click command ``command`` one of ``zkcelery``'s (``celery -A proj zk``): it
-    takes ``-A``, ``--hosts`` and ``--root``, is called with the Celery app they name as its
-    first argument, and a zkcelery, kazoo or OS error ends it in one line, exit 1.  The
-    companions' commands (``exporter``) are made with it."""
-    return _target_options(_pass_app(command))
+    return _target_options(with_app)
 
 
 class _Commands(click.Group):
@@ -6192,8 +6187,7 @@ def zk_command(ctx: click.Context) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
 @click.option("--watch", is_flag=True, help="List again at each change, until Ctrl-C.")
-@_target_options
-@_pass_app
+@app_command
 def _ls_command(app: celery.Celery, as_json: bool, watch: bool) -> None:
     if watch:
         _watch(app, as_json)
@@ -6260,8 +6254,7 @@ def _print_table(rows: list[dict]) -> None:
 @click.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
 @click.argument("key")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@_target_options
-@_pass_app
+@app_command
 def _rm_command(app: celery.Celery, key: str, yes: bool) -> None:
     conn = _connection(app)
     rows = [row for row in _listing(conn) if key in (row["key"], row["node"])]
@@ -6302,8 +6295,7 @@ def _describe(row: dict) -> str:
     help="Report each server's mode and round trip, and whether ZOOKEEPER_AUTH protects the "
     "tree; exit 1 without quorum or when it does not.",
 )
-@_target_options
-@_pass_app
+@app_command
 def _check_command(app: celery.Celery) -> None:
     settings = _read_settings(app)
     if not _quorum_serves(settings):
@@ -6351,8 +6343,7 @@ def _protection_holds(session: _Session, settings: _Settings) -> bool:
 @click.command(
     name="secure", help="Give the tree zkcelery relies on to ZOOKEEPER_AUTH's identity alone."
 )
-@_target_options
-@_pass_app
+@app_command
 def _secure_command(app: celery.Celery) -> None:
     settings = _read_settings(app)
     acl = _default_acl(settings)
