@@ -6064,12 +6064,19 @@ def test_readme_receiver_is_connected_and_warns_of_a_lease_that_waited_long(app,
     assert [r.getMessage() for r in caplog.records] == ["t.slow waited 6.0 s for k()"]
 
 
+def _sources() -> ast.Module:
+    """zkcelery.py and its companions, as one syntax tree: they log alike."""
+    modules = (zkcelery, *_COMPANIONS)
+    trees = [ast.parse(Path(str(module.__file__)).read_text()) for module in modules]
+    return ast.Module(body=[node for tree in trees for node in tree.body], type_ignores=[])
+
+
 def _log_calls(within: ast.AST | None = None) -> list[ast.Call]:
-    """Every call of ``_log`` (the module's or a lease's) in zkcelery.py, or ``within`` a node."""
-    tree = within or ast.parse(Path(zkcelery.__file__).read_text())
+    """Every call of ``_log`` (a module's or a lease's) in zkcelery and its companions, or
+    ``within`` a node."""
     return [
         node
-        for node in ast.walk(tree)
+        for node in ast.walk(within or _sources())
         if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", ""))
         == "_log"
     ]  # fmt: skip
@@ -6108,7 +6115,7 @@ def test_the_readme_lists_every_outcome_a_log_line_carries_and_no_other():
 
 
 def test_a_log_line_that_tells_an_error_carries_its_text_as_the_error_attribute():
-    tree = ast.parse(Path(zkcelery.__file__).read_text())
+    tree = _sources()
     # Where an error is at hand: an ``except ... as`` clause, or a parameter typed as one.
     scopes = [(node, node.name) for node in ast.walk(tree)
               if isinstance(node, ast.ExceptHandler) and node.name]  # fmt: skip
