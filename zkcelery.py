@@ -156,8 +156,8 @@ from kazoo.security import (
 if TYPE_CHECKING:
     pass
 
-#: The private parts of kazoo and Celery that zkcelery relies on, in one
-#: place: (module, object, attribute, its parameters or None for plain data).
+#: The private parts of kazoo and Celery that zkcelery (and its companions) rely
+#: on, in one place: (module, object, attribute, its parameters or None for plain data).
 #: test_zkcelery checks each against the installed versions, so that an
 #: upgrade that moves one fails a test, not a worker, and fails if zkcelery
 #: uses a private attribute of theirs (``_name``) that is not listed here.
@@ -193,7 +193,7 @@ _INTERNALS = (
     ("celery.app.task", "Context", "is_eager", None),
     ("celery.app.trace", "", "LOG_REJECTED", None),
     ("celery.app.trace", "", "LOG_IGNORED", None),
-    # ElectedScheduler has beat rebuild its heap of due entries when it takes over
+    # zkcelery_beat.ElectedScheduler has beat rebuild its heap of due entries when it takes over
     ("celery.beat", "Scheduler", "_heap", None),
 )
 
