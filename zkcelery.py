@@ -51,12 +51,9 @@ mutex of its own::
         do_work(data)
 
 Also here: :class:`EarlyMutexTask`, whose mutex is taken when the task is
-sent, and :class:`EarlyMutexScheduler`.  What runs beside the workers is in
-two companion modules, each documented in its docstring: ``zkcelery_beat``
-(``ElectedScheduler``: ``celery beat`` on every host, ZooKeeper electing the
-one that sends) and ``zkcelery_metrics`` (Prometheus metrics, the exporter).
-They use only this module's public names; ``zkcelery.ElectedScheduler`` and
-``zkcelery.start_metrics_server`` still name theirs.
+sent, and :class:`EarlyMutexScheduler`.  The elected beat and the metrics run
+beside the workers: see the companion modules ``zkcelery_beat`` and
+``zkcelery_metrics`` (``zkcelery.ElectedScheduler`` still names the former's).
 
 The module reads top to bottom: errors, signals, tasks, leases, the znode
 protocols (the protocol map lists every node), names, settings, the session,
