@@ -19,6 +19,7 @@ import os
 import pydoc
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import celery
+import click
 import kombu
 import pytest
 from celery import Celery
@@ -49,6 +51,8 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import Callback
 
 import zkcelery
+import zkcelery_beat
+import zkcelery_metrics
 from conftest import (
     Partition,
     Workers,
@@ -592,6 +596,11 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
+#: The modules for what runs beside the workers: each imports zkcelery, never the reverse.
+_COMPANIONS = (zkcelery_beat, zkcelery_metrics)
+_OURS = {zkcelery.__name__, *(module.__name__ for module in _COMPANIONS)}
+
+
 def _defined_by(tree: ast.AST) -> set[str]:
     """The private names the classes in ``tree`` define: methods, class attributes,
     and attributes their methods assign on ``self`` or ``cls``."""
@@ -618,7 +627,7 @@ def _loaded_private_names() -> set[str]:
     """What the classes of the kazoo and Celery modules that importing zkcelery loads
     define (_defined_by): those whose objects zkcelery can reach."""
     script = (
-        "import sys, zkcelery\n"
+        "import sys, zkcelery, zkcelery_beat, zkcelery_metrics\n"
         "for m in list(sys.modules.values()):\n"
         "    if m.__name__.split('.')[0] in ('kazoo', 'celery') and getattr(m, '__file__', None):\n"
         "        print(m.__file__)\n"
@@ -633,17 +642,17 @@ def _loaded_private_names() -> set[str]:
     return names
 
 
-def _inherited_private_names(cls: ast.ClassDef) -> set[str]:
-    """What the kazoo, Celery or standard library classes above ``cls`` define."""
+def _inherited_private_names(cls: ast.ClassDef, module: types.ModuleType) -> set[str]:
+    """What the kazoo, Celery or standard library classes above ``cls`` (in ``module``) define."""
     names: set[str] = set()
     for base in cls.bases:
         try:
-            found = eval(compile(ast.Expression(base), "<base>", "eval"), dict(vars(zkcelery)))
+            found = eval(compile(ast.Expression(base), "<base>", "eval"), dict(vars(module)))
         except NameError:  # imported where the class is made: a module path
             found = pydoc.locate(ast.unparse(base))
         assert isinstance(found, type), f"{cls.name}: which class is {ast.unparse(base)}?"
         for above in found.__mro__:
-            if above.__module__ == zkcelery.__name__:
+            if above.__module__ in _OURS:
                 continue
             names.update(name for name in vars(above) if _private(name))
             with contextlib.suppress(OSError, TypeError, SyntaxError):
@@ -651,10 +660,10 @@ def _inherited_private_names(cls: ast.ClassDef) -> set[str]:
     return names
 
 
-def _foreign_private_attributes(source: str) -> dict[str, int]:
-    """The private attributes of kazoo's and Celery's objects that ``source`` uses: name ->
-    first line.  See test_internals_lists_every_private_attribute_zkcelery_reaches."""
-    tree = ast.parse(source)
+def _foreign_private_attributes(module: types.ModuleType) -> dict[str, int]:
+    """The private attributes of kazoo's and Celery's objects that ``module``'s source uses:
+    name -> first line.  See test_internals_lists_every_private_attribute_zkcelery_reaches."""
+    tree = ast.parse(Path(str(module.__file__)).read_text())
     theirs = _loaded_private_names()
     assigned = {
         n.attr for node in ast.walk(tree)
@@ -672,7 +681,7 @@ def _foreign_private_attributes(source: str) -> dict[str, int]:
 
     def visit(node: ast.AST, inherited: set[str] | None) -> None:
         if isinstance(node, ast.ClassDef):
-            inherited = _inherited_private_names(node)
+            inherited = _inherited_private_names(node, module)
             for member in _defined_by(node):  # an override of theirs, or their attribute
                 check(member, node.lineno, member not in inherited)
         elif isinstance(node, ast.Attribute):
@@ -717,11 +726,112 @@ def test_internals_lists_every_private_attribute_zkcelery_reaches():
     object an attribute is taken from is not typed: a name is listed once, whatever
     its owner.
     """
-    found = _foreign_private_attributes(Path(zkcelery.__file__).read_text())
+    found: dict[str, str] = {}
+    for module in (zkcelery, *_COMPANIONS):  # zkcelery lists its companions' too
+        for name, line in _foreign_private_attributes(module).items():
+            found.setdefault(name, f"{module.__name__}.py:{line}")
     listed = {name for _, _, name, _ in zkcelery._INTERNALS if _private(name)}
-    unlisted = {name: f"zkcelery.py:{line}" for name, line in found.items() if name not in listed}
+    unlisted = {name: where for name, where in found.items() if name not in listed}
     assert not unlisted, f"used, not in _INTERNALS: {unlisted}"
     assert not listed - set(found), f"in _INTERNALS, no longer used: {sorted(listed - set(found))}"
+
+
+def _zkcelery_names_used(source: str) -> dict[str, int]:
+    """The names of zkcelery that ``source`` uses: imported from it, or read as attributes of
+    the name it is imported as (``zkcelery.Lease``, ``getattr(zkcelery, "x")``) -> line."""
+    tree = ast.parse(source)
+    aliases = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names if alias.name == "zkcelery"}  # fmt: skip
+    used: dict[str, int] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "zkcelery":
+            used.update((alias.name, node.lineno) for alias in node.names)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id in aliases:
+                used.setdefault(node.attr, node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args:
+            first, rest = node.args[0], node.args[1:]
+            if node.func.id in ("getattr", "hasattr") and isinstance(first, ast.Name) and (
+                first.id in aliases and rest and isinstance(rest[0], ast.Constant)
+            ):  # fmt: skip
+                used.setdefault(str(rest[0].value), node.lineno)
+    return used
+
+
+def test_the_companions_use_only_names_zkcelery_makes_public():
+    """zkcelery_beat and zkcelery_metrics reach zkcelery only through ``__all__`` (its
+    documented public surface): no ``zkcelery._name``, no ``from zkcelery import _name``."""
+    sample = (
+        "import zkcelery as z\nfrom zkcelery import _log, Lease\nz._Session\ngetattr(z, '_x')\n"
+    )
+    assert set(_zkcelery_names_used(sample)) == {"_log", "Lease", "_Session", "_x"}  # it sees
+    for module in _COMPANIONS:
+        used = _zkcelery_names_used(Path(str(module.__file__)).read_text())
+        assert used, f"{module.__name__} uses zkcelery"
+        outside = {name: line for name, line in used.items() if name not in zkcelery.__all__}
+        assert not outside, f"{module.__name__} uses names zkcelery does not export: {outside}"
+
+
+def test_the_old_names_are_the_companions_own():
+    from celery.utils.imports import symbol_by_name
+
+    from zkcelery import ElectedScheduler, start_metrics_server
+
+    assert ElectedScheduler is zkcelery.ElectedScheduler is zkcelery_beat.ElectedScheduler
+    assert symbol_by_name("zkcelery.ElectedScheduler") is ElectedScheduler  # celery beat -S
+    assert start_metrics_server is zkcelery_metrics.start_metrics_server
+    with pytest.raises(AttributeError, match="no attribute 'ElectedSchedule'"):
+        zkcelery.ElectedSchedule  # noqa: B018 - a typo is still an AttributeError
+    group = zkcelery.zk_command  # `zkcelery exporter`, `celery zk exporter`: found when named
+    assert group.get_command(click.Context(group), "exporter") is zkcelery_metrics.exporter_command
+
+
+def test_zkcelery_py_copied_alone_gives_the_task_side_and_names_the_missing_companion(
+    tmp_path,
+):
+    """A project that copied zkcelery.py alone: every name of ``__all__`` is there, and what
+    needs a companion says which file to copy (the companions, blocked here, are installed)."""
+    shutil.copy(zkcelery.__file__, tmp_path)
+    script = textwrap.dedent("""
+        import logging, sys
+        sys.modules["zkcelery_beat"] = sys.modules["zkcelery_metrics"] = None  # not copied
+        import celery, zkcelery
+        assert zkcelery.__file__.startswith(sys.argv[1]), zkcelery.__file__
+        from zkcelery import *  # the task side, whole
+        print("names:", all(hasattr(zkcelery, name) for name in zkcelery.__all__))
+        for name in ("ElectedScheduler", "start_metrics_server"):
+            try:
+                getattr(zkcelery, name)
+            except zkcelery.ConfigurationError as exc:
+                print(exc)
+        logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
+        app = celery.Celery(set_as_current=False)
+        app.conf.ZOOKEEPER_METRICS_PORT = 9309
+        print("metrics:", zkcelery._metrics_asked(app, "ZOOKEEPER_METRICS_PORT"))
+        sys.argv = ["zkcelery", "--hosts", "127.0.0.1:1", "exporter", "--port", "0"]
+        zkcelery.main()
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    out = done.stdout.splitlines()
+    copy = "beside zkcelery.py, or pip install zkcelery"
+    assert out[:3] == [
+        "names: True",
+        f"zkcelery.ElectedScheduler needs zkcelery_beat.py, {_COMPANION_NOTE}: copy "
+        f"zkcelery_beat.py {copy}",
+        f"zkcelery.start_metrics_server needs zkcelery_metrics.py, {_COMPANION_NOTE}: copy "
+        f"zkcelery_metrics.py {copy}",
+    ], done.stdout + done.stderr
+    assert out[3:] == [
+        "ERROR metrics not served: ZOOKEEPER_METRICS_PORT needs zkcelery_metrics.py, "
+        f"{_COMPANION_NOTE}: copy zkcelery_metrics.py {copy}",
+        "metrics: None",
+    ], done.stdout  # the worker runs on without metrics
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"Error: The exporter needs zkcelery_metrics.py, {_COMPANION_NOTE}" in done.stderr
+
+
+_COMPANION_NOTE = "zkcelery's companion module, which is not installed"
 
 
 def test_reentering_a_held_lock_is_refused_without_deadlock(lock_task):
@@ -2771,16 +2881,18 @@ class Beats:
                     "ZKCELERY_TEST_SESSIONS": str(self.sessions)}  # fmt: skip
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, setting: bool = False, **env: str) -> subprocess.Popen:
-        """Start a beat: ``-S zkcelery.ElectedScheduler``, or with ``setting``, no ``-S`` and
+    def start(
+        self, setting: bool = False, scheduler: str = "zkcelery.ElectedScheduler", **env: str
+    ) -> subprocess.Popen:
+        """Start a beat: ``-S scheduler``, or with ``setting``, no ``-S`` and
         ``beat_scheduler`` in the app's configuration; ``env`` adds to its environment."""
         n = len(self.procs)
-        scheduler = [] if setting else ["-S", "zkcelery.ElectedScheduler"]
+        option = [] if setting else ["-S", scheduler]
         if setting:
-            env = {**env, "ZKCELERY_TEST_BEAT_SCHEDULER": "zkcelery.ElectedScheduler"}
+            env = {**env, "ZKCELERY_TEST_BEAT_SCHEDULER": scheduler}
         argv = [
             sys.executable, "-m", "celery", "-A", "testtasks", "beat",
-            *scheduler, "-l", "INFO", "--max-interval", "1",
+            *option, "-l", "INFO", "--max-interval", "1",
             "-s", str(self.tmp / f"beat{n}-schedule"), "-f", str(self.log(n)),
         ]  # fmt: skip
         proc = subprocess.Popen(
@@ -3187,8 +3299,12 @@ def test_celery_beat_with_an_unknown_task_exits_at_start_with_the_error(workers:
     assert "beat_schedule entry 'typo': task 'testtasks.beat_tik'" in done.stderr
 
 
-def test_beat_scheduler_given_as_a_setting_selects_the_elected_scheduler(beats: Beats):
-    beat = beats.start(setting=True)  # no -S: beat_scheduler in the app's configuration
+@pytest.mark.parametrize(
+    "scheduler", ["zkcelery.ElectedScheduler", "zkcelery_beat.ElectedScheduler"]
+)
+def test_beat_scheduler_given_as_a_setting_selects_the_elected_scheduler(beats: Beats, scheduler):
+    # no -S: beat_scheduler in the app's configuration, by its old name or its module's
+    beat = beats.start(setting=True, scheduler=scheduler)
     first = beats.sends_after(0)[0]
     assert first["pid"] == beat.pid
     assert first["token"] is not None and first["run"] == 1  # stamped by ElectedScheduler
@@ -3227,7 +3343,7 @@ def test_a_celery_beat_stopped_with_sigterm_hands_the_lead_over_within_a_tick(be
 def test_rm_of_the_beat_leader_forces_a_reelection_and_the_old_leader_stands_by(
     beats: Beats, zk_hosts, zk_root
 ):
-    beats.start(), beats.start()
+    beats.start(), beats.start(scheduler="zkcelery_beat.ElectedScheduler")  # the two names
     beats.standing_by(1)
     beats.sends_after(0)
     leader, token = beats.leader(), beats.sends()[-1]["token"]
@@ -5855,12 +5971,19 @@ def test_readme_receiver_is_connected_and_warns_of_a_lease_that_waited_long(app,
     assert [r.getMessage() for r in caplog.records] == ["t.slow waited 6.0 s for k()"]
 
 
+def _sources() -> ast.Module:
+    """zkcelery.py and its companions, as one syntax tree: they log alike."""
+    modules = (zkcelery, *_COMPANIONS)
+    trees = [ast.parse(Path(str(module.__file__)).read_text()) for module in modules]
+    return ast.Module(body=[node for tree in trees for node in tree.body], type_ignores=[])
+
+
 def _log_calls(within: ast.AST | None = None) -> list[ast.Call]:
-    """Every call of ``_log`` (the module's or a lease's) in zkcelery.py, or ``within`` a node."""
-    tree = within or ast.parse(Path(zkcelery.__file__).read_text())
+    """Every call of ``_log`` (a module's or a lease's) in zkcelery and its companions, or
+    ``within`` a node."""
     return [
         node
-        for node in ast.walk(tree)
+        for node in ast.walk(within or _sources())
         if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", ""))
         == "_log"
     ]  # fmt: skip
@@ -5899,7 +6022,7 @@ def test_the_readme_lists_every_outcome_a_log_line_carries_and_no_other():
 
 
 def test_a_log_line_that_tells_an_error_carries_its_text_as_the_error_attribute():
-    tree = ast.parse(Path(zkcelery.__file__).read_text())
+    tree = _sources()
     # Where an error is at hand: an ``except ... as`` clause, or a parameter typed as one.
     scopes = [(node, node.name) for node in ast.walk(tree)
               if isinstance(node, ast.ExceptHandler) and node.name]  # fmt: skip
@@ -6666,9 +6789,9 @@ def test_the_exporter_counts_read_and_write_lock_holders_and_waiters(lock_task):
     waiter = lock_task.write_lock("E", blocking=True, timeout=30)
     thread = _in_thread(lambda: (waiter.acquire(), waiter.release()))
     _queued(reader, 1)
-    view = zkcelery._TreeView(zkcelery._connection(lock_task.app))
+    view = zkcelery.TreeView(lock_task.app)
     view.start()
-    collector = zkcelery._LeaseCollector(view)
+    collector = zkcelery_metrics._LeaseCollector(view)
 
     def gauges() -> dict[tuple, float]:
         return {

@@ -51,14 +51,15 @@ mutex of its own::
         do_work(data)
 
 Also here: :class:`EarlyMutexTask`, whose mutex is taken when the task is
-sent, :class:`EarlyMutexScheduler`, and :class:`ElectedScheduler`, which
-runs ``celery beat`` on every host with ZooKeeper electing the one that
-sends.
+sent, and :class:`EarlyMutexScheduler`.  The elected beat and the metrics run
+beside the workers: see the companion modules ``zkcelery_beat`` and
+``zkcelery_metrics`` (``zkcelery.ElectedScheduler`` still names the former's).
 
 The module reads top to bottom: errors, signals, tasks, leases, the znode
 protocols (the protocol map lists every node), names, settings, the session,
-security, schedulers, observability (metrics, the cached view of the tree),
-the command line, and last every Celery hook and import-time side effect.
+security, schedulers (and the beat's election), the cached view of the tree,
+the companions' hooks, the command line, and last every Celery hook and
+import-time side effect.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -73,22 +75,19 @@ import math
 import os
 import re
 import select
-import shutil
 import signal
 import socket
 import ssl
 import sys
-import tempfile
 import threading
 import time
-import traceback
 import types
 import uuid
 import weakref
 from collections import namedtuple
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Protocol, TypeVar, Union
 from urllib.parse import quote
@@ -152,10 +151,10 @@ from kazoo.security import (
 )
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
+    pass
 
-#: The private parts of kazoo and Celery that zkcelery relies on, in one
-#: place: (module, object, attribute, its parameters or None for plain data).
+#: The private parts of kazoo and Celery that zkcelery (and its companions) rely
+#: on, in one place: (module, object, attribute, its parameters or None for plain data).
 #: test_zkcelery checks each against the installed versions, so that an
 #: upgrade that moves one fails a test, not a worker, and fails if zkcelery
 #: uses a private attribute of theirs (``_name``) that is not listed here.
@@ -191,7 +190,7 @@ _INTERNALS = (
     ("celery.app.task", "Context", "is_eager", None),
     ("celery.app.trace", "", "LOG_REJECTED", None),
     ("celery.app.trace", "", "LOG_IGNORED", None),
-    # ElectedScheduler has beat rebuild its heap of due entries when it takes over
+    # zkcelery_beat.ElectedScheduler has beat rebuild its heap of due entries when it takes over
     ("celery.beat", "Scheduler", "_heap", None),
 )
 
@@ -204,15 +203,18 @@ __all__ = [
     "CoordinationError",
     "EarlyMutexScheduler",
     "EarlyMutexTask",
-    "ElectedScheduler",
+    "Election",
     "Lease",
     "LockKey",
     "LockTask",
     "MaxLeasesMismatch",
     "MutexHeld",
     "MutexTask",
+    "NotLeading",
     "NotReentrant",
+    "TreeView",
     "ZKCeleryError",
+    "app_command",
     "beat_deposed",
     "beat_elected",
     "beat_tick_skipped",
@@ -224,7 +226,8 @@ __all__ = [
     "mutex_dropped",
     "mutex_rejected",
     "mutex_requeued",
-    "start_metrics_server",
+    "setting",
+    "skipped_tick",
 ]
 
 logger = logging.getLogger("zkcelery")
@@ -326,11 +329,11 @@ class _ConnectionLost(CoordinationError):
     """The connection dropped while a request was in flight: it may or may not have applied."""
 
 
-class _NotLeading(ZKCeleryError):
-    """This beat cannot confirm that it leads: another one may have been elected."""
+class NotLeading(ZKCeleryError):
+    """A process in an :class:`Election` cannot confirm that it leads: another may be elected."""
 
 
-class _StateMoved(_NotLeading):
+class _StateMoved(NotLeading):
     """The schedule's state is no longer at the version this beat last wrote or read."""
 
 
@@ -2409,7 +2412,7 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 #                                         ephemeral             _EarlyMutex: running
 #   beat/<app>, <app>@queue/...           as locks/             the beat's election: its leader
 #                                                               and standbys (ElectedScheduler)
-#   beat/<app>@schedule                   persistent            _BeatState: the schedule's
+#   beat/<app>@schedule                   persistent            Election: the schedule's
 #                                                               state, the fence of every send
 #
 # <name> is a key's lock name (_lock_name: the task's name, or the name given,
@@ -4080,6 +4083,13 @@ def _setting(app: celery.Celery, name: str, default: Any = None) -> Any:
     return default
 
 
+def setting(app: celery.Celery, name: str, default: Any = None) -> Any:
+    """The raw value of zkcelery's setting ``name`` (``"ZOOKEEPER_METRICS_PORT"``) in ``app``,
+    found as zkcelery finds it: upper case, lower case or ``CELERY_``-prefixed; else
+    ``default``.  For the companion modules (zkcelery_metrics) and other extensions."""
+    return _setting(app, name, default)
+
+
 def _read_settings(app: celery.Celery) -> _Settings:
     hosts, chroot = _parse_hosts(_setting(app, "ZOOKEEPER_HOSTS", _DEFAULT_HOSTS))
     root = _parse_root(_setting(app, "ZOOKEEPER_ROOT", "/zkcelery"))
@@ -5675,16 +5685,13 @@ def _acl_text(acls: list[ACL]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Schedulers: EarlyMutexScheduler, and ElectedScheduler (beat on every host)
+# Schedulers: EarlyMutexScheduler, and the election the elected beat is built on
 # ---------------------------------------------------------------------------
 #
-# The beat's nodes are in the protocol map (beat/).  The election is an
-# exclusive lease (_ElectionLease) that a thread of every beat process waits
-# for; the leader keeps the schedule's state in one node (_BeatState), whose
-# version-checked writes fence every send.
-
-
-_beat_logger = logging.getLogger("celery.beat")  # where Celery's beat logs its sends
+# ElectedScheduler (celery beat on every host) is zkcelery_beat's, built on
+# Election: an exclusive lease (_ElectionLease) that a thread of every beat
+# process waits for, and the schedule's state node, whose version-checked
+# writes fence every send.  The beat's nodes are in the protocol map (beat/).
 
 
 class EarlyMutexScheduler(PersistentScheduler):
@@ -5699,7 +5706,7 @@ class EarlyMutexScheduler(PersistentScheduler):
         try:
             return super().apply_async(entry, producer, advance, **kw)
         except SchedulingError as exc:
-            if not _skipped(self, entry, exc):
+            if not skipped_tick(self, entry, exc):
                 raise
             return _SkippedTick()
 
@@ -5724,11 +5731,15 @@ def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
     return None
 
 
-def _skipped(scheduler: Scheduler, entry: ScheduleEntry, exc: BaseException) -> bool:
-    """Whether a failed send was an EarlyMutexTask's refusal: then it is logged as a skipped tick.
+def skipped_tick(scheduler: Scheduler, entry: ScheduleEntry, exc: BaseException) -> bool:
+    """Whether a beat send that raised ``exc`` was refused by an :class:`EarlyMutexTask`.
 
-    Its last run is queued or running: one INFO line, no traceback, and the
-    schedule moves on.
+    If so, the tick is skipped, not failed: the entry's last run is queued or
+    running, so this logs one INFO line (no traceback) naming the holder's
+    task id, sends :data:`beat_tick_skipped`, and returns True; the scheduler
+    moves on.  False for any other error, which stays the scheduler's.  For a
+    beat scheduler of one's own; EarlyMutexScheduler and
+    ``zkcelery_beat.ElectedScheduler`` use it.
     """
     refused = _refusal(exc)
     if refused is None:
@@ -5741,274 +5752,101 @@ def _skipped(scheduler: Scheduler, entry: ScheduleEntry, exc: BaseException) -> 
     return True
 
 
-class ElectedScheduler(Scheduler):
-    """A ``celery beat`` scheduler to start on every host: ZooKeeper elects the one that sends.
+class Election:
+    """An election among the processes of one app, and a state node only its leader writes.
 
-    ``celery -A proj beat -S zkcelery.ElectedScheduler`` (or the
-    ``beat_scheduler`` setting).  Every process competes for one lease, named
-    after the app's main name, in the ``beat`` namespace; the holder leads and
-    sends, the others stand by in line and send nothing (``ls`` shows both).
-    When the leader dies, the first standby leads as soon as ZooKeeper ends the
-    dead session.
+    What ``zkcelery_beat.ElectedScheduler`` is built on.  ``lease`` is the
+    election: an exclusive :class:`Lease` named ``name`` in the ``beat``
+    namespace that the app holds itself (``owner`` stands where a task's name
+    would: ``ls``, logs, metrics); its ``acquire()`` waits in line.  The state
+    node, ``path`` (``beat/<name>@schedule``), is written only through
+    :meth:`claim` and :meth:`write`, each fenced: one multi-operation checks
+    that the lease's node exists and that the node is at the version this
+    process last read or wrote.  Of two processes that both believe they
+    lead, the later write fails (:class:`NotLeading`), so a leader deposed
+    without knowing it cannot act on what it was about to write.
 
-    A leader checks ``lease.lost`` before every send, and first writes the
-    tick to the schedule's state in ZooKeeper with a version check, so that a
-    leader that was deposed without knowing it cannot send: its write fails.
-    When it loses the lease it stops, releases it, and stands by again.
-
-    The state (each entry's last run time and run count) lives in ZooKeeper:
-    a new leader neither repeats a tick nor skips one; a tick that fell due
-    while no beat led is sent once, late, with a warning.  Every message
-    carries the headers ``zkcelery_beat_token`` (the leader's fencing token)
-    and ``zkcelery_beat_run`` (the entry's run number).  A send that an
-    :class:`EarlyMutexTask` refuses (:class:`AlreadyQueued`) is logged at INFO
-    as a skipped tick.  An entry naming a task the app does not know, or a
-    malformed schedule, is an error at start.
+    :raises ConfigurationError: a ``ZOOKEEPER_*`` setting of ``app`` is malformed.
     """
 
-    #: Seconds the election thread pauses after it failed to reach ZooKeeper.
-    retry_interval = 1.0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Set before Scheduler.__init__, which calls setup_schedule (unless lazy).
-        self._lease: _ElectionLease | None = None
-        self._state: _BeatState | None = None
-        self._leading = False
-        self._token: int | None = None
-        self._late: set[str] = set()  # entries that fell due while no beat led
-        self._compete = threading.Event()  # main -> election thread: take part again
-        self._elected = threading.Event()  # election thread -> main: the lease is ours
-        self._closed = threading.Event()
-        super().__init__(*args, **kwargs)
-
-    # -- setup ---------------------------------------------------------------
-
-    def setup_schedule(self) -> None:
-        settings = _read_settings(self.app)  # malformed settings: an error at start
-        _check_beat_schedule(self.app, self.app.conf.beat_schedule)
-        self.merge_inplace(self.app.conf.beat_schedule)
-        self.install_default_entries(self.schedule)
-        self._lease = _ElectionLease.for_app(
-            self.app, _BEAT, self.app.main or "celery", owner="celery beat", blocking=True,
-            identifier=f"celery beat {os.getpid()}@{socket.gethostname()}",
-        )  # fmt: skip
-        self._state = _BeatState(
-            self._lease, f"{settings.root}/{_BEAT}/{self._lease.name}{_SCHEDULE}"
+    def __init__(self, app: celery.Celery, name: str, *, owner: str, identifier: str) -> None:
+        settings = _read_settings(app)
+        self.app = app
+        #: The ensemble, as ZOOKEEPER_HOSTS names it.
+        self.hosts = settings.hosts
+        self.lease = _ElectionLease.for_app(
+            app, _BEAT, name, owner=owner, blocking=True, identifier=identifier
         )
-        self._compete.set()
-        threading.Thread(target=self._elect, name="zkcelery-beat-election", daemon=True).start()
+        #: The state node.
+        self.path = f"{settings.root}/{_BEAT}/{self.lease.name}{_SCHEDULE}"
+        #: The version this process last read or wrote: what its next write names.
+        self.version = -1
 
-    @property
-    def info(self) -> str:
-        settings = _read_settings(self.app)
-        return f"    . leader election -> ZooKeeper {settings.hosts} {settings.root}/{_BEAT}"
+    def claim(self, make: Callable[[bytes], bytes]) -> None:
+        """Read the state node and write ``make(its data)``: a new leader's first act.
 
-    # -- the election thread ---------------------------------------------------
-
-    def _elect(self) -> None:
-        """Wait in line for the lease whenever the main thread asks; never sends."""
-        assert self._lease is not None
-        failing = False
-        while True:
-            self._compete.wait()
-            if self._closed.is_set():
-                return
-            if not failing:
-                _log(logging.INFO, "beat: standing by to lead the schedule of %s",
-                     self._lease.key, kind="beat", key=self._lease.key,
-                     outcome="standing_by")  # fmt: skip
-            try:
-                self._lease.acquire()  # blocks until granted
-            except Exception as exc:  # CoordinationError above all: keep trying
-                if self._closed.is_set():
-                    return
-                if not failing:
-                    _log(
-                        logging.WARNING,
-                        "beat: cannot take part in the election for %s: %s; trying again",
-                        self._lease.key, exc, kind="beat", key=self._lease.key,
-                        outcome="not_acquired", error=str(exc),
-                    )  # fmt: skip
-                failing = True
-                self._closed.wait(self.retry_interval)
-                continue
-            failing = False
-            self._compete.clear()
-            self._elected.set()
-
-    # -- the main thread: lead, or wait to ----------------------------------------
-
-    def tick(self, *args: Any, **kwargs: Any) -> float:
-        if self._closed.is_set():
-            return float(self.max_interval)
-        if not self._leading and not self._lead_once_elected():
-            return 0.0
-        assert self._lease is not None
-        if self._lease.lost:
-            self._step_down("its ZooKeeper session was lost or is in doubt (lease.lost)")
-            return 0.0
-        try:
-            return super().tick(*args, **kwargs)  # type: ignore[no-any-return]
-        except _NotLeading as exc:
-            self._step_down(str(exc))
-            return 0.0
-
-    def _lead_once_elected(self) -> bool:
-        """Wait (at most max_interval) for the election thread's news; take over if elected."""
-        if not self._elected.wait(self.max_interval) or self._closed.is_set():
-            return False
-        self._elected.clear()
-        try:
-            self._take_over()
-        except ZKCeleryError as exc:  # _NotLeading, CoordinationError
-            self._step_down(f"could not take over: {exc}")
-            return False
-        return True
-
-    def _take_over(self) -> None:
-        """Read the schedule's state and claim it with a fenced write; then lead."""
-        lease, state = self._lease, self._state
-        assert lease is not None and state is not None
-        self._token = lease.token
-        if self._token is None:
-            raise _NotLeading("its lease was lost as it was granted")
+        From then on a write by any earlier leader fails.  ``make`` is called
+        again with the new data when a deposed leader wrote since the read.
+        """
         for tries_left in reversed(range(3)):
-            state.load(state.read(), self.schedule)
-            self._late = {name for name, entry in self.schedule.items() if _is_due(entry)}
+            data = make(self._read())
             try:
-                # The claim: from here on, a write by any earlier leader fails.
-                self._write_state({})
-                break
+                self.write(data)
+                return
             except _StateMoved:
                 # A deposed leader wrote since our read; we hold the lease: read again.
                 if not tries_left:
                     raise
-        self._leading = True
-        self._heap = None  # rebuilt from the loaded entries at the next tick
-        _log(
-            logging.INFO,
-            "beat: leading the schedule of %s (fencing token %s); %d entries, %d due now",
-            lease.key, self._token, len(self.schedule), len(self._late), kind=lease.kind,
-            key=lease.key, outcome="elected",
-        )  # fmt: skip
-        if beat_elected.receivers:
-            beat_elected.send(sender=self, token=self._token)
 
-    def _step_down(self, why: str) -> None:
-        assert self._lease is not None
-        was = "stopped leading" if self._leading else "not leading"
-        _log(logging.WARNING, "beat: %s the schedule of %s: %s; standing by", was,
-             self._lease.key, why, kind=self._lease.kind, key=self._lease.key, outcome="deposed",
-             reason=why)  # fmt: skip
-        if beat_deposed.receivers:
-            beat_deposed.send(sender=self, reason=why)
-        self._leading = False
-        self._heap = None
-        self._late.clear()
-        self._lease.release()  # a quiet no-op when the session is gone
-        if not self._closed.is_set():
-            self._compete.set()
+    def write(self, data: bytes) -> None:
+        """Write ``data`` if this process still leads: the fence every send passes first.
 
-    # -- sending ---------------------------------------------------------------
-
-    def reserve(self, entry: ScheduleEntry) -> ScheduleEntry:
-        """Advance ``entry`` in ZooKeeper, fenced, before it is sent; raise if not leading."""
-        assert self._lease is not None
-        if not self._leading or self._lease.lost:
-            raise _NotLeading("its ZooKeeper session was lost or is in doubt (lease.lost)")
-        new_entry = next(entry)
-        self._write_state({entry.name: new_entry})
-        self.schedule[entry.name] = new_entry
-        return new_entry  # type: ignore[no-any-return]
-
-    def apply_entry(self, entry: ScheduleEntry, producer: Any = None) -> None:
-        if entry.name in self._late:
-            self._late.discard(entry.name)
-            late = _lateness(entry)
-            _log(
-                logging.WARNING,
-                "beat: %s fell due %s while no beat was leading; sending it now, once",
-                entry.name, "earlier" if late is None else f"{late:.2f} s ago",
-                task_name=entry.task, kind="beat", outcome="late", wait=late,
-            )  # fmt: skip
-        _beat_logger.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
-        try:
-            result = self.apply_async(self._stamped(entry), producer=producer, advance=False)
-        except Exception as exc:
-            if _skipped(self, entry, exc):
-                return
-            _beat_logger.error(
-                "Message Error: %s\n%s", exc, traceback.format_stack(), exc_info=True
-            )
-            return
-        if result is not None and hasattr(result, "id"):
-            _beat_logger.debug("%s sent. id->%s", entry.task, result.id)
-
-    def _stamped(self, entry: ScheduleEntry) -> ScheduleEntry:
-        """``entry`` with the leader's fencing token and the run number in its headers."""
-        headers = {
-            **(entry.options.get("headers") or {}),
-            "zkcelery_beat_token": self._token,
-            "zkcelery_beat_run": entry.total_run_count + 1,
-        }
-        options = {**entry.options, "headers": headers}
-        return entry.__class__(**dict(entry, options=options))  # type: ignore[no-any-return]
-
-    # -- the state in ZooKeeper ------------------------------------------------
-
-    def _write_state(self, changed: dict[str, ScheduleEntry]) -> None:
-        """Write the state, ``changed`` included, if this beat still leads (see _BeatState)."""
-        assert self._state is not None
-        self._state.write(self._state.encode(self._token, {**self.schedule, **changed}))
-
-    # -- the end -----------------------------------------------------------------
+        One multi-operation checks that the lease's node exists and that the
+        state is at the version this leader last wrote (or read, when it took
+        over).  A leader deposed meanwhile finds either changed, and raises
+        :class:`NotLeading`.
+        """
+        session, lease = self._session(), self.lease
+        expected = self.version
+        path, leader = self.path, lease.path
+        if leader is None:
+            raise NotLeading("its lease is no longer held")
+        deadline = time.monotonic() + session.settings.connect_timeout
+        while True:
+            if lease.lost:
+                raise NotLeading("its ZooKeeper session was lost or is in doubt (lease.lost)")
+            try:
+                results = session.multi(
+                    functools.partial(_fenced_write, leader, path, data, expected)
+                )
+            except _ConnectionLost as exc:
+                if self._applied(data, expected, deadline, exc):
+                    break
+                continue  # not applied: write again, on the new connection
+            except CoordinationError as exc:
+                raise NotLeading(f"ZooKeeper did not confirm the write: {exc}") from exc
+            if isinstance(results[0], NoNodeError):
+                raise NotLeading("its lease's node is gone")
+            if isinstance(results[1], (BadVersionError, NoNodeError)):
+                raise _StateMoved("another beat has written the schedule's state since")
+            break
+        self.version = expected + 1
 
     def close(self) -> None:
-        """Leave the election at once: end this process's session for the app."""
-        if not self._closed.is_set():
-            self._closed.set()
-            self._compete.set()  # wake the election thread, so that it ends
-            self._elected.set()
-            session = self._lease.session if self._lease is not None else None
-            if session is not None:
-                assert self._lease is not None
-                # Release first, so that closing is not reported as a lost lease.
-                # In a thread: celery beat calls close() from its SIGTERM
-                # handler, which may have interrupted this thread in the
-                # session's mutex.
-                releaser = threading.Thread(target=self._lease.release, daemon=True)
-                releaser.start()
-                releaser.join(session.settings.connect_timeout)
-                # The standby's node, or a leader's unreleased one, goes too.
-                _close_connection(self.app, session)
-            if self._leading:
-                _log(logging.INFO, "beat: stopped leading: shutting down", kind="beat",
-                     outcome="stopped")  # fmt: skip
-                if beat_deposed.receivers:
-                    beat_deposed.send(sender=self, reason="shutting down")
-            self._leading = False
-        super().close()
+        """Leave the election at once: release the lease, and end this process's session."""
+        session = self.lease.session
+        if session is None:
+            return
+        # Release first, so that closing is not reported as a lost lease.  In a
+        # thread: celery beat calls close() from its SIGTERM handler, which may
+        # have interrupted this thread in the session's mutex.
+        releaser = threading.Thread(target=self.lease.release, daemon=True)
+        releaser.start()
+        releaser.join(session.settings.connect_timeout)
+        # The standby's node, or a leader's unreleased one, goes too.
+        _close_connection(self.app, session)
 
-
-class _BeatState:
-    """The schedule's state node, ``beat/<app>@schedule``: its content, and its version.
-
-    The content is JSON: who leads (fencing token, host, pid, identifier) and
-    each entry's last run time and run count.  Only a write naming the
-    version this beat last read or wrote changes it, in one multi-operation
-    that also checks that the leader's lease node exists.  A leader writes
-    once when it takes over (its claim) and before every send (the tick's
-    reservation), so of two processes that both believe they lead, the later
-    write fails and its tick is not sent: two leaders cannot send one tick.
-    """
-
-    def __init__(self, lease: _ElectionLease, path: str) -> None:
-        self.lease = lease
-        self.path = path
-        #: The version this beat last read or wrote: what its next write names.
-        self.version = -1
-
-    def read(self) -> bytes:
+    def _read(self) -> bytes:
         """The node's data, and its version noted; the node is made (empty) if it is missing."""
         session = self._session()
         for _ in range(3):
@@ -6019,76 +5857,7 @@ class _BeatState:
             except NoNodeError:
                 with contextlib.suppress(NodeExistsError):
                     session.call(session.client.create_async, self.path, b"")
-        raise _NotLeading(f"{self.path} keeps vanishing")
-
-    def load(self, data: bytes, schedule: dict[str, ScheduleEntry]) -> None:
-        """Set each entry's last run and run count from ``data``: one new here counts from now."""
-        try:
-            saved = json.loads(data or b"{}").get("entries", {})
-        except (ValueError, AttributeError):
-            _log(logging.WARNING, "beat: %s holds no readable state; starting afresh",
-                 self.path, kind="beat", outcome="state_unreadable")  # fmt: skip
-            saved = {}
-        for name, entry in schedule.items():
-            try:
-                last = datetime.fromisoformat(saved[name]["last_run_at"])
-                count = int(saved[name]["total_run_count"])
-            except (KeyError, TypeError, ValueError):  # new here: it counts from now
-                entry.last_run_at, entry.total_run_count = entry.default_now(), 0
-                continue
-            entry.last_run_at, entry.total_run_count = last, count
-
-    def encode(self, token: int | None, entries: dict[str, ScheduleEntry]) -> bytes:
-        """The content for ``entries``, led by the holder of the fencing token ``token``."""
-        state = {
-            "leader": {
-                "token": token,
-                "host": self._session().hostname,
-                "pid": os.getpid(),
-                "identifier": self.lease.identifier,
-            },
-            "entries": {
-                name: {
-                    "last_run_at": entry.last_run_at.isoformat(),
-                    "total_run_count": entry.total_run_count,
-                }
-                for name, entry in sorted(entries.items())
-            },
-        }
-        return json.dumps(state).encode()
-
-    def write(self, data: bytes) -> None:
-        """Write ``data`` if this beat still leads: the fence every send passes first.
-
-        One multi-operation checks that the lease's node exists and that the
-        state is at the version this leader last wrote (or read, when it took
-        over).  A leader deposed meanwhile finds either changed, and raises.
-        """
-        session, lease = self._session(), self.lease
-        expected = self.version
-        path, leader = self.path, lease.path
-        if leader is None:
-            raise _NotLeading("its lease is no longer held")
-        deadline = time.monotonic() + session.settings.connect_timeout
-        while True:
-            if lease.lost:
-                raise _NotLeading("its ZooKeeper session was lost or is in doubt (lease.lost)")
-            try:
-                results = session.multi(
-                    functools.partial(_fenced_write, leader, path, data, expected)
-                )
-            except _ConnectionLost as exc:
-                if self._applied(data, expected, deadline, exc):
-                    break
-                continue  # not applied: write again, on the new connection
-            except CoordinationError as exc:
-                raise _NotLeading(f"ZooKeeper did not confirm the write: {exc}") from exc
-            if isinstance(results[0], NoNodeError):
-                raise _NotLeading("its lease's node is gone")
-            if isinstance(results[1], (BadVersionError, NoNodeError)):
-                raise _StateMoved("another beat has written the schedule's state since")
-            break
-        self.version = expected + 1
+        raise NotLeading(f"{self.path} keeps vanishing")
 
     def _applied(self, data: bytes, expected: int, deadline: float, exc: Exception) -> bool:
         """After a lost answer: whether our write applied (or raise if another's did)."""
@@ -6098,7 +5867,7 @@ class _BeatState:
                 raise CoordinationError("no answer within the connect timeout")
             stored, stat = session.read(session.client.get_async, self.path)
         except (CoordinationError, NoNodeError) as again:
-            raise _NotLeading(f"ZooKeeper did not confirm the write: {again}") from exc
+            raise NotLeading(f"ZooKeeper did not confirm the write: {again}") from exc
         if stat.version == expected:
             return False
         if stat.version == expected + 1 and stored == data:
@@ -6119,334 +5888,18 @@ def _fenced_write(
     txn.set_data(path, data, version)
 
 
-def _check_beat_schedule(app: celery.Celery, entries: Any) -> None:
-    """Raise ConfigurationError for an entry beat could never send, naming it."""
-    if not entries:
-        return
-    if not isinstance(entries, dict):
-        raise ConfigurationError(f"beat_schedule must be a dict of entries, not {entries!r}")
-    for name, entry in entries.items():
-        where = f"beat_schedule entry {name!r}"
-        if not isinstance(entry, dict):
-            raise ConfigurationError(f"{where} must be a dict with 'task' and 'schedule'")
-        task = entry.get("task")
-        if not isinstance(task, str) or not task:
-            raise ConfigurationError(f"{where} has no task name: 'task': 'proj.tasks.name'")
-        if task not in app.tasks:
-            raise ConfigurationError(
-                f"{where}: task {task!r} is not registered in the app beat runs with "
-                "(a typo, or a module missing from the app's imports or include?)"
-            )
-        _check_schedule(where, entry.get("schedule"))
-        if not isinstance(entry.get("args", ()), (list, tuple)):
-            raise ConfigurationError(f"{where}: 'args' must be a list or tuple")
-        if not isinstance(entry.get("kwargs") or {}, dict):
-            raise ConfigurationError(f"{where}: 'kwargs' must be a dict")
-
-
-def _check_schedule(where: str, schedule: Any) -> None:
-    if isinstance(schedule, timedelta):
-        schedule = schedule.total_seconds()
-    if isinstance(schedule, bool):
-        pass
-    elif isinstance(schedule, (int, float)):
-        if 0 < schedule < float("inf"):
-            return
-    elif callable(getattr(schedule, "is_due", None)):
-        return
-    raise ConfigurationError(
-        f"{where}: 'schedule' must be a positive number of seconds, a timedelta, or a "
-        f"schedule such as crontab() or solar(), not {schedule!r}"
-    )
-
-
-def _is_due(entry: ScheduleEntry) -> bool:
-    try:
-        return bool(entry.is_due()[0])
-    except Exception:  # Celery logs an entry whose next run cannot be computed
-        return False
-
-
-def _lateness(entry: ScheduleEntry) -> float | None:
-    """How many seconds ago ``entry`` fell due (None if its schedule cannot say)."""
-    try:
-        remaining = entry.schedule.remaining_estimate(entry.last_run_at)
-        return max(0.0, -remaining.total_seconds())  # type: ignore[no-any-return]
-    except Exception:
-        return None
-
-
 # ---------------------------------------------------------------------------
-# Observability: metrics from the signals, and a cached view of the tree
+# The cached view of the tree: ls --watch, and zkcelery_metrics's exporter
 # ---------------------------------------------------------------------------
 
 
-def _prometheus() -> types.ModuleType:
-    """prometheus_client, or a clear error naming the extra that installs it."""
-    try:
-        import prometheus_client
-    except ImportError as exc:
-        raise ConfigurationError(
-            "zkcelery's metrics need prometheus_client, which is not installed: "
-            "pip install 'zkcelery[metrics]'"
-        ) from exc
-    return prometheus_client
+class TreeView:
+    """A live copy of what ``ls`` lists for ``app``, kept current by ZooKeeper's watches.
 
-
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:
-    """Count zkcelery's signals as Prometheus metrics, and serve them over HTTP on ``port``.
-
-    A worker whose ``ZOOKEEPER_METRICS_PORT`` is set calls this itself, as
-    does a beat with ``ZOOKEEPER_BEAT_METRICS_PORT``; call it in any other
-    process whose leases, refusals or elections you want counted (a web
-    process that sends EarlyMutexTasks).  Where ``PROMETHEUS_MULTIPROC_DIR`` is
-    set (a prefork worker sets it for its pool), it serves what every process
-    writing there counted (prometheus_client's multiprocess mode).
-
-    :param port: the TCP port to listen on; 0 for any free one.
-    :param addr: the address to listen on.
-    :returns: the port it listens on.
-    :raises ConfigurationError: prometheus_client is not installed (the
-        ``zkcelery[metrics]`` extra), or ``port`` is not a port number.
-    """
-    port = _check_port("port", port, free=True)
-    prom = _prometheus()
-    _metrics()
-    registry = prom.REGISTRY
-    if os.environ.get(_MULTIPROC_DIR):
-        from prometheus_client import multiprocess
-
-        registry = prom.CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-    server = _metrics_server(registry, addr, port)
-    threading.Thread(target=server.serve_forever, name="zkcelery-metrics", daemon=True).start()
-    _log(logging.INFO, "metrics served on %s:%s", addr, server.server_port,
-         outcome="metrics_served")  # fmt: skip
-    return int(server.server_port)
-
-
-_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
-_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
-_HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 14400, 86400)
-
-
-class _Metrics:
-    """zkcelery's Prometheus metrics in this process, kept by receivers of its signals.
-
-    Labels are the lease's ``kind`` and ``name``, the task's name (as
-    celery-exporter's ``name``, so that the two join), never a key: key
-    values are unbounded.  Made once per process (_metrics), in the
-    multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` was set before
-    prometheus_client was imported.
-    """
-
-    def __init__(self, prom: types.ModuleType) -> None:
-        counter, lease = prom.Counter, ["kind", "name"]
-        self.wait = prom.Histogram(
-            "zkcelery_lease_wait_seconds",
-            "Seconds from a lease's first try to its grant, or to a try that ended without it.",
-            [*lease, "outcome"], buckets=_WAIT_BUCKETS,
-        )  # fmt: skip
-        self.hold = prom.Histogram(
-            "zkcelery_lease_hold_seconds", "Seconds a lease was held, from grant to release.",
-            lease, buckets=_HOLD_BUCKETS,
-        )  # fmt: skip
-        self.acquired = counter("zkcelery_lease_acquired", "Leases granted.", lease)
-        self.not_acquired = counter(
-            "zkcelery_lease_not_acquired", "Tries that ended without the lease.", [*lease, "reason"]
-        )
-        self.lost = counter(
-            "zkcelery_lease_lost", "Held leases that may have become another's.", [*lease, "reason"]
-        )
-        self.rejected = counter(
-            "zkcelery_mutex_rejected", "Mutex task copies rejected without running.", lease
-        )
-        self.requeued = counter(
-            "zkcelery_mutex_requeued", "Mutex task copies sent back to the queue.", lease
-        )
-        self.dropped = counter(
-            "zkcelery_mutex_dropped", "Second deliveries dropped while the first ran.", lease
-        )
-        self.refused = counter("zkcelery_early_refused", "EarlyMutexTask sends refused.", ["name"])
-        self.elected = counter("zkcelery_beat_elections", "Times this beat was elected.", ["name"])
-        self.deposed = counter("zkcelery_beat_depositions", "Times this beat stopped leading.",
-                               ["name"])  # fmt: skip
-        self.skipped = counter(
-            "zkcelery_beat_ticks_skipped",
-            "Ticks skipped: the task's last run was queued.",
-            ["name"],
-        )
-        self.leading = prom.Gauge(
-            "zkcelery_beat_leading", "1 while this beat leads.", ["name"],
-            multiprocess_mode="livesum",
-        )  # fmt: skip
-        self._bound: dict[tuple, Any] = {}
-
-    def bound(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, kept: the hot path skips prometheus_client's lookup."""
-        key = (id(metric), labels)
-        child = self._bound.get(key)
-        if child is None:
-            child = self._bound[key] = metric.labels(*labels)
-        return child
-
-    def connect(self) -> None:
-        for sent, receiver in (
-            (lease_acquired, self.on_acquired), (lease_not_acquired, self.on_not_acquired),
-            (lease_released, self.on_released), (lease_lost, self.on_lost),
-            (mutex_rejected, self.on_rejected), (mutex_requeued, self.on_requeued),
-            (mutex_dropped, self.on_dropped), (early_refused, self.on_refused),
-            (beat_elected, self.on_elected), (beat_deposed, self.on_deposed),
-            (beat_tick_skipped, self.on_skipped),
-        ):  # fmt: skip
-            sent.connect(receiver, weak=False)
-
-    # The receivers: each runs where its signal is sent, and does not block.
-    def on_acquired(self, lease: Lease, waited: float, **_: Any) -> None:
-        self.bound(self.wait, lease.kind, lease.task_name, "acquired").observe(waited)
-        self.bound(self.acquired, lease.kind, lease.task_name).inc()
-
-    def on_not_acquired(self, lease: Lease, waited: float, reason: str, **_: Any) -> None:
-        self.bound(self.wait, lease.kind, lease.task_name, "not_acquired").observe(waited)
-        self.bound(self.not_acquired, lease.kind, lease.task_name, reason).inc()
-
-    def on_released(self, lease: Lease, held: float, **_: Any) -> None:
-        self.bound(self.hold, lease.kind, lease.task_name).observe(held)
-
-    def on_lost(self, lease: Lease, reason: str, **_: Any) -> None:
-        self.bound(self.lost, lease.kind, lease.task_name, reason).inc()
-
-    def on_rejected(self, lease: Lease, **_: Any) -> None:
-        self.bound(self.rejected, lease.kind, lease.task_name).inc()
-
-    def on_requeued(self, lease: Lease, **_: Any) -> None:
-        self.bound(self.requeued, lease.kind, lease.task_name).inc()
-
-    def on_dropped(self, lease: Lease, **_: Any) -> None:
-        self.bound(self.dropped, lease.kind, lease.task_name).inc()
-
-    def on_refused(self, sender: Any, **_: Any) -> None:
-        self.bound(self.refused, sender.name).inc()
-
-    def on_elected(self, sender: Any, **_: Any) -> None:
-        self.bound(self.elected, _beat_name(sender)).inc()
-        self.bound(self.leading, _beat_name(sender)).set(1)
-
-    def on_deposed(self, sender: Any, **_: Any) -> None:
-        self.bound(self.deposed, _beat_name(sender)).inc()
-        self.bound(self.leading, _beat_name(sender)).set(0)
-
-    def on_skipped(self, sender: Any, **_: Any) -> None:
-        self.bound(self.skipped, _beat_name(sender)).inc()
-
-
-def _beat_name(scheduler: Any) -> str:
-    return str(scheduler.app.main or "celery")
-
-
-_metrics_lock = threading.Lock()
-_the_metrics: list[_Metrics] = []
-
-
-def _metrics() -> _Metrics:
-    """This process's _Metrics, made and connected to the signals the first time."""
-    with _metrics_lock:
-        if not _the_metrics:
-            metrics = _Metrics(_prometheus())
-            metrics.connect()
-            _the_metrics.append(metrics)
-        return _the_metrics[0]
-
-
-def _check_port(name: str, value: Any, free: bool = False) -> int:
-    """``value`` as a TCP port (0, any free one, only where ``free``); else ConfigurationError."""
-    lowest = 0 if free else 1
-    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value < 65536:
-        raise ConfigurationError(
-            f"{name} must be a TCP port number ({lowest}-65535), not {value!r}"
-        )
-    return value
-
-
-def _serve_metrics_as_set(
-    app: celery.Celery, setting: str, prepare: Callable[[], None] | None = None
-) -> None:
-    """Serve metrics on the port ``setting`` names (ZOOKEEPER_METRICS_ADDR: the address).
-
-    ``prepare`` runs first, once the port is known.  Unset: nothing.  A failure
-    (a bad setting, a port in use, no prometheus_client) is one ERROR line, and
-    the process runs on without metrics.
-    """
-    try:
-        value = _setting(app, setting)
-        if value is None:
-            return
-        port = _check_port(setting, value)
-        if prepare is not None:
-            prepare()
-        start_metrics_server(port, _setting(app, "ZOOKEEPER_METRICS_ADDR", "0.0.0.0"))
-    except (ZKCeleryError, OSError) as exc:
-        _log(logging.ERROR, "metrics not served: %s", exc, outcome="metrics_not_served",
-             error=str(exc))  # fmt: skip
-
-
-_made_dirs: list[str] = []
-
-
-def _worker_starts(sender: Any = None, instance: Any = None, **_: Any) -> None:
-    """``celery worker``, set up (its logging too) and before its pool forks: note what the
-    pool processes must know, and serve metrics if ZOOKEEPER_METRICS_PORT is set.
-
-    A prefork pool's children take the leases: they count in files that the
-    main process serves (prometheus_client's multiprocess mode, which must be
-    chosen before prometheus_client is first imported).
-    """
-    _worker.sends_events = bool(getattr(instance, "task_events", False))
-    prepare = functools.partial(_prepare_pool, instance.pool_cls)
-    _serve_metrics_as_set(instance.app, "ZOOKEEPER_METRICS_PORT", prepare)
-
-
-def _prepare_pool(pool: Any) -> None:
-    if _is_prefork(pool):
-        _use_multiprocess_mode()
-
-
-def _is_prefork(pool: Any) -> bool:
-    """Whether the worker's pool (a class, or a name as ``-P`` takes it) is a prefork pool."""
-    from celery.concurrency import get_implementation
-    from celery.concurrency.prefork import TaskPool
-
-    found = get_implementation(pool) if isinstance(pool, str) else pool
-    return isinstance(found, type) and issubclass(found, TaskPool)
-
-
-def _use_multiprocess_mode() -> None:
-    if os.environ.get(_MULTIPROC_DIR):
-        return  # the user's folder
-    if "prometheus_client" in sys.modules:
-        raise ConfigurationError(
-            "prometheus_client was imported before the worker started, without "
-            f"{_MULTIPROC_DIR}: the pool's processes could not report metrics; set "
-            f"{_MULTIPROC_DIR} to an empty folder for the worker"
-        )
-    folder = tempfile.mkdtemp(prefix="zkcelery-metrics-")
-    _made_dirs.append(folder)
-    os.environ[_MULTIPROC_DIR] = folder
-
-
-def _serve_beat_metrics(sender: Any = None, **_: Any) -> None:
-    """At a beat's start: serve metrics if ZOOKEEPER_BEAT_METRICS_PORT is set."""
-    _serve_metrics_as_set(sender.app, "ZOOKEEPER_BEAT_METRICS_PORT")
-
-
-def _remove_metrics_dirs(**_: Any) -> None:
-    """The multiprocess folder a worker made goes with the worker."""
-    while _made_dirs:
-        shutil.rmtree(_made_dirs.pop(), ignore_errors=True)
-
-
-class _TreeView:
-    """A live copy of the tree under ZOOKEEPER_ROOT, for the exporter and ``ls --watch``.
+    For a process that follows the locks: ``ls --watch``, and the exporter
+    (zkcelery_metrics).  It takes a session of its own, which :meth:`close`
+    ends; :meth:`start` loads it, then :meth:`snapshot` gives ``ls``'s rows
+    without a request, and :meth:`wait_change` waits for a change.
 
     kazoo's TreeCache keeps a data and a children watch on every node under the
     root and feeds this copy.  Loading it reads each node twice (its data, its
@@ -6466,18 +5919,24 @@ class _TreeView:
     the rows are empty.
     """
 
-    def __init__(self, session: _Session) -> None:
-        self.session = session
-        self.root = session.settings.root
+    def __init__(self, app: celery.Celery) -> None:
+        self.session = _Session(_read_settings(app))
+        #: ZOOKEEPER_ROOT (behind the chroot, if any): the root of the copy.
+        self.root = self.session.settings.root
         #: Counts the changes seen: the copy's, and the connection's.
         self.version = 0
         self._changed = threading.Condition()
         self._nodes: dict[str, tuple[bytes, ZnodeStat]] = {}
         self._children: dict[str, set[str]] = {}
         self._loaded = False  # the whole tree read since the session began
-        self._cache = TreeCache(session.client, self.root)
+        self._cache = TreeCache(self.session.client, self.root)
         self._cache.listen(self._on_event)
         self._cache.listen_fault(self._on_fault)
+
+    @property
+    def session_id(self) -> int | None:
+        """The id of the view's ZooKeeper session (as the servers' ``cons`` show it)."""
+        return self.session.session_id  # type: ignore[no-any-return]
 
     def start(self) -> None:
         """Connect, and start loading the copy (see :meth:`wait_loaded`)."""
@@ -6485,7 +5944,9 @@ class _TreeView:
         self._cache.start()
 
     def close(self) -> None:
+        """Stop following the tree, and end the view's session."""
         self._cache.close()
+        self.session.close()
 
     def snapshot(self) -> tuple[bool, list[dict]]:
         """(in sync, ``ls``'s rows), from the copy, without a request (see the class)."""
@@ -6535,130 +5996,74 @@ class _TreeView:
              error=str(exc))  # fmt: skip
 
 
-class _LeaseCollector:
-    """The exporter's gauges, from a _TreeView at each scrape: no ZooKeeper request.
-
-    ``name`` is the holder metadata's task name (the beat's owner for an
-    election), never the key: keys are unbounded, task names are not.  Held
-    means every contender ``ls`` does not show as waiting (an early mutex,
-    queued or running, holds its key).  While the view is not in sync, only
-    ``zkcelery_exporter_connected 0`` is served: a stale holder is no holder.
-    """
-
-    def __init__(self, view: _TreeView) -> None:
-        self.view = view
-        self._lock = threading.Lock()  # scrapes may come two at a time
-        self._waiting: set[int] = set()  # the czxids of the waiters at the last scrape
-        self._granted: dict[int, float] = {}  # of those granted since: when it was seen
-
-    def collect(self) -> Iterator[Any]:
-        gauge = _prometheus().metrics_core.GaugeMetricFamily
-        in_sync, rows = self.view.snapshot()
-        rows = self._hold_ages(rows)
-        yield gauge(
-            "zkcelery_exporter_connected",
-            "1 while the exporter's cached view is in sync with a live ZooKeeper session.",
-            value=int(in_sync),
-        )
-        if in_sync:
-            yield from _lease_gauges(gauge, rows)
-
-    def _hold_ages(self, rows: list[dict]) -> list[dict]:
-        """``rows`` with each holder's ``age`` counted from its grant, not its node's birth.
-
-        A holder that waited in line holds through the node it queued with:
-        its node's age counts the wait too.  One this exporter saw waiting is
-        counted from the first scrape that saw it hold (to within a scrape
-        interval); any other from its node's creation, which is its grant for
-        a lock taken free, and the closest known otherwise.
-        """
-        now = time.monotonic()
-        with self._lock:
-            held = {row["czxid"] for row in rows if row["state"] != "waiting"}
-            granted = {czxid: self._granted.get(czxid, now) for czxid in held & (
-                self._waiting | set(self._granted))}  # fmt: skip
-            self._granted = granted
-            self._waiting = {row["czxid"] for row in rows if row["state"] == "waiting"}
-        return [
-            {**row, "age": round(now - granted[row["czxid"]], 3)}
-            if row["czxid"] in granted else row
-            for row in rows
-        ]  # fmt: skip
-
-
-def _lease_gauges(gauge: Any, rows: list[dict]) -> Iterator[Any]:
-    """The gauges of ``rows`` (``ls``'s), by kind and task name."""
-    held = gauge("zkcelery_leases_held", "Holders now.", labels=["kind", "name"])
-    waiting = gauge("zkcelery_lease_waiters", "Waiters now.", labels=["kind", "name"])
-    oldest = gauge(
-        "zkcelery_lease_oldest_hold_seconds",
-        "Age of the oldest current hold, in seconds.",
-        labels=["kind", "name"],
-    )
-    early = gauge(
-        "zkcelery_early_keys", "Early mutex keys, queued or running.", labels=["name", "state"]
-    )
-    leader = gauge(
-        "zkcelery_beat_leader", "1 for each beat that leads.", labels=["name", "host", "pid"]
-    )
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["kind"], _label(row["task"])), []).append(row)
-    for labels, group in sorted(groups.items()):
-        holds = [row["age"] for row in group if row["state"] != "waiting"]
-        held.add_metric(labels, len(holds))
-        waiting.add_metric(labels, len(group) - len(holds))
-        if holds:
-            oldest.add_metric(labels, max(holds))
-    for (name, state), count in sorted(_count_early(rows).items()):
-        early.add_metric([name, state], count)
-    for row in rows:
-        if row["namespace"] == _BEAT and row["state"] == "held":
-            leader.add_metric([_label(row["task"]), _label(row["host"]), _label(row["pid"])], 1)
-    yield from (held, waiting, oldest, early, leader)
-
-
-def _count_early(rows: list[dict]) -> dict[tuple[str, str], int]:
-    counts: dict[tuple[str, str], int] = {}
-    for row in rows:
-        if row["namespace"] == _EARLY:
-            labels = (_label(row["task"]), str(row["state"]))
-            counts[labels] = counts.get(labels, 0) + 1
-    return counts
-
-
-def _label(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def _metrics_server(registry: Any, addr: str, port: int) -> WSGIServer:
-    """An HTTP server of ``registry`` (prometheus_client's WSGI app), one thread per scrape.
-
-    Not prometheus_client's start_http_server: before 0.17 it does not say
-    which port it bound, and ``--port 0`` asks for any free one.
-    """
-    import socketserver  # here: only a process that serves metrics pays for http.server
-    import wsgiref.simple_server
-
-    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
-
-    class Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
-        address_family = family
-        daemon_threads = True
-
-    class QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass  # a line per scrape is noise
-
-    app = _prometheus().make_wsgi_app(registry)
-    return wsgiref.simple_server.make_server(addr, port, app, Server, QuietHandler)
-
-
 def _interrupted_by_sigterm() -> None:
     """Make SIGTERM stop a long-running command as Ctrl-C does (KeyboardInterrupt)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+# ---------------------------------------------------------------------------
+# The companions: zkcelery_beat and zkcelery_metrics, imported when asked for
+# ---------------------------------------------------------------------------
+#
+# What runs beside the workers lives in modules of their own, which import
+# zkcelery (its public names only): never the other way round at import time,
+# so that zkcelery.py copied alone gives every task-side feature.
+
+#: The names zkcelery still answers for its companions: name -> module.
+_COMPANIONS = {"ElectedScheduler": "zkcelery_beat", "start_metrics_server": "zkcelery_metrics"}
+
+
+def _companion(module: str, what: str) -> types.ModuleType:
+    """The companion ``module``, or a ConfigurationError saying how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        raise ConfigurationError(
+            f"{what} needs {module}.py, zkcelery's companion module, which is not installed: "
+            f"copy {module}.py beside zkcelery.py, or pip install zkcelery"
+        ) from None
+
+
+def __getattr__(name: str) -> Any:
+    """``zkcelery.ElectedScheduler`` and ``zkcelery.start_metrics_server``, as they were: the
+    companions' own, imported at first use (``celery beat -S zkcelery.ElectedScheduler``)."""
+    module = _COMPANIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(_companion(module, f"zkcelery.{name}"), name)
+
+
+def _metrics_asked(app: celery.Celery, setting: str) -> types.ModuleType | None:
+    """zkcelery_metrics where ``setting`` (a metrics port) is set, else None; when it is
+    set and the module is missing, one ERROR line and None: the process runs on."""
+    if _setting(app, setting) is None:
+        return None
+    try:
+        return _companion("zkcelery_metrics", setting)
+    except ConfigurationError as exc:
+        _log(logging.ERROR, "metrics not served: %s", exc, outcome="metrics_not_served",
+             error=str(exc))  # fmt: skip
+        return None
+
+
+def _worker_starts(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """``celery worker``, set up (its logging too) and before its pool forks: note what the
+    pool processes must know, and serve metrics if ZOOKEEPER_METRICS_PORT is set."""
+    _worker.sends_events = bool(getattr(instance, "task_events", False))
+    metrics = _metrics_asked(instance.app, "ZOOKEEPER_METRICS_PORT")
+    if metrics is not None:
+        metrics.serve_worker_metrics(instance.app, instance.pool_cls)
+
+
+def _beat_starts(sender: Any = None, **_: Any) -> None:
+    """At a beat's start: serve metrics if ZOOKEEPER_BEAT_METRICS_PORT is set."""
+    metrics = _metrics_asked(sender.app, "ZOOKEEPER_BEAT_METRICS_PORT")
+    if metrics is not None:
+        metrics.serve_beat_metrics(sender.app)
 
 
 # ---------------------------------------------------------------------------
@@ -6717,8 +6122,11 @@ def _target_options(command: Callable) -> Callable:
     return command
 
 
-def _pass_app(command: Callable) -> Callable:
-    """Call ``command`` with the app the options name, made once they are all read."""
+def app_command(command: Callable) -> Callable:
+    """Make the click command ``command`` one of ``zkcelery``'s (``celery -A proj zk``): it
+    takes ``-A``, ``--hosts`` and ``--root``, is called with the Celery app they name (made
+    once all are read) as its first argument, and a zkcelery, kazoo or OS error ends it in
+    one line, exit 1.  Every subcommand is made with it, the companions' (``exporter``) too."""
 
     @click.pass_context
     @functools.wraps(command)
@@ -6729,10 +6137,33 @@ def _pass_app(command: Callable) -> Callable:
             # No quorum, a bad setting, a port in use: one line, exit 1.
             raise click.ClickException(str(exc) or type(exc).__name__) from None
 
-    return with_app
+    return _target_options(with_app)
 
 
-@click.group(name="zk", help="See and break zkcelery's locks; check the ZooKeeper ensemble.")
+class _Commands(click.Group):
+    """zk's subcommands; ``exporter`` is zkcelery_metrics's, imported when it is named."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, "exporter"})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "exporter" and cmd_name not in self.commands:
+            try:
+                self.add_command(_companion("zkcelery_metrics", "The exporter").exporter_command)
+            except ConfigurationError as exc:
+                return click.Command(cmd_name, help=str(exc), callback=functools.partial(
+                    _fail, str(exc)), context_settings={"ignore_unknown_options": True,
+                    "allow_extra_args": True})  # fmt: skip
+        return super().get_command(ctx, cmd_name)
+
+
+def _fail(message: str, **_: Any) -> NoReturn:
+    raise click.ClickException(message)
+
+
+@click.group(
+    name="zk", cls=_Commands, help="See and break zkcelery's locks; check the ZooKeeper ensemble."
+)
 @_target_options
 @click.pass_context
 def zk_command(ctx: click.Context) -> None:
@@ -6753,8 +6184,7 @@ def zk_command(ctx: click.Context) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
 @click.option("--watch", is_flag=True, help="List again at each change, until Ctrl-C.")
-@_target_options
-@_pass_app
+@app_command
 def _ls_command(app: celery.Celery, as_json: bool, watch: bool) -> None:
     if watch:
         _watch(app, as_json)
@@ -6771,8 +6201,7 @@ _WATCH_SETTLE = 0.2
 def _watch(app: celery.Celery, as_json: bool) -> None:
     """``ls --watch``: list again after each change of the holders or waiters, until Ctrl-C."""
     _interrupted_by_sigterm()
-    session = _connection(app)
-    view = _TreeView(session)
+    view = TreeView(app)
     try:
         view.start()
         view.wait_loaded()
@@ -6790,7 +6219,6 @@ def _watch(app: celery.Celery, as_json: bool) -> None:
         pass
     finally:
         view.close()
-        _close_connection(app, session)
 
 
 def _print_update(in_sync: bool, rows: list[dict], as_json: bool, first: bool) -> None:
@@ -6820,52 +6248,10 @@ def _print_table(rows: list[dict]) -> None:
         )
 
 
-@click.command(
-    name="exporter",
-    help="Serve Prometheus metrics of the locks at http://ADDR:PORT/metrics: holders, "
-    "waiters and the oldest hold's age by kind and task name, early mutex keys by state, "
-    "the beat leader, and whether the exporter is in sync with ZooKeeper. A scrape sends "
-    "no request to ZooKeeper: it reads a cache that watches keep up to date; while that "
-    "cache is not in sync, only zkcelery_exporter_connected 0 is served. Needs "
-    "zkcelery[metrics]; runs until Ctrl-C or SIGTERM.",
-)
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    required=True,
-    help="The port to serve on (0: any free one, printed at start).",
-)
-@click.option("--addr", default="0.0.0.0", show_default=True, help="The address to bind.")
-@_target_options
-@_pass_app
-def _exporter_command(app: celery.Celery, port: int, addr: str) -> None:
-    prometheus = _prometheus()  # without it: _pass_app's one-line error
-    _interrupted_by_sigterm()
-    session = _connection(app)
-    view = _TreeView(session)
-    registry = prometheus.CollectorRegistry()
-    registry.register(_LeaseCollector(view))
-    server = _metrics_server(registry, addr, port)
-    try:
-        view.start()
-        host = f"[{addr}]" if ":" in addr else addr
-        root, sid = session.settings.root, session.session_id
-        click.echo(f"serving http://{host}:{server.server_port}/metrics for {root} "
-                   f"(ZooKeeper session {sid:#x})")  # fmt: skip
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        view.close()
-        _close_connection(app, session)
-
-
 @click.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
 @click.argument("key")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@_target_options
-@_pass_app
+@app_command
 def _rm_command(app: celery.Celery, key: str, yes: bool) -> None:
     conn = _connection(app)
     rows = [row for row in _listing(conn) if key in (row["key"], row["node"])]
@@ -6906,8 +6292,7 @@ def _describe(row: dict) -> str:
     help="Report each server's mode and round trip, and whether ZOOKEEPER_AUTH protects the "
     "tree; exit 1 without quorum or when it does not.",
 )
-@_target_options
-@_pass_app
+@app_command
 def _check_command(app: celery.Celery) -> None:
     settings = _read_settings(app)
     if not _quorum_serves(settings):
@@ -6955,8 +6340,7 @@ def _protection_holds(session: _Session, settings: _Settings) -> bool:
 @click.command(
     name="secure", help="Give the tree zkcelery relies on to ZOOKEEPER_AUTH's identity alone."
 )
-@_target_options
-@_pass_app
+@app_command
 def _secure_command(app: celery.Celery) -> None:
     settings = _read_settings(app)
     acl = _default_acl(settings)
@@ -7088,18 +6472,20 @@ signals.task_revoked.connect(_free_revoked, weak=False)
 os.register_at_fork(after_in_child=_forget_inherited)
 signals.worker_process_shutdown.connect(_close_all, weak=False)
 signals.worker_shutdown.connect(_close_all, weak=False)
-# Metrics, where the settings ask for them (prometheus_client is imported then).
+# Metrics, where the settings ask for them (zkcelery_metrics is imported then).
 signals.celeryd_after_setup.connect(_worker_starts, weak=False)
-signals.beat_init.connect(_serve_beat_metrics, weak=False)
-signals.worker_shutdown.connect(_remove_metrics_dirs, weak=False)
+signals.beat_init.connect(_beat_starts, weak=False)
 
 # The subcommands of `zkcelery` and `celery zk` (Celery finds the group through
 # the celery.commands entry point).
-zk_command.add_command(_ls_command)
-zk_command.add_command(_exporter_command)
+zk_command.add_command(_ls_command)  # and exporter, zkcelery_metrics's (_Commands)
 zk_command.add_command(_rm_command)
 zk_command.add_command(_check_command)
 zk_command.add_command(_secure_command)
 
 if __name__ == "__main__":
-    main("python -m zkcelery")
+    # The module's copy runs the command, not this __main__ one: the companions
+    # import zkcelery, and must share its objects (the command line's context).
+    import zkcelery
+
+    zkcelery.main("python -m zkcelery")
