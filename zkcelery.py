@@ -2987,33 +2987,7 @@ class _ExclusiveLock:
 
     def _take_free(self) -> str:
         """Create ``<name>`` if the lock is free and nobody queues: taken, held or queued."""
-        return _ExclusiveSet(self.session, [self]).take_free()[0]
-
-    def _fast_ops(self, txn: TransactionRequest) -> None:
-        txn.create(self.holder, self.data, ephemeral=True)
-        txn.create(self.queue.path)  # ...fails if a queue exists: then it is not free
-        txn.delete(self.queue.path)
-
-    def _abandon_fast(self, session_id: int | None, result: Any) -> None:
-        # Runs on kazoo's thread, for a multi we stopped waiting for: if it
-        # applied, delete <name> now; if its answer is lost, on reconnect.
-        if not result.successful():
-            self.session.add_orphan(self.holder, session_id, self.guid)
-        elif isinstance(result.value[0], str):
-            self.session.client.delete_async(self.holder)
-
-    def _recover_fast(self, session_id: int | None, exc: Exception) -> bool:
-        session = self.session
-        try:
-            if not _caught_up(session, session_id, self.holder):
-                return False
-            data, _ = session.read(session.client.get_async, self.holder)
-        except NoNodeError:
-            return False
-        except CoordinationError as again:
-            session.add_orphan(self.holder, session_id, self.guid)
-            raise CoordinationError(f"connection lost while acquiring: {again}") from exc
-        return _guid_of(data) == self.guid
+        return _ExclusiveSet(self.session, [self]).take_free()[0]  # one key: its fast path
 
     def _queue_abandoned(self) -> bool:
         """Remove a queue that no one is in any more (its last waiter crashed): True if gone."""
@@ -3142,7 +3116,7 @@ class _ExclusiveSet:
     is.  All keys are in one namespace.
 
     Uncontended, one multi-operation makes every key's ``<name>`` with that
-    key's queue check (_ExclusiveLock._fast_ops): every key free and nobody
+    key's queue check (_ops): every key free and nobody
     queued on any, or nothing at all; and one multi-operation deletes them,
     fenced by the namespace's epoch as a single release is.  2 requests a
     cycle whatever the number of keys k (a single lock's 2 for k = 1), and
@@ -3162,13 +3136,13 @@ class _ExclusiveSet:
     raises, part-way releases the keys it took, the last first; a key taken
     early whose session ended while a later one waited is taken again.
 
-    Recovery: a lost answer to the multi-operation is recovered as one
-    lock's (_ExclusiveLock._recover_fast, on the first key: the transaction
-    made all or none); a multi-operation we stopped waiting for deletes
-    what it made, when it comes, or on reconnect.  A release whose answer is
-    lost leaves each node to be deleted, if still ours, when ZooKeeper
-    answers (_Session.add_orphan); one that finds the epoch moved (an ``rm``
-    ran) or a node gone releases each key on its own, as one lock does.
+    Recovery: a lost answer to the multi-operation is recovered by reading
+    the first key (the transaction made all or none); a multi-operation we
+    stopped waiting for deletes what it made, when it comes, or on reconnect.
+    A release whose answer is lost leaves each node to be deleted, if still
+    ours, when ZooKeeper answers (_Session.add_orphan); one that finds the
+    epoch moved (an ``rm`` ran) or a node gone releases each key on its own,
+    as one lock does.
     """
 
     def __init__(self, session: _Session, locks: list[_ExclusiveLock]) -> None:
@@ -3178,7 +3152,8 @@ class _ExclusiveSet:
     def take_free(self) -> tuple[str, int]:
         """Make every ``<name>`` if all are free: ("taken", 0), or ("held"/"queued", its index)."""
         session, first = self.session, self.locks[0]
-        epoch = session.epoch(first.parent)  # before the nodes can be ours, as _take_free
+        # Read before the nodes can be ours: a release checks that no rm ran since.
+        epoch = session.epoch(first.parent)
         for lock in self.locks:
             lock.epoch = epoch
         while True:
@@ -3237,30 +3212,44 @@ class _ExclusiveSet:
 
     def _ops(self, txn: TransactionRequest) -> None:
         for lock in self.locks:
-            lock._fast_ops(txn)
+            txn.create(lock.holder, lock.data, ephemeral=True)
+            txn.create(lock.queue.path)  # ...fails if a queue exists: then it is not free
+            txn.delete(lock.queue.path)
 
     def _abandon(self, session_id: int | None, result: Any) -> None:
-        for lock in self.locks:  # each deletes its own node if the multi-operation applied
-            lock._abandon_fast(session_id, result)
+        # Runs on kazoo's thread, for a multi we stopped waiting for: if it
+        # applied, delete the nodes now; if its answer is lost, on reconnect.
+        if not result.successful():
+            self.orphan(session_id)
+        elif isinstance(result.value[0], str):
+            for lock in self.locks:
+                self.session.client.delete_async(lock.holder)
 
     def _recover(self, session_id: int | None, exc: Exception) -> bool:
+        """After a lost answer: whether the multi-operation applied (it made all or none)."""
+        session, first = self.session, self.locks[0]
         try:
-            return self.locks[0]._recover_fast(session_id, exc)
-        except CoordinationError:  # the first key's node is an orphan already; so are the rest
-            self.orphan(session_id, self.locks[1:])
-            raise
+            if not _caught_up(session, session_id, first.holder):
+                return False
+            data, _ = session.read(session.client.get_async, first.holder)
+        except NoNodeError:
+            return False
+        except CoordinationError as again:
+            self.orphan(session_id)
+            raise CoordinationError(f"connection lost while acquiring: {again}") from exc
+        return _guid_of(data) == first.guid
 
     def _owned_by(self, owner: int | None) -> None:
         for lock in self.locks:
             lock._owner = owner
 
-    def orphan(self, session_id: int | None, locks: list[_ExclusiveLock] | None = None) -> None:
+    def orphan(self, session_id: int | None) -> None:
         """Leave each key's ``<name>``, if it is ours, to the session's reaper (no I/O)."""
-        for lock in self.locks if locks is None else locks:
+        for lock in self.locks:
             self.session.add_orphan(lock.holder, session_id, lock.guid)
 
 
-#: Operations _ExclusiveLock._fast_ops adds to a multi-operation, per key.
+#: Operations _ExclusiveSet._ops adds to a multi-operation, per key.
 _FAST_OPS = 3
 
 
