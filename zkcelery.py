@@ -2444,67 +2444,6 @@ _Protocol = Union["_ExclusiveLock", "_Semaphore", "_ReadWriteLock", "_EarlyMutex
 _Children = Callable[[str], Collection[str]]
 
 
-#: Turns of a waiting loop that may pass without an event before it pauses:
-#: each turn follows a change it saw, so this is a guard, not a rhythm.
-_FREE_TURNS = 20
-
-
-def _guid_of(data: bytes) -> str | None:
-    try:
-        return json.loads(data or b"{}").get("guid")
-    except ValueError:
-        return None
-
-
-def _expired(deadline: float | None) -> bool:
-    return deadline is not None and time.monotonic() >= deadline
-
-
-def _caught_up(session: _Session, session_id: int | None, path: str) -> bool:
-    """After a lost answer: False if the session that sent the request ended.
-
-    The server we reconnected to may not have applied the request yet: catch
-    up with the leader (a sync) before looking.
-    """
-    session.wait_connected()
-    if session.session_id != session_id:
-        return False
-    session.read(session.client.sync_async, path)
-    return True
-
-
-class _QueuePolicy:
-    """A kind of queue (_Queue): which nodes in line hold, and which one a waiter watches.
-
-    Data and pure functions of the sorted listing and our place in it: the
-    rules every waiter obeys, whatever its kind, are the engine's (_Queue),
-    never a policy's.  This base is the exclusive line: the first node holds,
-    every other waiter watches the one before it.
-    """
-
-    #: The listing sets a children watch: it wakes a waiter with no node to watch.
-    watch_listing = False
-
-    #: A hand-off mark (a change, then gone) on the node watched grants ours.
-    handoff = False
-
-    #: The deletion of the one node keeping ours waiting, made in another
-    #: session, grants ours (nodes join only at the back: nothing else can be
-    #: ahead of us then).
-    sole = False
-
-    #: The last waiter to leave deletes the container (else the server reaps it).
-    leaves_container = False
-
-    def front(self, children: list[str]) -> int:
-        """How many nodes at the front of ``children`` hold."""
-        return 1
-
-    def blocker(self, children: list[str], index: int) -> int | None:
-        """The index of the node that ours (at ``index``, waiting) watches; None: none."""
-        return index - 1 if index else None
-
-
 class _Queue:
     """Contenders for one key, in arrival order, under one container node.
 
@@ -2888,6 +2827,38 @@ class _Join:
                 self.woken.set()
 
         return on_event
+
+
+class _QueuePolicy:
+    """A kind of queue (_Queue): which nodes in line hold, and which one a waiter watches.
+
+    Data and pure functions of the sorted listing and our place in it: the
+    rules every waiter obeys, whatever its kind, are the engine's (_Queue),
+    never a policy's.  This base is the exclusive line: the first node holds,
+    every other waiter watches the one before it.
+    """
+
+    #: The listing sets a children watch: it wakes a waiter with no node to watch.
+    watch_listing = False
+
+    #: A hand-off mark (a change, then gone) on the node watched grants ours.
+    handoff = False
+
+    #: The deletion of the one node keeping ours waiting, made in another
+    #: session, grants ours (nodes join only at the back: nothing else can be
+    #: ahead of us then).
+    sole = False
+
+    #: The last waiter to leave deletes the container (else the server reaps it).
+    leaves_container = False
+
+    def front(self, children: list[str]) -> int:
+        """How many nodes at the front of ``children`` hold."""
+        return 1
+
+    def blocker(self, children: list[str], index: int) -> int | None:
+        """The index of the node that ours (at ``index``, waiting) watches; None: none."""
+        return index - 1 if index else None
 
 
 class _ExclusiveLock:
@@ -3546,6 +3517,35 @@ def _by_arrival(children: Iterable[str]) -> list[str]:
     return sorted(children, key=lambda child: child[-_SEQ_DIGITS:])
 
 
+#: Turns of a waiting loop that may pass without an event before it pauses:
+#: each turn follows a change it saw, so this is a guard, not a rhythm.
+_FREE_TURNS = 20
+
+
+def _guid_of(data: bytes) -> str | None:
+    try:
+        return json.loads(data or b"{}").get("guid")
+    except ValueError:
+        return None
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _caught_up(session: _Session, session_id: int | None, path: str) -> bool:
+    """After a lost answer: False if the session that sent the request ended.
+
+    The server we reconnected to may not have applied the request yet: catch
+    up with the leader (a sync) before looking.
+    """
+    session.wait_connected()
+    if session.session_id != session_id:
+        return False
+    session.read(session.client.sync_async, path)
+    return True
+
+
 def _read_children(session: _Session) -> _Children:
     """The walk's view of the tree through ``session``: one getChildren per node asked."""
 
@@ -3780,16 +3780,16 @@ class _EarlyMutex:
 _RUNNING_VERSION = 1
 
 
-def _make_running(path: str, data: bytes, txn: TransactionRequest) -> None:
-    """The running form where there was none: an ephemeral node at _RUNNING_VERSION."""
-    txn.create(path, data, ephemeral=True)
-    txn.set_data(path, data)
-
-
 def _to_running(path: str, version: int, data: bytes, txn: TransactionRequest) -> None:
     """The queued form read at ``version`` turned into the running form, atomically."""
     txn.delete(path, version)
     _make_running(path, data, txn)
+
+
+def _make_running(path: str, data: bytes, txn: TransactionRequest) -> None:
+    """The running form where there was none: an ephemeral node at _RUNNING_VERSION."""
+    txn.create(path, data, ephemeral=True)
+    txn.set_data(path, data)
 
 
 def _states(found: list[tuple[str, dict]], state: str) -> list[dict]:
