@@ -3232,19 +3232,11 @@ class _Line:
     session that made it.
     """
 
-    def __init__(
-        self,
-        session: _Session,
-        path: str,
-        tag: int | str,
-        guid: str,
-        data: bytes,
-        policy: _QueuePolicy,
-    ) -> None:
-        self.session = session
-        self.key_path = path
-        self.guid = guid
-        self.queue = _Queue(session, path, tag, guid, data)
+    def __init__(self, queue: _Queue, policy: _QueuePolicy) -> None:
+        self.session = queue.session
+        self.key_path = queue.path
+        self.guid = queue.guid
+        self.queue = queue
         self.policy = policy
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
@@ -3338,7 +3330,7 @@ class _Semaphore(_Line):
     ) -> None:
         self.max_leases = max_leases
         self.semaphore = _SemaphorePolicy(max_leases, label, option)
-        super().__init__(session, path, max_leases, guid, data, self.semaphore)
+        super().__init__(_Queue(session, path, max_leases, guid, data), self.semaphore)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         try:
@@ -3439,7 +3431,7 @@ class _ReadWriteLock(_Line):
     """
 
     def __init__(self, session: _Session, path: str, mode: str, guid: str, data: bytes) -> None:
-        super().__init__(session, path, mode, guid, data, _ReadWritePolicy(mode))
+        super().__init__(_Queue(session, path, mode, guid, data), _ReadWritePolicy(mode))
 
     @staticmethod
     def front_of(nodes: list[str]) -> int:
