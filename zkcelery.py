@@ -2728,7 +2728,7 @@ class _Join:
         queue, policy, children = self.queue, self.policy, self.queue.children
         ahead = policy.blocker(children, index)
         if ahead is None and policy.watch_listing:
-            self.woken = listed
+            self.woken = listed  # the listing set a children watch already
             return listed
         woken = self.woken = queue.session.handler.event_object()
         self.ahead, self.sole = None, False
@@ -2784,8 +2784,9 @@ class _Join:
             return True
         # First in line, woken by ``absent``'s deletion: nobody can be ahead of
         # us (later arrivals queue behind), so the lock is ours without another
-        # listing.  Not when its holder is of our own session: then its node
-        # may have gone with that session, and ours with it.
+        # listing; the hand-over then costs the holder's delete and nothing more.
+        # Not when its holder is of our own session: then its node may have
+        # gone with that session, and ours with it.
         return self.head and self.absent_gone and self.absent_elsewhere
 
     def _ahead_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
@@ -2849,7 +2850,8 @@ class _QueuePolicy:
     #: ahead of us then).
     sole = False
 
-    #: The last waiter to leave deletes the container (else the server reaps it).
+    #: The last waiter to leave deletes the container (else the server reaps it):
+    #: the exclusive lock's fast path is open only once it is gone.
     leaves_container = False
 
     def front(self, children: list[str]) -> int:
@@ -3367,7 +3369,11 @@ class _Semaphore(_Line):
 
 
 class _SemaphorePolicy(_QueuePolicy):
-    """_Semaphore's line: the first ``max_leases`` hold; the first waiter watches the listing."""
+    """_Semaphore's line: the first ``max_leases`` hold; the first waiter watches the listing.
+
+    No wake grants without a listing: the change that woke us may have
+    granted another.
+    """
 
     watch_listing = True
 
