@@ -1384,20 +1384,18 @@ def test_a_waiter_whose_session_ends_while_it_sets_its_watch_queues_again_at_onc
     # and before it set its watch: kazoo fired the old session's watches already, so
     # the new watch (on the holder's node, which stays) would be its only wake-up.
     holder = _lock_task_on(make_app()).lock("w", name="t.lock").__enter__()
-    set_watch, ended = zkcelery._ExclusivePolicy.watch, threading.Event()
+    set_watch, ended = zkcelery._Join.watch, threading.Event()
 
-    def watch_in_a_new_session(
-        policy: Any, children: list, index: int, listed: Any, watch_nodes: Any
-    ) -> Any:
+    def watch_in_a_new_session(joined: Any, index: int, listed: Any) -> Any:
         if not ended.is_set():
             old = zkcelery._connection(app).session_id
             expire_session(app, zk_hosts)
             wait_for(lambda: zkcelery._connection(app).session_id not in (None, old), 15,
                      "a new session")  # fmt: skip
             ended.set()
-        return set_watch(policy, children, index, listed, watch_nodes)
+        return set_watch(joined, index, listed)
 
-    monkeypatch.setattr(zkcelery._ExclusivePolicy, "watch", watch_in_a_new_session)
+    monkeypatch.setattr(zkcelery._Join, "watch", watch_in_a_new_session)
     result: list[bool] = []
     waiter = _in_thread(
         lambda: result.append(bool(_blocking(lock_task, "w", timeout=30).acquire()))

@@ -89,7 +89,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Protocol, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeVar, Union
 from urllib.parse import quote
 
 import celery
@@ -2447,71 +2447,6 @@ _Protocol = Union["_ExclusiveLock", "_Semaphore", "_ReadWriteLock", "_EarlyMutex
 _Children = Callable[[str], Collection[str]]
 
 
-#: Turns of a waiting loop that may pass without an event before it pauses:
-#: each turn follows a change it saw, so this is a guard, not a rhythm.
-_FREE_TURNS = 20
-
-
-def _guid_of(data: bytes) -> str | None:
-    try:
-        return json.loads(data or b"{}").get("guid")
-    except ValueError:
-        return None
-
-
-def _expired(deadline: float | None) -> bool:
-    return deadline is not None and time.monotonic() >= deadline
-
-
-class _QueuePolicy(Protocol):
-    """What a kind of queue decides in _Queue.wait_turn: when our node holds, and what it watches.
-
-    The exclusive lock (_ExclusivePolicy), the semaphore (_SemaphorePolicy)
-    and the read/write lock (_ReadWritePolicy) share _Queue and differ only in
-    these answers.  The rules every waiter obeys whatever its kind are the
-    engine's (see _Queue), never a policy's.
-    """
-
-    #: Whether the listing of the queue sets a children watch (``listed`` in watch).
-    watch_listing: bool
-
-    #: Whether a wake may grant without another listing (granted_on_wake can say
-    #: True): then the engine watches our own node too (see _Queue).
-    grants_on_wake: bool
-
-    #: A node that must not exist when ours is made (checked in the same request), or None.
-    absent: str | None
-
-    #: Whether the last waiter to leave deletes the queue's container (else the server
-    #: reaps it): the exclusive lock's fast path is open only once it is gone.
-    leaves_container: bool
-
-    def joined(self, absent: bool) -> None:
-        """Our node was just made (again), with ``absent`` seen absent or not: forget the rest."""
-
-    def granted(self, children: list[str], index: int) -> bool:
-        """Whether our node, at ``index`` in the sorted ``children``, holds now."""
-
-    def watch(self, children: list[str], index: int, listed: Any, watch_nodes: _WatchNodes) -> Any:
-        """Watch the nodes whose change may grant ours: the event that wakes us.
-
-        The watches are set through ``watch_nodes`` (the engine's, which adds
-        its own); None when what we meant to watch changed already (look again
-        at once).  ``listed`` is the event the listing's children watch sets,
-        when watch_listing.
-        """
-
-    def granted_on_wake(self) -> bool:
-        """Whether what woke us granted our node, so that no other listing is needed."""
-
-
-#: How a policy sets its watches (_Queue.watch_nodes): the stat of each node
-#: watched, None for one that is absent; None in all if our own node is gone.
-_WatchNodes = Callable[
-    [Sequence[tuple[str, Callable[[WatchedEvent], None]]]], Optional[list[Optional[ZnodeStat]]]
-]
-
-
 class _Queue:
     """Contenders for one key, in arrival order, under one container node.
 
@@ -2519,11 +2454,13 @@ class _Queue:
     ``<tag>@<guid>@<sequence>``; the order of the sequence numbers is the
     order of arrival.  The tag is what the protocol needs every contender to
     see in one listing: a semaphore's max_leases, a reader's or a writer's
-    mode.  A policy (the protocol using the queue) answers,
-    for the sorted contenders, two questions: is ours granted, and which one
-    thing do we watch until it may be.  Watching one node rather than the
-    container means a change wakes the one waiter it concerns, not all of
-    them (the herd effect).
+    mode.  A policy (_QueuePolicy) answers, for the sorted contenders, two
+    questions: is ours granted, and which one thing do we watch until it may
+    be.  Watching one node rather than the container means a change wakes
+    the one waiter it concerns, not all of them (the herd effect).  With
+    ``absent`` (the exclusive lock's ``<name>``), nothing holds until that
+    node is gone: a join checks it absent in the request that makes our node,
+    else the waiter watches it until it goes (see _ExclusiveLock).
 
     Recovery: the <guid> lets a contender find its own node again after a
     create whose answer was lost with the connection (the orphan of kazoo
@@ -2542,34 +2479,40 @@ class _Queue:
     The rules every waiter obeys, whatever its policy, are kept here:
 
     - a waiter is granted only while its own node exists, whatever woke it.
-      A listing shows it; a wake that grants without one (granted_on_wake)
-      is believed only if our node was not deleted first: for a policy that
-      may grant so, the engine watches our own node, once a join, in the
-      same batch as the policy's first watch (watch_nodes).  A session's
-      events come in the order of the changes, so a deletion of our node by
-      hand (or ``rm``) is known before the change that would grant us.
+      A listing shows it; a wake that grants without one is believed only if
+      our node was not deleted first: for a policy that may grant so, the
+      engine watches our own node, once a join, in the same batch as the
+      first watch of the join.  A session's events come in the order of the
+      changes, so a deletion of our node by hand (or ``rm``) is known before
+      the change that would grant us.
+    - a grant by a hand-off mark is taken only from the node watched in the
+      current turn.
     - a wake from an earlier join says nothing of this one: a new join
       starts new watches, and the session that made our node must still be
       ours when a watch is set.
     """
 
     def __init__(
-        self, session: _Session, path: str, tag: int | str, guid: str, data: bytes
+        self,
+        session: _Session,
+        path: str,
+        tag: int | str,
+        guid: str,
+        data: bytes,
+        absent: str | None = None,
     ) -> None:
         self.session = session
         self.path = path
         self.guid = guid
         self.prefix = f"{tag}{_SEP}{guid}{_SEP}"
         self.data = data
+        self.absent = absent
+        self.absent_held = False  # known held: the next join skips the check
         self.node: str | None = None  # our child's name while we are in the queue
         self.token: int | None = None
         self.owner: int | None = None  # the session our node was made in
         self.children: list[str] = []  # the last sorted listing
         self._listing: Any = None  # the answer to come of a listing sent with the join
-        self._join: object = None  # this join's mark: watches of an earlier one say nothing
-        self._own_watched = False  # this join's own-node watch is set
-        self._own_gone = False  # ...and our node has been deleted since
-        self._woken: Any = None  # what wakes the current turn (its own-node watch sets it too)
 
     @property
     def own_path(self) -> str:
@@ -2579,8 +2522,8 @@ class _Queue:
         """Create our node, or find it again if the answer to the create was lost.
 
         With ``absent``, the node is made in one request that also checks that
-        ``absent`` does not exist then (see _ExclusivePolicy); True if it was
-        made so, False if ``absent`` existed and the node was made on its own.
+        ``absent`` does not exist then; True if it was made so, False if
+        ``absent`` existed and the node was made on its own.
 
         The listing that follows every join (with ``watch``) is sent right
         after the create, with no wait between them: the server answers a
@@ -2612,12 +2555,9 @@ class _Queue:
                 if found is None:
                     continue  # never made, or made in a session now ended
                 made, stat = found
-                # The node found may be a late copy of a plain create: it proves
-                # nothing of ``absent``, which the policy then checks itself.
-                absent = None
+                absent = None  # a late copy of a plain create proves nothing of it
             # Cleanup goes by the owner, never by the session current at some
-            # other moment: the node is deleted, by its own path, whatever
-            # ends the wait (see leave).  Without a stat (a multi-operation's
+            # other moment (see leave).  Without a stat (a multi-operation's
             # answer), the token is read when it is asked for (_Grant).
             if stat is not None:
                 self.token, self.owner = stat.czxid, stat.ephemeralOwner
@@ -2631,12 +2571,8 @@ class _Queue:
     def _find_own(self, session_id: int | None, exc: Exception) -> tuple[str, ZnodeStat] | None:
         session = self.session
         try:
-            session.wait_connected()
-            if session.session_id != session_id:
+            if not _caught_up(session, session_id, self.path):
                 return None
-            # The server we reconnected to may not have applied our create
-            # yet: catch up with the leader before looking.
-            session.read(session.client.sync_async, self.path)
             for child in self.listing():
                 if child.startswith(self.prefix):
                     path = f"{self.path}/{child}"
@@ -2649,7 +2585,10 @@ class _Queue:
 
     def listing(self, watch: Callable | None = None) -> list[str]:
         """The contenders, sorted by arrival (empty when the container is gone)."""
-        return _contenders_in(self.session, self.path, watch)
+        try:
+            return _by_arrival(self.session.read(self.session.get_children_async, self.path, watch))
+        except NoNodeError:
+            return []
 
     def listed(self, watch: Callable | None = None) -> list[str]:
         """The listing sent with the last join, if there is one (else as :meth:`listing`)."""
@@ -2683,27 +2622,27 @@ class _Queue:
         return granted
 
     def _wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
-        free_turns = 0
+        free_turns, joined = 0, _Join(self, policy, False)
         while True:
             listed = self.session.handler.event_object()
             watch = _setter(listed) if policy.watch_listing else None
             if self.node is None:
-                self._join, self._own_watched, self._own_gone = object(), False, False
-                policy.joined(self.join(policy.absent, watch))
+                # The try that found ``absent`` held skips the check once.
+                absent = None if self.absent_held else self.absent
+                self.absent_held = False
+                joined = _Join(self, policy, self.join(absent, watch))
             self.children = self.listed(watch)
             if self.node not in self.children:  # our node is gone: join again
                 self.node = None
                 continue
             self._drop_ghosts()
             index = self.children.index(self.node)
-            if policy.granted(self.children, index):
+            if joined.absent_gone and index < policy.front(self.children):
                 return True
             if not blocking or _expired(deadline):
                 return False
-            woken = self._woken = policy.watch(
-                self.children, index, listed, self._watch_nodes(policy)
-            )
-            if woken is None or self._own_gone:  # changed already, or our node is gone: look
+            woken = joined.watch(index, listed)
+            if woken is None or joined.own_gone:  # changed already, or our node is gone: look
                 free_turns += 1
                 if free_turns > _FREE_TURNS:
                     self.session.handler.sleep_func(0.05)
@@ -2718,56 +2657,15 @@ class _Queue:
                 return False
             # Only while our node exists, whatever woke us: its deletion (by hand,
             # by rm) reached us before the change that woke us.
-            if policy.granted_on_wake() and not self._own_gone:
+            if joined.granted_on_wake() and not joined.own_gone:
                 return True
-
-    def _watch_nodes(self, policy: _QueuePolicy) -> _WatchNodes:
-        """How ``policy`` sets this turn's watches: with ours on our own node, if it needs one."""
-
-        def watch_nodes(
-            watches: Sequence[tuple[str, Callable[[WatchedEvent], None]]],
-        ) -> list[ZnodeStat | None] | None:
-            own = policy.grants_on_wake and not self._own_watched
-            # Marked before it is sent: a drop of the connection meanwhile (its
-            # callback unmarks it) has the next turn set it again.
-            self._own_watched = self._own_watched or own
-            ahead = [(self.own_path, self._own_watch())] if own else []
-            stats = self.session.stats_watching([*ahead, *watches])
-            if own and stats.pop(0) is None:
-                self._own_gone = True
-            return None if self._own_gone else stats
-
-        return watch_nodes
-
-    def _own_watch(self) -> Callable[[WatchedEvent], None]:
-        join = self._join
-
-        @_at_once
-        def on_event(event: WatchedEvent) -> None:
-            # Only our own release changes our node, after a grant.
-            if join is not self._join or event.type == EventType.CHANGED:
-                return
-            if event.type == EventType.DELETED:
-                # Deleted from outside (or with our session): nothing grants this
-                # join any more, and the sooner we join again, the nearer the front.
-                self._own_gone = True
-            else:
-                # The connection dropped: kazoo fired every watch and keeps none,
-                # so set this one again (its get then shows a deletion meanwhile).
-                self._own_watched = False
-            woken = self._woken
-            if woken is not None:
-                woken.set()
-
-        return on_event
 
     def abandon(self, session_id: int | None) -> None:
         """Leave our node, known or not, to the session's reaper (an exception came mid-wait).
 
-        No I/O: it may run while an asynchronous exception unwinds.  The node
-        is found by its prefix, which holds our guid; a node a grant holds is
-        never reaped.  One made in a later session is reaped as well: the
-        prefix is remembered for the session of the try, and for ours now.
+        No I/O: it may run while an asynchronous exception unwinds.  A node a
+        grant holds is never reaped.  One made in a later session is reaped as
+        well: the prefix is remembered for the session of the try, and for ours.
         """
         for session in {session_id, self.owner} - {None}:
             self.session.add_orphan(f"{self.path}/{self.prefix}", session)
@@ -2787,9 +2685,8 @@ class _Queue:
     def leave(self, container_too: bool = False, handoff: bool = False) -> None:
         """Delete our node (and the container, when asked and it is then empty).
 
-        :param handoff: rewrite the node's data in the request that deletes
-            it, so that the waiter watching it is told the node held (see
-            _ExclusivePolicy).
+        :param handoff: mark the node in the request that deletes it, so that
+            the waiter watching it is told it held (see _ExclusivePolicy).
         """
         if self.node is not None:
             path, self.node = self.own_path, None
@@ -2800,6 +2697,173 @@ class _Queue:
     def contenders(self) -> list[tuple[str, dict]]:
         """(path, metadata) of every contender, first in line first."""
         return self.session.read_nodes(f"{self.path}/{child}" for child in self.listing())
+
+
+class _Join:
+    """One join of a waiter (_Queue): the watches it sets, turn by turn, and what they saw.
+
+    A new join is a new _Join: the watches of an earlier one (before our
+    session changed, say) may still fire, and set only what nobody reads any
+    more.  ``absent`` seen absent when our node was made cannot come back
+    while it queues; else, until we see it gone, a holder that got in before
+    the queue existed may still hold it.
+    """
+
+    def __init__(self, queue: _Queue, policy: _QueuePolicy, absent_seen: bool) -> None:
+        self.queue = queue
+        self.policy = policy
+        self.own_watched = False  # our own node's watch is set
+        self.own_gone = False  # ...and our node has been deleted since
+        self.absent_gone = queue.absent is None or absent_seen
+        self.absent_elsewhere = False  # its holder's session is not ours
+        self.head = False  # we were first in line when we watched it
+        self.granted_now = False  # it was gone when we watched it, and we first
+        self.woken: Any = None  # the event of the current turn
+        self.ahead: Any = None  # what the node watched in the current turn did
+        self.sole = False  # that node is the only one keeping ours waiting
+
+    def watch(self, index: int, listed: Any) -> Any:
+        """Set this turn's watches, in one batch: the event that wakes us.
+
+        None when what we meant to watch changed already (look again at
+        once).  ``listed`` is the event the listing's children watch sets.
+        """
+        queue, policy, children = self.queue, self.policy, self.queue.children
+        ahead = policy.blocker(children, index)
+        if ahead is None and policy.watch_listing:
+            self.woken = listed  # the listing set a children watch already
+            return listed
+        woken = self.woken = queue.session.handler.event_object()
+        self.ahead, self.sole = None, False
+        own = not self.own_watched and (policy.handoff or policy.sole or not self.absent_gone)
+        # Marked before it is sent: a drop of the connection meanwhile (its
+        # callback unmarks it) has the next turn set it again.
+        self.own_watched = self.own_watched or own
+        watches = [(queue.own_path, self._own_watch())] if own else []
+        absent = None if self.absent_gone else queue.absent
+        if absent is not None:
+            self.head = index == 0
+            watches.append((absent, self._absent_watch(woken)))
+        if ahead is not None:
+            watches.append((f"{queue.path}/{children[ahead]}", self._ahead_watch(woken)))
+        stats = queue.session.stats_watching(watches)
+        if own and stats.pop(0) is None:
+            self.own_gone = True
+        if self.own_gone:
+            return None  # the next listing shows it
+        if absent is not None:
+            stat = stats.pop(0)
+            if stat is not None:
+                self.absent_elsewhere = stat.ephemeralOwner != queue.session.session_id
+            else:
+                # Gone, and it cannot come back while our node queues: the
+                # listing just read still stands, and no second one is needed.
+                # First in it, we hold (once wait_turn has checked that the
+                # session that made our node lives, and that our node does).
+                self.absent_gone = True
+                if index < policy.front(children):
+                    self.granted_now = True
+                    woken.set()
+        if ahead is None:
+            return woken
+        stat = stats[0]
+        if stat is None:
+            return None  # the node ahead went already: look again
+        # Not a node of our own session: its deletion may be that session's
+        # end, and ours gone with it.
+        rest = children[:ahead] + children[ahead + 1 :]
+        mine = stat.ephemeralOwner == queue.session.session_id
+        self.sole = policy.sole and not mine and index - 1 < policy.front(rest)
+        return woken
+
+    def granted_on_wake(self) -> bool:
+        """Whether what woke this turn granted our node, so that no other listing is needed."""
+        if self.granted_now:
+            self.granted_now = False
+            return True
+        if self.ahead == EventType.CHANGED and self.policy.handoff:
+            return self.absent_gone  # handed over by the node ahead, in this turn
+        if self.ahead == EventType.DELETED and self.sole:
+            return True
+        # First in line, woken by ``absent``'s deletion: nobody can be ahead of
+        # us (later arrivals queue behind), so the lock is ours without another
+        # listing; the hand-over then costs the holder's delete and nothing more.
+        # Not when its holder is of our own session: then its node may have
+        # gone with that session, and ours with it.
+        return self.head and self.absent_gone and self.absent_elsewhere
+
+    def _ahead_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
+        @_at_once
+        def on_event(event: WatchedEvent) -> None:
+            # A watch of an earlier turn on the same node says nothing of this one.
+            if woken is self.woken:
+                self.ahead = event.type
+            woken.set()
+
+        return on_event
+
+    def _absent_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
+        @_at_once
+        def on_event(event: WatchedEvent) -> None:
+            if event.type == EventType.DELETED:
+                self.absent_gone = True
+                if self.head:  # others wait for the waiter ahead of them
+                    woken.set()
+            else:  # the session changed: look again
+                woken.set()
+
+        return on_event
+
+    def _own_watch(self) -> Callable[[WatchedEvent], None]:
+        @_at_once
+        def on_event(event: WatchedEvent) -> None:
+            if event.type == EventType.CHANGED:  # only our own release, after a grant
+                return
+            if event.type == EventType.DELETED:
+                # Deleted from outside (or with our session): nothing grants this
+                # join any more, and the sooner we join again, the nearer the front.
+                self.own_gone = True
+            else:
+                # The connection dropped: kazoo fired every watch and keeps none,
+                # so set this one again (its get then shows a deletion meanwhile).
+                self.own_watched = False
+            if self.woken is not None:
+                self.woken.set()
+
+        return on_event
+
+
+class _QueuePolicy:
+    """A kind of queue (_Queue): which nodes in line hold, and which one a waiter watches.
+
+    Data and pure functions of the sorted listing and our place in it: the
+    rules every waiter obeys, whatever its kind, are the engine's (_Queue),
+    never a policy's.  This base is the exclusive line: the first node holds,
+    every other waiter watches the one before it.
+    """
+
+    #: The listing sets a children watch: it wakes a waiter with no node to watch.
+    watch_listing = False
+
+    #: A hand-off mark (a change, then gone) on the node watched grants ours.
+    handoff = False
+
+    #: The deletion of the one node keeping ours waiting, made in another
+    #: session, grants ours (nodes join only at the back: nothing else can be
+    #: ahead of us then).
+    sole = False
+
+    #: The last waiter to leave deletes the container (else the server reaps it):
+    #: the exclusive lock's fast path is open only once it is gone.
+    leaves_container = False
+
+    def front(self, children: list[str]) -> int:
+        """How many nodes at the front of ``children`` hold."""
+        return 1
+
+    def blocker(self, children: list[str], index: int) -> int | None:
+        """The index of the node that ours (at ``index``, waiting) watches; None: none."""
+        return index - 1 if index else None
 
 
 class _ExclusiveLock:
@@ -2863,20 +2927,15 @@ class _ExclusiveLock:
     unique, so deleting it by its path is always safe.
     """
 
-    watch_listing = False
-
     def __init__(self, session: _Session, parent: str, name: str, guid: str, data: bytes) -> None:
         self.session = session
         self.guid = guid
         self.data = data
         self.parent = parent
         self.key_path = self.holder = f"{parent}/{name}"
-        self.queue = _Queue(session, f"{self.holder}{_QUEUE}", 1, guid, data)
+        self.queue = _Queue(session, f"{self.holder}{_QUEUE}", 1, guid, data, self.holder)
         self.epoch: tuple[str, int] | None = None  # the namespace's, before <name> was ours
         self._owner: int | None = None  # the session that made <name>, when ours
-        self._policy = _ExclusivePolicy(session, self.holder, self.queue.path)
-
-    # -- acquire ---------------------------------------------------------------
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         # A key this process found contended a moment ago most likely still
@@ -2895,69 +2954,16 @@ class _ExclusiveLock:
         if outcome == "taken":
             return self.holder, None, self._owner
         # The try says <name> is held: a join checking it absent would fail.
-        self._policy.absent = None if outcome == "held" else self.holder
+        self.queue.absent_held = outcome == "held"
         self.session.contended(self.key_path, seen=True)
-        if not blocking:
+        if not blocking or not self.queue.wait_turn(_EXCLUSIVE, blocking, deadline):
             return None
-        if not self.queue.wait_turn(self._policy, blocking, deadline):
-            return None
-        # The token is learnt when asked, at the grant (see _Session.zxid_holding):
-        # a queue node's creation zxid is when it joined, not when it held.
+        # The token is learnt when asked, at the grant (see _Session.zxid_holding).
         return self.queue.own_path, None, self.queue.owner
 
     def _take_free(self) -> str:
         """Create ``<name>`` if the lock is free and nobody queues: taken, held or queued."""
-        session = self.session
-        # Read before <name> can be ours: a release checks that no rm ran since.
-        self.epoch = session.epoch(self.parent)
-        while True:
-            session_id = session.session_id
-            try:
-                abandon = functools.partial(self._abandon_fast, session_id)
-                results = session.multi(self._fast_ops, abandon=abandon)
-            except _ConnectionLost as exc:
-                if self._recover_fast(session_id, exc):
-                    self._owner = session_id
-                    return "taken"
-                continue  # not applied: try again on the new connection
-            if isinstance(results[0], str):
-                self._owner = session.owner_of(self.holder, self.guid, session_id)
-                if self._owner is None:
-                    continue  # gone with the session it was made in: try again
-                return "taken"
-            if isinstance(results[0], NoNodeError):  # the namespace node is gone
-                session.ensure_namespaces(again=True)
-                continue
-            return "held" if isinstance(results[0], NodeExistsError) else "queued"
-
-    def _fast_ops(self, txn: TransactionRequest) -> None:
-        txn.create(self.holder, self.data, ephemeral=True)
-        txn.create(self.queue.path)  # ...fails if a queue exists: then it is not free
-        txn.delete(self.queue.path)
-
-    def _abandon_fast(self, session_id: int | None, result: Any) -> None:
-        # Runs on kazoo's thread, for a multi we stopped waiting for: if it
-        # applied, delete <name> now; if its answer is lost, on reconnect.
-        if not result.successful():
-            self.session.add_orphan(self.holder, session_id, self.guid)
-        elif isinstance(result.value[0], str):
-            self.session.client.delete_async(self.holder)
-
-    def _recover_fast(self, session_id: int | None, exc: Exception) -> bool:
-        session = self.session
-        try:
-            session.wait_connected()
-            if session.session_id != session_id:
-                return False
-            # The server we reconnected to may not have applied the multi yet.
-            session.read(session.client.sync_async, self.holder)
-            data, _ = session.read(session.client.get_async, self.holder)
-        except NoNodeError:
-            return False
-        except CoordinationError as again:
-            session.add_orphan(self.holder, session_id, self.guid)
-            raise CoordinationError(f"connection lost while acquiring: {again}") from exc
-        return _guid_of(data) == self.guid
+        return _ExclusiveSet(self.session, [self]).take_free()[0]  # one key: its fast path
 
     def _queue_abandoned(self) -> bool:
         """Remove a queue that no one is in any more (its last waiter crashed): True if gone."""
@@ -2967,11 +2973,7 @@ class _ExclusiveLock:
             self.session.call(self.session.client.delete_async, self.queue.path)
         return True
 
-    def _alone(self) -> bool:
-        return len(self.queue.children) <= 1
-
     def _holder_node(self) -> list[tuple[str, dict]]:
-        """(path, metadata) of ``<name>`` if a holder's node is there."""
         session = self.session
         try:
             data, stat = session.read(session.client.get_async, self.holder)
@@ -3003,8 +3005,6 @@ class _ExclusiveLock:
 
         return isinstance(self.session.multi(ops)[0], str)
 
-    # -- release and look ------------------------------------------------------
-
     def abandon(self, session_id: int | None) -> None:
         """Leave whatever this try made, ``<name>`` or a queue node, to the reaper (no I/O)."""
         self.session.add_orphan(self.holder, session_id, self.guid)
@@ -3017,7 +3017,7 @@ class _ExclusiveLock:
                 path, session_id, guid=self.guid, epoch=self.epoch, handoff=mark
             )
         else:  # a holder's queue node: the waiter behind is told it held
-            self.queue.leave(container_too=self._alone(), handoff=True)
+            self.queue.leave(container_too=len(self.queue.children) <= 1, handoff=True)
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         """(holders, waiters): the metadata of each."""
@@ -3062,16 +3062,8 @@ class _ExclusiveLock:
                     yield path
 
 
-class _ExclusivePolicy:
-    """_ExclusiveLock's queue: our node holds when it is first in line and ``<name>`` is gone.
-
-    A waiter's node is made in the request that checks ``<name>`` absent (a
-    create and a delete of it, which fail if it exists): ``<name>`` cannot be
-    made again while the queue holds a node, so the waiter knows it gone from
-    the start.  If ``<name>`` is held, the node is made on its own, and until
-    the waiter has seen ``<name>`` gone it watches it (the first in line alone
-    wakes on its deletion).  Every waiter but the first watches the one before
-    it.
+class _ExclusivePolicy(_QueuePolicy):
+    """_ExclusiveLock's line: the first node holds once ``<name>`` (the queue's ``absent``) is gone.
 
     A holder's queue node is released by a multi-operation that rewrites its
     data and deletes it (_Queue.leave's hand-off), so the waiter behind it is
@@ -3080,105 +3072,14 @@ class _ExclusivePolicy:
     waiter is first now, and holds without listing again.  A node deleted
     plainly (its waiter gave up, its session ended, or ``rm``) says nothing
     of those before it: the waiter lists again.  Either grant without a
-    listing stands only while our own node exists, which the engine checks
-    (_Queue: grants_on_wake).
+    listing stands only while our own node exists, which the engine checks.
     """
 
-    watch_listing = False
-    grants_on_wake = True
+    handoff = True
     leaves_container = True
 
-    def __init__(self, session: _Session, holder: str, queue_path: str) -> None:
-        self.session = session
-        self.holder = holder
-        self.absent: str | None = holder
-        self.queue_path = queue_path
-        self.joined(False)
 
-    def joined(self, absent: bool) -> None:
-        # <name> seen absent when our node was made cannot come back while it
-        # queues; else, until we see it gone, a holder that got in before the
-        # queue existed may still hold it.
-        self._holder_gone = absent
-        self._head_waiting = self._holder_elsewhere = self._granted_now = False
-        self.absent = self.holder  # a join again (a new session) checks it
-        # Watches of an earlier join (before our session changed, say) may
-        # still fire: their callbacks compare this, and say nothing of ours.
-        self._join = object()
-        self._woken: Any = None  # the event of this turn's watch of the node ahead
-        self._handed_over: Any = None  # that event, when a hand-off set it
-
-    def granted(self, children: list[str], index: int) -> bool:
-        return index == 0 and self._holder_gone
-
-    def granted_on_wake(self) -> bool:
-        # First in the queue, woken by <name>'s deletion: nobody can be ahead of
-        # us (later arrivals queue behind), so the lock is ours without another
-        # listing; the handover then costs the holder's delete and nothing more.
-        # Not when the holder is of our own session: then its node may have gone
-        # with that session, and ours with it.
-        if self._granted_now:
-            self._granted_now = False
-            return True
-        if self._handed_over is not None and self._handed_over is self._woken:
-            self._handed_over = None
-            return self._holder_gone  # handed over by the node ahead, in this turn
-        return self._head_waiting and self._holder_gone and self._holder_elsewhere
-
-    def watch(self, children: list[str], index: int, listed: Any, watch_nodes: _WatchNodes) -> Any:
-        woken = self._woken = self.session.handler.event_object()
-        watches = []
-        holder_watched = not self._holder_gone
-        if holder_watched:
-            self._head_waiting = index == 0
-            watches.append((self.holder, self._holder_watch(woken)))
-        if index > 0:
-            watches.append((f"{self.queue_path}/{children[index - 1]}", self._ahead_watch(woken)))
-        stats = watch_nodes(watches)  # one batch, with the engine's watch on our own node
-        if stats is None:
-            return None  # our own node is gone: the next listing shows it
-        if holder_watched:
-            holder = stats.pop(0)
-            if holder is not None:
-                self._holder_elsewhere = holder.ephemeralOwner != self.session.session_id
-            else:
-                # Gone, and it cannot come back while our node queues: the
-                # listing just read still stands, and no second one is needed.
-                # First in it, we hold (wait_turn still checks that the session
-                # that made our node lives, and that our node does).
-                self._holder_gone = True
-                if index == 0:
-                    self._granted_now = True
-                    woken.set()
-        if index > 0 and stats[0] is None:
-            return None  # the node ahead went already: look again
-        return woken
-
-    def _ahead_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
-        @_at_once
-        def on_event(event: WatchedEvent) -> None:
-            # it held, and released (see the class); a watch of an earlier turn on
-            # the same node (our node was deleted and made again since) says nothing
-            if event.type == EventType.CHANGED and woken is self._woken:
-                self._handed_over = woken
-            woken.set()
-
-        return on_event
-
-    def _holder_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
-        join = self._join
-
-        @_at_once
-        def on_event(event: WatchedEvent) -> None:
-            if event.type == EventType.DELETED:
-                if join is self._join:
-                    self._holder_gone = True
-                if self._head_waiting:  # others wait for the waiter ahead of them
-                    woken.set()
-            else:  # the session changed: look again
-                woken.set()
-
-        return on_event
+_EXCLUSIVE = _ExclusivePolicy()
 
 
 class _ExclusiveSet:
@@ -3191,7 +3092,7 @@ class _ExclusiveSet:
     is.  All keys are in one namespace.
 
     Uncontended, one multi-operation makes every key's ``<name>`` with that
-    key's queue check (_ExclusiveLock._fast_ops): every key free and nobody
+    key's queue check (_ops): every key free and nobody
     queued on any, or nothing at all; and one multi-operation deletes them,
     fenced by the namespace's epoch as a single release is.  2 requests a
     cycle whatever the number of keys k (a single lock's 2 for k = 1), and
@@ -3211,13 +3112,13 @@ class _ExclusiveSet:
     raises, part-way releases the keys it took, the last first; a key taken
     early whose session ended while a later one waited is taken again.
 
-    Recovery: a lost answer to the multi-operation is recovered as one
-    lock's (_ExclusiveLock._recover_fast, on the first key: the transaction
-    made all or none); a multi-operation we stopped waiting for deletes
-    what it made, when it comes, or on reconnect.  A release whose answer is
-    lost leaves each node to be deleted, if still ours, when ZooKeeper
-    answers (_Session.add_orphan); one that finds the epoch moved (an ``rm``
-    ran) or a node gone releases each key on its own, as one lock does.
+    Recovery: a lost answer to the multi-operation is recovered by reading
+    the first key (the transaction made all or none); a multi-operation we
+    stopped waiting for deletes what it made, when it comes, or on reconnect.
+    A release whose answer is lost leaves each node to be deleted, if still
+    ours, when ZooKeeper answers (_Session.add_orphan); one that finds the
+    epoch moved (an ``rm`` ran) or a node gone releases each key on its own,
+    as one lock does.
     """
 
     def __init__(self, session: _Session, locks: list[_ExclusiveLock]) -> None:
@@ -3227,7 +3128,8 @@ class _ExclusiveSet:
     def take_free(self) -> tuple[str, int]:
         """Make every ``<name>`` if all are free: ("taken", 0), or ("held"/"queued", its index)."""
         session, first = self.session, self.locks[0]
-        epoch = session.epoch(first.parent)  # before the nodes can be ours, as _take_free
+        # Read before the nodes can be ours: a release checks that no rm ran since.
+        epoch = session.epoch(first.parent)
         for lock in self.locks:
             lock.epoch = epoch
         while True:
@@ -3286,34 +3188,118 @@ class _ExclusiveSet:
 
     def _ops(self, txn: TransactionRequest) -> None:
         for lock in self.locks:
-            lock._fast_ops(txn)
+            txn.create(lock.holder, lock.data, ephemeral=True)
+            txn.create(lock.queue.path)  # ...fails if a queue exists: then it is not free
+            txn.delete(lock.queue.path)
 
     def _abandon(self, session_id: int | None, result: Any) -> None:
-        for lock in self.locks:  # each deletes its own node if the multi-operation applied
-            lock._abandon_fast(session_id, result)
+        # Runs on kazoo's thread, for a multi we stopped waiting for: if it
+        # applied, delete the nodes now; if its answer is lost, on reconnect.
+        if not result.successful():
+            self.orphan(session_id)
+        elif isinstance(result.value[0], str):
+            for lock in self.locks:
+                self.session.client.delete_async(lock.holder)
 
     def _recover(self, session_id: int | None, exc: Exception) -> bool:
+        """After a lost answer: whether the multi-operation applied (it made all or none)."""
+        session, first = self.session, self.locks[0]
         try:
-            return self.locks[0]._recover_fast(session_id, exc)
-        except CoordinationError:  # the first key's node is an orphan already; so are the rest
-            self.orphan(session_id, self.locks[1:])
-            raise
+            if not _caught_up(session, session_id, first.holder):
+                return False
+            data, _ = session.read(session.client.get_async, first.holder)
+        except NoNodeError:
+            return False
+        except CoordinationError as again:
+            self.orphan(session_id)
+            raise CoordinationError(f"connection lost while acquiring: {again}") from exc
+        return _guid_of(data) == first.guid
 
     def _owned_by(self, owner: int | None) -> None:
         for lock in self.locks:
             lock._owner = owner
 
-    def orphan(self, session_id: int | None, locks: list[_ExclusiveLock] | None = None) -> None:
+    def orphan(self, session_id: int | None) -> None:
         """Leave each key's ``<name>``, if it is ours, to the session's reaper (no I/O)."""
-        for lock in self.locks if locks is None else locks:
+        for lock in self.locks:
             self.session.add_orphan(lock.holder, session_id, lock.guid)
 
 
-#: Operations _ExclusiveLock._fast_ops adds to a multi-operation, per key.
+#: Operations _ExclusiveSet._ops adds to a multi-operation, per key.
 _FAST_OPS = 3
 
 
-class _Semaphore:
+class _Line:
+    """A protocol whose holders and waiters are one line in the key's container (_Queue).
+
+    The front of the line holds (its policy's ``front``), which ``ls`` tells
+    from one listing (``front_of``); a node is released by its path, in the
+    session that made it.
+    """
+
+    def __init__(self, queue: _Queue, policy: _QueuePolicy) -> None:
+        self.session = queue.session
+        self.key_path = queue.path
+        self.guid = queue.guid
+        self.queue = queue
+        self.policy = policy
+
+    def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
+        if not self.queue.wait_turn(self.policy, blocking, deadline):
+            return None
+        return self.queue.own_path, self.queue.token, self.queue.owner
+
+    def abandon(self, session_id: int | None) -> None:
+        """Leave this try's node, waiting or granted, to the reaper (no I/O)."""
+        self.queue.abandon(session_id)
+
+    def release(self, path: str, session_id: int | None) -> None:
+        self.queue.node = path.rsplit("/", 1)[1]
+        self.queue.owner = session_id
+        # A waiter behind lists again whether the node changed or went: the
+        # mark costs it nothing, and a limited mutex's copy sees the run ended.
+        self.queue.leave(handoff=_marks_release(self.key_path))
+
+    def contenders(self) -> tuple[list[dict], list[dict]]:
+        queued = self.queue.contenders()
+        front = self.held([path.rsplit("/", 1)[1] for path, _ in queued])
+        return _states(queued[:front], "held"), _states(queued[front:], "waiting")
+
+    def held(self, nodes: list[str]) -> int:
+        """How many of the contenders ``nodes`` hold, as this lease sees them."""
+        return self.front_of(nodes)
+
+    @staticmethod
+    def front_of(nodes: list[str]) -> int:
+        """How many of the contenders ``nodes`` hold, as one listing tells."""
+        raise NotImplementedError
+
+    # -- a namespace of such keys, as ls and secure walk it ---------------------
+
+    @classmethod
+    def listed(cls, parent: str, children: _Children) -> Iterator[tuple[str, str, str]]:
+        """(key node, contender path, held or waiting) of every contender under ``parent``."""
+        for name in sorted(children(parent)):
+            yield from cls.listed_key(name, f"{parent}/{name}", children)
+
+    @classmethod
+    def listed_key(
+        cls, name: str, path: str, children: _Children
+    ) -> Iterator[tuple[str, str, str]]:
+        """As ``listed``, for the one container at ``path``."""
+        nodes = _by_arrival(children(path))
+        front = cls.front_of(nodes)
+        for i, node in enumerate(nodes):
+            yield name, f"{path}/{node}", "held" if i < front else "waiting"
+
+    @staticmethod
+    def guarding(session: _Session, parent: str) -> Iterator[str]:
+        """The per-key nodes under ``parent`` whose ACL guards contenders: every container."""
+        for child in sorted(session.read(session.client.get_children_async, parent)):
+            yield f"{parent}/{child}"
+
+
+class _Semaphore(_Line):
     """Up to ``max_leases`` holders at a time.
 
     Holders and waiters alike create one node in the semaphore's container
@@ -3337,8 +3323,6 @@ class _Semaphore:
     each other, and are refused with MaxLeasesMismatch, never admitted together.
     """
 
-    watch_listing = True
-
     def __init__(
         self,
         session: _Session,
@@ -3349,43 +3333,28 @@ class _Semaphore:
         label: str,
         option: str = "max_leases",
     ) -> None:
-        self.session = session
-        self.key_path = path
-        self.guid = guid
         self.max_leases = max_leases
-        self.queue = _Queue(session, path, max_leases, guid, data)
-        self._policy = _SemaphorePolicy(session, path, max_leases, label, option)
+        self.semaphore = _SemaphorePolicy(max_leases, label, option)
+        super().__init__(_Queue(session, path, max_leases, guid, data), self.semaphore)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         try:
-            if not self.queue.wait_turn(self._policy, blocking, deadline):
-                return None
-        except NoChildrenForEphemeralsError:
-            raise self._policy.mismatch([1]) from None
-        if self.queue.node != self.queue.children[-1]:
-            self._wake_next()  # the waiter behind us watches our node
-        return self.queue.own_path, self.queue.token, self.queue.owner
+            granted = super().acquire(blocking, deadline)
+        except NoChildrenForEphemeralsError:  # a plain mutex's node: see the class
+            raise self.semaphore.mismatch([1]) from None
+        if granted is not None and self.queue.node != self.queue.children[-1]:
+            # Best effort (the waiter behind us watches our node): if the
+            # connection is away, the watch fires anyway.
+            with contextlib.suppress(NoNodeError, CoordinationError):
+                self.session.call(self.session.client.set_async, granted[0], self.queue.data)
+        return granted
 
-    def _wake_next(self) -> None:
-        # Best effort: if the connection is away, the watch fires anyway.
-        with contextlib.suppress(NoNodeError, CoordinationError):
-            self.session.call(self.session.client.set_async, self.queue.own_path, self.queue.data)
+    def held(self, nodes: list[str]) -> int:
+        return self.max_leases
 
-    def abandon(self, session_id: int | None) -> None:
-        """Leave this try's node, waiting or granted, to the reaper (no I/O)."""
-        self.queue.abandon(session_id)
-
-    def release(self, path: str, session_id: int | None) -> None:
-        self.queue.node = path.rsplit("/", 1)[1]
-        self.queue.owner = session_id
-        # A waiter behind lists again whether the node changed or went: the
-        # mark costs it nothing, and a limited mutex's copy sees the run ended.
-        self.queue.leave(handoff=_marks_release(self.key_path))
-
-    def contenders(self) -> tuple[list[dict], list[dict]]:
-        queued = self.queue.contenders()
-        held, waiting = queued[: self.max_leases], queued[self.max_leases :]
-        return _states(held, "held"), _states(waiting, "waiting")
+    @staticmethod
+    def front_of(nodes: list[str]) -> int:
+        return int(nodes[0].split(_SEP, 1)[0]) if nodes else 0  # the limit in their names
 
     def holds_marked(self, mark: str) -> bool:
         """Whether another holder in the listing that granted ours has a guid starting ``mark``."""
@@ -3401,55 +3370,29 @@ class _Semaphore:
                 return _wait_gone(self.session, f"{self.key_path}/{child}", deadline, guid)
         return "gone"
 
-    # -- a namespace of semaphores, as ls and secure walk it --------------------
 
-    @staticmethod
-    def listed(parent: str, children: _Children) -> Iterator[tuple[str, str, str]]:
-        """(key node, contender path, held or waiting) of every contender under ``parent``."""
-        for name in sorted(children(parent)):
-            yield from _Semaphore.listed_key(name, f"{parent}/{name}", children)
+class _SemaphorePolicy(_QueuePolicy):
+    """_Semaphore's line: the first ``max_leases`` hold; the first waiter watches the listing.
 
-    @staticmethod
-    def listed_key(name: str, path: str, children: _Children) -> Iterator[tuple[str, str, str]]:
-        """As ``listed``, for the one container at ``path``."""
-        nodes = _by_arrival(children(path))
-        limit = int(nodes[0].split(_SEP, 1)[0]) if nodes else 0
-        for i, node in enumerate(nodes):
-            yield name, f"{path}/{node}", "held" if i < limit else "waiting"
-
-    @staticmethod
-    def guarding(session: _Session, parent: str) -> Iterator[str]:
-        """The per-key nodes under ``parent`` whose ACL guards contenders: every container."""
-        for child in sorted(session.read(session.client.get_children_async, parent)):
-            yield f"{parent}/{child}"
-
-
-class _SemaphorePolicy:
-    """_Semaphore's queue: the first ``max_leases`` nodes in line hold (see _Semaphore)."""
+    No wake grants without a listing: the change that woke us may have
+    granted another.
+    """
 
     watch_listing = True
-    grants_on_wake = False  # every wake lists again, and the listing shows our node
-    leaves_container = False
 
-    def __init__(
-        self, session: _Session, queue_path: str, max_leases: int, label: str, option: str
-    ) -> None:
-        self.session = session
-        self.queue_path = queue_path
+    def __init__(self, max_leases: int, label: str, option: str) -> None:
         self.max_leases = max_leases
         self.label = label  # "semaphore <key>", "mutex <key>"
         self.option = option
 
-    absent: str | None = None
-
-    def joined(self, absent: bool) -> None:
-        pass
-
-    def granted(self, children: list[str], index: int) -> bool:
+    def front(self, children: list[str]) -> int:
         others = {int(c.split(_SEP, 1)[0]) for c in children} - {self.max_leases}
         if others:
             raise self.mismatch(sorted(others))
-        return index < self.max_leases
+        return self.max_leases
+
+    def blocker(self, children: list[str], index: int) -> int | None:
+        return None if index == self.max_leases else index - 1
 
     def mismatch(self, others: list[int]) -> MaxLeasesMismatch:
         """The error for holders of one key that disagree on how many it admits."""
@@ -3458,22 +3401,12 @@ class _SemaphorePolicy:
             f"{self.option}={others}; all holders of one key must agree"
         )
 
-    def watch(self, children: list[str], index: int, listed: Any, watch_nodes: _WatchNodes) -> Any:
-        if index == self.max_leases:
-            return listed  # the listing set a children watch already
-        woken = self.session.handler.event_object()
-        stats = watch_nodes([(f"{self.queue_path}/{children[index - 1]}", _setter(woken))])
-        return None if stats is None or stats[0] is None else woken
-
-    def granted_on_wake(self) -> bool:
-        return False  # the change that woke us may have granted another: list again
-
 
 #: The modes of a read/write lock: the tag of its nodes (see _ReadWriteLock).
 _READ, _WRITE = "read", "write"
 
 
-class _ReadWriteLock:
+class _ReadWriteLock(_Line):
     """Readers share it, a writer holds it alone: ``read_lock()`` and ``write_lock()``.
 
     Readers and writers of one key make one node each in the key's container
@@ -3495,9 +3428,9 @@ class _ReadWriteLock:
     Uncontended, a read or a write lock costs three requests: create, list,
     delete; a failed try the same, its node deleted at once.  A waiter woken
     by the deletion of the only node that kept it waiting, made in another
-    session, holds without listing the line again: after the release, the
-    grant costs no request.  Any other wake costs a listing and the get that
-    sets the next watch.
+    session, holds without listing the line again (_QueuePolicy.sole): after
+    the release, the grant costs no request.  Any other wake costs a listing
+    and the get that sets the next watch.
 
     The fencing token is the node's creation zxid, one order for readers and
     writers: conflicting grants follow the line, which is the order of
@@ -3507,116 +3440,34 @@ class _ReadWriteLock:
     """
 
     def __init__(self, session: _Session, path: str, mode: str, guid: str, data: bytes) -> None:
-        self.session = session
-        self.key_path = path
-        self.guid = guid
-        self.queue = _Queue(session, path, mode, guid, data)
-        self._policy = _ReadWritePolicy(session, path, mode)
+        super().__init__(_Queue(session, path, mode, guid, data), _ReadWritePolicy(mode))
 
-    def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
-        if not self.queue.wait_turn(self._policy, blocking, deadline):
-            return None
-        return self.queue.own_path, self.queue.token, self.queue.owner
-
-    def abandon(self, session_id: int | None) -> None:
-        """Leave this try's node, waiting or granted, to the reaper (no I/O)."""
-        self.queue.abandon(session_id)
-
-    def release(self, path: str, session_id: int | None) -> None:
-        self.queue.node = path.rsplit("/", 1)[1]
-        self.queue.owner = session_id
-        self.queue.leave()
-
-    def contenders(self) -> tuple[list[dict], list[dict]]:
-        queued = self.queue.contenders()
-        front = _front([path.rsplit("/", 1)[1] for path, _ in queued])
-        return _states(queued[:front], "held"), _states(queued[front:], "waiting")
-
-    # -- a namespace of read/write locks, as ls and secure walk it --------------
+    @staticmethod
+    def front_of(nodes: list[str]) -> int:
+        return _front(nodes)
 
     @staticmethod
     def kind_of(path: str) -> str:
         """``read lock`` or ``write lock``: what the contender at ``path`` takes."""
         return f"{path.rsplit('/', 1)[1].split(_SEP, 1)[0]} lock"
 
-    @staticmethod
-    def listed(parent: str, children: _Children) -> Iterator[tuple[str, str, str]]:
-        """(key node, contender path, held or waiting) of every contender under ``parent``."""
-        for name in sorted(children(parent)):
-            nodes = _by_arrival(children(f"{parent}/{name}"))
-            front = _front(nodes)
-            for i, node in enumerate(nodes):
-                yield name, f"{parent}/{name}/{node}", "held" if i < front else "waiting"
 
-    @staticmethod
-    def guarding(session: _Session, parent: str) -> Iterator[str]:
-        """The per-key nodes under ``parent`` whose ACL guards contenders: every container."""
-        return _Semaphore.guarding(session, parent)
+class _ReadWritePolicy(_QueuePolicy):
+    """_ReadWriteLock's line: the front holds; a waiter watches what blocks it."""
 
+    sole = True
 
-class _ReadWritePolicy:
-    """_ReadWriteLock's queue: the front of the line holds; a waiter watches what blocks it.
-
-    A waiter woken by the deletion of the one node that kept it waiting holds
-    without listing again, and only while its own node exists (the engine's
-    rule: _Queue).
-    """
-
-    watch_listing = False
-    grants_on_wake = True
-    leaves_container = False
-
-    def __init__(self, session: _Session, queue_path: str, mode: str) -> None:
-        self.session = session
-        self.queue_path = queue_path
+    def __init__(self, mode: str) -> None:
         self.mode = mode
-        self._woken: Any = None  # the event of the latest watch
-        self._sole = False  # that watch is on the only node keeping ours waiting...
-        self._deleted = False  # ...and that node's deletion set the event
 
-    absent: str | None = None
+    def front(self, children: list[str]) -> int:
+        return _front(children)
 
-    def joined(self, absent: bool) -> None:
-        pass
-
-    def granted(self, children: list[str], index: int) -> bool:
-        return index < _front(children)
-
-    def watch(self, children: list[str], index: int, listed: Any, watch_nodes: _WatchNodes) -> Any:
-        ahead = self._blocker(children, index)
-        woken = self._woken = self.session.handler.event_object()
-        self._deleted = False
-        watch = self._deletion_watch(woken)
-        stats = watch_nodes([(f"{self.queue_path}/{children[ahead]}", watch)])
-        if stats is None or stats[0] is None:
-            return None
-        stat = stats[0]
-        # Not a node of our own session: its deletion may be that session's
-        # end, and ours gone with it.
-        rest = children[:ahead] + children[ahead + 1 :]
-        self._sole = stat.ephemeralOwner != self.session.session_id and self.granted(
-            rest, index - 1
-        )
-        return woken
-
-    def granted_on_wake(self) -> bool:
-        # Nodes join only at the back: with the one node ahead that kept us
-        # waiting gone, nothing else can be ahead of us.
-        return self._sole and self._deleted
-
-    def _blocker(self, children: list[str], index: int) -> int:
-        """The index of the node ours waits for: the last writer ahead, or the node ahead."""
+    def blocker(self, children: list[str], index: int) -> int | None:
+        """The last writer ahead of a reader; the node ahead of a writer."""
         if self.mode == _READ:
             return max(i for i in range(index) if children[i].startswith(_WRITE + _SEP))
         return index - 1
-
-    def _deletion_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
-        def on_event(event: WatchedEvent) -> None:
-            if woken is self._woken:  # not the watch of an earlier turn, still set
-                self._deleted = event.type == EventType.DELETED
-            woken.set()
-
-        return on_event
 
 
 def _front(children: list[str]) -> int:
@@ -3662,18 +3513,38 @@ def _wait_gone(
         changed = seen[:1] == [EventType.CHANGED]
 
 
-def _contenders_in(session: _Session, path: str, watch: Callable | None = None) -> list[str]:
-    """The contender nodes under ``path``, sorted by arrival; none if it is gone."""
-    try:
-        children = session.read(session.get_children_async, path, watch)
-    except NoNodeError:
-        return []
-    return _by_arrival(children)
-
-
 def _by_arrival(children: Iterable[str]) -> list[str]:
     """Sequential nodes in line: by the counter ZooKeeper appended, whatever their prefix."""
     return sorted(children, key=lambda child: child[-_SEQ_DIGITS:])
+
+
+#: Turns of a waiting loop that may pass without an event before it pauses:
+#: each turn follows a change it saw, so this is a guard, not a rhythm.
+_FREE_TURNS = 20
+
+
+def _guid_of(data: bytes) -> str | None:
+    try:
+        return json.loads(data or b"{}").get("guid")
+    except ValueError:
+        return None
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _caught_up(session: _Session, session_id: int | None, path: str) -> bool:
+    """After a lost answer: False if the session that sent the request ended.
+
+    The server we reconnected to may not have applied the request yet: catch
+    up with the leader (a sync) before looking.
+    """
+    session.wait_connected()
+    if session.session_id != session_id:
+        return False
+    session.read(session.client.sync_async, path)
+    return True
 
 
 def _read_children(session: _Session) -> _Children:
@@ -3910,16 +3781,16 @@ class _EarlyMutex:
 _RUNNING_VERSION = 1
 
 
-def _make_running(path: str, data: bytes, txn: TransactionRequest) -> None:
-    """The running form where there was none: an ephemeral node at _RUNNING_VERSION."""
-    txn.create(path, data, ephemeral=True)
-    txn.set_data(path, data)
-
-
 def _to_running(path: str, version: int, data: bytes, txn: TransactionRequest) -> None:
     """The queued form read at ``version`` turned into the running form, atomically."""
     txn.delete(path, version)
     _make_running(path, data, txn)
+
+
+def _make_running(path: str, data: bytes, txn: TransactionRequest) -> None:
+    """The running form where there was none: an ephemeral node at _RUNNING_VERSION."""
+    txn.create(path, data, ephemeral=True)
+    txn.set_data(path, data)
 
 
 def _states(found: list[tuple[str, dict]], state: str) -> list[dict]:
