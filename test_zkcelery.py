@@ -2438,7 +2438,7 @@ def _facts(**facts: Any) -> zkcelery._Facts:
     return zkcelery._Facts(_ME, **facts)
 
 
-def _step(act: str, why: str = "", seconds: Optional[float] = None, holder=None):
+def _step(act: str, why: str = "", seconds: float | None = None, holder=None):
     return zkcelery._Step(act, why, seconds, holder or {})
 
 
@@ -2504,7 +2504,7 @@ _DECISIONS = [
     ("another took it", _WAITED_OUT, _facts(holder=_OTHER), _step("reject", holder=_OTHER)),
     ("freed and taken, requeue", _WAITED_OUT, _facts(requeue=True, limited=True),
      _step("run", "back off", 0.25)),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("last", "facts", "expected"), [c[1:] for c in _DECISIONS],
@@ -2514,11 +2514,11 @@ def test_mutex_decision(last, facts, expected):
 
 
 _holders = st.sampled_from([{}, _OTHER, _OWN, {**_OWN, "handover": True}, {**_OWN, "retries": 3}])
+_RUNS = ("again", "followed", "waited out", "back off", "backed off")
+_WAITS = ("follow", "follow again", "wait out", "back off")
 _lasts = st.sampled_from(
-    [None, *(_step("run", why, holder=_OWN) for why in ("again", "followed", "waited out",
-                                                        "back off", "backed off")),
-     *(_step("wait", why, 1.0, _OWN) for why in ("follow", "follow again", "wait out",
-                                                  "back off"))]  # fmt: skip
+    [None, *(_step("run", why, holder=_OWN) for why in _RUNS)]
+    + [_step("wait", why, 1.0, _OWN) for why in _WAITS]
 )
 
 
