@@ -585,24 +585,21 @@ def _alive_here(holder: dict) -> bool | None:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except FileNotFoundError:
-        return False if os.path.isdir("/proc/self") else _signalable(pid)
+        if os.path.isdir("/proc/self"):
+            return False
+        try:  # no /proc (macOS): ask the kernel
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
     except OSError:
         return None
     fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3, the state, on
     if fields[0] in (b"Z", b"X") or int(fields[6]) & _PF_EXITING or _killed(pid):
         return False  # dead, or dying: a SIGKILLed worker's child lives on for a moment
     return not _started_after(fields, holder.get("acquired"))
-
-
-def _signalable(pid: int) -> bool:
-    """Whether ``pid`` is alive, where there is no /proc (macOS): ask the kernel."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass
-    return True
 
 
 def _started_after(fields: list[bytes], acquired: Any) -> bool:
@@ -1178,21 +1175,15 @@ class MutexTask(_KeyedTask):
     def _say_waiting(self, lease: Lease, step: _Step, facts: _Facts) -> None:
         holder, wait = step.holder, step.seconds
         if step.why == "follow":
-            lease._log(
-                logging.INFO,
-                "is held by its previous copy (retries %s, replaced %s): waiting for its release",
-                holder.get("retries"), holder.get("nesting"), holder=holder.get("task_id"),
-                outcome="waiting", wait=wait,
-            )  # fmt: skip
+            lease._log(logging.INFO, "is held by its previous copy (retries %s, replaced %s): "
+                       "waiting for its release", holder.get("retries"), holder.get("nesting"),
+                       holder=holder.get("task_id"), outcome="waiting", wait=wait)  # fmt: skip
         elif step.why == "wait out":
-            lease._log(
-                logging.INFO,
-                "is held by this same task (%s %s pid %s): waiting up to %.1f s for that "
-                "session to end",
-                "a dead process, on" if facts.alive is False else "on", holder.get("host"),
-                holder.get("pid"), wait, holder=holder.get("task_id"), outcome="waiting",
-                wait=wait,
-            )  # fmt: skip
+            lease._log(logging.INFO, "is held by this same task (%s %s pid %s): waiting up to "
+                       "%.1f s for that session to end",
+                       "a dead process, on" if facts.alive is False else "on", holder.get("host"),
+                       holder.get("pid"), wait, holder=holder.get("task_id"), outcome="waiting",
+                       wait=wait)  # fmt: skip
 
     def _reject(self, lease: Lease, holder: dict, requeue: bool) -> NoReturn:
         holder_id = holder.get("task_id")
