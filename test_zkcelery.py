@@ -2434,12 +2434,12 @@ _OTHER = {"task_id": "task-other", "guid": "g-other"}
 _OWN = {"task_id": _ME, "guid": "g-own", "retries": 0, "nesting": 0, "host": "h", "pid": 7}
 
 
-def _facts(**facts: Any) -> zkcelery._Facts:
-    return zkcelery._Facts(_ME, **facts)
+def _facts(**facts: Any) -> zkcelery._MutexFacts:
+    return zkcelery._MutexFacts(_ME, **facts)
 
 
 def _step(act: str, why: str = "", seconds: float | None = None, holder=None):
-    return zkcelery._Step(act, why, seconds, holder or {})
+    return zkcelery._MutexStep(act, why, seconds, holder or {})
 
 
 _WAITED_OUT = _step("run", "waited out", holder=_OWN)
@@ -2466,7 +2466,7 @@ _DECISIONS = [
      _step("requeue", holder=_OTHER)),
     ("still held after a limited back-off", _step("run", "back off", 1.0),
      _facts(holder=_OTHER), _step("requeue", holder=_OTHER)),
-    ("no task id: never its own", None, zkcelery._Facts(None, holder={"task_id": None}),
+    ("no task id: never its own", None, zkcelery._MutexFacts(None, holder={"task_id": None}),
      _step("reject", holder={"task_id": None})),
     # A retry or a replacement waits for the run it follows.
     ("a retry follows", None, _facts(holder=_OWN, retries=1),
@@ -2510,7 +2510,7 @@ _DECISIONS = [
 @pytest.mark.parametrize(("last", "facts", "expected"), [c[1:] for c in _DECISIONS],
                          ids=[c[0] for c in _DECISIONS])  # fmt: skip
 def test_mutex_decision(last, facts, expected):
-    assert zkcelery._decide(last, facts) == expected
+    assert zkcelery._decide_mutex(last, facts) == expected
 
 
 _holders = st.sampled_from([{}, _OTHER, _OWN, {**_OWN, "handover": True}, {**_OWN, "retries": 3}])
@@ -2536,7 +2536,7 @@ def test_mutex_decision_drops_only_what_a_live_or_ended_first_delivery_runs(
         retries=retries, requeue=requeue, acks_late=acks_late, limited=limited, holder=holder,
         alive=alive, dead_for=16.0, went=went, left=left, backoffs=backoffs,
     )  # fmt: skip
-    step = zkcelery._decide(last, facts)
+    step = zkcelery._decide_mutex(last, facts)
     assert step.act in ("run", "wait", "drop", "reject", "requeue")
     if step.act == "drop":  # never on a time bound alone: a live holder here, or a release
         first_look = last is None or last.why == "again"

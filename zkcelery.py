@@ -629,7 +629,7 @@ def _killed(pid: int) -> bool:
 class _OwnHolder:
     """A key held under this message's own task id: what its node and process tell.
 
-    Both mutex tasks follow one rule for it (see _decide).
+    Both mutex tasks follow one rule for it (see _decide_mutex).
     """
 
     def __init__(self, holder: dict, app: celery.Celery) -> None:
@@ -781,7 +781,7 @@ class _QuietRejections(logging.Filter):
 
 
 @dataclass(frozen=True)
-class _Facts:
+class _MutexFacts:
     """What a MutexTask copy that did not get its mutex knows, as it decides its next step."""
 
     #: This request: its task id, its retries and replacements (``replaced_task_nesting``).
@@ -807,10 +807,13 @@ class _Facts:
 
 
 @dataclass(frozen=True)
-class _Step:
-    """A step of a refused MutexTask copy: run (try the mutex, ``seconds`` in line),
-    wait (``seconds`` at most, None: no bound, for ``holder`` to go), drop, reject
-    or requeue (told ``holder``).  ``why`` names the step, or a drop's reason."""
+class _MutexStep:
+    """One step of a refused MutexTask copy (see _decide_mutex).
+
+    ``act``: run (try the mutex, in line up to ``seconds``), wait (up to
+    ``seconds``, None: no bound, for ``holder`` to go), drop, reject or requeue
+    (told ``holder``).  ``why`` names the step, or a drop's reason.
+    """
 
     act: str
     why: str = ""
@@ -818,56 +821,42 @@ class _Step:
     holder: dict = field(default_factory=dict)
 
 
-def _decide(last: _Step | None, facts: _Facts) -> _Step:
+def _decide_mutex(last: _MutexStep | None, facts: _MutexFacts) -> _MutexStep:
     """What a MutexTask copy does after ``last`` (None: its first try failed), from ``facts``.
 
-    A holder with this message's own task id is an earlier run of it, one of three:
-
-    - the run this copy follows, a retry or a replacement: Celery sends those
-      before the run ends, so before the mutex is free.  The copy waits for
-      that run's release (or, if its process died, its session's end), then
-      takes the mutex and runs; when the broker wants an answer first, back to
-      the queue;
-    - the first delivery of this same message, alive: Redis restored it after
-      ``visibility_timeout``, or RabbitMQ redelivered it after losing the
-      worker's connection.  This copy must not run: dropped at once when that
-      process lives on this host;
-    - the first delivery, dead: its process was killed and the message came
-      back.  Its session ends within ``dead_for``, and then this copy takes the
-      mutex and runs.
-
-    So a second delivery waits (``dead_for``, no longer than the broker lets it)
-    for the holder's node to go, and its going tells which: a release marks the
-    node in the request that deletes it (the run ended: the copy is dropped), a
-    session's end deletes it plainly (the copy takes the mutex and runs).  A node
-    still there says nothing: its first delivery may live elsewhere, or a
-    ZooKeeper leader election gave every session a new full timeout.  No copy is
-    dropped on a time bound alone: it goes back to the queue.
-
-    Any other holder: rejected, or with ``mutex_requeue`` requeued after a
-    back-off (so that copies do not spin while a long holder runs), taking the
-    mutex if it is freed meanwhile.
+    README.md (MutexTask) tells the rule and why.  A holder with this message's
+    own task id is the run this copy follows (a retry or a replacement, sent
+    before that run ends: wait for its release, then run), or the first delivery
+    of this same message (Redis restored it, RabbitMQ redelivered it).  That one
+    is dropped at once while it lives on this host; else its node is waited for
+    as long as its session can outlive it, within the broker's bound: dropped if
+    it went by a release (the run ended), run if it went with its session (the
+    holder died), requeued if it is still there (alive elsewhere, or a leader
+    election restarted its session): never dropped on a time bound alone.  Any
+    other holder: rejected, or with ``mutex_requeue`` requeued after a back-off
+    (so that copies do not spin while a long holder runs), taking the mutex if
+    it is freed meanwhile.
     """
     holder = facts.holder
-    if last is None:  # released since the try: try again
-        return _Step("run", "again") if not holder else _first_look(facts)
+    if last is None:  # its first try failed; no holder: released since, try again
+        return _MutexStep("run", "again") if not holder else _first_look(facts)
     if last.act == "wait":
         if last.why == "wait out" and facts.went == "released":
-            return _Step("drop", "its first delivery ran to its end, on", holder=last.holder)
-        return _Step("run", _AFTER_WAIT[last.why], holder=last.holder)
+            return _MutexStep("drop", "its first delivery ran to its end, on", holder=last.holder)
+        return _MutexStep("run", _AFTER_WAIT[last.why], holder=last.holder)
     if last.why == "again":
         return _first_look(facts)
     if last.why == "followed":
         if holder.get("guid") != last.holder.get("guid"):
             return _contest(facts)  # released, and another task took it
         if facts.acks_late and facts.left is not None:  # still ending; the broker wants an answer
-            return _Step("requeue", holder=holder)
-        return _Step("wait", "follow again", None, last.holder)
+            return _MutexStep("requeue", holder=holder)
+        return _MutexStep("wait", "follow again", None, last.holder)
     if last.why == "waited out" and holder.get("task_id") != facts.task_id:
         return _contest(facts)  # the dead holder's session ended and another task took it
     # Still held by its first delivery (alive elsewhere, or dead with a session
     # not ended yet), or by another task after the back-off: requeued.
-    return _Step("requeue", holder=holder)
+    return _MutexStep("requeue", holder=holder)
 
 
 #: The steps of a back-off before a requeue.
@@ -878,19 +867,19 @@ _AFTER_WAIT = {"follow": "followed", "follow again": "followed", "wait out": "wa
                "back off": "backed off"}  # fmt: skip
 
 
-def _first_look(facts: _Facts) -> _Step:
-    """The first step on a holder seen (see _decide)."""
+def _first_look(facts: _MutexFacts) -> _MutexStep:
+    """The first step on a holder seen (see _decide_mutex)."""
     holder = facts.holder
     if facts.task_id is None or holder.get("task_id") != facts.task_id:
         return _contest(facts)
     if _follows(holder, facts):  # as long as the first run takes: it is ending
-        return _Step("wait", "follow", facts.left if facts.acks_late else None, holder)
+        return _MutexStep("wait", "follow", facts.left if facts.acks_late else None, holder)
     if facts.alive:
-        return _Step("drop", "its first delivery runs on", holder=holder)
-    return _Step("wait", "wait out", _within(facts.dead_for, facts.left), holder)
+        return _MutexStep("drop", "its first delivery runs on", holder=holder)
+    return _MutexStep("wait", "wait out", _within(facts.dead_for, facts.left), holder)
 
 
-def _follows(holder: dict, facts: _Facts) -> bool:
+def _follows(holder: dict, facts: _MutexFacts) -> bool:
     """Whether this request is a retry or replacement of the holder's run.
 
     A retry counts up ``retries``; a replacement counts up
@@ -905,13 +894,13 @@ def _follows(holder: dict, facts: _Facts) -> bool:
     return (facts.nesting, facts.retries) > theirs or bool(holder.get("handover"))
 
 
-def _contest(facts: _Facts) -> _Step:
+def _contest(facts: _MutexFacts) -> _MutexStep:
     """Another task holds the mutex: reject, or back off before the requeue."""
     if not facts.requeue:
-        return _Step("reject", holder=facts.holder)
+        return _MutexStep("reject", holder=facts.holder)
     delay = _within(min(8.0, 0.25 * 2**facts.backoffs), facts.left)
     # A limited mutex waits in line: a place may free up meanwhile.
-    return _Step("run" if facts.limited else "wait", "back off", delay)
+    return _MutexStep("run" if facts.limited else "wait", "back off", delay)
 
 
 def _within(wanted: float | None, left: float | None) -> float | None:
@@ -919,6 +908,9 @@ def _within(wanted: float | None, left: float | None) -> float | None:
     if left is None:
         return wanted
     return left if wanted is None else min(wanted, left)
+
+
+# -- The mutex tasks ---------------------------------------------------------
 
 
 def _holder(lease: Lease, task_id: str | None = None) -> dict:
@@ -951,9 +943,6 @@ def _backed_off(task_id: Any) -> None:
     if len(_rejections) > 1000:
         _rejections.pop(next(iter(_rejections)))
     _rejections[task_id] = count + 1
-
-
-# -- The mutex tasks ---------------------------------------------------------
 
 
 class _KeyedTask(celery.Task):
@@ -1123,16 +1112,16 @@ class MutexTask(_KeyedTask):
         if lease and lease.beside_itself():
             # A limited mutex admitted this copy beside a holder with this same
             # task id: that is its first delivery or the run it follows, which
-            # must end first (see _decide).  Give the place back.
+            # must end first (see _decide_mutex).  Give the place back.
             lease.release()
 
     def _contended(self, lease: _MutexLease | _MultiLease, started: float) -> None:
-        """The mutex is held: take the steps _decide says until it is taken, or raise."""
-        step: _Step | None = None
+        """The mutex is held: take the steps _decide_mutex says until it is taken, or raise."""
+        step: _MutexStep | None = None
         went = None
         while True:
             facts = self._facts(lease, step, went, started)
-            step = _decide(step, facts)
+            step = _decide_mutex(step, facts)
             if step.why == "back off":
                 _backed_off(self.request.id)
             if step.act == "run":
@@ -1153,10 +1142,10 @@ class MutexTask(_KeyedTask):
                 self._reject(lease, step.holder, requeue=step.act == "requeue")
 
     def _facts(
-        self, lease: _MutexLease | _MultiLease, last: _Step | None, went: str | None,
+        self, lease: _MutexLease | _MultiLease, last: _MutexStep | None, went: str | None,
         started: float,
-    ) -> _Facts:  # fmt: skip
-        """What _decide needs, read after ``last``: the holder after a failed try."""
+    ) -> _MutexFacts:  # fmt: skip
+        """What _decide_mutex needs, read after ``last``: the holder after a failed try."""
         request = self.request
         holder, alive, dead_for = (last.holder if last else {}), None, 0.0
         if last is None or last.act == "run":
@@ -1165,14 +1154,14 @@ class MutexTask(_KeyedTask):
             if request.id is not None and holder.get("task_id") == request.id:
                 own = _OwnHolder(holder, self.app)
                 alive, dead_for = own.alive_here(), own.dead_for
-        return _Facts(
+        return _MutexFacts(
             request.id, request.retries or 0, getattr(request, "replaced_task_nesting", 0) or 0,
             requeue=bool(self.mutex_requeue), acks_late=bool(self.acks_late),
             limited=lease.limited, holder=holder, alive=alive, dead_for=dead_for, went=went,
             left=_unacked_left(self.app, started), backoffs=_rejections.get(request.id, 0),
         )  # fmt: skip
 
-    def _say_waiting(self, lease: Lease, step: _Step, facts: _Facts) -> None:
+    def _say_waiting(self, lease: Lease, step: _MutexStep, facts: _MutexFacts) -> None:
         holder, wait = step.holder, step.seconds
         if step.why == "follow":
             lease._log(logging.INFO, "is held by its previous copy (retries %s, replaced %s): "
@@ -1322,12 +1311,10 @@ class EarlyMutexTask(_KeyedTask):
         self._second_delivery(lease, _OwnHolder(holder, self.app))
 
     def _second_delivery(self, lease: _EarlyLease, own: _OwnHolder) -> None:
-        """This task id runs already: MutexTask's rule for it (see _decide), without its bound.
+        """This task id runs already: MutexTask's rule for a second delivery (see _decide_mutex).
 
-        Dropped at once while its first delivery runs in a live process here.
-        Else its node goes with its session: wait that long, then take it;
-        dropped if the node went by the run's release (its mark), sent back to
-        the queue if it is still there (never dropped on a time bound).
+        Without the broker's bound, and without its back-off: still held after
+        the wait, by any task, it goes back to the queue.
         """
         if own.alive_here():
             where = "in a live process here"
