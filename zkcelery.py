@@ -974,19 +974,17 @@ class _KeyedTask(celery.Task):
         return tuple(bound.arguments[key] for key in self.mutex_keys)
 
     def _refuse(
-        self, lease: Lease, exc: Exception, which: Signal, meta: dict, what: str, *args: Any,
-        quiet: bool = True, **facts: Any,
-    ) -> NoReturn:  # fmt: skip
-        """Log that this copy does not run, tell ``which``'s receivers, and raise ``exc``.
+        self, lease: Lease, exc: Exception, which: Signal, holder: dict, quiet: bool = True
+    ) -> NoReturn:
+        """This copy does not run (logged): tell ``which``'s receivers, and raise ``exc``.
 
         ``quiet``: zkcelery's line is the log's only record of it, not Celery's too.
         """
-        lease._log(logging.INFO, what, *args, **facts)
         if quiet:
             _quiet_in_celery_log(self.request.id)
         if isinstance(exc, Reject):
             _record_rejection(self, exc)
-        lease._signal(which, task_id=self.request.id, holder=meta)
+        lease._signal(which, task_id=self.request.id, holder=holder)
         raise exc
 
 
@@ -1132,12 +1130,12 @@ class MutexTask(_KeyedTask):
                 self._say_waiting(lease, step, facts)
                 went = lease.wait_for_holder(step.holder, step.seconds)
             elif step.act == "drop":
-                self._refuse(
-                    lease, Ignore(), mutex_dropped, step.holder, "is held by this same task "
-                    "(%s %s pid %s): a second delivery of its message; dropped", step.why,
-                    step.holder.get("host"), step.holder.get("pid"),
-                    holder=step.holder.get("task_id"), outcome="dropped",
-                )  # fmt: skip
+                holder = step.holder
+                lease._log(logging.INFO, "is held by this same task (%s %s pid %s): a second "
+                           "delivery of its message; dropped", step.why, holder.get("host"),
+                           holder.get("pid"), holder=holder.get("task_id"),
+                           outcome="dropped")  # fmt: skip
+                self._refuse(lease, Ignore(), mutex_dropped, holder)
             else:
                 self._reject(lease, step.holder, requeue=step.act == "requeue")
 
@@ -1178,13 +1176,13 @@ class MutexTask(_KeyedTask):
         holder_id = holder.get("task_id")
         exc = MutexHeld(f"mutex {_mutex_key(lease, holder)} is held by another task",
                         requeue=requeue)  # fmt: skip
-        self._refuse(
-            lease, exc, mutex_requeued if requeue else mutex_rejected, holder,
-            "is held by %s; rejected and %s",
+        lease._log(
+            logging.INFO, "is held by %s; rejected and %s",
             f"task {holder_id}" if holder_id else "another holder",
             "requeued" if requeue else "dropped", holder=holder_id,
             outcome="requeued" if requeue else "rejected", wait=lease._waited(),
         )  # fmt: skip
+        self._refuse(lease, exc, mutex_requeued if requeue else mutex_rejected, holder)
 
 
 _local = threading.local()
@@ -1305,9 +1303,10 @@ class EarlyMutexTask(_KeyedTask):
         except AlreadyQueued as refused:
             holder = refused.holder or {}
             if refused.task_id != self.request.id or refused.state != "running":
-                self._refuse(lease, refused, mutex_rejected, holder, "is %s as task %s: rejected",
-                             refused.state, refused.task_id, quiet=False,
-                             holder=refused.task_id, outcome="rejected")  # fmt: skip
+                lease._log(logging.INFO, "is %s as task %s: rejected", refused.state,
+                           refused.task_id, holder=refused.task_id,
+                           outcome="rejected")  # fmt: skip
+                self._refuse(lease, refused, mutex_rejected, holder, quiet=False)
         self._second_delivery(lease, _OwnHolder(holder, self.app))
 
     def _second_delivery(self, lease: _EarlyLease, own: _OwnHolder) -> None:
@@ -1323,14 +1322,14 @@ class EarlyMutexTask(_KeyedTask):
                 lease.acquire()
                 return
             exc = MutexHeld(f"early mutex {lease.key} is running as this same task", requeue=True)
-            self._refuse(lease, exc, mutex_requeued, own.meta, "is running as this same task "
-                         "past its session's end: requeued", holder=self.request.id,
-                         outcome="requeued")  # fmt: skip
+            lease._log(logging.INFO, "is running as this same task past its session's "
+                       "end: requeued", holder=self.request.id, outcome="requeued")  # fmt: skip
+            self._refuse(lease, exc, mutex_requeued, own.meta)
         else:
             where = "whose first delivery ran to its end"
-        self._refuse(lease, Ignore(), mutex_dropped, own.meta, "is running as this same task %s: "
-                     "second delivery dropped", where, quiet=False, holder=self.request.id,
-                     outcome="dropped")  # fmt: skip
+        lease._log(logging.INFO, "is running as this same task %s: second delivery dropped",
+                   where, holder=self.request.id, outcome="dropped")  # fmt: skip
+        self._refuse(lease, Ignore(), mutex_dropped, own.meta, quiet=False)
 
     def _early_lease(self, args: Any, kwargs: Any, task_id: str | None) -> _EarlyLease:
         return _EarlyLease(self, _EARLY, self._mutex_values(args, kwargs), task_id=task_id)
