@@ -691,7 +691,8 @@ def _unacked_left(app: celery.Celery, started: float) -> float | None:
 
 #: Whether the worker itself records a task rejected without requeue as FAILURE
 #: and sends task_failure: Celery does from 5.7 on (issue #4222), not before.
-#: Once zkcelery requires celery>=5.7, delete _record_rejection and _WorkerFacts.
+#: Once zkcelery requires celery>=5.7, delete _record_rejection, _WorkerFacts and
+#: its setting in _worker_starts.
 _CELERY_RECORDS_REJECTIONS = tuple(celery.VERSION[:2]) >= (5, 7)
 
 
