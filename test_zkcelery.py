@@ -2488,6 +2488,133 @@ def test_a_mutex_task_submitted_while_the_ensemble_is_down_runs_once_it_is_back(
 
 
 # ===========================================================================
+# MutexTask's decision: a pure function, tested without any server
+# ===========================================================================
+
+_ME = "task-me"
+_OTHER = {"task_id": "task-other", "guid": "g-other"}
+_OWN = {"task_id": _ME, "guid": "g-own", "retries": 0, "nesting": 0, "host": "h", "pid": 7}
+
+
+def _facts(**facts: Any) -> zkcelery._MutexFacts:
+    return zkcelery._MutexFacts(_ME, **facts)
+
+
+def _step(act: str, why: str = "", seconds: float | None = None, holder=None):
+    return zkcelery._MutexStep(act, why, seconds, holder or {})
+
+
+_WAITED_OUT = _step("run", "waited out", holder=_OWN)
+_FOLLOWED = _step("run", "followed", holder=_OWN)
+
+_DECISIONS = [
+    # (why, the last step, facts, the next step)
+    ("freed since the try", None, _facts(), _step("run", "again")),
+    ("another holds it", None, _facts(holder=_OTHER), _step("reject", holder=_OTHER)),
+    ("freed, then taken again", _step("run", "again"), _facts(), _step("reject")),
+    ("requeue: back off", None, _facts(holder=_OTHER, requeue=True),
+     _step("wait", "back off", 0.25)),
+    ("the back-off doubles", None, _facts(holder=_OTHER, requeue=True, backoffs=3),
+     _step("wait", "back off", 2.0)),
+    ("up to 8 s", None, _facts(holder=_OTHER, requeue=True, backoffs=9),
+     _step("wait", "back off", 8.0)),
+    ("within the broker's bound", None, _facts(holder=_OTHER, requeue=True, backoffs=9, left=3.0),
+     _step("wait", "back off", 3.0)),
+    ("limited: in line", None, _facts(holder=_OTHER, requeue=True, limited=True),
+     _step("run", "back off", 0.25)),
+    ("after the back-off's wait", _step("wait", "back off", 1.0), _facts(),
+     _step("run", "backed off")),
+    ("still held after the back-off", _step("run", "backed off"), _facts(holder=_OTHER),
+     _step("requeue", holder=_OTHER)),
+    ("still held after a limited back-off", _step("run", "back off", 1.0),
+     _facts(holder=_OTHER), _step("requeue", holder=_OTHER)),
+    ("no task id: never its own", None, zkcelery._MutexFacts(None, holder={"task_id": None}),
+     _step("reject", holder={"task_id": None})),
+    # A retry or a replacement waits for the run it follows.
+    ("a retry follows", None, _facts(holder=_OWN, retries=1),
+     _step("wait", "follow", None, _OWN)),
+    ("a replacement follows", None, _facts(holder=_OWN, nesting=1),
+     _step("wait", "follow", None, _OWN)),
+    ("a handover decides", None, _facts(holder={**_OWN, "handover": True}),
+     _step("wait", "follow", None, {**_OWN, "handover": True})),
+    ("acks_late on Redis: within its bound", None,
+     _facts(holder=_OWN, retries=1, acks_late=True, left=4.0), _step("wait", "follow", 4.0, _OWN)),
+    ("after following", _step("wait", "follow", None, _OWN), _facts(),
+     _step("run", "followed", holder=_OWN)),
+    ("still ending", _FOLLOWED, _facts(holder=_OWN), _step("wait", "follow again", None, _OWN)),
+    ("still ending, on RabbitMQ", _FOLLOWED, _facts(holder=_OWN, acks_late=True),
+     _step("wait", "follow again", None, _OWN)),
+    ("still ending, the broker wants an answer", _FOLLOWED,
+     _facts(holder=_OWN, acks_late=True, left=0.0), _step("requeue", holder=_OWN)),
+    ("another took it after", _FOLLOWED, _facts(holder=_OTHER), _step("reject", holder=_OTHER)),
+    ("another took it after, requeue", _FOLLOWED, _facts(holder=_OTHER, requeue=True),
+     _step("wait", "back off", 0.25)),
+    # A second delivery of its own message.
+    ("its first delivery runs here", None, _facts(holder=_OWN, alive=True),
+     _step("drop", "its first delivery runs on", holder=_OWN)),
+    ("its first delivery died here", None, _facts(holder=_OWN, alive=False, dead_for=16.0),
+     _step("wait", "wait out", 16.0, _OWN)),
+    ("its first delivery elsewhere", None, _facts(holder=_OWN, dead_for=16.0, left=2.5),
+     _step("wait", "wait out", 2.5, _OWN)),
+    ("it ran to its end", _step("wait", "wait out", 16.0, _OWN), _facts(went="released"),
+     _step("drop", "its first delivery ran to its end, on", holder=_OWN)),
+    ("its session ended", _step("wait", "wait out", 16.0, _OWN), _facts(went="gone"),
+     _step("run", "waited out", holder=_OWN)),
+    ("still there past the wait", _step("wait", "wait out", 16.0, _OWN), _facts(went="held"),
+     _step("run", "waited out", holder=_OWN)),
+    ("still its own: requeued", _WAITED_OUT, _facts(holder=_OWN), _step("requeue", holder=_OWN)),
+    ("another took it", _WAITED_OUT, _facts(holder=_OTHER), _step("reject", holder=_OTHER)),
+    ("freed and taken, requeue", _WAITED_OUT, _facts(requeue=True, limited=True),
+     _step("run", "back off", 0.25)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("last", "facts", "expected"), [c[1:] for c in _DECISIONS],
+                         ids=[c[0] for c in _DECISIONS])  # fmt: skip
+def test_mutex_decision(last, facts, expected):
+    assert zkcelery._decide_mutex(last, facts) == expected
+
+
+_holders = st.sampled_from([{}, _OTHER, _OWN, {**_OWN, "handover": True}, {**_OWN, "retries": 3}])
+_RUNS = ("again", "followed", "waited out", "back off", "backed off")
+_WAITS = ("follow", "follow again", "wait out", "back off")
+_lasts = st.sampled_from(
+    [None, *(_step("run", why, holder=_OWN) for why in _RUNS)]
+    + [_step("wait", why, 1.0, _OWN) for why in _WAITS]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    last=_lasts, holder=_holders, retries=st.integers(0, 2), requeue=st.booleans(),
+    acks_late=st.booleans(), limited=st.booleans(), alive=st.sampled_from([None, False, True]),
+    went=st.sampled_from([None, "released", "gone", "held"]),
+    left=st.sampled_from([None, 0.0, 5.0]), backoffs=st.integers(0, 20),
+)  # fmt: skip
+def test_mutex_decision_drops_only_what_a_live_or_ended_first_delivery_runs(
+    last, holder, retries, requeue, acks_late, limited, alive, went, left, backoffs
+):
+    facts = _facts(
+        retries=retries, requeue=requeue, acks_late=acks_late, limited=limited, holder=holder,
+        alive=alive, dead_for=16.0, went=went, left=left, backoffs=backoffs,
+    )  # fmt: skip
+    step = zkcelery._decide_mutex(last, facts)
+    assert step.act in ("run", "wait", "drop", "reject", "requeue")
+    if step.act == "drop":  # never on a time bound alone: a live holder here, or a release
+        first_look = last is None or last.why == "again"
+        seen_alive = first_look and alive is True and holder.get("task_id") == _ME
+        released = last is not None and last.why == "wait out" and went == "released"
+        assert seen_alive or released, (last, facts)
+    if step.act == "reject":
+        assert not requeue
+    if step.seconds is not None and left is not None:
+        assert step.seconds <= left  # never past the broker's bound
+    if step.act == "wait" and step.why == "back off":
+        assert step.seconds == (min(8.0, 0.25 * 2**backoffs) if left is None else
+                                min(8.0, 0.25 * 2**backoffs, left))  # fmt: skip
+
+
+# ===========================================================================
 # EarlyMutexTask: refused when sent
 # ===========================================================================
 

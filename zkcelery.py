@@ -568,6 +568,387 @@ def _values_of(key: Any) -> tuple[str | None, tuple]:
     return None, key if isinstance(key, tuple) else (key,)
 
 
+# -- Process facts: is the process that holds a key alive? ------------------
+
+#: The kernel's flag of a process that has begun to exit (/proc/<pid>/stat, field 9).
+_PF_EXITING = 0x4
+
+
+def _alive_here(holder: dict) -> bool | None:
+    """Whether the holder's process is alive: None when it is not on this host.
+
+    Only a True is acted on at once (a copy is dropped), so it errs towards
+    False: a zombie (killed, not reaped: PID 1 in a container often never
+    reaps) and a process younger than the lease (a reused pid) are dead.
+    """
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return False
+        try:  # no /proc (macOS): ask the kernel
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3, the state, on
+    if fields[0] in (b"Z", b"X") or int(fields[6]) & _PF_EXITING or _killed(pid):
+        return False  # dead, or dying: a SIGKILLed worker's child lives on for a moment
+    return not _started_after(fields, holder.get("acquired"))
+
+
+def _started_after(fields: list[bytes], acquired: Any) -> bool:
+    """Whether the process (/proc/<pid>/stat from field 3) began after the lease: a reused pid."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        began = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+        return isinstance(acquired, (int, float)) and began > acquired + 1.0
+    return False
+
+
+def _killed(pid: int) -> bool:
+    """Whether a SIGKILL waits for the process ``pid``: it is as good as dead.
+
+    A worker SIGKILLed with its pool, the broker gives its messages back as
+    soon as the main process's connection closes; the pool child that ran the
+    message may not have been scheduled to die yet, and looks alive.
+    """
+    kill = 1 << (signal.SIGKILL - 1)
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status", "rb") as f:
+        masks = [line.split()[1] for line in f if line.startswith((b"SigPnd:", b"ShdPnd:"))]
+        return any(int(mask, 16) & kill for mask in masks)
+    return False
+
+
+class _OwnHolder:
+    """A key held under this message's own task id: what its node and process tell.
+
+    Both mutex tasks follow one rule for it (see _decide_mutex).
+    """
+
+    def __init__(self, holder: dict, app: celery.Celery) -> None:
+        self.meta = holder
+        #: The longest a dead holder's node can outlive it: what its session was
+        #: granted, which the server expires in buckets of its tick, so up to a
+        #: tick late (at most half the shortest timeout it grants), and a second.
+        #: A holder that did not say (an older zkcelery) is taken to have ours.
+        timeout = holder.get("session_timeout")
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            timeout = _read_settings(app).session_timeout
+        self.dead_for: float = timeout * 1.5 + 1.0
+
+    def alive_here(self) -> bool | None:
+        """Whether its process is alive: None when it is not on this host (see _alive_here)."""
+        return _alive_here(self.meta)
+
+
+# -- Broker facts: how long a message may stay unacknowledged ----------------
+
+#: zkcelery's own waits keep a message unacknowledged for at most this share of
+#: the Redis ``visibility_timeout``, after which Redis would deliver it again.
+_VISIBILITY_SHARE = 0.25
+
+
+_visibility: weakref.WeakKeyDictionary[celery.Celery, float | None] = weakref.WeakKeyDictionary()
+
+
+def _redis_visibility_timeout(app: celery.Celery) -> float | None:
+    """The app's Redis ``visibility_timeout`` in seconds; None when the broker is not Redis."""
+    try:
+        return _visibility[app]
+    except KeyError:
+        pass
+    seconds: float | None = None
+    with contextlib.suppress(Exception):  # an unusable broker URL is Celery's to report
+        conn = app.connection_for_read()
+        try:
+            transport = conn.get_transport_cls()
+        finally:
+            conn.release()
+        if getattr(transport, "driver_type", None) == "redis":
+            default = getattr(getattr(transport, "Channel", None), "visibility_timeout", 3600)
+            options = app.conf.broker_transport_options or {}
+            seconds = float(options.get("visibility_timeout", default))
+    _visibility[app] = seconds
+    return seconds
+
+
+def _unacked_left(app: celery.Celery, started: float) -> float | None:
+    """How long a task that started at ``started`` may still wait unacknowledged (None: ever)."""
+    timeout = _redis_visibility_timeout(app)
+    if timeout is None:
+        return None
+    return max(0.0, timeout * _VISIBILITY_SHARE - (time.monotonic() - started))
+
+
+# -- Celery shims: what zkcelery does where Celery does not (yet) ------------
+
+#: Whether the worker itself records a task rejected without requeue as FAILURE
+#: and sends task_failure: Celery does from 5.7 on (issue #4222), not before.
+#: Once zkcelery requires celery>=5.7, delete _record_rejection, _WorkerFacts and
+#: its setting in _worker_starts.
+_CELERY_RECORDS_REJECTIONS = tuple(celery.VERSION[:2]) >= (5, 7)
+
+
+def _record_rejection(task: celery.Task, exc: Reject) -> None:
+    """Record a rejection without requeue as Celery 5.7 does: FAILURE, ``task_failure``.
+
+    Called just before ``raise exc`` in a task.  Before 5.7 a worker only drops
+    a message rejected without requeue (Celery issue #4222): the task would stay
+    PENDING and ``result.get()`` would wait forever.  Only a worker's run is
+    recorded, and only where Celery will not: a direct or eager call raises.
+    Where the worker sends task events, the ``task-failed`` event 5.7 sends is
+    sent too, so that Flower and celery-exporter see the rejection.
+    """
+    request = task.request
+    if _CELERY_RECORDS_REJECTIONS or exc.requeue or request.called_directly or request.is_eager:
+        return
+    try:
+        raise exc
+    except Reject:
+        einfo = ExceptionInfo()
+    traceback = exc.__traceback__
+    exc.__traceback__ = None  # raised again by the caller
+    ignore_result = request.ignore_result
+    if ignore_result is None:
+        ignore_result = task.ignore_result
+    try:
+        task.backend.mark_as_failure(
+            request.id, exc, einfo.traceback, request=request,
+            store_result=not ignore_result or task.store_errors_even_if_ignored,
+        )  # fmt: skip
+    except Exception:  # the message is rejected all the same, as Celery would
+        _log(logging.WARNING, "task %s[%s]: could not store the rejection", task.name,
+             request.id, exc_info=True, task_id=request.id, task_name=task.name,
+             outcome="not_stored")  # fmt: skip
+    signals.task_failure.send(
+        sender=task, task_id=request.id, exception=exc, args=request.args,
+        kwargs=request.kwargs, traceback=traceback, einfo=einfo,
+    )  # fmt: skip
+    if _worker.sends_events and task.send_events:
+        try:
+            task.send_event("task-failed", exception=safe_repr(exc), traceback=einfo.traceback)
+        except Exception as error:  # a monitor's event must not change the rejection
+            _log(logging.WARNING, "task %s[%s]: rejection not sent as a task event: %s",
+                 task.name, request.id, error, task_id=request.id, task_name=task.name,
+                 outcome="not_sent", error=str(error))  # fmt: skip
+
+
+@dataclass
+class _WorkerFacts:
+    """What a worker's main process knew at its start, inherited by its pool's processes."""
+
+    #: It sends task events (``-E``, or ``worker_send_task_events``).
+    sends_events: bool = False
+
+
+_worker = _WorkerFacts()
+
+
+_quiet_ids: set = set()
+
+
+def _quiet_in_celery_log(task_id: Any) -> None:
+    """zkcelery has logged this rejection in one line: Celery need not log it again."""
+    if len(_quiet_ids) > 1000:  # Celery did not log some: forget them
+        _quiet_ids.clear()
+    _quiet_ids.add(task_id)
+
+
+class _QuietRejections(logging.Filter):
+    """Drops Celery's record (a WARNING with a traceback) of a rejection zkcelery logged.
+
+    Celery logs every ``Reject`` and ``Ignore`` from ``celery.app.trace``, with
+    the task id in the record's ``data``; only those zkcelery raised are dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        data = getattr(record, "data", None)
+        if isinstance(data, dict) and data.get("description") in ("rejected", "ignored"):
+            task_id = data.get("id")
+            if task_id in _quiet_ids:
+                _quiet_ids.discard(task_id)
+                return False
+        return True
+
+
+# -- MutexTask's decision: a pure function of what a refused copy knows ------
+
+
+@dataclass(frozen=True)
+class _MutexFacts:
+    """What a MutexTask copy that did not get its mutex knows, as it decides its next step."""
+
+    #: This request: its task id, its retries and replacements (``replaced_task_nesting``).
+    task_id: str | None
+    retries: int = 0
+    nesting: int = 0
+    #: This task's options: ``mutex_requeue``, ``acks_late``, ``mutex_max_leases`` > 1.
+    requeue: bool = False
+    acks_late: bool = False
+    limited: bool = False
+    #: The holder read after its last failed try ({}: none was found).
+    holder: dict = field(default_factory=dict)
+    #: Of a holder with this task id: whether its process is alive (None: not on
+    #: this host, see _alive_here), and how long its node may outlive it.
+    alive: bool | None = None
+    dead_for: float = 0.0
+    #: How its last wait ended (see Lease.wait_for_holder).
+    went: str | None = None
+    #: The broker: how long the message may still wait unacknowledged (None: no bound).
+    left: float | None = None
+    #: How many times this process backed off before requeuing this task id.
+    backoffs: int = 0
+
+
+@dataclass(frozen=True)
+class _MutexStep:
+    """One step of a refused MutexTask copy (see _decide_mutex).
+
+    ``act``: run (try the mutex, in line up to ``seconds``), wait (up to
+    ``seconds``, None: no bound, for ``holder`` to go), drop, reject or requeue
+    (told ``holder``).  ``why`` names the step, or a drop's reason.
+    """
+
+    act: str
+    why: str = ""
+    seconds: float | None = None
+    holder: dict = field(default_factory=dict)
+
+
+def _decide_mutex(last: _MutexStep | None, facts: _MutexFacts) -> _MutexStep:
+    """What a MutexTask copy does after ``last`` (None: its first try failed), from ``facts``.
+
+    README.md (MutexTask) tells the rule and why.  A holder with this message's
+    own task id is the run this copy follows (a retry or a replacement, sent
+    before that run ends: wait for its release, then run), or the first delivery
+    of this same message (Redis restored it, RabbitMQ redelivered it).  That one
+    is dropped at once while it lives on this host; else its node is waited for
+    as long as its session can outlive it, within the broker's bound: dropped if
+    it went by a release (the run ended), run if it went with its session (the
+    holder died), requeued if it is still there (alive elsewhere, or a leader
+    election restarted its session): never dropped on a time bound alone.  Any
+    other holder: rejected, or with ``mutex_requeue`` requeued after a back-off
+    (so that copies do not spin while a long holder runs), taking the mutex if
+    it is freed meanwhile.
+    """
+    holder = facts.holder
+    if last is None:  # its first try failed; no holder: released since, try again
+        return _MutexStep("run", "again") if not holder else _first_look(facts)
+    if last.act == "wait":
+        if last.why == "wait out" and facts.went == "released":
+            return _MutexStep("drop", "its first delivery ran to its end, on", holder=last.holder)
+        return _MutexStep("run", _AFTER_WAIT[last.why], holder=last.holder)
+    if last.why == "again":
+        return _first_look(facts)
+    if last.why == "followed":
+        if holder.get("guid") != last.holder.get("guid"):
+            return _contest(facts)  # released, and another task took it
+        if facts.acks_late and facts.left is not None:  # still ending; the broker wants an answer
+            return _MutexStep("requeue", holder=holder)
+        return _MutexStep("wait", "follow again", None, last.holder)
+    if last.why == "waited out" and holder.get("task_id") != facts.task_id:
+        return _contest(facts)  # the dead holder's session ended and another task took it
+    # Still held by its first delivery (alive elsewhere, or dead with a session
+    # not ended yet), or by another task after the back-off: requeued.
+    return _MutexStep("requeue", holder=holder)
+
+
+#: The steps of a back-off before a requeue.
+_BACKING_OFF = ("back off", "backed off")
+
+#: After a wait, the step that tries the mutex again.
+_AFTER_WAIT = {"follow": "followed", "follow again": "followed", "wait out": "waited out",
+               "back off": "backed off"}  # fmt: skip
+
+
+def _first_look(facts: _MutexFacts) -> _MutexStep:
+    """The first step on a holder seen (see _decide_mutex)."""
+    holder = facts.holder
+    if facts.task_id is None or holder.get("task_id") != facts.task_id:
+        return _contest(facts)
+    if _follows(holder, facts):  # as long as the first run takes: it is ending
+        return _MutexStep("wait", "follow", facts.left if facts.acks_late else None, holder)
+    if facts.alive:
+        return _MutexStep("drop", "its first delivery runs on", holder=holder)
+    return _MutexStep("wait", "wait out", _within(facts.dead_for, facts.left), holder)
+
+
+def _follows(holder: dict, facts: _MutexFacts) -> bool:
+    """Whether this request is a retry or replacement of the holder's run.
+
+    A retry counts up ``retries``; a replacement counts up
+    ``replaced_task_nesting`` and starts ``retries`` again, and Celery before
+    5.7 does not even send the nesting.  So the holder notes in its node that
+    a copy follows (``handover``) before it is sent, and that decides.  (A
+    redelivery of the holder's own message that comes in that moment is then
+    taken for its copy too: it waits, and runs after it, rather than being
+    lost.)
+    """
+    theirs = (holder.get("nesting") or 0, holder.get("retries") or 0)
+    return (facts.nesting, facts.retries) > theirs or bool(holder.get("handover"))
+
+
+def _contest(facts: _MutexFacts) -> _MutexStep:
+    """Another task holds the mutex: reject, or back off before the requeue."""
+    if not facts.requeue:
+        return _MutexStep("reject", holder=facts.holder)
+    delay = _within(min(8.0, 0.25 * 2**facts.backoffs), facts.left)
+    # A limited mutex waits in line: a place may free up meanwhile.
+    return _MutexStep("run" if facts.limited else "wait", "back off", delay)
+
+
+def _within(wanted: float | None, left: float | None) -> float | None:
+    """At most ``wanted`` seconds and at most ``left`` (either None: no bound)."""
+    if left is None:
+        return wanted
+    return left if wanted is None else min(wanted, left)
+
+
+# -- The mutex tasks ---------------------------------------------------------
+
+
+def _holder(lease: Lease, task_id: str | None = None) -> dict:
+    """The metadata of the mutex's holder, or ``{}`` (released meanwhile, or unreadable).
+
+    Of a limited mutex's holders, the one with ``task_id`` if there is one, else the first.
+    """
+    try:
+        holders = lease.holders()
+    except MaxLeasesMismatch:
+        raise
+    except ZKCeleryError:
+        return {}
+    own = [h for h in holders if task_id is not None and h.get("task_id") == task_id]
+    return (own or holders or [{}])[0]
+
+
+def _mutex_key(lease: Lease, holder: dict) -> str:
+    return str(holder.get("key") or getattr(lease, "key", None) or "")
+
+
+#: Back-offs before a requeue, by task id.  Process-local and bounded: a
+#: requeued copy may land on another process, which only makes it start again
+#: from the shortest delay.
+_rejections: dict[Any, int] = {}
+
+
+def _backed_off(task_id: Any) -> None:
+    count = _rejections.pop(task_id, 0)
+    if len(_rejections) > 1000:
+        _rejections.pop(next(iter(_rejections)))
+    _rejections[task_id] = count + 1
+
+
 class _KeyedTask(celery.Task):
     """What MutexTask and EarlyMutexTask share: ``mutex_keys``, checked at definition."""
 
@@ -595,6 +976,20 @@ class _KeyedTask(celery.Task):
         bound = self._mutex_signature.bind(*(args or ()), **(kwargs or {}))
         bound.apply_defaults()
         return tuple(bound.arguments[key] for key in self.mutex_keys)
+
+    def _refuse(
+        self, lease: Lease, exc: Exception, which: Signal, holder: dict, quiet: bool = True
+    ) -> NoReturn:
+        """This copy does not run (logged): tell ``which``'s receivers, and raise ``exc``.
+
+        ``quiet``: zkcelery's line is the log's only record of it, not Celery's too.
+        """
+        if quiet:
+            _quiet_in_celery_log(self.request.id)
+        if isinstance(exc, Reject):
+            _record_rejection(self, exc)
+        lease._signal(which, task_id=self.request.id, holder=holder)
+        raise exc
 
 
 class MutexTask(_KeyedTask):
@@ -685,7 +1080,7 @@ class MutexTask(_KeyedTask):
             return
         if not self.request.is_eager:
             # The copy is sent with this task's id: say in the node that it
-            # follows, before it can start (see _OwnHolder.followed_by).
+            # follows, before it can start (see _follows).
             lease.hand_over()
             yield
             return
@@ -719,147 +1114,79 @@ class MutexTask(_KeyedTask):
         if lease and lease.beside_itself():
             # A limited mutex admitted this copy beside a holder with this same
             # task id: that is its first delivery or the run it follows, which
-            # must end first (see _contended).  Give the place back.
+            # must end first (see _decide_mutex).  Give the place back.
             lease.release()
 
     def _contended(self, lease: _MutexLease | _MultiLease, started: float) -> None:
-        """The mutex is held: wait and take it, or raise ``Reject`` / ``Ignore``."""
-        holder = _holder(lease, self.request.id)
-        if not holder:  # released since the try: try again
-            self._take(lease)
-            if lease:
-                return
-            holder = _holder(lease, self.request.id)
-        if self.request.id is not None and holder.get("task_id") == self.request.id:
-            own = _OwnHolder(holder, self.app)
-            if own.followed_by(self.request):
-                holder = self._follow(lease, holder, started)
-            else:
-                holder = self._held_by_itself(lease, own, started)
-            if lease:
-                return
-        if self.mutex_requeue:
-            # Back off before the requeue, so that copies do not spin while a
-            # long holder runs; if the holder leaves meanwhile, take it now.
-            wanted = _requeue_delay(self.request.id)
-            wait = _unacked_wait(self.app, started, wanted)
-            if lease.limited:  # wait in line: a place may free up meanwhile
-                self._take(lease, within=wanted if wait is None else wait)
-            else:
-                lease.wait_for_release(wait)
-                self._take(lease)
-            if lease:
-                return
-            holder = _holder(lease)
-        self._reject(lease, holder, requeue=bool(self.mutex_requeue))
-
-    def _follow(self, lease: _MutexLease | _MultiLease, holder: dict, started: float) -> dict:
-        """This copy is a retry or a replacement of the run that holds the mutex.
-
-        Celery gives both the running task's id and sends them before the
-        body returns, so before the mutex is released: the new copy may start
-        while the first run ends.  It is no second delivery: it waits for the
-        first run's release (or, if that process died, for its session to
-        end), then takes the mutex and runs.  Returns the holder after
-        waiting, unless it took the mutex.
-        """
-        wait = None  # as long as the first run takes: it is ending
-        if self.acks_late:  # unacknowledged meanwhile: as long as the broker lets it wait
-            wait = _unacked_wait(self.app, started, None)
-        lease._log(
-            logging.INFO,
-            "is held by its previous copy (retries %s, replaced %s): waiting for its release",
-            holder.get("retries"), holder.get("nesting"), holder=holder.get("task_id"),
-            outcome="waiting", wait=wait,
-        )  # fmt: skip
+        """The mutex is held: take the steps _decide_mutex says until it is taken, or raise."""
+        step: _MutexStep | None = None
+        went = None
         while True:
-            lease.wait_for_holder(holder, wait)
-            self._take(lease)
-            if lease:
-                return holder
-            now = _holder(lease, self.request.id)
-            if now.get("guid") != holder.get("guid"):
-                return now  # released, and another task took it: plain contention
-            if wait is not None:  # still ending, and the broker wants an answer
-                self._reject(lease, now, requeue=True)
+            facts = self._facts(lease, step, went, started)
+            step = _decide_mutex(step, facts)
+            if step.why == "back off":
+                _backed_off(self.request.id)
+            if step.act == "run":
+                self._take(lease, step.seconds)
+                if lease:
+                    return
+            elif step.act == "wait":
+                self._say_waiting(lease, step, facts)
+                went = lease.wait_for_holder(step.holder, step.seconds)
+            elif step.act == "drop":
+                holder = step.holder
+                lease._log(logging.INFO, "is held by this same task (%s %s pid %s): a second "
+                           "delivery of its message; dropped", step.why, holder.get("host"),
+                           holder.get("pid"), holder=holder.get("task_id"),
+                           outcome="dropped")  # fmt: skip
+                self._refuse(lease, Ignore(), mutex_dropped, holder)
+            else:
+                self._reject(lease, step.holder, requeue=step.act == "requeue")
 
-    def _held_by_itself(
-        self, lease: _MutexLease | _MultiLease, own: _OwnHolder, started: float
-    ) -> dict:
-        """This task id holds its own mutex: this message is a second delivery of it.
-
-        Either its first delivery is still running (Redis restored its message
-        after ``visibility_timeout``, or RabbitMQ redelivered it after losing the
-        worker's connection): then this copy is dropped, neither run nor
-        requeued, once that run is seen to end.  Or the process that ran it
-        died, and Celery requeued its message (``reject_on_worker_lost``): its
-        session ends within the session timeout, and then this copy takes the
-        mutex and runs.  Returns the holder after waiting, unless it took the
-        mutex or dropped the message.
-
-        The holder's node tells which, by how it goes: a release marks it in
-        the request that deletes it (a change, then gone: the run ended), the
-        end of a session deletes it plainly.  A node still there past the wait
-        says nothing: its first delivery may live elsewhere, or a ZooKeeper
-        leader election gave every session a new full timeout.  No copy is
-        dropped on a time bound alone: it goes back to the queue.
-        """
-        holder = own.meta
-        alive = own.alive_here()
-        if alive:
-            self._drop(lease, holder, "its first delivery runs on")
-        # Dead, or on another host: a dead holder's node goes when the server
-        # expires its session, a live one stays.  Wait that long (when the
-        # broker lets us).
-        wait = _unacked_wait(self.app, started, own.dead_for)
-        assert wait is not None
-        lease._log(
-            logging.INFO,
-            "is held by this same task (%s %s pid %s): waiting up to %.1f s for that "
-            "session to end",
-            "a dead process, on" if alive is False else "on", holder.get("host"),
-            holder.get("pid"), wait, holder=holder.get("task_id"), outcome="waiting", wait=wait,
+    def _facts(
+        self, lease: _MutexLease | _MultiLease, last: _MutexStep | None, went: str | None,
+        started: float,
+    ) -> _MutexFacts:  # fmt: skip
+        """What _decide_mutex needs, read after ``last``: the holder after a failed try."""
+        request = self.request
+        holder, alive, dead_for = (last.holder if last else {}), None, 0.0
+        if last is None or last.act == "run":
+            # After its back-off, a copy is told the first holder.
+            holder = _holder(lease, None if last and last.why in _BACKING_OFF else request.id)
+            if request.id is not None and holder.get("task_id") == request.id:
+                own = _OwnHolder(holder, self.app)
+                alive, dead_for = own.alive_here(), own.dead_for
+        return _MutexFacts(
+            request.id, request.retries or 0, getattr(request, "replaced_task_nesting", 0) or 0,
+            requeue=bool(self.mutex_requeue), acks_late=bool(self.acks_late),
+            limited=lease.limited, holder=holder, alive=alive, dead_for=dead_for, went=went,
+            left=_unacked_left(self.app, started), backoffs=_rejections.get(request.id, 0),
         )  # fmt: skip
-        if lease.wait_for_holder(holder, wait) == "released":
-            self._drop(lease, holder, "its first delivery ran to its end, on")
-        self._take(lease)
-        if lease:
-            return holder
-        now = _holder(lease, self.request.id)
-        if now.get("task_id") != self.request.id:
-            return now  # the dead holder's session ended and another task took it
-        # Still held, by a first delivery alive elsewhere or by a dead one whose
-        # session has not ended yet (a leader election restarts its timeout):
-        # back to the queue, to look again later.
-        self._reject(lease, now, requeue=True)
 
-    def _drop(self, lease: Lease, holder: dict, why: str) -> NoReturn:
-        """Acknowledge this message without running the body: another delivery runs it."""
-        lease._log(
-            logging.INFO,
-            "is held by this same task (%s %s pid %s): a second delivery of its message; dropped",
-            why, holder.get("host"), holder.get("pid"), holder=holder.get("task_id"),
-            outcome="dropped",
-        )  # fmt: skip
-        _quiet_in_celery_log(self.request.id)
-        lease._signal(mutex_dropped, task_id=self.request.id, holder=holder)
-        raise Ignore()
+    def _say_waiting(self, lease: Lease, step: _MutexStep, facts: _MutexFacts) -> None:
+        holder, wait = step.holder, step.seconds
+        if step.why == "follow":
+            lease._log(logging.INFO, "is held by its previous copy (retries %s, replaced %s): "
+                       "waiting for its release", holder.get("retries"), holder.get("nesting"),
+                       holder=holder.get("task_id"), outcome="waiting", wait=wait)  # fmt: skip
+        elif step.why == "wait out":
+            lease._log(logging.INFO, "is held by this same task (%s %s pid %s): waiting up to "
+                       "%.1f s for that session to end",
+                       "a dead process, on" if facts.alive is False else "on", holder.get("host"),
+                       holder.get("pid"), wait, holder=holder.get("task_id"), outcome="waiting",
+                       wait=wait)  # fmt: skip
 
     def _reject(self, lease: Lease, holder: dict, requeue: bool) -> NoReturn:
         holder_id = holder.get("task_id")
+        exc = MutexHeld(f"mutex {_mutex_key(lease, holder)} is held by another task",
+                        requeue=requeue)  # fmt: skip
         lease._log(
             logging.INFO, "is held by %s; rejected and %s",
             f"task {holder_id}" if holder_id else "another holder",
             "requeued" if requeue else "dropped", holder=holder_id,
             outcome="requeued" if requeue else "rejected", wait=lease._waited(),
         )  # fmt: skip
-        _quiet_in_celery_log(self.request.id)
-        exc = MutexHeld(f"mutex {_mutex_key(lease, holder)} is held by another task",
-                        requeue=requeue)  # fmt: skip
-        _record_rejection(self, exc)
-        which = mutex_requeued if requeue else mutex_rejected
-        lease._signal(which, task_id=self.request.id, holder=holder)
-        raise exc
+        self._refuse(lease, exc, mutex_requeued if requeue else mutex_rejected, holder)
 
 
 _local = threading.local()
@@ -871,330 +1198,6 @@ def _handed_over() -> set[str]:
     if names is None:
         names = _local.handed_over = set()
     return names  # type: ignore[no-any-return]
-
-
-class _OwnHolder:
-    """A key held under this message's own task id: the rule both mutex tasks follow.
-
-    The holder is an earlier run of the same task id, and one of three:
-
-    - the run this copy follows (a retry or a replacement: ``followed_by``).
-      Celery sends those before the run ends, so before the key is free;
-    - the first delivery of this same message, alive: Redis restored the
-      message after ``visibility_timeout``, or RabbitMQ redelivered it after
-      losing the worker's connection.  This copy must not run;
-    - the first delivery, dead: its process was killed and the message came
-      back.  Its session ends within ``dead_for`` seconds, and then this copy
-      takes the key and runs.
-
-    So a second delivery waits for the holder's node to go, and its going
-    tells which: a release marks the node in the request that deletes it (the
-    run ended: the copy is dropped), a session's end deletes it plainly (the
-    copy takes the key and runs).  It waits ``dead_for`` at most, after which
-    a dead holder's node is normally gone; one still there (a live holder, or
-    a dead one whose session a leader election restarted) sends the copy
-    back to the queue, never dropped on a time bound alone.  MutexTask also
-    drops it at once when the holder is a live process on this host
-    (``alive_here``), and waits no longer than the broker lets an
-    unacknowledged message wait.
-    """
-
-    def __init__(self, holder: dict, app: celery.Celery) -> None:
-        self.meta = holder
-        #: The longest a dead holder's node can outlive it: what its session was
-        #: granted, which the server expires in buckets of its tick, so up to a
-        #: tick late (at most half the shortest timeout it grants), and a second.
-        #: A holder that did not say (an older zkcelery) is taken to have ours.
-        timeout = holder.get("session_timeout")
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            timeout = _read_settings(app).session_timeout
-        self.dead_for: float = timeout * 1.5 + 1.0
-
-    def followed_by(self, request: Any) -> bool:
-        """Whether ``request`` is a retry or replacement of the holder's run.
-
-        A retry counts up ``retries``; a replacement counts up
-        ``replaced_task_nesting`` and starts ``retries`` again, and Celery before
-        5.7 does not even send the nesting.  So the holder notes in its node that
-        a copy follows (``handover``) before it is sent, and that decides.  (A
-        redelivery of the holder's own message that comes in that moment is then
-        taken for its copy too: it waits, and runs after it, rather than being
-        lost.)
-        """
-        mine = (getattr(request, "replaced_task_nesting", 0) or 0, request.retries or 0)
-        theirs = (self.meta.get("nesting") or 0, self.meta.get("retries") or 0)
-        return mine > theirs or bool(self.meta.get("handover"))
-
-    def alive_here(self) -> bool | None:
-        """Whether the holder's process is alive: None when it is not on this host.
-
-        Only a "True" is acted on at once (a copy is dropped), so it errs towards
-        False: a zombie (killed, not reaped: PID 1 in a container often never
-        reaps) and a process younger than the lease (a reused pid) are dead.
-        """
-        pid = self.meta.get("pid")
-        if self.meta.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
-            return None
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except FileNotFoundError:
-            if os.path.isdir("/proc/self"):
-                return False
-            try:  # no /proc (macOS): ask the kernel
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except OSError:
-                pass
-            return True
-        except OSError:
-            return None
-        fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3, the state, on
-        if fields[0] in (b"Z", b"X") or int(fields[6]) & _PF_EXITING or _killed(pid):
-            return False  # dead, or dying: a SIGKILLed worker's child lives on for a moment
-        acquired = self.meta.get("acquired")
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open("/proc/stat", "rb") as f:
-                boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-            began = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
-            if isinstance(acquired, (int, float)) and began > acquired + 1.0:
-                return False
-        return True
-
-
-#: The kernel's flag of a process that has begun to exit (/proc/<pid>/stat, field 9).
-_PF_EXITING = 0x4
-
-
-def _killed(pid: int) -> bool:
-    """Whether a SIGKILL waits for the process ``pid``: it is as good as dead.
-
-    A worker SIGKILLed with its pool, the broker gives its messages back as
-    soon as the main process's connection closes; the pool child that ran the
-    message may not have been scheduled to die yet, and looks alive.
-    """
-    kill = 1 << (signal.SIGKILL - 1)
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status", "rb") as f:
-        masks = [line.split()[1] for line in f if line.startswith((b"SigPnd:", b"ShdPnd:"))]
-        return any(int(mask, 16) & kill for mask in masks)
-    return False
-
-
-def _holder(lease: Lease, task_id: str | None = None) -> dict:
-    """The metadata of the mutex's holder, or ``{}`` (released meanwhile, or unreadable).
-
-    Of a limited mutex's holders, the one with ``task_id`` if there is one, else the first.
-    """
-    try:
-        holders = lease.holders()
-    except MaxLeasesMismatch:
-        raise
-    except ZKCeleryError:
-        return {}
-    own = [h for h in holders if task_id is not None and h.get("task_id") == task_id]
-    return (own or holders or [{}])[0]
-
-
-def _mutex_key(lease: Lease, holder: dict) -> str:
-    return str(holder.get("key") or getattr(lease, "key", None) or "")
-
-
-_rejections: dict[Any, int] = {}
-
-
-def _requeue_delay(task_id: Any) -> float:
-    # Process-local and bounded: a requeued copy may land on another process,
-    # which only makes it start again from the shortest delay.
-    count = _rejections.pop(task_id, 0)
-    if len(_rejections) > 1000:
-        _rejections.pop(next(iter(_rejections)))
-    _rejections[task_id] = count + 1
-    return min(8.0, 0.25 * 2**count)
-
-
-#: zkcelery's own waits keep a message unacknowledged for at most this share of
-#: the Redis ``visibility_timeout``, after which Redis would deliver it again.
-_VISIBILITY_SHARE = 0.25
-
-
-_visibility: weakref.WeakKeyDictionary[celery.Celery, float | None] = weakref.WeakKeyDictionary()
-
-
-def _redis_visibility_timeout(app: celery.Celery) -> float | None:
-    """The app's Redis ``visibility_timeout`` in seconds; None when the broker is not Redis."""
-    try:
-        return _visibility[app]
-    except KeyError:
-        pass
-    seconds: float | None = None
-    with contextlib.suppress(Exception):  # an unusable broker URL is Celery's to report
-        conn = app.connection_for_read()
-        try:
-            transport = conn.get_transport_cls()
-        finally:
-            conn.release()
-        if getattr(transport, "driver_type", None) == "redis":
-            default = getattr(getattr(transport, "Channel", None), "visibility_timeout", 3600)
-            options = app.conf.broker_transport_options or {}
-            seconds = float(options.get("visibility_timeout", default))
-    _visibility[app] = seconds
-    return seconds
-
-
-def _unacked_wait(app: celery.Celery, started: float, wanted: float | None) -> float | None:
-    """How long a task that started at ``started`` may wait now, at most ``wanted`` (None: ever)."""
-    timeout = _redis_visibility_timeout(app)
-    if timeout is None:
-        return wanted
-    left = max(0.0, timeout * _VISIBILITY_SHARE - (time.monotonic() - started))
-    return left if wanted is None else min(wanted, left)
-
-
-_quiet_ids: set = set()
-
-
-#: Whether the worker itself records a task rejected without requeue as FAILURE
-#: and sends task_failure: Celery does from 5.7 on (issue #4222), not before.
-_CELERY_RECORDS_REJECTIONS = tuple(celery.VERSION[:2]) >= (5, 7)
-
-
-def _record_rejection(task: celery.Task, exc: Reject) -> None:
-    """Record a rejection without requeue as Celery 5.7 does: FAILURE, ``task_failure``.
-
-    Called just before ``raise exc`` in a task.  Before 5.7 a worker only drops
-    a message rejected without requeue (Celery issue #4222): the task would stay
-    PENDING and ``result.get()`` would wait forever.  Only a worker's run is
-    recorded, and only where Celery will not: a direct or eager call raises.
-    Where the worker sends task events, the ``task-failed`` event 5.7 sends is
-    sent too, so that Flower and celery-exporter see the rejection.
-    """
-    request = task.request
-    if _CELERY_RECORDS_REJECTIONS or exc.requeue or request.called_directly or request.is_eager:
-        return
-    try:
-        raise exc
-    except Reject:
-        einfo = ExceptionInfo()
-    traceback = exc.__traceback__
-    exc.__traceback__ = None  # raised again by the caller
-    ignore_result = request.ignore_result
-    if ignore_result is None:
-        ignore_result = task.ignore_result
-    try:
-        task.backend.mark_as_failure(
-            request.id, exc, einfo.traceback, request=request,
-            store_result=not ignore_result or task.store_errors_even_if_ignored,
-        )  # fmt: skip
-    except Exception:  # the message is rejected all the same, as Celery would
-        _log(logging.WARNING, "task %s[%s]: could not store the rejection", task.name,
-             request.id, exc_info=True, task_id=request.id, task_name=task.name,
-             outcome="not_stored")  # fmt: skip
-    signals.task_failure.send(
-        sender=task, task_id=request.id, exception=exc, args=request.args,
-        kwargs=request.kwargs, traceback=traceback, einfo=einfo,
-    )  # fmt: skip
-    if _worker.sends_events and task.send_events:
-        try:
-            task.send_event("task-failed", exception=safe_repr(exc), traceback=einfo.traceback)
-        except Exception as error:  # a monitor's event must not change the rejection
-            _log(logging.WARNING, "task %s[%s]: rejection not sent as a task event: %s",
-                 task.name, request.id, error, task_id=request.id, task_name=task.name,
-                 outcome="not_sent", error=str(error))  # fmt: skip
-
-
-@dataclass
-class _WorkerFacts:
-    """What a worker's main process knew at its start, inherited by its pool's processes."""
-
-    #: It sends task events (``-E``, or ``worker_send_task_events``).
-    sends_events: bool = False
-
-
-_worker = _WorkerFacts()
-
-
-def _quiet_in_celery_log(task_id: Any) -> None:
-    """zkcelery has logged this rejection in one line: Celery need not log it again."""
-    if len(_quiet_ids) > 1000:  # Celery did not log some: forget them
-        _quiet_ids.clear()
-    _quiet_ids.add(task_id)
-
-
-class _QuietRejections(logging.Filter):
-    """Drops Celery's record (a WARNING with a traceback) of a rejection zkcelery logged.
-
-    Celery logs every ``Reject`` and ``Ignore`` from ``celery.app.trace``, with
-    the task id in the record's ``data``; only those zkcelery raised are dropped.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        data = getattr(record, "data", None)
-        if isinstance(data, dict) and data.get("description") in ("rejected", "ignored"):
-            task_id = data.get("id")
-            if task_id in _quiet_ids:
-                _quiet_ids.discard(task_id)
-                return False
-        return True
-
-
-_warned: set = set()
-
-
-def _warn_duplicates(task: celery.Task, setting: str, seconds: float, timeout: float) -> None:
-    """Say once per process and task that Redis will deliver its messages twice."""
-    if (task.name, setting) in _warned:
-        return
-    _warned.add((task.name, setting))
-    _log(
-        logging.WARNING,
-        "task %s: %s (%g s) is longer than the Redis visibility_timeout (%g s, in "
-        "broker_transport_options): Redis will deliver such a message again while the "
-        "first delivery still waits or runs, so duplicates are certain; raise "
-        "visibility_timeout above it",
-        task.name, setting, seconds, timeout, task_name=task.name, outcome="duplicates_certain",
-    )  # fmt: skip
-
-
-def _check_limits(sender: Any = None, **_: Any) -> None:
-    """Before a zkcelery task runs: is a setting of it sure to make duplicates on Redis?"""
-    if not isinstance(sender, (LockTask, MutexTask)) or (sender.name, "checked") in _warned:
-        return
-    _warned.add((sender.name, "checked"))
-    timeout = _redis_visibility_timeout(sender.app)
-    if timeout is None:
-        return
-    conf = sender.app.conf
-    if sender.acks_late:  # its message stays unacknowledged while the body runs
-        for option, setting in (("time_limit", "task_time_limit"),
-                                ("soft_time_limit", "task_soft_time_limit")):  # fmt: skip
-            limit = getattr(sender, option, None) or conf.get(setting)
-            if isinstance(limit, (int, float)) and limit > timeout:
-                _warn_duplicates(sender, f"{option} ({setting})", limit, timeout)
-                break
-    delay = sender.default_retry_delay
-    if isinstance(sender, MutexTask) and isinstance(delay, (int, float)) and delay > timeout:
-        _warn_duplicates(sender, "default_retry_delay (its retry countdown)", delay, timeout)
-
-
-def _release_after_run(task: Any = None, **_: Any) -> None:
-    """A MutexTask run that retried keeps its mutex until Celery stored its state: free it."""
-    lease = getattr(getattr(task, "request", None), "zkcelery_mutex", None)
-    if lease:
-        lease.release()
-
-
-def _check_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
-    """A zkcelery task retries: a countdown past the visibility timeout means duplicates."""
-    if not isinstance(sender, (LockTask, MutexTask)):
-        return
-    when = getattr(reason, "when", None)
-    if isinstance(when, datetime):
-        now = datetime.now(when.tzinfo) if when.tzinfo else datetime.now()
-        when = (when - now).total_seconds()
-    timeout = _redis_visibility_timeout(sender.app)
-    if timeout is not None and isinstance(when, (int, float)) and when > timeout:
-        _warn_duplicates(sender, "the retry countdown", when, timeout)
 
 
 class EarlyMutexTask(_KeyedTask):
@@ -1307,38 +1310,94 @@ class EarlyMutexTask(_KeyedTask):
                 lease._log(logging.INFO, "is %s as task %s: rejected", refused.state,
                            refused.task_id, holder=refused.task_id,
                            outcome="rejected")  # fmt: skip
-                _record_rejection(self, refused)
-                lease._signal(mutex_rejected, task_id=self.request.id, holder=holder)
-                raise
-        # This task id runs already: a second delivery of its message (see
-        # _OwnHolder), dropped at once while its first delivery runs in a live
-        # process here, as MutexTask's.  If that process died, or is on another
-        # host, its node goes with its session: wait that long, then take it;
-        # dropped if the node went by the run's release (its mark), sent back
-        # to the queue if it is still there (never dropped on a time bound).
-        own = _OwnHolder(holder, self.app)
+                self._refuse(lease, refused, mutex_rejected, holder, quiet=False)
+        self._second_delivery(lease, _OwnHolder(holder, self.app))
+
+    def _second_delivery(self, lease: _EarlyLease, own: _OwnHolder) -> None:
+        """This task id runs already: MutexTask's rule for a second delivery (see _decide_mutex).
+
+        Without the broker's bound, and without its back-off: still held after
+        the wait, by any task, it goes back to the queue.
+        """
         if own.alive_here():
             where = "in a live process here"
+        elif lease.wait_for_holder(own.meta, own.dead_for) != "released":
+            with contextlib.suppress(AlreadyQueued):
+                lease.acquire()
+                return
+            exc = MutexHeld(f"early mutex {lease.key} is running as this same task", requeue=True)
+            lease._log(logging.INFO, "is running as this same task past its session's "
+                       "end: requeued", holder=self.request.id, outcome="requeued")  # fmt: skip
+            self._refuse(lease, exc, mutex_requeued, own.meta)
         else:
-            if lease.wait_for_holder(holder, own.dead_for) != "released":
-                with contextlib.suppress(AlreadyQueued):
-                    lease.acquire()
-                    return
-                lease._log(logging.INFO, "is running as this same task past its session's "
-                           "end: requeued", holder=self.request.id,
-                           outcome="requeued")  # fmt: skip
-                _quiet_in_celery_log(self.request.id)
-                lease._signal(mutex_requeued, task_id=self.request.id, holder=holder)
-                raise MutexHeld(f"early mutex {lease.key} is running as this same task",
-                                requeue=True)  # fmt: skip
             where = "whose first delivery ran to its end"
         lease._log(logging.INFO, "is running as this same task %s: second delivery dropped",
                    where, holder=self.request.id, outcome="dropped")  # fmt: skip
-        lease._signal(mutex_dropped, task_id=self.request.id, holder=holder)
-        raise Ignore()
+        self._refuse(lease, Ignore(), mutex_dropped, own.meta, quiet=False)
 
     def _early_lease(self, args: Any, kwargs: Any, task_id: str | None) -> _EarlyLease:
         return _EarlyLease(self, _EARLY, self._mutex_values(args, kwargs), task_id=task_id)
+
+
+# -- Task hooks (connected at the end of the module) --------------------------
+
+_warned: set = set()
+
+
+def _warn_duplicates(task: celery.Task, setting: str, seconds: float, timeout: float) -> None:
+    """Say once per process and task that Redis will deliver its messages twice."""
+    if (task.name, setting) in _warned:
+        return
+    _warned.add((task.name, setting))
+    _log(
+        logging.WARNING,
+        "task %s: %s (%g s) is longer than the Redis visibility_timeout (%g s, in "
+        "broker_transport_options): Redis will deliver such a message again while the "
+        "first delivery still waits or runs, so duplicates are certain; raise "
+        "visibility_timeout above it",
+        task.name, setting, seconds, timeout, task_name=task.name, outcome="duplicates_certain",
+    )  # fmt: skip
+
+
+def _check_limits(sender: Any = None, **_: Any) -> None:
+    """Before a zkcelery task runs: is a setting of it sure to make duplicates on Redis?"""
+    if not isinstance(sender, (LockTask, MutexTask)) or (sender.name, "checked") in _warned:
+        return
+    _warned.add((sender.name, "checked"))
+    timeout = _redis_visibility_timeout(sender.app)
+    if timeout is None:
+        return
+    conf = sender.app.conf
+    if sender.acks_late:  # its message stays unacknowledged while the body runs
+        for option, setting in (("time_limit", "task_time_limit"),
+                                ("soft_time_limit", "task_soft_time_limit")):  # fmt: skip
+            limit = getattr(sender, option, None) or conf.get(setting)
+            if isinstance(limit, (int, float)) and limit > timeout:
+                _warn_duplicates(sender, f"{option} ({setting})", limit, timeout)
+                break
+    delay = sender.default_retry_delay
+    if isinstance(sender, MutexTask) and isinstance(delay, (int, float)) and delay > timeout:
+        _warn_duplicates(sender, "default_retry_delay (its retry countdown)", delay, timeout)
+
+
+def _release_after_run(task: Any = None, **_: Any) -> None:
+    """A MutexTask run that retried keeps its mutex until Celery stored its state: free it."""
+    lease = getattr(getattr(task, "request", None), "zkcelery_mutex", None)
+    if lease:
+        lease.release()
+
+
+def _check_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
+    """A zkcelery task retries: a countdown past the visibility timeout means duplicates."""
+    if not isinstance(sender, (LockTask, MutexTask)):
+        return
+    when = getattr(reason, "when", None)
+    if isinstance(when, datetime):
+        now = datetime.now(when.tzinfo) if when.tzinfo else datetime.now()
+        when = (when - now).total_seconds()
+    timeout = _redis_visibility_timeout(sender.app)
+    if timeout is not None and isinstance(when, (int, float)) and when > timeout:
+        _warn_duplicates(sender, "the retry countdown", when, timeout)
 
 
 def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
