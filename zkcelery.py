@@ -1433,9 +1433,6 @@ class Lease:
         self._kind = _kinds()[namespace, mode, max_leases is not None]
         self._namespace = namespace
         self._max_leases = max_leases
-        # In every node's metadata: a semaphore's limit, a read/write lock's mode.
-        facts = {"max_leases": max_leases, "mode": mode}
-        self._facts = {fact: value for fact, value in facts.items() if value is not None}
         self._blocking = bool(blocking)
         self._timeout = timeout
         self._retry = bool(retry) and not blocking
@@ -1617,45 +1614,10 @@ class Lease:
             raise
         return granted is not None
 
-    def acquire_within(self, seconds: float) -> bool:
-        """As :meth:`acquire` of a lease made with ``blocking=True, timeout=seconds``.
-
-        :param seconds: the longest wait, in line, for the lease.
-        """
-        options = self._blocking, self._timeout
-        self._blocking, self._timeout = True, seconds
-        try:
-            return self.acquire()
-        finally:
-            self._blocking, self._timeout = options
-
     def release(self) -> None:
         """Give the lease back; a no-op when it is not held or its session is gone."""
         if self._grant is not None and not self._grant.released:
             self._grant.release()
-
-    def wait_for_release(self, seconds: float | None) -> str | None:
-        """Wait until the lock this (exclusive) lease failed to take is freed, or ``seconds``.
-
-        :param seconds: the longest wait; None waits as long as it is held.
-        :returns: how it went (see _wait_gone); None if it could not be watched.
-        """
-        return self.wait_for_holder({}, seconds)
-
-    def wait_for_holder(self, holder: dict, seconds: float | None) -> str | None:
-        """Wait until ``holder`` (metadata read from its node) has released, or ``seconds``.
-
-        :returns: ``"released"`` if its release was seen, ``"gone"`` if its node
-            went otherwise (or before the first look), ``"held"`` if it is there
-            at the end; None if it could not be watched (see _wait_gone).
-        """
-        guid = holder.get("guid")
-        if self._session is not None and self._max_leases is None:
-            # Only a courtesy: if ZooKeeper is away, the next acquire says so.
-            with contextlib.suppress(CoordinationError):
-                path, mine = self._key_path(self._session), guid if isinstance(guid, str) else None
-                return _wait_gone(self._session, path, _deadline(seconds), mine)
-        return None
 
     # -- helpers -----------------------------------------------------------------
 
@@ -1671,28 +1633,11 @@ class Lease:
         """The protocol object of one try, with a guid of its own (see _Queue)."""
         guid = self._new_guid()
         parent = f"{session.settings.root}/{self._namespace}"
-        return self._kind.protocol(self, session, parent, guid, self._metadata(session, guid))
+        return self._kind.protocol(self, session, parent, guid, _metadata(self, session, guid))
 
     def _new_guid(self) -> str:
         """A random id for the node of one try (see _Queue: how a node is found again)."""
         return uuid.uuid4().hex[:16]
-
-    # The protocol of each kind (see _kinds): (session, namespace node, guid, metadata).
-    def _exclusive(self, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
-        return _ExclusiveLock(session, parent, self.name, guid, data)
-
-    def _limited(self, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
-        path, label, limit = f"{parent}/{self.name}", f"{self.kind} {self.key}", self._max_leases
-        assert limit is not None
-        return _Semaphore(session, path, limit, guid, data, label, self._kind.option)
-
-    def _read_write(self, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
-        assert self._kind.mode is not None
-        return _ReadWriteLock(session, f"{parent}/{self.name}", self._kind.mode, guid, data)
-
-    def _early_mutex(self, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
-        timeout = _mutex_timeout(self._task)
-        return _EarlyMutex(session, parent, self.name, guid, data, self.key, timeout)
 
     def _contenders(self) -> tuple[list[dict], list[dict]]:
         return self._protocol(self._connect()).contenders()
@@ -1705,29 +1650,6 @@ class Lease:
         if self._early_id is not None:
             return self._early_id
         return getattr(self._task.request, "id", None)
-
-    def _metadata(self, session: _Session, guid: str) -> bytes:
-        task_id = self._task_id()
-        request = self._task.request
-        meta = {
-            "task_id": task_id,
-            "task": self._task.name,
-            "host": session.hostname,
-            "pid": os.getpid(),
-            "identifier": self.identifier or f"{task_id}->{session.hostname}",
-            "acquired": time.time(),
-            "key": self.key,
-            "guid": guid,
-            # Which copy of the task this is: a retry or a replacement keeps
-            # the task id and counts up (see MutexTask._contended).
-            "retries": getattr(request, "retries", 0) or 0,
-            "nesting": getattr(request, "replaced_task_nesting", 0) or 0,
-            # How long this session outlives its process: what the server
-            # granted, which a waiter for a dead holder's node needs to know.
-            "session_timeout": session.session_timeout,
-            **self._facts,
-        }
-        return json.dumps(meta).encode()
 
     def _waited(self) -> float:
         return 0.0 if self._first_try is None else time.monotonic() - self._first_try
@@ -1749,14 +1671,9 @@ class Lease:
         )  # fmt: skip
 
     def _not_released(self, exc: Exception) -> None:
-        self._log(
-            logging.WARNING,
-            "not released (%s); ZooKeeper frees it when the session ends, or this "
-            "process deletes it when it reconnects",
-            exc,
-            outcome="not_released",
-            error=str(exc),
-        )
+        self._log(logging.WARNING, "not released (%s); ZooKeeper frees it when the session ends, "
+                  "or this process deletes it when it reconnects", exc, outcome="not_released",
+                  error=str(exc))  # fmt: skip
 
 
 _LeaseT = TypeVar("_LeaseT", bound=Lease)
@@ -1783,26 +1700,74 @@ def _kinds() -> dict[tuple[str, str | None, bool], _Kind]:
 
     Made at first use: the names it uses come later in the module.
     """
-    exclusive, limited, read_write = Lease._exclusive, Lease._limited, Lease._read_write
     return {
-        (_LOCKS, None, False): _Kind("lock", exclusive),
-        (_MUTEXES, None, False): _Kind("mutex", exclusive),
-        (_MUTEXES, None, True): _Kind("mutex", limited, option="mutex_max_leases"),
-        (_SEMAPHORES, None, True): _Kind("semaphore", limited),
-        (_RWLOCKS, _READ, False): _Kind("read lock", read_write, mode=_READ),
-        (_RWLOCKS, _WRITE, False): _Kind("write lock", read_write, mode=_WRITE),
-        (_EARLY, None, False): _Kind("early mutex", Lease._early_mutex),
-        (_BEAT, None, False): _Kind("beat", exclusive),
+        (_LOCKS, None, False): _Kind("lock", _exclusive),
+        (_MUTEXES, None, False): _Kind("mutex", _exclusive),
+        (_MUTEXES, None, True): _Kind("mutex", _limited, option="mutex_max_leases"),
+        (_SEMAPHORES, None, True): _Kind("semaphore", _limited),
+        (_RWLOCKS, _READ, False): _Kind("read lock", _read_write, mode=_READ),
+        (_RWLOCKS, _WRITE, False): _Kind("write lock", _read_write, mode=_WRITE),
+        (_EARLY, None, False): _Kind("early mutex", _early),
+        (_BEAT, None, False): _Kind("beat", _exclusive),
     }
+
+
+# The protocol of each kind: (lease, session, namespace node, guid, metadata).
+def _exclusive(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
+    return _ExclusiveLock(session, parent, lease.name, guid, data)
+
+
+def _limited(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
+    path, label, limit = f"{parent}/{lease.name}", f"{lease.kind} {lease.key}", lease._max_leases
+    assert limit is not None
+    return _Semaphore(session, path, limit, guid, data, label, lease._kind.option)
+
+
+def _read_write(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
+    assert lease._kind.mode is not None
+    return _ReadWriteLock(session, f"{parent}/{lease.name}", lease._kind.mode, guid, data)
+
+
+def _early(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
+    timeout = _mutex_timeout(lease._task)
+    return _EarlyMutex(session, parent, lease.name, guid, data, lease.key, timeout)
+
+
+def _metadata(lease: Lease, session: _Session, guid: str) -> bytes:
+    """What the node of one try of ``lease`` holds (see the protocol map)."""
+    task_id, request = lease._task_id(), lease._task.request
+    meta = {
+        "task_id": task_id,
+        "task": lease._task.name,
+        "host": session.hostname,
+        "pid": os.getpid(),
+        "identifier": lease.identifier or f"{task_id}->{session.hostname}",
+        "acquired": time.time(),
+        "key": lease.key,
+        "guid": guid,
+        # Which copy of the task this is: a retry or a replacement keeps
+        # the task id and counts up (see MutexTask._contended).
+        "retries": getattr(request, "retries", 0) or 0,
+        "nesting": getattr(request, "replaced_task_nesting", 0) or 0,
+        # How long this session outlives its process: what the server
+        # granted, which a waiter for a dead holder's node needs to know.
+        "session_timeout": session.session_timeout,
+    }
+    # What its kind adds: a semaphore's limit, a read/write lock's mode.
+    facts = {"max_leases": lease._max_leases, "mode": lease._kind.mode}
+    meta.update((fact, value) for fact, value in facts.items() if value is not None)
+    return json.dumps(meta).encode()
 
 
 class _MutexLease(Lease):
     """MutexTask's lease: one holder (an exclusive lock), or ``mutex_max_leases`` (a semaphore).
 
-    It can note in its node that a copy of the task follows, and tell a holder
-    with its own task id from other holders: a limited mutex puts a mark of the
-    task id at the head of each node's guid, so that the listing that grants a
-    place shows a holder of the same task id without reading any node.
+    It can wait in line, or for a holder's release, note in its node that a
+    copy of the task follows, and tell a holder with its own task id from
+    other holders: a limited mutex puts a mark of the task id at the head of
+    each node's guid, so that the listing that grants a place shows a holder
+    of the same task id without reading any node.  The early mutex and the
+    multi-lock (and its parts) are mutex leases too.
     """
 
     @property
@@ -1817,15 +1782,36 @@ class _MutexLease(Lease):
             return False
         return mark is not None and grant.protocol.holds_marked(mark)
 
+    def acquire_within(self, seconds: float) -> bool:
+        """As :meth:`acquire` of a lease made with ``blocking=True, timeout=seconds``."""
+        options = self._blocking, self._timeout
+        self._blocking, self._timeout = True, seconds
+        try:
+            return self.acquire()
+        finally:
+            self._blocking, self._timeout = options
+
+    def wait_for_release(self, seconds: float | None) -> str | None:
+        """Wait until the mutex this lease failed to take is freed, or ``seconds`` (None: as
+        long as it is held); return how it went, as :meth:`wait_for_holder`."""
+        return self.wait_for_holder({}, seconds)
+
     def wait_for_holder(self, holder: dict, seconds: float | None) -> str | None:
-        """As :meth:`Lease.wait_for_holder`, for a holder of a limited mutex too."""
-        if not self.limited:
-            return super().wait_for_holder(holder, seconds)
-        if self._session is not None and isinstance(holder.get("guid"), str):
-            with contextlib.suppress(CoordinationError):  # as wait_for_release
-                protocol = self._protocol(self._session)
+        """Wait until ``holder`` (metadata read from its node) has released, or ``seconds``.
+
+        :returns: ``"released"`` if its release was seen, ``"gone"`` if its node
+            went otherwise (or before the first look), ``"held"`` if it is there
+            at the end; None if it could not be watched (see _wait_gone).
+        """
+        guid, session = holder.get("guid"), self._session
+        with contextlib.suppress(CoordinationError):  # a courtesy: the next try tells
+            if session is not None and not self.limited:
+                mine = guid if isinstance(guid, str) else None
+                return _wait_gone(session, self._key_path(session), _deadline(seconds), mine)
+            if session is not None and isinstance(guid, str):
+                protocol = self._protocol(session)
                 assert isinstance(protocol, _Semaphore)
-                return protocol.wait_released(holder["guid"], _deadline(seconds))
+                return protocol.wait_released(guid, _deadline(seconds))
         return None
 
     def hand_over(self) -> None:
@@ -1833,13 +1819,23 @@ class _MutexLease(Lease):
 
         The copy is sent with this run's task id before the run ends, so before
         the mutex is released: the note tells it from a second delivery of the
-        same message (see _OwnHolder).
+        same message (see _OwnHolder).  Never in a lock's queue node: a change
+        of its data tells the waiter behind that it holds now (see
+        _ExclusivePolicy).  A mutex's lease is taken without waiting, so it
+        never holds through the queue.
         """
         grant = self._grant
         if not isinstance(grant, _Grant) or grant.released:
             return
+        session, path = grant.session, grant.path
         try:
-            _note_handover(grant.session, grant.path, grant.session_id, grant.guid)
+            if f"{_QUEUE}/" in path:
+                raise CoordinationError(f"{path} holds through its lock's queue: no note is "
+                                        "written there")  # fmt: skip
+            data, stat = session.read(session.client.get_async, path)
+            if stat.ephemeralOwner == grant.session_id and _guid_of(data) == grant.guid:
+                meta = json.dumps({**json.loads(data), "handover": True}).encode()
+                session.call(session.client.set_async, path, meta, stat.version)
         except (ZKCeleryError, KazooException) as exc:
             self._log(logging.WARNING, "could not note the copy that follows: %s", exc,
                       outcome="not_noted", error=str(exc))  # fmt: skip
@@ -1856,22 +1852,7 @@ def _task_mark(task_id: str | None) -> str | None:
     return hashlib.blake2b(str(task_id).encode(), digest_size=4).hexdigest()
 
 
-def _note_handover(session: _Session, path: str, owner: int | None, guid: str) -> None:
-    """Note ``handover`` in the data of our node at ``path``, if it is still ours.
-
-    Never in a lock's queue node: a change of its data tells the waiter behind
-    that it holds now (see _ExclusivePolicy).  A mutex's lease is taken
-    without waiting, so it never holds through the queue.
-    """
-    if f"{_QUEUE}/" in path:
-        raise CoordinationError(f"{path} holds through its lock's queue: no note is written there")
-    data, stat = session.read(session.client.get_async, path)
-    if stat.ephemeralOwner == owner and _guid_of(data) == guid:
-        meta = {**json.loads(data), "handover": True}
-        session.call(session.client.set_async, path, json.dumps(meta).encode(), stat.version)
-
-
-class _EarlyLease(Lease):
+class _EarlyLease(_MutexLease):
     """EarlyMutexTask's lease, with the steps of the key's life besides the run (see _EarlyMutex).
 
     ``reserve`` at the send, ``requeue`` at a retry, ``unreserve`` when nothing
@@ -1946,29 +1927,22 @@ class _ElectionLease(Lease):
         return self._grant.path if self and isinstance(self._grant, _Grant) else None
 
 
-class _MultiLease(Lease):
+class _MultiLease(_MutexLease):
     """One lease over several exclusive locks (``multi_lock``, ``mutex_each_key``).
 
-    It is made of one part per key, each an ordinary exclusive lease of that
-    key with its own grant; the parts are kept sorted by lock name, the one
-    order every contender takes keys in.  _ExclusiveSet says how the nodes
-    are used and what it costs.
-
-    Truthy while every part is held.  ``lost`` is true once any part may be
-    another's.  ``token`` is one zxid at which every key was this lease's
-    (_Session.zxid_holding): larger than the token of every earlier holder
-    of any of its keys, smaller than every later one's, so a fencing token
-    for each key, comparable with the tokens of ``lock()`` on the same key.
-    (A node's creation zxid would not be: a key taken last, by the fast
-    path, is made after a plain waiter joined the queue of a key taken
-    first, and that waiter holds next.)  ``holders()`` and ``waiters()`` list those
-    of every key (each entry's ``key`` says which), those of the key a
-    failed try found held first.  The signals are sent once for the whole
-    lease, never per part: acquired when all are held, released or lost
-    once (see _MultiGrant).
+    It is made of one part per key, each a single exclusive lease of that key,
+    kept sorted by lock name: the one order every contender takes keys in
+    (_ExclusiveSet says how the nodes are used and what it costs).  Truthy
+    while every part is held, ``lost`` once any part may be another's.
+    ``token`` is one zxid at which every key was this lease's: larger than
+    the token of every earlier holder of any of its keys, smaller than every
+    later one's, so a fencing token for each key, comparable with those of
+    ``lock()``.  (A node's creation zxid would not be: a key taken last, by
+    the fast path, is made after a plain waiter joined the queue of a key
+    taken first, and that waiter holds next.)  ``holders()`` and
+    ``waiters()`` list those of every key, the key a failed try found held
+    first.  The signals are sent once for the whole lease (see _MultiGrant).
     """
-
-    limited = False  # as MutexTask uses it (see _MutexLease): one place per key
 
     def __init__(
         self,
@@ -1992,9 +1966,6 @@ class _MultiLease(Lease):
         self.name = "&".join(part.name for part in self.parts)  # "&" is never in a lock name
         self.key = " + ".join(part.key for part in self.parts)
         self._blocked: _Part | None = None  # the part the last failed try found held
-
-    def beside_itself(self) -> bool:
-        return False
 
     def wait_for_holder(self, holder: dict, seconds: float | None) -> None:
         """Wait until the key the last failed try found held is freed, or ``seconds``."""
@@ -2245,9 +2216,8 @@ class _Grant:
         return time.monotonic() - self.granted_at
 
     def settle(self) -> None:
-        """Mark it released, its node given back another way: turned queued (an early mutex's
-        retry), deleted with a multi-lock's others, or going with its session, closed on purpose.
-        """
+        """Mark it released, its node given back another way (an early mutex's retry turns it
+        queued, a multi-lock deletes all at once, a session closed on purpose takes it)."""
         if self._mark_released():
             self._lease._signal(lease_released, held=self.held())
 
