@@ -1643,7 +1643,7 @@ class Lease:
         return self._protocol(self._connect()).contenders()
 
     def _refuse_reentry(self, session: _Session) -> None:
-        if self._max_leases is None:  # a semaphore may hold twice: it admits more holders
+        if self._max_leases is None:
             session.refuse_reentry(self._key_path(session), self.key)
 
     def _task_id(self) -> str | None:
@@ -1690,7 +1690,7 @@ class _Kind:
     name: str
     #: Makes one try's protocol object: (lease, session, namespace node, guid, metadata).
     protocol: Callable[[Lease, _Session, str, str, bytes], _Protocol]
-    mode: str | None = None  # a read/write lock's, in its metadata
+    mode: str | None = None  # a read/write lock's
     option: str = "max_leases"  # what sets a semaphore's limit, as a mismatch names it
 
 
@@ -1804,7 +1804,8 @@ class _MutexLease(Lease):
             at the end; None if it could not be watched (see _wait_gone).
         """
         guid, session = holder.get("guid"), self._session
-        with contextlib.suppress(CoordinationError):  # a courtesy: the next try tells
+        # Only a courtesy: if ZooKeeper is away, the next acquire says so.
+        with contextlib.suppress(CoordinationError):
             if session is not None and not self.limited:
                 mine = guid if isinstance(guid, str) else None
                 return _wait_gone(session, self._key_path(session), _deadline(seconds), mine)
