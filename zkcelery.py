@@ -2036,6 +2036,8 @@ class _MultiLease(_MutexLease):
         except BaseException:  # from outside: what the multi-operation made, to the reaper
             together.orphan(session_id)
             for part in self.parts:
+                if part._grant is not None:
+                    session.forget(part._grant)  # no longer held: not to be watched
                 part._grant = None
             raise
         return outcome, together
