@@ -1439,6 +1439,11 @@ def _refused(task: EarlyMutexTask, lease: _EarlyLease, refused: AlreadyQueued) -
 # ---------------------------------------------------------------------------
 # Leases: the one lock primitive behind lock(), semaphore() and the mutexes
 # ---------------------------------------------------------------------------
+#
+# A Lease is a front door: what its kind varies in is data (_Kind), each try
+# is one protocol object's (see Protocols), and what it holds is one _Grant,
+# the held node's identity, which the lease, the session and the release
+# share.  A multi-lock is made of single leases, one per key.
 
 
 class Lease:
@@ -1452,20 +1457,10 @@ class Lease:
 
     Leases are made by :meth:`LockTask.lock`, :meth:`LockTask.semaphore`,
     :meth:`LockTask.read_lock`, :meth:`LockTask.write_lock` and
-    :class:`MutexTask`; the parameters are theirs:
-
-    :param task: the task whose name (and app settings) the lease uses.
-    :param namespace: ``"locks"``, ``"semaphores"``, ``"rwlocks"`` or ``"mutexes"``.
-    :param values: the refining values that follow the name.
-    :param max_leases: how many holders a semaphore admits (None: a lock).
-    :param mode: of a read/write lock, ``"read"`` or ``"write"``.
-    :param blocking: wait for the lease instead of giving up at once.
-    :param timeout: with ``blocking``, the longest wait in seconds.
-    :param retry: when not acquired, retry the task from ``__enter__``.
-    :param identifier: a label stored with the holder (default: task id and host).
-    :param name: the lock's base name instead of the task's name.
-    :param retry_options: keyword arguments for ``task.retry()``.
-    :param task_id: for an early mutex, the task id it is held for.
+    :class:`MutexTask`, whose parameters are these; besides, ``task`` gives
+    the name and the app, ``namespace`` (``"locks"``, ``"mutexes"``...),
+    ``max_leases`` and ``mode`` say what the lease is of (see _kinds), and
+    ``task_id`` is the one an early mutex is held for.
     """
 
     def __init__(
@@ -1497,15 +1492,15 @@ class Lease:
         self.key = _readable_key(base, values)
         self.identifier = identifier
         self._task = task
+        self._kind = _kinds()[namespace, mode, max_leases is not None]
         self._namespace = namespace
         self._max_leases = max_leases
-        self._mode = mode
         self._blocking = bool(blocking)
         self._timeout = timeout
         self._retry = bool(retry) and not blocking
         self._retry_options = retry_options or {}
         self._session: _Session | None = None
-        self._grant: _Grant | None = None  # the latest grant, kept after release
+        self._grant: _Grant | _MultiGrant | None = None  # the latest grant, kept after release
         self._first_try: float | None = None  # since when it is wanted (for ``waited``)
         self._early_id = task_id  # an early mutex's task id (the request's, by default)
 
@@ -1531,7 +1526,7 @@ class Lease:
     # -- the public view ---------------------------------------------------
 
     def __bool__(self) -> bool:
-        return self._grant is not None and not self._grant.released
+        return self._grant is not None and self._grant.holding
 
     def __repr__(self) -> str:
         state = "held" if self else "not held"
@@ -1541,9 +1536,7 @@ class Lease:
     def kind(self) -> str:
         """What it is a lease of, as ``ls`` says: lock, semaphore, read lock, write lock,
         mutex, early mutex or beat."""
-        if self._mode is not None:
-            return f"{self._mode} lock"
-        return _NAMESPACES[self._namespace].kind
+        return self._kind.name
 
     @property
     def task_name(self) -> str:
@@ -1585,11 +1578,11 @@ class Lease:
 
     def holders(self) -> list[dict]:
         """The metadata of every current holder (task id, host, pid, identifier...)."""
-        return self._protocol(self._connect()).contenders()[0]
+        return self._contenders()[0]
 
     def waiters(self) -> list[dict]:
         """The metadata of every contender waiting for the lease, first in line first."""
-        return self._protocol(self._connect()).contenders()[1]
+        return self._contenders()[1]
 
     # -- context manager -----------------------------------------------------
 
@@ -1631,40 +1624,20 @@ class Lease:
         if self._first_try is None:
             self._first_try = time.monotonic()
         session = self._connect()
-        deadline = None
-        if self._blocking and self._timeout is not None:
-            deadline = time.monotonic() + self._timeout
-        granted: _Granted | None = None
-        protocol: _Protocol | None = None
-        session_id = session.session_id
+        deadline = _deadline(self._timeout) if self._blocking else None
         try:
             session.wait_connected(deadline)  # the metadata holds the granted session timeout
-            session_id = session.session_id
-            protocol = self._protocol(session)
-            if self._blocking and deadline is None and self._max_leases is None:
-                session.refuse_reentry(protocol.key_path, self.key)
+            if self._blocking and deadline is None:  # refused before anything is taken
+                self._refuse_reentry(session)
             with session.waiting() if self._blocking else contextlib.nullcontext():
-                granted = protocol.acquire(self._blocking, deadline)
-            if granted is not None:
-                self._hold(session, protocol, granted)
+                granted = self._take(session, deadline)
         except CoordinationError:
             self._signal(lease_not_acquired, waited=self._waited(), reason="unavailable")
             raise
         except AlreadyQueued:  # an early mutex's key is queued or running
             self._signal(lease_not_acquired, waited=self._waited(), reason="held")
             raise
-        except BaseException:
-            # An exception from outside (a soft time limit, a signal handler's):
-            # give back what the try made, since the caller will not (``with``
-            # calls no __exit__ when __enter__ raised).  A node granted but not
-            # yet returned (a semaphore's wake of the next waiter) is the
-            # reaper's, as one still waiting is.
-            if protocol is not None and granted is not None:
-                self._give_back(protocol, granted)
-            elif protocol is not None:
-                protocol.abandon(session_id)
-            raise
-        if granted is None:
+        if not granted:
             self._log(logging.DEBUG, "is held elsewhere", outcome="not_acquired")
             reason = "timeout" if self._blocking else "held"
             self._signal(lease_not_acquired, waited=self._waited(), reason=reason)
@@ -1673,68 +1646,40 @@ class Lease:
         self._signal(lease_acquired, waited=waited)
         return True
 
-    def _hold(self, session: _Session, protocol: _Protocol, granted: _Granted) -> None:
-        """Record a grant: from now on a release gives its node back."""
-        path, token, owner = granted
-        self._grant = _Grant(session, protocol, path, token, owner, self)
-        session.remember(self._grant)
-
-    def _give_back(self, protocol: _Protocol, granted: _Granted) -> None:
-        """Release a grant that an exception kept from its holder; its node, if not now, later."""
-        grant, self._grant = self._grant, None
-        path, _, owner = granted
+    def _take(self, session: _Session, deadline: float | None) -> bool:
+        """One try, through a new protocol object: True once granted (and the grant kept)."""
+        session_id = session.session_id
+        protocol = self._protocol(session)
+        granted: _Granted | None = None
         try:
-            if grant is not None and grant.path == path:
-                grant.release()
-            else:
-                protocol.release(path, owner)
+            granted = protocol.acquire(self._blocking, deadline)
+            if granted is not None:
+                self._grant = _Grant(session, protocol, granted, self)
+                session.remember(self._grant)
+        except (CoordinationError, AlreadyQueued):
+            raise  # a try that failed, not one cut short from outside (below)
         except BaseException:
-            protocol.session.add_orphan(path, owner, protocol.guid)
+            # An exception from outside (a soft time limit, a signal handler's):
+            # give back what the try made, since the caller will not (``with``
+            # calls no __exit__ when __enter__ raised).  A node granted but not
+            # yet returned (a semaphore's wake of the next waiter) is the
+            # reaper's, as one still waiting is.
+            if granted is None:
+                protocol.abandon(session_id)
+            else:  # quietly: no signal said it was held
+                grant = self._grant
+                if not isinstance(grant, _Grant) or grant.protocol is not protocol:
+                    grant = _Grant(session, protocol, granted, self)  # not recorded yet
+                self._grant = None
+                grant._mark_released()
+                grant.release()
             raise
-
-    def acquire_within(self, seconds: float) -> bool:
-        """As :meth:`acquire` of a lease made with ``blocking=True, timeout=seconds``.
-
-        :param seconds: the longest wait, in line, for the lease.
-        """
-        options = self._blocking, self._timeout
-        self._blocking, self._timeout = True, seconds
-        try:
-            return self.acquire()
-        finally:
-            self._blocking, self._timeout = options
+        return granted is not None
 
     def release(self) -> None:
         """Give the lease back; a no-op when it is not held or its session is gone."""
-        if self:
-            assert self._grant is not None
+        if self._grant is not None and not self._grant.released:
             self._grant.release()
-
-    def wait_for_release(self, seconds: float | None) -> str | None:
-        """Wait until the lock this (exclusive) lease failed to take is freed, or ``seconds``.
-
-        :param seconds: the longest wait; None waits as long as it is held.
-        :returns: how it went (see _wait_gone); None if it could not be watched.
-        """
-        return self.wait_for_holder({}, seconds)
-
-    def wait_for_holder(self, holder: dict, seconds: float | None) -> str | None:
-        """Wait until ``holder`` (metadata read from its node) has released, or ``seconds``.
-
-        :returns: ``"released"`` if its release was seen, ``"gone"`` if its node
-            went otherwise (or before the first look), ``"held"`` if it is there
-            at the end; None if it could not be watched (see _wait_gone).
-        """
-        guid = holder.get("guid")
-        if self._session is not None and self._max_leases is None:
-            # Only a courtesy: if ZooKeeper is away, the next acquire says so.
-            with contextlib.suppress(CoordinationError):
-                protocol = self._protocol(self._session)
-                assert isinstance(protocol, (_ExclusiveLock, _EarlyMutex))
-                deadline = None if seconds is None else time.monotonic() + seconds
-                mine = guid if isinstance(guid, str) else None
-                return _wait_gone(self._session, protocol.holder, deadline, mine)
-        return None
 
     # -- helpers -----------------------------------------------------------------
 
@@ -1743,57 +1688,30 @@ class Lease:
             self._session = _connection(self._task.app)
         return self._session
 
+    def _key_path(self, session: _Session) -> str:
+        return f"{session.settings.root}/{self._namespace}/{self.name}"
+
     def _protocol(self, session: _Session) -> _Protocol:
+        """The protocol object of one try, with a guid of its own (see _Queue)."""
         guid = self._new_guid()
-        data = self._metadata(session, guid)
         parent = f"{session.settings.root}/{self._namespace}"
-        if self._mode is not None:
-            return _ReadWriteLock(session, f"{parent}/{self.name}", self._mode, guid, data)
-        if self._namespace == _EARLY:
-            timeout = _mutex_timeout(self._task)
-            return _EarlyMutex(session, parent, self.name, guid, data, self.key, timeout)
-        if self._max_leases is None:
-            return _ExclusiveLock(session, parent, self.name, guid, data)
-        option = "mutex_max_leases" if self._namespace == _MUTEXES else "max_leases"
-        return _Semaphore(
-            session, f"{parent}/{self.name}", self._max_leases, guid, data,
-            f"{self.kind} {self.key}", option,
-        )  # fmt: skip
+        return self._kind.protocol(self, session, parent, guid, _metadata(self, session, guid))
 
     def _new_guid(self) -> str:
         """A random id for the node of one try (see _Queue: how a node is found again)."""
         return uuid.uuid4().hex[:16]
 
+    def _contenders(self) -> tuple[list[dict], list[dict]]:
+        return self._protocol(self._connect()).contenders()
+
+    def _refuse_reentry(self, session: _Session) -> None:
+        if self._max_leases is None:
+            session.refuse_reentry(self._key_path(session), self.key)
+
     def _task_id(self) -> str | None:
         if self._early_id is not None:
             return self._early_id
         return getattr(self._task.request, "id", None)
-
-    def _metadata(self, session: _Session, guid: str) -> bytes:
-        task_id = self._task_id()
-        request = self._task.request
-        meta = {
-            "task_id": task_id,
-            "task": self._task.name,
-            "host": session.hostname,
-            "pid": os.getpid(),
-            "identifier": self.identifier or f"{task_id}->{session.hostname}",
-            "acquired": time.time(),
-            "key": self.key,
-            "guid": guid,
-            # Which copy of the task this is: a retry or a replacement keeps
-            # the task id and counts up (see MutexTask._contended).
-            "retries": getattr(request, "retries", 0) or 0,
-            "nesting": getattr(request, "replaced_task_nesting", 0) or 0,
-            # How long this session outlives its process: what the server
-            # granted, which a waiter for a dead holder's node needs to know.
-            "session_timeout": session.session_timeout,
-        }
-        if self._max_leases is not None:
-            meta["max_leases"] = self._max_leases
-        if self._mode is not None:
-            meta["mode"] = self._mode
-        return json.dumps(meta).encode()
 
     def _waited(self) -> float:
         return 0.0 if self._first_try is None else time.monotonic() - self._first_try
@@ -1806,10 +1724,7 @@ class Lease:
             which.send(sender=sender, lease=self, **facts)
 
     def _log(self, level: int, what: str, *args: Any, **facts: Any) -> None:
-        """Log a line naming the task, its id, and this lease's kind and key.
-
-        The record carries them as attributes too (see _log), with ``facts``.
-        """
+        """Log a line naming the task, its id, and this lease's kind and key (as facts too)."""
         task_id = self._task_id()
         _log(
             level, f"task %s[%s]: %s %s {what}", self._task.name, task_id, self.kind, self.key,
@@ -1817,17 +1732,104 @@ class Lease:
             **facts,
         )  # fmt: skip
 
+    def _not_released(self, exc: Exception) -> None:
+        self._log(logging.WARNING, "not released (%s); ZooKeeper frees it when the session ends, "
+                  "or this process deletes it when it reconnects", exc, outcome="not_released",
+                  error=str(exc))  # fmt: skip
+
 
 _LeaseT = TypeVar("_LeaseT", bound=Lease)
+
+
+def _deadline(seconds: float | None) -> float | None:
+    return None if seconds is None else time.monotonic() + seconds
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """A kind of lease: its name (in ``ls``, log lines, metrics) and the protocol of its tries."""
+
+    name: str
+    #: Makes one try's protocol object: (lease, session, namespace node, guid, metadata).
+    protocol: Callable[[Lease, _Session, str, str, bytes], _Protocol]
+    mode: str | None = None  # a read/write lock's
+    option: str = "max_leases"  # what sets a semaphore's limit, as a mismatch names it
+
+
+@functools.cache
+def _kinds() -> dict[tuple[str, str | None, bool], _Kind]:
+    """Every kind, by what a lease is made with: (namespace, mode, max_leases given).
+
+    Made at first use: the names it uses come later in the module.
+    """
+    return {
+        (_LOCKS, None, False): _Kind("lock", _exclusive),
+        (_MUTEXES, None, False): _Kind("mutex", _exclusive),
+        (_MUTEXES, None, True): _Kind("mutex", _limited, option="mutex_max_leases"),
+        (_SEMAPHORES, None, True): _Kind("semaphore", _limited),
+        (_RWLOCKS, _READ, False): _Kind("read lock", _read_write, mode=_READ),
+        (_RWLOCKS, _WRITE, False): _Kind("write lock", _read_write, mode=_WRITE),
+        (_EARLY, None, False): _Kind("early mutex", _early),
+        (_BEAT, None, False): _Kind("beat", _exclusive),
+    }
+
+
+# The protocol of each kind: (lease, session, namespace node, guid, metadata).
+def _exclusive(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
+    return _ExclusiveLock(session, parent, lease.name, guid, data)
+
+
+def _limited(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
+    path, label, limit = f"{parent}/{lease.name}", f"{lease.kind} {lease.key}", lease._max_leases
+    assert limit is not None
+    return _Semaphore(session, path, limit, guid, data, label, lease._kind.option)
+
+
+def _read_write(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
+    assert lease._kind.mode is not None
+    return _ReadWriteLock(session, f"{parent}/{lease.name}", lease._kind.mode, guid, data)
+
+
+def _early(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
+    timeout = _mutex_timeout(lease._task)
+    return _EarlyMutex(session, parent, lease.name, guid, data, lease.key, timeout)
+
+
+def _metadata(lease: Lease, session: _Session, guid: str) -> bytes:
+    """What the node of one try of ``lease`` holds (see the protocol map)."""
+    task_id, request = lease._task_id(), lease._task.request
+    meta = {
+        "task_id": task_id,
+        "task": lease._task.name,
+        "host": session.hostname,
+        "pid": os.getpid(),
+        "identifier": lease.identifier or f"{task_id}->{session.hostname}",
+        "acquired": time.time(),
+        "key": lease.key,
+        "guid": guid,
+        # Which copy of the task this is: a retry or a replacement keeps
+        # the task id and counts up (see MutexTask._contended).
+        "retries": getattr(request, "retries", 0) or 0,
+        "nesting": getattr(request, "replaced_task_nesting", 0) or 0,
+        # How long this session outlives its process: what the server
+        # granted, which a waiter for a dead holder's node needs to know.
+        "session_timeout": session.session_timeout,
+    }
+    # What its kind adds: a semaphore's limit, a read/write lock's mode.
+    facts = {"max_leases": lease._max_leases, "mode": lease._kind.mode}
+    meta.update((fact, value) for fact, value in facts.items() if value is not None)
+    return json.dumps(meta).encode()
 
 
 class _MutexLease(Lease):
     """MutexTask's lease: one holder (an exclusive lock), or ``mutex_max_leases`` (a semaphore).
 
-    It can note in its node that a copy of the task follows, and tell a holder
-    with its own task id from other holders: a limited mutex puts a mark of the
-    task id at the head of each node's guid, so that the listing that grants a
-    place shows a holder of the same task id without reading any node.
+    It can wait in line, or for a holder's release, note in its node that a
+    copy of the task follows, and tell a holder with its own task id from
+    other holders: a limited mutex puts a mark of the task id at the head of
+    each node's guid, so that the listing that grants a place shows a holder
+    of the same task id without reading any node.  The early mutex and the
+    multi-lock (and its parts) are mutex leases too.
     """
 
     @property
@@ -1837,22 +1839,42 @@ class _MutexLease(Lease):
 
     def beside_itself(self) -> bool:
         """Whether a limited mutex granted this lease beside a holder with the same task id."""
-        grant = self._grant
-        if not self.limited or grant is None or not isinstance(grant.protocol, _Semaphore):
+        grant, mark = self._grant, _task_mark(self._task_id())
+        if not isinstance(grant, _Grant) or not isinstance(grant.protocol, _Semaphore):
             return False
-        mark = _task_mark(self._task_id())
         return mark is not None and grant.protocol.holds_marked(mark)
 
+    def acquire_within(self, seconds: float) -> bool:
+        """As :meth:`acquire` of a lease made with ``blocking=True, timeout=seconds``."""
+        options = self._blocking, self._timeout
+        self._blocking, self._timeout = True, seconds
+        try:
+            return self.acquire()
+        finally:
+            self._blocking, self._timeout = options
+
+    def wait_for_release(self, seconds: float | None) -> str | None:
+        """Wait until the mutex this lease failed to take is freed, or ``seconds`` (None: as
+        long as it is held); return how it went, as :meth:`wait_for_holder`."""
+        return self.wait_for_holder({}, seconds)
+
     def wait_for_holder(self, holder: dict, seconds: float | None) -> str | None:
-        """As :meth:`Lease.wait_for_holder`, for a holder of a limited mutex too."""
-        if not self.limited:
-            return super().wait_for_holder(holder, seconds)
-        if self._session is not None and isinstance(holder.get("guid"), str):
-            with contextlib.suppress(CoordinationError):  # as wait_for_release
-                protocol = self._protocol(self._session)
+        """Wait until ``holder`` (metadata read from its node) has released, or ``seconds``.
+
+        :returns: ``"released"`` if its release was seen, ``"gone"`` if its node
+            went otherwise (or before the first look), ``"held"`` if it is there
+            at the end; None if it could not be watched (see _wait_gone).
+        """
+        guid, session = holder.get("guid"), self._session
+        # Only a courtesy: if ZooKeeper is away, the next acquire says so.
+        with contextlib.suppress(CoordinationError):
+            if session is not None and not self.limited:
+                mine = guid if isinstance(guid, str) else None
+                return _wait_gone(session, self._key_path(session), _deadline(seconds), mine)
+            if session is not None and isinstance(guid, str):
+                protocol = self._protocol(session)
                 assert isinstance(protocol, _Semaphore)
-                deadline = None if seconds is None else time.monotonic() + seconds
-                return protocol.wait_released(holder["guid"], deadline)
+                return protocol.wait_released(guid, _deadline(seconds))
         return None
 
     def hand_over(self) -> None:
@@ -1860,20 +1882,30 @@ class _MutexLease(Lease):
 
         The copy is sent with this run's task id before the run ends, so before
         the mutex is released: the note tells it from a second delivery of the
-        same message (see _OwnHolder).
+        same message (see _OwnHolder).  Never in a lock's queue node: a change
+        of its data tells the waiter behind that it holds now (see
+        _ExclusivePolicy).  A mutex's lease is taken without waiting, so it
+        never holds through the queue.
         """
         grant = self._grant
-        if grant is None or grant.released:
+        if not isinstance(grant, _Grant) or grant.released:
             return
+        session, path = grant.session, grant.path
         try:
-            _note_handover(grant.session, grant.path, grant.session_id, grant.protocol.guid)
+            if f"{_QUEUE}/" in path:
+                raise CoordinationError(f"{path} holds through its lock's queue: no note is "
+                                        "written there")  # fmt: skip
+            data, stat = session.read(session.client.get_async, path)
+            if stat.ephemeralOwner == grant.session_id and _guid_of(data) == grant.guid:
+                meta = json.dumps({**json.loads(data), "handover": True}).encode()
+                session.call(session.client.set_async, path, meta, stat.version)
         except (ZKCeleryError, KazooException) as exc:
             self._log(logging.WARNING, "could not note the copy that follows: %s", exc,
                       outcome="not_noted", error=str(exc))  # fmt: skip
 
     def _new_guid(self) -> str:
         mark = _task_mark(self._task_id()) if self.limited else None
-        return (mark or "") + uuid.uuid4().hex[:16]
+        return (mark or "") + super()._new_guid()
 
 
 def _task_mark(task_id: str | None) -> str | None:
@@ -1883,22 +1915,7 @@ def _task_mark(task_id: str | None) -> str | None:
     return hashlib.blake2b(str(task_id).encode(), digest_size=4).hexdigest()
 
 
-def _note_handover(session: _Session, path: str, owner: int | None, guid: str) -> None:
-    """Note ``handover`` in the data of our node at ``path``, if it is still ours.
-
-    Never in a lock's queue node: a change of its data tells the waiter behind
-    that it holds now (see _ExclusivePolicy).  A mutex's lease is taken
-    without waiting, so it never holds through the queue.
-    """
-    if f"{_QUEUE}/" in path:
-        raise CoordinationError(f"{path} holds through its lock's queue: no note is written there")
-    data, stat = session.read(session.client.get_async, path)
-    if stat.ephemeralOwner == owner and _guid_of(data) == guid:
-        meta = {**json.loads(data), "handover": True}
-        session.call(session.client.set_async, path, json.dumps(meta).encode(), stat.version)
-
-
-class _EarlyLease(Lease):
+class _EarlyLease(_MutexLease):
     """EarlyMutexTask's lease, with the steps of the key's life besides the run (see _EarlyMutex).
 
     ``reserve`` at the send, ``requeue`` at a retry, ``unreserve`` when nothing
@@ -1918,20 +1935,22 @@ class _EarlyLease(Lease):
     def requeue(self) -> None:
         """At a retry: turn the running form back into the queued form, for the retried copy."""
         grant = self._grant
-        if grant is not None and not grant.released:
-            grant.check_session()  # no watch: our own requeue is about to delete the node
-        if grant is not None and not grant.released and grant.why_lost is None:
-            assert isinstance(grant.protocol, _EarlyMutex)
-            try:
-                kept = grant.protocol.requeue(grant.session_id)
-            except CoordinationError as exc:
-                kept = False
-                self._log(logging.WARNING, "not kept for the retry: %s", exc,
-                          outcome="not_kept", error=str(exc))  # fmt: skip
-            if kept:
-                grant.settle()
-            # Else the run's end releases it as usual, and the retried copy,
-            # finding this task id running, waits for that.
+        if not isinstance(grant, _Grant) or grant.released:
+            return
+        grant.check_session()  # no watch: our own requeue is about to delete the node
+        if grant.why_lost is not None:
+            return
+        assert isinstance(grant.protocol, _EarlyMutex)
+        try:
+            kept = grant.protocol.requeue(grant.session_id)
+        except CoordinationError as exc:
+            kept = False
+            self._log(logging.WARNING, "not kept for the retry: %s", exc,
+                      outcome="not_kept", error=str(exc))  # fmt: skip
+        if kept:
+            grant.settle()
+        # Else the run's end releases it as usual, and the retried copy,
+        # finding this task id running, waits for that.
 
     def free_revoked(self, session: _Session) -> None:
         """Free the key of a revoked message, in ``session``; a failure is logged.
@@ -1968,29 +1987,24 @@ class _ElectionLease(Lease):
     @property
     def path(self) -> str | None:
         """The node that holds the lease while it is held (the fence of a write)."""
-        return self._grant.path if self else None  # type: ignore[union-attr]
+        return self._grant.path if self and isinstance(self._grant, _Grant) else None
 
 
-class _MultiLease(Lease):
+class _MultiLease(_MutexLease):
     """One lease over several exclusive locks (``multi_lock``, ``mutex_each_key``).
 
-    It is made of one part per key, each an ordinary exclusive lease of that
-    key with its own grant; the parts are kept sorted by lock name, the one
-    order every contender takes keys in.  _ExclusiveSet says how the nodes
-    are used and what it costs.
-
-    Truthy while every part is held.  ``lost`` is true once any part may be
-    another's.  ``token`` is one zxid at which every key was this lease's
-    (_Session.zxid_holding): larger than the token of every earlier holder
-    of any of its keys, smaller than every later one's, so a fencing token
-    for each key, comparable with the tokens of ``lock()`` on the same key.
-    (A node's creation zxid would not be: a key taken last, by the fast
-    path, is made after a plain waiter joined the queue of a key taken
-    first, and that waiter holds next.)  ``holders()`` and ``waiters()`` list those
-    of every key (each entry's ``key`` says which), those of the key a
-    failed try found held first.  The signals are sent once for the whole
-    lease, never per part: acquired when all are held, released or lost
-    once.
+    It is made of one part per key, each a single exclusive lease of that key,
+    kept sorted by lock name: the one order every contender takes keys in
+    (_ExclusiveSet says how the nodes are used and what it costs).  Truthy
+    while every part is held, ``lost`` once any part may be another's.
+    ``token`` is one zxid at which every key was this lease's: larger than
+    the token of every earlier holder of any of its keys, smaller than every
+    later one's, so a fencing token for each key, comparable with those of
+    ``lock()``.  (A node's creation zxid would not be: a key taken last, by
+    the fast path, is made after a plain waiter joined the queue of a key
+    taken first, and that waiter holds next.)  ``holders()`` and
+    ``waiters()`` list those of every key, the key a failed try found held
+    first.  The signals are sent once for the whole lease (see _MultiGrant).
     """
 
     def __init__(
@@ -2003,10 +2017,9 @@ class _MultiLease(Lease):
         super().__init__(task, namespace, **options)
         if not keys:
             raise TypeError("a multi-lock needs at least one key")
-        part_class = _MutexPart if namespace == _MUTEXES else _LockPart
         parts: dict[str, _Part] = {}
         for name, values in keys:
-            part = part_class(
+            part = _Part(
                 task, namespace, values, blocking=self._blocking, timeout=self._timeout,
                 identifier=self.identifier, name=options.get("name") if name is None else name,
             )  # fmt: skip
@@ -2015,193 +2028,57 @@ class _MultiLease(Lease):
         self.parts: list[_Part] = [parts[name] for name in sorted(parts)]
         self.name = "&".join(part.name for part in self.parts)  # "&" is never in a lock name
         self.key = " + ".join(part.key for part in self.parts)
-        self._holding = False  # from the grant of all parts to the start of their release
-        self._ended = True  # the grant has been reported released or lost (or there is none)
-        self._granted_at = 0.0
-        self._together: _ExclusiveSet | None = None  # the parts were taken in one request
         self._blocked: _Part | None = None  # the part the last failed try found held
-        self._mutex = threading.Lock()
 
-    def __bool__(self) -> bool:
-        return self._holding and all(self.parts)
-
-    @property
-    def token(self) -> int | None:
-        """The fencing token of the grant of every key (see the class); None if never held.
-
-        Learnt with a sync and one read of every key's node, sent together, the first
-        time it is asked while held (_Session.zxid_holding): a zxid at which
-        every key was ours.
-        """
-        grants = [part._grant for part in self.parts if part._grant is not None]
-        if self and any(grant.token is None for grant in grants):
-            token = self._connect().zxid_holding([(g.path, g.guid, g.session_id) for g in grants])
-            for grant in grants:
-                if token is None:
-                    grant.fencing_token()  # marks the one that is lost
-                elif grant.token is None:
-                    grant.token = token
-        tokens = [part.token for part in self.parts]
-        return None if None in tokens else max(tokens)  # type: ignore[type-var]
-
-    @property
-    def lost(self) -> bool:
-        """True once any key may be held by someone else (see :attr:`Lease.lost`)."""
-        return any(part.lost for part in self.parts)
-
-    def holders(self) -> list[dict]:
-        """The holders of every key, those of the key the last failed try found held first."""
-        return [h for part in self._blocked_first() for h in part.holders()]
-
-    def waiters(self) -> list[dict]:
-        """The waiters of every key, those of the key the last failed try found held first."""
-        return [w for part in self._blocked_first() for w in part.waiters()]
-
-    def wait_for_release(self, seconds: float | None) -> None:
+    def wait_for_holder(self, holder: dict, seconds: float | None) -> None:
         """Wait until the key the last failed try found held is freed, or ``seconds``."""
         if self._blocked is not None:
             self._blocked.wait_for_release(seconds)
 
-    # -- as MutexTask uses it (see _MutexLease): one place per key ----------
-
-    limited = False
-
-    def beside_itself(self) -> bool:
-        return False
-
-    def wait_for_holder(self, holder: dict, seconds: float | None) -> None:
-        self.wait_for_release(seconds)
-
     def hand_over(self) -> None:
         """A mutex's: note in every part's node that a copy of the task follows."""
         for part in self.parts:
-            if isinstance(part, _MutexLease):
-                part.hand_over()
+            part.hand_over()
 
-    # -- acquire and release -------------------------------------------------
+    def _contenders(self) -> tuple[list[dict], list[dict]]:
+        found = [p._contenders() for p in sorted(self.parts, key=lambda p: p is not self._blocked)]
+        return [h for held, _ in found for h in held], [w for _, wait in found for w in wait]
 
-    def acquire(self) -> bool:
-        """Take every key, or none (waiting if blocking); return whether they are held.
-
-        :raises AlreadyAcquired: this lease is held already.
-        :raises NotReentrant: blocking without a timeout on a key this thread holds.
-        :raises CoordinationError: ZooKeeper did not answer in time; nothing is held.
-        """
-        if self:
-            raise AlreadyAcquired(f"{self!r} is already held: release it first")
-        if self._first_try is None:
-            self._first_try = time.monotonic()
-        session = self._connect()
+    def _refuse_reentry(self, session: _Session) -> None:
         for part in self.parts:
-            part._session = session
-        deadline = None
-        if self._blocking and self._timeout is not None:
-            deadline = time.monotonic() + self._timeout
-        try:
-            session.wait_connected(deadline)
-            if self._blocking and deadline is None:  # refused before anything is taken
-                parent = f"{session.settings.root}/{self._namespace}"
-                for part in self.parts:
-                    session.refuse_reentry(f"{parent}/{part.name}", part.key)
-            with session.waiting() if self._blocking else contextlib.nullcontext():
-                granted = self._take(session, deadline)
-        except CoordinationError:
-            self._signal(lease_not_acquired, waited=self._waited(), reason="unavailable")
-            raise
-        if not granted:
-            self._log(logging.DEBUG, "is held elsewhere", outcome="not_acquired")
-            reason = "timeout" if self._blocking else "held"
-            self._signal(lease_not_acquired, waited=self._waited(), reason=reason)
-            return False
-        waited, self._first_try = self._waited(), None
-        with self._mutex:
-            self._holding, self._ended, self._granted_at = True, False, time.monotonic()
-        self._signal(lease_acquired, waited=waited)
-        return True
-
-    def release(self) -> None:
-        """Give every key back, the last taken first; a no-op for keys not held."""
-        with self._mutex:
-            ended = not self._ended
-            self._holding, self._ended = False, True
-            # A part already lost ends the lease as lost, as one lease's grant does,
-            # though the part's own signal may still be on its way (then swallowed).
-            lost = next(
-                (p._grant.why_lost for p in self.parts if p._grant and p._grant.why_lost), None
-            )
-        together, self._together = self._together, None
-        held = [part for part in self.parts if part]
-        try:
-            if together is None or len(held) < len(self.parts) or not self._release_all(together):
-                for part in reversed(held):
-                    part.release()
-        finally:
-            if ended and lost is not None:
-                self._signal(lease_lost, held=self._held(), reason=_loss_reason(lost))
-            elif ended:
-                self._signal(lease_released, held=self._held())
-
-    def _held(self) -> float:
-        return time.monotonic() - self._granted_at
-
-    def _release_all(self, together: _ExclusiveSet) -> bool:
-        """Release the parts taken together in one request; False if one is lost (one by one)."""
-        grants = [part._grant for part in self.parts if part._grant is not None]
-        if any(grant.why_lost for grant in grants):
-            return False
-        for grant in grants:  # marked first: our own deletes are no break (see _Grant.release)
-            grant.settle()
-        try:
-            if together.release(grants):
-                return True
-        except CoordinationError as exc:
-            self._log(
-                logging.WARNING,
-                "not released (%s); ZooKeeper frees it when the session ends, or this "
-                "process deletes it when it reconnects",
-                exc,
-                outcome="not_released",
-                error=str(exc),
-            )
-            return True
-        for part, grant in reversed(list(zip(self.parts, grants))):  # one by one after all
-            try:
-                grant.protocol.release(grant.path, grant.session_id)
-            except CoordinationError as exc:
-                part._log(logging.WARNING, "not released (%s)", exc, outcome="not_released",
-                          error=str(exc))  # fmt: skip
-        return True
+            part._refuse_reentry(session)
 
     def _take(self, session: _Session, deadline: float | None) -> bool:
         """Take every part, or none: True once all are held."""
+        for part in self.parts:
+            part._session = session
         while True:
             self._blocked = None
-            outcome = self._take_together(session)
+            outcome, together = self._take_together(session)
             if outcome == "held" and not self._blocking:
                 return False
             if outcome != "taken" and not self._take_in_order(deadline):
                 return False
-            for part in self.parts:  # a part taken first may have gone while a later one waited
-                assert part._grant is not None
-                part._grant.check_session()
-            if not any(part._grant.why_lost for part in self.parts):  # type: ignore[union-attr]
+            grants = [part._grant for part in self.parts if part._grant is not None]
+            for grant in grants:  # a part taken first may have gone while a later one waited
+                grant.check_session()
+            if not any(grant.why_lost for grant in grants):
+                self._grant = _MultiGrant(self, grants, together)
                 return True
-            self._together = None
             for part in reversed(self.parts):
                 part.release()
             if not self._blocking or _expired(deadline):
                 raise CoordinationError("the session was lost while taking the keys")
 
-    def _take_together(self, session: _Session) -> str:
+    def _take_together(self, session: _Session) -> tuple[str, _ExclusiveSet | None]:
         """Try to take every free key in one request (see _ExclusiveSet).
 
-        "taken"; "held" or "queued" (a key is, and it is ``_blocked``); or
-        "contended": a key was found contended lately, so a blocking try
-        goes straight to the queues.
+        "taken", with the set to release in one request; "held" or "queued"
+        (a key is, and it is ``_blocked``); or "contended": a key was found
+        contended lately, so a blocking try goes straight to the queues.
         """
-        parent = f"{session.settings.root}/{self._namespace}"
-        if self._blocking and any(session.contended(f"{parent}/{p.name}") for p in self.parts):
-            return "contended"
+        if self._blocking and any(session.contended(p._key_path(session)) for p in self.parts):
+            return "contended", None
         locks = []
         for part in self.parts:
             lock = part._protocol(session)
@@ -2214,17 +2091,18 @@ class _MultiLease(Lease):
             if outcome != "taken":
                 self._blocked = self.parts[index]
                 session.contended(locks[index].key_path, seen=True)
-                return outcome
+                return outcome, None
             for part, lock in zip(self.parts, locks):
-                part._grant = _Grant(session, lock, lock.holder, None, lock._owner, part)
+                part._grant = _Grant(session, lock, (lock.holder, None, lock._owner), part)
                 session.remember(part._grant)
         except BaseException:  # from outside: what the multi-operation made, to the reaper
             together.orphan(session_id)
             for part in self.parts:
+                if part._grant is not None:
+                    session.forget(part._grant)  # no longer held: not to be watched
                 part._grant = None
             raise
-        self._together = together
-        return outcome
+        return outcome, together
 
     def _take_in_order(self, deadline: float | None) -> bool:
         """Take the parts one at a time, in order; a failure or an error releases those taken."""
@@ -2245,36 +2123,100 @@ class _MultiLease(Lease):
             for part in reversed(taken):
                 part.release()
 
-    def _blocked_first(self) -> list[_Part]:
-        blocked = self._blocked
-        if blocked is None:
-            return self.parts
-        return [blocked, *(part for part in self.parts if part is not blocked)]
 
-    def _part_ended(self, which: Signal, **facts: Any) -> None:
-        """A part's grant ended outside ``release()`` (lost, or closed): so did the lease's."""
-        with self._mutex:
-            ended, self._ended = not self._ended, True
-        if ended:
-            self._signal(which, **{**facts, "held": self._held()})
-
-
-class _Part(Lease):
-    """One key of a _MultiLease: its signals are the multi-lease's, sent once for all parts."""
+class _Part(_MutexLease):
+    """One key of a multi-lock: its grant's end is reported by the multi-lock's, once for all."""
 
     multi: _MultiLease
+    _grant: _Grant | None
 
     def _signal(self, which: Signal, **facts: Any) -> None:
-        if which is lease_lost or which is lease_released:  # both come from its grant
-            self.multi._part_ended(which, **facts)
+        grant = self.multi._grant
+        if isinstance(grant, _MultiGrant) and (which is lease_lost or which is lease_released):
+            grant.part_ended(which, **facts)
 
 
-class _LockPart(_Part):
-    """A lock's part of a multi-lock."""
+class _MultiGrant:
+    """A multi-lock's grant: the grants of its parts, ended (released or lost) once for all."""
 
+    def __init__(
+        self, multi: _MultiLease, grants: list[_Grant], together: _ExclusiveSet | None
+    ) -> None:
+        self.multi = multi
+        self.grants = grants  # the parts' own, shared
+        self.together = together  # taken in one request: released in one
+        self.released = False  # from the start of its release
+        self.ended = False  # reported released or lost
+        self.granted_at = time.monotonic()
+        self._mutex = threading.Lock()
 
-class _MutexPart(_Part, _MutexLease):
-    """A mutex's part of a multi-lock (``mutex_each_key``), which can hand over."""
+    @property
+    def holding(self) -> bool:
+        return not self.released and all(grant.holding for grant in self.grants)
+
+    def is_lost(self) -> bool:
+        return any(grant.is_lost() for grant in self.grants)
+
+    def fencing_token(self) -> int | None:
+        """One zxid at which every key was ours (see _MultiLease); None if never held.
+
+        Learnt with a sync and one read of every key's node, sent together, the
+        first time it is asked while held (_Session.zxid_holding).
+        """
+        grants = self.grants
+        if self.holding and any(grant.token is None for grant in grants):
+            nodes = [(grant.path, grant.guid, grant.session_id) for grant in grants]
+            token = grants[0].session.zxid_holding(nodes)
+            for grant in grants:
+                if token is None:
+                    grant.fencing_token()  # marks the one that is lost
+                elif grant.token is None:
+                    grant.token = token
+        tokens = [grant.fencing_token() for grant in grants]
+        return None if None in tokens else max(tokens)  # type: ignore[type-var]
+
+    def held(self) -> float:
+        return time.monotonic() - self.granted_at
+
+    def part_ended(self, which: Signal, **facts: Any) -> None:
+        """A part's grant ended outside ``release()`` (lost, or closed): so did this one."""
+        with self._mutex:
+            ended, self.ended = not self.ended, True
+        if ended:
+            self.multi._signal(which, **{**facts, "held": self.held()})
+
+    def release(self) -> None:
+        """Give every key back, the last taken first; keys no longer held are skipped."""
+        with self._mutex:
+            ended, self.ended, self.released = not self.ended, True, True
+            # A part already lost ends the lease as lost, as one lease's grant does,
+            # though the part's own signal may still be on its way (then swallowed).
+            lost = next((grant.why_lost for grant in self.grants if grant.why_lost), None)
+        held = [grant for grant in self.grants if grant.holding]
+        try:
+            if len(held) < len(self.grants) or not self._release_together():
+                for grant in reversed(held):
+                    grant.release()
+        finally:
+            if ended and lost is not None:
+                self.multi._signal(lease_lost, held=self.held(), reason=_loss_reason(lost))
+            elif ended:
+                self.multi._signal(lease_released, held=self.held())
+
+    def _release_together(self) -> bool:
+        """Release the keys taken together in one request; False if one is lost (one by one)."""
+        together, grants = self.together, self.grants
+        if together is None or any(grant.why_lost for grant in grants):
+            return False
+        for grant in grants:  # marked first: our own deletes are no break (see _Grant.release)
+            grant.settle()
+        try:
+            if not together.release(grants):  # an rm ran since, or a node is gone
+                for grant in reversed(grants):  # one by one after all
+                    grant.release()
+        except CoordinationError as exc:
+            self.multi._not_released(exc)
+        return True
 
 
 class _AppOwner:
@@ -2290,37 +2232,31 @@ class _AppOwner:
 
 
 class _Grant:
-    """One granted lease: its node, its session, and whether it may be lost.
+    """One granted node, the one record of it: identity, session, and whether it may be lost.
 
-    A grant is lost (for good) when its session may have ended (see
-    _Session.lost_since), or when its node is deleted from outside; the last
-    is learnt from a watch set at the first look, so that looking never waits.
-    ``owner`` is the session the node was made in, as the server says.
+    The lease, the session's registry and the release share it.  ``session_id``
+    is the session the node was made in, as the server says.  A grant is lost
+    (for good) when its session may have ended (see _Session.lost_since), or
+    when its node is deleted from outside; the last is learnt from a watch set
+    at the first look, so that looking never waits.
     """
 
-    def __init__(
-        self,
-        session: _Session,
-        protocol: _Protocol,
-        path: str,
-        token: int | None,
-        owner: int | None,
-        lease: Lease,
-    ) -> None:
+    def __init__(self, session: _Session, protocol: _Protocol, granted: _Granted, lease: Lease):
         self.session = session
         self.protocol = protocol
-        self.path = path
+        self.path, self.token, self.session_id = granted
         self.key_path = protocol.key_path
         self.guid = protocol.guid
-        self.session_id = owner
         self.thread = threading.get_ident()
-        self.token = token
         self.released = False
         self.why_lost: str | None = None
         self.granted_at = time.monotonic()
         self._watching = False
         self._lease = lease
-        self._log = lease._log
+
+    @property
+    def holding(self) -> bool:
+        return not self.released
 
     def is_lost(self) -> bool:
         self.check_session()
@@ -2341,20 +2277,19 @@ class _Grant:
                 self.mark_lost(_BROKEN)
         return self.token
 
-    def settle(self) -> None:
-        """The node passed on to another form (an early mutex's retry): release nothing."""
-        self._end()
-
     def held(self) -> float:
         return time.monotonic() - self.granted_at
 
-    def end_with_session(self) -> None:
-        """Its session is being closed on purpose, and its node goes with it: a release."""
-        if not self.released:
-            self._end()
+    def settle(self) -> None:
+        """Mark it released, its node given back another way (an early mutex's retry turns it
+        queued, a multi-lock deletes all at once, a session closed on purpose takes it)."""
+        if self._mark_released():
+            self._lease._signal(lease_released, held=self.held())
 
-    def _end(self) -> None:
-        """Mark it released; tell receivers, unless it was lost: a grant ends once.
+    end_with_session = settle
+
+    def _mark_released(self) -> bool:
+        """Mark it released; True if that ends it, not a loss before: a grant ends once.
 
         Under the session's mutex, as mark_lost decides: a loss and a release
         racing on two threads send one signal, never both.
@@ -2363,8 +2298,7 @@ class _Grant:
             ended = not self.released and self.why_lost is None
             self.released = True
         self.session.forget(self)
-        if ended:
-            self._lease._signal(lease_released, held=self.held())
+        return ended
 
     def mark_lost(self, why: str) -> None:
         with self.session.mutex:
@@ -2373,30 +2307,19 @@ class _Grant:
             self.why_lost = why
         self.session.forget(self)
         reason = _loss_reason(why)
-        self._log(logging.WARNING, "lost: %s; another task may hold it now", why,
-                  outcome="lost", reason=reason)  # fmt: skip
+        self._lease._log(logging.WARNING, "lost: %s; another task may hold it now", why,
+                         outcome="lost", reason=reason)  # fmt: skip
         self._lease._signal(lease_lost, held=self.held(), reason=reason)
 
     def release(self) -> None:
         # The signal waits for the delete (a receiver's work is not the lock's),
         # the mark does not (a loss seen meanwhile is not this release's).
-        with self.session.mutex:
-            ended = not self.released and self.why_lost is None
-            self.released = True
-        self.session.forget(self)
-        held = self.held()
+        ended, held = self._mark_released(), self.held()
         try:
             if self.why_lost != _BROKEN:  # else the node at our path may be another's now
                 self.protocol.release(self.path, self.session_id)
         except CoordinationError as exc:
-            self._log(
-                logging.WARNING,
-                "not released (%s); ZooKeeper frees it when the session ends, or this "
-                "process deletes it when it reconnects",
-                exc,
-                outcome="not_released",
-                error=str(exc),
-            )
+            self._lease._not_released(exc)
         except BaseException:  # from outside, mid-release: the node, if still ours, later
             if self.why_lost != _BROKEN:
                 self.session.add_orphan(self.path, self.session_id, self.guid)
