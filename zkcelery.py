@@ -138,7 +138,6 @@ from kazoo.protocol.serialization import (
     stat_struct,
 )
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
-from kazoo.recipe.cache import TreeCache, TreeEvent
 from kazoo.retry import KazooRetry
 from kazoo.security import (
     ACL,
@@ -212,7 +211,6 @@ __all__ = [
     "MutexTask",
     "NotLeading",
     "NotReentrant",
-    "TreeView",
     "ZKCeleryError",
     "app_command",
     "beat_deposed",
@@ -223,9 +221,12 @@ __all__ = [
     "lease_lost",
     "lease_not_acquired",
     "lease_released",
+    "ls_rows",
+    "ls_table",
     "mutex_dropped",
     "mutex_rejected",
     "mutex_requeued",
+    "open_session",
     "setting",
     "skipped_tick",
 ]
@@ -5760,121 +5761,6 @@ def _fenced_write(
 
 
 # ---------------------------------------------------------------------------
-# The cached view of the tree: ls --watch, and zkcelery_metrics's exporter
-# ---------------------------------------------------------------------------
-
-
-class TreeView:
-    """A live copy of what ``ls`` lists for ``app``, kept current by ZooKeeper's watches.
-
-    For a process that follows the locks: ``ls --watch``, and the exporter
-    (zkcelery_metrics).  It takes a session of its own, which :meth:`close`
-    ends; :meth:`start` loads it, then :meth:`snapshot` gives ``ls``'s rows
-    without a request, and :meth:`wait_change` waits for a change.
-
-    kazoo's TreeCache keeps a data and a children watch on every node under the
-    root and feeds this copy.  Loading it reads each node twice (its data, its
-    children); afterwards a change costs only the reads its watches trigger: a
-    new contender one listing of its parent and two reads of its own node, a
-    release one listing of the parent, a node's new data one read.  A
-    namespace's listing names every key held in it, so on a large tree a new
-    key costs a large answer, not more requests.  :meth:`snapshot` sends
-    nothing: it builds ``ls``'s rows from the copy with ``ls``'s own walk
-    (_rows), so both always agree.
-
-    While the connection is down (suspended) the copy is the last known and not
-    in sync.  On a reconnect in the same session, the server fires the watches
-    whose nodes changed meanwhile, and TreeCache reads every node again (two
-    requests per node).  A lost session takes its watches with it: until
-    TreeCache has read the whole tree in the next session, nothing is known and
-    the rows are empty.
-    """
-
-    def __init__(self, app: celery.Celery) -> None:
-        self.session = _Session(_read_settings(app))
-        #: ZOOKEEPER_ROOT (behind the chroot, if any): the root of the copy.
-        self.root = self.session.settings.root
-        #: Counts the changes seen: the copy's, and the connection's.
-        self.version = 0
-        self._changed = threading.Condition()
-        self._nodes: dict[str, tuple[bytes, ZnodeStat]] = {}
-        self._children: dict[str, set[str]] = {}
-        self._loaded = False  # the whole tree read since the session began
-        self._cache = TreeCache(self.session.client, self.root)
-        self._cache.listen(self._on_event)
-        self._cache.listen_fault(self._on_fault)
-
-    @property
-    def session_id(self) -> int | None:
-        """The id of the view's ZooKeeper session (as the servers' ``cons`` show it)."""
-        return self.session.session_id  # type: ignore[no-any-return]
-
-    def start(self) -> None:
-        """Connect, and start loading the copy (see :meth:`wait_loaded`)."""
-        self.session.wait_connected()
-        self._cache.start()
-
-    def close(self) -> None:
-        """Stop following the tree, and end the view's session."""
-        self._cache.close()
-        self.session.close()
-
-    def snapshot(self) -> tuple[bool, list[dict]]:
-        """(in sync, ``ls``'s rows), from the copy, without a request (see the class)."""
-        with self._changed:
-            rows = _rows(self.root, self._listed, self._node) if self._loaded else []
-            return self._loaded and self.session.client.state == KazooState.CONNECTED, rows
-
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        """Wait until the whole tree is in the copy; False at ``timeout``."""
-        with self._changed:
-            return self._changed.wait_for(lambda: self._loaded, timeout)
-
-    def wait_change(self, seen: int, timeout: float | None = None) -> int:
-        """The change count once it is no longer ``seen`` (or at ``timeout``)."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.version != seen, timeout)
-            return self.version
-
-    def _listed(self, path: str) -> Collection[str]:
-        return self._children.get(path, ())
-
-    def _node(self, path: str) -> tuple[bytes, ZnodeStat] | None:
-        return self._nodes.get(path)
-
-    def _on_event(self, event: TreeEvent) -> None:
-        # On TreeCache's own thread, in the order of its changes.
-        kind, node = event.event_type, event.event_data
-        with self._changed:
-            if kind in (TreeEvent.NODE_ADDED, TreeEvent.NODE_UPDATED):
-                self._nodes[node.path] = node.data, node.stat
-                parent, name = node.path.rsplit("/", 1)
-                self._children.setdefault(parent, set()).add(name)
-            elif kind == TreeEvent.NODE_REMOVED:
-                self._nodes.pop(node.path, None)
-                self._children.pop(node.path, None)  # its children were removed before it
-                parent, name = node.path.rsplit("/", 1)
-                self._children.get(parent, set()).discard(name)
-            elif kind == TreeEvent.CONNECTION_LOST:
-                self._loaded = False
-            elif kind == TreeEvent.INITIALIZED:
-                self._loaded = True
-            self.version += 1
-            self._changed.notify_all()
-
-    def _on_fault(self, exc: Exception) -> None:
-        _log(logging.WARNING, "the cached view of %s: %s", self.root, exc, outcome="view_fault",
-             error=str(exc))  # fmt: skip
-
-
-def _interrupted_by_sigterm() -> None:
-    """Make SIGTERM stop a long-running command as Ctrl-C does (KeyboardInterrupt)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-
-# ---------------------------------------------------------------------------
 # The companions: zkcelery_beat and zkcelery_metrics, imported when asked for
 # ---------------------------------------------------------------------------
 #
@@ -5883,7 +5769,11 @@ def _interrupted_by_sigterm() -> None:
 # so that zkcelery.py copied alone gives every task-side feature.
 
 #: The names zkcelery still answers for its companions: name -> module.
-_COMPANIONS = {"ElectedScheduler": "zkcelery_beat", "start_metrics_server": "zkcelery_metrics"}
+_COMPANIONS = {
+    "ElectedScheduler": "zkcelery_beat",
+    "start_metrics_server": "zkcelery_metrics",
+    "TreeView": "zkcelery_metrics",
+}
 
 
 def _companion(module: str, what: str) -> types.ModuleType:
@@ -5900,12 +5790,21 @@ def _companion(module: str, what: str) -> types.ModuleType:
 
 
 def __getattr__(name: str) -> Any:
-    """``zkcelery.ElectedScheduler`` and ``zkcelery.start_metrics_server``, as they were: the
-    companions' own, imported at first use (``celery beat -S zkcelery.ElectedScheduler``)."""
+    """``zkcelery.ElectedScheduler``, ``.start_metrics_server`` and ``.TreeView``, as they
+    were: the companions' own, imported at first use (``-S zkcelery.ElectedScheduler``)."""
     module = _COMPANIONS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(_companion(module, f"zkcelery.{name}"), name)
+
+
+def open_session(app: celery.Celery) -> _Session:
+    """A ZooKeeper session of its own for ``app``, connecting (not the process's shared one),
+    for a companion that follows the tree (zkcelery_metrics.TreeView): ``.client`` is its
+    KazooClient, ``.settings.root`` ZOOKEEPER_ROOT behind the chroot, ``.session_id`` its id;
+    ``.wait_connected()`` raises CoordinationError past ZOOKEEPER_CONNECT_TIMEOUT, and
+    ``.close()`` ends it."""
+    return _Session(_read_settings(app))
 
 
 def _metrics_asked(app: celery.Celery, setting: str) -> types.ModuleType | None:
@@ -6058,65 +5957,25 @@ def zk_command(ctx: click.Context) -> None:
 @app_command
 def _ls_command(app: celery.Celery, as_json: bool, watch: bool) -> None:
     if watch:
-        _watch(app, as_json)
+        _companion("zkcelery_metrics", "ls --watch").ls_watch(app, as_json)
     elif as_json:
         click.echo(json.dumps(_listing(_connection(app)), indent=2))
     else:
-        _print_table(_listing(_connection(app)))
+        click.echo(ls_table(_listing(_connection(app))))
 
 
-#: How long ``ls --watch`` lets changes gather before it lists them.
-_WATCH_SETTLE = 0.2
-
-
-def _watch(app: celery.Celery, as_json: bool) -> None:
-    """``ls --watch``: list again after each change of the holders or waiters, until Ctrl-C."""
-    _interrupted_by_sigterm()
-    view = TreeView(app)
-    try:
-        view.start()
-        view.wait_loaded()
-        shown, seen = None, -1
-        while True:
-            seen = view.wait_change(seen)
-            time.sleep(_WATCH_SETTLE)  # a burst of changes (a queue forming) makes one update
-            seen = view.version
-            in_sync, rows = view.snapshot()
-            current = (in_sync, [{k: v for k, v in row.items() if k != "age"} for row in rows])
-            if current != shown:  # not a beat's schedule written, say
-                _print_update(in_sync, rows, as_json, first=shown is None)
-                shown = current
-    except KeyboardInterrupt:
-        pass
-    finally:
-        view.close()
-
-
-def _print_update(in_sync: bool, rows: list[dict], as_json: bool, first: bool) -> None:
-    if as_json:
-        if in_sync:
-            click.echo(json.dumps(rows))
-        return
-    stamp = datetime.now().astimezone().isoformat(sep=" ", timespec="seconds")
-    if sys.stdout.isatty():
-        click.clear()
-    elif not first:
-        click.echo()
-    click.echo(stamp if in_sync else f"{stamp}  NOT IN SYNC with ZooKeeper: the last known")
-    _print_table(rows)
-
-
-def _print_table(rows: list[dict]) -> None:
+def ls_table(rows: list[dict]) -> str:
+    """``ls``'s table of ``rows`` (:func:`ls_rows`'), as text: for ``ls --watch``."""
     if not rows:
-        click.echo("no locks are held")
-        return
-    click.echo(f"{'KIND':11} {'STATE':7} {'AGE':>8}  {'HOLDER':42} {'HOST':16} {'PID':>7}  KEY")
+        return "no locks are held"
+    lines = [f"{'KIND':11} {'STATE':7} {'AGE':>8}  {'HOLDER':42} {'HOST':16} {'PID':>7}  KEY"]
     for row in rows:
         holder = row["task"] if row["task_id"] is None else f"{row['task']}[{row['task_id']}]"
-        click.echo(
+        lines.append(
             f"{row['kind']:11} {row['state']:7} {row['age']:>7.1f}s  {holder:42.42} "
             f"{row['host']:16.16} {row['pid']!s:>7}  {row['key']}"
         )
+    return "\n".join(lines)
 
 
 @click.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
@@ -6249,7 +6108,7 @@ def _secure(session: _Session, acl: list[ACL]) -> int:
 
 
 def _listing(session: _Session) -> list[dict]:
-    """Every holder and waiter under the root, read through ``session`` (see _rows)."""
+    """Every holder and waiter under the root, read through ``session`` (see ls_rows)."""
 
     def node(path: str) -> tuple[bytes, ZnodeStat] | None:
         try:
@@ -6257,17 +6116,18 @@ def _listing(session: _Session) -> list[dict]:
         except NoNodeError:
             return None
 
-    return _rows(session.settings.root, _read_children(session), node)
+    return ls_rows(session.settings.root, _read_children(session), node)
 
 
-def _rows(
+def ls_rows(
     root: str, children: _Children, node: Callable[[str], tuple[bytes, ZnodeStat] | None]
 ) -> list[dict]:
     """Every holder and waiter under ``root``, with its metadata, age and state: ls's rows.
 
-    The tree is seen through ``children`` and ``node`` (a node's data and stat,
-    None if it is gone): from the session for ``ls`` and ``rm``, from the
-    cache for the exporter and ``ls --watch``, which thus show the same rows.
+    The tree is seen through ``children`` (a node's children's names) and
+    ``node`` (a node's data and stat, None if it is gone): from the session for
+    ``ls`` and ``rm``, from zkcelery_metrics's TreeView for the exporter and
+    ``ls --watch``, which thus show the same rows.
     """
     rows = []
     now = time.time()
