@@ -4,10 +4,9 @@ A guarded section never runs twice at once, and a lock whose holder dies is
 freed by ZooKeeper when the holder's session expires: no lock outlives a
 crashed worker, and no lock is ever held by two tasks.  README.md is the
 manual: the settings (``ZOOKEEPER_HOSTS``... in the Celery configuration),
-every option, what each fault does, the costs, what can be observed (signals
-such as :data:`lease_acquired`, Prometheus metrics, task events), and the
-command line (``python -m zkcelery ls|rm|check|secure|exporter``, or
-``celery -A proj zk``).
+every option, what each fault does, the costs, the signals (such as
+:data:`lease_acquired`), and the command line (``python -m zkcelery
+ls|rm|check|secure``, or ``celery -A proj zk``).
 
 A lock in a task: :class:`LockTask` gives a bound task ``self.lock()``, one
 holder at a time.  It does not wait by default; the body runs either way, and
@@ -51,15 +50,14 @@ mutex of its own::
         do_work(data)
 
 Also here: :class:`EarlyMutexTask`, whose mutex is taken when the task is
-sent, and :class:`EarlyMutexScheduler`.  The elected beat and the metrics run
-beside the workers: see the companion modules ``zkcelery_beat`` and
-``zkcelery_metrics`` (``zkcelery.ElectedScheduler`` still names the former's).
+sent, and :class:`EarlyMutexScheduler`.  What runs beside the workers is in
+the companion modules: ``zkcelery_beat`` (the elected beat) and
+``zkcelery_metrics`` (metrics, the exporter, ``ls --watch``).
 
 The module reads top to bottom: errors, signals, tasks, leases, the znode
 protocols (the protocol map lists every node), names, settings, the session,
-security, schedulers (and the beat's election), the cached view of the tree,
-the companions' hooks, the command line, and last every Celery hook and
-import-time side effect.
+security, schedulers (and the beat's election), the companions' hooks, the
+command line, and last every Celery hook and import-time side effect.
 """
 
 from __future__ import annotations
@@ -89,7 +87,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeVar, Union
+from typing import Any, Callable, NoReturn, Optional, TypeVar, Union
 from urllib.parse import quote
 
 import celery
@@ -149,14 +147,10 @@ from kazoo.security import (
     make_digest_acl_credential,
 )
 
-if TYPE_CHECKING:
-    pass
-
-#: The private parts of kazoo and Celery that zkcelery (and its companions) rely
-#: on, in one place: (module, object, attribute, its parameters or None for plain data).
-#: test_zkcelery checks each against the installed versions, so that an
-#: upgrade that moves one fails a test, not a worker, and fails if zkcelery
-#: uses a private attribute of theirs (``_name``) that is not listed here.
+#: The private parts of kazoo and Celery that zkcelery (and its companions) rely on, in one
+#: place: (module, object, attribute, its parameters or None for plain data).  test_zkcelery
+#: checks each against the installed versions, so that an upgrade that moves one fails a
+#: test, not a worker, and fails if zkcelery uses a private attribute (``_name``) not listed.
 _INTERNALS = (
     # the session id through a suspension, and requests kazoo has no method for
     ("kazoo.client", "KazooClient", "_session_id", None),
@@ -193,43 +187,15 @@ _INTERNALS = (
     ("celery.beat", "Scheduler", "_heap", None),
 )
 
-
 __all__ = [
-    "AccessDenied",
-    "AlreadyAcquired",
-    "AlreadyQueued",
-    "ConfigurationError",
-    "CoordinationError",
-    "EarlyMutexScheduler",
-    "EarlyMutexTask",
-    "Election",
-    "Lease",
-    "LockKey",
-    "LockTask",
-    "MaxLeasesMismatch",
-    "MutexHeld",
-    "MutexTask",
-    "NotLeading",
-    "NotReentrant",
-    "ZKCeleryError",
-    "app_command",
-    "beat_deposed",
-    "beat_elected",
-    "beat_tick_skipped",
-    "early_refused",
-    "lease_acquired",
-    "lease_lost",
-    "lease_not_acquired",
-    "lease_released",
-    "ls_rows",
-    "ls_table",
-    "mutex_dropped",
-    "mutex_rejected",
-    "mutex_requeued",
-    "open_session",
-    "setting",
-    "skipped_tick",
-]
+    "AccessDenied", "AlreadyAcquired", "AlreadyQueued", "ConfigurationError",
+    "CoordinationError", "EarlyMutexScheduler", "EarlyMutexTask", "Election", "Lease",
+    "LockKey", "LockTask", "MaxLeasesMismatch", "MutexHeld", "MutexTask", "NotLeading",
+    "NotReentrant", "ZKCeleryError", "app_command", "beat_deposed", "beat_elected",
+    "beat_tick_skipped", "early_refused", "lease_acquired", "lease_lost", "lease_not_acquired",
+    "lease_released", "ls_rows", "ls_table", "mutex_dropped", "mutex_rejected",
+    "mutex_requeued", "open_session", "setting", "skipped_tick",
+]  # fmt: skip
 
 logger = logging.getLogger("zkcelery")
 
@@ -238,10 +204,8 @@ def _log(level: int, msg: str, *args: Any, exc_info: Any = None, **facts: Any) -
     """Log ``msg`` through zkcelery's logger, with ``facts`` as the record's attributes.
 
     So that tools read facts rather than match text, a record carries those it
-    knows of: ``task_id``, ``task_name``, ``kind`` (lock, semaphore, mutex,
-    early mutex, beat), ``key``, ``holder`` (the holder's task id),
-    ``outcome`` (what happened, one word: not_acquired, waiting, rejected,
-    requeued, dropped, lost, elected, deposed, skipped...; every line has
+    knows of: ``task_id``, ``task_name``, ``kind``, ``key``, ``holder`` (the
+    holder's task id), ``outcome`` (what happened, one word; every line has
     one, and the README lists them all), ``wait`` (seconds), ``reason`` and
     ``error`` (the text of the error the line reports).
     """
