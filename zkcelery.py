@@ -3805,12 +3805,7 @@ _SEP = "@"  # separates the parts of a contender's node name
 _QUEUE = f"{_SEP}queue"  # suffix of an exclusive lock's queue container
 _SCHEDULE = f"{_SEP}schedule"  # suffix of a beat's state node
 _SEQ_DIGITS = 10  # ZooKeeper appends a 10-digit counter to sequential nodes
-
-
-_NAME_LIMIT = 240  # longer names keep a readable prefix and end in a digest
-
-
-_PREFIX_KEPT = 160
+_NAME_LIMIT, _PREFIX_KEPT = 240, 160  # longer names keep a readable prefix and end in a digest
 
 
 def _lock_name(base: str, values: Sequence[Any]) -> str:
@@ -3888,14 +3883,10 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 
 
 _DEFAULT_HOSTS = "127.0.0.1:2181"
-
-
 _HOST_RE = re.compile(
     r"\[(?P<ip6>[0-9A-Za-z:.%]+)\](?::(?P<p6>[^:]*))?"  # [::1]:2181
     r"|(?P<host>[^:\s\[\]]+)(?::(?P<port>.*))?"  # host:2181
 )
-
-
 _SSL_OPTIONS = {"ca", "certfile", "keyfile", "keyfile_password", "verify_certs", "check_hostname"}
 
 
@@ -3910,7 +3901,10 @@ class _Settings:
     ssl: dict = field(default_factory=dict)
 
 
-def _setting(app: celery.Celery, name: str, default: Any = None) -> Any:
+def setting(app: celery.Celery, name: str, default: Any = None) -> Any:
+    """The raw value of zkcelery's setting ``name`` (``"ZOOKEEPER_METRICS_PORT"``) in ``app``,
+    found as zkcelery finds it: upper case, lower case or ``CELERY_``-prefixed; else
+    ``default``.  For the companion modules (zkcelery_metrics) and other extensions."""
     # Celery aliases upper and lower case for its own settings only.
     for key in (name, name.lower(), f"CELERY_{name}"):
         value = app.conf.get(key)
@@ -3919,11 +3913,7 @@ def _setting(app: celery.Celery, name: str, default: Any = None) -> Any:
     return default
 
 
-def setting(app: celery.Celery, name: str, default: Any = None) -> Any:
-    """The raw value of zkcelery's setting ``name`` (``"ZOOKEEPER_METRICS_PORT"``) in ``app``,
-    found as zkcelery finds it: upper case, lower case or ``CELERY_``-prefixed; else
-    ``default``.  For the companion modules (zkcelery_metrics) and other extensions."""
-    return _setting(app, name, default)
+_setting = setting
 
 
 def _read_settings(app: celery.Celery) -> _Settings:
@@ -3979,8 +3969,7 @@ def _parse_host(entry: str, whole: Any) -> str:
         raise ConfigurationError(f"ZOOKEEPER_HOSTS: {entry!r} is not host:port")
     host = match["ip6"] or match["host"]
     port = match["p6"] if match["ip6"] else match["port"]
-    if port is None:
-        port = "2181"
+    port = "2181" if port is None else port
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigurationError(
             f"ZOOKEEPER_HOSTS: {entry!r} has a bad port {port!r} (a number from 1 to 65535)"
@@ -4060,46 +4049,14 @@ def _check_wait(blocking: Any, timeout: Any) -> None:
 
 
 #: What ``self.retry()`` takes: its own parameters and ``apply_async()``'s options.
-_RETRY_KEYWORDS = frozenset(
-    [
-        "args",
-        "kwargs",
-        "exc",
-        "throw",
-        "eta",
-        "countdown",
-        "max_retries",
-        "task_id",
-        "producer",
-        "link",
-        "link_error",
-        "shadow",
-        "expires",
-        "retry",
-        "retry_policy",
-        "queue",
-        "exchange",
-        "routing_key",
-        "priority",
-        "serializer",
-        "compression",
-        "add_to_parent",
-        "publisher",
-        "headers",
-        "ignore_result",
-        "time_limit",
-        "soft_time_limit",
-        "connection",
-        "router",
-        "result_cls",
-        "reply_to",
-        "correlation_id",
-        "expiration",
-        "delivery_mode",
-        "content_type",
-        "content_encoding",
-    ]
-)
+_RETRY_KEYWORDS = frozenset({
+    "args", "kwargs", "exc", "throw", "eta", "countdown", "max_retries", "task_id", "producer",
+    "link", "link_error", "shadow", "expires", "retry", "retry_policy", "queue", "exchange",
+    "routing_key", "priority", "serializer", "compression", "add_to_parent", "publisher",
+    "headers", "ignore_result", "time_limit", "soft_time_limit", "connection", "router",
+    "result_cls", "reply_to", "correlation_id", "expiration", "delivery_mode", "content_type",
+    "content_encoding",
+})  # fmt: skip
 
 
 def _check_retry_options(namespace: str, options: dict, retry: bool) -> None:
@@ -4140,12 +4097,9 @@ def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
             f"task {task}: mutex_requeue=True needs acks_late (Celery only requeues a "
             "rejected message it has not acknowledged yet); remove acks_late=False"
         )
-    bound = not isinstance(run, staticmethod)
-    function = run.__func__ if isinstance(run, staticmethod) else run
-    signature = inspect.signature(function)
-    if bound:  # bind=True: drop ``self``
-        params = list(signature.parameters.values())[1:]
-        signature = signature.replace(parameters=params)
+    signature = inspect.signature(run.__func__ if isinstance(run, staticmethod) else run)
+    if not isinstance(run, staticmethod):  # bind=True: drop ``self``
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
     named = {
         p.name
         for p in signature.parameters.values()
