@@ -5479,18 +5479,13 @@ def _acl_text(acls: list[ACL]) -> str:
 # ---------------------------------------------------------------------------
 #
 # ElectedScheduler (celery beat on every host) is zkcelery_beat's, built on
-# Election: an exclusive lease (_ElectionLease) that a thread of every beat
-# process waits for, and the schedule's state node, whose version-checked
-# writes fence every send.  The beat's nodes are in the protocol map (beat/).
+# Election; the beat's nodes are in the protocol map (beat/).
 
 
 class EarlyMutexScheduler(PersistentScheduler):
-    """``celery beat -S zkcelery.EarlyMutexScheduler``: a refused send is a skipped tick.
-
-    When an :class:`EarlyMutexTask`'s last run is still queued or running,
-    the tick is logged once at INFO with the holder's task id, not as an
-    error with a traceback, and the schedule moves on.
-    """
+    """``celery beat -S zkcelery.EarlyMutexScheduler``: a send an :class:`EarlyMutexTask`
+    refuses (its last run is still queued or running) is a skipped tick (:func:`skipped_tick`),
+    logged once at INFO with the holder's task id, not as an error; the schedule moves on."""
 
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
         try:
@@ -5589,26 +5584,22 @@ class Election:
                     raise
 
     def write(self, data: bytes) -> None:
-        """Write ``data`` if this process still leads: the fence every send passes first.
-
-        One multi-operation checks that the lease's node exists and that the
-        state is at the version this leader last wrote (or read, when it took
-        over).  A leader deposed meanwhile finds either changed, and raises
-        :class:`NotLeading`.
-        """
-        session, lease = self._session(), self.lease
-        expected = self.version
-        path, leader = self.path, lease.path
+        """Write ``data`` if this process still leads (the fence every send passes first), else
+        raise :class:`NotLeading`: one fenced multi-operation, as the class says."""
+        session, expected, leader = self._session(), self.version, self.lease.path
         if leader is None:
             raise NotLeading("its lease is no longer held")
+
+        def fenced(txn: TransactionRequest) -> None:
+            txn.check(leader, -1)  # the lease's node exists (-1: any version)
+            txn.set_data(self.path, data, expected)
+
         deadline = time.monotonic() + session.settings.connect_timeout
         while True:
-            if lease.lost:
+            if self.lease.lost:
                 raise NotLeading("its ZooKeeper session was lost or is in doubt (lease.lost)")
             try:
-                results = session.multi(
-                    functools.partial(_fenced_write, leader, path, data, expected)
-                )
+                results = session.multi(fenced)
             except _ConnectionLost as exc:
                 if self._applied(data, expected, deadline, exc):
                     break
@@ -5669,13 +5660,6 @@ class Election:
         session = self.lease.session
         assert session is not None
         return session
-
-
-def _fenced_write(
-    leader: str, path: str, data: bytes, version: int, txn: TransactionRequest
-) -> None:
-    txn.check(leader, -1)  # the lease's node exists (-1: any version)
-    txn.set_data(path, data, version)
 
 
 # ---------------------------------------------------------------------------
