@@ -5671,11 +5671,8 @@ class Election:
 # so that zkcelery.py copied alone gives every task-side feature.
 
 #: The names zkcelery still answers for its companions: name -> module.
-_COMPANIONS = {
-    "ElectedScheduler": "zkcelery_beat",
-    "start_metrics_server": "zkcelery_metrics",
-    "TreeView": "zkcelery_metrics",
-}
+_COMPANIONS = {"ElectedScheduler": "zkcelery_beat", "start_metrics_server": "zkcelery_metrics",
+               "TreeView": "zkcelery_metrics"}  # fmt: skip
 
 
 def _companion(module: str, what: str) -> types.ModuleType:
@@ -5906,11 +5903,8 @@ def _rm_command(app: celery.Celery, key: str, yes: bool) -> None:
 
 
 def _break(session: _Session, row: dict) -> bool:
-    """Break the holder ``row`` (as ``_listing`` made it): False if it changed since.
-
-    Waiters are not touched: the first in line is granted the lock, as after
-    any release.
-    """
+    """Break the holder ``row`` (``ls``'s): False if it changed since.  Waiters stay: the
+    first in line is granted the lock, as after any release."""
     namespace = f"{session.settings.root}/{row['namespace']}"
     return session.break_node(namespace, row["path"], row["czxid"])
 
