@@ -201,14 +201,9 @@ logger = logging.getLogger("zkcelery")
 
 
 def _log(level: int, msg: str, *args: Any, exc_info: Any = None, **facts: Any) -> None:
-    """Log ``msg`` through zkcelery's logger, with ``facts`` as the record's attributes.
-
-    So that tools read facts rather than match text, a record carries those it
-    knows of: ``task_id``, ``task_name``, ``kind``, ``key``, ``holder`` (the
-    holder's task id), ``outcome`` (what happened, one word; every line has
-    one, and the README lists them all), ``wait`` (seconds), ``reason`` and
-    ``error`` (the text of the error the line reports).
-    """
+    """Log ``msg`` through zkcelery's logger, with ``facts`` as the record's attributes: so
+    that tools read facts rather than match text.  README.md ("Logging") lists the facts,
+    and every ``outcome``: each line has one, one word for what happened."""
     if logger.isEnabledFor(level):
         logger.log(level, msg, *args, exc_info=exc_info, extra=facts)
 
@@ -5508,12 +5503,10 @@ class _SkippedTick:
 def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
     """The AlreadyQueued behind ``exc`` (Celery wraps it in SchedulingError), if any."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, AlreadyQueued):
-            return exc
+    while exc is not None and id(exc) not in seen and not isinstance(exc, AlreadyQueued):
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
-    return None
+    return exc if isinstance(exc, AlreadyQueued) else None
 
 
 def skipped_tick(scheduler: Scheduler, entry: ScheduleEntry, exc: BaseException) -> bool:
@@ -5568,11 +5561,9 @@ class Election:
         self.version = -1
 
     def claim(self, make: Callable[[bytes], bytes]) -> None:
-        """Read the state node and write ``make(its data)``: a new leader's first act.
-
-        From then on a write by any earlier leader fails.  ``make`` is called
-        again with the new data when a deposed leader wrote since the read.
-        """
+        """Read the state node and write ``make(its data)``: a new leader's first act, after
+        which a write by any earlier leader fails.  ``make`` is called again with the new
+        data when a deposed leader wrote since the read."""
         for tries_left in reversed(range(3)):
             data = make(self._read())
             try:
