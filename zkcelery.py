@@ -5512,12 +5512,11 @@ def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
 def skipped_tick(scheduler: Scheduler, entry: ScheduleEntry, exc: BaseException) -> bool:
     """Whether a beat send that raised ``exc`` was refused by an :class:`EarlyMutexTask`.
 
-    If so, the tick is skipped, not failed: the entry's last run is queued or
-    running, so this logs one INFO line (no traceback) naming the holder's
-    task id, sends :data:`beat_tick_skipped`, and returns True; the scheduler
-    moves on.  False for any other error, which stays the scheduler's.  For a
-    beat scheduler of one's own; EarlyMutexScheduler and
-    ``zkcelery_beat.ElectedScheduler`` use it.
+    If so, the tick is skipped, not failed: the entry's last run is queued or running, so this
+    logs one INFO line (no traceback) naming the holder's task id, sends
+    :data:`beat_tick_skipped`, and returns True; the scheduler moves on.  False for any other
+    error, which stays the scheduler's.  For a beat scheduler of one's own; EarlyMutexScheduler
+    and ``zkcelery_beat.ElectedScheduler`` use it.
     """
     refused = _refusal(exc)
     if refused is None:
@@ -5533,16 +5532,14 @@ def skipped_tick(scheduler: Scheduler, entry: ScheduleEntry, exc: BaseException)
 class Election:
     """An election among the processes of one app, and a state node only its leader writes.
 
-    What ``zkcelery_beat.ElectedScheduler`` is built on.  ``lease`` is the
-    election: an exclusive :class:`Lease` named ``name`` in the ``beat``
-    namespace that the app holds itself (``owner`` stands where a task's name
-    would: ``ls``, logs, metrics); its ``acquire()`` waits in line.  The state
-    node, ``path`` (``beat/<name>@schedule``), is written only through
-    :meth:`claim` and :meth:`write`, each fenced: one multi-operation checks
-    that the lease's node exists and that the node is at the version this
-    process last read or wrote.  Of two processes that both believe they
-    lead, the later write fails (:class:`NotLeading`), so a leader deposed
-    without knowing it cannot act on what it was about to write.
+    What ``zkcelery_beat.ElectedScheduler`` is built on.  ``lease`` is the election: an
+    exclusive :class:`Lease` named ``name`` in the ``beat`` namespace that the app holds itself
+    (``owner`` stands where a task's name would: ``ls``, logs, metrics); its ``acquire()`` waits
+    in line.  The state node, ``path`` (``beat/<name>@schedule``), is written only through
+    :meth:`claim` and :meth:`write`, each fenced: one multi-operation checks that the lease's
+    node exists and that the node is at the version this process last read or wrote.  Of two
+    processes that both believe they lead, the later write fails (:class:`NotLeading`), so a
+    leader deposed without knowing it cannot act on what it was about to write.
 
     :raises ConfigurationError: a ``ZOOKEEPER_*`` setting of ``app`` is malformed.
     """
