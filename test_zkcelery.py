@@ -799,7 +799,7 @@ def test_zkcelery_py_copied_alone_gives_the_task_side_and_names_the_missing_comp
         assert zkcelery.__file__.startswith(sys.argv[1]), zkcelery.__file__
         from zkcelery import *  # the task side, whole
         print("names:", all(hasattr(zkcelery, name) for name in zkcelery.__all__))
-        for name in ("ElectedScheduler", "start_metrics_server"):
+        for name in ("ElectedScheduler", "start_metrics_server", "TreeView"):
             try:
                 getattr(zkcelery, name)
             except zkcelery.ConfigurationError as exc:
@@ -808,27 +808,36 @@ def test_zkcelery_py_copied_alone_gives_the_task_side_and_names_the_missing_comp
         app = celery.Celery(set_as_current=False)
         app.conf.ZOOKEEPER_METRICS_PORT = 9309
         print("metrics:", zkcelery._metrics_asked(app, "ZOOKEEPER_METRICS_PORT"))
-        sys.argv = ["zkcelery", "--hosts", "127.0.0.1:1", "exporter", "--port", "0"]
-        zkcelery.main()
+        for command in (["exporter", "--port", "0"], ["ls", "--watch"], ["ls", "--help"]):
+            sys.argv = ["zkcelery", "--hosts", "127.0.0.1:1", *command]
+            try:
+                zkcelery.main()
+            except SystemExit as exit:
+                print(command[0], "exit", exit.code)
     """)
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     out = done.stdout.splitlines()
     copy = "beside zkcelery.py, or pip install zkcelery"
-    assert out[:3] == [
+    assert out[:4] == [
         "names: True",
         f"zkcelery.ElectedScheduler needs zkcelery_beat.py, {_COMPANION_NOTE}: copy "
         f"zkcelery_beat.py {copy}",
         f"zkcelery.start_metrics_server needs zkcelery_metrics.py, {_COMPANION_NOTE}: copy "
         f"zkcelery_metrics.py {copy}",
+        f"zkcelery.TreeView needs zkcelery_metrics.py, {_COMPANION_NOTE}: copy "
+        f"zkcelery_metrics.py {copy}",
     ], done.stdout + done.stderr
-    assert out[3:] == [
+    assert out[4:6] == [
         "ERROR metrics not served: ZOOKEEPER_METRICS_PORT needs zkcelery_metrics.py, "
         f"{_COMPANION_NOTE}: copy zkcelery_metrics.py {copy}",
         "metrics: None",
     ], done.stdout  # the worker runs on without metrics
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert out[6:8] == ["exporter exit 1", "ls exit 1"], done.stdout + done.stderr
+    assert out[-1] == "ls exit 0" and "--watch" in done.stdout  # ls itself is zkcelery's
+    assert "Traceback" not in done.stderr, done.stderr
     assert f"Error: The exporter needs zkcelery_metrics.py, {_COMPANION_NOTE}" in done.stderr
+    assert f"Error: ls --watch needs zkcelery_metrics.py, {_COMPANION_NOTE}" in done.stderr
 
 
 _COMPANION_NOTE = "zkcelery's companion module, which is not installed"

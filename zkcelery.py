@@ -4,10 +4,9 @@ A guarded section never runs twice at once, and a lock whose holder dies is
 freed by ZooKeeper when the holder's session expires: no lock outlives a
 crashed worker, and no lock is ever held by two tasks.  README.md is the
 manual: the settings (``ZOOKEEPER_HOSTS``... in the Celery configuration),
-every option, what each fault does, the costs, what can be observed (signals
-such as :data:`lease_acquired`, Prometheus metrics, task events), and the
-command line (``python -m zkcelery ls|rm|check|secure|exporter``, or
-``celery -A proj zk``).
+every option, what each fault does, the costs, the signals (such as
+:data:`lease_acquired`), and the command line (``python -m zkcelery
+ls|rm|check|secure``, or ``celery -A proj zk``).
 
 A lock in a task: :class:`LockTask` gives a bound task ``self.lock()``, one
 holder at a time.  It does not wait by default; the body runs either way, and
@@ -51,15 +50,14 @@ mutex of its own::
         do_work(data)
 
 Also here: :class:`EarlyMutexTask`, whose mutex is taken when the task is
-sent, and :class:`EarlyMutexScheduler`.  The elected beat and the metrics run
-beside the workers: see the companion modules ``zkcelery_beat`` and
-``zkcelery_metrics`` (``zkcelery.ElectedScheduler`` still names the former's).
+sent, and :class:`EarlyMutexScheduler`.  What runs beside the workers is in
+the companion modules: ``zkcelery_beat`` (the elected beat) and
+``zkcelery_metrics`` (metrics, the exporter, ``ls --watch``).
 
 The module reads top to bottom: errors, signals, tasks, leases, the znode
 protocols (the protocol map lists every node), names, settings, the session,
-security, schedulers (and the beat's election), the cached view of the tree,
-the companions' hooks, the command line, and last every Celery hook and
-import-time side effect.
+security, schedulers (and the beat's election), the companions' hooks, the
+command line, and last every Celery hook and import-time side effect.
 """
 
 from __future__ import annotations
@@ -89,7 +87,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeVar, Union
+from typing import Any, Callable, NoReturn, Optional, TypeVar, Union
 from urllib.parse import quote
 
 import celery
@@ -138,7 +136,6 @@ from kazoo.protocol.serialization import (
     stat_struct,
 )
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
-from kazoo.recipe.cache import TreeCache, TreeEvent
 from kazoo.retry import KazooRetry
 from kazoo.security import (
     ACL,
@@ -150,14 +147,10 @@ from kazoo.security import (
     make_digest_acl_credential,
 )
 
-if TYPE_CHECKING:
-    pass
-
-#: The private parts of kazoo and Celery that zkcelery (and its companions) rely
-#: on, in one place: (module, object, attribute, its parameters or None for plain data).
-#: test_zkcelery checks each against the installed versions, so that an
-#: upgrade that moves one fails a test, not a worker, and fails if zkcelery
-#: uses a private attribute of theirs (``_name``) that is not listed here.
+#: The private parts of kazoo and Celery that zkcelery (and its companions) rely on, in one
+#: place: (module, object, attribute, its parameters or None for plain data).  test_zkcelery
+#: checks each against the installed versions, so that an upgrade that moves one fails a
+#: test, not a worker, and fails if zkcelery uses a private attribute (``_name``) not listed.
 _INTERNALS = (
     # the session id through a suspension, and requests kazoo has no method for
     ("kazoo.client", "KazooClient", "_session_id", None),
@@ -194,56 +187,23 @@ _INTERNALS = (
     ("celery.beat", "Scheduler", "_heap", None),
 )
 
-
 __all__ = [
-    "AccessDenied",
-    "AlreadyAcquired",
-    "AlreadyQueued",
-    "ConfigurationError",
-    "CoordinationError",
-    "EarlyMutexScheduler",
-    "EarlyMutexTask",
-    "Election",
-    "Lease",
-    "LockKey",
-    "LockTask",
-    "MaxLeasesMismatch",
-    "MutexHeld",
-    "MutexTask",
-    "NotLeading",
-    "NotReentrant",
-    "TreeView",
-    "ZKCeleryError",
-    "app_command",
-    "beat_deposed",
-    "beat_elected",
-    "beat_tick_skipped",
-    "early_refused",
-    "lease_acquired",
-    "lease_lost",
-    "lease_not_acquired",
-    "lease_released",
-    "mutex_dropped",
-    "mutex_rejected",
-    "mutex_requeued",
-    "setting",
-    "skipped_tick",
-]
+    "AccessDenied", "AlreadyAcquired", "AlreadyQueued", "ConfigurationError",
+    "CoordinationError", "EarlyMutexScheduler", "EarlyMutexTask", "Election", "Lease",
+    "LockKey", "LockTask", "MaxLeasesMismatch", "MutexHeld", "MutexTask", "NotLeading",
+    "NotReentrant", "ZKCeleryError", "app_command", "beat_deposed", "beat_elected",
+    "beat_tick_skipped", "early_refused", "lease_acquired", "lease_lost", "lease_not_acquired",
+    "lease_released", "ls_rows", "ls_table", "mutex_dropped", "mutex_rejected",
+    "mutex_requeued", "open_session", "setting", "skipped_tick",
+]  # fmt: skip
 
 logger = logging.getLogger("zkcelery")
 
 
 def _log(level: int, msg: str, *args: Any, exc_info: Any = None, **facts: Any) -> None:
-    """Log ``msg`` through zkcelery's logger, with ``facts`` as the record's attributes.
-
-    So that tools read facts rather than match text, a record carries those it
-    knows of: ``task_id``, ``task_name``, ``kind`` (lock, semaphore, mutex,
-    early mutex, beat), ``key``, ``holder`` (the holder's task id),
-    ``outcome`` (what happened, one word: not_acquired, waiting, rejected,
-    requeued, dropped, lost, elected, deposed, skipped...; every line has
-    one, and the README lists them all), ``wait`` (seconds), ``reason`` and
-    ``error`` (the text of the error the line reports).
-    """
+    """Log ``msg`` through zkcelery's logger, with ``facts`` as the record's attributes: so
+    that tools read facts rather than match text.  README.md ("Logging") lists the facts,
+    and every ``outcome``: each line has one, one word for what happened."""
     if logger.isEnabledFor(level):
         logger.log(level, msg, *args, exc_info=exc_info, extra=facts)
 
@@ -3822,12 +3782,7 @@ _SEP = "@"  # separates the parts of a contender's node name
 _QUEUE = f"{_SEP}queue"  # suffix of an exclusive lock's queue container
 _SCHEDULE = f"{_SEP}schedule"  # suffix of a beat's state node
 _SEQ_DIGITS = 10  # ZooKeeper appends a 10-digit counter to sequential nodes
-
-
-_NAME_LIMIT = 240  # longer names keep a readable prefix and end in a digest
-
-
-_PREFIX_KEPT = 160
+_NAME_LIMIT, _PREFIX_KEPT = 240, 160  # longer names keep a readable prefix and end in a digest
 
 
 def _lock_name(base: str, values: Sequence[Any]) -> str:
@@ -3905,14 +3860,10 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 
 
 _DEFAULT_HOSTS = "127.0.0.1:2181"
-
-
 _HOST_RE = re.compile(
     r"\[(?P<ip6>[0-9A-Za-z:.%]+)\](?::(?P<p6>[^:]*))?"  # [::1]:2181
     r"|(?P<host>[^:\s\[\]]+)(?::(?P<port>.*))?"  # host:2181
 )
-
-
 _SSL_OPTIONS = {"ca", "certfile", "keyfile", "keyfile_password", "verify_certs", "check_hostname"}
 
 
@@ -3927,7 +3878,10 @@ class _Settings:
     ssl: dict = field(default_factory=dict)
 
 
-def _setting(app: celery.Celery, name: str, default: Any = None) -> Any:
+def setting(app: celery.Celery, name: str, default: Any = None) -> Any:
+    """The raw value of zkcelery's setting ``name`` (``"ZOOKEEPER_METRICS_PORT"``) in ``app``,
+    found as zkcelery finds it: upper case, lower case or ``CELERY_``-prefixed; else
+    ``default``.  For the companion modules (zkcelery_metrics) and other extensions."""
     # Celery aliases upper and lower case for its own settings only.
     for key in (name, name.lower(), f"CELERY_{name}"):
         value = app.conf.get(key)
@@ -3936,11 +3890,7 @@ def _setting(app: celery.Celery, name: str, default: Any = None) -> Any:
     return default
 
 
-def setting(app: celery.Celery, name: str, default: Any = None) -> Any:
-    """The raw value of zkcelery's setting ``name`` (``"ZOOKEEPER_METRICS_PORT"``) in ``app``,
-    found as zkcelery finds it: upper case, lower case or ``CELERY_``-prefixed; else
-    ``default``.  For the companion modules (zkcelery_metrics) and other extensions."""
-    return _setting(app, name, default)
+_setting = setting
 
 
 def _read_settings(app: celery.Celery) -> _Settings:
@@ -3996,8 +3946,7 @@ def _parse_host(entry: str, whole: Any) -> str:
         raise ConfigurationError(f"ZOOKEEPER_HOSTS: {entry!r} is not host:port")
     host = match["ip6"] or match["host"]
     port = match["p6"] if match["ip6"] else match["port"]
-    if port is None:
-        port = "2181"
+    port = "2181" if port is None else port
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigurationError(
             f"ZOOKEEPER_HOSTS: {entry!r} has a bad port {port!r} (a number from 1 to 65535)"
@@ -4077,46 +4026,14 @@ def _check_wait(blocking: Any, timeout: Any) -> None:
 
 
 #: What ``self.retry()`` takes: its own parameters and ``apply_async()``'s options.
-_RETRY_KEYWORDS = frozenset(
-    [
-        "args",
-        "kwargs",
-        "exc",
-        "throw",
-        "eta",
-        "countdown",
-        "max_retries",
-        "task_id",
-        "producer",
-        "link",
-        "link_error",
-        "shadow",
-        "expires",
-        "retry",
-        "retry_policy",
-        "queue",
-        "exchange",
-        "routing_key",
-        "priority",
-        "serializer",
-        "compression",
-        "add_to_parent",
-        "publisher",
-        "headers",
-        "ignore_result",
-        "time_limit",
-        "soft_time_limit",
-        "connection",
-        "router",
-        "result_cls",
-        "reply_to",
-        "correlation_id",
-        "expiration",
-        "delivery_mode",
-        "content_type",
-        "content_encoding",
-    ]
-)
+_RETRY_KEYWORDS = frozenset({
+    "args", "kwargs", "exc", "throw", "eta", "countdown", "max_retries", "task_id", "producer",
+    "link", "link_error", "shadow", "expires", "retry", "retry_policy", "queue", "exchange",
+    "routing_key", "priority", "serializer", "compression", "add_to_parent", "publisher",
+    "headers", "ignore_result", "time_limit", "soft_time_limit", "connection", "router",
+    "result_cls", "reply_to", "correlation_id", "expiration", "delivery_mode", "content_type",
+    "content_encoding",
+})  # fmt: skip
 
 
 def _check_retry_options(namespace: str, options: dict, retry: bool) -> None:
@@ -4157,12 +4074,9 @@ def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
             f"task {task}: mutex_requeue=True needs acks_late (Celery only requeues a "
             "rejected message it has not acknowledged yet); remove acks_late=False"
         )
-    bound = not isinstance(run, staticmethod)
-    function = run.__func__ if isinstance(run, staticmethod) else run
-    signature = inspect.signature(function)
-    if bound:  # bind=True: drop ``self``
-        params = list(signature.parameters.values())[1:]
-        signature = signature.replace(parameters=params)
+    signature = inspect.signature(run.__func__ if isinstance(run, staticmethod) else run)
+    if not isinstance(run, staticmethod):  # bind=True: drop ``self``
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
     named = {
         p.name
         for p in signature.parameters.values()
@@ -5542,18 +5456,13 @@ def _acl_text(acls: list[ACL]) -> str:
 # ---------------------------------------------------------------------------
 #
 # ElectedScheduler (celery beat on every host) is zkcelery_beat's, built on
-# Election: an exclusive lease (_ElectionLease) that a thread of every beat
-# process waits for, and the schedule's state node, whose version-checked
-# writes fence every send.  The beat's nodes are in the protocol map (beat/).
+# Election; the beat's nodes are in the protocol map (beat/).
 
 
 class EarlyMutexScheduler(PersistentScheduler):
-    """``celery beat -S zkcelery.EarlyMutexScheduler``: a refused send is a skipped tick.
-
-    When an :class:`EarlyMutexTask`'s last run is still queued or running,
-    the tick is logged once at INFO with the holder's task id, not as an
-    error with a traceback, and the schedule moves on.
-    """
+    """``celery beat -S zkcelery.EarlyMutexScheduler``: a send an :class:`EarlyMutexTask`
+    refuses (its last run is still queued or running) is a skipped tick (:func:`skipped_tick`),
+    logged once at INFO with the holder's task id, not as an error; the schedule moves on."""
 
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
         try:
@@ -5576,23 +5485,20 @@ class _SkippedTick:
 def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
     """The AlreadyQueued behind ``exc`` (Celery wraps it in SchedulingError), if any."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, AlreadyQueued):
-            return exc
+    while exc is not None and id(exc) not in seen and not isinstance(exc, AlreadyQueued):
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
-    return None
+    return exc if isinstance(exc, AlreadyQueued) else None
 
 
 def skipped_tick(scheduler: Scheduler, entry: ScheduleEntry, exc: BaseException) -> bool:
     """Whether a beat send that raised ``exc`` was refused by an :class:`EarlyMutexTask`.
 
-    If so, the tick is skipped, not failed: the entry's last run is queued or
-    running, so this logs one INFO line (no traceback) naming the holder's
-    task id, sends :data:`beat_tick_skipped`, and returns True; the scheduler
-    moves on.  False for any other error, which stays the scheduler's.  For a
-    beat scheduler of one's own; EarlyMutexScheduler and
-    ``zkcelery_beat.ElectedScheduler`` use it.
+    If so, the tick is skipped, not failed: the entry's last run is queued or running, so this
+    logs one INFO line (no traceback) naming the holder's task id, sends
+    :data:`beat_tick_skipped`, and returns True; the scheduler moves on.  False for any other
+    error, which stays the scheduler's.  For a beat scheduler of one's own; EarlyMutexScheduler
+    and ``zkcelery_beat.ElectedScheduler`` use it.
     """
     refused = _refusal(exc)
     if refused is None:
@@ -5608,16 +5514,14 @@ def skipped_tick(scheduler: Scheduler, entry: ScheduleEntry, exc: BaseException)
 class Election:
     """An election among the processes of one app, and a state node only its leader writes.
 
-    What ``zkcelery_beat.ElectedScheduler`` is built on.  ``lease`` is the
-    election: an exclusive :class:`Lease` named ``name`` in the ``beat``
-    namespace that the app holds itself (``owner`` stands where a task's name
-    would: ``ls``, logs, metrics); its ``acquire()`` waits in line.  The state
-    node, ``path`` (``beat/<name>@schedule``), is written only through
-    :meth:`claim` and :meth:`write`, each fenced: one multi-operation checks
-    that the lease's node exists and that the node is at the version this
-    process last read or wrote.  Of two processes that both believe they
-    lead, the later write fails (:class:`NotLeading`), so a leader deposed
-    without knowing it cannot act on what it was about to write.
+    What ``zkcelery_beat.ElectedScheduler`` is built on.  ``lease`` is the election: an
+    exclusive :class:`Lease` named ``name`` in the ``beat`` namespace that the app holds itself
+    (``owner`` stands where a task's name would: ``ls``, logs, metrics); its ``acquire()`` waits
+    in line.  The state node, ``path`` (``beat/<name>@schedule``), is written only through
+    :meth:`claim` and :meth:`write`, each fenced: one multi-operation checks that the lease's
+    node exists and that the node is at the version this process last read or wrote.  Of two
+    processes that both believe they lead, the later write fails (:class:`NotLeading`), so a
+    leader deposed without knowing it cannot act on what it was about to write.
 
     :raises ConfigurationError: a ``ZOOKEEPER_*`` setting of ``app`` is malformed.
     """
@@ -5636,11 +5540,9 @@ class Election:
         self.version = -1
 
     def claim(self, make: Callable[[bytes], bytes]) -> None:
-        """Read the state node and write ``make(its data)``: a new leader's first act.
-
-        From then on a write by any earlier leader fails.  ``make`` is called
-        again with the new data when a deposed leader wrote since the read.
-        """
+        """Read the state node and write ``make(its data)``: a new leader's first act, after
+        which a write by any earlier leader fails.  ``make`` is called again with the new
+        data when a deposed leader wrote since the read."""
         for tries_left in reversed(range(3)):
             data = make(self._read())
             try:
@@ -5652,26 +5554,22 @@ class Election:
                     raise
 
     def write(self, data: bytes) -> None:
-        """Write ``data`` if this process still leads: the fence every send passes first.
-
-        One multi-operation checks that the lease's node exists and that the
-        state is at the version this leader last wrote (or read, when it took
-        over).  A leader deposed meanwhile finds either changed, and raises
-        :class:`NotLeading`.
-        """
-        session, lease = self._session(), self.lease
-        expected = self.version
-        path, leader = self.path, lease.path
+        """Write ``data`` if this process still leads (the fence every send passes first), else
+        raise :class:`NotLeading`: one fenced multi-operation, as the class says."""
+        session, expected, leader = self._session(), self.version, self.lease.path
         if leader is None:
             raise NotLeading("its lease is no longer held")
+
+        def fenced(txn: TransactionRequest) -> None:
+            txn.check(leader, -1)  # the lease's node exists (-1: any version)
+            txn.set_data(self.path, data, expected)
+
         deadline = time.monotonic() + session.settings.connect_timeout
         while True:
-            if lease.lost:
+            if self.lease.lost:
                 raise NotLeading("its ZooKeeper session was lost or is in doubt (lease.lost)")
             try:
-                results = session.multi(
-                    functools.partial(_fenced_write, leader, path, data, expected)
-                )
+                results = session.multi(fenced)
             except _ConnectionLost as exc:
                 if self._applied(data, expected, deadline, exc):
                     break
@@ -5734,128 +5632,6 @@ class Election:
         return session
 
 
-def _fenced_write(
-    leader: str, path: str, data: bytes, version: int, txn: TransactionRequest
-) -> None:
-    txn.check(leader, -1)  # the lease's node exists (-1: any version)
-    txn.set_data(path, data, version)
-
-
-# ---------------------------------------------------------------------------
-# The cached view of the tree: ls --watch, and zkcelery_metrics's exporter
-# ---------------------------------------------------------------------------
-
-
-class TreeView:
-    """A live copy of what ``ls`` lists for ``app``, kept current by ZooKeeper's watches.
-
-    For a process that follows the locks: ``ls --watch``, and the exporter
-    (zkcelery_metrics).  It takes a session of its own, which :meth:`close`
-    ends; :meth:`start` loads it, then :meth:`snapshot` gives ``ls``'s rows
-    without a request, and :meth:`wait_change` waits for a change.
-
-    kazoo's TreeCache keeps a data and a children watch on every node under the
-    root and feeds this copy.  Loading it reads each node twice (its data, its
-    children); afterwards a change costs only the reads its watches trigger: a
-    new contender one listing of its parent and two reads of its own node, a
-    release one listing of the parent, a node's new data one read.  A
-    namespace's listing names every key held in it, so on a large tree a new
-    key costs a large answer, not more requests.  :meth:`snapshot` sends
-    nothing: it builds ``ls``'s rows from the copy with ``ls``'s own walk
-    (_rows), so both always agree.
-
-    While the connection is down (suspended) the copy is the last known and not
-    in sync.  On a reconnect in the same session, the server fires the watches
-    whose nodes changed meanwhile, and TreeCache reads every node again (two
-    requests per node).  A lost session takes its watches with it: until
-    TreeCache has read the whole tree in the next session, nothing is known and
-    the rows are empty.
-    """
-
-    def __init__(self, app: celery.Celery) -> None:
-        self.session = _Session(_read_settings(app))
-        #: ZOOKEEPER_ROOT (behind the chroot, if any): the root of the copy.
-        self.root = self.session.settings.root
-        #: Counts the changes seen: the copy's, and the connection's.
-        self.version = 0
-        self._changed = threading.Condition()
-        self._nodes: dict[str, tuple[bytes, ZnodeStat]] = {}
-        self._children: dict[str, set[str]] = {}
-        self._loaded = False  # the whole tree read since the session began
-        self._cache = TreeCache(self.session.client, self.root)
-        self._cache.listen(self._on_event)
-        self._cache.listen_fault(self._on_fault)
-
-    @property
-    def session_id(self) -> int | None:
-        """The id of the view's ZooKeeper session (as the servers' ``cons`` show it)."""
-        return self.session.session_id  # type: ignore[no-any-return]
-
-    def start(self) -> None:
-        """Connect, and start loading the copy (see :meth:`wait_loaded`)."""
-        self.session.wait_connected()
-        self._cache.start()
-
-    def close(self) -> None:
-        """Stop following the tree, and end the view's session."""
-        self._cache.close()
-        self.session.close()
-
-    def snapshot(self) -> tuple[bool, list[dict]]:
-        """(in sync, ``ls``'s rows), from the copy, without a request (see the class)."""
-        with self._changed:
-            rows = _rows(self.root, self._listed, self._node) if self._loaded else []
-            return self._loaded and self.session.client.state == KazooState.CONNECTED, rows
-
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        """Wait until the whole tree is in the copy; False at ``timeout``."""
-        with self._changed:
-            return self._changed.wait_for(lambda: self._loaded, timeout)
-
-    def wait_change(self, seen: int, timeout: float | None = None) -> int:
-        """The change count once it is no longer ``seen`` (or at ``timeout``)."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.version != seen, timeout)
-            return self.version
-
-    def _listed(self, path: str) -> Collection[str]:
-        return self._children.get(path, ())
-
-    def _node(self, path: str) -> tuple[bytes, ZnodeStat] | None:
-        return self._nodes.get(path)
-
-    def _on_event(self, event: TreeEvent) -> None:
-        # On TreeCache's own thread, in the order of its changes.
-        kind, node = event.event_type, event.event_data
-        with self._changed:
-            if kind in (TreeEvent.NODE_ADDED, TreeEvent.NODE_UPDATED):
-                self._nodes[node.path] = node.data, node.stat
-                parent, name = node.path.rsplit("/", 1)
-                self._children.setdefault(parent, set()).add(name)
-            elif kind == TreeEvent.NODE_REMOVED:
-                self._nodes.pop(node.path, None)
-                self._children.pop(node.path, None)  # its children were removed before it
-                parent, name = node.path.rsplit("/", 1)
-                self._children.get(parent, set()).discard(name)
-            elif kind == TreeEvent.CONNECTION_LOST:
-                self._loaded = False
-            elif kind == TreeEvent.INITIALIZED:
-                self._loaded = True
-            self.version += 1
-            self._changed.notify_all()
-
-    def _on_fault(self, exc: Exception) -> None:
-        _log(logging.WARNING, "the cached view of %s: %s", self.root, exc, outcome="view_fault",
-             error=str(exc))  # fmt: skip
-
-
-def _interrupted_by_sigterm() -> None:
-    """Make SIGTERM stop a long-running command as Ctrl-C does (KeyboardInterrupt)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-
 # ---------------------------------------------------------------------------
 # The companions: zkcelery_beat and zkcelery_metrics, imported when asked for
 # ---------------------------------------------------------------------------
@@ -5865,7 +5641,8 @@ def _interrupted_by_sigterm() -> None:
 # so that zkcelery.py copied alone gives every task-side feature.
 
 #: The names zkcelery still answers for its companions: name -> module.
-_COMPANIONS = {"ElectedScheduler": "zkcelery_beat", "start_metrics_server": "zkcelery_metrics"}
+_COMPANIONS = {"ElectedScheduler": "zkcelery_beat", "start_metrics_server": "zkcelery_metrics",
+               "TreeView": "zkcelery_metrics"}  # fmt: skip
 
 
 def _companion(module: str, what: str) -> types.ModuleType:
@@ -5882,12 +5659,21 @@ def _companion(module: str, what: str) -> types.ModuleType:
 
 
 def __getattr__(name: str) -> Any:
-    """``zkcelery.ElectedScheduler`` and ``zkcelery.start_metrics_server``, as they were: the
-    companions' own, imported at first use (``celery beat -S zkcelery.ElectedScheduler``)."""
+    """``zkcelery.ElectedScheduler``, ``.start_metrics_server`` and ``.TreeView``, as they
+    were: the companions' own, imported at first use (``-S zkcelery.ElectedScheduler``)."""
     module = _COMPANIONS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(_companion(module, f"zkcelery.{name}"), name)
+
+
+def open_session(app: celery.Celery) -> _Session:
+    """A ZooKeeper session of its own for ``app``, connecting (not the process's shared one),
+    for a companion that follows the tree (zkcelery_metrics.TreeView): ``.client`` is its
+    KazooClient, ``.settings.root`` ZOOKEEPER_ROOT behind the chroot, ``.session_id`` its id;
+    ``.wait_connected()`` raises CoordinationError past ZOOKEEPER_CONNECT_TIMEOUT, and
+    ``.close()`` ends it."""
+    return _Session(_read_settings(app))
 
 
 def _metrics_asked(app: celery.Celery, setting: str) -> types.ModuleType | None:
@@ -6040,65 +5826,25 @@ def zk_command(ctx: click.Context) -> None:
 @app_command
 def _ls_command(app: celery.Celery, as_json: bool, watch: bool) -> None:
     if watch:
-        _watch(app, as_json)
+        _companion("zkcelery_metrics", "ls --watch").ls_watch(app, as_json)
     elif as_json:
         click.echo(json.dumps(_listing(_connection(app)), indent=2))
     else:
-        _print_table(_listing(_connection(app)))
+        click.echo(ls_table(_listing(_connection(app))))
 
 
-#: How long ``ls --watch`` lets changes gather before it lists them.
-_WATCH_SETTLE = 0.2
-
-
-def _watch(app: celery.Celery, as_json: bool) -> None:
-    """``ls --watch``: list again after each change of the holders or waiters, until Ctrl-C."""
-    _interrupted_by_sigterm()
-    view = TreeView(app)
-    try:
-        view.start()
-        view.wait_loaded()
-        shown, seen = None, -1
-        while True:
-            seen = view.wait_change(seen)
-            time.sleep(_WATCH_SETTLE)  # a burst of changes (a queue forming) makes one update
-            seen = view.version
-            in_sync, rows = view.snapshot()
-            current = (in_sync, [{k: v for k, v in row.items() if k != "age"} for row in rows])
-            if current != shown:  # not a beat's schedule written, say
-                _print_update(in_sync, rows, as_json, first=shown is None)
-                shown = current
-    except KeyboardInterrupt:
-        pass
-    finally:
-        view.close()
-
-
-def _print_update(in_sync: bool, rows: list[dict], as_json: bool, first: bool) -> None:
-    if as_json:
-        if in_sync:
-            click.echo(json.dumps(rows))
-        return
-    stamp = datetime.now().astimezone().isoformat(sep=" ", timespec="seconds")
-    if sys.stdout.isatty():
-        click.clear()
-    elif not first:
-        click.echo()
-    click.echo(stamp if in_sync else f"{stamp}  NOT IN SYNC with ZooKeeper: the last known")
-    _print_table(rows)
-
-
-def _print_table(rows: list[dict]) -> None:
+def ls_table(rows: list[dict]) -> str:
+    """``ls``'s table of ``rows`` (:func:`ls_rows`'), as text: for ``ls --watch``."""
     if not rows:
-        click.echo("no locks are held")
-        return
-    click.echo(f"{'KIND':11} {'STATE':7} {'AGE':>8}  {'HOLDER':42} {'HOST':16} {'PID':>7}  KEY")
+        return "no locks are held"
+    lines = [f"{'KIND':11} {'STATE':7} {'AGE':>8}  {'HOLDER':42} {'HOST':16} {'PID':>7}  KEY"]
     for row in rows:
         holder = row["task"] if row["task_id"] is None else f"{row['task']}[{row['task_id']}]"
-        click.echo(
+        lines.append(
             f"{row['kind']:11} {row['state']:7} {row['age']:>7.1f}s  {holder:42.42} "
             f"{row['host']:16.16} {row['pid']!s:>7}  {row['key']}"
         )
+    return "\n".join(lines)
 
 
 @click.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
@@ -6127,11 +5873,8 @@ def _rm_command(app: celery.Celery, key: str, yes: bool) -> None:
 
 
 def _break(session: _Session, row: dict) -> bool:
-    """Break the holder ``row`` (as ``_listing`` made it): False if it changed since.
-
-    Waiters are not touched: the first in line is granted the lock, as after
-    any release.
-    """
+    """Break the holder ``row`` (``ls``'s): False if it changed since.  Waiters stay: the
+    first in line is granted the lock, as after any release."""
     namespace = f"{session.settings.root}/{row['namespace']}"
     return session.break_node(namespace, row["path"], row["czxid"])
 
@@ -6231,7 +5974,7 @@ def _secure(session: _Session, acl: list[ACL]) -> int:
 
 
 def _listing(session: _Session) -> list[dict]:
-    """Every holder and waiter under the root, read through ``session`` (see _rows)."""
+    """Every holder and waiter under the root, read through ``session`` (see ls_rows)."""
 
     def node(path: str) -> tuple[bytes, ZnodeStat] | None:
         try:
@@ -6239,17 +5982,18 @@ def _listing(session: _Session) -> list[dict]:
         except NoNodeError:
             return None
 
-    return _rows(session.settings.root, _read_children(session), node)
+    return ls_rows(session.settings.root, _read_children(session), node)
 
 
-def _rows(
+def ls_rows(
     root: str, children: _Children, node: Callable[[str], tuple[bytes, ZnodeStat] | None]
 ) -> list[dict]:
     """Every holder and waiter under ``root``, with its metadata, age and state: ls's rows.
 
-    The tree is seen through ``children`` and ``node`` (a node's data and stat,
-    None if it is gone): from the session for ``ls`` and ``rm``, from the
-    cache for the exporter and ``ls --watch``, which thus show the same rows.
+    The tree is seen through ``children`` (a node's children's names) and
+    ``node`` (a node's data and stat, None if it is gone): from the session for
+    ``ls`` and ``rm``, from zkcelery_metrics's TreeView for the exporter and
+    ``ls --watch``, which thus show the same rows.
     """
     rows = []
     now = time.time()

@@ -12,17 +12,19 @@ Two sources, because the facts are born in two places (README.md,
   multiprocess mode, in a folder of its own that goes with it.
 - **The exporter**, ``python -m zkcelery exporter --port N`` (or ``celery -A
   proj zk exporter``), serves gauges of the whole deployment (who holds, who
-  waits, the oldest hold, the beat leader) from :class:`zkcelery.TreeView`,
-  a copy of the tree that ZooKeeper's watches keep current: a scrape sends
-  no request.
+  waits, the oldest hold, the beat leader) from :class:`TreeView`, a copy of
+  the tree that ZooKeeper's watches keep current: a scrape sends no request.
+  ``ls --watch`` lists the same copy again at each change.
 
 This module runs beside the workers, not in them: it imports only zkcelery's
-public names, and needs prometheus_client (``pip install 'zkcelery[metrics]'``).
-``zkcelery.start_metrics_server`` is this module's function.
+public names.  The metrics and the exporter need prometheus_client (``pip
+install 'zkcelery[metrics]'``); ``ls --watch`` does not.
+``zkcelery.start_metrics_server`` and ``zkcelery.TreeView`` are this module's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -33,12 +35,15 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable
 
 import celery
 import click
 from celery import signals
+from kazoo.protocol.states import KazooState, ZnodeStat
+from kazoo.recipe.cache import TreeCache, TreeEvent
 
 import zkcelery
 from zkcelery import ConfigurationError, Lease, ZKCeleryError
@@ -46,7 +51,14 @@ from zkcelery import ConfigurationError, Lease, ZKCeleryError
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-__all__ = ["exporter_command", "serve_beat_metrics", "serve_worker_metrics", "start_metrics_server"]
+__all__ = [
+    "TreeView",
+    "exporter_command",
+    "ls_watch",
+    "serve_beat_metrics",
+    "serve_worker_metrics",
+    "start_metrics_server",
+]
 
 
 _logger = logging.getLogger("zkcelery")
@@ -353,6 +365,164 @@ def _metrics_server(registry: Any, addr: str, port: int) -> WSGIServer:
 
 
 # ---------------------------------------------------------------------------
+# The cached view of the tree: TreeView, for ls --watch and the exporter
+# ---------------------------------------------------------------------------
+
+
+class TreeView:
+    """A live copy of what ``ls`` lists for ``app``, kept current by ZooKeeper's watches.
+
+    For a process that follows the locks: ``ls --watch``, and the exporter.  It
+    takes a session of its own (:func:`zkcelery.open_session`), which
+    :meth:`close` ends; :meth:`start` loads it, then :meth:`snapshot` gives
+    ``ls``'s rows without a request, and :meth:`wait_change` waits for a change.
+    ``zkcelery.TreeView`` is this class.
+
+    kazoo's TreeCache keeps a data and a children watch on every node under the
+    root and feeds this copy.  Loading it reads each node twice (its data, its
+    children); afterwards a change costs only the reads its watches trigger: a
+    new contender one listing of its parent and two reads of its own node, a
+    release one listing of the parent, a node's new data one read.  A
+    namespace's listing names every key held in it, so on a large tree a new
+    key costs a large answer, not more requests.  :meth:`snapshot` sends
+    nothing: it builds ``ls``'s rows from the copy with ``ls``'s own walk
+    (:func:`zkcelery.ls_rows`), so both always agree.
+
+    While the connection is down (suspended) the copy is the last known and not
+    in sync.  On a reconnect in the same session, the server fires the watches
+    whose nodes changed meanwhile, and TreeCache reads every node again (two
+    requests per node).  A lost session takes its watches with it: until
+    TreeCache has read the whole tree in the next session, nothing is known and
+    the rows are empty.
+    """
+
+    def __init__(self, app: celery.Celery) -> None:
+        self.session = zkcelery.open_session(app)
+        #: ZOOKEEPER_ROOT (behind the chroot, if any): the root of the copy.
+        self.root = self.session.settings.root
+        #: Counts the changes seen: the copy's, and the connection's.
+        self.version = 0
+        self._changed = threading.Condition()
+        self._nodes: dict[str, tuple[bytes, ZnodeStat]] = {}
+        self._children: dict[str, set[str]] = {}
+        self._loaded = False  # the whole tree read since the session began
+        self._cache = TreeCache(self.session.client, self.root)
+        self._cache.listen(self._on_event)
+        self._cache.listen_fault(self._on_fault)
+
+    @property
+    def session_id(self) -> int | None:
+        """The id of the view's ZooKeeper session (as the servers' ``cons`` show it)."""
+        return self.session.session_id
+
+    def start(self) -> None:
+        """Connect, and start loading the copy (see :meth:`wait_loaded`)."""
+        self.session.wait_connected()
+        self._cache.start()
+
+    def close(self) -> None:
+        """Stop following the tree, and end the view's session."""
+        self._cache.close()
+        self.session.close()
+
+    def snapshot(self) -> tuple[bool, list[dict]]:
+        """(in sync, ``ls``'s rows), from the copy, without a request (see the class)."""
+        with self._changed:
+            rows = zkcelery.ls_rows(self.root, self._listed, self._node) if self._loaded else []
+            return self._loaded and self.session.client.state == KazooState.CONNECTED, rows
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Wait until the whole tree is in the copy; False at ``timeout``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._loaded, timeout)
+
+    def wait_change(self, seen: int, timeout: float | None = None) -> int:
+        """The change count once it is no longer ``seen`` (or at ``timeout``)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.version != seen, timeout)
+            return self.version
+
+    def _listed(self, path: str) -> Collection[str]:
+        return self._children.get(path, ())
+
+    def _node(self, path: str) -> tuple[bytes, ZnodeStat] | None:
+        return self._nodes.get(path)
+
+    def _on_event(self, event: TreeEvent) -> None:
+        # On TreeCache's own thread, in the order of its changes.
+        kind, node = event.event_type, event.event_data
+        with self._changed:
+            if kind in (TreeEvent.NODE_ADDED, TreeEvent.NODE_UPDATED):
+                self._nodes[node.path] = node.data, node.stat
+                parent, name = node.path.rsplit("/", 1)
+                self._children.setdefault(parent, set()).add(name)
+            elif kind == TreeEvent.NODE_REMOVED:
+                self._nodes.pop(node.path, None)
+                self._children.pop(node.path, None)  # its children were removed before it
+                parent, name = node.path.rsplit("/", 1)
+                self._children.get(parent, set()).discard(name)
+            elif kind == TreeEvent.CONNECTION_LOST:
+                self._loaded = False
+            elif kind == TreeEvent.INITIALIZED:
+                self._loaded = True
+            self.version += 1
+            self._changed.notify_all()
+
+    def _on_fault(self, exc: Exception) -> None:
+        _log(logging.WARNING, "the cached view of %s: %s", self.root, exc, outcome="view_fault",
+             error=str(exc))  # fmt: skip
+
+
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM stop a long-running command as Ctrl-C does (KeyboardInterrupt)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+#: How long ``ls --watch`` lets changes gather before it lists them.
+_WATCH_SETTLE = 0.2
+
+
+def ls_watch(app: celery.Celery, as_json: bool) -> None:
+    """``ls --watch`` (zkcelery's ``ls`` calls this): list again after each change of the
+    holders or waiters, until Ctrl-C or SIGTERM."""
+    _stop_on_sigterm()
+    view = TreeView(app)
+    try:
+        view.start()
+        view.wait_loaded()
+        shown, seen = None, -1
+        while True:
+            seen = view.wait_change(seen)
+            time.sleep(_WATCH_SETTLE)  # a burst of changes (a queue forming) makes one update
+            seen = view.version
+            in_sync, rows = view.snapshot()
+            current = (in_sync, [{k: v for k, v in row.items() if k != "age"} for row in rows])
+            if current != shown:  # not a beat's schedule written, say
+                _print_update(in_sync, rows, as_json, first=shown is None)
+                shown = current
+    except KeyboardInterrupt:
+        pass
+    finally:
+        view.close()
+
+
+def _print_update(in_sync: bool, rows: list[dict], as_json: bool, first: bool) -> None:
+    if as_json:
+        if in_sync:
+            click.echo(json.dumps(rows))
+        return
+    stamp = datetime.now().astimezone().isoformat(sep=" ", timespec="seconds")
+    if sys.stdout.isatty():
+        click.clear()
+    elif not first:
+        click.echo()
+    click.echo(stamp if in_sync else f"{stamp}  NOT IN SYNC with ZooKeeper: the last known")
+    click.echo(zkcelery.ls_table(rows))
+
+
+# ---------------------------------------------------------------------------
 # The exporter: the deployment's gauges, from a cached view of the tree
 # ---------------------------------------------------------------------------
 
@@ -377,10 +547,8 @@ def _metrics_server(registry: Any, addr: str, port: int) -> WSGIServer:
 def exporter_command(app: celery.Celery, port: int, addr: str) -> None:
     """``zkcelery exporter`` (``celery -A proj zk exporter``): zkcelery's group finds it here."""
     prometheus = _prometheus()  # without it: app_command's one-line error
-    if threading.current_thread() is threading.main_thread():  # SIGTERM stops it as Ctrl-C
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-    view = zkcelery.TreeView(app)
+    _stop_on_sigterm()
+    view = TreeView(app)
     registry = prometheus.CollectorRegistry()
     registry.register(_LeaseCollector(view))
     server = _metrics_server(registry, addr, port)
@@ -407,7 +575,7 @@ class _LeaseCollector:
     ``zkcelery_exporter_connected 0`` is served: a stale holder is no holder.
     """
 
-    def __init__(self, view: zkcelery.TreeView) -> None:
+    def __init__(self, view: TreeView) -> None:
         self.view = view
         self._lock = threading.Lock()  # scrapes may come two at a time
         self._waiting: set[int] = set()  # the czxids of the waiters at the last scrape
