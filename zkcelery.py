@@ -164,7 +164,7 @@ _INTERNALS = (
     ("kazoo.client", "KazooClient", "_session_id", None),
     ("kazoo.client", "KazooClient", "_connection", None),
     ("kazoo.client", "KazooClient", "_call", ("request", "async_object")),
-    # the granted timeout and the time of the last answer (_instrument_connection)
+    # the granted timeout and the time of the last answer (_instrument)
     ("kazoo.protocol.connection", "ConnectionHandler", "_invoke", ("timeout", "request", "xid")),
     ("kazoo.protocol.connection", "ConnectionHandler", "_submit", ("request", "timeout", "xid")),
     ("kazoo.protocol.connection", "ConnectionHandler", "_read_header", ("timeout",)),
@@ -4347,9 +4347,8 @@ def _mutex_timeout(task: celery.Task) -> float:
 # The kazoo adapter: the only code that touches kazoo's private parts
 # ---------------------------------------------------------------------------
 #
-# Each private attribute of kazoo used here is in _INTERNALS, which a test
-# checks against the installed kazoo (and this file against _INTERNALS).  The
-# session below reaches kazoo's privates only through this block.
+# Every private attribute of kazoo used here is in _INTERNALS (a test checks both
+# ways); the session below reaches kazoo's privates only through this block.
 
 
 _CLOCK = getattr(time, "CLOCK_BOOTTIME", None)
@@ -4365,21 +4364,15 @@ _TTL_FLAG, _CONTAINER_FLAG, _EPHEMERAL_SEQUENTIAL = 5, 4, 3
 
 
 class _CreateContainer(Create2):
-    """ZooKeeper's create of a container node (opcode 19), which kazoo lacks.
-
-    Its body is a create's with the container flag, and its answer is a
-    create2's: the path, then the new node's stat.
-    """
+    """ZooKeeper's create of a container (opcode 19), which kazoo lacks: a create's body
+    with the container flag; its answer is a create2's (the path, then the stat)."""
 
     type = 19
 
 
 class _CreateTTL(namedtuple("_CreateTTL", "path data acl flags ttl")):
-    """ZooKeeper's create of a node with a time to live (opcode 21), which kazoo lacks.
-
-    Its body is a create's followed by the TTL in milliseconds; its answer is
-    a create2's (the path, then the stat).
-    """
+    """ZooKeeper's create of a node with a time to live (opcode 21), which kazoo lacks:
+    a create's body, then the TTL in milliseconds; its answer is a create2's."""
 
     type = 21
 
@@ -4391,12 +4384,8 @@ class _CreateTTL(namedtuple("_CreateTTL", "path data acl flags ttl")):
 
 
 class _Multi(Transaction):
-    """A multi-operation whose answer may also hold a create2's (a TTL create's).
-
-    kazoo's own reads only the answers of its own operations; the server
-    answers a TTL create inside a multi-operation as a create2: the path,
-    then the new node's stat.
-    """
+    """A multi-operation whose answer may hold a create2's: the server answers a TTL
+    create in one so (the path, then the stat), which kazoo's Transaction cannot read."""
 
     @classmethod
     def deserialize(cls, bytes: Any, offset: int) -> list:
@@ -4419,22 +4408,17 @@ class _Multi(Transaction):
 
 
 def _session_id(client: KazooClient) -> int | None:
-    """The client's session id, also while it is disconnected.
-
-    Not client.client_id, which is None while the connection is down: the
-    session lives on through a suspension, and kazoo forgets its id only
-    when it is lost.
-    """
+    """The session's id, also while the connection is down (client_id is None then): the
+    session lives on through a suspension, and kazoo forgets its id only when it is lost."""
     return client._session_id  # type: ignore[no-any-return]
 
 
 def _send(client: KazooClient, request: Any) -> Any:
     """Send a request object as it is; its async result.
 
-    For the requests kazoo's client has no method for, and for the reads
-    of a contended acquisition: kazoo's methods check their arguments and
-    prefix each path with its chroot, which the settings' root already
-    holds (kazoo's is empty), several times a request.
+    For the requests kazoo has no method for, and for a contended acquisition's
+    reads: kazoo's methods check their arguments and prefix each path with its
+    chroot (empty: the settings' root holds ours), several times a request.
     """
     result = client.handler.async_result()
     client._call(request, result)
@@ -4442,15 +4426,11 @@ def _send(client: KazooClient, request: Any) -> Any:
 
 
 def _instrument(client: KazooClient, records: Any) -> None:
-    """Have ``client``'s connection tell ``records`` what kazoo keeps to itself.
-
-    kazoo keeps neither the timeout the server granted (it only logs the
-    connect answer's) nor when the leader last answered: three methods of
-    our own client's connection are wrapped, all run on kazoo's connection
-    thread, and call ``records.connected``, ``.sending`` and ``.answered``
-    (a _Liveness).  _invoke carries the connect request, and returns before
-    kazoo reports CONNECTED.  A _PollingHandler takes over the socket's I/O.
-    """
+    """Tell ``records`` (a _Liveness) what kazoo keeps to itself: the timeout the server
+    granted (kazoo only logs it), and each request sent and answered (when the leader
+    last answered).  Three methods of our client's connection are wrapped, all run on
+    kazoo's connection thread; _invoke carries the connect request, and returns before
+    kazoo reports CONNECTED.  A _PollingHandler also takes over the socket's I/O."""
     connection = client._connection
     invoke, submit, read_header = connection._invoke, connection._submit, connection._read_header
 
@@ -4479,15 +4459,13 @@ def _instrument(client: KazooClient, records: Any) -> None:
 class _PollingHandler(SequentialThreadingHandler):
     """kazoo's threading handler, waiting for its sockets with one ``poll()``.
 
-    kazoo's own select() builds an epoll selector for every call (create it,
-    register each descriptor, wait, close it: five system calls and as many
-    Python objects), and its connection thread calls it before every read
-    and every write, several times a request: a third of a contended
-    acquisition's CPU.  poll() is one system call, with no limit on
-    descriptor numbers (select's 1024), and answers as select() does.  The
-    connection thread asks about the same few sockets again and again: each
-    thread keeps a poll object per set of sockets (a new connection's socket
-    makes new ones; the oldest are dropped).
+    kazoo's select() builds an epoll selector for every call (create, register
+    each descriptor, wait, close: five system calls and as many Python objects),
+    and its connection thread calls it before every read and write, several
+    times a request: a third of a contended acquisition's CPU.  poll() is one
+    system call, with no limit on descriptor numbers (select's 1024), and answers
+    as select() does.  Each thread keeps a poll object per set of sockets it asks
+    about (the same few, again and again; the oldest are dropped).
     """
 
     def __init__(self) -> None:
@@ -4497,13 +4475,12 @@ class _PollingHandler(SequentialThreadingHandler):
     def dispatch_callback(self, callback: Any) -> None:
         """Run a watch callback marked by _at_once here, on the connection thread.
 
-        kazoo hands every watch event to its callback thread: a thread
-        wake-up per event, and a waiter woken one thread later.  A callback
-        that only sets flags and events need not wait for its turn there.
-        Those run here keep their order among themselves (the connection
-        thread reads a session's events in order), as the others do in
-        kazoo's queue; a policy marks all of its watches or none, so that
-        the order it relies on holds.
+        kazoo hands every watch event to its callback thread: a thread wake-up
+        per event, and a waiter woken one thread later, though a callback that
+        only sets flags and events need not wait for its turn.  Those run here
+        keep their order among themselves (the connection thread reads a
+        session's events in order), as the others do in kazoo's queue; a policy
+        marks all of its watches or none, so that the order it relies on holds.
         """
         if not getattr(callback.func, "_at_once", False):
             super().dispatch_callback(callback)
@@ -4518,13 +4495,12 @@ class _PollingHandler(SequentialThreadingHandler):
         """Make ``connection`` read and write before it asks whether it can.
 
         kazoo's connection thread waits for its socket (select) before every
-        read and every write, though its main loop has just said the socket
-        is readable and a socket's send buffer is nearly always free: two
-        reads (length, then body) and a write a request, each one system
-        call more and a Python call stack deep.  Its socket does not block:
-        trying first and waiting only when the socket says it would block
-        answers the same, as soon.  A TLS socket keeps kazoo's own way (its
-        framing has its own rules for when to wait).
+        read and write, though its main loop has just said the socket is
+        readable and a send buffer is nearly always free: two reads (length,
+        then body) and a write a request, each a system call more and a Python
+        call stack deep.  The socket does not block: trying first, and waiting
+        only when it would block, answers the same, as soon.  A TLS socket keeps
+        kazoo's way (its framing has its own rules for when to wait).
         """
         read, write = connection._read, connection._write
 
@@ -4591,10 +4567,8 @@ _POLLERS_KEPT = 8
 
 
 def _poller(*groups: tuple) -> tuple[Any, dict[int, list[tuple[int, Any, int]]]]:
-    """A poll object for select()'s three lists, and what each descriptor's events answer.
-
-    An error or a hang-up makes a descriptor readable (and writable), as select() says.
-    """
+    """A poll object for select()'s three lists, and what each descriptor's events answer:
+    an error or a hang-up makes it readable (and writable), as select() says."""
     answers = (
         select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL,
         select.POLLOUT | select.POLLERR | select.POLLHUP,
@@ -4618,10 +4592,8 @@ _CallbackT = TypeVar("_CallbackT", bound=Callable[..., None])
 
 
 def _at_once(callback: _CallbackT) -> _CallbackT:
-    """Mark a watch callback that may run on kazoo's connection thread (_PollingHandler).
-
-    It must only set flags and events: never block, never call ZooKeeper.
-    """
+    """Mark a watch callback that may run on kazoo's connection thread (_PollingHandler):
+    it must only set flags and events, never block, never call ZooKeeper."""
     callback._at_once = True  # type: ignore[attr-defined]
     return callback
 
@@ -4746,14 +4718,12 @@ _T = TypeVar("_T")
 
 
 class _HiddenAuth(logging.Filter):
-    """Hides the credentials of ``ZOOKEEPER_AUTH``, and the session's password, in
-    kazoo's log lines.
+    """Hides ZOOKEEPER_AUTH's credentials and the session's password in kazoo's log lines.
 
-    kazoo logs every request it sends at DEBUG, the authentication packet
-    too, with its ``user:secret`` in clear, and the connect request with the
-    session's password (whoever reads it can take the session over).  On the
-    logger itself, so that the record is changed before any handler, here or
-    above, formats it.
+    kazoo logs every request it sends at DEBUG: the authentication packet with
+    its ``user:secret`` in clear, the connect request with the session's password
+    (whoever reads it can take the session over).  On the logger itself, so that
+    the record is changed before any handler, here or above, formats it.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -4820,11 +4790,9 @@ def _pick_handler() -> Any:
 
 
 class _Liveness:
-    """What the ``lost`` rule judges by (see _Session.lost_since), kept on kazoo's
-    connection thread (_instrument): the session timeout the server granted, and
-    when the leader last heard from us.  It also hands an answer's zxid to whoever
-    asked for it (zxid_holding).
-    """
+    """What the ``lost`` rule judges by (_Session.lost_since), kept on kazoo's connection
+    thread (_instrument): the session timeout the server granted, and when the leader
+    last heard from us; and the zxid of an answer, for whoever asked (zxid_holding)."""
 
     def __init__(self, session_timeout: float) -> None:
         #: What the server granted, which may be less than what we asked for.
@@ -4865,12 +4833,10 @@ class _Liveness:
 
 
 class _Requests:
-    """Requests on one kazoo client: the plumbing of a _Session.
-
-    Every request goes through :meth:`call`, which waits for a connection
-    and an answer at most ``ZOOKEEPER_CONNECT_TIMEOUT``: kazoo's own retry
-    never gives up, and a lock that hangs is worse than one that fails.
-    """
+    """Requests on one kazoo client, the plumbing of a _Session: each goes through
+    :meth:`call`, which waits for a connection and an answer at most
+    ``ZOOKEEPER_CONNECT_TIMEOUT``: kazoo's own retry never gives up, and a lock that
+    hangs is worse than one that fails."""
 
     def __init__(self, settings: _Settings) -> None:
         self.settings = settings
@@ -5463,7 +5429,7 @@ class _Deletes:
                 results = session.call(session.multi_async, ops, deadline=deadline)
                 if epoch is not None and results[0] is not True:  # BadVersionError: rm ran
                     session.tree.epochs.pop(epoch[0], None)  # read again before the next take
-                elif container is not None and isinstance(results[-1], NotEmptyError):
+                elif isinstance(results[-1], NotEmptyError):
                     container, look = None, False  # someone joined since: leave it to them
                 else:
                     return  # deleted, or gone already
@@ -5499,15 +5465,11 @@ class _Deletes:
 
 
 def _deletion(
-    path: str,
-    version: int,
-    container: str | None,
-    mark: bytes | None,
-    epoch: tuple[str, int] | None,
+    path: str, version: int, parent: str | None, mark: bytes | None, epoch: tuple[str, int] | None
 ) -> list[Any]:
-    """delete_own's requests: the epoch's check, the hand-off mark, the node, the container.
+    """delete_own's requests: the epoch's check, the hand-off mark, the node, its container.
 
-    A fenced delete checks the epoch, not the node's version.
+    A fenced delete checks the ``epoch`` (the namespace node, its version), not the node's.
     """
     ops: list[Any] = []
     if epoch is not None:
@@ -5517,8 +5479,8 @@ def _deletion(
         ops.append(SetData(path, mark, version))
         version = -1  # the set moved it
     ops.append(Delete(path, version))
-    if container is not None:
-        ops.append(Delete(container, -1))
+    if parent is not None:
+        ops.append(Delete(parent, -1))
     return ops
 
 
@@ -5538,10 +5500,9 @@ def _marks_release(key_path: str) -> bool:
 class _Session(_Requests):
     """One ZooKeeper session: the client, its states, and what this process holds in it.
 
-    Each job is an object of its own: the grants held (_Holdings), orphans,
-    contention, the tree, creates and deletes.  The methods the rest of
-    zkcelery calls are bound here to the job's; the requests are the
-    session's own (_Requests).
+    The requests are its own (_Requests); each other job is an object of its own
+    (_Holdings, _Orphans, _Contended, _Tree, _Creates, _Deletes), whose methods
+    the rest of zkcelery calls are bound here.
     """
 
     def __init__(self, settings: _Settings) -> None:
@@ -5553,15 +5514,15 @@ class _Session(_Requests):
         self.holdings, self.orphans = _Holdings(self), _Orphans(self)
         self.contended = _Contended(self.mutex)
         self.tree, self.creates, self.deletes = _Tree(self), _Creates(self), _Deletes(self)
-        held = self.holdings
+        # What the rest of zkcelery calls, one line a job:
+        held, tree, creates = self.holdings, self.tree, self.creates
         self.remember, self.forget, self.waiting = held.remember, held.forget, held.waiting
         self.refuse_reentry, self.add_orphan = held.refuse_reentry, self.orphans.add
-        self.ensure_namespaces, self.epoch = self.tree.ensure, self.tree.epoch
-        self.make_tree, self.break_node = self.tree.make, self.deletes.break_node
-        self.create_in_container = self.creates.in_container
-        self.create_in_container_unless = self.creates.in_container_unless
-        self.create_expiring, self.expiring_create = self.creates.expiring, self.creates.expiring_op
-        self.refused_ttl, self.delete_own = self.creates.refused_ttl, self.deletes.delete_own
+        self.ensure_namespaces, self.epoch, self.make_tree = tree.ensure, tree.epoch, tree.make
+        self.create_in_container, self.refused_ttl = creates.in_container, creates.refused_ttl
+        self.create_in_container_unless = creates.in_container_unless
+        self.create_expiring, self.expiring_create = creates.expiring, creates.expiring_op
+        self.delete_own, self.break_node = self.deletes.delete_own, self.deletes.break_node
         self.client.add_listener(self._on_state)
         self.client.start_async()
 
