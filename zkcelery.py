@@ -4717,6 +4717,14 @@ _CONTAINER_TRIES = 10
 _T = TypeVar("_T")
 
 
+def _hidden(arg: Any) -> Any:
+    if isinstance(arg, Auth):
+        return arg._replace(auth="<hidden>")
+    if isinstance(arg, Connect):
+        return arg._replace(passwd=b"<hidden>")
+    return arg
+
+
 class _HiddenAuth(logging.Filter):
     """Hides ZOOKEEPER_AUTH's credentials and the session's password in kazoo's log lines.
 
@@ -4733,17 +4741,28 @@ class _HiddenAuth(logging.Filter):
         return True
 
 
-def _hidden(arg: Any) -> Any:
-    if isinstance(arg, Auth):
-        return arg._replace(auth="<hidden>")
-    if isinstance(arg, Connect):
-        return arg._replace(passwd=b"<hidden>")
-    return arg
-
-
 #: The logger zkcelery's clients log through: kazoo's default, without the secrets
 #: (the filter is installed with the other import-time hooks, at the end).
 _kazoo_logger = logging.getLogger("kazoo.client")
+
+
+def _pick_handler() -> Any:
+    """kazoo's handler matching the process's monkey-patching (gevent, eventlet).
+
+    Only a patched process can use them, and importing them imports gevent or
+    eventlet: look at the patch state of what is already imported, lazily.
+    """
+    if "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched("socket"):
+        from kazoo.handlers.gevent import SequentialGeventHandler
+
+        return SequentialGeventHandler()
+    if "eventlet.patcher" in sys.modules and sys.modules["eventlet.patcher"].is_monkey_patched(
+        "socket"
+    ):
+        from kazoo.handlers.eventlet import SequentialEventletHandler
+
+        return SequentialEventletHandler()
+    return _PollingHandler() if hasattr(select, "poll") else SequentialThreadingHandler()
 
 
 def _make_client(settings: _Settings) -> KazooClient:
@@ -4768,25 +4787,6 @@ def _make_client(settings: _Settings) -> KazooClient:
         logger=_kazoo_logger,
         **options,
     )
-
-
-def _pick_handler() -> Any:
-    """kazoo's handler matching the process's monkey-patching (gevent, eventlet).
-
-    Only a patched process can use them, and importing them imports gevent or
-    eventlet: look at the patch state of what is already imported, lazily.
-    """
-    if "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched("socket"):
-        from kazoo.handlers.gevent import SequentialGeventHandler
-
-        return SequentialGeventHandler()
-    if "eventlet.patcher" in sys.modules and sys.modules["eventlet.patcher"].is_monkey_patched(
-        "socket"
-    ):
-        from kazoo.handlers.eventlet import SequentialEventletHandler
-
-        return SequentialEventletHandler()
-    return _PollingHandler() if hasattr(select, "poll") else SequentialThreadingHandler()
 
 
 class _Liveness:
