@@ -4599,94 +4599,6 @@ def _at_once(callback: _CallbackT) -> _CallbackT:
 
 
 # ---------------------------------------------------------------------------
-# Security: ACLs and identities (ZOOKEEPER_AUTH)
-# ---------------------------------------------------------------------------
-
-
-def _default_acl(settings: _Settings) -> list[ACL] | None:
-    """The ACL of every node zkcelery creates: only this identity may change or delete.
-
-    Others may read (list holders) unless ZOOKEEPER_PROTECT_READS.  Only the
-    digest scheme names an identity an ACL can hold.
-    """
-    if settings.auth is None or settings.auth[0] != "digest":
-        return None
-    user, password = settings.auth[1].split(":", 1)
-    acl = [make_digest_acl(user, password, all=True)]
-    if not settings.protect_reads:
-        acl.append(make_acl("world", "anyone", read=True))
-    return acl
-
-
-def _identity(settings: _Settings) -> Id | None:
-    if settings.auth is None or settings.auth[0] != "digest":
-        return None
-    user, password = settings.auth[1].split(":", 1)
-    return Id("digest", make_digest_acl_credential(user, password))
-
-
-#: Rights that let their holder break locks: make or remove nodes, or change the ACL.
-_BREAKING = Permissions.CREATE | Permissions.DELETE | Permissions.ADMIN
-
-
-def _acl_problem(path: str, acls: list[ACL], identity: Id | None) -> ZKCeleryError | None:
-    """Why the ACL ``acls`` of ``path`` does not protect zkcelery's locks, or None."""
-    if identity is None:
-        return None
-    ours = [acl for acl in acls if acl.id == identity]
-    others = [acl for acl in acls if acl.id != identity and acl.perms & _BREAKING]
-    shown = _acl_text(acls)
-    user = identity.id.split(":")[0]
-    if others:
-        return ConfigurationError(
-            f"ZOOKEEPER_AUTH is set, but {path} lets others create or delete nodes (its ACL: "
-            f"{shown}), so anyone can break the locks under it. Run `python -m zkcelery "
-            f"secure` (or `celery -A proj zk secure`) to give it to {user!r} alone."
-        )
-    if not any(acl.perms & Permissions.CREATE and acl.perms & Permissions.DELETE for acl in ours):
-        return AccessDenied(
-            f"{path} belongs to another identity (its ACL: {shown}); check ZOOKEEPER_AUTH"
-        )
-    return None
-
-
-def _unprotected(session: _Session) -> list[ZKCeleryError]:
-    """What is wrong with the ACLs of the tree (the root and namespaces), for ZOOKEEPER_AUTH.
-
-    In ZooKeeper the right to create or delete a node is its parent's: a
-    holder node under a parent that anyone may change is not protected.
-    """
-    identity = _identity(session.settings)
-    problems: list[ZKCeleryError] = []
-    for path in session.tree.paths():
-        try:
-            acls, _ = session.read(session.client.get_acls_async, path)
-        except NoNodeError:
-            continue
-        problem = _acl_problem(path, acls, identity)
-        if problem is not None:
-            problems.append(problem)
-    return problems
-
-
-def _protecting_nodes(session: _Session) -> Iterator[str]:
-    """The root, the namespace nodes, and every per-key parent: whose ACL guards the locks."""
-    yield from session.tree.paths()
-    root = session.settings.root
-    for namespace in _NAMESPACES.values():
-        yield from namespace.protocol.guarding(session, f"{root}/{namespace.name}")
-
-
-def _perms(perms: int) -> str:
-    letters = zip("rwcda", (1, 2, 4, 8, 16))
-    return "".join(letter for letter, bit in letters if perms & bit) or "-"
-
-
-def _acl_text(acls: list[ACL]) -> str:
-    return ", ".join(f"{a.id.scheme}:{a.id.id.split(':')[0]}={_perms(a.perms)}" for a in acls)
-
-
-# ---------------------------------------------------------------------------
 # The session: one kazoo client per process and app, one object per job
 # ---------------------------------------------------------------------------
 
@@ -5690,6 +5602,94 @@ def _close_when_idle(app: celery.Celery, session: _Session) -> None:
                 del _revocations[app]
         session.close()
         return
+
+
+# ---------------------------------------------------------------------------
+# Security: ACLs and identities (ZOOKEEPER_AUTH)
+# ---------------------------------------------------------------------------
+
+
+def _default_acl(settings: _Settings) -> list[ACL] | None:
+    """The ACL of every node zkcelery creates: only this identity may change or delete.
+
+    Others may read (list holders) unless ZOOKEEPER_PROTECT_READS.  Only the
+    digest scheme names an identity an ACL can hold.
+    """
+    if settings.auth is None or settings.auth[0] != "digest":
+        return None
+    user, password = settings.auth[1].split(":", 1)
+    acl = [make_digest_acl(user, password, all=True)]
+    if not settings.protect_reads:
+        acl.append(make_acl("world", "anyone", read=True))
+    return acl
+
+
+def _identity(settings: _Settings) -> Id | None:
+    if settings.auth is None or settings.auth[0] != "digest":
+        return None
+    user, password = settings.auth[1].split(":", 1)
+    return Id("digest", make_digest_acl_credential(user, password))
+
+
+#: Rights that let their holder break locks: make or remove nodes, or change the ACL.
+_BREAKING = Permissions.CREATE | Permissions.DELETE | Permissions.ADMIN
+
+
+def _acl_problem(path: str, acls: list[ACL], identity: Id | None) -> ZKCeleryError | None:
+    """Why the ACL ``acls`` of ``path`` does not protect zkcelery's locks, or None."""
+    if identity is None:
+        return None
+    ours = [acl for acl in acls if acl.id == identity]
+    others = [acl for acl in acls if acl.id != identity and acl.perms & _BREAKING]
+    shown = _acl_text(acls)
+    user = identity.id.split(":")[0]
+    if others:
+        return ConfigurationError(
+            f"ZOOKEEPER_AUTH is set, but {path} lets others create or delete nodes (its ACL: "
+            f"{shown}), so anyone can break the locks under it. Run `python -m zkcelery "
+            f"secure` (or `celery -A proj zk secure`) to give it to {user!r} alone."
+        )
+    if not any(acl.perms & Permissions.CREATE and acl.perms & Permissions.DELETE for acl in ours):
+        return AccessDenied(
+            f"{path} belongs to another identity (its ACL: {shown}); check ZOOKEEPER_AUTH"
+        )
+    return None
+
+
+def _unprotected(session: _Session) -> list[ZKCeleryError]:
+    """What is wrong with the ACLs of the tree (the root and namespaces), for ZOOKEEPER_AUTH.
+
+    In ZooKeeper the right to create or delete a node is its parent's: a
+    holder node under a parent that anyone may change is not protected.
+    """
+    identity = _identity(session.settings)
+    problems: list[ZKCeleryError] = []
+    for path in session.tree.paths():
+        try:
+            acls, _ = session.read(session.client.get_acls_async, path)
+        except NoNodeError:
+            continue
+        problem = _acl_problem(path, acls, identity)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def _protecting_nodes(session: _Session) -> Iterator[str]:
+    """The root, the namespace nodes, and every per-key parent: whose ACL guards the locks."""
+    yield from session.tree.paths()
+    root = session.settings.root
+    for namespace in _NAMESPACES.values():
+        yield from namespace.protocol.guarding(session, f"{root}/{namespace.name}")
+
+
+def _perms(perms: int) -> str:
+    letters = zip("rwcda", (1, 2, 4, 8, 16))
+    return "".join(letter for letter, bit in letters if perms & bit) or "-"
+
+
+def _acl_text(acls: list[ACL]) -> str:
+    return ", ".join(f"{a.id.scheme}:{a.id.id.split(':')[0]}={_perms(a.perms)}" for a in acls)
 
 
 # ---------------------------------------------------------------------------
