@@ -2126,7 +2126,9 @@ def test_orphans_are_deleted_while_connected_and_one_already_gone_is_forgotten(a
     session.add_orphan(f"{session.settings.root}/locks/never-made", session.session_id, guid)
     # Deleted without waiting for a reconnect...
     wait_for(lambda: session.client.exists(mine) is None, 10, "the orphan to be deleted")
-    wait_for(lambda: not session._orphans and not session._reaping, 10, "the reaper to end")
+    wait_for(
+        lambda: not session.orphans.nodes and not session.orphans.reaping, 10, "the reaper to end"
+    )
     assert "could not delete orphan" not in caplog.text  # ...and the other forgotten
 
 
@@ -2797,7 +2799,7 @@ def test_a_purged_message_blocks_the_key_until_mutex_timeout(workers: Workers, r
     # A TTL node where the servers allow them, else a persistent one (clients see no
     # difference in a node's stat: the sender's session says which it made).
     ttl = request.node.callspec.params["zk_hosts"] == "ttl"
-    assert zkcelery._connection(workers.app)._ttl_nodes is ttl
+    assert zkcelery._connection(workers.app).creates.ttl_nodes is ttl
     with pytest.raises(zkcelery.AlreadyQueued):
         sender.delay("purged")
     wait_for(lambda: _send_goes_through(sender, "purged"), 10, "the key to expire")

@@ -156,7 +156,7 @@ _INTERNALS = (
     ("kazoo.client", "KazooClient", "_session_id", None),
     ("kazoo.client", "KazooClient", "_connection", None),
     ("kazoo.client", "KazooClient", "_call", ("request", "async_object")),
-    # the granted timeout and the time of the last answer (_instrument_connection)
+    # the granted timeout and the time of the last answer (_instrument)
     ("kazoo.protocol.connection", "ConnectionHandler", "_invoke", ("timeout", "request", "xid")),
     ("kazoo.protocol.connection", "ConnectionHandler", "_submit", ("request", "timeout", "xid")),
     ("kazoo.protocol.connection", "ConnectionHandler", "_read_header", ("timeout",)),
@@ -3663,6 +3663,7 @@ class _EarlyMutex:
         except (UnimplementedError, BadArgumentsError):
             results = [UnimplementedError()]
         if isinstance(results[-1], (UnimplementedError, BadArgumentsError)):  # no TTL nodes
+            self.session.refused_ttl()
             create = self.session.expiring_create(self.holder, self._data("queued"), None)
             results = self.session.call(self.session.multi_async, [*ops, create])
         return results  # type: ignore[no-any-return]
@@ -4120,29 +4121,11 @@ def _mutex_timeout(task: celery.Task) -> float:
 
 
 # ---------------------------------------------------------------------------
-# The session: one kazoo client per process and app
+# The kazoo adapter: the only code that touches kazoo's private parts
 # ---------------------------------------------------------------------------
-
-
-_RECOVERABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError)
-
-
-#: A lease is called lost once nothing sent in the last this fraction of the
-#: granted session timeout has been answered through the leader (see lost_since).
-_LOST_AFTER_SILENCE = 0.75
-
-
-#: While leases are held, the watchdog looks this often (a fraction of the
-#: timeout), and sends a sync when nothing was confirmed for _SYNC_AFTER.
-_WATCHDOG_EVERY, _SYNC_AFTER = 0.1, 0.25
-
-
-#: Opcodes whose answer shows that the leader had our session alive when we
-#: sent them: writes (create, delete, setData, setACL, multi, create2,
-#: container, TTL) and sync.  A follower answers reads and pings by itself,
-#: and does so for a while even when it is cut off from the leader, which is
-#: what expires sessions.
-_CONFIRMED_BY_LEADER = frozenset({1, 2, 5, 7, 9, 14, 15, 19, 21})
+#
+# Every private attribute of kazoo used here is in _INTERNALS (a test checks both
+# ways); the session below reaches kazoo's privates only through this block.
 
 
 _CLOCK = getattr(time, "CLOCK_BOOTTIME", None)
@@ -4153,33 +4136,20 @@ def _now() -> float:
     return time.clock_gettime(_CLOCK) if _CLOCK is not None else time.monotonic()
 
 
-#: How long, and for how many keys, a process remembers a lock it found contended.
-_CONTENDED_FOR, _CONTENDED_KEYS = 2.0, 1000
-
-
-#: Creates of a node whose container keeps being reaped, before giving up.
-_CONTAINER_TRIES = 10
+#: Create flags: persistent with a time to live, a container, ephemeral and sequential.
+_TTL_FLAG, _CONTAINER_FLAG, _EPHEMERAL_SEQUENTIAL = 5, 4, 3
 
 
 class _CreateContainer(Create2):
-    """ZooKeeper's create of a container node (opcode 19), which kazoo lacks.
-
-    Its body is a create's with the container flag, and its answer is a
-    create2's: the path, then the new node's stat.
-    """
+    """ZooKeeper's create of a container (opcode 19), which kazoo lacks: a create's body
+    with the container flag; its answer is a create2's (the path, then the stat)."""
 
     type = 19
 
 
-_CONTAINER_FLAG = 4
-
-
 class _CreateTTL(namedtuple("_CreateTTL", "path data acl flags ttl")):
-    """ZooKeeper's create of a node with a time to live (opcode 21), which kazoo lacks.
-
-    Its body is a create's followed by the TTL in milliseconds; its answer is
-    a create2's (the path, then the stat).
-    """
+    """ZooKeeper's create of a node with a time to live (opcode 21), which kazoo lacks:
+    a create's body, then the TTL in milliseconds; its answer is a create2's."""
 
     type = 21
 
@@ -4190,17 +4160,9 @@ class _CreateTTL(namedtuple("_CreateTTL", "path data acl flags ttl")):
     deserialize = Create2.deserialize
 
 
-_TTL_FLAG = 5  # persistent, with a time to live
-_EPHEMERAL_SEQUENTIAL = 3
-
-
 class _Multi(Transaction):
-    """A multi-operation whose answer may also hold a create2's (a TTL create's).
-
-    kazoo's own reads only the answers of its own operations; the server
-    answers a TTL create inside a multi-operation as a create2: the path,
-    then the new node's stat.
-    """
+    """A multi-operation whose answer may hold a create2's: the server answers a TTL
+    create in one so (the path, then the stat), which kazoo's Transaction cannot read."""
 
     @classmethod
     def deserialize(cls, bytes: Any, offset: int) -> list:
@@ -4222,191 +4184,370 @@ class _Multi(Transaction):
         return results
 
 
-class _Session:
-    """One ZooKeeper session: the client, its states, and what this process holds in it.
+def _session_id(client: KazooClient) -> int | None:
+    """The session's id, also while the connection is down (client_id is None then): the
+    session lives on through a suspension, and kazoo forgets its id only when it is lost."""
+    return client._session_id  # type: ignore[no-any-return]
 
-    Every request goes through :meth:`call`, which waits for a connection
-    and an answer at most ``ZOOKEEPER_CONNECT_TIMEOUT``: kazoo's own retry
-    never gives up, and a lock that hangs is worse than one that fails.
+
+def _send(client: KazooClient, request: Any) -> Any:
+    """Send a request object as it is; its async result.
+
+    For the requests kazoo has no method for, and for a contended acquisition's
+    reads: kazoo's methods check their arguments and prefix each path with its
+    chroot (empty: the settings' root holds ours), several times a request.
     """
+    result = client.handler.async_result()
+    client._call(request, result)
+    return result
+
+
+def _instrument(client: KazooClient, records: Any) -> None:
+    """Tell ``records`` (a _Liveness) what kazoo keeps to itself: the timeout the server
+    granted (kazoo only logs it), and each request sent and answered (when the leader
+    last answered).  Three methods of our client's connection are wrapped, all run on
+    kazoo's connection thread; _invoke carries the connect request, and returns before
+    kazoo reports CONNECTED.  A _PollingHandler also takes over the socket's I/O."""
+    connection = client._connection
+    invoke, submit, read_header = connection._invoke, connection._submit, connection._read_header
+
+    def recording_invoke(timeout: Any, request: Any, xid: Any = None) -> Any:
+        began = _now()
+        answer = invoke(timeout, request, xid)
+        if isinstance(request, Connect) and getattr(answer[0], "time_out", 0) > 0:
+            records.connected(answer[0].time_out / 1000.0, began)
+        return answer
+
+    def recording_submit(request: Any, timeout: Any, xid: Any = None) -> Any:
+        records.sending(request, xid)
+        return submit(request, timeout, xid)
+
+    def recording_read_header(timeout: Any) -> Any:
+        header, buffer, offset = read_header(timeout)
+        records.answered(header.xid, header.zxid)
+        return header, buffer, offset
+
+    connection._invoke, connection._submit = recording_invoke, recording_submit
+    connection._read_header = recording_read_header
+    if isinstance(client.handler, _PollingHandler):
+        client.handler.adopt(connection)
+
+
+class _PollingHandler(SequentialThreadingHandler):
+    """kazoo's threading handler, waiting for its sockets with one ``poll()``.
+
+    kazoo's select() builds an epoll selector for every call (create, register
+    each descriptor, wait, close: five system calls and as many Python objects),
+    and its connection thread calls it before every read and write, several
+    times a request: a third of a contended acquisition's CPU.  poll() is one
+    system call, with no limit on descriptor numbers (select's 1024), and answers
+    as select() does.  Each thread keeps a poll object per set of sockets it asks
+    about (the same few, again and again; the oldest are dropped).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pollers = threading.local()
+
+    def dispatch_callback(self, callback: Any) -> None:
+        """Run a watch callback marked by _at_once here, on the connection thread.
+
+        kazoo hands every watch event to its callback thread: a thread wake-up
+        per event, and a waiter woken one thread later, though a callback that
+        only sets flags and events need not wait for its turn.  Those run here
+        keep their order among themselves (the connection thread reads a
+        session's events in order), as the others do in kazoo's queue; a policy
+        marks all of its watches or none, so that the order it relies on holds.
+        """
+        if not getattr(callback.func, "_at_once", False):
+            super().dispatch_callback(callback)
+            return
+        try:
+            callback.func(*callback.args)
+        except Exception as exc:  # never let a callback break the connection
+            _log(logging.ERROR, "a watch callback failed: %s", exc, outcome="callback_failed",
+                 error=str(exc), exc_info=True)  # fmt: skip
+
+    def adopt(self, connection: Any) -> None:
+        """Make ``connection`` read and write before it asks whether it can.
+
+        kazoo's connection thread waits for its socket (select) before every
+        read and write, though its main loop has just said the socket is
+        readable and a send buffer is nearly always free: two reads (length,
+        then body) and a write a request, each a system call more and a Python
+        call stack deep.  The socket does not block: trying first, and waiting
+        only when it would block, answers the same, as soon.  A TLS socket keeps
+        kazoo's way (its framing has its own rules for when to wait).
+        """
+        read, write = connection._read, connection._write
+
+        def _read(length: int, timeout: float) -> bytes:
+            sock = connection._socket
+            if isinstance(sock, ssl.SSLSocket):
+                return read(length, timeout)  # type: ignore[no-any-return]
+            parts = []
+            while length > 0:
+                parts.append(self._try(sock, sock.recv, length, timeout, writing=0))
+                length -= len(parts[-1])
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+        def _write(msg: bytes, timeout: float) -> None:
+            sock = connection._socket
+            if isinstance(sock, ssl.SSLSocket):
+                write(msg, timeout)
+                return
+            view = memoryview(msg)
+            while view:
+                view = view[self._try(sock, sock.send, view, timeout, writing=1) :]
+
+        connection._read, connection._write = _read, _write
+
+    def _try(self, sock: Any, io: Callable, arg: Any, timeout: float, writing: int) -> Any:
+        """``io(arg)`` on the non-blocking ``sock``, waiting only when it would block."""
+        try:
+            while True:
+                try:
+                    done = io(arg)
+                except BlockingIOError:
+                    lists = ([], [sock]) if writing else ([sock], [])
+                    if not self.select(*lists, [], timeout)[writing]:
+                        what = "write" if writing else "read"
+                        raise self.timeout_exception(f"socket time-out during {what}") from None
+                    continue
+                if not done:
+                    raise ConnectionDropped("socket connection broken")
+                return done
+        except OSError as exc:
+            raise ConnectionDropped(f"socket connection error: {exc.strerror or exc}") from exc
+
+    def select(self, rlist: Any, wlist: Any, xlist: Any, timeout: float | None = None) -> Any:
+        cache = self._pollers.__dict__.setdefault("cache", {})
+        key = (tuple(rlist), tuple(wlist), tuple(xlist))
+        found = cache.get(key)
+        if found is None:
+            if len(cache) >= _POLLERS_KEPT:
+                cache.clear()
+            found = cache[key] = _poller(*key)
+        poller, objects = found
+        # Whole milliseconds, rounded up: a shorter wait would spin.
+        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        ready: tuple[list, list, list] = ([], [], [])
+        for fd, events in poller.poll(ms):
+            for group, obj, mask in objects[fd]:
+                if events & mask:
+                    ready[group].append(obj)
+        return ready
+
+
+#: Poll objects a thread keeps, one per set of sockets asked about (_PollingHandler).
+_POLLERS_KEPT = 8
+
+
+def _poller(*groups: tuple) -> tuple[Any, dict[int, list[tuple[int, Any, int]]]]:
+    """A poll object for select()'s three lists, and what each descriptor's events answer:
+    an error or a hang-up makes it readable (and writable), as select() says."""
+    answers = (
+        select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL,
+        select.POLLOUT | select.POLLERR | select.POLLHUP,
+        select.POLLPRI,
+    )
+    asks = (select.POLLIN, select.POLLOUT, select.POLLPRI)
+    poller = select.poll()
+    wanted: dict[int, int] = {}
+    objects: dict[int, list[tuple[int, Any, int]]] = {}
+    for group, members in enumerate(groups):
+        for obj in members:
+            fd = obj if isinstance(obj, int) else obj.fileno()
+            wanted[fd] = wanted.get(fd, 0) | asks[group]
+            objects.setdefault(fd, []).append((group, obj, answers[group]))
+    for fd, mask in wanted.items():
+        poller.register(fd, mask)
+    return poller, objects
+
+
+_CallbackT = TypeVar("_CallbackT", bound=Callable[..., None])
+
+
+def _at_once(callback: _CallbackT) -> _CallbackT:
+    """Mark a watch callback that may run on kazoo's connection thread (_PollingHandler):
+    it must only set flags and events, never block, never call ZooKeeper."""
+    callback._at_once = True  # type: ignore[attr-defined]
+    return callback
+
+
+# ---------------------------------------------------------------------------
+# The session: one kazoo client per process and app, one object per job
+# ---------------------------------------------------------------------------
+
+
+_RECOVERABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError)
+
+#: A lease is called lost once nothing sent in the last this fraction of the
+#: granted session timeout has been answered through the leader (see lost_since).
+_LOST_AFTER_SILENCE = 0.75
+
+#: While leases are held, the watchdog looks this often (a fraction of the
+#: timeout), and sends a sync when nothing was confirmed for _SYNC_AFTER.
+_WATCHDOG_EVERY, _SYNC_AFTER = 0.1, 0.25
+
+#: Opcodes whose answer shows that the leader had our session alive when we
+#: sent them: writes (create, delete, setData, setACL, multi, create2,
+#: container, TTL) and sync.  A follower answers reads and pings by itself,
+#: and does so for a while even when it is cut off from the leader, which is
+#: what expires sessions.
+_CONFIRMED_BY_LEADER = frozenset({1, 2, 5, 7, 9, 14, 15, 19, 21})
+
+#: How long, and for how many keys, a process remembers a lock it found contended.
+_CONTENDED_FOR, _CONTENDED_KEYS = 2.0, 1000
+
+#: Creates of a node whose container keeps being reaped, before giving up.
+_CONTAINER_TRIES = 10
+
+_T = TypeVar("_T")
+
+
+def _hidden(arg: Any) -> Any:
+    if isinstance(arg, Auth):
+        return arg._replace(auth="<hidden>")
+    if isinstance(arg, Connect):
+        return arg._replace(passwd=b"<hidden>")
+    return arg
+
+
+class _HiddenAuth(logging.Filter):
+    """Hides ZOOKEEPER_AUTH's credentials and the session's password in kazoo's log lines.
+
+    kazoo logs every request it sends at DEBUG: the authentication packet with
+    its ``user:secret`` in clear, the connect request with the session's password
+    (whoever reads it can take the session over).  On the logger itself, so that
+    the record is changed before any handler, here or above, formats it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(arg, (Auth, Connect)) for arg in args):
+            record.args = tuple(_hidden(arg) for arg in args)
+        return True
+
+
+#: The logger zkcelery's clients log through: kazoo's default, without the secrets
+#: (the filter is installed with the other import-time hooks, at the end).
+_kazoo_logger = logging.getLogger("kazoo.client")
+
+
+def _pick_handler() -> Any:
+    """kazoo's handler matching the process's monkey-patching (gevent, eventlet).
+
+    Only a patched process can use them, and importing them imports gevent or
+    eventlet: look at the patch state of what is already imported, lazily.
+    """
+    if "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched("socket"):
+        from kazoo.handlers.gevent import SequentialGeventHandler
+
+        return SequentialGeventHandler()
+    if "eventlet.patcher" in sys.modules and sys.modules["eventlet.patcher"].is_monkey_patched(
+        "socket"
+    ):
+        from kazoo.handlers.eventlet import SequentialEventletHandler
+
+        return SequentialEventletHandler()
+    return _PollingHandler() if hasattr(select, "poll") else SequentialThreadingHandler()
+
+
+def _make_client(settings: _Settings) -> KazooClient:
+    options: dict[str, Any] = dict(settings.ssl)
+    if settings.auth is not None:
+        options["auth_data"] = [settings.auth]
+        options["default_acl"] = _default_acl(settings)
+    handler = _pick_handler()
+    # Reconnect forever in the background, quickly: a lease waits for the
+    # connection at most ZOOKEEPER_CONNECT_TIMEOUT, and ZooKeeper coming back
+    # must not need a restart.  Commands are never retried by kazoo (its
+    # default retry never gives up); _Requests bounds every call.  kazoo
+    # insists that the retry sleeps as the handler does (eventlet's differs).
+    retry = KazooRetry(
+        max_tries=-1, delay=0.05, backoff=2, max_delay=1.0, sleep_func=handler.sleep_func
+    )
+    return KazooClient(
+        hosts=settings.hosts,
+        timeout=settings.session_timeout,
+        connection_retry=retry,
+        handler=handler,
+        logger=_kazoo_logger,
+        **options,
+    )
+
+
+class _Liveness:
+    """What the ``lost`` rule judges by (_Session.lost_since), kept on kazoo's connection
+    thread (_instrument): the session timeout the server granted, and when the leader
+    last heard from us; and the zxid of an answer, for whoever asked (zxid_holding)."""
+
+    def __init__(self, session_timeout: float) -> None:
+        #: What the server granted, which may be less than what we asked for.
+        self.session_timeout = session_timeout
+        #: When we sent the latest request answered through the leader: the
+        #: leader heard from the session at that moment or later.
+        self.heard = _now()
+        self.sent: dict[int, float] = {}  # xid -> when sent, until answered
+        #: Requests whose answer's zxid is wanted: id(request) -> where it goes,
+        #: then xid -> where it goes once the request is sent.
+        self.zxid_wanted: dict[int, list[int]] = {}
+        self.zxid_coming: dict[int, list[int]] = {}
+
+    def connected(self, session_timeout: float, began: float) -> None:
+        self.session_timeout = session_timeout
+        self.sent.clear()
+        self.zxid_coming.clear()  # asked on the last connection: never answered
+        self.heard = began  # a reconnect is validated by the leader: it heard of us since
+
+    def sending(self, request: Any, xid: int) -> None:
+        if getattr(request, "type", None) in _CONFIRMED_BY_LEADER:
+            self.sent[xid] = _now()
+        box = self.zxid_wanted.pop(id(request), None)
+        if box is not None:
+            self.zxid_coming[xid] = box
+
+    def answered(self, xid: int, zxid: int) -> None:
+        sent = self.sent.pop(xid, None)
+        if sent is not None and sent > self.heard:
+            self.heard = sent
+        box = self.zxid_coming.pop(xid, None)
+        if box is not None:
+            box.append(zxid)
+
+    def silent(self, fraction: float) -> bool:
+        """Whether the leader answered nothing sent in the last ``fraction`` of the timeout."""
+        return _now() - self.heard >= self.session_timeout * fraction
+
+
+class _Requests:
+    """Requests on one kazoo client, the plumbing of a _Session: each goes through
+    :meth:`call`, which waits for a connection and an answer at most
+    ``ZOOKEEPER_CONNECT_TIMEOUT``: kazoo's own retry never gives up, and a lock that
+    hangs is worse than one that fails."""
 
     def __init__(self, settings: _Settings) -> None:
         self.settings = settings
-        self.pid = os.getpid()
-        self.hostname = socket.gethostname()
         self.client = _make_client(settings)
         self.handler = self.client.handler
-        self.mutex = threading.Lock()
-        self._timeout_error = self.handler.timeout_exception
-        self._live = self.handler.event_object()
-        self.last_used, self.in_use = time.monotonic(), 0  # for a session closed when idle
-        self._suspended_at: float | None = None
-        #: What the server granted, which may be less than what we asked for.
-        self.session_timeout = settings.session_timeout
-        #: When we sent the latest request answered through the leader: the
-        #: leader heard from the session at that moment or later (see lost_since).
-        self._heard = _now()
-        self._sent: dict[int, float] = {}  # xid -> when sent, until answered
-        #: Requests whose answer's zxid is wanted (zxid_holding): id(request) ->
-        #: where it goes, then xid -> where it goes once the request is sent.
-        self._zxid_wanted: dict[int, list[int]] = {}
-        self._zxid_coming: dict[int, list[int]] = {}
-        self._syncing = False  # the watchdog's sync is on its way
-        self._grants: set[_Grant] = set()
-        self._waiting = 0  # blocking acquires under way
-        self._watchdog = False  # a thread watches the grants (and waits) for silence
-        self._reaping = False  # a thread deletes orphans while connected
-        #: namespace path -> its data version, which ``rm`` bumps (see delete_own)
-        self._epochs: dict[str, int] = {}
-        self._contended: dict[str, float] = {}  # key path -> when last seen contended
-        #: path (or a sequential node's prefix) -> (session id, lease guid)
-        # (path, guid) -> the session that made it: two leases of one key may each
-        # leave a node in doubt (a release, then a take), and each is reaped by its own.
-        self._orphans: dict[tuple[str, str | None], int | None] = {}
-        self._ready = False  # the root and namespace nodes exist
-        self._verified = False  # ...and, with ZOOKEEPER_AUTH, are ours alone
-        self._ttl_nodes = True  # until the server says it has none
-        self._instrument_connection()
-        self.client.add_listener(self._on_state)
-        self.client.start_async()
-
-    # -- state -------------------------------------------------------------
+        self.timeout_error = self.handler.timeout_exception
+        self.acl = self.client.default_acl or OPEN_ACL_UNSAFE  # of the nodes we make
+        self.live = self.handler.event_object()  # set while connected
+        self.liveness = _Liveness(settings.session_timeout)
+        _instrument(self.client, self.liveness)
 
     @property
     def session_id(self) -> int | None:
-        # Not client.client_id, which is None while the connection is down:
-        # the session lives on through a suspension, and kazoo forgets its id
-        # only when it is lost.
-        return self.client._session_id  # type: ignore[no-any-return]
-
-    @property
-    def suspended(self) -> bool:
-        return self._suspended_at is not None
-
-    def lost_since(self, session_id: int | None) -> bool:
-        """Whether a lease taken in ``session_id`` may now be held by someone else.
-
-        The leader expires a session the granted timeout after it last heard
-        of it, and never sooner.  A lease is called lost when the session is
-        another one now, or once nothing sent in the last _LOST_AFTER_SILENCE
-        of that timeout has been answered through the leader (a write, a
-        sync: see _CONFIRMED_BY_LEADER; the watchdog syncs while leases are
-        held): before the leader can have expired the session.  That is
-        judged from answers, not from kazoo's states, which can lag past the
-        expiry: kazoo pings only when it has sent nothing for a while, so
-        while other threads keep sending on a dead link it reports no
-        disconnection at all; after a pause of the whole process (SIGSTOP, a
-        paused VM, a suspended host) no state has changed yet when the body
-        looks; and a follower cut off from the leader answers pings until it
-        notices.  No I/O.
-        """
-        if self.session_id != session_id:
-            return True
-        return _now() - self._heard >= self.session_timeout * _LOST_AFTER_SILENCE
-
-    def _instrument_connection(self) -> None:
-        # kazoo keeps neither the timeout the server granted (it only logs the
-        # connect answer's) nor when the leader last answered: wrap three
-        # methods of our own client's connection, all run on kazoo's
-        # connection thread.  _invoke carries the connect request, and
-        # returns before kazoo reports CONNECTED.
-        connection = self.client._connection
-        invoke, submit, read_header = (
-            connection._invoke,
-            connection._submit,
-            connection._read_header,
-        )
-
-        def recording_invoke(timeout: Any, request: Any, xid: Any = None) -> Any:
-            began = _now()
-            answer = invoke(timeout, request, xid)
-            if isinstance(request, Connect) and getattr(answer[0], "time_out", 0) > 0:
-                self.session_timeout = answer[0].time_out / 1000.0
-                self._sent.clear()
-                self._zxid_coming.clear()  # asked on the last connection: never answered
-                # A reconnect is validated by the leader: it heard of us since.
-                self._heard = began
-            return answer
-
-        def recording_submit(request: Any, timeout: Any, xid: Any = None) -> Any:
-            if getattr(request, "type", None) in _CONFIRMED_BY_LEADER:
-                self._sent[xid] = _now()
-            box = self._zxid_wanted.pop(id(request), None)
-            if box is not None:
-                self._zxid_coming[xid] = box
-            return submit(request, timeout, xid)
-
-        def recording_read_header(timeout: Any) -> Any:
-            header, buffer, offset = read_header(timeout)
-            sent = self._sent.pop(header.xid, None)
-            if sent is not None and sent > self._heard:
-                self._heard = sent
-            box = self._zxid_coming.pop(header.xid, None)
-            if box is not None:
-                box.append(header.zxid)
-            return header, buffer, offset
-
-        connection._invoke = recording_invoke
-        connection._submit = recording_submit
-        connection._read_header = recording_read_header
-        if isinstance(self.handler, _PollingHandler):
-            self.handler.adopt(connection)
-
-    def _on_state(self, state: str) -> None:
-        # Runs on kazoo's connection thread: never block here.
-        if state == KazooState.CONNECTED:
-            self._suspended_at = None
-            self._live.set()
-            if self._orphans:
-                self.handler.spawn(self._reap_orphans)
-            if self._grants:
-                self.handler.spawn(self._report_lost)
-            return
-        self._live.clear()
-        if state == KazooState.SUSPENDED:
-            self._suspended_at = time.monotonic()
-        else:  # LOST: the session is gone, and so is every node it held
-            self._suspended_at = self._suspended_at or time.monotonic()
-            with self.mutex:
-                self._orphans.clear()
-            self.handler.spawn(self._report_lost)
-
-    def _report_lost(self) -> None:
-        with self.mutex:
-            grants = list(self._grants)
-        for grant in grants:
-            grant.check_session()
-
-    def _watch_grants(self) -> None:
-        """While leases are held: keep the leader's word fresh, and notice a lost lease.
-
-        A holder that sends nothing would hear only from the server it is
-        connected to (pings): a sync, when nothing was confirmed through the
-        leader for a while, keeps ``lost`` from turning true on a healthy
-        session.  A lease lost to silence, a pause or expiry is logged here.
-        """
-        while True:
-            self.handler.sleep_func(max(0.05, self.session_timeout * _WATCHDOG_EVERY))
-            with self.mutex:
-                if not self._grants and not self._waiting:
-                    self._watchdog = False
-                    return
-            quiet = _now() - self._heard >= self.session_timeout * _SYNC_AFTER
-            if quiet and not self._syncing and self._live.is_set():
-                self._syncing = True
-                self.client.sync_async(self.settings.root).rawlink(self._synced)
-            self._report_lost()
-
-    def _synced(self, _: Any) -> None:
-        self._syncing = False
+        return _session_id(self.client)
 
     def wait_connected(self, deadline: float | None = None) -> None:
-        if self._live.is_set():  # the common case, without Event.wait's lock
+        if self.live.is_set():  # the common case, without Event.wait's lock
             return
         limit = self.settings.connect_timeout
         if deadline is not None:
             limit = max(0.0, min(limit, deadline - time.monotonic()))
-        if not self._live.wait(limit) and not self._live.is_set():
+        if not self.live.wait(limit) and not self.live.is_set():
             raise CoordinationError(
                 f"ZooKeeper at {self.settings.hosts} did not answer within {limit:.3g} s "
                 "(ZOOKEEPER_CONNECT_TIMEOUT)"
@@ -4419,124 +4560,6 @@ class _Session:
             return True
         remaining = deadline - time.monotonic()
         return remaining > 0 and (event.wait(remaining) or event.is_set())
-
-    # -- what this process holds -----------------------------------------------
-
-    def remember(self, grant: _Grant) -> None:
-        with self.mutex:
-            self._grants.add(grant)
-        self._start_watchdog()
-
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        """A blocking acquire: the watchdog keeps the leader's word fresh meanwhile.
-
-        A waiter may be granted by a watch long after its last write; its
-        lease must not be born lost.
-        """
-        with self.mutex:
-            self._waiting += 1
-        self._start_watchdog()
-        try:
-            yield
-        finally:
-            with self.mutex:
-                self._waiting -= 1
-
-    def _start_watchdog(self) -> None:
-        with self.mutex:
-            start, self._watchdog = not self._watchdog, True
-        if start:
-            self.handler.spawn(self._watch_grants)
-
-    def forget(self, grant: _Grant) -> None:
-        with self.mutex:
-            self._grants.discard(grant)
-
-    def refuse_reentry(self, key_path: str, key: str) -> None:
-        """Raise NotReentrant if this thread holds the lock at ``key_path``."""
-        me = threading.get_ident()
-        with self.mutex:
-            mine = [g for g in self._grants if g.key_path == key_path and g.thread == me]
-        if any(not grant.is_lost() for grant in mine):
-            raise NotReentrant(
-                f"{key} is already held by this thread and locks are not reentrant: "
-                "blocking without a timeout would wait forever"
-            )
-
-    def contended(self, key_path: str, seen: bool = False) -> bool:
-        """Whether this process found ``key_path`` contended lately (and note it, if ``seen``)."""
-        now = time.monotonic()
-        with self.mutex:
-            if seen:
-                self._contended.pop(key_path, None)
-                self._contended[key_path] = now
-                while len(self._contended) > _CONTENDED_KEYS:  # oldest first
-                    self._contended.pop(next(iter(self._contended)))
-                return True
-            return now - self._contended.get(key_path, -_CONTENDED_FOR) < _CONTENDED_FOR
-
-    def add_orphan(self, path: str, session_id: int | None, guid: str | None = None) -> None:
-        """Remember a node to delete (a path, or a sequential prefix ending in @).
-
-        It is deleted as soon as a request can be answered: on reconnect, and
-        meanwhile by a thread that tries again, backing off, while connected
-        (an answer that timed out on a live connection brings no reconnect).
-        """
-        with self.mutex:
-            self._orphans[path, guid] = session_id
-            start, self._reaping = not self._reaping, True
-        if start:
-            self.handler.spawn(self._reap_while_connected)
-
-    def _reap_while_connected(self) -> None:
-        delay = 0.2
-        while True:
-            self.handler.sleep_func(delay)
-            if self._live.is_set():
-                self._reap_orphans()
-            with self.mutex:
-                if not self._orphans:
-                    self._reaping = False
-                    return
-            delay = min(delay * 2, 30.0)
-
-    def _reap_orphans(self) -> None:
-        """Delete the nodes that a release or acquire had to leave behind."""
-        with self.mutex:
-            orphans, self._orphans = self._orphans, {}
-        session_id = self.session_id
-        for (path, guid), owner in orphans.items():
-            if owner != session_id:
-                continue  # that session ended: its nodes went with it
-            try:
-                self._delete_orphan(path, owner, guid)
-            except NoNodeError:
-                pass  # gone already: nothing to do, ever
-            except (ZKCeleryError, KazooException, self._timeout_error) as exc:
-                _log(logging.WARNING, "could not delete orphan znode %s: %s", path, exc,
-                     outcome="orphan_kept", error=str(exc))  # fmt: skip
-                self.add_orphan(path, owner, guid)
-
-    def _delete_orphan(self, path: str, owner: int | None, guid: str | None) -> None:
-        parent, name = path.rsplit("/", 1)
-        if name.endswith(_SEP):  # a sequential node known by its prefix
-            with contextlib.suppress(NoNodeError):
-                for child in self.call(self.client.get_children_async, parent):
-                    if child.startswith(name) and not self._held(f"{parent}/{child}"):
-                        self.delete_own(f"{parent}/{child}", owner)
-        elif not self._held(path):
-            # Only the node we made: the lock may have been released and taken
-            # by another since (the answer to our delete was lost, say).
-            data, stat = self.call(self.client.get_async, path)
-            if stat.ephemeralOwner == owner and (guid is None or _guid_of(data) == guid):
-                self.call(self.client.delete_async, path, stat.version)
-
-    def _held(self, path: str) -> bool:
-        with self.mutex:
-            return any(grant.path == path for grant in self._grants)
-
-    # -- requests ------------------------------------------------------------
 
     def call(
         self,
@@ -4574,27 +4597,39 @@ class _Session:
             ) from None
         except _RECOVERABLE as exc:
             raise _ConnectionLost(f"connection to ZooKeeper lost ({type(exc).__name__})") from exc
-        except self._timeout_error:
+        except self.timeout_error:
             if abandon is not None:
                 result.rawlink(abandon)
             raise CoordinationError(f"ZooKeeper did not answer within {limit:.3g} s") from None
 
-    def read(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
-        """A read, asked again on the next connection if the first drops (a leader change)."""
+    def retried(self, attempt: Callable[[float], _T]) -> _T:
+        """``attempt(deadline)``, tried again on the next connection if one drops (a
+        leader change), until the connect timeout has passed."""
         deadline = time.monotonic() + self.settings.connect_timeout
         while True:
             try:
-                return self.call(method, *args, deadline=deadline, **kwargs)
+                return attempt(deadline)
             except _ConnectionLost:
                 if time.monotonic() >= deadline:
                     raise
 
-    def multi(self, build: Callable[[TransactionRequest], Any], **options: Any) -> list:
-        """One multi-operation; its list of results holds an exception for a failed one."""
-        self.ensure_namespaces()
-        txn = self.client.transaction()
-        build(txn)
-        return self.call(txn.commit_async, **options)  # type: ignore[no-any-return]
+    def read(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
+        """A read, asked again on the next connection if the first drops (see retried)."""
+        return self.retried(lambda deadline: self.call(method, *args, deadline=deadline, **kwargs))
+
+    def send(self, request: Any) -> Any:
+        """Send a request object as it is (see _send); its async result."""
+        return _send(self.client, request)
+
+    def get_async(self, path: str, watch: Callable | None = None) -> Any:
+        return self.send(GetData(path, watch))
+
+    def get_children_async(self, path: str, watch: Callable | None = None) -> Any:
+        return self.send(GetChildren(path, watch))
+
+    def multi_async(self, ops: list) -> Any:
+        """A multi-operation of request objects, some of them kazoo's own lacks."""
+        return self.send(_Multi(ops))
 
     def read_nodes(self, paths: Iterable[str]) -> list[tuple[str, dict]]:
         """(path, metadata) of each node of ``paths`` that exists."""
@@ -4625,40 +4660,19 @@ class _Session:
         kazoo, and a key that is never used again would keep it for as long
         as the session lives.
         """
-        deadline = time.monotonic() + self.settings.connect_timeout
-        while True:
-            try:
-                self.wait_connected(deadline)
-                asked = [self.get_async(path, watch) for path, watch in watches]
-                return [self._stat_or_none(result, deadline) for result in asked]
-            except _ConnectionLost:
-                if time.monotonic() >= deadline:
-                    raise
+
+        def ask(deadline: float) -> list[ZnodeStat | None]:
+            self.wait_connected(deadline)
+            asked = [self.get_async(path, watch) for path, watch in watches]
+            return [self._stat_or_none(result, deadline) for result in asked]
+
+        return self.retried(ask)
 
     def _stat_or_none(self, result: Any, deadline: float) -> ZnodeStat | None:
         try:
             return self.answer(result, deadline)[1]  # type: ignore[no-any-return]
         except NoNodeError:
             return None
-
-    def owner_of(self, path: str, guid: str, before: int | None) -> int | None:
-        """The session that made our node at ``path``, just created in ``before`` or later.
-
-        A request is sent on whatever session is current then: if the id is
-        the same after the answer, it is that one; otherwise ask the server.
-        None if the node is not ours.
-        """
-        if self.session_id == before:
-            return before
-        after = self.session_id
-        try:
-            data, stat = self.read(self.client.get_async, path)
-        except NoNodeError:
-            return None
-        except CoordinationError:
-            self.add_orphan(path, after, guid)  # ours or none: deleted when it can be
-            raise
-        return stat.ephemeralOwner if _guid_of(data) == guid else None  # type: ignore[no-any-return]
 
     def zxid_holding(self, nodes: Sequence[tuple[str, str, int | None]]) -> int | None:
         """A zxid at which each of ``nodes`` (path, guid, owner) was ours: a fencing token.
@@ -4680,11 +4694,11 @@ class _Session:
         comes after our release).  None if a node is not ours any more.  A
         sync and one read per node: one wait.
         """
-        deadline = time.monotonic() + self.settings.connect_timeout
-        while True:
+
+        def ask(deadline: float) -> int | None:
             box: list[int] = []
             first = GetData(nodes[0][0], None)
-            self._zxid_wanted[id(first)] = box
+            self.liveness.zxid_wanted[id(first)] = box
             try:
                 self.wait_connected(deadline)
                 synced = self.client.sync_async(nodes[0][0])
@@ -4697,38 +4711,252 @@ class _Session:
                 return box[0]
             except NoNodeError:
                 return None
-            except _ConnectionLost:
-                if time.monotonic() >= deadline:
-                    raise
             finally:
-                self._zxid_wanted.pop(id(first), None)
+                self.liveness.zxid_wanted.pop(id(first), None)
 
-    # -- creating and deleting -----------------------------------------------
+        return self.retried(ask)
 
-    def ensure_namespaces(self, again: bool = False) -> None:
-        """Make the root and namespace nodes once; with ZOOKEEPER_AUTH, check they are ours."""
-        if self._ready and not again:
-            return
-        self.make_tree()
-        if self.settings.auth is not None and not self._verified:
-            # Once per process: one getACL per node of the tree.
-            problems = _unprotected(self)
-            if problems:
-                raise problems[0]
-            self._verified = True
-        self._ready = True
 
-    def tree(self) -> list[str]:
-        """The root and the namespace nodes: the persistent nodes zkcelery relies on."""
-        root = self.settings.root
+class _Holdings:
+    """The grants this process holds in a session, and the watchdog over them.
+
+    A holder that sends nothing would hear only from the server it is
+    connected to (pings): while leases are held or waited for, the watchdog
+    sends a sync when nothing was confirmed through the leader for a while,
+    which keeps ``lost`` from turning true on a healthy session, and logs a
+    lease lost to silence, a pause or expiry.
+    """
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.grants: set[_Grant] = set()
+        self.waiters = 0  # blocking acquires under way
+        self.watching = False  # the watchdog runs
+        self.syncing = False  # its sync is on its way
+
+    def remember(self, grant: _Grant) -> None:
+        with self.session.mutex:
+            self.grants.add(grant)
+        self._start_watchdog()
+
+    def forget(self, grant: _Grant) -> None:
+        with self.session.mutex:
+            self.grants.discard(grant)
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A blocking acquire: a waiter may be granted by a watch long after its
+        last write, and its lease must not be born lost."""
+        with self.session.mutex:
+            self.waiters += 1
+        self._start_watchdog()
+        try:
+            yield
+        finally:
+            with self.session.mutex:
+                self.waiters -= 1
+
+    def grants_now(self) -> list[_Grant]:
+        with self.session.mutex:
+            return list(self.grants)
+
+    def held(self, path: str) -> bool:
+        return any(grant.path == path for grant in self.grants_now())
+
+    def refuse_reentry(self, key_path: str, key: str) -> None:
+        """Raise NotReentrant if this thread holds the lock at ``key_path``."""
+        me = threading.get_ident()
+        mine = [g for g in self.grants_now() if g.key_path == key_path and g.thread == me]
+        if any(not grant.is_lost() for grant in mine):
+            raise NotReentrant(
+                f"{key} is already held by this thread and locks are not reentrant: "
+                "blocking without a timeout would wait forever"
+            )
+
+    def report_lost(self) -> None:
+        for grant in self.grants_now():
+            grant.check_session()
+
+    def _start_watchdog(self) -> None:
+        with self.session.mutex:
+            start, self.watching = not self.watching, True
+        if start:
+            self.session.handler.spawn(self._watch)
+
+    def _watch(self) -> None:
+        session, liveness = self.session, self.session.liveness
+        while True:
+            session.handler.sleep_func(max(0.05, liveness.session_timeout * _WATCHDOG_EVERY))
+            with session.mutex:
+                if not self.grants and not self.waiters:
+                    self.watching = False
+                    return
+            if liveness.silent(_SYNC_AFTER) and not self.syncing and session.live.is_set():
+                self.syncing = True
+                session.client.sync_async(session.settings.root).rawlink(self._synced)
+            self.report_lost()
+
+    def _synced(self, _: Any) -> None:
+        self.syncing = False
+
+
+class _Orphans:
+    """Nodes a release or an acquire had to leave behind, to delete.
+
+    Each is deleted as soon as a request can be answered: on reconnect, and
+    meanwhile by a thread that tries again, backing off, while connected
+    (an answer that timed out on a live connection brings no reconnect).
+    """
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        # (path, guid) -> the session that made it: two leases of one key may each
+        # leave a node in doubt (a release, then a take), and each is reaped by its own.
+        self.nodes: dict[tuple[str, str | None], int | None] = {}
+        self.reaping = False  # a thread deletes them while connected
+
+    def add(self, path: str, session_id: int | None, guid: str | None = None) -> None:
+        """Remember a node to delete: a path, or a sequential node's prefix (ending in _SEP)."""
+        with self.session.mutex:
+            self.nodes[path, guid] = session_id
+            start, self.reaping = not self.reaping, True
+        if start:
+            self.session.handler.spawn(self._reap_while_connected)
+
+    def clear(self) -> None:
+        with self.session.mutex:
+            self.nodes.clear()
+
+    def late(self, path: str, session_id: int | None, result: Any) -> None:
+        # Runs on kazoo's thread, for a create we stopped waiting for: if it
+        # applied, delete the node now; if its answer is lost, on reconnect
+        # (``path`` is a sequential node's prefix, which ends in _SEP).  The
+        # answer is a create2's (path, stat), or a multi-operation's list whose
+        # first result is the path, or an error if it was not applied.
+        if not result.successful():
+            self.add(path, session_id)
+        elif isinstance(result.value[0], str):
+            self.session.client.delete_async(result.value[0])
+
+    def _reap_while_connected(self) -> None:
+        delay = 0.2
+        while True:
+            self.session.handler.sleep_func(delay)
+            if self.session.live.is_set():
+                self.reap()
+            with self.session.mutex:
+                if not self.nodes:
+                    self.reaping = False
+                    return
+            delay = min(delay * 2, 30.0)
+
+    def reap(self) -> None:
+        with self.session.mutex:
+            orphans, self.nodes = self.nodes, {}
+        session_id = self.session.session_id
+        for (path, guid), owner in orphans.items():
+            if owner != session_id:
+                continue  # that session ended: its nodes went with it
+            try:
+                self._delete(path, owner, guid)
+            except NoNodeError:
+                pass  # gone already: nothing to do, ever
+            except (ZKCeleryError, KazooException, self.session.timeout_error) as exc:
+                _log(logging.WARNING, "could not delete orphan znode %s: %s", path, exc,
+                     outcome="orphan_kept", error=str(exc))  # fmt: skip
+                self.add(path, owner, guid)
+
+    def _delete(self, path: str, owner: int | None, guid: str | None) -> None:
+        session, held = self.session, self.session.holdings.held
+        parent, name = path.rsplit("/", 1)
+        if name.endswith(_SEP):  # a sequential node known by its prefix
+            with contextlib.suppress(NoNodeError):
+                for child in session.call(session.client.get_children_async, parent):
+                    if child.startswith(name) and not held(f"{parent}/{child}"):
+                        session.delete_own(f"{parent}/{child}", owner)
+        elif not held(path):
+            # Only the node we made: the lock may have been released and taken
+            # by another since (the answer to our delete was lost, say).
+            data, stat = session.call(session.client.get_async, path)
+            if stat.ephemeralOwner == owner and (guid is None or _guid_of(data) == guid):
+                session.call(session.client.delete_async, path, stat.version)
+
+
+class _Contended:
+    """The keys this process found contended lately (_CONTENDED_FOR, _CONTENDED_KEYS)."""
+
+    def __init__(self, mutex: threading.Lock) -> None:
+        self.mutex = mutex
+        self.when: dict[str, float] = {}  # key path -> when last seen contended, oldest first
+
+    def __call__(self, key_path: str, seen: bool = False) -> bool:
+        """Whether ``key_path`` was found contended lately (and note it, if ``seen``)."""
+        now = time.monotonic()
+        with self.mutex:
+            if seen:
+                self.when.pop(key_path, None)
+                self.when[key_path] = now
+                while len(self.when) > _CONTENDED_KEYS:
+                    self.when.pop(next(iter(self.when)))
+                return True
+            return now - self.when.get(key_path, -_CONTENDED_FOR) < _CONTENDED_FOR
+
+
+class _Tree:
+    """The persistent nodes zkcelery relies on: the root and a node per namespace.
+
+    A namespace node's data version is its epoch, which ``rm`` bumps (see _Deletes).
+    """
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.ready = False  # the nodes exist
+        self.verified = False  # ...and, with ZOOKEEPER_AUTH, are ours alone
+        self.epochs: dict[str, int] = {}  # namespace path -> its epoch, as last read
+
+    def paths(self) -> list[str]:
+        root = self.session.settings.root
         return [root, *(f"{root}/{namespace}" for namespace in _NAMESPACES)]
 
-    def make_tree(self) -> None:
-        for path in self.tree():
+    def make(self) -> None:
+        for path in self.paths():
             with contextlib.suppress(NodeExistsError):
-                self.call(self.client.create_async, path, makepath=True)
+                self.session.call(self.session.client.create_async, path, makepath=True)
 
-    def create_in_container(
+    def ensure(self, again: bool = False) -> None:
+        """Make the nodes once (or ``again``); with ZOOKEEPER_AUTH, check they are ours."""
+        if self.ready and not again:
+            return
+        self.make()
+        if self.session.settings.auth is not None and not self.verified:
+            # Once per process: one getACL per node of the tree.
+            problems = _unprotected(self.session)
+            if problems:
+                raise problems[0]
+            self.verified = True
+        self.ready = True
+
+    def epoch(self, namespace: str, again: bool = False) -> tuple[str, int]:
+        """``namespace``'s node and its epoch (read once, or ``again``)."""
+        version = None if again else self.epochs.get(namespace)
+        while version is None:
+            self.ensure()
+            stat = self.session.read(self.session.client.exists_async, namespace)
+            if stat is None:  # removed by hand: make it again
+                self.ensure(again=True)
+                continue
+            version = self.epochs[namespace] = stat.version
+        return namespace, version
+
+
+class _Creates:
+    """Creates under a container that may be reaped, and of nodes that outlive the session."""
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.ttl_nodes = True  # until the servers say they have none
+
+    def in_container(
         self,
         container: str,
         path: str,
@@ -4738,23 +4966,24 @@ class _Session:
     ) -> tuple[str, ZnodeStat]:
         """Create an ephemeral node under ``container``, making the container if it is gone.
 
-        ``then`` follows each create sent (see :meth:`call`).
+        ``then`` follows each create sent (see _Requests.call).
         """
-        self.ensure_namespaces()
+        session = self.session
+        session.ensure_namespaces()
         for _ in range(_CONTAINER_TRIES):
             try:
-                abandon = functools.partial(self._delete_late, path, self.session_id)
-                return self.call(  # type: ignore[no-any-return]
-                    self.client.create_async, path, data, abandon=abandon, then=then,
+                abandon = functools.partial(session.orphans.late, path, session.session_id)
+                return session.call(  # type: ignore[no-any-return]
+                    session.client.create_async, path, data, abandon=abandon, then=then,
                     ephemeral=True, sequence=sequence, include_data=True,
                 )  # fmt: skip
             except NoNodeError:
                 # Reaped since (or never made): make it.  It may be reaped again
                 # before our create, when its last child just left: try again.
-                self._create_container(container)
+                self._container(container)
         raise CoordinationError(f"the container {container} kept vanishing; gave up")
 
-    def create_in_container_unless(
+    def in_container_unless(
         self,
         container: str,
         path: str,
@@ -4762,117 +4991,89 @@ class _Session:
         absent: str,
         then: Callable[[], Any] | None = None,
     ) -> str | None:
-        """As :meth:`create_in_container` (sequential), only while ``absent`` does not exist.
+        """As in_container (sequential), only while ``absent`` does not exist.
 
         One multi-operation: the create, and a create and delete of ``absent``,
         which fails if it exists.  The node's path (a multi-operation answers
         no stat), or None (nothing made) if ``absent`` exists.
         """
-        self.ensure_namespaces()
-        acl = self.client.default_acl or OPEN_ACL_UNSAFE
-        ops = [Create(path, data, acl, _EPHEMERAL_SEQUENTIAL), Create(absent, b"", acl, 1),
-               Delete(absent, -1)]  # fmt: skip
+        session = self.session
+        session.ensure_namespaces()
+        ops = [Create(path, data, session.acl, _EPHEMERAL_SEQUENTIAL),
+               Create(absent, b"", session.acl, 1), Delete(absent, -1)]  # fmt: skip
         for _ in range(_CONTAINER_TRIES):
-            abandon = functools.partial(self._delete_late, path, self.session_id)
-            results = self.call(self.multi_async, ops, abandon=abandon, then=then)
+            abandon = functools.partial(session.orphans.late, path, session.session_id)
+            results = session.call(session.multi_async, ops, abandon=abandon, then=then)
             if isinstance(results[0], str):
-                return results[0]
+                return results[0]  # type: ignore[no-any-return]
             failed = next(r for r in results if not isinstance(r, RolledBackError))
             if failed is results[0] and isinstance(failed, NoNodeError):
-                self._create_container(container)  # reaped since, or never made
+                self._container(container)  # reaped since, or never made
             elif isinstance(failed, NodeExistsError):
                 return None
             elif isinstance(failed, NoNodeError):  # the namespace node is gone
-                self.ensure_namespaces(again=True)
+                session.ensure_namespaces(again=True)
             else:
                 raise failed
         raise CoordinationError(f"the container {container} kept vanishing; gave up")
 
-    def _create_container(self, path: str) -> None:
+    def _container(self, path: str) -> None:
         try:
-            self.call(self._create_container_async, path)
+            self.session.call(
+                self.session.send, _CreateContainer(path, b"", self.session.acl, _CONTAINER_FLAG)
+            )
         except NodeExistsError:
             pass
         except NoNodeError:  # the namespace node is gone too
-            self.ensure_namespaces(again=True)
+            self.session.ensure_namespaces(again=True)
 
-    def create_expiring(self, path: str, data: bytes, seconds: float) -> None:
+    def expiring(self, path: str, data: bytes, seconds: float) -> None:
         """Create a node that outlives the session; a TTL node of ``seconds`` where allowed.
 
         TTL nodes need ``zookeeper.extendedTypesEnabled=true`` on the servers;
         elsewhere the node is persistent, and whoever reads it past the expiry
         in its data deletes it.
         """
-        self.ensure_namespaces()
-        if self._ttl_nodes:
+        self.session.ensure_namespaces()
+        if self.ttl_nodes:
             try:
-                self.call(self._create_ttl_async, path, data, int(seconds * 1000))
+                self.session.call(self.session.send, self.expiring_op(path, data, seconds))
                 return
             except (UnimplementedError, BadArgumentsError):
-                self._ttl_nodes = False
-                _log(
-                    logging.INFO,
-                    "ZooKeeper refuses TTL nodes: early mutexes use persistent nodes",
-                    kind="early mutex",
-                    outcome="no_ttl",
-                )
-        self.call(self.client.create_async, path, data)
+                self.refused_ttl()
+        self.session.call(self.session.client.create_async, path, data)
 
-    def expiring_create(self, path: str, data: bytes, seconds: float | None) -> Any:
-        """The create operation of a node that outlives the session (see create_expiring).
+    def expiring_op(self, path: str, data: bytes, seconds: float | None) -> Any:
+        """The create of a node that outlives the session (see expiring), to send: a TTL
+        node's while the servers take them, else (or ``seconds`` None) a persistent one's."""
+        if seconds is None or not self.ttl_nodes:
+            return Create(path, data, self.session.acl, 0)
+        return _CreateTTL(path, data, self.session.acl, _TTL_FLAG, int(seconds * 1000))
 
-        ``seconds`` None: a persistent node, as where the servers have no TTL
-        nodes (and noted, if they said so).
-        """
-        acl = self.client.default_acl or OPEN_ACL_UNSAFE
-        if seconds is None or not self._ttl_nodes:
-            if seconds is None:
-                self._ttl_nodes = False
-            return Create(path, data, acl, 0)
-        return _CreateTTL(path, data, acl, _TTL_FLAG, int(seconds * 1000))
+    def refused_ttl(self) -> None:
+        """The servers refused a TTL node: make persistent ones from now on."""
+        if self.ttl_nodes:
+            self.ttl_nodes = False
+            _log(logging.INFO, "ZooKeeper refuses TTL nodes: early mutexes use persistent nodes",
+                 kind="early mutex", outcome="no_ttl")  # fmt: skip
 
-    def send(self, request: Any) -> Any:
-        """Send a request object as it is; its async result.
 
-        For the requests kazoo's client has no method for, and for the reads
-        of a contended acquisition: kazoo's methods check their arguments and
-        prefix each path with its chroot, which the settings' root already
-        holds (kazoo's is empty), several times a request.
-        """
-        result = self.handler.async_result()
-        self.client._call(request, result)
-        return result
+class _Deletes:
+    """Deletes of our own nodes, bounded in time and fenced against ``rm``.
 
-    def get_async(self, path: str, watch: Callable | None = None) -> Any:
-        """kazoo's get_async, sent as it is (see send)."""
-        return self.send(GetData(path, watch))
+    kazoo's own retry never gives up, so a release during a partition would
+    hang until the network healed; here the whole release has one deadline.
 
-    def get_children_async(self, path: str, watch: Callable | None = None) -> Any:
-        """kazoo's get_children_async, sent as it is (see send)."""
-        return self.send(GetChildren(path, watch))
+    A node at a fixed path (a lock's ``<name>``) may be another holder's by
+    now: ``rm`` deleted ours and someone took the lock.  ``rm`` deletes in a
+    multi-operation that bumps the namespace's epoch (_Tree); a delete that
+    checks the epoch read before our node was made, in the same
+    multi-operation, deletes only a node that no ``rm`` touched since, at the
+    cost of a plain delete.
+    """
 
-    def multi_async(self, ops: list) -> Any:
-        """A multi-operation of request objects, some of them kazoo's own lacks."""
-        return self.send(_Multi(ops))
-
-    def _create_ttl_async(self, path: str, data: bytes, ttl_ms: int) -> Any:
-        acl = self.client.default_acl or OPEN_ACL_UNSAFE
-        return self.send(_CreateTTL(path, data, acl, _TTL_FLAG, ttl_ms))
-
-    def _create_container_async(self, path: str) -> Any:
-        acl = self.client.default_acl or OPEN_ACL_UNSAFE
-        return self.send(_CreateContainer(path, b"", acl, _CONTAINER_FLAG))
-
-    def _delete_late(self, path: str, session_id: int | None, result: Any) -> None:
-        # Runs on kazoo's thread, for a create we stopped waiting for: if it
-        # applied, delete the node now; if its answer is lost, on reconnect
-        # (``path`` is a sequential node's prefix, which ends in _SEP).  The
-        # answer is a create2's (path, stat), or a multi-operation's list whose
-        # first result is the path, or an error if it was not applied.
-        if not result.successful():
-            self.add_orphan(path, session_id)
-        elif isinstance(result.value[0], str):
-            self.client.delete_async(result.value[0])
+    def __init__(self, session: _Session) -> None:
+        self.session = session
 
     def delete_own(
         self,
@@ -4883,98 +5084,52 @@ class _Session:
         epoch: tuple[str, int] | None = None,
         handoff: bytes | None = None,
     ) -> None:
-        """Delete our node at ``path`` (and ``container``, if it is then empty) in bounded time.
+        """Delete our node at ``path`` (and ``container``, if it is then empty).
 
         With ``handoff``, the same multi-operation first sets the node's data
         to it: a watcher of the node sees a change, not a deletion (a queue
-        node's hand-off; a mutex's release, see _marks_release).
-
-        kazoo's own retry never gives up, so a release during a partition would
-        hang until the network healed; here the whole release has one deadline.
-
-        A node at a fixed path (a lock's ``<name>``) may be another holder's
-        by now: ``rm`` deleted ours and someone took the lock.  ``epoch`` is
-        the namespace node and its data version as read before our node was
-        made; ``rm`` bumps that version in the multi-operation that deletes,
-        so a delete that checks it in the same multi-operation deletes only
-        a node that no ``rm`` touched since, at the cost of a plain delete.
-        When the check fails (some ``rm`` ran), or after a lost answer, the
+        node's hand-off; a mutex's release, see _marks_release).  With
+        ``epoch`` (the namespace node and its version), the delete is fenced.
+        When the fence fails (some ``rm`` ran), or after a lost answer, the
         node is read first and deleted only if it is still ours: made in
         ``session_id``, with our ``guid``.
         """
-        deadline = time.monotonic() + self.settings.connect_timeout
-        look = False  # read the node before deleting it: it may not be ours any more
-        while True:
-            try:
-                self.wait_connected(deadline)
-                if self.session_id != session_id:
+        session, look = self.session, False  # look: read the node first, it may not be ours
+
+        def attempt(deadline: float) -> None:
+            nonlocal look, container, epoch
+            while True:
+                session.wait_connected(deadline)
+                if session.session_id != session_id:
                     return  # the session ended: the node is gone with it
                 version = -1
                 if look:
                     if epoch is not None:  # the version now, read before we look
-                        epoch = self.epoch(epoch[0], again=True)
-                    data, stat = self.call(self.client.get_async, path, deadline=deadline)
+                        epoch = session.epoch(epoch[0], again=True)
+                    data, stat = session.call(session.client.get_async, path, deadline=deadline)
                     if stat.ephemeralOwner != session_id or (guid and _guid_of(data) != guid):
                         return
                     version = stat.version
                 look = True  # whatever comes next (a lost answer, an rm) means looking
-                if epoch is not None:
-                    if self._fenced_delete(path, epoch, deadline, handoff):
-                        return
-                    continue  # some rm ran since the epoch was read: look first
-                if container is None and handoff is None:
-                    self.call(self.client.delete_async, path, version, deadline=deadline)
+                ops = _deletion(path, version, container, handoff, epoch)
+                if len(ops) == 1:
+                    session.call(session.send, ops[0], deadline=deadline)
                     return
-                ops = _delete_ops(path, version, container, handoff)
-                results = self.call(self.multi_async, ops, deadline=deadline)
-                if not isinstance(results[-1], NotEmptyError):
+                results = session.call(session.multi_async, ops, deadline=deadline)
+                if epoch is not None and results[0] is not True:  # BadVersionError: rm ran
+                    session.tree.epochs.pop(epoch[0], None)  # read again before the next take
+                elif isinstance(results[-1], NotEmptyError):
+                    container, look = None, False  # someone joined since: leave it to them
+                else:
                     return  # deleted, or gone already
-                container, look = None, False  # someone joined since: leave it to them
-            except NoNodeError:
-                return
-            except _ConnectionLost:
-                if time.monotonic() < deadline:
-                    continue  # ask again on the next connection
-                self.add_orphan(path, session_id, guid)
-                raise
-            except CoordinationError:  # no connection in time: delete it on reconnect
-                self.add_orphan(path, session_id, guid)
-                raise
 
-    def epoch(self, namespace: str, again: bool = False) -> tuple[str, int]:
-        """``namespace``'s node and its data version, which ``rm`` bumps (read once, or again)."""
-        version = None if again else self._epochs.get(namespace)
-        while version is None:
-            self.ensure_namespaces()
-            stat = self.read(self.client.exists_async, namespace)
-            if stat is None:  # removed by hand: make it again
-                self.ensure_namespaces(again=True)
-                continue
-            version = self._epochs[namespace] = stat.version
-        return namespace, version
-
-    def _fenced_delete(
-        self, path: str, epoch: tuple[str, int], deadline: float, mark: bytes | None = None
-    ) -> bool:
-        """Delete ``path`` unless the namespace's epoch moved: False if it did.
-
-        With ``mark``, the node's data is set to it first, in the same request.
-        """
-        namespace, version = epoch
-
-        def build(txn: TransactionRequest) -> None:
-            txn.check(namespace, version)
-            if mark is not None:
-                txn.set_data(path, mark)
-            txn.delete(path)
-
-        results = self.multi(build, deadline=deadline)
-        if results[0] is not True:  # BadVersionError: rm ran since
-            self._epochs.pop(namespace, None)  # read again before the next take
-            return False
-        if isinstance(results[1], NoNodeError):
-            raise NoNodeError()
-        return True
+        try:
+            session.retried(attempt)
+        except NoNodeError:
+            pass
+        except CoordinationError:  # no connection in time: delete it on reconnect
+            session.add_orphan(path, session_id, guid)
+            raise
 
     def break_node(self, namespace: str, path: str, czxid: int) -> bool:
         """Delete a holder's node, and bump ``namespace``'s epoch in the same multi-operation.
@@ -4985,37 +5140,37 @@ class _Session:
         whoever holds the lock next (see delete_own).  Only the node created at
         ``czxid`` is deleted, not one its holder made since: False if it is gone.
         """
+        session = self.session
         try:
-            _, stat = self.read(self.client.get_async, path)
+            _, stat = session.read(session.client.get_async, path)
         except NoNodeError:
             return False
         if stat.czxid != czxid:
             return False
-
-        def build(txn: TransactionRequest) -> None:
-            txn.set_data(namespace, b"")
-            txn.delete(path, stat.version)
-
-        results = self.multi(build)  # a node changed meanwhile fails it: nothing broken
+        session.ensure_namespaces()
+        ops = [SetData(namespace, b"", -1), Delete(path, stat.version)]
+        results = session.call(session.multi_async, ops)  # a node changed meanwhile fails it
         return results[-1] is True
 
-    def close(self) -> None:
-        """End the session (its ephemeral nodes go at once) without hanging.
 
-        The leases it holds end with it: released, not lost (a worker that
-        shuts down, a script's end).  All in a thread: celery beat closes from
-        its SIGTERM handler, which may have interrupted a thread in the mutex.
-        """
-        stopper = threading.Thread(target=self._end, daemon=True)
-        stopper.start()
-        stopper.join(self.settings.connect_timeout)
+def _deletion(
+    path: str, version: int, parent: str | None, mark: bytes | None, epoch: tuple[str, int] | None
+) -> list[Any]:
+    """delete_own's requests: the epoch's check, the hand-off mark, the node, its container.
 
-    def _end(self) -> None:
-        with self.mutex:
-            grants = list(self._grants)
-        for grant in grants:
-            grant.end_with_session()
-        _stop_quietly(self.client)
+    A fenced delete checks the ``epoch`` (the namespace node, its version), not the node's.
+    """
+    ops: list[Any] = []
+    if epoch is not None:
+        ops.append(CheckVersion(*epoch))
+        version = -1
+    if mark is not None:
+        ops.append(SetData(path, mark, version))
+        version = -1  # the set moved it
+    ops.append(Delete(path, version))
+    if parent is not None:
+        ops.append(Delete(parent, -1))
+    return ops
 
 
 def _marks_release(key_path: str) -> bool:
@@ -5031,28 +5186,117 @@ def _marks_release(key_path: str) -> bool:
     return key_path.rsplit("/", 2)[-2] == _MUTEXES
 
 
-def _delete_ops(path: str, version: int, container: str | None, handoff: bytes | None) -> list[Any]:
-    """delete_own's multi-operation: the hand-off mark, the node, the container."""
-    ops: list[Any] = []
-    if handoff is not None:
-        ops.append(SetData(path, handoff, version))
-        version = -1  # the set moved it
-    ops.append(Delete(path, version))
-    if container is not None:
-        ops.append(Delete(container, -1))
-    return ops
+class _Session(_Requests):
+    """One ZooKeeper session: the client, its states, and what this process holds in it.
 
-
-_CallbackT = TypeVar("_CallbackT", bound=Callable[..., None])
-
-
-def _at_once(callback: _CallbackT) -> _CallbackT:
-    """Mark a watch callback that may run on kazoo's connection thread (_PollingHandler).
-
-    It must only set flags and events: never block, never call ZooKeeper.
+    The requests are its own (_Requests); each other job is an object of its own
+    (_Holdings, _Orphans, _Contended, _Tree, _Creates, _Deletes), whose methods
+    the rest of zkcelery calls are bound here.
     """
-    callback._at_once = True  # type: ignore[attr-defined]
-    return callback
+
+    def __init__(self, settings: _Settings) -> None:
+        super().__init__(settings)
+        self.pid, self.hostname = os.getpid(), socket.gethostname()
+        self.mutex = threading.Lock()
+        self.last_used, self.in_use = time.monotonic(), 0  # for a session closed when idle
+        self.suspended = False  # the connection is down (the session may live on)
+        self.holdings, self.orphans = _Holdings(self), _Orphans(self)
+        self.contended = _Contended(self.mutex)
+        self.tree, self.creates, self.deletes = _Tree(self), _Creates(self), _Deletes(self)
+        # What the rest of zkcelery calls, one line a job:
+        held, tree, creates = self.holdings, self.tree, self.creates
+        self.remember, self.forget, self.waiting = held.remember, held.forget, held.waiting
+        self.refuse_reentry, self.add_orphan = held.refuse_reentry, self.orphans.add
+        self.ensure_namespaces, self.epoch, self.make_tree = tree.ensure, tree.epoch, tree.make
+        self.create_in_container, self.refused_ttl = creates.in_container, creates.refused_ttl
+        self.create_in_container_unless = creates.in_container_unless
+        self.create_expiring, self.expiring_create = creates.expiring, creates.expiring_op
+        self.delete_own, self.break_node = self.deletes.delete_own, self.deletes.break_node
+        self.client.add_listener(self._on_state)
+        self.client.start_async()
+
+    @property
+    def session_timeout(self) -> float:
+        """What the server granted, which may be less than what we asked for."""
+        return self.liveness.session_timeout
+
+    def lost_since(self, session_id: int | None) -> bool:
+        """Whether a lease taken in ``session_id`` may now be held by someone else.
+
+        The leader expires a session the granted timeout after it last heard
+        of it, and never sooner.  A lease is called lost when the session is
+        another one now, or once nothing sent in the last _LOST_AFTER_SILENCE
+        of that timeout has been answered through the leader (a write, a
+        sync: see _CONFIRMED_BY_LEADER; the watchdog syncs while leases are
+        held): before the leader can have expired the session.  That is
+        judged from answers, not from kazoo's states, which can lag past the
+        expiry: kazoo pings only when it has sent nothing for a while, so
+        while other threads keep sending on a dead link it reports no
+        disconnection at all; after a pause of the whole process (SIGSTOP, a
+        paused VM, a suspended host) no state has changed yet when the body
+        looks; and a follower cut off from the leader answers pings until it
+        notices.  No I/O.
+        """
+        return self.session_id != session_id or self.liveness.silent(_LOST_AFTER_SILENCE)
+
+    def _on_state(self, state: str) -> None:
+        # Runs on kazoo's connection thread: never block here.
+        self.suspended = state != KazooState.CONNECTED
+        if state == KazooState.CONNECTED:
+            self.live.set()
+            if self.orphans.nodes:
+                self.handler.spawn(self.orphans.reap)
+            if self.holdings.grants:
+                self.handler.spawn(self.holdings.report_lost)
+            return
+        self.live.clear()
+        if state == KazooState.LOST:  # the session is gone, and so is every node it held
+            self.orphans.clear()
+            self.handler.spawn(self.holdings.report_lost)
+
+    def multi(self, build: Callable[[TransactionRequest], Any], **options: Any) -> list:
+        """One multi-operation; its list of results holds an exception for a failed one."""
+        self.ensure_namespaces()
+        txn = self.client.transaction()
+        build(txn)
+        return self.call(txn.commit_async, **options)  # type: ignore[no-any-return]
+
+    def owner_of(self, path: str, guid: str, before: int | None) -> int | None:
+        """The session that made our node at ``path``, just created in ``before`` or later.
+
+        A request is sent on whatever session is current then: if the id is
+        the same after the answer, it is that one; otherwise ask the server.
+        None if the node is not ours.
+        """
+        if self.session_id == before:
+            return before
+        after = self.session_id
+        try:
+            data, stat = self.read(self.client.get_async, path)
+        except NoNodeError:
+            return None
+        except CoordinationError:
+            self.add_orphan(path, after, guid)  # ours or none: deleted when it can be
+            raise
+        return stat.ephemeralOwner if _guid_of(data) == guid else None  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """End the session (its ephemeral nodes go at once) without hanging.
+
+        The leases it holds end with it: released, not lost (a worker that
+        shuts down, a script's end).  All in a thread: celery beat closes from
+        its SIGTERM handler, which may have interrupted a thread in the mutex.
+        """
+        stopper = threading.Thread(target=self._end, daemon=True)
+        stopper.start()
+        stopper.join(self.settings.connect_timeout)
+
+    def _end(self) -> None:
+        for grant in self.holdings.grants_now():
+            grant.end_with_session()
+        with contextlib.suppress(Exception):
+            self.client.stop()
+            self.client.close()
 
 
 def _setter(event: Any) -> Callable[[Any], None]:
@@ -5060,236 +5304,11 @@ def _setter(event: Any) -> Callable[[Any], None]:
     return lambda _: event.set()
 
 
-def _stop_quietly(client: KazooClient) -> None:
-    with contextlib.suppress(Exception):
-        client.stop()
-        client.close()
-
-
-class _HiddenAuth(logging.Filter):
-    """Hides the credentials of ``ZOOKEEPER_AUTH``, and the session's password, in
-    kazoo's log lines.
-
-    kazoo logs every request it sends at DEBUG, the authentication packet
-    too, with its ``user:secret`` in clear, and the connect request with the
-    session's password (whoever reads it can take the session over).  On the
-    logger itself, so that the record is changed before any handler, here or
-    above, formats it.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and any(isinstance(arg, (Auth, Connect)) for arg in args):
-            record.args = tuple(_hidden(arg) for arg in args)
-        return True
-
-
-def _hidden(arg: Any) -> Any:
-    if isinstance(arg, Auth):
-        return arg._replace(auth="<hidden>")
-    if isinstance(arg, Connect):
-        return arg._replace(passwd=b"<hidden>")
-    return arg
-
-
-#: The logger zkcelery's clients log through: kazoo's default, without the secrets
-#: (the filter is installed with the other import-time hooks, at the end).
-_kazoo_logger = logging.getLogger("kazoo.client")
-
-
-def _make_client(settings: _Settings) -> KazooClient:
-    options: dict[str, Any] = dict(settings.ssl)
-    if settings.auth is not None:
-        options["auth_data"] = [settings.auth]
-        options["default_acl"] = _default_acl(settings)
-    handler = _pick_handler()
-    # Reconnect forever in the background, quickly: a lease waits for the
-    # connection at most ZOOKEEPER_CONNECT_TIMEOUT, and ZooKeeper coming back
-    # must not need a restart.  Commands are never retried by kazoo (its
-    # default retry never gives up); _Session bounds every call.  kazoo
-    # insists that the retry sleeps as the handler does (eventlet's differs).
-    retry = KazooRetry(
-        max_tries=-1, delay=0.05, backoff=2, max_delay=1.0, sleep_func=handler.sleep_func
-    )
-    return KazooClient(
-        hosts=settings.hosts,
-        timeout=settings.session_timeout,
-        connection_retry=retry,
-        handler=handler,
-        logger=_kazoo_logger,
-        **options,
-    )
-
-
-def _pick_handler() -> Any:
-    """kazoo's handler matching the process's monkey-patching (gevent, eventlet).
-
-    Only a patched process can use them, and importing them imports gevent or
-    eventlet: look at the patch state of what is already imported, lazily.
-    """
-    if "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched("socket"):
-        from kazoo.handlers.gevent import SequentialGeventHandler
-
-        return SequentialGeventHandler()
-    if "eventlet.patcher" in sys.modules and sys.modules["eventlet.patcher"].is_monkey_patched(
-        "socket"
-    ):
-        from kazoo.handlers.eventlet import SequentialEventletHandler
-
-        return SequentialEventletHandler()
-    return _PollingHandler() if hasattr(select, "poll") else SequentialThreadingHandler()
-
-
-class _PollingHandler(SequentialThreadingHandler):
-    """kazoo's threading handler, waiting for its sockets with one ``poll()``.
-
-    kazoo's own select() builds an epoll selector for every call (create it,
-    register each descriptor, wait, close it: five system calls and as many
-    Python objects), and its connection thread calls it before every read
-    and every write, several times a request: a third of a contended
-    acquisition's CPU.  poll() is one system call, with no limit on
-    descriptor numbers (select's 1024), and answers as select() does.  The
-    connection thread asks about the same few sockets again and again: each
-    thread keeps a poll object per set of sockets (a new connection's socket
-    makes new ones; the oldest are dropped).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._pollers = threading.local()
-
-    def dispatch_callback(self, callback: Any) -> None:
-        """Run a watch callback marked by _at_once here, on the connection thread.
-
-        kazoo hands every watch event to its callback thread: a thread
-        wake-up per event, and a waiter woken one thread later.  A callback
-        that only sets flags and events need not wait for its turn there.
-        Those run here keep their order among themselves (the connection
-        thread reads a session's events in order), as the others do in
-        kazoo's queue; a policy marks all of its watches or none, so that
-        the order it relies on holds.
-        """
-        if not getattr(callback.func, "_at_once", False):
-            super().dispatch_callback(callback)
-            return
-        try:
-            callback.func(*callback.args)
-        except Exception as exc:  # never let a callback break the connection
-            _log(logging.ERROR, "a watch callback failed: %s", exc, outcome="callback_failed",
-                 error=str(exc), exc_info=True)  # fmt: skip
-
-    def adopt(self, connection: Any) -> None:
-        """Make ``connection`` read and write before it asks whether it can.
-
-        kazoo's connection thread waits for its socket (select) before every
-        read and every write, though its main loop has just said the socket
-        is readable and a socket's send buffer is nearly always free: two
-        reads (length, then body) and a write a request, each one system
-        call more and a Python call stack deep.  Its socket does not block:
-        trying first and waiting only when the socket says it would block
-        answers the same, as soon.  A TLS socket keeps kazoo's own way (its
-        framing has its own rules for when to wait).
-        """
-        read, write = connection._read, connection._write
-
-        def _read(length: int, timeout: float) -> bytes:
-            sock = connection._socket
-            if isinstance(sock, ssl.SSLSocket):
-                return read(length, timeout)  # type: ignore[no-any-return]
-            parts = []
-            try:
-                while length > 0:
-                    try:
-                        chunk = sock.recv(length)
-                    except BlockingIOError:
-                        if not self.select([sock], [], [], timeout)[0]:
-                            raise self.timeout_exception("socket time-out during read") from None
-                        continue
-                    if not chunk:
-                        raise ConnectionDropped("socket connection broken")
-                    parts.append(chunk)
-                    length -= len(chunk)
-            except OSError as exc:
-                raise ConnectionDropped(f"socket connection error: {exc.strerror or exc}") from exc
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-
-        def _write(msg: bytes, timeout: float) -> None:
-            sock = connection._socket
-            if isinstance(sock, ssl.SSLSocket):
-                write(msg, timeout)
-                return
-            view, sent = memoryview(msg), 0
-            try:
-                while sent < len(msg):
-                    try:
-                        done = sock.send(view[sent:])
-                    except BlockingIOError:
-                        if not self.select([], [sock], [], timeout)[1]:
-                            raise self.timeout_exception("socket time-out during write") from None
-                        continue
-                    if not done:
-                        raise ConnectionDropped("socket connection broken")
-                    sent += done
-            except OSError as exc:
-                raise ConnectionDropped(f"socket connection error: {exc.strerror or exc}") from exc
-
-        connection._read, connection._write = _read, _write
-
-    def select(self, rlist: Any, wlist: Any, xlist: Any, timeout: float | None = None) -> Any:
-        cache = getattr(self._pollers, "cache", None)
-        if cache is None:
-            cache = self._pollers.cache = {}
-        key = (tuple(rlist), tuple(wlist), tuple(xlist))
-        found = cache.get(key)
-        if found is None:
-            if len(cache) >= _POLLERS_KEPT:
-                cache.clear()
-            found = cache[key] = _poller(*key)
-        poller, objects = found
-        # Whole milliseconds, rounded up: a shorter wait would spin.
-        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
-        ready: tuple[list, list, list] = ([], [], [])
-        for fd, events in poller.poll(ms):
-            for group, obj, mask in objects[fd]:
-                if events & mask:
-                    ready[group].append(obj)
-        return ready
-
-
-#: Poll objects a thread keeps, one per set of sockets asked about (_PollingHandler).
-_POLLERS_KEPT = 8
-
-
-def _poller(*groups: tuple) -> tuple[Any, dict[int, list[tuple[int, Any, int]]]]:
-    """A poll object for select()'s three lists, and what each descriptor's events answer.
-
-    An error or a hang-up makes a descriptor readable (and writable), as select() says.
-    """
-    answers = (
-        select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL,
-        select.POLLOUT | select.POLLERR | select.POLLHUP,
-        select.POLLPRI,
-    )
-    asks = (select.POLLIN, select.POLLOUT, select.POLLPRI)
-    poller = select.poll()
-    wanted: dict[int, int] = {}
-    objects: dict[int, list[tuple[int, Any, int]]] = {}
-    for group, members in enumerate(groups):
-        for obj in members:
-            fd = obj if isinstance(obj, int) else obj.fileno()
-            wanted[fd] = wanted.get(fd, 0) | asks[group]
-            objects.setdefault(fd, []).append((group, obj, answers[group]))
-    for fd, mask in wanted.items():
-        poller.register(fd, mask)
-    return poller, objects
-
-
 # One connection per process and app.  A child inherits the dict on fork but
 # must never use what is in it: an inherited kazoo client has no threads, so
 # its calls hang and its stop() blocks.  The at-fork hook and the pid check
 # both drop it unused.
 _connections: weakref.WeakKeyDictionary[celery.Celery, _Session] = weakref.WeakKeyDictionary()
-
 
 _connections_lock = threading.Lock()
 
@@ -5329,7 +5348,6 @@ def _close_all(**_: Any) -> None:
 
 #: The main process's session for revocations, per app, until it has been idle this long.
 _REVOCATIONS_IDLE = 5.0
-
 
 _revocations: dict[celery.Celery, _Session] = {}
 
@@ -5423,7 +5441,7 @@ def _unprotected(session: _Session) -> list[ZKCeleryError]:
     """
     identity = _identity(session.settings)
     problems: list[ZKCeleryError] = []
-    for path in session.tree():
+    for path in session.tree.paths():
         try:
             acls, _ = session.read(session.client.get_acls_async, path)
         except NoNodeError:
@@ -5436,7 +5454,7 @@ def _unprotected(session: _Session) -> list[ZKCeleryError]:
 
 def _protecting_nodes(session: _Session) -> Iterator[str]:
     """The root, the namespace nodes, and every per-key parent: whose ACL guards the locks."""
-    yield from session.tree()
+    yield from session.tree.paths()
     root = session.settings.root
     for namespace in _NAMESPACES.values():
         yield from namespace.protocol.guarding(session, f"{root}/{namespace.name}")
