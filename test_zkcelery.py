@@ -3258,8 +3258,8 @@ def test_one_scheduler_leads_the_others_stand_by_and_a_clean_stop_hands_over_at_
 def test_a_write_the_leader_did_not_make_deposes_it_before_it_sends(schedulers, zk, caplog):
     leader = schedulers()
     _tick_until(leader, lambda: leader.schedule["tick"].total_run_count >= 2, "two sends")
-    data, _ = zk.get(leader._state.path)
-    zk.set(leader._state.path, data)  # as a leader elected behind its back would
+    data, _ = zk.get(leader._election.path)
+    zk.set(leader._election.path, data)  # as a leader elected behind its back would
     runs = leader.schedule["tick"].total_run_count
     with caplog.at_level("INFO"):
         _tick_until(leader, lambda: "stopped leading" in caplog.text, "the leader to step down")
@@ -3278,19 +3278,19 @@ def test_a_write_between_a_new_leaders_read_and_its_claim_makes_it_read_again(
         beat_app.conf.beat_schedule = {"tick": {"task": "t.tick", "schedule": 0.2}}
 
     leader = schedulers(late_write)
-    read = leader._state.read
+    read = leader._election._read
 
     def read_then_another_writes() -> bytes:
         data = read()
-        leader._state.read = read  # once
-        zk.set(leader._state.path, data)  # a deposed leader's write, just after our read
+        leader._election._read = read  # once
+        zk.set(leader._election.path, data)  # a deposed leader's write, just after our read
         return data
 
-    leader._state.read = read_then_another_writes
+    leader._election._read = read_then_another_writes
     with caplog.at_level("INFO", logger="zkcelery"):
         _tick_until(leader, lambda: leader.schedule["tick"].total_run_count >= 1, "a send")
     assert "leading the schedule" in caplog.text and "could not take over" not in caplog.text
-    assert leader._state.read is read
+    assert leader._election._read is read
 
 
 def _an_earlier_leaders_state(
