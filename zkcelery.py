@@ -396,16 +396,9 @@ class LockTask(celery.Task):
     ``self.lock()``, ``self.semaphore()``, ``self.read_lock()`` and ``self.write_lock()``.
     """
 
-    def lock(
-        self,
-        *values: Any,
-        blocking: bool = False,
-        timeout: float | None = None,
-        retry: bool = False,
-        identifier: str | None = None,
-        name: str | None = None,
-        **retry_options: Any,
-    ) -> Lease:
+    def lock(self, *values: Any, blocking: bool = False, timeout: float | None = None,
+             retry: bool = False, identifier: str | None = None, name: str | None = None,
+             **retry_options: Any) -> Lease:  # fmt: skip
         """A lock on this task's name refined by ``values``: one holder at a time.
 
         :param values: refine the lock: only tasks locking equal values exclude
@@ -422,22 +415,12 @@ class LockTask(celery.Task):
         :param retry_options: with ``retry=True``, passed to ``self.retry()``
             (``countdown``, ``max_retries``, ``exc``...).
         """
-        return Lease(
-            self, _LOCKS, values, blocking=blocking, timeout=timeout, retry=retry,
-            identifier=identifier, name=name, retry_options=retry_options,
-        )  # fmt: skip
+        return Lease(self, _LOCKS, values, blocking=blocking, timeout=timeout, retry=retry,
+                     identifier=identifier, name=name, retry_options=retry_options)  # fmt: skip
 
-    def semaphore(
-        self,
-        *values: Any,
-        max_leases: int = 1,
-        blocking: bool = False,
-        timeout: float | None = None,
-        retry: bool = False,
-        identifier: str | None = None,
-        name: str | None = None,
-        **retry_options: Any,
-    ) -> Lease:
+    def semaphore(self, *values: Any, max_leases: int = 1, blocking: bool = False,
+                  timeout: float | None = None, retry: bool = False, identifier: str | None = None,
+                  name: str | None = None, **retry_options: Any) -> Lease:  # fmt: skip
         """A semaphore on this task's name refined by ``values``: ``max_leases`` holders.
 
         :param max_leases: how many holders it admits at once; every holder of
@@ -445,22 +428,13 @@ class LockTask(celery.Task):
         :param values, blocking, timeout, retry, identifier, name, retry_options:
             as for :meth:`lock`.
         """
-        return Lease(
-            self, _SEMAPHORES, values, max_leases=max_leases, blocking=blocking,
-            timeout=timeout, retry=retry, identifier=identifier, name=name,
-            retry_options=retry_options,
-        )  # fmt: skip
+        return Lease(self, _SEMAPHORES, values, max_leases=max_leases, blocking=blocking,
+                     timeout=timeout, retry=retry, identifier=identifier, name=name,
+                     retry_options=retry_options)  # fmt: skip
 
-    def read_lock(
-        self,
-        *values: Any,
-        blocking: bool = False,
-        timeout: float | None = None,
-        retry: bool = False,
-        identifier: str | None = None,
-        name: str | None = None,
-        **retry_options: Any,
-    ) -> Lease:
+    def read_lock(self, *values: Any, blocking: bool = False, timeout: float | None = None,
+                  retry: bool = False, identifier: str | None = None, name: str | None = None,
+                  **retry_options: Any) -> Lease:  # fmt: skip
         """A read lock on this task's name refined by ``values``: shared by readers.
 
         Any number of readers hold it at once, never beside a writer
@@ -472,21 +446,13 @@ class LockTask(celery.Task):
             as for :meth:`lock`; tasks of other names that read and write the
             same thing share the lock by giving the same ``name``.
         """
-        return Lease(
-            self, _RWLOCKS, values, mode=_READ, blocking=blocking, timeout=timeout,
-            retry=retry, identifier=identifier, name=name, retry_options=retry_options,
-        )  # fmt: skip
+        return Lease(self, _RWLOCKS, values, mode=_READ, blocking=blocking, timeout=timeout,
+                     retry=retry, identifier=identifier, name=name,
+                     retry_options=retry_options)  # fmt: skip
 
-    def write_lock(
-        self,
-        *values: Any,
-        blocking: bool = False,
-        timeout: float | None = None,
-        retry: bool = False,
-        identifier: str | None = None,
-        name: str | None = None,
-        **retry_options: Any,
-    ) -> Lease:
+    def write_lock(self, *values: Any, blocking: bool = False, timeout: float | None = None,
+                   retry: bool = False, identifier: str | None = None, name: str | None = None,
+                   **retry_options: Any) -> Lease:  # fmt: skip
         """A write lock on this task's name refined by ``values``: one writer, no reader.
 
         It excludes every reader (:meth:`read_lock` on the same name and
@@ -497,21 +463,13 @@ class LockTask(celery.Task):
         :param values, blocking, timeout, retry, identifier, name, retry_options:
             as for :meth:`read_lock`.
         """
-        return Lease(
-            self, _RWLOCKS, values, mode=_WRITE, blocking=blocking, timeout=timeout,
-            retry=retry, identifier=identifier, name=name, retry_options=retry_options,
-        )  # fmt: skip
+        return Lease(self, _RWLOCKS, values, mode=_WRITE, blocking=blocking, timeout=timeout,
+                     retry=retry, identifier=identifier, name=name,
+                     retry_options=retry_options)  # fmt: skip
 
-    def multi_lock(
-        self,
-        *keys: Any,
-        blocking: bool = False,
-        timeout: float | None = None,
-        retry: bool = False,
-        identifier: str | None = None,
-        name: str | None = None,
-        **retry_options: Any,
-    ) -> Lease:
+    def multi_lock(self, *keys: Any, blocking: bool = False, timeout: float | None = None,
+                   retry: bool = False, identifier: str | None = None, name: str | None = None,
+                   **retry_options: Any) -> Lease:  # fmt: skip
         """One lease over several locks, taken all or none, and released together.
 
         Each key is one lock, the very lock ``lock()`` takes: a plain value
@@ -530,10 +488,9 @@ class LockTask(celery.Task):
         any key may be another's, and ``token`` is a fencing token valid for
         each of its keys (see :class:`_MultiLease`).
         """
-        return _MultiLease(
-            self, _LOCKS, [_values_of(key) for key in keys], blocking=blocking, timeout=timeout,
-            retry=retry, identifier=identifier, name=name, retry_options=retry_options,
-        )  # fmt: skip
+        return _MultiLease(self, _LOCKS, [_values_of(key) for key in keys], blocking=blocking,
+                           timeout=timeout, retry=retry, identifier=identifier, name=name,
+                           retry_options=retry_options)  # fmt: skip
 
 
 class LockKey:
