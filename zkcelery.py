@@ -586,26 +586,17 @@ def _killed(pid: int) -> bool:
     return False
 
 
-class _OwnHolder:
-    """A key held under this message's own task id: what its node and process tell.
+def _dead_for(holder: dict, app: celery.Celery) -> float:
+    """The longest a dead holder's node can outlive it: what its session was granted.
 
-    Both mutex tasks follow one rule for it (see _decide_mutex).
+    The server expires sessions in buckets of its tick, so up to a tick late (at
+    most half the shortest timeout it grants); and a second.  A holder that did
+    not say (an older zkcelery) is taken to have ours.
     """
-
-    def __init__(self, holder: dict, app: celery.Celery) -> None:
-        self.meta = holder
-        #: The longest a dead holder's node can outlive it: what its session was
-        #: granted, which the server expires in buckets of its tick, so up to a
-        #: tick late (at most half the shortest timeout it grants), and a second.
-        #: A holder that did not say (an older zkcelery) is taken to have ours.
-        timeout = holder.get("session_timeout")
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            timeout = _read_settings(app).session_timeout
-        self.dead_for: float = timeout * 1.5 + 1.0
-
-    def alive_here(self) -> bool | None:
-        """Whether its process is alive: None when it is not on this host (see _alive_here)."""
-        return _alive_here(self.meta)
+    timeout = holder.get("session_timeout")
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        timeout = _read_settings(app).session_timeout
+    return float(timeout * 1.5 + 1.0)
 
 
 # -- Broker facts: how long a message may stay unacknowledged ----------------
@@ -620,10 +611,8 @@ _visibility: weakref.WeakKeyDictionary[celery.Celery, float | None] = weakref.We
 
 def _redis_visibility_timeout(app: celery.Celery) -> float | None:
     """The app's Redis ``visibility_timeout`` in seconds; None when the broker is not Redis."""
-    try:
+    if app in _visibility:
         return _visibility[app]
-    except KeyError:
-        pass
     seconds: float | None = None
     with contextlib.suppress(Exception):  # an unusable broker URL is Celery's to report
         conn = app.connection_for_read()
@@ -675,13 +664,11 @@ def _record_rejection(task: celery.Task, exc: Reject) -> None:
         einfo = ExceptionInfo()
     traceback = exc.__traceback__
     exc.__traceback__ = None  # raised again by the caller
-    ignore_result = request.ignore_result
-    if ignore_result is None:
-        ignore_result = task.ignore_result
+    ignored = task.ignore_result if request.ignore_result is None else request.ignore_result
     try:
         task.backend.mark_as_failure(
             request.id, exc, einfo.traceback, request=request,
-            store_result=not ignore_result or task.store_errors_even_if_ignored,
+            store_result=not ignored or task.store_errors_even_if_ignored,
         )  # fmt: skip
     except Exception:  # the message is rejected all the same, as Celery would
         _log(logging.WARNING, "task %s[%s]: could not store the rejection", task.name,
@@ -711,14 +698,8 @@ class _WorkerFacts:
 _worker = _WorkerFacts()
 
 
+#: Task ids of rejections zkcelery logged in one line: Celery need not log them again.
 _quiet_ids: set = set()
-
-
-def _quiet_in_celery_log(task_id: Any) -> None:
-    """zkcelery has logged this rejection in one line: Celery need not log it again."""
-    if len(_quiet_ids) > 1000:  # Celery did not log some: forget them
-        _quiet_ids.clear()
-    _quiet_ids.add(task_id)
 
 
 class _QuietRejections(logging.Filter):
@@ -942,7 +923,9 @@ class _KeyedTask(celery.Task):
         ``quiet``: zkcelery's line is the log's only record of it, not Celery's too.
         """
         if quiet:
-            _quiet_in_celery_log(self.request.id)
+            if len(_quiet_ids) > 1000:  # Celery did not log some: forget them
+                _quiet_ids.clear()
+            _quiet_ids.add(self.request.id)
         if isinstance(exc, Reject):
             _record_rejection(self, exc)
         lease._signal(which, task_id=self.request.id, holder=holder)
@@ -1111,8 +1094,7 @@ class MutexTask(_KeyedTask):
             # After its back-off, a copy is told the first holder.
             holder = _holder(lease, None if last and last.why in _BACKING_OFF else request.id)
             if request.id is not None and holder.get("task_id") == request.id:
-                own = _OwnHolder(holder, self.app)
-                alive, dead_for = own.alive_here(), own.dead_for
+                alive, dead_for = _alive_here(holder), _dead_for(holder, self.app)
         return _MutexFacts(
             request.id, request.retries or 0, getattr(request, "replaced_task_nesting", 0) or 0,
             requeue=bool(self.mutex_requeue), acks_late=bool(self.acks_late),
@@ -1268,29 +1250,29 @@ class EarlyMutexTask(_KeyedTask):
                            refused.task_id, holder=refused.task_id,
                            outcome="rejected")  # fmt: skip
                 self._refuse(lease, refused, mutex_rejected, holder, quiet=False)
-        self._second_delivery(lease, _OwnHolder(holder, self.app))
+        self._second_delivery(lease, holder)
 
-    def _second_delivery(self, lease: _EarlyLease, own: _OwnHolder) -> None:
+    def _second_delivery(self, lease: _EarlyLease, holder: dict) -> None:
         """This task id runs already: MutexTask's rule for a second delivery (see _decide_mutex).
 
         Without the broker's bound, and without its back-off: still held after
         the wait, by any task, it goes back to the queue.
         """
-        if own.alive_here():
+        if _alive_here(holder):
             where = "in a live process here"
-        elif lease.wait_for_holder(own.meta, own.dead_for) != "released":
+        elif lease.wait_for_holder(holder, _dead_for(holder, self.app)) != "released":
             with contextlib.suppress(AlreadyQueued):
                 lease.acquire()
                 return
             exc = MutexHeld(f"early mutex {lease.key} is running as this same task", requeue=True)
             lease._log(logging.INFO, "is running as this same task past its session's "
                        "end: requeued", holder=self.request.id, outcome="requeued")  # fmt: skip
-            self._refuse(lease, exc, mutex_requeued, own.meta)
+            self._refuse(lease, exc, mutex_requeued, holder)
         else:
             where = "whose first delivery ran to its end"
         lease._log(logging.INFO, "is running as this same task %s: second delivery dropped",
                    where, holder=self.request.id, outcome="dropped")  # fmt: skip
-        self._refuse(lease, Ignore(), mutex_dropped, own.meta, quiet=False)
+        self._refuse(lease, Ignore(), mutex_dropped, holder, quiet=False)
 
     def _early_lease(self, args: Any, kwargs: Any, task_id: str | None) -> _EarlyLease:
         return _EarlyLease(self, _EARLY, self._mutex_values(args, kwargs), task_id=task_id)
@@ -1817,7 +1799,7 @@ class _MutexLease(Lease):
 
         The copy is sent with this run's task id before the run ends, so before
         the mutex is released: the note tells it from a second delivery of the
-        same message (see _OwnHolder).
+        same message (see _follows).
         """
         grant = self._grant
         if grant is None or grant.released:
