@@ -740,12 +740,9 @@ class _MutexFacts:
     #: this host, see _alive_here), and how long its node may outlive it.
     alive: bool | None = None
     dead_for: float = 0.0
-    #: How its last wait ended (see Lease.wait_for_holder).
-    went: str | None = None
-    #: The broker: how long the message may still wait unacknowledged (None: no bound).
-    left: float | None = None
-    #: How many times this process backed off before requeuing this task id.
-    backoffs: int = 0
+    went: str | None = None  #: how its last wait ended (see Lease.wait_for_holder)
+    left: float | None = None  #: how long the broker lets it wait unacknowledged (None: ever)
+    backoffs: int = 0  #: how many times this process backed off before requeuing this task id
 
 
 @dataclass(frozen=True)
@@ -782,10 +779,11 @@ def _decide_mutex(last: _MutexStep | None, facts: _MutexFacts) -> _MutexStep:
     holder = facts.holder
     if last is None:  # its first try failed; no holder: released since, try again
         return _MutexStep("run", "again") if not holder else _first_look(facts)
-    if last.act == "wait":
+    if last.act == "wait":  # then the step that tries the mutex again
         if last.why == "wait out" and facts.went == "released":
             return _MutexStep("drop", "its first delivery ran to its end, on", holder=last.holder)
-        return _MutexStep("run", _AFTER_WAIT[last.why], holder=last.holder)
+        why = {"wait out": "waited out", "back off": "backed off"}.get(last.why, "followed")
+        return _MutexStep("run", why, holder=last.holder)
     if last.why == "again":
         return _first_look(facts)
     if last.why == "followed":
@@ -799,14 +797,6 @@ def _decide_mutex(last: _MutexStep | None, facts: _MutexFacts) -> _MutexStep:
     # Still held by its first delivery (alive elsewhere, or dead with a session
     # not ended yet), or by another task after the back-off: requeued.
     return _MutexStep("requeue", holder=holder)
-
-
-#: The steps of a back-off before a requeue.
-_BACKING_OFF = ("back off", "backed off")
-
-#: After a wait, the step that tries the mutex again.
-_AFTER_WAIT = {"follow": "followed", "follow again": "followed", "wait out": "waited out",
-               "back off": "backed off"}  # fmt: skip
 
 
 def _first_look(facts: _MutexFacts) -> _MutexStep:
@@ -845,21 +835,17 @@ def _contest(facts: _MutexFacts) -> _MutexStep:
     return _MutexStep("run" if facts.limited else "wait", "back off", delay)
 
 
-def _within(wanted: float | None, left: float | None) -> float | None:
-    """At most ``wanted`` seconds and at most ``left`` (either None: no bound)."""
-    if left is None:
-        return wanted
-    return left if wanted is None else min(wanted, left)
+def _within(wanted: float, left: float | None) -> float:
+    """At most ``wanted`` seconds, and at most ``left`` (None: no bound)."""
+    return wanted if left is None else min(wanted, left)
 
 
 # -- The mutex tasks ---------------------------------------------------------
 
 
 def _holder(lease: Lease, task_id: str | None = None) -> dict:
-    """The metadata of the mutex's holder, or ``{}`` (released meanwhile, or unreadable).
-
-    Of a limited mutex's holders, the one with ``task_id`` if there is one, else the first.
-    """
+    """The mutex's holder: of a limited mutex's, the one with ``task_id`` if any, else the
+    first; ``{}`` if it was released meanwhile, or is unreadable."""
     try:
         holders = lease.holders()
     except MaxLeasesMismatch:
@@ -868,10 +854,6 @@ def _holder(lease: Lease, task_id: str | None = None) -> dict:
         return {}
     own = [h for h in holders if task_id is not None and h.get("task_id") == task_id]
     return (own or holders or [{}])[0]
-
-
-def _mutex_key(lease: Lease, holder: dict) -> str:
-    return str(holder.get("key") or getattr(lease, "key", None) or "")
 
 
 #: Back-offs before a requeue, by task id.  Process-local and bounded: a
@@ -885,6 +867,14 @@ def _backed_off(task_id: Any) -> None:
     if len(_rejections) > 1000:
         _rejections.pop(next(iter(_rejections)))
     _rejections[task_id] = count + 1
+
+
+#: Per thread, the lock names whose holder runs an eager copy of itself.
+_local = threading.local()
+
+
+def _handed_over() -> set[str]:
+    return vars(_local).setdefault("handed_over", set())  # type: ignore[no-any-return]
 
 
 class _KeyedTask(celery.Task):
@@ -942,7 +932,7 @@ class MutexTask(_KeyedTask):
     turns on ``acks_late`` and, unless the task sets it, ``reject_on_worker_lost``);
     ``mutex_each_key=True`` takes one mutex per argument named in ``mutex_keys``
     instead of one over all of them, so that a copy is refused when any of its
-    values is in use (see ``_each_key_lease``).
+    values is in use (see ``_new_lease``).
     """
 
     mutex_requeue: bool = False
@@ -971,12 +961,7 @@ class MutexTask(_KeyedTask):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
-        lease: _MutexLease | _MultiLease
-        if self.mutex_each_key:
-            lease = self._each_key_lease(args, kwargs)
-        else:
-            limit = self.mutex_max_leases if self.mutex_max_leases > 1 else None
-            lease = _MutexLease(self, _MUTEXES, self._mutex_values(args, kwargs), max_leases=limit)
+        lease = self._new_lease(args, kwargs)
         if lease.name in _handed_over():
             # An eager retry or replacement, run synchronously inside the
             # retry() or replace() of its own first run, which holds the
@@ -995,8 +980,7 @@ class MutexTask(_KeyedTask):
             # now, the copy could store its SUCCESS first and have it
             # overwritten.  A worker's run releases once the state is stored
             # (_release_after_run); a direct call has no such step.
-            request = self.request
-            retrying = not (request.is_eager or request.called_directly)
+            retrying = not (self.request.is_eager or self.request.called_directly)
             raise
         finally:
             if not retrying:
@@ -1015,33 +999,30 @@ class MutexTask(_KeyedTask):
     @contextlib.contextmanager
     def _handing_over(self) -> Iterator[None]:
         lease = getattr(self.request, "zkcelery_mutex", None)
-        if not lease:
-            yield
-            return
-        if not self.request.is_eager:
+        if lease and not self.request.is_eager:
             # The copy is sent with this task's id: say in the node that it
             # follows, before it can start (see _follows).
             lease.hand_over()
-            yield
-            return
-        names = _handed_over()
-        names.add(lease.name)
+        eager = {lease.name} if lease and self.request.is_eager else set()
+        _handed_over().update(eager)
         try:
             yield
         finally:
-            names.discard(lease.name)
+            _handed_over().difference_update(eager)
 
-    def _each_key_lease(self, args: Any, kwargs: Any) -> _MultiLease:
-        """``mutex_each_key``: a multi-lock of one mutex per argument in ``mutex_keys``.
+    def _new_lease(self, args: Any, kwargs: Any) -> _MutexLease | _MultiLease:
+        """This call's mutex; with ``mutex_each_key``, a multi-lock of one per argument.
 
-        Each mutex is the task's name refined by the argument's name and value
-        (``user=1`` and ``account=1`` are two mutexes).  It is taken as a whole,
-        without waiting: a copy that finds any of them held goes where a copy of
-        a plain MutexTask would, told the holder of the one it found held.
+        Each mutex is then the task's name refined by the argument's name and
+        value (``user=1`` and ``account=1`` are two mutexes).  It is taken as a
+        whole, without waiting: a copy that finds any of them held goes where a
+        copy of a plain MutexTask would, told the holder of the one it found held.
         """
         values = self._mutex_values(args, kwargs)
-        keys = [(None, (key, value)) for key, value in zip(self.mutex_keys, values)]
-        return _MultiLease(self, _MUTEXES, keys)
+        if self.mutex_each_key:
+            return _MultiLease(self, _MUTEXES, [(None, kv) for kv in zip(self.mutex_keys, values)])
+        limit = self.mutex_max_leases if self.mutex_max_leases > 1 else None
+        return _MutexLease(self, _MUTEXES, values, max_leases=limit)
 
     def _take(self, lease: _MutexLease | _MultiLease, within: float | None = None) -> None:
         """Try the mutex once, or wait in line for it up to ``within`` seconds."""
@@ -1083,16 +1064,15 @@ class MutexTask(_KeyedTask):
             else:
                 self._reject(lease, step.holder, requeue=step.act == "requeue")
 
-    def _facts(
-        self, lease: _MutexLease | _MultiLease, last: _MutexStep | None, went: str | None,
-        started: float,
-    ) -> _MutexFacts:  # fmt: skip
+    def _facts(self, lease: _MutexLease | _MultiLease, last: _MutexStep | None,
+               went: str | None, started: float) -> _MutexFacts:  # fmt: skip
         """What _decide_mutex needs, read after ``last``: the holder after a failed try."""
         request = self.request
         holder, alive, dead_for = (last.holder if last else {}), None, 0.0
         if last is None or last.act == "run":
             # After its back-off, a copy is told the first holder.
-            holder = _holder(lease, None if last and last.why in _BACKING_OFF else request.id)
+            backed_off = last is not None and last.why in ("back off", "backed off")
+            holder = _holder(lease, None if backed_off else request.id)
             if request.id is not None and holder.get("task_id") == request.id:
                 alive, dead_for = _alive_here(holder), _dead_for(holder, self.app)
         return _MutexFacts(
@@ -1117,8 +1097,8 @@ class MutexTask(_KeyedTask):
 
     def _reject(self, lease: Lease, holder: dict, requeue: bool) -> NoReturn:
         holder_id = holder.get("task_id")
-        exc = MutexHeld(f"mutex {_mutex_key(lease, holder)} is held by another task",
-                        requeue=requeue)  # fmt: skip
+        key = holder.get("key") or getattr(lease, "key", None) or ""
+        exc = MutexHeld(f"mutex {key} is held by another task", requeue=requeue)
         lease._log(
             logging.INFO, "is held by %s; rejected and %s",
             f"task {holder_id}" if holder_id else "another holder",
@@ -1126,17 +1106,6 @@ class MutexTask(_KeyedTask):
             outcome="requeued" if requeue else "rejected", wait=lease._waited(),
         )  # fmt: skip
         self._refuse(lease, exc, mutex_requeued if requeue else mutex_rejected, holder)
-
-
-_local = threading.local()
-
-
-def _handed_over() -> set[str]:
-    """Lock names whose holder in this thread runs an eager copy of itself."""
-    names = getattr(_local, "handed_over", None)
-    if names is None:
-        names = _local.handed_over = set()
-    return names  # type: ignore[no-any-return]
 
 
 class EarlyMutexTask(_KeyedTask):
@@ -1171,18 +1140,10 @@ class EarlyMutexTask(_KeyedTask):
             _check_seconds(f"task {cls.__dict__.get('name')}: mutex_timeout", cls.mutex_timeout)
 
     def apply_async(  # type: ignore[override]
-        self,
-        args: Any = None,
-        kwargs: Any = None,
-        task_id: str | None = None,
-        producer: Any = None,
-        link: Any = None,
-        link_error: Any = None,
-        shadow: str | None = None,
-        *,
-        mutex_return_existing: bool | None = None,
-        **options: Any,
-    ) -> Any:
+        self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
+        producer: Any = None, link: Any = None, link_error: Any = None, shadow: str | None = None,
+        *, mutex_return_existing: bool | None = None, **options: Any,
+    ) -> Any:  # fmt: skip
         """Send the task unless a copy with the same key is queued or running.
 
         :param mutex_return_existing: return that copy's ``AsyncResult``
@@ -1226,7 +1187,7 @@ class EarlyMutexTask(_KeyedTask):
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """``celery.Task.retry``, keeping the key for the retried copy through its countdown."""
         lease = getattr(self.request, "zkcelery_early", None)
-        if lease is not None and lease:
+        if lease:
             lease.requeue()  # before the retried copy is sent: it must find the key its own
         try:
             return super().retry(*args, **kwargs)
@@ -1283,19 +1244,26 @@ class EarlyMutexTask(_KeyedTask):
 _warned: set = set()
 
 
-def _warn_duplicates(task: celery.Task, setting: str, seconds: float, timeout: float) -> None:
-    """Say once per process and task that Redis will deliver its messages twice."""
-    if (task.name, setting) in _warned:
-        return
-    _warned.add((task.name, setting))
-    _log(
-        logging.WARNING,
-        "task %s: %s (%g s) is longer than the Redis visibility_timeout (%g s, in "
-        "broker_transport_options): Redis will deliver such a message again while the "
-        "first delivery still waits or runs, so duplicates are certain; raise "
-        "visibility_timeout above it",
-        task.name, setting, seconds, timeout, task_name=task.name, outcome="duplicates_certain",
-    )  # fmt: skip
+def _warn_duplicates(task: celery.Task, setting: str, seconds: Any) -> bool:
+    """Whether ``seconds`` exceeds the Redis visibility_timeout: its messages come twice.
+
+    Said once per process, task and setting.
+    """
+    timeout = _redis_visibility_timeout(task.app)
+    if timeout is None or not isinstance(seconds, (int, float)) or seconds <= timeout:
+        return False
+    if (task.name, setting) not in _warned:
+        _warned.add((task.name, setting))
+        _log(
+            logging.WARNING,
+            "task %s: %s (%g s) is longer than the Redis visibility_timeout (%g s, in "
+            "broker_transport_options): Redis will deliver such a message again while the "
+            "first delivery still waits or runs, so duplicates are certain; raise "
+            "visibility_timeout above it",
+            task.name, setting, seconds, timeout, task_name=task.name,
+            outcome="duplicates_certain",
+        )  # fmt: skip
+    return True
 
 
 def _check_limits(sender: Any = None, **_: Any) -> None:
@@ -1303,20 +1271,15 @@ def _check_limits(sender: Any = None, **_: Any) -> None:
     if not isinstance(sender, (LockTask, MutexTask)) or (sender.name, "checked") in _warned:
         return
     _warned.add((sender.name, "checked"))
-    timeout = _redis_visibility_timeout(sender.app)
-    if timeout is None:
-        return
-    conf = sender.app.conf
     if sender.acks_late:  # its message stays unacknowledged while the body runs
         for option, setting in (("time_limit", "task_time_limit"),
                                 ("soft_time_limit", "task_soft_time_limit")):  # fmt: skip
-            limit = getattr(sender, option, None) or conf.get(setting)
-            if isinstance(limit, (int, float)) and limit > timeout:
-                _warn_duplicates(sender, f"{option} ({setting})", limit, timeout)
+            limit = getattr(sender, option, None) or sender.app.conf.get(setting)
+            if _warn_duplicates(sender, f"{option} ({setting})", limit):
                 break
-    delay = sender.default_retry_delay
-    if isinstance(sender, MutexTask) and isinstance(delay, (int, float)) and delay > timeout:
-        _warn_duplicates(sender, "default_retry_delay (its retry countdown)", delay, timeout)
+    if isinstance(sender, MutexTask):
+        delay = sender.default_retry_delay
+        _warn_duplicates(sender, "default_retry_delay (its retry countdown)", delay)
 
 
 def _release_after_run(task: Any = None, **_: Any) -> None:
@@ -1334,9 +1297,7 @@ def _check_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
     if isinstance(when, datetime):
         now = datetime.now(when.tzinfo) if when.tzinfo else datetime.now()
         when = (when - now).total_seconds()
-    timeout = _redis_visibility_timeout(sender.app)
-    if timeout is not None and isinstance(when, (int, float)) and when > timeout:
-        _warn_duplicates(sender, "the retry countdown", when, timeout)
+    _warn_duplicates(sender, "the retry countdown", when)
 
 
 def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
