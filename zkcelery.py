@@ -668,16 +668,13 @@ def _record_rejection(task: celery.Task, exc: Reject) -> None:
     try:
         task.backend.mark_as_failure(
             request.id, exc, einfo.traceback, request=request,
-            store_result=not ignored or task.store_errors_even_if_ignored,
-        )  # fmt: skip
+            store_result=not ignored or task.store_errors_even_if_ignored)  # fmt: skip
     except Exception:  # the message is rejected all the same, as Celery would
         _log(logging.WARNING, "task %s[%s]: could not store the rejection", task.name,
              request.id, exc_info=True, task_id=request.id, task_name=task.name,
              outcome="not_stored")  # fmt: skip
-    signals.task_failure.send(
-        sender=task, task_id=request.id, exception=exc, args=request.args,
-        kwargs=request.kwargs, traceback=traceback, einfo=einfo,
-    )  # fmt: skip
+    signals.task_failure.send(sender=task, task_id=request.id, exception=exc, args=request.args,
+                              kwargs=request.kwargs, traceback=traceback, einfo=einfo)  # fmt: skip
     if _worker.sends_events and task.send_events:
         try:
             task.send_event("task-failed", exception=safe_repr(exc), traceback=einfo.traceback)
@@ -905,9 +902,8 @@ class _KeyedTask(celery.Task):
         bound.apply_defaults()
         return tuple(bound.arguments[key] for key in self.mutex_keys)
 
-    def _refuse(
-        self, lease: Lease, exc: Exception, which: Signal, holder: dict, quiet: bool = True
-    ) -> NoReturn:
+    def _refuse(self, lease: Lease, exc: Exception, which: Signal, holder: dict,
+                quiet: bool = True) -> NoReturn:  # fmt: skip
         """This copy does not run (logged): tell ``which``'s receivers, and raise ``exc``.
 
         ``quiet``: zkcelery's line is the log's only record of it, not Celery's too.
@@ -1099,12 +1095,10 @@ class MutexTask(_KeyedTask):
         holder_id = holder.get("task_id")
         key = holder.get("key") or getattr(lease, "key", None) or ""
         exc = MutexHeld(f"mutex {key} is held by another task", requeue=requeue)
-        lease._log(
-            logging.INFO, "is held by %s; rejected and %s",
-            f"task {holder_id}" if holder_id else "another holder",
-            "requeued" if requeue else "dropped", holder=holder_id,
-            outcome="requeued" if requeue else "rejected", wait=lease._waited(),
-        )  # fmt: skip
+        lease._log(logging.INFO, "is held by %s; rejected and %s",
+                   f"task {holder_id}" if holder_id else "another holder",
+                   "requeued" if requeue else "dropped", holder=holder_id,
+                   outcome="requeued" if requeue else "rejected", wait=lease._waited())  # fmt: skip
         self._refuse(lease, exc, mutex_requeued if requeue else mutex_rejected, holder)
 
 
@@ -1132,10 +1126,8 @@ class EarlyMutexTask(_KeyedTask):
     @classmethod
     def _check_options(cls) -> None:
         if getattr(cls, "mutex_max_leases", None) is not None:
-            raise TypeError(
-                f"task {cls.__dict__.get('name')}: an early mutex admits one copy per key; "
-                "mutex_max_leases is an option of MutexTask"
-            )
+            raise TypeError(f"task {cls.__dict__.get('name')}: an early mutex admits one copy "
+                            "per key; mutex_max_leases is an option of MutexTask")  # fmt: skip
         if cls.mutex_timeout is not None:
             _check_seconds(f"task {cls.__dict__.get('name')}: mutex_timeout", cls.mutex_timeout)
 
@@ -1168,9 +1160,8 @@ class EarlyMutexTask(_KeyedTask):
                 return self.AsyncResult(refused.task_id)
             raise
         try:
-            return super().apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow, **options
-            )
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
+                                       **options)  # fmt: skip
         except BaseException:
             lease.unreserve()  # nothing was sent: the key is free again
             raise
@@ -1254,15 +1245,11 @@ def _warn_duplicates(task: celery.Task, setting: str, seconds: Any) -> bool:
         return False
     if (task.name, setting) not in _warned:
         _warned.add((task.name, setting))
-        _log(
-            logging.WARNING,
-            "task %s: %s (%g s) is longer than the Redis visibility_timeout (%g s, in "
-            "broker_transport_options): Redis will deliver such a message again while the "
-            "first delivery still waits or runs, so duplicates are certain; raise "
-            "visibility_timeout above it",
-            task.name, setting, seconds, timeout, task_name=task.name,
-            outcome="duplicates_certain",
-        )  # fmt: skip
+        _log(logging.WARNING, "task %s: %s (%g s) is longer than the Redis visibility_timeout "
+             "(%g s, in broker_transport_options): Redis will deliver such a message again "
+             "while the first delivery still waits or runs, so duplicates are certain; raise "
+             "visibility_timeout above it", task.name, setting, seconds, timeout,
+             task_name=task.name, outcome="duplicates_certain")  # fmt: skip
     return True
 
 
@@ -1327,10 +1314,8 @@ def _refused(task: EarlyMutexTask, lease: _EarlyLease, refused: AlreadyQueued) -
         return
     try:
         with task.app.events.default_dispatcher() as dispatcher:
-            dispatcher.send(
-                "task-rejected", uuid=lease._task_id(), name=task.name, requeue=False,
-                reason=str(refused), holder=refused.task_id,
-            )  # fmt: skip
+            dispatcher.send("task-rejected", uuid=lease._task_id(), name=task.name, requeue=False,
+                            reason=str(refused), holder=refused.task_id)  # fmt: skip
     except Exception as exc:  # a monitor's event must not change what the send does
         lease._log(logging.WARNING, "refusal not sent as a task event: %s", exc,
                    outcome="not_sent", error=str(exc))  # fmt: skip
