@@ -604,8 +604,7 @@ def _dead_for(holder: dict, app: celery.Celery) -> float:
 #: zkcelery's own waits keep a message unacknowledged for at most this share of
 #: the Redis ``visibility_timeout``, after which Redis would deliver it again.
 _VISIBILITY_SHARE = 0.25
-
-
+#: Per app, its Redis ``visibility_timeout`` (None: the broker is not Redis), read once.
 _visibility: weakref.WeakKeyDictionary[celery.Celery, float | None] = weakref.WeakKeyDictionary()
 
 
@@ -615,11 +614,8 @@ def _redis_visibility_timeout(app: celery.Celery) -> float | None:
         return _visibility[app]
     seconds: float | None = None
     with contextlib.suppress(Exception):  # an unusable broker URL is Celery's to report
-        conn = app.connection_for_read()
-        try:
+        with app.connection_for_read() as conn:
             transport = conn.get_transport_cls()
-        finally:
-            conn.release()
         if getattr(transport, "driver_type", None) == "redis":
             default = getattr(getattr(transport, "Channel", None), "visibility_timeout", 3600)
             options = app.conf.broker_transport_options or {}
@@ -688,12 +684,10 @@ def _record_rejection(task: celery.Task, exc: Reject) -> None:
 class _WorkerFacts:
     """What a worker's main process knew at its start, inherited by its pool's processes."""
 
-    #: It sends task events (``-E``, or ``worker_send_task_events``).
-    sends_events: bool = False
+    sends_events: bool = False  #: it sends task events (``-E``, ``worker_send_task_events``)
 
 
 _worker = _WorkerFacts()
-
 
 #: Task ids of rejections zkcelery logged in one line: Celery need not log them again.
 _quiet_ids: set = set()
@@ -839,6 +833,13 @@ def _within(wanted: float, left: float | None) -> float:
 
 # -- The mutex tasks ---------------------------------------------------------
 
+#: Back-offs before a requeue, by task id.  Process-local and bounded: a
+#: requeued copy may land on another process, which only makes it start again
+#: from the shortest delay.
+_rejections: dict[Any, int] = {}
+#: Per thread, the lock names whose holder runs an eager copy of itself.
+_local = threading.local()
+
 
 def _holder(lease: Lease, task_id: str | None = None) -> dict:
     """The mutex's holder: of a limited mutex's, the one with ``task_id`` if any, else the
@@ -851,23 +852,6 @@ def _holder(lease: Lease, task_id: str | None = None) -> dict:
         return {}
     own = [h for h in holders if task_id is not None and h.get("task_id") == task_id]
     return (own or holders or [{}])[0]
-
-
-#: Back-offs before a requeue, by task id.  Process-local and bounded: a
-#: requeued copy may land on another process, which only makes it start again
-#: from the shortest delay.
-_rejections: dict[Any, int] = {}
-
-
-def _backed_off(task_id: Any) -> None:
-    count = _rejections.pop(task_id, 0)
-    if len(_rejections) > 1000:
-        _rejections.pop(next(iter(_rejections)))
-    _rejections[task_id] = count + 1
-
-
-#: Per thread, the lock names whose holder runs an eager copy of itself.
-_local = threading.local()
 
 
 def _handed_over() -> set[str]:
@@ -928,7 +912,9 @@ class MutexTask(_KeyedTask):
     turns on ``acks_late`` and, unless the task sets it, ``reject_on_worker_lost``);
     ``mutex_each_key=True`` takes one mutex per argument named in ``mutex_keys``
     instead of one over all of them, so that a copy is refused when any of its
-    values is in use (see ``_new_lease``).
+    values is in use: ``user=1`` and ``account=1`` are then two mutexes, taken as
+    a whole without waiting, and a copy that finds any of them held is handled as
+    a copy of a plain MutexTask, told the holder of the one it found held.
     """
 
     mutex_requeue: bool = False
@@ -1007,13 +993,7 @@ class MutexTask(_KeyedTask):
             _handed_over().difference_update(eager)
 
     def _new_lease(self, args: Any, kwargs: Any) -> _MutexLease | _MultiLease:
-        """This call's mutex; with ``mutex_each_key``, a multi-lock of one per argument.
-
-        Each mutex is then the task's name refined by the argument's name and
-        value (``user=1`` and ``account=1`` are two mutexes).  It is taken as a
-        whole, without waiting: a copy that finds any of them held goes where a
-        copy of a plain MutexTask would, told the holder of the one it found held.
-        """
+        """This call's mutex; with ``mutex_each_key``, a multi-lock of one per argument."""
         values = self._mutex_values(args, kwargs)
         if self.mutex_each_key:
             return _MultiLease(self, _MUTEXES, [(None, kv) for kv in zip(self.mutex_keys, values)])
@@ -1041,8 +1021,11 @@ class MutexTask(_KeyedTask):
         while True:
             facts = self._facts(lease, step, went, started)
             step = _decide_mutex(step, facts)
-            if step.why == "back off":
-                _backed_off(self.request.id)
+            if step.why == "back off":  # the next of this task id waits twice as long
+                count = _rejections.pop(self.request.id, 0)
+                if len(_rejections) > 1000:
+                    _rejections.pop(next(iter(_rejections)))
+                _rejections[self.request.id] = count + 1
             if step.act == "run":
                 self._take(lease, step.seconds)
                 if lease:
