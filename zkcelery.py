@@ -842,8 +842,7 @@ _local = threading.local()
 
 
 def _holder(lease: Lease, task_id: str | None = None) -> dict:
-    """The mutex's holder: of a limited mutex's, the one with ``task_id`` if any, else the
-    first; ``{}`` if it was released meanwhile, or is unreadable."""
+    """The mutex's holder (of several, the one with ``task_id`` if any), or {}: none, unreadable."""
     try:
         holders = lease.holders()
     except MaxLeasesMismatch:
@@ -1219,10 +1218,7 @@ _warned: set = set()
 
 
 def _warn_duplicates(task: celery.Task, setting: str, seconds: Any) -> bool:
-    """Whether ``seconds`` exceeds the Redis visibility_timeout: its messages come twice.
-
-    Said once per process, task and setting.
-    """
+    """Whether ``seconds`` exceeds the Redis visibility_timeout (said once a task and setting)."""
     timeout = _redis_visibility_timeout(task.app)
     if timeout is None or not isinstance(seconds, (int, float)) or seconds <= timeout:
         return False
