@@ -735,6 +735,10 @@ class _MutexFacts:
     left: float | None = None  #: how long the broker lets it wait unacknowledged (None: ever)
     backoffs: int = 0  #: how many times this process backed off before requeuing this task id
 
+    def within(self, seconds: float) -> float:
+        """At most ``seconds``, and at most what the broker leaves (``left``)."""
+        return seconds if self.left is None else min(seconds, self.left)
+
 
 @dataclass(frozen=True)
 class _MutexStep:
@@ -768,15 +772,21 @@ def _decide_mutex(last: _MutexStep | None, facts: _MutexFacts) -> _MutexStep:
     it is freed meanwhile.
     """
     holder = facts.holder
-    if last is None:  # its first try failed; no holder: released since, try again
-        return _MutexStep("run", "again") if not holder else _first_look(facts)
-    if last.act == "wait":  # then the step that tries the mutex again
+    if last is not None and last.act == "wait":  # then the step that tries the mutex again
         if last.why == "wait out" and facts.went == "released":
             return _MutexStep("drop", "its first delivery ran to its end, on", holder=last.holder)
         why = {"wait out": "waited out", "back off": "backed off"}.get(last.why, "followed")
         return _MutexStep("run", why, holder=last.holder)
-    if last.why == "again":
-        return _first_look(facts)
+    if last is None and not holder:  # its first try failed, and it was released since
+        return _MutexStep("run", "again")
+    if last is None or last.why == "again":  # the first look at a holder
+        if facts.task_id is None or holder.get("task_id") != facts.task_id:
+            return _contest(facts)
+        if _follows(holder, facts):  # as long as the first run takes: it is ending
+            return _MutexStep("wait", "follow", facts.left if facts.acks_late else None, holder)
+        if facts.alive:
+            return _MutexStep("drop", "its first delivery runs on", holder=holder)
+        return _MutexStep("wait", "wait out", facts.within(facts.dead_for), holder)
     if last.why == "followed":
         if holder.get("guid") != last.holder.get("guid"):
             return _contest(facts)  # released, and another task took it
@@ -788,18 +798,6 @@ def _decide_mutex(last: _MutexStep | None, facts: _MutexFacts) -> _MutexStep:
     # Still held by its first delivery (alive elsewhere, or dead with a session
     # not ended yet), or by another task after the back-off: requeued.
     return _MutexStep("requeue", holder=holder)
-
-
-def _first_look(facts: _MutexFacts) -> _MutexStep:
-    """The first step on a holder seen (see _decide_mutex)."""
-    holder = facts.holder
-    if facts.task_id is None or holder.get("task_id") != facts.task_id:
-        return _contest(facts)
-    if _follows(holder, facts):  # as long as the first run takes: it is ending
-        return _MutexStep("wait", "follow", facts.left if facts.acks_late else None, holder)
-    if facts.alive:
-        return _MutexStep("drop", "its first delivery runs on", holder=holder)
-    return _MutexStep("wait", "wait out", _within(facts.dead_for, facts.left), holder)
 
 
 def _follows(holder: dict, facts: _MutexFacts) -> bool:
@@ -821,14 +819,9 @@ def _contest(facts: _MutexFacts) -> _MutexStep:
     """Another task holds the mutex: reject, or back off before the requeue."""
     if not facts.requeue:
         return _MutexStep("reject", holder=facts.holder)
-    delay = _within(min(8.0, 0.25 * 2**facts.backoffs), facts.left)
+    delay = facts.within(min(8.0, 0.25 * 2**facts.backoffs))
     # A limited mutex waits in line: a place may free up meanwhile.
     return _MutexStep("run" if facts.limited else "wait", "back off", delay)
-
-
-def _within(wanted: float, left: float | None) -> float:
-    """At most ``wanted`` seconds, and at most ``left`` (None: no bound)."""
-    return wanted if left is None else min(wanted, left)
 
 
 # -- The mutex tasks ---------------------------------------------------------
@@ -1172,6 +1165,11 @@ class EarlyMutexTask(_KeyedTask):
             raise
 
     def _take(self, lease: _EarlyLease) -> None:
+        """Take the key; running as this same task id, MutexTask's rule for a second delivery.
+
+        That is _decide_mutex's rule without the broker's bound and without its
+        back-off: still held after the wait, by any task, the copy goes back to the queue.
+        """
         try:
             lease.acquire()
             return
@@ -1184,24 +1182,16 @@ class EarlyMutexTask(_KeyedTask):
                            refused.task_id, holder=refused.task_id,
                            outcome="rejected")  # fmt: skip
                 self._refuse(lease, refused, mutex_rejected, holder, quiet=False)
-        self._second_delivery(lease, holder)
-
-    def _second_delivery(self, lease: _EarlyLease, holder: dict) -> None:
-        """This task id runs already: MutexTask's rule for a second delivery (see _decide_mutex).
-
-        Without the broker's bound, and without its back-off: still held after
-        the wait, by any task, it goes back to the queue.
-        """
         if _alive_here(holder):
             where = "in a live process here"
         elif lease.wait_for_holder(holder, _dead_for(holder, self.app)) != "released":
             with contextlib.suppress(AlreadyQueued):
                 lease.acquire()
                 return
-            exc = MutexHeld(f"early mutex {lease.key} is running as this same task", requeue=True)
+            held = MutexHeld(f"early mutex {lease.key} is running as this same task", requeue=True)
             lease._log(logging.INFO, "is running as this same task past its session's "
                        "end: requeued", holder=self.request.id, outcome="requeued")  # fmt: skip
-            self._refuse(lease, exc, mutex_requeued, holder)
+            self._refuse(lease, held, mutex_requeued, holder)
         else:
             where = "whose first delivery ran to its end"
         lease._log(logging.INFO, "is running as this same task %s: second delivery dropped",
