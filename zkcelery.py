@@ -937,9 +937,8 @@ class MutexTask(_KeyedTask):
         started = time.monotonic()
         lease = self._new_lease(args, kwargs)
         if lease.name in _handed_over():
-            # An eager retry or replacement, run synchronously inside the
-            # retry() or replace() of its own first run, which holds the
-            # mutex and waits for it: that run's mutex covers this one.
+            # An eager retry or replacement, run inside its first run's retry() or
+            # replace(): that run holds the mutex and waits for this one, under it.
             return super().__call__(*args, **kwargs)
         self._take(lease)
         if not lease:
