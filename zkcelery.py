@@ -1713,7 +1713,7 @@ class _MutexLease(Lease):
 
         The copy is sent with this run's task id before the run ends, so before
         the mutex is released: the note tells it from a second delivery of the
-        same message (see _follows).
+        same message (see _OwnHolder).
         """
         grant = self._grant
         if grant is None or grant.released:
