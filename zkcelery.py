@@ -634,10 +634,9 @@ def _unacked_left(app: celery.Celery, started: float) -> float | None:
 
 # -- Celery shims: what zkcelery does where Celery does not (yet) ------------
 
-#: Whether the worker itself records a task rejected without requeue as FAILURE
-#: and sends task_failure: Celery does from 5.7 on (issue #4222), not before.
-#: Once zkcelery requires celery>=5.7, delete _record_rejection, _WorkerFacts and
-#: its setting in _worker_starts.
+#: Whether the worker itself records a rejection without requeue (Celery 5.7 on, see
+#: _record_rejection).  Once zkcelery requires celery>=5.7, delete _record_rejection,
+#: _WorkerFacts and its setting in _worker_starts.
 _CELERY_RECORDS_REJECTIONS = tuple(celery.VERSION[:2]) >= (5, 7)
 
 
@@ -1024,15 +1023,8 @@ class MutexTask(_KeyedTask):
             elif step.act == "wait":
                 self._say_waiting(lease, step, facts)
                 went = lease.wait_for_holder(step.holder, step.seconds)
-            elif step.act == "drop":
-                holder = step.holder
-                lease._log(logging.INFO, "is held by this same task (%s %s pid %s): a second "
-                           "delivery of its message; dropped", step.why, holder.get("host"),
-                           holder.get("pid"), holder=holder.get("task_id"),
-                           outcome="dropped")  # fmt: skip
-                self._refuse(lease, Ignore(), mutex_dropped, holder)
             else:
-                self._reject(lease, step.holder, requeue=step.act == "requeue")
+                self._reject(lease, step)
 
     def _facts(self, lease: _MutexLease | _MultiLease, last: _MutexStep | None,
                went: str | None, started: float) -> _MutexFacts:  # fmt: skip
@@ -1065,8 +1057,14 @@ class MutexTask(_KeyedTask):
                        holder.get("pid"), wait, holder=holder.get("task_id"), outcome="waiting",
                        wait=wait)  # fmt: skip
 
-    def _reject(self, lease: Lease, holder: dict, requeue: bool) -> NoReturn:
-        holder_id = holder.get("task_id")
+    def _reject(self, lease: Lease, step: _MutexStep) -> NoReturn:
+        """Drop, reject or requeue this copy, as ``step`` says."""
+        holder, requeue, holder_id = step.holder, step.act == "requeue", step.holder.get("task_id")
+        if step.act == "drop":
+            lease._log(logging.INFO, "is held by this same task (%s %s pid %s): a second "
+                       "delivery of its message; dropped", step.why, holder.get("host"),
+                       holder.get("pid"), holder=holder_id, outcome="dropped")  # fmt: skip
+            self._refuse(lease, Ignore(), mutex_dropped, holder)
         key = holder.get("key") or getattr(lease, "key", None) or ""
         exc = MutexHeld(f"mutex {key} is held by another task", requeue=requeue)
         lease._log(logging.INFO, "is held by %s; rejected and %s",
