@@ -4971,7 +4971,7 @@ def test_a_requeued_body_whose_worker_is_killed_runs_again_on_a_new_worker(
                     f"{figures['freed']:.2f} s; session 2 s)")  # fmt: skip
 
 
-def test_a_holder_process_sigkilled_and_still_exiting_is_not_alive(offline_app):
+def test_a_holder_process_sigkilled_and_still_exiting_is_not_alive():
     # A worker SIGKILLed with its pool: the broker gives the message back as the
     # main process's connection closes, while the pool child that held the mutex
     # may still be tearing down its memory, in state R, for a good part of a
@@ -4983,8 +4983,7 @@ def test_a_holder_process_sigkilled_and_still_exiting_is_not_alive(offline_app):
     try:
         assert child.stdout is not None and child.stdout.readline() == b"ready\n"
         meta = {"pid": child.pid, "host": socket.gethostname(), "acquired": acquired}
-        holder = zkcelery._OwnHolder(meta, offline_app)
-        assert holder.alive_here() is True
+        assert zkcelery._alive_here(meta) is True
         os.kill(child.pid, signal.SIGKILL)
         seen = []
         while True:
@@ -4992,7 +4991,7 @@ def test_a_holder_process_sigkilled_and_still_exiting_is_not_alive(offline_app):
             state = stat[stat.rindex(b")") + 2 :].split()[0]
             if state in (b"Z", b"X"):
                 break
-            seen.append((state, holder.alive_here()))
+            seen.append((state, zkcelery._alive_here(meta)))
         assert seen, "it died at once: nothing was checked while it was dying"
         assert all(alive is False for _, alive in seen), seen[:5]
     finally:

@@ -356,16 +356,9 @@ class LockTask(celery.Task):
     ``self.lock()``, ``self.semaphore()``, ``self.read_lock()`` and ``self.write_lock()``.
     """
 
-    def lock(
-        self,
-        *values: Any,
-        blocking: bool = False,
-        timeout: float | None = None,
-        retry: bool = False,
-        identifier: str | None = None,
-        name: str | None = None,
-        **retry_options: Any,
-    ) -> Lease:
+    def lock(self, *values: Any, blocking: bool = False, timeout: float | None = None,
+             retry: bool = False, identifier: str | None = None, name: str | None = None,
+             **retry_options: Any) -> Lease:  # fmt: skip
         """A lock on this task's name refined by ``values``: one holder at a time.
 
         :param values: refine the lock: only tasks locking equal values exclude
@@ -382,22 +375,12 @@ class LockTask(celery.Task):
         :param retry_options: with ``retry=True``, passed to ``self.retry()``
             (``countdown``, ``max_retries``, ``exc``...).
         """
-        return Lease(
-            self, _LOCKS, values, blocking=blocking, timeout=timeout, retry=retry,
-            identifier=identifier, name=name, retry_options=retry_options,
-        )  # fmt: skip
+        return Lease(self, _LOCKS, values, blocking=blocking, timeout=timeout, retry=retry,
+                     identifier=identifier, name=name, retry_options=retry_options)  # fmt: skip
 
-    def semaphore(
-        self,
-        *values: Any,
-        max_leases: int = 1,
-        blocking: bool = False,
-        timeout: float | None = None,
-        retry: bool = False,
-        identifier: str | None = None,
-        name: str | None = None,
-        **retry_options: Any,
-    ) -> Lease:
+    def semaphore(self, *values: Any, max_leases: int = 1, blocking: bool = False,
+                  timeout: float | None = None, retry: bool = False, identifier: str | None = None,
+                  name: str | None = None, **retry_options: Any) -> Lease:  # fmt: skip
         """A semaphore on this task's name refined by ``values``: ``max_leases`` holders.
 
         :param max_leases: how many holders it admits at once; every holder of
@@ -405,22 +388,13 @@ class LockTask(celery.Task):
         :param values, blocking, timeout, retry, identifier, name, retry_options:
             as for :meth:`lock`.
         """
-        return Lease(
-            self, _SEMAPHORES, values, max_leases=max_leases, blocking=blocking,
-            timeout=timeout, retry=retry, identifier=identifier, name=name,
-            retry_options=retry_options,
-        )  # fmt: skip
+        return Lease(self, _SEMAPHORES, values, max_leases=max_leases, blocking=blocking,
+                     timeout=timeout, retry=retry, identifier=identifier, name=name,
+                     retry_options=retry_options)  # fmt: skip
 
-    def read_lock(
-        self,
-        *values: Any,
-        blocking: bool = False,
-        timeout: float | None = None,
-        retry: bool = False,
-        identifier: str | None = None,
-        name: str | None = None,
-        **retry_options: Any,
-    ) -> Lease:
+    def read_lock(self, *values: Any, blocking: bool = False, timeout: float | None = None,
+                  retry: bool = False, identifier: str | None = None, name: str | None = None,
+                  **retry_options: Any) -> Lease:  # fmt: skip
         """A read lock on this task's name refined by ``values``: shared by readers.
 
         Any number of readers hold it at once, never beside a writer
@@ -432,21 +406,13 @@ class LockTask(celery.Task):
             as for :meth:`lock`; tasks of other names that read and write the
             same thing share the lock by giving the same ``name``.
         """
-        return Lease(
-            self, _RWLOCKS, values, mode=_READ, blocking=blocking, timeout=timeout,
-            retry=retry, identifier=identifier, name=name, retry_options=retry_options,
-        )  # fmt: skip
+        return Lease(self, _RWLOCKS, values, mode=_READ, blocking=blocking, timeout=timeout,
+                     retry=retry, identifier=identifier, name=name,
+                     retry_options=retry_options)  # fmt: skip
 
-    def write_lock(
-        self,
-        *values: Any,
-        blocking: bool = False,
-        timeout: float | None = None,
-        retry: bool = False,
-        identifier: str | None = None,
-        name: str | None = None,
-        **retry_options: Any,
-    ) -> Lease:
+    def write_lock(self, *values: Any, blocking: bool = False, timeout: float | None = None,
+                   retry: bool = False, identifier: str | None = None, name: str | None = None,
+                   **retry_options: Any) -> Lease:  # fmt: skip
         """A write lock on this task's name refined by ``values``: one writer, no reader.
 
         It excludes every reader (:meth:`read_lock` on the same name and
@@ -457,21 +423,13 @@ class LockTask(celery.Task):
         :param values, blocking, timeout, retry, identifier, name, retry_options:
             as for :meth:`read_lock`.
         """
-        return Lease(
-            self, _RWLOCKS, values, mode=_WRITE, blocking=blocking, timeout=timeout,
-            retry=retry, identifier=identifier, name=name, retry_options=retry_options,
-        )  # fmt: skip
+        return Lease(self, _RWLOCKS, values, mode=_WRITE, blocking=blocking, timeout=timeout,
+                     retry=retry, identifier=identifier, name=name,
+                     retry_options=retry_options)  # fmt: skip
 
-    def multi_lock(
-        self,
-        *keys: Any,
-        blocking: bool = False,
-        timeout: float | None = None,
-        retry: bool = False,
-        identifier: str | None = None,
-        name: str | None = None,
-        **retry_options: Any,
-    ) -> Lease:
+    def multi_lock(self, *keys: Any, blocking: bool = False, timeout: float | None = None,
+                   retry: bool = False, identifier: str | None = None, name: str | None = None,
+                   **retry_options: Any) -> Lease:  # fmt: skip
         """One lease over several locks, taken all or none, and released together.
 
         Each key is one lock, the very lock ``lock()`` takes: a plain value
@@ -490,10 +448,9 @@ class LockTask(celery.Task):
         any key may be another's, and ``token`` is a fencing token valid for
         each of its keys (see :class:`_MultiLease`).
         """
-        return _MultiLease(
-            self, _LOCKS, [_values_of(key) for key in keys], blocking=blocking, timeout=timeout,
-            retry=retry, identifier=identifier, name=name, retry_options=retry_options,
-        )  # fmt: skip
+        return _MultiLease(self, _LOCKS, [_values_of(key) for key in keys], blocking=blocking,
+                           timeout=timeout, retry=retry, identifier=identifier, name=name,
+                           retry_options=retry_options)  # fmt: skip
 
 
 class LockKey:
@@ -589,26 +546,17 @@ def _killed(pid: int) -> bool:
     return False
 
 
-class _OwnHolder:
-    """A key held under this message's own task id: what its node and process tell.
+def _dead_for(holder: dict, app: celery.Celery) -> float:
+    """The longest a dead holder's node can outlive it: what its session was granted.
 
-    Both mutex tasks follow one rule for it (see _decide_mutex).
+    The server expires sessions in buckets of its tick, so up to a tick late (at
+    most half the shortest timeout it grants); and a second.  A holder that did
+    not say (an older zkcelery) is taken to have ours.
     """
-
-    def __init__(self, holder: dict, app: celery.Celery) -> None:
-        self.meta = holder
-        #: The longest a dead holder's node can outlive it: what its session was
-        #: granted, which the server expires in buckets of its tick, so up to a
-        #: tick late (at most half the shortest timeout it grants), and a second.
-        #: A holder that did not say (an older zkcelery) is taken to have ours.
-        timeout = holder.get("session_timeout")
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            timeout = _read_settings(app).session_timeout
-        self.dead_for: float = timeout * 1.5 + 1.0
-
-    def alive_here(self) -> bool | None:
-        """Whether its process is alive: None when it is not on this host (see _alive_here)."""
-        return _alive_here(self.meta)
+    timeout = holder.get("session_timeout")
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        timeout = _read_settings(app).session_timeout
+    return float(timeout * 1.5 + 1.0)
 
 
 # -- Broker facts: how long a message may stay unacknowledged ----------------
@@ -616,24 +564,18 @@ class _OwnHolder:
 #: zkcelery's own waits keep a message unacknowledged for at most this share of
 #: the Redis ``visibility_timeout``, after which Redis would deliver it again.
 _VISIBILITY_SHARE = 0.25
-
-
+#: Per app, its Redis ``visibility_timeout`` (None: the broker is not Redis), read once.
 _visibility: weakref.WeakKeyDictionary[celery.Celery, float | None] = weakref.WeakKeyDictionary()
 
 
 def _redis_visibility_timeout(app: celery.Celery) -> float | None:
     """The app's Redis ``visibility_timeout`` in seconds; None when the broker is not Redis."""
-    try:
+    if app in _visibility:
         return _visibility[app]
-    except KeyError:
-        pass
     seconds: float | None = None
     with contextlib.suppress(Exception):  # an unusable broker URL is Celery's to report
-        conn = app.connection_for_read()
-        try:
+        with app.connection_for_read() as conn:
             transport = conn.get_transport_cls()
-        finally:
-            conn.release()
         if getattr(transport, "driver_type", None) == "redis":
             default = getattr(getattr(transport, "Channel", None), "visibility_timeout", 3600)
             options = app.conf.broker_transport_options or {}
@@ -652,10 +594,9 @@ def _unacked_left(app: celery.Celery, started: float) -> float | None:
 
 # -- Celery shims: what zkcelery does where Celery does not (yet) ------------
 
-#: Whether the worker itself records a task rejected without requeue as FAILURE
-#: and sends task_failure: Celery does from 5.7 on (issue #4222), not before.
-#: Once zkcelery requires celery>=5.7, delete _record_rejection, _WorkerFacts and
-#: its setting in _worker_starts.
+#: Whether the worker itself records a rejection without requeue (Celery 5.7 on, see
+#: _record_rejection).  Once zkcelery requires celery>=5.7, delete _record_rejection,
+#: _WorkerFacts and its setting in _worker_starts.
 _CELERY_RECORDS_REJECTIONS = tuple(celery.VERSION[:2]) >= (5, 7)
 
 
@@ -678,22 +619,17 @@ def _record_rejection(task: celery.Task, exc: Reject) -> None:
         einfo = ExceptionInfo()
     traceback = exc.__traceback__
     exc.__traceback__ = None  # raised again by the caller
-    ignore_result = request.ignore_result
-    if ignore_result is None:
-        ignore_result = task.ignore_result
+    ignored = task.ignore_result if request.ignore_result is None else request.ignore_result
     try:
         task.backend.mark_as_failure(
             request.id, exc, einfo.traceback, request=request,
-            store_result=not ignore_result or task.store_errors_even_if_ignored,
-        )  # fmt: skip
+            store_result=not ignored or task.store_errors_even_if_ignored)  # fmt: skip
     except Exception:  # the message is rejected all the same, as Celery would
         _log(logging.WARNING, "task %s[%s]: could not store the rejection", task.name,
              request.id, exc_info=True, task_id=request.id, task_name=task.name,
              outcome="not_stored")  # fmt: skip
-    signals.task_failure.send(
-        sender=task, task_id=request.id, exception=exc, args=request.args,
-        kwargs=request.kwargs, traceback=traceback, einfo=einfo,
-    )  # fmt: skip
+    signals.task_failure.send(sender=task, task_id=request.id, exception=exc, args=request.args,
+                              kwargs=request.kwargs, traceback=traceback, einfo=einfo)  # fmt: skip
     if _worker.sends_events and task.send_events:
         try:
             task.send_event("task-failed", exception=safe_repr(exc), traceback=einfo.traceback)
@@ -707,21 +643,13 @@ def _record_rejection(task: celery.Task, exc: Reject) -> None:
 class _WorkerFacts:
     """What a worker's main process knew at its start, inherited by its pool's processes."""
 
-    #: It sends task events (``-E``, or ``worker_send_task_events``).
-    sends_events: bool = False
+    sends_events: bool = False  #: it sends task events (``-E``, ``worker_send_task_events``)
 
 
 _worker = _WorkerFacts()
 
-
+#: Task ids of rejections zkcelery logged in one line: Celery need not log them again.
 _quiet_ids: set = set()
-
-
-def _quiet_in_celery_log(task_id: Any) -> None:
-    """zkcelery has logged this rejection in one line: Celery need not log it again."""
-    if len(_quiet_ids) > 1000:  # Celery did not log some: forget them
-        _quiet_ids.clear()
-    _quiet_ids.add(task_id)
 
 
 class _QuietRejections(logging.Filter):
@@ -762,12 +690,13 @@ class _MutexFacts:
     #: this host, see _alive_here), and how long its node may outlive it.
     alive: bool | None = None
     dead_for: float = 0.0
-    #: How its last wait ended (see Lease.wait_for_holder).
-    went: str | None = None
-    #: The broker: how long the message may still wait unacknowledged (None: no bound).
-    left: float | None = None
-    #: How many times this process backed off before requeuing this task id.
-    backoffs: int = 0
+    went: str | None = None  #: how its last wait ended (see Lease.wait_for_holder)
+    left: float | None = None  #: how long the broker lets it wait unacknowledged (None: ever)
+    backoffs: int = 0  #: how many times this process backed off before requeuing this task id
+
+    def within(self, seconds: float) -> float:
+        """At most ``seconds``, and at most what the broker leaves (``left``)."""
+        return seconds if self.left is None else min(seconds, self.left)
 
 
 @dataclass(frozen=True)
@@ -802,14 +731,21 @@ def _decide_mutex(last: _MutexStep | None, facts: _MutexFacts) -> _MutexStep:
     it is freed meanwhile.
     """
     holder = facts.holder
-    if last is None:  # its first try failed; no holder: released since, try again
-        return _MutexStep("run", "again") if not holder else _first_look(facts)
-    if last.act == "wait":
+    if last is not None and last.act == "wait":  # then the step that tries the mutex again
         if last.why == "wait out" and facts.went == "released":
             return _MutexStep("drop", "its first delivery ran to its end, on", holder=last.holder)
-        return _MutexStep("run", _AFTER_WAIT[last.why], holder=last.holder)
-    if last.why == "again":
-        return _first_look(facts)
+        why = {"wait out": "waited out", "back off": "backed off"}.get(last.why, "followed")
+        return _MutexStep("run", why, holder=last.holder)
+    if last is None and not holder:  # its first try failed, and it was released since
+        return _MutexStep("run", "again")
+    if last is None or last.why == "again":  # the first look at a holder
+        if facts.task_id is None or holder.get("task_id") != facts.task_id:
+            return _contest(facts)
+        if _follows(holder, facts):  # as long as the first run takes: it is ending
+            return _MutexStep("wait", "follow", facts.left if facts.acks_late else None, holder)
+        if facts.alive:
+            return _MutexStep("drop", "its first delivery runs on", holder=holder)
+        return _MutexStep("wait", "wait out", facts.within(facts.dead_for), holder)
     if last.why == "followed":
         if holder.get("guid") != last.holder.get("guid"):
             return _contest(facts)  # released, and another task took it
@@ -821,26 +757,6 @@ def _decide_mutex(last: _MutexStep | None, facts: _MutexFacts) -> _MutexStep:
     # Still held by its first delivery (alive elsewhere, or dead with a session
     # not ended yet), or by another task after the back-off: requeued.
     return _MutexStep("requeue", holder=holder)
-
-
-#: The steps of a back-off before a requeue.
-_BACKING_OFF = ("back off", "backed off")
-
-#: After a wait, the step that tries the mutex again.
-_AFTER_WAIT = {"follow": "followed", "follow again": "followed", "wait out": "waited out",
-               "back off": "backed off"}  # fmt: skip
-
-
-def _first_look(facts: _MutexFacts) -> _MutexStep:
-    """The first step on a holder seen (see _decide_mutex)."""
-    holder = facts.holder
-    if facts.task_id is None or holder.get("task_id") != facts.task_id:
-        return _contest(facts)
-    if _follows(holder, facts):  # as long as the first run takes: it is ending
-        return _MutexStep("wait", "follow", facts.left if facts.acks_late else None, holder)
-    if facts.alive:
-        return _MutexStep("drop", "its first delivery runs on", holder=holder)
-    return _MutexStep("wait", "wait out", _within(facts.dead_for, facts.left), holder)
 
 
 def _follows(holder: dict, facts: _MutexFacts) -> bool:
@@ -862,26 +778,23 @@ def _contest(facts: _MutexFacts) -> _MutexStep:
     """Another task holds the mutex: reject, or back off before the requeue."""
     if not facts.requeue:
         return _MutexStep("reject", holder=facts.holder)
-    delay = _within(min(8.0, 0.25 * 2**facts.backoffs), facts.left)
+    delay = facts.within(min(8.0, 0.25 * 2**facts.backoffs))
     # A limited mutex waits in line: a place may free up meanwhile.
     return _MutexStep("run" if facts.limited else "wait", "back off", delay)
 
 
-def _within(wanted: float | None, left: float | None) -> float | None:
-    """At most ``wanted`` seconds and at most ``left`` (either None: no bound)."""
-    if left is None:
-        return wanted
-    return left if wanted is None else min(wanted, left)
-
-
 # -- The mutex tasks ---------------------------------------------------------
+
+#: Back-offs before a requeue, by task id.  Process-local and bounded: a
+#: requeued copy may land on another process, which only makes it start again
+#: from the shortest delay.
+_rejections: dict[Any, int] = {}
+#: Per thread, the lock names whose holder runs an eager copy of itself.
+_local = threading.local()
 
 
 def _holder(lease: Lease, task_id: str | None = None) -> dict:
-    """The metadata of the mutex's holder, or ``{}`` (released meanwhile, or unreadable).
-
-    Of a limited mutex's holders, the one with ``task_id`` if there is one, else the first.
-    """
+    """The mutex's holder (of several, the one with ``task_id`` if any), or {}: none, unreadable."""
     try:
         holders = lease.holders()
     except MaxLeasesMismatch:
@@ -892,21 +805,8 @@ def _holder(lease: Lease, task_id: str | None = None) -> dict:
     return (own or holders or [{}])[0]
 
 
-def _mutex_key(lease: Lease, holder: dict) -> str:
-    return str(holder.get("key") or getattr(lease, "key", None) or "")
-
-
-#: Back-offs before a requeue, by task id.  Process-local and bounded: a
-#: requeued copy may land on another process, which only makes it start again
-#: from the shortest delay.
-_rejections: dict[Any, int] = {}
-
-
-def _backed_off(task_id: Any) -> None:
-    count = _rejections.pop(task_id, 0)
-    if len(_rejections) > 1000:
-        _rejections.pop(next(iter(_rejections)))
-    _rejections[task_id] = count + 1
+def _handed_over() -> set[str]:
+    return vars(_local).setdefault("handed_over", set())  # type: ignore[no-any-return]
 
 
 class _KeyedTask(celery.Task):
@@ -937,15 +837,16 @@ class _KeyedTask(celery.Task):
         bound.apply_defaults()
         return tuple(bound.arguments[key] for key in self.mutex_keys)
 
-    def _refuse(
-        self, lease: Lease, exc: Exception, which: Signal, holder: dict, quiet: bool = True
-    ) -> NoReturn:
+    def _refuse(self, lease: Lease, exc: Exception, which: Signal, holder: dict,
+                quiet: bool = True) -> NoReturn:  # fmt: skip
         """This copy does not run (logged): tell ``which``'s receivers, and raise ``exc``.
 
         ``quiet``: zkcelery's line is the log's only record of it, not Celery's too.
         """
         if quiet:
-            _quiet_in_celery_log(self.request.id)
+            if len(_quiet_ids) > 1000:  # Celery did not log some: forget them
+                _quiet_ids.clear()
+            _quiet_ids.add(self.request.id)
         if isinstance(exc, Reject):
             _record_rejection(self, exc)
         lease._signal(which, task_id=self.request.id, holder=holder)
@@ -962,7 +863,9 @@ class MutexTask(_KeyedTask):
     turns on ``acks_late`` and, unless the task sets it, ``reject_on_worker_lost``);
     ``mutex_each_key=True`` takes one mutex per argument named in ``mutex_keys``
     instead of one over all of them, so that a copy is refused when any of its
-    values is in use (see ``_each_key_lease``).
+    values is in use: ``user=1`` and ``account=1`` are then two mutexes, taken as
+    a whole without waiting, and a copy that finds any of them held is handled as
+    a copy of a plain MutexTask, told the holder of the one it found held.
     """
 
     mutex_requeue: bool = False
@@ -991,16 +894,10 @@ class MutexTask(_KeyedTask):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
-        lease: _MutexLease | _MultiLease
-        if self.mutex_each_key:
-            lease = self._each_key_lease(args, kwargs)
-        else:
-            limit = self.mutex_max_leases if self.mutex_max_leases > 1 else None
-            lease = _MutexLease(self, _MUTEXES, self._mutex_values(args, kwargs), max_leases=limit)
+        lease = self._new_lease(args, kwargs)
         if lease.name in _handed_over():
-            # An eager retry or replacement, run synchronously inside the
-            # retry() or replace() of its own first run, which holds the
-            # mutex and waits for it: that run's mutex covers this one.
+            # An eager retry or replacement, run inside its first run's retry() or
+            # replace(): that run holds the mutex and waits for this one, under it.
             return super().__call__(*args, **kwargs)
         self._take(lease)
         if not lease:
@@ -1015,8 +912,7 @@ class MutexTask(_KeyedTask):
             # now, the copy could store its SUCCESS first and have it
             # overwritten.  A worker's run releases once the state is stored
             # (_release_after_run); a direct call has no such step.
-            request = self.request
-            retrying = not (request.is_eager or request.called_directly)
+            retrying = not (self.request.is_eager or self.request.called_directly)
             raise
         finally:
             if not retrying:
@@ -1035,33 +931,24 @@ class MutexTask(_KeyedTask):
     @contextlib.contextmanager
     def _handing_over(self) -> Iterator[None]:
         lease = getattr(self.request, "zkcelery_mutex", None)
-        if not lease:
-            yield
-            return
-        if not self.request.is_eager:
+        if lease and not self.request.is_eager:
             # The copy is sent with this task's id: say in the node that it
             # follows, before it can start (see _follows).
             lease.hand_over()
-            yield
-            return
-        names = _handed_over()
-        names.add(lease.name)
+        eager = {lease.name} if lease and self.request.is_eager else set()
+        _handed_over().update(eager)
         try:
             yield
         finally:
-            names.discard(lease.name)
+            _handed_over().difference_update(eager)
 
-    def _each_key_lease(self, args: Any, kwargs: Any) -> _MultiLease:
-        """``mutex_each_key``: a multi-lock of one mutex per argument in ``mutex_keys``.
-
-        Each mutex is the task's name refined by the argument's name and value
-        (``user=1`` and ``account=1`` are two mutexes).  It is taken as a whole,
-        without waiting: a copy that finds any of them held goes where a copy of
-        a plain MutexTask would, told the holder of the one it found held.
-        """
+    def _new_lease(self, args: Any, kwargs: Any) -> _MutexLease | _MultiLease:
+        """This call's mutex; with ``mutex_each_key``, a multi-lock of one per argument."""
         values = self._mutex_values(args, kwargs)
-        keys = [(None, (key, value)) for key, value in zip(self.mutex_keys, values)]
-        return _MultiLease(self, _MUTEXES, keys)
+        if self.mutex_each_key:
+            return _MultiLease(self, _MUTEXES, [(None, kv) for kv in zip(self.mutex_keys, values)])
+        limit = self.mutex_max_leases if self.mutex_max_leases > 1 else None
+        return _MutexLease(self, _MUTEXES, values, max_leases=limit)
 
     def _take(self, lease: _MutexLease | _MultiLease, within: float | None = None) -> None:
         """Try the mutex once, or wait in line for it up to ``within`` seconds."""
@@ -1084,8 +971,11 @@ class MutexTask(_KeyedTask):
         while True:
             facts = self._facts(lease, step, went, started)
             step = _decide_mutex(step, facts)
-            if step.why == "back off":
-                _backed_off(self.request.id)
+            if step.why == "back off":  # the next of this task id waits twice as long
+                count = _rejections.pop(self.request.id, 0)
+                if len(_rejections) > 1000:
+                    _rejections.pop(next(iter(_rejections)))
+                _rejections[self.request.id] = count + 1
             if step.act == "run":
                 self._take(lease, step.seconds)
                 if lease:
@@ -1093,29 +983,20 @@ class MutexTask(_KeyedTask):
             elif step.act == "wait":
                 self._say_waiting(lease, step, facts)
                 went = lease.wait_for_holder(step.holder, step.seconds)
-            elif step.act == "drop":
-                holder = step.holder
-                lease._log(logging.INFO, "is held by this same task (%s %s pid %s): a second "
-                           "delivery of its message; dropped", step.why, holder.get("host"),
-                           holder.get("pid"), holder=holder.get("task_id"),
-                           outcome="dropped")  # fmt: skip
-                self._refuse(lease, Ignore(), mutex_dropped, holder)
             else:
-                self._reject(lease, step.holder, requeue=step.act == "requeue")
+                self._reject(lease, step)
 
-    def _facts(
-        self, lease: _MutexLease | _MultiLease, last: _MutexStep | None, went: str | None,
-        started: float,
-    ) -> _MutexFacts:  # fmt: skip
+    def _facts(self, lease: _MutexLease | _MultiLease, last: _MutexStep | None,
+               went: str | None, started: float) -> _MutexFacts:  # fmt: skip
         """What _decide_mutex needs, read after ``last``: the holder after a failed try."""
         request = self.request
         holder, alive, dead_for = (last.holder if last else {}), None, 0.0
         if last is None or last.act == "run":
             # After its back-off, a copy is told the first holder.
-            holder = _holder(lease, None if last and last.why in _BACKING_OFF else request.id)
+            backed_off = last is not None and last.why in ("back off", "backed off")
+            holder = _holder(lease, None if backed_off else request.id)
             if request.id is not None and holder.get("task_id") == request.id:
-                own = _OwnHolder(holder, self.app)
-                alive, dead_for = own.alive_here(), own.dead_for
+                alive, dead_for = _alive_here(holder), _dead_for(holder, self.app)
         return _MutexFacts(
             request.id, request.retries or 0, getattr(request, "replaced_task_nesting", 0) or 0,
             requeue=bool(self.mutex_requeue), acks_late=bool(self.acks_late),
@@ -1136,28 +1017,21 @@ class MutexTask(_KeyedTask):
                        holder.get("pid"), wait, holder=holder.get("task_id"), outcome="waiting",
                        wait=wait)  # fmt: skip
 
-    def _reject(self, lease: Lease, holder: dict, requeue: bool) -> NoReturn:
-        holder_id = holder.get("task_id")
-        exc = MutexHeld(f"mutex {_mutex_key(lease, holder)} is held by another task",
-                        requeue=requeue)  # fmt: skip
-        lease._log(
-            logging.INFO, "is held by %s; rejected and %s",
-            f"task {holder_id}" if holder_id else "another holder",
-            "requeued" if requeue else "dropped", holder=holder_id,
-            outcome="requeued" if requeue else "rejected", wait=lease._waited(),
-        )  # fmt: skip
+    def _reject(self, lease: Lease, step: _MutexStep) -> NoReturn:
+        """Drop, reject or requeue this copy, as ``step`` says."""
+        holder, requeue, holder_id = step.holder, step.act == "requeue", step.holder.get("task_id")
+        if step.act == "drop":
+            lease._log(logging.INFO, "is held by this same task (%s %s pid %s): a second "
+                       "delivery of its message; dropped", step.why, holder.get("host"),
+                       holder.get("pid"), holder=holder_id, outcome="dropped")  # fmt: skip
+            self._refuse(lease, Ignore(), mutex_dropped, holder)
+        key = holder.get("key") or getattr(lease, "key", None) or ""
+        exc = MutexHeld(f"mutex {key} is held by another task", requeue=requeue)
+        lease._log(logging.INFO, "is held by %s; rejected and %s",
+                   f"task {holder_id}" if holder_id else "another holder",
+                   "requeued" if requeue else "dropped", holder=holder_id,
+                   outcome="requeued" if requeue else "rejected", wait=lease._waited())  # fmt: skip
         self._refuse(lease, exc, mutex_requeued if requeue else mutex_rejected, holder)
-
-
-_local = threading.local()
-
-
-def _handed_over() -> set[str]:
-    """Lock names whose holder in this thread runs an eager copy of itself."""
-    names = getattr(_local, "handed_over", None)
-    if names is None:
-        names = _local.handed_over = set()
-    return names  # type: ignore[no-any-return]
 
 
 class EarlyMutexTask(_KeyedTask):
@@ -1184,26 +1058,16 @@ class EarlyMutexTask(_KeyedTask):
     @classmethod
     def _check_options(cls) -> None:
         if getattr(cls, "mutex_max_leases", None) is not None:
-            raise TypeError(
-                f"task {cls.__dict__.get('name')}: an early mutex admits one copy per key; "
-                "mutex_max_leases is an option of MutexTask"
-            )
+            raise TypeError(f"task {cls.__dict__.get('name')}: an early mutex admits one copy "
+                            "per key; mutex_max_leases is an option of MutexTask")  # fmt: skip
         if cls.mutex_timeout is not None:
             _check_seconds(f"task {cls.__dict__.get('name')}: mutex_timeout", cls.mutex_timeout)
 
     def apply_async(  # type: ignore[override]
-        self,
-        args: Any = None,
-        kwargs: Any = None,
-        task_id: str | None = None,
-        producer: Any = None,
-        link: Any = None,
-        link_error: Any = None,
-        shadow: str | None = None,
-        *,
-        mutex_return_existing: bool | None = None,
-        **options: Any,
-    ) -> Any:
+        self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
+        producer: Any = None, link: Any = None, link_error: Any = None, shadow: str | None = None,
+        *, mutex_return_existing: bool | None = None, **options: Any,
+    ) -> Any:  # fmt: skip
         """Send the task unless a copy with the same key is queued or running.
 
         :param mutex_return_existing: return that copy's ``AsyncResult``
@@ -1228,9 +1092,8 @@ class EarlyMutexTask(_KeyedTask):
                 return self.AsyncResult(refused.task_id)
             raise
         try:
-            return super().apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow, **options
-            )
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow,
+                                       **options)  # fmt: skip
         except BaseException:
             lease.unreserve()  # nothing was sent: the key is free again
             raise
@@ -1247,7 +1110,7 @@ class EarlyMutexTask(_KeyedTask):
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """``celery.Task.retry``, keeping the key for the retried copy through its countdown."""
         lease = getattr(self.request, "zkcelery_early", None)
-        if lease is not None and lease:
+        if lease:
             lease.requeue()  # before the retried copy is sent: it must find the key its own
         try:
             return super().retry(*args, **kwargs)
@@ -1259,6 +1122,11 @@ class EarlyMutexTask(_KeyedTask):
             raise
 
     def _take(self, lease: _EarlyLease) -> None:
+        """Take the key; running as this same task id, MutexTask's rule for a second delivery.
+
+        That is _decide_mutex's rule without the broker's bound and without its
+        back-off: still held after the wait, by any task, the copy goes back to the queue.
+        """
         try:
             lease.acquire()
             return
@@ -1271,29 +1139,21 @@ class EarlyMutexTask(_KeyedTask):
                            refused.task_id, holder=refused.task_id,
                            outcome="rejected")  # fmt: skip
                 self._refuse(lease, refused, mutex_rejected, holder, quiet=False)
-        self._second_delivery(lease, _OwnHolder(holder, self.app))
-
-    def _second_delivery(self, lease: _EarlyLease, own: _OwnHolder) -> None:
-        """This task id runs already: MutexTask's rule for a second delivery (see _decide_mutex).
-
-        Without the broker's bound, and without its back-off: still held after
-        the wait, by any task, it goes back to the queue.
-        """
-        if own.alive_here():
+        if _alive_here(holder):
             where = "in a live process here"
-        elif lease.wait_for_holder(own.meta, own.dead_for) != "released":
+        elif lease.wait_for_holder(holder, _dead_for(holder, self.app)) != "released":
             with contextlib.suppress(AlreadyQueued):
                 lease.acquire()
                 return
-            exc = MutexHeld(f"early mutex {lease.key} is running as this same task", requeue=True)
+            held = MutexHeld(f"early mutex {lease.key} is running as this same task", requeue=True)
             lease._log(logging.INFO, "is running as this same task past its session's "
                        "end: requeued", holder=self.request.id, outcome="requeued")  # fmt: skip
-            self._refuse(lease, exc, mutex_requeued, own.meta)
+            self._refuse(lease, held, mutex_requeued, holder)
         else:
             where = "whose first delivery ran to its end"
         lease._log(logging.INFO, "is running as this same task %s: second delivery dropped",
                    where, holder=self.request.id, outcome="dropped")  # fmt: skip
-        self._refuse(lease, Ignore(), mutex_dropped, own.meta, quiet=False)
+        self._refuse(lease, Ignore(), mutex_dropped, holder, quiet=False)
 
     def _early_lease(self, args: Any, kwargs: Any, task_id: str | None) -> _EarlyLease:
         return _EarlyLease(self, _EARLY, self._mutex_values(args, kwargs), task_id=task_id)
@@ -1304,19 +1164,19 @@ class EarlyMutexTask(_KeyedTask):
 _warned: set = set()
 
 
-def _warn_duplicates(task: celery.Task, setting: str, seconds: float, timeout: float) -> None:
-    """Say once per process and task that Redis will deliver its messages twice."""
-    if (task.name, setting) in _warned:
-        return
-    _warned.add((task.name, setting))
-    _log(
-        logging.WARNING,
-        "task %s: %s (%g s) is longer than the Redis visibility_timeout (%g s, in "
-        "broker_transport_options): Redis will deliver such a message again while the "
-        "first delivery still waits or runs, so duplicates are certain; raise "
-        "visibility_timeout above it",
-        task.name, setting, seconds, timeout, task_name=task.name, outcome="duplicates_certain",
-    )  # fmt: skip
+def _warn_duplicates(task: celery.Task, setting: str, seconds: Any) -> bool:
+    """Whether ``seconds`` exceeds the Redis visibility_timeout (said once a task and setting)."""
+    timeout = _redis_visibility_timeout(task.app)
+    if timeout is None or not isinstance(seconds, (int, float)) or seconds <= timeout:
+        return False
+    if (task.name, setting) not in _warned:
+        _warned.add((task.name, setting))
+        _log(logging.WARNING, "task %s: %s (%g s) is longer than the Redis visibility_timeout "
+             "(%g s, in broker_transport_options): Redis will deliver such a message again "
+             "while the first delivery still waits or runs, so duplicates are certain; raise "
+             "visibility_timeout above it", task.name, setting, seconds, timeout,
+             task_name=task.name, outcome="duplicates_certain")  # fmt: skip
+    return True
 
 
 def _check_limits(sender: Any = None, **_: Any) -> None:
@@ -1324,20 +1184,15 @@ def _check_limits(sender: Any = None, **_: Any) -> None:
     if not isinstance(sender, (LockTask, MutexTask)) or (sender.name, "checked") in _warned:
         return
     _warned.add((sender.name, "checked"))
-    timeout = _redis_visibility_timeout(sender.app)
-    if timeout is None:
-        return
-    conf = sender.app.conf
     if sender.acks_late:  # its message stays unacknowledged while the body runs
         for option, setting in (("time_limit", "task_time_limit"),
                                 ("soft_time_limit", "task_soft_time_limit")):  # fmt: skip
-            limit = getattr(sender, option, None) or conf.get(setting)
-            if isinstance(limit, (int, float)) and limit > timeout:
-                _warn_duplicates(sender, f"{option} ({setting})", limit, timeout)
+            limit = getattr(sender, option, None) or sender.app.conf.get(setting)
+            if _warn_duplicates(sender, f"{option} ({setting})", limit):
                 break
-    delay = sender.default_retry_delay
-    if isinstance(sender, MutexTask) and isinstance(delay, (int, float)) and delay > timeout:
-        _warn_duplicates(sender, "default_retry_delay (its retry countdown)", delay, timeout)
+    if isinstance(sender, MutexTask):
+        delay = sender.default_retry_delay
+        _warn_duplicates(sender, "default_retry_delay (its retry countdown)", delay)
 
 
 def _release_after_run(task: Any = None, **_: Any) -> None:
@@ -1355,9 +1210,7 @@ def _check_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
     if isinstance(when, datetime):
         now = datetime.now(when.tzinfo) if when.tzinfo else datetime.now()
         when = (when - now).total_seconds()
-    timeout = _redis_visibility_timeout(sender.app)
-    if timeout is not None and isinstance(when, (int, float)) and when > timeout:
-        _warn_duplicates(sender, "the retry countdown", when, timeout)
+    _warn_duplicates(sender, "the retry countdown", when)
 
 
 def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
@@ -1387,10 +1240,8 @@ def _refused(task: EarlyMutexTask, lease: _EarlyLease, refused: AlreadyQueued) -
         return
     try:
         with task.app.events.default_dispatcher() as dispatcher:
-            dispatcher.send(
-                "task-rejected", uuid=lease._task_id(), name=task.name, requeue=False,
-                reason=str(refused), holder=refused.task_id,
-            )  # fmt: skip
+            dispatcher.send("task-rejected", uuid=lease._task_id(), name=task.name, requeue=False,
+                            reason=str(refused), holder=refused.task_id)  # fmt: skip
     except Exception as exc:  # a monitor's event must not change what the send does
         lease._log(logging.WARNING, "refusal not sent as a task event: %s", exc,
                    outcome="not_sent", error=str(exc))  # fmt: skip
