@@ -1693,7 +1693,7 @@ class _MutexLease(Lease):
 
         The copy is sent with this run's task id before the run ends, so before
         the mutex is released: the note tells it from a second delivery of the
-        same message (see _OwnHolder).  Never in a lock's queue node: a change
+        same message (see _follows).  Never in a lock's queue node: a change
         of its data tells the waiter behind that it holds now (see
         _ExclusivePolicy).  A mutex's lease is taken without waiting, so it
         never holds through the queue.
