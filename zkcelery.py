@@ -2317,7 +2317,7 @@ class _Grant:
         ended, held = self._mark_released(), self.held()
         try:
             if self.why_lost != _BROKEN:  # else the node at our path may be another's now
-                self.protocol.release(self.path, self.session_id)
+                self.protocol.release(self)
         except CoordinationError as exc:
             self._lease._not_released(exc)
         except BaseException:  # from outside, mid-release: the node, if still ours, later
@@ -2430,48 +2430,37 @@ _Children = Callable[[str], Collection[str]]
 
 
 class _Queue:
-    """Contenders for one key, in arrival order, under one container node.
+    """Contenders for one key, in arrival order: one ephemeral sequential node each
+    (``<tag>@<guid>@<seq>``, see the protocol map) under one container node.
 
-    Each contender creates one ephemeral sequential child named
-    ``<tag>@<guid>@<sequence>``; the order of the sequence numbers is the
-    order of arrival.  The tag is what the protocol needs every contender to
-    see in one listing: a semaphore's max_leases, a reader's or a writer's
-    mode.  A policy (_QueuePolicy) answers, for the sorted contenders, two
-    questions: is ours granted, and which one thing do we watch until it may
-    be.  Watching one node rather than the container means a change wakes
-    the one waiter it concerns, not all of them (the herd effect).  With
-    ``absent`` (the exclusive lock's ``<name>``), nothing holds until that
-    node is gone: a join checks it absent in the request that makes our node,
-    else the waiter watches it until it goes (see _ExclusiveLock).
+    A policy (_QueuePolicy) says, of the sorted contenders, whether ours is
+    granted and which one node we watch until it may be: one node, not the
+    container, so a change wakes the one waiter it concerns (no herd).  With
+    ``absent`` (an exclusive lock's ``<name>``), nothing holds until that
+    node is gone (see _ExclusiveLock).
 
-    Recovery: the <guid> lets a contender find its own node again after a
-    create whose answer was lost with the connection (the orphan of kazoo
-    issue #732), after a sync, and lets it delete a duplicate of its own that
-    such a create left (seen in a listing); a contender whose node is gone
-    (its session expired, or an operator removed it) makes a new one, at the
-    back of the queue: the only place the protocol can give it.  A container
-    reaped between its creation and our create is made again.
+    Recovery: the guid finds our node again after a create whose answer was
+    lost with the connection (kazoo issue #732), after a sync, and tells a
+    duplicate such a create left (deleted once a listing shows it).  A
+    contender whose node is gone (its session ended, an operator removed it)
+    joins again at the back, the only place left; a container reaped between
+    its creation and our create is made again.
 
-    Cleanup: whatever ends the wait, our node is deleted by its own path, in
-    the session the server says made it (the create's stat), never the
-    session current at some other moment; an exception that comes while the
-    answer to our create is on its way (a soft time limit) leaves the node to
-    the session's reaper by its prefix (abandon), which the guid makes ours.
+    Cleanup: our node is deleted by its path, in the session the server says
+    made it (the create's stat), never the one current at another moment; an
+    exception while the create's answer is on its way (a soft time limit)
+    leaves it to the session's reaper by its prefix (abandon).
 
     The rules every waiter obeys, whatever its policy, are kept here:
 
-    - a waiter is granted only while its own node exists, whatever woke it.
-      A listing shows it; a wake that grants without one is believed only if
-      our node was not deleted first: for a policy that may grant so, the
-      engine watches our own node, once a join, in the same batch as the
-      first watch of the join.  A session's events come in the order of the
-      changes, so a deletion of our node by hand (or ``rm``) is known before
-      the change that would grant us.
-    - a grant by a hand-off mark is taken only from the node watched in the
-      current turn.
-    - a wake from an earlier join says nothing of this one: a new join
-      starts new watches, and the session that made our node must still be
-      ours when a watch is set.
+    - it is granted only while its own node exists, whatever woke it.  For a
+      policy that may grant on a wake, without a listing, the engine watches
+      our own node, in the batch of the join's first watch: a session's
+      events come in the order of the changes, so a deletion of our node (by
+      hand, ``rm``) is known before the change that would grant us.
+    - a hand-off mark grants only from the node watched in the current turn.
+    - a wake from an earlier join says nothing of this one: a new join sets
+      new watches (_Join), while the session that made our node is ours.
     """
 
     def __init__(
@@ -2501,15 +2490,11 @@ class _Queue:
         return f"{self.path}/{self.node}"
 
     def join(self, absent: str | None = None, watch: Callable | None = None) -> bool:
-        """Create our node, or find it again if the answer to the create was lost.
+        """Create our node (or find it again after a lost answer); True if ``absent`` was
+        checked absent in the same request, False if it existed (our node made alone).
 
-        With ``absent``, the node is made in one request that also checks that
-        ``absent`` does not exist then; True if it was made so, False if
-        ``absent`` existed and the node was made on its own.
-
-        The listing that follows every join (with ``watch``) is sent right
-        after the create, with no wait between them: the server answers a
-        session's requests in order, so it lists our node (see listed).
+        The listing (with ``watch``) is sent right after the create, with no wait:
+        the server answers a session's requests in order, so it lists our node.
         """
         session = self.session
 
@@ -2538,9 +2523,7 @@ class _Queue:
                     continue  # never made, or made in a session now ended
                 made, stat = found
                 absent = None  # a late copy of a plain create proves nothing of it
-            # Cleanup goes by the owner, never by the session current at some
-            # other moment (see leave).  Without a stat (a multi-operation's
-            # answer), the token is read when it is asked for (_Grant).
+            # Without a stat (a multi-operation's answer), the token is read when asked.
             if stat is not None:
                 self.token, self.owner = stat.czxid, stat.ephemeralOwner
             else:
@@ -2566,30 +2549,24 @@ class _Queue:
         return None
 
     def listing(self, watch: Callable | None = None) -> list[str]:
-        """The contenders, sorted by arrival (empty when the container is gone)."""
+        """The contenders, sorted by arrival (empty when the container is gone).
+
+        The answer to the listing sent with the last join, if one is to come.
+        """
+        sent, self._listing = self._listing, None
         try:
+            if sent is not None:
+                with contextlib.suppress(_ConnectionLost):  # else list again, when connected
+                    return _by_arrival(self.session.answer(sent, None))
             return _by_arrival(self.session.read(self.session.get_children_async, self.path, watch))
         except NoNodeError:
             return []
 
-    def listed(self, watch: Callable | None = None) -> list[str]:
-        """The listing sent with the last join, if there is one (else as :meth:`listing`)."""
-        sent, self._listing = self._listing, None
-        if sent is not None:
-            try:
-                return _by_arrival(self.session.answer(sent, None))
-            except NoNodeError:
-                return []
-            except _ConnectionLost:
-                pass  # list again, on the next connection
-        return self.listing(watch)
-
     def wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
         """Join, and wait until ``policy`` grants our node; False if not blocking or too late.
 
-        A wait that ends without a grant, however it ends, leaves no node
-        behind: deleted now by its path, or, if that cannot be done now (no
-        answer, or an exception on its way), by the session's reaper.
+        A wait that ends without a grant, however it ends, leaves no node behind:
+        deleted now by its path, else (no answer, an exception) by the reaper.
         """
         granted, session_id = False, self.session.session_id
         try:
@@ -2598,8 +2575,8 @@ class _Queue:
             self.abandon(session_id)  # first, with no I/O: whatever comes next
             raise
         finally:
-            if not granted:  # a waiter that gives up, or fails, leaves no node behind
-                with contextlib.suppress(CoordinationError):  # else the reaper deletes it
+            if not granted:
+                with contextlib.suppress(CoordinationError):
                     self.leave(container_too=policy.leaves_container and len(self.children) <= 1)
         return granted
 
@@ -2613,7 +2590,7 @@ class _Queue:
                 absent = None if self.absent_held else self.absent
                 self.absent_held = False
                 joined = _Join(self, policy, self.join(absent, watch))
-            self.children = self.listed(watch)
+            self.children = self.listing(watch)
             if self.node not in self.children:  # our node is gone: join again
                 self.node = None
                 continue
@@ -2630,24 +2607,20 @@ class _Queue:
                     self.session.handler.sleep_func(0.05)
                 continue
             if self.session.session_id != self.owner:
-                # The session that made our node ended before the watch was set: kazoo
-                # fired its watches then, not this one (set in the new session, on a
-                # node that may stay for long), and our node went with it: join again.
+                # Our node's session ended before the watch was set: kazoo fired its
+                # watches then, not this new one, and our node went too: join again.
                 continue
             free_turns = 0
             if not self.session.wait(woken, deadline):
                 return False
-            # Only while our node exists, whatever woke us: its deletion (by hand,
-            # by rm) reached us before the change that woke us.
             if joined.granted_on_wake() and not joined.own_gone:
                 return True
 
     def abandon(self, session_id: int | None) -> None:
         """Leave our node, known or not, to the session's reaper (an exception came mid-wait).
 
-        No I/O: it may run while an asynchronous exception unwinds.  A node a
-        grant holds is never reaped.  One made in a later session is reaped as
-        well: the prefix is remembered for the session of the try, and for ours.
+        No I/O: it may run while an asynchronous exception unwinds.  A node a grant holds
+        is never reaped; the prefix is left for the try's session and for our node's.
         """
         for session in {session_id, self.owner} - {None}:
             self.session.add_orphan(f"{self.path}/{self.prefix}", session)
@@ -2665,11 +2638,8 @@ class _Queue:
                 self.session.add_orphan(path, self.owner)
 
     def leave(self, container_too: bool = False, handoff: bool = False) -> None:
-        """Delete our node (and the container, when asked and it is then empty).
-
-        :param handoff: mark the node in the request that deletes it, so that
-            the waiter watching it is told it held (see _ExclusivePolicy).
-        """
+        """Delete our node (and the container, when asked and then empty); with ``handoff``,
+        mark it in the same request: its watcher is told it held (see _ExclusivePolicy)."""
         if self.node is not None:
             path, self.node = self.own_path, None
             container = self.path if container_too else None
@@ -2684,11 +2654,9 @@ class _Queue:
 class _Join:
     """One join of a waiter (_Queue): the watches it sets, turn by turn, and what they saw.
 
-    A new join is a new _Join: the watches of an earlier one (before our
-    session changed, say) may still fire, and set only what nobody reads any
-    more.  ``absent`` seen absent when our node was made cannot come back
-    while it queues; else, until we see it gone, a holder that got in before
-    the queue existed may still hold it.
+    The watches of an earlier join may still fire: they set what nobody reads.
+    ``absent`` seen absent at the join cannot come back while our node queues;
+    until then a holder that got in before the queue existed may hold it.
     """
 
     def __init__(self, queue: _Queue, policy: _QueuePolicy, absent_seen: bool) -> None:
@@ -2738,10 +2706,8 @@ class _Join:
             if stat is not None:
                 self.absent_elsewhere = stat.ephemeralOwner != queue.session.session_id
             else:
-                # Gone, and it cannot come back while our node queues: the
-                # listing just read still stands, and no second one is needed.
-                # First in it, we hold (once wait_turn has checked that the
-                # session that made our node lives, and that our node does).
+                # Gone for good: the listing just read stands, and first in it we
+                # hold (once wait_turn has seen our node and its session live).
                 self.absent_gone = True
                 if index < policy.front(children):
                     self.granted_now = True
@@ -2767,11 +2733,9 @@ class _Join:
             return self.absent_gone  # handed over by the node ahead, in this turn
         if self.ahead == EventType.DELETED and self.sole:
             return True
-        # First in line, woken by ``absent``'s deletion: nobody can be ahead of
-        # us (later arrivals queue behind), so the lock is ours without another
-        # listing; the hand-over then costs the holder's delete and nothing more.
-        # Not when its holder is of our own session: then its node may have
-        # gone with that session, and ours with it.
+        # First in line, woken by ``absent``'s deletion: later arrivals queue behind,
+        # so it is ours without another listing.  Not if its holder was of our own
+        # session: its node may have gone with that session, and ours with it.
         return self.head and self.absent_gone and self.absent_elsewhere
 
     def _ahead_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
@@ -2818,23 +2782,18 @@ class _Join:
 class _QueuePolicy:
     """A kind of queue (_Queue): which nodes in line hold, and which one a waiter watches.
 
-    Data and pure functions of the sorted listing and our place in it: the
-    rules every waiter obeys, whatever its kind, are the engine's (_Queue),
-    never a policy's.  This base is the exclusive line: the first node holds,
-    every other waiter watches the one before it.
+    Data and pure functions of the sorted listing and our place in it; the rules
+    every waiter obeys are the engine's.  This base is the exclusive line: the
+    first node holds, every other waiter watches the one before it.
     """
 
     #: The listing sets a children watch: it wakes a waiter with no node to watch.
     watch_listing = False
-
     #: A hand-off mark (a change, then gone) on the node watched grants ours.
     handoff = False
-
-    #: The deletion of the one node keeping ours waiting, made in another
-    #: session, grants ours (nodes join only at the back: nothing else can be
-    #: ahead of us then).
+    #: The deletion of the one node keeping ours waiting, made in another session,
+    #: grants ours (nodes join only at the back: nothing else can be ahead of us).
     sole = False
-
     #: The last waiter to leave deletes the container (else the server reaps it):
     #: the exclusive lock's fast path is open only once it is gone.
     leaves_container = False
@@ -2859,54 +2818,44 @@ class _ExclusiveLock:
     served in arrival order.  A non-blocking try that fails costs that one
     request.
 
-    A blocking contender that finds the lock taken joins the queue (see
-    _Queue).  It holds the lock when its node is first in the queue and the
-    node ``<name>`` is gone.  Because ``<name>`` cannot be created again while
-    the queue is not empty, each waiter needs to see it gone only once: its
-    node is made in a multi-operation that also creates and deletes
-    ``<name>``, which succeeds only while ``<name>`` is absent, so the join
-    itself says so (when ``<name>`` is held, the node is made on its own and
-    the waiter watches ``<name>`` until it goes).  Every waiter but the first
-    watches the waiter before it, so a release wakes exactly one.  The last
-    waiter to leave deletes the queue, which reopens the fast path (the
-    server would reap the empty container anyway, but only after its check
-    interval, a minute by default).
+    A blocking contender that finds the lock taken joins the queue (_Queue)
+    and holds when its node is first and ``<name>`` is gone.  ``<name>``
+    cannot be made again while the queue is not empty, so each waiter needs
+    to see it gone only once: the join's multi-operation also creates and
+    deletes ``<name>``, so it says whether ``<name>`` is absent (if held, the
+    node is made on its own and the waiter watches ``<name>`` until it goes).
+    Every other waiter watches the one before it (_ExclusivePolicy), so a
+    release wakes exactly one.  The last waiter to leave deletes the queue,
+    which reopens the fast path (the server would reap the empty container
+    only after its check interval, a minute by default).
 
     What a contended acquisition costs, and why no less.  A waiter behind
     others: the join (one write: a FIFO needs a sequence number), a listing
-    (it cannot know which node is before it without one: sequence numbers
-    have gaps, and guids are random), a read that watches that node, a read
-    that watches its own node, and the release: five.  The node before
-    tells, by how it goes, whether it held (a hand-off: changed, then gone)
-    or not (deleted: it gave up, its session ended, or ``rm`` broke it); only
-    the second needs a listing again, since it says nothing of those before
-    it.  The watch on its own node is what lets a hand-off be believed: a
-    waiter whose node was deleted from outside (by hand, in ZooKeeper) is no
-    longer in line, and the waiter behind it may already be watching the
-    same holder; the session's events come in order, so the deletion is
-    known before the hand-off.  Both reads come before the wait, so a
-    hand-off costs the waiter nothing on the way to holding.  Requests that
-    need no answer in between go together (the join with the listing, the
-    two reads): the server answers a session's requests in the order sent,
-    so the waiter waits for answers twice, not four times.  A waiter first
-    in line at its join is granted by the first listing: three.  One behind
-    a holder of ``<name>`` (the fast path's, whose failed try said so): the
+    (sequence numbers have gaps and guids are random: only a listing tells
+    which node is before it), a read that watches that node, a read that
+    watches its own node (what lets a hand-off be believed: see _Queue), and
+    the release: five.  Requests that need no answer in between go together
+    (the join with the listing, the two reads): the server answers a
+    session's requests in order, so the waiter waits for answers twice, not
+    four times, and a hand-off costs it nothing on the way to holding.  A
+    waiter first in line at its join is granted by the listing: three.  One
+    behind a holder of ``<name>`` (the fast path's failed try said so): the
     try, the join on its own, a listing, a read that watches ``<name>``, and
     the release: five, its deletion granting without another listing.  A
-    process that found the key contended lately skips the try.  kazoo's
-    Lock pays six behind others: it lists again on every wake.
+    process that found the key contended lately skips the try.  kazoo's Lock
+    pays six behind others: it lists again on every wake.
 
-    The fencing token is not a node's creation zxid, which orders joins,
-    not grants (a multi-lock holds a key it joined early while it takes the
-    next one): it is read when asked (_Session.zxid_holding).
+    The fencing token is read when asked (_Session.zxid_holding), not taken
+    from a node's creation zxid, which orders joins, not grants (a multi-lock
+    holds a key it joined early while it takes the next one).
 
-    Release deletes ``<name>`` in a multi-operation that also checks the
-    data version of the namespace node, as read before ``<name>`` was made
-    (once per process).  ``rm`` bumps that version in the multi-operation
-    that breaks a holder, so a broken holder's late release fails the check
-    instead of deleting the next holder's ``<name>``; it then reads the node
-    and deletes it only if it is still its own.  A queue node's name is
-    unique, so deleting it by its path is always safe.
+    Release deletes ``<name>`` in a multi-operation that also checks the data
+    version of the namespace node, as read before ``<name>`` was made (once
+    per process).  ``rm`` bumps that version as it breaks a holder, so a
+    broken holder's late release fails the check instead of deleting the next
+    holder's ``<name>``; it then reads the node and deletes it only if it is
+    still its own.  A queue node's name is unique: deleting it by its path is
+    always safe.
     """
 
     def __init__(self, session: _Session, parent: str, name: str, guid: str, data: bytes) -> None:
@@ -2940,7 +2889,6 @@ class _ExclusiveLock:
         self.session.contended(self.key_path, seen=True)
         if not blocking or not self.queue.wait_turn(_EXCLUSIVE, blocking, deadline):
             return None
-        # The token is learnt when asked, at the grant (see _Session.zxid_holding).
         return self.queue.own_path, None, self.queue.owner
 
     def _take_free(self) -> str:
@@ -2973,10 +2921,9 @@ class _ExclusiveLock:
     def _clear_limited(self) -> bool:
         """Delete ``<name>`` if it is a limited mutex's container that no holder is in.
 
-        Its last holder leaves it for the server to reap (within a minute),
-        and until then it would stand in a plain mutex's way.  The probe makes
-        the delete safe in one multi-operation: it fails if ``<name>`` is now
-        a holder's node (which cannot have children) or still has holders.
+        Left for the server to reap (within a minute), it would stand in a plain
+        mutex's way till then.  The probe's create fails if ``<name>`` is now a
+        holder's node (which cannot have children), the delete if it has holders.
         """
         probe = f"{self.holder}/{_SEP}probe"
 
@@ -2992,11 +2939,11 @@ class _ExclusiveLock:
         self.session.add_orphan(self.holder, session_id, self.guid)
         self.queue.abandon(session_id)
 
-    def release(self, path: str, session_id: int | None) -> None:
-        if path == self.holder:
+    def release(self, grant: _Grant) -> None:
+        if grant.path == self.holder:
             mark = self.data if _marks_release(self.holder) else None
             self.session.delete_own(
-                path, session_id, guid=self.guid, epoch=self.epoch, handoff=mark
+                grant.path, grant.session_id, guid=self.guid, epoch=self.epoch, handoff=mark
             )
         else:  # a holder's queue node: the waiter behind is told it held
             self.queue.leave(container_too=len(self.queue.children) <= 1, handoff=True)
@@ -3029,11 +2976,8 @@ class _ExclusiveLock:
 
     @staticmethod
     def guarding(session: _Session, parent: str) -> Iterator[str]:
-        """The per-key nodes under ``parent`` whose ACL guards contenders.
-
-        Queues, beat states, and limited mutexes' containers (a holder's node
-        is ephemeral; a container is not).
-        """
+        """The per-key nodes under ``parent`` whose ACL guards contenders: queues, beat
+        states, and limited mutexes' containers (a holder's node is ephemeral)."""
         for child in sorted(session.read(session.client.get_children_async, parent)):
             path = f"{parent}/{child}"
             if child.endswith((_QUEUE, _SCHEDULE)):
@@ -3048,13 +2992,11 @@ class _ExclusivePolicy(_QueuePolicy):
     """_ExclusiveLock's line: the first node holds once ``<name>`` (the queue's ``absent``) is gone.
 
     A holder's queue node is released by a multi-operation that rewrites its
-    data and deletes it (_Queue.leave's hand-off), so the waiter behind it is
-    told "changed", never "deleted", and nothing else changes a queue node's
-    data.  Since only the first in line ever holds, that node was first: the
-    waiter is first now, and holds without listing again.  A node deleted
-    plainly (its waiter gave up, its session ended, or ``rm``) says nothing
-    of those before it: the waiter lists again.  Either grant without a
-    listing stands only while our own node exists, which the engine checks.
+    data and deletes it (a hand-off), and nothing else changes a queue node's
+    data: the waiter behind, told "changed", knows that node was first and
+    held, so it holds without listing again.  A node deleted plainly (its
+    waiter gave up, its session ended, ``rm``) says nothing of those before
+    it: the waiter lists again.
     """
 
     handoff = True
@@ -3067,40 +3009,32 @@ _EXCLUSIVE = _ExclusivePolicy()
 class _ExclusiveSet:
     """Several exclusive locks held together: a multi-lock (_MultiLease).
 
-    Nodes: none of its own.  Each key is an _ExclusiveLock with its usual
-    nodes, ``<name>`` and ``<name>@queue/...``, so a key held through a
-    multi-lock excludes ``lock()`` (or a MutexTask) of that key and the other
-    way round, and ``ls``, ``rm`` and the exporter see each key as the lock it
-    is.  All keys are in one namespace.
+    No nodes of its own: each key is an _ExclusiveLock with its usual nodes,
+    so a key held through a multi-lock excludes ``lock()`` (or a MutexTask)
+    of that key and the other way round, and ``ls``, ``rm`` and the exporter
+    see each key as the lock it is.  All keys are in one namespace.
 
     Uncontended, one multi-operation makes every key's ``<name>`` with that
-    key's queue check (_ops): every key free and nobody
-    queued on any, or nothing at all; and one multi-operation deletes them,
-    fenced by the namespace's epoch as a single release is.  2 requests a
-    cycle whatever the number of keys k (a single lock's 2 for k = 1), and
-    a try that fails costs that one request.
+    key's queue check (_ops), all or nothing, and one deletes them, fenced by
+    the namespace's epoch as a single release is: 2 requests a cycle for any
+    number of keys k, and a try that fails costs that one request.
 
-    Otherwise (a key is held and the try blocks, a key has waiters, or a
-    key was found contended lately) the keys are taken one at a time, each
-    through its own lock and queue, in one global order: sorted by lock
-    name.  A waiter then holds only keys that sort before the one it waits
-    for, so no set of multi-locks can wait for each other in a cycle,
-    whatever the order their keys were given in, and nothing is held while
-    waiting by a try that takes all at once.  A waiter watches what a
-    single lock's waiter watches: ``<name>`` until it has seen it gone, then
-    the waiter before it; a release wakes one waiter per key.  A grant then
-    costs each key its own cycle, 2k requests and the waits, plus the one
-    failed multi-operation if it was tried first.  A try that fails, or
-    raises, part-way releases the keys it took, the last first; a key taken
-    early whose session ended while a later one waited is taken again.
+    Otherwise (a key is held and the try blocks, a key has waiters, or was
+    found contended lately) the keys are taken one at a time, each through
+    its own lock and queue, sorted by lock name: the one global order.  A
+    waiter then holds only keys that sort before the one it waits for, so no
+    set of multi-locks can wait for each other in a cycle, whatever order
+    their keys were given in.  Each key costs its own cycle, 2k requests and
+    the waits (plus the failed multi-operation, if tried first).  A try that
+    fails, or raises, part-way releases the keys it took, the last first; a
+    key taken early whose session ended while a later one waited is taken
+    again.
 
     Recovery: a lost answer to the multi-operation is recovered by reading
-    the first key (the transaction made all or none); a multi-operation we
-    stopped waiting for deletes what it made, when it comes, or on reconnect.
-    A release whose answer is lost leaves each node to be deleted, if still
-    ours, when ZooKeeper answers (_Session.add_orphan); one that finds the
-    epoch moved (an ``rm`` ran) or a node gone releases each key on its own,
-    as one lock does.
+    the first key (it made all or none); one we stopped waiting for deletes
+    what it made, when it comes, or on reconnect.  A release whose answer is
+    lost leaves each node to the reaper (_Session.add_orphan); one that finds
+    the epoch moved (an ``rm`` ran) or a node gone releases each key alone.
     """
 
     def __init__(self, session: _Session, locks: list[_ExclusiveLock]) -> None:
@@ -3214,9 +3148,8 @@ _FAST_OPS = 3
 class _Line:
     """A protocol whose holders and waiters are one line in the key's container (_Queue).
 
-    The front of the line holds (its policy's ``front``), which ``ls`` tells
-    from one listing (``front_of``); a node is released by its path, in the
-    session that made it.
+    Its front holds (the policy's ``front``), as ``ls`` tells from one listing
+    (``front_of``).
     """
 
     def __init__(self, queue: _Queue, policy: _QueuePolicy) -> None:
@@ -3235,9 +3168,7 @@ class _Line:
         """Leave this try's node, waiting or granted, to the reaper (no I/O)."""
         self.queue.abandon(session_id)
 
-    def release(self, path: str, session_id: int | None) -> None:
-        self.queue.node = path.rsplit("/", 1)[1]
-        self.queue.owner = session_id
+    def release(self, grant: _Grant) -> None:
         # A waiter behind lists again whether the node changed or went: the
         # mark costs it nothing, and a limited mutex's copy sees the run ended.
         self.queue.leave(handoff=_marks_release(self.key_path))
@@ -3284,25 +3215,23 @@ class _Line:
 class _Semaphore(_Line):
     """Up to ``max_leases`` holders at a time.
 
-    Holders and waiters alike create one node in the semaphore's container
-    (see _Queue); the first ``max_leases`` in arrival order hold a lease.
-    Uncontended that is three requests: create, list, delete.  The number of
-    leases travels in every node's name, so holders that disagree on it are
-    found by the same listing and refused.
+    Holders and waiters alike make one node in the semaphore's container
+    (_Queue); the first ``max_leases`` in arrival order hold.  Uncontended:
+    create, list, delete.  The limit is in every node's name, so holders
+    that disagree on it are found by the same listing and refused.
 
     The first waiter (position ``max_leases``) may be granted by any holder
     leaving, so it watches the container's children; every later waiter
-    watches the one node before it.  When that node is granted it rewrites
-    its data (a watched change) so the next waiter wakes and takes over the
-    first waiter's watch.  A release thus wakes the first waiter, and a grant
-    the next one: never all of them.  Waiters on another semaphore are under
-    another container and cost this one nothing.
+    watches the node before it.  A node that is granted rewrites its data (a
+    watched change), so the next waiter wakes and takes over the first
+    waiter's watch.  A release thus wakes the first waiter, and a grant the
+    next one: never all of them.
 
     A limited MutexTask (``mutex_max_leases``) is such a semaphore, its
-    container at ``mutexes/<name>``, where a plain mutex's holder node would be:
-    copies that disagree on the limit, one (a node that cannot have children)
-    and more (a container), thus find each other's node in the way and exclude
-    each other, and are refused with MaxLeasesMismatch, never admitted together.
+    container at ``mutexes/<name>``, where a plain mutex's holder node would
+    be: copies that disagree on the limit, one (a node that cannot have
+    children) and more (a container), find each other's node in the way and
+    are refused with MaxLeasesMismatch, never admitted together.
     """
 
     def __init__(
@@ -3392,33 +3321,28 @@ class _ReadWriteLock(_Line):
     """Readers share it, a writer holds it alone: ``read_lock()`` and ``write_lock()``.
 
     Readers and writers of one key make one node each in the key's container
-    (see _Queue), tagged ``read`` or ``write``: a single line, in arrival
-    order.  The front of the line holds: the first node if it is a writer's,
-    else every reader ahead of the first writer (_front).  A reader never
-    overtakes a writer that came before it, nor a writer readers that came
-    before it, so neither starves.  A contender looks only at the nodes ahead
-    of it: a writer behind a reader never holds the reader up (the deadlock
-    of kazoo issue #649, where a reader also waited for a later writer).
+    (_Queue), tagged ``read`` or ``write``: a single line, in arrival order.
+    Its front holds: the first node if a writer's, else every reader ahead of
+    the first writer (front_of).  Neither overtakes the other, so neither
+    starves, and a contender looks only at the nodes ahead of it: a writer
+    behind a reader never holds the reader up (the deadlock of kazoo issue
+    #649, where a reader also waited for a later writer).
 
-    Each waiter watches one node, for its deletion: a reader the last writer
-    ahead of it, a writer the node just ahead of it.  A writer's release thus
-    wakes the readers it kept waiting, each of them granted, or the one
-    writer behind it; a reader's release wakes at most the writer right
-    behind it.  Never a herd; a writer behind n readers wakes at most n times,
-    once per release.
+    Each waiter watches one node for its deletion: a reader the last writer
+    ahead of it, a writer the node just ahead.  A writer's release thus
+    wakes the readers it kept waiting, or the one writer behind it; a
+    reader's at most the writer right behind.  Never a herd: a writer behind
+    n readers wakes at most n times.
 
-    Uncontended, a read or a write lock costs three requests: create, list,
-    delete; a failed try the same, its node deleted at once.  A waiter woken
-    by the deletion of the only node that kept it waiting, made in another
-    session, holds without listing the line again (_QueuePolicy.sole): after
-    the release, the grant costs no request.  Any other wake costs a listing
-    and the get that sets the next watch.
+    Uncontended, either costs three requests (create, list, delete), and so
+    does a failed try.  A waiter woken by the deletion of the only node that
+    kept it waiting, made in another session, holds without listing again
+    (_QueuePolicy.sole); any other wake costs a listing and the next watch.
 
-    The fencing token is the node's creation zxid, one order for readers and
-    writers: conflicting grants follow the line, which is the order of
-    creation, so a writer's token exceeds every token granted before it, and
-    a reader's every writer's before it.  Readers that overlap are in no
-    order among themselves, as a semaphore's holders.
+    The fencing token is the node's creation zxid: conflicting grants follow
+    the line, the order of creation, so a writer's token exceeds every token
+    granted before it, and a reader's every earlier writer's.  Overlapping
+    readers are in no order among themselves, as a semaphore's holders.
     """
 
     def __init__(self, session: _Session, path: str, mode: str, guid: str, data: bytes) -> None:
@@ -3426,7 +3350,11 @@ class _ReadWriteLock(_Line):
 
     @staticmethod
     def front_of(nodes: list[str]) -> int:
-        return _front(nodes)
+        """A writer alone, or the readers ahead of the first writer."""
+        for i, node in enumerate(nodes):
+            if node.startswith(_WRITE + _SEP):
+                return i or 1
+        return len(nodes)
 
     @staticmethod
     def kind_of(path: str) -> str:
@@ -3443,7 +3371,7 @@ class _ReadWritePolicy(_QueuePolicy):
         self.mode = mode
 
     def front(self, children: list[str]) -> int:
-        return _front(children)
+        return _ReadWriteLock.front_of(children)
 
     def blocker(self, children: list[str], index: int) -> int | None:
         """The last writer ahead of a reader; the node ahead of a writer."""
@@ -3452,25 +3380,15 @@ class _ReadWritePolicy(_QueuePolicy):
         return index - 1
 
 
-def _front(children: list[str]) -> int:
-    """How many at the front of a read/write line hold: a writer alone, or the readers."""
-    for i, child in enumerate(children):
-        if child.startswith(_WRITE + _SEP):
-            return i or 1
-    return len(children)
-
-
 def _wait_gone(
     session: _Session, path: str, deadline: float | None, guid: str | None = None
 ) -> str:
     """Wait until the node at ``path`` is gone, or the deadline: say how it went.
 
-    ``"released"``: its holder released it, which marks the node in the
-    request that deletes it (a mutex's: see _marks_release): a change, then
-    gone.  ``"gone"``: deleted otherwise (its session ended, ``rm``), or gone
-    before the first look, which cannot tell.  ``"held"``: there at the
-    deadline.  With ``guid``, only that holder's node counts: the next
-    holder of a fixed path is not it.
+    ``"released"``: marked by its holder's release, then gone (_marks_release).
+    ``"gone"``: deleted otherwise (session ended, ``rm``), or before the first
+    look.  ``"held"``: there at the deadline.  With ``guid``, only that
+    holder's node counts: the next holder of a fixed path is not it.
     """
     changed = False
     while True:
@@ -3517,11 +3435,8 @@ def _expired(deadline: float | None) -> bool:
 
 
 def _caught_up(session: _Session, session_id: int | None, path: str) -> bool:
-    """After a lost answer: False if the session that sent the request ended.
-
-    The server we reconnected to may not have applied the request yet: catch
-    up with the leader (a sync) before looking.
-    """
+    """After a lost answer: False if the session that sent the request ended; else sync
+    with the leader, since the server we reconnected to may not have applied it yet."""
     session.wait_connected()
     if session.session_id != session_id:
         return False
@@ -3552,12 +3467,11 @@ class _EarlyMutex:
              in its data.  A message that is never delivered blocks the key
              only until then: whoever finds it expired deletes it (and the
              server reaps a TTL node by itself).
-    running  an ephemeral node of the worker's session: if the worker dies,
-             the key is free once ZooKeeper expires its session.  It is made at
-             data version 1 (see _RUNNING_VERSION), the queued form at 0: the
-             version a delete checks tells the two forms apart.  Two queued
-             forms it cannot tell apart: a sweep or a take of an *expired*
-             queued form deletes at version 0, and a new send's queued form
+    running  an ephemeral node of the worker's session, so the key is free
+             once ZooKeeper expires a dead worker's session; made at data
+             version 1, the queued form at 0 (see _RUNNING_VERSION).  Two
+             queued forms a version cannot tell apart: a sweep or a take of an
+             *expired* one deletes at version 0, and a new send's queued form
              made in the round trip between its read and its delete would go
              instead (only past ``mutex_timeout``, and only in that window).
 
@@ -3671,9 +3585,8 @@ class _EarlyMutex:
     def requeue(self, session_id: int | None) -> bool:
         """At a retry: turn our running form back into the queued form a send makes.
 
-        In one multi-operation: no ``rm`` since we took it (the epoch), our
-        running form deleted, the queued form made, as a TTL node where the
-        servers allow them.  False if it is not ours to turn (broken).
+        In one multi-operation: no ``rm`` since we took it (the epoch), our running
+        form deleted, the queued form made.  False if it is not ours to turn (broken).
         """
         if self.session.session_id != session_id:
             return True  # the session ended: the key went with it, the retried copy takes it
@@ -3711,9 +3624,11 @@ class _EarlyMutex:
         """Leave the running form this try may have made to the reaper (no I/O)."""
         self.session.add_orphan(self.holder, session_id, self.guid)
 
-    def release(self, path: str, session_id: int | None) -> None:
+    def release(self, grant: _Grant) -> None:
         mark = self._data("ended")  # a second delivery waiting for it sees the run ended
-        self.session.delete_own(path, session_id, guid=self.guid, epoch=self.epoch, handoff=mark)
+        self.session.delete_own(
+            grant.path, grant.session_id, guid=self.guid, epoch=self.epoch, handoff=mark
+        )
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         found = self.session.read_nodes([self.holder])
@@ -3754,12 +3669,10 @@ class _EarlyMutex:
             self.session.call(self.session.client.delete_async, self.holder, stat.version)
 
 
-#: The data version of an early mutex's running form: it is created, then set once.
-#: A node made anew starts at version 0 again, so a version alone cannot tell a queued
-#: form from the running form that replaced it: a run that read the queued form (0)
-#: and came second would delete the first run's running form at "its" version and
-#: run beside it (two deliveries of one message at once).  Made at 1, the running
-#: form never matches a read of the queued form.
+#: The data version of an early mutex's running form (created, then set once).  A node
+#: made anew starts at 0 again: at 0, a run that read the queued form and came second
+#: would delete the first run's running form at "its" version and run beside it (two
+#: deliveries of one message at once).  At 1, it never matches a read of a queued form.
 _RUNNING_VERSION = 1
 
 
