@@ -1515,9 +1515,8 @@ class Lease:
     ) -> _LeaseT:
         """A lease that ``app`` holds itself, with no task: the beat's election.
 
-        ``owner`` stands where a task's name would (holder metadata, ``ls``,
-        log lines); there is no task id, and no task to retry, so ``retry``
-        is refused.  The other options are the constructor's.
+        ``owner`` stands where a task's name would (metadata, ``ls``, log lines);
+        with no task to retry, ``retry`` is refused.  The options are the constructor's.
         """
         if options.get("retry"):
             raise TypeError(f"{owner} is not a task: a lease it holds cannot retry it")
@@ -1659,11 +1658,9 @@ class Lease:
         except (CoordinationError, AlreadyQueued):
             raise  # a try that failed, not one cut short from outside (below)
         except BaseException:
-            # An exception from outside (a soft time limit, a signal handler's):
-            # give back what the try made, since the caller will not (``with``
-            # calls no __exit__ when __enter__ raised).  A node granted but not
-            # yet returned (a semaphore's wake of the next waiter) is the
-            # reaper's, as one still waiting is.
+            # An exception from outside (a soft time limit, a signal handler's): give
+            # back what the try made, since the caller will not (``with`` calls no
+            # __exit__ when __enter__ raised); a node not yet returned, the reaper's.
             if granted is None:
                 protocol.abandon(session_id)
             else:  # quietly: no signal said it was held
@@ -1758,10 +1755,8 @@ class _Kind:
 
 @functools.cache
 def _kinds() -> dict[tuple[str, str | None, bool], _Kind]:
-    """Every kind, by what a lease is made with: (namespace, mode, max_leases given).
-
-    Made at first use: the names it uses come later in the module.
-    """
+    """Every kind, by (namespace, mode, max_leases given); made at first use, after the
+    protocols it names."""
     return {
         (_LOCKS, None, False): _Kind("lock", _exclusive),
         (_MUTEXES, None, False): _Kind("mutex", _exclusive),
@@ -1774,7 +1769,6 @@ def _kinds() -> dict[tuple[str, str | None, bool], _Kind]:
     }
 
 
-# The protocol of each kind: (lease, session, namespace node, guid, metadata).
 def _exclusive(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
     return _ExclusiveLock(session, parent, lease.name, guid, data)
 
@@ -1824,12 +1818,10 @@ def _metadata(lease: Lease, session: _Session, guid: str) -> bytes:
 class _MutexLease(Lease):
     """MutexTask's lease: one holder (an exclusive lock), or ``mutex_max_leases`` (a semaphore).
 
-    It can wait in line, or for a holder's release, note in its node that a
-    copy of the task follows, and tell a holder with its own task id from
-    other holders: a limited mutex puts a mark of the task id at the head of
-    each node's guid, so that the listing that grants a place shows a holder
-    of the same task id without reading any node.  The early mutex and the
-    multi-lock (and its parts) are mutex leases too.
+    It can wait, note in its node that a copy of the task follows, and tell a
+    holder with its own task id from others: a limited mutex's guids start
+    with a mark of the task id, so the listing that grants a place shows one
+    without reading any node.  Early mutexes and multi-locks are mutex leases.
     """
 
     @property
@@ -1853,18 +1845,9 @@ class _MutexLease(Lease):
         finally:
             self._blocking, self._timeout = options
 
-    def wait_for_release(self, seconds: float | None) -> str | None:
-        """Wait until the mutex this lease failed to take is freed, or ``seconds`` (None: as
-        long as it is held); return how it went, as :meth:`wait_for_holder`."""
-        return self.wait_for_holder({}, seconds)
-
     def wait_for_holder(self, holder: dict, seconds: float | None) -> str | None:
-        """Wait until ``holder`` (metadata read from its node) has released, or ``seconds``.
-
-        :returns: ``"released"`` if its release was seen, ``"gone"`` if its node
-            went otherwise (or before the first look), ``"held"`` if it is there
-            at the end; None if it could not be watched (see _wait_gone).
-        """
+        """Wait until ``holder`` (its node's metadata; ``{}``: whoever holds it) has released,
+        or ``seconds`` (None: as long as it holds): as _wait_gone says; None if unwatched."""
         guid, session = holder.get("guid"), self._session
         # Only a courtesy: if ZooKeeper is away, the next acquire says so.
         with contextlib.suppress(CoordinationError):
@@ -1880,12 +1863,10 @@ class _MutexLease(Lease):
     def hand_over(self) -> None:
         """Note in the node that a copy of this task follows (a retry or a replacement).
 
-        The copy is sent with this run's task id before the run ends, so before
-        the mutex is released: the note tells it from a second delivery of the
-        same message (see _OwnHolder).  Never in a lock's queue node: a change
-        of its data tells the waiter behind that it holds now (see
-        _ExclusivePolicy).  A mutex's lease is taken without waiting, so it
-        never holds through the queue.
+        The copy, sent with this run's task id before the mutex is released, is
+        thus told from a second delivery of the message (see _OwnHolder).  Never
+        in a queue node, whose change is a hand-off (_ExclusivePolicy): a mutex's
+        lease is taken without waiting, so it never holds through the queue.
         """
         grant = self._grant
         if not isinstance(grant, _Grant) or grant.released:
@@ -1916,11 +1897,9 @@ def _task_mark(task_id: str | None) -> str | None:
 
 
 class _EarlyLease(_MutexLease):
-    """EarlyMutexTask's lease, with the steps of the key's life besides the run (see _EarlyMutex).
-
-    ``reserve`` at the send, ``requeue`` at a retry, ``unreserve`` when nothing
-    was sent after all, or the message was revoked, or no retry follows.
-    """
+    """EarlyMutexTask's lease, with the steps of the key's life besides the run (_EarlyMutex):
+    ``reserve`` at the send, ``requeue`` at a retry, ``unreserve`` when nothing was sent
+    after all, the message was revoked, or no retry follows."""
 
     def reserve(self) -> None:
         """At the send: make the key's queued form, or raise AlreadyQueued."""
@@ -1955,9 +1934,8 @@ class _EarlyLease(_MutexLease):
     def free_revoked(self, session: _Session) -> None:
         """Free the key of a revoked message, in ``session``; a failure is logged.
 
-        The worker's main process learns of revocations and must keep no
-        session of its own (its pool children are forked from it): ``session``
-        is a short-lived one (see _revocation_session).
+        A short-lived session (_revocation_session): the worker's main process,
+        which learns of revocations, forks the pool children and keeps none.
         """
         self._session = session
         try:
@@ -1973,11 +1951,8 @@ class _EarlyLease(_MutexLease):
 
 
 class _ElectionLease(Lease):
-    """The beat's election: a lease the app holds itself (see Lease.for_app, ElectedScheduler).
-
-    The leader writes the schedule's state in the lease's session, fenced by
-    the lease's node.
-    """
+    """The beat's election: a lease the app holds itself (see Lease.for_app, ElectedScheduler),
+    whose leader writes the schedule's state in its session, fenced by its node."""
 
     @property
     def session(self) -> _Session | None:
@@ -1993,18 +1968,15 @@ class _ElectionLease(Lease):
 class _MultiLease(_MutexLease):
     """One lease over several exclusive locks (``multi_lock``, ``mutex_each_key``).
 
-    It is made of one part per key, each a single exclusive lease of that key,
-    kept sorted by lock name: the one order every contender takes keys in
-    (_ExclusiveSet says how the nodes are used and what it costs).  Truthy
-    while every part is held, ``lost`` once any part may be another's.
-    ``token`` is one zxid at which every key was this lease's: larger than
-    the token of every earlier holder of any of its keys, smaller than every
-    later one's, so a fencing token for each key, comparable with those of
-    ``lock()``.  (A node's creation zxid would not be: a key taken last, by
-    the fast path, is made after a plain waiter joined the queue of a key
-    taken first, and that waiter holds next.)  ``holders()`` and
-    ``waiters()`` list those of every key, the key a failed try found held
-    first.  The signals are sent once for the whole lease (see _MultiGrant).
+    One part per key, a single exclusive lease, sorted by lock name: the one
+    order every contender takes keys in (_ExclusiveSet: nodes and costs).
+    Truthy while every part is held, ``lost`` once any part may be another's.
+    ``token`` is one zxid at which every key was ours: a fencing token for
+    each key, comparable with ``lock()``'s.  (A node's creation zxid would not
+    be: a key taken last, by the fast path, is made after a plain waiter
+    joined the queue of a key taken first, and that waiter holds next.)
+    ``holders()`` and ``waiters()`` list every key's, the key a failed try
+    found held first.  Signals are sent once for the whole lease.
     """
 
     def __init__(
@@ -2033,7 +2005,7 @@ class _MultiLease(_MutexLease):
     def wait_for_holder(self, holder: dict, seconds: float | None) -> None:
         """Wait until the key the last failed try found held is freed, or ``seconds``."""
         if self._blocked is not None:
-            self._blocked.wait_for_release(seconds)
+            self._blocked.wait_for_holder({}, seconds)
 
     def hand_over(self) -> None:
         """A mutex's: note in every part's node that a copy of the task follows."""
@@ -2071,12 +2043,9 @@ class _MultiLease(_MutexLease):
                 raise CoordinationError("the session was lost while taking the keys")
 
     def _take_together(self, session: _Session) -> tuple[str, _ExclusiveSet | None]:
-        """Try to take every free key in one request (see _ExclusiveSet).
-
-        "taken", with the set to release in one request; "held" or "queued"
-        (a key is, and it is ``_blocked``); or "contended": a key was found
-        contended lately, so a blocking try goes straight to the queues.
-        """
+        """Try to take every free key in one request (_ExclusiveSet): "taken", with the set
+        to release in one request; "held" or "queued" (the key ``_blocked`` is); or
+        "contended" (lately: a blocking try goes straight to the queues)."""
         if self._blocking and any(session.contended(p._key_path(session)) for p in self.parts):
             return "contended", None
         locks = []
@@ -2109,8 +2078,7 @@ class _MultiLease(_MutexLease):
         taken: list[_Part] = []
         try:
             for part in self.parts:
-                # As this try waits (acquire_within sets it for the one call), and
-                # within the lease's one deadline.
+                # As this try waits (acquire_within sets it), within its one deadline.
                 part._blocking = self._blocking
                 part._timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not part.acquire():
@@ -2160,9 +2128,8 @@ class _MultiGrant:
     def fencing_token(self) -> int | None:
         """One zxid at which every key was ours (see _MultiLease); None if never held.
 
-        Learnt with a sync and one read of every key's node, sent together, the
-        first time it is asked while held (_Session.zxid_holding).
-        """
+        Learnt with one sync and a read of every key's node, the first time it is
+        asked while held (_Session.zxid_holding)."""
         grants = self.grants
         if self.holding and any(grant.token is None for grant in grants):
             nodes = [(grant.path, grant.guid, grant.session_id) for grant in grants]
@@ -2232,13 +2199,12 @@ class _AppOwner:
 
 
 class _Grant:
-    """One granted node, the one record of it: identity, session, and whether it may be lost.
+    """One granted node, the one record of it, shared by the lease, the session's registry
+    and the release: identity (``session_id``: the session that made it, as the server says).
 
-    The lease, the session's registry and the release share it.  ``session_id``
-    is the session the node was made in, as the server says.  A grant is lost
-    (for good) when its session may have ended (see _Session.lost_since), or
-    when its node is deleted from outside; the last is learnt from a watch set
-    at the first look, so that looking never waits.
+    Lost for good when its session may have ended (_Session.lost_since) or its
+    node is deleted from outside, learnt from a watch set at the first look, so
+    that looking never waits.
     """
 
     def __init__(self, session: _Session, protocol: _Protocol, granted: _Granted, lease: Lease):
@@ -2289,11 +2255,8 @@ class _Grant:
     end_with_session = settle
 
     def _mark_released(self) -> bool:
-        """Mark it released; True if that ends it, not a loss before: a grant ends once.
-
-        Under the session's mutex, as mark_lost decides: a loss and a release
-        racing on two threads send one signal, never both.
-        """
+        """Mark it released; True if that ends it, not a loss before.  Under the session's
+        mutex, as mark_lost: a loss and a release racing send one signal, never both."""
         with self.session.mutex:
             ended = not self.released and self.why_lost is None
             self.released = True
@@ -3539,33 +3502,24 @@ class _EarlyMutex:
         for _ in range(_CONTAINER_TRIES):
             holder, stat = self._read()
             session_id = self.session.session_id
+            if holder is not None and holder.get("guid") == self.guid:  # before a lost answer
+                return self.holder, stat.czxid, stat.ephemeralOwner or None
+            if holder is not None and not (
+                self._expired(holder)
+                or (holder.get("state") == "queued" and holder.get("task_id") == self.task_id)
+            ):
+                state = holder.get("state", "queued")
+                error = AlreadyQueued(self.key, holder.get("task_id"), state)
+                error.holder = holder
+                raise error
+            version = None if holder is None else stat.version  # the queued form's, to delete
+            ops = functools.partial(_to_running, self.holder, version, running)
+            abandon = functools.partial(self._abandon_running, session_id)
             try:
-                abandon = functools.partial(self._abandon_running, session_id)
-                if holder is None:
-                    made = self.session.multi(
-                        functools.partial(_make_running, self.holder, running), abandon=abandon
-                    )
-                    if isinstance(made[0], str):
-                        return self._taken(session_id)
-                    continue  # made meanwhile
-                if holder.get("guid") == self.guid:
-                    # made before a lost answer
-                    return self.holder, stat.czxid, stat.ephemeralOwner or None
-                if holder.get("state") == "queued" and (
-                    holder.get("task_id") == self.task_id or self._expired(holder)
-                ):
-                    results = self.session.multi(
-                        functools.partial(_to_running, self.holder, stat.version, running),
-                        abandon=abandon,
-                    )
-                    if isinstance(results[1], str):
-                        return self._taken(session_id)
-                    continue  # it changed since we read it
+                if isinstance(self.session.multi(ops, abandon=abandon)[-2], str):  # the create
+                    return self._taken(session_id)
             except (NodeExistsError, _ConnectionLost):
-                continue
-            error = AlreadyQueued(self.key, holder.get("task_id"), holder.get("state", "queued"))
-            error.holder = holder
-            raise error
+                pass  # made, or changed, since we read it: again
         raise CoordinationError(f"early mutex {self.key} kept changing; gave up")
 
     def _taken(self, before: int | None) -> _Granted:
@@ -3676,14 +3630,11 @@ class _EarlyMutex:
 _RUNNING_VERSION = 1
 
 
-def _to_running(path: str, version: int, data: bytes, txn: TransactionRequest) -> None:
-    """The queued form read at ``version`` turned into the running form, atomically."""
-    txn.delete(path, version)
-    _make_running(path, data, txn)
-
-
-def _make_running(path: str, data: bytes, txn: TransactionRequest) -> None:
-    """The running form where there was none: an ephemeral node at _RUNNING_VERSION."""
+def _to_running(path: str, version: int | None, data: bytes, txn: TransactionRequest) -> None:
+    """The running form, an ephemeral node at _RUNNING_VERSION, made where there was none,
+    or in place of the queued form read at ``version``, atomically."""
+    if version is not None:
+        txn.delete(path, version)
     txn.create(path, data, ephemeral=True)
     txn.set_data(path, data)
 
