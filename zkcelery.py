@@ -2402,17 +2402,15 @@ class _Queue:
     ``absent`` (an exclusive lock's ``<name>``), nothing holds until that
     node is gone (see _ExclusiveLock).
 
-    Recovery: the guid finds our node again after a create whose answer was
-    lost with the connection (kazoo issue #732), after a sync, and tells a
-    duplicate such a create left (deleted once a listing shows it).  A
-    contender whose node is gone (its session ended, an operator removed it)
-    joins again at the back, the only place left; a container reaped between
-    its creation and our create is made again.
+    Recovery: the guid finds our node again, after a sync, when a create's
+    answer was lost with the connection (kazoo issue #732), and tells a
+    duplicate such a create left.  A contender whose node is gone (its
+    session ended, an operator removed it) joins again at the back, the only
+    place left; a container reaped before our create is made again.
 
     Cleanup: our node is deleted by its path, in the session the server says
-    made it (the create's stat), never the one current at another moment; an
-    exception while the create's answer is on its way (a soft time limit)
-    leaves it to the session's reaper by its prefix (abandon).
+    made it (never the one current at another moment), or, if an exception
+    comes while the create's answer is on its way, by the session's reaper.
 
     The rules every waiter obeys, whatever its policy, are kept here:
 
@@ -2775,50 +2773,42 @@ class _ExclusiveLock:
 
     Uncontended, the holder creates the ephemeral node ``<name>`` and deletes
     it to release: two requests, the floor of a lock.  The create is a
-    multi-operation that also creates and deletes ``<name>@queue``, so it
-    succeeds only when the lock is free *and* nobody queues for it: once a
-    queue exists, newcomers join it rather than barge in, and waiters are
-    served in arrival order.  A non-blocking try that fails costs that one
-    request.
+    multi-operation that also creates and deletes ``<name>@queue``: it
+    succeeds only when the lock is free *and* nobody queues, so once a queue
+    exists newcomers join it rather than barge in, and waiters are served in
+    arrival order.  A non-blocking try that fails costs that one request.
 
     A blocking contender that finds the lock taken joins the queue (_Queue)
     and holds when its node is first and ``<name>`` is gone.  ``<name>``
-    cannot be made again while the queue is not empty, so each waiter needs
-    to see it gone only once: the join's multi-operation also creates and
-    deletes ``<name>``, so it says whether ``<name>`` is absent (if held, the
-    node is made on its own and the waiter watches ``<name>`` until it goes).
-    Every other waiter watches the one before it (_ExclusivePolicy), so a
-    release wakes exactly one.  The last waiter to leave deletes the queue,
-    which reopens the fast path (the server would reap the empty container
-    only after its check interval, a minute by default).
+    cannot come back while the queue is not empty, so a waiter needs to see
+    it gone once: the join's multi-operation also creates and deletes
+    ``<name>`` (if it is held, the node is made alone and the waiter watches
+    ``<name>``).  Every other waiter watches the one before it
+    (_ExclusivePolicy): a release wakes exactly one.  The last waiter to
+    leave deletes the queue, reopening the fast path (the server would reap
+    it only after its check interval, a minute by default).
 
-    What a contended acquisition costs, and why no less.  A waiter behind
-    others: the join (one write: a FIFO needs a sequence number), a listing
-    (sequence numbers have gaps and guids are random: only a listing tells
-    which node is before it), a read that watches that node, a read that
-    watches its own node (what lets a hand-off be believed: see _Queue), and
-    the release: five.  Requests that need no answer in between go together
-    (the join with the listing, the two reads): the server answers a
-    session's requests in order, so the waiter waits for answers twice, not
-    four times, and a hand-off costs it nothing on the way to holding.  A
-    waiter first in line at its join is granted by the listing: three.  One
-    behind a holder of ``<name>`` (the fast path's failed try said so): the
-    try, the join on its own, a listing, a read that watches ``<name>``, and
-    the release: five, its deletion granting without another listing.  A
-    process that found the key contended lately skips the try.  kazoo's Lock
-    pays six behind others: it lists again on every wake.
+    What a contended acquisition costs, and why no less.  Behind others: the
+    join (a FIFO needs a sequence number), a listing (sequence numbers have
+    gaps and guids are random: only a listing tells the node before), a read
+    watching that node, one watching its own (so that a hand-off can be
+    believed: see _Queue), and the release: five, with two waits for answers
+    (the join goes with the listing, the reads together: a session's
+    requests are answered in order), none between a hand-off and holding.
+    First in line at its join: three.  Behind a holder of ``<name>``: the
+    failed try, the join, a listing, a read watching ``<name>``, the release:
+    five, its deletion granting without a listing; a process that found the
+    key contended lately skips the try.  kazoo's Lock pays six behind others:
+    it lists again on every wake.
 
-    The fencing token is read when asked (_Session.zxid_holding), not taken
-    from a node's creation zxid, which orders joins, not grants (a multi-lock
-    holds a key it joined early while it takes the next one).
+    The fencing token is read when asked: see Lease.token.
 
-    Release deletes ``<name>`` in a multi-operation that also checks the data
-    version of the namespace node, as read before ``<name>`` was made (once
-    per process).  ``rm`` bumps that version as it breaks a holder, so a
-    broken holder's late release fails the check instead of deleting the next
-    holder's ``<name>``; it then reads the node and deletes it only if it is
-    still its own.  A queue node's name is unique: deleting it by its path is
-    always safe.
+    Release deletes ``<name>`` in a multi-operation that also checks the
+    namespace node's data version, as read before ``<name>`` was made (once
+    per process).  ``rm`` bumps it as it breaks a holder, so a broken
+    holder's late release fails the check rather than delete the next
+    holder's ``<name>``; it then deletes the node only if still its own.  A
+    queue node's name is unique: deleting it by its path is always safe.
     """
 
     def __init__(self, session: _Session, parent: str, name: str, guid: str, data: bytes) -> None:
