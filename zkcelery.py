@@ -1774,9 +1774,9 @@ def _exclusive(lease: Lease, session: _Session, parent: str, guid: str, data: by
 
 
 def _limited(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
-    path, label, limit = f"{parent}/{lease.name}", f"{lease.kind} {lease.key}", lease._max_leases
-    assert limit is not None
-    return _Semaphore(session, path, limit, guid, data, label, lease._kind.option)
+    assert lease._max_leases is not None
+    policy = _SemaphorePolicy(lease._max_leases, f"{lease.kind} {lease.key}", lease._kind.option)
+    return _Semaphore(session, f"{parent}/{lease.name}", guid, data, policy)
 
 
 def _read_write(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
@@ -1786,7 +1786,7 @@ def _read_write(lease: Lease, session: _Session, parent: str, guid: str, data: b
 
 def _early(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
     timeout = _mutex_timeout(lease._task)
-    return _EarlyMutex(session, parent, lease.name, guid, data, lease.key, timeout)
+    return _EarlyMutex(session, f"{parent}/{lease.name}", guid, data, lease.key, timeout)
 
 
 def _metadata(lease: Lease, session: _Session, guid: str) -> bytes:
@@ -2331,10 +2331,8 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 #   /zkcelery                             persistent            _Session: the root, made once
 #   /zkcelery/<namespace>                 persistent            _Session: one per entry of
 #                                                               _NAMESPACES, made once; its data
-#                                                               version counts the breaks in it
-#                                                               (break_node, for rm), and the
-#                                                               release of a node at a fixed
-#                                                               path checks it (delete_own)
+#                                                               version counts rm's breaks in it
+#                                                               (see _ExclusiveLock)
 #   locks/<name>                          ephemeral             _ExclusiveLock: the holder that
 #                                                               found the lock free
 #   locks/<name>@queue/                   container             _Queue (of _ExclusiveLock):
@@ -2381,10 +2379,8 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 #: and the session that made the node.
 _Granted = tuple[str, Optional[int], Optional[int]]
 
-
 #: The protocols a lease is a front door to (each explained in its class).
 _Protocol = Union["_ExclusiveLock", "_Semaphore", "_ReadWriteLock", "_EarlyMutex"]
-
 
 #: How a protocol's ``listed`` walk sees the tree: the names of a node's
 #: children, none if it is gone.  ``ls`` reads them through the session (one
@@ -2425,13 +2421,7 @@ class _Queue:
     """
 
     def __init__(
-        self,
-        session: _Session,
-        path: str,
-        tag: int | str,
-        guid: str,
-        data: bytes,
-        absent: str | None = None,
+        self, session: _Session, path: str, tag: object, guid: str, data: bytes, absent: str | None
     ) -> None:
         self.session = session
         self.path = path
@@ -3188,18 +3178,11 @@ class _Semaphore(_Line):
     """
 
     def __init__(
-        self,
-        session: _Session,
-        path: str,
-        max_leases: int,
-        guid: str,
-        data: bytes,
-        label: str,
-        option: str = "max_leases",
+        self, session: _Session, path: str, guid: str, data: bytes, policy: _SemaphorePolicy
     ) -> None:
-        self.max_leases = max_leases
-        self.semaphore = _SemaphorePolicy(max_leases, label, option)
-        super().__init__(_Queue(session, path, max_leases, guid, data), self.semaphore)
+        self.max_leases = policy.max_leases
+        self.semaphore = policy
+        super().__init__(_Queue(session, path, policy.max_leases, guid, data, None), policy)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         try:
@@ -3299,7 +3282,7 @@ class _ReadWriteLock(_Line):
     """
 
     def __init__(self, session: _Session, path: str, mode: str, guid: str, data: bytes) -> None:
-        super().__init__(_Queue(session, path, mode, guid, data), _ReadWritePolicy(mode))
+        super().__init__(_Queue(session, path, mode, guid, data, None), _ReadWritePolicy(mode))
 
     @staticmethod
     def front_of(nodes: list[str]) -> int:
@@ -3438,18 +3421,11 @@ class _EarlyMutex:
     """
 
     def __init__(
-        self,
-        session: _Session,
-        parent: str,
-        name: str,
-        guid: str,
-        data: bytes,
-        key: str,
-        timeout: float,
+        self, session: _Session, path: str, guid: str, data: bytes, key: str, timeout: float
     ) -> None:
         self.session = session
-        self.parent = parent
-        self.key_path = self.holder = f"{parent}/{name}"
+        self.parent = path.rsplit("/", 1)[0]
+        self.key_path = self.holder = path
         self.guid = guid
         self.key = key
         self.epoch: tuple[str, int] | None = None  # as for _ExclusiveLock
