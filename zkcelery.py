@@ -1660,7 +1660,8 @@ class Lease:
         except BaseException:
             # An exception from outside (a soft time limit, a signal handler's): give
             # back what the try made, since the caller will not (``with`` calls no
-            # __exit__ when __enter__ raised); a node not yet returned, the reaper's.
+            # __exit__ when __enter__ raised); a node granted, not yet returned, is
+            # the reaper's, as a waiting one is.
             if granted is None:
                 protocol.abandon(session_id)
             else:  # quietly: no signal said it was held
@@ -1971,8 +1972,9 @@ class _MultiLease(_MutexLease):
     One part per key, a single exclusive lease, sorted by lock name: the one
     order every contender takes keys in (_ExclusiveSet: nodes and costs).
     Truthy while every part is held, ``lost`` once any part may be another's.
-    ``token`` is one zxid at which every key was ours: a fencing token for
-    each key, comparable with ``lock()``'s.  (A node's creation zxid would not
+    ``token`` is one zxid at which every key was ours: above the token of
+    every earlier holder of any of its keys, below every later one's, so a
+    fencing token for each key, comparable with ``lock()``'s.  (A node's creation zxid would not
     be: a key taken last, by the fast path, is made after a plain waiter
     joined the queue of a key taken first, and that waiter holds next.)
     ``holders()`` and ``waiters()`` list every key's, the key a failed try
@@ -2199,12 +2201,12 @@ class _AppOwner:
 
 
 class _Grant:
-    """One granted node, the one record of it, shared by the lease, the session's registry
-    and the release: identity (``session_id``: the session that made it, as the server says).
+    """One granted node, the one record of it: identity, session, and whether it may be lost.
 
-    Lost for good when its session may have ended (_Session.lost_since) or its
-    node is deleted from outside, learnt from a watch set at the first look, so
-    that looking never waits.
+    The lease, the session's registry and the release share it.  ``session_id``
+    is the session that made the node, as the server says.  Lost for good when
+    its session may have ended (_Session.lost_since) or its node is deleted
+    from outside, learnt from a watch set at the first look: looking never waits.
     """
 
     def __init__(self, session: _Session, protocol: _Protocol, granted: _Granted, lease: Lease):
@@ -2410,11 +2412,13 @@ class _Queue:
 
     The rules every waiter obeys, whatever its policy, are kept here:
 
-    - it is granted only while its own node exists, whatever woke it.  For a
-      policy that may grant on a wake, without a listing, the engine watches
-      our own node, in the batch of the join's first watch: a session's
-      events come in the order of the changes, so a deletion of our node (by
-      hand, ``rm``) is known before the change that would grant us.
+    - it is granted only while its own node exists, whatever woke it: one
+      whose node was deleted (by hand, ``rm``) is out of line, and the one
+      behind may already watch the same holder.  For a policy that may grant
+      on a wake, without a listing, the engine watches our own node, in the
+      batch of the join's first watch: a session's events come in the order
+      of the changes, so the deletion is known before the change that would
+      grant us.
     - a hand-off mark grants only from the node watched in the current turn.
     - a wake from an earlier join says nothing of this one: a new join sets
       new watches (_Join), while the session that made our node is ours.
