@@ -1528,8 +1528,7 @@ class Lease:
         return self._grant is not None and self._grant.holding
 
     def __repr__(self) -> str:
-        state = "held" if self else "not held"
-        return f"<Lease {self._namespace} {self.key} {state}>"
+        return f"<Lease {self._namespace} {self.key} {'held' if self else 'not held'}>"
 
     @property
     def kind(self) -> str:
@@ -1850,12 +1849,12 @@ class _MutexLease(Lease):
         """Wait until ``holder`` (its node's metadata; ``{}``: whoever holds it) has released,
         or ``seconds`` (None: as long as it holds): as _wait_gone says; None if unwatched."""
         guid, session = holder.get("guid"), self._session
+        guid = guid if isinstance(guid, str) else None
         # Only a courtesy: if ZooKeeper is away, the next acquire says so.
         with contextlib.suppress(CoordinationError):
             if session is not None and not self.limited:
-                mine = guid if isinstance(guid, str) else None
-                return _wait_gone(session, self._key_path(session), _deadline(seconds), mine)
-            if session is not None and isinstance(guid, str):
+                return _wait_gone(session, self._key_path(session), _deadline(seconds), guid)
+            if session is not None and guid is not None:
                 protocol = self._protocol(session)
                 assert isinstance(protocol, _Semaphore)
                 return protocol.wait_released(guid, _deadline(seconds))
@@ -3523,9 +3522,7 @@ class _EarlyMutex:
             # Some rm ran in the namespace since: is our node still ours?
             self.epoch = self.session.epoch(self.epoch[0], again=True)
             holder, stat = self._read()
-            if holder is None or holder.get("guid") != self.guid:
-                break
-            if stat.ephemeralOwner != session_id:
+            if (holder or {}).get("guid") != self.guid or stat.ephemeralOwner != session_id:
                 break
         _log(logging.WARNING, "early mutex %s: could not keep it for the retry", self.key,
              kind="early mutex", key=self.key, outcome="not_kept")  # fmt: skip
