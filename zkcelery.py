@@ -3448,9 +3448,7 @@ class _EarlyMutex:
             holder, stat = self._read()
             if holder is None:
                 continue
-            if holder.get("guid") == self.guid or (
-                holder.get("task_id") == self.task_id and holder.get("state") == "queued"
-            ):
+            if holder.get("guid") == self.guid or self._queued_here(holder):
                 return  # ours: made before a lost answer, or kept by a retry
             if not self._expired(holder):
                 raise AlreadyQueued(self.key, holder.get("task_id"), holder.get("state", "queued"))
@@ -3460,7 +3458,7 @@ class _EarlyMutex:
     def unreserve(self) -> None:
         """Delete the queued form if this task id made it (a failed send, a revoke)."""
         holder, stat = self._read()
-        if holder and holder.get("task_id") == self.task_id and holder.get("state") == "queued":
+        if holder and self._queued_here(holder):
             self._delete(stat)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted:
@@ -3473,10 +3471,7 @@ class _EarlyMutex:
             session_id = self.session.session_id
             if holder is not None and holder.get("guid") == self.guid:  # before a lost answer
                 return self.holder, stat.czxid, stat.ephemeralOwner or None
-            if holder is not None and not (
-                self._expired(holder)
-                or (holder.get("state") == "queued" and holder.get("task_id") == self.task_id)
-            ):
+            if holder is not None and not (self._expired(holder) or self._queued_here(holder)):
                 state = holder.get("state", "queued")
                 error = AlreadyQueued(self.key, holder.get("task_id"), state)
                 error.holder = holder
@@ -3581,6 +3576,10 @@ class _EarlyMutex:
         except NoNodeError:
             return None, None
         return json.loads(data or b"{}"), stat
+
+    def _queued_here(self, holder: dict) -> bool:
+        """Whether ``holder`` is this task id's queued form (its send's, or kept by a retry)."""
+        return holder.get("state") == "queued" and holder.get("task_id") == self.task_id
 
     def _expired(self, holder: dict) -> bool:
         return holder.get("state") == "queued" and time.time() > holder.get("expires", 0)
