@@ -1629,11 +1629,9 @@ class Lease:
                 self._refuse_reentry(session)
             with session.waiting() if self._blocking else contextlib.nullcontext():
                 granted = self._take(session, deadline)
-        except CoordinationError:
-            self._signal(lease_not_acquired, waited=self._waited(), reason="unavailable")
-            raise
-        except AlreadyQueued:  # an early mutex's key is queued or running
-            self._signal(lease_not_acquired, waited=self._waited(), reason="held")
+        except (CoordinationError, AlreadyQueued) as exc:  # or an early mutex's key is taken
+            reason = "held" if isinstance(exc, AlreadyQueued) else "unavailable"
+            self._signal(lease_not_acquired, waited=self._waited(), reason=reason)
             raise
         if not granted:
             self._log(logging.DEBUG, "is held elsewhere", outcome="not_acquired")
