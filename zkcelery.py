@@ -1326,9 +1326,8 @@ class Lease:
     ) -> _LeaseT:
         """A lease that ``app`` holds itself, with no task: the beat's election.
 
-        ``owner`` stands where a task's name would (holder metadata, ``ls``,
-        log lines); there is no task id, and no task to retry, so ``retry``
-        is refused.  The other options are the constructor's.
+        ``owner`` stands where a task's name would (metadata, ``ls``, log lines);
+        with no task to retry, ``retry`` is refused.  The options are the constructor's.
         """
         if options.get("retry"):
             raise TypeError(f"{owner} is not a task: a lease it holds cannot retry it")
@@ -1340,8 +1339,7 @@ class Lease:
         return self._grant is not None and self._grant.holding
 
     def __repr__(self) -> str:
-        state = "held" if self else "not held"
-        return f"<Lease {self._namespace} {self.key} {state}>"
+        return f"<Lease {self._namespace} {self.key} {'held' if self else 'not held'}>"
 
     @property
     def kind(self) -> str:
@@ -1442,11 +1440,9 @@ class Lease:
                 self._refuse_reentry(session)
             with session.waiting() if self._blocking else contextlib.nullcontext():
                 granted = self._take(session, deadline)
-        except CoordinationError:
-            self._signal(lease_not_acquired, waited=self._waited(), reason="unavailable")
-            raise
-        except AlreadyQueued:  # an early mutex's key is queued or running
-            self._signal(lease_not_acquired, waited=self._waited(), reason="held")
+        except (CoordinationError, AlreadyQueued) as exc:  # or an early mutex's key is taken
+            reason = "held" if isinstance(exc, AlreadyQueued) else "unavailable"
+            self._signal(lease_not_acquired, waited=self._waited(), reason=reason)
             raise
         if not granted:
             self._log(logging.DEBUG, "is held elsewhere", outcome="not_acquired")
@@ -1470,11 +1466,10 @@ class Lease:
         except (CoordinationError, AlreadyQueued):
             raise  # a try that failed, not one cut short from outside (below)
         except BaseException:
-            # An exception from outside (a soft time limit, a signal handler's):
-            # give back what the try made, since the caller will not (``with``
-            # calls no __exit__ when __enter__ raised).  A node granted but not
-            # yet returned (a semaphore's wake of the next waiter) is the
-            # reaper's, as one still waiting is.
+            # An exception from outside (a soft time limit, a signal handler's): give
+            # back what the try made, since the caller will not (``with`` calls no
+            # __exit__ when __enter__ raised); a node granted, not yet returned, is
+            # the reaper's, as a waiting one is.
             if granted is None:
                 protocol.abandon(session_id)
             else:  # quietly: no signal said it was held
@@ -1569,10 +1564,8 @@ class _Kind:
 
 @functools.cache
 def _kinds() -> dict[tuple[str, str | None, bool], _Kind]:
-    """Every kind, by what a lease is made with: (namespace, mode, max_leases given).
-
-    Made at first use: the names it uses come later in the module.
-    """
+    """Every kind, by (namespace, mode, max_leases given); made at first use, after the
+    protocols it names."""
     return {
         (_LOCKS, None, False): _Kind("lock", _exclusive),
         (_MUTEXES, None, False): _Kind("mutex", _exclusive),
@@ -1585,15 +1578,14 @@ def _kinds() -> dict[tuple[str, str | None, bool], _Kind]:
     }
 
 
-# The protocol of each kind: (lease, session, namespace node, guid, metadata).
 def _exclusive(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
     return _ExclusiveLock(session, parent, lease.name, guid, data)
 
 
 def _limited(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
-    path, label, limit = f"{parent}/{lease.name}", f"{lease.kind} {lease.key}", lease._max_leases
-    assert limit is not None
-    return _Semaphore(session, path, limit, guid, data, label, lease._kind.option)
+    assert lease._max_leases is not None
+    policy = _SemaphorePolicy(lease._max_leases, f"{lease.kind} {lease.key}", lease._kind.option)
+    return _Semaphore(session, f"{parent}/{lease.name}", guid, data, policy)
 
 
 def _read_write(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
@@ -1603,7 +1595,7 @@ def _read_write(lease: Lease, session: _Session, parent: str, guid: str, data: b
 
 def _early(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
     timeout = _mutex_timeout(lease._task)
-    return _EarlyMutex(session, parent, lease.name, guid, data, lease.key, timeout)
+    return _EarlyMutex(session, f"{parent}/{lease.name}", guid, data, lease.key, timeout)
 
 
 def _metadata(lease: Lease, session: _Session, guid: str) -> bytes:
@@ -1635,12 +1627,10 @@ def _metadata(lease: Lease, session: _Session, guid: str) -> bytes:
 class _MutexLease(Lease):
     """MutexTask's lease: one holder (an exclusive lock), or ``mutex_max_leases`` (a semaphore).
 
-    It can wait in line, or for a holder's release, note in its node that a
-    copy of the task follows, and tell a holder with its own task id from
-    other holders: a limited mutex puts a mark of the task id at the head of
-    each node's guid, so that the listing that grants a place shows a holder
-    of the same task id without reading any node.  The early mutex and the
-    multi-lock (and its parts) are mutex leases too.
+    It can wait, note in its node that a copy of the task follows, and tell a
+    holder with its own task id from others: a limited mutex's guids start
+    with a mark of the task id, so the listing that grants a place shows one
+    without reading any node.  Early mutexes and multi-locks are mutex leases.
     """
 
     @property
@@ -1664,25 +1654,16 @@ class _MutexLease(Lease):
         finally:
             self._blocking, self._timeout = options
 
-    def wait_for_release(self, seconds: float | None) -> str | None:
-        """Wait until the mutex this lease failed to take is freed, or ``seconds`` (None: as
-        long as it is held); return how it went, as :meth:`wait_for_holder`."""
-        return self.wait_for_holder({}, seconds)
-
     def wait_for_holder(self, holder: dict, seconds: float | None) -> str | None:
-        """Wait until ``holder`` (metadata read from its node) has released, or ``seconds``.
-
-        :returns: ``"released"`` if its release was seen, ``"gone"`` if its node
-            went otherwise (or before the first look), ``"held"`` if it is there
-            at the end; None if it could not be watched (see _wait_gone).
-        """
+        """Wait until ``holder`` (its node's metadata; ``{}``: whoever holds it) has released,
+        or ``seconds`` (None: as long as it holds): as _wait_gone says; None if unwatched."""
         guid, session = holder.get("guid"), self._session
+        guid = guid if isinstance(guid, str) else None
         # Only a courtesy: if ZooKeeper is away, the next acquire says so.
         with contextlib.suppress(CoordinationError):
             if session is not None and not self.limited:
-                mine = guid if isinstance(guid, str) else None
-                return _wait_gone(session, self._key_path(session), _deadline(seconds), mine)
-            if session is not None and isinstance(guid, str):
+                return _wait_gone(session, self._key_path(session), _deadline(seconds), guid)
+            if session is not None and guid is not None:
                 protocol = self._protocol(session)
                 assert isinstance(protocol, _Semaphore)
                 return protocol.wait_released(guid, _deadline(seconds))
@@ -1691,12 +1672,10 @@ class _MutexLease(Lease):
     def hand_over(self) -> None:
         """Note in the node that a copy of this task follows (a retry or a replacement).
 
-        The copy is sent with this run's task id before the run ends, so before
-        the mutex is released: the note tells it from a second delivery of the
-        same message (see _follows).  Never in a lock's queue node: a change
-        of its data tells the waiter behind that it holds now (see
-        _ExclusivePolicy).  A mutex's lease is taken without waiting, so it
-        never holds through the queue.
+        The copy, sent with this run's task id before the mutex is released, is
+        thus told from a second delivery of the message (see _follows).  Never
+        in a queue node, whose change is a hand-off (_ExclusivePolicy): a mutex's
+        lease is taken without waiting, so it never holds through the queue.
         """
         grant = self._grant
         if not isinstance(grant, _Grant) or grant.released:
@@ -1727,11 +1706,9 @@ def _task_mark(task_id: str | None) -> str | None:
 
 
 class _EarlyLease(_MutexLease):
-    """EarlyMutexTask's lease, with the steps of the key's life besides the run (see _EarlyMutex).
-
-    ``reserve`` at the send, ``requeue`` at a retry, ``unreserve`` when nothing
-    was sent after all, or the message was revoked, or no retry follows.
-    """
+    """EarlyMutexTask's lease, with the steps of the key's life besides the run (_EarlyMutex):
+    ``reserve`` at the send, ``requeue`` at a retry, ``unreserve`` when nothing was sent
+    after all, the message was revoked, or no retry follows."""
 
     def reserve(self) -> None:
         """At the send: make the key's queued form, or raise AlreadyQueued."""
@@ -1766,9 +1743,8 @@ class _EarlyLease(_MutexLease):
     def free_revoked(self, session: _Session) -> None:
         """Free the key of a revoked message, in ``session``; a failure is logged.
 
-        The worker's main process learns of revocations and must keep no
-        session of its own (its pool children are forked from it): ``session``
-        is a short-lived one (see _revocation_session).
+        A short-lived session (_revocation_session): the worker's main process,
+        which learns of revocations, forks the pool children and keeps none.
         """
         self._session = session
         try:
@@ -1784,11 +1760,8 @@ class _EarlyLease(_MutexLease):
 
 
 class _ElectionLease(Lease):
-    """The beat's election: a lease the app holds itself (see Lease.for_app, ElectedScheduler).
-
-    The leader writes the schedule's state in the lease's session, fenced by
-    the lease's node.
-    """
+    """The beat's election: a lease the app holds itself (see Lease.for_app, ElectedScheduler),
+    whose leader writes the schedule's state in its session, fenced by its node."""
 
     @property
     def session(self) -> _Session | None:
@@ -1804,18 +1777,16 @@ class _ElectionLease(Lease):
 class _MultiLease(_MutexLease):
     """One lease over several exclusive locks (``multi_lock``, ``mutex_each_key``).
 
-    It is made of one part per key, each a single exclusive lease of that key,
-    kept sorted by lock name: the one order every contender takes keys in
-    (_ExclusiveSet says how the nodes are used and what it costs).  Truthy
-    while every part is held, ``lost`` once any part may be another's.
-    ``token`` is one zxid at which every key was this lease's: larger than
-    the token of every earlier holder of any of its keys, smaller than every
-    later one's, so a fencing token for each key, comparable with those of
-    ``lock()``.  (A node's creation zxid would not be: a key taken last, by
-    the fast path, is made after a plain waiter joined the queue of a key
-    taken first, and that waiter holds next.)  ``holders()`` and
-    ``waiters()`` list those of every key, the key a failed try found held
-    first.  The signals are sent once for the whole lease (see _MultiGrant).
+    One part per key, a single exclusive lease, sorted by lock name: the one
+    order every contender takes keys in (_ExclusiveSet: nodes and costs).
+    Truthy while every part is held, ``lost`` once any part may be another's.
+    ``token`` is one zxid at which every key was ours: above the token of
+    every earlier holder of any of its keys, below every later one's, so a
+    fencing token for each key, comparable with ``lock()``'s.  (A node's creation zxid would not
+    be: a key taken last, by the fast path, is made after a plain waiter
+    joined the queue of a key taken first, and that waiter holds next.)
+    ``holders()`` and ``waiters()`` list every key's, the key a failed try
+    found held first.  Signals are sent once for the whole lease.
     """
 
     def __init__(
@@ -1844,7 +1815,7 @@ class _MultiLease(_MutexLease):
     def wait_for_holder(self, holder: dict, seconds: float | None) -> None:
         """Wait until the key the last failed try found held is freed, or ``seconds``."""
         if self._blocked is not None:
-            self._blocked.wait_for_release(seconds)
+            self._blocked.wait_for_holder({}, seconds)
 
     def hand_over(self) -> None:
         """A mutex's: note in every part's node that a copy of the task follows."""
@@ -1882,12 +1853,9 @@ class _MultiLease(_MutexLease):
                 raise CoordinationError("the session was lost while taking the keys")
 
     def _take_together(self, session: _Session) -> tuple[str, _ExclusiveSet | None]:
-        """Try to take every free key in one request (see _ExclusiveSet).
-
-        "taken", with the set to release in one request; "held" or "queued"
-        (a key is, and it is ``_blocked``); or "contended": a key was found
-        contended lately, so a blocking try goes straight to the queues.
-        """
+        """Try to take every free key in one request (_ExclusiveSet): "taken", with the set
+        to release in one request; "held" or "queued" (the key ``_blocked`` is); or
+        "contended" (lately: a blocking try goes straight to the queues)."""
         if self._blocking and any(session.contended(p._key_path(session)) for p in self.parts):
             return "contended", None
         locks = []
@@ -1920,8 +1888,7 @@ class _MultiLease(_MutexLease):
         taken: list[_Part] = []
         try:
             for part in self.parts:
-                # As this try waits (acquire_within sets it for the one call), and
-                # within the lease's one deadline.
+                # As this try waits (acquire_within sets it), within its one deadline.
                 part._blocking = self._blocking
                 part._timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not part.acquire():
@@ -1971,9 +1938,8 @@ class _MultiGrant:
     def fencing_token(self) -> int | None:
         """One zxid at which every key was ours (see _MultiLease); None if never held.
 
-        Learnt with a sync and one read of every key's node, sent together, the
-        first time it is asked while held (_Session.zxid_holding).
-        """
+        Learnt with one sync and a read of every key's node, the first time it is
+        asked while held (_Session.zxid_holding)."""
         grants = self.grants
         if self.holding and any(grant.token is None for grant in grants):
             nodes = [(grant.path, grant.guid, grant.session_id) for grant in grants]
@@ -2046,10 +2012,9 @@ class _Grant:
     """One granted node, the one record of it: identity, session, and whether it may be lost.
 
     The lease, the session's registry and the release share it.  ``session_id``
-    is the session the node was made in, as the server says.  A grant is lost
-    (for good) when its session may have ended (see _Session.lost_since), or
-    when its node is deleted from outside; the last is learnt from a watch set
-    at the first look, so that looking never waits.
+    is the session that made the node, as the server says.  Lost for good when
+    its session may have ended (_Session.lost_since) or its node is deleted
+    from outside, learnt from a watch set at the first look: looking never waits.
     """
 
     def __init__(self, session: _Session, protocol: _Protocol, granted: _Granted, lease: Lease):
@@ -2100,11 +2065,8 @@ class _Grant:
     end_with_session = settle
 
     def _mark_released(self) -> bool:
-        """Mark it released; True if that ends it, not a loss before: a grant ends once.
-
-        Under the session's mutex, as mark_lost decides: a loss and a release
-        racing on two threads send one signal, never both.
-        """
+        """Mark it released; True if that ends it, not a loss before.  Under the session's
+        mutex, as mark_lost: a loss and a release racing send one signal, never both."""
         with self.session.mutex:
             ended = not self.released and self.why_lost is None
             self.released = True
@@ -2128,7 +2090,7 @@ class _Grant:
         ended, held = self._mark_released(), self.held()
         try:
             if self.why_lost != _BROKEN:  # else the node at our path may be another's now
-                self.protocol.release(self.path, self.session_id)
+                self.protocol.release(self)
         except CoordinationError as exc:
             self._lease._not_released(exc)
         except BaseException:  # from outside, mid-release: the node, if still ours, later
@@ -2179,10 +2141,8 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 #   /zkcelery                             persistent            _Session: the root, made once
 #   /zkcelery/<namespace>                 persistent            _Session: one per entry of
 #                                                               _NAMESPACES, made once; its data
-#                                                               version counts the breaks in it
-#                                                               (break_node, for rm), and the
-#                                                               release of a node at a fixed
-#                                                               path checks it (delete_own)
+#                                                               version counts rm's breaks in it
+#                                                               (see _ExclusiveLock)
 #   locks/<name>                          ephemeral             _ExclusiveLock: the holder that
 #                                                               found the lock free
 #   locks/<name>@queue/                   container             _Queue (of _ExclusiveLock):
@@ -2229,10 +2189,8 @@ _SESSION_LOST = "the ZooKeeper session expired, or went unanswered for too long 
 #: and the session that made the node.
 _Granted = tuple[str, Optional[int], Optional[int]]
 
-
 #: The protocols a lease is a front door to (each explained in its class).
 _Protocol = Union["_ExclusiveLock", "_Semaphore", "_ReadWriteLock", "_EarlyMutex"]
-
 
 #: How a protocol's ``listed`` walk sees the tree: the names of a node's
 #: children, none if it is gone.  ``ls`` reads them through the session (one
@@ -2241,58 +2199,41 @@ _Children = Callable[[str], Collection[str]]
 
 
 class _Queue:
-    """Contenders for one key, in arrival order, under one container node.
+    """Contenders for one key, in arrival order: one ephemeral sequential node each
+    (``<tag>@<guid>@<seq>``, see the protocol map) under one container node.
 
-    Each contender creates one ephemeral sequential child named
-    ``<tag>@<guid>@<sequence>``; the order of the sequence numbers is the
-    order of arrival.  The tag is what the protocol needs every contender to
-    see in one listing: a semaphore's max_leases, a reader's or a writer's
-    mode.  A policy (_QueuePolicy) answers, for the sorted contenders, two
-    questions: is ours granted, and which one thing do we watch until it may
-    be.  Watching one node rather than the container means a change wakes
-    the one waiter it concerns, not all of them (the herd effect).  With
-    ``absent`` (the exclusive lock's ``<name>``), nothing holds until that
-    node is gone: a join checks it absent in the request that makes our node,
-    else the waiter watches it until it goes (see _ExclusiveLock).
+    A policy (_QueuePolicy) says, of the sorted contenders, whether ours is
+    granted and which one node we watch until it may be: one node, not the
+    container, so a change wakes the one waiter it concerns (no herd).  With
+    ``absent`` (an exclusive lock's ``<name>``), nothing holds until that
+    node is gone (see _ExclusiveLock).
 
-    Recovery: the <guid> lets a contender find its own node again after a
-    create whose answer was lost with the connection (the orphan of kazoo
-    issue #732), after a sync, and lets it delete a duplicate of its own that
-    such a create left (seen in a listing); a contender whose node is gone
-    (its session expired, or an operator removed it) makes a new one, at the
-    back of the queue: the only place the protocol can give it.  A container
-    reaped between its creation and our create is made again.
+    Recovery: the guid finds our node again, after a sync, when a create's
+    answer was lost with the connection (kazoo issue #732), and tells a
+    duplicate such a create left.  A contender whose node is gone (its
+    session ended, an operator removed it) joins again at the back, the only
+    place left; a container reaped before our create is made again.
 
-    Cleanup: whatever ends the wait, our node is deleted by its own path, in
-    the session the server says made it (the create's stat), never the
-    session current at some other moment; an exception that comes while the
-    answer to our create is on its way (a soft time limit) leaves the node to
-    the session's reaper by its prefix (abandon), which the guid makes ours.
+    Cleanup: our node is deleted by its path, in the session the server says
+    made it (never the one current at another moment), or, if an exception
+    comes while the create's answer is on its way, by the session's reaper.
 
     The rules every waiter obeys, whatever its policy, are kept here:
 
-    - a waiter is granted only while its own node exists, whatever woke it.
-      A listing shows it; a wake that grants without one is believed only if
-      our node was not deleted first: for a policy that may grant so, the
-      engine watches our own node, once a join, in the same batch as the
-      first watch of the join.  A session's events come in the order of the
-      changes, so a deletion of our node by hand (or ``rm``) is known before
-      the change that would grant us.
-    - a grant by a hand-off mark is taken only from the node watched in the
-      current turn.
-    - a wake from an earlier join says nothing of this one: a new join
-      starts new watches, and the session that made our node must still be
-      ours when a watch is set.
+    - it is granted only while its own node exists, whatever woke it: one
+      whose node was deleted (by hand, ``rm``) is out of line, and the one
+      behind may already watch the same holder.  For a policy that may grant
+      on a wake, without a listing, the engine watches our own node, in the
+      batch of the join's first watch: a session's events come in the order
+      of the changes, so the deletion is known before the change that would
+      grant us.
+    - a hand-off mark grants only from the node watched in the current turn.
+    - a wake from an earlier join says nothing of this one: a new join sets
+      new watches (_Join), while the session that made our node is ours.
     """
 
     def __init__(
-        self,
-        session: _Session,
-        path: str,
-        tag: int | str,
-        guid: str,
-        data: bytes,
-        absent: str | None = None,
+        self, session: _Session, path: str, tag: object, guid: str, data: bytes, absent: str | None
     ) -> None:
         self.session = session
         self.path = path
@@ -2312,15 +2253,11 @@ class _Queue:
         return f"{self.path}/{self.node}"
 
     def join(self, absent: str | None = None, watch: Callable | None = None) -> bool:
-        """Create our node, or find it again if the answer to the create was lost.
+        """Create our node (or find it again after a lost answer); True if ``absent`` was
+        checked absent in the same request, False if it existed (our node made alone).
 
-        With ``absent``, the node is made in one request that also checks that
-        ``absent`` does not exist then; True if it was made so, False if
-        ``absent`` existed and the node was made on its own.
-
-        The listing that follows every join (with ``watch``) is sent right
-        after the create, with no wait between them: the server answers a
-        session's requests in order, so it lists our node (see listed).
+        The listing (with ``watch``) is sent right after the create, with no wait:
+        the server answers a session's requests in order, so it lists our node.
         """
         session = self.session
 
@@ -2349,9 +2286,7 @@ class _Queue:
                     continue  # never made, or made in a session now ended
                 made, stat = found
                 absent = None  # a late copy of a plain create proves nothing of it
-            # Cleanup goes by the owner, never by the session current at some
-            # other moment (see leave).  Without a stat (a multi-operation's
-            # answer), the token is read when it is asked for (_Grant).
+            # Without a stat (a multi-operation's answer), the token is read when asked.
             if stat is not None:
                 self.token, self.owner = stat.czxid, stat.ephemeralOwner
             else:
@@ -2377,30 +2312,24 @@ class _Queue:
         return None
 
     def listing(self, watch: Callable | None = None) -> list[str]:
-        """The contenders, sorted by arrival (empty when the container is gone)."""
+        """The contenders, sorted by arrival (empty when the container is gone).
+
+        The answer to the listing sent with the last join, if one is to come.
+        """
+        sent, self._listing = self._listing, None
         try:
+            if sent is not None:
+                with contextlib.suppress(_ConnectionLost):  # else list again, when connected
+                    return _by_arrival(self.session.answer(sent, None))
             return _by_arrival(self.session.read(self.session.get_children_async, self.path, watch))
         except NoNodeError:
             return []
 
-    def listed(self, watch: Callable | None = None) -> list[str]:
-        """The listing sent with the last join, if there is one (else as :meth:`listing`)."""
-        sent, self._listing = self._listing, None
-        if sent is not None:
-            try:
-                return _by_arrival(self.session.answer(sent, None))
-            except NoNodeError:
-                return []
-            except _ConnectionLost:
-                pass  # list again, on the next connection
-        return self.listing(watch)
-
     def wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
         """Join, and wait until ``policy`` grants our node; False if not blocking or too late.
 
-        A wait that ends without a grant, however it ends, leaves no node
-        behind: deleted now by its path, or, if that cannot be done now (no
-        answer, or an exception on its way), by the session's reaper.
+        A wait that ends without a grant, however it ends, leaves no node behind:
+        deleted now by its path, else (no answer, an exception) by the reaper.
         """
         granted, session_id = False, self.session.session_id
         try:
@@ -2409,8 +2338,8 @@ class _Queue:
             self.abandon(session_id)  # first, with no I/O: whatever comes next
             raise
         finally:
-            if not granted:  # a waiter that gives up, or fails, leaves no node behind
-                with contextlib.suppress(CoordinationError):  # else the reaper deletes it
+            if not granted:
+                with contextlib.suppress(CoordinationError):
                     self.leave(container_too=policy.leaves_container and len(self.children) <= 1)
         return granted
 
@@ -2424,7 +2353,7 @@ class _Queue:
                 absent = None if self.absent_held else self.absent
                 self.absent_held = False
                 joined = _Join(self, policy, self.join(absent, watch))
-            self.children = self.listed(watch)
+            self.children = self.listing(watch)
             if self.node not in self.children:  # our node is gone: join again
                 self.node = None
                 continue
@@ -2441,24 +2370,20 @@ class _Queue:
                     self.session.handler.sleep_func(0.05)
                 continue
             if self.session.session_id != self.owner:
-                # The session that made our node ended before the watch was set: kazoo
-                # fired its watches then, not this one (set in the new session, on a
-                # node that may stay for long), and our node went with it: join again.
+                # Our node's session ended before the watch was set: kazoo fired its
+                # watches then, not this new one, and our node went too: join again.
                 continue
             free_turns = 0
             if not self.session.wait(woken, deadline):
                 return False
-            # Only while our node exists, whatever woke us: its deletion (by hand,
-            # by rm) reached us before the change that woke us.
             if joined.granted_on_wake() and not joined.own_gone:
                 return True
 
     def abandon(self, session_id: int | None) -> None:
         """Leave our node, known or not, to the session's reaper (an exception came mid-wait).
 
-        No I/O: it may run while an asynchronous exception unwinds.  A node a
-        grant holds is never reaped.  One made in a later session is reaped as
-        well: the prefix is remembered for the session of the try, and for ours.
+        No I/O: it may run while an asynchronous exception unwinds.  A node a grant holds
+        is never reaped; the prefix is left for the try's session and for our node's.
         """
         for session in {session_id, self.owner} - {None}:
             self.session.add_orphan(f"{self.path}/{self.prefix}", session)
@@ -2476,11 +2401,8 @@ class _Queue:
                 self.session.add_orphan(path, self.owner)
 
     def leave(self, container_too: bool = False, handoff: bool = False) -> None:
-        """Delete our node (and the container, when asked and it is then empty).
-
-        :param handoff: mark the node in the request that deletes it, so that
-            the waiter watching it is told it held (see _ExclusivePolicy).
-        """
+        """Delete our node (and the container, when asked and then empty); with ``handoff``,
+        mark it in the same request: its watcher is told it held (see _ExclusivePolicy)."""
         if self.node is not None:
             path, self.node = self.own_path, None
             container = self.path if container_too else None
@@ -2495,11 +2417,9 @@ class _Queue:
 class _Join:
     """One join of a waiter (_Queue): the watches it sets, turn by turn, and what they saw.
 
-    A new join is a new _Join: the watches of an earlier one (before our
-    session changed, say) may still fire, and set only what nobody reads any
-    more.  ``absent`` seen absent when our node was made cannot come back
-    while it queues; else, until we see it gone, a holder that got in before
-    the queue existed may still hold it.
+    The watches of an earlier join may still fire: they set what nobody reads.
+    ``absent`` seen absent at the join cannot come back while our node queues;
+    until then a holder that got in before the queue existed may hold it.
     """
 
     def __init__(self, queue: _Queue, policy: _QueuePolicy, absent_seen: bool) -> None:
@@ -2549,10 +2469,8 @@ class _Join:
             if stat is not None:
                 self.absent_elsewhere = stat.ephemeralOwner != queue.session.session_id
             else:
-                # Gone, and it cannot come back while our node queues: the
-                # listing just read still stands, and no second one is needed.
-                # First in it, we hold (once wait_turn has checked that the
-                # session that made our node lives, and that our node does).
+                # Gone for good: the listing just read stands, and first in it we
+                # hold (once wait_turn has seen our node and its session live).
                 self.absent_gone = True
                 if index < policy.front(children):
                     self.granted_now = True
@@ -2578,11 +2496,9 @@ class _Join:
             return self.absent_gone  # handed over by the node ahead, in this turn
         if self.ahead == EventType.DELETED and self.sole:
             return True
-        # First in line, woken by ``absent``'s deletion: nobody can be ahead of
-        # us (later arrivals queue behind), so the lock is ours without another
-        # listing; the hand-over then costs the holder's delete and nothing more.
-        # Not when its holder is of our own session: then its node may have
-        # gone with that session, and ours with it.
+        # First in line, woken by ``absent``'s deletion: later arrivals queue behind,
+        # so it is ours without another listing.  Not if its holder was of our own
+        # session: its node may have gone with that session, and ours with it.
         return self.head and self.absent_gone and self.absent_elsewhere
 
     def _ahead_watch(self, woken: Any) -> Callable[[WatchedEvent], None]:
@@ -2629,23 +2545,18 @@ class _Join:
 class _QueuePolicy:
     """A kind of queue (_Queue): which nodes in line hold, and which one a waiter watches.
 
-    Data and pure functions of the sorted listing and our place in it: the
-    rules every waiter obeys, whatever its kind, are the engine's (_Queue),
-    never a policy's.  This base is the exclusive line: the first node holds,
-    every other waiter watches the one before it.
+    Data and pure functions of the sorted listing and our place in it; the rules
+    every waiter obeys are the engine's.  This base is the exclusive line: the
+    first node holds, every other waiter watches the one before it.
     """
 
     #: The listing sets a children watch: it wakes a waiter with no node to watch.
     watch_listing = False
-
     #: A hand-off mark (a change, then gone) on the node watched grants ours.
     handoff = False
-
-    #: The deletion of the one node keeping ours waiting, made in another
-    #: session, grants ours (nodes join only at the back: nothing else can be
-    #: ahead of us then).
+    #: The deletion of the one node keeping ours waiting, made in another session,
+    #: grants ours (nodes join only at the back: nothing else can be ahead of us).
     sole = False
-
     #: The last waiter to leave deletes the container (else the server reaps it):
     #: the exclusive lock's fast path is open only once it is gone.
     leaves_container = False
@@ -2664,60 +2575,42 @@ class _ExclusiveLock:
 
     Uncontended, the holder creates the ephemeral node ``<name>`` and deletes
     it to release: two requests, the floor of a lock.  The create is a
-    multi-operation that also creates and deletes ``<name>@queue``, so it
-    succeeds only when the lock is free *and* nobody queues for it: once a
-    queue exists, newcomers join it rather than barge in, and waiters are
-    served in arrival order.  A non-blocking try that fails costs that one
-    request.
+    multi-operation that also creates and deletes ``<name>@queue``: it
+    succeeds only when the lock is free *and* nobody queues, so once a queue
+    exists newcomers join it rather than barge in, and waiters are served in
+    arrival order.  A non-blocking try that fails costs that one request.
 
-    A blocking contender that finds the lock taken joins the queue (see
-    _Queue).  It holds the lock when its node is first in the queue and the
-    node ``<name>`` is gone.  Because ``<name>`` cannot be created again while
-    the queue is not empty, each waiter needs to see it gone only once: its
-    node is made in a multi-operation that also creates and deletes
-    ``<name>``, which succeeds only while ``<name>`` is absent, so the join
-    itself says so (when ``<name>`` is held, the node is made on its own and
-    the waiter watches ``<name>`` until it goes).  Every waiter but the first
-    watches the waiter before it, so a release wakes exactly one.  The last
-    waiter to leave deletes the queue, which reopens the fast path (the
-    server would reap the empty container anyway, but only after its check
-    interval, a minute by default).
+    A blocking contender that finds the lock taken joins the queue (_Queue)
+    and holds when its node is first and ``<name>`` is gone.  ``<name>``
+    cannot come back while the queue is not empty, so a waiter needs to see
+    it gone once: the join's multi-operation also creates and deletes
+    ``<name>`` (if it is held, the node is made alone and the waiter watches
+    ``<name>``).  Every other waiter watches the one before it
+    (_ExclusivePolicy): a release wakes exactly one.  The last waiter to
+    leave deletes the queue, reopening the fast path (the server would reap
+    it only after its check interval, a minute by default).
 
-    What a contended acquisition costs, and why no less.  A waiter behind
-    others: the join (one write: a FIFO needs a sequence number), a listing
-    (it cannot know which node is before it without one: sequence numbers
-    have gaps, and guids are random), a read that watches that node, a read
-    that watches its own node, and the release: five.  The node before
-    tells, by how it goes, whether it held (a hand-off: changed, then gone)
-    or not (deleted: it gave up, its session ended, or ``rm`` broke it); only
-    the second needs a listing again, since it says nothing of those before
-    it.  The watch on its own node is what lets a hand-off be believed: a
-    waiter whose node was deleted from outside (by hand, in ZooKeeper) is no
-    longer in line, and the waiter behind it may already be watching the
-    same holder; the session's events come in order, so the deletion is
-    known before the hand-off.  Both reads come before the wait, so a
-    hand-off costs the waiter nothing on the way to holding.  Requests that
-    need no answer in between go together (the join with the listing, the
-    two reads): the server answers a session's requests in the order sent,
-    so the waiter waits for answers twice, not four times.  A waiter first
-    in line at its join is granted by the first listing: three.  One behind
-    a holder of ``<name>`` (the fast path's, whose failed try said so): the
-    try, the join on its own, a listing, a read that watches ``<name>``, and
-    the release: five, its deletion granting without another listing.  A
-    process that found the key contended lately skips the try.  kazoo's
-    Lock pays six behind others: it lists again on every wake.
+    What a contended acquisition costs, and why no less.  Behind others: the
+    join (a FIFO needs a sequence number), a listing (sequence numbers have
+    gaps and guids are random: only a listing tells the node before), a read
+    watching that node, one watching its own (so that a hand-off can be
+    believed: see _Queue), and the release: five, with two waits for answers
+    (the join goes with the listing, the reads together: a session's
+    requests are answered in order), none between a hand-off and holding.
+    First in line at its join: three.  Behind a holder of ``<name>``: the
+    failed try, the join, a listing, a read watching ``<name>``, the release:
+    five, its deletion granting without a listing; a process that found the
+    key contended lately skips the try.  kazoo's Lock pays six behind others:
+    it lists again on every wake.
 
-    The fencing token is not a node's creation zxid, which orders joins,
-    not grants (a multi-lock holds a key it joined early while it takes the
-    next one): it is read when asked (_Session.zxid_holding).
+    The fencing token is read when asked: see Lease.token.
 
     Release deletes ``<name>`` in a multi-operation that also checks the
-    data version of the namespace node, as read before ``<name>`` was made
-    (once per process).  ``rm`` bumps that version in the multi-operation
-    that breaks a holder, so a broken holder's late release fails the check
-    instead of deleting the next holder's ``<name>``; it then reads the node
-    and deletes it only if it is still its own.  A queue node's name is
-    unique, so deleting it by its path is always safe.
+    namespace node's data version, as read before ``<name>`` was made (once
+    per process).  ``rm`` bumps it as it breaks a holder, so a broken
+    holder's late release fails the check rather than delete the next
+    holder's ``<name>``; it then deletes the node only if still its own.  A
+    queue node's name is unique: deleting it by its path is always safe.
     """
 
     def __init__(self, session: _Session, parent: str, name: str, guid: str, data: bytes) -> None:
@@ -2751,7 +2644,6 @@ class _ExclusiveLock:
         self.session.contended(self.key_path, seen=True)
         if not blocking or not self.queue.wait_turn(_EXCLUSIVE, blocking, deadline):
             return None
-        # The token is learnt when asked, at the grant (see _Session.zxid_holding).
         return self.queue.own_path, None, self.queue.owner
 
     def _take_free(self) -> str:
@@ -2784,10 +2676,9 @@ class _ExclusiveLock:
     def _clear_limited(self) -> bool:
         """Delete ``<name>`` if it is a limited mutex's container that no holder is in.
 
-        Its last holder leaves it for the server to reap (within a minute),
-        and until then it would stand in a plain mutex's way.  The probe makes
-        the delete safe in one multi-operation: it fails if ``<name>`` is now
-        a holder's node (which cannot have children) or still has holders.
+        Left for the server to reap (within a minute), it would stand in a plain
+        mutex's way till then.  The probe's create fails if ``<name>`` is now a
+        holder's node (which cannot have children), the delete if it has holders.
         """
         probe = f"{self.holder}/{_SEP}probe"
 
@@ -2803,11 +2694,11 @@ class _ExclusiveLock:
         self.session.add_orphan(self.holder, session_id, self.guid)
         self.queue.abandon(session_id)
 
-    def release(self, path: str, session_id: int | None) -> None:
-        if path == self.holder:
+    def release(self, grant: _Grant) -> None:
+        if grant.path == self.holder:
             mark = self.data if _marks_release(self.holder) else None
             self.session.delete_own(
-                path, session_id, guid=self.guid, epoch=self.epoch, handoff=mark
+                grant.path, grant.session_id, guid=self.guid, epoch=self.epoch, handoff=mark
             )
         else:  # a holder's queue node: the waiter behind is told it held
             self.queue.leave(container_too=len(self.queue.children) <= 1, handoff=True)
@@ -2840,11 +2731,8 @@ class _ExclusiveLock:
 
     @staticmethod
     def guarding(session: _Session, parent: str) -> Iterator[str]:
-        """The per-key nodes under ``parent`` whose ACL guards contenders.
-
-        Queues, beat states, and limited mutexes' containers (a holder's node
-        is ephemeral; a container is not).
-        """
+        """The per-key nodes under ``parent`` whose ACL guards contenders: queues, beat
+        states, and limited mutexes' containers (a holder's node is ephemeral)."""
         for child in sorted(session.read(session.client.get_children_async, parent)):
             path = f"{parent}/{child}"
             if child.endswith((_QUEUE, _SCHEDULE)):
@@ -2859,13 +2747,11 @@ class _ExclusivePolicy(_QueuePolicy):
     """_ExclusiveLock's line: the first node holds once ``<name>`` (the queue's ``absent``) is gone.
 
     A holder's queue node is released by a multi-operation that rewrites its
-    data and deletes it (_Queue.leave's hand-off), so the waiter behind it is
-    told "changed", never "deleted", and nothing else changes a queue node's
-    data.  Since only the first in line ever holds, that node was first: the
-    waiter is first now, and holds without listing again.  A node deleted
-    plainly (its waiter gave up, its session ended, or ``rm``) says nothing
-    of those before it: the waiter lists again.  Either grant without a
-    listing stands only while our own node exists, which the engine checks.
+    data and deletes it (a hand-off), and nothing else changes a queue node's
+    data: the waiter behind, told "changed", knows that node was first and
+    held, so it holds without listing again.  A node deleted plainly (its
+    waiter gave up, its session ended, ``rm``) says nothing of those before
+    it: the waiter lists again.
     """
 
     handoff = True
@@ -2878,40 +2764,32 @@ _EXCLUSIVE = _ExclusivePolicy()
 class _ExclusiveSet:
     """Several exclusive locks held together: a multi-lock (_MultiLease).
 
-    Nodes: none of its own.  Each key is an _ExclusiveLock with its usual
-    nodes, ``<name>`` and ``<name>@queue/...``, so a key held through a
-    multi-lock excludes ``lock()`` (or a MutexTask) of that key and the other
-    way round, and ``ls``, ``rm`` and the exporter see each key as the lock it
-    is.  All keys are in one namespace.
+    No nodes of its own: each key is an _ExclusiveLock with its usual nodes,
+    so a key held through a multi-lock excludes ``lock()`` (or a MutexTask)
+    of that key and the other way round, and ``ls``, ``rm`` and the exporter
+    see each key as the lock it is.  All keys are in one namespace.
 
     Uncontended, one multi-operation makes every key's ``<name>`` with that
-    key's queue check (_ops): every key free and nobody
-    queued on any, or nothing at all; and one multi-operation deletes them,
-    fenced by the namespace's epoch as a single release is.  2 requests a
-    cycle whatever the number of keys k (a single lock's 2 for k = 1), and
-    a try that fails costs that one request.
+    key's queue check (_ops), all or nothing, and one deletes them, fenced by
+    the namespace's epoch as a single release is: 2 requests a cycle for any
+    number of keys k, and a try that fails costs that one request.
 
-    Otherwise (a key is held and the try blocks, a key has waiters, or a
-    key was found contended lately) the keys are taken one at a time, each
-    through its own lock and queue, in one global order: sorted by lock
-    name.  A waiter then holds only keys that sort before the one it waits
-    for, so no set of multi-locks can wait for each other in a cycle,
-    whatever the order their keys were given in, and nothing is held while
-    waiting by a try that takes all at once.  A waiter watches what a
-    single lock's waiter watches: ``<name>`` until it has seen it gone, then
-    the waiter before it; a release wakes one waiter per key.  A grant then
-    costs each key its own cycle, 2k requests and the waits, plus the one
-    failed multi-operation if it was tried first.  A try that fails, or
-    raises, part-way releases the keys it took, the last first; a key taken
-    early whose session ended while a later one waited is taken again.
+    Otherwise (a key is held and the try blocks, a key has waiters, or was
+    found contended lately) the keys are taken one at a time, each through
+    its own lock and queue, sorted by lock name: the one global order.  A
+    waiter then holds only keys that sort before the one it waits for, so no
+    set of multi-locks can wait for each other in a cycle, whatever order
+    their keys were given in.  Each key costs its own cycle, 2k requests and
+    the waits (plus the failed multi-operation, if tried first).  A try that
+    fails, or raises, part-way releases the keys it took, the last first; a
+    key taken early whose session ended while a later one waited is taken
+    again.
 
     Recovery: a lost answer to the multi-operation is recovered by reading
-    the first key (the transaction made all or none); a multi-operation we
-    stopped waiting for deletes what it made, when it comes, or on reconnect.
-    A release whose answer is lost leaves each node to be deleted, if still
-    ours, when ZooKeeper answers (_Session.add_orphan); one that finds the
-    epoch moved (an ``rm`` ran) or a node gone releases each key on its own,
-    as one lock does.
+    the first key (it made all or none); one we stopped waiting for deletes
+    what it made, when it comes, or on reconnect.  A release whose answer is
+    lost leaves each node to the reaper (_Session.add_orphan); one that finds
+    the epoch moved (an ``rm`` ran) or a node gone releases each key alone.
     """
 
     def __init__(self, session: _Session, locks: list[_ExclusiveLock]) -> None:
@@ -3025,9 +2903,8 @@ _FAST_OPS = 3
 class _Line:
     """A protocol whose holders and waiters are one line in the key's container (_Queue).
 
-    The front of the line holds (its policy's ``front``), which ``ls`` tells
-    from one listing (``front_of``); a node is released by its path, in the
-    session that made it.
+    Its front holds (the policy's ``front``), as ``ls`` tells from one listing
+    (``front_of``).
     """
 
     def __init__(self, queue: _Queue, policy: _QueuePolicy) -> None:
@@ -3046,9 +2923,7 @@ class _Line:
         """Leave this try's node, waiting or granted, to the reaper (no I/O)."""
         self.queue.abandon(session_id)
 
-    def release(self, path: str, session_id: int | None) -> None:
-        self.queue.node = path.rsplit("/", 1)[1]
-        self.queue.owner = session_id
+    def release(self, grant: _Grant) -> None:
         # A waiter behind lists again whether the node changed or went: the
         # mark costs it nothing, and a limited mutex's copy sees the run ended.
         self.queue.leave(handoff=_marks_release(self.key_path))
@@ -3095,40 +2970,31 @@ class _Line:
 class _Semaphore(_Line):
     """Up to ``max_leases`` holders at a time.
 
-    Holders and waiters alike create one node in the semaphore's container
-    (see _Queue); the first ``max_leases`` in arrival order hold a lease.
-    Uncontended that is three requests: create, list, delete.  The number of
-    leases travels in every node's name, so holders that disagree on it are
-    found by the same listing and refused.
+    Holders and waiters alike make one node in the semaphore's container
+    (_Queue); the first ``max_leases`` in arrival order hold.  Uncontended:
+    create, list, delete.  The limit is in every node's name, so holders
+    that disagree on it are found by the same listing and refused.
 
     The first waiter (position ``max_leases``) may be granted by any holder
     leaving, so it watches the container's children; every later waiter
-    watches the one node before it.  When that node is granted it rewrites
-    its data (a watched change) so the next waiter wakes and takes over the
-    first waiter's watch.  A release thus wakes the first waiter, and a grant
-    the next one: never all of them.  Waiters on another semaphore are under
-    another container and cost this one nothing.
+    watches the node before it.  A node that is granted rewrites its data (a
+    watched change), so the next waiter wakes and takes over the first
+    waiter's watch.  A release thus wakes the first waiter, and a grant the
+    next one: never all of them.
 
     A limited MutexTask (``mutex_max_leases``) is such a semaphore, its
-    container at ``mutexes/<name>``, where a plain mutex's holder node would be:
-    copies that disagree on the limit, one (a node that cannot have children)
-    and more (a container), thus find each other's node in the way and exclude
-    each other, and are refused with MaxLeasesMismatch, never admitted together.
+    container at ``mutexes/<name>``, where a plain mutex's holder node would
+    be: copies that disagree on the limit, one (a node that cannot have
+    children) and more (a container), find each other's node in the way and
+    are refused with MaxLeasesMismatch, never admitted together.
     """
 
     def __init__(
-        self,
-        session: _Session,
-        path: str,
-        max_leases: int,
-        guid: str,
-        data: bytes,
-        label: str,
-        option: str = "max_leases",
+        self, session: _Session, path: str, guid: str, data: bytes, policy: _SemaphorePolicy
     ) -> None:
-        self.max_leases = max_leases
-        self.semaphore = _SemaphorePolicy(max_leases, label, option)
-        super().__init__(_Queue(session, path, max_leases, guid, data), self.semaphore)
+        self.max_leases = policy.max_leases
+        self.semaphore = policy
+        super().__init__(_Queue(session, path, policy.max_leases, guid, data, None), policy)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         try:
@@ -3203,41 +3069,40 @@ class _ReadWriteLock(_Line):
     """Readers share it, a writer holds it alone: ``read_lock()`` and ``write_lock()``.
 
     Readers and writers of one key make one node each in the key's container
-    (see _Queue), tagged ``read`` or ``write``: a single line, in arrival
-    order.  The front of the line holds: the first node if it is a writer's,
-    else every reader ahead of the first writer (_front).  A reader never
-    overtakes a writer that came before it, nor a writer readers that came
-    before it, so neither starves.  A contender looks only at the nodes ahead
-    of it: a writer behind a reader never holds the reader up (the deadlock
-    of kazoo issue #649, where a reader also waited for a later writer).
+    (_Queue), tagged ``read`` or ``write``: a single line, in arrival order.
+    Its front holds: the first node if a writer's, else every reader ahead of
+    the first writer (front_of).  Neither overtakes the other, so neither
+    starves, and a contender looks only at the nodes ahead of it: a writer
+    behind a reader never holds the reader up (the deadlock of kazoo issue
+    #649, where a reader also waited for a later writer).
 
-    Each waiter watches one node, for its deletion: a reader the last writer
-    ahead of it, a writer the node just ahead of it.  A writer's release thus
-    wakes the readers it kept waiting, each of them granted, or the one
-    writer behind it; a reader's release wakes at most the writer right
-    behind it.  Never a herd; a writer behind n readers wakes at most n times,
-    once per release.
+    Each waiter watches one node for its deletion: a reader the last writer
+    ahead of it, a writer the node just ahead.  A writer's release thus
+    wakes the readers it kept waiting, or the one writer behind it; a
+    reader's at most the writer right behind.  Never a herd: a writer behind
+    n readers wakes at most n times.
 
-    Uncontended, a read or a write lock costs three requests: create, list,
-    delete; a failed try the same, its node deleted at once.  A waiter woken
-    by the deletion of the only node that kept it waiting, made in another
-    session, holds without listing the line again (_QueuePolicy.sole): after
-    the release, the grant costs no request.  Any other wake costs a listing
-    and the get that sets the next watch.
+    Uncontended, either costs three requests (create, list, delete), and so
+    does a failed try.  A waiter woken by the deletion of the only node that
+    kept it waiting, made in another session, holds without listing again
+    (_QueuePolicy.sole); any other wake costs a listing and the next watch.
 
-    The fencing token is the node's creation zxid, one order for readers and
-    writers: conflicting grants follow the line, which is the order of
-    creation, so a writer's token exceeds every token granted before it, and
-    a reader's every writer's before it.  Readers that overlap are in no
-    order among themselves, as a semaphore's holders.
+    The fencing token is the node's creation zxid: conflicting grants follow
+    the line, the order of creation, so a writer's token exceeds every token
+    granted before it, and a reader's every earlier writer's.  Overlapping
+    readers are in no order among themselves, as a semaphore's holders.
     """
 
     def __init__(self, session: _Session, path: str, mode: str, guid: str, data: bytes) -> None:
-        super().__init__(_Queue(session, path, mode, guid, data), _ReadWritePolicy(mode))
+        super().__init__(_Queue(session, path, mode, guid, data, None), _ReadWritePolicy(mode))
 
     @staticmethod
     def front_of(nodes: list[str]) -> int:
-        return _front(nodes)
+        """A writer alone, or the readers ahead of the first writer."""
+        for i, node in enumerate(nodes):
+            if node.startswith(_WRITE + _SEP):
+                return i or 1
+        return len(nodes)
 
     @staticmethod
     def kind_of(path: str) -> str:
@@ -3254,7 +3119,7 @@ class _ReadWritePolicy(_QueuePolicy):
         self.mode = mode
 
     def front(self, children: list[str]) -> int:
-        return _front(children)
+        return _ReadWriteLock.front_of(children)
 
     def blocker(self, children: list[str], index: int) -> int | None:
         """The last writer ahead of a reader; the node ahead of a writer."""
@@ -3263,25 +3128,15 @@ class _ReadWritePolicy(_QueuePolicy):
         return index - 1
 
 
-def _front(children: list[str]) -> int:
-    """How many at the front of a read/write line hold: a writer alone, or the readers."""
-    for i, child in enumerate(children):
-        if child.startswith(_WRITE + _SEP):
-            return i or 1
-    return len(children)
-
-
 def _wait_gone(
     session: _Session, path: str, deadline: float | None, guid: str | None = None
 ) -> str:
     """Wait until the node at ``path`` is gone, or the deadline: say how it went.
 
-    ``"released"``: its holder released it, which marks the node in the
-    request that deletes it (a mutex's: see _marks_release): a change, then
-    gone.  ``"gone"``: deleted otherwise (its session ended, ``rm``), or gone
-    before the first look, which cannot tell.  ``"held"``: there at the
-    deadline.  With ``guid``, only that holder's node counts: the next
-    holder of a fixed path is not it.
+    ``"released"``: marked by its holder's release, then gone (_marks_release).
+    ``"gone"``: deleted otherwise (session ended, ``rm``), or before the first
+    look.  ``"held"``: there at the deadline.  With ``guid``, only that
+    holder's node counts: the next holder of a fixed path is not it.
     """
     changed = False
     while True:
@@ -3328,11 +3183,8 @@ def _expired(deadline: float | None) -> bool:
 
 
 def _caught_up(session: _Session, session_id: int | None, path: str) -> bool:
-    """After a lost answer: False if the session that sent the request ended.
-
-    The server we reconnected to may not have applied the request yet: catch
-    up with the leader (a sync) before looking.
-    """
+    """After a lost answer: False if the session that sent the request ended; else sync
+    with the leader, since the server we reconnected to may not have applied it yet."""
     session.wait_connected()
     if session.session_id != session_id:
         return False
@@ -3363,12 +3215,11 @@ class _EarlyMutex:
              in its data.  A message that is never delivered blocks the key
              only until then: whoever finds it expired deletes it (and the
              server reaps a TTL node by itself).
-    running  an ephemeral node of the worker's session: if the worker dies,
-             the key is free once ZooKeeper expires its session.  It is made at
-             data version 1 (see _RUNNING_VERSION), the queued form at 0: the
-             version a delete checks tells the two forms apart.  Two queued
-             forms it cannot tell apart: a sweep or a take of an *expired*
-             queued form deletes at version 0, and a new send's queued form
+    running  an ephemeral node of the worker's session, so the key is free
+             once ZooKeeper expires a dead worker's session; made at data
+             version 1, the queued form at 0 (see _RUNNING_VERSION).  Two
+             queued forms a version cannot tell apart: a sweep or a take of an
+             *expired* one deletes at version 0, and a new send's queued form
              made in the round trip between its read and its delete would go
              instead (only past ``mutex_timeout``, and only in that window).
 
@@ -3382,18 +3233,11 @@ class _EarlyMutex:
     """
 
     def __init__(
-        self,
-        session: _Session,
-        parent: str,
-        name: str,
-        guid: str,
-        data: bytes,
-        key: str,
-        timeout: float,
+        self, session: _Session, path: str, guid: str, data: bytes, key: str, timeout: float
     ) -> None:
         self.session = session
-        self.parent = parent
-        self.key_path = self.holder = f"{parent}/{name}"
+        self.parent = path.rsplit("/", 1)[0]
+        self.key_path = self.holder = path
         self.guid = guid
         self.key = key
         self.epoch: tuple[str, int] | None = None  # as for _ExclusiveLock
@@ -3413,9 +3257,7 @@ class _EarlyMutex:
             holder, stat = self._read()
             if holder is None:
                 continue
-            if holder.get("guid") == self.guid or (
-                holder.get("task_id") == self.task_id and holder.get("state") == "queued"
-            ):
+            if holder.get("guid") == self.guid or self._queued_here(holder):
                 return  # ours: made before a lost answer, or kept by a retry
             if not self._expired(holder):
                 raise AlreadyQueued(self.key, holder.get("task_id"), holder.get("state", "queued"))
@@ -3425,7 +3267,7 @@ class _EarlyMutex:
     def unreserve(self) -> None:
         """Delete the queued form if this task id made it (a failed send, a revoke)."""
         holder, stat = self._read()
-        if holder and holder.get("task_id") == self.task_id and holder.get("state") == "queued":
+        if holder and self._queued_here(holder):
             self._delete(stat)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted:
@@ -3436,33 +3278,21 @@ class _EarlyMutex:
         for _ in range(_CONTAINER_TRIES):
             holder, stat = self._read()
             session_id = self.session.session_id
+            if holder is not None and holder.get("guid") == self.guid:  # before a lost answer
+                return self.holder, stat.czxid, stat.ephemeralOwner or None
+            if holder is not None and not (self._expired(holder) or self._queued_here(holder)):
+                state = holder.get("state", "queued")
+                error = AlreadyQueued(self.key, holder.get("task_id"), state)
+                error.holder = holder
+                raise error
+            version = None if holder is None else stat.version  # the queued form's, to delete
+            ops = functools.partial(_to_running, self.holder, version, running)
+            abandon = functools.partial(self._abandon_running, session_id)
             try:
-                abandon = functools.partial(self._abandon_running, session_id)
-                if holder is None:
-                    made = self.session.multi(
-                        functools.partial(_make_running, self.holder, running), abandon=abandon
-                    )
-                    if isinstance(made[0], str):
-                        return self._taken(session_id)
-                    continue  # made meanwhile
-                if holder.get("guid") == self.guid:
-                    # made before a lost answer
-                    return self.holder, stat.czxid, stat.ephemeralOwner or None
-                if holder.get("state") == "queued" and (
-                    holder.get("task_id") == self.task_id or self._expired(holder)
-                ):
-                    results = self.session.multi(
-                        functools.partial(_to_running, self.holder, stat.version, running),
-                        abandon=abandon,
-                    )
-                    if isinstance(results[1], str):
-                        return self._taken(session_id)
-                    continue  # it changed since we read it
+                if isinstance(self.session.multi(ops, abandon=abandon)[-2], str):  # the create
+                    return self._taken(session_id)
             except (NodeExistsError, _ConnectionLost):
-                continue
-            error = AlreadyQueued(self.key, holder.get("task_id"), holder.get("state", "queued"))
-            error.holder = holder
-            raise error
+                pass  # made, or changed, since we read it: again
         raise CoordinationError(f"early mutex {self.key} kept changing; gave up")
 
     def _taken(self, before: int | None) -> _Granted:
@@ -3482,9 +3312,8 @@ class _EarlyMutex:
     def requeue(self, session_id: int | None) -> bool:
         """At a retry: turn our running form back into the queued form a send makes.
 
-        In one multi-operation: no ``rm`` since we took it (the epoch), our
-        running form deleted, the queued form made, as a TTL node where the
-        servers allow them.  False if it is not ours to turn (broken).
+        In one multi-operation: no ``rm`` since we took it (the epoch), our running
+        form deleted, the queued form made.  False if it is not ours to turn (broken).
         """
         if self.session.session_id != session_id:
             return True  # the session ended: the key went with it, the retried copy takes it
@@ -3497,9 +3326,7 @@ class _EarlyMutex:
             # Some rm ran in the namespace since: is our node still ours?
             self.epoch = self.session.epoch(self.epoch[0], again=True)
             holder, stat = self._read()
-            if holder is None or holder.get("guid") != self.guid:
-                break
-            if stat.ephemeralOwner != session_id:
+            if (holder or {}).get("guid") != self.guid or stat.ephemeralOwner != session_id:
                 break
         _log(logging.WARNING, "early mutex %s: could not keep it for the retry", self.key,
              kind="early mutex", key=self.key, outcome="not_kept")  # fmt: skip
@@ -3523,9 +3350,11 @@ class _EarlyMutex:
         """Leave the running form this try may have made to the reaper (no I/O)."""
         self.session.add_orphan(self.holder, session_id, self.guid)
 
-    def release(self, path: str, session_id: int | None) -> None:
+    def release(self, grant: _Grant) -> None:
         mark = self._data("ended")  # a second delivery waiting for it sees the run ended
-        self.session.delete_own(path, session_id, guid=self.guid, epoch=self.epoch, handoff=mark)
+        self.session.delete_own(
+            grant.path, grant.session_id, guid=self.guid, epoch=self.epoch, handoff=mark
+        )
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         found = self.session.read_nodes([self.holder])
@@ -3558,6 +3387,10 @@ class _EarlyMutex:
             return None, None
         return json.loads(data or b"{}"), stat
 
+    def _queued_here(self, holder: dict) -> bool:
+        """Whether ``holder`` is this task id's queued form (its send's, or kept by a retry)."""
+        return holder.get("state") == "queued" and holder.get("task_id") == self.task_id
+
     def _expired(self, holder: dict) -> bool:
         return holder.get("state") == "queued" and time.time() > holder.get("expires", 0)
 
@@ -3566,23 +3399,18 @@ class _EarlyMutex:
             self.session.call(self.session.client.delete_async, self.holder, stat.version)
 
 
-#: The data version of an early mutex's running form: it is created, then set once.
-#: A node made anew starts at version 0 again, so a version alone cannot tell a queued
-#: form from the running form that replaced it: a run that read the queued form (0)
-#: and came second would delete the first run's running form at "its" version and
-#: run beside it (two deliveries of one message at once).  Made at 1, the running
-#: form never matches a read of the queued form.
+#: The data version of an early mutex's running form (created, then set once).  A node
+#: made anew starts at 0 again: at 0, a run that read the queued form and came second
+#: would delete the first run's running form at "its" version and run beside it (two
+#: deliveries of one message at once).  At 1, it never matches a read of a queued form.
 _RUNNING_VERSION = 1
 
 
-def _to_running(path: str, version: int, data: bytes, txn: TransactionRequest) -> None:
-    """The queued form read at ``version`` turned into the running form, atomically."""
-    txn.delete(path, version)
-    _make_running(path, data, txn)
-
-
-def _make_running(path: str, data: bytes, txn: TransactionRequest) -> None:
-    """The running form where there was none: an ephemeral node at _RUNNING_VERSION."""
+def _to_running(path: str, version: int | None, data: bytes, txn: TransactionRequest) -> None:
+    """The running form, an ephemeral node at _RUNNING_VERSION, made where there was none,
+    or in place of the queued form read at ``version``, atomically."""
+    if version is not None:
+        txn.delete(path, version)
     txn.create(path, data, ephemeral=True)
     txn.set_data(path, data)
 
