@@ -39,7 +39,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
-import zkcelery
+import testinternals as internals
 from testalone import meeting_folder
 from testsupport import ensemble_hosts, four_letter, zk_test_port
 from testtasks import CONNECT_TIMEOUT, SESSION_TIMEOUT, broker_settings
@@ -424,7 +424,7 @@ def make_app(zk_hosts: str, zk_root: str) -> Iterator[Callable[..., Celery]]:
 
 def close_sessions(app: Celery) -> None:
     """Close an app's session in this process, as worker shutdown does."""
-    conn = zkcelery._connections.pop(app, None)
+    conn = internals.sessions.pop(app, None)
     if conn is not None:
         conn.close()
 
@@ -668,7 +668,7 @@ def _running(
     yield group
     group.kill()
     close_sessions(group.app)  # a sender's session, and one for revocations
-    session = zkcelery._revocations.pop(group.app, None)
+    session = internals.revocation_sessions.pop(group.app, None)
     if session is not None:
         session.close()
     report = getattr(request.node, "rep_call", None)
@@ -903,7 +903,7 @@ def expire_session(app_or_client: Any, hosts: str) -> None:
     """
     client = app_or_client
     if isinstance(app_or_client, Celery):
-        client = zkcelery._connection(app_or_client).client
+        client = internals.session(app_or_client).client
     session_id, password = client.client_id
     thief = KazooClient(hosts=hosts, client_id=(session_id, password))
     thief.start(timeout=10)
@@ -924,7 +924,7 @@ def session_requests(hosts: str, app: Celery) -> int:
 
     Other clients of the ensemble (idle pings, other tests' sessions) do not count.
     """
-    sid = f"sid={zkcelery._connection(app).session_id:#x},"
+    sid = f"sid={internals.session(app).session_id:#x},"
     for answer in _each_server(hosts, "cons"):
         for line in answer.splitlines():
             if sid in line:
@@ -938,7 +938,7 @@ def watching(hosts: str, app: Celery, path: str) -> bool:
     The servers' own word that a waiter is in place: it has sent and had
     answered the request that watches what it waits for.
     """
-    session_id = zkcelery._connection(app).session_id
+    session_id = internals.session(app).session_id
     if session_id is None:  # not connected yet
         return False
     sid = f"{session_id:#x}"

@@ -50,6 +50,7 @@ from kazoo.exceptions import KazooException, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import Callback
 
+import testinternals as internals
 import zkcelery
 import zkcelery_beat
 import zkcelery_metrics
@@ -83,7 +84,7 @@ from testtasks import (
 
 
 def node_path(root: str, namespace: str, task: str, *values: Any) -> str:
-    return f"{root}/{namespace}/{zkcelery._lock_name(task, values)}"
+    return f"{root}/{namespace}/{internals.lock_name(task, values)}"
 
 
 def hold_externally(zk: KazooClient, path: str) -> None:
@@ -132,11 +133,11 @@ def run_in_threads(n: int, target: Any) -> list[Any]:
 
 
 def _held(task, *values) -> Any:
-    return zkcelery.Lease(task, zkcelery._LOCKS, values)
+    return zkcelery.Lease(task, internals.LOCKS, values)
 
 
 def _blocking(task, *values, timeout=None) -> Any:
-    return zkcelery.Lease(task, zkcelery._LOCKS, values, blocking=True, timeout=timeout)
+    return zkcelery.Lease(task, internals.LOCKS, values, blocking=True, timeout=timeout)
 
 
 def _held_now(task, *values) -> bool:
@@ -193,7 +194,7 @@ def test_connects_to_the_default_hosts_with_no_setting(zk_hosts, zk_root, zk, mo
         ZOOKEEPER_SESSION_TIMEOUT=SESSION_TIMEOUT,
         ZOOKEEPER_CONNECT_TIMEOUT=CONNECT_TIMEOUT,
     )
-    assert zkcelery._read_settings(app).hosts == "127.0.0.1:2181"
+    assert internals.read_settings(app).hosts == "127.0.0.1:2181"
     # Connect only to a server the tests started: when the test ensemble was moved
     # off the default port (ZK_TEST_PORT), the default points at it instead.
     if zk_hosts.split(",")[0] != "127.0.0.1:2181":
@@ -211,7 +212,7 @@ def test_connects_to_the_default_hosts_with_no_setting(zk_hosts, zk_root, zk, mo
 
 
 def test_connects_with_explicit_hosts(lock_task, zk_hosts):
-    assert zkcelery._read_settings(lock_task.app).hosts == zk_hosts
+    assert internals.read_settings(lock_task.app).hosts == zk_hosts
     assert lock_task() is not None
 
 
@@ -225,7 +226,7 @@ def test_connects_with_explicit_hosts(lock_task, zk_hosts):
     ],
 )
 def test_host_forms_parse(value, hosts, chroot):
-    assert zkcelery._parse_hosts(value) == (hosts, chroot)
+    assert internals.parse_hosts(value) == (hosts, chroot)
 
 
 def test_chroot_suffix_places_the_locks_under_it(make_app, zk, zk_root, zk_hosts):
@@ -287,7 +288,7 @@ def test_unreachable_hosts_raise_coordination_error_within_the_connect_timeout(o
 def test_settings_are_found_in_every_spelling(spelling):
     app = Celery("spelling", set_as_current=False)
     app.conf[spelling] = "/spelled"
-    assert zkcelery._read_settings(app).root == "/spelled"
+    assert internals.read_settings(app).root == "/spelled"
 
 
 def test_django_namespaced_settings_are_found():
@@ -297,22 +298,22 @@ def test_django_namespaced_settings_are_found():
 
     app = Celery("django", set_as_current=False)
     app.config_from_object(DjangoSettings, namespace="CELERY")
-    assert zkcelery._read_settings(app).root == "/django"
-    assert zkcelery._read_settings(app).session_timeout == 7
+    assert internals.read_settings(app).root == "/django"
+    assert internals.read_settings(app).session_timeout == 7
 
 
 def test_one_client_per_process_and_app_is_reused(make_app):
     first, second = make_app(), make_app()
-    a = zkcelery._connection(first)
-    assert zkcelery._connection(first) is a
-    assert run_in_threads(4, lambda _: zkcelery._connection(first)) == [a] * 4
-    assert zkcelery._connection(second) is not a
+    a = internals.session(first)
+    assert internals.session(first) is a
+    assert run_in_threads(4, lambda _: internals.session(first)) == [a] * 4
+    assert internals.session(second) is not a
 
 
 def test_a_request_and_an_answer_too_large_for_one_socket_call_go_through_whole(app):
     # The connection sends and receives before it waits for its socket (_PollingHandler):
     # 900 kB takes several send() and recv() calls, with waits between some of them.
-    session = zkcelery._connection(app)
+    session = internals.session(app)
     session.wait_connected()
     session.ensure_namespaces()
     waits: list[tuple] = []
@@ -344,11 +345,11 @@ def test_a_request_and_an_answer_too_large_for_one_socket_call_go_through_whole(
 def test_a_watch_callback_run_on_the_connection_thread_that_raises_is_logged_and_harmless(
     lock_task, caplog
 ):
-    session = zkcelery._connection(lock_task.app)
+    session = internals.session(lock_task.app)
     session.wait_connected()
     ran: list[str] = []
 
-    @zkcelery._at_once
+    @internals.at_once
     def broken(event):
         ran.append(threading.current_thread().name)
         raise RuntimeError("a bug in a callback")
@@ -362,7 +363,7 @@ def test_a_watch_callback_run_on_the_connection_thread_that_raises_is_logged_and
 
 
 def test_forked_child_makes_its_own_session_and_the_parents_survives(lock_task, zk):
-    parent = zkcelery._connection(lock_task.app)
+    parent = internals.session(lock_task.app)
     parent.wait_connected()
     with _held(lock_task, "kept") as lease:
         read, write = os.pipe()
@@ -370,7 +371,7 @@ def test_forked_child_makes_its_own_session_and_the_parents_survives(lock_task, 
         if pid == 0:  # the child: take another lock, report its session, exit
             status = 1
             try:
-                child = zkcelery._connection(lock_task.app)
+                child = internals.session(lock_task.app)
                 with _held(lock_task, "child") as own:
                     os.write(write, f"{child.session_id} {bool(own)} {child is parent}".encode())
                 status = 0
@@ -428,16 +429,16 @@ def _canonical(value: Any) -> Any:
 @given(st.lists(_values, max_size=3), st.lists(_values, max_size=3))
 def test_lock_names_are_injective(a, b):
     same = _canonical(a) == _canonical(b)
-    assert (zkcelery._lock_name("t", a) == zkcelery._lock_name("t", b)) == same
+    assert (internals.lock_name("t", a) == internals.lock_name("t", b)) == same
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(min_size=1), st.lists(_values | st.just("/") | st.just("..") | st.just("\0")))
 def test_lock_names_are_valid_znode_names(base, values):
-    name = zkcelery._lock_name(base, values)
+    name = internals.lock_name(base, values)
     assert _ZNODE_NAME.fullmatch(name) and name not in (".", "..")
-    assert len(name) <= zkcelery._NAME_LIMIT
-    assert zkcelery._SEP not in name
+    assert len(name) <= internals.NAME_LIMIT
+    assert internals.SEP not in name
 
 
 @pytest.mark.parametrize(
@@ -446,11 +447,11 @@ def test_lock_names_are_valid_znode_names(base, values):
      ((b"x",), ("x",)), (("",), ()), ((None,), ("None",)), ((["a", "b"],), ("a", "b"))],
 )  # fmt: skip
 def test_values_that_differ_get_different_names(a, b):
-    assert zkcelery._lock_name("t", a) != zkcelery._lock_name("t", b)
+    assert internals.lock_name("t", a) != internals.lock_name("t", b)
 
 
 def test_a_tuple_and_a_list_name_the_same_lock_as_json_makes_them_one():
-    assert zkcelery._lock_name("t", ((1, 2),)) == zkcelery._lock_name("t", ([1, 2],))
+    assert internals.lock_name("t", ((1, 2),)) == internals.lock_name("t", ([1, 2],))
 
 
 def test_names_are_stable_across_processes_and_versions():
@@ -458,7 +459,7 @@ def test_names_are_stable_across_processes_and_versions():
     values = ("srv/1", 2, 1.5, None, True, b"\x00", [1, {"k": "v"}],
               uuid.UUID(int=1), Decimal("1.10"), date(2026, 1, 2),
               datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))  # fmt: skip
-    assert zkcelery._lock_name("tasks.sync", values) == (
+    assert internals.lock_name("tasks.sync", values) == (
         "tasks.sync(s:srv%2F1,i:2,r:1.5,n,t,b:%00,l(i:1,m(s:k=s:v)),"
         "u:00000000-0000-0000-0000-000000000001,d:1.10,D:2026-01-02,"
         "T:2026-01-02T03%3A04%3A05%2B00%3A00)"
@@ -466,10 +467,10 @@ def test_names_are_stable_across_processes_and_versions():
 
 
 def test_a_one_megabyte_value_yields_a_bounded_name_with_a_readable_prefix():
-    name = zkcelery._lock_name("tasks.big", ("x" * 1_000_000,))
-    assert len(name) <= zkcelery._NAME_LIMIT
+    name = internals.lock_name("tasks.big", ("x" * 1_000_000,))
+    assert len(name) <= internals.NAME_LIMIT
     assert name.startswith("tasks.big(s:xxxx") and "#" in name
-    assert name != zkcelery._lock_name("tasks.big", ("x" * 999_999 + "y",))
+    assert name != internals.lock_name("tasks.big", ("x" * 999_999 + "y",))
 
 
 @pytest.mark.parametrize("value", [object(), {1, 2}, 1j, [object()]])
@@ -574,7 +575,7 @@ def test_the_lease_is_truthy_exactly_while_held(lock_task):
 
 
 @pytest.mark.parametrize(
-    "module, owner, name, params", zkcelery._INTERNALS, ids=lambda v: str(v or "")
+    "module, owner, name, params", internals.INTERNALS, ids=lambda v: str(v or "")
 )
 def test_the_kazoo_and_celery_internals_zkcelery_relies_on_are_there(module, owner, name, params):
     found = importlib.import_module(module)
@@ -730,7 +731,7 @@ def test_internals_lists_every_private_attribute_zkcelery_reaches():
     for module in (zkcelery, *_COMPANIONS):  # zkcelery lists its companions' too
         for name, line in _foreign_private_attributes(module).items():
             found.setdefault(name, f"{module.__name__}.py:{line}")
-    listed = {name for _, _, name, _ in zkcelery._INTERNALS if _private(name)}
+    listed = {name for _, _, name, _ in internals.INTERNALS if _private(name)}
     unlisted = {name: where for name, where in found.items() if name not in listed}
     assert not unlisted, f"used, not in _INTERNALS: {unlisted}"
     assert not listed - set(found), f"in _INTERNALS, no longer used: {sorted(listed - set(found))}"
@@ -772,6 +773,22 @@ def test_the_companions_use_only_names_zkcelery_makes_public():
         assert not outside, f"{module.__name__} uses names zkcelery does not export: {outside}"
 
 
+def test_the_tests_reach_zkcelerys_private_names_only_through_testinternals():
+    """The test files and the modules their processes import name no ``zkcelery._name``
+    (a child script in a string aside): testinternals.py binds each one they need."""
+    here = Path(__file__).parent
+    files = ["test_zkcelery.py", "conftest.py", "testtasks.py", "testsupport.py", "testalone.py"]
+    for name in files:
+        used = _zkcelery_names_used((here / name).read_text())
+        private = {name: line for name, line in used.items() if _private(name)}
+        assert not private, f"{name} reaches {private}: bind them in testinternals.py"
+    assert _private_names_of(here / "testinternals.py")  # and it does reach them
+
+
+def _private_names_of(path: Path) -> set[str]:
+    return {name for name in _zkcelery_names_used(path.read_text()) if _private(name)}
+
+
 def test_the_old_names_are_the_companions_own():
     from celery.utils.imports import symbol_by_name
 
@@ -807,7 +824,7 @@ def test_zkcelery_py_copied_alone_gives_the_task_side_and_names_the_missing_comp
         logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
         app = celery.Celery(set_as_current=False)
         app.conf.ZOOKEEPER_METRICS_PORT = 9309
-        print("metrics:", zkcelery._metrics_asked(app, "ZOOKEEPER_METRICS_PORT"))
+        print("metrics:", zkcelery._metrics_asked(app, "ZOOKEEPER_METRICS_PORT"))  # copied alone
         for command in (["exporter", "--port", "0"], ["ls", "--watch"], ["ls", "--help"]):
             sys.argv = ["zkcelery", "--hosts", "127.0.0.1:1", *command]
             try:
@@ -1352,7 +1369,7 @@ def test_a_semaphore_waiter_whose_session_expires_queues_again(make_app, zk_host
 
 def _queue_of(zk: KazooClient, holder_path: str) -> list[tuple[str, int]]:
     """(lease id, owning session) of each node in a lock's queue, first in line first."""
-    queue, found = f"{holder_path}{zkcelery._QUEUE}", []
+    queue, found = f"{holder_path}{internals.QUEUE}", []
     with contextlib.suppress(NoNodeError):
         for child in sorted(zk.get_children(queue), key=lambda c: c[-10:]):
             with contextlib.suppress(NoNodeError):
@@ -1393,24 +1410,24 @@ def test_a_waiter_whose_session_ends_while_it_sets_its_watch_queues_again_at_onc
     # and before it set its watch: kazoo fired the old session's watches already, so
     # the new watch (on the holder's node, which stays) would be its only wake-up.
     holder = _lock_task_on(make_app()).lock("w", name="t.lock").__enter__()
-    set_watch, ended = zkcelery._Join.watch, threading.Event()
+    set_watch, ended = internals.Join.watch, threading.Event()
 
     def watch_in_a_new_session(joined: Any, index: int, listed: Any) -> Any:
         if not ended.is_set():
-            old = zkcelery._connection(app).session_id
+            old = internals.session(app).session_id
             expire_session(app, zk_hosts)
-            wait_for(lambda: zkcelery._connection(app).session_id not in (None, old), 15,
+            wait_for(lambda: internals.session(app).session_id not in (None, old), 15,
                      "a new session")  # fmt: skip
             ended.set()
         return set_watch(joined, index, listed)
 
-    monkeypatch.setattr(zkcelery._Join, "watch", watch_in_a_new_session)
+    monkeypatch.setattr(internals.Join, "watch", watch_in_a_new_session)
     result: list[bool] = []
     waiter = _in_thread(
         lambda: result.append(bool(_blocking(lock_task, "w", timeout=30).acquire()))
     )
     wait_for(ended.is_set, 20, "the session to end under the waiter")
-    now = zkcelery._connection(app).session_id
+    now = internals.session(app).session_id
     queued = wait_for(lambda: [o for _, o in _queue_of(zk, holder._grant.path) if o == now], 10,
                       "the waiter to queue again while the lock is still held")  # fmt: skip
     assert queued == [now]
@@ -1510,7 +1527,7 @@ def test_a_waiter_whose_node_is_deleted_by_hand_is_not_granted_by_the_hand_off(
     second, (second_granted, second_thread, mark) = _waiting_behind(
         lock_task, "h", app, zk_hosts, 4
     )
-    queue = f"{node_path(zk_root, 'locks', 't.lock', 'h')}{zkcelery._QUEUE}"
+    queue = f"{node_path(zk_root, 'locks', 't.lock', 'h')}{internals.QUEUE}"
     nodes = sorted(zk.get_children(queue), key=lambda c: c[-10:])
     zk.delete(f"{queue}/{nodes[1]}")  # the first waiter's, by hand
     _requests_reach(zk_hosts, app, mark + 4 + 2)  # the second lists again, watches the holder
@@ -1573,7 +1590,7 @@ def test_a_first_waiter_whose_node_is_deleted_by_hand_is_not_granted_when_the_ho
     first = _Waiter(_blocking(_lock_task_on(apps[0]), "d1", timeout=30))
     wait_for(lambda: watching(zk_hosts, apps[0], path), 10, "the first waiter to watch <name>")
     second = _Waiter(_blocking(_lock_task_on(apps[1]), "d1", timeout=30))
-    queue = path + zkcelery._QUEUE
+    queue = path + internals.QUEUE
     wait_for(lambda: len(zk.get_children(queue)) == 2, 10, "the second waiter to queue")
     first_node = _nodes_of(zk, queue)[0]
     wait_for(lambda: watching(zk_hosts, apps[1], f"{queue}/{first_node}"), 10,
@@ -1590,7 +1607,7 @@ _EXCLUSIVE_KINDS: dict[str, tuple[Callable, Callable, Callable[[str], str]]] = {
     "lock": (
         lambda t: t.lock("n"),
         lambda t: t.lock("n", blocking=True, timeout=30),
-        lambda root: node_path(root, "locks", "t.lock", "n") + zkcelery._QUEUE,
+        lambda root: node_path(root, "locks", "t.lock", "n") + internals.QUEUE,
     ),
     "semaphore of 1": (
         lambda t: t.semaphore("n", max_leases=1),
@@ -1642,7 +1659,7 @@ def test_a_waiter_whose_connection_drops_waits_on_in_its_session_without_spinnin
     wait_for(lambda: len(_nodes_of(zk, path)) == 1 + (kind != "lock"), 10, "the waiter to queue")
     own = f"{path}/{_nodes_of(zk, path)[-1]}"
     wait_for(lambda: watching(zk_hosts, app, own), 10, "the waiter to watch its node")
-    session = zkcelery._connection(app)
+    session = internals.session(app)
     before = session.session_id
     partition.drop()
     wait_for(lambda: not session.client.connected, 10, "the drop to be seen")
@@ -1672,14 +1689,14 @@ def test_a_waiter_in_the_holders_process_is_granted_once_the_holders_session_exp
         lambda: result.append(bool(_blocking(lock_task, "same", timeout=30).acquire()))
     )
     wait_for(lambda: len(holder.waiters()) == 1, 10, "the waiter to queue")
-    expired = zkcelery._connection(app).session_id
+    expired = internals.session(app).session_id
     expire_session(app, zk_hosts)
     waiter.join(30)
     assert result == [True]
     assert holder.lost
     # Everything the new session sent, from its connect to the grant (the servers'
     # count for that session alone): queue again, look, the probes; not a loop.
-    assert zkcelery._connection(app).session_id != expired
+    assert internals.session(app).session_id != expired
     sent = session_requests(zk_hosts, app)
     assert sent <= 30, sent
     holder.release()
@@ -1773,7 +1790,7 @@ def test_lost_counts_from_the_session_timeout_the_server_granted(make_app, parti
     cut_off = make_app(ZOOKEEPER_HOSTS=partition.address, ZOOKEEPER_SESSION_TIMEOUT=30)
     holder, rival = _lock_task_on(cut_off), _lock_task_on(make_app())
     lease = holder.lock("granted").__enter__()
-    assert zkcelery._connection(cut_off).session_timeout == pytest.approx(5.0)
+    assert internals.session(cut_off).session_timeout == pytest.approx(5.0)
     try:
         lost, taken = _cut_until_a_rival_holds(partition, lease, rival, "granted")
     finally:
@@ -1885,7 +1902,7 @@ def test_lost_turns_true_in_time_while_other_threads_keep_a_blackholed_session_b
     cut_off = make_app(ZOOKEEPER_HOSTS=partition.address, ZOOKEEPER_SESSION_TIMEOUT=4)
     holder, rival = _lock_task_on(cut_off), _lock_task_on(make_app())
     lease = holder.lock("busy").__enter__()
-    session = zkcelery._connection(cut_off)
+    session = internals.session(cut_off)
     granted = session.session_timeout
     stop = threading.Event()
 
@@ -1959,11 +1976,11 @@ def test_a_waiter_that_fails_after_queueing_again_in_a_new_session_leaves_no_nod
 
         thread = _in_thread(wait)
         wait_for(lambda: len(held.waiters()) == 1, 10, "the waiter to queue")
-        first = zkcelery._connection(waiter_app).session_id
+        first = internals.session(waiter_app).session_id
         expire_session(waiter_app, zk_hosts)
         wait_for(
             lambda: (
-                zkcelery._connection(waiter_app).session_id not in (None, first)
+                internals.session(waiter_app).session_id not in (None, first)
                 and len(held.waiters()) == 1
             ),
             10,
@@ -1986,9 +2003,9 @@ def test_a_waiter_never_waits_behind_a_late_copy_of_its_own_node(make_app, monke
     guid = uuid.UUID(int=0x5EED)
     monkeypatch.setattr(zkcelery.uuid, "uuid4", lambda: guid)  # the waiter's lease id
     with _lock_task_on(make_app()).lock("own") as held:
-        session = zkcelery._connection(waiter_app)
+        session = internals.session(waiter_app)
         session.wait_connected()
-        queue = f"{held._grant.path}{zkcelery._QUEUE}"
+        queue = f"{held._grant.path}{internals.QUEUE}"
         ghost, _ = session.create_in_container(
             queue, f"{queue}/1@{guid.hex[:16]}@", json.dumps({"guid": guid.hex[:16]}).encode(),
             sequence=True,
@@ -2087,7 +2104,7 @@ def test_an_exception_from_outside_at_any_moment_of_an_acquire_leaves_no_node(
         assert not thread.is_alive()
         interrupted += outcome == ["interrupted"]
     assert interrupted >= 4, interrupted  # it did interrupt, at many moments
-    session_id = zkcelery._connection(app).session_id
+    session_id = internals.session(app).session_id
     with contextlib.suppress(AssertionError):
         wait_for(lambda: not _owned_by(zk, zk_root, session_id), 10, "the nodes to go")
     assert _owned_by(zk, zk_root, session_id) == []
@@ -2097,7 +2114,7 @@ def test_an_exception_from_outside_at_any_moment_of_an_acquire_leaves_no_node(
 
 
 def test_waiting_leaves_no_watch_on_a_node_that_is_absent(lock_task, app):
-    client = zkcelery._connection(app).client
+    client = internals.session(app).client
     for i in range(5):
         key = f"absent{i}"
         holder = lock_task.lock(key).__enter__()
@@ -2116,7 +2133,7 @@ def test_waiting_leaves_no_watch_on_a_node_that_is_absent(lock_task, app):
 
 def test_orphans_are_deleted_while_connected_and_one_already_gone_is_forgotten(app, caplog):
     # An orphan: a node whose create (or delete) answer timed out on a live connection.
-    session = zkcelery._connection(app)
+    session = internals.session(app)
     session.wait_connected()
     session.ensure_namespaces()
     guid = "0123456789abcdef"
@@ -2136,7 +2153,7 @@ def test_two_leases_of_one_key_left_in_doubt_in_one_session_are_each_reaped(app)
     # A release whose answer was lost, then a take of the same key whose answer was lost
     # too (the soak with the whole ensemble down, CI): the node left is the first one's.
     # Remembered by path alone, the second would have hidden the first, kept for ever.
-    session = zkcelery._connection(app)
+    session = internals.session(app)
     session.wait_connected()
     session.ensure_namespaces()
     path = f"{session.settings.root}/locks/doubt"
@@ -2355,7 +2372,7 @@ def test_on_redis_a_wait_before_requeue_stays_within_a_quarter_of_the_visibility
     # and a loaded machine may stretch one of them with its requests.
     assert sorted(took)[-2] < 0.5 + 0.3 and max(took) < 2.0, took
     other = make_app(broker_url="amqp://127.0.0.1:1//")
-    assert zkcelery._redis_visibility_timeout(other) is None  # no such limit on RabbitMQ
+    assert internals.redis_visibility_timeout(other) is None  # no such limit on RabbitMQ
 
 
 def test_on_redis_settings_that_make_duplicates_certain_are_warned_about_once(
@@ -2507,12 +2524,12 @@ _OTHER = {"task_id": "task-other", "guid": "g-other"}
 _OWN = {"task_id": _ME, "guid": "g-own", "retries": 0, "nesting": 0, "host": "h", "pid": 7}
 
 
-def _facts(**facts: Any) -> zkcelery._MutexFacts:
-    return zkcelery._MutexFacts(_ME, **facts)
+def _facts(**facts: Any) -> internals.MutexFacts:
+    return internals.MutexFacts(_ME, **facts)
 
 
 def _step(act: str, why: str = "", seconds: float | None = None, holder=None):
-    return zkcelery._MutexStep(act, why, seconds, holder or {})
+    return internals.MutexStep(act, why, seconds, holder or {})
 
 
 _WAITED_OUT = _step("run", "waited out", holder=_OWN)
@@ -2539,7 +2556,7 @@ _DECISIONS = [
      _step("requeue", holder=_OTHER)),
     ("still held after a limited back-off", _step("run", "back off", 1.0),
      _facts(holder=_OTHER), _step("requeue", holder=_OTHER)),
-    ("no task id: never its own", None, zkcelery._MutexFacts(None, holder={"task_id": None}),
+    ("no task id: never its own", None, internals.MutexFacts(None, holder={"task_id": None}),
      _step("reject", holder={"task_id": None})),
     # A retry or a replacement waits for the run it follows.
     ("a retry follows", None, _facts(holder=_OWN, retries=1),
@@ -2583,7 +2600,7 @@ _DECISIONS = [
 @pytest.mark.parametrize(("last", "facts", "expected"), [c[1:] for c in _DECISIONS],
                          ids=[c[0] for c in _DECISIONS])  # fmt: skip
 def test_mutex_decision(last, facts, expected):
-    assert zkcelery._decide_mutex(last, facts) == expected
+    assert internals.decide_mutex(last, facts) == expected
 
 
 _holders = st.sampled_from([{}, _OTHER, _OWN, {**_OWN, "handover": True}, {**_OWN, "retries": 3}])
@@ -2609,7 +2626,7 @@ def test_mutex_decision_drops_only_what_a_live_or_ended_first_delivery_runs(
         retries=retries, requeue=requeue, acks_late=acks_late, limited=limited, holder=holder,
         alive=alive, dead_for=16.0, went=went, left=left, backoffs=backoffs,
     )  # fmt: skip
-    step = zkcelery._decide_mutex(last, facts)
+    step = internals.decide_mutex(last, facts)
     assert step.act in ("run", "wait", "drop", "reject", "requeue")
     if step.act == "drop":  # never on a time bound alone: a live holder here, or a release
         first_look = last is None or last.why == "again"
@@ -2799,7 +2816,7 @@ def test_a_purged_message_blocks_the_key_until_mutex_timeout(workers: Workers, r
     # A TTL node where the servers allow them, else a persistent one (clients see no
     # difference in a node's stat: the sender's session says which it made).
     ttl = request.node.callspec.params["zk_hosts"] == "ttl"
-    assert zkcelery._connection(workers.app).creates.ttl_nodes is ttl
+    assert internals.session(workers.app).creates.ttl_nodes is ttl
     with pytest.raises(zkcelery.AlreadyQueued):
         sender.delay("purged")
     wait_for(lambda: _send_goes_through(sender, "purged"), 10, "the key to expire")
@@ -2883,8 +2900,8 @@ def test_revocations_in_a_burst_share_one_session_in_the_main_process(workers: W
     sessions = set()
     for key, result in sent:  # as the worker's main process is told of each revocation
         request = types.SimpleNamespace(args=(key,), kwargs={}, id=result.id)
-        zkcelery._free_revoked(sender=sender, request=request)
-        sessions.add(id(zkcelery._revocations[sender.app]))
+        internals.free_revoked(sender=sender, request=request)
+        sessions.add(id(internals.revocation_sessions[sender.app]))
     assert len(sessions) == 1
     for i in range(3):  # each key is free again
         assert _send_goes_through(sender, f"revoked{i}")
@@ -3062,7 +3079,7 @@ class Beats:
 
     def roles(self) -> dict[int, str]:
         """pid -> held or waiting, as ``python -m zkcelery ls`` lists the beats."""
-        rows = zkcelery._listing(zkcelery._connection(self.app))
+        rows = internals.listing(internals.session(self.app))
         return {row["pid"]: row["state"] for row in rows if row["kind"] == "beat"}
 
     def alive(self) -> set[int]:
@@ -3226,7 +3243,7 @@ def _beat_loop(scheduler: Any) -> Iterator[None]:
 
 def _beat_rows(scheduler: Any) -> list[str]:
     """The states of the beats' nodes, as ``ls`` lists them, seen from ``scheduler``'s session."""
-    rows = zkcelery._listing(zkcelery._connection(scheduler.app))
+    rows = internals.listing(internals.session(scheduler.app))
     return sorted(row["state"] for row in rows if row["kind"] == "beat")
 
 
@@ -3237,7 +3254,7 @@ def test_one_scheduler_leads_the_others_stand_by_and_a_clean_stop_hands_over_at_
     _tick_until(first, lambda: first.schedule["tick"].total_run_count >= 2, "two sends")
     second = schedulers()  # started once the first leads, so that it stands by
     rows = wait_for(
-        lambda: len(rows := zkcelery._listing(zkcelery._connection(second.app))) == 2 and rows,
+        lambda: len(rows := internals.listing(internals.session(second.app))) == 2 and rows,
         10, "the leader and the standby listed",
     )  # fmt: skip
     assert sorted((row["kind"], row["state"]) for row in rows) == [
@@ -3299,7 +3316,7 @@ def _an_earlier_leaders_state(
     """Store what an earlier leader left: ``entry`` run ``runs`` times, the last ``ago``.
 
     Returns the state node's path and when that last run was."""
-    state = f"{zk_root}/beat/{zkcelery._lock_name('beat-tests', ())}@schedule"
+    state = f"{zk_root}/beat/{internals.lock_name('beat-tests', ())}@schedule"
     before = datetime.now(timezone.utc).replace(microsecond=0) - ago
     saved = {entry: {"last_run_at": before.isoformat(), "total_run_count": runs}}
     zk.create(state, json.dumps({"entries": saved}).encode(), makepath=True)
@@ -3419,7 +3436,7 @@ def test_a_bad_beat_schedule_entry_is_an_error_at_start_naming_it(entry, named):
     with pytest.raises(zkcelery.ConfigurationError) as raised:
         zkcelery.ElectedScheduler(app=bad)
     assert "beat_schedule entry 'bad'" in str(raised.value) and named in str(raised.value)
-    assert bad not in zkcelery._connections
+    assert bad not in internals.sessions
 
 
 def test_celery_beat_with_an_unknown_task_exits_at_start_with_the_error(workers: Workers):
@@ -3808,7 +3825,7 @@ def test_a_partition_past_the_session_timeout_marks_the_lease_lost_in_time(
         assert released <= CONNECT_TIMEOUT + 0.5
         assert taken.holders()[0]["pid"] == os.getpid() and len(taken.holders()) == 1
     partition.heal()
-    session = zkcelery._connection(cut_off)
+    session = internals.session(cut_off)
     wait_for(lambda: not session.suspended, 20, "the cut-off session to reconnect")
     assert _held_now(holder, "p")  # a new session, and the next acquire works
     _report(
@@ -3852,7 +3869,7 @@ def test_a_session_expired_while_holding_turns_the_lease_lost_and_release_is_qui
     app = make_app()
     task = _lock_task_on(app)
     lease = task.lock("x").__enter__()
-    session = zkcelery._connection(app)
+    session = internals.session(app)
     first = session.session_id
     expire_session(app, zk_hosts)
     with caplog.at_level("WARNING", logger="zkcelery"):
@@ -4983,7 +5000,7 @@ def test_a_holder_process_sigkilled_and_still_exiting_is_not_alive():
     try:
         assert child.stdout is not None and child.stdout.readline() == b"ready\n"
         meta = {"pid": child.pid, "host": socket.gethostname(), "acquired": acquired}
-        assert zkcelery._alive_here(meta) is True
+        assert internals.alive_here(meta) is True
         os.kill(child.pid, signal.SIGKILL)
         seen = []
         while True:
@@ -4991,7 +5008,7 @@ def test_a_holder_process_sigkilled_and_still_exiting_is_not_alive():
             state = stat[stat.rindex(b")") + 2 :].split()[0]
             if state in (b"Z", b"X"):
                 break
-            seen.append((state, zkcelery._alive_here(meta)))
+            seen.append((state, internals.alive_here(meta)))
         assert seen, "it died at once: nothing was checked while it was dying"
         assert all(alive is False for _, alive in seen), seen[:5]
     finally:
@@ -5556,7 +5573,7 @@ def test_a_client_without_credentials_cannot_make_a_keys_parent_under_a_protecte
 
     task = _lock_task_on(make_app(ZOOKEEPER_AUTH=_AUTH))
     assert _held_now(task, "first")  # the authenticated app made the tree
-    name = zkcelery._lock_name("t.lock", ("k",))
+    name = internals.lock_name("t.lock", ("k",))
     for parent in (f"{zk_root}/semaphores/{name}", f"{zk_root}/locks/{name}@queue"):
         with pytest.raises(NoAuthError):
             zk.create(parent)
@@ -5613,9 +5630,9 @@ def test_the_auth_secret_is_in_no_log_line_at_debug_kazoos_included(make_app, zk
     task, rival = _lock_task_on(app), _lock_task_on(make_app(ZOOKEEPER_AUTH=_AUTH))
     with task.lock("a") as held:
         assert held and not _held_now(rival, "a")  # contention, at DEBUG
-    first = zkcelery._connection(app).session_id
+    first = internals.session(app).session_id
     expire_session(app, zk_hosts)  # kazoo authenticates again on the new session
-    wait_for(lambda: zkcelery._connection(app).session_id not in (None, first), 15, "a new session")
+    wait_for(lambda: internals.session(app).session_id not in (None, first), 15, "a new session")
     assert _held_now(task, "a")
     stranger = _lock_task_on(make_app(ZOOKEEPER_AUTH="digest:other:pw"))
     with pytest.raises(zkcelery.AccessDenied):
@@ -6289,8 +6306,8 @@ def _every_kind_held(lock_task) -> Iterator[types.SimpleNamespace]:
 
     locks = [_held(lock_task, key).__enter__() for key in ("a", "b", "c")]
     semaphore = lock_task.semaphore("S", max_leases=1).__enter__()
-    others = [zkcelery.Lease(lock_task, zkcelery._MUTEXES, ("m",)).__enter__(), semaphore,
-              zkcelery.Lease.for_app(app, zkcelery._BEAT, "proj", owner="celery beat")]  # fmt: skip
+    others = [zkcelery.Lease(lock_task, internals.MUTEXES, ("m",)).__enter__(), semaphore,
+              zkcelery.Lease.for_app(app, internals.BEAT, "proj", owner="celery beat")]  # fmt: skip
     others[-1].acquire()
     early.delay("q")  # sent; nothing consumes the in-memory queue: queued
     threads: list[threading.Thread] = []
@@ -6582,7 +6599,7 @@ def test_ls_lists_a_limited_mutexs_holders_and_a_copy_waiting_in_line(
 ):
     holding = [_holding(limited_task, "a", task_id=f"id-{i}") for i in range(2)]
     # A requeued copy waits in line for a place during its back-off (MutexTask._contended).
-    copy = zkcelery._MutexLease(limited_task, zkcelery._MUTEXES, ("a",), max_leases=2)
+    copy = internals.MutexLease(limited_task, internals.MUTEXES, ("a",), max_leases=2)
     waiting = _in_thread(copy.acquire_within, 30)
     try:
         rows = wait_for(lambda: _rows_once(zk_hosts, zk_root, 3), 10, "the copy to wait in line")
@@ -6908,8 +6925,8 @@ def test_ls_lists_readers_at_the_front_as_held_and_rm_breaks_them(lock_task, zk_
         assert {r["key"] for r in rows} == {"t.lock('L')"} and {r["namespace"] for r in rows} == {
             "rwlocks"
         }
-        session = zkcelery._connection(lock_task.app)
-        assert all(zkcelery._break(session, row) for row in rows if row["state"] == "held")
+        session = internals.session(lock_task.app)
+        assert all(internals.break_row(session, row) for row in rows if row["state"] == "held")
         wait_for(lambda: all(r.lost for r in readers), 10, "the broken readers to see it")
         wait_for(lambda: not any(t.is_alive() for t in threads), 10, "the waiters served")
     finally:
@@ -7047,7 +7064,7 @@ def test_a_non_blocking_multi_lock_that_fails_part_way_leaves_no_node(
     lease = lock_task.multi_lock("d", "c", "b", "a")
     assert not lease.acquire()
     assert not lease  # and the abandoned queue on "a" went as the try took "a" alone:
-    assert _lock_children(zk, zk_root) == [zkcelery._lock_name("t.lock", ("c",))]
+    assert _lock_children(zk, zk_root) == [internals.lock_name("t.lock", ("c",))]
     assert [h["key"] for h in lease.holders()][:1] == ["t.lock('c')"]  # the one found held
 
 
@@ -7085,7 +7102,7 @@ def test_a_multi_lock_timing_out_part_way_gives_up_every_key_at_its_one_deadline
         waited = time.monotonic() - started
         assert not lease
     assert 0.55 <= waited < 3
-    assert _lock_children(zk, zk_root) == [zkcelery._lock_name("t.lock", ("b",))]  # no queue
+    assert _lock_children(zk, zk_root) == [internals.lock_name("t.lock", ("b",))]  # no queue
     holder.release()
     assert _lock_task_on(make_app()).multi_lock("a", "b", "c").acquire()
 
@@ -7125,7 +7142,7 @@ def test_a_multi_lock_token_is_smaller_than_the_next_holders_of_a_key_it_took_fi
     path = _lock_node(zk_root, "a")
     wait_for(lambda: watching(zk_hosts, apps[0], path), 10, "the multi-lock to wait for a")
     plain = _Waiter(_blocking(_lock_task_on(apps[1]), "a", timeout=30))
-    queue = path + zkcelery._QUEUE
+    queue = path + internals.QUEUE
     wait_for(lambda: len(zk.get_children(queue)) == 2, 10, "the plain lock to queue")
     ahead = f"{queue}/{_nodes_of(zk, queue)[0]}"
     wait_for(lambda: watching(zk_hosts, apps[1], ahead), 10, "the plain lock to wait")
@@ -7145,7 +7162,7 @@ def test_tokens_of_one_key_grow_with_its_grants_however_each_was_taken(make_app,
     tokens = []
     first = _lock_task_on(make_app()).lock("k").__enter__()
     tokens.append(first.token)
-    queue = _lock_node(zk_root, "k") + zkcelery._QUEUE
+    queue = _lock_node(zk_root, "k") + internals.QUEUE
     waiters = []
     for i, make in enumerate([
         lambda t: t.lock("k", blocking=True, timeout=30),
@@ -7203,7 +7220,7 @@ def test_a_multi_lock_sends_each_signal_once_for_the_whole_lease(lock_task, zk, 
     finally:
         for each in signals:
             each.disconnect(note)
-    assert _lock_children(zk, zk_root) == [zkcelery._lock_name("t.lock", ("d",))]
+    assert _lock_children(zk, zk_root) == [internals.lock_name("t.lock", ("d",))]
 
 
 @pytest.mark.parametrize("keys", [2, 4])
@@ -7235,7 +7252,7 @@ def test_a_blocking_multi_lock_on_a_key_this_thread_holds_is_refused_taking_noth
     with lock_task.lock("b"):
         with pytest.raises(zkcelery.NotReentrant):
             lock_task.multi_lock("a", "b", blocking=True).acquire()
-        assert _lock_children(zk, zk_root) == [zkcelery._lock_name("t.lock", ("b",))]
+        assert _lock_children(zk, zk_root) == [internals.lock_name("t.lock", ("b",))]
 
 
 def test_mutex_each_key_with_fewer_than_two_keys_is_an_error_at_definition(offline_app):

@@ -26,6 +26,7 @@ from typing import Any
 from celery import Celery, signals
 from celery.exceptions import Reject
 
+import testinternals as internals
 import zkcelery
 from testsupport import ensemble_hosts
 
@@ -258,7 +259,7 @@ def early_late(self, key):
 
 @app.task(bind=True)
 def handler_name(self):
-    return type(zkcelery._connection(self.app).handler).__name__
+    return type(internals.session(self.app).handler).__name__
 
 
 _leaked: list = []
@@ -345,7 +346,7 @@ def _publish_session(**_: Any) -> None:
 def _write_session(folder: Path) -> None:
     written = None
     while True:
-        session = zkcelery._connections.get(app)
+        session = internals.sessions.get(app)
         client_id = session.client.client_id if session is not None else None
         if client_id and client_id != written:
             part = folder / f".{os.getpid()}.part"
@@ -754,7 +755,7 @@ def early_sender(start: str) -> None:
     def early(self: Any, key: Any, **_: Any) -> None:
         pass
 
-    zkcelery._connection(sender).ensure_namespaces()
+    internals.session(sender).ensure_namespaces()
     print("ready", flush=True)
     while not Path(start).exists():
         time.sleep(0.005)
