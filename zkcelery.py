@@ -79,7 +79,6 @@ import re
 import select
 import signal
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -148,7 +147,6 @@ from kazoo.security import (
     Permissions,
     make_acl,
     make_digest_acl,
-    make_digest_acl_credential,
 )
 
 #: The private parts of kazoo and Celery that zkcelery (and its companions) rely on, in one
@@ -420,54 +418,26 @@ def _session_id(client: KazooClient) -> int | None:
 
 
 def _send(client: KazooClient, request: Any) -> Any:
-    """Send a request object as it is; its async result.
-
-    For the requests kazoo has no method for, and for a contended acquisition's
-    reads: kazoo's methods check their arguments and prefix each path with its
-    chroot (empty: the settings' root holds ours), several times a request.
-    """
+    """Send a request object as it is; its async result.  For the requests kazoo has no
+    method for, and for a contended acquisition's reads: kazoo's methods check their
+    arguments and prefix each path with its chroot (empty here), several times a request."""
     result = client.handler.async_result()
     client._call(request, result)
     return result
 
 
-#: Poll objects a thread keeps, one per set of sockets asked about (_PollingHandler).
-_POLLERS_KEPT = 8
-
-
-def _poller(*groups: tuple) -> tuple[Any, dict[int, list[tuple[int, Any, int]]]]:
-    """A poll object for select()'s three lists, and what each descriptor's events answer:
-    an error or a hang-up makes it readable (and writable), as select() says."""
-    answers = (
-        select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL,
-        select.POLLOUT | select.POLLERR | select.POLLHUP,
-        select.POLLPRI,
-    )
-    asks = (select.POLLIN, select.POLLOUT, select.POLLPRI)
-    poller = select.poll()
-    wanted: dict[int, int] = {}
-    objects: dict[int, list[tuple[int, Any, int]]] = {}
-    for group, members in enumerate(groups):
-        for obj in members:
-            fd = obj if isinstance(obj, int) else obj.fileno()
-            wanted[fd] = wanted.get(fd, 0) | asks[group]
-            objects.setdefault(fd, []).append((group, obj, answers[group]))
-    for fd, mask in wanted.items():
-        poller.register(fd, mask)
-    return poller, objects
-
-
 class _PollingHandler(SequentialThreadingHandler):
     """kazoo's threading handler, waiting for its sockets with one ``poll()``.
 
-    kazoo's select() builds an epoll selector for every call (create, register
-    each descriptor, wait, close: five system calls and as many Python objects),
-    and its connection thread calls it before every read and write, several
-    times a request: a third of a contended acquisition's CPU.  poll() is one
-    system call, with no limit on descriptor numbers (select's 1024), and answers
-    as select() does.  Each thread keeps a poll object per set of sockets it asks
-    about (the same few, again and again; the oldest are dropped).
+    kazoo's select() builds an epoll selector for every call (create, register each
+    descriptor, wait, close: five system calls and as many Python objects), before every
+    read and write of its connection thread, several times a request: a third of a
+    contended acquisition's CPU.  poll() is one system call, with no limit on descriptor
+    numbers (select's 1024), and answers as select() does.  Each thread keeps a poll
+    object per set of sockets it asks about (the same few): ``kept``, then afresh.
     """
+
+    kept = 8
 
     def __init__(self) -> None:
         super().__init__()
@@ -476,11 +446,10 @@ class _PollingHandler(SequentialThreadingHandler):
     def dispatch_callback(self, callback: Any) -> None:
         """Run a watch callback marked by _at_once here, on the connection thread.
 
-        kazoo hands every watch event to its callback thread: a thread wake-up
-        per event, and a waiter woken one thread later, though a callback that
-        only sets flags and events need not wait for its turn.  Those run here
-        keep their order among themselves (the connection thread reads a
-        session's events in order), as the others do in kazoo's queue; a policy
+        kazoo hands every watch event to its callback thread: a thread wake-up per
+        event, and a waiter woken one thread later, though a callback that only sets
+        flags and events need not wait.  Those run here keep their order among
+        themselves (the connection thread reads a session's events in order); a policy
         marks all of its watches or none, so that the order it relies on holds.
         """
         if not getattr(callback.func, "_at_once", False):
@@ -495,20 +464,15 @@ class _PollingHandler(SequentialThreadingHandler):
     def adopt(self, connection: Any) -> None:
         """Make ``connection`` read and write before it asks whether it can.
 
-        kazoo's connection thread waits for its socket (select) before every
-        read and write, though its main loop has just said the socket is
-        readable and a send buffer is nearly always free: two reads (length,
-        then body) and a write a request, each a system call more and a Python
-        call stack deep.  The socket does not block: trying first, and waiting
-        only when it would block, answers the same, as soon.  A TLS socket keeps
-        kazoo's way (its framing has its own rules for when to wait).
+        kazoo's connection thread waits for its socket (select) before every read and
+        write, though its main loop has just said the socket is readable and a send
+        buffer is nearly always free: two reads (length, then body) and a write a
+        request, each a system call more.  The socket does not block: trying first, and
+        waiting only when it would block, answers the same, as soon.
         """
-        read, write = connection._read, connection._write
 
         def _read(length: int, timeout: float) -> bytes:
             sock = connection._socket
-            if isinstance(sock, ssl.SSLSocket):
-                return read(length, timeout)  # type: ignore[no-any-return]
             parts = []
             while length > 0:
                 parts.append(self._try(sock, sock.recv, length, timeout, writing=0))
@@ -517,9 +481,6 @@ class _PollingHandler(SequentialThreadingHandler):
 
         def _write(msg: bytes, timeout: float) -> None:
             sock = connection._socket
-            if isinstance(sock, ssl.SSLSocket):
-                write(msg, timeout)
-                return
             view = memoryview(msg)
             while view:
                 view = view[self._try(sock, sock.send, view, timeout, writing=1) :]
@@ -549,9 +510,9 @@ class _PollingHandler(SequentialThreadingHandler):
         key = (tuple(rlist), tuple(wlist), tuple(xlist))
         found = cache.get(key)
         if found is None:
-            if len(cache) >= _POLLERS_KEPT:
+            if len(cache) >= self.kept:
                 cache.clear()
-            found = cache[key] = _poller(*key)
+            found = cache[key] = self.poller(*key)
         poller, objects = found
         # Whole milliseconds, rounded up: a shorter wait would spin.
         ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
@@ -562,13 +523,34 @@ class _PollingHandler(SequentialThreadingHandler):
                     ready[group].append(obj)
         return ready
 
+    @staticmethod
+    def poller(*groups: tuple) -> tuple[Any, dict[int, list[tuple[int, Any, int]]]]:
+        """A poll object for select()'s three lists, and what each descriptor's events
+        answer: an error or a hang-up makes it readable (and writable), as select() says."""
+        answers = (
+            select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL,
+            select.POLLOUT | select.POLLERR | select.POLLHUP,
+            select.POLLPRI,
+        )
+        asks = (select.POLLIN, select.POLLOUT, select.POLLPRI)
+        poller = select.poll()
+        wanted: dict[int, int] = {}
+        objects: dict[int, list[tuple[int, Any, int]]] = {}
+        for group, members in enumerate(groups):
+            for obj in members:
+                fd = obj if isinstance(obj, int) else obj.fileno()
+                wanted[fd] = wanted.get(fd, 0) | asks[group]
+                objects.setdefault(fd, []).append((group, obj, answers[group]))
+        for fd, mask in wanted.items():
+            poller.register(fd, mask)
+        return poller, objects
+
 
 def _instrument(client: KazooClient, records: Any) -> None:
-    """Tell ``records`` (a _Liveness) what kazoo keeps to itself: the timeout the server
-    granted (kazoo only logs it), and each request sent and answered (when the leader
-    last answered).  Three methods of our client's connection are wrapped, all run on
-    kazoo's connection thread; _invoke carries the connect request, and returns before
-    kazoo reports CONNECTED.  A _PollingHandler also takes over the socket's I/O."""
+    """Tell ``records`` (a _Liveness) what kazoo keeps to itself, from three methods of the
+    connection (on its thread): the timeout the server granted (_invoke carries the
+    connect, and returns before kazoo reports CONNECTED), each request sent and answered.
+    A _PollingHandler takes over a plain socket's I/O (TLS has its own rules for waits)."""
     connection = client._connection
     invoke, submit, read_header = connection._invoke, connection._submit, connection._read_header
 
@@ -590,7 +572,7 @@ def _instrument(client: KazooClient, records: Any) -> None:
 
     connection._invoke, connection._submit = recording_invoke, recording_submit
     connection._read_header = recording_read_header
-    if isinstance(client.handler, _PollingHandler):
+    if isinstance(client.handler, _PollingHandler) and not client.use_ssl:
         client.handler.adopt(connection)
 
 
@@ -1056,11 +1038,9 @@ def _mutex_timeout(task: celery.Task) -> float:
 
 
 def _default_acl(settings: _Settings) -> list[ACL] | None:
-    """The ACL of every node zkcelery creates: only this identity may change or delete.
-
-    Others may read (list holders) unless ZOOKEEPER_PROTECT_READS.  Only the
-    digest scheme names an identity an ACL can hold.
-    """
+    """The ACL of every node zkcelery creates: only this identity may change or delete;
+    others may read (list holders) unless ZOOKEEPER_PROTECT_READS.  Only the digest scheme
+    names an identity an ACL can hold."""
     if settings.auth is None or settings.auth[0] != "digest":
         return None
     user, password = settings.auth[1].split(":", 1)
@@ -1070,24 +1050,15 @@ def _default_acl(settings: _Settings) -> list[ACL] | None:
     return acl
 
 
-def _identity(settings: _Settings) -> Id | None:
-    if settings.auth is None or settings.auth[0] != "digest":
-        return None
-    user, password = settings.auth[1].split(":", 1)
-    return Id("digest", make_digest_acl_credential(user, password))
-
-
 #: Rights that let their holder break locks: make or remove nodes, or change the ACL.
 _BREAKING = Permissions.CREATE | Permissions.DELETE | Permissions.ADMIN
 
 
-def _perms(perms: int) -> str:
-    letters = zip("rwcda", (1, 2, 4, 8, 16))
-    return "".join(letter for letter, bit in letters if perms & bit) or "-"
-
-
 def _acl_text(acls: list[ACL]) -> str:
-    return ", ".join(f"{a.id.scheme}:{a.id.id.split(':')[0]}={_perms(a.perms)}" for a in acls)
+    """Each entry as ``scheme:user=rwcda`` (the rights it grants)."""
+    rights = [("r", 1), ("w", 2), ("c", 4), ("d", 8), ("a", 16)]
+    perms = ["".join(c for c, bit in rights if a.perms & bit) or "-" for a in acls]
+    return ", ".join(f"{a.id.scheme}:{a.id.id.split(':')[0]}={p}" for a, p in zip(acls, perms))
 
 
 def _acl_problem(path: str, acls: list[ACL], identity: Id | None) -> ZKCeleryError | None:
@@ -1116,21 +1087,16 @@ def _acl_problem(path: str, acls: list[ACL], identity: Id | None) -> ZKCeleryErr
 # ---------------------------------------------------------------------------
 
 
-_RECOVERABLE = (ConnectionLoss, SessionExpiredError, ConnectionClosedError)
+#: Fractions of the granted session timeout: a lease is called lost once nothing sent
+#: in the last _LOST_AFTER_SILENCE has been answered through the leader (lost_since);
+#: while leases are held, the watchdog looks every _WATCHDOG_EVERY, and sends a sync
+#: when nothing was confirmed for _SYNC_AFTER.
+_LOST_AFTER_SILENCE, _WATCHDOG_EVERY, _SYNC_AFTER = 0.75, 0.1, 0.25
 
-#: A lease is called lost once nothing sent in the last this fraction of the
-#: granted session timeout has been answered through the leader (see lost_since).
-_LOST_AFTER_SILENCE = 0.75
-
-#: While leases are held, the watchdog looks this often (a fraction of the
-#: timeout), and sends a sync when nothing was confirmed for _SYNC_AFTER.
-_WATCHDOG_EVERY, _SYNC_AFTER = 0.1, 0.25
-
-#: Opcodes whose answer shows that the leader had our session alive when we
-#: sent them: writes (create, delete, setData, setACL, multi, create2,
-#: container, TTL) and sync.  A follower answers reads and pings by itself,
-#: and does so for a while even when it is cut off from the leader, which is
-#: what expires sessions.
+#: Opcodes whose answer shows that the leader had our session alive when we sent them:
+#: writes (create, delete, setData, setACL, multi, create2, container, TTL) and sync.
+#: A follower answers reads and pings by itself, and does so for a while even when it
+#: is cut off from the leader, which is what expires sessions.
 _CONFIRMED_BY_LEADER = frozenset({1, 2, 5, 7, 9, 14, 15, 19, 21})
 
 #: How long, and for how many keys, a process remembers a lock it found contended.
@@ -1142,27 +1108,21 @@ _CONTAINER_TRIES = 10
 _T = TypeVar("_T")
 
 
-def _hidden(arg: Any) -> Any:
-    if isinstance(arg, Auth):
-        return arg._replace(auth="<hidden>")
-    if isinstance(arg, Connect):
-        return arg._replace(passwd=b"<hidden>")
-    return arg
-
-
 class _HiddenAuth(logging.Filter):
     """Hides ZOOKEEPER_AUTH's credentials and the session's password in kazoo's log lines.
 
-    kazoo logs every request it sends at DEBUG: the authentication packet with
-    its ``user:secret`` in clear, the connect request with the session's password
-    (whoever reads it can take the session over).  On the logger itself, so that
-    the record is changed before any handler, here or above, formats it.
+    kazoo logs every request it sends at DEBUG: the authentication packet with its
+    ``user:secret`` in clear, the connect request with the session's password (whoever
+    reads it can take the session over).  On the logger itself, so that the record is
+    changed before any handler, here or above, formats it.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and any(isinstance(arg, (Auth, Connect)) for arg in args):
-            record.args = tuple(_hidden(arg) for arg in args)
+            record.args = tuple(arg._replace(auth="<hidden>") if isinstance(arg, Auth)
+                                else arg._replace(passwd=b"<hidden>") if isinstance(arg, Connect)
+                                else arg for arg in args)  # fmt: skip
         return True
 
 
@@ -1172,21 +1132,16 @@ _kazoo_logger = logging.getLogger("kazoo.client")
 
 
 def _pick_handler() -> Any:
-    """kazoo's handler matching the process's monkey-patching (gevent, eventlet).
-
-    Only a patched process can use them, and importing them imports gevent or
-    eventlet: look at the patch state of what is already imported, lazily.
-    """
-    if "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched("socket"):
-        from kazoo.handlers.gevent import SequentialGeventHandler
-
-        return SequentialGeventHandler()
-    if "eventlet.patcher" in sys.modules and sys.modules["eventlet.patcher"].is_monkey_patched(
-        "socket"
+    """kazoo's handler matching the process's monkey-patching (gevent, eventlet).  Only a
+    patched process can use them, and importing them imports gevent or eventlet: look at
+    the patch state of what is already imported, lazily."""
+    for patcher, patched, name in (
+        ("gevent.monkey", "is_module_patched", "Gevent"),
+        ("eventlet.patcher", "is_monkey_patched", "Eventlet"),
     ):
-        from kazoo.handlers.eventlet import SequentialEventletHandler
-
-        return SequentialEventletHandler()
+        if patcher in sys.modules and getattr(sys.modules[patcher], patched)("socket"):
+            green = importlib.import_module(f"kazoo.handlers.{name.lower()}")
+            return getattr(green, f"Sequential{name}Handler")()
     return _PollingHandler() if hasattr(select, "poll") else SequentialThreadingHandler()
 
 
@@ -1201,17 +1156,11 @@ def _make_client(settings: _Settings) -> KazooClient:
     # must not need a restart.  Commands are never retried by kazoo (its
     # default retry never gives up); _Requests bounds every call.  kazoo
     # insists that the retry sleeps as the handler does (eventlet's differs).
-    retry = KazooRetry(
-        max_tries=-1, delay=0.05, backoff=2, max_delay=1.0, sleep_func=handler.sleep_func
-    )
-    return KazooClient(
-        hosts=settings.hosts,
-        timeout=settings.session_timeout,
-        connection_retry=retry,
-        handler=handler,
-        logger=_kazoo_logger,
-        **options,
-    )
+    retry = KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_delay=1.0,
+                       sleep_func=handler.sleep_func)  # fmt: skip
+    return KazooClient(hosts=settings.hosts, timeout=settings.session_timeout,
+                       connection_retry=retry, handler=handler, logger=_kazoo_logger,
+                       **options)  # fmt: skip
 
 
 class _Liveness:
@@ -1258,10 +1207,9 @@ class _Liveness:
 
 
 class _Requests:
-    """Requests on one kazoo client, the plumbing of a _Session: each goes through
-    :meth:`call`, which waits for a connection and an answer at most
-    ``ZOOKEEPER_CONNECT_TIMEOUT``: kazoo's own retry never gives up, and a lock that
-    hangs is worse than one that fails."""
+    """Requests on one kazoo client, each through :meth:`call`, which waits for a connection
+    and an answer at most ``ZOOKEEPER_CONNECT_TIMEOUT``: kazoo's own retry never gives up,
+    and a lock that hangs is worse than one that fails."""
 
     def __init__(self, settings: _Settings) -> None:
         self.settings = settings
@@ -1272,6 +1220,7 @@ class _Requests:
         self.live = self.handler.event_object()  # set while connected
         self.liveness = _Liveness(settings.session_timeout)
         _instrument(self.client, self.liveness)
+        self.send = functools.partial(_send, self.client)  # a request object, as it is
 
     @property
     def session_id(self) -> int | None:
@@ -1297,21 +1246,12 @@ class _Requests:
         remaining = deadline - time.monotonic()
         return remaining > 0 and (event.wait(remaining) or event.is_set())
 
-    def call(
-        self,
-        method: Callable,
-        *args: Any,
-        deadline: float | None = None,
-        abandon: Callable | None = None,
-        then: Callable[[], Any] | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """One request, waiting for a connection and an answer at most the connect timeout.
-
-        A request that times out may still be applied later: ``abandon`` is
-        then called with its result, whenever that comes.  ``then`` is called
-        once the request is on its way, before its answer is awaited: to send
-        the next request with no wait between them.
+    def call(self, method: Callable, *args: Any, deadline: float | None = None,
+             abandon: Callable | None = None, then: Callable[[], Any] | None = None,
+             **kwargs: Any) -> Any:  # fmt: skip
+        """One request.  One that times out may still be applied later: ``abandon`` is then
+        called with its result, whenever that comes.  ``then`` is called once the request
+        is on its way, before its answer is awaited: to send the next with no wait between.
         """
         self.wait_connected(deadline)
         result = method(*args, **kwargs)
@@ -1331,7 +1271,7 @@ class _Requests:
                 f"ZooKeeper refused access ({type(exc).__name__}): the znodes under "
                 f"{self.settings.root} belong to another identity; check ZOOKEEPER_AUTH"
             ) from None
-        except _RECOVERABLE as exc:
+        except (ConnectionLoss, SessionExpiredError, ConnectionClosedError) as exc:
             raise _ConnectionLost(f"connection to ZooKeeper lost ({type(exc).__name__})") from exc
         except self.timeout_error:
             if abandon is not None:
@@ -1353,10 +1293,6 @@ class _Requests:
         """A read, asked again on the next connection if the first drops (see retried)."""
         return self.retried(lambda deadline: self.call(method, *args, deadline=deadline, **kwargs))
 
-    def send(self, request: Any) -> Any:
-        """Send a request object as it is (see _send); its async result."""
-        return _send(self.client, request)
-
     def get_async(self, path: str, watch: Callable | None = None) -> Any:
         return self.send(GetData(path, watch))
 
@@ -1371,31 +1307,17 @@ class _Requests:
         """(path, metadata) of each node of ``paths`` that exists."""
         found = []
         for path in paths:
-            try:
-                data, _ = self.read(self.client.get_async, path)
-            except NoNodeError:
-                continue
-            found.append((path, json.loads(data or b"{}")))
+            with contextlib.suppress(NoNodeError):
+                found.append((path, json.loads(self.read(self.get_async, path)[0] or b"{}")))
         return found
-
-    def watch_node(
-        self, path: str, on_event: Callable[[WatchedEvent], None], on_answer: Callable
-    ) -> None:
-        """Watch ``path`` for changes, without waiting for the answer (a get's)."""
-        self.client.get_async(path, watch=on_event).rawlink(on_answer)
 
     def stats_watching(
         self, watches: Sequence[tuple[str, Callable[[WatchedEvent], None]]]
     ) -> list[ZnodeStat | None]:
-        """The stat of each path, watching it for a change (None if it is absent).
-
-        Sent together, one wait for all: the server answers a session's
-        requests in the order sent, so each watch is set before the next
-        request is read, as if asked in turn.  Gets, not exists: an exists on
-        an absent node leaves a watch for its creation in the server and in
-        kazoo, and a key that is never used again would keep it for as long
-        as the session lives.
-        """
+        """The stat of each path, watching it for a change (None if it is absent).  Sent
+        together, one wait for all: the server answers in the order sent, so each watch is
+        set before the next request is read.  Gets, not exists: an exists on an absent node
+        leaves a watch for its creation, which a key never used again would keep."""
 
         def ask(deadline: float) -> list[ZnodeStat | None]:
             self.wait_connected(deadline)
@@ -1405,30 +1327,23 @@ class _Requests:
         return self.retried(ask)
 
     def _stat_or_none(self, result: Any, deadline: float) -> ZnodeStat | None:
-        try:
+        with contextlib.suppress(NoNodeError):
             return self.answer(result, deadline)[1]  # type: ignore[no-any-return]
-        except NoNodeError:
-            return None
+        return None
 
     def zxid_holding(self, nodes: Sequence[tuple[str, str, int | None]]) -> int | None:
-        """A zxid at which each of ``nodes`` (path, guid, owner) was ours: a fencing token.
+        """A zxid at which each of ``nodes`` (path, guid, owner) was ours: a fencing token,
+        or None if a node is not ours any more.
 
-        A grant's token must order it among the grants it conflicts with,
-        which a node's creation zxid does not do: a queue node is made when
-        its waiter joins, not when it holds, and a multi-lock takes its keys
-        one at a time.  The zxid in the header of an answer is the last
-        transaction the answering server had applied.  A sync, then the nodes
-        read, all sent together: the sync has our server catch up with the
-        leader first (a grant learnt from a watch event brings no answer, and
-        the session may have moved since to a follower that has not applied
-        the release that granted it).  Each answer says its node is still
-        ours, so every node was ours, held since its grant, when the first was
-        read: the token is the zxid of that first answer.  It is larger than
-        that of every earlier grant of any of these keys (taken before that
-        holder's release, which came before our grant, which the leader had
-        applied before our sync), and smaller than every later one's (which
-        comes after our release).  None if a node is not ours any more.  A
-        sync and one read per node: one wait.
+        It must order a grant among those it conflicts with, which a node's creation zxid
+        does not: a queue node is made when its waiter joins, and a multi-lock takes its
+        keys one at a time.  A sync, then the nodes read, sent together: the sync has our
+        server catch up with the leader (a grant learnt from a watch brings no answer, and
+        our follower may not have applied the release that granted it).  Each answer says
+        its node is still ours, so all were when the first was read: the token is the zxid
+        in that answer's header (the last its server applied), larger than every earlier
+        grant's of these keys (before that holder's release, before our grant, before our
+        sync), smaller than every later one's (after our release).
         """
 
         def ask(deadline: float) -> int | None:
@@ -1476,10 +1391,8 @@ class _Contended:
 def _deletion(
     path: str, version: int, parent: str | None, mark: bytes | None, epoch: tuple[str, int] | None
 ) -> list[Any]:
-    """delete_own's requests: the epoch's check, the hand-off mark, the node, its container.
-
-    A fenced delete checks the ``epoch`` (the namespace node, its version), not the node's.
-    """
+    """delete_own's requests: the epoch's check (a fenced delete checks the namespace's
+    version, not the node's), the hand-off mark, the node, its container."""
     ops: list[Any] = []
     if epoch is not None:
         ops.append(CheckVersion(*epoch))
@@ -1496,12 +1409,11 @@ def _deletion(
 def _marks_release(key_path: str) -> bool:
     """Whether a holder of the key at ``key_path`` marks its node as it releases it.
 
-    A mutex's does (MutexTask's, in ``mutexes``): its data is set in the
-    request that deletes it, so a second delivery of the holder's task that
-    waits for the node sees it change, then go, and knows that the run ended
-    rather than its session (see MutexTask._held_by_itself).  A lock's
-    ``<name>`` is deleted plainly: its first waiter must see a deletion
-    (_ExclusivePolicy).  An early mutex's running form always marks (_EarlyMutex).
+    A mutex's does (in ``mutexes``): its data is set in the request that deletes it, so
+    a second delivery of the holder's task waiting for the node sees it change, then go:
+    the run ended, not its session (MutexTask._held_by_itself).  A lock's ``<name>`` is
+    deleted plainly: its first waiter must see a deletion (_ExclusivePolicy).  An early
+    mutex's running form always marks (_EarlyMutex).
     """
     return key_path.rsplit("/", 2)[-2] == _MUTEXES
 
@@ -1521,11 +1433,10 @@ _REVOCATIONS_IDLE = 5.0
 class _Holdings:
     """The grants this process holds in a session, and the watchdog over them.
 
-    A holder that sends nothing would hear only from the server it is
-    connected to (pings): while leases are held or waited for, the watchdog
-    sends a sync when nothing was confirmed through the leader for a while,
-    which keeps ``lost`` from turning true on a healthy session, and logs a
-    lease lost to silence, a pause or expiry.
+    A holder that sends nothing hears only from its own server (pings): while leases
+    are held or waited for, the watchdog syncs when nothing was confirmed through the
+    leader for a while, which keeps ``lost`` from turning true on a healthy session,
+    and logs a lease lost to silence, a pause or expiry.
     """
 
     def __init__(self, session: _Session) -> None:
@@ -1565,7 +1476,6 @@ class _Holdings:
         return any(grant.path == path for grant in self.grants_now())
 
     def refuse_reentry(self, key_path: str, key: str) -> None:
-        """Raise NotReentrant if this thread holds the lock at ``key_path``."""
         me = threading.get_ident()
         mine = [g for g in self.grants_now() if g.key_path == key_path and g.thread == me]
         if any(not grant.is_lost() for grant in mine):
@@ -1594,20 +1504,16 @@ class _Holdings:
                     return
             if liveness.silent(_SYNC_AFTER) and not self.syncing and session.live.is_set():
                 self.syncing = True
-                session.client.sync_async(session.settings.root).rawlink(self._synced)
+                synced = session.client.sync_async(session.settings.root)
+                synced.rawlink(lambda _: setattr(self, "syncing", False))
             self.report_lost()
-
-    def _synced(self, _: Any) -> None:
-        self.syncing = False
 
 
 class _Orphans:
-    """Nodes a release or an acquire had to leave behind, to delete.
-
-    Each is deleted as soon as a request can be answered: on reconnect, and
-    meanwhile by a thread that tries again, backing off, while connected
-    (an answer that timed out on a live connection brings no reconnect).
-    """
+    """Nodes a release or an acquire had to leave behind, to delete as soon as a request
+    can be answered: on reconnect, and meanwhile by a thread that tries again, backing
+    off, while connected (an answer that timed out on a live connection brings no
+    reconnect)."""
 
     def __init__(self, session: _Session) -> None:
         self.session = session
@@ -1624,16 +1530,11 @@ class _Orphans:
         if start:
             self.session.handler.spawn(self._reap_while_connected)
 
-    def clear(self) -> None:
-        with self.session.mutex:
-            self.nodes.clear()
-
     def late(self, path: str, session_id: int | None, result: Any) -> None:
-        # Runs on kazoo's thread, for a create we stopped waiting for: if it
-        # applied, delete the node now; if its answer is lost, on reconnect
-        # (``path`` is a sequential node's prefix, which ends in _SEP).  The
-        # answer is a create2's (path, stat), or a multi-operation's list whose
-        # first result is the path, or an error if it was not applied.
+        """On kazoo's thread, the answer to a create (of a node at ``path``, or of prefix
+        ``path``) we stopped waiting for: a create2's (path, stat), a multi-operation's
+        list (the path first), or an error.  If it applied, delete the node now; if its
+        answer is lost, on reconnect."""
         if not result.successful():
             self.add(path, session_id)
         elif isinstance(result.value[0], str):
@@ -1676,18 +1577,14 @@ class _Orphans:
                     if child.startswith(name) and not held(f"{parent}/{child}"):
                         session.delete_own(f"{parent}/{child}", owner)
         elif not held(path):
-            # Only the node we made: the lock may have been released and taken
-            # by another since (the answer to our delete was lost, say).
-            data, stat = session.call(session.client.get_async, path)
-            if stat.ephemeralOwner == owner and (guid is None or _guid_of(data) == guid):
-                session.call(session.client.delete_async, path, stat.version)
+            version = session.deletes.version_if_ours(path, owner, guid)
+            if version is not None:
+                session.call(session.client.delete_async, path, version)
 
 
 class _Tree:
-    """The persistent nodes zkcelery relies on: the root and a node per namespace.
-
-    A namespace node's data version is its epoch, which ``rm`` bumps (see _Deletes).
-    """
+    """The persistent nodes zkcelery relies on: the root and a node per namespace, whose
+    data version is its epoch, which ``rm`` bumps (see _Deletes)."""
 
     def __init__(self, session: _Session) -> None:
         self.session = session
@@ -1731,24 +1628,21 @@ class _Tree:
 
 
 class _Creates:
-    """Creates under a container that may be reaped, and of nodes that outlive the session."""
+    """Creates under a container that may be reaped, and of nodes that outlive the session.
+
+    A container's create may find it gone (reaped since, or never made): it is made,
+    and may be reaped again before our create, when its last child just left: tried
+    again, at most _CONTAINER_TRIES times.  ``then`` follows each create sent (see
+    _Requests.call).
+    """
 
     def __init__(self, session: _Session) -> None:
         self.session = session
         self.ttl_nodes = True  # until the servers say they have none
 
-    def in_container(
-        self,
-        container: str,
-        path: str,
-        data: bytes,
-        sequence: bool = False,
-        then: Callable[[], Any] | None = None,
-    ) -> tuple[str, ZnodeStat]:
-        """Create an ephemeral node under ``container``, making the container if it is gone.
-
-        ``then`` follows each create sent (see _Requests.call).
-        """
+    def in_container(self, container: str, path: str, data: bytes, sequence: bool = False,
+                     then: Callable[[], Any] | None = None) -> tuple[str, ZnodeStat]:  # fmt: skip
+        """Create an ephemeral node under ``container``, making the container if it is gone."""
         session = self.session
         session.ensure_namespaces()
         for _ in range(_CONTAINER_TRIES):
@@ -1759,25 +1653,14 @@ class _Creates:
                     ephemeral=True, sequence=sequence, include_data=True,
                 )  # fmt: skip
             except NoNodeError:
-                # Reaped since (or never made): make it.  It may be reaped again
-                # before our create, when its last child just left: try again.
                 self._container(container)
         raise CoordinationError(f"the container {container} kept vanishing; gave up")
 
-    def in_container_unless(
-        self,
-        container: str,
-        path: str,
-        data: bytes,
-        absent: str,
-        then: Callable[[], Any] | None = None,
-    ) -> str | None:
-        """As in_container (sequential), only while ``absent`` does not exist.
-
-        One multi-operation: the create, and a create and delete of ``absent``,
-        which fails if it exists.  The node's path (a multi-operation answers
-        no stat), or None (nothing made) if ``absent`` exists.
-        """
+    def in_container_unless(self, container: str, path: str, data: bytes, absent: str,
+                            then: Callable[[], Any] | None = None) -> str | None:  # fmt: skip
+        """As in_container (sequential), only while ``absent`` does not exist: one
+        multi-operation, the create, and a create and delete of ``absent`` (which fails if
+        it exists).  The node's path (a multi answers no stat), or None if nothing made."""
         session = self.session
         session.ensure_namespaces()
         ops = [Create(path, data, session.acl, _EPHEMERAL_SEQUENTIAL),
@@ -1789,7 +1672,7 @@ class _Creates:
                 return results[0]  # type: ignore[no-any-return]
             failed = next(r for r in results if not isinstance(r, RolledBackError))
             if failed is results[0] and isinstance(failed, NoNodeError):
-                self._container(container)  # reaped since, or never made
+                self._container(container)
             elif isinstance(failed, NodeExistsError):
                 return None
             elif isinstance(failed, NoNodeError):  # the namespace node is gone
@@ -1809,12 +1692,9 @@ class _Creates:
             self.session.ensure_namespaces(again=True)
 
     def expiring(self, path: str, data: bytes, seconds: float) -> None:
-        """Create a node that outlives the session; a TTL node of ``seconds`` where allowed.
-
-        TTL nodes need ``zookeeper.extendedTypesEnabled=true`` on the servers;
-        elsewhere the node is persistent, and whoever reads it past the expiry
-        in its data deletes it.
-        """
+        """Create a node that outlives the session; a TTL node of ``seconds`` where allowed
+        (``zookeeper.extendedTypesEnabled=true`` on the servers); elsewhere the node is
+        persistent, and whoever reads it past the expiry in its data deletes it."""
         self.session.ensure_namespaces()
         if self.ttl_nodes:
             try:
@@ -1842,9 +1722,8 @@ class _Creates:
 class _Session(_Requests):
     """One ZooKeeper session: the client, its states, and what this process holds in it.
 
-    The requests are its own (_Requests); each other job is an object of its own
-    (_Holdings, _Orphans, _Contended, _Tree, _Creates, _Deletes), whose methods
-    the rest of zkcelery calls are bound here.
+    The requests are its own (_Requests); each other job is an object of its own,
+    whose entry points are bound here, one line a job.
     """
 
     def __init__(self, settings: _Settings) -> None:
@@ -1856,7 +1735,6 @@ class _Session(_Requests):
         self.holdings, self.orphans = _Holdings(self), _Orphans(self)
         self.contended = _Contended(self.mutex)
         self.tree, self.creates, self.deletes = _Tree(self), _Creates(self), _Deletes(self)
-        # What the rest of zkcelery calls, one line a job:
         held, tree, creates = self.holdings, self.tree, self.creates
         self.remember, self.forget, self.waiting = held.remember, held.forget, held.waiting
         self.refuse_reentry, self.add_orphan = held.refuse_reentry, self.orphans.add
@@ -1870,25 +1748,21 @@ class _Session(_Requests):
 
     @property
     def session_timeout(self) -> float:
-        """What the server granted, which may be less than what we asked for."""
-        return self.liveness.session_timeout
+        return self.liveness.session_timeout  # what the server granted
 
     def lost_since(self, session_id: int | None) -> bool:
-        """Whether a lease taken in ``session_id`` may now be held by someone else.
+        """Whether a lease taken in ``session_id`` may now be held by someone else.  No I/O.
 
-        The leader expires a session the granted timeout after it last heard
-        of it, and never sooner.  A lease is called lost when the session is
-        another one now, or once nothing sent in the last _LOST_AFTER_SILENCE
-        of that timeout has been answered through the leader (a write, a
-        sync: see _CONFIRMED_BY_LEADER; the watchdog syncs while leases are
-        held): before the leader can have expired the session.  That is
-        judged from answers, not from kazoo's states, which can lag past the
-        expiry: kazoo pings only when it has sent nothing for a while, so
-        while other threads keep sending on a dead link it reports no
-        disconnection at all; after a pause of the whole process (SIGSTOP, a
-        paused VM, a suspended host) no state has changed yet when the body
-        looks; and a follower cut off from the leader answers pings until it
-        notices.  No I/O.
+        The leader expires a session the granted timeout after it last heard of it, never
+        sooner.  A lease is called lost when the session is another one now, or once
+        nothing sent in the last _LOST_AFTER_SILENCE of that timeout has been answered
+        through the leader (a write, a sync: _CONFIRMED_BY_LEADER; the watchdog syncs while
+        leases are held): before the leader can have expired it.  Judged from answers, not
+        kazoo's states, which can lag past the expiry: kazoo pings only when it has sent
+        nothing for a while, so while other threads send on a dead link it sees no
+        disconnection; after a pause of the whole process (SIGSTOP, a paused VM, a
+        suspended host) no state has changed yet when the body looks; and a follower cut
+        off from the leader answers pings until it notices.
         """
         return self.session_id != session_id or self.liveness.silent(_LOST_AFTER_SILENCE)
 
@@ -1904,7 +1778,8 @@ class _Session(_Requests):
             return
         self.live.clear()
         if state == KazooState.LOST:  # the session is gone, and so is every node it held
-            self.orphans.clear()
+            with self.mutex:
+                self.orphans.nodes.clear()
             self.handler.spawn(self.holdings.report_lost)
 
     def multi(self, build: Callable[[TransactionRequest], Any], **options: Any) -> list:
@@ -1915,12 +1790,9 @@ class _Session(_Requests):
         return self.call(txn.commit_async, **options)  # type: ignore[no-any-return]
 
     def owner_of(self, path: str, guid: str, before: int | None) -> int | None:
-        """The session that made our node at ``path``, just created in ``before`` or later.
-
-        A request is sent on whatever session is current then: if the id is
-        the same after the answer, it is that one; otherwise ask the server.
-        None if the node is not ours.
-        """
+        """The session that made our node at ``path``, just created in ``before`` or later
+        (None if the node is not ours).  A request is sent on whatever session is current
+        then: if the id is the same after the answer, it is that one; else ask the server."""
         if self.session_id == before:
             return before
         after = self.session_id
@@ -1934,12 +1806,10 @@ class _Session(_Requests):
         return stat.ephemeralOwner if _guid_of(data) == guid else None  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        """End the session (its ephemeral nodes go at once) without hanging.
-
-        The leases it holds end with it: released, not lost (a worker that
-        shuts down, a script's end).  All in a thread: celery beat closes from
-        its SIGTERM handler, which may have interrupted a thread in the mutex.
-        """
+        """End the session (its ephemeral nodes go at once) without hanging.  Its leases end
+        with it: released, not lost (a worker's shutdown, a script's end).  In a thread:
+        celery beat closes from its SIGTERM handler, which may have interrupted the mutex's
+        holder."""
         stopper = threading.Thread(target=self._end, daemon=True)
         stopper.start()
         stopper.join(self.settings.connect_timeout)
@@ -1953,41 +1823,28 @@ class _Session(_Requests):
 
 
 class _Deletes:
-    """Deletes of our own nodes, bounded in time and fenced against ``rm``.
+    """Deletes of our own nodes, bounded in time (kazoo's retry never gives up: a release
+    during a partition would hang until the network healed) and fenced against ``rm``.
 
-    kazoo's own retry never gives up, so a release during a partition would
-    hang until the network healed; here the whole release has one deadline.
-
-    A node at a fixed path (a lock's ``<name>``) may be another holder's by
-    now: ``rm`` deleted ours and someone took the lock.  ``rm`` deletes in a
-    multi-operation that bumps the namespace's epoch (_Tree); a delete that
-    checks the epoch read before our node was made, in the same
-    multi-operation, deletes only a node that no ``rm`` touched since, at the
-    cost of a plain delete.
+    A node at a fixed path (a lock's ``<name>``) may be another holder's by now: ``rm``
+    deleted ours and someone took the lock.  ``rm`` deletes in a multi-operation that
+    bumps the namespace's epoch (_Tree); a delete that checks, in its multi-operation,
+    the epoch read before our node was made deletes only a node no ``rm`` touched since,
+    at the cost of a plain delete.
     """
 
     def __init__(self, session: _Session) -> None:
         self.session = session
 
-    def delete_own(
-        self,
-        path: str,
-        session_id: int | None,
-        container: str | None = None,
-        guid: str | None = None,
-        epoch: tuple[str, int] | None = None,
-        handoff: bytes | None = None,
-    ) -> None:
-        """Delete our node at ``path`` (and ``container``, if it is then empty).
-
-        With ``handoff``, the same multi-operation first sets the node's data
-        to it: a watcher of the node sees a change, not a deletion (a queue
-        node's hand-off; a mutex's release, see _marks_release).  With
-        ``epoch`` (the namespace node and its version), the delete is fenced.
-        When the fence fails (some ``rm`` ran), or after a lost answer, the
-        node is read first and deleted only if it is still ours: made in
-        ``session_id``, with our ``guid``.
-        """
+    def delete_own(self, path: str, session_id: int | None, container: str | None = None,
+                   guid: str | None = None, epoch: tuple[str, int] | None = None,
+                   handoff: bytes | None = None) -> None:  # fmt: skip
+        """Delete our node at ``path`` (and ``container``, if it is then empty).  With
+        ``handoff``, the same multi-operation first sets the node's data to it: a watcher
+        sees a change, not a deletion (a queue's hand-off; a mutex's release, see
+        _marks_release).  With ``epoch`` (the namespace node, its version), the delete is
+        fenced.  When the fence fails (some ``rm`` ran), or after a lost answer, the node
+        is deleted only if it is still ours."""
         session, look = self.session, False  # look: read the node first, it may not be ours
 
         def attempt(deadline: float) -> None:
@@ -2000,10 +1857,10 @@ class _Deletes:
                 if look:
                     if epoch is not None:  # the version now, read before we look
                         epoch = session.epoch(epoch[0], again=True)
-                    data, stat = session.call(session.client.get_async, path, deadline=deadline)
-                    if stat.ephemeralOwner != session_id or (guid and _guid_of(data) != guid):
+                    ours = self.version_if_ours(path, session_id, guid, deadline)
+                    if ours is None:
                         return
-                    version = stat.version
+                    version = ours
                 look = True  # whatever comes next (a lost answer, an rm) means looking
                 ops = _deletion(path, version, container, handoff, epoch)
                 if len(ops) == 1:
@@ -2025,15 +1882,22 @@ class _Deletes:
             session.add_orphan(path, session_id, guid)
             raise
 
-    def break_node(self, namespace: str, path: str, czxid: int) -> bool:
-        """Delete a holder's node, and bump ``namespace``'s epoch in the same multi-operation.
+    def version_if_ours(self, path: str, session_id: int | None, guid: str | None,
+                        deadline: float | None = None) -> int | None:  # fmt: skip
+        """The version of the node at ``path`` if it is still ours (made in ``session_id``,
+        with ``guid``), else None: the lock may have been released and taken by another
+        since (the answer to our delete was lost, an ``rm``)."""
+        data, stat = self.session.call(self.session.client.get_async, path, deadline=deadline)
+        if stat.ephemeralOwner != session_id or (guid and _guid_of(data) != guid):
+            return None
+        return stat.version  # type: ignore[no-any-return]
 
-        What ``rm`` does.  The broken holder may run on and release late.  Its
-        release of a node at a fixed path (``<name>``, an early mutex) checks the
-        epoch it read before it took the lock, so it cannot delete the node of
-        whoever holds the lock next (see delete_own).  Only the node created at
-        ``czxid`` is deleted, not one its holder made since: False if it is gone.
-        """
+    def break_node(self, namespace: str, path: str, czxid: int) -> bool:
+        """What ``rm`` does: delete a holder's node, and bump ``namespace``'s epoch in the
+        same multi-operation.  The broken holder may run on and release late: its release
+        of a node at a fixed path (``<name>``, an early mutex) checks the epoch it read
+        before it took the lock, so it cannot delete the next holder's (see delete_own).
+        Only the node created at ``czxid``, not one its holder made since: False if gone."""
         session = self.session
         try:
             _, stat = session.read(session.client.get_async, path)
@@ -2094,12 +1958,11 @@ def _close_when_idle(app: celery.Celery, session: _Session) -> None:
     while True:
         time.sleep(_REVOCATIONS_IDLE)
         with _connections_lock:
-            if session.in_use or time.monotonic() - session.last_used < _REVOCATIONS_IDLE:
-                continue
-            if _revocations.get(app) is session:
-                del _revocations[app]
-        session.close()
-        return
+            if not session.in_use and time.monotonic() - session.last_used >= _REVOCATIONS_IDLE:
+                if _revocations.get(app) is session:
+                    del _revocations[app]
+                break
+    session.close()
 
 
 @contextlib.contextmanager
@@ -3434,21 +3297,16 @@ _NAMESPACES: dict[str, _Namespace] = {
 
 def _unprotected(session: _Session) -> list[ZKCeleryError]:
     """What is wrong with the ACLs of the tree (the root and namespaces), for ZOOKEEPER_AUTH.
-
-    In ZooKeeper the right to create or delete a node is its parent's: a
-    holder node under a parent that anyone may change is not protected.
-    """
-    identity = _identity(session.settings)
-    problems: list[ZKCeleryError] = []
+    In ZooKeeper the right to create or delete a node is its parent's: a holder node
+    under a parent that anyone may change is not protected."""
+    acl = _default_acl(session.settings)
+    identity = acl[0].id if acl else None  # our digest identity
+    problems = []
     for path in session.tree.paths():
-        try:
+        with contextlib.suppress(NoNodeError):
             acls, _ = session.read(session.client.get_acls_async, path)
-        except NoNodeError:
-            continue
-        problem = _acl_problem(path, acls, identity)
-        if problem is not None:
-            problems.append(problem)
-    return problems
+            problems.append(_acl_problem(path, acls, identity))
+    return [problem for problem in problems if problem is not None]
 
 
 def _protecting_nodes(session: _Session) -> Iterator[str]:
@@ -3562,7 +3420,7 @@ class _Grant:
         self.check_session()
         if self.why_lost is None and not self.released and not self._watching:
             self._watching = True
-            self.session.watch_node(self.path, self._on_event, self._on_answer)
+            self.session.client.get_async(self.path, watch=self._on_event).rawlink(self._on_answer)
         return self.why_lost is not None
 
     def check_session(self) -> None:
