@@ -3726,6 +3726,12 @@ def _entered_since(workers: Workers, moment: float) -> bool:
     return any(e["enter"] > moment for e in workers.record.entries())
 
 
+#: Tasks sent once the fault has begun.  Sending the 600 takes seconds on a loaded machine
+#: (8 s on a busy 2-core one), and the workers keep up with it: the soak can be over before
+#: the fault, and then no body is left to run after it.  These are surely waiting then.
+SOAK_TAIL = 30
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(360)  # its own waits (up to 240 s) come first
 @_ON_RABBITMQ
@@ -3736,6 +3742,7 @@ def test_the_leader_dying_mid_soak_breaks_no_invariant(broker_workers, restore_e
     leader = restore_ensemble.leader()
     killed = time.monotonic()
     restore_ensemble.kill_server(leader)
+    results += _send_soak(broker_workers, SOAK_TAIL)  # whatever the 600 have left
     wait_for(lambda: _entered_since(broker_workers, killed), 60, "a body to run after the kill")
     resumed = time.monotonic()
     restore_ensemble.start_server(leader)
@@ -3757,7 +3764,9 @@ def test_the_whole_ensemble_down_for_4_s_mid_soak_loses_nothing(
     wait_for(lambda: len(broker_workers.record.entries()) > 100, 60, "the soak to get going")
     restore_ensemble.stop()
     down = time.monotonic()
-    time.sleep(ENSEMBLE_OUTAGE)  # the fault's duration, not a wait
+    tail = _send_soak(broker_workers, SOAK_TAIL)  # work that waits out the outage, always
+    left = sum(not r.ready() for r in results)  # of the 600, for the report
+    time.sleep(max(0.0, down + ENSEMBLE_OUTAGE - time.monotonic()))  # the fault, not a wait
     restarting = time.monotonic()  # no server can serve before this
     restore_ensemble.start()
     up = time.monotonic()
@@ -3769,6 +3778,7 @@ def test_the_whole_ensemble_down_for_4_s_mid_soak_loses_nothing(
     )  # fmt: skip
     entries = broker_workers.record.entries()
     recovered = min(e["enter"] for e in entries if e["enter"] > restarting) - restarting
+    results += tail
     _await_all(results, 240)
     figures = _assert_soak_invariants(broker_workers, results)
     # No body started while the ensemble was down (half a second for requests in flight).
@@ -3776,7 +3786,8 @@ def test_the_whole_ensemble_down_for_4_s_mid_soak_loses_nothing(
     assert [w.proc.poll() for w in started] == [None] * 3 and [w.pid for w in started] == pids
     _report(
         capsys,
-        f"ensemble down {ENSEMBLE_OUTAGE:.0f} s: {figures}, first body {recovered:.2f} s "
+        f"ensemble down {ENSEMBLE_OUTAGE:.0f} s ({left} of the 600 and {SOAK_TAIL} more "
+        f"waiting): {figures}, first body {recovered:.2f} s "
         f"after the restart began (the restart command took {up - restarting:.2f} s)",
     )
 
