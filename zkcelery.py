@@ -527,11 +527,8 @@ class _PollingHandler(SequentialThreadingHandler):
     def poller(*groups: tuple) -> tuple[Any, dict[int, list[tuple[int, Any, int]]]]:
         """A poll object for select()'s three lists, and what each descriptor's events
         answer: an error or a hang-up makes it readable (and writable), as select() says."""
-        answers = (
-            select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL,
-            select.POLLOUT | select.POLLERR | select.POLLHUP,
-            select.POLLPRI,
-        )
+        answers = (select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL,
+                   select.POLLOUT | select.POLLERR | select.POLLHUP, select.POLLPRI)  # fmt: skip
         asks = (select.POLLIN, select.POLLOUT, select.POLLPRI)
         poller = select.poll()
         wanted: dict[int, int] = {}
@@ -763,8 +760,7 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 
 
 def _readable_key(base: str, values: Sequence[Any]) -> str:
-    shown = ", ".join(_short_repr(v) for v in values)
-    return f"{base}({shown})"
+    return f"{base}({', '.join(_short_repr(v) for v in values)})"
 
 
 # ---------------------------------------------------------------------------
@@ -915,13 +911,12 @@ def _parse_ssl(value: Any) -> dict:
 def _read_settings(app: celery.Celery) -> _Settings:
     hosts, chroot = _parse_hosts(_setting(app, "ZOOKEEPER_HOSTS", _DEFAULT_HOSTS))
     root = _parse_root(_setting(app, "ZOOKEEPER_ROOT", "/zkcelery"))
-    auth = _parse_auth(_setting(app, "ZOOKEEPER_AUTH"))
     return _Settings(
         hosts=hosts,
         root=chroot + root,
         session_timeout=_parse_seconds(app, "ZOOKEEPER_SESSION_TIMEOUT", 10.0),
         connect_timeout=_parse_seconds(app, "ZOOKEEPER_CONNECT_TIMEOUT", 5.0),
-        auth=auth,
+        auth=_parse_auth(_setting(app, "ZOOKEEPER_AUTH")),
         protect_reads=_parse_flag(app, "ZOOKEEPER_PROTECT_READS"),
         ssl=_parse_ssl(_setting(app, "ZOOKEEPER_SSL")),
     )
@@ -951,9 +946,8 @@ _RETRY_KEYWORDS = frozenset({
 
 def _check_retry_options(namespace: str, options: dict, retry: bool) -> None:
     """Name a keyword that is neither the call's option nor ``self.retry()``'s, or needs retry."""
-    call = {_SEMAPHORES: "semaphore()", _RWLOCKS: "read_lock() / write_lock()"}.get(
-        namespace, "lock()"
-    )
+    calls = {_SEMAPHORES: "semaphore()", _RWLOCKS: "read_lock() / write_lock()"}
+    call = calls.get(namespace, "lock()")
     own = "blocking, timeout, retry, identifier, name"
     if namespace == _SEMAPHORES:
         own = f"max_leases, {own}"
@@ -1009,11 +1003,8 @@ def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
     signature = inspect.signature(run.__func__ if isinstance(run, staticmethod) else run)
     if not isinstance(run, staticmethod):  # bind=True: drop ``self``
         signature = signature.replace(parameters=list(signature.parameters.values())[1:])
-    named = {
-        p.name
-        for p in signature.parameters.values()
-        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
+    named = {p.name for p in signature.parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}  # fmt: skip
     for key in keys:
         if key not in named:
             raise TypeError(
@@ -1026,10 +1017,9 @@ def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
 
 def _mutex_timeout(task: celery.Task) -> float:
     timeout = getattr(task, "mutex_timeout", None)
-    if timeout is None:
-        timeout = _setting(task.app, "MUTEX_TIMEOUT", 3600.0)
-        return _check_seconds("MUTEX_TIMEOUT", timeout)
-    return float(timeout)
+    if timeout is not None:
+        return float(timeout)
+    return _check_seconds("MUTEX_TIMEOUT", _setting(task.app, "MUTEX_TIMEOUT", 3600.0))
 
 
 # ---------------------------------------------------------------------------
@@ -1720,11 +1710,8 @@ class _Creates:
 
 
 class _Session(_Requests):
-    """One ZooKeeper session: the client, its states, and what this process holds in it.
-
-    The requests are its own (_Requests); each other job is an object of its own, called
-    directly (``session.orphans.add``, ``session.deletes.delete_own``).
-    """
+    """One ZooKeeper session: its client and states; its requests are its own (_Requests),
+    each other job an object of its own (``session.orphans``, ``session.deletes``...)."""
 
     def __init__(self, settings: _Settings) -> None:
         super().__init__(settings)
@@ -1922,7 +1909,6 @@ def _connection(app: celery.Celery) -> _Session:
 
 
 def _close_connection(app: celery.Celery, session: _Session) -> None:
-    """Close ``session``, and forget it if it is this process's connection for ``app``."""
     if _connections.get(app) is session:
         _connections.pop(app, None)
     session.close()
@@ -3274,17 +3260,14 @@ class _Namespace:
 
 
 #: Every namespace, by name (in _NAMESPACE_NAMES' order).
-_NAMESPACES: dict[str, _Namespace] = {
-    namespace.name: namespace
-    for namespace in (
-        _Namespace(_LOCKS, "lock", _ExclusiveLock),
-        _Namespace(_MUTEXES, "mutex", _ExclusiveLock),
-        _Namespace(_SEMAPHORES, "semaphore", _Semaphore),
-        _Namespace(_RWLOCKS, "rwlock", _ReadWriteLock),  # each row: read lock or write lock
-        _Namespace(_EARLY, "early mutex", _EarlyMutex),
-        _Namespace(_BEAT, "beat", _ExclusiveLock),
-    )
-}
+_NAMESPACES: dict[str, _Namespace] = {namespace.name: namespace for namespace in (
+    _Namespace(_LOCKS, "lock", _ExclusiveLock),
+    _Namespace(_MUTEXES, "mutex", _ExclusiveLock),
+    _Namespace(_SEMAPHORES, "semaphore", _Semaphore),
+    _Namespace(_RWLOCKS, "rwlock", _ReadWriteLock),  # each row: read lock or write lock
+    _Namespace(_EARLY, "early mutex", _EarlyMutex),
+    _Namespace(_BEAT, "beat", _ExclusiveLock),
+)}  # fmt: skip
 
 
 def _unprotected(session: _Session) -> list[ZKCeleryError]:
@@ -5529,10 +5512,9 @@ def _listing(session: _Session) -> list[dict]:
 def _ls_command(app: celery.Celery, as_json: bool, watch: bool) -> None:
     if watch:
         _companion("zkcelery_metrics", "ls --watch").ls_watch(app, as_json)
-    elif as_json:
-        click.echo(json.dumps(_listing(_connection(app)), indent=2))
     else:
-        click.echo(ls_table(_listing(_connection(app))))
+        rows = _listing(_connection(app))
+        click.echo(json.dumps(rows, indent=2) if as_json else ls_table(rows))
 
 
 @click.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
