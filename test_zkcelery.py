@@ -1483,7 +1483,7 @@ def test_lost_counts_from_the_session_timeout_the_server_granted(make_app, parti
     cut_off = make_app(ZOOKEEPER_HOSTS=partition.address, ZOOKEEPER_SESSION_TIMEOUT=30)
     holder, rival = _lock_task_on(cut_off), _lock_task_on(make_app())
     lease = holder.lock("granted").__enter__()
-    assert internals.session(cut_off).session_timeout == pytest.approx(5.0)
+    assert internals.session(cut_off).liveness.session_timeout == pytest.approx(5.0)
     try:
         lost, taken = _cut_until_a_rival_holds(partition, lease, rival, "granted")
     finally:
@@ -1596,7 +1596,7 @@ def test_lost_turns_true_in_time_while_other_threads_keep_a_blackholed_session_b
     holder, rival = _lock_task_on(cut_off), _lock_task_on(make_app())
     lease = holder.lock("busy").__enter__()
     session = internals.session(cut_off)
-    granted = session.session_timeout
+    granted = session.liveness.session_timeout
     stop = threading.Event()
 
     def keep_talking() -> None:  # requests that push kazoo's heartbeat back, forever

@@ -754,13 +754,9 @@ def _lock_name(base: str, values: Sequence[Any]) -> str:
     return name
 
 
-def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
-
-
 def _readable_key(base: str, values: Sequence[Any]) -> str:
-    return f"{base}({', '.join(_short_repr(v) for v in values)})"
+    shown = (repr(value) for value in values)
+    return f"{base}({', '.join(t if len(t) <= 80 else f'{t[:77]}...' for t in shown)})"
 
 
 # ---------------------------------------------------------------------------
@@ -1724,10 +1720,6 @@ class _Session(_Requests):
         self.tree, self.creates, self.deletes = _Tree(self), _Creates(self), _Deletes(self)
         self.client.add_listener(self._on_state)
         self.client.start_async()
-
-    @property
-    def session_timeout(self) -> float:
-        return self.liveness.session_timeout  # what the server granted
 
     def lost_since(self, session_id: int | None) -> bool:
         """Whether a lease taken in ``session_id`` may now be held by someone else.  No I/O.
@@ -3357,7 +3349,7 @@ def _metadata(lease: Lease, session: _Session, guid: str) -> bytes:
         "nesting": getattr(request, "replaced_task_nesting", 0) or 0,
         # How long this session outlives its process: what the server
         # granted, which a waiter for a dead holder's node needs to know.
-        "session_timeout": session.session_timeout,
+        "session_timeout": session.liveness.session_timeout,
     }
     # What its kind adds: a semaphore's limit, a read/write lock's mode.
     facts = {"max_leases": lease._max_leases, "mode": lease._kind.mode}
