@@ -315,7 +315,7 @@ def test_a_request_and_an_answer_too_large_for_one_socket_call_go_through_whole(
     # 900 kB takes several send() and recv() calls, with waits between some of them.
     session = internals.session(app)
     session.wait_connected()
-    session.ensure_namespaces()
+    session.tree.ensure()
     waits: list[tuple] = []
     select = session.handler.select
 
@@ -1485,7 +1485,7 @@ def test_lost_counts_from_the_session_timeout_the_server_granted(make_app, parti
     cut_off = make_app(ZOOKEEPER_HOSTS=partition.address, ZOOKEEPER_SESSION_TIMEOUT=30)
     holder, rival = _lock_task_on(cut_off), _lock_task_on(make_app())
     lease = holder.lock("granted").__enter__()
-    assert internals.session(cut_off).session_timeout == pytest.approx(5.0)
+    assert internals.session(cut_off).liveness.session_timeout == pytest.approx(5.0)
     try:
         lost, taken = _cut_until_a_rival_holds(partition, lease, rival, "granted")
     finally:
@@ -1598,7 +1598,7 @@ def test_lost_turns_true_in_time_while_other_threads_keep_a_blackholed_session_b
     holder, rival = _lock_task_on(cut_off), _lock_task_on(make_app())
     lease = holder.lock("busy").__enter__()
     session = internals.session(cut_off)
-    granted = session.session_timeout
+    granted = session.liveness.session_timeout
     stop = threading.Event()
 
     def keep_talking() -> None:  # requests that push kazoo's heartbeat back, forever
@@ -1701,7 +1701,7 @@ def test_a_waiter_never_waits_behind_a_late_copy_of_its_own_node(make_app, monke
         session = internals.session(waiter_app)
         session.wait_connected()
         queue = f"{held._grant.path}{internals.QUEUE}"
-        ghost, _ = session.create_in_container(
+        ghost, _ = session.creates.in_container(
             queue, f"{queue}/1@{guid.hex[:16]}@", json.dumps({"guid": guid.hex[:16]}).encode(),
             sequence=True,
         )  # fmt: skip
@@ -1830,12 +1830,12 @@ def test_orphans_are_deleted_while_connected_and_one_already_gone_is_forgotten(a
     # An orphan: a node whose create (or delete) answer timed out on a live connection.
     session = internals.session(app)
     session.wait_connected()
-    session.ensure_namespaces()
+    session.tree.ensure()
     guid = "0123456789abcdef"
     mine = f"{session.settings.root}/locks/orphan"
     session.client.create(mine, json.dumps({"guid": guid}).encode(), ephemeral=True)
-    session.add_orphan(mine, session.session_id, guid)
-    session.add_orphan(f"{session.settings.root}/locks/never-made", session.session_id, guid)
+    session.orphans.add(mine, session.session_id, guid)
+    session.orphans.add(f"{session.settings.root}/locks/never-made", session.session_id, guid)
     # Deleted without waiting for a reconnect...
     wait_for(lambda: session.client.exists(mine) is None, 10, "the orphan to be deleted")
     wait_for(
@@ -1850,11 +1850,11 @@ def test_two_leases_of_one_key_left_in_doubt_in_one_session_are_each_reaped(app)
     # Remembered by path alone, the second would have hidden the first, kept for ever.
     session = internals.session(app)
     session.wait_connected()
-    session.ensure_namespaces()
+    session.tree.ensure()
     path = f"{session.settings.root}/locks/doubt"
     session.client.create(path, json.dumps({"guid": "first-lease-guid"}).encode(), ephemeral=True)
-    session.add_orphan(path, session.session_id, "first-lease-guid")  # its release in doubt
-    session.add_orphan(path, session.session_id, "second-lease-guid")  # its take in doubt
+    session.orphans.add(path, session.session_id, "first-lease-guid")  # its release in doubt
+    session.orphans.add(path, session.session_id, "second-lease-guid")  # its take in doubt
     wait_for(lambda: session.client.exists(path) is None, 10, "the first lease's node reaped")
 
 

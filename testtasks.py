@@ -755,7 +755,7 @@ def early_sender(start: str) -> None:
     def early(self: Any, key: Any, **_: Any) -> None:
         pass
 
-    internals.session(sender).ensure_namespaces()
+    internals.session(sender).tree.ensure()
     print("ready", flush=True)
     while not Path(start).exists():
         time.sleep(0.005)

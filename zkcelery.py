@@ -527,11 +527,8 @@ class _PollingHandler(SequentialThreadingHandler):
     def poller(*groups: tuple) -> tuple[Any, dict[int, list[tuple[int, Any, int]]]]:
         """A poll object for select()'s three lists, and what each descriptor's events
         answer: an error or a hang-up makes it readable (and writable), as select() says."""
-        answers = (
-            select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL,
-            select.POLLOUT | select.POLLERR | select.POLLHUP,
-            select.POLLPRI,
-        )
+        answers = (select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL,
+                   select.POLLOUT | select.POLLERR | select.POLLHUP, select.POLLPRI)  # fmt: skip
         asks = (select.POLLIN, select.POLLOUT, select.POLLPRI)
         poller = select.poll()
         wanted: dict[int, int] = {}
@@ -757,14 +754,9 @@ def _lock_name(base: str, values: Sequence[Any]) -> str:
     return name
 
 
-def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
-
-
 def _readable_key(base: str, values: Sequence[Any]) -> str:
-    shown = ", ".join(_short_repr(v) for v in values)
-    return f"{base}({shown})"
+    shown = (repr(value) for value in values)
+    return f"{base}({', '.join(t if len(t) <= 80 else f'{t[:77]}...' for t in shown)})"
 
 
 # ---------------------------------------------------------------------------
@@ -915,13 +907,12 @@ def _parse_ssl(value: Any) -> dict:
 def _read_settings(app: celery.Celery) -> _Settings:
     hosts, chroot = _parse_hosts(_setting(app, "ZOOKEEPER_HOSTS", _DEFAULT_HOSTS))
     root = _parse_root(_setting(app, "ZOOKEEPER_ROOT", "/zkcelery"))
-    auth = _parse_auth(_setting(app, "ZOOKEEPER_AUTH"))
     return _Settings(
         hosts=hosts,
         root=chroot + root,
         session_timeout=_parse_seconds(app, "ZOOKEEPER_SESSION_TIMEOUT", 10.0),
         connect_timeout=_parse_seconds(app, "ZOOKEEPER_CONNECT_TIMEOUT", 5.0),
-        auth=auth,
+        auth=_parse_auth(_setting(app, "ZOOKEEPER_AUTH")),
         protect_reads=_parse_flag(app, "ZOOKEEPER_PROTECT_READS"),
         ssl=_parse_ssl(_setting(app, "ZOOKEEPER_SSL")),
     )
@@ -951,9 +942,8 @@ _RETRY_KEYWORDS = frozenset({
 
 def _check_retry_options(namespace: str, options: dict, retry: bool) -> None:
     """Name a keyword that is neither the call's option nor ``self.retry()``'s, or needs retry."""
-    call = {_SEMAPHORES: "semaphore()", _RWLOCKS: "read_lock() / write_lock()"}.get(
-        namespace, "lock()"
-    )
+    calls = {_SEMAPHORES: "semaphore()", _RWLOCKS: "read_lock() / write_lock()"}
+    call = calls.get(namespace, "lock()")
     own = "blocking, timeout, retry, identifier, name"
     if namespace == _SEMAPHORES:
         own = f"max_leases, {own}"
@@ -1009,11 +999,8 @@ def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
     signature = inspect.signature(run.__func__ if isinstance(run, staticmethod) else run)
     if not isinstance(run, staticmethod):  # bind=True: drop ``self``
         signature = signature.replace(parameters=list(signature.parameters.values())[1:])
-    named = {
-        p.name
-        for p in signature.parameters.values()
-        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
+    named = {p.name for p in signature.parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}  # fmt: skip
     for key in keys:
         if key not in named:
             raise TypeError(
@@ -1026,10 +1013,9 @@ def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
 
 def _mutex_timeout(task: celery.Task) -> float:
     timeout = getattr(task, "mutex_timeout", None)
-    if timeout is None:
-        timeout = _setting(task.app, "MUTEX_TIMEOUT", 3600.0)
-        return _check_seconds("MUTEX_TIMEOUT", timeout)
-    return float(timeout)
+    if timeout is not None:
+        return float(timeout)
+    return _check_seconds("MUTEX_TIMEOUT", _setting(task.app, "MUTEX_TIMEOUT", 3600.0))
 
 
 # ---------------------------------------------------------------------------
@@ -1575,7 +1561,7 @@ class _Orphans:
             with contextlib.suppress(NoNodeError):
                 for child in session.call(session.client.get_children_async, parent):
                     if child.startswith(name) and not held(f"{parent}/{child}"):
-                        session.delete_own(f"{parent}/{child}", owner)
+                        session.deletes.delete_own(f"{parent}/{child}", owner)
         elif not held(path):
             version = session.deletes.version_if_ours(path, owner, guid)
             if version is not None:
@@ -1644,7 +1630,7 @@ class _Creates:
                      then: Callable[[], Any] | None = None) -> tuple[str, ZnodeStat]:  # fmt: skip
         """Create an ephemeral node under ``container``, making the container if it is gone."""
         session = self.session
-        session.ensure_namespaces()
+        session.tree.ensure()
         for _ in range(_CONTAINER_TRIES):
             try:
                 abandon = functools.partial(session.orphans.late, path, session.session_id)
@@ -1662,7 +1648,7 @@ class _Creates:
         multi-operation, the create, and a create and delete of ``absent`` (which fails if
         it exists).  The node's path (a multi answers no stat), or None if nothing made."""
         session = self.session
-        session.ensure_namespaces()
+        session.tree.ensure()
         ops = [Create(path, data, session.acl, _EPHEMERAL_SEQUENTIAL),
                Create(absent, b"", session.acl, 1), Delete(absent, -1)]  # fmt: skip
         for _ in range(_CONTAINER_TRIES):
@@ -1676,7 +1662,7 @@ class _Creates:
             elif isinstance(failed, NodeExistsError):
                 return None
             elif isinstance(failed, NoNodeError):  # the namespace node is gone
-                session.ensure_namespaces(again=True)
+                session.tree.ensure(again=True)
             else:
                 raise failed
         raise CoordinationError(f"the container {container} kept vanishing; gave up")
@@ -1689,13 +1675,13 @@ class _Creates:
         except NodeExistsError:
             pass
         except NoNodeError:  # the namespace node is gone too
-            self.session.ensure_namespaces(again=True)
+            self.session.tree.ensure(again=True)
 
     def expiring(self, path: str, data: bytes, seconds: float) -> None:
         """Create a node that outlives the session; a TTL node of ``seconds`` where allowed
         (``zookeeper.extendedTypesEnabled=true`` on the servers); elsewhere the node is
         persistent, and whoever reads it past the expiry in its data deletes it."""
-        self.session.ensure_namespaces()
+        self.session.tree.ensure()
         if self.ttl_nodes:
             try:
                 self.session.call(self.session.send, self.expiring_op(path, data, seconds))
@@ -1720,11 +1706,8 @@ class _Creates:
 
 
 class _Session(_Requests):
-    """One ZooKeeper session: the client, its states, and what this process holds in it.
-
-    The requests are its own (_Requests); each other job is an object of its own,
-    whose entry points are bound here, one line a job.
-    """
+    """One ZooKeeper session: its client and states; its requests are its own (_Requests),
+    each other job an object of its own (``session.orphans``, ``session.deletes``...)."""
 
     def __init__(self, settings: _Settings) -> None:
         super().__init__(settings)
@@ -1735,20 +1718,8 @@ class _Session(_Requests):
         self.holdings, self.orphans = _Holdings(self), _Orphans(self)
         self.contended = _Contended(self.mutex)
         self.tree, self.creates, self.deletes = _Tree(self), _Creates(self), _Deletes(self)
-        held, tree, creates = self.holdings, self.tree, self.creates
-        self.remember, self.forget, self.waiting = held.remember, held.forget, held.waiting
-        self.refuse_reentry, self.add_orphan = held.refuse_reentry, self.orphans.add
-        self.ensure_namespaces, self.epoch, self.make_tree = tree.ensure, tree.epoch, tree.make
-        self.create_in_container, self.refused_ttl = creates.in_container, creates.refused_ttl
-        self.create_in_container_unless = creates.in_container_unless
-        self.create_expiring, self.expiring_create = creates.expiring, creates.expiring_op
-        self.delete_own, self.break_node = self.deletes.delete_own, self.deletes.break_node
         self.client.add_listener(self._on_state)
         self.client.start_async()
-
-    @property
-    def session_timeout(self) -> float:
-        return self.liveness.session_timeout  # what the server granted
 
     def lost_since(self, session_id: int | None) -> bool:
         """Whether a lease taken in ``session_id`` may now be held by someone else.  No I/O.
@@ -1784,7 +1755,7 @@ class _Session(_Requests):
 
     def multi(self, build: Callable[[TransactionRequest], Any], **options: Any) -> list:
         """One multi-operation; its list of results holds an exception for a failed one."""
-        self.ensure_namespaces()
+        self.tree.ensure()
         txn = self.client.transaction()
         build(txn)
         return self.call(txn.commit_async, **options)  # type: ignore[no-any-return]
@@ -1801,7 +1772,7 @@ class _Session(_Requests):
         except NoNodeError:
             return None
         except CoordinationError:
-            self.add_orphan(path, after, guid)  # ours or none: deleted when it can be
+            self.orphans.add(path, after, guid)  # ours or none: deleted when it can be
             raise
         return stat.ephemeralOwner if _guid_of(data) == guid else None  # type: ignore[no-any-return]
 
@@ -1856,7 +1827,7 @@ class _Deletes:
                 version = -1
                 if look:
                     if epoch is not None:  # the version now, read before we look
-                        epoch = session.epoch(epoch[0], again=True)
+                        epoch = session.tree.epoch(epoch[0], again=True)
                     ours = self.version_if_ours(path, session_id, guid, deadline)
                     if ours is None:
                         return
@@ -1879,7 +1850,7 @@ class _Deletes:
         except NoNodeError:
             pass
         except CoordinationError:  # no connection in time: delete it on reconnect
-            session.add_orphan(path, session_id, guid)
+            session.orphans.add(path, session_id, guid)
             raise
 
     def version_if_ours(self, path: str, session_id: int | None, guid: str | None,
@@ -1905,7 +1876,7 @@ class _Deletes:
             return False
         if stat.czxid != czxid:
             return False
-        session.ensure_namespaces()
+        session.tree.ensure()
         ops = [SetData(namespace, b"", -1), Delete(path, stat.version)]
         results = session.call(session.multi_async, ops)  # a node changed meanwhile fails it
         return results[-1] is True
@@ -1930,7 +1901,6 @@ def _connection(app: celery.Celery) -> _Session:
 
 
 def _close_connection(app: celery.Celery, session: _Session) -> None:
-    """Close ``session``, and forget it if it is this process's connection for ``app``."""
     if _connections.get(app) is session:
         _connections.pop(app, None)
     session.close()
@@ -2271,7 +2241,7 @@ class _EarlyMutex:
         queued = self._data("queued")
         for _ in range(_CONTAINER_TRIES):
             try:
-                self.session.create_expiring(self.holder, queued, self.timeout)
+                self.session.creates.expiring(self.holder, queued, self.timeout)
                 return
             except (NodeExistsError, _ConnectionLost):
                 pass
@@ -2293,8 +2263,8 @@ class _EarlyMutex:
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted:
         """At the run's start: take the key in this session, or raise AlreadyQueued."""
-        self.session.ensure_namespaces()
-        self.epoch = self.session.epoch(self.parent)
+        self.session.tree.ensure()
+        self.epoch = self.session.tree.epoch(self.parent)
         running = self._data("running")
         for _ in range(_CONTAINER_TRIES):
             holder, stat = self._read()
@@ -2326,7 +2296,7 @@ class _EarlyMutex:
         # Runs on kazoo's thread, for a take we stopped waiting for (the task
         # retries): if it applied, free the key now; if unknown, on reconnect.
         if not result.successful():
-            self.session.add_orphan(self.holder, session_id, self.guid)
+            self.session.orphans.add(self.holder, session_id, self.guid)
         elif isinstance(result.value, str) or any(isinstance(v, str) for v in result.value):
             self.session.client.delete_async(self.holder)  # the multi made the running form
 
@@ -2345,7 +2315,7 @@ class _EarlyMutex:
             if self.epoch is None or results[0] is True:
                 break  # not the fence: the node is not ours any more
             # Some rm ran in the namespace since: is our node still ours?
-            self.epoch = self.session.epoch(self.epoch[0], again=True)
+            self.epoch = self.session.tree.epoch(self.epoch[0], again=True)
             holder, stat = self._read()
             if (holder or {}).get("guid") != self.guid or stat.ephemeralOwner != session_id:
                 break
@@ -2356,24 +2326,24 @@ class _EarlyMutex:
     def _turn_queued(self) -> list:
         fence = [CheckVersion(*self.epoch)] if self.epoch is not None else []
         ops = [*fence, Delete(self.holder, _RUNNING_VERSION)]
-        create = self.session.expiring_create(self.holder, self._data("queued"), self.timeout)
+        create = self.session.creates.expiring_op(self.holder, self._data("queued"), self.timeout)
         try:
             results = self.session.call(self.session.multi_async, [*ops, create])
         except (UnimplementedError, BadArgumentsError):
             results = [UnimplementedError()]
         if isinstance(results[-1], (UnimplementedError, BadArgumentsError)):  # no TTL nodes
-            self.session.refused_ttl()
-            create = self.session.expiring_create(self.holder, self._data("queued"), None)
+            self.session.creates.refused_ttl()
+            create = self.session.creates.expiring_op(self.holder, self._data("queued"), None)
             results = self.session.call(self.session.multi_async, [*ops, create])
         return results  # type: ignore[no-any-return]
 
     def abandon(self, session_id: int | None) -> None:
         """Leave the running form this try may have made to the reaper (no I/O)."""
-        self.session.add_orphan(self.holder, session_id, self.guid)
+        self.session.orphans.add(self.holder, session_id, self.guid)
 
     def release(self, grant: _Grant) -> None:
         mark = self._data("ended")  # a second delivery waiting for it sees the run ended
-        self.session.delete_own(
+        self.session.deletes.delete_own(
             grant.path, grant.session_id, guid=self.guid, epoch=self.epoch, handoff=mark
         )
 
@@ -2621,12 +2591,12 @@ class _Queue:
             try:
                 made = None
                 if absent is not None:
-                    made = session.create_in_container_unless(
+                    made = session.creates.in_container_unless(
                         self.path, prefix, self.data, absent, then=list_next
                     )
                     absent = absent if made is not None else None
                 if made is None:
-                    made, stat = session.create_in_container(
+                    made, stat = session.creates.in_container(
                         self.path, prefix, self.data, sequence=True, then=list_next
                     )
             except _ConnectionLost as exc:
@@ -2657,7 +2627,7 @@ class _Queue:
                     stat = session.read(session.client.exists_async, path)
                     return (path, stat) if stat is not None else None
         except CoordinationError as again:
-            session.add_orphan(f"{self.path}/{self.prefix}", session_id)
+            session.orphans.add(f"{self.path}/{self.prefix}", session_id)
             raise CoordinationError(f"connection lost while acquiring: {again}") from exc
         return None
 
@@ -2736,7 +2706,7 @@ class _Queue:
         is never reaped; the prefix is left for the try's session and for our node's.
         """
         for session in {session_id, self.owner} - {None}:
-            self.session.add_orphan(f"{self.path}/{self.prefix}", session)
+            self.session.orphans.add(f"{self.path}/{self.prefix}", session)
 
     def _drop_ghosts(self) -> None:
         """Delete our nodes but the current one: creates whose answer was lost, applied late."""
@@ -2748,7 +2718,7 @@ class _Queue:
             except NoNodeError:
                 pass
             except CoordinationError:
-                self.session.add_orphan(path, self.owner)
+                self.session.orphans.add(path, self.owner)
 
     def leave(self, container_too: bool = False, handoff: bool = False) -> None:
         """Delete our node (and the container, when asked and then empty); with ``handoff``,
@@ -2757,7 +2727,7 @@ class _Queue:
             path, self.node = self.own_path, None
             container = self.path if container_too else None
             mark = self.data if handoff else None
-            self.session.delete_own(path, self.owner, container, handoff=mark)
+            self.session.deletes.delete_own(path, self.owner, container, handoff=mark)
 
     def contenders(self) -> list[tuple[str, dict]]:
         """(path, metadata) of every contender, first in line first."""
@@ -2921,7 +2891,7 @@ class _ExclusiveSet:
     Recovery: a lost answer to the multi-operation is recovered by reading
     the first key (it made all or none); one we stopped waiting for deletes
     what it made, when it comes, or on reconnect.  A release whose answer is
-    lost leaves each node to the reaper (_Session.add_orphan); one that finds
+    lost leaves each node to the reaper (_Orphans.add); one that finds
     the epoch moved (an ``rm`` ran) or a node gone releases each key alone.
     """
 
@@ -2933,7 +2903,7 @@ class _ExclusiveSet:
         """Make every ``<name>`` if all are free: ("taken", 0), or ("held"/"queued", its index)."""
         session, first = self.session, self.locks[0]
         # Read before the nodes can be ours: a release checks that no rm ran since.
-        epoch = session.epoch(first.parent)
+        epoch = session.tree.epoch(first.parent)
         for lock in self.locks:
             lock.epoch = epoch
         while True:
@@ -2960,7 +2930,7 @@ class _ExclusiveSet:
             failed = next(i for i, r in enumerate(results) if not isinstance(r, RolledBackError))
             index, op = divmod(failed, _FAST_OPS)
             if op == 0 and isinstance(results[failed], NoNodeError):  # the namespace is gone
-                session.ensure_namespaces(again=True)
+                session.tree.ensure(again=True)
                 continue
             held = op == 0 and isinstance(results[failed], NodeExistsError)
             return "held" if held else "queued", index
@@ -3026,7 +2996,7 @@ class _ExclusiveSet:
     def orphan(self, session_id: int | None) -> None:
         """Leave each key's ``<name>``, if it is ours, to the session's reaper (no I/O)."""
         for lock in self.locks:
-            self.session.add_orphan(lock.holder, session_id, lock.guid)
+            self.session.orphans.add(lock.holder, session_id, lock.guid)
 
 
 class _ExclusiveLock:
@@ -3094,7 +3064,7 @@ class _ExclusiveLock:
             if outcome == "queued" and not blocking and self._queue_abandoned():
                 outcome = self._take_free()
         except BaseException:  # the fast path's node, if it was made, to the reaper
-            self.session.add_orphan(self.holder, session_id, self.guid)
+            self.session.orphans.add(self.holder, session_id, self.guid)
             raise
         if outcome == "taken":
             return self.holder, None, self._owner
@@ -3150,13 +3120,13 @@ class _ExclusiveLock:
 
     def abandon(self, session_id: int | None) -> None:
         """Leave whatever this try made, ``<name>`` or a queue node, to the reaper (no I/O)."""
-        self.session.add_orphan(self.holder, session_id, self.guid)
+        self.session.orphans.add(self.holder, session_id, self.guid)
         self.queue.abandon(session_id)
 
     def release(self, grant: _Grant) -> None:
         if grant.path == self.holder:
             mark = self.data if _marks_release(self.holder) else None
-            self.session.delete_own(
+            self.session.deletes.delete_own(
                 grant.path, grant.session_id, guid=self.guid, epoch=self.epoch, handoff=mark
             )
         else:  # a holder's queue node: the waiter behind is told it held
@@ -3282,17 +3252,14 @@ class _Namespace:
 
 
 #: Every namespace, by name (in _NAMESPACE_NAMES' order).
-_NAMESPACES: dict[str, _Namespace] = {
-    namespace.name: namespace
-    for namespace in (
-        _Namespace(_LOCKS, "lock", _ExclusiveLock),
-        _Namespace(_MUTEXES, "mutex", _ExclusiveLock),
-        _Namespace(_SEMAPHORES, "semaphore", _Semaphore),
-        _Namespace(_RWLOCKS, "rwlock", _ReadWriteLock),  # each row: read lock or write lock
-        _Namespace(_EARLY, "early mutex", _EarlyMutex),
-        _Namespace(_BEAT, "beat", _ExclusiveLock),
-    )
-}
+_NAMESPACES: dict[str, _Namespace] = {namespace.name: namespace for namespace in (
+    _Namespace(_LOCKS, "lock", _ExclusiveLock),
+    _Namespace(_MUTEXES, "mutex", _ExclusiveLock),
+    _Namespace(_SEMAPHORES, "semaphore", _Semaphore),
+    _Namespace(_RWLOCKS, "rwlock", _ReadWriteLock),  # each row: read lock or write lock
+    _Namespace(_EARLY, "early mutex", _EarlyMutex),
+    _Namespace(_BEAT, "beat", _ExclusiveLock),
+)}  # fmt: skip
 
 
 def _unprotected(session: _Session) -> list[ZKCeleryError]:
@@ -3382,7 +3349,7 @@ def _metadata(lease: Lease, session: _Session, guid: str) -> bytes:
         "nesting": getattr(request, "replaced_task_nesting", 0) or 0,
         # How long this session outlives its process: what the server
         # granted, which a waiter for a dead holder's node needs to know.
-        "session_timeout": session.session_timeout,
+        "session_timeout": session.liveness.session_timeout,
     }
     # What its kind adds: a semaphore's limit, a read/write lock's mode.
     facts = {"max_leases": lease._max_leases, "mode": lease._kind.mode}
@@ -3452,7 +3419,7 @@ class _Grant:
         with self.session.mutex:
             ended = not self.released and self.why_lost is None
             self.released = True
-        self.session.forget(self)
+        self.session.holdings.forget(self)
         return ended
 
     def mark_lost(self, why: str) -> None:
@@ -3460,7 +3427,7 @@ class _Grant:
             if self.why_lost is not None or self.released:
                 return
             self.why_lost = why
-        self.session.forget(self)
+        self.session.holdings.forget(self)
         reason = _loss_reason(why)
         self._lease._log(logging.WARNING, "lost: %s; another task may hold it now", why,
                          outcome="lost", reason=reason)  # fmt: skip
@@ -3477,7 +3444,7 @@ class _Grant:
             self._lease._not_released(exc)
         except BaseException:  # from outside, mid-release: the node, if still ours, later
             if self.why_lost != _BROKEN:
-                self.session.add_orphan(self.path, self.session_id, self.guid)
+                self.session.orphans.add(self.path, self.session_id, self.guid)
             raise
         finally:
             if ended:
@@ -3681,7 +3648,7 @@ class Lease:
             session.wait_connected(deadline)  # the metadata holds the granted session timeout
             if self._blocking and deadline is None:  # refused before anything is taken
                 self._refuse_reentry(session)
-            with session.waiting() if self._blocking else contextlib.nullcontext():
+            with session.holdings.waiting() if self._blocking else contextlib.nullcontext():
                 granted = self._take(session, deadline)
         except (CoordinationError, AlreadyQueued) as exc:  # or an early mutex's key is taken
             reason = "held" if isinstance(exc, AlreadyQueued) else "unavailable"
@@ -3705,7 +3672,7 @@ class Lease:
             granted = protocol.acquire(self._blocking, deadline)
             if granted is not None:
                 self._grant = _Grant(session, protocol, granted, self)
-                session.remember(self._grant)
+                session.holdings.remember(self._grant)
         except (CoordinationError, AlreadyQueued):
             raise  # a try that failed, not one cut short from outside (below)
         except BaseException:
@@ -3755,7 +3722,7 @@ class Lease:
 
     def _refuse_reentry(self, session: _Session) -> None:
         if self._max_leases is None:
-            session.refuse_reentry(self._key_path(session), self.key)
+            session.holdings.refuse_reentry(self._key_path(session), self.key)
 
     def _task_id(self) -> str | None:
         if self._early_id is not None:
@@ -4076,12 +4043,12 @@ class _MultiLease(_MutexLease):
                 return outcome, None
             for part, lock in zip(self.parts, locks):
                 part._grant = _Grant(session, lock, (lock.holder, None, lock._owner), part)
-                session.remember(part._grant)
+                session.holdings.remember(part._grant)
         except BaseException:  # from outside: what the multi-operation made, to the reaper
             together.orphan(session_id)
             for part in self.parts:
                 if part._grant is not None:
-                    session.forget(part._grant)  # no longer held: not to be watched
+                    session.holdings.forget(part._grant)  # no longer held: not to be watched
                 part._grant = None
             raise
         return outcome, together
@@ -5408,7 +5375,7 @@ def _break(session: _Session, row: dict) -> bool:
     """Break the holder ``row`` (``ls``'s): False if it changed since.  Waiters stay: the
     first in line is granted the lock, as after any release."""
     namespace = f"{session.settings.root}/{row['namespace']}"
-    return session.break_node(namespace, row["path"], row["czxid"])
+    return session.deletes.break_node(namespace, row["path"], row["czxid"])
 
 
 def _describe(row: dict) -> str:
@@ -5434,7 +5401,7 @@ def _protection_holds(session: _Session, settings: _Settings) -> bool:
 
 def _secure(session: _Session, acl: list[ACL]) -> int:
     """Set ``acl`` on every node that guards the locks; print and count the changes."""
-    session.make_tree()
+    session.tree.make()
     changed = 0
     for path in _protecting_nodes(session):
         try:
@@ -5537,10 +5504,9 @@ def _listing(session: _Session) -> list[dict]:
 def _ls_command(app: celery.Celery, as_json: bool, watch: bool) -> None:
     if watch:
         _companion("zkcelery_metrics", "ls --watch").ls_watch(app, as_json)
-    elif as_json:
-        click.echo(json.dumps(_listing(_connection(app)), indent=2))
     else:
-        click.echo(ls_table(_listing(_connection(app))))
+        rows = _listing(_connection(app))
+        click.echo(json.dumps(rows, indent=2) if as_json else ls_table(rows))
 
 
 @click.command(name="rm", help="Break the lock whose key (as ls shows it) is KEY.")
