@@ -3327,9 +3327,6 @@ def _protecting_nodes(session: _Session) -> Iterator[str]:
 # share.  A multi-lock is made of single leases, one per key.
 
 
-_LeaseT = TypeVar("_LeaseT", bound="Lease")
-
-
 def _deadline(seconds: float | None) -> float | None:
     return None if seconds is None else time.monotonic() + seconds
 
@@ -3560,13 +3557,8 @@ class Lease:
 
     @classmethod
     def for_app(
-        cls: type[_LeaseT],
-        app: celery.Celery,
-        namespace: str,
-        name: str,
-        owner: str,
-        **options: Any,
-    ) -> _LeaseT:
+        cls, app: celery.Celery, namespace: str, name: str, owner: str, **options: Any
+    ) -> Lease:
         """A lease that ``app`` holds itself, with no task: the beat's election.
 
         ``owner`` stands where a task's name would (metadata, ``ls``, log lines);
@@ -3960,21 +3952,6 @@ class _EarlyLease(_MutexLease):
         protocol = self._protocol(self._connect())
         assert isinstance(protocol, _EarlyMutex)
         return protocol
-
-
-class _ElectionLease(Lease):
-    """The beat's election: a lease the app holds itself (see Lease.for_app, ElectedScheduler),
-    whose leader writes the schedule's state in its session, fenced by its node."""
-
-    @property
-    def session(self) -> _Session | None:
-        """The session the lease is taken in; None before its first use."""
-        return self._session
-
-    @property
-    def path(self) -> str | None:
-        """The node that holds the lease while it is held (the fence of a write)."""
-        return self._grant.path if self and isinstance(self._grant, _Grant) else None
 
 
 class _MultiLease(_MutexLease):
@@ -5109,7 +5086,7 @@ class Election:
         self.app = app
         #: The ensemble, as ZOOKEEPER_HOSTS names it.
         self.hosts = settings.hosts
-        self.lease = _ElectionLease.for_app(
+        self.lease = Lease.for_app(
             app, _BEAT, name, owner=owner, blocking=True, identifier=identifier
         )
         #: The state node.
@@ -5134,9 +5111,10 @@ class Election:
     def write(self, data: bytes) -> None:
         """Write ``data`` if this process still leads (the fence every send passes first), else
         raise :class:`NotLeading`: one fenced multi-operation, as the class says."""
-        session, expected, leader = self._session(), self.version, self.lease.path
-        if leader is None:
+        session, expected, grant = self._session(), self.version, self.lease._grant
+        if not self.lease or not isinstance(grant, _Grant):
             raise NotLeading("its lease is no longer held")
+        leader = grant.path  # the fence of the write
 
         def fenced(txn: TransactionRequest) -> None:
             txn.check(leader, -1)  # the lease's node exists (-1: any version)
@@ -5163,7 +5141,7 @@ class Election:
 
     def close(self) -> None:
         """Leave the election at once: release the lease, and end this process's session."""
-        session = self.lease.session
+        session = self.lease._session
         if session is None:
             return
         # Release first, so that closing is not reported as a lost lease.  In a
@@ -5205,7 +5183,7 @@ class Election:
 
     def _session(self) -> _Session:
         # Only ever used once the lease was granted, so once it has a session.
-        session = self.lease.session
+        session = self.lease._session
         assert session is not None
         return session
 
