@@ -2266,8 +2266,7 @@ class _EarlyMutex:
         self.task_id = self.meta["task_id"]
         self.timeout = timeout
 
-    def reserve(self) -> None:
-        """At the send: make the queued form, or raise AlreadyQueued."""
+    def reserve(self) -> None:  # see _EarlyLease.reserve
         queued = self._data("queued")
         for _ in range(_CONTAINER_TRIES):
             try:
@@ -2331,11 +2330,8 @@ class _EarlyMutex:
             self.session.client.delete_async(self.holder)  # the multi made the running form
 
     def requeue(self, session_id: int | None) -> bool:
-        """At a retry: turn our running form back into the queued form a send makes.
-
-        In one multi-operation: no ``rm`` since we took it (the epoch), our running
-        form deleted, the queued form made.  False if it is not ours to turn (broken).
-        """
+        """As _EarlyLease.requeue, in one multi-operation: no ``rm`` since we took it (the
+        epoch), our running form deleted, the queued form made.  False: not ours (broken)."""
         if self.session.session_id != session_id:
             return True  # the session ended: the key went with it, the retried copy takes it
         for _ in range(_CONTAINER_TRIES):
@@ -3192,9 +3188,8 @@ class _ExclusiveLock:
     def guarding(session: _Session, parent: str) -> Iterator[str]:
         """The per-key nodes under ``parent`` whose ACL guards contenders: queues, beat
         states, and limited mutexes' containers (a holder's node is ephemeral)."""
-        for child in sorted(session.read(session.client.get_children_async, parent)):
-            path = f"{parent}/{child}"
-            if child.endswith((_QUEUE, _SCHEDULE)):
+        for path in _Line.guarding(session, parent):
+            if path.endswith((_QUEUE, _SCHEDULE)):
                 yield path
                 continue
             with contextlib.suppress(NoNodeError):
@@ -3936,11 +3931,8 @@ class _EarlyLease(_MutexLease):
         # finding this task id running, waits for that.
 
     def free_revoked(self, session: _Session) -> None:
-        """Free the key of a revoked message, in ``session``; a failure is logged.
-
-        A short-lived session (_revocation_session): the worker's main process,
-        which learns of revocations, forks the pool children and keeps none.
-        """
+        """Free the key of a revoked message, in ``session`` (see _free_revoked); a failure is
+        logged."""
         self._session = session
         try:
             self.unreserve()
@@ -4104,10 +4096,7 @@ class _MultiGrant:
         return any(grant.is_lost() for grant in self.grants)
 
     def fencing_token(self) -> int | None:
-        """One zxid at which every key was ours (see _MultiLease); None if never held.
-
-        Learnt with one sync and a read of every key's node, the first time it is
-        asked while held (_Session.zxid_holding)."""
+        """One zxid at which every key was ours (see _MultiLease), learnt as Lease.token says."""
         grants = self.grants
         if self.holding and any(grant.token is None for grant in grants):
             nodes = [(grant.path, grant.guid, grant.session_id) for grant in grants]
@@ -4845,9 +4834,8 @@ class EarlyMutexTask(_KeyedTask):
             raise
         except AlreadyQueued as refused:
             _refused(self, lease, refused)
-            if mutex_return_existing is None:
-                mutex_return_existing = self.mutex_return_existing
-            if mutex_return_existing and refused.task_id:
+            existing = mutex_return_existing
+            if (self.mutex_return_existing if existing is None else existing) and refused.task_id:
                 return self.AsyncResult(refused.task_id)
             raise
         try:
