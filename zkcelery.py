@@ -2780,8 +2780,7 @@ class _Line:
         return self.queue.own_path, self.queue.token, self.queue.owner
 
     def abandon(self, session_id: int | None) -> None:
-        """Leave this try's node, waiting or granted, to the reaper (no I/O)."""
-        self.queue.abandon(session_id)
+        self.queue.abandon(session_id)  # waiting or granted, to the reaper (no I/O)
 
     def release(self, grant: _Grant) -> None:
         # A waiter behind lists again whether the node changed or went: the
@@ -3086,9 +3085,9 @@ class _ExclusiveLock:
         session_id = self.session.session_id
         try:
             if not (blocking and self.session.contended(self.key_path)):
-                outcome = self._take_free()
+                outcome = _ExclusiveSet(self.session, [self]).take_free()[0]
             if outcome == "queued" and not blocking and self._queue_abandoned():
-                outcome = self._take_free()
+                outcome = _ExclusiveSet(self.session, [self]).take_free()[0]
         except BaseException:  # the fast path's node, if it was made, to the reaper
             self.session.add_orphan(self.holder, session_id, self.guid)
             raise
@@ -3100,10 +3099,6 @@ class _ExclusiveLock:
         if not blocking or not self.queue.wait_turn(_EXCLUSIVE, blocking, deadline):
             return None
         return self.queue.own_path, None, self.queue.owner
-
-    def _take_free(self) -> str:
-        """Create ``<name>`` if the lock is free and nobody queues: taken, held or queued."""
-        return _ExclusiveSet(self.session, [self]).take_free()[0]  # one key: its fast path
 
     def _queue_abandoned(self) -> bool:
         """Remove a queue that no one is in any more (its last waiter crashed): True if gone."""
