@@ -2236,8 +2236,7 @@ class _EarlyMutex:
         self.task_id = self.meta["task_id"]
         self.timeout = timeout
 
-    def reserve(self) -> None:
-        """At the send: make the queued form, or raise AlreadyQueued."""
+    def reserve(self) -> None:  # see _EarlyLease.reserve
         queued = self._data("queued")
         for _ in range(_CONTAINER_TRIES):
             try:
@@ -2301,11 +2300,8 @@ class _EarlyMutex:
             self.session.client.delete_async(self.holder)  # the multi made the running form
 
     def requeue(self, session_id: int | None) -> bool:
-        """At a retry: turn our running form back into the queued form a send makes.
-
-        In one multi-operation: no ``rm`` since we took it (the epoch), our running
-        form deleted, the queued form made.  False if it is not ours to turn (broken).
-        """
+        """As _EarlyLease.requeue, in one multi-operation: no ``rm`` since we took it (the
+        epoch), our running form deleted, the queued form made.  False: not ours (broken)."""
         if self.session.session_id != session_id:
             return True  # the session ended: the key went with it, the retried copy takes it
         for _ in range(_CONTAINER_TRIES):
@@ -2754,8 +2750,7 @@ class _Line:
         return self.queue.own_path, self.queue.token, self.queue.owner
 
     def abandon(self, session_id: int | None) -> None:
-        """Leave this try's node, waiting or granted, to the reaper (no I/O)."""
-        self.queue.abandon(session_id)
+        self.queue.abandon(session_id)  # waiting or granted, to the reaper (no I/O)
 
     def release(self, grant: _Grant) -> None:
         # A waiter behind lists again whether the node changed or went: the
@@ -3060,9 +3055,9 @@ class _ExclusiveLock:
         session_id = self.session.session_id
         try:
             if not (blocking and self.session.contended(self.key_path)):
-                outcome = self._take_free()
+                outcome = _ExclusiveSet(self.session, [self]).take_free()[0]
             if outcome == "queued" and not blocking and self._queue_abandoned():
-                outcome = self._take_free()
+                outcome = _ExclusiveSet(self.session, [self]).take_free()[0]
         except BaseException:  # the fast path's node, if it was made, to the reaper
             self.session.orphans.add(self.holder, session_id, self.guid)
             raise
@@ -3074,10 +3069,6 @@ class _ExclusiveLock:
         if not blocking or not self.queue.wait_turn(_EXCLUSIVE, blocking, deadline):
             return None
         return self.queue.own_path, None, self.queue.owner
-
-    def _take_free(self) -> str:
-        """Create ``<name>`` if the lock is free and nobody queues: taken, held or queued."""
-        return _ExclusiveSet(self.session, [self]).take_free()[0]  # one key: its fast path
 
     def _queue_abandoned(self) -> bool:
         """Remove a queue that no one is in any more (its last waiter crashed): True if gone."""
@@ -3162,9 +3153,8 @@ class _ExclusiveLock:
     def guarding(session: _Session, parent: str) -> Iterator[str]:
         """The per-key nodes under ``parent`` whose ACL guards contenders: queues, beat
         states, and limited mutexes' containers (a holder's node is ephemeral)."""
-        for child in sorted(session.read(session.client.get_children_async, parent)):
-            path = f"{parent}/{child}"
-            if child.endswith((_QUEUE, _SCHEDULE)):
+        for path in _Line.guarding(session, parent):
+            if path.endswith((_QUEUE, _SCHEDULE)):
                 yield path
                 continue
             with contextlib.suppress(NoNodeError):
@@ -3292,9 +3282,6 @@ def _protecting_nodes(session: _Session) -> Iterator[str]:
 # is one protocol object's (see Protocols), and what it holds is one _Grant,
 # the held node's identity, which the lease, the session and the release
 # share.  A multi-lock is made of single leases, one per key.
-
-
-_LeaseT = TypeVar("_LeaseT", bound="Lease")
 
 
 def _deadline(seconds: float | None) -> float | None:
@@ -3527,13 +3514,8 @@ class Lease:
 
     @classmethod
     def for_app(
-        cls: type[_LeaseT],
-        app: celery.Celery,
-        namespace: str,
-        name: str,
-        owner: str,
-        **options: Any,
-    ) -> _LeaseT:
+        cls, app: celery.Celery, namespace: str, name: str, owner: str, **options: Any
+    ) -> Lease:
         """A lease that ``app`` holds itself, with no task: the beat's election.
 
         ``owner`` stands where a task's name would (metadata, ``ls``, log lines);
@@ -3911,11 +3893,8 @@ class _EarlyLease(_MutexLease):
         # finding this task id running, waits for that.
 
     def free_revoked(self, session: _Session) -> None:
-        """Free the key of a revoked message, in ``session``; a failure is logged.
-
-        A short-lived session (_revocation_session): the worker's main process,
-        which learns of revocations, forks the pool children and keeps none.
-        """
+        """Free the key of a revoked message, in ``session`` (see _free_revoked); a failure is
+        logged."""
         self._session = session
         try:
             self.unreserve()
@@ -3927,21 +3906,6 @@ class _EarlyLease(_MutexLease):
         protocol = self._protocol(self._connect())
         assert isinstance(protocol, _EarlyMutex)
         return protocol
-
-
-class _ElectionLease(Lease):
-    """The beat's election: a lease the app holds itself (see Lease.for_app, ElectedScheduler),
-    whose leader writes the schedule's state in its session, fenced by its node."""
-
-    @property
-    def session(self) -> _Session | None:
-        """The session the lease is taken in; None before its first use."""
-        return self._session
-
-    @property
-    def path(self) -> str | None:
-        """The node that holds the lease while it is held (the fence of a write)."""
-        return self._grant.path if self and isinstance(self._grant, _Grant) else None
 
 
 class _MultiLease(_MutexLease):
@@ -4094,10 +4058,7 @@ class _MultiGrant:
         return any(grant.is_lost() for grant in self.grants)
 
     def fencing_token(self) -> int | None:
-        """One zxid at which every key was ours (see _MultiLease); None if never held.
-
-        Learnt with one sync and a read of every key's node, the first time it is
-        asked while held (_Session.zxid_holding)."""
+        """One zxid at which every key was ours (see _MultiLease), learnt as Lease.token says."""
         grants = self.grants
         if self.holding and any(grant.token is None for grant in grants):
             nodes = [(grant.path, grant.guid, grant.session_id) for grant in grants]
@@ -4835,9 +4796,8 @@ class EarlyMutexTask(_KeyedTask):
             raise
         except AlreadyQueued as refused:
             _refused(self, lease, refused)
-            if mutex_return_existing is None:
-                mutex_return_existing = self.mutex_return_existing
-            if mutex_return_existing and refused.task_id:
+            existing = mutex_return_existing
+            if (self.mutex_return_existing if existing is None else existing) and refused.task_id:
                 return self.AsyncResult(refused.task_id)
             raise
         try:
@@ -5076,7 +5036,7 @@ class Election:
         self.app = app
         #: The ensemble, as ZOOKEEPER_HOSTS names it.
         self.hosts = settings.hosts
-        self.lease = _ElectionLease.for_app(
+        self.lease = Lease.for_app(
             app, _BEAT, name, owner=owner, blocking=True, identifier=identifier
         )
         #: The state node.
@@ -5101,9 +5061,10 @@ class Election:
     def write(self, data: bytes) -> None:
         """Write ``data`` if this process still leads (the fence every send passes first), else
         raise :class:`NotLeading`: one fenced multi-operation, as the class says."""
-        session, expected, leader = self._session(), self.version, self.lease.path
-        if leader is None:
+        session, expected, grant = self._session(), self.version, self.lease._grant
+        if not self.lease or not isinstance(grant, _Grant):
             raise NotLeading("its lease is no longer held")
+        leader = grant.path  # the fence of the write
 
         def fenced(txn: TransactionRequest) -> None:
             txn.check(leader, -1)  # the lease's node exists (-1: any version)
@@ -5130,7 +5091,7 @@ class Election:
 
     def close(self) -> None:
         """Leave the election at once: release the lease, and end this process's session."""
-        session = self.lease.session
+        session = self.lease._session
         if session is None:
             return
         # Release first, so that closing is not reported as a lost lease.  In a
@@ -5172,7 +5133,7 @@ class Election:
 
     def _session(self) -> _Session:
         # Only ever used once the lease was granted, so once it has a session.
-        session = self.lease.session
+        session = self.lease._session
         assert session is not None
         return session
 
