@@ -1397,7 +1397,7 @@ def _marks_release(key_path: str) -> bool:
 
     A mutex's does (in ``mutexes``): its data is set in the request that deletes it, so
     a second delivery of the holder's task waiting for the node sees it change, then go:
-    the run ended, not its session (MutexTask._held_by_itself).  A lock's ``<name>`` is
+    the run ended, not its session (_decide_mutex).  A lock's ``<name>`` is
     deleted plainly: its first waiter must see a deletion (_ExclusivePolicy).  An early
     mutex's running form always marks (_EarlyMutex).
     """
