@@ -6769,7 +6769,9 @@ def test_log_records_carry_the_task_kind_key_and_outcome_as_attributes(app, zk, 
         assert first.acquire() and not first.lost  # the first look watches its node
         assert not second.acquire()
         zk.delete(node_path(zk_root, "locks", "k"))
-        wait_for(lambda: first.lost, 10, "the lease to be lost")
+        # lost reads true first; the line is logged just after, on kazoo's thread
+        logged = lambda: [r for r in caplog.records if getattr(r, "outcome", "") == "lost"]  # noqa: E731
+        wait_for(lambda: first.lost and logged(), 10, "the loss to be logged")
     first.release()
     records = {r.outcome: r for r in caplog.records if r.name == "zkcelery"}
     refused, lost = records["not_acquired"], records["lost"]
