@@ -5216,40 +5216,29 @@ def _beat_starts(sender: Any = None, **_: Any) -> None:
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class _Target:
-    """What the command line names: an app (``-A``), and settings that override its own."""
-
-    app: celery.Celery | None = None
-    app_name: str | None = None
-    hosts: str | None = None
-    root: str | None = None
-
-    def resolve(self) -> celery.Celery:
-        app = self.app
-        if self.app_name:
-            from celery.app.utils import find_app
-
-            app = find_app(self.app_name)
-        if app is None:
-            app = celery.Celery("zkcelery", set_as_current=False)
-        if self.hosts:
-            app.conf.ZOOKEEPER_HOSTS = self.hosts
-        if self.root:
-            app.conf.ZOOKEEPER_ROOT = self.root
-        return app
-
-
-def _target(ctx: click.Context) -> _Target:
-    """The context's _Target, made from the app ``celery -A proj zk`` passes, if any."""
-    if not isinstance(ctx.obj, _Target):
-        ctx.obj = _Target(app=getattr(ctx.obj, "app", None))
-    return ctx.obj
-
-
 def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value is not None and param.name is not None:
-        setattr(_target(ctx), param.name, value)
+    """Keep ``-A``, ``--hosts`` or ``--root`` in ``ctx.meta``, which every context of the
+    command line shares: given before the subcommand or after it, it names the same app."""
+    if value is not None:
+        ctx.meta[f"zkcelery.{param.name}"] = value
+
+
+def _resolve(ctx: click.Context) -> celery.Celery:
+    """The app the command line names: ``-A``'s, else the one ``celery -A proj zk`` gives in
+    ``ctx.obj``, else a bare one; with ``--hosts`` and ``--root`` over its own settings."""
+    given = {name: ctx.meta.get(f"zkcelery.{name}") for name in ("app_name", "hosts", "root")}
+    app = getattr(ctx.obj, "app", None)
+    if given["app_name"]:
+        from celery.app.utils import find_app
+
+        app = find_app(given["app_name"])
+    if app is None:
+        app = celery.Celery("zkcelery", set_as_current=False)
+    if given["hosts"]:
+        app.conf.ZOOKEEPER_HOSTS = given["hosts"]
+    if given["root"]:
+        app.conf.ZOOKEEPER_ROOT = given["root"]
+    return app
 
 
 def _target_options(command: Callable) -> Callable:
@@ -5277,7 +5266,7 @@ def app_command(command: Callable) -> Callable:
     @functools.wraps(command)
     def with_app(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
         try:
-            return command(_target(ctx).resolve(), *args, **kwargs)
+            return command(_resolve(ctx), *args, **kwargs)
         except (ZKCeleryError, KazooException, OSError) as exc:
             # No quorum, a bad setting, a port in use: one line, exit 1.
             raise click.ClickException(str(exc) or type(exc).__name__) from None
@@ -5310,9 +5299,7 @@ class _Commands(click.Group):
     name="zk", cls=_Commands, help="See and break zkcelery's locks; check the ZooKeeper ensemble."
 )
 @_target_options
-@click.pass_context
-def zk_command(ctx: click.Context) -> None:
-    _target(ctx)  # `celery -A proj zk` gives its app in ctx.obj
+def zk_command() -> None:
     if _kazoo_logger.level == logging.NOTSET:
         # kazoo warns at every failed connection attempt; a command says it once, as an error.
         _kazoo_logger.setLevel(logging.ERROR)
