@@ -243,6 +243,20 @@ class MaxLeasesMismatch(ZKCeleryError, ValueError):
     """Holders of one semaphore disagree on ``max_leases``."""
 
 
+class MutexHeld(ZKCeleryError, Reject):
+    """A :class:`MutexTask` copy found its mutex held by another task.
+
+    It is a :class:`celery.exceptions.Reject` (``requeue`` is the task's
+    ``mutex_requeue``), so Celery rejects the message and code that catches
+    ``Reject`` catches it.  Without requeue the task ends in ``FAILURE`` with this
+    exception as its result, and ``task_failure`` is sent once, on every Celery
+    zkcelery supports (Celery records it itself from 5.7 on, zkcelery before).
+    """
+
+    def __str__(self) -> str:
+        return str(self.reason)
+
+
 class AlreadyQueued(ZKCeleryError, Reject):
     """An :class:`EarlyMutexTask` send refused: a copy with the same key is queued or running.
 
@@ -263,28 +277,10 @@ class AlreadyQueued(ZKCeleryError, Reject):
         self.task_id = task_id
         self.state = state
 
-    def __str__(self) -> str:
-        return str(self.reason)
+    __str__ = MutexHeld.__str__  # its reason, not its args
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.key, self.task_id, self.state))
-
-
-class MutexHeld(ZKCeleryError, Reject):
-    """A :class:`MutexTask` copy found its mutex held by another task.
-
-    It is a :class:`celery.exceptions.Reject` (``requeue`` is the task's
-    ``mutex_requeue``), so Celery rejects the message and code that catches
-    ``Reject`` catches it.  Without requeue the task ends in ``FAILURE`` with this
-    exception as its result, and ``task_failure`` is sent once, on every Celery
-    zkcelery supports (Celery records it itself from 5.7 on, zkcelery before).
-    """
-
-    def __init__(self, reason: str | None = None, requeue: bool = False) -> None:
-        super().__init__(reason, requeue)  # Reject's: sets reason and requeue
-
-    def __str__(self) -> str:
-        return str(self.reason)
 
 
 class _ConnectionLost(CoordinationError):
@@ -964,25 +960,6 @@ def _check_max_leases(max_leases: Any) -> None:
         raise ValueError(f"max_leases must be 1 or more, not {max_leases!r}")
 
 
-def _check_each_key(cls: type[celery.Task], task: str, keys: Sequence[str]) -> None:
-    """``mutex_each_key``: a MutexTask's, with two or more ``mutex_keys``, one mutex each."""
-    each = getattr(cls, "mutex_each_key", False)
-    if not isinstance(each, bool):
-        raise TypeError(f"task {task}: mutex_each_key must be True or False, not {each!r}")
-    if not each:
-        return
-    if not issubclass(cls, MutexTask):
-        raise TypeError(f"task {task}: mutex_each_key is an option of MutexTask only")
-    if len(set(keys)) < 2:
-        raise ValueError(
-            f"task {task}: mutex_each_key=True takes one mutex per argument of mutex_keys, "
-            f"and needs two or more of them (mutex_keys={tuple(keys)!r}); with one, leave "
-            "mutex_each_key out"
-        )
-    if getattr(cls, "mutex_max_leases", None) not in (None, 1):
-        raise ValueError(f"task {task}: mutex_each_key=True does not combine with mutex_max_leases")
-
-
 def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
     task = cls.__dict__.get("name") or cls.__name__
     keys = cls.mutex_keys  # type: ignore[attr-defined]
@@ -1007,7 +984,20 @@ def _check_mutex_options(cls: type[celery.Task], run: Any) -> inspect.Signature:
                 f"task {task}: mutex_keys names {key!r}, which is not a parameter of the "
                 f"task (its parameters: {', '.join(sorted(named)) or 'none'})"
             )
-    _check_each_key(cls, task, keys)
+    # mutex_each_key: a MutexTask's, with two or more mutex_keys, one mutex each.
+    each = getattr(cls, "mutex_each_key", False)
+    if not isinstance(each, bool):
+        raise TypeError(f"task {task}: mutex_each_key must be True or False, not {each!r}")
+    if each and not issubclass(cls, MutexTask):
+        raise TypeError(f"task {task}: mutex_each_key is an option of MutexTask only")
+    if each and len(set(keys)) < 2:
+        raise ValueError(
+            f"task {task}: mutex_each_key=True takes one mutex per argument of mutex_keys, "
+            f"and needs two or more of them (mutex_keys={tuple(keys)!r}); with one, leave "
+            "mutex_each_key out"
+        )
+    if each and getattr(cls, "mutex_max_leases", None) not in (None, 1):
+        raise ValueError(f"task {task}: mutex_each_key=True does not combine with mutex_max_leases")
     return signature
 
 
@@ -5226,18 +5216,16 @@ def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 def _resolve(ctx: click.Context) -> celery.Celery:
     """The app the command line names: ``-A``'s, else the one ``celery -A proj zk`` gives in
     ``ctx.obj``, else a bare one; with ``--hosts`` and ``--root`` over its own settings."""
-    given = {name: ctx.meta.get(f"zkcelery.{name}") for name in ("app_name", "hosts", "root")}
     app = getattr(ctx.obj, "app", None)
-    if given["app_name"]:
+    if ctx.meta.get("zkcelery.app_name"):
         from celery.app.utils import find_app
 
-        app = find_app(given["app_name"])
+        app = find_app(ctx.meta["zkcelery.app_name"])
     if app is None:
         app = celery.Celery("zkcelery", set_as_current=False)
-    if given["hosts"]:
-        app.conf.ZOOKEEPER_HOSTS = given["hosts"]
-    if given["root"]:
-        app.conf.ZOOKEEPER_ROOT = given["root"]
+    for option, name in (("hosts", "ZOOKEEPER_HOSTS"), ("root", "ZOOKEEPER_ROOT")):
+        if ctx.meta.get(f"zkcelery.{option}"):
+            app.conf[name] = ctx.meta[f"zkcelery.{option}"]
     return app
 
 
