@@ -253,6 +253,9 @@ class MutexHeld(ZKCeleryError, Reject):
     zkcelery supports (Celery records it itself from 5.7 on, zkcelery before).
     """
 
+    def __init__(self, reason: str | None = None, requeue: bool = False) -> None:
+        super().__init__(reason, requeue)  # Reject's: sets reason and requeue
+
     def __str__(self) -> str:
         return str(self.reason)
 
