@@ -536,9 +536,8 @@ class _PollingHandler(SequentialThreadingHandler):
             for obj in members:
                 fd = obj if isinstance(obj, int) else obj.fileno()
                 wanted[fd] = wanted.get(fd, 0) | asks[group]
+                poller.register(fd, wanted[fd])  # again: the mask grows
                 objects.setdefault(fd, []).append((group, obj, answers[group]))
-        for fd, mask in wanted.items():
-            poller.register(fd, mask)
         return poller, objects
 
 
