@@ -5285,16 +5285,6 @@ class _Commands(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-@click.group(
-    name="zk", cls=_Commands, help="See and break zkcelery's locks; check the ZooKeeper ensemble."
-)
-@_target_options
-def zk_command() -> None:
-    if _kazoo_logger.level == logging.NOTSET:
-        # kazoo warns at every failed connection attempt; a command says it once, as an error.
-        _kazoo_logger.setLevel(logging.ERROR)
-
-
 def ls_table(rows: list[dict]) -> str:
     """``ls``'s table of ``rows`` (:func:`ls_rows`'), as text: for ``ls --watch``."""
     if not rows:
@@ -5522,6 +5512,21 @@ def _check_command(app: celery.Celery) -> None:
         sys.exit(1)
 
 
+# The group of `zkcelery` and `celery zk` (Celery finds it through the celery.commands
+# entry point), with its subcommands, and exporter, zkcelery_metrics's (_Commands).
+@click.group(
+    name="zk",
+    cls=_Commands,
+    help="See and break zkcelery's locks; check the ZooKeeper ensemble.",
+    commands=[_ls_command, _rm_command, _check_command, _secure_command],
+)
+@_target_options
+def zk_command() -> None:
+    if _kazoo_logger.level == logging.NOTSET:
+        # kazoo warns at every failed connection attempt; a command says it once, as an error.
+        _kazoo_logger.setLevel(logging.ERROR)
+
+
 def main(prog_name: str = "zkcelery") -> None:
     """The ``zkcelery`` command (and ``python -m zkcelery``)."""
     zk_command(prog_name=prog_name)
@@ -5532,8 +5537,7 @@ def main(prog_name: str = "zkcelery") -> None:
 # ---------------------------------------------------------------------------
 #
 # Importing zkcelery changes nothing else: every signal it listens to, the two
-# logging filters it installs, the at-fork hook and the command line's
-# subcommands are connected here, once.
+# logging filters it installs and the at-fork hook are connected here, once.
 
 # MutexTask's rejections are logged in one line: drop Celery's own record of them.
 logging.getLogger("celery.app.trace").addFilter(_QuietRejections())
@@ -5554,13 +5558,6 @@ signals.worker_shutdown.connect(_close_all, weak=False)
 # Metrics, where the settings ask for them (zkcelery_metrics is imported then).
 signals.celeryd_after_setup.connect(_worker_starts, weak=False)
 signals.beat_init.connect(_beat_starts, weak=False)
-
-# The subcommands of `zkcelery` and `celery zk` (Celery finds the group through
-# the celery.commands entry point).
-zk_command.add_command(_ls_command)  # and exporter, zkcelery_metrics's (_Commands)
-zk_command.add_command(_rm_command)
-zk_command.add_command(_check_command)
-zk_command.add_command(_secure_command)
 
 if __name__ == "__main__":
     # The module's copy runs the command, not this __main__ one: the companions
