@@ -1193,7 +1193,6 @@ class _Requests:
         self.client = KazooClient(hosts=settings.hosts, timeout=settings.session_timeout,
                                   connection_retry=retry, handler=handler, logger=_kazoo_logger,
                                   **options)  # fmt: skip
-        self.timeout_error = handler.timeout_exception
         self.acl = self.client.default_acl or OPEN_ACL_UNSAFE  # of the nodes we make
         self.live = self.handler.event_object()  # set while connected
         self.liveness = _Liveness(settings.session_timeout)
@@ -1251,7 +1250,7 @@ class _Requests:
             ) from None
         except (ConnectionLoss, SessionExpiredError, ConnectionClosedError) as exc:
             raise _ConnectionLost(f"connection to ZooKeeper lost ({type(exc).__name__})") from exc
-        except self.timeout_error:
+        except self.handler.timeout_exception:
             if abandon is not None:
                 result.rawlink(abandon)
             raise CoordinationError(f"ZooKeeper did not answer within {limit:.3g} s") from None
@@ -1534,7 +1533,7 @@ class _Orphans:
                 self._delete(path, owner, guid)
             except NoNodeError:
                 pass  # gone already: nothing to do, ever
-            except (ZKCeleryError, KazooException, self.session.timeout_error) as exc:
+            except (ZKCeleryError, KazooException, self.session.handler.timeout_exception) as exc:
                 _log(logging.WARNING, "could not delete orphan znode %s: %s", path, exc,
                      outcome="orphan_kept", error=str(exc))  # fmt: skip
                 self.add(path, owner, guid)
