@@ -1034,8 +1034,7 @@ _BREAKING = Permissions.CREATE | Permissions.DELETE | Permissions.ADMIN
 
 def _acl_text(acls: list[ACL]) -> str:
     """Each entry as ``scheme:user=rwcda`` (the rights it grants)."""
-    rights = [("r", 1), ("w", 2), ("c", 4), ("d", 8), ("a", 16)]
-    perms = ["".join(c for c, bit in rights if a.perms & bit) or "-" for a in acls]
+    perms = ["".join(c for i, c in enumerate("rwcda") if a.perms >> i & 1) or "-" for a in acls]
     return ", ".join(f"{a.id.scheme}:{a.id.id.split(':')[0]}={p}" for a, p in zip(acls, perms))
 
 
@@ -1044,10 +1043,9 @@ def _acl_problem(path: str, acls: list[ACL], identity: Id | None) -> ZKCeleryErr
     if identity is None:
         return None
     ours = [acl for acl in acls if acl.id == identity]
-    others = [acl for acl in acls if acl.id != identity and acl.perms & _BREAKING]
     shown = _acl_text(acls)
     user = identity.id.split(":")[0]
-    if others:
+    if any(acl.id != identity and acl.perms & _BREAKING for acl in acls):
         return ConfigurationError(
             f"ZOOKEEPER_AUTH is set, but {path} lets others create or delete nodes (its ACL: "
             f"{shown}), so anyone can break the locks under it. Run `python -m zkcelery "
@@ -1123,24 +1121,6 @@ def _pick_handler() -> Any:
     return _PollingHandler() if hasattr(select, "poll") else SequentialThreadingHandler()
 
 
-def _make_client(settings: _Settings) -> KazooClient:
-    options: dict[str, Any] = dict(settings.ssl)
-    if settings.auth is not None:
-        options["auth_data"] = [settings.auth]
-        options["default_acl"] = _default_acl(settings)
-    handler = _pick_handler()
-    # Reconnect forever in the background, quickly: a lease waits for the
-    # connection at most ZOOKEEPER_CONNECT_TIMEOUT, and ZooKeeper coming back
-    # must not need a restart.  Commands are never retried by kazoo (its
-    # default retry never gives up); _Requests bounds every call.  kazoo
-    # insists that the retry sleeps as the handler does (eventlet's differs).
-    retry = KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_delay=1.0,
-                       sleep_func=handler.sleep_func)  # fmt: skip
-    return KazooClient(hosts=settings.hosts, timeout=settings.session_timeout,
-                       connection_retry=retry, handler=handler, logger=_kazoo_logger,
-                       **options)  # fmt: skip
-
-
 class _Liveness:
     """What the ``lost`` rule judges by (_Session.lost_since), kept on kazoo's connection
     thread (_instrument): the session timeout the server granted, and when the leader
@@ -1186,14 +1166,25 @@ class _Liveness:
 
 class _Requests:
     """Requests on one kazoo client, each through :meth:`call`, which waits for a connection
-    and an answer at most ``ZOOKEEPER_CONNECT_TIMEOUT``: kazoo's own retry never gives up,
-    and a lock that hangs is worse than one that fails."""
+    and an answer at most ``ZOOKEEPER_CONNECT_TIMEOUT``: kazoo never retries a command (its
+    default retry never gives up), and a lock that hangs is worse than one that fails."""
 
     def __init__(self, settings: _Settings) -> None:
         self.settings = settings
-        self.client = _make_client(settings)
-        self.handler = self.client.handler
-        self.timeout_error = self.handler.timeout_exception
+        options: dict[str, Any] = dict(settings.ssl)
+        if settings.auth is not None:
+            options["auth_data"] = [settings.auth]
+            options["default_acl"] = _default_acl(settings)
+        self.handler = handler = _pick_handler()
+        # Reconnect forever in the background, quickly: a lease waits for the
+        # connection at most ZOOKEEPER_CONNECT_TIMEOUT, and ZooKeeper coming back
+        # must not need a restart.  kazoo insists that the retry sleeps as the
+        # handler does (eventlet's differs).
+        retry = KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_delay=1.0,
+                           sleep_func=handler.sleep_func)  # fmt: skip
+        self.client = KazooClient(hosts=settings.hosts, timeout=settings.session_timeout,
+                                  connection_retry=retry, handler=handler, logger=_kazoo_logger,
+                                  **options)  # fmt: skip
         self.acl = self.client.default_acl or OPEN_ACL_UNSAFE  # of the nodes we make
         self.live = self.handler.event_object()  # set while connected
         self.liveness = _Liveness(settings.session_timeout)
@@ -1251,7 +1242,7 @@ class _Requests:
             ) from None
         except (ConnectionLoss, SessionExpiredError, ConnectionClosedError) as exc:
             raise _ConnectionLost(f"connection to ZooKeeper lost ({type(exc).__name__})") from exc
-        except self.timeout_error:
+        except self.handler.timeout_exception:
             if abandon is not None:
                 result.rawlink(abandon)
             raise CoordinationError(f"ZooKeeper did not answer within {limit:.3g} s") from None
@@ -1401,13 +1392,6 @@ def _setter(event: Any) -> Callable[[Any], None]:
     return lambda _: event.set()
 
 
-_connections_lock = threading.Lock()
-
-
-#: The main process's session for revocations, per app, until it has been idle this long.
-_REVOCATIONS_IDLE = 5.0
-
-
 class _Holdings:
     """The grants this process holds in a session, and the watchdog over them.
 
@@ -1541,7 +1525,7 @@ class _Orphans:
                 self._delete(path, owner, guid)
             except NoNodeError:
                 pass  # gone already: nothing to do, ever
-            except (ZKCeleryError, KazooException, self.session.timeout_error) as exc:
+            except (ZKCeleryError, KazooException, self.session.handler.timeout_exception) as exc:
                 _log(logging.WARNING, "could not delete orphan znode %s: %s", path, exc,
                      outcome="orphan_kept", error=str(exc))  # fmt: skip
                 self.add(path, owner, guid)
@@ -1789,11 +1773,11 @@ class _Deletes:
     """Deletes of our own nodes, bounded in time (kazoo's retry never gives up: a release
     during a partition would hang until the network healed) and fenced against ``rm``.
 
-    A node at a fixed path (a lock's ``<name>``) may be another holder's by now: ``rm``
-    deleted ours and someone took the lock.  ``rm`` deletes in a multi-operation that
-    bumps the namespace's epoch (_Tree); a delete that checks, in its multi-operation,
-    the epoch read before our node was made deletes only a node no ``rm`` touched since,
-    at the cost of a plain delete.
+    A node at a fixed path (a lock's ``<name>``, an early mutex's) may be another
+    holder's by now: ``rm`` deleted ours and someone took the lock, while our holder ran
+    on.  ``rm`` deletes in a multi-operation that bumps the namespace's epoch (_Tree,
+    break_node); a delete that checks, in its multi-operation, the epoch read before our
+    node was made deletes only a node no ``rm`` touched since, at the cost of a plain delete.
     """
 
     def __init__(self, session: _Session) -> None:
@@ -1856,11 +1840,9 @@ class _Deletes:
         return stat.version  # type: ignore[no-any-return]
 
     def break_node(self, namespace: str, path: str, czxid: int) -> bool:
-        """What ``rm`` does: delete a holder's node, and bump ``namespace``'s epoch in the
-        same multi-operation.  The broken holder may run on and release late: its release
-        of a node at a fixed path (``<name>``, an early mutex) checks the epoch it read
-        before it took the lock, so it cannot delete the next holder's (see delete_own).
-        Only the node created at ``czxid``, not one its holder made since: False if gone."""
+        """What ``rm`` does (see the class): delete a holder's node and bump ``namespace``'s
+        epoch, in one multi-operation.  Only the node created at ``czxid``, not one its
+        holder made since: False if gone."""
         session = self.session
         try:
             _, stat = session.read(session.client.get_async, path)
@@ -1879,17 +1861,17 @@ class _Deletes:
 # its calls hang and its stop() blocks.  The at-fork hook and the pid check
 # both drop it unused.
 _connections: weakref.WeakKeyDictionary[celery.Celery, _Session] = weakref.WeakKeyDictionary()
+_connections_lock = threading.Lock()
 
 
 def _connection(app: celery.Celery) -> _Session:
     conn = _connections.get(app)
-    if conn is not None and conn.pid == os.getpid():
-        return conn
-    with _connections_lock:
-        conn = _connections.get(app)
-        if conn is None or conn.pid != os.getpid():
-            conn = _connections[app] = _Session(_read_settings(app))
-        return conn
+    if conn is None or conn.pid != os.getpid():
+        with _connections_lock:  # checked again, under the lock
+            conn = _connections.get(app)
+            if conn is None or conn.pid != os.getpid():
+                conn = _connections[app] = _Session(_read_settings(app))
+    return conn
 
 
 def _close_connection(app: celery.Celery, session: _Session) -> None:
@@ -1913,6 +1895,8 @@ def _close_all(**_: Any) -> None:
         conn.close()
 
 
+#: The main process's session for revocations, per app, until it has been idle this long.
+_REVOCATIONS_IDLE = 5.0
 _revocations: dict[celery.Celery, _Session] = {}
 
 
