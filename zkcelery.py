@@ -4251,9 +4251,8 @@ _PF_EXITING = 0x4
 
 def _started_after(fields: list[bytes], acquired: Any) -> bool:
     """Whether the process (/proc/<pid>/stat from field 3) began after the lease: a reused pid."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/stat", "rb") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/stat", "rb") as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
         began = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
         return isinstance(acquired, (int, float)) and began > acquired + 1.0
     return False
@@ -4291,10 +4290,8 @@ def _alive_here(holder: dict) -> bool | None:
             return False
         try:  # no /proc (macOS): ask the kernel
             os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except OSError:
-            pass
+        except OSError as exc:  # only "no such process" says it is gone
+            return not isinstance(exc, ProcessLookupError)
         return True
     except OSError:
         return None
@@ -4331,13 +4328,13 @@ def _redis_visibility_timeout(app: celery.Celery) -> float | None:
     if app in _visibility:
         return _visibility[app]
     seconds: float | None = None
-    with contextlib.suppress(Exception):  # an unusable broker URL is Celery's to report
-        with app.connection_for_read() as conn:
-            transport = conn.get_transport_cls()
+    # An unusable broker URL is Celery's to report.  The connection is never opened; its
+    # transport options are the app's broker_transport_options.
+    with contextlib.suppress(Exception), app.connection_for_read() as conn:
+        transport = conn.get_transport_cls()
         if getattr(transport, "driver_type", None) == "redis":
             default = getattr(getattr(transport, "Channel", None), "visibility_timeout", 3600)
-            options = app.conf.broker_transport_options or {}
-            seconds = float(options.get("visibility_timeout", default))
+            seconds = float(conn.transport_options.get("visibility_timeout", default))
     _visibility[app] = seconds
     return seconds
 
@@ -4586,8 +4583,7 @@ class MutexTask(_KeyedTask):
             # replace(): that run holds the mutex and waits for this one, under it.
             return super().__call__(*args, **kwargs)
         self._take(lease)
-        if not lease:
-            self._contended(lease, started)  # returns holding the mutex, or raises
+        self._contended(lease, started)  # returns holding the mutex, or raises
         self.request.zkcelery_mutex = lease  # for an eager retry() or replace()
         retrying = False
         try:
@@ -4651,10 +4647,10 @@ class MutexTask(_KeyedTask):
             lease.release()
 
     def _contended(self, lease: _MutexLease | _MultiLease, started: float) -> None:
-        """The mutex is held: take the steps _decide_mutex says until it is taken, or raise."""
+        """Until the mutex is taken, take the steps _decide_mutex says; or raise."""
         step: _MutexStep | None = None
         went = None
-        while True:
+        while not lease:
             facts = self._facts(lease, step, went, started)
             step = _decide_mutex(step, facts)
             if step.why == "back off":  # the next of this task id waits twice as long
@@ -4664,8 +4660,6 @@ class MutexTask(_KeyedTask):
                 _rejections[self.request.id] = count + 1
             if step.act == "run":
                 self._take(lease, step.seconds)
-                if lease:
-                    return
             elif step.act == "wait":
                 self._say_waiting(lease, step, facts)
                 went = lease.wait_for_holder(step.holder, step.seconds)
@@ -4771,7 +4765,7 @@ class EarlyMutexTask(_KeyedTask):
                 lease.unreserve()  # best effort: else it expires after mutex_timeout
             raise
         except AlreadyQueued as refused:
-            _refused(self, lease, refused)
+            self._refused(lease, refused)
             existing = mutex_return_existing
             if (self.mutex_return_existing if existing is None else existing) and refused.task_id:
                 return self.AsyncResult(refused.task_id)
@@ -4782,6 +4776,27 @@ class EarlyMutexTask(_KeyedTask):
         except BaseException:
             lease.unreserve()  # nothing was sent: the key is free again
             raise
+
+    def _refused(self, lease: _EarlyLease, refused: AlreadyQueued) -> None:
+        """A send was refused: tell receivers, and monitors that read task events.
+
+        Where the app sends task events already (``task_send_sent_event``, which
+        Flower and celery-exporter use to see tasks sent), the refused copy is
+        announced as a ``task-rejected`` event under the id it would have had.
+        """
+        if early_refused.receivers:
+            early_refused.send(sender=self, key=lease.key, task_id=refused.task_id,
+                               state=refused.state)  # fmt: skip
+        if not self.app.conf.task_send_sent_event:
+            return
+        try:
+            with self.app.events.default_dispatcher() as dispatcher:
+                dispatcher.send("task-rejected", uuid=lease._task_id(), name=self.name,
+                                requeue=False, reason=str(refused),
+                                holder=refused.task_id)  # fmt: skip
+        except Exception as exc:  # a monitor's event must not change what the send does
+            lease._log(logging.WARNING, "refusal not sent as a task event: %s", exc,
+                       outcome="not_sent", error=str(exc))  # fmt: skip
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         lease = self._early_lease(args, kwargs, self.request.id)
@@ -4892,9 +4907,8 @@ def _check_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
     if not isinstance(sender, (LockTask, MutexTask)):
         return
     when = getattr(reason, "when", None)
-    if isinstance(when, datetime):
-        now = datetime.now(when.tzinfo) if when.tzinfo else datetime.now()
-        when = (when - now).total_seconds()
+    if isinstance(when, datetime):  # naive or aware, as Celery was given it
+        when = (when - datetime.now(when.tzinfo)).total_seconds()
     _warn_duplicates(sender, "the retry countdown", when)
 
 
@@ -4909,27 +4923,6 @@ def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     lease = sender._early_lease(request.args, request.kwargs, request.id)
     with _revocation_session(sender.app) as session:
         lease.free_revoked(session)
-
-
-def _refused(task: EarlyMutexTask, lease: _EarlyLease, refused: AlreadyQueued) -> None:
-    """A send was refused: tell receivers, and monitors that read task events.
-
-    Where the app sends task events already (``task_send_sent_event``, which
-    Flower and celery-exporter use to see tasks sent), the refused copy is
-    announced as a ``task-rejected`` event under the id it would have had.
-    """
-    if early_refused.receivers:
-        early_refused.send(sender=task, key=lease.key, task_id=refused.task_id,
-                           state=refused.state)  # fmt: skip
-    if not task.app.conf.task_send_sent_event:
-        return
-    try:
-        with task.app.events.default_dispatcher() as dispatcher:
-            dispatcher.send("task-rejected", uuid=lease._task_id(), name=task.name, requeue=False,
-                            reason=str(refused), holder=refused.task_id)  # fmt: skip
-    except Exception as exc:  # a monitor's event must not change what the send does
-        lease._log(logging.WARNING, "refusal not sent as a task event: %s", exc,
-                   outcome="not_sent", error=str(exc))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
