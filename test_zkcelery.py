@@ -750,6 +750,52 @@ def test_fencing_tokens_strictly_increase_with_every_grant(lock_task):
     assert tokens == sorted(set(tokens))
 
 
+def test_a_fenced_write_sets_a_node_only_while_the_lease_is_held_at_the_version_named(
+    lock_task, zk, zk_root
+):
+    path = f"{zk_root}/fenced"
+    zk.create(path, b"v0", makepath=True)
+    with _held(lock_task, "fw") as lease:
+        assert lease.fenced_write(path, b"v1", 0) == 1
+        with pytest.raises(zkcelery.StaleVersion, match="written by another since version 0"):
+            lease.fenced_write(path, b"late", 0)  # as a holder deposed unawares would
+        zk.delete(node_path(zk_root, "locks", "t.lock", "fw"))  # broken from outside
+        with pytest.raises(zkcelery.NotLeading):  # its node is gone, or lease.lost says so
+            lease.fenced_write(path, b"v2", 1)
+    with pytest.raises(zkcelery.NotLeading, match="no longer held"):
+        lease.fenced_write(path, b"v2", 1)
+    assert zk.get(path)[0] == b"v1" and zk.get(path)[1].version == 1
+
+
+def test_a_fenced_write_whose_answer_is_lost_reads_whether_it_applied(
+    lock_task, zk, zk_root, monkeypatch
+):
+    path = f"{zk_root}/fenced-lost"
+    zk.create(path, b"v0", makepath=True)
+    session = internals.session(lock_task.app)
+    multi = session.multi
+
+    def lost(before: Callable[[Any], Any]) -> None:
+        """The next multi-operation's answer is lost, after ``before(its ops)``."""
+
+        def answer_lost(build: Any, **options: Any) -> Any:
+            monkeypatch.setattr(session, "multi", multi)  # once
+            before(build)
+            raise internals.ConnectionLost("connection to ZooKeeper lost (a test's)")
+
+        monkeypatch.setattr(session, "multi", answer_lost)
+
+    with _held(lock_task, "fl") as lease:
+        lost(multi)  # sent, applied, the answer lost
+        assert lease.fenced_write(path, b"v1", 0) == 1  # read: applied, not written again
+        lost(lambda build: None)  # never sent
+        assert lease.fenced_write(path, b"v2", 1) == 2  # read: not applied, written again
+        lost(lambda build: zk.set(path, b"theirs"))  # another's write applied instead
+        with pytest.raises(zkcelery.StaleVersion):
+            lease.fenced_write(path, b"v3", 2)
+    assert zk.get(path)[0] == b"theirs" and zk.get(path)[1].version == 3
+
+
 def test_locked_and_released_keys_leave_no_znodes_behind(lock_task, zk, zk_root):
     lock_task()  # makes the namespace nodes: the baseline
     baseline = count_znodes(zk, zk_root)

@@ -193,7 +193,7 @@ __all__ = [
     "AccessDenied", "AlreadyAcquired", "AlreadyQueued", "ConfigurationError",
     "CoordinationError", "EarlyMutexScheduler", "EarlyMutexTask", "Election", "Lease",
     "LockKey", "LockTask", "MaxLeasesMismatch", "MutexHeld", "MutexTask", "NotLeading",
-    "NotReentrant", "ZKCeleryError", "app_command", "beat_deposed", "beat_elected",
+    "NotReentrant", "StaleVersion", "ZKCeleryError", "app_command", "beat_deposed", "beat_elected",
     "beat_tick_skipped", "early_refused", "lease_acquired", "lease_lost", "lease_not_acquired",
     "lease_released", "ls_rows", "ls_table", "mutex_dropped", "mutex_rejected",
     "mutex_requeued", "open_session", "setting", "skipped_tick",
@@ -292,11 +292,11 @@ class _ConnectionLost(CoordinationError):
 
 
 class NotLeading(ZKCeleryError):
-    """A process in an :class:`Election` cannot confirm that it leads: another may be elected."""
+    """A lease's holder cannot confirm it still holds it (Lease.fenced_write, a beat's election)."""
 
 
-class _StateMoved(NotLeading):
-    """The schedule's state is no longer at the version this beat last wrote or read."""
+class StaleVersion(NotLeading):
+    """A fenced write named a version its node is no longer at: another wrote it since."""
 
 
 # ---------------------------------------------------------------------------
@@ -3453,6 +3453,36 @@ class _Grant:
         if stat.ephemeralOwner != self.session_id or _guid_of(data) != self.guid:
             self.mark_lost(_BROKEN)
 
+    def fenced_write(self, path: str, data: bytes, version: int) -> int:
+        """Lease.fenced_write's write, fenced by this grant's node."""
+
+        def fenced(txn: TransactionRequest) -> None:
+            txn.check(self.path, -1)  # the lease's node exists (-1: any version)
+            txn.set_data(path, data, version)
+
+        deadline = time.monotonic() + self.session.settings.connect_timeout
+        while True:
+            if self.is_lost():
+                raise NotLeading("its ZooKeeper session was lost or is in doubt (lease.lost)")
+            try:
+                try:
+                    results = self.session.multi(fenced)
+                    if isinstance(results[0], NoNodeError):
+                        raise NotLeading("its lease's node is gone")
+                    moved = isinstance(results[1], (BadVersionError, NoNodeError))
+                except _ConnectionLost as lost:  # the answer is lost: did the write apply?
+                    if time.monotonic() >= deadline:
+                        raise CoordinationError("no answer within the connect timeout") from lost
+                    stored, stat = self.session.read(self.session.client.get_async, path)
+                    if stat.version == version:
+                        continue  # not applied: write again, on the new connection
+                    moved = stat.version != version + 1 or stored != data
+            except (CoordinationError, NoNodeError) as exc:
+                raise NotLeading(f"ZooKeeper did not confirm the write: {exc}") from exc
+            if moved:
+                raise StaleVersion(f"{path} was written by another since version {version}")
+            return version + 1
+
 
 class Lease:
     """A claim on a lock, semaphore or mutex, yielded by ``lock()`` / ``semaphore()``.
@@ -3734,6 +3764,21 @@ class Lease:
         self._log(logging.WARNING, "not released (%s); ZooKeeper frees it when the session ends, "
                   "or this process deletes it when it reconnects", exc, outcome="not_released",
                   error=str(exc))  # fmt: skip
+
+    def fenced_write(self, path: str, data: bytes, version: int) -> int:
+        """Set the data of node ``path`` to ``data`` only while this lease is held and ``path``
+        is at ``version``; return its new version.  One multi-operation checks both (that the
+        lease's node exists, and the version), so of two processes that both believe they hold
+        the lease the later write fails: a holder deposed unawares cannot act on what it was
+        about to write.  An answer lost with the connection is settled by reading ``path``.
+
+        :raises StaleVersion: ``path`` is not at ``version`` (or is gone): another wrote it.
+        :raises NotLeading: the lease is not held (or is a multi-lock), may be lost (:attr:`lost`)
+            or its node is gone; or ZooKeeper did not confirm the write.
+        """
+        if not self or not isinstance(self._grant, _Grant):
+            raise NotLeading("its lease is no longer held")
+        return self._grant.fenced_write(path, data, version)
 
 
 @dataclass(frozen=True)
@@ -5023,10 +5068,11 @@ class Election:
     exclusive :class:`Lease` named ``name`` in the ``beat`` namespace that the app holds itself
     (``owner`` stands where a task's name would: ``ls``, logs, metrics); its ``acquire()`` waits
     in line.  The state node, ``path`` (``beat/<name>@schedule``), is written only through
-    :meth:`claim` and :meth:`write`, each fenced: one multi-operation checks that the lease's
-    node exists and that the node is at the version this process last read or wrote.  Of two
-    processes that both believe they lead, the later write fails (:class:`NotLeading`), so a
-    leader deposed without knowing it cannot act on what it was about to write.
+    :meth:`claim` and :meth:`write`, each fenced (:meth:`Lease.fenced_write`): one
+    multi-operation checks that the lease's node exists and that the node is at the version
+    this process last read or wrote.  Of two processes that both believe they lead, the later
+    write fails (:class:`NotLeading`), so a leader deposed without knowing it cannot act on
+    what it was about to write.
 
     :raises ConfigurationError: a ``ZOOKEEPER_*`` setting of ``app`` is malformed.
     """
@@ -5053,41 +5099,18 @@ class Election:
             try:
                 self.write(data)
                 return
-            except _StateMoved:
+            except StaleVersion:
                 # A deposed leader wrote since our read; we hold the lease: read again.
                 if not tries_left:
                     raise
 
     def write(self, data: bytes) -> None:
         """Write ``data`` if this process still leads (the fence every send passes first), else
-        raise :class:`NotLeading`: one fenced multi-operation, as the class says."""
-        session, expected, grant = self._session(), self.version, self.lease._grant
-        if not self.lease or not isinstance(grant, _Grant):
-            raise NotLeading("its lease is no longer held")
-        leader = grant.path  # the fence of the write
-
-        def fenced(txn: TransactionRequest) -> None:
-            txn.check(leader, -1)  # the lease's node exists (-1: any version)
-            txn.set_data(self.path, data, expected)
-
-        deadline = time.monotonic() + session.settings.connect_timeout
-        while True:
-            if self.lease.lost:
-                raise NotLeading("its ZooKeeper session was lost or is in doubt (lease.lost)")
-            try:
-                results = session.multi(fenced)
-            except _ConnectionLost as exc:
-                if self._applied(data, expected, deadline, exc):
-                    break
-                continue  # not applied: write again, on the new connection
-            except CoordinationError as exc:
-                raise NotLeading(f"ZooKeeper did not confirm the write: {exc}") from exc
-            if isinstance(results[0], NoNodeError):
-                raise NotLeading("its lease's node is gone")
-            if isinstance(results[1], (BadVersionError, NoNodeError)):
-                raise _StateMoved("another beat has written the schedule's state since")
-            break
-        self.version = expected + 1
+        raise :class:`NotLeading`: one fenced write (:meth:`Lease.fenced_write`)."""
+        try:
+            self.version = self.lease.fenced_write(self.path, data, self.version)
+        except StaleVersion as exc:
+            raise StaleVersion("another beat has written the schedule's state since") from exc
 
     def close(self) -> None:
         """Leave the election at once: release the lease, and end this process's session."""
@@ -5115,21 +5138,6 @@ class Election:
                 with contextlib.suppress(NodeExistsError):
                     session.call(session.client.create_async, self.path, b"")
         raise NotLeading(f"{self.path} keeps vanishing")
-
-    def _applied(self, data: bytes, expected: int, deadline: float, exc: Exception) -> bool:
-        """After a lost answer: whether our write applied (or raise if another's did)."""
-        session = self._session()
-        try:
-            if time.monotonic() >= deadline:
-                raise CoordinationError("no answer within the connect timeout")
-            stored, stat = session.read(session.client.get_async, self.path)
-        except (CoordinationError, NoNodeError) as again:
-            raise NotLeading(f"ZooKeeper did not confirm the write: {again}") from exc
-        if stat.version == expected:
-            return False
-        if stat.version == expected + 1 and stored == data:
-            return True
-        raise _StateMoved("another beat has written the schedule's state since")
 
     def _session(self) -> _Session:
         # Only ever used once the lease was granted, so once it has a session.
