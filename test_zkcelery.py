@@ -7334,6 +7334,9 @@ def test_the_old_names_are_the_companions_own():
 
     assert ElectedScheduler is zkcelery.ElectedScheduler is zkcelery_beat.ElectedScheduler
     assert symbol_by_name("zkcelery.ElectedScheduler") is ElectedScheduler  # celery beat -S
+    assert symbol_by_name("zkcelery.EarlyMutexScheduler") is zkcelery_beat.EarlyMutexScheduler
+    assert zkcelery.Election is zkcelery_beat.Election
+    assert zkcelery.skipped_tick is zkcelery_beat.skipped_tick
     assert start_metrics_server is zkcelery_metrics.start_metrics_server
     with pytest.raises(AttributeError, match="no attribute 'ElectedSchedule'"):
         zkcelery.ElectedSchedule  # noqa: B018 - a typo is still an AttributeError
@@ -7354,7 +7357,8 @@ def test_zkcelery_py_copied_alone_gives_the_task_side_and_names_the_missing_comp
         assert zkcelery.__file__.startswith(sys.argv[1]), zkcelery.__file__
         from zkcelery import *  # the task side, whole
         print("names:", all(hasattr(zkcelery, name) for name in zkcelery.__all__))
-        for name in ("ElectedScheduler", "start_metrics_server", "TreeView"):
+        for name in ("ElectedScheduler", "EarlyMutexScheduler", "Election", "skipped_tick",
+                     "start_metrics_server", "TreeView"):
             try:
                 getattr(zkcelery, name)
             except zkcelery.ConfigurationError as exc:
@@ -7374,21 +7378,25 @@ def test_zkcelery_py_copied_alone_gives_the_task_side_and_names_the_missing_comp
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     out = done.stdout.splitlines()
     copy = "beside zkcelery.py, or pip install zkcelery"
-    assert out[:4] == [
+    beat = ("ElectedScheduler", "EarlyMutexScheduler", "Election", "skipped_tick")
+    assert out[:7] == [
         "names: True",
-        f"zkcelery.ElectedScheduler needs zkcelery_beat.py, {_COMPANION_NOTE}: copy "
-        f"zkcelery_beat.py {copy}",
+        *(
+            f"zkcelery.{name} needs zkcelery_beat.py, {_COMPANION_NOTE}: copy "
+            f"zkcelery_beat.py {copy}"
+            for name in beat
+        ),
         f"zkcelery.start_metrics_server needs zkcelery_metrics.py, {_COMPANION_NOTE}: copy "
         f"zkcelery_metrics.py {copy}",
         f"zkcelery.TreeView needs zkcelery_metrics.py, {_COMPANION_NOTE}: copy "
         f"zkcelery_metrics.py {copy}",
     ], done.stdout + done.stderr
-    assert out[4:6] == [
+    assert out[7:9] == [
         "ERROR metrics not served: ZOOKEEPER_METRICS_PORT needs zkcelery_metrics.py, "
         f"{_COMPANION_NOTE}: copy zkcelery_metrics.py {copy}",
         "metrics: None",
     ], done.stdout  # the worker runs on without metrics
-    assert out[6:8] == ["exporter exit 1", "ls exit 1"], done.stdout + done.stderr
+    assert out[9:11] == ["exporter exit 1", "ls exit 1"], done.stdout + done.stderr
     assert out[-1] == "ls exit 0" and "--watch" in done.stdout  # ls itself is zkcelery's
     assert "Traceback" not in done.stderr, done.stderr
     assert f"Error: The exporter needs zkcelery_metrics.py, {_COMPANION_NOTE}" in done.stderr
