@@ -750,6 +750,52 @@ def test_fencing_tokens_strictly_increase_with_every_grant(lock_task):
     assert tokens == sorted(set(tokens))
 
 
+def test_a_fenced_write_sets_a_node_only_while_the_lease_is_held_at_the_version_named(
+    lock_task, zk, zk_root
+):
+    path = f"{zk_root}/fenced"
+    zk.create(path, b"v0", makepath=True)
+    with _held(lock_task, "fw") as lease:
+        assert lease.fenced_write(path, b"v1", 0) == 1
+        with pytest.raises(zkcelery.StaleVersion, match="written by another since version 0"):
+            lease.fenced_write(path, b"late", 0)  # as a holder deposed unawares would
+        zk.delete(node_path(zk_root, "locks", "t.lock", "fw"))  # broken from outside
+        with pytest.raises(zkcelery.NotLeading):  # its node is gone, or lease.lost says so
+            lease.fenced_write(path, b"v2", 1)
+    with pytest.raises(zkcelery.NotLeading, match="no longer held"):
+        lease.fenced_write(path, b"v2", 1)
+    assert zk.get(path)[0] == b"v1" and zk.get(path)[1].version == 1
+
+
+def test_a_fenced_write_whose_answer_is_lost_reads_whether_it_applied(
+    lock_task, zk, zk_root, monkeypatch
+):
+    path = f"{zk_root}/fenced-lost"
+    zk.create(path, b"v0", makepath=True)
+    session = internals.session(lock_task.app)
+    multi = session.multi
+
+    def lost(before: Callable[[Any], Any]) -> None:
+        """The next multi-operation's answer is lost, after ``before(its ops)``."""
+
+        def answer_lost(build: Any, **options: Any) -> Any:
+            monkeypatch.setattr(session, "multi", multi)  # once
+            before(build)
+            raise internals.ConnectionLost("connection to ZooKeeper lost (a test's)")
+
+        monkeypatch.setattr(session, "multi", answer_lost)
+
+    with _held(lock_task, "fl") as lease:
+        lost(multi)  # sent, applied, the answer lost
+        assert lease.fenced_write(path, b"v1", 0) == 1  # read: applied, not written again
+        lost(lambda build: None)  # never sent
+        assert lease.fenced_write(path, b"v2", 1) == 2  # read: not applied, written again
+        lost(lambda build: zk.set(path, b"theirs"))  # another's write applied instead
+        with pytest.raises(zkcelery.StaleVersion):
+            lease.fenced_write(path, b"v3", 2)
+    assert zk.get(path)[0] == b"theirs" and zk.get(path)[1].version == 3
+
+
 def test_locked_and_released_keys_leave_no_znodes_behind(lock_task, zk, zk_root):
     lock_task()  # makes the namespace nodes: the baseline
     baseline = count_znodes(zk, zk_root)
@@ -7288,6 +7334,9 @@ def test_the_old_names_are_the_companions_own():
 
     assert ElectedScheduler is zkcelery.ElectedScheduler is zkcelery_beat.ElectedScheduler
     assert symbol_by_name("zkcelery.ElectedScheduler") is ElectedScheduler  # celery beat -S
+    assert symbol_by_name("zkcelery.EarlyMutexScheduler") is zkcelery_beat.EarlyMutexScheduler
+    assert zkcelery.Election is zkcelery_beat.Election
+    assert zkcelery.skipped_tick is zkcelery_beat.skipped_tick
     assert start_metrics_server is zkcelery_metrics.start_metrics_server
     with pytest.raises(AttributeError, match="no attribute 'ElectedSchedule'"):
         zkcelery.ElectedSchedule  # noqa: B018 - a typo is still an AttributeError
@@ -7308,7 +7357,8 @@ def test_zkcelery_py_copied_alone_gives_the_task_side_and_names_the_missing_comp
         assert zkcelery.__file__.startswith(sys.argv[1]), zkcelery.__file__
         from zkcelery import *  # the task side, whole
         print("names:", all(hasattr(zkcelery, name) for name in zkcelery.__all__))
-        for name in ("ElectedScheduler", "start_metrics_server", "TreeView"):
+        for name in ("ElectedScheduler", "EarlyMutexScheduler", "Election", "skipped_tick",
+                     "start_metrics_server", "TreeView"):
             try:
                 getattr(zkcelery, name)
             except zkcelery.ConfigurationError as exc:
@@ -7328,21 +7378,25 @@ def test_zkcelery_py_copied_alone_gives_the_task_side_and_names_the_missing_comp
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     out = done.stdout.splitlines()
     copy = "beside zkcelery.py, or pip install zkcelery"
-    assert out[:4] == [
+    beat = ("ElectedScheduler", "EarlyMutexScheduler", "Election", "skipped_tick")
+    assert out[:7] == [
         "names: True",
-        f"zkcelery.ElectedScheduler needs zkcelery_beat.py, {_COMPANION_NOTE}: copy "
-        f"zkcelery_beat.py {copy}",
+        *(
+            f"zkcelery.{name} needs zkcelery_beat.py, {_COMPANION_NOTE}: copy "
+            f"zkcelery_beat.py {copy}"
+            for name in beat
+        ),
         f"zkcelery.start_metrics_server needs zkcelery_metrics.py, {_COMPANION_NOTE}: copy "
         f"zkcelery_metrics.py {copy}",
         f"zkcelery.TreeView needs zkcelery_metrics.py, {_COMPANION_NOTE}: copy "
         f"zkcelery_metrics.py {copy}",
     ], done.stdout + done.stderr
-    assert out[4:6] == [
+    assert out[7:9] == [
         "ERROR metrics not served: ZOOKEEPER_METRICS_PORT needs zkcelery_metrics.py, "
         f"{_COMPANION_NOTE}: copy zkcelery_metrics.py {copy}",
         "metrics: None",
     ], done.stdout  # the worker runs on without metrics
-    assert out[6:8] == ["exporter exit 1", "ls exit 1"], done.stdout + done.stderr
+    assert out[9:11] == ["exporter exit 1", "ls exit 1"], done.stdout + done.stderr
     assert out[-1] == "ls exit 0" and "--watch" in done.stdout  # ls itself is zkcelery's
     assert "Traceback" not in done.stderr, done.stderr
     assert f"Error: The exporter needs zkcelery_metrics.py, {_COMPANION_NOTE}" in done.stderr

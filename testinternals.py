@@ -24,6 +24,8 @@ sessions = zkcelery._connections
 revocation_sessions = zkcelery._revocations
 #: Marks a kazoo callback to run on the connection's thread (the test of it).
 at_once = zkcelery._at_once
+#: A request's answer lost with the connection: a test raises it in a fenced write.
+ConnectionLost = zkcelery._ConnectionLost
 
 # -- Settings and names ------------------------------------------------------
 

@@ -50,18 +50,17 @@ mutex of its own::
         do_work(data)
 
 Also here: :class:`EarlyMutexTask`, whose mutex is taken when the task is
-sent, and :class:`EarlyMutexScheduler`.  What runs beside the workers is in
-the companion modules: ``zkcelery_beat`` (the elected beat) and
+sent.  What runs beside the workers is in the companion modules:
+``zkcelery_beat`` (the schedulers: the elected beat, EarlyMutexScheduler) and
 ``zkcelery_metrics`` (metrics, the exporter, ``ls --watch``).
 
 The module is laid out in layers, each built on those above it: errors and
 signals; the adapter to kazoo's and Celery's private parts (the only code that
 touches them, all listed in ``_INTERNALS``); pure code (names, settings, ACLs);
 the session, one object per job; the queue engine and the znode protocols (the
-protocol map lists every node); leases; tasks; the schedulers and the beat's
-election; the companions' hooks; the command line; and last every Celery hook
-and import-time side effect.  Read it bottom up for the user's view, top down
-for the machinery.
+protocol map lists every node); leases; tasks; the companions' hooks; the
+command line; and last every Celery hook and import-time side effect.  Read it
+bottom up for the user's view, top down for the machinery.
 """
 
 from __future__ import annotations
@@ -97,7 +96,6 @@ import celery
 import click
 from billiard.einfo import ExceptionInfo
 from celery import signals
-from celery.beat import PersistentScheduler, ScheduleEntry, Scheduler, SchedulingError
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.dispatch import Signal
 from celery.utils.saferepr import saferepr as safe_repr
@@ -191,12 +189,12 @@ _INTERNALS = (
 
 __all__ = [
     "AccessDenied", "AlreadyAcquired", "AlreadyQueued", "ConfigurationError",
-    "CoordinationError", "EarlyMutexScheduler", "EarlyMutexTask", "Election", "Lease",
-    "LockKey", "LockTask", "MaxLeasesMismatch", "MutexHeld", "MutexTask", "NotLeading",
-    "NotReentrant", "ZKCeleryError", "app_command", "beat_deposed", "beat_elected",
-    "beat_tick_skipped", "early_refused", "lease_acquired", "lease_lost", "lease_not_acquired",
-    "lease_released", "ls_rows", "ls_table", "mutex_dropped", "mutex_rejected",
-    "mutex_requeued", "open_session", "setting", "skipped_tick",
+    "CoordinationError", "EarlyMutexTask", "Lease", "LockKey", "LockTask", "MaxLeasesMismatch",
+    "MutexHeld", "MutexTask", "NotLeading", "NotReentrant", "StaleVersion", "ZKCeleryError",
+    "app_command", "beat_deposed", "beat_elected", "beat_tick_skipped", "close_session",
+    "early_refused", "lease_acquired", "lease_lost", "lease_not_acquired", "lease_released",
+    "ls_rows", "ls_table", "mutex_dropped", "mutex_rejected", "mutex_requeued", "open_session",
+    "setting",
 ]  # fmt: skip
 
 logger = logging.getLogger("zkcelery")
@@ -291,11 +289,11 @@ class _ConnectionLost(CoordinationError):
 
 
 class NotLeading(ZKCeleryError):
-    """A process in an :class:`Election` cannot confirm that it leads: another may be elected."""
+    """A lease's holder cannot confirm it still holds it (Lease.fenced_write, a beat's election)."""
 
 
-class _StateMoved(NotLeading):
-    """The schedule's state is no longer at the version this beat last wrote or read."""
+class StaleVersion(NotLeading):
+    """A fenced write named a version its node is no longer at: another wrote it since."""
 
 
 # ---------------------------------------------------------------------------
@@ -3429,6 +3427,36 @@ class _Grant:
         if stat.ephemeralOwner != self.session_id or _guid_of(data) != self.guid:
             self.mark_lost(_BROKEN)
 
+    def fenced_write(self, path: str, data: bytes, version: int) -> int:
+        """Lease.fenced_write's write, fenced by this grant's node."""
+
+        def fenced(txn: TransactionRequest) -> None:
+            txn.check(self.path, -1)  # the lease's node exists (-1: any version)
+            txn.set_data(path, data, version)
+
+        deadline = time.monotonic() + self.session.settings.connect_timeout
+        while True:
+            if self.is_lost():
+                raise NotLeading("its ZooKeeper session was lost or is in doubt (lease.lost)")
+            try:
+                try:
+                    results = self.session.multi(fenced)
+                    if isinstance(results[0], NoNodeError):
+                        raise NotLeading("its lease's node is gone")
+                    moved = isinstance(results[1], (BadVersionError, NoNodeError))
+                except _ConnectionLost as lost:  # the answer is lost: did the write apply?
+                    if time.monotonic() >= deadline:
+                        raise CoordinationError("no answer within the connect timeout") from lost
+                    stored, stat = self.session.read(self.session.client.get_async, path)
+                    if stat.version == version:
+                        continue  # not applied: write again, on the new connection
+                    moved = stat.version != version + 1 or stored != data
+            except (CoordinationError, NoNodeError) as exc:
+                raise NotLeading(f"ZooKeeper did not confirm the write: {exc}") from exc
+            if moved:
+                raise StaleVersion(f"{path} was written by another since version {version}")
+            return version + 1
+
 
 class Lease:
     """A claim on a lock, semaphore or mutex, yielded by ``lock()`` / ``semaphore()``.
@@ -3710,6 +3738,21 @@ class Lease:
         self._log(logging.WARNING, "not released (%s); ZooKeeper frees it when the session ends, "
                   "or this process deletes it when it reconnects", exc, outcome="not_released",
                   error=str(exc))  # fmt: skip
+
+    def fenced_write(self, path: str, data: bytes, version: int) -> int:
+        """Set the data of node ``path`` to ``data`` only while this lease is held and ``path``
+        is at ``version``; return its new version.  One multi-operation checks both (that the
+        lease's node exists, and the version), so of two processes that both believe they hold
+        the lease the later write fails: a holder deposed unawares cannot act on what it was
+        about to write.  An answer lost with the connection is settled by reading ``path``.
+
+        :raises StaleVersion: ``path`` is not at ``version`` (or is gone): another wrote it.
+        :raises NotLeading: the lease is not held (or is a multi-lock), may be lost (:attr:`lost`)
+            or its node is gone; or ZooKeeper did not confirm the write.
+        """
+        if not self or not isinstance(self._grant, _Grant):
+            raise NotLeading("its lease is no longer held")
+        return self._grant.fenced_write(path, data, version)
 
 
 @dataclass(frozen=True)
@@ -4926,188 +4969,6 @@ def _free_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Schedulers: EarlyMutexScheduler, and the election the elected beat is built on
-# ---------------------------------------------------------------------------
-#
-# ElectedScheduler (celery beat on every host) is zkcelery_beat's, built on
-# Election; the beat's nodes are in the protocol map (beat/).
-
-
-class _SkippedTick:
-    """A skipped tick's result: Celery 5.3.0 logs ``.id`` of what ``apply_async`` returns."""
-
-    id = None
-
-    def __bool__(self) -> bool:  # newer Celery logs no id for a falsy result
-        return False
-
-
-def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
-    """The AlreadyQueued behind ``exc`` (Celery wraps it in SchedulingError), if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen and not isinstance(exc, AlreadyQueued):
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return exc if isinstance(exc, AlreadyQueued) else None
-
-
-def skipped_tick(scheduler: Scheduler, entry: ScheduleEntry, exc: BaseException) -> bool:
-    """Whether a beat send that raised ``exc`` was refused by an :class:`EarlyMutexTask`.
-
-    If so, the tick is skipped, not failed: the entry's last run is queued or running, so this
-    logs one INFO line (no traceback) naming the holder's task id, sends
-    :data:`beat_tick_skipped`, and returns True; the scheduler moves on.  False for any other
-    error, which stays the scheduler's.  For a beat scheduler of one's own; EarlyMutexScheduler
-    and ``zkcelery_beat.ElectedScheduler`` use it.
-    """
-    refused = _refusal(exc)
-    if refused is None:
-        return False
-    _log(logging.INFO, "beat: %s skipped: %s", entry.name, refused, task_name=entry.task,
-         kind="early mutex", key=refused.key, holder=refused.task_id,
-         outcome="skipped")  # fmt: skip
-    if beat_tick_skipped.receivers:
-        beat_tick_skipped.send(sender=scheduler, entry=entry.name, task_id=refused.task_id)
-    return True
-
-
-class EarlyMutexScheduler(PersistentScheduler):
-    """``celery beat -S zkcelery.EarlyMutexScheduler``: a send an :class:`EarlyMutexTask`
-    refuses (its last run is still queued or running) is a skipped tick (:func:`skipped_tick`),
-    logged once at INFO with the holder's task id, not as an error; the schedule moves on."""
-
-    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
-        try:
-            return super().apply_async(entry, producer, advance, **kw)
-        except SchedulingError as exc:
-            if not skipped_tick(self, entry, exc):
-                raise
-            return _SkippedTick()
-
-
-class Election:
-    """An election among the processes of one app, and a state node only its leader writes.
-
-    What ``zkcelery_beat.ElectedScheduler`` is built on.  ``lease`` is the election: an
-    exclusive :class:`Lease` named ``name`` in the ``beat`` namespace that the app holds itself
-    (``owner`` stands where a task's name would: ``ls``, logs, metrics); its ``acquire()`` waits
-    in line.  The state node, ``path`` (``beat/<name>@schedule``), is written only through
-    :meth:`claim` and :meth:`write`, each fenced: one multi-operation checks that the lease's
-    node exists and that the node is at the version this process last read or wrote.  Of two
-    processes that both believe they lead, the later write fails (:class:`NotLeading`), so a
-    leader deposed without knowing it cannot act on what it was about to write.
-
-    :raises ConfigurationError: a ``ZOOKEEPER_*`` setting of ``app`` is malformed.
-    """
-
-    def __init__(self, app: celery.Celery, name: str, *, owner: str, identifier: str) -> None:
-        settings = _read_settings(app)
-        self.app = app
-        #: The ensemble, as ZOOKEEPER_HOSTS names it.
-        self.hosts = settings.hosts
-        self.lease = Lease.for_app(
-            app, _BEAT, name, owner=owner, blocking=True, identifier=identifier
-        )
-        #: The state node.
-        self.path = f"{settings.root}/{_BEAT}/{self.lease.name}{_SCHEDULE}"
-        #: The version this process last read or wrote: what its next write names.
-        self.version = -1
-
-    def claim(self, make: Callable[[bytes], bytes]) -> None:
-        """Read the state node and write ``make(its data)``: a new leader's first act, after
-        which a write by any earlier leader fails.  ``make`` is called again with the new
-        data when a deposed leader wrote since the read."""
-        for tries_left in reversed(range(3)):
-            data = make(self._read())
-            try:
-                self.write(data)
-                return
-            except _StateMoved:
-                # A deposed leader wrote since our read; we hold the lease: read again.
-                if not tries_left:
-                    raise
-
-    def write(self, data: bytes) -> None:
-        """Write ``data`` if this process still leads (the fence every send passes first), else
-        raise :class:`NotLeading`: one fenced multi-operation, as the class says."""
-        session, expected, grant = self._session(), self.version, self.lease._grant
-        if not self.lease or not isinstance(grant, _Grant):
-            raise NotLeading("its lease is no longer held")
-        leader = grant.path  # the fence of the write
-
-        def fenced(txn: TransactionRequest) -> None:
-            txn.check(leader, -1)  # the lease's node exists (-1: any version)
-            txn.set_data(self.path, data, expected)
-
-        deadline = time.monotonic() + session.settings.connect_timeout
-        while True:
-            if self.lease.lost:
-                raise NotLeading("its ZooKeeper session was lost or is in doubt (lease.lost)")
-            try:
-                results = session.multi(fenced)
-            except _ConnectionLost as exc:
-                if self._applied(data, expected, deadline, exc):
-                    break
-                continue  # not applied: write again, on the new connection
-            except CoordinationError as exc:
-                raise NotLeading(f"ZooKeeper did not confirm the write: {exc}") from exc
-            if isinstance(results[0], NoNodeError):
-                raise NotLeading("its lease's node is gone")
-            if isinstance(results[1], (BadVersionError, NoNodeError)):
-                raise _StateMoved("another beat has written the schedule's state since")
-            break
-        self.version = expected + 1
-
-    def close(self) -> None:
-        """Leave the election at once: release the lease, and end this process's session."""
-        session = self.lease._session
-        if session is None:
-            return
-        # Release first, so that closing is not reported as a lost lease.  In a
-        # thread: celery beat calls close() from its SIGTERM handler, which may
-        # have interrupted this thread in the session's mutex.
-        releaser = threading.Thread(target=self.lease.release, daemon=True)
-        releaser.start()
-        releaser.join(session.settings.connect_timeout)
-        # The standby's node, or a leader's unreleased one, goes too.
-        _close_connection(self.app, session)
-
-    def _read(self) -> bytes:
-        """The node's data, and its version noted; the node is made (empty) if it is missing."""
-        session = self._session()
-        for _ in range(3):
-            try:
-                data, stat = session.read(session.client.get_async, self.path)
-                self.version = stat.version
-                return data  # type: ignore[no-any-return]
-            except NoNodeError:
-                with contextlib.suppress(NodeExistsError):
-                    session.call(session.client.create_async, self.path, b"")
-        raise NotLeading(f"{self.path} keeps vanishing")
-
-    def _applied(self, data: bytes, expected: int, deadline: float, exc: Exception) -> bool:
-        """After a lost answer: whether our write applied (or raise if another's did)."""
-        session = self._session()
-        try:
-            if time.monotonic() >= deadline:
-                raise CoordinationError("no answer within the connect timeout")
-            stored, stat = session.read(session.client.get_async, self.path)
-        except (CoordinationError, NoNodeError) as again:
-            raise NotLeading(f"ZooKeeper did not confirm the write: {again}") from exc
-        if stat.version == expected:
-            return False
-        if stat.version == expected + 1 and stored == data:
-            return True
-        raise _StateMoved("another beat has written the schedule's state since")
-
-    def _session(self) -> _Session:
-        # Only ever used once the lease was granted, so once it has a session.
-        session = self.lease._session
-        assert session is not None
-        return session
-
-
-# ---------------------------------------------------------------------------
 # The companions: zkcelery_beat and zkcelery_metrics, imported when asked for
 # ---------------------------------------------------------------------------
 #
@@ -5115,9 +4976,9 @@ class Election:
 # zkcelery (its public names only): never the other way round at import time,
 # so that zkcelery.py copied alone gives every task-side feature.
 
-#: The names zkcelery still answers for its companions: name -> module.
-_COMPANIONS = {"ElectedScheduler": "zkcelery_beat", "start_metrics_server": "zkcelery_metrics",
-               "TreeView": "zkcelery_metrics"}  # fmt: skip
+#: The names zkcelery still answers for its companions: companion (zkcelery_<it>) -> names.
+_COMPANIONS = {"beat": ("ElectedScheduler", "EarlyMutexScheduler", "Election", "skipped_tick"),
+               "metrics": ("start_metrics_server", "TreeView")}  # fmt: skip
 
 
 def _companion(module: str, what: str) -> types.ModuleType:
@@ -5134,21 +4995,30 @@ def _companion(module: str, what: str) -> types.ModuleType:
 
 
 def __getattr__(name: str) -> Any:
-    """``zkcelery.ElectedScheduler``, ``.start_metrics_server`` and ``.TreeView``, as they
-    were: the companions' own, imported at first use (``-S zkcelery.ElectedScheduler``)."""
-    module = _COMPANIONS.get(name)
-    if module is None:
+    """_COMPANIONS' names as they were (``-S zkcelery.ElectedScheduler``), imported when asked."""
+    companion = next((it for it, names in _COMPANIONS.items() if name in names), None)
+    if companion is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(_companion(module, f"zkcelery.{name}"), name)
+    return getattr(_companion(f"zkcelery_{companion}", f"zkcelery.{name}"), name)
 
 
-def open_session(app: celery.Celery) -> _Session:
-    """A ZooKeeper session of its own for ``app``, connecting (not the process's shared one),
-    for a companion that follows the tree (zkcelery_metrics.TreeView): ``.client`` is its
-    KazooClient, ``.settings.root`` ZOOKEEPER_ROOT behind the chroot, ``.session_id`` its id;
+def open_session(app: celery.Celery, shared: bool = False) -> _Session:
+    """A ZooKeeper session for ``app``, connecting: one of its own, for a companion that follows
+    the tree (zkcelery_metrics.TreeView), or with ``shared=True`` the process's one its leases
+    use (zkcelery_beat.Election's).  ``.client`` is its KazooClient, ``.settings`` its
+    ZOOKEEPER_* settings (``.root`` behind the chroot, ``.hosts``...), ``.session_id`` its id;
+    ``.read(client.get_async, path)`` and ``.call(...)`` send a request as zkcelery does,
     ``.wait_connected()`` raises CoordinationError past ZOOKEEPER_CONNECT_TIMEOUT, and
-    ``.close()`` ends it."""
-    return _Session(_read_settings(app))
+    ``.close()`` ends one of its own (close_session the shared one)."""
+    return _connection(app) if shared else _Session(_read_settings(app))
+
+
+def close_session(app: celery.Celery) -> None:
+    """End the process's shared session for ``app`` at once: the nodes of its leases go with it,
+    a lease waiting in it raises CoordinationError, and the next lease opens another."""
+    session = _connections.get(app)
+    if session is not None:
+        _close_connection(app, session)
 
 
 def _metrics_asked(app: celery.Celery, setting: str) -> types.ModuleType | None:

@@ -1,22 +1,25 @@
-"""``celery beat`` on every host, with ZooKeeper electing the one that sends: zkcelery's companion.
+"""zkcelery's beat schedulers: zkcelery's companion for what runs in ``celery beat``.
 
     celery -A proj beat -S zkcelery_beat.ElectedScheduler
 
-(``-S zkcelery.ElectedScheduler``, the older spelling, names the same class.)
-Every beat process competes for one election (:class:`zkcelery.Election`,
-named after the app's main name, in the ``beat`` namespace of the protocol
-map); the holder leads and sends, the others stand by in line and send
-nothing.  The leader keeps the schedule's state in one node (_BeatState),
-whose version-checked writes fence every send.  README.md, "Beat on every
-host", is the manual.
+runs beat on every host, with ZooKeeper electing the one that sends
+(``-S zkcelery.ElectedScheduler``, the older spelling, names the same class).
+Every beat process competes for one :class:`Election`, named after the app's
+main name, in the ``beat`` namespace of the protocol map; the holder leads and
+sends, the others stand by in line and send nothing.  The leader keeps the
+schedule's state in one node (_BeatState), whose version-checked writes fence
+every send.  README.md, "Beat on every host", is the manual.
+:class:`EarlyMutexScheduler` is Celery's one-host beat, skipping the ticks an
+:class:`zkcelery.EarlyMutexTask` refuses (:func:`skipped_tick`).
 
 This module runs beside the workers, not in them: it imports only zkcelery's
 public names, and a copy of ``zkcelery.py`` alone still gives every task-side
-feature (its own one-host :class:`zkcelery.EarlyMutexScheduler` included).
+feature.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,15 +27,16 @@ import socket
 import threading
 import traceback
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Callable
 
 import celery
-from celery.beat import ScheduleEntry, Scheduler
+from celery.beat import PersistentScheduler, ScheduleEntry, Scheduler, SchedulingError
+from kazoo.exceptions import NodeExistsError, NoNodeError
 
 import zkcelery
-from zkcelery import ConfigurationError, NotLeading, ZKCeleryError
+from zkcelery import AlreadyQueued, ConfigurationError, NotLeading, StaleVersion, ZKCeleryError
 
-__all__ = ["ElectedScheduler"]
+__all__ = ["EarlyMutexScheduler", "ElectedScheduler", "Election", "skipped_tick"]
 
 _beat_logger = logging.getLogger("celery.beat")  # where Celery's beat logs its sends
 
@@ -44,6 +48,137 @@ def _log(level: int, msg: str, *args: Any, **facts: Any) -> None:
     """As zkcelery logs: on its logger, ``facts`` as the record's attributes (README, Logging)."""
     if _logger.isEnabledFor(level):
         _logger.log(level, msg, *args, extra=facts)
+
+
+class _SkippedTick:
+    """A skipped tick's result: Celery 5.3.0 logs ``.id`` of what ``apply_async`` returns."""
+
+    id = None
+
+    def __bool__(self) -> bool:  # newer Celery logs no id for a falsy result
+        return False
+
+
+def _refusal(exc: BaseException | None) -> AlreadyQueued | None:
+    """The AlreadyQueued behind ``exc`` (Celery wraps it in SchedulingError), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen and not isinstance(exc, AlreadyQueued):
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return exc if isinstance(exc, AlreadyQueued) else None
+
+
+def skipped_tick(scheduler: Scheduler, entry: ScheduleEntry, exc: BaseException) -> bool:
+    """Whether a beat send that raised ``exc`` was refused by an :class:`zkcelery.EarlyMutexTask`.
+
+    If so, the tick is skipped, not failed: the entry's last run is queued or running, so this
+    logs one INFO line (no traceback) naming the holder's task id, sends
+    :data:`zkcelery.beat_tick_skipped`, and returns True; the scheduler moves on.  False for
+    any other error, which stays the scheduler's.  For a beat scheduler of one's own;
+    EarlyMutexScheduler and ElectedScheduler use it.
+    """
+    refused = _refusal(exc)
+    if refused is None:
+        return False
+    _log(logging.INFO, "beat: %s skipped: %s", entry.name, refused, task_name=entry.task,
+         kind="early mutex", key=refused.key, holder=refused.task_id,
+         outcome="skipped")  # fmt: skip
+    if zkcelery.beat_tick_skipped.receivers:
+        zkcelery.beat_tick_skipped.send(sender=scheduler, entry=entry.name, task_id=refused.task_id)
+    return True
+
+
+class EarlyMutexScheduler(PersistentScheduler):
+    """``celery beat -S zkcelery_beat.EarlyMutexScheduler`` (or ``zkcelery.EarlyMutexScheduler``):
+    a send an :class:`zkcelery.EarlyMutexTask` refuses (its last run is still queued or running)
+    is a skipped tick (:func:`skipped_tick`), logged once at INFO with the holder's task id,
+    not as an error; the schedule moves on."""
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
+        try:
+            return super().apply_async(entry, producer, advance, **kw)
+        except SchedulingError as exc:
+            if not skipped_tick(self, entry, exc):
+                raise
+            return _SkippedTick()
+
+
+class Election:
+    """An election among the processes of one app, and a state node only its leader writes.
+
+    What :class:`ElectedScheduler` is built on.  ``lease`` is the election: an exclusive
+    :class:`zkcelery.Lease` named ``name`` in the ``beat`` namespace that the app holds itself
+    (``owner`` stands where a task's name would: ``ls``, logs, metrics); its ``acquire()`` waits
+    in line.  The state node, ``path`` (``beat/<name>@schedule``), is written only through
+    :meth:`claim` and :meth:`write`, each fenced (:meth:`zkcelery.Lease.fenced_write`): one
+    multi-operation checks that the lease's node exists and that the node is at the version
+    this process last read or wrote.  Of two processes that both believe they lead, the later
+    write fails (:class:`zkcelery.NotLeading`), so a leader deposed without knowing it cannot
+    act on what it was about to write.
+
+    :raises ConfigurationError: a ``ZOOKEEPER_*`` setting of ``app`` is malformed.
+    """
+
+    def __init__(self, app: celery.Celery, name: str, *, owner: str, identifier: str) -> None:
+        # The process's session for the app, which the lease uses: the state is read in it.
+        self._session = zkcelery.open_session(app, shared=True)
+        settings = self._session.settings
+        self.app = app
+        #: The ensemble, as ZOOKEEPER_HOSTS names it.
+        self.hosts = settings.hosts
+        self.lease = zkcelery.Lease.for_app(
+            app, "beat", name, owner=owner, blocking=True, identifier=identifier
+        )
+        #: The state node (the protocol map's ``beat/<app>@schedule``).
+        self.path = f"{settings.root}/beat/{self.lease.name}@schedule"
+        #: The version this process last read or wrote: what its next write names.
+        self.version = -1
+
+    def claim(self, make: Callable[[bytes], bytes]) -> None:
+        """Read the state node and write ``make(its data)``: a new leader's first act, after
+        which a write by any earlier leader fails.  ``make`` is called again with the new
+        data when a deposed leader wrote since the read."""
+        for tries_left in reversed(range(3)):
+            data = make(self._read())
+            try:
+                self.write(data)
+                return
+            except StaleVersion:
+                # A deposed leader wrote since our read; we hold the lease: read again.
+                if not tries_left:
+                    raise
+
+    def write(self, data: bytes) -> None:
+        """Write ``data`` if this process still leads (the fence every send passes first), else
+        raise :class:`zkcelery.NotLeading`: one fenced write, as the class says."""
+        try:
+            self.version = self.lease.fenced_write(self.path, data, self.version)
+        except StaleVersion as exc:
+            raise StaleVersion("another beat has written the schedule's state since") from exc
+
+    def close(self) -> None:
+        """Leave the election at once: release the lease, and end this process's session."""
+        # Release first, so that closing is not reported as a lost lease.  In a
+        # thread: celery beat calls close() from its SIGTERM handler, which may
+        # have interrupted this thread in the session's mutex.
+        releaser = threading.Thread(target=self.lease.release, daemon=True)
+        releaser.start()
+        releaser.join(self._session.settings.connect_timeout)
+        # The standby's node, or a leader's unreleased one, goes too.
+        zkcelery.close_session(self.app)
+
+    def _read(self) -> bytes:
+        """The node's data, and its version noted; the node is made (empty) if it is missing."""
+        session = self._session
+        for _ in range(3):
+            try:
+                data, stat = session.read(session.client.get_async, self.path)
+                self.version = stat.version
+                return data  # type: ignore[no-any-return]
+            except NoNodeError:
+                with contextlib.suppress(NodeExistsError):
+                    session.call(session.client.create_async, self.path, b"")
+        raise NotLeading(f"{self.path} keeps vanishing")
 
 
 class ElectedScheduler(Scheduler):
@@ -76,7 +211,7 @@ class ElectedScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Set before Scheduler.__init__, which calls setup_schedule (unless lazy).
-        self._election: zkcelery.Election | None = None
+        self._election: Election | None = None
         self._state: _BeatState | None = None
         self._leading = False
         self._token: int | None = None
@@ -89,16 +224,16 @@ class ElectedScheduler(Scheduler):
     # -- setup ---------------------------------------------------------------
 
     def setup_schedule(self) -> None:
+        _check_beat_schedule(self.app, self.app.conf.beat_schedule)  # before any session opens
         self._election = self._new_election()  # malformed settings: an error at start
         self._state = _BeatState(self._election)
-        _check_beat_schedule(self.app, self.app.conf.beat_schedule)
         self.merge_inplace(self.app.conf.beat_schedule)
         self.install_default_entries(self.schedule)
         self._compete.set()
         threading.Thread(target=self._elect, name="zkcelery-beat-election", daemon=True).start()
 
-    def _new_election(self) -> zkcelery.Election:
-        return zkcelery.Election(
+    def _new_election(self) -> Election:
+        return Election(
             self.app, self.app.main or "celery", owner="celery beat",
             identifier=f"celery beat {os.getpid()}@{socket.gethostname()}",
         )  # fmt: skip
@@ -241,7 +376,7 @@ class ElectedScheduler(Scheduler):
         try:
             result = self.apply_async(self._stamped(entry), producer=producer, advance=False)
         except Exception as exc:
-            if zkcelery.skipped_tick(self, entry, exc):
+            if skipped_tick(self, entry, exc):
                 return
             _beat_logger.error(
                 "Message Error: %s\n%s", exc, traceback.format_stack(), exc_info=True
@@ -284,13 +419,13 @@ class _BeatState:
 
     JSON: who leads (fencing token, host, pid, identifier) and each entry's
     last run time and run count.  The leader writes it through its
-    :class:`zkcelery.Election`: once when it takes over (its claim) and
+    :class:`Election`: once when it takes over (its claim) and
     before every send (the tick's reservation), each write fenced, so of two
     processes that both believe they lead, the later write fails and its tick
     is not sent: two leaders cannot send one tick.
     """
 
-    def __init__(self, election: zkcelery.Election) -> None:
+    def __init__(self, election: Election) -> None:
         self.election = election
 
     def load(self, data: bytes, schedule: dict[str, ScheduleEntry]) -> None:
