@@ -3295,13 +3295,15 @@ def test_a_send_whose_publish_fails_frees_the_key(workers: Workers, monkeypatch)
 
 @both_ttl
 @pytest.mark.parametrize("ending", ["success", "failure", "reject"])
-def test_the_key_is_free_as_soon_as_the_run_ends(workers: Workers, zk, ending):
+def test_the_key_is_free_as_soon_as_the_run_ends(workers: Workers, zk, tmp_path, ending):
     workers.start(concurrency=1)
     sender = _early_sender(workers)
-    sender.delay("end", hold=0.5, fail=ending == "failure", reject=ending == "reject")
+    marker = tmp_path / "end"  # the run lasts until the refusal below was seen
+    sender.delay("end", marker=str(marker), fail=ending == "failure", reject=ending == "reject")
     wait_for(lambda: _early_state(zk, workers.root, "end") == "running", 20, "the run")
     with pytest.raises(zkcelery.AlreadyQueued, match="running"):
         sender.delay("end")
+    marker.touch()
     # The body's record, not the task's state: before Celery 5.7 a task that
     # rejects its own message stays PENDING (Celery issue #4222).
     wait_for(lambda: workers.record.entries(), 30, "the run to end")

@@ -54,6 +54,14 @@ def record_body(key: Any, hold: float = 0.0, **extra: Any) -> None:
             f.write(line + "\n")
 
 
+def wait_for_marker(marker: str, limit: float = 60.0) -> None:
+    """Hold the body until the test creates ``marker`` (``limit`` seconds at most): a hold
+    that ends when the test has seen what it looks for, however loaded the machine."""
+    deadline = time.monotonic() + limit
+    while not Path(marker).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def note_failure(task_id: str, exception: BaseException) -> None:
     """Called by a ``task_failure`` receiver: note it in the record, for ``failures()``."""
     folder = os.environ.get("ZKCELERY_TEST_RECORD")
@@ -241,7 +249,9 @@ def killable(self, key, marker):
 
 
 @app.task(base=zkcelery.EarlyMutexTask, bind=True, mutex_keys=("key",), max_retries=1)
-def early(self, key, hold=0.0, fail=False, reject=False, countdown=None):
+def early(self, key, hold=0.0, fail=False, reject=False, countdown=None, marker=None):
+    if marker is not None:
+        wait_for_marker(marker)
     record_body(f"early:{key}", hold, retries=self.request.retries)
     if fail:
         raise ValueError("failed as asked")
@@ -313,10 +323,7 @@ def broker_fails():
 
 @app.task(base=zkcelery.MutexTask, bind=True, mutex_keys=("key",), mutex_requeue=True)
 def mutex_until(self, key, marker):
-    # Holds its mutex until the test creates the marker (a minute at most).
-    deadline = time.monotonic() + 60.0
-    while not Path(marker).exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for_marker(marker)
     record_body(key, task_id=self.request.id)
 
 
@@ -430,15 +437,9 @@ def lock_until(self, key, marker, blocking=True, timeout=None):
         if not lease:
             return False
         lease.lost  # noqa: B018 - the first look watches the node for a deletion
-        _wait_for_marker(marker)
+        wait_for_marker(marker)
         record_body(key, lost=lease.lost)
         return True
-
-
-def _wait_for_marker(marker: str, limit: float = 60.0) -> None:
-    deadline = time.monotonic() + limit
-    while not Path(marker).exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 @app.task(base=zkcelery.LockTask, bind=True)
@@ -672,7 +673,7 @@ def each_key_mutex(self, user, account, marker=""):
     """One mutex per argument; holds until ``marker`` exists, when given."""
     started = time.monotonic()
     if marker:
-        _wait_for_marker(marker)
+        wait_for_marker(marker)
     record_body(f"{user}/{account}", task_id=self.request.id, started=started)
 
 
