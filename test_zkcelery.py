@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -56,6 +57,7 @@ import zkcelery_beat
 import zkcelery_metrics
 from conftest import (
     Partition,
+    Worker,
     Workers,
     both_ttl,
     close_sessions,
@@ -6565,6 +6567,61 @@ def test_a_prefork_workers_metrics_show_the_waits_holds_rejections_drops_and_req
         f"({sum(e['held'] for e in timed):.3f} s), 2 rejections, 1 second delivery dropped, "
         f"{requeues} requeues",
     )
+
+
+def _pool_metrics_folder(tmp_path: Path) -> Path:
+    """The folder a prefork worker started with TMPDIR=``tmp_path`` made for its pool's files."""
+    [folder] = tmp_path.glob("zkcelery-metrics-*")
+    return folder
+
+
+def _a_dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def _locks_run_in_a_prefork_pool(workers: Workers, tmp_path: Path, port: int) -> Worker:
+    """A prefork worker whose children counted 2 metered_lock runs in its metrics folder."""
+    worker = workers.start(concurrency=2, ZKCELERY_TEST_METRICS_PORT=str(port),
+                           TMPDIR=str(tmp_path))  # fmt: skip
+    for _ in range(2):
+        workers.send("metered_lock", "L", 0.0).get(timeout=30)
+    return worker
+
+
+def test_a_prefork_workers_metrics_count_an_empty_file_a_killed_child_left_as_nothing_recorded(
+    workers: Workers, tmp_path
+):
+    port = _free_port()
+    worker = _locks_run_in_a_prefork_pool(workers, tmp_path, port)
+    # prometheus_client makes a process's file, then sizes it (its issue #1199): a child
+    # killed between the two leaves a file of 0 bytes named for its pid, for good. That
+    # window is microseconds wide, so the test leaves the file by hand, as the kill would.
+    (_pool_metrics_folder(tmp_path) / f"counter_{_a_dead_pid()}.db").touch()
+    samples = _metrics_of(port)  # urlopen raises on anything but a 200
+    lock = {"kind": "lock", "name": "testtasks.metered_lock"}
+    assert _gauge(samples, "zkcelery_lease_acquired_total", **lock) == 2
+    assert _gauge(samples, "zkcelery_lease_hold_seconds_count", **lock) == 2
+    assert "metrics file" not in worker.log.read_text()  # nothing recorded, nothing to say
+
+
+def test_a_prefork_workers_metrics_leave_out_a_corrupt_file_with_one_warning_and_serve_the_rest(
+    workers: Workers, tmp_path
+):
+    port = _free_port()
+    worker = _locks_run_in_a_prefork_pool(workers, tmp_path, port)
+    # Made by hand, as a disk or a stray writer would leave it: its header says 64 bytes
+    # are used, and its first entry claims a 1,000-byte key in them.
+    corrupt = _pool_metrics_folder(tmp_path) / f"histogram_{_a_dead_pid()}.db"
+    corrupt.write_bytes(struct.pack("ii", 64, 0) + struct.pack("i", 1000) + bytes(52))
+    lock = {"kind": "lock", "name": "testtasks.metered_lock"}
+    for _ in range(3):
+        samples = _metrics_of(port)  # urlopen raises on anything but a 200
+        assert _gauge(samples, "zkcelery_lease_acquired_total", **lock) == 2
+        assert _gauge(samples, "zkcelery_lease_hold_seconds_count", **lock) == 2
+    named = [line for line in worker.log.read_text().splitlines() if str(corrupt) in line]
+    assert len(named) == 1 and "WARNING" in named[0], named  # once, not once per scrape
 
 
 class _Events:

@@ -24,6 +24,7 @@ install 'zkcelery[metrics]'``); ``ls --watch`` does not.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -108,10 +109,8 @@ def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:
     _metrics()
     registry = prom.REGISTRY
     if os.environ.get(_MULTIPROC_DIR):
-        from prometheus_client import multiprocess
-
         registry = prom.CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        registry.register(_PoolFiles(os.environ[_MULTIPROC_DIR]))
     server = _metrics_server(registry, addr, port)
     threading.Thread(target=server.serve_forever, name="zkcelery-metrics", daemon=True).start()
     _log(logging.INFO, "metrics served on %s:%s", addr, server.server_port,
@@ -339,6 +338,74 @@ def _remove_metrics_dirs(**_: Any) -> None:
     """The multiprocess folder a worker made goes with the worker."""
     while _made_dirs:
         shutil.rmtree(_made_dirs.pop(), ignore_errors=True)
+
+
+class _PoolFiles:
+    """What the processes writing in a multiprocess folder counted: prometheus_client's
+    MultiProcessCollector, less the failure of one file failing the whole scrape.
+
+    prometheus_client (0.16 to 0.26 at least: its issue #1199) creates a process's file,
+    then sizes it: a scrape in between reads 0 bytes, and its merge raises for every file
+    (HTTP 500).  A child killed in between leaves that empty file for good, and then every
+    scrape fails.  Here an empty file is one in which nothing is recorded yet; a file that
+    cannot be read (corrupt, unreadable) is left out of the scrape, which serves the rest,
+    and a WARNING names it once, when it is found so: not at every scrape.  Its merge is
+    prometheus_client's own (public ``merge``), so sums, histograms and gauges' modes are
+    as its collector serves them.
+    """
+
+    def __init__(self, folder: str) -> None:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        # Not registered: made for its check of the folder (ValueError) and its merge.
+        self._merge = MultiProcessCollector(None, path=folder).merge
+        self.folder = folder
+        self._lock = threading.Lock()  # scrapes may come two at a time
+        self._unreadable: set[str] = set()  # found so, and still there
+
+    def collect(self) -> Iterable[Any]:
+        with self._lock:
+            files = [f for f in glob.glob(os.path.join(self.folder, "*.db")) if _sized(f)]
+            self._unreadable &= set(files)
+            # One unreadable so far is tried alone again: a file made readable is served.
+            files = [f for f in files if f not in self._unreadable or self._merges(f)]
+            try:
+                return self._merge(files, accumulate=True)
+            except Exception:  # a file turned unreadable: find it, serve the others
+                readable = [f for f in files if self._merges(f)]
+                return self._merge(readable, accumulate=True)
+
+    def _merges(self, file: str) -> bool:
+        """Whether ``file`` merges alone; if not, a WARNING the first time it does not."""
+        try:
+            self._merge([file], accumulate=True)
+        except FileNotFoundError:
+            return False  # removed since the listing: the worker stopping, say
+        except Exception as exc:  # its read, its structs, its json or its UTF-8 may fail
+            if file not in self._unreadable:
+                self._unreadable.add(file)
+                _log(
+                    logging.WARNING,
+                    "metrics file %s cannot be read, left out: %r",
+                    file,
+                    exc,
+                    outcome="metrics_file_unreadable",
+                    error=repr(exc),
+                )
+            return False
+        self._unreadable.discard(file)
+        return True
+
+
+def _sized(file: str) -> bool:
+    """Whether ``file`` has been sized: an empty one is being made, or its process was
+    killed while it made it (prometheus_client's issue #1199), with nothing recorded."""
+    try:
+        return os.stat(file).st_size > 0
+    except FileNotFoundError:
+        return False  # removed since the listing: mark_process_dead, say
+    except OSError:
+        return True  # for the read to judge
 
 
 def _metrics_server(registry: Any, addr: str, port: int) -> WSGIServer:
