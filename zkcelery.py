@@ -3855,14 +3855,12 @@ class _EarlyLease(_MutexLease):
             return
         assert isinstance(grant.protocol, _EarlyMutex)
         try:
-            kept = grant.protocol.requeue(grant.session_id)
+            if grant.protocol.requeue(grant.session_id):
+                grant.settle()
         except CoordinationError as exc:
-            kept = False
             self._log(logging.WARNING, "not kept for the retry: %s", exc,
                       outcome="not_kept", error=str(exc))  # fmt: skip
-        if kept:
-            grant.settle()
-        # Else the run's end releases it as usual, and the retried copy,
+        # Not kept: the run's end releases it as usual, and the retried copy,
         # finding this task id running, waits for that.
 
     def free_revoked(self, session: _Session) -> None:
@@ -4036,10 +4034,8 @@ class _MultiGrant:
         if self.holding and any(grant.token is None for grant in grants):
             nodes = [(grant.path, grant.guid, grant.session_id) for grant in grants]
             token = grants[0].session.zxid_holding(nodes)
-            for grant in grants:
-                if token is None:
-                    grant.fencing_token()  # marks the one that is lost
-                elif grant.token is None:
+            for grant in grants:  # if one is lost, none: each asks alone below, marking it
+                if grant.token is None:
                     grant.token = token
         tokens = [grant.fencing_token() for grant in grants]
         return None if None in tokens else max(tokens)  # type: ignore[type-var]
