@@ -3269,18 +3269,6 @@ def _task_mark(task_id: str | None) -> str | None:
     return hashlib.blake2b(str(task_id).encode(), digest_size=4).hexdigest()
 
 
-class _AppOwner:
-    """What a lease uses of its task (name, app, request id), for a lease an app holds."""
-
-    def __init__(self, app: celery.Celery, name: str) -> None:
-        self.app = app
-        self.name = name
-        self.request = types.SimpleNamespace(id=None)
-
-    def retry(self, **_: Any) -> Exception:
-        raise TypeError(f"{self.name} is not a task: it cannot be retried")
-
-
 _BROKEN = "its znode was deleted from outside"
 
 
@@ -3461,23 +3449,20 @@ class _Grant:
 class Lease:
     """A claim on a lock, semaphore or mutex, yielded by ``lock()`` / ``semaphore()``.
 
-    Truthy while it is held.  ``token`` is a fencing token (an integer that
-    strictly increases with every grant of the lock), ``lost`` turns true once
-    the lock may be held by someone else, ``suspended`` while the connection
-    to ZooKeeper is down, and ``holders()`` / ``waiters()`` list who holds the
-    lock and who waits for it now.
+    Truthy while it is held; ``token``, ``lost``, ``suspended``, ``holders()``
+    and ``waiters()`` tell the rest.
 
     Leases are made by :meth:`LockTask.lock`, :meth:`LockTask.semaphore`,
     :meth:`LockTask.read_lock`, :meth:`LockTask.write_lock` and
     :class:`MutexTask`, whose parameters are these; besides, ``task`` gives
     the name and the app, ``namespace`` (``"locks"``, ``"mutexes"``...),
-    ``max_leases`` and ``mode`` say what the lease is of (see _kinds), and
+    ``max_leases`` and ``mode`` say what the lease is of (see _KINDS), and
     ``task_id`` is the one an early mutex is held for.
     """
 
     def __init__(
         self,
-        task: celery.Task | _AppOwner,
+        task: celery.Task | types.SimpleNamespace,
         namespace: str,
         values: Sequence[Any] = (),
         *,
@@ -3503,8 +3488,13 @@ class Lease:
         self.name = _lock_name(base, values)
         self.key = _readable_key(base, values)
         self.identifier = identifier
+        #: The name of the task that takes it (for the beat's election, its owner's).
+        self.task_name = str(task.name)
         self._task = task
-        self._kind = _kinds()[namespace, mode, max_leases is not None]
+        self._kind = _KINDS[namespace, mode, max_leases is not None]
+        #: What it is a lease of, as ``ls`` says: lock, semaphore, read lock, write lock,
+        #: mutex, early mutex or beat.
+        self.kind = self._kind.name
         self._namespace = namespace
         self._max_leases = max_leases
         self._blocking = bool(blocking)
@@ -3527,7 +3517,9 @@ class Lease:
         """
         if options.get("retry"):
             raise TypeError(f"{owner} is not a task: a lease it holds cannot retry it")
-        return cls(_AppOwner(app, owner), namespace, name=name, **options)
+        # What a lease uses of its task: its name, its app, its request's id.
+        task = types.SimpleNamespace(app=app, name=owner, request=types.SimpleNamespace(id=None))
+        return cls(task, namespace, name=name, **options)
 
     # -- the public view ---------------------------------------------------
 
@@ -3538,19 +3530,9 @@ class Lease:
         return f"<Lease {self._namespace} {self.key} {'held' if self else 'not held'}>"
 
     @property
-    def kind(self) -> str:
-        """What it is a lease of, as ``ls`` says: lock, semaphore, read lock, write lock,
-        mutex, early mutex or beat."""
-        return self._kind.name
-
-    @property
-    def task_name(self) -> str:
-        """The name of the task that takes it (for the beat's election, its owner's)."""
-        return str(self._task.name)
-
-    @property
     def token(self) -> int | None:
-        """The fencing token of the latest grant.
+        """The fencing token of the latest grant: an integer that strictly increases with
+        every grant of the lock.
 
         A semaphore's or a read/write lock's is its node's creation zxid, known
         at once: those nodes hold in the order they were made.  An exclusive
@@ -3654,11 +3636,12 @@ class Lease:
         session_id = session.session_id
         protocol = self._protocol(session)
         granted: _Granted | None = None
+        grant: _Grant | None = None
         try:
             granted = protocol.acquire(self._blocking, deadline)
             if granted is not None:
-                self._grant = _Grant(session, protocol, granted, self)
-                session.holdings.remember(self._grant)
+                grant = self._grant = _Grant(session, protocol, granted, self)
+                session.holdings.remember(grant)
         except (CoordinationError, AlreadyQueued):
             raise  # a try that failed, not one cut short from outside (below)
         except BaseException:
@@ -3669,9 +3652,7 @@ class Lease:
             if granted is None:
                 protocol.abandon(session_id)
             else:  # quietly: no signal said it was held
-                grant = self._grant
-                if not isinstance(grant, _Grant) or grant.protocol is not protocol:
-                    grant = _Grant(session, protocol, granted, self)  # not recorded yet
+                grant = grant or _Grant(session, protocol, granted, self)  # if not made yet
                 self._grant = None
                 grant._mark_released()
                 grant.release()
@@ -3694,14 +3675,12 @@ class Lease:
         return f"{session.settings.root}/{self._namespace}/{self.name}"
 
     def _protocol(self, session: _Session) -> _Protocol:
-        """The protocol object of one try, with a guid of its own (see _Queue)."""
-        guid = self._new_guid()
+        """The protocol object of one try, with a random guid of its own (see _Queue: how a
+        node is found again); a limited mutex's starts with its task's mark (_MutexLease)."""
+        mark = _task_mark(self._task_id()) if self._kind.marked else None
+        guid = (mark or "") + uuid.uuid4().hex[:16]
         parent = f"{session.settings.root}/{self._namespace}"
         return self._kind.protocol(self, session, parent, guid, _metadata(self, session, guid))
-
-    def _new_guid(self) -> str:
-        """A random id for the node of one try (see _Queue: how a node is found again)."""
-        return uuid.uuid4().hex[:16]
 
     def _contenders(self) -> tuple[list[dict], list[dict]]:
         return self._protocol(self._connect()).contenders()
@@ -3764,6 +3743,7 @@ class _Kind:
     protocol: Callable[[Lease, _Session, str, str, bytes], _Protocol]
     mode: str | None = None  # a read/write lock's
     option: str = "max_leases"  # what sets a semaphore's limit, as a mismatch names it
+    marked: bool = False  # its guids start with the task's mark (a limited mutex's)
 
 
 def _exclusive(lease: Lease, session: _Session, parent: str, guid: str, data: bytes) -> _Protocol:
@@ -3786,20 +3766,17 @@ def _early(lease: Lease, session: _Session, parent: str, guid: str, data: bytes)
     return _EarlyMutex(session, f"{parent}/{lease.name}", guid, data, lease.key, timeout)
 
 
-@functools.cache
-def _kinds() -> dict[tuple[str, str | None, bool], _Kind]:
-    """Every kind, by (namespace, mode, max_leases given); made at first use, after the
-    protocols it names."""
-    return {
-        (_LOCKS, None, False): _Kind("lock", _exclusive),
-        (_MUTEXES, None, False): _Kind("mutex", _exclusive),
-        (_MUTEXES, None, True): _Kind("mutex", _limited, option="mutex_max_leases"),
-        (_SEMAPHORES, None, True): _Kind("semaphore", _limited),
-        (_RWLOCKS, _READ, False): _Kind("read lock", _read_write, mode=_READ),
-        (_RWLOCKS, _WRITE, False): _Kind("write lock", _read_write, mode=_WRITE),
-        (_EARLY, None, False): _Kind("early mutex", _early),
-        (_BEAT, None, False): _Kind("beat", _exclusive),
-    }
+#: Every kind, by (namespace, mode, max_leases given).
+_KINDS = {
+    (_LOCKS, None, False): _Kind("lock", _exclusive),
+    (_MUTEXES, None, False): _Kind("mutex", _exclusive),
+    (_MUTEXES, None, True): _Kind("mutex", _limited, option="mutex_max_leases", marked=True),
+    (_SEMAPHORES, None, True): _Kind("semaphore", _limited),
+    (_RWLOCKS, _READ, False): _Kind("read lock", _read_write, mode=_READ),
+    (_RWLOCKS, _WRITE, False): _Kind("write lock", _read_write, mode=_WRITE),
+    (_EARLY, None, False): _Kind("early mutex", _early),
+    (_BEAT, None, False): _Kind("beat", _exclusive),
+}
 
 
 class _MutexLease(Lease):
@@ -3871,10 +3848,6 @@ class _MutexLease(Lease):
             self._log(logging.WARNING, "could not note the copy that follows: %s", exc,
                       outcome="not_noted", error=str(exc))  # fmt: skip
 
-    def _new_guid(self) -> str:
-        mark = _task_mark(self._task_id()) if self.limited else None
-        return (mark or "") + super()._new_guid()
-
 
 class _EarlyLease(_MutexLease):
     """EarlyMutexTask's lease, with the steps of the key's life besides the run (_EarlyMutex):
@@ -3901,14 +3874,12 @@ class _EarlyLease(_MutexLease):
             return
         assert isinstance(grant.protocol, _EarlyMutex)
         try:
-            kept = grant.protocol.requeue(grant.session_id)
+            if grant.protocol.requeue(grant.session_id):
+                grant.settle()
         except CoordinationError as exc:
-            kept = False
             self._log(logging.WARNING, "not kept for the retry: %s", exc,
                       outcome="not_kept", error=str(exc))  # fmt: skip
-        if kept:
-            grant.settle()
-        # Else the run's end releases it as usual, and the retried copy,
+        # Not kept: the run's end releases it as usual, and the retried copy,
         # finding this task id running, waits for that.
 
     def free_revoked(self, session: _Session) -> None:
@@ -4082,10 +4053,8 @@ class _MultiGrant:
         if self.holding and any(grant.token is None for grant in grants):
             nodes = [(grant.path, grant.guid, grant.session_id) for grant in grants]
             token = grants[0].session.zxid_holding(nodes)
-            for grant in grants:
-                if token is None:
-                    grant.fencing_token()  # marks the one that is lost
-                elif grant.token is None:
+            for grant in grants:  # if one is lost, none: each asks alone below, marking it
+                if grant.token is None:
                     grant.token = token
         tokens = [grant.fencing_token() for grant in grants]
         return None if None in tokens else max(tokens)  # type: ignore[type-var]
@@ -4101,37 +4070,32 @@ class _MultiGrant:
             self.multi._signal(which, **{**facts, "held": self.held()})
 
     def release(self) -> None:
-        """Give every key back, the last taken first; keys no longer held are skipped."""
+        """Give every key back, the last taken first; keys no longer held are skipped.  Keys
+        taken together, all held and none lost, are released in one request."""
+        grants, together = self.grants, self.together
         with self._mutex:
             ended, self.ended, self.released = not self.ended, True, True
             # A part already lost ends the lease as lost, as one lease's grant does,
             # though the part's own signal may still be on its way (then swallowed).
-            lost = next((grant.why_lost for grant in self.grants if grant.why_lost), None)
-        held = [grant for grant in self.grants if grant.holding]
+            lost = next((grant.why_lost for grant in grants if grant.why_lost), None)
+        held = [grant for grant in grants if grant.holding]
         try:
-            if len(held) < len(self.grants) or not self._release_together():
+            if len(held) < len(grants) or together is None or any(g.why_lost for g in grants):
                 for grant in reversed(held):
                     grant.release()
-        finally:
-            if ended and lost is not None:
-                self.multi._signal(lease_lost, held=self.held(), reason=_loss_reason(lost))
-            elif ended:
-                self.multi._signal(lease_released, held=self.held())
-
-    def _release_together(self) -> bool:
-        """Release the keys taken together in one request; False if one is lost (one by one)."""
-        together, grants = self.together, self.grants
-        if together is None or any(grant.why_lost for grant in grants):
-            return False
-        for grant in grants:  # marked first: our own deletes are no break (see _Grant.release)
-            grant.settle()
-        try:
+                return
+            for grant in grants:  # marked first: our own deletes are no break (see _Grant.release)
+                grant.settle()
             if not together.release(grants):  # an rm ran since, or a node is gone
                 for grant in reversed(grants):  # one by one after all
                     grant.release()
         except CoordinationError as exc:
             self.multi._not_released(exc)
-        return True
+        finally:
+            if ended and lost is not None:
+                self.multi._signal(lease_lost, held=self.held(), reason=_loss_reason(lost))
+            elif ended:
+                self.multi._signal(lease_released, held=self.held())
 
 
 class _Part(_MutexLease):
