@@ -2067,10 +2067,6 @@ class _ExclusivePolicy(_QueuePolicy):
 _EXCLUSIVE = _ExclusivePolicy()
 
 
-#: Operations _ExclusiveSet._ops adds to a multi-operation, per key.
-_FAST_OPS = 3
-
-
 class _SemaphorePolicy(_QueuePolicy):
     """_Semaphore's line: the first ``max_leases`` hold; the first waiter watches the listing.
 
@@ -2104,6 +2100,29 @@ class _SemaphorePolicy(_QueuePolicy):
 
 #: The modes of a read/write lock: the tag of its nodes (see _ReadWriteLock).
 _READ, _WRITE = "read", "write"
+
+
+class _ReadWritePolicy(_QueuePolicy):
+    """_ReadWriteLock's line: the front holds; a waiter watches what blocks it."""
+
+    sole = True
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    @staticmethod
+    def front(nodes: list[str]) -> int:
+        """A writer alone, or the readers ahead of the first writer."""
+        for i, node in enumerate(nodes):
+            if node.startswith(_WRITE + _SEP):
+                return i or 1
+        return len(nodes)
+
+    def blocker(self, children: list[str], index: int) -> int | None:
+        """The last writer ahead of a reader; the node ahead of a writer."""
+        if self.mode == _READ:
+            return max(i for i in range(index) if children[i].startswith(_WRITE + _SEP))
+        return index - 1
 
 
 def _wait_gone(
@@ -2161,6 +2180,29 @@ def _caught_up(session: _Session, session_id: int | None, path: str) -> bool:
         return False
     session.read(session.client.sync_async, path)
     return True
+
+
+def _read_node(session: _Session, path: str) -> tuple[dict | None, Any]:
+    """A contender's node: its metadata and stat; (None, None) if it is gone."""
+    try:
+        data, stat = session.read(session.get_async, path)
+    except NoNodeError:
+        return None, None
+    return json.loads(data or b"{}"), stat
+
+
+def _undo_late(
+    session: _Session, nodes: list[tuple[str, str]], session_id: int | None, result: Any
+) -> None:
+    """On kazoo's thread, the answer to a multi-operation we stopped waiting for, which made
+    every node of ``nodes`` ((path, guid) each) or none: if it applied, delete them now; if
+    its answer is lost, on reconnect (the session's reaper)."""
+    if not result.successful():
+        for path, guid in nodes:
+            session.orphans.add(path, session_id, guid)
+    elif any(isinstance(value, str) for value in result.value):  # a create's path
+        for path, _ in nodes:
+            session.client.delete_async(path)
 
 
 def _read_children(session: _Session) -> _Children:
@@ -2227,7 +2269,6 @@ class _EarlyMutex:
         self, session: _Session, path: str, guid: str, data: bytes, key: str, timeout: float
     ) -> None:
         self.session = session
-        self.parent = path.rsplit("/", 1)[0]
         self.key_path = self.holder = path
         self.guid = guid
         self.key = key
@@ -2244,7 +2285,7 @@ class _EarlyMutex:
                 return
             except (NodeExistsError, _ConnectionLost):
                 pass
-            holder, stat = self._read()
+            holder, stat = _read_node(self.session, self.holder)
             if holder is None:
                 continue
             if holder.get("guid") == self.guid or self._queued_here(holder):
@@ -2256,17 +2297,16 @@ class _EarlyMutex:
 
     def unreserve(self) -> None:
         """Delete the queued form if this task id made it (a failed send, a revoke)."""
-        holder, stat = self._read()
+        holder, stat = _read_node(self.session, self.holder)
         if holder and self._queued_here(holder):
             self._delete(stat)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted:
         """At the run's start: take the key in this session, or raise AlreadyQueued."""
-        self.session.tree.ensure()
-        self.epoch = self.session.tree.epoch(self.parent)
+        self.epoch = self.session.tree.epoch(self.holder.rsplit("/", 1)[0])
         running = self._data("running")
         for _ in range(_CONTAINER_TRIES):
-            holder, stat = self._read()
+            holder, stat = _read_node(self.session, self.holder)
             session_id = self.session.session_id
             if holder is not None and holder.get("guid") == self.guid:  # before a lost answer
                 return self.holder, stat.czxid, stat.ephemeralOwner or None
@@ -2277,7 +2317,9 @@ class _EarlyMutex:
                 raise error
             version = None if holder is None else stat.version  # the queued form's, to delete
             ops = functools.partial(_to_running, self.holder, version, running)
-            abandon = functools.partial(self._abandon_running, session_id)
+            # A take we stop waiting for (the task retries) frees the key once it applies.
+            ours = [(self.holder, self.guid)]
+            abandon = functools.partial(_undo_late, self.session, ours, session_id)
             try:
                 if isinstance(self.session.multi(ops, abandon=abandon)[-2], str):  # the create
                     return self._taken(session_id)
@@ -2290,14 +2332,6 @@ class _EarlyMutex:
         if owner is None:
             raise CoordinationError(f"early mutex {self.key}: taken, then lost at once")
         return self.holder, None, owner
-
-    def _abandon_running(self, session_id: int | None, result: Any) -> None:
-        # Runs on kazoo's thread, for a take we stopped waiting for (the task
-        # retries): if it applied, free the key now; if unknown, on reconnect.
-        if not result.successful():
-            self.session.orphans.add(self.holder, session_id, self.guid)
-        elif isinstance(result.value, str) or any(isinstance(v, str) for v in result.value):
-            self.session.client.delete_async(self.holder)  # the multi made the running form
 
     def requeue(self, session_id: int | None) -> bool:
         """As _EarlyLease.requeue, in one multi-operation: no ``rm`` since we took it (the
@@ -2312,7 +2346,7 @@ class _EarlyMutex:
                 break  # not the fence: the node is not ours any more
             # Some rm ran in the namespace since: is our node still ours?
             self.epoch = self.session.tree.epoch(self.epoch[0], again=True)
-            holder, stat = self._read()
+            holder, stat = _read_node(self.session, self.holder)
             if (holder or {}).get("guid") != self.guid or stat.ephemeralOwner != session_id:
                 break
         _log(logging.WARNING, "early mutex %s: could not keep it for the retry", self.key,
@@ -2366,13 +2400,6 @@ class _EarlyMutex:
         if state == "queued":
             meta["expires"] = now + self.timeout
         return json.dumps(meta).encode()
-
-    def _read(self) -> tuple[dict | None, Any]:
-        try:
-            data, stat = self.session.read(self.session.client.get_async, self.holder)
-        except NoNodeError:
-            return None, None
-        return json.loads(data or b"{}"), stat
 
     def _queued_here(self, holder: dict) -> bool:
         """Whether ``holder`` is this task id's queued form (its send's, or kept by a retry)."""
@@ -2708,13 +2735,8 @@ class _Queue:
         """Delete our nodes but the current one: creates whose answer was lost, applied late."""
         for ghost in [c for c in self.children if c.startswith(self.prefix) and c != self.node]:
             self.children.remove(ghost)
-            path = f"{self.path}/{ghost}"
-            try:
-                self.session.call(self.session.client.delete_async, path)
-            except NoNodeError:
-                pass
-            except CoordinationError:
-                self.session.orphans.add(path, self.owner)
+            with contextlib.suppress(CoordinationError):  # else deleted by the reaper
+                self.session.deletes.delete_own(f"{self.path}/{ghost}", self.owner)
 
     def leave(self, container_too: bool = False, handoff: bool = False) -> None:
         """Delete our node (and the container, when asked and then empty); with ``handoff``,
@@ -2759,12 +2781,8 @@ class _Line:
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         queued = self.queue.contenders()
-        front = self.held([path.rsplit("/", 1)[1] for path, _ in queued])
+        front = self.front_of([path.rsplit("/", 1)[1] for path, _ in queued])
         return _states(queued[:front], "held"), _states(queued[front:], "waiting")
-
-    def held(self, nodes: list[str]) -> int:
-        """How many of the contenders ``nodes`` hold, as this lease sees them."""
-        return self.front_of(nodes)
 
     @staticmethod
     def front_of(nodes: list[str]) -> int:
@@ -2818,18 +2836,18 @@ class _Semaphore(_Line):
     are refused with MaxLeasesMismatch, never admitted together.
     """
 
+    policy: _SemaphorePolicy
+
     def __init__(
         self, session: _Session, path: str, guid: str, data: bytes, policy: _SemaphorePolicy
     ) -> None:
-        self.max_leases = policy.max_leases
-        self.semaphore = policy
         super().__init__(_Queue(session, path, policy.max_leases, guid, data, None), policy)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         try:
             granted = super().acquire(blocking, deadline)
         except NoChildrenForEphemeralsError:  # a plain mutex's node: see the class
-            raise self.semaphore.mismatch([1]) from None
+            raise self.policy.mismatch([1]) from None
         if granted is not None and self.queue.node != self.queue.children[-1]:
             # Best effort (the waiter behind us watches our node): if the
             # connection is away, the watch fires anyway.
@@ -2837,16 +2855,13 @@ class _Semaphore(_Line):
                 self.session.call(self.session.client.set_async, granted[0], self.queue.data)
         return granted
 
-    def held(self, nodes: list[str]) -> int:
-        return self.max_leases
-
     @staticmethod
     def front_of(nodes: list[str]) -> int:
         return int(nodes[0].split(_SEP, 1)[0]) if nodes else 0  # the limit in their names
 
     def holds_marked(self, mark: str) -> bool:
         """Whether another holder in the listing that granted ours has a guid starting ``mark``."""
-        holders = self.queue.children[: self.max_leases]
+        holders = self.queue.children[: self.policy.max_leases]
         return any(
             child != self.queue.node and child.split(_SEP)[1].startswith(mark) for child in holders
         )
@@ -2903,8 +2918,9 @@ class _ExclusiveSet:
             lock.epoch = epoch
         while True:
             session_id = session.session_id
+            nodes = [(lock.holder, lock.guid) for lock in self.locks]
             try:
-                abandon = functools.partial(self._abandon, session_id)
+                abandon = functools.partial(_undo_late, session, nodes, session_id)
                 results = session.multi(self._ops, abandon=abandon)
             except _ConnectionLost as exc:
                 if self._recover(session_id, exc):
@@ -2923,7 +2939,7 @@ class _ExclusiveSet:
                 return "taken", 0
             # The first operation that failed; those before it say "rolled back".
             failed = next(i for i, r in enumerate(results) if not isinstance(r, RolledBackError))
-            index, op = divmod(failed, _FAST_OPS)
+            index, op = divmod(failed, len(results) // len(self.locks))  # _ops' per key
             if op == 0 and isinstance(results[failed], NoNodeError):  # the namespace is gone
                 session.tree.ensure(again=True)
                 continue
@@ -2961,28 +2977,17 @@ class _ExclusiveSet:
             txn.create(lock.queue.path)  # ...fails if a queue exists: then it is not free
             txn.delete(lock.queue.path)
 
-    def _abandon(self, session_id: int | None, result: Any) -> None:
-        # Runs on kazoo's thread, for a multi we stopped waiting for: if it
-        # applied, delete the nodes now; if its answer is lost, on reconnect.
-        if not result.successful():
-            self.orphan(session_id)
-        elif isinstance(result.value[0], str):
-            for lock in self.locks:
-                self.session.client.delete_async(lock.holder)
-
     def _recover(self, session_id: int | None, exc: Exception) -> bool:
         """After a lost answer: whether the multi-operation applied (it made all or none)."""
         session, first = self.session, self.locks[0]
         try:
             if not _caught_up(session, session_id, first.holder):
                 return False
-            data, _ = session.read(session.client.get_async, first.holder)
-        except NoNodeError:
-            return False
+            holder, _ = _read_node(session, first.holder)
         except CoordinationError as again:
             self.orphan(session_id)
             raise CoordinationError(f"connection lost while acquiring: {again}") from exc
-        return _guid_of(data) == first.guid
+        return holder is not None and holder.get("guid") == first.guid
 
     def _owned_by(self, owner: int | None) -> None:
         for lock in self.locks:
@@ -3079,13 +3084,11 @@ class _ExclusiveLock:
         return True
 
     def _holder_node(self) -> list[tuple[str, dict]]:
-        session = self.session
-        try:
-            data, stat = session.read(session.client.get_async, self.holder)
-        except NoNodeError:
+        holder, stat = _read_node(self.session, self.holder)
+        if holder is None:
             return []
         if stat.ephemeralOwner:
-            return [(self.holder, json.loads(data or b"{}"))]
+            return [(self.holder, holder)]
         if self._clear_limited():  # not a holder's: a limited mutex's container
             return []
         raise MaxLeasesMismatch(
@@ -3162,24 +3165,6 @@ class _ExclusiveLock:
                     yield path
 
 
-class _ReadWritePolicy(_QueuePolicy):
-    """_ReadWriteLock's line: the front holds; a waiter watches what blocks it."""
-
-    sole = True
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-
-    def front(self, children: list[str]) -> int:
-        return _ReadWriteLock.front_of(children)
-
-    def blocker(self, children: list[str], index: int) -> int | None:
-        """The last writer ahead of a reader; the node ahead of a writer."""
-        if self.mode == _READ:
-            return max(i for i in range(index) if children[i].startswith(_WRITE + _SEP))
-        return index - 1
-
-
 class _ReadWriteLock(_Line):
     """Readers share it, a writer holds it alone: ``read_lock()`` and ``write_lock()``.
 
@@ -3211,13 +3196,7 @@ class _ReadWriteLock(_Line):
     def __init__(self, session: _Session, path: str, mode: str, guid: str, data: bytes) -> None:
         super().__init__(_Queue(session, path, mode, guid, data, None), _ReadWritePolicy(mode))
 
-    @staticmethod
-    def front_of(nodes: list[str]) -> int:
-        """A writer alone, or the readers ahead of the first writer."""
-        for i, node in enumerate(nodes):
-            if node.startswith(_WRITE + _SEP):
-                return i or 1
-        return len(nodes)
+    front_of = staticmethod(_ReadWritePolicy.front)
 
     @staticmethod
     def kind_of(path: str) -> str:
