@@ -3034,12 +3034,11 @@ class _ExclusiveLock:
 
     The fencing token is read when asked: see Lease.token.
 
-    Release deletes ``<name>`` in a multi-operation that also checks the
-    namespace node's data version, as read before ``<name>`` was made (once
-    per process).  ``rm`` bumps it as it breaks a holder, so a broken
-    holder's late release fails the check rather than delete the next
-    holder's ``<name>``; it then deletes the node only if still its own.  A
-    queue node's name is unique: deleting it by its path is always safe.
+    Release deletes ``<name>`` fenced by the namespace's epoch, read before
+    ``<name>`` was made (once per process), which ``rm`` bumps as it breaks a
+    holder: a broken holder's late release cannot delete the next holder's
+    (_Deletes).  A queue node's name is unique: deleting it by its path is
+    always safe.
     """
 
     def __init__(self, session: _Session, parent: str, name: str, guid: str, data: bytes) -> None:
