@@ -2029,6 +2029,8 @@ class _QueuePolicy:
     first node holds, every other waiter watches the one before it.
     """
 
+    #: What each node's name starts with (see the protocol map).
+    tag: object = 1
     #: The listing sets a children watch: it wakes a waiter with no node to watch.
     watch_listing = False
     #: A hand-off mark (a change, then gone) on the node watched grants ours.
@@ -2077,7 +2079,7 @@ class _SemaphorePolicy(_QueuePolicy):
     watch_listing = True
 
     def __init__(self, max_leases: int, label: str, option: str) -> None:
-        self.max_leases = max_leases
+        self.max_leases = self.tag = max_leases
         self.label = label  # "semaphore <key>", "mutex <key>"
         self.option = option
 
@@ -2108,7 +2110,7 @@ class _ReadWritePolicy(_QueuePolicy):
     sole = True
 
     def __init__(self, mode: str) -> None:
-        self.mode = mode
+        self.mode = self.tag = mode
 
     @staticmethod
     def front(nodes: list[str]) -> int:
@@ -2421,9 +2423,9 @@ class _Join:
     until then a holder that got in before the queue existed may hold it.
     """
 
-    def __init__(self, queue: _Queue, policy: _QueuePolicy, absent_seen: bool) -> None:
+    def __init__(self, queue: _Queue, absent_seen: bool) -> None:
         self.queue = queue
-        self.policy = policy
+        self.policy = queue.policy
         self.own_watched = False  # our own node's watch is set
         self.own_gone = False  # ...and our node has been deleted since
         self.absent_gone = queue.absent is None or absent_seen
@@ -2545,7 +2547,7 @@ class _Queue:
     """Contenders for one key, in arrival order: one ephemeral sequential node each
     (``<tag>@<guid>@<seq>``, see the protocol map) under one container node.
 
-    A policy (_QueuePolicy) says, of the sorted contenders, whether ours is
+    Its policy (_QueuePolicy) says, of the sorted contenders, whether ours is
     granted and which one node we watch until it may be: one node, not the
     container, so a change wakes the one waiter it concerns (no herd).  With
     ``absent`` (an exclusive lock's ``<name>``), nothing holds until that
@@ -2576,14 +2578,15 @@ class _Queue:
     """
 
     def __init__(
-        self, session: _Session, path: str, tag: object, guid: str, data: bytes, absent: str | None
+        self, session: _Session, path: str, policy: _QueuePolicy, guid: str, data: bytes
     ) -> None:
         self.session = session
         self.path = path
+        self.policy = policy
         self.guid = guid
-        self.prefix = f"{tag}{_SEP}{guid}{_SEP}"
+        self.prefix = f"{policy.tag}{_SEP}{guid}{_SEP}"
         self.data = data
-        self.absent = absent
+        self.absent: str | None = None  # set by an exclusive lock: its <name>
         self.absent_held = False  # known held: the next join skips the check
         self.node: str | None = None  # our child's name while we are in the queue
         self.token: int | None = None
@@ -2668,26 +2671,26 @@ class _Queue:
         except NoNodeError:
             return []
 
-    def wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
-        """Join, and wait until ``policy`` grants our node; False if not blocking or too late.
+    def wait_turn(self, blocking: bool, deadline: float | None) -> bool:
+        """Join, and wait until the policy grants our node; False if not blocking or too late.
 
         A wait that ends without a grant, however it ends, leaves no node behind:
         deleted now by its path, else (no answer, an exception) by the reaper.
         """
         granted, session_id = False, self.session.session_id
         try:
-            granted = self._wait_turn(policy, blocking, deadline)
+            granted = self._wait_turn(blocking, deadline)
         except BaseException:
             self.abandon(session_id)  # first, with no I/O: whatever comes next
             raise
         finally:
             if not granted:
                 with contextlib.suppress(CoordinationError):
-                    self.leave(container_too=policy.leaves_container and len(self.children) <= 1)
+                    self.leave()
         return granted
 
-    def _wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
-        free_turns, joined = 0, _Join(self, policy, False)
+    def _wait_turn(self, blocking: bool, deadline: float | None) -> bool:
+        policy, free_turns, joined = self.policy, 0, _Join(self, False)
         while True:
             listed = self.session.handler.event_object()
             watch = _setter(listed) if policy.watch_listing else None
@@ -2695,7 +2698,7 @@ class _Queue:
                 # The try that found ``absent`` held skips the check once.
                 absent = None if self.absent_held else self.absent
                 self.absent_held = False
-                joined = _Join(self, policy, self.join(absent, watch))
+                joined = _Join(self, self.join(absent, watch))
             self.children = self.listing(watch)
             if self.node not in self.children:  # our node is gone: join again
                 self.node = None
@@ -2738,12 +2741,14 @@ class _Queue:
             with contextlib.suppress(CoordinationError):  # else deleted by the reaper
                 self.session.deletes.delete_own(f"{self.path}/{ghost}", self.owner)
 
-    def leave(self, container_too: bool = False, handoff: bool = False) -> None:
-        """Delete our node (and the container, when asked and then empty); with ``handoff``,
-        mark it in the same request: its watcher is told it held (see _ExclusivePolicy)."""
+    def leave(self, handoff: bool = False) -> None:
+        """Delete our node, and the container if the policy leaves it and we were the last
+        (only if then empty); with ``handoff``, mark it in the same request: its watcher is
+        told it held (see _ExclusivePolicy)."""
         if self.node is not None:
             path, self.node = self.own_path, None
-            container = self.path if container_too else None
+            last = self.policy.leaves_container and len(self.children) <= 1
+            container = self.path if last else None
             mark = self.data if handoff else None
             self.session.deletes.delete_own(path, self.owner, container, handoff=mark)
 
@@ -2759,15 +2764,14 @@ class _Line:
     (``front_of``).
     """
 
-    def __init__(self, queue: _Queue, policy: _QueuePolicy) -> None:
+    def __init__(self, queue: _Queue) -> None:
         self.session = queue.session
         self.key_path = queue.path
         self.guid = queue.guid
         self.queue = queue
-        self.policy = policy
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
-        if not self.queue.wait_turn(self.policy, blocking, deadline):
+        if not self.queue.wait_turn(blocking, deadline):
             return None
         return self.queue.own_path, self.queue.token, self.queue.owner
 
@@ -2836,12 +2840,11 @@ class _Semaphore(_Line):
     are refused with MaxLeasesMismatch, never admitted together.
     """
 
-    policy: _SemaphorePolicy
-
     def __init__(
         self, session: _Session, path: str, guid: str, data: bytes, policy: _SemaphorePolicy
     ) -> None:
-        super().__init__(_Queue(session, path, policy.max_leases, guid, data, None), policy)
+        super().__init__(_Queue(session, path, policy, guid, data))
+        self.policy = policy
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         try:
@@ -3047,7 +3050,8 @@ class _ExclusiveLock:
         self.data = data
         self.parent = parent
         self.key_path = self.holder = f"{parent}/{name}"
-        self.queue = _Queue(session, f"{self.holder}{_QUEUE}", 1, guid, data, self.holder)
+        self.queue = _Queue(session, f"{self.holder}{_QUEUE}", _EXCLUSIVE, guid, data)
+        self.queue.absent = self.holder
         self.epoch: tuple[str, int] | None = None  # the namespace's, before <name> was ours
         self._owner: int | None = None  # the session that made <name>, when ours
 
@@ -3070,7 +3074,7 @@ class _ExclusiveLock:
         # The try says <name> is held: a join checking it absent would fail.
         self.queue.absent_held = outcome == "held"
         self.session.contended(self.key_path, seen=True)
-        if not blocking or not self.queue.wait_turn(_EXCLUSIVE, blocking, deadline):
+        if not blocking or not self.queue.wait_turn(blocking, deadline):
             return None
         return self.queue.own_path, None, self.queue.owner
 
@@ -3123,7 +3127,7 @@ class _ExclusiveLock:
                 grant.path, grant.session_id, guid=self.guid, epoch=self.epoch, handoff=mark
             )
         else:  # a holder's queue node: the waiter behind is told it held
-            self.queue.leave(container_too=len(self.queue.children) <= 1, handoff=True)
+            self.queue.leave(handoff=True)
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         """(holders, waiters): the metadata of each."""
@@ -3193,7 +3197,7 @@ class _ReadWriteLock(_Line):
     """
 
     def __init__(self, session: _Session, path: str, mode: str, guid: str, data: bytes) -> None:
-        super().__init__(_Queue(session, path, mode, guid, data, None), _ReadWritePolicy(mode))
+        super().__init__(_Queue(session, path, _ReadWritePolicy(mode), guid, data))
 
     front_of = staticmethod(_ReadWritePolicy.front)
 
