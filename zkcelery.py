@@ -2742,9 +2742,8 @@ class _Queue:
                 self.session.deletes.delete_own(f"{self.path}/{ghost}", self.owner)
 
     def leave(self, handoff: bool = False) -> None:
-        """Delete our node, and the container if the policy leaves it and we were the last
-        (only if then empty); with ``handoff``, mark it in the same request: its watcher is
-        told it held (see _ExclusivePolicy)."""
+        """Delete our node (the last also the container, if its policy says so); with
+        ``handoff``, mark it in the same request: its watcher is told it held (_ExclusivePolicy)."""
         if self.node is not None:
             path, self.node = self.own_path, None
             last = self.policy.leaves_container and len(self.children) <= 1
