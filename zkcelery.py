@@ -2003,6 +2003,8 @@ class _QueuePolicy:
     first node holds, every other waiter watches the one before it.
     """
 
+    #: What each node's name starts with (see the protocol map).
+    tag: object = 1
     #: The listing sets a children watch: it wakes a waiter with no node to watch.
     watch_listing = False
     #: A hand-off mark (a change, then gone) on the node watched grants ours.
@@ -2041,10 +2043,6 @@ class _ExclusivePolicy(_QueuePolicy):
 _EXCLUSIVE = _ExclusivePolicy()
 
 
-#: Operations _ExclusiveSet._ops adds to a multi-operation, per key.
-_FAST_OPS = 3
-
-
 class _SemaphorePolicy(_QueuePolicy):
     """_Semaphore's line: the first ``max_leases`` hold; the first waiter watches the listing.
 
@@ -2055,7 +2053,7 @@ class _SemaphorePolicy(_QueuePolicy):
     watch_listing = True
 
     def __init__(self, max_leases: int, label: str, option: str) -> None:
-        self.max_leases = max_leases
+        self.max_leases = self.tag = max_leases
         self.label = label  # "semaphore <key>", "mutex <key>"
         self.option = option
 
@@ -2078,6 +2076,29 @@ class _SemaphorePolicy(_QueuePolicy):
 
 #: The modes of a read/write lock: the tag of its nodes (see _ReadWriteLock).
 _READ, _WRITE = "read", "write"
+
+
+class _ReadWritePolicy(_QueuePolicy):
+    """_ReadWriteLock's line: the front holds; a waiter watches what blocks it."""
+
+    sole = True
+
+    def __init__(self, mode: str) -> None:
+        self.mode = self.tag = mode
+
+    @staticmethod
+    def front(nodes: list[str]) -> int:
+        """A writer alone, or the readers ahead of the first writer."""
+        for i, node in enumerate(nodes):
+            if node.startswith(_WRITE + _SEP):
+                return i or 1
+        return len(nodes)
+
+    def blocker(self, children: list[str], index: int) -> int | None:
+        """The last writer ahead of a reader; the node ahead of a writer."""
+        if self.mode == _READ:
+            return max(i for i in range(index) if children[i].startswith(_WRITE + _SEP))
+        return index - 1
 
 
 def _wait_gone(
@@ -2135,6 +2156,29 @@ def _caught_up(session: _Session, session_id: int | None, path: str) -> bool:
         return False
     session.read(session.client.sync_async, path)
     return True
+
+
+def _read_node(session: _Session, path: str) -> tuple[dict | None, Any]:
+    """A contender's node: its metadata and stat; (None, None) if it is gone."""
+    try:
+        data, stat = session.read(session.get_async, path)
+    except NoNodeError:
+        return None, None
+    return json.loads(data or b"{}"), stat
+
+
+def _undo_late(
+    session: _Session, nodes: list[tuple[str, str]], session_id: int | None, result: Any
+) -> None:
+    """On kazoo's thread, the answer to a multi-operation we stopped waiting for, which made
+    every node of ``nodes`` ((path, guid) each) or none: if it applied, delete them now; if
+    its answer is lost, on reconnect (the session's reaper)."""
+    if not result.successful():
+        for path, guid in nodes:
+            session.orphans.add(path, session_id, guid)
+    elif any(isinstance(value, str) for value in result.value):  # a create's path
+        for path, _ in nodes:
+            session.client.delete_async(path)
 
 
 def _read_children(session: _Session) -> _Children:
@@ -2201,7 +2245,6 @@ class _EarlyMutex:
         self, session: _Session, path: str, guid: str, data: bytes, key: str, timeout: float
     ) -> None:
         self.session = session
-        self.parent = path.rsplit("/", 1)[0]
         self.key_path = self.holder = path
         self.guid = guid
         self.key = key
@@ -2218,7 +2261,7 @@ class _EarlyMutex:
                 return
             except (NodeExistsError, _ConnectionLost):
                 pass
-            holder, stat = self._read()
+            holder, stat = _read_node(self.session, self.holder)
             if holder is None:
                 continue
             if holder.get("guid") == self.guid or self._queued_here(holder):
@@ -2230,17 +2273,16 @@ class _EarlyMutex:
 
     def unreserve(self) -> None:
         """Delete the queued form if this task id made it (a failed send, a revoke)."""
-        holder, stat = self._read()
+        holder, stat = _read_node(self.session, self.holder)
         if holder and self._queued_here(holder):
             self._delete(stat)
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted:
         """At the run's start: take the key in this session, or raise AlreadyQueued."""
-        self.session.tree.ensure()
-        self.epoch = self.session.tree.epoch(self.parent)
+        self.epoch = self.session.tree.epoch(self.holder.rsplit("/", 1)[0])
         running = self._data("running")
         for _ in range(_CONTAINER_TRIES):
-            holder, stat = self._read()
+            holder, stat = _read_node(self.session, self.holder)
             session_id = self.session.session_id
             if holder is not None and holder.get("guid") == self.guid:  # before a lost answer
                 return self.holder, stat.czxid, stat.ephemeralOwner or None
@@ -2251,7 +2293,9 @@ class _EarlyMutex:
                 raise error
             version = None if holder is None else stat.version  # the queued form's, to delete
             ops = functools.partial(_to_running, self.holder, version, running)
-            abandon = functools.partial(self._abandon_running, session_id)
+            # A take we stop waiting for (the task retries) frees the key once it applies.
+            ours = [(self.holder, self.guid)]
+            abandon = functools.partial(_undo_late, self.session, ours, session_id)
             try:
                 if isinstance(self.session.multi(ops, abandon=abandon)[-2], str):  # the create
                     return self._taken(session_id)
@@ -2264,14 +2308,6 @@ class _EarlyMutex:
         if owner is None:
             raise CoordinationError(f"early mutex {self.key}: taken, then lost at once")
         return self.holder, None, owner
-
-    def _abandon_running(self, session_id: int | None, result: Any) -> None:
-        # Runs on kazoo's thread, for a take we stopped waiting for (the task
-        # retries): if it applied, free the key now; if unknown, on reconnect.
-        if not result.successful():
-            self.session.orphans.add(self.holder, session_id, self.guid)
-        elif isinstance(result.value, str) or any(isinstance(v, str) for v in result.value):
-            self.session.client.delete_async(self.holder)  # the multi made the running form
 
     def requeue(self, session_id: int | None) -> bool:
         """As _EarlyLease.requeue, in one multi-operation: no ``rm`` since we took it (the
@@ -2286,7 +2322,7 @@ class _EarlyMutex:
                 break  # not the fence: the node is not ours any more
             # Some rm ran in the namespace since: is our node still ours?
             self.epoch = self.session.tree.epoch(self.epoch[0], again=True)
-            holder, stat = self._read()
+            holder, stat = _read_node(self.session, self.holder)
             if (holder or {}).get("guid") != self.guid or stat.ephemeralOwner != session_id:
                 break
         _log(logging.WARNING, "early mutex %s: could not keep it for the retry", self.key,
@@ -2341,13 +2377,6 @@ class _EarlyMutex:
             meta["expires"] = now + self.timeout
         return json.dumps(meta).encode()
 
-    def _read(self) -> tuple[dict | None, Any]:
-        try:
-            data, stat = self.session.read(self.session.client.get_async, self.holder)
-        except NoNodeError:
-            return None, None
-        return json.loads(data or b"{}"), stat
-
     def _queued_here(self, holder: dict) -> bool:
         """Whether ``holder`` is this task id's queued form (its send's, or kept by a retry)."""
         return holder.get("state") == "queued" and holder.get("task_id") == self.task_id
@@ -2368,9 +2397,9 @@ class _Join:
     until then a holder that got in before the queue existed may hold it.
     """
 
-    def __init__(self, queue: _Queue, policy: _QueuePolicy, absent_seen: bool) -> None:
+    def __init__(self, queue: _Queue, absent_seen: bool) -> None:
         self.queue = queue
-        self.policy = policy
+        self.policy = queue.policy
         self.own_watched = False  # our own node's watch is set
         self.own_gone = False  # ...and our node has been deleted since
         self.absent_gone = queue.absent is None or absent_seen
@@ -2492,7 +2521,7 @@ class _Queue:
     """Contenders for one key, in arrival order: one ephemeral sequential node each
     (``<tag>@<guid>@<seq>``, see the protocol map) under one container node.
 
-    A policy (_QueuePolicy) says, of the sorted contenders, whether ours is
+    Its policy (_QueuePolicy) says, of the sorted contenders, whether ours is
     granted and which one node we watch until it may be: one node, not the
     container, so a change wakes the one waiter it concerns (no herd).  With
     ``absent`` (an exclusive lock's ``<name>``), nothing holds until that
@@ -2523,14 +2552,15 @@ class _Queue:
     """
 
     def __init__(
-        self, session: _Session, path: str, tag: object, guid: str, data: bytes, absent: str | None
+        self, session: _Session, path: str, policy: _QueuePolicy, guid: str, data: bytes
     ) -> None:
         self.session = session
         self.path = path
+        self.policy = policy
         self.guid = guid
-        self.prefix = f"{tag}{_SEP}{guid}{_SEP}"
+        self.prefix = f"{policy.tag}{_SEP}{guid}{_SEP}"
         self.data = data
-        self.absent = absent
+        self.absent: str | None = None  # set by an exclusive lock: its <name>
         self.absent_held = False  # known held: the next join skips the check
         self.node: str | None = None  # our child's name while we are in the queue
         self.token: int | None = None
@@ -2615,26 +2645,26 @@ class _Queue:
         except NoNodeError:
             return []
 
-    def wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
-        """Join, and wait until ``policy`` grants our node; False if not blocking or too late.
+    def wait_turn(self, blocking: bool, deadline: float | None) -> bool:
+        """Join, and wait until the policy grants our node; False if not blocking or too late.
 
         A wait that ends without a grant, however it ends, leaves no node behind:
         deleted now by its path, else (no answer, an exception) by the reaper.
         """
         granted, session_id = False, self.session.session_id
         try:
-            granted = self._wait_turn(policy, blocking, deadline)
+            granted = self._wait_turn(blocking, deadline)
         except BaseException:
             self.abandon(session_id)  # first, with no I/O: whatever comes next
             raise
         finally:
             if not granted:
                 with contextlib.suppress(CoordinationError):
-                    self.leave(container_too=policy.leaves_container and len(self.children) <= 1)
+                    self.leave()
         return granted
 
-    def _wait_turn(self, policy: _QueuePolicy, blocking: bool, deadline: float | None) -> bool:
-        free_turns, joined = 0, _Join(self, policy, False)
+    def _wait_turn(self, blocking: bool, deadline: float | None) -> bool:
+        policy, free_turns, joined = self.policy, 0, _Join(self, False)
         while True:
             listed = self.session.handler.event_object()
             watch = _setter(listed) if policy.watch_listing else None
@@ -2642,7 +2672,7 @@ class _Queue:
                 # The try that found ``absent`` held skips the check once.
                 absent = None if self.absent_held else self.absent
                 self.absent_held = False
-                joined = _Join(self, policy, self.join(absent, watch))
+                joined = _Join(self, self.join(absent, watch))
             self.children = self.listing(watch)
             if self.node not in self.children:  # our node is gone: join again
                 self.node = None
@@ -2682,20 +2712,16 @@ class _Queue:
         """Delete our nodes but the current one: creates whose answer was lost, applied late."""
         for ghost in [c for c in self.children if c.startswith(self.prefix) and c != self.node]:
             self.children.remove(ghost)
-            path = f"{self.path}/{ghost}"
-            try:
-                self.session.call(self.session.client.delete_async, path)
-            except NoNodeError:
-                pass
-            except CoordinationError:
-                self.session.orphans.add(path, self.owner)
+            with contextlib.suppress(CoordinationError):  # else deleted by the reaper
+                self.session.deletes.delete_own(f"{self.path}/{ghost}", self.owner)
 
-    def leave(self, container_too: bool = False, handoff: bool = False) -> None:
-        """Delete our node (and the container, when asked and then empty); with ``handoff``,
-        mark it in the same request: its watcher is told it held (see _ExclusivePolicy)."""
+    def leave(self, handoff: bool = False) -> None:
+        """Delete our node (the last also the container, if its policy says so); with
+        ``handoff``, mark it in the same request: its watcher is told it held (_ExclusivePolicy)."""
         if self.node is not None:
             path, self.node = self.own_path, None
-            container = self.path if container_too else None
+            last = self.policy.leaves_container and len(self.children) <= 1
+            container = self.path if last else None
             mark = self.data if handoff else None
             self.session.deletes.delete_own(path, self.owner, container, handoff=mark)
 
@@ -2711,15 +2737,14 @@ class _Line:
     (``front_of``).
     """
 
-    def __init__(self, queue: _Queue, policy: _QueuePolicy) -> None:
+    def __init__(self, queue: _Queue) -> None:
         self.session = queue.session
         self.key_path = queue.path
         self.guid = queue.guid
         self.queue = queue
-        self.policy = policy
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
-        if not self.queue.wait_turn(self.policy, blocking, deadline):
+        if not self.queue.wait_turn(blocking, deadline):
             return None
         return self.queue.own_path, self.queue.token, self.queue.owner
 
@@ -2733,12 +2758,8 @@ class _Line:
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         queued = self.queue.contenders()
-        front = self.held([path.rsplit("/", 1)[1] for path, _ in queued])
+        front = self.front_of([path.rsplit("/", 1)[1] for path, _ in queued])
         return _states(queued[:front], "held"), _states(queued[front:], "waiting")
-
-    def held(self, nodes: list[str]) -> int:
-        """How many of the contenders ``nodes`` hold, as this lease sees them."""
-        return self.front_of(nodes)
 
     @staticmethod
     def front_of(nodes: list[str]) -> int:
@@ -2795,15 +2816,14 @@ class _Semaphore(_Line):
     def __init__(
         self, session: _Session, path: str, guid: str, data: bytes, policy: _SemaphorePolicy
     ) -> None:
-        self.max_leases = policy.max_leases
-        self.semaphore = policy
-        super().__init__(_Queue(session, path, policy.max_leases, guid, data, None), policy)
+        super().__init__(_Queue(session, path, policy, guid, data))
+        self.policy = policy
 
     def acquire(self, blocking: bool, deadline: float | None) -> _Granted | None:
         try:
             granted = super().acquire(blocking, deadline)
         except NoChildrenForEphemeralsError:  # a plain mutex's node: see the class
-            raise self.semaphore.mismatch([1]) from None
+            raise self.policy.mismatch([1]) from None
         if granted is not None and self.queue.node != self.queue.children[-1]:
             # Best effort (the waiter behind us watches our node): if the
             # connection is away, the watch fires anyway.
@@ -2811,16 +2831,13 @@ class _Semaphore(_Line):
                 self.session.call(self.session.client.set_async, granted[0], self.queue.data)
         return granted
 
-    def held(self, nodes: list[str]) -> int:
-        return self.max_leases
-
     @staticmethod
     def front_of(nodes: list[str]) -> int:
         return int(nodes[0].split(_SEP, 1)[0]) if nodes else 0  # the limit in their names
 
     def holds_marked(self, mark: str) -> bool:
         """Whether another holder in the listing that granted ours has a guid starting ``mark``."""
-        holders = self.queue.children[: self.max_leases]
+        holders = self.queue.children[: self.policy.max_leases]
         return any(
             child != self.queue.node and child.split(_SEP)[1].startswith(mark) for child in holders
         )
@@ -2877,8 +2894,9 @@ class _ExclusiveSet:
             lock.epoch = epoch
         while True:
             session_id = session.session_id
+            nodes = [(lock.holder, lock.guid) for lock in self.locks]
             try:
-                abandon = functools.partial(self._abandon, session_id)
+                abandon = functools.partial(_undo_late, session, nodes, session_id)
                 results = session.multi(self._ops, abandon=abandon)
             except _ConnectionLost as exc:
                 if self._recover(session_id, exc):
@@ -2897,7 +2915,7 @@ class _ExclusiveSet:
                 return "taken", 0
             # The first operation that failed; those before it say "rolled back".
             failed = next(i for i, r in enumerate(results) if not isinstance(r, RolledBackError))
-            index, op = divmod(failed, _FAST_OPS)
+            index, op = divmod(failed, len(results) // len(self.locks))  # _ops' per key
             if op == 0 and isinstance(results[failed], NoNodeError):  # the namespace is gone
                 session.tree.ensure(again=True)
                 continue
@@ -2935,28 +2953,17 @@ class _ExclusiveSet:
             txn.create(lock.queue.path)  # ...fails if a queue exists: then it is not free
             txn.delete(lock.queue.path)
 
-    def _abandon(self, session_id: int | None, result: Any) -> None:
-        # Runs on kazoo's thread, for a multi we stopped waiting for: if it
-        # applied, delete the nodes now; if its answer is lost, on reconnect.
-        if not result.successful():
-            self.orphan(session_id)
-        elif isinstance(result.value[0], str):
-            for lock in self.locks:
-                self.session.client.delete_async(lock.holder)
-
     def _recover(self, session_id: int | None, exc: Exception) -> bool:
         """After a lost answer: whether the multi-operation applied (it made all or none)."""
         session, first = self.session, self.locks[0]
         try:
             if not _caught_up(session, session_id, first.holder):
                 return False
-            data, _ = session.read(session.client.get_async, first.holder)
-        except NoNodeError:
-            return False
+            holder, _ = _read_node(session, first.holder)
         except CoordinationError as again:
             self.orphan(session_id)
             raise CoordinationError(f"connection lost while acquiring: {again}") from exc
-        return _guid_of(data) == first.guid
+        return holder is not None and holder.get("guid") == first.guid
 
     def _owned_by(self, owner: int | None) -> None:
         for lock in self.locks:
@@ -3003,12 +3010,11 @@ class _ExclusiveLock:
 
     The fencing token is read when asked: see Lease.token.
 
-    Release deletes ``<name>`` in a multi-operation that also checks the
-    namespace node's data version, as read before ``<name>`` was made (once
-    per process).  ``rm`` bumps it as it breaks a holder, so a broken
-    holder's late release fails the check rather than delete the next
-    holder's ``<name>``; it then deletes the node only if still its own.  A
-    queue node's name is unique: deleting it by its path is always safe.
+    Release deletes ``<name>`` fenced by the namespace's epoch, read before
+    ``<name>`` was made (once per process), which ``rm`` bumps as it breaks a
+    holder: a broken holder's late release cannot delete the next holder's
+    (_Deletes).  A queue node's name is unique: deleting it by its path is
+    always safe.
     """
 
     def __init__(self, session: _Session, parent: str, name: str, guid: str, data: bytes) -> None:
@@ -3017,7 +3023,8 @@ class _ExclusiveLock:
         self.data = data
         self.parent = parent
         self.key_path = self.holder = f"{parent}/{name}"
-        self.queue = _Queue(session, f"{self.holder}{_QUEUE}", 1, guid, data, self.holder)
+        self.queue = _Queue(session, f"{self.holder}{_QUEUE}", _EXCLUSIVE, guid, data)
+        self.queue.absent = self.holder
         self.epoch: tuple[str, int] | None = None  # the namespace's, before <name> was ours
         self._owner: int | None = None  # the session that made <name>, when ours
 
@@ -3040,7 +3047,7 @@ class _ExclusiveLock:
         # The try says <name> is held: a join checking it absent would fail.
         self.queue.absent_held = outcome == "held"
         self.session.contended(self.key_path, seen=True)
-        if not blocking or not self.queue.wait_turn(_EXCLUSIVE, blocking, deadline):
+        if not blocking or not self.queue.wait_turn(blocking, deadline):
             return None
         return self.queue.own_path, None, self.queue.owner
 
@@ -3053,13 +3060,11 @@ class _ExclusiveLock:
         return True
 
     def _holder_node(self) -> list[tuple[str, dict]]:
-        session = self.session
-        try:
-            data, stat = session.read(session.client.get_async, self.holder)
-        except NoNodeError:
+        holder, stat = _read_node(self.session, self.holder)
+        if holder is None:
             return []
         if stat.ephemeralOwner:
-            return [(self.holder, json.loads(data or b"{}"))]
+            return [(self.holder, holder)]
         if self._clear_limited():  # not a holder's: a limited mutex's container
             return []
         raise MaxLeasesMismatch(
@@ -3095,7 +3100,7 @@ class _ExclusiveLock:
                 grant.path, grant.session_id, guid=self.guid, epoch=self.epoch, handoff=mark
             )
         else:  # a holder's queue node: the waiter behind is told it held
-            self.queue.leave(container_too=len(self.queue.children) <= 1, handoff=True)
+            self.queue.leave(handoff=True)
 
     def contenders(self) -> tuple[list[dict], list[dict]]:
         """(holders, waiters): the metadata of each."""
@@ -3136,24 +3141,6 @@ class _ExclusiveLock:
                     yield path
 
 
-class _ReadWritePolicy(_QueuePolicy):
-    """_ReadWriteLock's line: the front holds; a waiter watches what blocks it."""
-
-    sole = True
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-
-    def front(self, children: list[str]) -> int:
-        return _ReadWriteLock.front_of(children)
-
-    def blocker(self, children: list[str], index: int) -> int | None:
-        """The last writer ahead of a reader; the node ahead of a writer."""
-        if self.mode == _READ:
-            return max(i for i in range(index) if children[i].startswith(_WRITE + _SEP))
-        return index - 1
-
-
 class _ReadWriteLock(_Line):
     """Readers share it, a writer holds it alone: ``read_lock()`` and ``write_lock()``.
 
@@ -3183,15 +3170,9 @@ class _ReadWriteLock(_Line):
     """
 
     def __init__(self, session: _Session, path: str, mode: str, guid: str, data: bytes) -> None:
-        super().__init__(_Queue(session, path, mode, guid, data, None), _ReadWritePolicy(mode))
+        super().__init__(_Queue(session, path, _ReadWritePolicy(mode), guid, data))
 
-    @staticmethod
-    def front_of(nodes: list[str]) -> int:
-        """A writer alone, or the readers ahead of the first writer."""
-        for i, node in enumerate(nodes):
-            if node.startswith(_WRITE + _SEP):
-                return i or 1
-        return len(nodes)
+    front_of = staticmethod(_ReadWritePolicy.front)
 
     @staticmethod
     def kind_of(path: str) -> str:
