@@ -1889,7 +1889,9 @@ def test_orphans_are_deleted_while_connected_and_one_already_gone_is_forgotten(a
     wait_for(
         lambda: not session.orphans.nodes and not session.orphans.reaping, 10, "the reaper to end"
     )
-    assert "could not delete orphan" not in caplog.text  # ...and the other forgotten
+    # ...and the other forgotten, never retried nor warned about (a loaded machine may
+    # warn about the first one's delete timing out, and retry it: not this test's subject)
+    assert "never-made" not in caplog.text
 
 
 def test_two_leases_of_one_key_left_in_doubt_in_one_session_are_each_reaped(app):
