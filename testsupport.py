@@ -412,18 +412,28 @@ def cut_trial(
 
     leader = ensemble.wait_serving()
     followers = [n for n in (1, 2, 3) if n != leader]
-    held_on, waits_on = (followers[0], leader) if cut == "follower" else (leader, followers[0])
+    if cut == "follower":  # the rival on the leader's side: the leader alone
+        held_on, waits_on = followers[0], ensemble.server(leader)
+    else:  # the rival on the majority's side: both followers
+        held_on, waits_on = leader, ",".join(map(ensemble.server, followers))
     holder = _lock_task(ensemble.server(held_on), root, session_timeout)
-    rival = _lock_task(ensemble.server(waits_on), root, session_timeout)
+    rival = _lock_task(waits_on, root, session_timeout)
     key = uuid.uuid4().hex
     lease = holder.lock(key).__enter__()
     assert lease, "the holder did not get the lock"
     granted: list[tuple[float, bool]] = []
 
     def wait() -> None:
-        with rival.lock(key, blocking=True, timeout=limit) as taken:
-            if taken:
-                granted.append((time.monotonic(), bool(lease.lost)))
+        from zkcelery import CoordinationError
+
+        until = time.monotonic() + limit
+        while not granted and time.monotonic() < until:
+            try:  # a waiter whose server is in an election fails, and a task would retry
+                with rival.lock(key, blocking=True, timeout=until - time.monotonic()) as taken:
+                    if taken:
+                        granted.append((time.monotonic(), bool(lease.lost)))
+            except CoordinationError:
+                time.sleep(0.05)
 
     waiter = threading.Thread(target=wait, daemon=True)
     waiter.start()
