@@ -20,11 +20,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -41,7 +39,13 @@ from kazoo.exceptions import NoNodeError
 
 import testinternals as internals
 from testalone import meeting_folder
-from testsupport import ensemble_hosts, four_letter, zk_test_port
+from testsupport import (
+    Partition,
+    ProxiedEnsemble,
+    ensemble_hosts,
+    four_letter,
+    zk_test_port,
+)
 from testtasks import CONNECT_TIMEOUT, SESSION_TIMEOUT, broker_settings
 
 # The tests marked alone run with no other beside them (testalone.py).
@@ -307,76 +311,30 @@ def count_znodes(client: KazooClient, path: str) -> int:
     return 1 + sum(count_znodes(client, f"{path}/{c}") for c in children)
 
 
-class Partition:
-    """A TCP proxy to one ZooKeeper server whose link can be cut like a network partition.
+#: The proxied ensembles' base ports, from the test ensemble's: the test timing's, the
+#: stock timing's (their proxies are on their quorum and election ports plus 10-33).
+PROXIED_OFFSETS = {"fast": 2000, "stock": 3000}
 
-    ``cut()`` blackholes every connection (nothing is forwarded, nothing is closed,
-    new connections hang), as a dead switch would; ``heal()`` forwards again.
-    ``close()`` ends every connection, so that both peers see it closed at once, and
-    takes no more: a link lost for good.  ``drop()`` ends every connection and takes
-    new ones: the client reconnects at once, in the same session.
-    """
 
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.flowing = threading.Event()
-        self.flowing.set()
-        self.closed = False
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def cut(self) -> None:
-        self.flowing.clear()
-
-    def heal(self) -> None:
-        self.flowing.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self.flowing.set()
-        self._end([self.listener, *self.sockets])
-
-    def drop(self) -> None:
-        sockets, self.sockets = self.sockets, []
-        self._end(sockets)
-
-    @staticmethod
-    def _end(sockets: list[socket.socket]) -> None:
-        for sock in sockets:
-            with contextlib.suppress(OSError):  # wakes a thread blocked on it; sends FIN
-                sock.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                sock.close()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.flowing.wait()
-            try:
-                server = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            self.sockets += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while not self.closed:
-                data = source.recv(65536)
-                self.flowing.wait()  # while cut, hold what arrived: a blackhole
-                if not data or self.closed:
-                    break
-                sink.sendall(data)
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.close()
+@pytest.fixture
+def proxied_ensemble(
+    request: pytest.FixtureRequest, zk_hosts: str, tmp_path: Path
+) -> Iterator[ProxiedEnsemble]:
+    """A 3-server ensemble of its own whose peer links go through proxies in this process
+    (``network``: cut, one way or both, delay, flap, heal), started for the test and
+    stopped after it.  Parametrized indirectly with "fast" (the test timing) or "stock"
+    (tickTime 2000, ZooKeeper's default session bounds).  It uses ``zk_hosts`` only to
+    be marked ``zk``: it needs Java and ZooKeeper as the test ensemble does."""
+    timing = getattr(request, "param", "fast")
+    base = zk_test_port() + PROXIED_OFFSETS[timing]
+    if base > 45502:  # the last proxy's port is base + 20033
+        base -= 2 * PROXIED_OFFSETS[timing]
+    ensemble = ProxiedEnsemble(base, tmp_path / f"proxied-{timing}", stock=timing == "stock")
+    try:
+        ensemble.wait_serving()
+        yield ensemble
+    finally:
+        ensemble.stop()
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ from conftest import (
     wait_for,
     watching,
 )
-from testsupport import four_letter, sent_at
+from testsupport import cut_trial, four_letter, sent_at
 from testtasks import (
     CONNECT_TIMEOUT,
     HISTORY_EARLY,
@@ -4443,6 +4443,34 @@ def test_a_partition_past_the_session_timeout_marks_the_lease_lost_in_time(
     assert _held_now(holder, "p")  # a new session, and the next acquire works
     _report(
         capsys, f"partition: lost after {lost_after:.2f} s, release gave up in {released:.2f} s"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.alone  # three more servers, and timings the other tests would disturb
+@pytest.mark.parametrize(
+    ("proxied_ensemble", "trials"), [("fast", 4), ("stock", 2)], indirect=["proxied_ensemble"]
+)
+def test_a_follower_cut_from_the_leader_marks_its_clients_leases_lost_before_a_rival_holds(
+    proxied_ensemble, trials, capsys
+):
+    # Issue 32's worry: the leader hears of a follower's session only from that
+    # follower's pings, so a follower cut off just after answering may leave the leader
+    # to expire the session sooner than the holder's last answer suggests.  The cut
+    # comes just after an answer through the leader (every other trial), or at once.
+    root = f"/zkcelery-tests/follower-cut-{uuid.uuid4().hex[:8]}"
+    runs = [cut_trial(proxied_ensemble, "follower", root, SESSION_TIMEOUT, after_answer=i % 2 == 0)
+            for i in range(trials)]  # fmt: skip
+    for run in runs:
+        assert run.lost is not None and run.granted is not None, run
+        assert run.lost_at_grant and run.margin is not None and run.margin > 0, run
+    lost, granted = sorted(r.lost for r in runs), sorted(r.granted for r in runs)
+    timing = "stock" if proxied_ensemble.stock else "fast"
+    _report(
+        capsys,
+        f"follower cut, {timing} timing, {trials} trials: lost {lost[0]:.2f}-{lost[-1]:.2f} s,"
+        f" a rival held {granted[0]:.2f}-{granted[-1]:.2f} s after the cut,"
+        f" margin at least {min(r.margin for r in runs):.2f} s",
     )
 
 

@@ -4,14 +4,25 @@
 - :class:`AtomicFilesystemTransport`: kombu's filesystem transport, without its lost
   messages, for workers that need no broker server;
 - :func:`four_letter`: a ZooKeeper server's answer to ``srvr``, ``cons``...
+- :class:`Partition`: a TCP proxy whose link can be cut (both ways or one), delayed,
+  flapped and healed; :class:`PeerNetwork`, one per directed link between the servers of
+  an ensemble started with ``ZK_TEST_PEER_PROXIES=1`` (``python testsupport.py peers``
+  runs them by hand).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import socket
+import subprocess
+import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +101,372 @@ class AtomicFilesystemTransport(filesystem.Transport):
     """``broker_transport = "testsupport:AtomicFilesystemTransport"``."""
 
     Channel = _AtomicFilesystemChannel
+
+
+# ---------------------------------------------------------------------------
+# The network nemesis: proxies on loopback, no privileges
+# ---------------------------------------------------------------------------
+
+#: A link's two directions: from whoever connects to the target, and back.
+UP, DOWN = "up", "down"
+BOTH = (UP, DOWN)
+
+
+class Partition:
+    """A TCP proxy to ``target`` whose link can be cut like a network partition.
+
+    ``cut()`` blackholes the link (nothing is forwarded, nothing is closed, new
+    connections hang), as a dead switch would; ``cut(UP)`` or ``cut(DOWN)`` only one
+    direction (what the connecting side sends, or what it is sent), the other flows.
+    What arrives while cut is held, and goes on ``heal()``, as TCP's retransmissions
+    would carry it.  ``delay(s)`` holds every byte ``s`` seconds; ``flap(every, for_)``
+    cuts and heals by turns, in the background.  ``close()`` ends every connection, so
+    that both peers see it closed at once, and takes no more: a link lost for good.
+    ``drop()`` ends every connection and takes new ones: the client reconnects at once.
+    """
+
+    def __init__(self, target: tuple[str, int], port: int = 0) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.flowing = {d: threading.Event() for d in BOTH}
+        self.delays = dict.fromkeys(BOTH, 0.0)
+        self.heal()
+        self.closed = False
+        self.sockets: list[socket.socket] = []
+        self._flapping: threading.Event | None = None
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self, *directions: str) -> None:
+        for d in directions or BOTH:
+            self.flowing[d].clear()
+
+    def heal(self, *directions: str) -> None:
+        for d in directions or BOTH:
+            self.flowing[d].set()
+
+    def delay(self, seconds: float, *directions: str) -> None:
+        for d in directions or BOTH:
+            self.delays[d] = seconds
+
+    def flap(self, every: float, for_: float, *directions: str) -> threading.Thread:
+        """Cut and heal by turns every ``every`` s for ``for_`` s, then heal; in a thread."""
+        stop = self._flapping = threading.Event()
+
+        def run() -> None:
+            until = time.monotonic() + for_
+            while time.monotonic() < until and not stop.is_set():
+                self.cut(*directions)
+                stop.wait(every)
+                self.heal(*directions)
+                stop.wait(every)
+            self.heal(*directions)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    def stop_flapping(self) -> None:
+        if self._flapping is not None:
+            self._flapping.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.stop_flapping()
+        self.heal()
+        self._end([self.listener, *self.sockets])
+
+    def drop(self) -> None:
+        sockets, self.sockets = self.sockets, []
+        self._end(sockets)
+
+    @staticmethod
+    def _end(sockets: list[socket.socket]) -> None:
+        for sock in sockets:
+            with contextlib.suppress(OSError):  # wakes a thread blocked on it; sends FIN
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            for d in BOTH:  # a handshake needs both ways: a new connection hangs meanwhile
+                self.flowing[d].wait()
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            self.sockets += [client, server]
+            for a, b, d in ((client, server, UP), (server, client, DOWN)):
+                chunks: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
+                threading.Thread(target=self._read, args=(a, b, chunks), daemon=True).start()
+                threading.Thread(target=self._write, args=(a, b, chunks, d), daemon=True).start()
+
+    def _read(self, source: socket.socket, sink: socket.socket, chunks: queue.SimpleQueue) -> None:
+        """Take what arrives at once, stamped, so that a delay or a cut holds it in order."""
+        data = b""
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                chunks.put((time.monotonic(), data))
+        chunks.put((time.monotonic(), b""))  # the end: after what came before it
+
+    def _write(
+        self, source: socket.socket, sink: socket.socket, chunks: queue.SimpleQueue, d: str
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while not self.closed:
+                arrived, data = chunks.get()
+                while not self.closed:  # held while cut, and until its delay has passed
+                    self.flowing[d].wait()
+                    late = arrived + self.delays[d] - time.monotonic()
+                    if late <= 0 and self.flowing[d].is_set():
+                        break
+                    time.sleep(min(max(late, 0.001), 0.01))
+                if not data or self.closed:
+                    break
+                sink.sendall(data)
+        self._end([source, sink])  # wakes the other direction's reader
+
+
+def zk_test(*args: str, env: dict[str, str] | None = None, check: bool = True) -> str:
+    """Run ``zk-test.sh ARGS`` with ``env`` added (and no broker); its stdout."""
+    done = subprocess.run([str(REPO / "zk-test.sh"), *args], capture_output=True, text=True,
+                          env={**os.environ, "ZK_TEST_BROKERS": "none", **(env or {})},
+                          timeout=180, check=False)  # fmt: skip
+    if check and done.returncode:
+        raise RuntimeError(f"zk-test.sh {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout.strip()
+
+
+class PeerNetwork:
+    """The links between the servers of an ensemble ``zk-test.sh`` starts with
+    ``ZK_TEST_PEER_PROXIES=1``: a :class:`Partition` per directed link I->J and port
+    (quorum, election), where server I's configuration names server J.
+
+    Traffic is cut by its direction between servers, not by proxy: ZooKeeper keeps one
+    election connection per pair, the one the higher server id made (a lower id's is
+    dropped, and the higher one connects back), and a follower's quorum connection to
+    the leader carries both ways.  So the bytes server I sends server J go up through
+    I->J's proxies and down through J->I's, and ``cut(i, j)`` holds both.
+    """
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.links: dict[tuple[int, int], list[Partition]] = {}
+        for line in zk_test("peer-links", env=env).splitlines():
+            i, j, quorum, quorum_to, election, election_to = map(int, line.split())
+            self.links[i, j] = [Partition(("127.0.0.1", quorum_to), quorum),
+                                Partition(("127.0.0.1", election_to), election)]  # fmt: skip
+
+    def _ways(self, i: int, j: int) -> Iterator[tuple[Partition, str]]:
+        """The proxies and directions that carry what server I sends server J."""
+        yield from ((p, UP) for p in self.links[i, j])
+        yield from ((p, DOWN) for p in self.links[j, i])
+
+    def cut(self, i: int, j: int, one_way: bool = False) -> None:
+        """Hold what server I sends server J, and unless ``one_way``, what J sends I."""
+        for a, b in ((i, j),) if one_way else ((i, j), (j, i)):
+            for proxy, d in self._ways(a, b):
+                proxy.cut(d)
+
+    def isolate(self, n: int) -> None:
+        """Cut server N from every other server, both ways (its clients stay connected)."""
+        for other in {i for i, _ in self.links} - {n}:
+            self.cut(n, other)
+
+    def heal(self) -> None:
+        for proxies in self.links.values():
+            for proxy in proxies:
+                proxy.stop_flapping()
+                proxy.heal()
+                proxy.delay(0.0)
+
+    def close(self) -> None:
+        for proxies in self.links.values():
+            for proxy in proxies:
+                proxy.close()
+
+
+def _run_peers() -> None:
+    """``python testsupport.py peers``: run the proxies of the ensemble that ``zk-test.sh``
+    starts with the same variables (``ZK_TEST_PORT``...) and ``ZK_TEST_PEER_PROXIES=1``,
+    until interrupted."""
+    network = PeerNetwork({"ZK_TEST_PEER_PROXIES": "1"})
+    for (i, j), (quorum, election) in sorted(network.links.items()):
+        print(f"{i}->{j}: quorum {quorum.address}, election {election.address}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        threading.Event().wait()
+    network.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["peers"]:
+        sys.exit("usage: python testsupport.py peers")
+    _run_peers()
+
+
+class ProxiedEnsemble:
+    """A 3-server ensemble whose peer links go through a :class:`PeerNetwork` in this
+    process: started on ``port`` with its state in ``folder``, with the test timing or
+    ZooKeeper's stock one (``stock``: tickTime 2000, default session bounds)."""
+
+    def __init__(self, port: int, folder: Path, stock: bool = False) -> None:
+        self.port, self.stock = port, stock
+        self.env = {"ZK_TEST_PORT": str(port), "ZK_TEST_DIR": str(folder), "ZK_TEST_TICK": "",
+                    "ZK_TEST_PEER_PROXIES": "1", "ZK_TEST_STOCK": str(int(stock)),
+                    "ZK_TEST_TLS": "0"}  # fmt: skip
+        self.network = PeerNetwork(self.env)
+        try:
+            self.hosts = zk_test(env=self.env).splitlines()[-1]
+        except BaseException:
+            self.network.close()
+            raise
+
+    def server(self, n: int) -> str:
+        """Server N's client address."""
+        return f"127.0.0.1:{self.port + n - 1}"
+
+    def modes(self) -> dict[int, str]:
+        modes = {}
+        for n in (1, 2, 3):
+            try:
+                answer = four_letter(self.server(n), "srvr", timeout=1)
+            except OSError:
+                answer = ""
+            modes[n] = next((line.split()[-1] for line in answer.splitlines()
+                             if line.startswith("Mode:")), "down")  # fmt: skip
+        return modes
+
+    def wait_serving(self, timeout: float = 120) -> int:
+        """Wait until every server leads or follows; the leader's number."""
+        deadline = time.monotonic() + timeout
+        while True:
+            modes = self.modes()
+            leaders = [n for n, mode in modes.items() if mode == "leader"]
+            if len(leaders) == 1 and all(m in ("leader", "follower") for m in modes.values()):
+                return leaders[0]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the proxied ensemble on {self.port} does not serve: {modes}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.network.close()
+        zk_test("stop", "--clean", env=self.env, check=False)
+
+
+@dataclass
+class CutTrial:
+    """One trial of a cut: seconds from the cut until the holder's ``lease.lost`` read
+    true, and until the rival was granted (None: not within the trial's limit)."""
+
+    lost: float | None
+    granted: float | None
+    #: How long before the cut the holder's last answer through the leader was sent.
+    heard_before: float
+    #: Whether the holder's lease.lost read true when the rival was granted.
+    lost_at_grant: bool
+
+    @property
+    def margin(self) -> float | None:
+        if self.lost is None or self.granted is None:
+            return None
+        return self.granted - self.lost
+
+
+def _lock_task(hosts: str, root: str, session_timeout: float) -> Any:
+    from celery import Celery
+
+    import zkcelery
+
+    app = Celery(f"cut-{uuid.uuid4().hex[:6]}", set_as_current=False)
+    app.conf.update(ZOOKEEPER_HOSTS=hosts, ZOOKEEPER_ROOT=root, ZOOKEEPER_CONNECT_TIMEOUT=2,
+                    ZOOKEEPER_SESSION_TIMEOUT=session_timeout)  # fmt: skip
+
+    @app.task(shared=False, base=zkcelery.LockTask, bind=True, name="cut.lock")
+    def task(self: Any) -> None:
+        pass
+
+    return task
+
+
+def cut_trial(
+    ensemble: ProxiedEnsemble, cut: str, root: str, session_timeout: float = 2.0,
+    after_answer: bool = True, limit: float = 120.0,
+) -> CutTrial:  # fmt: skip
+    """A holder's lease held through a server cut off by ``cut``, and a rival waiting on
+    the same key through the leader (another server when the leader is the one cut).
+
+    ``cut`` is "follower" (a follower from the leader, both ways, its clients still
+    connected to it: the holder's) or "leader" (the leader from both followers, both
+    ways: the holder is the leader's client, the rival a follower's).  With
+    ``after_answer`` the cut comes just after an answer through the leader reached the
+    holder (the worst moment for the ``lost`` rule); else at once.
+    """
+    import testinternals as internals
+
+    leader = ensemble.wait_serving()
+    followers = [n for n in (1, 2, 3) if n != leader]
+    if cut == "follower":  # the rival on the leader's side: the leader alone
+        held_on, waits_on = followers[0], ensemble.server(leader)
+    else:  # the rival on the majority's side: both followers
+        held_on, waits_on = leader, ",".join(map(ensemble.server, followers))
+    holder = _lock_task(ensemble.server(held_on), root, session_timeout)
+    rival = _lock_task(waits_on, root, session_timeout)
+    key = uuid.uuid4().hex
+    lease = holder.lock(key).__enter__()
+    assert lease, "the holder did not get the lock"
+    granted: list[tuple[float, bool]] = []
+
+    def wait() -> None:
+        from zkcelery import CoordinationError
+
+        until = time.monotonic() + limit
+        while not granted and time.monotonic() < until:
+            try:  # a waiter whose server is in an election fails, and a task would retry
+                with rival.lock(key, blocking=True, timeout=until - time.monotonic()) as taken:
+                    if taken:
+                        granted.append((time.monotonic(), bool(lease.lost)))
+            except CoordinationError:
+                time.sleep(0.05)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(lease.waiters()) < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the rival did not queue")
+            time.sleep(0.01)
+        liveness = internals.session(holder.app).liveness
+        heard = liveness.heard
+        while after_answer and liveness.heard == heard:
+            time.sleep(0.0005)
+        if cut == "follower":
+            ensemble.network.cut(held_on, leader)
+        else:
+            for follower in followers:
+                ensemble.network.cut(leader, follower)
+        at = time.monotonic()
+        heard_before = at - liveness.heard
+        lost = None
+        while lost is None and time.monotonic() < at + limit:
+            if lease.lost:
+                lost = time.monotonic() - at
+            time.sleep(0.001)
+        waiter.join(limit)
+    finally:
+        ensemble.network.heal()
+    lease.__exit__(None, None, None)
+    for task in (holder, rival):
+        session = internals.sessions.pop(task.app, None)
+        if session is not None:
+            session.close()
+    ensemble.wait_serving()
+    return CutTrial(lost, granted[0][0] - at if granted else None, heard_before,
+                    granted[0][1] if granted else False)  # fmt: skip
