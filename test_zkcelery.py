@@ -31,6 +31,7 @@ import time
 import types
 import urllib.request
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -52,6 +53,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import Callback
 
 import testinternals as internals
+import testtimeline
 import zkcelery
 import zkcelery_beat
 import zkcelery_metrics
@@ -5461,6 +5463,7 @@ def test_a_randomized_history_under_faults_keeps_exclusion_and_loses_no_task(
         },
     }  # fmt: skip
     (workers.tmp / "history.json").write_text(json.dumps(history, indent=1))  # for a look after
+    timeline = testtimeline.write(history, workers.tmp / "timeline.svg")  # the same, drawn
     if any(checks.values()):
         counts = ", ".join(f"{len(found)} {what}" for what, found in checks.items() if found)
         shown = "\n\n".join(
@@ -5468,10 +5471,98 @@ def test_a_randomized_history_under_faults_keeps_exclusion_and_loses_no_task(
         )
         pytest.fail(
             f"history check failed for seed {seed} (ZKCELERY_HISTORY_SEED={seed} reruns it): "
-            f"{counts}; the first two of each:\n\n{shown}\n\n{summary}",
+            f"{counts}; the first two of each:\n\n{shown}\n\n{summary}\n\ntimeline: {timeline}",
             pytrace=False,
         )
     _report(capsys, summary)
+
+
+def test_the_history_timeline_draws_a_lane_per_key_a_bar_per_hold_and_marks(tmp_path: Path):
+    """testtimeline draws a history as the check writes it: a lane per key (grouped by
+    kind), a bar per hold carrying its token, a band per fault, lost leases and the holds
+    a violation names marked, and a legend naming the check."""
+    lock0, lock1 = "testtasks.history_lock('k0')", "testtasks.history_lock('k1')"
+    sem2 = "testtasks.history_semaphore('k2')"
+
+    def body(body, kind, key, pid, start, end, token, parts, killed=None, lost=False):
+        until = killed if killed is not None else float("inf") if end is None else end
+        return {
+            "body": body,
+            "kind": kind,
+            "key": key,
+            "task_id": f"task-{body}",
+            "pid": pid,
+            "start": start,
+            "end": end,
+            "until": until,
+            "token": token,
+            "lost": lost,
+            "killed": killed,
+            "parts": [{"res": res, "lost": lost, "broken": False} for res in parts],
+        }
+
+    history = {
+        "seed": 1,
+        "t0": 100.0,
+        "summary": "a made-up history",
+        "bodies": [
+            body("b1", "lock", "k0", 11, 100.5, 101.0, 5, [lock0]),
+            body("b2", "lock", "k0", 12, 100.8, 101.5, 7, [lock0], lost=True),
+            body("b3", "multi", ["k1", "k0"], 11, 102.0, 102.3, 9, [lock1, lock0]),
+            body("b4", "semaphore", "k2", 13, 101.2, None, None, [sem2], killed=101.4),
+            body("b5", "semaphore", "k2", 12, 102.5, None, 11, [sem2]),  # never ended
+        ],
+        "events": [
+            {"action": "kill leader", "server": 2, "t0": 101.1, "t": 101.15, "t1": 101.9},
+            {"action": "kill child", "pid": 13, "t": 101.4},
+        ],
+        "violations": {
+            "conflicting holds overlapping": [{"what": "two overlap", "bodies": ["b1", "b2"]}],
+            "more holders than N": [],
+        },
+    }
+    out = tmp_path / "timeline.svg"
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    testtimeline.main([str(tmp_path / "history.json")])  # as ``python -m testtimeline`` does
+    root = ET.fromstring(out.read_text())
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    lanes = root.findall(".//s:g[@class='lane']", ns)
+    assert [lane.get("data-key") for lane in lanes] == [lock0, lock1, sem2]  # lock, then semaphore
+    holds = {}
+    for lane in lanes:
+        for g in lane.findall("s:g", ns):
+            assert g.get("class", "").startswith("hold")
+            holds.setdefault(g.get("data-body"), []).append((lane.get("data-key"), g))
+    assert {b: [k for k, _ in gs] for b, gs in holds.items()} == {
+        "b1": [lock0],
+        "b2": [lock0],
+        "b3": [lock0, lock1],
+        "b4": [sem2],
+        "b5": [sem2],
+    }
+    for b in history["bodies"]:
+        for _, g in holds[b["body"]]:
+            assert g.get("data-token") == str(b["token"])
+            assert f"token {b['token']}" in g.findtext("s:title", "", ns)
+            assert g.find("s:rect", ns) is not None
+    classes = {b: set(gs[0][1].get("class", "").split()) for b, gs in holds.items()}
+    assert "lost" in classes["b2"] and "lost" not in classes["b1"]
+    assert {"killed", "open"} & classes["b4"] == {"killed"}  # killed: it ran until then
+    assert {"killed", "open"} & classes["b5"] == {"open"}  # its until is infinite
+    assert {b for b, c in classes.items() if "violation" in c} == {"b1", "b2"}
+    for b in ("b1", "b2"):
+        g = holds[b][0][1]
+        assert g.get("data-check") == "conflicting holds overlapping"
+        assert g.find("s:rect", ns).get("stroke") == "#d00"
+    faults = root.findall(".//s:g[@class='fault']", ns)
+    assert [f.get("data-action") for f in faults] == ["kill leader", "kill child"]
+    checks = root.findall(".//s:g[@class='check']", ns)
+    assert [c.get("data-check") for c in checks] == ["conflicting holds overlapping"]
+    legend = " ".join(root.find(".//s:g[@class='legend']", ns).itertext())
+    assert "pid 11" in legend and "kill leader x1" in legend
+    assert "conflicting holds overlapping: 1" in legend
+    assert len(out.read_bytes()) < 20_000
 
 
 # ===========================================================================
