@@ -84,7 +84,7 @@ import time
 import types
 import uuid
 import weakref
-from collections import namedtuple
+from collections import deque, namedtuple
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -1061,11 +1061,14 @@ def _acl_problem(path: str, acls: list[ACL], identity: Id | None) -> ZKCeleryErr
 # ---------------------------------------------------------------------------
 
 
-#: Fractions of the granted session timeout: a lease is called lost once nothing sent
-#: in the last _LOST_AFTER_SILENCE has been answered through the leader (lost_since);
-#: while leases are held, the watchdog looks every _WATCHDOG_EVERY, and sends a sync
-#: when nothing was confirmed for _SYNC_AFTER.
-_LOST_AFTER_SILENCE, _WATCHDOG_EVERY, _SYNC_AFTER = 0.75, 0.1, 0.25
+#: Fractions of the granted session timeout: a lease is called lost once no request
+#: sent in the last _LOST_AFTER_SILENCE is known to have reached the leader (lost_since):
+#: known once a request sent _REPORTED_AFTER after its answer was answered through the
+#: leader (_Liveness); while leases are held, the watchdog looks every _WATCHDOG_EVERY,
+#: and sends a sync when nothing newer was known for _SYNC_AFTER: idle, a sync each look,
+#: each reporting the one sent five looks before, so that an answer may take 0.3 of the
+#: timeout before a live session reads lost.
+_LOST_AFTER_SILENCE, _WATCHDOG_EVERY, _SYNC_AFTER, _REPORTED_AFTER = 0.75, 0.075, 0.35, 0.3
 
 #: Opcodes whose answer shows that the leader had our session alive when we sent them:
 #: writes (create, delete, setData, setACL, multi, create2, container, TTL) and sync.
@@ -1122,15 +1125,29 @@ def _pick_handler() -> Any:
 class _Liveness:
     """What the ``lost`` rule judges by (_Session.lost_since), kept on kazoo's connection
     thread (_instrument): the session timeout the server granted, and when the leader
-    last heard from us; and the zxid of an answer, for whoever asked (zxid_holding)."""
+    last heard from us; and the zxid of an answer, for whoever asked (zxid_holding).
+
+    A server touches a session on every packet from its client, but a follower tells
+    the leader, which alone expires sessions, only in its answer to the leader's next
+    ping (every half tick), and a write or a sync it passes on refreshes nothing: the
+    leader only checks the session is not expired yet.  So a follower cut off from the
+    leader just after answering leaves the leader the touch of its last ping answer,
+    which can be older than the request just answered.  A request is known to have
+    reached the leader once a request sent at least _REPORTED_AFTER after its answer
+    is answered through the leader: a ping came between the two (pings are at most a
+    quarter of the timeout apart, as ZooKeeper's minimum timeout is two ticks), and its
+    answer went up the same ordered link before the second.
+    """
 
     def __init__(self, session_timeout: float) -> None:
         #: What the server granted, which may be less than what we asked for.
         self.session_timeout = session_timeout
-        #: When we sent the latest request answered through the leader: the
-        #: leader heard from the session at that moment or later.
-        self.heard = _now()
-        self.sent: dict[int, float] = {}  # xid -> when sent, until answered
+        #: When we sent the latest request known to have reached the leader (above):
+        #: the leader renewed the session as of that moment or later.
+        self.heard = self.reported = _now()  # reported: what a confirmed request now shows
+        #: xid -> when sent, and what it reports if answered through the leader.
+        self.sent: dict[int, tuple[float, float | None]] = {}
+        self.touched: deque[tuple[float, float]] = deque()  # (answered, sent), in order
         #: Requests whose answer's zxid is wanted: id(request) -> where it goes,
         #: then xid -> where it goes once the request is sent.
         self.zxid_wanted: dict[int, list[int]] = {}
@@ -1139,20 +1156,26 @@ class _Liveness:
     def connected(self, session_timeout: float, began: float) -> None:
         self.session_timeout = session_timeout
         self.sent.clear()
+        self.touched.clear()  # touches of another server: its pings may not reach the leader
         self.zxid_coming.clear()  # asked on the last connection: never answered
-        self.heard = began  # a reconnect is validated by the leader: it heard of us since
+        self.heard = self.reported = began  # the leader validated the reconnect since
 
     def sending(self, request: Any, xid: int) -> None:
-        if getattr(request, "type", None) in _CONFIRMED_BY_LEADER:
-            self.sent[xid] = _now()
+        now = _now()
+        while self.touched and self.touched[0][0] <= now - self.session_timeout * _REPORTED_AFTER:
+            self.reported = self.touched.popleft()[1]
+        confirmed = getattr(request, "type", None) in _CONFIRMED_BY_LEADER
+        self.sent.setdefault(xid, (now, self.reported if confirmed else None))  # pings share one
         box = self.zxid_wanted.pop(id(request), None)
         if box is not None:
             self.zxid_coming[xid] = box
 
     def answered(self, xid: int, zxid: int) -> None:
-        sent = self.sent.pop(xid, None)
-        if sent is not None and sent > self.heard:
-            self.heard = sent
+        sent, reports = self.sent.pop(xid, (None, None))
+        if sent is not None:
+            self.touched.append((_now(), sent))
+        if reports is not None and reports > self.heard:
+            self.heard = reports
         box = self.zxid_coming.pop(xid, None)
         if box is not None:
             box.append(zxid)
@@ -1699,15 +1722,15 @@ class _Session(_Requests):
         """Whether a lease taken in ``session_id`` may now be held by someone else.  No I/O.
 
         The leader expires a session the granted timeout after it last heard of it, never
-        sooner.  A lease is called lost when the session is another one now, or once
-        nothing sent in the last _LOST_AFTER_SILENCE of that timeout has been answered
-        through the leader (a write, a sync: _CONFIRMED_BY_LEADER; the watchdog syncs while
-        leases are held): before the leader can have expired it.  Judged from answers, not
-        kazoo's states, which can lag past the expiry: kazoo pings only when it has sent
-        nothing for a while, so while other threads send on a dead link it sees no
-        disconnection; after a pause of the whole process (SIGSTOP, a paused VM, a
-        suspended host) no state has changed yet when the body looks; and a follower cut
-        off from the leader answers pings until it notices.
+        sooner.  A lease is called lost when the session is another one now, or once nothing
+        sent in the last _LOST_AFTER_SILENCE of that timeout is known to have reached the
+        leader (_Liveness: reported by a write or a sync, _CONFIRMED_BY_LEADER; the watchdog
+        syncs while leases are held): before the leader can have expired it.  Judged from
+        answers, not kazoo's states, which can lag past the expiry: kazoo pings only when it
+        has sent nothing for a while, so while other threads send on a dead link it sees no
+        disconnection; after a pause of the whole process (SIGSTOP, a paused VM, a suspended
+        host) no state has changed yet when the body looks; and a follower cut off from the
+        leader answers pings until it notices.
         """
         return self.session_id != session_id or self.liveness.silent(_LOST_AFTER_SILENCE)
 

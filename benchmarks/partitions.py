@@ -52,6 +52,7 @@ def main() -> int:
     parser.add_argument("--timing", nargs="+", choices=sorted(OFFSETS), default=["fast", "stock"])
     parser.add_argument("--cut", nargs="+", choices=["follower", "leader"], default=["follower"])
     parser.add_argument("--session", type=float, default=2.0, help="seconds asked (default 2)")
+    parser.add_argument("--quiet", action="store_true", help="no kazoo pings on the holder's")
     args = parser.parse_args()
     lines, bad = [], 0
     for timing in args.timing:
@@ -66,7 +67,8 @@ def main() -> int:
                     root = f"/zkcelery-partitions/{uuid.uuid4().hex[:8]}"
                     runs = []
                     for i in range(args.trials):
-                        run = cut_trial(ensemble, cut, root, args.session, after_answer=i % 2 == 0)
+                        after = args.quiet or i % 2 == 0
+                        run = cut_trial(ensemble, cut, root, args.session, after, quiet=args.quiet)
                         runs.append(run)
                         ok = run.margin is not None and run.margin > 0 and run.lost_at_grant
                         bad += not ok
