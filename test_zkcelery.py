@@ -4476,6 +4476,35 @@ def test_a_follower_cut_from_the_leader_marks_its_clients_leases_lost_before_a_r
     )
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("proxied_ensemble", "trials"), [("fast", 2), ("stock", 1)], indirect=["proxied_ensemble"]
+)
+def test_a_paused_follower_marks_its_clients_leases_lost_before_a_rival_holds(
+    proxied_ensemble, trials, capsys
+):
+    # The holder's server, a follower, SIGSTOPped past the session timeout: it neither
+    # answers nor pings the leader, which expires the holder's session and grants the
+    # rival (on the other two servers).  Resumed, the server must not revive the session:
+    # the holder finds it expired, its lease still lost.  (Not alone: the ensemble is its
+    # own, and `lost` is judged from the clock, so load delays what is seen, not it.)
+    root = f"/zkcelery-tests/pause-{uuid.uuid4().hex[:8]}"
+    runs = [cut_trial(proxied_ensemble, "pause", root, SESSION_TIMEOUT, after_answer=i % 2 == 0)
+            for i in range(trials)]  # fmt: skip
+    for run in runs:
+        assert run.lost is not None and run.granted is not None, run
+        assert run.lost_at_grant and run.margin is not None and run.margin > 0, run
+        assert run.expired, run
+    lost, granted = sorted(r.lost for r in runs), sorted(r.granted for r in runs)
+    timing = "stock" if proxied_ensemble.stock else "fast"
+    _report(
+        capsys,
+        f"paused follower, {timing} timing, {trials} trials: lost {lost[0]:.2f}-{lost[-1]:.2f} s,"
+        f" a rival held {granted[0]:.2f}-{granted[-1]:.2f} s after the pause,"
+        f" margin at least {min(r.margin for r in runs):.2f} s",
+    )
+
+
 def test_a_release_while_the_connection_is_cut_returns_within_the_connect_timeout(
     make_app, partition, zk, zk_root
 ):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -385,6 +386,9 @@ class CutTrial:
     heard_before: float
     #: Whether the holder's lease.lost read true when the rival was granted.
     lost_at_grant: bool
+    #: A pause only: whether, once its server resumed, the holder's session was found
+    #: expired (a new one took its place) with its lease still reading lost.
+    expired: bool | None = None
 
     @property
     def margin(self) -> float | None:
@@ -417,8 +421,11 @@ def cut_trial(
     the same key through the leader (another server when the leader is the one cut).
 
     ``cut`` is "follower" (a follower from the leader, both ways, its clients still
-    connected to it: the holder's) or "leader" (the leader from both followers, both
-    ways: the holder is the leader's client, the rival a follower's).  With
+    connected to it: the holder's), "leader" (the leader from both followers, both
+    ways: the holder is the leader's client, the rival a follower's) or "pause" (the
+    holder's server, a follower, SIGSTOPped until the rival holds, then resumed; the
+    rival on the other two: the trial then waits for the holder's session to be found
+    expired, ``CutTrial.expired``).  With
     ``after_answer`` the cut comes just after an answer through the leader reached the
     holder (the worst moment for the ``lost`` rule); else at once.  ``quiet`` stops
     kazoo's own pings on the holder's session: the server hears only the watchdog.
@@ -429,6 +436,8 @@ def cut_trial(
     followers = [n for n in (1, 2, 3) if n != leader]
     if cut == "follower":  # the rival on the leader's side: the leader alone
         held_on, waits_on = followers[0], ensemble.server(leader)
+    elif cut == "pause":
+        held_on, waits_on = followers[0], ",".join(map(ensemble.server, [leader, followers[1]]))
     else:  # the rival on the majority's side: both followers
         held_on, waits_on = leader, ",".join(map(ensemble.server, followers))
     holder = _lock_task(ensemble.server(held_on), root, session_timeout)
@@ -437,6 +446,7 @@ def cut_trial(
     lease = holder.lock(key).__enter__()
     assert lease, "the holder did not get the lock"
     granted: list[tuple[float, bool]] = []
+    paused = 0  # the pid of the server paused, once it is
 
     def wait() -> None:
         from zkcelery import CoordinationError
@@ -465,7 +475,10 @@ def cut_trial(
             heard = liveness.heard
             while after_answer and liveness.heard == heard:
                 time.sleep(0.0005)
-        if cut == "follower":
+        if cut == "pause":
+            paused = _server_pid(ensemble, held_on)
+            os.kill(paused, signal.SIGSTOP)
+        elif cut == "follower":
             ensemble.network.cut(held_on, leader)
         else:
             for follower in followers:
@@ -479,7 +492,11 @@ def cut_trial(
             time.sleep(0.001)
         waiter.join(limit)
     finally:
+        if paused:
+            with contextlib.suppress(ProcessLookupError):  # it died paused: nothing to resume
+                os.kill(paused, signal.SIGCONT)
         ensemble.network.heal()
+    expired = _found_expired(holder, lease, limit) if paused else None
     lease.__exit__(None, None, None)
     for task in (holder, rival):
         session = internals.sessions.pop(task.app, None)
@@ -487,7 +504,33 @@ def cut_trial(
             session.close()
     ensemble.wait_serving()
     return CutTrial(lost, granted[0][0] - at if granted else None, heard_before,
-                    granted[0][1] if granted else False)  # fmt: skip
+                    granted[0][1] if granted else False, expired)  # fmt: skip
+
+
+def _server_pid(ensemble: ProxiedEnsemble, n: int) -> int:
+    """The pid of server N's JVM, from the pid file ``zk-test.sh`` keeps in the server's
+    state folder, once its command line shows it is that server (not a reused pid)."""
+    folder = Path(ensemble.env["ZK_TEST_DIR"]) / str(n)
+    pid = int((folder / "pid").read_text())
+    words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    if str(folder / "zoo.cfg").encode() not in words:
+        raise RuntimeError(f"pid {pid} is not server {n} of the ensemble on {ensemble.port}")
+    return pid
+
+
+def _found_expired(holder: Any, lease: Any, limit: float) -> bool:
+    """Once the holder's server resumed: whether its client found the session expired
+    (kazoo makes a new one when its server says so) while the lease still read lost."""
+    import testinternals as internals
+
+    session = internals.session(holder.app)
+    gone = lease._grant.session_id
+    until = time.monotonic() + limit
+    while session.session_id in (None, gone) or not session.live.is_set():
+        if time.monotonic() > until:
+            return False
+        time.sleep(0.01)
+    return bool(lease.lost)
 
 
 if __name__ == "__main__":

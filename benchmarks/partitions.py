@@ -8,10 +8,12 @@ tickTime 2000, default session bounds, so 2 s asked is 4 s granted), on the test
 ensemble's base port (``ZK_TEST_PORT``) plus 2000 and 3000.  Each trial holds a lock in
 a session connected to the server to cut, queues a rival on the other side, cuts
 (just after an answer through the leader reached the holder, every other trial, the
-worst moment for the ``lost`` rule; else at once), and measures from the cut.  Prints
-min and median per scenario and timing; exits 1 if a margin was not positive.
+worst moment for the ``lost`` rule; else at once), and measures from the cut.  ``--cut
+pause`` SIGSTOPs the holder's server (a follower) instead of cutting it, resumes it once
+the rival holds, and checks the holder then finds its session expired.  Prints min and
+median per scenario and timing; exits 1 if a margin was not positive.
 
-    python benchmarks/partitions.py --trials 20 --timing fast stock --cut follower leader
+    python benchmarks/partitions.py --trials 20 --timing fast stock --cut follower leader pause
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--timing", nargs="+", choices=sorted(OFFSETS), default=["fast", "stock"])
-    parser.add_argument("--cut", nargs="+", choices=["follower", "leader"], default=["follower"])
+    parser.add_argument(
+        "--cut", nargs="+", choices=["follower", "leader", "pause"], default=["follower"]
+    )
     parser.add_argument("--session", type=float, default=2.0, help="seconds asked (default 2)")
     parser.add_argument("--quiet", action="store_true", help="no kazoo pings on the holder's")
     args = parser.parse_args()
@@ -71,9 +75,12 @@ def main() -> int:
                         run = cut_trial(ensemble, cut, root, args.session, after, quiet=args.quiet)
                         runs.append(run)
                         ok = run.margin is not None and run.margin > 0 and run.lost_at_grant
+                        ok = ok and run.expired is not False
                         bad += not ok
                         print(f"  {timing} {cut} #{i}: lost {run.lost} granted {run.granted}"
-                              f" heard {run.heard_before:.3f} s before{'' if ok else '  BAD'}",
+                              f" heard {run.heard_before:.3f} s before"
+                              f"{'' if run.expired is None else f' expired {run.expired}'}"
+                              f"{'' if ok else '  BAD'}",
                               flush=True)  # fmt: skip
                     lines.append(summary(f"{cut} ({timing})", runs))
             finally:
