@@ -12,6 +12,10 @@ worst moment for the ``lost`` rule; else at once), and measures from the cut.  P
 min and median per scenario and timing; exits 1 if a margin was not positive.
 
     python benchmarks/partitions.py --trials 20 --timing fast stock --cut follower leader
+
+``--cut client-requests`` and ``--cut client-answers`` instead cut the holder's own link
+to a follower (its client goes through a proxy) one way: what it sends, or what it is
+sent.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testsupport import CutTrial, ProxiedEnsemble, cut_trial, zk_test_port
+from testsupport import CLIENT_CUTS, CutTrial, ProxiedEnsemble, cut_trial, zk_test_port
 
 OFFSETS = {"fast": 2000, "stock": 3000}
 
@@ -50,7 +54,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--timing", nargs="+", choices=sorted(OFFSETS), default=["fast", "stock"])
-    parser.add_argument("--cut", nargs="+", choices=["follower", "leader"], default=["follower"])
+    parser.add_argument(
+        "--cut",
+        nargs="+",
+        choices=["follower", "leader", *CLIENT_CUTS],
+        default=["follower"],
+        help="client-requests, client-answers: the holder's own link, one way",
+    )
+    parser.add_argument(
+        "--limit",
+        type=float,
+        default=120.0,
+        help="seconds a trial waits for lost and a grant (default 120)",
+    )
     parser.add_argument("--session", type=float, default=2.0, help="seconds asked (default 2)")
     parser.add_argument("--quiet", action="store_true", help="no kazoo pings on the holder's")
     args = parser.parse_args()
@@ -68,7 +84,9 @@ def main() -> int:
                     runs = []
                     for i in range(args.trials):
                         after = args.quiet or i % 2 == 0
-                        run = cut_trial(ensemble, cut, root, args.session, after, quiet=args.quiet)
+                        run = cut_trial(
+                            ensemble, cut, root, args.session, after, args.limit, args.quiet
+                        )
                         runs.append(run)
                         ok = run.margin is not None and run.margin > 0 and run.lost_at_grant
                         bad += not ok
