@@ -4505,6 +4505,35 @@ def test_a_paused_follower_marks_its_clients_leases_lost_before_a_rival_holds(
     )
 
 
+@pytest.mark.slow
+@pytest.mark.alone  # three more servers on fixed ports, which its other direction would meet
+@pytest.mark.parametrize("cut", ["client-requests", "client-answers"])
+def test_a_holders_link_cut_in_one_direction_marks_its_lease_lost_before_a_rival_holds(
+    proxied_ensemble, cut, capsys
+):
+    # The holder reaches a follower only through a proxy, a rival the leader directly;
+    # the holder's link is cut one way.  Its requests lost: the server hears nothing and
+    # expires the session.  Its answers lost: the server still hears the holder, but
+    # kazoo drops a connection whose ping goes unanswered (the watchdog's one sync
+    # outstanding sends no more), its reconnects hang in the cut link, and the session
+    # expires a timeout after the ping.  Either way lost reads true within the session
+    # timeout, and before the rival holds.
+    root = f"/zkcelery-tests/client-cut-{uuid.uuid4().hex[:8]}"
+    runs = [cut_trial(proxied_ensemble, cut, root, SESSION_TIMEOUT, after_answer=i % 2 == 0,
+                      limit=6 * SESSION_TIMEOUT)
+            for i in range(2)]  # fmt: skip
+    for run in runs:
+        assert run.lost is not None and run.lost <= SESSION_TIMEOUT, run
+        assert run.granted is not None, run
+        assert run.lost_at_grant and run.margin is not None and run.margin > 0, run
+    _report(
+        capsys,
+        f"{cut} cut, fast timing, 2 trials: lost {max(r.lost for r in runs):.2f} s at most,"
+        f" a rival held {min(r.granted for r in runs):.2f} s at least after the cut,"
+        f" margin at least {min(r.margin for r in runs):.2f} s",
+    )
+
+
 def test_a_release_while_the_connection_is_cut_returns_within_the_connect_timeout(
     make_app, partition, zk, zk_root
 ):

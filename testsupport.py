@@ -398,6 +398,10 @@ class CutTrial:
         return self.granted - self.lost
 
 
+#: The one-way cuts of the holder's own link (cut_trial): which direction each holds.
+CLIENT_CUTS = {"client-requests": UP, "client-answers": DOWN}
+
+
 def _lock_task(hosts: str, root: str, session_timeout: float) -> Any:
     from celery import Celery
 
@@ -423,10 +427,14 @@ def cut_trial(
 
     ``cut`` is "follower" (a follower from the leader, both ways, its clients still
     connected to it: the holder's), "leader" (the leader from both followers, both
-    ways: the holder is the leader's client, the rival a follower's) or "pause" (the
+    ways: the holder is the leader's client, the rival a follower's), "pause" (the
     holder's server, a follower, SIGSTOPped until the rival holds, then resumed; the
     rival on the other two: the trial then waits for the holder's session to be found
-    expired, ``CutTrial.expired``).  With
+    expired, ``CutTrial.expired``), or one of CLIENT_CUTS: the holder reaches a follower
+    only through a :class:`Partition`, the rival the leader directly, and the holder's
+    link is cut one way: "client-requests" loses what the holder sends (answers would
+    come back), "client-answers" what it is sent (its requests and pings still reach the
+    server).  With
     ``after_answer`` the cut comes just after an answer through the leader reached the
     holder (the worst moment for the ``lost`` rule); else at once.  ``quiet`` stops
     kazoo's own pings on the holder's session: the server hears only the watchdog.
@@ -435,13 +443,19 @@ def cut_trial(
 
     leader = ensemble.wait_serving()
     followers = [n for n in (1, 2, 3) if n != leader]
-    if cut == "follower":  # the rival on the leader's side: the leader alone
-        held_on, waits_on = followers[0], ensemble.server(leader)
-    elif cut == "pause":
-        held_on, waits_on = followers[0], ",".join(map(ensemble.server, [leader, followers[1]]))
-    else:  # the rival on the majority's side: both followers
+    if cut == "leader":  # the rival on the majority's side: both followers
         held_on, waits_on = leader, ",".join(map(ensemble.server, followers))
-    holder = _lock_task(ensemble.server(held_on), root, session_timeout)
+    elif cut == "pause":  # the rival on the other two
+        held_on, waits_on = followers[0], ",".join(map(ensemble.server, [leader, followers[1]]))
+    else:  # the rival on the leader's side: the leader alone
+        held_on, waits_on = followers[0], ensemble.server(leader)
+    holds_through = ensemble.server(held_on)
+    link = None
+    if cut in CLIENT_CUTS:
+        host, port = holds_through.rsplit(":", 1)
+        link = Partition((host, int(port)))
+        holds_through = link.address
+    holder = _lock_task(holds_through, root, session_timeout)
     rival = _lock_task(waits_on, root, session_timeout)
     key = uuid.uuid4().hex
     lease = holder.lock(key).__enter__()
@@ -479,6 +493,8 @@ def cut_trial(
         if cut == "pause":
             paused = _server_pid(ensemble, held_on)
             os.kill(paused, signal.SIGSTOP)
+        elif link is not None:
+            link.cut(CLIENT_CUTS[cut])
         elif cut == "follower":
             ensemble.network.cut(held_on, leader)
         else:
@@ -497,12 +513,16 @@ def cut_trial(
             with contextlib.suppress(ProcessLookupError):  # it died paused: nothing to resume
                 os.kill(paused, signal.SIGCONT)
         ensemble.network.heal()
+        if link is not None:
+            link.heal()
     expired = _found_expired(holder, lease, limit) if paused else None
     lease.__exit__(None, None, None)
     for task in (holder, rival):
         session = internals.sessions.pop(task.app, None)
         if session is not None:
             session.close()
+    if link is not None:
+        link.close()
     ensemble.wait_serving()
     return CutTrial(lost, granted[0][0] - at if granted else None, heard_before,
                     granted[0][1] if granted else False, expired)  # fmt: skip

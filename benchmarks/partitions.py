@@ -14,6 +14,10 @@ the rival holds, and checks the holder then finds its session expired.  Prints m
 median per scenario and timing; exits 1 if a margin was not positive.
 
     python benchmarks/partitions.py --trials 20 --timing fast stock --cut follower leader pause
+
+``--cut client-requests`` and ``--cut client-answers`` instead cut the holder's own link
+to a follower (its client goes through a proxy) one way: what it sends, or what it is
+sent.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testsupport import CutTrial, ProxiedEnsemble, cut_trial, zk_test_port
+from testsupport import CLIENT_CUTS, CutTrial, ProxiedEnsemble, cut_trial, zk_test_port
 
 OFFSETS = {"fast": 2000, "stock": 3000}
 
@@ -53,7 +57,17 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--timing", nargs="+", choices=sorted(OFFSETS), default=["fast", "stock"])
     parser.add_argument(
-        "--cut", nargs="+", choices=["follower", "leader", "pause"], default=["follower"]
+        "--cut",
+        nargs="+",
+        choices=["follower", "leader", "pause", *CLIENT_CUTS],
+        default=["follower"],
+        help="client-requests, client-answers: the holder's own link, one way",
+    )
+    parser.add_argument(
+        "--limit",
+        type=float,
+        default=120.0,
+        help="seconds a trial waits for lost and a grant (default 120)",
     )
     parser.add_argument("--session", type=float, default=2.0, help="seconds asked (default 2)")
     parser.add_argument("--quiet", action="store_true", help="no kazoo pings on the holder's")
@@ -72,7 +86,9 @@ def main() -> int:
                     runs = []
                     for i in range(args.trials):
                         after = args.quiet or i % 2 == 0
-                        run = cut_trial(ensemble, cut, root, args.session, after, quiet=args.quiet)
+                        run = cut_trial(
+                            ensemble, cut, root, args.session, after, args.limit, args.quiet
+                        )
                         runs.append(run)
                         ok = run.margin is not None and run.margin > 0 and run.lost_at_grant
                         ok = ok and run.expired is not False
