@@ -312,8 +312,9 @@ def count_znodes(client: KazooClient, path: str) -> int:
 
 
 #: The proxied ensembles' base ports, from the test ensemble's: the test timing's, the
-#: stock timing's (their proxies are on their quorum and election ports plus 10-33).
-PROXIED_OFFSETS = {"fast": 2000, "stock": 3000}
+#: stock timing's, and the test timing's again for the client-link test, so that it runs
+#: beside the other two (their proxies are on their quorum and election ports plus 10-33).
+PROXIED_OFFSETS = {"fast": 2000, "stock": 3000, "client": 4000}
 
 
 @pytest.fixture
@@ -322,8 +323,9 @@ def proxied_ensemble(
 ) -> Iterator[ProxiedEnsemble]:
     """A 3-server ensemble of its own whose peer links go through proxies in this process
     (``network``: cut, one way or both, delay, flap, heal), started for the test and
-    stopped after it.  Parametrized indirectly with "fast" (the test timing) or "stock"
-    (tickTime 2000, ZooKeeper's default session bounds).  It uses ``zk_hosts`` only to
+    stopped after it.  Parametrized indirectly with "fast" (the test timing), "stock"
+    (tickTime 2000, ZooKeeper's default session bounds) or "client" (the test timing on
+    ports of its own).  It uses ``zk_hosts`` only to
     be marked ``zk``: it needs Java and ZooKeeper as the test ensemble does."""
     timing = getattr(request, "param", "fast")
     base = zk_test_port() + PROXIED_OFFSETS[timing]
