@@ -4448,6 +4448,27 @@ def test_a_partition_past_the_session_timeout_marks_the_lease_lost_in_time(
     )
 
 
+def _cut_trials(ensemble, cut: str, trials: int, capsys, what: str, **options: Any) -> list:
+    """``trials`` trials of ``cut`` (testsupport.cut_trial; every other one just after an
+    answer through the leader, the worst moment for the ``lost`` rule): in each, the
+    holder's lease read lost and the rival held, the lost first; the figures reported."""
+    root = f"/zkcelery-tests/{cut}-{uuid.uuid4().hex[:8]}"
+    runs = [cut_trial(ensemble, cut, root, SESSION_TIMEOUT, after_answer=i % 2 == 0, **options)
+            for i in range(trials)]  # fmt: skip
+    for run in runs:
+        assert run.lost is not None and run.granted is not None, (cut, run)
+        assert run.lost_at_grant and run.margin is not None and run.margin > 0, (cut, run)
+    lost, granted = sorted(r.lost for r in runs), sorted(r.granted for r in runs)
+    timing = "stock" if ensemble.stock else "fast"
+    _report(
+        capsys,
+        f"{what}, {timing} timing, {trials} trials: lost {lost[0]:.2f}-{lost[-1]:.2f} s,"
+        f" a rival held {granted[0]:.2f}-{granted[-1]:.2f} s after it,"
+        f" margin at least {min(r.margin for r in runs):.2f} s",
+    )
+    return runs
+
+
 @pytest.mark.slow
 @pytest.mark.alone  # three more servers, and timings the other tests would disturb
 @pytest.mark.parametrize(
@@ -4458,22 +4479,8 @@ def test_a_follower_cut_from_the_leader_marks_its_clients_leases_lost_before_a_r
 ):
     # Issue 32's worry: the leader hears of a follower's session only from that
     # follower's pings, so a follower cut off just after answering may leave the leader
-    # to expire the session sooner than the holder's last answer suggests.  The cut
-    # comes just after an answer through the leader (every other trial), or at once.
-    root = f"/zkcelery-tests/follower-cut-{uuid.uuid4().hex[:8]}"
-    runs = [cut_trial(proxied_ensemble, "follower", root, SESSION_TIMEOUT, after_answer=i % 2 == 0)
-            for i in range(trials)]  # fmt: skip
-    for run in runs:
-        assert run.lost is not None and run.granted is not None, run
-        assert run.lost_at_grant and run.margin is not None and run.margin > 0, run
-    lost, granted = sorted(r.lost for r in runs), sorted(r.granted for r in runs)
-    timing = "stock" if proxied_ensemble.stock else "fast"
-    _report(
-        capsys,
-        f"follower cut, {timing} timing, {trials} trials: lost {lost[0]:.2f}-{lost[-1]:.2f} s,"
-        f" a rival held {granted[0]:.2f}-{granted[-1]:.2f} s after the cut,"
-        f" margin at least {min(r.margin for r in runs):.2f} s",
-    )
+    # to expire the session sooner than the holder's last answer suggests.
+    _cut_trials(proxied_ensemble, "follower", trials, capsys, "follower cut")
 
 
 @pytest.mark.slow
@@ -4488,21 +4495,8 @@ def test_a_paused_follower_marks_its_clients_leases_lost_before_a_rival_holds(
     # rival (on the other two servers).  Resumed, the server must not revive the session:
     # the holder finds it expired, its lease still lost.  (Not alone: the ensemble is its
     # own, and `lost` is judged from the clock, so load delays what is seen, not it.)
-    root = f"/zkcelery-tests/pause-{uuid.uuid4().hex[:8]}"
-    runs = [cut_trial(proxied_ensemble, "pause", root, SESSION_TIMEOUT, after_answer=i % 2 == 0)
-            for i in range(trials)]  # fmt: skip
-    for run in runs:
-        assert run.lost is not None and run.granted is not None, run
-        assert run.lost_at_grant and run.margin is not None and run.margin > 0, run
+    for run in _cut_trials(proxied_ensemble, "pause", trials, capsys, "paused follower"):
         assert run.expired, run
-    lost, granted = sorted(r.lost for r in runs), sorted(r.granted for r in runs)
-    timing = "stock" if proxied_ensemble.stock else "fast"
-    _report(
-        capsys,
-        f"paused follower, {timing} timing, {trials} trials: lost {lost[0]:.2f}-{lost[-1]:.2f} s,"
-        f" a rival held {granted[0]:.2f}-{granted[-1]:.2f} s after the pause,"
-        f" margin at least {min(r.margin for r in runs):.2f} s",
-    )
 
 
 @pytest.mark.slow
@@ -4517,21 +4511,11 @@ def test_a_holders_link_cut_in_one_direction_marks_its_lease_lost_before_a_rival
     # outstanding sends no more), its reconnects hang in the cut link, and the session
     # expires a timeout after the ping.  Either way lost reads true within the session
     # timeout, and before the rival holds.  (Not alone: the ensemble is its own.)
-    root = f"/zkcelery-tests/client-cut-{uuid.uuid4().hex[:8]}"
     for cut in ("client-requests", "client-answers"):
-        runs = [cut_trial(proxied_ensemble, cut, root, SESSION_TIMEOUT, after_answer=i % 2 == 0,
-                          limit=6 * SESSION_TIMEOUT)
-                for i in range(2)]  # fmt: skip
+        runs = _cut_trials(proxied_ensemble, cut, 2, capsys, f"{cut} cut",
+                           limit=6 * SESSION_TIMEOUT)  # fmt: skip
         for run in runs:
-            assert run.lost is not None and run.lost <= SESSION_TIMEOUT, (cut, run)
-            assert run.granted is not None, (cut, run)
-            assert run.lost_at_grant and run.margin is not None and run.margin > 0, (cut, run)
-        _report(
-            capsys,
-            f"{cut} cut, fast timing, 2 trials: lost {max(r.lost for r in runs):.2f} s at most,"
-            f" a rival held {min(r.granted for r in runs):.2f} s at least after the cut,"
-            f" margin at least {min(r.margin for r in runs):.2f} s",
-        )
+            assert run.lost <= SESSION_TIMEOUT, (cut, run)
 
 
 def test_a_release_while_the_connection_is_cut_returns_within_the_connect_timeout(
